@@ -1,0 +1,370 @@
+"""The config file: YAML in, frozen and validated values out.
+
+Loaded once (at start, and on reload later); nothing downstream re-validates. Every error
+names the file, the key path and the line. Sections that later work implements are
+recognised so that using them fails loudly ("not supported yet") instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from txgateway._yamlreader import ConfigError, ConfigProblem, Reader, compose
+from txgateway.units import parse_duration, parse_size
+
+__all__ = [
+    "Config", "ConfigError", "ConfigProblem", "HeaderRules", "Limits", "Listener", "Route",
+    "Target", "Upstream", "load_config", "parse_config",
+]
+
+# Keys of the SPEC that later work implements: accepted by name, refused with this reason.
+_NOT_YET = "not supported yet in this version of txgateway; remove it or upgrade"
+_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_HEADER_GLOB = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_METHOD = re.compile(r"^[A-Z]+$")
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+DEFAULT_SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (b"X-Content-Type-Options", b"nosniff"),
+    (b"X-Frame-Options", b"DENY"),
+    (b"Referrer-Policy", b"no-referrer"),
+)
+
+
+@dataclass(frozen=True)
+class Listener:
+    endpoint: str
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_size: int = 10 * 2**20
+    max_header_bytes: int = 16 * 2**10
+    header_timeout: float = 10.0
+    idle_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class Target:
+    url: str
+    host: str
+    port: int
+
+    @property
+    def netloc(self) -> bytes:
+        return f"{self.host}:{self.port}".encode()
+
+
+@dataclass(frozen=True)
+class Upstream:
+    name: str
+    targets: tuple[Target, ...]
+    connect_timeout: float = 1.0
+    timeout: float = 30.0
+    max_connections: int = 1024
+    preserve_host: bool = False
+
+
+@dataclass(frozen=True)
+class HeaderRules:
+    """`set` replaces, `add` appends, `remove` deletes by name or `*` glob (lower-case)."""
+
+    set: tuple[tuple[bytes, bytes], ...] = ()
+    add: tuple[tuple[bytes, bytes], ...] = ()
+    remove: tuple[bytes, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.set or self.add or self.remove)
+
+
+@dataclass(frozen=True)
+class Route:
+    prefix: str
+    upstream: str
+    rewrite_prefix: str | None = None
+    methods: frozenset[bytes] | None = None
+    host: str | None = None
+    request_headers: HeaderRules = HeaderRules()
+    response_headers: HeaderRules = HeaderRules()
+    security_headers: tuple[tuple[bytes, bytes], ...] = DEFAULT_SECURITY_HEADERS
+    index: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    file: str
+    listen: tuple[Listener, ...]
+    upstreams: dict[str, Upstream]
+    routes: tuple[Route, ...]
+    limits: Limits = Limits()
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    access_log: str = "-"
+    drain_timeout: float = 10.0
+
+
+def load_config(path: str) -> Config:
+    """Read and validate `path`; raise ConfigError listing every problem."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError([ConfigProblem(path, None, "", f"cannot read config: {e.strerror}")]) from None
+    return parse_config(text, path)
+
+
+def parse_config(text: str, file: str = "<config>") -> Config:
+    root = compose(text, file)
+    reader = Reader(file)
+    if root is None:
+        raise ConfigError([ConfigProblem(file, None, "", "the file is empty")])
+    config = reader.attempt(lambda: _config(reader, root), None)
+    if reader.problems or config is None:
+        raise ConfigError(reader.problems)
+    return config
+
+
+_TOP_KEYS = {
+    "listen": "listeners", "redirect_to_https": "", "admin": "", "manhole": "", "redis": "",
+    "trusted_proxies": "", "limits": "", "drain_timeout": "", "auth": "", "rate_limits": "",
+    "upstreams": "", "routes": "", "access_log": "",
+}
+
+
+def _config(r: Reader, root: yaml.Node) -> Config:
+    top = r.mapping(root, "", _TOP_KEYS)
+    for key in ("admin", "manhole", "redis", "auth", "rate_limits"):
+        if key in top:
+            r.fail(top[key], key, _NOT_YET)
+    if "redirect_to_https" in top and r.attempt(lambda: r.boolean(top["redirect_to_https"], "redirect_to_https"), False):
+        r.fail(top["redirect_to_https"], "redirect_to_https", _NOT_YET)
+    for key in ("listen", "upstreams", "routes"):
+        if key not in top:
+            r.fail(root, key, "missing (required)")
+    listen = r.attempt(lambda: _listeners(r, top["listen"]), ()) if "listen" in top else ()
+    upstreams = r.attempt(lambda: _upstreams(r, top["upstreams"]), {}) if "upstreams" in top else {}
+    routes = r.attempt(lambda: _routes(r, top["routes"], upstreams), ()) if "routes" in top else ()
+    limits = r.attempt(lambda: _limits(r, top["limits"]), Limits()) if "limits" in top else Limits()
+    proxies = r.attempt(lambda: _networks(r, top["trusted_proxies"], "trusted_proxies"), ()) if "trusted_proxies" in top else ()
+    access_log = r.attempt(lambda: r.string(top["access_log"], "access_log"), "-") if "access_log" in top else "-"
+    drain = r.attempt(lambda: r.parsed(top["drain_timeout"], "drain_timeout", parse_duration), 10.0) if "drain_timeout" in top else 10.0
+    return Config(file=r.file, listen=listen, upstreams=upstreams, routes=routes, limits=limits,
+                  trusted_proxies=proxies, access_log=access_log, drain_timeout=drain)
+
+
+def _listeners(r: Reader, node: yaml.Node) -> tuple[Listener, ...]:
+    out = []
+    for path, item in r.sequence(node, "listen"):
+        fields = r.attempt(lambda: r.mapping(item, path, {"endpoint": "", "tls": ""}), None)
+        if fields is None:
+            continue
+        if "tls" in fields:
+            r.fail(fields["tls"], f"{path}.tls", _NOT_YET)
+        if "endpoint" not in fields:
+            r.fail(item, f"{path}.endpoint", "missing (required)")
+            continue
+        endpoint = r.attempt(lambda: r.string(fields["endpoint"], f"{path}.endpoint"), None)
+        if endpoint is not None:
+            out.append(Listener(endpoint))
+    if not out and not r.problems:
+        raise r.fail(node, "listen", "expected at least one listener")
+    return tuple(out)
+
+
+def _limits(r: Reader, node: yaml.Node) -> Limits:
+    keys = {"max_body_size": "", "max_header_bytes": "", "header_timeout": "", "idle_timeout": ""}
+    fields = r.mapping(node, "limits", keys)
+    values: dict[str, Any] = {}
+    for key in ("max_body_size", "max_header_bytes"):
+        if key in fields:
+            values[key] = r.attempt(lambda: r.parsed(fields[key], f"limits.{key}", parse_size), getattr(Limits, key))
+    for key in ("header_timeout", "idle_timeout"):
+        if key in fields:
+            values[key] = r.attempt(lambda: r.parsed(fields[key], f"limits.{key}", parse_duration), getattr(Limits, key))
+    if values.get("max_header_bytes", Limits.max_header_bytes) < 1024:
+        r.fail(fields.get("max_header_bytes"), "limits.max_header_bytes", "expected at least 1KiB")
+    return Limits(**values)
+
+
+def _networks(r: Reader, node: yaml.Node, path: str) -> tuple[Any, ...]:
+    out = []
+    for item_path, item in r.sequence(node, path):
+        text = r.attempt(lambda: r.string(item, item_path), None)
+        if text is None:
+            continue
+        try:
+            out.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            r.fail(item, item_path, f'expected an address or CIDR like "10.0.0.0/8", got "{text}"')
+    return tuple(out)
+
+
+_UPSTREAM_KEYS = {
+    "targets": "", "balance": "", "connect_timeout": "", "timeout": "", "retries": "",
+    "circuit_breaker": "", "health_check": "", "tls": "", "max_connections": "", "preserve_host": "",
+}
+
+
+def _upstreams(r: Reader, node: yaml.Node) -> dict[str, Upstream]:
+    out = {}
+    for name, key_node, value in r.free_mapping(node, "upstreams"):
+        upstream = r.attempt(lambda: _upstream(r, name, value), None)
+        if upstream is not None:
+            out[name] = upstream
+    return out
+
+
+def _upstream(r: Reader, name: str, node: yaml.Node) -> Upstream:
+    path = f"upstreams.{name}"
+    fields = r.mapping(node, path, _UPSTREAM_KEYS)
+    for key in ("circuit_breaker", "health_check", "tls"):
+        if key in fields:
+            r.fail(fields[key], f"{path}.{key}", _NOT_YET)
+    if "retries" in fields and r.attempt(lambda: r.integer(fields["retries"], f"{path}.retries"), 0) > 0:
+        r.fail(fields["retries"], f"{path}.retries", _NOT_YET)
+    if "balance" in fields:
+        r.attempt(lambda: r.choice(fields["balance"], f"{path}.balance", ("round_robin",)), None)
+    if "targets" not in fields:
+        raise r.fail(node, f"{path}.targets", "missing (required)")
+    targets = tuple(t for t in (r.attempt(lambda: _target(r, p, n), None)
+                                for p, n in r.sequence(fields["targets"], f"{path}.targets")) if t)
+    if not targets:
+        raise r.fail(fields["targets"], f"{path}.targets", "expected at least one target URL")
+    values: dict[str, Any] = {}
+    for key in ("connect_timeout", "timeout"):
+        if key in fields:
+            values[key] = r.attempt(lambda: r.parsed(fields[key], f"{path}.{key}", parse_duration), getattr(Upstream, key))
+    if "max_connections" in fields:
+        values["max_connections"] = r.attempt(lambda: r.integer(fields["max_connections"], f"{path}.max_connections", 1), 1024)
+    if "preserve_host" in fields:
+        values["preserve_host"] = r.attempt(lambda: r.boolean(fields["preserve_host"], f"{path}.preserve_host"), False)
+    return Upstream(name=name, targets=targets, **values)
+
+
+def _target(r: Reader, path: str, node: yaml.Node) -> Target:
+    url = r.string(node, path)
+    parts = urlsplit(url)
+    if parts.scheme == "https":
+        raise r.fail(node, path, f"https upstreams are {_NOT_YET}")
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme != "http" or not parts.hostname or port == -1 or parts.path not in ("", "/") or parts.query:
+        raise r.fail(node, path, f'expected a URL like "http://10.0.0.11:3001", got "{url}"')
+    return Target(url=url, host=parts.hostname, port=port or 80)
+
+
+_ROUTE_KEYS = {
+    "prefix": "", "upstream": "", "rewrite_prefix": "", "methods": "", "host": "", "auth": "",
+    "roles": "", "rate_limit": "", "cache": "", "request_headers": "", "response_headers": "",
+    "security_headers": "",
+}
+
+
+def _routes(r: Reader, node: yaml.Node, upstreams: dict[str, Upstream]) -> tuple[Route, ...]:
+    out: list[Route] = []
+    seen: dict[tuple[str, str | None, frozenset[bytes] | None], str] = {}
+    for path, item in r.sequence(node, "routes"):
+        route = r.attempt(lambda: _route(r, path, item, upstreams, len(out)), None)
+        if route is None:
+            continue
+        key = (route.prefix, route.host, route.methods)
+        if key in seen:
+            r.fail(item, f"{path}.prefix", f'duplicate prefix "{route.prefix}" (already used by {seen[key]})')
+            continue
+        seen[key] = path
+        out.append(route)
+    return tuple(out)
+
+
+def _route(r: Reader, path: str, node: yaml.Node, upstreams: dict[str, Upstream], index: int) -> Route:
+    fields = r.mapping(node, path, _ROUTE_KEYS)
+    for key in ("rate_limit", "cache", "roles"):
+        if key in fields:
+            r.fail(fields[key], f"{path}.{key}", _NOT_YET)
+    if "auth" in fields and r.attempt(lambda: r.string(fields["auth"], f"{path}.auth"), "none") != "none":
+        r.fail(fields["auth"], f"{path}.auth", _NOT_YET)
+    for key in ("prefix", "upstream"):
+        if key not in fields:
+            r.fail(node, f"{path}.{key}", "missing (required)")
+    if "prefix" not in fields or "upstream" not in fields:
+        raise r.fail(node, path, "incomplete route")
+    prefix = _path_prefix(r, fields["prefix"], f"{path}.prefix")
+    upstream = r.string(fields["upstream"], f"{path}.upstream")
+    if upstream not in upstreams:
+        known = ", ".join(sorted(upstreams)) or "none defined"
+        raise r.fail(fields["upstream"], f"{path}.upstream", f'no upstream named "{upstream}" (defined: {known})')
+    values: dict[str, Any] = {}
+    if "rewrite_prefix" in fields:
+        values["rewrite_prefix"] = _path_prefix(r, fields["rewrite_prefix"], f"{path}.rewrite_prefix")
+    if "methods" in fields:
+        methods = []
+        for item_path, item in r.sequence(fields["methods"], f"{path}.methods"):
+            method = r.string(item, item_path)
+            if not _METHOD.match(method):
+                raise r.fail(item, item_path, f'expected an upper-case HTTP method like "GET", got "{method}"')
+            methods.append(method.encode())
+        values["methods"] = frozenset(methods)
+    if "host" in fields:
+        values["host"] = r.string(fields["host"], f"{path}.host").lower()
+    for key in ("request_headers", "response_headers"):
+        if key in fields:
+            values[key] = r.attempt(lambda: _header_rules(r, fields[key], f"{path}.{key}"), HeaderRules())
+    if "security_headers" in fields:
+        values["security_headers"] = _security_headers(r, fields["security_headers"], f"{path}.security_headers")
+    return Route(prefix=prefix, upstream=upstream, index=index, **values)
+
+
+def _path_prefix(r: Reader, node: yaml.Node, path: str) -> str:
+    text = r.string(node, path)
+    if not text.startswith("/") or "?" in text or "#" in text or "/../" in f"{text}/" or "/./" in f"{text}/":
+        raise r.fail(node, path, f'expected an absolute path like "/api/users", got "{text}"')
+    return text.rstrip("/") or "/"
+
+
+def _header_name(r: Reader, node: yaml.Node, path: str, glob: bool = False) -> bytes:
+    name = r.string(node, path)
+    if not (_HEADER_GLOB if glob else _TOKEN).match(name if glob else name.encode()):
+        raise r.fail(node, path, f'expected a header name like "X-Api-Version", got "{name}"')
+    return name.encode()
+
+
+def _header_value(r: Reader, node: yaml.Node, path: str) -> bytes:
+    value = r.scalar(node, path)
+    text = value if isinstance(value, str) else ("" if value is None else str(value).lower() if isinstance(value, bool) else str(value))
+    if _BAD_VALUE.search(text):
+        raise r.fail(node, path, "header values must not contain control characters (CR, LF, NUL...)")
+    return text.encode("latin-1", "replace")
+
+
+def _header_rules(r: Reader, node: yaml.Node, path: str) -> HeaderRules:
+    fields = r.mapping(node, path, {"set": "", "add": "", "remove": ""})
+    pairs: dict[str, tuple[tuple[bytes, bytes], ...]] = {}
+    for key in ("set", "add"):
+        if key in fields:
+            pairs[key] = tuple(
+                (_header_name(r, k, f"{path}.{key}.{name}"), _header_value(r, v, f"{path}.{key}.{name}"))
+                for name, k, v in r.free_mapping(fields[key], f"{path}.{key}"))
+    remove: tuple[bytes, ...] = ()
+    if "remove" in fields:
+        remove = tuple(_header_name(r, item, item_path, glob=True).lower()
+                       for item_path, item in r.sequence(fields["remove"], f"{path}.remove"))
+    return HeaderRules(set=pairs.get("set", ()), add=pairs.get("add", ()), remove=remove)
+
+
+def _security_headers(r: Reader, node: yaml.Node, path: str) -> tuple[tuple[bytes, bytes], ...]:
+    """Per-route overrides of the default security headers; `null` turns one off."""
+    merged = {name.lower(): (name, value) for name, value in DEFAULT_SECURITY_HEADERS}
+    for name, key_node, value_node in r.free_mapping(node, path):
+        header = _header_name(r, key_node, f"{path}.{name}")
+        if r.scalar(value_node, f"{path}.{name}") is None:
+            merged.pop(header.lower(), None)
+        else:
+            merged[header.lower()] = (header, _header_value(r, value_node, f"{path}.{name}"))
+    return tuple(merged.values())

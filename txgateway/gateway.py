@@ -1,0 +1,95 @@
+"""Wiring: one Config in, one running gateway (listeners, pipeline, pools) out.
+
+`Gateway` is the object the status page, metrics and the Manhole will read. It is a
+MultiService: listeners are child services, so a port that cannot be bound aborts start-up,
+and stopping drains in-flight requests before the pools close.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from txgateway.accesslog import AccessLog, JsonLinesWriter
+from txgateway.config import Config
+from txgateway.headers import ForwardingHeaders, HeaderRulesFilter, TrustedProxies
+from txgateway.http1 import HTTP1Factory
+from txgateway.pipeline import Pipeline
+from txgateway.proxy import Proxy
+from txgateway.routing import RouteTable, RoutingFilter
+from txgateway.timeouts import Deadlines
+
+__all__ = ["Gateway"]
+
+_log = Logger(namespace="txgateway")
+
+
+class Gateway(MultiService):
+    """A configured gateway: build with a Config, a reactor and a clock (IReactorTime)."""
+
+    def __init__(self, config: Config, reactor: Any, clock: Any = None) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.clock = clock if clock is not None else reactor
+        self.deadlines = Deadlines(self.clock)
+        self.routes = RouteTable(config.routes)
+        self.proxy = Proxy(reactor, self.clock, config.upstreams, self.deadlines, config.limits.idle_timeout)
+        self.log_writer = JsonLinesWriter.open(config.access_log, self.clock)
+        self.pipeline = Pipeline(
+            [
+                ForwardingHeaders(TrustedProxies(config.trusted_proxies)),  # sanitise, correlate
+                RoutingFilter(self.routes),                                  # match
+                # identify (auth) and limit (rate limits) plug in here
+                HeaderRulesFilter(config.routes),                            # transform
+            ],
+            self.proxy,                                                      # balance -> proxy
+            AccessLog(self.log_writer),                                      # log
+            self.clock,
+        )
+        self.proxy.pipeline = self.pipeline
+        self.factory = HTTP1Factory(self.pipeline, config.limits, self.clock, self.deadlines)
+        self.listeners: list[StreamServerEndpointService] = []
+        for listener in config.listen:
+            service = StreamServerEndpointService(serverFromString(reactor, listener.endpoint), self.factory)
+            service._raiseSynchronously = True
+            service.setServiceParent(self)
+            self.listeners.append(service)
+
+    @property
+    def upstreams(self) -> dict[str, Any]:
+        return self.proxy.groups
+
+    def ports(self) -> list[int]:
+        """The bound TCP ports, in listener order (for tests and the demo banner)."""
+        return [s._waitingForPort.result.getHost().port for s in self.listeners]  # type: ignore[union-attr]
+
+    def startService(self) -> None:
+        self.deadlines.start()
+        if self.log_writer is not None:
+            self.log_writer.start()
+        super().startService()
+
+    def stopService(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        await super().stopService()           # stop accepting
+        give_up = self.clock.seconds() + self.config.drain_timeout
+        while self._busy() and self.clock.seconds() < give_up:
+            await deferLater(self.clock, 0.05, lambda: None)
+        for conn in list(self.factory.connections):
+            conn.transport.loseConnection()
+        self.proxy.close()
+        self.deadlines.stop()
+        if self.log_writer is not None:
+            self.log_writer.stop()
+
+    def _busy(self) -> bool:
+        return any(conn._queue for conn in self.factory.connections)

@@ -1,0 +1,402 @@
+"""The HTTP/1.1 client-facing transport: a raw Twisted protocol parsing with httptools.
+
+Why not twisted.web: it buffers whole request bodies, answers `100 Continue` before any
+check, and costs 5-10x the CPU per request (FASTPATH-NOTES.md). This adapter only does
+HTTP/1.1 framing: it turns bytes into a RequestContext for the pipeline and implements
+`Downstream` so the pipeline and proxy can answer. Requests are answered strictly in
+order; pipelined requests wait in `_queue` with their bodies buffered (bounded).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+
+from txgateway.config import Limits
+from txgateway.pipeline import Pipeline, RequestContext, ResponseHead
+from txgateway.timeouts import Deadlines
+
+__all__ = ["HTTP1Factory", "HTTP1Connection"]
+
+_log = Logger(namespace="txgateway.http1")
+
+# Framing and hop-by-hop headers (RFC 9110 7.6.1): consumed here, never forwarded.
+_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding",
+                         b"upgrade", b"content-length", b"host", b"expect", b"proxy-connection",
+                         b"proxy-authenticate", b"proxy-authorization"})
+_MAX_QUEUED = 16             # pipelined requests waiting behind the active one
+_MAX_BUFFERED = 256 * 1024   # request body bytes held while waiting; reading pauses above
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class _Reject(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+class _Incoming:
+    """Transport-side state of one request: its body while nobody consumes it yet."""
+
+    __slots__ = ("ctx", "chunks", "buffered", "complete", "sink", "received")
+
+    def __init__(self, ctx: RequestContext) -> None:
+        self.ctx = ctx
+        self.chunks: list[bytes] = []
+        self.buffered = 0
+        self.received = 0
+        self.complete = False
+        self.sink: Any = None
+
+
+class HTTP1Connection(Protocol):
+    """One client connection. Implements `Downstream` for its active request."""
+
+    def __init__(self, factory: HTTP1Factory) -> None:
+        self.factory = factory
+        self.pipeline: Pipeline = factory.pipeline
+        self.limits: Limits = factory.limits
+        self.parser = HttpRequestParser(self)
+        self.deadline = 0.0
+        self._queue: deque[_Incoming] = deque()   # [0] is the active request
+        self._parsing: _Incoming | None = None
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._header_bytes = 0
+        self._raw_header_bytes = 0
+        self._framing: dict[bytes, bytes] = {}
+        self._connection_tokens: list[bytes] = []
+        self._broken = False          # no more requests will be read from this connection
+        self._close_after = False
+        self._chunked_out = False
+        self._no_body_out = False
+        self._paused = False
+        self._gone = False
+        self._peer_ip = ""
+
+    # -- connection lifecycle ---------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self._peer_ip = getattr(peer, "host", "") or ""
+        self.factory.connections.add(self)
+        self._wait(self.limits.header_timeout)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self._gone = True
+        self.factory.connections.discard(self)
+        self.factory.deadlines.discard(self)
+        if self._queue:
+            active = self._queue[0]
+            ctx = active.ctx
+            if not ctx.done:
+                if not ctx.response_started:
+                    ctx.status = 499
+                self.pipeline.cancel(ctx)
+                self.pipeline.finished(ctx)
+        self._queue.clear()
+
+    def _wait(self, seconds: float) -> None:
+        self.deadline = self.factory.clock.seconds() + seconds
+        self.factory.deadlines.add(self)
+
+    def expired(self) -> None:
+        """Header timeout (408 once a request started) or idle keep-alive timeout."""
+        if self._queue:
+            # A pipelined request is slow behind an active one: finish the active one only.
+            self._broken = True
+            self.pause_body(self._queue[0].ctx)
+        elif self._parsing is not None:
+            self._reject(_Reject(408, "REQUEST_TIMEOUT", "request headers not received in time"))
+        else:
+            self.transport.loseConnection()
+
+    # -- parsing ----------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._broken:
+            return
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as upgrade:
+            # No WebSocket relay yet: the request was handled as a plain one (Upgrade is
+            # hop-by-hop); whatever follows is parsed as the next request.
+            self.parser = HttpRequestParser(self)
+            rest = data[upgrade.args[0]:]
+            if rest:
+                self.dataReceived(rest)
+            return
+        except _Reject as reject:
+            self._reject(reject)
+            return
+        except HttpParserError as e:
+            cause = e.__context__ if isinstance(e.__context__, _Reject) else None
+            self._reject(cause or _Reject(400, "BAD_REQUEST", f"malformed HTTP request: {e}"))
+            return
+        if self._parsing is not None and self._header_bytes >= 0:
+            self._raw_header_bytes += len(data)
+            if self._raw_header_bytes > self.limits.max_header_bytes:
+                self._reject(_Reject(431, "HEADERS_TOO_LARGE", "request headers are too large"))
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+        self._header_bytes = 0
+        self._raw_header_bytes = 0
+        self._framing = {}
+        self._connection_tokens = []
+        self._parsing = None
+        self._wait(self.limits.header_timeout)
+        self._parsing = _placeholder
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._count(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4)
+        name = name.lower()
+        if name in _HOP_BY_HOP or name.startswith(b"proxy-"):
+            if name == b"connection":
+                self._connection_tokens.extend(t.strip().lower() for t in value.split(b","))
+            elif name == b"host" and b"host" in self._framing:
+                raise _Reject(400, "BAD_REQUEST", "more than one Host header")
+            self._framing[name] = value
+            return
+        self._headers.append((name, value))
+
+    def _count(self, n: int) -> None:
+        self._header_bytes += n
+        if self._header_bytes > self.limits.max_header_bytes:
+            raise _Reject(431, "HEADERS_TOO_LARGE", "request headers are too large")
+
+    def on_headers_complete(self) -> None:
+        self.factory.deadlines.discard(self)
+        self._header_bytes = -1
+        parser = self.parser
+        framing = self._framing
+        target = self._url
+        path, _, query = target.partition(b"?")
+        host = framing.get(b"host")
+        if not path.startswith(b"/"):
+            path, host = _absolute_form(path, host)
+        version = parser.get_http_version().encode()
+        ctx = RequestContext(parser.get_method(), target, path, b"?" + query if query else b"", version,
+                             self._headers, host, self.factory.scheme, self._peer_ip, self,
+                             self.factory.clock.seconds())
+        incoming = _Incoming(ctx)
+        self._parsing = incoming
+        if self._connection_tokens:
+            tokens = frozenset(self._connection_tokens)
+            ctx.headers = [(n, v) for n, v in ctx.headers if n not in tokens]
+        ctx.keep_alive = parser.should_keep_alive()
+        ctx.chunked = b"transfer-encoding" in framing
+        length = framing.get(b"content-length")
+        if length is not None:
+            ctx.content_length = int(length)
+        ctx.expect_continue = framing.get(b"expect", b"").lower() == b"100-continue"
+        if len(self._queue) >= _MAX_QUEUED:
+            raise _Reject(503, "UPSTREAM_UNAVAILABLE", "too many pipelined requests")
+        self._queue.append(incoming)
+        if host is None and version == b"1.1":
+            self._fail_request(incoming, 400, "BAD_REQUEST", "HTTP/1.1 request without a Host header")
+        elif ctx.content_length is not None and ctx.content_length > self.limits.max_body_size:
+            self._fail_request(incoming, 413, "PAYLOAD_TOO_LARGE", "request body is larger than max_body_size")
+        elif len(self._queue) == 1:
+            self.pipeline.handle(ctx)
+
+    def on_body(self, data: bytes) -> None:
+        incoming = self._parsing
+        if incoming is None or incoming is _placeholder:
+            return
+        incoming.received += len(data)
+        incoming.ctx.bytes_in += len(data)
+        if incoming.received > self.limits.max_body_size:
+            raise _Reject(413, "PAYLOAD_TOO_LARGE", "request body is larger than max_body_size")
+        if incoming.sink is not None:
+            incoming.sink.body_chunk(data)
+            return
+        incoming.chunks.append(data)
+        incoming.buffered += len(data)
+        if incoming.buffered > _MAX_BUFFERED and not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def on_message_complete(self) -> None:
+        incoming = self._parsing
+        self._parsing = None
+        if incoming is None or incoming is _placeholder:
+            return
+        incoming.complete = True
+        if incoming.sink is not None:
+            incoming.sink.body_end()
+
+    def _reject(self, reject: _Reject) -> None:
+        """A request the parser refused: answer it in turn, then close the connection."""
+        self._broken = True
+        self.factory.deadlines.discard(self)
+        incoming = self._parsing
+        if incoming is None or incoming is _placeholder or incoming not in self._queue:
+            ctx = RequestContext(b"GET", self._url, b"", b"", b"1.1", self._headers, None,
+                                 self.factory.scheme, self._peer_ip, self, self.factory.clock.seconds())
+            incoming = _Incoming(ctx)
+            self._queue.append(incoming)
+        self._parsing = None
+        self._fail_request(incoming, reject.status, reject.code, reject.message)
+
+    def _fail_request(self, incoming: _Incoming, status: int, code: str, message: str) -> None:
+        """Answer with an error once earlier requests are done; the connection then closes."""
+        self._broken = True
+        incoming.complete = False
+        incoming.ctx.keep_alive = False
+        incoming.ctx.error_code = code
+        incoming.ctx.notes = {"reject": (status, code, message)}
+        if incoming is self._queue[0]:
+            self.pipeline.cancel(incoming.ctx)
+            self.pipeline.reject(incoming.ctx, status, code, message)
+        else:
+            # Nothing after a broken request can be trusted; drop what queued behind it.
+            while self._queue[-1] is not incoming:
+                self._queue.pop()
+
+    # -- Downstream: answering the active request --------------------------------------
+
+    def send_head(self, ctx: RequestContext, head: ResponseHead) -> None:
+        if self._gone or not self._queue or self._queue[0].ctx is not ctx:
+            return
+        status = head.status
+        parts = [b"HTTP/1.1 %d %s\r\n" % (status, head.reason)]
+        for name, value in head.headers:
+            parts.append(name + b": " + value + b"\r\n")
+        close = not ctx.keep_alive or self._broken and len(self._queue) == 1
+        self._chunked_out = False
+        self._no_body_out = ctx.method == b"HEAD" or status in (204, 304) or status < 200
+        if status in (204, 304) or status < 200:
+            pass
+        elif head.length is not None:
+            parts.append(b"Content-Length: %d\r\n" % head.length)
+        elif ctx.method == b"HEAD":
+            pass
+        elif ctx.version == b"1.1":
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+            self._chunked_out = True
+        else:
+            close = True
+        if close:
+            parts.append(b"Connection: close\r\n")
+        elif ctx.version == b"1.0":
+            parts.append(b"Connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        self._close_after = close
+        self.transport.write(b"".join(parts))
+
+    def send_body(self, ctx: RequestContext, data: bytes) -> None:
+        if self._no_body_out or self._gone or self._queue[0].ctx is not ctx:
+            return
+        ctx.bytes_out += len(data)
+        if self._chunked_out:
+            self.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+        else:
+            self.transport.write(data)
+
+    def finish(self, ctx: RequestContext) -> None:
+        if self._gone or not self._queue or self._queue[0].ctx is not ctx:
+            return
+        if self._chunked_out and not self._no_body_out:
+            self.transport.write(b"0\r\n\r\n")
+        incoming = self._queue.popleft()
+        self.pipeline.finished(ctx)
+        if self._close_after or not incoming.complete or (self._broken and not self._queue):
+            # An unread request body makes the connection unusable for the next request.
+            self._queue.clear()
+            self._broken = True
+            self.transport.loseConnection()
+            return
+        self._resume()
+        if self._queue:
+            nxt = self._queue[0]
+            reject = nxt.ctx.notes.get("reject") if nxt.ctx.notes else None
+            if reject:
+                self.pipeline.reject(nxt.ctx, *reject)
+            else:
+                self.pipeline.handle(nxt.ctx)
+        elif self._parsing is None:
+            self._wait(self.limits.idle_timeout)
+
+    def abort(self, ctx: RequestContext) -> None:
+        """The response cannot be completed: the client must see a broken connection."""
+        if self._gone:
+            return
+        self.pipeline.finished(ctx)
+        self._queue.clear()
+        self._broken = True
+        self.transport.abortConnection()
+
+    def read_body(self, ctx: RequestContext, sink: Any) -> None:
+        incoming = self._queue[0]
+        if incoming.ctx is not ctx:
+            return
+        if ctx.expect_continue and not incoming.received and not incoming.complete:
+            self.transport.write(_CONTINUE)
+        incoming.sink = sink
+        chunks, incoming.chunks, incoming.buffered = incoming.chunks, [], 0
+        for chunk in chunks:
+            sink.body_chunk(chunk)
+        if incoming.complete:
+            sink.body_end()
+        self._resume()
+
+    def pause_body(self, ctx: RequestContext) -> None:
+        if not self._paused and not self._gone:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def resume_body(self, ctx: RequestContext) -> None:
+        self._resume()
+
+    def _resume(self) -> None:
+        if self._paused and not self._gone:
+            self._paused = False
+            self.transport.resumeProducing()
+
+    def register_producer(self, ctx: RequestContext, producer: Any) -> None:
+        if not self._gone:
+            self.transport.registerProducer(producer, True)
+
+    def unregister_producer(self, ctx: RequestContext) -> None:
+        if not self._gone:
+            self.transport.unregisterProducer()
+
+
+_placeholder = _Incoming.__new__(_Incoming)
+
+
+def _absolute_form(target: bytes, host: bytes | None) -> tuple[bytes, bytes | None]:
+    """`GET http://host/path` (absolute-form): the path and authority, else a 400."""
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        raise _Reject(400, "BAD_REQUEST", "request target must be an absolute path")
+    authority, slash, path = rest.partition(b"/")
+    return b"/" + path, authority or host
+
+
+class HTTP1Factory(Factory):
+    """Builds client connections; holds what they share (pipeline, limits, clock)."""
+
+    noisy = False
+
+    def __init__(self, pipeline: Pipeline, limits: Limits, clock: Any, deadlines: Deadlines,
+                 scheme: bytes = b"http") -> None:
+        self.pipeline = pipeline
+        self.limits = limits
+        self.clock = clock
+        self.deadlines = deadlines
+        self.scheme = scheme
+        self.connections: set[HTTP1Connection] = set()
+
+    def buildProtocol(self, addr: Any) -> HTTP1Connection:
+        return HTTP1Connection(self)

@@ -1,0 +1,265 @@
+"""The request pipeline: the one place that shows the path of a request.
+
+    transport adapter (http1.py, later HTTP/2) parses a request into a RequestContext
+      -> Pipeline.handle(ctx)
+           request hooks, in order:  sanitize -> route -> (identify -> limit) -> transform
+           each may return None (go on), a LocalResponse (answer now, stop), or a Deferred
+           firing with either (only these "access" hooks may wait on I/O)
+      -> terminal: Proxy.forward(ctx)    balance -> connect -> stream request/response
+      -> Pipeline.respond(ctx, head)     response hooks in reverse order, synchronous
+      -> Pipeline.finished(ctx)          the access log line
+
+Nothing here knows which transport carried the request: adapters implement `Downstream`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any, Protocol
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from txgateway.headers import correlation_id
+
+if TYPE_CHECKING:
+    from txgateway.config import Route
+
+__all__ = ["Downstream", "Filter", "LocalResponse", "Pipeline", "RequestContext", "ResponseHead", "error_response"]
+
+_log = Logger(namespace="txgateway.pipeline")
+
+REASONS = {
+    200: b"OK", 308: b"Permanent Redirect", 400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden",
+    404: b"Not Found", 408: b"Request Timeout", 413: b"Content Too Large", 429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large", 500: b"Internal Server Error", 502: b"Bad Gateway",
+    503: b"Service Unavailable", 504: b"Gateway Timeout",
+}
+
+
+class ResponseHead:
+    """Status line and end-to-end headers of a response on its way to the client.
+
+    Response hooks edit `headers` in place; framing headers are the transport's business.
+    """
+
+    __slots__ = ("status", "reason", "headers", "length")
+
+    def __init__(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], length: int | None) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.length = length  # body length when known, else None (streamed)
+
+
+class LocalResponse:
+    """An answer produced by the gateway itself (errors, short-circuits)."""
+
+    __slots__ = ("status", "headers", "body")
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+
+def error_response(ctx: RequestContext, status: int, code: str, message: str,
+                   headers: list[tuple[bytes, bytes]] | None = None) -> LocalResponse:
+    """The SPEC's JSON envelope: one shape for every error the gateway produces."""
+    body = json.dumps({"error": {"code": code, "message": message, "status": status,
+                                 "correlation_id": ctx.correlation_id}}).encode()
+    out = [(b"Content-Type", b"application/json")]
+    if headers:
+        out.extend(headers)
+    ctx.error_code = code
+    return LocalResponse(status, out, body)
+
+
+class RequestContext:
+    """Everything one request carries through the pipeline; filters read and annotate it.
+
+    `headers` holds the end-to-end request headers with lower-case names; the transport
+    has already taken out framing and hop-by-hop headers.
+    """
+
+    __slots__ = (
+        "method", "target", "path", "query", "version", "headers", "host", "scheme", "peer_ip",
+        "client_ip", "content_length", "chunked", "keep_alive", "expect_continue", "start",
+        "correlation_id", "route", "upstream_path", "downstream", "pending", "status", "error_code",
+        "upstream", "target_url", "upstream_start", "upstream_ms", "bytes_in", "bytes_out",
+        "response_started", "done", "identity", "notes", "forwarding",
+    )
+
+    def __init__(self, method: bytes, target: bytes, path: bytes, query: bytes, version: bytes,
+                 headers: list[tuple[bytes, bytes]], host: bytes | None, scheme: bytes, peer_ip: str,
+                 downstream: Downstream, start: float) -> None:
+        self.method = method
+        self.target = target
+        self.path = path
+        self.query = query
+        self.version = version
+        self.headers = headers
+        self.host = host
+        self.scheme = scheme
+        self.peer_ip = peer_ip
+        self.client_ip = peer_ip
+        self.downstream = downstream
+        self.start = start
+        self.content_length: int | None = None
+        self.chunked = False
+        self.keep_alive = True
+        self.expect_continue = False
+        self.correlation_id = ""
+        self.route: Route | None = None
+        self.upstream_path = path
+        self.pending: Deferred[Any] | None = None
+        self.status = 0
+        self.error_code: str | None = None
+        self.upstream: str | None = None
+        self.target_url: str | None = None
+        self.upstream_start = 0.0
+        self.upstream_ms: float | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.response_started = False
+        self.done = False
+        self.identity: Any = None
+        self.notes: dict[str, Any] | None = None
+        self.forwarding: Any = None  # the terminal's per-request state (the proxy's Exchange)
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of a request header (name in lower case)."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+
+class Filter(Protocol):
+    """One stage of the pipeline (Envoy filter / Kong plugin phase)."""
+
+    def on_request(self, ctx: RequestContext) -> LocalResponse | Deferred[LocalResponse | None] | None:
+        """Access phase: may wait on I/O (return a Deferred) or answer locally."""
+
+    def on_response(self, ctx: RequestContext, head: ResponseHead) -> None:
+        """Header phase: synchronous edits of the response head, upstream or local."""
+
+
+class Downstream(Protocol):
+    """What a transport adapter offers the pipeline and the proxy for one request."""
+
+    def send_head(self, ctx: RequestContext, head: ResponseHead) -> None: ...
+    def send_body(self, ctx: RequestContext, data: bytes) -> None: ...
+    def finish(self, ctx: RequestContext) -> None: ...
+    def abort(self, ctx: RequestContext) -> None: ...
+    def read_body(self, ctx: RequestContext, sink: BodySink) -> None: ...
+    def pause_body(self, ctx: RequestContext) -> None: ...
+    def resume_body(self, ctx: RequestContext) -> None: ...
+    def register_producer(self, ctx: RequestContext, producer: Any) -> None: ...
+    def unregister_producer(self, ctx: RequestContext) -> None: ...
+
+
+class BodySink(Protocol):
+    """Receives a request body as it streams in (the proxy's upstream side)."""
+
+    def body_chunk(self, data: bytes) -> None: ...
+    def body_end(self) -> None: ...
+
+
+class Terminal(Protocol):
+    def forward(self, ctx: RequestContext) -> None: ...
+    def cancel(self, ctx: RequestContext) -> None: ...
+
+
+class AccessLog(Protocol):
+    def record(self, ctx: RequestContext, now: float) -> None: ...
+
+
+class Pipeline:
+    """Runs filters in order, then the terminal; runs response hooks in reverse."""
+
+    def __init__(self, filters: list[Filter], terminal: Terminal, access_log: AccessLog, clock: Any) -> None:
+        self.filters = tuple(filters)
+        self._reversed = tuple(reversed(self.filters))
+        self.terminal = terminal
+        self.access_log = access_log
+        self.clock = clock
+
+    def handle(self, ctx: RequestContext) -> None:
+        self._run(ctx, 0)
+
+    def reject(self, ctx: RequestContext, status: int, code: str, message: str) -> None:
+        """An error found by the transport itself (malformed, too large, too slow)."""
+        if not ctx.correlation_id:
+            ctx.correlation_id = correlation_id(ctx.header(b"x-correlation-id"))
+        self.respond_local(ctx, error_response(ctx, status, code, message))
+
+    def _run(self, ctx: RequestContext, index: int) -> None:
+        filters = self.filters
+        count = len(filters)
+        while index < count:
+            result = filters[index].on_request(ctx)
+            index += 1
+            if result is None:
+                continue
+            if isinstance(result, Deferred):
+                ctx.pending = result
+                result.addCallbacks(self._resume, self._failed, callbackArgs=(ctx, index), errbackArgs=(ctx,))
+                return
+            self.respond_local(ctx, result)
+            return
+        self.terminal.forward(ctx)
+
+    def _resume(self, result: LocalResponse | None, ctx: RequestContext, index: int) -> None:
+        ctx.pending = None
+        if ctx.done:
+            return
+        if result is None:
+            self._run(ctx, index)
+        else:
+            self.respond_local(ctx, result)
+
+    def _failed(self, failure: Failure, ctx: RequestContext) -> None:
+        ctx.pending = None
+        if failure.check(CancelledError) or ctx.done:
+            return
+        _log.failure("request filter failed for {method} {path}", failure,
+                     method=ctx.method, path=ctx.path)
+        self.respond_local(ctx, error_response(ctx, 500, "INTERNAL_ERROR", "the gateway failed to handle the request"))
+
+    def respond(self, ctx: RequestContext, head: ResponseHead) -> None:
+        """Run response hooks (reverse order) and hand the head to the transport."""
+        for f in self._reversed:
+            f.on_response(ctx, head)
+        ctx.status = head.status
+        ctx.response_started = True
+        ctx.downstream.send_head(ctx, head)
+
+    def respond_local(self, ctx: RequestContext, local: LocalResponse) -> None:
+        if ctx.response_started or ctx.done:
+            ctx.downstream.abort(ctx)
+            return
+        body = b"" if ctx.method == b"HEAD" else local.body
+        self.respond(ctx, ResponseHead(local.status, REASONS.get(local.status, b"Unknown"), list(local.headers), len(local.body)))
+        if body:
+            ctx.downstream.send_body(ctx, body)
+        ctx.downstream.finish(ctx)
+
+    def cancel(self, ctx: RequestContext) -> None:
+        """The client went away: stop whatever is still working for it."""
+        if ctx.pending is not None:
+            ctx.pending.cancel()
+        else:
+            self.terminal.cancel(ctx)
+
+    def finished(self, ctx: RequestContext) -> None:
+        """Called once per request by the transport when the exchange is over."""
+        if ctx.done:
+            return
+        ctx.done = True
+        self.access_log.record(ctx, self.clock.seconds())

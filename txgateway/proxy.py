@@ -1,0 +1,289 @@
+"""The terminal filter: forward a request to an upstream target and stream the answer back.
+
+One `Exchange` per forwarded request ties the client side (`ctx.downstream`) to one pooled
+upstream connection. Bodies are relayed chunk by chunk; each side's transport is the
+other's producer, so a slow reader pauses the fast writer instead of growing memory.
+"""
+
+from __future__ import annotations
+
+from itertools import cycle
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.error import TimeoutError as ConnectTimeoutError
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from txgateway.config import Upstream
+from txgateway.pipeline import RequestContext, ResponseHead, error_response
+from txgateway.timeouts import Deadlines
+from txgateway.upstream import TargetPool, UpstreamConnection
+
+if TYPE_CHECKING:
+    from txgateway.pipeline import Pipeline
+
+__all__ = ["Proxy", "UpstreamGroup"]
+
+_log = Logger(namespace="txgateway.proxy")
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+
+# Exchange phases
+_CONNECTING, _WAITING, _STREAMING, _DONE = range(4)
+
+
+class UpstreamGroup:
+    """The targets of one upstream, each with its pool, picked round-robin."""
+
+    def __init__(self, reactor: Any, upstream: Upstream) -> None:
+        self.config = upstream
+        self.pools = [TargetPool(reactor, t, upstream) for t in upstream.targets]
+        self._next = cycle(self.pools).__next__ if len(self.pools) > 1 else None
+
+    def pick(self) -> TargetPool:
+        return self._next() if self._next is not None else self.pools[0]
+
+    def close(self) -> None:
+        for pool in self.pools:
+            pool.close()
+
+
+class _RequestBodyProducer:
+    """Lets the upstream transport pause and resume reading of the client's body."""
+
+    __slots__ = ("ctx",)
+
+    def __init__(self, ctx: RequestContext) -> None:
+        self.ctx = ctx
+
+    def pauseProducing(self) -> None:
+        self.ctx.downstream.pause_body(self.ctx)
+
+    def resumeProducing(self) -> None:
+        self.ctx.downstream.resume_body(self.ctx)
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class Exchange:
+    """One request forwarded to one upstream connection (the pool's `UpstreamUser`)."""
+
+    __slots__ = ("proxy", "ctx", "pool", "conn", "phase", "deadline", "body_sent", "body_producer",
+                 "retried")
+
+    def __init__(self, proxy: Proxy, ctx: RequestContext, pool: TargetPool) -> None:
+        self.proxy = proxy
+        self.ctx = ctx
+        self.pool = pool
+        self.conn: UpstreamConnection | None = None
+        self.phase = _CONNECTING
+        self.deadline = 0.0
+        self.body_sent = not ctx.has_body
+        self.body_producer: _RequestBodyProducer | None = None
+        self.retried = False
+
+    def start(self) -> None:
+        ctx = self.ctx
+        ctx.target_url = self.pool.target.url
+        ctx.upstream_start = self.proxy.clock.seconds()
+        self.phase = _CONNECTING
+        self.deadline = ctx.upstream_start + self.pool.connect_timeout
+        self.proxy.deadlines.add(self)
+        self.pool.acquire(self)
+
+    # -- pool callbacks ----------------------------------------------------------------
+
+    def connected(self, conn: UpstreamConnection) -> None:
+        if self.phase != _CONNECTING:
+            self.pool.release(conn, True)
+            return
+        self.conn = conn
+        ctx = self.ctx
+        self.phase = _WAITING
+        self.deadline = self.proxy.clock.seconds() + self.proxy.groups[ctx.upstream].config.timeout  # type: ignore[index]
+        conn.send(self, self.proxy.request_head(ctx, self.pool), ctx.method == b"HEAD")
+        if ctx.has_body:
+            self.body_producer = _RequestBodyProducer(ctx)
+            conn.transport.registerProducer(self.body_producer, True)
+            ctx.downstream.read_body(ctx, self)
+
+    def connect_failed(self, reason: Failure) -> None:
+        if self.phase != _CONNECTING:
+            return
+        if reason.check(ConnectTimeoutError):
+            self._fail_before_response(504, "GATEWAY_TIMEOUT", "the upstream did not accept the connection in time",
+                                       "connect timeout")
+        else:
+            self._fail_before_response(502, "BAD_GATEWAY", "the upstream refused the connection",
+                                       f"connect failed: {reason.getErrorMessage()}")
+
+    # -- request body (BodySink) ---------------------------------------------------------
+
+    def body_chunk(self, data: bytes) -> None:
+        conn = self.conn
+        if conn is None or self.phase == _DONE:
+            return
+        if self.ctx.chunked:
+            conn.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+        else:
+            conn.transport.write(data)
+
+    def body_end(self) -> None:
+        conn = self.conn
+        if conn is None or self.phase == _DONE:
+            return
+        if self.ctx.chunked:
+            conn.transport.write(b"0\r\n\r\n")
+        self.body_sent = True
+        self._stop_body_producer()
+
+    def _stop_body_producer(self) -> None:
+        if self.body_producer is not None and self.conn is not None and self.conn.open:
+            self.conn.transport.unregisterProducer()
+        self.body_producer = None
+
+    # -- response (UpstreamUser) ---------------------------------------------------------
+
+    def response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
+                      length: int | None) -> None:
+        if self.phase != _WAITING:
+            return
+        ctx = self.ctx
+        now = self.proxy.clock.seconds()
+        ctx.upstream_ms = (now - ctx.upstream_start) * 1000.0
+        self.phase = _STREAMING
+        self.deadline = now + self.proxy.idle_timeout
+        self.proxy.pipeline.respond(ctx, ResponseHead(status, reason, headers, length))
+        if self.phase == _STREAMING and self.conn is not None:
+            ctx.downstream.register_producer(ctx, self.conn.transport)
+
+    def response_body(self, data: bytes) -> None:
+        if self.phase != _STREAMING:
+            return
+        self.deadline = self.proxy.clock.seconds() + self.proxy.idle_timeout
+        self.ctx.downstream.send_body(self.ctx, data)
+
+    def response_complete(self, reusable: bool) -> None:
+        if self.phase != _STREAMING:
+            return
+        self.phase = _DONE
+        self.proxy.deadlines.discard(self)
+        ctx = self.ctx
+        ctx.downstream.unregister_producer(ctx)
+        conn, self.conn = self.conn, None
+        if not self.body_sent:
+            # The upstream answered before reading the whole body: the connection is dirty.
+            reusable = False
+            self._stop_body_producer_on(conn)
+        if conn is not None:
+            self.pool.release(conn, reusable)
+        ctx.downstream.finish(ctx)
+
+    def _stop_body_producer_on(self, conn: UpstreamConnection | None) -> None:
+        if self.body_producer is not None and conn is not None and conn.open:
+            conn.transport.unregisterProducer()
+        self.body_producer = None
+
+    def upstream_failed(self, reason: str, response_started: bool) -> None:
+        if self.phase in (_DONE, _CONNECTING):
+            return
+        ctx = self.ctx
+        conn = self.conn
+        if (not response_started and conn is not None and conn.reused and not self.retried
+                and ctx.method in _IDEMPOTENT and not ctx.has_body):
+            # A pooled connection the upstream had already closed: try once on a fresh one.
+            self.retried = True
+            self.conn = None
+            self.phase = _CONNECTING
+            self.deadline = self.proxy.clock.seconds() + self.pool.connect_timeout
+            self.pool.connect_new(self)
+            return
+        if response_started:
+            self._abort(f"upstream failed mid-response: {reason}")
+        else:
+            self._fail_before_response(502, "BAD_GATEWAY", "the upstream failed to answer", reason)
+
+    # -- timeouts and cancellation -------------------------------------------------------
+
+    def expired(self) -> None:
+        if self.phase == _CONNECTING:
+            self.pool.forget(self)
+            self._fail_before_response(504, "GATEWAY_TIMEOUT", "the upstream did not accept the connection in time",
+                                       "connect timeout")
+        elif self.phase == _WAITING:
+            self._fail_before_response(504, "GATEWAY_TIMEOUT", "the upstream did not answer in time",
+                                       "response timeout")
+        elif self.phase == _STREAMING:
+            self._abort("upstream body idle timeout")
+
+    def cancel(self) -> None:
+        """The client is gone: drop the upstream side without answering anyone."""
+        if self.phase == _DONE:
+            return
+        if self.phase == _CONNECTING:
+            self.pool.forget(self)
+        self._close_upstream()
+
+    def _close_upstream(self) -> None:
+        self.phase = _DONE
+        self.proxy.deadlines.discard(self)
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.close()
+
+    def _fail_before_response(self, status: int, code: str, message: str, reason: str) -> None:
+        ctx = self.ctx
+        self._close_upstream()
+        ctx.notes = {"upstream_error": reason}
+        _log.warn("upstream {upstream} ({target}) failed for {correlation_id}: {reason}",
+                  upstream=ctx.upstream, target=ctx.target_url, correlation_id=ctx.correlation_id, reason=reason)
+        self.proxy.pipeline.respond_local(ctx, error_response(ctx, status, code, message))
+
+    def _abort(self, reason: str) -> None:
+        ctx = self.ctx
+        self._close_upstream()
+        ctx.notes = {"upstream_error": reason}
+        _log.warn("upstream {upstream} ({target}) failed for {correlation_id}: {reason}",
+                  upstream=ctx.upstream, target=ctx.target_url, correlation_id=ctx.correlation_id, reason=reason)
+        ctx.downstream.abort(ctx)
+
+
+class Proxy:
+    """The pipeline's terminal: picks a target and runs an Exchange."""
+
+    def __init__(self, reactor: Any, clock: Any, upstreams: dict[str, Upstream], deadlines: Deadlines,
+                 idle_timeout: float) -> None:
+        self.clock = clock
+        self.deadlines = deadlines
+        self.idle_timeout = idle_timeout
+        self.groups = {name: UpstreamGroup(reactor, u) for name, u in upstreams.items()}
+        self.pipeline: Pipeline  # set by the gateway once the pipeline exists
+
+    def forward(self, ctx: RequestContext) -> None:
+        exchange = Exchange(self, ctx, self.groups[ctx.upstream].pick())  # type: ignore[index]
+        ctx.forwarding = exchange
+        exchange.start()
+
+    def cancel(self, ctx: RequestContext) -> None:
+        exchange = ctx.forwarding
+        if exchange is not None:
+            ctx.forwarding = None
+            exchange.cancel()
+
+    def request_head(self, ctx: RequestContext, pool: TargetPool) -> bytes:
+        """Request line and headers for the upstream, framing included."""
+        upstream = pool.target
+        host = ctx.host if self.groups[ctx.upstream].config.preserve_host and ctx.host else upstream.netloc  # type: ignore[index]
+        parts = [ctx.method, b" ", ctx.upstream_path, ctx.query, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
+        for name, value in ctx.headers:
+            parts += (name, b": ", value, b"\r\n")
+        if ctx.chunked:
+            parts.append(b"transfer-encoding: chunked\r\n")
+        elif ctx.content_length is not None:
+            parts.append(b"content-length: %d\r\n" % ctx.content_length)
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    def close(self) -> None:
+        for group in self.groups.values():
+            group.close()

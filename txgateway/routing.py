@@ -1,0 +1,131 @@
+"""The route table: longest prefix on a segment boundary, then host and method.
+
+Paths are bytes as they came off the wire. Dot-segments are removed before matching, and a
+request whose dot-segments would carry it out of the route its raw path names is refused
+(`/api/users/../../admin`), so a prefix is a real boundary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from txgateway.config import Route
+from txgateway.pipeline import LocalResponse, RequestContext, ResponseHead, error_response
+
+__all__ = ["BadPath", "RouteTable", "RoutingFilter", "normalize_path"]
+
+
+class BadPath(ValueError):
+    """The request target cannot be routed safely (400)."""
+
+
+def normalize_path(path: bytes) -> bytes:
+    """Remove `.` and `..` segments (RFC 3986 5.2.4); `%2e` counts as a dot.
+
+    Raises BadPath when `..` climbs above the root.
+    """
+    if b"." not in path and b"%2" not in path:
+        return path
+    segments = path.split(b"/")
+    out: list[bytes] = []
+    for segment in segments[1:]:
+        plain = segment.replace(b"%2e", b".").replace(b"%2E", b".")
+        if plain == b".":
+            continue
+        if plain == b"..":
+            if not out:
+                raise BadPath("path climbs above the root")
+            out.pop()
+            continue
+        out.append(segment)
+    trailing = segments[-1].replace(b"%2e", b".").replace(b"%2E", b".") in (b".", b"..")
+    result = b"/" + b"/".join(out)
+    if trailing and result != b"/":
+        result += b"/"
+    return result
+
+
+@dataclass(frozen=True)
+class Match:
+    route: Route
+    upstream_path: bytes
+
+
+class RouteTable:
+    """Routes indexed by prefix; lookup walks the path's ancestors, longest first."""
+
+    def __init__(self, routes: tuple[Route, ...]) -> None:
+        self.routes = routes
+        by_prefix: dict[bytes, list[Route]] = {}
+        for route in routes:
+            by_prefix.setdefault(route.prefix.encode(), []).append(route)
+        # Constrained routes (host/methods) are tried before the catch-all for the prefix.
+        self._by_prefix = {
+            prefix: tuple(sorted(rs, key=lambda r: (r.host is None, r.methods is None, r.index)))
+            for prefix, rs in by_prefix.items()
+        }
+        self._rewrites = {r.index: (r.prefix.encode(), (r.rewrite_prefix or r.prefix).encode()) for r in routes}
+
+    def match(self, method: bytes, path: bytes, host: bytes | None) -> Match | None:
+        """The route for this request, or None (404). Raises BadPath on traversal."""
+        clean = normalize_path(path)
+        route = self._lookup(method, clean, host)
+        if clean != path and route is not self._lookup(method, path, host):
+            raise BadPath("path escapes its route prefix")
+        if route is None:
+            return None
+        prefix, rewrite = self._rewrites[route.index]
+        rest = clean[len(prefix):] if prefix != b"/" else clean
+        if rewrite == b"/":
+            upstream_path = rest or b"/"
+        else:
+            upstream_path = rewrite + rest
+        return Match(route, upstream_path)
+
+    def _lookup(self, method: bytes, path: bytes, host: bytes | None) -> Route | None:
+        by_prefix = self._by_prefix
+        candidate = path
+        while True:
+            routes = by_prefix.get(candidate)
+            if routes is not None:
+                for route in routes:
+                    if route.methods is not None and method not in route.methods:
+                        continue
+                    if route.host is not None and not _host_matches(route.host, host):
+                        continue
+                    return route
+            if candidate == b"/":
+                return None
+            cut = candidate.rfind(b"/")
+            candidate = candidate[:cut] if cut > 0 else b"/"
+
+
+def _host_matches(pattern: str, host: bytes | None) -> bool:
+    if host is None:
+        return False
+    name = host.split(b":", 1)[0].decode("latin-1").lower() if not host.startswith(b"[") else host.decode("latin-1").lower()
+    if pattern.startswith("*."):
+        return name.endswith(pattern[1:]) and len(name) > len(pattern) - 1
+    return name == pattern
+
+
+class RoutingFilter:
+    """The first decision of the pipeline: which route, and the upstream path."""
+
+    def __init__(self, table: RouteTable) -> None:
+        self.table = table
+
+    def on_request(self, ctx: RequestContext) -> LocalResponse | None:
+        try:
+            match = self.table.match(ctx.method, ctx.path, ctx.host)
+        except BadPath:
+            return error_response(ctx, 400, "BAD_REQUEST", "the request path is not allowed")
+        if match is None:
+            return error_response(ctx, 404, "NO_ROUTE", "no route matches this request")
+        ctx.route = match.route
+        ctx.upstream = match.route.upstream
+        ctx.upstream_path = match.upstream_path
+        return None
+
+    def on_response(self, ctx: RequestContext, head: ResponseHead) -> None:
+        pass

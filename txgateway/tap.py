@@ -1,0 +1,53 @@
+"""`twistd txgateway`: options and the service it runs.
+
+The only place that picks the real reactor; everything below takes it as an argument.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import IService, MultiService
+from twisted.python import usage
+
+from txgateway.config import ConfigError, load_config
+
+__all__ = ["Options", "makeService"]
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE | --demo]"
+    longdesc = ("Run the txgateway API gateway. --config names the YAML file (see etc/txgateway.yaml); "
+                "--demo needs nothing: it serves on 127.0.0.1:8080 with in-process demo upstreams.")
+    optParameters = [
+        ["config", "c", None, "Path to the YAML config file."],
+    ]
+    optFlags = [
+        ["demo", None, "Run the demo: gateway on 127.0.0.1:8080 with demo upstreams users, orders, search."],
+    ]
+
+    def postOptions(self) -> None:
+        if self["demo"] and self["config"]:
+            raise usage.UsageError("--demo and --config exclude each other")
+        if not self["demo"] and not self["config"]:
+            raise usage.UsageError("--config FILE is required (or --demo to try txgateway out)")
+        if self["config"]:
+            try:
+                self["loaded"] = load_config(self["config"])
+            except ConfigError as e:
+                # twistd prints UsageError text and exits non-zero before binding anything.
+                raise usage.UsageError("invalid config:\n" + str(e)) from None
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+        reactor = default_reactor
+    from txgateway.gateway import Gateway
+    if options["demo"]:
+        from txgateway.demo import demo_service
+        return demo_service(reactor)
+    top = MultiService()
+    Gateway(options["loaded"], reactor).setServiceParent(top)
+    return top
+

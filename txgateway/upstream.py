@@ -1,0 +1,288 @@
+"""Persistent connections to upstream targets, parsing responses with httptools.
+
+A `TargetPool` per target keeps idle keep-alive connections (LIFO, so the warmest is
+reused) and caps the total; requests beyond the cap wait in FIFO order. A connection goes
+back to the pool only after its response ended cleanly and both sides allow reuse.
+The pool knows nothing of clients: it talks to an `UpstreamUser` (the proxy's exchange).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Protocol
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import ClientFactory
+from twisted.internet.protocol import Protocol as TwistedProtocol
+from twisted.python.failure import Failure
+
+from txgateway.config import Target, Upstream
+
+__all__ = ["TargetPool", "UpstreamConnection", "UpstreamUser"]
+
+_RESPONSE_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding",
+                                  b"upgrade", b"content-length", b"proxy-connection",
+                                  b"proxy-authenticate", b"proxy-authorization"})
+
+
+class UpstreamUser(Protocol):
+    """The side of an exchange that the pool and the connection report to."""
+
+    def connected(self, conn: UpstreamConnection) -> None: ...
+    def connect_failed(self, reason: Failure) -> None: ...
+    def response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
+                      length: int | None) -> None: ...
+    def response_body(self, data: bytes) -> None: ...
+    def response_complete(self, reusable: bool) -> None: ...
+    def upstream_failed(self, reason: str, response_started: bool) -> None: ...
+
+
+class UpstreamConnection(TwistedProtocol):
+    """One keep-alive connection to a target, serving one exchange at a time."""
+
+    def __init__(self, pool: TargetPool, user: UpstreamUser | None, factory: Any = None) -> None:
+        self.pool = pool
+        self.user = user
+        self.factory = factory
+        self.parser = HttpResponseParser(self)
+        self.reused = False
+        self.open = False
+        self.no_body = False       # set per request: HEAD responses carry no body
+        self._reason = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._framing: dict[bytes, bytes] = {}
+        self._tokens: list[bytes] = []
+        self._interim = False
+        self._started = False      # response head delivered for the current exchange
+        self._until_close = False  # body delimited by the connection closing
+
+    def connectionMade(self) -> None:
+        self.open = True
+        user, self.user = self.user, None
+        self.pool.connection_made(self, user, self.factory)
+        self.factory = None
+
+    def send(self, user: UpstreamUser, head: bytes, no_body: bool) -> None:
+        self.user = user
+        self.no_body = no_body
+        self._started = False
+        self.transport.write(head)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.user is None:
+            # Bytes nobody asked for on an idle connection: it cannot be trusted any more.
+            self.transport.abortConnection()
+            return
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade:
+            self._fail("upstream switched protocols unexpectedly")
+        except HttpParserError as e:
+            self._fail(f"invalid response from upstream: {e}")
+            return
+        if self._started and self.no_body and self.user is not None:
+            # llhttp cannot be told that a HEAD response has no body: finish it here.
+            reusable = self._reusable()
+            self.parser = HttpResponseParser(self)
+            self._complete(reusable)
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._framing = {}
+        self._tokens = []
+        self._reason = b""
+
+    def on_status(self, status: bytes) -> None:
+        self._reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        low = name.lower()
+        if low in _RESPONSE_HOP_BY_HOP or low.startswith(b"proxy-"):
+            if low == b"connection":
+                self._tokens.extend(t.strip().lower() for t in value.split(b","))
+            self._framing[low] = value
+            return
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200:
+            self._interim = True   # 100 Continue and friends: the real response follows
+            return
+        headers = self._headers
+        if self._tokens:
+            tokens = frozenset(self._tokens)
+            headers = [(n, v) for n, v in headers if n.lower() not in tokens]
+        framing = self._framing
+        length: int | None = None
+        if b"transfer-encoding" not in framing and b"content-length" in framing:
+            length = int(framing[b"content-length"])
+        if status in (204, 304):
+            self.no_body = True
+        self._until_close = (length is None and b"transfer-encoding" not in framing and not self.no_body)
+        self._started = True
+        user = self.user
+        if user is not None:
+            user.response_head(status, self._reason, headers, length)
+
+    def on_body(self, data: bytes) -> None:
+        if self.user is not None and not self.no_body:
+            self.user.response_body(data)
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        if self.user is not None:
+            self._complete(self._reusable())
+
+    def _reusable(self) -> bool:
+        if self._until_close or b"close" in self._tokens:
+            return False
+        return self.parser.get_http_version() == "1.1" or b"keep-alive" in self._tokens
+
+    def _complete(self, reusable: bool) -> None:
+        user, self.user = self.user, None
+        self._started = False
+        if user is not None:
+            user.response_complete(reusable and self.open)
+
+    def _fail(self, reason: str) -> None:
+        user, self.user = self.user, None
+        self.transport.abortConnection()
+        if user is not None:
+            user.upstream_failed(reason, self._started)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self.open = False
+        self.pool.connection_lost(self)
+        if self.user is None:
+            return
+        if self._started and self._until_close and reason.check(ConnectionDone):
+            self._complete(False)
+        else:
+            user, self.user = self.user, None
+            user.upstream_failed("upstream closed the connection" if reason.check(ConnectionDone)
+                                 else "upstream connection reset", self._started)
+
+    def close(self) -> None:
+        self.user = None
+        if self.open:
+            self.transport.abortConnection()
+
+
+class _ConnectFactory(ClientFactory):
+    noisy = False
+
+    def __init__(self, pool: TargetPool, user: UpstreamUser) -> None:
+        self.pool = pool
+        self.user: UpstreamUser | None = user
+
+    def buildProtocol(self, addr: Any) -> UpstreamConnection:
+        user, self.user = self.user, None
+        return UpstreamConnection(self.pool, user, self)
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.pool.connect_failed(self, reason)
+
+
+class TargetPool:
+    """Connections to one target: idle ones kept, total bounded, waiters queued."""
+
+    def __init__(self, reactor: Any, target: Target, upstream: Upstream) -> None:
+        self.reactor = reactor
+        self.target = target
+        self.max_connections = upstream.max_connections
+        self.connect_timeout = upstream.connect_timeout
+        self.idle: list[UpstreamConnection] = []
+        self.total = 0
+        self.waiting: deque[UpstreamUser] = deque()
+        self._pending: dict[_ConnectFactory, Any] = {}
+
+    def acquire(self, user: UpstreamUser) -> None:
+        """Hand `user` a connection now or later (`connected` / `connect_failed`)."""
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if conn.open:
+                conn.reused = True
+                user.connected(conn)
+                return
+        if self.total < self.max_connections:
+            self._connect(user)
+        else:
+            self.waiting.append(user)
+
+    def forget(self, user: UpstreamUser) -> None:
+        """`user` no longer wants a connection (cancelled or timed out)."""
+        try:
+            self.waiting.remove(user)
+        except ValueError:
+            pass
+        for factory, connector in list(self._pending.items()):
+            if factory.user is user:
+                factory.user = None
+                del self._pending[factory]
+                self.total -= 1
+                connector.disconnect()
+
+    def connect_new(self, user: UpstreamUser) -> None:
+        """A fresh connection for `user`, bypassing idle ones (retry after a stale one)."""
+        if self.total < self.max_connections:
+            self._connect(user)
+        else:
+            self.waiting.appendleft(user)
+
+    def _connect(self, user: UpstreamUser) -> None:
+        self.total += 1
+        factory = _ConnectFactory(self, user)
+        # The gateway's own sweep enforces connect_timeout; this is only a backstop.
+        self._pending[factory] = self.reactor.connectTCP(self.target.host, self.target.port, factory,
+                                                         timeout=self.connect_timeout + 30)
+
+    def connection_made(self, conn: UpstreamConnection, user: UpstreamUser | None, factory: Any) -> None:
+        self._pending.pop(factory, None)
+        if user is None:
+            self.release(conn, True)
+        else:
+            user.connected(conn)
+
+    def connect_failed(self, factory: _ConnectFactory, reason: Failure) -> None:
+        if self._pending.pop(factory, None) is None:
+            return
+        self.total -= 1
+        user, factory.user = factory.user, None
+        if user is not None:
+            user.connect_failed(reason)
+        self._serve_waiting()
+
+    def release(self, conn: UpstreamConnection, reusable: bool) -> None:
+        """The exchange is over: keep the connection for the next request, or drop it."""
+        if not (reusable and conn.open):
+            conn.close()
+            return
+        conn.user = None
+        conn.transport.resumeProducing()
+        if self.waiting:
+            conn.reused = True
+            self.waiting.popleft().connected(conn)
+        else:
+            self.idle.append(conn)
+
+    def connection_lost(self, conn: UpstreamConnection) -> None:
+        self.total -= 1
+        if conn in self.idle:
+            self.idle.remove(conn)
+        self._serve_waiting()
+
+    def _serve_waiting(self) -> None:
+        while self.waiting and self.total < self.max_connections:
+            self._connect(self.waiting.popleft())
+
+    def close(self) -> None:
+        for conn in list(self.idle):
+            conn.close()
+        for connector in self._pending.values():
+            connector.disconnect()
+        self._pending.clear()
