@@ -1,0 +1,260 @@
+"""Shared fixtures: a real gateway in the test reactor, real upstreams, raw-socket clients."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import socket
+import textwrap
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pytest
+import pytest_twisted
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.threads import deferToThread
+from twisted.web.server import Site
+
+from txgateway.config import parse_config
+from txgateway.demo import EchoResource
+from txgateway.gateway import Gateway
+
+TIMEOUT = 10.0
+
+
+@pytest.fixture
+def reactor() -> Any:
+    from twisted.internet import reactor as r
+    return r
+
+
+@dataclass
+class Upstream:
+    port: int
+    listening: Any
+    requests: list[Any] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+async def listen(reactor: Any, factory: Any) -> Any:
+    return await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
+
+
+class RecordingEcho(EchoResource):
+    """The demo echo upstream, also recording each request for assertions."""
+
+    def __init__(self, name: str, seen: list[Any]) -> None:
+        super().__init__(name)
+        self.seen = seen
+
+    def render(self, request: Any) -> bytes:
+        self.seen.append(request)
+        return super().render(request)
+
+
+@pytest_twisted.async_yield_fixture()
+async def echo(reactor: Any) -> Any:
+    """A real HTTP upstream (twisted.web) answering JSON about what it received."""
+    seen: list[Any] = []
+    site = Site(RecordingEcho("echo", seen))
+    site.log = lambda request: None
+    port = await listen(reactor, site)
+    yield Upstream(port.getHost().port, port, seen)
+    await port.stopListening()
+
+
+class RawServer(Protocol):
+    """An upstream scripted by a function of the bytes received (faults, odd framing)."""
+
+    def __init__(self, script: Callable[[RawServer, bytes], None], log: list[bytes]) -> None:
+        self.script = script
+        self.log = log
+        self.buffer = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        self.log.append(data)
+        self.script(self, data)
+
+
+@pytest_twisted.async_yield_fixture()
+async def raw_upstream(reactor: Any) -> Any:
+    """Factory fixture: `await raw_upstream(script)` -> Upstream with `requests` = bytes seen."""
+    ports: list[Any] = []
+
+    async def start(script: Callable[[RawServer, bytes], None]) -> Upstream:
+        log: list[bytes] = []
+        port = await listen(reactor, Factory.forProtocol(lambda: RawServer(script, log)))
+        ports.append(port)
+        return Upstream(port.getHost().port, port, log)  # type: ignore[arg-type]
+
+    yield start
+    for port in ports:
+        await port.stopListening()
+
+
+def free_port() -> int:
+    """A port with nothing listening (connections are refused)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@dataclass
+class RunningGateway:
+    gateway: Gateway
+    port: int
+    clock: Clock | None
+    log: list[dict[str, Any]]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+class _ListWriter:
+    """Access-log observer capturing records for assertions."""
+
+    def __init__(self, records: list[dict[str, Any]]) -> None:
+        self.records = records
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if "access" in event:
+            self.records.append(event["access"])
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+@pytest_twisted.async_yield_fixture()
+async def gateway(reactor: Any) -> Any:
+    """Factory fixture: `await gateway(yaml_text, clock=None)` -> RunningGateway on a free port."""
+    started: list[Gateway] = []
+
+    async def start(yaml_text: str, clock: Clock | None = None) -> RunningGateway:
+        text = textwrap.dedent(yaml_text)
+        if "listen:" not in text:
+            text = 'listen: [{endpoint: "tcp:0:interface=127.0.0.1"}]\naccess_log: "off"\n' + text
+        config = parse_config(text, "test.yaml")
+        gw = Gateway(config, reactor, clock)
+        records: list[dict[str, Any]] = []
+        from txgateway.accesslog import AccessLog
+        writer = _ListWriter(records)
+        gw.pipeline.access_log = AccessLog(writer)  # type: ignore[arg-type]
+        gw.startService()
+        started.append(gw)
+        port = await gw.listeners[0]._waitingForPort
+        return RunningGateway(gw, port.getHost().port, clock, records)
+
+    yield start
+    for gw in started:
+        gw.config = dataclasses.replace(gw.config, drain_timeout=0.0)
+        await gw.stopService()
+
+
+def raw_request(port: int, data: bytes | list[bytes], read_timeout: float = 3.0,
+                pause: float = 0.0, half_close: bool = False) -> bytes:
+    """Send raw bytes (optionally in pieces) and read until the server closes or goes quiet."""
+    import time
+    with socket.create_connection(("127.0.0.1", port), timeout=read_timeout) as s:
+        pieces = data if isinstance(data, list) else [data]
+        for piece in pieces:
+            s.sendall(piece)
+            if pause:
+                time.sleep(pause)
+        if half_close:
+            s.shutdown(socket.SHUT_WR)
+        chunks = []
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        except socket.timeout:
+            pass
+        except ConnectionResetError:
+            chunks.append(b"<RESET>")
+        return b"".join(chunks)
+
+
+async def raw(port: int, data: bytes | list[bytes], **kw: Any) -> bytes:
+    """`raw_request` in a thread, so the reactor keeps running meanwhile."""
+    return await deferToThread(raw_request, port, data, **kw)
+
+
+@dataclass
+class Response:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        for k, v in self.headers:
+            if k.lower() == name.lower():
+                return v
+        return None
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def parse_responses(data: bytes) -> list[Response]:
+    """Split raw bytes into HTTP/1.1 responses (Content-Length or chunked framing)."""
+    out = []
+    while data.startswith(b"HTTP/"):
+        head, _, rest = data.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split()[1])
+        headers = [tuple(x.strip() for x in line.decode("latin-1").split(":", 1)) for line in lines[1:]]
+        resp = Response(status, headers, b"")  # type: ignore[arg-type]
+        length = resp.header("content-length")
+        if status == 100:
+            data = rest
+            continue
+        if length is not None:
+            resp.body, data = rest[:int(length)], rest[int(length):]
+        elif (resp.header("transfer-encoding") or "").lower() == "chunked":
+            body = b""
+            while True:
+                size_line, _, rest = rest.partition(b"\r\n")
+                size = int(size_line, 16)
+                if size == 0:
+                    rest = rest.partition(b"\r\n")[2]
+                    break
+                body += rest[:size]
+                rest = rest[size + 2:]
+            resp.body, data = body, rest
+        else:
+            resp.body, data = rest, b""
+        out.append(resp)
+    return out
+
+
+def assert_envelope(resp: Response, status: int, code: str) -> dict[str, Any]:
+    """The SPEC's error envelope, exactly."""
+    assert resp.status == status, (resp.status, resp.body)
+    assert resp.header("content-type") == "application/json"
+    body = resp.json()
+    assert set(body) == {"error"}
+    err = body["error"]
+    assert err["code"] == code and err["status"] == status
+    assert err["correlation_id"] == resp.header("x-correlation-id")
+    assert isinstance(err["message"], str) and err["message"]
+    return err
+
+
+def simple_config(upstream_url: str, extra_route: str = "", upstream_extra: str = "", top: str = "") -> str:
+    return textwrap.dedent(top) + textwrap.dedent(f"""
+    upstreams:
+      users: {{targets: ["{upstream_url}"], connect_timeout: 1s, timeout: 2s{upstream_extra}}}
+    routes:
+      - {{prefix: /api/users, upstream: users, rewrite_prefix: /users}}
+    """) + extra_route
