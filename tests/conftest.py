@@ -135,8 +135,18 @@ class _ListWriter:
 
 @pytest_twisted.async_yield_fixture()
 async def gateway(reactor: Any) -> Any:
-    """Factory fixture: `await gateway(yaml_text, clock=None)` -> RunningGateway on a free port."""
+    """Factory fixture: `await gateway(yaml_text, clock=None)` -> RunningGateway on a free port.
+
+    Any traceback the gateway logs during the test fails it: bad input must never crash.
+    """
+    from twisted.logger import globalLogPublisher
     started: list[Gateway] = []
+    crashes: list[dict[str, Any]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if "log_failure" in event and str(event.get("log_namespace", "")).startswith("txgateway"):
+            crashes.append(event)
+    globalLogPublisher.addObserver(observe)
 
     async def start(yaml_text: str, clock: Clock | None = None) -> RunningGateway:
         text = textwrap.dedent(yaml_text)
@@ -157,6 +167,8 @@ async def gateway(reactor: Any) -> Any:
     for gw in started:
         gw.config = dataclasses.replace(gw.config, drain_timeout=0.0)
         await gw.stopService()
+    globalLogPublisher.removeObserver(observe)
+    assert not crashes, [e["log_failure"].getTraceback() for e in crashes]
 
 
 def raw_request(port: int, data: bytes | list[bytes], read_timeout: float = 3.0,

@@ -12,9 +12,10 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
+from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from txgateway.config import Limits
 from txgateway.pipeline import Pipeline, RequestContext, ResponseHead
@@ -133,9 +134,15 @@ class HTTP1Connection(Protocol):
         except _Reject as reject:
             self._reject(reject)
             return
+        except HttpParserCallbackError as e:
+            cause = e.__context__
+            if not isinstance(cause, _Reject):
+                _log.failure("bug while handling a request", Failure(cause))
+                cause = _Reject(500, "INTERNAL_ERROR", "the gateway failed to handle the request")
+            self._reject(cause)
+            return
         except HttpParserError as e:
-            cause = e.__context__ if isinstance(e.__context__, _Reject) else None
-            self._reject(cause or _Reject(400, "BAD_REQUEST", f"malformed HTTP request: {e}"))
+            self._reject(_Reject(400, "BAD_REQUEST", f"malformed HTTP request: {e}"))
             return
         if self._parsing is not None and self._header_bytes >= 0:
             self._raw_header_bytes += len(data)

@@ -11,16 +11,18 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Protocol
 
-from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
+from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpResponseParser
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import ClientFactory
 from twisted.internet.protocol import Protocol as TwistedProtocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txgateway.config import Target, Upstream
 
 __all__ = ["TargetPool", "UpstreamConnection", "UpstreamUser"]
 
+_log = Logger(namespace="txgateway.upstream")
 _RESPONSE_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding",
                                   b"upgrade", b"content-length", b"proxy-connection",
                                   b"proxy-authenticate", b"proxy-authorization"})
@@ -78,6 +80,11 @@ class UpstreamConnection(TwistedProtocol):
             self.parser.feed_data(data)
         except HttpParserUpgrade:
             self._fail("upstream switched protocols unexpectedly")
+        except HttpParserCallbackError as e:
+            # Our own code raised inside a parser callback: a bug, not a bad upstream.
+            _log.failure("bug while relaying a response", Failure(e.__context__))
+            self._fail("gateway error while relaying the response")
+            return
         except HttpParserError as e:
             self._fail(f"invalid response from upstream: {e}")
             return
