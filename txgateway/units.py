@@ -19,8 +19,8 @@ _WINDOW_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 
 
 def parse_duration(text: str) -> float:
-    """'250ms', '5s', '1m', '2h', '1d' -> seconds."""
-    match = _DURATION.match(text.strip())
+    """'250ms', '5s', '1m', '2h', '1d' -> seconds. A bare number has no unit and is refused."""
+    match = _DURATION.match(str(text).strip())
     if not match:
         raise ValueError(f'expected a duration like "250ms", "5s" or "1m", got "{text}"')
     return float(match.group(1)) * _DURATION_SECONDS[match.group(2)]
@@ -44,12 +44,12 @@ class Rate:
 
     @classmethod
     def parse(cls, text: str) -> Rate:
-        match = _RATE.match(text.strip())
+        match = _RATE.match(str(text).strip())
         if not match:
             raise ValueError(f'expected "N/second|minute|hour|day", got "{text}"')
         count = int(match.group(1))
         if count <= 0:
-            raise ValueError(f'expected a rate above zero, got "{text}"')
+            raise ValueError(f'expected "N/second|minute|hour|day" with N above zero, got "{text}"')
         return cls(count, _WINDOW_SECONDS[match.group(2)], text.strip())
 
     @property
