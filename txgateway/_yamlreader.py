@@ -85,7 +85,9 @@ class Reader:
         seen: set[str] = set()
         out = []
         for key_node, value_node in node.value:
-            key = self.string(key_node, path)
+            key = self.attempt(lambda: self.string(key_node, path), None)
+            if key is None:
+                continue
             if key in seen:
                 self.fail(key_node, _join(path, key), "duplicate key")
                 continue
@@ -102,7 +104,12 @@ class Reader:
     def scalar(self, node: yaml.Node, path: str) -> Any:
         if not isinstance(node, yaml.ScalarNode):
             raise self.fail(node, path, f"expected a single value, got {_kind(node)}")
-        return yaml.constructor.SafeConstructor().construct_object(node)
+        try:
+            return yaml.constructor.SafeConstructor().construct_object(node)
+        except yaml.MarkedYAMLError as e:  # unknown tag (!foo), bad !!binary...
+            raise self.fail(node, path, f"invalid value: {e.problem}") from None
+        except ValueError as e:  # a timestamp-shaped value that is no date (2024-13-45)
+            raise self.fail(node, path, f"invalid value {node.value!r}: {e}") from None
 
     def string(self, node: yaml.Node, path: str) -> str:
         value = self.scalar(node, path)

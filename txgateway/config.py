@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from txgateway._yamlreader import ConfigError, ConfigProblem, Reader, compose
+from txgateway._yamlreader import ConfigError, ConfigProblem, Reader, _Invalid, compose
 from txgateway.units import parse_duration, parse_size
 
 __all__ = [
@@ -28,6 +28,7 @@ _NOT_YET = "not supported yet in this version of txgateway; remove it or upgrade
 _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _HEADER_GLOB = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _METHOD = re.compile(r"^[A-Z]+$")
+_HOST = re.compile(r"^(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*$|^\[[0-9a-f:.]+\]$")
 _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 DEFAULT_SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
@@ -58,7 +59,8 @@ class Target:
 
     @property
     def netloc(self) -> bytes:
-        return f"{self.host}:{self.port}".encode()
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}".encode()
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,9 @@ def _config(r: Reader, root: yaml.Node) -> Config:
             r.fail(root, key, "missing (required)")
     listen = r.attempt(lambda: _listeners(r, top["listen"]), ()) if "listen" in top else ()
     upstreams = r.attempt(lambda: _upstreams(r, top["upstreams"]), {}) if "upstreams" in top else {}
-    routes = r.attempt(lambda: _routes(r, top["routes"], upstreams), ()) if "routes" in top else ()
+    declared = ({k.value for k, _ in top["upstreams"].value if isinstance(k, yaml.ScalarNode)}
+                if isinstance(top.get("upstreams"), yaml.MappingNode) else set())
+    routes = r.attempt(lambda: _routes(r, top["routes"], upstreams, declared), ()) if "routes" in top else ()
     limits = r.attempt(lambda: _limits(r, top["limits"]), Limits()) if "limits" in top else Limits()
     proxies = r.attempt(lambda: _networks(r, top["trusted_proxies"], "trusted_proxies"), ()) if "trusted_proxies" in top else ()
     access_log = r.attempt(lambda: r.string(top["access_log"], "access_log"), "-") if "access_log" in top else "-"
@@ -159,6 +163,7 @@ def _config(r: Reader, root: yaml.Node) -> Config:
 
 def _listeners(r: Reader, node: yaml.Node) -> tuple[Listener, ...]:
     out = []
+    before = len(r.problems)
     for path, item in r.sequence(node, "listen"):
         fields = r.attempt(lambda: r.mapping(item, path, {"endpoint": "", "tls": ""}), None)
         if fields is None:
@@ -171,7 +176,7 @@ def _listeners(r: Reader, node: yaml.Node) -> tuple[Listener, ...]:
         endpoint = r.attempt(lambda: r.string(fields["endpoint"], f"{path}.endpoint"), None)
         if endpoint is not None:
             out.append(Listener(endpoint))
-    if not out and not r.problems:
+    if not out and len(r.problems) == before:
         raise r.fail(node, "listen", "expected at least one listener")
     return tuple(out)
 
@@ -228,13 +233,19 @@ def _upstream(r: Reader, name: str, node: yaml.Node) -> Upstream:
     if "retries" in fields and r.attempt(lambda: r.integer(fields["retries"], f"{path}.retries"), 0) > 0:
         r.fail(fields["retries"], f"{path}.retries", _NOT_YET)
     if "balance" in fields:
-        r.attempt(lambda: r.choice(fields["balance"], f"{path}.balance", ("round_robin",)), None)
+        policy = r.attempt(lambda: r.choice(fields["balance"], f"{path}.balance",
+                                            ("round_robin", "least_request", "random")), None)
+        if policy not in (None, "round_robin"):
+            r.fail(fields["balance"], f"{path}.balance", f"{policy} is {_NOT_YET}")
+    targets: tuple[Target, ...] = ()
     if "targets" not in fields:
-        raise r.fail(node, f"{path}.targets", "missing (required)")
-    targets = tuple(t for t in (r.attempt(lambda: _target(r, p, n), None)
-                                for p, n in r.sequence(fields["targets"], f"{path}.targets")) if t)
-    if not targets:
-        raise r.fail(fields["targets"], f"{path}.targets", "expected at least one target URL")
+        r.fail(node, f"{path}.targets", "missing (required)")
+    else:
+        before = len(r.problems)
+        items: list[tuple[str, yaml.Node]] = r.attempt(lambda: list(r.sequence(fields["targets"], f"{path}.targets")), [])
+        targets = tuple(t for t in (r.attempt(lambda: _target(r, p, n), None) for p, n in items) if t)
+        if not targets and len(r.problems) == before:
+            r.fail(fields["targets"], f"{path}.targets", "expected at least one target URL")
     values: dict[str, Any] = {}
     for key in ("connect_timeout", "timeout"):
         if key in fields:
@@ -243,6 +254,8 @@ def _upstream(r: Reader, name: str, node: yaml.Node) -> Upstream:
         values["max_connections"] = r.attempt(lambda: r.integer(fields["max_connections"], f"{path}.max_connections", 1), 1024)
     if "preserve_host" in fields:
         values["preserve_host"] = r.attempt(lambda: r.boolean(fields["preserve_host"], f"{path}.preserve_host"), False)
+    if not targets:
+        raise _Invalid()
     return Upstream(name=name, targets=targets, **values)
 
 
@@ -255,9 +268,10 @@ def _target(r: Reader, path: str, node: yaml.Node) -> Target:
         port = parts.port
     except ValueError:
         port = -1
-    if parts.scheme != "http" or not parts.hostname or port == -1 or parts.path not in ("", "/") or parts.query:
+    if (parts.scheme != "http" or not parts.hostname or port in (-1, 0) or parts.path not in ("", "/")
+            or parts.query or parts.fragment):
         raise r.fail(node, path, f'expected a URL like "http://10.0.0.11:3001", got "{url}"')
-    return Target(url=url, host=parts.hostname, port=port or 80)
+    return Target(url=url, host=parts.hostname, port=80 if port is None else port)
 
 
 _ROUTE_KEYS = {
@@ -267,11 +281,11 @@ _ROUTE_KEYS = {
 }
 
 
-def _routes(r: Reader, node: yaml.Node, upstreams: dict[str, Upstream]) -> tuple[Route, ...]:
+def _routes(r: Reader, node: yaml.Node, upstreams: dict[str, Upstream], declared: set[str]) -> tuple[Route, ...]:
     out: list[Route] = []
     seen: dict[tuple[str, str | None, frozenset[bytes] | None], str] = {}
     for path, item in r.sequence(node, "routes"):
-        route = r.attempt(lambda: _route(r, path, item, upstreams, len(out)), None)
+        route = r.attempt(lambda: _route(r, path, item, upstreams, declared, len(out)), None)
         if route is None:
             continue
         key = (route.prefix, route.host, route.methods)
@@ -283,8 +297,10 @@ def _routes(r: Reader, node: yaml.Node, upstreams: dict[str, Upstream]) -> tuple
     return tuple(out)
 
 
-def _route(r: Reader, path: str, node: yaml.Node, upstreams: dict[str, Upstream], index: int) -> Route:
+def _route(r: Reader, path: str, node: yaml.Node, upstreams: dict[str, Upstream], declared: set[str],
+           index: int) -> Route:
     fields = r.mapping(node, path, _ROUTE_KEYS)
+    before = len(r.problems)
     for key in ("rate_limit", "cache", "roles"):
         if key in fields:
             r.fail(fields[key], f"{path}.{key}", _NOT_YET)
@@ -293,32 +309,44 @@ def _route(r: Reader, path: str, node: yaml.Node, upstreams: dict[str, Upstream]
     for key in ("prefix", "upstream"):
         if key not in fields:
             r.fail(node, f"{path}.{key}", "missing (required)")
-    if "prefix" not in fields or "upstream" not in fields:
-        raise r.fail(node, path, "incomplete route")
-    prefix = _path_prefix(r, fields["prefix"], f"{path}.prefix")
-    upstream = r.string(fields["upstream"], f"{path}.upstream")
-    if upstream not in upstreams:
-        known = ", ".join(sorted(upstreams)) or "none defined"
-        raise r.fail(fields["upstream"], f"{path}.upstream", f'no upstream named "{upstream}" (defined: {known})')
+    prefix = r.attempt(lambda: _path_prefix(r, fields["prefix"], f"{path}.prefix"), None) if "prefix" in fields else None
+    upstream = r.attempt(lambda: r.string(fields["upstream"], f"{path}.upstream"), None) if "upstream" in fields else None
+    if upstream is not None and upstream not in upstreams and upstream not in declared:
+        known = ", ".join(sorted(declared)) or "none defined"
+        r.fail(fields["upstream"], f"{path}.upstream", f'no upstream named "{upstream}" (defined: {known})')
     values: dict[str, Any] = {}
     if "rewrite_prefix" in fields:
-        values["rewrite_prefix"] = _path_prefix(r, fields["rewrite_prefix"], f"{path}.rewrite_prefix")
+        values["rewrite_prefix"] = r.attempt(lambda: _path_prefix(r, fields["rewrite_prefix"], f"{path}.rewrite_prefix"), None)
     if "methods" in fields:
-        methods = []
-        for item_path, item in r.sequence(fields["methods"], f"{path}.methods"):
-            method = r.string(item, item_path)
-            if not _METHOD.match(method):
-                raise r.fail(item, item_path, f'expected an upper-case HTTP method like "GET", got "{method}"')
-            methods.append(method.encode())
-        values["methods"] = frozenset(methods)
+        values["methods"] = r.attempt(lambda: _methods(r, fields["methods"], f"{path}.methods"), None)
     if "host" in fields:
-        values["host"] = r.string(fields["host"], f"{path}.host").lower()
+        values["host"] = r.attempt(lambda: _host(r, fields["host"], f"{path}.host"), None)
     for key in ("request_headers", "response_headers"):
         if key in fields:
             values[key] = r.attempt(lambda: _header_rules(r, fields[key], f"{path}.{key}"), HeaderRules())
     if "security_headers" in fields:
-        values["security_headers"] = _security_headers(r, fields["security_headers"], f"{path}.security_headers")
+        values["security_headers"] = r.attempt(
+            lambda: _security_headers(r, fields["security_headers"], f"{path}.security_headers"), None)
+    if len(r.problems) != before or prefix is None or upstream not in upstreams:
+        raise _Invalid()  # every problem is recorded already (an invalid upstream reports its own)
     return Route(prefix=prefix, upstream=upstream, index=index, **values)
+
+
+def _methods(r: Reader, node: yaml.Node, path: str) -> frozenset[bytes]:
+    methods = []
+    for item_path, item in r.sequence(node, path):
+        method = r.string(item, item_path)
+        if not _METHOD.match(method):
+            raise r.fail(item, item_path, f'expected an upper-case HTTP method like "GET", got "{method}"')
+        methods.append(method.encode())
+    return frozenset(methods)
+
+
+def _host(r: Reader, node: yaml.Node, path: str) -> str:
+    host = r.string(node, path).lower()
+    if not _HOST.match(host):
+        raise r.fail(node, path, f'expected a host name like "api.example.com" or "*.example.com", got "{host}"')
+    return host
 
 
 def _path_prefix(r: Reader, node: yaml.Node, path: str) -> str:
@@ -340,21 +368,27 @@ def _header_value(r: Reader, node: yaml.Node, path: str) -> bytes:
     text = value if isinstance(value, str) else ("" if value is None else str(value).lower() if isinstance(value, bool) else str(value))
     if _BAD_VALUE.search(text):
         raise r.fail(node, path, "header values must not contain control characters (CR, LF, NUL...)")
-    return text.encode("latin-1", "replace")
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        raise r.fail(node, path, f'header values must be Latin-1 text, got "{text}"') from None
 
 
 def _header_rules(r: Reader, node: yaml.Node, path: str) -> HeaderRules:
     fields = r.mapping(node, path, {"set": "", "add": "", "remove": ""})
     pairs: dict[str, tuple[tuple[bytes, bytes], ...]] = {}
+    before = len(r.problems)
     for key in ("set", "add"):
         if key in fields:
-            pairs[key] = tuple(
+            pairs[key] = r.attempt(lambda: tuple(
                 (_header_name(r, k, f"{path}.{key}.{name}"), _header_value(r, v, f"{path}.{key}.{name}"))
-                for name, k, v in r.free_mapping(fields[key], f"{path}.{key}"))
+                for name, k, v in r.free_mapping(fields[key], f"{path}.{key}")), ())
     remove: tuple[bytes, ...] = ()
     if "remove" in fields:
-        remove = tuple(_header_name(r, item, item_path, glob=True).lower()
-                       for item_path, item in r.sequence(fields["remove"], f"{path}.remove"))
+        remove = r.attempt(lambda: tuple(_header_name(r, item, item_path, glob=True).lower()
+                                         for item_path, item in r.sequence(fields["remove"], f"{path}.remove")), ())
+    if len(r.problems) != before:
+        raise _Invalid()
     return HeaderRules(set=pairs.get("set", ()), add=pairs.get("add", ()), remove=remove)
 
 
