@@ -45,6 +45,15 @@ def normalize_path(path: bytes) -> bytes:
     return result
 
 
+def _drop_single_dots(path: bytes) -> bytes:
+    """`path` without its `.` segments, `..` left in place: the route the raw path names."""
+    segments = path.split(b"/")
+    kept = [s for s in segments[1:] if s.replace(b"%2e", b".").replace(b"%2E", b".") != b"."]
+    if len(kept) < len(segments) - 1 and segments[-1].replace(b"%2e", b".").replace(b"%2E", b".") == b".":
+        kept.append(b"")
+    return b"/" + b"/".join(kept)
+
+
 @dataclass(frozen=True)
 class Match:
     route: Route
@@ -70,7 +79,8 @@ class RouteTable:
         """The route for this request, or None (404). Raises BadPath on traversal."""
         clean = normalize_path(path)
         route = self._lookup(method, clean, host)
-        if clean != path and route is not self._lookup(method, path, host):
+        # Only `..` can leave a route; `.` segments (`/api/./users/7`) are harmless.
+        if clean != path and route is not self._lookup(method, _drop_single_dots(path), host):
             raise BadPath("path escapes its route prefix")
         if route is None:
             return None
@@ -103,7 +113,8 @@ class RouteTable:
 def _host_matches(pattern: str, host: bytes | None) -> bool:
     if host is None:
         return False
-    name = host.split(b":", 1)[0].decode("latin-1").lower() if not host.startswith(b"[") else host.decode("latin-1").lower()
+    # Drop the port: "api.example.com:8080" -> "api.example.com", "[::1]:8080" -> "[::1]".
+    name = (host.partition(b"]")[0] + b"]" if host.startswith(b"[") else host.split(b":", 1)[0]).decode("latin-1").lower()
     if pattern.startswith("*."):
         return name.endswith(pattern[1:]) and len(name) > len(pattern) - 1
     return name == pattern
