@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# txgateway benchmark (`make bench`). See bench/README.md.
+#
+#   bench/run.sh                  # scenario "proxy": wrk direct vs through txgateway
+#   bench/run.sh stream           # 1 GiB response through txgateway to a slow reader
+#   bench/run.sh all              # proxy, then stream
+#   bench/run.sh proxy --anchors  # ... then the shared peer harness with txgateway as a row
+#   bench/run.sh anchors          # only the shared peer harness with txgateway as a row
+#
+# Knobs (environment): DURATION=10 RUNS=3 WARMUP=2 CONNS="32 256" WRK_THREADS=1
+#   CLIENT_CPU=0 GATEWAY_CPU=1 UPSTREAM_PORT=19001 GATEWAY_PORT=19080 QUIET_WAIT=20
+#   STREAM_SIZE=1G STREAM_RATES="100 0" (MiB/s the stream client reads at; 0 = unpaced)
+#   ANCHORS_DIR=/tmp/anchors ANCHORS_ONLY=direct,fastify-plain,fastify-seed,twisted-agent,nginx-1w
+#   SHARED_BENCH=../shared/bench (the peer harness to copy)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+VENV="${VENV:-$ROOT/.venv}"
+export TWISTD="${TWISTD:-$VENV/bin/twistd}"
+CLIENT_CPU="${CLIENT_CPU:-0}"
+GATEWAY_CPU="${GATEWAY_CPU:-1}"
+export CLIENT_CPU GATEWAY_CPU
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+SCENARIOS=()
+ANCHORS=0
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    proxy|stream) SCENARIOS+=("$1") ;;
+    all) SCENARIOS+=(proxy stream) ;;
+    anchors) ANCHORS=2 ;;
+    --anchors) ANCHORS=1 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    *) die "unknown argument: $1 (proxy, stream, all, anchors, --anchors)" ;;
+  esac
+  shift
+done
+[[ ${#SCENARIOS[@]} -gt 0 || $ANCHORS == 2 ]] || SCENARIOS=(proxy)
+
+# -- what the bench needs ---------------------------------------------------------------
+need=()
+command -v wrk >/dev/null || need+=(wrk)
+command -v nginx >/dev/null || need+=(nginx)
+command -v taskset >/dev/null || need+=(util-linux)
+command -v ps >/dev/null || need+=(procps)
+command -v curl >/dev/null || need+=(curl)
+command -v ss >/dev/null || need+=(iproute2)
+if [[ ${#need[@]} -gt 0 ]]; then
+  log "apt-get install -y ${need[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null 2>&1 || {
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null; }
+fi
+if [[ ! -x "$TWISTD" ]]; then
+  log "no $TWISTD: make install"
+  make -s install
+fi
+[[ "$(nproc --all)" -ge 2 ]] || die "needs at least 2 CPUs (gateway on CPU $GATEWAY_CPU, load on CPU $CLIENT_CPU)"
+
+# This script, bench.py, wrk and the clients share the load generator's CPU.
+taskset -cp "$CLIENT_CPU" $$ >/dev/null
+
+rc=0
+if [[ ${#SCENARIOS[@]} -gt 0 ]]; then
+  "$VENV/bin/python" "$ROOT/bench/bench.py" "${SCENARIOS[@]}" || rc=$?
+fi
+
+# -- the shared peer harness, with txgateway added as one row --------------------------
+if [[ $ANCHORS != 0 ]]; then
+  SHARED_BENCH="${SHARED_BENCH:-$ROOT/../shared/bench}"
+  ANCHORS_DIR="${ANCHORS_DIR:-/tmp/anchors}"
+  ANCHORS_ONLY="${ANCHORS_ONLY:-direct,fastify-plain,fastify-seed,twisted-agent,nginx-1w}"
+  if [[ ! -x "$ANCHORS_DIR/run_anchors.sh" ]]; then
+    [[ -d "$SHARED_BENCH" ]] || die "no peer harness at $SHARED_BENCH (set SHARED_BENCH)"
+    log "copying $SHARED_BENCH to $ANCHORS_DIR"
+    cp -r "$SHARED_BENCH" "$ANCHORS_DIR"
+    chmod -R u+w "$ANCHORS_DIR"   # the shared folder may be read-only; the harness writes into its copy
+  fi
+  # The harness's own knobs (RUNS, DURATION, CONNS, WARMUP...) are read from the environment.
+  log "peer harness: $ANCHORS_DIR/run_anchors.sh --only $ANCHORS_ONLY --add txgw (bench/anchors-gateway.yaml)"
+  "$ANCHORS_DIR/run_anchors.sh" --only "$ANCHORS_ONLY" \
+    --add "txgw|9200|/api/users/1|none|gw|$TWISTD -n --pidfile= txgateway --config $ROOT/bench/anchors-gateway.yaml" \
+    || rc=$?
+fi
+exit $rc
