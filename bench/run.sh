@@ -33,7 +33,7 @@ while [[ $# -gt 0 ]]; do
     all) SCENARIOS+=(proxy stream) ;;
     anchors) ANCHORS=2 ;;
     --anchors) ANCHORS=1 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) die "unknown argument: $1 (proxy, stream, all, anchors, --anchors)" ;;
   esac
   shift
