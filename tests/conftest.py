@@ -157,7 +157,7 @@ async def gateway(reactor: Any) -> Any:
         records: list[dict[str, Any]] = []
         from txgateway.accesslog import AccessLog
         writer = _ListWriter(records)
-        gw.pipeline.access_log = AccessLog(writer)  # type: ignore[arg-type]
+        gw.pipeline.access_log = AccessLog(writer)
         gw.startService()
         started.append(gw)
         port = await gw.listeners[0]._waitingForPort

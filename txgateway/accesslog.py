@@ -13,7 +13,7 @@ import time
 from typing import IO, Any
 
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+from twisted.logger import LogLevel
 
 __all__ = ["AccessLog", "JsonLinesWriter"]
 
@@ -59,19 +59,36 @@ class JsonLinesWriter:
 
 
 class AccessLog:
-    """Turns a finished RequestContext into the SPEC's access-log record."""
+    """Turns a finished RequestContext into the SPEC's access-log record.
 
-    def __init__(self, writer: JsonLinesWriter | None) -> None:
-        self.writer = writer
-        self._log = Logger(namespace="txgateway.access", observer=writer) if writer is not None else None
+    Each record is a twisted.logger event (namespace `txgateway.access`, level info, the
+    record under `access`) handed straight to the observer: `Logger.emit`'s generic checks
+    cost more than the rest of the log line at tens of thousands of requests per second.
+    """
+
+    namespace = "txgateway.access"
+
+    def __init__(self, observer: Any | None) -> None:
+        self.observer = observer
+        self._second = -1
+        self._stamp = ""
+
+    def _timestamp(self, wall: float) -> str:
+        second = int(wall)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._stamp}.{int((wall - second) * 1000):03d}Z"
 
     def record(self, ctx: Any, now: float) -> None:
-        if self._log is None:
+        if self.observer is None:
             return
         route = ctx.route
         notes = ctx.notes
-        self._log.info(access={
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z",
+        wall = time.time()
+        self.observer({"log_namespace": self.namespace, "log_level": LogLevel.info, "log_time": wall,
+                       "log_format": None, "access": {
+            "time": self._timestamp(wall),
             "correlation_id": ctx.correlation_id,
             "client_ip": ctx.client_ip,
             "method": ctx.method.decode("latin-1"),
@@ -89,4 +106,4 @@ class AccessLog:
             "breaker": None,
             "error": ctx.error_code,
             "detail": notes.get("upstream_error") if notes else None,
-        })
+        }})

@@ -30,6 +30,16 @@ __all__ = ["Gateway"]
 _log = Logger(namespace="txgateway")
 
 
+DEFAULT_BACKLOG = 1024
+
+
+def with_backlog(endpoint: str) -> str:
+    """TCP listeners default to a 1024-deep accept queue (Twisted's 50 drops bursts)."""
+    if endpoint.split(":", 1)[0] in ("tcp", "tcp6") and "backlog=" not in endpoint:
+        return f"{endpoint}:backlog={DEFAULT_BACKLOG}"
+    return endpoint
+
+
 class Gateway(MultiService):
     """A configured gateway: build with a Config, a reactor and a clock (IReactorTime)."""
 
@@ -57,7 +67,8 @@ class Gateway(MultiService):
         self.factory = HTTP1Factory(self.pipeline, config.limits, self.clock, self.deadlines)
         self.listeners: list[StreamServerEndpointService] = []
         for listener in config.listen:
-            service = StreamServerEndpointService(serverFromString(reactor, listener.endpoint), self.factory)
+            endpoint = serverFromString(reactor, with_backlog(listener.endpoint))
+            service = StreamServerEndpointService(endpoint, self.factory)
             service._raiseSynchronously = True
             service.setServiceParent(self)
             self.listeners.append(service)

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txgateway.config import Limits
+from txgateway.fastwrite import writer_for
 from txgateway.pipeline import Pipeline, RequestContext, ResponseHead
 from txgateway.timeouts import Deadlines
 
@@ -75,15 +76,20 @@ class HTTP1Connection(Protocol):
         self._close_after = False
         self._chunked_out = False
         self._no_body_out = False
+        self._cork = b""
         self._paused = False
         self._gone = False
         self._peer_ip = ""
+        self._write: Any = None
 
     # -- connection lifecycle ---------------------------------------------------------
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self._peer_ip = getattr(peer, "host", "") or ""
+        self._write = writer_for(self.transport)
+        if hasattr(self.transport, "setTcpNoDelay"):
+            self.transport.setTcpNoDelay(True)
         self.factory.connections.add(self)
         self._wait(self.limits.header_timeout)
 
@@ -285,36 +291,46 @@ class HTTP1Connection(Protocol):
         if status in (204, 304) or status < 200:
             pass
         elif head.length is not None:
-            parts.append(b"Content-Length: %d\r\n" % head.length)
+            parts.append(b"content-length: %d\r\n" % head.length)
         elif ctx.method == b"HEAD":
             pass
         elif ctx.version == b"1.1":
-            parts.append(b"Transfer-Encoding: chunked\r\n")
+            parts.append(b"transfer-encoding: chunked\r\n")
             self._chunked_out = True
         else:
             close = True
         if close:
-            parts.append(b"Connection: close\r\n")
+            parts.append(b"connection: close\r\n")
         elif ctx.version == b"1.0":
-            parts.append(b"Connection: keep-alive\r\n")
+            parts.append(b"connection: keep-alive\r\n")
         parts.append(b"\r\n")
         self._close_after = close
-        self.transport.write(b"".join(parts))
+        # Corked: the head leaves with the first body bytes, or at flush/finish.
+        self._cork = b"".join(parts)
 
     def send_body(self, ctx: RequestContext, data: bytes) -> None:
         if self._no_body_out or self._gone or self._queue[0].ctx is not ctx:
             return
         ctx.bytes_out += len(data)
         if self._chunked_out:
-            self.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
-        else:
-            self.transport.write(data)
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        if self._cork:
+            data, self._cork = self._cork + data, b""
+        self._write(data)
+
+    def flush(self, ctx: RequestContext) -> None:
+        """Send a corked response head now (the body may take a while)."""
+        if self._cork and not self._gone:
+            cork, self._cork = self._cork, b""
+            self._write(cork)
 
     def finish(self, ctx: RequestContext) -> None:
         if self._gone or not self._queue or self._queue[0].ctx is not ctx:
             return
-        if self._chunked_out and not self._no_body_out:
-            self.transport.write(b"0\r\n\r\n")
+        tail = b"0\r\n\r\n" if self._chunked_out and not self._no_body_out else b""
+        if self._cork or tail:
+            cork, self._cork = self._cork, b""
+            self._write(cork + tail)
         incoming = self._queue.popleft()
         self.pipeline.finished(ctx)
         if self._close_after or not incoming.complete or (self._broken and not self._queue):
@@ -348,7 +364,7 @@ class HTTP1Connection(Protocol):
         if incoming.ctx is not ctx:
             return
         if ctx.expect_continue and not incoming.received and not incoming.complete:
-            self.transport.write(_CONTINUE)
+            self._write(_CONTINUE)
         incoming.sink = sink
         chunks, incoming.chunks, incoming.buffered = incoming.chunks, [], 0
         for chunk in chunks:

@@ -41,7 +41,8 @@ REASONS = {
 class ResponseHead:
     """Status line and end-to-end headers of a response on its way to the client.
 
-    Response hooks edit `headers` in place; framing headers are the transport's business.
+    Header names are lower case (as in HTTP/2), whatever the upstream sent. Response hooks
+    replace or edit `headers`; framing headers are the transport's business.
     """
 
     __slots__ = ("status", "reason", "headers", "length")
@@ -69,7 +70,7 @@ def error_response(ctx: RequestContext, status: int, code: str, message: str,
     """The SPEC's JSON envelope: one shape for every error the gateway produces."""
     body = json.dumps({"error": {"code": code, "message": message, "status": status,
                                  "correlation_id": ctx.correlation_id}}).encode()
-    out = [(b"Content-Type", b"application/json")]
+    out = [(b"content-type", b"application/json")]
     if headers:
         out.extend(headers)
     ctx.error_code = code
@@ -155,6 +156,7 @@ class Downstream(Protocol):
 
     def send_head(self, ctx: RequestContext, head: ResponseHead) -> None: ...
     def send_body(self, ctx: RequestContext, data: bytes) -> None: ...
+    def flush(self, ctx: RequestContext) -> None: ...
     def finish(self, ctx: RequestContext) -> None: ...
     def abort(self, ctx: RequestContext) -> None: ...
     def read_body(self, ctx: RequestContext, sink: BodySink) -> None: ...

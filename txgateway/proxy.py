@@ -124,16 +124,16 @@ class Exchange:
         if conn is None or self.phase == _DONE:
             return
         if self.ctx.chunked:
-            conn.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+            conn.write(b"%x\r\n%s\r\n" % (len(data), data))
         else:
-            conn.transport.write(data)
+            conn.write(data)
 
     def body_end(self) -> None:
         conn = self.conn
         if conn is None or self.phase == _DONE:
             return
         if self.ctx.chunked:
-            conn.transport.write(b"0\r\n\r\n")
+            conn.write(b"0\r\n\r\n")
         self.body_sent = True
         self._stop_body_producer()
 
@@ -163,12 +163,17 @@ class Exchange:
         self.deadline = self.proxy.clock.seconds() + self.proxy.idle_timeout
         self.ctx.downstream.send_body(self.ctx, data)
 
+    def read_done(self) -> None:
+        if self.phase == _STREAMING:
+            self.ctx.downstream.flush(self.ctx)
+
     def response_complete(self, reusable: bool) -> None:
         if self.phase != _STREAMING:
             return
         self.phase = _DONE
         self.proxy.deadlines.discard(self)
         ctx = self.ctx
+        ctx.forwarding = None
         ctx.downstream.unregister_producer(ctx)
         conn, self.conn = self.conn, None
         if not self.body_sent:
@@ -226,6 +231,7 @@ class Exchange:
 
     def _close_upstream(self) -> None:
         self.phase = _DONE
+        self.ctx.forwarding = None
         self.proxy.deadlines.discard(self)
         conn, self.conn = self.conn, None
         if conn is not None:

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txgateway.config import Target, Upstream
+from txgateway.fastwrite import writer_for
 
 __all__ = ["TargetPool", "UpstreamConnection", "UpstreamUser"]
 
@@ -37,6 +38,8 @@ class UpstreamUser(Protocol):
                       length: int | None) -> None: ...
     def response_body(self, data: bytes) -> None: ...
     def response_complete(self, reusable: bool) -> None: ...
+    def read_done(self) -> None:
+        """Everything from one read was delivered: a good moment to flush to the client."""
     def upstream_failed(self, reason: str, response_started: bool) -> None: ...
 
 
@@ -47,6 +50,7 @@ class UpstreamConnection(TwistedProtocol):
         self.pool = pool
         self.user = user
         self.factory = factory
+        self.write: Any = None  # set on connect: fastwrite.writer_for(transport)
         self.parser = HttpResponseParser(self)
         self.reused = False
         self.open = False
@@ -61,6 +65,8 @@ class UpstreamConnection(TwistedProtocol):
 
     def connectionMade(self) -> None:
         self.open = True
+        self.write = writer_for(self.transport)
+        self.transport.setTcpNoDelay(True)
         user, self.user = self.user, None
         self.pool.connection_made(self, user, self.factory)
         self.factory = None
@@ -69,7 +75,7 @@ class UpstreamConnection(TwistedProtocol):
         self.user = user
         self.no_body = no_body
         self._started = False
-        self.transport.write(head)
+        self.write(head)
 
     def dataReceived(self, data: bytes) -> None:
         if self.user is None:
@@ -88,11 +94,15 @@ class UpstreamConnection(TwistedProtocol):
         except HttpParserError as e:
             self._fail(f"invalid response from upstream: {e}")
             return
-        if self._started and self.no_body and self.user is not None:
-            # llhttp cannot be told that a HEAD response has no body: finish it here.
-            reusable = self._reusable()
-            self.parser = HttpResponseParser(self)
-            self._complete(reusable)
+        user = self.user
+        if user is not None and self._started:
+            if self.no_body:
+                # llhttp cannot be told that a HEAD response has no body: finish it here.
+                reusable = self._reusable()
+                self.parser = HttpResponseParser(self)
+                self._complete(reusable)
+            else:
+                user.read_done()
 
     def on_message_begin(self) -> None:
         self._headers = []
@@ -110,7 +120,7 @@ class UpstreamConnection(TwistedProtocol):
                 self._tokens.extend(t.strip().lower() for t in value.split(b","))
             self._framing[low] = value
             return
-        self._headers.append((name, value))
+        self._headers.append((low, value))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -120,7 +130,7 @@ class UpstreamConnection(TwistedProtocol):
         headers = self._headers
         if self._tokens:
             tokens = frozenset(self._tokens)
-            headers = [(n, v) for n, v in headers if n.lower() not in tokens]
+            headers = [(n, v) for n, v in headers if n not in tokens]
         framing = self._framing
         length: int | None = None
         if b"transfer-encoding" not in framing and b"content-length" in framing:

@@ -1,0 +1,88 @@
+"""The two places that lean on Twisted internals: pinned, so an upgrade fails loudly here."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import socket
+
+import pytest_twisted
+from twisted.internet import abstract, epollreactor
+from twisted.internet.protocol import Factory, Protocol
+
+from tests.conftest import listen
+from txgateway.fastwrite import writer_for
+from txgateway.reactor import make_lean
+
+# sha256 prefixes of the Twisted 26.10 sources that fastwrite.py / reactor.py rely on.
+# If one changes, re-read the new source, adapt the module, then update the pin.
+PINNED = {
+    epollreactor.EPollReactor.doPoll: "09b62ae68ef01b4b",
+    abstract.FileDescriptor.write: "3e46c97fc173bc7e",
+    abstract.FileDescriptor.doWrite: "a986d7b1b1054e43",
+}
+
+
+def test_twisted_internals_we_rely_on_are_unchanged():
+    for func, digest in PINNED.items():
+        source = inspect.getsource(func)
+        assert hashlib.sha256(source.encode()).hexdigest()[:16] == digest, func.__qualname__
+
+
+class Collect(Protocol):
+    def connectionMade(self):
+        self.factory.conns.append(self)
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytes:
+    sock.settimeout(10)
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+@pytest_twisted.ensureDeferred
+async def test_fast_write_sends_at_once_and_queues_the_rest_in_order(reactor):
+    from twisted.internet.task import deferLater
+    from twisted.internet.threads import deferToThread
+    factory = Factory.forProtocol(Collect)
+    factory.conns = []
+    port = await listen(reactor, factory)
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect(("127.0.0.1", port.getHost().port))
+    try:
+        while not factory.conns:
+            await deferLater(reactor, 0.01, lambda: None)
+        transport = factory.conns[0].transport
+        write = writer_for(transport)
+        write(b"first")
+        # Sent synchronously: nothing waits in Twisted's buffer.
+        assert not transport._tempDataBuffer and not transport.dataBuffer
+        big = bytes(range(256)) * 40000  # ~10 MB: more than the kernel takes at once
+        write(big)
+        assert transport._tempDataBuffer, "the remainder must be queued, not dropped"
+        write(b"last")
+        expected = b"first" + big + b"last"
+        received = await deferToThread(_read_exactly, client, len(expected))
+        assert received == expected
+    finally:
+        client.close()
+        await port.stopListening()
+
+
+def test_lean_reactor_patch_applies_only_to_epoll():
+    class NotEpoll:
+        pass
+    assert make_lean(NotEpoll()) is False
+    reactor = epollreactor.EPollReactor()
+    try:
+        assert make_lean(reactor) is True
+        assert reactor.doIteration is reactor.doPoll
+        reactor.doPoll(0)  # polls an empty set without error
+    finally:
+        reactor._poller.close()
