@@ -93,6 +93,18 @@ def test_check_config_never_shows_a_traceback(tmp_path, text):
     assert result.stderr.splitlines()[0].startswith(f"{path}:4: ")
 
 
+def test_check_config_on_a_directory_and_on_binary(tmp_path):
+    result = run("check-config", str(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[0] == f"{tmp_path}: cannot read config: Is a directory"
+    path = tmp_path / "binary.yaml"
+    path.write_bytes(b"listen: []\n\xff\xfe\n")
+    result = run("check-config", str(path))
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[0] == f"{path}:2: cannot read config: not UTF-8 text (byte 0xff)"
+    assert "Traceback" not in result.stderr
+
+
 def test_check_config_on_a_missing_file(tmp_path):
     path = tmp_path / "nope.yaml"
     result = run("check-config", str(path))

@@ -363,6 +363,22 @@ def test_unreadable_file(tmp_path):
     assert str(info.value) == f"{missing}: cannot read config: No such file or directory"
 
 
+def test_file_that_is_not_utf8(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(BASE.encode() + b'access_log: "caf\xe9.log"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert str(info.value) == f"{path}:9: cannot read config: not UTF-8 text (byte 0xe9)"
+
+
+def test_file_with_bom_and_crlf_line_ends(tmp_path):
+    path = tmp_path / "windows.yaml"
+    path.write_bytes(b"\xef\xbb\xbf" + (BASE + "bad: 1\n").replace("\n", "\r\n").encode())
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert str(info.value) == f"{path}:9: bad: unknown key (expected one of: {TOP_KEYS})"
+
+
 # --- targets ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("url", [

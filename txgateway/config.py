@@ -113,10 +113,15 @@ class Config:
 def load_config(path: str) -> Config:
     """Read and validate `path`; raise ConfigError listing every problem."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as e:
         raise ConfigError([ConfigProblem(path, None, "", f"cannot read config: {e.strerror}")]) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError([ConfigProblem(path, line, "", f"cannot read config: not UTF-8 text (byte 0x{data[e.start]:02x})")]) from None
     return parse_config(text, path)
 
 
