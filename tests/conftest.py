@@ -127,7 +127,9 @@ class _ListWriter:
 
     def __call__(self, event: dict[str, Any]) -> None:
         if "access" in event:
-            self.records.append(event["access"])
+            record = event["access"]
+            json.loads(record.json_line())  # every record renders as valid JSON
+            self.records.append(record.as_dict())
 
     def start(self) -> None: ...
     def stop(self) -> None: ...

@@ -69,7 +69,7 @@ class Exchange:
     """One request forwarded to one upstream connection (the pool's `UpstreamUser`)."""
 
     __slots__ = ("proxy", "ctx", "pool", "conn", "phase", "deadline", "body_sent", "body_producer",
-                 "retried")
+                 "retried", "producing")
 
     def __init__(self, proxy: Proxy, ctx: RequestContext, pool: TargetPool) -> None:
         self.proxy = proxy
@@ -81,6 +81,7 @@ class Exchange:
         self.body_sent = not ctx.has_body
         self.body_producer: _RequestBodyProducer | None = None
         self.retried = False
+        self.producing = False  # upstream transport registered as the client's producer
 
     def start(self) -> None:
         ctx = self.ctx
@@ -154,8 +155,6 @@ class Exchange:
         self.phase = _STREAMING
         self.deadline = now + self.proxy.idle_timeout
         self.proxy.pipeline.respond(ctx, ResponseHead(status, reason, headers, length))
-        if self.phase == _STREAMING and self.conn is not None:
-            ctx.downstream.register_producer(ctx, self.conn.transport)
 
     def response_body(self, data: bytes) -> None:
         if self.phase != _STREAMING:
@@ -164,8 +163,14 @@ class Exchange:
         self.ctx.downstream.send_body(self.ctx, data)
 
     def read_done(self) -> None:
+        """The response spans several reads: flush the head, and from now on let a slow
+        client pause the upstream (single-read responses skip the producer dance)."""
         if self.phase == _STREAMING:
-            self.ctx.downstream.flush(self.ctx)
+            ctx = self.ctx
+            ctx.downstream.flush(ctx)
+            if not self.producing and self.conn is not None:
+                self.producing = True
+                ctx.downstream.register_producer(ctx, self.conn.transport)
 
     def response_complete(self, reusable: bool) -> None:
         if self.phase != _STREAMING:
@@ -174,7 +179,9 @@ class Exchange:
         self.proxy.deadlines.discard(self)
         ctx = self.ctx
         ctx.forwarding = None
-        ctx.downstream.unregister_producer(ctx)
+        if self.producing:
+            self.producing = False
+            ctx.downstream.unregister_producer(ctx)
         conn, self.conn = self.conn, None
         if not self.body_sent:
             # The upstream answered before reading the whole body: the connection is dirty.
