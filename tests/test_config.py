@@ -97,8 +97,8 @@ def test_unknown_key_in_limits_and_upstream():
     text = BASE.replace('users: {targets:', 'users: {target: x, targets:') + "limits: {max_body: 1MiB}\n"
     assert errors(text) == [
         f"c.yaml:4: upstreams.users.target: unknown key (expected one of: {UPSTREAM_KEYS})",
-        "c.yaml:9: limits.max_body: unknown key (expected one of: header_timeout, idle_timeout, "
-        "max_body_size, max_header_bytes)",
+        ("c.yaml:9: limits.max_body: unknown key (expected one of: header_timeout, idle_timeout, "
+         "max_body_size, max_header_bytes)"),
     ]
 
 
@@ -164,8 +164,8 @@ def test_python_tags_are_refused():
     assert errors(text) == ["c.yaml:9: access_log: expected a single value, got a list"]
     text = BASE + "access_log: !!python/name:os.system ''\n"
     assert errors(text) == [
-        "c.yaml:9: access_log: invalid value: could not determine a constructor for the tag "
-        "'tag:yaml.org,2002:python/name:os.system'",
+        ("c.yaml:9: access_log: invalid value: could not determine a constructor for the tag "
+         "'tag:yaml.org,2002:python/name:os.system'"),
     ]
 
 
@@ -422,8 +422,8 @@ def test_header_values_with_control_characters(value):
         "upstream: orders}", f"upstream: orders, security_headers: {{X-Frame-Options: {value}}}}}")
     assert errors(text) == [
         "c.yaml:7: routes[0].response_headers.add.X-A: header values must not contain control characters (CR, LF, NUL...)",
-        "c.yaml:8: routes[1].security_headers.X-Frame-Options: header values must not contain control characters "
-        "(CR, LF, NUL...)",
+        ("c.yaml:8: routes[1].security_headers.X-Frame-Options: header values must not contain control characters "
+         "(CR, LF, NUL...)"),
     ]
 
 
@@ -462,8 +462,8 @@ def test_bad_rewrite_prefix_and_host():
     text = BASE.replace("upstream: users}", "upstream: users, rewrite_prefix: users, host: 'api.example.com:8080'}")
     assert errors(text) == [
         'c.yaml:7: routes[0].rewrite_prefix: expected an absolute path like "/api/users", got "users"',
-        'c.yaml:7: routes[0].host: expected a host name like "api.example.com" or "*.example.com", '
-        'got "api.example.com:8080"',
+        ('c.yaml:7: routes[0].host: expected a host name like "api.example.com" or "*.example.com", '
+         'got "api.example.com:8080"'),
     ]
 
 

@@ -51,7 +51,7 @@ class Daemon:
 
     def __init__(self, tmp_path: Path, config: Path) -> None:
         self.output_path = tmp_path / "twistd.out"
-        self._out = open(self.output_path, "wb")
+        self._out = open(self.output_path, "wb")  # noqa: SIM115 - closed in kill()
         self.proc = subprocess.Popen(
             [str(TWISTD), "-n", "--pidfile=", "txgateway", "--config", str(config)],
             stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=tmp_path)
@@ -204,7 +204,7 @@ async def test_sigterm_drains_the_request_in_flight(reactor, tmp_path):
 
 def run_twistd(tmp_path: Path, config: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(TWISTD), "-n", "--pidfile=", "txgateway", "--config", str(config)],
-                          capture_output=True, text=True, timeout=60, cwd=tmp_path, stdin=subprocess.DEVNULL)
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path, stdin=subprocess.DEVNULL, check=False)
 
 
 def test_invalid_config_exits_without_binding(tmp_path):
