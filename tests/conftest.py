@@ -6,8 +6,9 @@ import dataclasses
 import json
 import socket
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -192,7 +193,7 @@ def raw_request(port: int, data: bytes | list[bytes], read_timeout: float = 3.0,
                 if not chunk:
                     break
                 chunks.append(chunk)
-        except socket.timeout:
+        except TimeoutError:
             pass
         except ConnectionResetError:
             chunks.append(b"<RESET>")

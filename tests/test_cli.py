@@ -167,7 +167,7 @@ def test_options_require_config_or_demo():
 
 
 def test_options_demo_and_config_exclude_each_other():
-    with pytest.raises(usage.UsageError, match="^--demo and --config exclude each other$"):
+    with pytest.raises(usage.UsageError, match=r"^--demo and --config exclude each other$"):
         options("--demo", "--config", str(EXAMPLE))
 
 

@@ -8,9 +8,9 @@ per request.
 from __future__ import annotations
 
 import json
-from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 import sys
 import time
+from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import IO, Any
 
 from twisted.internet.task import LoopingCall
@@ -86,7 +86,7 @@ class AccessRecord(tuple):
     __slots__ = ()
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(zip(_FIELDS, self))
+        return dict(zip(_FIELDS, self, strict=True))
 
     def json_line(self) -> str:
         (stamp, cid, client, method, path, route, upstream, target, status, duration, upstream_ms,

@@ -153,11 +153,14 @@ def _config(r: Reader, root: yaml.Node) -> Config:
     for key in ("listen", "upstreams", "routes"):
         if key not in top:
             r.fail(root, key, "missing (required)")
-    listen = r.attempt(lambda: _listeners(r, top["listen"]), ()) if "listen" in top else ()
-    upstreams = r.attempt(lambda: _upstreams(r, top["upstreams"]), {}) if "upstreams" in top else {}
+    no_listeners: tuple[Listener, ...] = ()
+    no_upstreams: dict[str, Upstream] = {}
+    no_routes: tuple[Route, ...] = ()
+    listen = r.attempt(lambda: _listeners(r, top["listen"]), no_listeners) if "listen" in top else no_listeners
+    upstreams = r.attempt(lambda: _upstreams(r, top["upstreams"]), no_upstreams) if "upstreams" in top else no_upstreams
     declared = ({k.value for k, _ in top["upstreams"].value if isinstance(k, yaml.ScalarNode)}
                 if isinstance(top.get("upstreams"), yaml.MappingNode) else set())
-    routes = r.attempt(lambda: _routes(r, top["routes"], upstreams, declared), ()) if "routes" in top else ()
+    routes = r.attempt(lambda: _routes(r, top["routes"], upstreams, declared), no_routes) if "routes" in top else no_routes
     limits = r.attempt(lambda: _limits(r, top["limits"]), Limits()) if "limits" in top else Limits()
     proxies = r.attempt(lambda: _networks(r, top["trusted_proxies"], "trusted_proxies"), ()) if "trusted_proxies" in top else ()
     access_log = r.attempt(lambda: r.string(top["access_log"], "access_log"), "-") if "access_log" in top else "-"
@@ -222,7 +225,7 @@ _UPSTREAM_KEYS = {
 
 def _upstreams(r: Reader, node: yaml.Node) -> dict[str, Upstream]:
     out = {}
-    for name, key_node, value in r.free_mapping(node, "upstreams"):
+    for name, _, value in r.free_mapping(node, "upstreams"):
         upstream = r.attempt(lambda: _upstream(r, name, value), None)
         if upstream is not None:
             out[name] = upstream
@@ -363,7 +366,8 @@ def _path_prefix(r: Reader, node: yaml.Node, path: str) -> str:
 
 def _header_name(r: Reader, node: yaml.Node, path: str, glob: bool = False) -> bytes:
     name = r.string(node, path)
-    if not (_HEADER_GLOB if glob else _TOKEN).match(name if glob else name.encode()):
+    valid = _HEADER_GLOB.match(name) if glob else _TOKEN.match(name.encode())
+    if not valid:
         raise r.fail(node, path, f'expected a header name like "X-Api-Version", got "{name}"')
     return name.encode()
 

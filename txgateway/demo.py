@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, MultiService, Service
+from twisted.application.service import MultiService, Service
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.web.resource import Resource
@@ -85,7 +85,7 @@ class _Banner(Service):
         _log.info(BANNER)
 
 
-def demo_service(reactor: Any) -> IService:
+def demo_service(reactor: Any) -> MultiService:
     from txgateway.gateway import Gateway
     top = MultiService()
     for name, port in DEMO_UPSTREAMS.items():

@@ -11,7 +11,8 @@ Twisted internals this relies on change.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet import tcp
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from txgateway.config import DEFAULT_SECURITY_HEADERS, HeaderRules, Route
 

@@ -22,7 +22,7 @@ from txgateway.fastwrite import writer_for
 from txgateway.pipeline import Pipeline, RequestContext, ResponseHead
 from txgateway.timeouts import Deadlines
 
-__all__ = ["HTTP1Factory", "HTTP1Connection"]
+__all__ = ["HTTP1Connection", "HTTP1Factory"]
 
 _log = Logger(namespace="txgateway.http1")
 
@@ -57,6 +57,8 @@ class _Incoming:
 
 class HTTP1Connection(Protocol):
     """One client connection. Implements `Downstream` for its active request."""
+
+    transport: Any  # a TCP (or TLS) transport: producer/consumer, setTcpNoDelay, abortConnection
 
     def __init__(self, factory: HTTP1Factory) -> None:
         self.factory = factory
@@ -285,7 +287,7 @@ class HTTP1Connection(Protocol):
         parts = [b"HTTP/1.1 %d %s\r\n" % (status, head.reason)]
         for name, value in head.headers:
             parts.append(name + b": " + value + b"\r\n")
-        close = not ctx.keep_alive or self._broken and len(self._queue) == 1
+        close = not ctx.keep_alive or (self._broken and len(self._queue) == 1)
         self._chunked_out = False
         self._no_body_out = ctx.method == b"HEAD" or status in (204, 304) or status < 200
         if status in (204, 304) or status < 200:
@@ -403,7 +405,7 @@ def _absolute_form(target: bytes, host: bytes | None) -> tuple[bytes, bytes | No
     scheme, sep, rest = target.partition(b"://")
     if not sep or scheme.lower() not in (b"http", b"https"):
         raise _Reject(400, "BAD_REQUEST", "request target must be an absolute path")
-    authority, slash, path = rest.partition(b"/")
+    authority, _, path = rest.partition(b"/")
     return b"/" + path, authority or host
 
 

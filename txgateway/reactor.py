@@ -42,6 +42,6 @@ def make_lean(reactor: Any) -> bool:
             if selectable is not None:
                 dispatch(selectable, fd, event)
 
-    reactor.doPoll = doPoll
-    reactor.doIteration = doPoll
+    reactor.doPoll = doPoll  # type: ignore[method-assign]
+    reactor.doIteration = doPoll  # type: ignore[method-assign]
     return True

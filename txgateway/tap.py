@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application.service import IService, MultiService
+from twisted.application.service import MultiService
 from twisted.python import usage
 
 from txgateway.config import ConfigError, load_config
@@ -51,7 +51,7 @@ def _tune_for_throughput(reactor: Any) -> None:
     gc.set_threshold(20000, 20, 20)
 
 
-def makeService(options: Options, reactor: Any = None) -> IService:
+def makeService(options: Options, reactor: Any = None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor as default_reactor
         reactor = default_reactor

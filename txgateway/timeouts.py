@@ -7,7 +7,7 @@ Deadlines are therefore honoured within `interval` (100 ms by default).
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
@@ -24,7 +24,7 @@ class HasDeadline(Protocol):
 
 class Deadlines:
     def __init__(self, clock: IReactorTime, interval: float = 0.1) -> None:
-        self.clock = clock
+        self.clock: Any = clock
         self.interval = interval
         self._items: set[HasDeadline] = set()
         self._loop = LoopingCall(self._sweep)

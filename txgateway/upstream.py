@@ -24,6 +24,7 @@ from txgateway.fastwrite import writer_for
 __all__ = ["TargetPool", "UpstreamConnection", "UpstreamUser"]
 
 _log = Logger(namespace="txgateway.upstream")
+_DONE = Failure(ConnectionDone())
 _RESPONSE_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding",
                                   b"upgrade", b"content-length", b"proxy-connection",
                                   b"proxy-authenticate", b"proxy-authorization"})
@@ -45,6 +46,8 @@ class UpstreamUser(Protocol):
 
 class UpstreamConnection(TwistedProtocol):
     """One keep-alive connection to a target, serving one exchange at a time."""
+
+    transport: Any
 
     def __init__(self, pool: TargetPool, user: UpstreamUser | None, factory: Any = None) -> None:
         self.pool = pool
@@ -171,7 +174,7 @@ class UpstreamConnection(TwistedProtocol):
         if user is not None:
             user.upstream_failed(reason, self._started)
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+    def connectionLost(self, reason: Failure = _DONE) -> None:
         self.open = False
         self.pool.connection_lost(self)
         if self.user is None:

@@ -73,7 +73,7 @@ async def test_slow_client_pauses_the_upstream_instead_of_buffering(reactor, gat
         # plus at most a chunk or two held in the gateway, not the 64 MiB body.
         written_while_stalled = FloodServer.written
         held = sum(len(b) for c in gw.gateway.factory.connections
-                   for b in (c.transport._tempDataBuffer + [c.transport.dataBuffer]))
+                   for b in [*c.transport._tempDataBuffer, c.transport.dataBuffer])
         assert written_while_stalled < 24 * 2**20, written_while_stalled
         assert held < 4 * 2**20, held
         total, head = await pending
@@ -86,7 +86,7 @@ async def test_slow_client_pauses_the_upstream_instead_of_buffering(reactor, gat
 class CountingSink(Protocol):
     """Upstream that reads a request body only when told to."""
 
-    instances: list["CountingSink"] = []
+    instances: list[CountingSink] = []
 
     def connectionMade(self):
         self.received = 0
@@ -123,7 +123,7 @@ async def test_fast_upload_to_slow_upstream_is_paused_not_buffered(reactor, gate
         await deferLater(reactor, 1.0, lambda: None)
         (upstream,) = CountingSink.instances
         pools = gw.gateway.proxy.groups["users"].pools[0]
-        conn = [c for c in gw.gateway.factory.connections][0]
+        conn = next(iter(gw.gateway.factory.connections))
         assert conn._paused, "client reading was not paused while the upstream is full"
         exchange = conn._queue[0].ctx.forwarding
         up_transport = exchange.conn.transport

@@ -51,7 +51,7 @@ class Daemon:
 
     def __init__(self, tmp_path: Path, config: Path) -> None:
         self.output_path = tmp_path / "twistd.out"
-        self._out = open(self.output_path, "wb")  # noqa: SIM115 - closed in kill()
+        self._out = open(self.output_path, "wb")
         self.proc = subprocess.Popen(
             [str(TWISTD), "-n", "--pidfile=", "txgateway", "--config", str(config)],
             stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=tmp_path)
