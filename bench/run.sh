@@ -10,7 +10,7 @@
 # Knobs (environment): DURATION=10 RUNS=3 WARMUP=2 CONNS="32 256" WRK_THREADS=1
 #   CLIENT_CPU=0 GATEWAY_CPU=1 UPSTREAM_PORT=19001 GATEWAY_PORT=19080 QUIET_WAIT=20
 #   STREAM_SIZE=1G STREAM_RATES="100 0" (MiB/s the stream client reads at; 0 = unpaced)
-#   ANCHORS_DIR=/tmp/anchors ANCHORS_ONLY=direct,fastify-plain,fastify-seed,twisted-agent,nginx-1w
+#   ANCHORS_DIR=/tmp/anchors ANCHORS_ONLY=direct,fastify-plain,fastify-seed,twisted-agent,nginx-1w,txgw
 #   SHARED_BENCH=../shared/bench (the peer harness to copy)
 set -euo pipefail
 
@@ -71,7 +71,7 @@ fi
 if [[ $ANCHORS != 0 ]]; then
   SHARED_BENCH="${SHARED_BENCH:-$ROOT/../shared/bench}"
   ANCHORS_DIR="${ANCHORS_DIR:-/tmp/anchors}"
-  ANCHORS_ONLY="${ANCHORS_ONLY:-direct,fastify-plain,fastify-seed,twisted-agent,nginx-1w}"
+  ANCHORS_ONLY="${ANCHORS_ONLY:-direct,fastify-plain,fastify-seed,twisted-agent,nginx-1w,txgw}"
   if [[ ! -x "$ANCHORS_DIR/run_anchors.sh" ]]; then
     [[ -d "$SHARED_BENCH" ]] || die "no peer harness at $SHARED_BENCH (set SHARED_BENCH)"
     log "copying $SHARED_BENCH to $ANCHORS_DIR"
