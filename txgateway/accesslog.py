@@ -131,5 +131,6 @@ class AccessLog:
             self._timestamp(wall), ctx.correlation_id, ctx.client_ip, ctx.method.decode("latin-1"),
             ctx.path.decode("latin-1"), route.prefix if route is not None else None, ctx.upstream,
             ctx.target_url, ctx.status, (now - ctx.start) * 1000.0,
-            upstream_ms, ctx.bytes_in, ctx.bytes_out, None, None, None, ctx.error_code,
+            upstream_ms, ctx.bytes_in, ctx.bytes_out,
+            ctx.identity.user_id if ctx.identity is not None else None, None, None, ctx.error_code,
             notes.get("upstream_error") if notes else None))})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -16,6 +17,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from txgateway._yamlreader import ConfigError, ConfigProblem, Reader, _Invalid, compose
+from txgateway.authconfig import AuthConfig, parse_auth
 from txgateway.units import parse_duration, parse_size
 
 __all__ = [
@@ -95,6 +97,8 @@ class Route:
     request_headers: HeaderRules = HeaderRules()
     response_headers: HeaderRules = HeaderRules()
     security_headers: tuple[tuple[bytes, bytes], ...] = DEFAULT_SECURITY_HEADERS
+    auth: str = "none"                    # none | optional | required
+    roles: frozenset[str] | None = None   # any of these roles (implies auth: required)
     index: int = 0
 
 
@@ -108,6 +112,7 @@ class Config:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     access_log: str = "-"
     drain_timeout: float = 10.0
+    auth: AuthConfig | None = None
 
 
 def load_config(path: str) -> Config:
@@ -125,12 +130,13 @@ def load_config(path: str) -> Config:
     return parse_config(text, path)
 
 
-def parse_config(text: str, file: str = "<config>") -> Config:
+def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] | None = None) -> Config:
+    """Validate YAML text; `environ` (default os.environ) supplies `secret_env` values."""
     root = compose(text, file)
     reader = Reader(file)
     if root is None:
         raise ConfigError([ConfigProblem(file, None, "", "the file is empty")])
-    config = reader.attempt(lambda: _config(reader, root), None)
+    config = reader.attempt(lambda: _config(reader, root, environ), None)
     if reader.problems or config is None:
         raise ConfigError(reader.problems)
     return config
@@ -143,9 +149,9 @@ _TOP_KEYS = {
 }
 
 
-def _config(r: Reader, root: yaml.Node) -> Config:
+def _config(r: Reader, root: yaml.Node, environ: Mapping[str, str] | None) -> Config:
     top = r.mapping(root, "", _TOP_KEYS)
-    for key in ("admin", "manhole", "redis", "auth", "rate_limits"):
+    for key in ("admin", "manhole", "redis", "rate_limits"):
         if key in top:
             r.fail(top[key], key, _NOT_YET)
     if "redirect_to_https" in top and r.attempt(lambda: r.boolean(top["redirect_to_https"], "redirect_to_https"), False):
@@ -160,13 +166,14 @@ def _config(r: Reader, root: yaml.Node) -> Config:
     upstreams = r.attempt(lambda: _upstreams(r, top["upstreams"]), no_upstreams) if "upstreams" in top else no_upstreams
     declared = ({k.value for k, _ in top["upstreams"].value if isinstance(k, yaml.ScalarNode)}
                 if isinstance(top.get("upstreams"), yaml.MappingNode) else set())
-    routes = r.attempt(lambda: _routes(r, top["routes"], upstreams, declared), no_routes) if "routes" in top else no_routes
+    auth = r.attempt(lambda: parse_auth(r, top["auth"], environ), None) if "auth" in top else None
+    routes = r.attempt(lambda: _routes(r, top["routes"], upstreams, declared, auth), no_routes) if "routes" in top else no_routes
     limits = r.attempt(lambda: _limits(r, top["limits"]), Limits()) if "limits" in top else Limits()
     proxies = r.attempt(lambda: _networks(r, top["trusted_proxies"], "trusted_proxies"), ()) if "trusted_proxies" in top else ()
     access_log = r.attempt(lambda: r.string(top["access_log"], "access_log"), "-") if "access_log" in top else "-"
     drain = r.attempt(lambda: r.parsed(top["drain_timeout"], "drain_timeout", parse_duration), 10.0) if "drain_timeout" in top else 10.0
     return Config(file=r.file, listen=listen, upstreams=upstreams, routes=routes, limits=limits,
-                  trusted_proxies=proxies, access_log=access_log, drain_timeout=drain)
+                  trusted_proxies=proxies, access_log=access_log, drain_timeout=drain, auth=auth)
 
 
 def _listeners(r: Reader, node: yaml.Node) -> tuple[Listener, ...]:
@@ -289,11 +296,12 @@ _ROUTE_KEYS = {
 }
 
 
-def _routes(r: Reader, node: yaml.Node, upstreams: dict[str, Upstream], declared: set[str]) -> tuple[Route, ...]:
+def _routes(r: Reader, node: yaml.Node, upstreams: dict[str, Upstream], declared: set[str],
+            auth: AuthConfig | None) -> tuple[Route, ...]:
     out: list[Route] = []
     seen: dict[tuple[str, str | None, frozenset[bytes] | None], str] = {}
     for path, item in r.sequence(node, "routes"):
-        route = r.attempt(lambda: _route(r, path, item, upstreams, declared, len(out)), None)
+        route = r.attempt(lambda: _route(r, path, item, upstreams, declared, len(out), auth), None)
         if route is None:
             continue
         key = (route.prefix, route.host, route.methods)
@@ -306,14 +314,13 @@ def _routes(r: Reader, node: yaml.Node, upstreams: dict[str, Upstream], declared
 
 
 def _route(r: Reader, path: str, node: yaml.Node, upstreams: dict[str, Upstream], declared: set[str],
-           index: int) -> Route:
+           index: int, auth: AuthConfig | None) -> Route:
     fields = r.mapping(node, path, _ROUTE_KEYS)
     before = len(r.problems)
-    for key in ("rate_limit", "cache", "roles"):
+    for key in ("rate_limit", "cache"):
         if key in fields:
             r.fail(fields[key], f"{path}.{key}", _NOT_YET)
-    if "auth" in fields and r.attempt(lambda: r.string(fields["auth"], f"{path}.auth"), "none") != "none":
-        r.fail(fields["auth"], f"{path}.auth", _NOT_YET)
+    policy = _route_auth(r, fields, path, auth)
     for key in ("prefix", "upstream"):
         if key not in fields:
             r.fail(node, f"{path}.{key}", "missing (required)")
@@ -335,9 +342,29 @@ def _route(r: Reader, path: str, node: yaml.Node, upstreams: dict[str, Upstream]
     if "security_headers" in fields:
         values["security_headers"] = r.attempt(
             lambda: _security_headers(r, fields["security_headers"], f"{path}.security_headers"), None)
+    values.update(policy)
     if len(r.problems) != before or prefix is None or upstream not in upstreams:
         raise _Invalid()  # every problem is recorded already (an invalid upstream reports its own)
     return Route(prefix=prefix, upstream=upstream, index=index, **values)
+
+
+def _route_auth(r: Reader, fields: dict[str, yaml.Node], path: str, auth: AuthConfig | None) -> dict[str, Any]:
+    """`auth: none | optional | required` and `roles` (which imply required)."""
+    out: dict[str, Any] = {}
+    if "auth" in fields:
+        out["auth"] = r.attempt(lambda: r.choice(fields["auth"], f"{path}.auth", ("none", "optional", "required")), "none")
+    if "roles" in fields:
+        roles = [r.string(n, p) for p, n in r.sequence(fields["roles"], f"{path}.roles")]
+        if not roles:
+            r.fail(fields["roles"], f"{path}.roles", "expected at least one role")
+        if out.get("auth", "required") != "required":
+            r.fail(fields["roles"], f"{path}.roles", f'roles need auth: required, got auth: {out["auth"]}')
+        out["roles"] = frozenset(roles)
+        out["auth"] = "required"
+    if out.get("auth", "none") != "none" and auth is None:
+        node = fields.get("auth") or fields["roles"]
+        r.fail(node, f"{path}.auth", "this route needs credentials but the config has no auth: section")
+    return out
 
 
 def _methods(r: Reader, node: yaml.Node, path: str) -> frozenset[bytes]:

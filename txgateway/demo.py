@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from txgateway.config import parse_config
+from txgateway.config import Config, parse_config
 
 __all__ = ["DEMO_CONFIG", "EchoResource", "demo_service"]
 
@@ -25,29 +25,46 @@ _log = Logger(namespace="txgateway.demo")
 
 DEMO_UPSTREAMS = {"users": 3001, "search": 3002, "orders": 3003}
 
+# Demo only: a fixed, public secret so that `txgateway token --demo` can sign for it.
+DEMO_SECRET = "txgateway-demo-secret-do-not-use-in-production"
+
 DEMO_CONFIG = """
 listen:
   - endpoint: "tcp:8080:interface=127.0.0.1"
 trusted_proxies: [127.0.0.1/32]
+auth:
+  jwt:
+    algorithms: [HS256]
+    secret_env: TXGATEWAY_DEMO_SECRET
+    issuer: txgateway-demo
+    leeway: 30s
 upstreams:
   users:  {targets: ["http://127.0.0.1:3001"], timeout: 5s}
   search: {targets: ["http://127.0.0.1:3002"], timeout: 5s}
   orders: {targets: ["http://127.0.0.1:3003"], timeout: 5s}
 routes:
-  - {prefix: /api/users, upstream: users, rewrite_prefix: /users}
+  - {prefix: /api/users, upstream: users, rewrite_prefix: /users, auth: required}
   - {prefix: /api/search, upstream: search, rewrite_prefix: /search}
   - prefix: /api/orders
     upstream: orders
     rewrite_prefix: /orders
+    roles: [admin]
     request_headers: {set: {X-Api-Version: "2"}, remove: [Cookie]}
     response_headers: {remove: [X-Db-Query-Count, X-Powered-By]}
 """
 
 BANNER = """txgateway demo on http://127.0.0.1:8080 - try:
-  curl -s 'localhost:8080/api/search?q=x'
-  curl -s localhost:8080/api/users/7
-  curl -si localhost:8080/api/orders/1 -H 'Cookie: dropped=1'
+  curl -s 'localhost:8080/api/search?q=x'                  # public
+  curl -si localhost:8080/api/users/7                       # 401: auth required
+  TOKEN=$(.venv/bin/txgateway token --demo --sub alice --role admin --tier pro)
+  curl -s localhost:8080/api/users/7 -H "Authorization: Bearer $TOKEN"
+  curl -si localhost:8080/api/orders/1 -H "Authorization: Bearer $TOKEN" -H 'Cookie: dropped=1'
+  curl -si localhost:8080/api/orders/1 -H "Authorization: Bearer $(.venv/bin/txgateway token --demo --sub bob)"  # 403
   curl -si localhost:8080/nowhere"""
+
+
+def demo_config() -> Config:
+    return parse_config(DEMO_CONFIG, "<demo>", {"TXGATEWAY_DEMO_SECRET": DEMO_SECRET})
 
 
 class EchoResource(Resource):
@@ -95,6 +112,6 @@ def demo_service(reactor: Any) -> MultiService:
         service = StreamServerEndpointService(serverFromString(reactor, f"tcp:{port}:interface=127.0.0.1"), site)
         service._raiseSynchronously = True
         service.setServiceParent(top)
-    Gateway(parse_config(DEMO_CONFIG, "<demo>"), reactor).setServiceParent(top)
+    Gateway(demo_config(), reactor).setServiceParent(top)
     _Banner().setServiceParent(top)
     return top

@@ -17,9 +17,11 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from txgateway.accesslog import AccessLog, JsonLinesWriter
+from txgateway.auth import AuthFilter
 from txgateway.config import Config
 from txgateway.headers import ForwardingHeaders, HeaderRulesFilter, TrustedProxies
 from txgateway.http1 import HTTP1Factory
+from txgateway.jwks import RemoteJwks
 from txgateway.pipeline import Pipeline
 from txgateway.proxy import Proxy
 from txgateway.routing import RouteTable, RoutingFilter
@@ -52,11 +54,14 @@ class Gateway(MultiService):
         self.routes = RouteTable(config.routes)
         self.proxy = Proxy(reactor, self.clock, config.upstreams, self.deadlines, config.limits.idle_timeout)
         self.log_writer = JsonLinesWriter.open(config.access_log, self.clock)
+        self.jwks = self._remote_jwks(config)
+        identify = [AuthFilter(config.auth, config.routes, self.clock, self.jwks)] if config.auth else []
         self.pipeline = Pipeline(
             [
                 ForwardingHeaders(TrustedProxies(config.trusted_proxies)),  # sanitise, correlate
                 RoutingFilter(self.routes),                                  # match
-                # identify (auth) and limit (rate limits) plug in here
+                *identify,                                                   # identify (JWT, API keys)
+                # limit (rate limits) plugs in here
                 HeaderRulesFilter(config.routes),                            # transform
             ],
             self.proxy,                                                      # balance -> proxy
@@ -73,6 +78,22 @@ class Gateway(MultiService):
             service.setServiceParent(self)
             self.listeners.append(service)
 
+    def _remote_jwks(self, config: Config) -> RemoteJwks | None:
+        jwt_config = config.auth.jwt if config.auth is not None else None
+        if jwt_config is None or jwt_config.jwks_url is None:
+            return None
+        import treq
+        from twisted.web.client import HTTPConnectionPool
+        from twisted.web.http_headers import Headers
+        pool = HTTPConnectionPool(self.reactor, persistent=False)
+
+        def fetch(url: str) -> Deferred[bytes]:
+            d = treq.get(url, pool=pool, reactor=self.reactor, headers=Headers({b"Accept": [b"application/json"]}))
+            return d.addCallback(_body_if_ok)
+
+        return RemoteJwks(jwt_config.jwks_url, self.clock, fetch, jwt_config.jwks_cooldown,
+                          jwt_config.jwks_refresh, jwt_config.jwks_timeout)
+
     @property
     def upstreams(self) -> dict[str, Any]:
         return self.proxy.groups
@@ -83,6 +104,8 @@ class Gateway(MultiService):
 
     def startService(self) -> None:
         self.deadlines.start()
+        if self.jwks is not None:
+            self.jwks.start()
         if self.log_writer is not None:
             self.log_writer.start()
         super().startService()
@@ -98,9 +121,18 @@ class Gateway(MultiService):
         for conn in list(self.factory.connections):
             conn.transport.loseConnection()
         self.proxy.close()
+        if self.jwks is not None:
+            self.jwks.stop()
         self.deadlines.stop()
         if self.log_writer is not None:
             self.log_writer.stop()
 
     def _busy(self) -> bool:
         return any(conn._queue for conn in self.factory.connections)
+
+
+def _body_if_ok(response: Any) -> Deferred[bytes]:
+    import treq
+    if response.code != 200:
+        raise ValueError(f"HTTP {response.code}")
+    return treq.content(response)  # type: ignore[no-any-return]
