@@ -474,6 +474,73 @@ def test_route_values():
                           methods=frozenset({b"GET", b"HEAD"}), host="*.example.com", index=0)
 
 
+# --- route auth and roles ----------------------------------------------------------------
+
+AUTH = 'auth:\n  jwt: {algorithms: [HS256], secret_env: JWT_SECRET}\n'   # appended after the routes
+ENV = {"JWT_SECRET": "x" * 32}
+
+
+def auth_errors(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "c.yaml", ENV)
+    return [str(p) for p in info.value.problems]
+
+
+def test_route_auth_and_roles_values():
+    text = BASE.replace("upstream: users}", "upstream: users, auth: optional}").replace(
+        "upstream: orders}", "upstream: orders, roles: [admin, ops]}") + (
+        "  - {prefix: /api/a, upstream: users, auth: required}\n"
+        "  - {prefix: /api/b, upstream: users, auth: none}\n"
+        "  - {prefix: /api/c, upstream: users, auth: required, roles: [admin]}\n"
+        "  - {prefix: /api/d, upstream: users}\n") + AUTH
+    routes = parse_config(text, "c.yaml", ENV).routes
+    assert [(r.prefix, r.auth, r.roles) for r in routes] == [
+        ("/api/users", "optional", None),
+        ("/api/orders", "required", frozenset({"admin", "ops"})),   # roles imply required
+        ("/api/a", "required", None),
+        ("/api/b", "none", None),
+        ("/api/c", "required", frozenset({"admin"})),
+        ("/api/d", "none", None),
+    ]
+
+
+def test_route_auth_needs_an_auth_section():
+    text = BASE.replace("upstream: users}", "upstream: users, auth: required}").replace(
+        "upstream: orders}", "upstream: orders, roles: [admin]}") + "  - {prefix: /api/o, upstream: users, auth: optional}\n"
+    message = "this route needs credentials but the config has no auth: section"
+    assert errors(text) == [
+        f"c.yaml:7: routes[0].auth: {message}",
+        f"c.yaml:8: routes[1].auth: {message}",
+        f"c.yaml:9: routes[2].auth: {message}",
+    ]
+    # `auth: none` needs nothing
+    assert parse_config(BASE.replace("upstream: users}", "upstream: users, auth: none}"), "c.yaml").routes[0].auth == "none"
+
+
+def test_route_roles_need_auth_required():
+    text = BASE.replace("upstream: users}", "upstream: users, auth: optional, roles: [admin]}").replace(
+        "upstream: orders}", "upstream: orders,\n      auth: none,\n      roles: [admin]}") + AUTH
+    assert auth_errors(text) == [
+        "c.yaml:7: routes[0].roles: roles need auth: required, got auth: optional",
+        "c.yaml:10: routes[1].roles: roles need auth: required, got auth: none",
+    ]
+
+
+def test_route_auth_and_roles_bad_values():
+    text = BASE.replace("upstream: users}", "upstream: users, auth: yes}").replace(
+        "upstream: orders}", "upstream: orders, roles: []}") + (
+        "  - {prefix: /api/a, upstream: users, roles: admin}\n"
+        "  - {prefix: /api/b, upstream: users, roles: [admin, 7]}\n"
+        "  - {prefix: /api/c, upstream: users, auth: Required}\n") + AUTH
+    assert auth_errors(text) == [
+        "c.yaml:7: routes[0].auth: expected one of none, optional, required, got True",
+        "c.yaml:8: routes[1].roles: expected at least one role",
+        "c.yaml:9: routes[2].roles: expected a list, got 'admin'",
+        "c.yaml:10: routes[3].roles[1]: expected a string, got 7",
+        "c.yaml:11: routes[4].auth: expected one of none, optional, required, got 'Required'",
+    ]
+
+
 # --- later versions -----------------------------------------------------------------------
 
 @pytest.mark.parametrize(("edit", "line", "path", "message"), [
@@ -483,7 +550,6 @@ def test_route_values():
     (lambda t: t + 'admin: {endpoint: "tcp:9901"}\n', 9, "admin", NOT_YET),
     (lambda t: t + 'manhole: {endpoint: "tcp:2222"}\n', 9, "manhole", NOT_YET),
     (lambda t: t + 'redis:\n  url: "redis://127.0.0.1:6379/0"\n', 10, "redis", NOT_YET),
-    (lambda t: t + "auth:\n  jwt: {algorithms: [HS256], secret_env: JWT_SECRET}\n", 10, "auth", NOT_YET),
     (lambda t: t + "rate_limits: {backend: local}\n", 9, "rate_limits", NOT_YET),
     (lambda t: t.replace("users: {targets:", "users: {circuit_breaker: {open_for: 30s}, targets:"),
      4, "upstreams.users.circuit_breaker", NOT_YET),
@@ -497,8 +563,6 @@ def test_route_values():
      4, "upstreams.users.balance", f"random is {NOT_YET}"),
     (lambda t: t.replace("upstream: orders}", "upstream: orders, rate_limit: {key: ip}}"), 8, "routes[1].rate_limit", NOT_YET),
     (lambda t: t.replace("upstream: orders}", "upstream: orders, cache: {ttl: 30s}}"), 8, "routes[1].cache", NOT_YET),
-    (lambda t: t.replace("upstream: orders}", "upstream: orders, roles: [admin]}"), 8, "routes[1].roles", NOT_YET),
-    (lambda t: t.replace("upstream: orders}", "upstream: orders, auth: required}"), 8, "routes[1].auth", NOT_YET),
 ])
 def test_sections_of_later_versions_are_refused_by_key_path(edit, line, path, message):
     assert errors(edit(BASE)) == [f"c.yaml:{line}: {path}: {message}"]
@@ -595,31 +659,78 @@ def test_the_example_shows_every_supported_key():
                 "header_timeout:", "idle_timeout:", "drain_timeout:", "access_log:", "upstreams:", "targets:",
                 "connect_timeout:", "timeout:", "max_connections:", "preserve_host:", "balance: round_robin",
                 "routes:", "prefix:", "upstream:", "rewrite_prefix:", "methods:", "host:", "request_headers:",
-                "response_headers:", "security_headers:"):
+                "response_headers:", "security_headers:",
+                "auth:", "jwt:", "algorithms:", "jwks_url:", "jwks_cooldown:", "jwks_refresh:", "jwks_timeout:",
+                "issuer:", "audience:", "leeway:", "claims:", "cache_size:", "auth: required", "roles: [admin]"):
         assert key in live, key
     commented = "\n".join(line.split("#", 1)[1] for line in text.splitlines() if "#" in line)
-    for later in ("tls:", "admin:", "manhole:", "redis:", "auth:", "rate_limits:", "circuit_breaker:",
-                  "health_check:", "retries: 1", "cache:", "roles:", "auth: required", "https://search",
-                  "rate_limit:", "least_request"):
+    # Auth variants that need files or secrets the example cannot assume: shown, explained, commented.
+    for variant in ("secret_env:", "secret_file:", "jwks_file:", "public_keys:", "api_keys:", "hash-key"):
+        assert variant in commented, variant
+        assert variant not in live, variant
+    for later in ("tls:", "admin:", "manhole:", "redis:", "rate_limits:", "circuit_breaker:",
+                  "health_check:", "retries: 1", "cache:", "https://search", "rate_limit:", "least_request"):
         assert later in commented, later
-        if later != "auth:":  # `auth: none` is live: the one value this version accepts
-            assert later not in live, later
-    assert [line.strip() for line in live.splitlines() if "auth:" in line] == ["auth: none"]
+        assert later not in live, later
     assert "later version" in text.lower()
+
+
+def test_the_example_config_protects_users_and_orders():
+    config = load_config(str(EXAMPLE))
+    policies = {r.prefix: (r.auth, r.roles) for r in config.routes}
+    assert policies == {
+        "/api/users": ("required", None),
+        "/api/search": ("none", None),
+        "/api/orders": ("required", frozenset({"admin"})),
+        "/api/orders-legacy": ("none", None),
+    }
+    jwt_config = config.auth.jwt
+    assert jwt_config.algorithms == ("RS256",) and jwt_config.secret is None
+    assert jwt_config.jwks_url == "https://auth.example.com/.well-known/jwks.json"
+    assert (jwt_config.issuer, jwt_config.audience, jwt_config.leeway) == ("https://auth.example.com", ("api",), 30.0)
+    assert config.auth.api_keys is None
+
+
+def test_the_examples_commented_auth_variants_load_once_their_files_exist(tmp_path):
+    """Uncommenting the HS secret and api_keys lines (pointing them at real files) gives a valid config."""
+    secret = tmp_path / "jwt_secret"
+    secret.write_text("s" * 40 + "\n")
+    keys = tmp_path / "api_keys.yaml"
+    keys.write_text('- {hash: "sha256:' + "ab" * 32 + '", id: ci, role: admin, tier: pro}\n')
+    text = EXAMPLE.read_text()
+    text = text.replace("    algorithms: [RS256]", "    algorithms: [RS256, HS256]")
+    text = text.replace("    # secret_file: /etc/txgateway/jwt_secret", f"    secret_file: {secret}")
+    text = text.replace("  # api_keys:\n  #   header: X-API-Key\n  #   file: /etc/txgateway/api_keys.yaml",
+                        f"  api_keys:\n    header: X-API-Key\n    file: {keys}")
+    assert text.count(str(tmp_path)) == 2
+    config = parse_config(text, "example.yaml", {})
+    assert config.auth.jwt.secret == b"s" * 40
+    assert config.auth.jwt.algorithms == ("RS256", "HS256")
+    assert config.auth.api_keys.header == b"x-api-key"
+    (record,) = config.auth.api_keys.keys.values()
+    assert (record.id, record.role, record.tier) == ("ci", "admin", "pro")
+    # The secret_env variant instead: needs the variable, and says so when it is missing.
+    text_env = EXAMPLE.read_text().replace("    algorithms: [RS256]", "    algorithms: [RS256, HS256]").replace(
+        "    # secret_env: JWT_SECRET", "    secret_env: JWT_SECRET")
+    assert parse_config(text_env, "example.yaml", {"JWT_SECRET": "e" * 32}).auth.jwt.secret == b"e" * 32
+    line = text_env.splitlines().index("    secret_env: JWT_SECRET                     # from this environment variable, or") + 1
+    with pytest.raises(ConfigError) as info:
+        parse_config(text_env, "example.yaml", {})
+    assert str(info.value) == f"example.yaml:{line}: auth.jwt.secret_env: environment variable JWT_SECRET is not set or empty"
 
 
 def test_the_examples_later_version_blocks_are_refused_when_uncommented(tmp_path):
     """Uncommenting a 'later versions' block must fail loudly, never be ignored."""
     text = EXAMPLE.read_text()
-    uncommented = re.sub(r"^# (admin|manhole|redis|auth|rate_limits):", r"\1:", text, flags=re.MULTILINE)
+    uncommented = re.sub(r"^# (admin|manhole|redis|rate_limits):", r"\1:", text, flags=re.MULTILINE)
     assert uncommented.count("\n") == text.count("\n") and uncommented != text
     path = tmp_path / "later.yaml"
     path.write_text(uncommented)
     with pytest.raises(ConfigError) as info:
         load_config(str(path))
     paths = {p.path for p in info.value.problems}
-    assert {"admin", "manhole", "redis", "auth", "rate_limits"} <= paths
-    assert all(NOT_YET in p.message for p in info.value.problems if p.path in {"admin", "manhole", "redis", "auth", "rate_limits"})
+    assert {"admin", "manhole", "redis", "rate_limits"} <= paths
+    assert all(NOT_YET in p.message for p in info.value.problems if p.path in {"admin", "manhole", "redis", "rate_limits"})
 
 
 def test_values_are_frozen():
