@@ -21,7 +21,7 @@ import jwt
 import yaml
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from txgateway._yamlreader import Reader, compose
+from txgateway._yamlreader import ConfigError, Reader, _Invalid, compose
 from txgateway.units import parse_duration
 
 __all__ = [
@@ -165,10 +165,10 @@ def _jwt(r: Reader, node: yaml.Node, env: Mapping[str, str]) -> JwtConfig:
     if not algorithms:
         raise r.fail(f["algorithms"], f"{path}.algorithms", "expected at least one algorithm")
     values: dict[str, Any] = {"algorithms": tuple(algorithms)}
-    secret = _secret(r, f, env, path)
+    secret = r.attempt(lambda: _secret(r, f, env, path), None)  # its problem is recorded; keep checking
     wants_hmac = any(a in HMAC for a in algorithms)
     wants_keys = any(a in ASYMMETRIC for a in algorithms)
-    if wants_hmac and secret is None:
+    if wants_hmac and not {"secret_env", "secret_file"} & set(f):
         r.fail(f["algorithms"], f"{path}.algorithms", "HS algorithms need secret_env or secret_file")
     if secret is not None and not wants_hmac:
         r.fail(f.get("secret_env") or f.get("secret_file"), path, "a secret is configured but no HS algorithm is allowed")
@@ -278,7 +278,11 @@ def _api_keys(r: Reader, node: yaml.Node) -> ApiKeysConfig:
 def _keys_file(outer: Reader, text: str, file: str) -> dict[bytes, ApiKey]:
     """The keys file is reported with its own name and lines."""
     r = Reader(file, outer.problems)
-    root = compose(text, file)
+    try:
+        root = compose(text, file)
+    except ConfigError as e:  # reported with the rest, not instead of it
+        outer.problems.extend(e.problems)
+        raise _Invalid() from None
     keys: dict[bytes, ApiKey] = {}
     if root is None:
         return keys
