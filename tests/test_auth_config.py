@@ -97,7 +97,7 @@ def test_a_full_jwt_section(tmp_path, rsa_key):
 def test_jwt_defaults_and_a_single_audience():
     j = config("""\
         auth:
-          jwt: {algorithms: [HS512], secret_env: JWT_SECRET, audience: api}
+          jwt: {algorithms: [HS256], secret_env: JWT_SECRET, audience: api}
         """).auth.jwt
     assert j.audience == ("api",)
     assert (j.issuer, j.leeway, j.claims, j.jwks_cooldown, j.jwks_url, j.public_keys, j.jwks) == (
@@ -168,7 +168,7 @@ def test_none_algorithm(name):
               - HS256
               - {name}
             secret_env: JWT_SECRET
-        """) == [f'c.yaml:13: auth.jwt.algorithms[1]: "none" is never accepted: unsigned tokens prove nothing']
+        """) == ['c.yaml:13: auth.jwt.algorithms[1]: "none" is never accepted: unsigned tokens prove nothing']
 
 
 def test_algorithms_missing_or_empty():
@@ -230,7 +230,7 @@ def test_secret_shorter_than_32_bytes(tmp_path):
             algorithms: [HS256]
             secret_env: JWT_SECRET
         """, env={"JWT_SECRET": "x" * 31}) == [
-        "c.yaml:12: auth.jwt.secret_env: the HS secret must be at least 32 bytes, got 31",
+        "c.yaml:12: auth.jwt.secret_env: the HS secret must be at least 32 bytes for HS256, got 31",
     ]
     short = tmp_path / "short"
     short.write_text("  " + "y" * 20 + "  \n")       # surrounding whitespace does not count
@@ -239,10 +239,23 @@ def test_secret_shorter_than_32_bytes(tmp_path):
           jwt:
             algorithms: [HS256]
             secret_file: {short}
-        """) == ["c.yaml:12: auth.jwt.secret_file: the HS secret must be at least 32 bytes, got 20"]
+        """) == ["c.yaml:12: auth.jwt.secret_file: the HS secret must be at least 32 bytes for HS256, got 20"]
     # 32 multi-byte characters are more than 32 bytes: accepted
     assert config("auth:\n  jwt: {algorithms: [HS256], secret_env: JWT_SECRET}\n",
                   env={"JWT_SECRET": "\u00e9" * 16}).auth.jwt.secret == ("\u00e9" * 16).encode()
+
+
+@pytest.mark.parametrize(("algorithms", "length", "expected"), [
+    ("[HS384]", 47, "at least 48 bytes for HS384, got 47"),
+    ("[HS256, HS384]", 40, "at least 48 bytes for HS384, got 40"),
+    ("[HS512, HS256]", 63, "at least 64 bytes for HS512, got 63"),
+    ("[HS384, HS512]", 48, "at least 64 bytes for HS512, got 48"),
+])
+def test_secret_as_long_as_the_longest_allowed_hs_hash(algorithms, length, expected):
+    """RFC 7518 3.2: the key MUST be at least as long as the hash output."""
+    text = f"auth:\n  jwt:\n    algorithms: {algorithms}\n    secret_env: JWT_SECRET\n"
+    assert errors(text, env={"JWT_SECRET": "z" * length}) == [f"c.yaml:12: auth.jwt.secret_env: the HS secret must be {expected}"]
+    assert config(text, env={"JWT_SECRET": "z" * (length + 1 if length in (47, 63) else 64)}).auth.jwt.secret
 
 
 def test_secret_env_and_secret_file_both(tmp_path):

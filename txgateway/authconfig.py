@@ -40,7 +40,8 @@ __all__ = [
 
 HMAC = frozenset({"HS256", "HS384", "HS512"})
 ASYMMETRIC = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"})
-_MIN_SECRET = 32  # bytes; RFC 7518 3.2: an HS256 key at least as long as the hash output
+# RFC 7518 3.2: an HS key MUST be at least as long as the hash output (bytes)
+_MIN_SECRET = {"HS256": 32, "HS384": 48, "HS512": 64}
 _HASH = re.compile(r"^sha256:([0-9a-f]{64})$")
 
 
@@ -165,7 +166,8 @@ def _jwt(r: Reader, node: yaml.Node, env: Mapping[str, str]) -> JwtConfig:
     if not algorithms:
         raise r.fail(f["algorithms"], f"{path}.algorithms", "expected at least one algorithm")
     values: dict[str, Any] = {"algorithms": tuple(algorithms)}
-    secret = r.attempt(lambda: _secret(r, f, env, path), None)  # its problem is recorded; keep checking
+    strongest = max((a for a in algorithms if a in HMAC), key=_MIN_SECRET.__getitem__, default="HS256")
+    secret = r.attempt(lambda: _secret(r, f, env, path, strongest), None)  # its problem is recorded; keep checking
     wants_hmac = any(a in HMAC for a in algorithms)
     wants_keys = any(a in ASYMMETRIC for a in algorithms)
     if wants_hmac and not {"secret_env", "secret_file"} & set(f):
@@ -207,7 +209,7 @@ def _jwt(r: Reader, node: yaml.Node, env: Mapping[str, str]) -> JwtConfig:
     return JwtConfig(**values)
 
 
-def _secret(r: Reader, f: dict[str, yaml.Node], env: Mapping[str, str], path: str) -> bytes | None:
+def _secret(r: Reader, f: dict[str, yaml.Node], env: Mapping[str, str], path: str, algorithm: str) -> bytes | None:
     if "secret_env" in f and "secret_file" in f:
         raise r.fail(f["secret_file"], f"{path}.secret_file", "use secret_env or secret_file, not both")
     if "secret_env" in f:
@@ -227,8 +229,9 @@ def _secret(r: Reader, f: dict[str, yaml.Node], env: Mapping[str, str], path: st
         where = (f["secret_file"], f"{path}.secret_file")
     else:
         return None
-    if len(secret) < _MIN_SECRET:
-        raise r.fail(where[0], where[1], f"the HS secret must be at least {_MIN_SECRET} bytes, got {len(secret)}")
+    if len(secret) < _MIN_SECRET[algorithm]:
+        raise r.fail(where[0], where[1],
+                     f"the HS secret must be at least {_MIN_SECRET[algorithm]} bytes for {algorithm}, got {len(secret)}")
     return secret
 
 

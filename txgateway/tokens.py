@@ -108,10 +108,10 @@ class TokenVerifier:
         cached = self._cache.get(token)
         if cached is not None:
             identity, cached_exp, cached_nbf = cached
-            if cached_nbf - leeway <= now <= cached_exp + leeway:
+            if cached_nbf - leeway <= now < cached_exp + leeway:
                 return identity
             del self._cache[token]
-            raise InvalidToken("the token has expired" if now > cached_exp + leeway else "the token is not valid yet")
+            raise InvalidToken("the token has expired" if now >= cached_exp + leeway else "the token is not valid yet")
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -123,7 +123,7 @@ class TokenVerifier:
         exp = claims.get("exp")
         if isinstance(exp, bool) or not isinstance(exp, (int, float)):
             raise InvalidToken("the token has no valid exp")
-        if now > exp + leeway:
+        if now >= exp + leeway:  # RFC 7519 4.1.4: not accepted on or after exp
             raise InvalidToken("the token has expired")
         nbf = claims.get("nbf", float("-inf"))
         if isinstance(nbf, bool) or not isinstance(nbf, (int, float)):
@@ -140,9 +140,10 @@ class TokenVerifier:
         identity = Identity(user_id, safe_claim(names.role, claims.get(names.role)),
                             safe_claim(names.tier, claims.get(names.tier)), "jwt")
         cache = self._cache
-        if len(cache) >= self.config.cache_size:
-            del cache[next(iter(cache))]
-        cache[token] = (identity, float(exp), float(nbf))
+        if self.config.cache_size > 0:  # cache_size: 0 turns the cache off
+            if len(cache) >= self.config.cache_size:
+                del cache[next(iter(cache))]
+            cache[token] = (identity, float(exp), float(nbf))
         return identity
 
     def _decode(self, token: str, algorithm: str, kid: Any) -> dict[str, Any]:
