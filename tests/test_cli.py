@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -200,3 +203,232 @@ def test_options_with_a_missing_config(tmp_path):
     with pytest.raises(usage.UsageError) as info:
         options("--config", str(path))
     assert str(info.value) == f"invalid config:\n{path}: cannot read config: No such file or directory"
+
+
+def test_check_config_accepts_the_example_with_no_environment_at_all():
+    """The example's live auth section needs no secret: it must check out on a bare machine."""
+    result = subprocess.run([str(TXGATEWAY), "check-config", str(EXAMPLE)], capture_output=True, text=True,
+                            timeout=60, env={}, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{EXAMPLE}: OK (4 routes, 3 upstreams, 1 listeners)\n"
+
+
+def test_check_config_reports_auth_problems_with_file_line_and_path(tmp_path):
+    path = tmp_path / "auth.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        listen: [{{endpoint: "tcp:8080"}}]
+        upstreams:
+          users: {{targets: ["http://127.0.0.1:3001"]}}
+        routes:
+          - {{prefix: /api/users, upstream: users, auth: optional, roles: [admin]}}
+        auth:
+          jwt:
+            algorithms: [HS256, none]
+            secret_env: TXGW_TEST_UNSET_SECRET
+            public_keys: [{tmp_path}/missing.pem]
+        """))
+    env = {k: v for k, v in os.environ.items() if k != "TXGW_TEST_UNSET_SECRET"}
+    result = subprocess.run([str(TXGATEWAY), "check-config", str(path)], capture_output=True, text=True,
+                            timeout=60, env=env, check=False)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f'{path}:8: auth.jwt.algorithms[1]: "none" is never accepted: unsigned tokens prove nothing',
+        f"{path}:9: auth.jwt.secret_env: environment variable TXGW_TEST_UNSET_SECRET is not set or empty",
+        f"{path}:10: auth.jwt.public_keys[0]: cannot read {tmp_path}/missing.pem: No such file or directory",
+        f"{path}:5: routes[0].roles: roles need auth: required, got auth: optional",
+        f"{path}: 4 error(s), configuration rejected",
+    ]
+
+
+# --- txgateway token ------------------------------------------------------------------------
+
+def test_token_for_the_demo_verifies_against_the_demo_config():
+    import jwt as pyjwt
+    from twisted.internet.task import Clock
+
+    from txgateway.demo import DEMO_SECRET, demo_config
+    from txgateway.tokens import Identity, TokenVerifier
+    before = int(time.time())
+    result = run("token", "--demo", "--sub", "alice", "--role", "admin", "--tier", "pro")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    token = result.stdout.strip()
+    assert result.stdout == token + "\n" and token.count(".") == 2
+    assert pyjwt.get_unverified_header(token)["alg"] == "HS256"
+    claims = pyjwt.decode(token, DEMO_SECRET, algorithms=["HS256"], issuer="txgateway-demo")
+    assert {k: claims[k] for k in ("sub", "role", "tier", "iss")} == {
+        "sub": "alice", "role": "admin", "tier": "pro", "iss": "txgateway-demo"}
+    assert before <= claims["iat"] <= int(time.time()) and claims["exp"] - claims["iat"] == 3600
+    clock = Clock()
+    clock.advance(time.time())
+    assert TokenVerifier(demo_config().auth.jwt, clock).verify(token) == Identity("alice", "admin", "pro", "jwt")
+    # and not with another secret
+    with pytest.raises(pyjwt.InvalidSignatureError):
+        pyjwt.decode(token, DEMO_SECRET + "x", algorithms=["HS256"])
+
+
+def test_token_ttl_and_optional_claims():
+    import jwt as pyjwt
+
+    from txgateway.demo import DEMO_SECRET
+    result = run("token", "--demo", "--sub", "bob", "--ttl", "15m")
+    assert result.returncode == 0, result.stderr
+    claims = pyjwt.decode(result.stdout.strip(), DEMO_SECRET, algorithms=["HS256"])
+    assert claims["exp"] - claims["iat"] == 900
+    assert "role" not in claims and "tier" not in claims and claims["sub"] == "bob"
+    bad = run("token", "--demo", "--sub", "bob", "--ttl", "forever")
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr == '--ttl: expected a duration like "250ms", "5s" or "1m", got "forever"\n'
+
+
+def test_token_from_a_config_with_an_hs_secret_uses_its_claims_issuer_and_audience(tmp_path):
+    import jwt as pyjwt
+    secret = tmp_path / "secret"
+    secret.write_text("c" * 48 + "\n")
+    path = tmp_path / "gw.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        listen: [{{endpoint: "tcp:8080"}}]
+        upstreams: {{users: {{targets: ["http://127.0.0.1:3001"]}}}}
+        routes: [{{prefix: /api/users, upstream: users, auth: required}}]
+        auth:
+          jwt:
+            algorithms: [RS256, HS384]
+            jwks_url: https://auth.example.com/jwks.json
+            secret_file: {secret}
+            issuer: https://auth.example.com
+            audience: [api, other]
+            claims: {{user_id: uid, role: grp, tier: plan}}
+        """))
+    result = run("token", "--config", str(path), "--sub", "carol", "--role", "ops", "--tier", "gold")
+    assert result.returncode == 0, result.stderr
+    token = result.stdout.strip()
+    assert pyjwt.get_unverified_header(token)["alg"] == "HS384"
+    claims = pyjwt.decode(token, "c" * 48, algorithms=["HS384"], audience="api", issuer="https://auth.example.com")
+    assert (claims["uid"], claims["grp"], claims["plan"], claims["aud"]) == ("carol", "ops", "gold", "api")
+    assert "sub" not in claims
+
+
+def test_token_with_a_config_lacking_an_hs_secret(tmp_path):
+    path = tmp_path / "rs-only.yaml"
+    path.write_text(textwrap.dedent("""\
+        listen: [{endpoint: "tcp:8080"}]
+        upstreams: {users: {targets: ["http://127.0.0.1:3001"]}}
+        routes: [{prefix: /api/users, upstream: users, auth: required}]
+        auth:
+          jwt: {algorithms: [RS256], jwks_url: "https://auth.example.com/jwks.json"}
+        """))
+    result = run("token", "--config", str(path), "--sub", "alice")
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr == f"{path}: auth.jwt has no HS secret (secret_env or secret_file) to sign with\n"
+    no_auth = tmp_path / "no-auth.yaml"
+    no_auth.write_text('listen: [{endpoint: "tcp:8080"}]\nupstreams: {u: {targets: ["http://127.0.0.1:1"]}}\nroutes: []\n')
+    result = run("token", "--config", str(no_auth), "--sub", "alice")
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == f"{no_auth}: auth.jwt has no HS secret (secret_env or secret_file) to sign with\n"
+    # the example config (RS256 from a JWKS URL) has none either
+    result = run("token", "--config", str(EXAMPLE), "--sub", "alice")
+    assert result.returncode == 1
+    assert result.stderr == f"{EXAMPLE}: auth.jwt has no HS secret (secret_env or secret_file) to sign with\n"
+
+
+def test_token_with_an_invalid_or_missing_config(tmp_path):
+    missing = tmp_path / "missing.yaml"
+    result = run("token", "--config", str(missing), "--sub", "alice")
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == f"{missing}: cannot read config: No such file or directory\n"
+    path = tmp_path / "unset.yaml"
+    path.write_text(textwrap.dedent("""\
+        listen: [{endpoint: "tcp:8080"}]
+        upstreams: {users: {targets: ["http://127.0.0.1:3001"]}}
+        routes: []
+        auth:
+          jwt: {algorithms: [HS256], secret_env: TXGW_TEST_UNSET_SECRET}
+        """))
+    env = {k: v for k, v in os.environ.items() if k != "TXGW_TEST_UNSET_SECRET"}
+    result = subprocess.run([str(TXGATEWAY), "token", "--config", str(path), "--sub", "alice"], capture_output=True,
+                            text=True, timeout=60, env=env, check=False)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == f"{path}:5: auth.jwt.secret_env: environment variable TXGW_TEST_UNSET_SECRET is not set or empty\n"
+    assert "Traceback" not in result.stderr
+
+
+def test_token_usage_errors():
+    assert run("token", "--sub", "alice").returncode == 2                       # --config or --demo
+    assert run("token", "--demo").returncode == 2                               # --sub
+    result = run("token", "--demo", "--config", str(EXAMPLE), "--sub", "a")
+    assert result.returncode == 2 and "not allowed with" in result.stderr
+
+
+# --- txgateway hash-key -------------------------------------------------------------------
+
+def run_stdin(stdin: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(TXGATEWAY), *args], input=stdin, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_hash_key_prints_a_keys_file_entry():
+    key = "k3y-" + "x" * 28
+    result = run_stdin(key + "\n", "hash-key", "--id", "ci-bot", "--role", "admin", "--tier", "pro")
+    assert result.returncode == 0, result.stderr
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    assert result.stdout == f'- {{hash: "sha256:{digest}", id: ci-bot, role: admin, tier: pro}}\n'
+    assert key not in result.stdout and result.stderr == ""
+    defaults = run_stdin(key, "hash-key")                                        # no newline at the end: same key
+    assert defaults.stdout == f'- {{hash: "sha256:{digest}", id: CHANGE-ME, role: user, tier: free}}\n'
+    crlf = run_stdin(key + "\r\n", "hash-key", "--id", "ci-bot", "--role", "admin", "--tier", "pro")
+    assert crlf.stdout == result.stdout
+
+
+def test_hash_key_entry_works_in_a_keys_file(tmp_path):
+    from txgateway.config import parse_config
+    key = "a-real-key-0123456789"
+    entries = [run_stdin(key, "hash-key", "--id", "svc", "--role", "admin", "--tier", "pro").stdout,
+               run_stdin("another-key-0123456789", "hash-key", "--id", "other").stdout]
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("".join(entries))
+    config = parse_config('listen: [{endpoint: "tcp:0"}]\nupstreams: {u: {targets: ["http://127.0.0.1:1"]}}\n'
+                          f"routes: []\nauth:\n  api_keys: {{file: {keys}}}\n", "c.yaml", {})
+    records = config.auth.api_keys.keys
+    record = records[hashlib.sha256(key.encode()).digest()]
+    assert (record.id, record.role, record.tier) == ("svc", "admin", "pro")
+    assert len(records) == 2
+
+
+@pytest.mark.parametrize("value", ["x, role: admin", "a: b", "123", "yes", "null", "#ops", "[admin]", 'say "hi"'])
+def test_hash_key_quotes_values_that_would_not_read_back_as_themselves(tmp_path, value):
+    """An id such as `123` or `x, role: admin` must not become a number or an extra key."""
+    from txgateway.config import parse_config
+    result = run_stdin("a-real-key-0123456789", "hash-key", "--id", value, "--role", value, "--tier", value)
+    assert result.returncode == 0, result.stderr
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(result.stdout)
+    config = parse_config('listen: [{endpoint: "tcp:0"}]\nupstreams: {u: {targets: ["http://127.0.0.1:1"]}}\n'
+                          f"routes: []\nauth:\n  api_keys: {{file: {keys}}}\n", "c.yaml", {})
+    (record,) = config.auth.api_keys.keys.values()
+    assert (record.id, record.role, record.tier) == (value, value, value)
+
+
+@pytest.mark.parametrize("key", ["", "\n", "short", "x" * 15, "x" * 15 + "\n" + "y" * 20])
+def test_hash_key_refuses_short_keys(key):
+    result = run_stdin(key, "hash-key")
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.startswith("refusing: an API key should be at least 16 characters of randomness")
+
+
+def test_hash_key_accepts_16_characters():
+    result = run_stdin("x" * 16 + "\n", "hash-key")
+    assert result.returncode == 0
+    assert hashlib.sha256(b"x" * 16).hexdigest() in result.stdout
+
+
+# --- the demo ------------------------------------------------------------------------------
+
+def test_the_demo_protects_users_and_orders():
+    from txgateway.demo import BANNER, demo_config
+    config = demo_config()
+    policies = {r.prefix: (r.auth, r.roles) for r in config.routes}
+    assert policies == {"/api/users": ("required", None), "/api/search": ("none", None),
+                        "/api/orders": ("required", frozenset({"admin"}))}
+    assert config.auth.jwt.algorithms == ("HS256",)
+    assert "txgateway token --demo" in BANNER

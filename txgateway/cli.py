@@ -72,8 +72,23 @@ def hash_key(args: argparse.Namespace) -> int:
         print("refusing: an API key should be at least 16 characters of randomness "
               "(e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))')", file=sys.stderr)
         return 1
-    print(f'- {{hash: "{hash_api_key(key)}", id: {args.id}, role: {args.role}, tier: {args.tier}}}')
+    print(f'- {{hash: "{hash_api_key(key)}", id: {_flow_scalar(args.id)}, role: {_flow_scalar(args.role)}, '
+          f'tier: {_flow_scalar(args.tier)}}}')
     return 0
+
+
+def _flow_scalar(value: str) -> str:
+    """`value` as it must be written inside `{...}` to read back as that same string
+    (quoted when bare it would be a number, a boolean, or break the mapping: `a, b`, `#x`)."""
+    import json
+
+    import yaml
+    try:
+        if yaml.safe_load(f"{{k: {value}}}") == {"k": value}:
+            return value
+    except yaml.YAMLError:
+        pass
+    return json.dumps(value)
 
 
 def main(argv: list[str] | None = None) -> int:
