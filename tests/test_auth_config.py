@@ -528,3 +528,17 @@ def test_parse_jwks_ignores_a_non_string_kid_and_refuses_a_non_string_alg():
 def _jwk_json(public_key) -> str:
     import jwt
     return jwt.algorithms.ECAlgorithm.to_jwk(public_key)
+
+
+def test_parse_jwks_skips_encryption_and_key_agreement_keys_without_use():
+    """RFC 7517: `use` is optional. An IdP's encryption key beside its signing keys must not make the
+    whole set unusable (for a jwks_url that would mean 503 for every RS token)."""
+    encryption = {"kty": "RSA", "alg": "RSA-OAEP", "kid": "enc-1", "e": "AQAB", "n": RFC7517_A1_RSA["n"]}
+    agreement = {"kty": "OKP", "crv": "X25519", "kid": "ecdh-1", "x": "hSDwCYkwp1R0i33ctD73Wg2_Og0mOBr066SpjqqbTmo"}
+    (key,) = parse_jwks({"keys": [encryption, RFC7517_A1_RSA, agreement]})
+    assert key.kid == "2011-04-29"
+    with pytest.raises(ValueError, match=r"^no signature keys in it$"):
+        parse_jwks({"keys": [encryption, agreement]})
+    # a malformed key of a signature type is still an error, not skipped
+    with pytest.raises(ValueError, match=r"^keys\[1\] is not a usable key: "):
+        parse_jwks({"keys": [RFC7517_A1_RSA, {"kty": "RSA", "alg": "RS256", "e": "AQAB"}]})

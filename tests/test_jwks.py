@@ -87,6 +87,18 @@ def test_first_fetch_on_start(keys):
     r.stop()
 
 
+def test_an_encryption_key_in_the_set_does_not_spoil_it(keys):
+    clock, fetch = clock_at(), FakeFetch()
+    r = remote(clock, fetch)
+    r.start()
+    body = json.loads(jwks(keys, "a"))
+    body["keys"].append({**jwt.algorithms.RSAAlgorithm.to_jwk(keys["b"].public_key(), as_dict=True),
+                         "kid": "enc", "alg": "RSA-OAEP"})
+    fetch.last.callback(json.dumps(body).encode())
+    assert list(r.current()) == ["a"] and r.failures == 0
+    r.stop()
+
+
 def test_periodic_refresh_and_stop(keys):
     clock, fetch = clock_at(), FakeFetch()
     r = remote(clock, fetch, refresh=300)

@@ -84,6 +84,9 @@ def parse_jwks(data: Any) -> tuple[Jwk, ...]:
             continue
         if entry.get("kty") == "oct":
             raise ValueError(f"keys[{index}] is a symmetric (oct) key; only public keys belong in a JWKS")
+        declared = entry.get("alg")
+        if (isinstance(declared, str) and declared not in HMAC | ASYMMETRIC) or entry.get("crv") in ("X25519", "X448"):
+            continue  # an encryption or key-agreement key ("use" is optional): not ours, and no reason to refuse the set
         try:
             key = jwt.PyJWK(entry).key
         except (jwt.PyJWKError, jwt.InvalidKeyError, KeyError, TypeError, ValueError) as e:

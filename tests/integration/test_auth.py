@@ -281,6 +281,22 @@ async def test_a_401_keeps_the_connection_and_the_same_token_works_again(reactor
 
 
 @pytest_twisted.ensureDeferred
+async def test_expect_100_continue_is_answered_only_after_auth(reactor, echo, gateway, secret_file):
+    gw = await gateway(hs_config(echo.url, secret_file))
+    head = "POST /api/users/1 HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\n"
+    resp = await raw(gw.port, (head + "\r\n").encode(), read_timeout=2)
+    assert not resp.startswith(b"HTTP/1.1 100")          # the client is not invited to send a body we refuse
+    (r,) = parse_responses(resp)
+    assert r.header("www-authenticate") == challenge("invalid_request", "credentials are required")
+    resp = await raw(gw.port, [(head + f"Authorization: Bearer {hs(sub='erin')}\r\nConnection: close\r\n\r\n").encode(),
+                               b"hello"], pause=0.2)
+    assert resp.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+    (r,) = parse_responses(resp)
+    assert r.status == 200 and r.json()["body_bytes"] == 5 and seen_identity(r)["X-User-Id"] == "erin"
+    assert len(echo.requests) == 1
+
+
+@pytest_twisted.ensureDeferred
 async def test_roles_give_403_to_a_valid_identity_without_the_role(reactor, echo, gateway, secret_file):
     gw = await gateway(hs_config(echo.url, secret_file))
     assert (await get(gw, "/api/orders/1", token=hs(role="admin"))).status == 200
