@@ -61,9 +61,22 @@ class JsonLinesWriter:
 _FIELDS = ("time", "correlation_id", "client_ip", "method", "path", "route", "upstream", "target",
            "status", "duration_ms", "upstream_ms", "bytes_in", "bytes_out", "user_id", "rate_limit",
            "breaker", "error", "detail")
-_LINE = ('{"time":"%s","correlation_id":%s,"client_ip":%s,"method":%s,"path":%s,"route":%s,'
+# correlation_id (validated charset or a UUID) and method (an llhttp-validated token) need
+# no escaping; every other string is escaped.
+_LINE = ('{"time":"%s","correlation_id":"%s","client_ip":%s,"method":"%s","path":%s,"route":%s,'
          '"upstream":%s,"target":%s,"status":%d,"duration_ms":%.3f,"upstream_ms":%s,"bytes_in":%d,'
          '"bytes_out":%d,"user_id":%s,"rate_limit":%s,"breaker":%s,"error":%s,"detail":%s}\n')
+
+
+_CONFIG_STRINGS: dict[Any, str] = {None: "null"}  # route prefixes, upstream names, target URLs
+
+
+def _config_string(value: Any) -> str:
+    """JSON for values from the config (few, repeated): escaped once, then remembered."""
+    text = _CONFIG_STRINGS.get(value)
+    if text is None:
+        text = _CONFIG_STRINGS[value] = encode_basestring_ascii(value)
+    return text
 
 
 def _json(value: Any) -> str:
@@ -92,9 +105,17 @@ class AccessRecord(tuple):
         (stamp, cid, client, method, path, route, upstream, target, status, duration, upstream_ms,
          bytes_in, bytes_out, user_id, rate_limit, breaker, error, detail) = self
         j = _json
-        return _LINE % (stamp, j(cid), j(client), j(method), j(path), j(route), j(upstream), j(target),
-                        status, duration, j(upstream_ms), bytes_in, bytes_out, j(user_id),
-                        j(rate_limit), j(breaker), j(error), j(detail))
+        esc = encode_basestring_ascii
+        config = _CONFIG_STRINGS.get
+        return _LINE % (stamp, cid, esc(client), method, esc(path),
+                        config(route) or _config_string(route), config(upstream) or _config_string(upstream),
+                        config(target) or _config_string(target), status, duration,
+                        "null" if upstream_ms is None else "%.3f" % upstream_ms, bytes_in, bytes_out,
+                        "null" if user_id is None else j(user_id),
+                        "null" if rate_limit is None else j(rate_limit),
+                        "null" if breaker is None else j(breaker),
+                        "null" if error is None else j(error),
+                        "null" if detail is None else j(detail))
 
 
 class AccessLog:

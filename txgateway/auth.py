@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred
 from txgateway.authconfig import AuthConfig
 from txgateway.config import Route
 from txgateway.jwks import RemoteJwks
-from txgateway.pipeline import LocalResponse, RequestContext, ResponseHead, error_response
+from txgateway.pipeline import LocalResponse, RequestContext, error_response
 from txgateway.tokens import Identity, InvalidToken, KeysUnavailable, TokenVerifier, UnknownKey
 
 __all__ = ["AuthFilter"]
@@ -117,5 +117,4 @@ class AuthFilter:
         ctx.headers.extend(identity.headers())
         return None
 
-    def on_response(self, ctx: RequestContext, head: ResponseHead) -> None:
-        pass
+    on_response = None  # no response phase

@@ -87,8 +87,20 @@ class TrustedProxies:
 class ForwardingHeaders:
     """Sanitise client headers and add correlation, trace and X-Forwarded-* headers."""
 
+    _BLOCK = 40 * 512  # random bytes per getrandom call: 40 per request (ids and trace)
+
     def __init__(self, trusted: TrustedProxies) -> None:
         self.trusted = trusted
+        self._entropy = b""
+        self._used = 0
+
+    def _random40(self) -> bytes:
+        used = self._used
+        if used >= len(self._entropy):
+            self._entropy = os.urandom(self._BLOCK)
+            used = 0
+        self._used = used + 40
+        return self._entropy[used:used + 40]
 
     def on_request(self, ctx: Any) -> None:
         incoming_cid = incoming_trace = xff = xfp = xfh = None
@@ -107,7 +119,7 @@ class ForwardingHeaders:
                     xfh = value
                 continue
             kept.append((name, value))
-        random = os.urandom(40)
+        random = self._random40()
         ctx.correlation_id = cid = correlation_id(incoming_cid, random[24:])
         peer = ctx.peer_ip
         trusted = peer in self.trusted

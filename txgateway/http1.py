@@ -110,8 +110,9 @@ class HTTP1Connection(Protocol):
         self._queue.clear()
 
     def _wait(self, seconds: float) -> None:
-        self.deadline = self.factory.clock.seconds() + seconds
-        self.factory.deadlines.add(self)
+        deadlines = self.factory.deadlines
+        self.deadline = deadlines.now + seconds
+        deadlines.add(self)
 
     def expired(self) -> None:
         """Header timeout (408 once a request started) or idle keep-alive timeout."""
@@ -170,10 +171,14 @@ class HTTP1Connection(Protocol):
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._count(len(url))
+        self._header_bytes += len(url)
+        if self._header_bytes > self.limits.max_header_bytes:
+            raise _Reject(431, "HEADERS_TOO_LARGE", "request headers are too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count(len(name) + len(value) + 4)
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > self.limits.max_header_bytes:
+            raise _Reject(431, "HEADERS_TOO_LARGE", "request headers are too large")
         name = name.lower()
         if name in _HOP_BY_HOP or name.startswith(b"proxy-"):
             if name == b"connection":
@@ -183,11 +188,6 @@ class HTTP1Connection(Protocol):
             self._framing[name] = value
             return
         self._headers.append((name, value))
-
-    def _count(self, n: int) -> None:
-        self._header_bytes += n
-        if self._header_bytes > self.limits.max_header_bytes:
-            raise _Reject(431, "HEADERS_TOO_LARGE", "request headers are too large")
 
     def on_headers_complete(self) -> None:
         self.factory.deadlines.discard(self)
@@ -285,8 +285,7 @@ class HTTP1Connection(Protocol):
             return
         status = head.status
         parts = [b"HTTP/1.1 %d %s\r\n" % (status, head.reason)]
-        for name, value in head.headers:
-            parts.append(name + b": " + value + b"\r\n")
+        parts += [b"%s: %s\r\n" % header for header in head.headers]
         close = not ctx.keep_alive or (self._broken and len(self._queue) == 1)
         self._chunked_out = False
         self._no_body_out = ctx.method == b"HEAD" or status in (204, 304) or status < 200

@@ -15,6 +15,7 @@ Nothing here knows which transport carried the request: adapters implement `Down
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -142,13 +143,19 @@ class RequestContext:
 
 
 class Filter(Protocol):
-    """One stage of the pipeline (Envoy filter / Kong plugin phase)."""
+    """One stage of the pipeline (Envoy filter / Kong plugin phase).
 
-    def on_request(self, ctx: RequestContext) -> LocalResponse | Deferred[LocalResponse | None] | None:
-        """Access phase: may wait on I/O (return a Deferred) or answer locally."""
+    `on_request(ctx)` is the access phase: it may wait on I/O (return a Deferred) or answer
+    locally (a LocalResponse); None means go on. `on_response(ctx, head)` is the header
+    phase: synchronous edits of the response head, upstream or local. A filter without one
+    of the phases sets that attribute to None, and nothing is called for it.
+    """
 
-    def on_response(self, ctx: RequestContext, head: ResponseHead) -> None:
-        """Header phase: synchronous edits of the response head, upstream or local."""
+    @property
+    def on_request(self) -> Callable[[RequestContext], LocalResponse | Deferred[Any] | None] | None: ...
+
+    @property
+    def on_response(self) -> Callable[[RequestContext, ResponseHead], None] | None: ...
 
 
 class Downstream(Protocol):
@@ -187,7 +194,9 @@ class Pipeline:
 
     def __init__(self, filters: list[Filter], terminal: Terminal, access_log: AccessLog, clock: Any) -> None:
         self.filters = tuple(filters)
-        self._reversed = tuple(reversed(self.filters))
+        # Filters without a phase set that hook to None: nothing is called for them.
+        self._request_hooks = tuple(f.on_request for f in self.filters if f.on_request is not None)
+        self._response_hooks = tuple(f.on_response for f in reversed(self.filters) if f.on_response is not None)
         self.terminal = terminal
         self.access_log = access_log
         self.clock = clock
@@ -202,10 +211,10 @@ class Pipeline:
         self.respond_local(ctx, error_response(ctx, status, code, message))
 
     def _run(self, ctx: RequestContext, index: int) -> None:
-        filters = self.filters
-        count = len(filters)
+        hooks = self._request_hooks
+        count = len(hooks)
         while index < count:
-            result = filters[index].on_request(ctx)
+            result = hooks[index](ctx)
             index += 1
             if result is None:
                 continue
@@ -236,8 +245,8 @@ class Pipeline:
 
     def respond(self, ctx: RequestContext, head: ResponseHead) -> None:
         """Run response hooks (reverse order) and hand the head to the transport."""
-        for f in self._reversed:
-            f.on_response(ctx, head)
+        for hook in self._response_hooks:
+            hook(ctx, head)
         ctx.status = head.status
         ctx.response_started = True
         ctx.downstream.send_head(ctx, head)

@@ -88,7 +88,7 @@ class Exchange:
         ctx.target_url = self.pool.target.url
         ctx.upstream_start = self.proxy.clock.seconds()
         self.phase = _CONNECTING
-        self.deadline = ctx.upstream_start + self.pool.connect_timeout
+        self.deadline = self.proxy.deadlines.now + self.pool.connect_timeout
         self.proxy.deadlines.add(self)
         self.pool.acquire(self)
 
@@ -101,7 +101,7 @@ class Exchange:
         self.conn = conn
         ctx = self.ctx
         self.phase = _WAITING
-        self.deadline = self.proxy.clock.seconds() + self.proxy.groups[ctx.upstream].config.timeout  # type: ignore[index]
+        self.deadline = self.proxy.deadlines.now + self.pool.timeout
         conn.send(self, self.proxy.request_head(ctx, self.pool), ctx.method == b"HEAD")
         if ctx.has_body:
             self.body_producer = _RequestBodyProducer(ctx)
@@ -153,13 +153,13 @@ class Exchange:
         now = self.proxy.clock.seconds()
         ctx.upstream_ms = (now - ctx.upstream_start) * 1000.0
         self.phase = _STREAMING
-        self.deadline = now + self.proxy.idle_timeout
+        self.deadline = self.proxy.deadlines.now + self.proxy.idle_timeout
         self.proxy.pipeline.respond(ctx, ResponseHead(status, reason, headers, length))
 
     def response_body(self, data: bytes) -> None:
         if self.phase != _STREAMING:
             return
-        self.deadline = self.proxy.clock.seconds() + self.proxy.idle_timeout
+        self.deadline = self.proxy.deadlines.now + self.proxy.idle_timeout
         self.ctx.downstream.send_body(self.ctx, data)
 
     def read_done(self) -> None:
@@ -207,7 +207,7 @@ class Exchange:
             self.retried = True
             self.conn = None
             self.phase = _CONNECTING
-            self.deadline = self.proxy.clock.seconds() + self.pool.connect_timeout
+            self.deadline = self.proxy.deadlines.now + self.pool.connect_timeout
             self.pool.connect_new(self)
             return
         if response_started:
@@ -286,10 +286,9 @@ class Proxy:
     def request_head(self, ctx: RequestContext, pool: TargetPool) -> bytes:
         """Request line and headers for the upstream, framing included."""
         upstream = pool.target
-        host = ctx.host if self.groups[ctx.upstream].config.preserve_host and ctx.host else upstream.netloc  # type: ignore[index]
-        parts = [ctx.method, b" ", ctx.upstream_path, ctx.query, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
-        for name, value in ctx.headers:
-            parts += (name, b": ", value, b"\r\n")
+        host = ctx.host if pool.preserve_host and ctx.host else upstream.netloc
+        parts = [b"%s %s%s HTTP/1.1\r\nhost: %s\r\n" % (ctx.method, ctx.upstream_path, ctx.query, host)]
+        parts += [b"%s: %s\r\n" % header for header in ctx.headers]
         if ctx.chunked:
             parts.append(b"transfer-encoding: chunked\r\n")
         elif ctx.content_length is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from txgateway.config import Route
-from txgateway.pipeline import LocalResponse, RequestContext, ResponseHead, error_response
+from txgateway.pipeline import LocalResponse, RequestContext, error_response
 
 __all__ = ["BadPath", "RouteTable", "RoutingFilter", "normalize_path"]
 
@@ -138,5 +138,4 @@ class RoutingFilter:
         ctx.upstream_path = match.upstream_path
         return None
 
-    def on_response(self, ctx: RequestContext, head: ResponseHead) -> None:
-        pass
+    on_response = None  # no response phase

@@ -215,6 +215,8 @@ class TargetPool:
         self.target = target
         self.max_connections = upstream.max_connections
         self.connect_timeout = upstream.connect_timeout
+        self.timeout = upstream.timeout
+        self.preserve_host = upstream.preserve_host
         self.idle: list[UpstreamConnection] = []
         self.total = 0
         self.waiting: deque[UpstreamUser] = deque()
