@@ -510,7 +510,7 @@ def test_route_auth_needs_an_auth_section():
     message = "this route needs credentials but the config has no auth: section"
     assert errors(text) == [
         f"c.yaml:7: routes[0].auth: {message}",
-        f"c.yaml:8: routes[1].auth: {message}",
+        f"c.yaml:8: routes[1].roles: {message}",  # roles alone: named by the key that is there
         f"c.yaml:9: routes[2].auth: {message}",
     ]
     # `auth: none` needs nothing

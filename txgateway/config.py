@@ -167,7 +167,7 @@ def _config(r: Reader, root: yaml.Node, environ: Mapping[str, str] | None) -> Co
     declared = ({k.value for k, _ in top["upstreams"].value if isinstance(k, yaml.ScalarNode)}
                 if isinstance(top.get("upstreams"), yaml.MappingNode) else set())
     auth = r.attempt(lambda: parse_auth(r, top["auth"], environ), None) if "auth" in top else None
-    routes = r.attempt(lambda: _routes(r, top["routes"], upstreams, declared, auth), no_routes) if "routes" in top else no_routes
+    routes = r.attempt(lambda: _routes(r, top["routes"], upstreams, declared, "auth" in top), no_routes) if "routes" in top else no_routes
     limits = r.attempt(lambda: _limits(r, top["limits"]), Limits()) if "limits" in top else Limits()
     proxies = r.attempt(lambda: _networks(r, top["trusted_proxies"], "trusted_proxies"), ()) if "trusted_proxies" in top else ()
     access_log = r.attempt(lambda: r.string(top["access_log"], "access_log"), "-") if "access_log" in top else "-"
@@ -297,11 +297,11 @@ _ROUTE_KEYS = {
 
 
 def _routes(r: Reader, node: yaml.Node, upstreams: dict[str, Upstream], declared: set[str],
-            auth: AuthConfig | None) -> tuple[Route, ...]:
+            has_auth: bool) -> tuple[Route, ...]:
     out: list[Route] = []
     seen: dict[tuple[str, str | None, frozenset[bytes] | None], str] = {}
     for path, item in r.sequence(node, "routes"):
-        route = r.attempt(lambda: _route(r, path, item, upstreams, declared, len(out), auth), None)
+        route = r.attempt(lambda: _route(r, path, item, upstreams, declared, len(out), has_auth), None)
         if route is None:
             continue
         key = (route.prefix, route.host, route.methods)
@@ -314,13 +314,14 @@ def _routes(r: Reader, node: yaml.Node, upstreams: dict[str, Upstream], declared
 
 
 def _route(r: Reader, path: str, node: yaml.Node, upstreams: dict[str, Upstream], declared: set[str],
-           index: int, auth: AuthConfig | None) -> Route:
+           index: int, has_auth: bool) -> Route:
     fields = r.mapping(node, path, _ROUTE_KEYS)
     before = len(r.problems)
     for key in ("rate_limit", "cache"):
         if key in fields:
             r.fail(fields[key], f"{path}.{key}", _NOT_YET)
-    policy = _route_auth(r, fields, path, auth)
+    no_policy: dict[str, Any] = {}
+    policy = r.attempt(lambda: _route_auth(r, fields, path, has_auth), no_policy)
     for key in ("prefix", "upstream"):
         if key not in fields:
             r.fail(node, f"{path}.{key}", "missing (required)")
@@ -348,7 +349,7 @@ def _route(r: Reader, path: str, node: yaml.Node, upstreams: dict[str, Upstream]
     return Route(prefix=prefix, upstream=upstream, index=index, **values)
 
 
-def _route_auth(r: Reader, fields: dict[str, yaml.Node], path: str, auth: AuthConfig | None) -> dict[str, Any]:
+def _route_auth(r: Reader, fields: dict[str, yaml.Node], path: str, has_auth: bool) -> dict[str, Any]:
     """`auth: none | optional | required` and `roles` (which imply required)."""
     out: dict[str, Any] = {}
     if "auth" in fields:
@@ -361,9 +362,9 @@ def _route_auth(r: Reader, fields: dict[str, yaml.Node], path: str, auth: AuthCo
             r.fail(fields["roles"], f"{path}.roles", f'roles need auth: required, got auth: {out["auth"]}')
         out["roles"] = frozenset(roles)
         out["auth"] = "required"
-    if out.get("auth", "none") != "none" and auth is None:
-        node = fields.get("auth") or fields["roles"]
-        r.fail(node, f"{path}.auth", "this route needs credentials but the config has no auth: section")
+    if out.get("auth", "none") != "none" and not has_auth:
+        key = "auth" if "auth" in fields else "roles"
+        r.fail(fields[key], f"{path}.{key}", "this route needs credentials but the config has no auth: section")
     return out
 
 

@@ -286,7 +286,10 @@ class HTTP1Connection(Protocol):
         status = head.status
         parts = [b"HTTP/1.1 %d %s\r\n" % (status, head.reason)]
         parts += [b"%s: %s\r\n" % header for header in head.headers]
-        close = not ctx.keep_alive or (self._broken and len(self._queue) == 1)
+        # An answer before the request body was read (401, 413, an early upstream reply)
+        # leaves unread bytes behind: the connection cannot carry another request.
+        close = (not ctx.keep_alive or (self._broken and len(self._queue) == 1)
+                 or (ctx.has_body and not self._queue[0].complete))
         self._chunked_out = False
         self._no_body_out = ctx.method == b"HEAD" or status in (204, 304) or status < 200
         if status in (204, 304) or status < 200:
@@ -334,7 +337,7 @@ class HTTP1Connection(Protocol):
             self._write(cork + tail)
         incoming = self._queue.popleft()
         self.pipeline.finished(ctx)
-        if self._close_after or not incoming.complete or (self._broken and not self._queue):
+        if self._close_after or (ctx.has_body and not incoming.complete) or (self._broken and not self._queue):
             # An unread request body makes the connection unusable for the next request.
             self._queue.clear()
             self._broken = True

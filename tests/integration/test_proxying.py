@@ -156,3 +156,17 @@ async def test_expect_100_continue_is_answered_after_filters(reactor, echo, gate
     # An unknown route is refused without asking for the body.
     resp = await raw(gw.port, b"POST /nowhere HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
     assert resp.startswith(b"HTTP/1.1 404")
+
+
+@pytest_twisted.ensureDeferred
+async def test_local_error_keeps_alive_unless_a_body_was_left_unread(reactor, echo, gateway):
+    gw = await gateway(simple_config(echo.url))
+    # A 404 for a GET leaves nothing unread: the connection carries the next request.
+    rs = parse_responses(await raw(gw.port, b"GET /nowhere HTTP/1.1\r\nHost: a\r\n\r\n"
+                                             b"GET /api/users/2 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"))
+    assert [r.status for r in rs] == [404, 200]
+    assert rs[0].header("connection") is None
+    # A 404 for a POST whose body was never read says it closes, and does.
+    resp = await raw(gw.port, b"POST /nowhere HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n" + b"x" * 10)
+    (r,) = parse_responses(resp)
+    assert r.status == 404 and r.header("connection") == "close"
