@@ -131,8 +131,22 @@ class Gateway(MultiService):
         return any(conn._queue for conn in self.factory.connections)
 
 
+MAX_JWKS_BYTES = 1 << 20
+
+
 def _body_if_ok(response: Any) -> Deferred[bytes]:
+    """The body of a 200 response, refusing more than MAX_JWKS_BYTES (a JWKS is small)."""
     import treq
     if response.code != 200:
         raise ValueError(f"HTTP {response.code}")
-    return treq.content(response)  # type: ignore[no-any-return]
+    chunks: list[bytes] = []
+    size = 0
+
+    def collect(data: bytes) -> None:
+        nonlocal size
+        size += len(data)
+        if size > MAX_JWKS_BYTES:
+            raise ValueError(f"response larger than {MAX_JWKS_BYTES} bytes")
+        chunks.append(data)
+
+    return treq.collect(response, collect).addCallback(lambda _: b"".join(chunks))  # type: ignore[no-any-return]

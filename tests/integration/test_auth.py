@@ -555,3 +555,18 @@ async def test_jwks_down_later_keeps_the_old_keys_working(reactor, echo, gateway
     assert r.header("www-authenticate") == challenge("invalid_token", "the token's key is unknown")
     assert jwks.failures == 3
     assert (await get(gw, token=rs(rsa_keys, "k1", clock))).status == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_oversized_jwks_response_is_refused_not_buffered(reactor, echo, gateway, secret_file, rsa_keys,
+                                                                  jwks_server):
+    from txgateway.gateway import MAX_JWKS_BYTES
+    server, _, url = await jwks_server("k1")
+    server.body = b'{"keys": [' + b" " * (MAX_JWKS_BYTES + 10) + b"]}"
+    clock = now_clock()
+    gw = await gateway(jwks_config(echo.url, url, secret_file), clock=clock)
+    jwks = gw.gateway.jwks
+    await wait_for(reactor, lambda: jwks.failures >= 1)
+    assert jwks.keys == {}
+    r = await get(gw, token=rs(rsa_keys, "k1", clock))
+    assert_envelope(r, 503, "UPSTREAM_UNAVAILABLE")
