@@ -400,8 +400,8 @@ def test_configured_claim_names():
     v = verifier(claims=ClaimMap(user_id="email", role="grp", tier="plan"))
     identity = v.verify(mint(email="a@example.com", grp="ops", plan="gold"))
     assert identity == Identity("a@example.com", "ops", "gold", "jwt")
-    assert identity.headers() == [(b"x-user-id", b"a@example.com"), (b"x-user-role", b"ops"), (b"x-user-tier", b"gold")]
-    assert Identity("bob").headers() == [(b"x-user-id", b"bob")]
+    assert identity.headers == ((b"x-user-id", b"a@example.com"), (b"x-user-role", b"ops"), (b"x-user-tier", b"gold"))
+    assert Identity("bob").headers == ((b"x-user-id", b"bob"),)
     assert rejected(v, mint()) == "the token has no email claim"
 
 

@@ -114,7 +114,7 @@ class AuthFilter:
         if roles is not None and identity.role not in roles:
             return error_response(ctx, 403, "FORBIDDEN", "this identity lacks the role this route requires")
         ctx.identity = identity
-        ctx.headers.extend(identity.headers())
+        ctx.headers.extend(identity.headers)
         return None
 
     on_response = None  # no response phase

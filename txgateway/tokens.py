@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import jwt
@@ -37,13 +38,15 @@ class Identity:
     tier: str | None = None
     source: str = "jwt"       # jwt | api_key
 
-    def headers(self) -> list[tuple[bytes, bytes]]:
-        out = [(b"x-user-id", self.user_id.encode())]
+    @cached_property
+    def headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        """Built once per identity: cached tokens reuse it on every request."""
+        out = [(b"x-user-id", self.user_id.encode("latin-1"))]
         if self.role is not None:
-            out.append((b"x-user-role", self.role.encode()))
+            out.append((b"x-user-role", self.role.encode("latin-1")))
         if self.tier is not None:
-            out.append((b"x-user-tier", self.tier.encode()))
-        return out
+            out.append((b"x-user-tier", self.tier.encode("latin-1")))
+        return tuple(out)
 
 
 class InvalidToken(Exception):
