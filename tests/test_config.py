@@ -750,3 +750,5 @@ def test_values_are_frozen():
     assert isinstance(config.routes, tuple) and isinstance(upstream.targets, tuple)
     assert isinstance(route.security_headers, tuple) and isinstance(route.request_headers.remove, tuple)
     assert isinstance(upstream, Upstream)
+    with pytest.raises(TypeError):
+        config.upstreams["users"] = upstream  # type: ignore[index]

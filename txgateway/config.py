@@ -11,6 +11,7 @@ import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -106,7 +107,7 @@ class Route:
 class Config:
     file: str
     listen: tuple[Listener, ...]
-    upstreams: dict[str, Upstream]
+    upstreams: Mapping[str, Upstream]   # read-only (MappingProxyType): values are frozen all the way
     routes: tuple[Route, ...]
     limits: Limits = Limits()
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
@@ -172,7 +173,7 @@ def _config(r: Reader, root: yaml.Node, environ: Mapping[str, str] | None) -> Co
     proxies = r.attempt(lambda: _networks(r, top["trusted_proxies"], "trusted_proxies"), ()) if "trusted_proxies" in top else ()
     access_log = r.attempt(lambda: r.string(top["access_log"], "access_log"), "-") if "access_log" in top else "-"
     drain = r.attempt(lambda: r.parsed(top["drain_timeout"], "drain_timeout", parse_duration), 10.0) if "drain_timeout" in top else 10.0
-    return Config(file=r.file, listen=listen, upstreams=upstreams, routes=routes, limits=limits,
+    return Config(file=r.file, listen=listen, upstreams=MappingProxyType(upstreams), routes=routes, limits=limits,
                   trusted_proxies=proxies, access_log=access_log, drain_timeout=drain, auth=auth)
 
 

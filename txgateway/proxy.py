@@ -7,6 +7,7 @@ other's producer, so a slow reader pauses the fast writer instead of growing mem
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from itertools import cycle
 from typing import TYPE_CHECKING, Any
 
@@ -264,7 +265,7 @@ class Exchange:
 class Proxy:
     """The pipeline's terminal: picks a target and runs an Exchange."""
 
-    def __init__(self, reactor: Any, clock: Any, upstreams: dict[str, Upstream], deadlines: Deadlines,
+    def __init__(self, reactor: Any, clock: Any, upstreams: Mapping[str, Upstream], deadlines: Deadlines,
                  idle_timeout: float) -> None:
         self.clock = clock
         self.deadlines = deadlines
