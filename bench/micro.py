@@ -25,6 +25,7 @@ from twisted.internet.task import Clock
 
 from txgateway.config import parse_config
 from txgateway.gateway import Gateway
+from txgateway.tap import tune_gc
 from txgateway.upstream import UpstreamConnection
 
 SECRET = "micro-benchmark-secret-0123456789abcdef"
@@ -109,6 +110,7 @@ def build(jwt: bool, log: bool) -> tuple[object, UpstreamConnection, bytes]:
 
 def run(n: int, jwt: bool, log: bool) -> float:
     client, upstream, request = build(jwt, log)
+    tune_gc()  # as the daemon does (tap._tune_for_throughput)
     feed_client, feed_upstream = client.dataReceived, upstream.dataReceived
     out = client.transport.written
     for _ in range(200):  # warm up (and prove it works)
