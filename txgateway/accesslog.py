@@ -153,5 +153,7 @@ class AccessLog:
             ctx.path.decode("latin-1"), route.prefix if route is not None else None, ctx.upstream,
             ctx.target_url, ctx.status, (now - ctx.start) * 1000.0,
             upstream_ms, ctx.bytes_in, ctx.bytes_out,
-            ctx.identity.user_id if ctx.identity is not None else None, None, None, ctx.error_code,
+            ctx.identity.user_id if ctx.identity is not None else None,
+            None if ctx.rate_limit is None else ("allowed" if ctx.rate_limit[0].allowed else "rejected"),
+            None, ctx.error_code,
             notes.get("upstream_error") if notes else None))})

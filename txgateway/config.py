@@ -19,6 +19,7 @@ import yaml
 
 from txgateway._yamlreader import ConfigError, ConfigProblem, Reader, _Invalid, compose
 from txgateway.authconfig import AuthConfig, parse_auth
+from txgateway.limitconfig import LimitsConfig, RouteLimit, parse_rate_limits, parse_route_limit
 from txgateway.units import parse_duration, parse_size
 
 __all__ = [
@@ -100,6 +101,7 @@ class Route:
     security_headers: tuple[tuple[bytes, bytes], ...] = DEFAULT_SECURITY_HEADERS
     auth: str = "none"                    # none | optional | required
     roles: frozenset[str] | None = None   # any of these roles (implies auth: required)
+    rate_limit: RouteLimit | None = None
     index: int = 0
 
 
@@ -114,6 +116,7 @@ class Config:
     access_log: str = "-"
     drain_timeout: float = 10.0
     auth: AuthConfig | None = None
+    rate_limits: LimitsConfig | None = None
 
 
 def load_config(path: str) -> Config:
@@ -152,7 +155,7 @@ _TOP_KEYS = {
 
 def _config(r: Reader, root: yaml.Node, environ: Mapping[str, str] | None) -> Config:
     top = r.mapping(root, "", _TOP_KEYS)
-    for key in ("admin", "manhole", "redis", "rate_limits"):
+    for key in ("admin", "manhole", "redis"):
         if key in top:
             r.fail(top[key], key, _NOT_YET)
     if "redirect_to_https" in top and r.attempt(lambda: r.boolean(top["redirect_to_https"], "redirect_to_https"), False):
@@ -168,13 +171,16 @@ def _config(r: Reader, root: yaml.Node, environ: Mapping[str, str] | None) -> Co
     declared = ({k.value for k, _ in top["upstreams"].value if isinstance(k, yaml.ScalarNode)}
                 if isinstance(top.get("upstreams"), yaml.MappingNode) else set())
     auth = r.attempt(lambda: parse_auth(r, top["auth"], environ), None) if "auth" in top else None
-    routes = r.attempt(lambda: _routes(r, top["routes"], upstreams, declared, "auth" in top), no_routes) if "routes" in top else no_routes
+    rate_limits = r.attempt(lambda: parse_rate_limits(r, top["rate_limits"]), None) if "rate_limits" in top else None
+    sections = frozenset(k for k in ("auth", "rate_limits") if k in top)
+    routes = r.attempt(lambda: _routes(r, top["routes"], upstreams, declared, sections), no_routes) if "routes" in top else no_routes
     limits = r.attempt(lambda: _limits(r, top["limits"]), Limits()) if "limits" in top else Limits()
     proxies = r.attempt(lambda: _networks(r, top["trusted_proxies"], "trusted_proxies"), ()) if "trusted_proxies" in top else ()
     access_log = r.attempt(lambda: r.string(top["access_log"], "access_log"), "-") if "access_log" in top else "-"
     drain = r.attempt(lambda: r.parsed(top["drain_timeout"], "drain_timeout", parse_duration), 10.0) if "drain_timeout" in top else 10.0
     return Config(file=r.file, listen=listen, upstreams=MappingProxyType(upstreams), routes=routes, limits=limits,
-                  trusted_proxies=proxies, access_log=access_log, drain_timeout=drain, auth=auth)
+                  trusted_proxies=proxies, access_log=access_log, drain_timeout=drain, auth=auth,
+                  rate_limits=rate_limits)
 
 
 def _listeners(r: Reader, node: yaml.Node) -> tuple[Listener, ...]:
@@ -298,11 +304,11 @@ _ROUTE_KEYS = {
 
 
 def _routes(r: Reader, node: yaml.Node, upstreams: dict[str, Upstream], declared: set[str],
-            has_auth: bool) -> tuple[Route, ...]:
+            sections: frozenset[str]) -> tuple[Route, ...]:
     out: list[Route] = []
     seen: dict[tuple[str, str | None, frozenset[bytes] | None], str] = {}
     for path, item in r.sequence(node, "routes"):
-        route = r.attempt(lambda: _route(r, path, item, upstreams, declared, len(out), has_auth), None)
+        route = r.attempt(lambda: _route(r, path, item, upstreams, declared, len(out), sections), None)
         if route is None:
             continue
         key = (route.prefix, route.host, route.methods)
@@ -315,14 +321,16 @@ def _routes(r: Reader, node: yaml.Node, upstreams: dict[str, Upstream], declared
 
 
 def _route(r: Reader, path: str, node: yaml.Node, upstreams: dict[str, Upstream], declared: set[str],
-           index: int, has_auth: bool) -> Route:
+           index: int, sections: frozenset[str]) -> Route:
     fields = r.mapping(node, path, _ROUTE_KEYS)
     before = len(r.problems)
-    for key in ("rate_limit", "cache"):
-        if key in fields:
-            r.fail(fields[key], f"{path}.{key}", _NOT_YET)
+    if "cache" in fields:
+        r.fail(fields["cache"], f"{path}.cache", _NOT_YET)
     no_policy: dict[str, Any] = {}
-    policy = r.attempt(lambda: _route_auth(r, fields, path, has_auth), no_policy)
+    policy = r.attempt(lambda: _route_auth(r, fields, path, "auth" in sections), no_policy)
+    if "rate_limit" in fields:
+        policy["rate_limit"] = r.attempt(
+            lambda: parse_route_limit(r, fields["rate_limit"], f"{path}.rate_limit", "rate_limits" in sections), None)
     for key in ("prefix", "upstream"):
         if key not in fields:
             r.fail(node, f"{path}.{key}", "missing (required)")

@@ -24,6 +24,7 @@ from txgateway.http1 import HTTP1Factory
 from txgateway.jwks import RemoteJwks
 from txgateway.pipeline import Pipeline
 from txgateway.proxy import Proxy
+from txgateway.ratelimit import LocalStore, RateLimitFilter
 from txgateway.routing import RouteTable, RoutingFilter
 from txgateway.timeouts import Deadlines
 
@@ -56,12 +57,16 @@ class Gateway(MultiService):
         self.log_writer = JsonLinesWriter.open(config.access_log, self.clock)
         self.jwks = self._remote_jwks(config)
         identify = [AuthFilter(config.auth, config.routes, self.clock, self.jwks)] if config.auth else []
+        max_buckets = config.rate_limits.max_buckets if config.rate_limits is not None else 100_000
+        self.limiter = LocalStore(self.clock, max_buckets)
+        limited = any(r.rate_limit is not None for r in config.routes)
+        limit = [RateLimitFilter(config.rate_limits, config.routes, self.limiter)] if limited else []
         self.pipeline = Pipeline(
             [
                 ForwardingHeaders(TrustedProxies(config.trusted_proxies)),  # sanitise, correlate
                 RoutingFilter(self.routes),                                  # match
                 *identify,                                                   # identify (JWT, API keys)
-                # limit (rate limits) plugs in here
+                *limit,                                                      # limit (token buckets)
                 HeaderRulesFilter(config.routes),                            # transform
             ],
             self.proxy,                                                      # balance -> proxy
@@ -106,6 +111,7 @@ class Gateway(MultiService):
         self.deadlines.start()
         if self.jwks is not None:
             self.jwks.start()
+        self.limiter.start()
         if self.log_writer is not None:
             self.log_writer.start()
         super().startService()
@@ -123,6 +129,7 @@ class Gateway(MultiService):
         self.proxy.close()
         if self.jwks is not None:
             self.jwks.stop()
+        self.limiter.stop()
         self.deadlines.stop()
         if self.log_writer is not None:
             self.log_writer.stop()

@@ -90,7 +90,7 @@ class RequestContext:
         "client_ip", "content_length", "chunked", "keep_alive", "expect_continue", "start",
         "correlation_id", "route", "upstream_path", "downstream", "pending", "status", "error_code",
         "upstream", "target_url", "upstream_start", "upstream_ms", "bytes_in", "bytes_out",
-        "response_started", "done", "identity", "notes", "forwarding",
+        "response_started", "done", "identity", "notes", "forwarding", "rate_limit",
     )
 
     def __init__(self, method: bytes, target: bytes, path: bytes, query: bytes, version: bytes,
@@ -129,6 +129,7 @@ class RequestContext:
         self.identity: Any = None
         self.notes: dict[str, Any] | None = None
         self.forwarding: Any = None  # the terminal's per-request state (the proxy's Exchange)
+        self.rate_limit: Any = None  # the limit step's decision, for headers and the log
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of a request header (name in lower case)."""

@@ -1,0 +1,121 @@
+"""The `rate_limits:` section and each route's `rate_limit:`, validated at load."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+
+from txgateway._yamlreader import Reader
+from txgateway.units import Rate
+
+__all__ = ["LimitsConfig", "RouteLimit", "Tier", "parse_rate_limits", "parse_route_limit"]
+
+_NOT_YET = "not supported yet in this version of txgateway (only backend: local); remove it or upgrade"
+_HEADER = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_SCOPE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class Tier:
+    name: str
+    rate: Rate
+    burst: int
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    tiers: Mapping[str, Tier]
+    default_tier: str
+    backend: str = "local"
+    max_buckets: int = 100_000
+
+
+@dataclass(frozen=True)
+class RouteLimit:
+    """A route's `rate_limit:`. `key` is ip | user | api_key | header (then `header` names it)."""
+
+    key: str
+    header: bytes | None = None        # lower-case header name for key: header:NAME
+    rate: Rate | None = None           # overrides the tier's rate ...
+    burst: int | None = None           # ... and burst
+    scope: str | None = None           # routes naming the same scope share buckets
+
+
+def _burst(r: Reader, fields: dict[str, yaml.Node], path: str) -> int | None:
+    if "burst" not in fields:
+        return None
+    return r.integer(fields["burst"], f"{path}.burst", 1)
+
+
+def parse_rate_limits(r: Reader, node: yaml.Node) -> LimitsConfig:
+    path = "rate_limits"
+    f = r.mapping(node, path, {k: "" for k in (
+        "backend", "sync_interval", "on_redis_error", "instances", "tiers", "default_tier", "max_buckets")})
+    backend = r.attempt(lambda: r.choice(f["backend"], f"{path}.backend", ("local", "redis", "hybrid")),
+                        "local") if "backend" in f else "local"
+    if backend != "local":
+        r.fail(f["backend"], f"{path}.backend", f"{backend}: {_NOT_YET}")
+    for key in ("sync_interval", "on_redis_error", "instances"):
+        if key in f:
+            r.fail(f[key], f"{path}.{key}", _NOT_YET)
+    if "tiers" not in f:
+        raise r.fail(node, f"{path}.tiers", "missing (required): e.g. {free: {rate: 100/hour}}")
+    tiers: dict[str, Tier] = {}
+    for name, _, value in r.free_mapping(f["tiers"], f"{path}.tiers"):
+        tier_path = f"{path}.tiers.{name}"
+        t = r.attempt(lambda: r.mapping(value, tier_path, {"rate": "", "burst": ""}), None)
+        if t is None:
+            continue
+        if "rate" not in t:
+            r.fail(value, f"{tier_path}.rate", 'missing (required): e.g. "100/hour"')
+            continue
+        rate = r.attempt(lambda: r.parsed(t["rate"], f"{tier_path}.rate", Rate.parse), None)
+        burst = r.attempt(lambda: _burst(r, t, tier_path), None)
+        if rate is not None:
+            tiers[name] = Tier(name, rate, burst or rate.count)
+    if not tiers:
+        raise r.fail(f["tiers"], f"{path}.tiers", "expected at least one tier")
+    default = r.string(f["default_tier"], f"{path}.default_tier") if "default_tier" in f else None
+    if default is None:
+        if len(tiers) != 1:
+            raise r.fail(node, f"{path}.default_tier", f"missing: which of {', '.join(tiers)} applies without a tier")
+        default = next(iter(tiers))
+    elif default not in tiers:
+        raise r.fail(f["default_tier"], f"{path}.default_tier", f'no tier named "{default}" (defined: {", ".join(tiers)})')
+    values: dict[str, Any] = {}
+    if "max_buckets" in f:
+        values["max_buckets"] = r.integer(f["max_buckets"], f"{path}.max_buckets", 100)
+    return LimitsConfig(tiers=MappingProxyType(tiers), default_tier=default, **values)
+
+
+def parse_route_limit(r: Reader, node: yaml.Node, path: str, has_limits: bool) -> RouteLimit:
+    f = r.mapping(node, path, {"key": "", "rate": "", "burst": "", "scope": ""})
+    key_text = r.string(f["key"], f"{path}.key") if "key" in f else "ip"
+    header = None
+    if key_text.startswith("header:"):
+        name = key_text[len("header:"):]
+        if not _HEADER.match(name):
+            raise r.fail(f["key"], f"{path}.key", f'expected header:NAME with a header name, got "{key_text}"')
+        header = name.lower().encode()
+        key = "header"
+    elif key_text in ("ip", "user", "api_key"):
+        key = key_text
+    else:
+        raise r.fail(f["key"], f"{path}.key", f'expected ip, user, api_key or header:NAME, got "{key_text}"')
+    rate = r.parsed(f["rate"], f"{path}.rate", Rate.parse) if "rate" in f else None
+    burst = _burst(r, f, path)
+    if burst is not None and rate is None:
+        raise r.fail(f["burst"], f"{path}.burst", "a route's burst needs the route's own rate")
+    scope = None
+    if "scope" in f:
+        scope = r.string(f["scope"], f"{path}.scope")
+        if not _SCOPE.match(scope):
+            raise r.fail(f["scope"], f"{path}.scope", f'expected 1-64 of [A-Za-z0-9_.-], got "{scope}"')
+    if rate is None and not has_limits:
+        raise r.fail(node, path, "needs a rate here or a rate_limits: section with tiers")
+    return RouteLimit(key=key, header=header, rate=rate, burst=burst, scope=scope)

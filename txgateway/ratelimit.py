@@ -1,0 +1,192 @@
+"""The limit step of the pipeline: token buckets per key, tier and route.
+
+A bucket holds up to `burst` tokens and refills continuously at `rate` (count per window).
+A request takes one token; a rejected request takes none (Kong's users complain that
+rejected requests count). Buckets are scoped per route unless routes share a `scope`.
+This version keeps buckets in process (`backend: local`); `RateLimitStore` is the seam for
+the Redis-backed stores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from twisted.internet.task import LoopingCall
+
+from txgateway.config import Route
+from txgateway.limitconfig import LimitsConfig
+from txgateway.pipeline import LocalResponse, RequestContext, ResponseHead, error_response
+
+__all__ = ["Decision", "LocalStore", "RateLimitFilter", "RateLimitStore", "take"]
+
+_PLAIN_KEY = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def _sf_string(text: str) -> bytes:
+    """A structured-field string body (RFC 8941): escape backslash and quote."""
+    return text.replace("\\", "\\\\").replace('"', '\\"').encode("ascii", "replace")
+
+
+def take(tokens: float, updated: float, now: float, per_second: float, burst: int) -> tuple[bool, float]:
+    """One token-bucket decision: (allowed, tokens left). Refill is continuous, capped at burst."""
+    tokens = min(float(burst), tokens + max(0.0, now - updated) * per_second)
+    if tokens >= 1.0:
+        return True, tokens - 1.0
+    return False, tokens
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    remaining: float      # tokens left after this request
+    per_second: float
+    burst: int
+
+    @property
+    def reset(self) -> int:
+        """Whole seconds until the bucket is full again."""
+        return math.ceil((self.burst - self.remaining) / self.per_second)
+
+    @property
+    def retry_after(self) -> int:
+        """Whole seconds (>= 1) until one token is back."""
+        return max(1, math.ceil((1.0 - self.remaining) / self.per_second))
+
+
+class RateLimitStore(Protocol):
+    def take(self, key: str, per_second: float, burst: int) -> Decision: ...
+
+
+class LocalStore:
+    """In-process buckets with bounded memory: full buckets are forgotten (they equal a
+    new one), and beyond `max_buckets` the oldest are dropped."""
+
+    def __init__(self, clock: Any, max_buckets: int = 100_000, sweep_every: float = 10.0) -> None:
+        self.clock = clock
+        self.max_buckets = max_buckets
+        self.buckets: dict[str, list[float]] = {}   # key -> [tokens, updated, per_second, burst]
+        self._sweeper = LoopingCall(self.sweep)
+        self._sweeper.clock = clock
+        self._sweep_every = sweep_every
+
+    def start(self) -> None:
+        if not self._sweeper.running:
+            self._sweeper.start(self._sweep_every, now=False)
+
+    def stop(self) -> None:
+        if self._sweeper.running:
+            self._sweeper.stop()
+
+    def take(self, key: str, per_second: float, burst: int) -> Decision:
+        now = self.clock.seconds()
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            if len(self.buckets) >= self.max_buckets:
+                self._evict()
+            bucket = self.buckets[key] = [float(burst), now, per_second, float(burst)]
+        allowed, left = take(bucket[0], bucket[1], now, per_second, burst)
+        bucket[0], bucket[1], bucket[2], bucket[3] = left, now, per_second, float(burst)
+        return Decision(allowed, left, per_second, burst)
+
+    def peek(self, key: str) -> float | None:
+        """Tokens a bucket holds now (for status pages and the Manhole), None if unknown."""
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            return None
+        return min(bucket[3], bucket[0] + (self.clock.seconds() - bucket[1]) * bucket[2])
+
+    def sweep(self) -> None:
+        now = self.clock.seconds()
+        full = [k for k, (tokens, updated, rate, burst) in self.buckets.items()
+                if tokens + (now - updated) * rate >= burst]
+        for key in full:
+            del self.buckets[key]
+
+    def _evict(self) -> None:
+        self.sweep()
+        excess = len(self.buckets) - self.max_buckets + 1
+        if excess > 0:
+            for key in list(self.buckets)[:max(excess, self.max_buckets // 100)]:
+                del self.buckets[key]
+
+
+@dataclass(frozen=True)
+class _Policy:
+    route: Route
+    key: str
+    header: bytes | None
+    scope: str
+    own: tuple[str, float, int, int, int] | None   # route override: name, per_second, burst, count, window
+
+
+class RateLimitFilter:
+    def __init__(self, config: LimitsConfig | None, routes: Sequence[Route], store: RateLimitStore) -> None:
+        self.config = config
+        self.store = store
+        self.policies: dict[int, _Policy] = {}
+        for route in routes:
+            limit = route.rate_limit
+            if limit is None:
+                continue
+            own = None
+            if limit.rate is not None:
+                burst = limit.burst or limit.rate.count
+                own = (limit.scope or route.prefix, limit.rate.per_second, burst, limit.rate.count, limit.rate.window)
+            self.policies[route.index] = _Policy(route, limit.key, limit.header, limit.scope or f"route{route.index}", own)
+        self._tiers = ({name: (name, t.rate.per_second, t.burst, t.rate.count, t.rate.window)
+                        for name, t in config.tiers.items()} if config is not None else {})
+
+    def on_request(self, ctx: RequestContext) -> LocalResponse | None:
+        policy = self.policies.get(ctx.route.index)  # type: ignore[union-attr]
+        if policy is None:
+            return None
+        identity = ctx.identity
+        if policy.own is not None:
+            name, per_second, burst, count, window = policy.own
+        else:
+            tier = identity.tier if identity is not None and identity.tier in self._tiers else None
+            name, per_second, burst, count, window = self._tiers[tier or self.config.default_tier]  # type: ignore[union-attr]
+        key = f"{policy.scope}|{name}|{self._key(policy, ctx)}"
+        decision = self.store.take(key, per_second, burst)
+        ctx.rate_limit = (decision, name, count, window)
+        if decision.allowed:
+            return None
+        return error_response(ctx, 429, "RATE_LIMITED", "rate limit exceeded; retry later",
+                              [(b"retry-after", b"%d" % decision.retry_after)])
+
+    def _key(self, policy: _Policy, ctx: RequestContext) -> str:
+        identity = ctx.identity
+        kind = policy.key
+        if kind == "user" and identity is not None:
+            return "user:" + identity.user_id
+        if kind == "api_key" and identity is not None and identity.source == "api_key":
+            return "key:" + identity.user_id
+        if kind == "header":
+            value = ctx.header(policy.header)  # type: ignore[arg-type]
+            if value is not None:
+                if _PLAIN_KEY.match(value):
+                    return "h:" + value.decode("ascii")
+                # Long or binary values: bounded, and never echoed into keys or logs as is.
+                return "h#" + hashlib.sha256(value).hexdigest()
+        return "ip:" + ctx.client_ip
+
+    def on_response(self, ctx: RequestContext, head: ResponseHead) -> None:
+        limited = ctx.rate_limit
+        if limited is None:
+            return
+        decision, name, count, window = limited
+        remaining = int(decision.remaining)
+        reset = decision.reset
+        label = _sf_string(name)
+        head.headers += (
+            (b"x-ratelimit-limit", b"%d" % count),
+            (b"x-ratelimit-remaining", b"%d" % remaining),
+            (b"x-ratelimit-reset", b"%d" % reset),
+            (b"ratelimit-policy", b'"%s";q=%d;w=%d' % (label, count, window)),
+            (b"ratelimit", b'"%s";r=%d;t=%d' % (label, remaining, reset)),
+        )
