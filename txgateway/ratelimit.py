@@ -25,6 +25,9 @@ from txgateway.pipeline import LocalResponse, RequestContext, ResponseHead, erro
 __all__ = ["Decision", "LocalStore", "RateLimitFilter", "RateLimitStore", "take"]
 
 _PLAIN_KEY = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+# Float refill sums land a few ulps off exact values (18 s at 3/minute from 0.1 tokens gives
+# 0.9999999999999999 tokens); decisions and whole seconds are taken with this much slack.
+_SLACK = 1e-9
 
 
 def _sf_string(text: str) -> bytes:
@@ -35,8 +38,8 @@ def _sf_string(text: str) -> bytes:
 def take(tokens: float, updated: float, now: float, per_second: float, burst: int) -> tuple[bool, float]:
     """One token-bucket decision: (allowed, tokens left). Refill is continuous, capped at burst."""
     tokens = min(float(burst), tokens + max(0.0, now - updated) * per_second)
-    if tokens >= 1.0:
-        return True, tokens - 1.0
+    if tokens >= 1.0 - _SLACK:
+        return True, max(0.0, tokens - 1.0)
     return False, tokens
 
 
@@ -50,12 +53,12 @@ class Decision:
     @property
     def reset(self) -> int:
         """Whole seconds until the bucket is full again."""
-        return math.ceil((self.burst - self.remaining) / self.per_second)
+        return math.ceil((self.burst - self.remaining) / self.per_second - _SLACK)
 
     @property
     def retry_after(self) -> int:
         """Whole seconds (>= 1) until one token is back."""
-        return max(1, math.ceil((1.0 - self.remaining) / self.per_second))
+        return max(1, math.ceil((1.0 - self.remaining) / self.per_second - _SLACK))
 
 
 class RateLimitStore(Protocol):
@@ -103,7 +106,7 @@ class LocalStore:
     def sweep(self) -> None:
         now = self.clock.seconds()
         full = [k for k, (tokens, updated, rate, burst) in self.buckets.items()
-                if tokens + (now - updated) * rate >= burst]
+                if tokens + (now - updated) * rate >= burst - _SLACK]
         for key in full:
             del self.buckets[key]
 
