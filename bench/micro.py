@@ -6,6 +6,7 @@ of loopback syscalls and of the machine's noise. Use it to compare changes:
 
     .venv/bin/python bench/micro.py                 # plain proxy route
     .venv/bin/python bench/micro.py --jwt           # + HS256 JWT (auth: required)
+    .venv/bin/python bench/micro.py --jwt --limit   # + a per-user token bucket
     .venv/bin/python bench/micro.py --profile       # cProfile, top functions
     bench/micro.sh                                  # instructions per request (callgrind):
                                                     # repeatable on a noisy machine
@@ -34,6 +35,7 @@ listen: [{endpoint: "tcp:0"}]
 access_log: %(log)s
 trusted_proxies: [127.0.0.1/32]
 %(auth)s
+%(limits)s
 upstreams:
   users: {targets: ["http://127.0.0.1:9"]}
 routes:
@@ -43,6 +45,7 @@ routes:
     request_headers: {set: {X-Api-Version: "2"}}
     response_headers: {remove: [X-Upstream-Debug]}
     %(route_auth)s
+    %(route_limit)s
 """
 RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sun, 29 Nov 2026 12:30:29 GMT\r\n"
             b"Content-Type: application/json\r\nContent-Length: 11\r\nConnection: keep-alive\r\n\r\n{\"ok\":true}")
@@ -80,9 +83,11 @@ class NullWriter:
     def stop(self) -> None: ...
 
 
-def build(jwt: bool, log: bool) -> tuple[object, UpstreamConnection, bytes]:
+def build(jwt: bool, log: bool, limit: bool = False) -> tuple[object, UpstreamConnection, bytes]:
     auth = "auth:\n  jwt: {algorithms: [HS256], secret_env: MICRO_SECRET}" if jwt else ""
+    limits = "rate_limits:\n  tiers: {bench: {rate: 1000000000/minute}}" if limit else ""
     config = parse_config(CONFIG % {"auth": auth, "route_auth": "auth: required" if jwt else "",
+                                    "limits": limits, "route_limit": "rate_limit: {key: user}" if limit else "",
                                     "log": '"off"'}, "micro", {"MICRO_SECRET": SECRET})
     clock = Clock()
     clock.advance(time.time())
@@ -108,8 +113,8 @@ def build(jwt: bool, log: bool) -> tuple[object, UpstreamConnection, bytes]:
     return client, upstream, request + b"\r\n"
 
 
-def run(n: int, jwt: bool, log: bool) -> float:
-    client, upstream, request = build(jwt, log)
+def run(n: int, jwt: bool, log: bool, limit: bool = False) -> float:
+    client, upstream, request = build(jwt, log, limit)
     tune_gc()  # as the daemon does (tap._tune_for_throughput)
     feed_client, feed_upstream = client.dataReceived, upstream.dataReceived
     out = client.transport.written
@@ -130,6 +135,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-n", type=int, default=50000)
     parser.add_argument("--jwt", action="store_true")
+    parser.add_argument("--limit", action="store_true", help="a per-user token bucket on the route")
     parser.add_argument("--no-log", action="store_true")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--once", action="store_true", help="one run, no timing summary (for callgrind)")
@@ -137,14 +143,15 @@ def main() -> None:
     if args.profile:
         import cProfile
         import pstats
-        cProfile.runctx("run(args.n, args.jwt, not args.no_log)", globals(), {"args": args, "run": run}, "/tmp/micro.prof")
+        cProfile.runctx("run(args.n, args.jwt, not args.no_log, args.limit)", globals(), {"args": args, "run": run}, "/tmp/micro.prof")
         pstats.Stats("/tmp/micro.prof").sort_stats("tottime").print_stats(30)
         return
     if args.once:
-        run(args.n, args.jwt, not args.no_log)
+        run(args.n, args.jwt, not args.no_log, args.limit)
         return
-    best = min(run(args.n, args.jwt, not args.no_log) for _ in range(3))
-    print(f"{best:.1f} us per request (best of 3 x {args.n}), jwt={args.jwt}, access_log={not args.no_log}")
+    best = min(run(args.n, args.jwt, not args.no_log, args.limit) for _ in range(3))
+    print(f"{best:.1f} us per request (best of 3 x {args.n}), jwt={args.jwt}, limit={args.limit}, "
+          f"access_log={not args.no_log}")
 
 
 if __name__ == "__main__":

@@ -43,12 +43,19 @@ def take(tokens: float, updated: float, now: float, per_second: float, burst: in
     return False, tokens
 
 
-@dataclass(frozen=True)
 class Decision:
-    allowed: bool
-    remaining: float      # tokens left after this request
-    per_second: float
-    burst: int
+    """One bucket's answer (a plain slotted class: made on every limited request)."""
+
+    __slots__ = ("allowed", "remaining", "per_second", "burst")
+
+    def __init__(self, allowed: bool, remaining: float, per_second: float, burst: int) -> None:
+        self.allowed = allowed
+        self.remaining = remaining      # tokens left after this request
+        self.per_second = per_second
+        self.burst = burst
+
+    def __repr__(self) -> str:
+        return f"Decision(allowed={self.allowed}, remaining={self.remaining:.3f}, burst={self.burst})"
 
     @property
     def reset(self) -> int:
@@ -143,6 +150,12 @@ class RateLimitFilter:
             self.policies[route.index] = _Policy(route, limit.key, limit.header, limit.scope or f"route{route.index}", own)
         self._tiers = ({name: (name, t.rate.per_second, t.burst, t.rate.count, t.rate.window)
                         for name, t in config.tiers.items()} if config is not None else {})
+        # Per policy, the parts of the headers that never change: label, limit, policy.
+        self._fixed = {
+            name: (_sf_string(name), (b"x-ratelimit-limit", b"%d" % count),
+                   (b"ratelimit-policy", b'"%s";q=%d;w=%d' % (_sf_string(name), count, window)))
+            for name, _, _, count, window in [*self._tiers.values(), *(p.own for p in self.policies.values() if p.own)]
+        }
 
     def on_request(self, ctx: RequestContext) -> LocalResponse | None:
         policy = self.policies.get(ctx.route.index)  # type: ignore[union-attr]
@@ -156,7 +169,7 @@ class RateLimitFilter:
             name, per_second, burst, count, window = self._tiers[tier or self.config.default_tier]  # type: ignore[union-attr]
         key = f"{policy.scope}|{name}|{self._key(policy, ctx)}"
         decision = self.store.take(key, per_second, burst)
-        ctx.rate_limit = (decision, name, count, window)
+        ctx.rate_limit = (decision, name, count, window, self._fixed[name])
         if decision.allowed:
             return None
         return error_response(ctx, 429, "RATE_LIMITED", "rate limit exceeded; retry later",
@@ -182,14 +195,13 @@ class RateLimitFilter:
         limited = ctx.rate_limit
         if limited is None:
             return
-        decision, name, count, window = limited
+        decision, _, _, _, (label, limit_header, policy_header) = limited
         remaining = int(decision.remaining)
         reset = decision.reset
-        label = _sf_string(name)
         head.headers += (
-            (b"x-ratelimit-limit", b"%d" % count),
+            limit_header,
             (b"x-ratelimit-remaining", b"%d" % remaining),
             (b"x-ratelimit-reset", b"%d" % reset),
-            (b"ratelimit-policy", b'"%s";q=%d;w=%d' % (label, count, window)),
+            policy_header,
             (b"ratelimit", b'"%s";r=%d;t=%d' % (label, remaining, reset)),
         )
