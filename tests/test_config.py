@@ -26,6 +26,8 @@ from txgateway.config import (
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "etc" / "txgateway.yaml"
 NOT_YET = "not supported yet in this version of txgateway; remove it or upgrade"
+LIMITS_NOT_YET = "not supported yet in this version of txgateway (only backend: local); remove it or upgrade"
+TIERS = "  tiers: {free: {rate: 100/hour}}\n"
 TOP_KEYS = ("access_log, admin, auth, drain_timeout, limits, listen, manhole, rate_limits, "
             "redirect_to_https, redis, routes, trusted_proxies, upstreams")
 ROUTE_KEYS = ("auth, cache, host, methods, prefix, rate_limit, request_headers, response_headers, "
@@ -550,7 +552,13 @@ def test_route_auth_and_roles_bad_values():
     (lambda t: t + 'admin: {endpoint: "tcp:9901"}\n', 9, "admin", NOT_YET),
     (lambda t: t + 'manhole: {endpoint: "tcp:2222"}\n', 9, "manhole", NOT_YET),
     (lambda t: t + 'redis:\n  url: "redis://127.0.0.1:6379/0"\n', 10, "redis", NOT_YET),
-    (lambda t: t + "rate_limits: {backend: local}\n", 9, "rate_limits", NOT_YET),
+    (lambda t: t + "rate_limits:\n  backend: redis\n" + TIERS, 10, "rate_limits.backend", f"redis: {LIMITS_NOT_YET}"),
+    (lambda t: t + "rate_limits:\n  backend: hybrid\n" + TIERS, 10, "rate_limits.backend", f"hybrid: {LIMITS_NOT_YET}"),
+    (lambda t: t + "rate_limits:\n" + TIERS + "  sync_interval: 100ms\n", 11, "rate_limits.sync_interval", LIMITS_NOT_YET),
+    (lambda t: t + "rate_limits:\n" + TIERS + "  on_redis_error: local\n", 11, "rate_limits.on_redis_error", LIMITS_NOT_YET),
+    (lambda t: t + "rate_limits:\n" + TIERS + "  instances: 2\n", 11, "rate_limits.instances", LIMITS_NOT_YET),
+    (lambda t: t + 'redis: {url: "redis://127.0.0.1:6379/0"}\nrate_limits:\n  backend: local\n' + TIERS,
+     9, "redis", NOT_YET),
     (lambda t: t.replace("users: {targets:", "users: {circuit_breaker: {open_for: 30s}, targets:"),
      4, "upstreams.users.circuit_breaker", NOT_YET),
     (lambda t: t.replace("users: {targets:", "users: {health_check: {path: /healthz}, targets:"),
@@ -561,7 +569,6 @@ def test_route_auth_and_roles_bad_values():
      4, "upstreams.users.balance", f"least_request is {NOT_YET}"),
     (lambda t: t.replace("users: {targets:", "users: {balance: random, targets:"),
      4, "upstreams.users.balance", f"random is {NOT_YET}"),
-    (lambda t: t.replace("upstream: orders}", "upstream: orders, rate_limit: {key: ip}}"), 8, "routes[1].rate_limit", NOT_YET),
     (lambda t: t.replace("upstream: orders}", "upstream: orders, cache: {ttl: 30s}}"), 8, "routes[1].cache", NOT_YET),
 ])
 def test_sections_of_later_versions_are_refused_by_key_path(edit, line, path, message):
@@ -573,6 +580,33 @@ def test_later_version_keys_with_their_off_values_are_accepted():
         "upstream: orders}", "upstream: orders, auth: none}") + "redirect_to_https: false\n"
     config = parse_config(text, "c.yaml")
     assert len(config.routes) == 2
+
+
+def test_rate_limits_and_route_rate_limit_are_accepted_with_the_local_backend():
+    text = BASE.replace("upstream: orders}", "upstream: orders, rate_limit: {key: ip}}") + (
+        "rate_limits:\n  backend: local\n" + TIERS)
+    config = parse_config(text, "c.yaml")
+    assert config.rate_limits is not None and config.rate_limits.backend == "local"
+    assert config.routes[0].rate_limit is None
+    assert config.routes[1].rate_limit.key == "ip"
+
+
+def test_every_redis_related_rate_limit_key_is_refused_at_once():
+    text = BASE + 'redis: {url: "redis://127.0.0.1:6379/0"}\n' + cfg("""\
+        rate_limits:
+          backend: hybrid
+          sync_interval: 100ms
+          on_redis_error: deny
+          instances: 2
+          tiers: {free: {rate: 100/hour}}
+        """)
+    assert errors(text) == [
+        f"c.yaml:9: redis: {NOT_YET}",
+        f"c.yaml:11: rate_limits.backend: hybrid: {LIMITS_NOT_YET}",
+        f"c.yaml:12: rate_limits.sync_interval: {LIMITS_NOT_YET}",
+        f"c.yaml:13: rate_limits.on_redis_error: {LIMITS_NOT_YET}",
+        f"c.yaml:14: rate_limits.instances: {LIMITS_NOT_YET}",
+    ]
 
 
 def test_unknown_balance_policy():
@@ -661,15 +695,19 @@ def test_the_example_shows_every_supported_key():
                 "routes:", "prefix:", "upstream:", "rewrite_prefix:", "methods:", "host:", "request_headers:",
                 "response_headers:", "security_headers:",
                 "auth:", "jwt:", "algorithms:", "jwks_url:", "jwks_cooldown:", "jwks_refresh:", "jwks_timeout:",
-                "issuer:", "audience:", "leeway:", "claims:", "cache_size:", "auth: required", "roles: [admin]"):
+                "issuer:", "audience:", "leeway:", "claims:", "cache_size:", "auth: required", "roles: [admin]",
+                "rate_limits:", "backend: local", "tiers:", "free:", "pro:", "enterprise:", "default_tier:",
+                "max_buckets:", "rate_limit: {key: user}", "rate_limit: {key: ip, rate: 100/minute, burst: 20}",
+                "scope:"):
         assert key in live, key
     commented = "\n".join(line.split("#", 1)[1] for line in text.splitlines() if "#" in line)
     # Auth variants that need files or secrets the example cannot assume: shown, explained, commented.
     for variant in ("secret_env:", "secret_file:", "jwks_file:", "public_keys:", "api_keys:", "hash-key"):
         assert variant in commented, variant
         assert variant not in live, variant
-    for later in ("tls:", "admin:", "manhole:", "redis:", "rate_limits:", "circuit_breaker:",
-                  "health_check:", "retries: 1", "cache:", "https://search", "rate_limit:", "least_request"):
+    for later in ("tls:", "admin:", "manhole:", "redis:", "backend: hybrid", "sync_interval:", "on_redis_error:",
+                  "instances:", "circuit_breaker:", "health_check:", "retries: 1", "cache:", "https://search",
+                  "least_request"):
         assert later in commented, later
         assert later not in live, later
     assert "later version" in text.lower()
@@ -722,15 +760,35 @@ def test_the_examples_commented_auth_variants_load_once_their_files_exist(tmp_pa
 def test_the_examples_later_version_blocks_are_refused_when_uncommented(tmp_path):
     """Uncommenting a 'later versions' block must fail loudly, never be ignored."""
     text = EXAMPLE.read_text()
-    uncommented = re.sub(r"^# (admin|manhole|redis|rate_limits):", r"\1:", text, flags=re.MULTILINE)
+    uncommented = re.sub(r"^# (admin|manhole|redis):", r"\1:", text, flags=re.MULTILINE)
+    # The redis-backed rate limit settings, in place of `backend: local`.
+    uncommented = re.sub(r"^  # (backend|sync_interval|on_redis_error|instances):", r"  \1:", uncommented,
+                         flags=re.MULTILINE).replace("\n  backend: local\n", "\n  # backend: local\n")
     assert uncommented.count("\n") == text.count("\n") and uncommented != text
     path = tmp_path / "later.yaml"
     path.write_text(uncommented)
     with pytest.raises(ConfigError) as info:
         load_config(str(path))
-    paths = {p.path for p in info.value.problems}
-    assert {"admin", "manhole", "redis", "rate_limits"} <= paths
-    assert all(NOT_YET in p.message for p in info.value.problems if p.path in {"admin", "manhole", "redis", "rate_limits"})
+    problems = {p.path: p.message for p in info.value.problems}
+    assert {"admin", "manhole", "redis"} <= set(problems)
+    assert all(NOT_YET in problems[p] for p in ("admin", "manhole", "redis"))
+    assert problems["rate_limits.backend"] == f"hybrid: {LIMITS_NOT_YET}"
+    for key in ("sync_interval", "on_redis_error", "instances"):
+        assert problems[f"rate_limits.{key}"] == LIMITS_NOT_YET
+    assert not any(p.startswith("routes") for p in problems)
+
+
+def test_the_example_rate_limits():
+    config = load_config(str(EXAMPLE))
+    limits = config.rate_limits
+    assert limits.backend == "local" and limits.default_tier == "free" and limits.max_buckets == 100_000
+    assert {name: (t.rate.count, t.rate.window, t.burst) for name, t in limits.tiers.items()} == {
+        "free": (100, 3600, 100), "pro": (5000, 3600, 5000), "enterprise": (100000, 3600, 100000)}
+    routes = {r.prefix: r.rate_limit for r in config.routes}
+    assert (routes["/api/users"].key, routes["/api/users"].rate, routes["/api/users"].scope) == ("user", None, None)
+    search = routes["/api/search"]
+    assert (search.key, search.rate.count, search.rate.window, search.burst) == ("ip", 100, 60, 20)
+    assert routes["/api/orders"].scope == routes["/api/orders-legacy"].scope == "orders"
 
 
 def test_values_are_frozen():
