@@ -150,10 +150,12 @@ class RateLimitFilter:
             self.policies[route.index] = _Policy(route, limit.key, limit.header, limit.scope or f"route{route.index}", own)
         self._tiers = ({name: (name, t.rate.per_second, t.burst, t.rate.count, t.rate.window)
                         for name, t in config.tiers.items()} if config is not None else {})
-        # Per policy, the parts of the headers that never change: label, limit, policy.
+        # Per policy, the parts of the headers that never change: label, limit, policy. Keyed by
+        # count and window too: a route's scope may be named like a tier, or shared by routes
+        # with different rates.
         self._fixed = {
-            name: (_sf_string(name), (b"x-ratelimit-limit", b"%d" % count),
-                   (b"ratelimit-policy", b'"%s";q=%d;w=%d' % (_sf_string(name), count, window)))
+            (name, count, window): (_sf_string(name), (b"x-ratelimit-limit", b"%d" % count),
+                                    (b"ratelimit-policy", b'"%s";q=%d;w=%d' % (_sf_string(name), count, window)))
             for name, _, _, count, window in [*self._tiers.values(), *(p.own for p in self.policies.values() if p.own)]
         }
 
@@ -169,7 +171,7 @@ class RateLimitFilter:
             name, per_second, burst, count, window = self._tiers[tier or self.config.default_tier]  # type: ignore[union-attr]
         key = f"{policy.scope}|{name}|{self._key(policy, ctx)}"
         decision = self.store.take(key, per_second, burst)
-        ctx.rate_limit = (decision, name, count, window, self._fixed[name])
+        ctx.rate_limit = (decision, name, count, window, self._fixed[name, count, window])
         if decision.allowed:
             return None
         return error_response(ctx, 429, "RATE_LIMITED", "rate limit exceeded; retry later",
@@ -196,7 +198,7 @@ class RateLimitFilter:
         if limited is None:
             return
         decision, _, _, _, (label, limit_header, policy_header) = limited
-        remaining = int(decision.remaining)
+        remaining = int(decision.remaining + _SLACK)
         reset = decision.reset
         head.headers += (
             limit_header,
