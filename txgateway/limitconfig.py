@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from txgateway._yamlreader import Reader
+from txgateway._yamlreader import Reader, _Invalid
 from txgateway.units import Rate
 
 __all__ = ["LimitsConfig", "RouteLimit", "Tier", "parse_rate_limits", "parse_route_limit"]
@@ -66,7 +66,9 @@ def parse_rate_limits(r: Reader, node: yaml.Node) -> LimitsConfig:
     if "tiers" not in f:
         raise r.fail(node, f"{path}.tiers", "missing (required): e.g. {free: {rate: 100/hour}}")
     tiers: dict[str, Tier] = {}
+    declared: list[str] = []     # valid or not: an invalid tier reports its own problem, once
     for name, _, value in r.free_mapping(f["tiers"], f"{path}.tiers"):
+        declared.append(name)
         tier_path = f"{path}.tiers.{name}"
         t = r.attempt(lambda: r.mapping(value, tier_path, {"rate": "", "burst": ""}), None)
         if t is None:
@@ -78,44 +80,56 @@ def parse_rate_limits(r: Reader, node: yaml.Node) -> LimitsConfig:
         burst = r.attempt(lambda: _burst(r, t, tier_path), None)
         if rate is not None:
             tiers[name] = Tier(name, rate, burst or rate.count)
-    if not tiers:
+    if not declared:
         raise r.fail(f["tiers"], f"{path}.tiers", "expected at least one tier")
     default = r.string(f["default_tier"], f"{path}.default_tier") if "default_tier" in f else None
     if default is None:
-        if len(tiers) != 1:
-            raise r.fail(node, f"{path}.default_tier", f"missing: which of {', '.join(tiers)} applies without a tier")
-        default = next(iter(tiers))
-    elif default not in tiers:
-        raise r.fail(f["default_tier"], f"{path}.default_tier", f'no tier named "{default}" (defined: {", ".join(tiers)})')
+        if len(declared) != 1:
+            raise r.fail(node, f"{path}.default_tier", f"missing: which of {', '.join(declared)} applies without a tier")
+        default = declared[0]
+    elif default not in declared:
+        raise r.fail(f["default_tier"], f"{path}.default_tier", f'no tier named "{default}" (defined: {", ".join(declared)})')
     values: dict[str, Any] = {}
     if "max_buckets" in f:
         values["max_buckets"] = r.integer(f["max_buckets"], f"{path}.max_buckets", 100)
+    if len(tiers) != len(declared):
+        raise _Invalid()
     return LimitsConfig(tiers=MappingProxyType(tiers), default_tier=default, **values)
 
 
-def parse_route_limit(r: Reader, node: yaml.Node, path: str, has_limits: bool) -> RouteLimit:
-    f = r.mapping(node, path, {"key": "", "rate": "", "burst": "", "scope": ""})
+def _route_key(r: Reader, f: dict[str, yaml.Node], path: str) -> tuple[str, bytes | None]:
     key_text = r.string(f["key"], f"{path}.key") if "key" in f else "ip"
-    header = None
     if key_text.startswith("header:"):
         name = key_text[len("header:"):]
         if not _HEADER.match(name):
             raise r.fail(f["key"], f"{path}.key", f'expected header:NAME with a header name, got "{key_text}"')
-        header = name.lower().encode()
-        key = "header"
-    elif key_text in ("ip", "user", "api_key"):
-        key = key_text
-    else:
-        raise r.fail(f["key"], f"{path}.key", f'expected ip, user, api_key or header:NAME, got "{key_text}"')
-    rate = r.parsed(f["rate"], f"{path}.rate", Rate.parse) if "rate" in f else None
-    burst = _burst(r, f, path)
-    if burst is not None and rate is None:
-        raise r.fail(f["burst"], f"{path}.burst", "a route's burst needs the route's own rate")
-    scope = None
-    if "scope" in f:
-        scope = r.string(f["scope"], f"{path}.scope")
-        if not _SCOPE.match(scope):
-            raise r.fail(f["scope"], f"{path}.scope", f'expected 1-64 of [A-Za-z0-9_.-], got "{scope}"')
-    if rate is None and not has_limits:
-        raise r.fail(node, path, "needs a rate here or a rate_limits: section with tiers")
+        return "header", name.lower().encode()
+    if key_text in ("ip", "user", "api_key"):
+        return key_text, None
+    raise r.fail(f["key"], f"{path}.key", f'expected ip, user, api_key or header:NAME, got "{key_text}"')
+
+
+def _scope(r: Reader, f: dict[str, yaml.Node], path: str) -> str | None:
+    if "scope" not in f:
+        return None
+    scope = r.string(f["scope"], f"{path}.scope")
+    if not _SCOPE.match(scope):
+        raise r.fail(f["scope"], f"{path}.scope", f'expected 1-64 of [A-Za-z0-9_.-], got "{scope}"')
+    return scope
+
+
+def parse_route_limit(r: Reader, node: yaml.Node, path: str, has_limits: bool) -> RouteLimit:
+    """Every problem of the route's rate_limit is reported, not only the first."""
+    f = r.mapping(node, path, {"key": "", "rate": "", "burst": "", "scope": ""})
+    before = len(r.problems)
+    key, header = r.attempt(lambda: _route_key(r, f, path), ("ip", None))
+    rate = r.attempt(lambda: r.parsed(f["rate"], f"{path}.rate", Rate.parse), None) if "rate" in f else None
+    burst = r.attempt(lambda: _burst(r, f, path), None)
+    if "burst" in f and "rate" not in f:
+        r.fail(f["burst"], f"{path}.burst", "a route's burst needs the route's own rate")
+    scope = r.attempt(lambda: _scope(r, f, path), None)
+    if "rate" not in f and not has_limits:
+        r.fail(node, path, "needs a rate here or a rate_limits: section with tiers")
+    if len(r.problems) != before:
+        raise _Invalid()
     return RouteLimit(key=key, header=header, rate=rate, burst=burst, scope=scope)
