@@ -122,7 +122,8 @@ def parse_route_limit(r: Reader, node: yaml.Node, path: str, has_limits: bool) -
     """Every problem of the route's rate_limit is reported, not only the first."""
     f = r.mapping(node, path, {"key": "", "rate": "", "burst": "", "scope": ""})
     before = len(r.problems)
-    key, header = r.attempt(lambda: _route_key(r, f, path), ("ip", None))
+    no_key: tuple[str, bytes | None] = ("ip", None)
+    key, header = r.attempt(lambda: _route_key(r, f, path), no_key)
     rate = r.attempt(lambda: r.parsed(f["rate"], f"{path}.rate", Rate.parse), None) if "rate" in f else None
     burst = r.attempt(lambda: _burst(r, f, path), None)
     if "burst" in f and "rate" not in f:

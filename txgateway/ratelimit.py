@@ -25,6 +25,8 @@ from txgateway.pipeline import LocalResponse, RequestContext, ResponseHead, erro
 __all__ = ["Decision", "LocalStore", "RateLimitFilter", "RateLimitStore", "take"]
 
 _PLAIN_KEY = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+_OWN_HEADERS = frozenset({b"x-ratelimit-limit", b"x-ratelimit-remaining", b"x-ratelimit-reset",
+                          b"ratelimit-policy", b"ratelimit"})
 # Float refill sums land a few ulps off exact values (18 s at 3/minute from 0.1 tokens gives
 # 0.9999999999999999 tokens); decisions and whole seconds are taken with this much slack.
 _SLACK = 1e-9
@@ -200,6 +202,9 @@ class RateLimitFilter:
         decision, _, _, _, (label, limit_header, policy_header) = limited
         remaining = int(decision.remaining + _SLACK)
         reset = decision.reset
+        if any(name in _OWN_HEADERS for name, _ in head.headers):
+            # An upstream's own limit headers: ours replace them, never two conflicting values.
+            head.headers = [h for h in head.headers if h[0] not in _OWN_HEADERS]
         head.headers += (
             limit_header,
             (b"x-ratelimit-remaining", b"%d" % remaining),
