@@ -154,7 +154,9 @@ BAD_BEARERS = [
     ("garbage-dots", "Bearer a.b.c", "invalid_token", "the token is malformed"),
     # 43 base64 characters carry the 32-byte signature: 40 decode cleanly to 30 bytes, 42 do not
     ("truncated-signature", lambda: "Bearer " + hs()[:-3], "invalid_token", "the token's signature is invalid"),
-    ("truncated-by-one", lambda: "Bearer " + hs()[:-1], "invalid_token", "the token is malformed"),
+    # An HS256 signature is 43 base64url characters; 41 is an impossible length (41 % 4 == 1),
+    # so this is malformed whatever the signature's bytes (one character less may still decode).
+    ("truncated-to-invalid-base64", lambda: "Bearer " + hs()[:-2], "invalid_token", "the token is malformed"),
     ("truncated-in-payload", lambda: "Bearer " + hs()[:60], "invalid_token", "the token is malformed"),
     ("wrong-signature", lambda: "Bearer " + hs(key=b"another-secret-0123456789abcdef!!"), "invalid_token",
      "the token's signature is invalid"),
