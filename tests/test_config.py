@@ -720,7 +720,7 @@ def test_the_example_config_protects_users_and_orders():
         "/api/users": ("required", None),
         "/api/search": ("none", None),
         "/api/orders": ("required", frozenset({"admin"})),
-        "/api/orders-legacy": ("none", None),
+        "/api/orders-legacy": ("required", frozenset({"admin"})),
     }
     jwt_config = config.auth.jwt
     assert jwt_config.algorithms == ("RS256",) and jwt_config.secret is None

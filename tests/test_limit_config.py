@@ -252,3 +252,19 @@ def test_errors_in_rate_limits_and_routes_are_reported_together():
         'c.yaml:11: rate_limits.default_tier: no tier named "gold" (defined: free, pro)',
         'c.yaml:5: routes[0].rate_limit.key: expected ip, user, api_key or header:NAME, got "cookie"',
     ]
+
+
+def test_a_header_the_http_layer_consumes_cannot_be_a_key():
+    assert errors("{key: 'header:Content-Length'}") == [
+        "c.yaml:5: routes[0].rate_limit.key: Content-Length is consumed by the HTTP layer and never reaches "
+        "the limiter (header:Host works)"]
+    assert config("{key: 'header:Host'}").routes[0].rate_limit == RouteLimit(key="header", header=b"host")
+
+
+def test_routes_sharing_a_scope_must_agree_on_rate_and_burst():
+    text = ROUTES.replace("  - {prefix: /b, upstream: u}",
+                          "  - {prefix: /b, upstream: u, rate_limit: {rate: 5/minute, scope: s}}") % "{rate: 2/minute, scope: s}"
+    with pytest.raises(ConfigError) as info:
+        parse_config(text + textwrap.dedent(LIMITS), "c.yaml")
+    assert str(info.value).splitlines() == [
+        'c.yaml:6: routes[1].rate_limit: routes sharing scope "s" must share rate and burst (differs from routes[0])']

@@ -255,7 +255,7 @@ routes:
   - {prefix: /tiered, upstream: u, rate_limit: {key: ip}}
   - {prefix: /own, upstream: u, rate_limit: {key: ip, rate: 100/minute, burst: 20}}
   - {prefix: /scoped-a, upstream: u, rate_limit: {key: ip, rate: 2/minute, scope: free}}
-  - {prefix: /scoped-b, upstream: u, rate_limit: {key: ip, rate: 5/minute, scope: free}}
+  - {prefix: /scoped-b, upstream: u, rate_limit: {key: ip, rate: 5/minute, scope: free-b}}
   - {prefix: /header, upstream: u, rate_limit: {key: "header:X-Client"}}
   - {prefix: /free, upstream: u}
 """
@@ -346,7 +346,7 @@ def test_a_scope_named_like_a_tier_does_not_change_that_tiers_headers():
     assert rate_headers(f, scoped)["ratelimit-policy"] == '"free";q=2;w=60'
     other = request(config, "/scoped-b")
     f.on_request(other)
-    assert rate_headers(f, other)["ratelimit-policy"] == '"free";q=5;w=60'
+    assert rate_headers(f, other)["ratelimit-policy"] == '"free-b";q=5;w=60'
     tiered = request(config, "/tiered")
     f.on_request(tiered)
     headers = rate_headers(f, tiered)

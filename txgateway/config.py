@@ -307,10 +307,17 @@ def _routes(r: Reader, node: yaml.Node, upstreams: dict[str, Upstream], declared
             sections: frozenset[str]) -> tuple[Route, ...]:
     out: list[Route] = []
     seen: dict[tuple[str, str | None, frozenset[bytes] | None], str] = {}
+    scopes: dict[str, tuple[Any, Any, str]] = {}
     for path, item in r.sequence(node, "routes"):
         route = r.attempt(lambda: _route(r, path, item, upstreams, declared, len(out), sections), None)
         if route is None:
             continue
+        limit = route.rate_limit
+        if limit is not None and limit.scope is not None:
+            first = scopes.setdefault(limit.scope, (limit.rate, limit.burst, path))
+            if first[:2] != (limit.rate, limit.burst):
+                r.fail(item, f"{path}.rate_limit", f'routes sharing scope "{limit.scope}" must share rate and burst '
+                                                   f"(differs from {first[2]})")
         key = (route.prefix, route.host, route.methods)
         if key in seen:
             r.fail(item, f"{path}.prefix", f'duplicate prefix "{route.prefix}" (already used by {seen[key]})')

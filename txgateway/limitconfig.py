@@ -17,6 +17,9 @@ __all__ = ["LimitsConfig", "RouteLimit", "Tier", "parse_rate_limits", "parse_rou
 
 _NOT_YET = "not supported yet in this version of txgateway (only backend: local); remove it or upgrade"
 _HEADER = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# Framing and hop-by-hop headers the transport takes out before any filter runs.
+_CONSUMED = frozenset({"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade",
+                       "content-length", "expect"})
 _SCOPE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -103,7 +106,11 @@ def _route_key(r: Reader, f: dict[str, yaml.Node], path: str) -> tuple[str, byte
         name = key_text[len("header:"):]
         if not _HEADER.match(name):
             raise r.fail(f["key"], f"{path}.key", f'expected header:NAME with a header name, got "{key_text}"')
-        return "header", name.lower().encode()
+        low = name.lower()
+        if low in _CONSUMED or low.startswith("proxy-"):
+            raise r.fail(f["key"], f"{path}.key", f"{name} is consumed by the HTTP layer and never reaches "
+                                                  "the limiter (header:Host works)")
+        return "header", low.encode()
     if key_text in ("ip", "user", "api_key"):
         return key_text, None
     raise r.fail(f["key"], f"{path}.key", f'expected ip, user, api_key or header:NAME, got "{key_text}"')

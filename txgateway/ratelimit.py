@@ -187,7 +187,7 @@ class RateLimitFilter:
         if kind == "api_key" and identity is not None and identity.source == "api_key":
             return "key:" + identity.user_id
         if kind == "header":
-            value = ctx.header(policy.header)  # type: ignore[arg-type]
+            value = ctx.host if policy.header == b"host" else ctx.header(policy.header)  # type: ignore[arg-type]
             if value is not None:
                 if _PLAIN_KEY.match(value):
                     return "h:" + value.decode("ascii")

@@ -322,6 +322,16 @@ async def test_key_header_with_plain_values_and_the_ip_fallback(reactor, echo, g
     assert await statuses(gw, "/api", 2) == [200, 429]      # "ip:127.0.0.1" above is not the ip bucket
 
 
+@pytest_twisted.ensureDeferred
+async def test_key_header_host_keys_by_the_requested_host(reactor, echo, gateway):
+    gw = await gateway(routes_config(echo.url, "  - {prefix: /api, upstream: u, rate_limit: {key: 'header:Host', rate: 1/minute}}"),
+                       clock=Clock())
+    for host in (b"a.test", b"b.test"):   # Host is consumed by the HTTP layer; the limiter uses ctx.host
+        one = b"GET /api HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"
+        rs = parse_responses(await raw(gw.port, one + one[:-2] + b"Connection: close\r\n\r\n"))
+        assert [r.status for r in rs] == [200, 429], host
+
+
 # --- routes: overrides and scopes ---------------------------------------------------------
 
 @pytest_twisted.ensureDeferred
