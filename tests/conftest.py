@@ -18,11 +18,32 @@ from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.web.server import Site
 
+from txgateway.authconfig import hash_api_key
 from txgateway.config import parse_config
 from txgateway.demo import EchoResource
 from txgateway.gateway import Gateway
 
 TIMEOUT = 10.0
+# Credentials shared by the auth and rate-limit tests (tests only, never a real secret).
+SECRET = b"integration-secret-0123456789abcdef"
+ALICE_KEY = "alice-service-key-0123456789"
+BOB_KEY = "bob-service-key-0123456789"
+
+
+@pytest.fixture
+def secret_file(tmp_path) -> str:
+    path = tmp_path / "jwt_secret"
+    path.write_bytes(SECRET + b"\n")
+    return str(path)
+
+
+@pytest.fixture
+def keys_file(tmp_path) -> str:
+    path = tmp_path / "api_keys.yaml"
+    path.write_text(
+        f'- {{hash: "{hash_api_key(ALICE_KEY)}", id: alice-svc, role: admin, tier: pro}}\n'
+        f'- {{hash: "{hash_api_key(BOB_KEY)}", id: bob-svc, role: user, tier: free}}\n')
+    return str(path)
 
 
 @pytest.fixture

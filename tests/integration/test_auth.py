@@ -25,13 +25,20 @@ from twisted.internet.task import Clock, deferLater
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from tests.conftest import Response, assert_envelope, free_port, listen, parse_responses, raw
+from tests.conftest import (
+    ALICE_KEY,
+    BOB_KEY,
+    SECRET,
+    Response,
+    assert_envelope,
+    free_port,
+    listen,
+    parse_responses,
+    raw,
+)
 from txgateway.authconfig import hash_api_key
 
-SECRET = b"integration-secret-0123456789abcdef"
 ISSUER = "https://auth.test"
-ALICE_KEY = "alice-service-key-0123456789"
-BOB_KEY = "bob-service-key-0123456789"
 
 
 def challenge(error: str, description: str) -> str:
@@ -94,22 +101,6 @@ def rsa_keys() -> dict[str, Any]:
 
 def public_pem(key: Any) -> bytes:
     return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
-@pytest.fixture
-def secret_file(tmp_path) -> str:
-    path = tmp_path / "jwt_secret"
-    path.write_bytes(SECRET + b"\n")
-    return str(path)
-
-
-@pytest.fixture
-def keys_file(tmp_path) -> str:
-    path = tmp_path / "api_keys.yaml"
-    path.write_text(
-        f'- {{hash: "{hash_api_key(ALICE_KEY)}", id: alice-svc, role: admin, tier: pro}}\n'
-        f'- {{hash: "{hash_api_key(BOB_KEY)}", id: bob-svc, role: user, tier: free}}\n')
-    return str(path)
 
 
 def hs_config(echo_url: str, secret_file: str, extra_auth: str = "") -> str:

@@ -15,13 +15,9 @@ import pytest
 import pytest_twisted
 from twisted.internet.task import Clock
 
-from tests.conftest import Response, assert_envelope, free_port, parse_responses, raw
-from txgateway.authconfig import hash_api_key
+from tests.conftest import ALICE_KEY, BOB_KEY, SECRET, Response, assert_envelope, free_port, parse_responses, raw
 
-SECRET = b"ratelimit-test-secret-0123456789abcdef"
 ISSUER = "https://auth.test"
-ALICE_KEY = "alice-service-key-0123456789"
-BOB_KEY = "bob-service-key-0123456789"
 LIMIT_HEADERS = ("x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset", "ratelimit-policy", "ratelimit")
 
 
@@ -195,22 +191,6 @@ async def test_expect_100_continue_is_not_answered_when_the_bucket_is_empty(reac
 
 
 # --- tiers and keys -----------------------------------------------------------------------
-
-@pytest.fixture
-def secret_file(tmp_path) -> str:
-    path = tmp_path / "jwt_secret"
-    path.write_bytes(SECRET + b"\n")
-    return str(path)
-
-
-@pytest.fixture
-def keys_file(tmp_path) -> str:
-    path = tmp_path / "api_keys.yaml"
-    path.write_text(
-        f'- {{hash: "{hash_api_key(ALICE_KEY)}", id: alice-svc, role: admin, tier: pro}}\n'
-        f'- {{hash: "{hash_api_key(BOB_KEY)}", id: bob-svc, role: user, tier: free}}\n')
-    return str(path)
-
 
 def auth_section(secret_file: str, keys_file: str | None = None) -> str:
     keys = f"  api_keys: {{header: X-API-Key, file: {keys_file}}}\n" if keys_file else ""
