@@ -42,9 +42,6 @@ class Deadlines:
         if self._loop.running:
             self._loop.stop()
 
-    def __len__(self) -> int:
-        return len(self._items)
-
     def _sweep(self) -> None:
         self.now = now = self.clock.seconds()
         due = [item for item in self._items if item.deadline <= now]
