@@ -80,22 +80,16 @@ class AuthFilter:
             identity = self.verifier.verify(token)  # type: ignore[union-attr]
         except InvalidToken as e:
             return unauthorized(ctx, "invalid_token", str(e))
-        except KeysUnavailable:
-            return self._keys_unavailable(ctx, token, roles, retry)
-        except UnknownKey:
+        except (KeysUnavailable, UnknownKey) as missing:
+            # One JWKS refetch (shared, at most once per cooldown), then verify once more.
             refetch = self.remote.refetch_for_unknown_kid() if retry and self.remote is not None else None
-            if refetch is None:
+            if refetch is not None:
+                return refetch.addCallback(lambda _: self._verify(ctx, token, roles, retry=False))
+            if isinstance(missing, UnknownKey):
                 return unauthorized(ctx, "invalid_token", "the token's key is unknown")
-            return refetch.addCallback(lambda _: self._verify(ctx, token, roles, retry=False))
+            return error_response(ctx, 503, "UPSTREAM_UNAVAILABLE", "the identity provider's keys are not available",
+                                  [(b"retry-after", b"%d" % max(1, int(self.remote.cooldown if self.remote else 1)))])
         return self._admit(ctx, identity, roles, "")
-
-    def _keys_unavailable(self, ctx: RequestContext, token: str, roles: frozenset[str] | None,
-                          retry: bool) -> LocalResponse | Deferred[LocalResponse | None] | None:
-        refetch = self.remote.refetch_for_unknown_kid() if retry and self.remote is not None else None
-        if refetch is not None:
-            return refetch.addCallback(lambda _: self._verify(ctx, token, roles, retry=False))
-        return error_response(ctx, 503, "UPSTREAM_UNAVAILABLE", "the identity provider's keys are not available",
-                              [(b"retry-after", b"%d" % max(1, int(self.remote.cooldown if self.remote else 1)))])
 
     def _api_key(self, presented: bytes) -> Identity | None:
         """Keys are stored only as SHA-256 digests and found by digest. Any timing the lookup

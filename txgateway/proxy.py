@@ -137,11 +137,11 @@ class Exchange:
         if self.ctx.chunked:
             conn.write(b"0\r\n\r\n")
         self.body_sent = True
-        self._stop_body_producer()
+        self._stop_body_producer(conn)
 
-    def _stop_body_producer(self) -> None:
-        if self.body_producer is not None and self.conn is not None and self.conn.open:
-            self.conn.transport.unregisterProducer()
+    def _stop_body_producer(self, conn: UpstreamConnection | None) -> None:
+        if self.body_producer is not None and conn is not None and conn.open:
+            conn.transport.unregisterProducer()
         self.body_producer = None
 
     # -- response (UpstreamUser) ---------------------------------------------------------
@@ -187,15 +187,10 @@ class Exchange:
         if not self.body_sent:
             # The upstream answered before reading the whole body: the connection is dirty.
             reusable = False
-            self._stop_body_producer_on(conn)
+            self._stop_body_producer(conn)
         if conn is not None:
             self.pool.release(conn, reusable)
         ctx.downstream.finish(ctx)
-
-    def _stop_body_producer_on(self, conn: UpstreamConnection | None) -> None:
-        if self.body_producer is not None and conn is not None and conn.open:
-            conn.transport.unregisterProducer()
-        self.body_producer = None
 
     def upstream_failed(self, reason: str, response_started: bool) -> None:
         if self.phase in (_DONE, _CONNECTING):
@@ -245,20 +240,21 @@ class Exchange:
         if conn is not None:
             conn.close()
 
-    def _fail_before_response(self, status: int, code: str, message: str, reason: str) -> None:
+    def _failed(self, reason: str) -> RequestContext:
+        """Drop the upstream side and record why (log line and access-log detail)."""
         ctx = self.ctx
         self._close_upstream()
         ctx.notes = {"upstream_error": reason}
         _log.warn("upstream {upstream} ({target}) failed for {correlation_id}: {reason}",
                   upstream=ctx.upstream, target=ctx.target_url, correlation_id=ctx.correlation_id, reason=reason)
+        return ctx
+
+    def _fail_before_response(self, status: int, code: str, message: str, reason: str) -> None:
+        ctx = self._failed(reason)
         self.proxy.pipeline.respond_local(ctx, error_response(ctx, status, code, message))
 
     def _abort(self, reason: str) -> None:
-        ctx = self.ctx
-        self._close_upstream()
-        ctx.notes = {"upstream_error": reason}
-        _log.warn("upstream {upstream} ({target}) failed for {correlation_id}: {reason}",
-                  upstream=ctx.upstream, target=ctx.target_url, correlation_id=ctx.correlation_id, reason=reason)
+        ctx = self._failed(reason)
         ctx.downstream.abort(ctx)
 
 
