@@ -154,6 +154,6 @@ class AccessLog:
             ctx.target_url, ctx.status, (now - ctx.start) * 1000.0,
             upstream_ms, ctx.bytes_in, ctx.bytes_out,
             ctx.identity.user_id if ctx.identity is not None else None,
-            None if ctx.rate_limit is None else ("allowed" if ctx.rate_limit[0].allowed else "rejected"),
+            None if ctx.rate_limit is None else ctx.rate_limit[0].outcome,
             None, ctx.error_code,
             notes.get("upstream_error") if notes else None))})

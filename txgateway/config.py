@@ -20,6 +20,7 @@ import yaml
 from txgateway._yamlreader import ConfigError, ConfigProblem, Reader, _Invalid, compose
 from txgateway.authconfig import AuthConfig, parse_auth
 from txgateway.limitconfig import LimitsConfig, RouteLimit, parse_rate_limits, parse_route_limit
+from txgateway.redisconfig import RedisConfig, parse_redis
 from txgateway.units import parse_duration, parse_size
 
 __all__ = [
@@ -117,6 +118,7 @@ class Config:
     drain_timeout: float = 10.0
     auth: AuthConfig | None = None
     rate_limits: LimitsConfig | None = None
+    redis: RedisConfig | None = None
 
 
 def load_config(path: str) -> Config:
@@ -155,7 +157,7 @@ _TOP_KEYS = {
 
 def _config(r: Reader, root: yaml.Node, environ: Mapping[str, str] | None) -> Config:
     top = r.mapping(root, "", _TOP_KEYS)
-    for key in ("admin", "manhole", "redis"):
+    for key in ("admin", "manhole"):
         if key in top:
             r.fail(top[key], key, _NOT_YET)
     if "redirect_to_https" in top and r.attempt(lambda: r.boolean(top["redirect_to_https"], "redirect_to_https"), False):
@@ -173,6 +175,9 @@ def _config(r: Reader, root: yaml.Node, environ: Mapping[str, str] | None) -> Co
     auth = r.attempt(lambda: parse_auth(r, top["auth"], environ), None) if "auth" in top else None
     rate_limits = r.attempt(lambda: parse_rate_limits(r, top["rate_limits"]), None) if "rate_limits" in top else None
     sections = frozenset(k for k in ("auth", "rate_limits") if k in top)
+    redis = r.attempt(lambda: parse_redis(r, top["redis"], environ), None) if "redis" in top else None
+    if rate_limits is not None and rate_limits.backend != "local" and "redis" not in top:
+        r.fail(top["rate_limits"], "rate_limits.backend", f"{rate_limits.backend} needs a redis: section (url or sentinel)")
     routes = r.attempt(lambda: _routes(r, top["routes"], upstreams, declared, sections), no_routes) if "routes" in top else no_routes
     limits = r.attempt(lambda: _limits(r, top["limits"]), Limits()) if "limits" in top else Limits()
     proxies = r.attempt(lambda: _networks(r, top["trusted_proxies"], "trusted_proxies"), ()) if "trusted_proxies" in top else ()
@@ -180,7 +185,7 @@ def _config(r: Reader, root: yaml.Node, environ: Mapping[str, str] | None) -> Co
     drain = r.attempt(lambda: r.parsed(top["drain_timeout"], "drain_timeout", parse_duration), 10.0) if "drain_timeout" in top else 10.0
     return Config(file=r.file, listen=listen, upstreams=MappingProxyType(upstreams), routes=routes, limits=limits,
                   trusted_proxies=proxies, access_log=access_log, drain_timeout=drain, auth=auth,
-                  rate_limits=rate_limits)
+                  rate_limits=rate_limits, redis=redis)
 
 
 def _listeners(r: Reader, node: yaml.Node) -> tuple[Listener, ...]:

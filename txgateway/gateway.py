@@ -24,7 +24,9 @@ from txgateway.http1 import HTTP1Factory
 from txgateway.jwks import RemoteJwks
 from txgateway.pipeline import Pipeline
 from txgateway.proxy import Proxy
-from txgateway.ratelimit import LocalStore, RateLimitFilter
+from txgateway.ratelimit import LocalStore, RateLimitFilter, RateLimitStore
+from txgateway.redislink import RedisLink
+from txgateway.redisstore import HybridStore, RedisStore
 from txgateway.routing import RouteTable, RoutingFilter
 from txgateway.timeouts import Deadlines
 
@@ -57,10 +59,9 @@ class Gateway(MultiService):
         self.log_writer = JsonLinesWriter.open(config.access_log, self.clock)
         self.jwks = self._remote_jwks(config)
         identify = [AuthFilter(config.auth, config.routes, self.clock, self.jwks)] if config.auth else []
-        max_buckets = config.rate_limits.max_buckets if config.rate_limits is not None else 100_000
-        self.limiter = LocalStore(self.clock, max_buckets)
+        self.redis, self.limiter, self.local_buckets = self._limit_stores(config)
         limited = any(r.rate_limit is not None for r in config.routes)
-        limit = [RateLimitFilter(config.rate_limits, config.routes, self.limiter)] if limited else []
+        limit = [RateLimitFilter(config.rate_limits, config.routes, self.limiter, self.local_buckets)] if limited else []
         self.pipeline = Pipeline(
             [
                 ForwardingHeaders(TrustedProxies(config.trusted_proxies)),  # sanitise, correlate
@@ -82,6 +83,21 @@ class Gateway(MultiService):
             service._raiseSynchronously = True
             service.setServiceParent(self)
             self.listeners.append(service)
+
+    def _limit_stores(self, config: Config) -> tuple[RedisLink | None, RateLimitStore, LocalStore]:
+        """(Redis link, the configured store, in-process buckets: the store itself for
+        backend local, else the on_redis_error fallback)."""
+        limits = config.rate_limits
+        local = LocalStore(self.clock, limits.max_buckets if limits is not None else 100_000)
+        if limits is None or limits.backend == "local":
+            if config.redis is not None:
+                _log.warn("redis: is configured but unused (rate_limits.backend is local)")
+            return None, local, local
+        assert config.redis is not None        # the config refuses a Redis backend without redis:
+        link = RedisLink(config.redis, self.clock)
+        if limits.backend == "redis":
+            return link, RedisStore(link), local
+        return link, HybridStore(link, self.clock, limits.sync_interval, limits.max_buckets), local
 
     def _remote_jwks(self, config: Config) -> RemoteJwks | None:
         jwt_config = config.auth.jwt if config.auth is not None else None
@@ -112,6 +128,8 @@ class Gateway(MultiService):
         if self.jwks is not None:
             self.jwks.start()
         self.limiter.start()
+        if self.local_buckets is not self.limiter:
+            self.local_buckets.start()
         if self.log_writer is not None:
             self.log_writer.start()
         super().startService()
@@ -129,7 +147,11 @@ class Gateway(MultiService):
         self.proxy.close()
         if self.jwks is not None:
             self.jwks.stop()
-        self.limiter.stop()
+        stopping = self.limiter.stop()       # a Redis-backed store closes its connections
+        if stopping is not None:
+            await stopping
+        if self.local_buckets is not self.limiter:
+            self.local_buckets.stop()
         self.deadlines.stop()
         if self.log_writer is not None:
             self.log_writer.stop()

@@ -11,11 +11,10 @@ from typing import Any
 import yaml
 
 from txgateway._yamlreader import Reader, _Invalid
-from txgateway.units import Rate
+from txgateway.units import Rate, parse_duration
 
 __all__ = ["LimitsConfig", "RouteLimit", "Tier", "parse_rate_limits", "parse_route_limit"]
 
-_NOT_YET = "not supported yet in this version of txgateway (only backend: local); remove it or upgrade"
 _HEADER = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 # Framing and hop-by-hop headers the transport takes out before any filter runs.
 _CONSUMED = frozenset({"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade",
@@ -34,7 +33,10 @@ class Tier:
 class LimitsConfig:
     tiers: Mapping[str, Tier]
     default_tier: str
-    backend: str = "local"
+    backend: str = "local"              # local | redis | hybrid
+    sync_interval: float = 0.1          # hybrid: how often local consumption meets Redis
+    on_redis_error: str = "local"       # local | allow | deny
+    instances: int = 1                  # the local fallback limits each instance to rate / instances
     max_buckets: int = 100_000
 
 
@@ -59,13 +61,25 @@ def parse_rate_limits(r: Reader, node: yaml.Node) -> LimitsConfig:
     path = "rate_limits"
     f = r.mapping(node, path, {k: "" for k in (
         "backend", "sync_interval", "on_redis_error", "instances", "tiers", "default_tier", "max_buckets")})
-    backend = r.attempt(lambda: r.choice(f["backend"], f"{path}.backend", ("local", "redis", "hybrid")),
-                        "local") if "backend" in f else "local"
-    if backend != "local":
-        r.fail(f["backend"], f"{path}.backend", f"{backend}: {_NOT_YET}")
-    for key in ("sync_interval", "on_redis_error", "instances"):
-        if key in f:
-            r.fail(f[key], f"{path}.{key}", _NOT_YET)
+    values: dict[str, Any] = {}
+    if "backend" in f:
+        values["backend"] = r.attempt(lambda: r.choice(f["backend"], f"{path}.backend", ("local", "redis", "hybrid")), "local")
+    backend = values.get("backend", "local")
+    if "sync_interval" in f:
+        if backend != "hybrid":
+            r.fail(f["sync_interval"], f"{path}.sync_interval", f"only used with backend: hybrid (backend is {backend})")
+        interval = r.attempt(lambda: r.parsed(f["sync_interval"], f"{path}.sync_interval", parse_duration), 0.1)
+        if not 0.01 <= interval <= 10.0:
+            r.fail(f["sync_interval"], f"{path}.sync_interval", f"expected between 10ms and 10s, got {f['sync_interval'].value}")
+        values["sync_interval"] = interval
+    for key in ("on_redis_error", "instances"):
+        if key in f and backend == "local":
+            r.fail(f[key], f"{path}.{key}", "only used with backend: redis or hybrid (backend is local)")
+    if "on_redis_error" in f:
+        values["on_redis_error"] = r.attempt(
+            lambda: r.choice(f["on_redis_error"], f"{path}.on_redis_error", ("local", "allow", "deny")), "local")
+    if "instances" in f:
+        values["instances"] = r.attempt(lambda: r.integer(f["instances"], f"{path}.instances", 1), 1)
     if "tiers" not in f:
         raise r.fail(node, f"{path}.tiers", "missing (required): e.g. {free: {rate: 100/hour}}")
     tiers: dict[str, Tier] = {}
@@ -92,7 +106,6 @@ def parse_rate_limits(r: Reader, node: yaml.Node) -> LimitsConfig:
         default = declared[0]
     elif default not in declared:
         raise r.fail(f["default_tier"], f"{path}.default_tier", f'no tier named "{default}" (defined: {", ".join(declared)})')
-    values: dict[str, Any] = {}
     if "max_buckets" in f:
         values["max_buckets"] = r.integer(f["max_buckets"], f"{path}.max_buckets", 100)
     if len(tiers) != len(declared):

@@ -3,8 +3,11 @@
 A bucket holds up to `burst` tokens and refills continuously at `rate` (count per window).
 A request takes one token; a rejected request takes none (Kong's users complain that
 rejected requests count). Buckets are scoped per route unless routes share a `scope`.
-This version keeps buckets in process (`backend: local`); `RateLimitStore` is the seam for
-the Redis-backed stores.
+`RateLimitStore` is the seam: `LocalStore` here (`backend: local`, and the fallback while
+Redis is down), `RedisStore` and `HybridStore` in redisstore.py. When a Redis-backed store
+cannot answer (RedisUnavailable, at once or within `redis.timeout`), `on_redis_error`
+decides: `local` limits with in-process buckets at this instance's share of the rate,
+`allow` lets the request through unlimited, `deny` answers 503.
 """
 
 from __future__ import annotations
@@ -16,11 +19,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
 
 from txgateway.config import Route
 from txgateway.limitconfig import LimitsConfig
 from txgateway.pipeline import LocalResponse, RequestContext, ResponseHead, error_response
+from txgateway.redislink import RedisUnavailable
 
 __all__ = ["Decision", "LocalStore", "RateLimitFilter", "RateLimitStore", "take"]
 
@@ -48,13 +54,24 @@ def take(tokens: float, updated: float, now: float, per_second: float, burst: in
 class Decision:
     """One bucket's answer (a plain slotted class: made on every limited request)."""
 
-    __slots__ = ("allowed", "remaining", "per_second", "burst")
+    __slots__ = ("allowed", "remaining", "per_second", "burst", "fallback")
 
-    def __init__(self, allowed: bool, remaining: float, per_second: float, burst: int) -> None:
+    def __init__(self, allowed: bool, remaining: float, per_second: float, burst: int,
+                 fallback: str | None = None) -> None:
         self.allowed = allowed
         self.remaining = remaining      # tokens left after this request
         self.per_second = per_second
         self.burst = burst
+        self.fallback = fallback        # None, or which on_redis_error policy decided (Redis down)
+
+    @property
+    def outcome(self) -> str:
+        """For the access log: allowed | rejected, or local:allowed / local:rejected / allow / deny
+        when Redis was down and on_redis_error decided."""
+        verdict = "allowed" if self.allowed else "rejected"
+        if self.fallback is None:
+            return verdict
+        return f"local:{verdict}" if self.fallback == "local" else self.fallback
 
     def __repr__(self) -> str:
         return f"Decision(allowed={self.allowed}, remaining={self.remaining:.3f}, burst={self.burst})"
@@ -71,7 +88,12 @@ class Decision:
 
 
 class RateLimitStore(Protocol):
-    def take(self, key: str, per_second: float, burst: int) -> Decision: ...
+    """Takes one token from a bucket; a Redis-backed store may answer later (a Deferred) and
+    raises (or fails with) RedisUnavailable when Redis cannot answer in time."""
+
+    def take(self, key: str, per_second: float, burst: int) -> Decision | Deferred[Decision]: ...
+    def start(self) -> None: ...
+    def stop(self) -> Any: ...
 
 
 class LocalStore:
@@ -137,9 +159,13 @@ class _Policy:
 
 
 class RateLimitFilter:
-    def __init__(self, config: LimitsConfig | None, routes: Sequence[Route], store: RateLimitStore) -> None:
+    def __init__(self, config: LimitsConfig | None, routes: Sequence[Route], store: RateLimitStore,
+                 local_buckets: LocalStore | None = None) -> None:
         self.config = config
         self.store = store
+        self.local_buckets = local_buckets       # for on_redis_error: local
+        self.on_redis_error = config.on_redis_error if config is not None else "local"
+        self.instances = config.instances if config is not None else 1
         self.policies: dict[int, _Policy] = {}
         for route in routes:
             limit = route.rate_limit
@@ -161,7 +187,7 @@ class RateLimitFilter:
             for name, _, _, count, window in [*self._tiers.values(), *(p.own for p in self.policies.values() if p.own)]
         }
 
-    def on_request(self, ctx: RequestContext) -> LocalResponse | None:
+    def on_request(self, ctx: RequestContext) -> LocalResponse | Deferred[LocalResponse | None] | None:
         policy = self.policies.get(ctx.route.index)  # type: ignore[union-attr]
         if policy is None:
             return None
@@ -172,12 +198,38 @@ class RateLimitFilter:
             tier = identity.tier if identity is not None and identity.tier in self._tiers else None
             name, per_second, burst, count, window = self._tiers[tier or self.config.default_tier]  # type: ignore[union-attr]
         key = f"{policy.scope}|{name}|{self._key(policy, ctx)}"
-        decision = self.store.take(key, per_second, burst)
+        try:
+            decision = self.store.take(key, per_second, burst)
+        except RedisUnavailable:
+            decision = self._redis_error(key, per_second, burst)
+        if isinstance(decision, Deferred):
+            decision.addErrback(self._redis_failed, key, per_second, burst)
+            return decision.addCallback(self._decided, ctx, name, count, window)
+        return self._decided(decision, ctx, name, count, window)
+
+    def _decided(self, decision: Decision, ctx: RequestContext, name: str, count: int, window: int) -> LocalResponse | None:
         ctx.rate_limit = (decision, name, count, window, self._fixed[name, count, window])
         if decision.allowed:
             return None
+        if decision.fallback == "deny":
+            return error_response(ctx, 503, "RATE_LIMITER_UNAVAILABLE",
+                                  "the rate limiter's shared state is unreachable; retry later", [(b"retry-after", b"1")])
         return error_response(ctx, 429, "RATE_LIMITED", "rate limit exceeded; retry later",
                               [(b"retry-after", b"%d" % decision.retry_after)])
+
+    def _redis_failed(self, failure: Failure, key: str, per_second: float, burst: int) -> Decision:
+        failure.trap(RedisUnavailable)      # anything else (the client left: cancelled) goes on
+        return self._redis_error(key, per_second, burst)
+
+    def _redis_error(self, key: str, per_second: float, burst: int) -> Decision:
+        """Redis could not answer in time: on_redis_error decides, never a stalled request."""
+        policy = self.on_redis_error
+        if policy == "local" and self.local_buckets is not None:
+            n = self.instances
+            decision = self.local_buckets.take(key, per_second / n, max(1, burst // n))
+            decision.fallback = "local"
+            return decision
+        return Decision(policy != "deny", 0.0, per_second, burst, policy)
 
     def _key(self, policy: _Policy, ctx: RequestContext) -> str:
         identity = ctx.identity
@@ -200,6 +252,8 @@ class RateLimitFilter:
         if limited is None:
             return
         decision, _, _, _, (label, limit_header, policy_header) = limited
+        if decision.fallback is not None and decision.fallback != "local":
+            return                          # unlimited (allow) or not decided (deny): no numbers to tell
         remaining = int(decision.remaining + _SLACK)
         reset = decision.reset
         if any(name in _OWN_HEADERS for name, _ in head.headers):

@@ -1,0 +1,185 @@
+"""The gateway's one connection to Redis: every call bounded in time, and an up/down state.
+
+txredisapi with `reconnect=True` never fails a call while Redis is down: it waits for a
+connection forever (TWISTED-NOTES §6.1). So every call here carries `redis.timeout`, and the
+first failure marks Redis down: from then on calls fail at once (the limiter answers from
+its `on_redis_error` policy without waiting) while a PING probe, backing off from 0.25 s to
+5 s, finds out when Redis is back. Each change of state is logged once and counted; status,
+metrics and the Manhole read it from `RedisLink.state`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, cast
+
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.logger import ILogObserver, Logger, LogLevel, globalLogPublisher
+from twisted.python.failure import Failure
+
+from txgateway.redisconfig import RedisConfig
+
+__all__ = ["RedisLink", "RedisUnavailable"]
+
+_log = Logger(namespace="txgateway.redis")
+
+PROBE_FIRST = 0.25
+PROBE_MAX = 5.0
+
+
+class RedisUnavailable(Exception):
+    """Redis is down, slow or refused the call; the caller applies its fallback."""
+
+
+class RedisLink:
+    """A lazily connected txredisapi pool (direct or through Sentinel) behind `call()`."""
+
+    def __init__(self, config: RedisConfig, clock: Any) -> None:
+        self.config = config
+        self.clock = clock
+        self.up = True                 # optimistic until a call fails: start-up never waits on Redis
+        self.since = clock.seconds()
+        self.errors = 0                # failed calls, ever (metrics: txgateway_redis_errors_total)
+        self.outages = 0               # up -> down transitions
+        self.last_error: str | None = None
+        self._handler: Any = None
+        self._sentinel: Any = None
+        self._probe: Any = None
+        self._probe_delay = PROBE_FIRST
+        self._response_error: type[Exception] = RedisUnavailable   # txredisapi.ResponseError once started
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """What status pages show: where, up or down since when, errors."""
+        return {"where": self.config.where, "state": "up" if self.up else "down", "since": self.since,
+                "errors": self.errors, "outages": self.outages, "last_error": self.last_error}
+
+    def start(self) -> None:
+        import txredisapi  # imported late: it installs the global reactor when imported
+        self._response_error = txredisapi.ResponseError
+        c = self.config
+        options: dict[str, Any] = {"dbid": c.db, "poolsize": c.pool_size, "password": c.password,
+                                   "username": c.username, "connectTimeout": c.timeout,
+                                   "replyTimeout": max(2.0, 10 * c.timeout), "convertNumbers": False}
+        with _quiet_reconnects():
+            if c.sentinel_master is not None:
+                self._sentinel = txredisapi.Sentinel(list(c.sentinel_hosts), connectTimeout=c.timeout,
+                                                     replyTimeout=max(2.0, 10 * c.timeout))
+                self._sentinel.discovery_timeout = max(1.0, 5 * c.timeout)
+                self._handler = self._sentinel.master_for(c.sentinel_master, **options)
+            else:
+                self._handler = txredisapi.lazyConnectionPool(c.host, c.port, **options)
+        # Reconnect sooner than txredisapi's 1 s..10 s: limits are shared again within ~2 s.
+        self._handler._factory.initialDelay = 0.1
+        self._handler._factory.maxDelay = 2.0
+
+    def stop(self) -> Deferred[Any] | None:
+        if self._probe is not None and self._probe.active():
+            self._probe.cancel()
+        self._probe = None
+        handler, self._handler = self._handler, None
+        if self._sentinel is not None:
+            self._sentinel.disconnect()
+            self._sentinel = None
+        if handler is None:
+            return None
+        d: Deferred[Any] = handler.disconnect()
+        return d.addErrback(lambda _: None)
+
+    def call(self, command: str, *args: Any) -> Deferred[Any]:
+        """Run one txredisapi command; fails with RedisUnavailable at once while Redis is down,
+        else within `redis.timeout`."""
+        if not self.up or self._handler is None:
+            return _failed(RedisUnavailable(self.last_error or "not connected"))
+        d: Deferred[Any] = getattr(self._handler, command)(*args)
+        d.addTimeout(self.config.timeout, self.clock)
+        return d.addErrback(self._call_failed)
+
+    def _call_failed(self, failure: Failure) -> Failure:
+        if failure.check(CancelledError):          # the client went away: not Redis's fault
+            return failure
+        self.errors += 1
+        if failure.check(TimeoutError):
+            reason = f"no answer within {self.config.timeout * 1000:g}ms"
+        else:
+            reason = f"{type(failure.value).__name__}: {failure.getErrorMessage()}"
+        if failure.check(self._response_error):
+            message = failure.getErrorMessage()
+            if message.startswith("READONLY"):
+                # Connected to a demoted master (after a Sentinel failover): reconnect, which
+                # asks Sentinel for the new master.
+                self._drop_connections()
+            elif not message.startswith(("LOADING", "MASTERDOWN")):
+                # Redis answered about this call: it is up, the call was wrong.
+                return Failure(RedisUnavailable(reason))
+        self._lost(reason)
+        return Failure(RedisUnavailable(reason))
+
+    def _drop_connections(self) -> None:
+        for connection in list(self._handler._factory.pool):
+            connection.transport.loseConnection()
+
+    def _lost(self, reason: str) -> None:
+        self.last_error = reason
+        if not self.up:
+            return
+        self.up = False
+        self.since = self.clock.seconds()
+        self.outages += 1
+        _log.warn("redis lost ({where}): {reason}; rate limits follow on_redis_error until it is back",
+                  where=self.config.where, reason=reason)
+        self._probe_delay = PROBE_FIRST
+        self._schedule_probe()
+
+    def _schedule_probe(self) -> None:
+        self._probe = self.clock.callLater(self._probe_delay, self._send_probe)
+        self._probe_delay = min(PROBE_MAX, self._probe_delay * 2)
+
+    def _send_probe(self) -> None:
+        if self._handler is None:
+            return
+        d: Deferred[Any] = self._handler.ping()
+        d.addTimeout(self.config.timeout, self.clock)
+        d.addCallbacks(self._probe_answered, self._probe_failed)
+
+    def _probe_answered(self, _: Any) -> None:
+        if self._handler is None:
+            return
+        down_for = self.clock.seconds() - self.since
+        self.up = True
+        self.since = self.clock.seconds()
+        _log.info("redis back ({where}) after {seconds:.1f}s", where=self.config.where, seconds=down_for)
+
+    def _probe_failed(self, failure: Failure) -> None:
+        if self._handler is None:
+            return
+        self.errors += 1
+        self.last_error = failure.getErrorMessage() or type(failure.value).__name__
+        self._schedule_probe()
+
+
+@contextmanager
+def _quiet_reconnects() -> Iterator[None]:
+    """txredisapi's pool slots are ClientServices, which log every reconnection attempt at
+    info level: lines per second per connection while Redis is down. The link already says
+    "lost" and "back" once each, so slots made here get a Logger that keeps only warnings
+    and worse (ClientService hands its class-level `_log` to each instance it makes)."""
+    from twisted.application.internet import ClientService
+
+    def warnings_only(event: dict[str, Any]) -> None:
+        if event["log_level"] >= LogLevel.warn:
+            globalLogPublisher(event)
+
+    saved = ClientService._log
+    ClientService._log = Logger(namespace="txgateway.redis.connect", observer=cast(ILogObserver, warnings_only))
+    try:
+        yield
+    finally:
+        ClientService._log = saved
+
+
+def _failed(error: Exception) -> Deferred[Any]:
+    d: Deferred[Any] = Deferred()
+    d.errback(Failure(error))
+    return d
