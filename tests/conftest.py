@@ -6,7 +6,7 @@ import dataclasses
 import json
 import socket
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +18,7 @@ from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.web.server import Site
 
+from tests.redisproc import RedisServer, SentinelSetup, start_sentinel_setup
 from txgateway.authconfig import hash_api_key
 from txgateway.config import parse_config
 from txgateway.demo import EchoResource
@@ -294,3 +295,20 @@ def simple_config(upstream_url: str, extra_route: str = "", upstream_extra: str 
     routes:
       - {{prefix: /api/users, upstream: users, rewrite_prefix: /users}}
     """) + extra_route
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server on a free port (tests.redisproc), stopped at teardown."""
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_sentinel_setup() -> Iterator[SentinelSetup]:
+    """A real master, its replica and a Sentinel watching them (tests.redisproc), all stopped at teardown."""
+    setup = start_sentinel_setup()
+    yield setup
+    setup.stop()
