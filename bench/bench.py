@@ -154,11 +154,12 @@ def wait_quiet() -> None:
 # Processes
 # --------------------------------------------------------------------------------------------
 
-def start(cmd: list[str], cpu: str, logfile: str) -> subprocess.Popen:
+def start(cmd: list[str], cpu: str, logfile: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start cmd pinned to cpu (taskset execs it, so the PID is the command's own)."""
     out = open(logfile, "ab")
     p = subprocess.Popen(["taskset", "-c", cpu, *cmd], stdout=out, stderr=subprocess.STDOUT,
-                         stdin=subprocess.DEVNULL, start_new_session=True, cwd=RUN_DIR)
+                         stdin=subprocess.DEVNULL, start_new_session=True, cwd=RUN_DIR,
+                         env={**os.environ, **env} if env else None)
     out.close()
     STARTED.append(p)
     return p
@@ -203,14 +204,15 @@ def get(port: int, path: str, headers: dict[str, str] | None = None,
             c.close()
 
 
-def wait_http(port: int, path: str, proc: subprocess.Popen, logfile: str, what: str) -> None:
+def wait_http(port: int, path: str, proc: subprocess.Popen, logfile: str, what: str,
+              headers: dict[str, str] | None = None) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"{what} exited with {proc.returncode} during start-up; log {logfile}:\n"
                              + tail(logfile))
         try:
-            if get(port, path)[0] == 200:
+            if get(port, path, headers)[0] == 200:
                 return
         except OSError:
             pass
@@ -337,10 +339,17 @@ class Upstream:
 
 
 class Gateway:
-    def __init__(self, name: str, upstream: Upstream) -> None:
+    """One twistd txgateway process; `yaml` (default GATEWAY_YAML) is formatted with gw_port,
+    up_port and access_log; `headers` go with the start-up check (e.g. a bearer token)."""
+
+    def __init__(self, name: str, upstream: Upstream, yaml: str = GATEWAY_YAML, port: int = GATEWAY_PORT,
+                 headers: dict[str, str] | None = None, env: dict[str, str] | None = None) -> None:
         self.name = name
-        self.port = GATEWAY_PORT
-        self.config = os.path.join(RUN_DIR, "gateway.yaml")
+        self.port = port
+        self.yaml = yaml
+        self.headers = headers
+        self.env = env
+        self.config = os.path.join(RUN_DIR, f"gateway-{name}.yaml")
         self.access_log = os.path.join(RUN_DIR, f"access-{name}.log")
         self.logfile = os.path.join(RUN_DIR, f"gateway-{name}.log")
         self.upstream = upstream
@@ -354,13 +363,13 @@ class Gateway:
 
     def start(self) -> None:
         with open(self.config, "w") as f:
-            f.write(GATEWAY_YAML.format(gw_port=self.port, up_port=self.upstream.port,
-                                        access_log=json.dumps(self.access_log)))
+            f.write(self.yaml.format(gw_port=self.port, up_port=self.upstream.port,
+                                     access_log=json.dumps(self.access_log)))
         if port_busy(self.port):
             raise SystemExit(f"port {self.port} is already in use (set GATEWAY_PORT)")
         self.proc = start([TWISTD, "-n", "--pidfile=", "txgateway", "--config", self.config],
-                          GATEWAY_CPU, self.logfile)
-        wait_http(self.port, "/api/users/1", self.proc, self.logfile, "txgateway")
+                          GATEWAY_CPU, self.logfile, self.env)
+        wait_http(self.port, "/api/users/1", self.proc, self.logfile, "txgateway", self.headers)
         log(f"txgateway pid {self.proc.pid} on 127.0.0.1:{self.port} (CPU {GATEWAY_CPU}), "
             f"config {self.config}, log {self.logfile}")
 
@@ -455,9 +464,11 @@ def functional_checks(gw: Gateway, up: Upstream) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------
 
 def wrk_run(name: str, url: str, conns: int, duration: int, kind: str, run: int,
-            gw: Gateway | None, up: Upstream) -> dict:
+            gw: Gateway | None, up: Upstream, headers: dict[str, str] | None = None) -> dict:
     cmd = ["taskset", "-c", CLIENT_CPU, "wrk", "-t", WRK_THREADS, "-c", str(conns), "-d", f"{duration}s",
            "--latency", "-s", LUA, "-H", f"X-Forwarded-For: {FORWARDED_FOR}", url]
+    for key, value in (headers or {}).items():
+        cmd[-1:-1] = ["-H", f"{key}: {value}"]
     if kind == "measured":
         wait_quiet()
     if gw is not None:

@@ -6,6 +6,8 @@
 #   bench/run.sh all              # proxy, then stream
 #   bench/run.sh proxy --anchors  # ... then the shared peer harness with txgateway as a row
 #   bench/run.sh anchors          # only the shared peer harness with txgateway as a row
+#   bench/run.sh limits           # JWT + rate limit with each backend (local, redis, hybrid)
+#   bench/run.sh shared           # two instances sharing one limit through Redis (redis, hybrid)
 #
 # Knobs (environment): DURATION=10 RUNS=3 WARMUP=2 CONNS="32 256" WRK_THREADS=1
 #   CLIENT_CPU=0 GATEWAY_CPU=1 UPSTREAM_PORT=19001 GATEWAY_PORT=19080 QUIET_WAIT=20
@@ -26,19 +28,21 @@ log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
 SCENARIOS=()
+LIMIT_SCENARIOS=()
 ANCHORS=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     proxy|stream) SCENARIOS+=("$1") ;;
+    limits|shared) LIMIT_SCENARIOS+=("$1") ;;
     all) SCENARIOS+=(proxy stream) ;;
     anchors) ANCHORS=2 ;;
     --anchors) ANCHORS=1 ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
-    *) die "unknown argument: $1 (proxy, stream, all, anchors, --anchors)" ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    *) die "unknown argument: $1 (proxy, stream, all, limits, shared, anchors, --anchors)" ;;
   esac
   shift
 done
-[[ ${#SCENARIOS[@]} -gt 0 || $ANCHORS == 2 ]] || SCENARIOS=(proxy)
+[[ ${#SCENARIOS[@]} -gt 0 || ${#LIMIT_SCENARIOS[@]} -gt 0 || $ANCHORS == 2 ]] || SCENARIOS=(proxy)
 
 # -- what the bench needs ---------------------------------------------------------------
 need=()
@@ -47,6 +51,7 @@ command -v nginx >/dev/null || need+=(nginx)
 command -v taskset >/dev/null || need+=(util-linux)
 command -v ps >/dev/null || need+=(procps)
 command -v curl >/dev/null || need+=(curl)
+command -v redis-server >/dev/null || need+=(redis-server)
 command -v ss >/dev/null || need+=(iproute2)
 if [[ ${#need[@]} -gt 0 ]]; then
   log "apt-get install -y ${need[*]}"
@@ -65,6 +70,9 @@ taskset -cp "$CLIENT_CPU" $$ >/dev/null
 rc=0
 if [[ ${#SCENARIOS[@]} -gt 0 ]]; then
   "$VENV/bin/python" "$ROOT/bench/bench.py" "${SCENARIOS[@]}" || rc=$?
+fi
+if [[ ${#LIMIT_SCENARIOS[@]} -gt 0 ]]; then
+  "$VENV/bin/python" "$ROOT/bench/limits.py" "${LIMIT_SCENARIOS[@]}" || rc=$?
 fi
 
 # -- the shared peer harness, with txgateway added as one row --------------------------

@@ -5,7 +5,8 @@ so gateway clocks never matter, and sets each key to expire when its bucket woul
 txredisapi sends it with EVALSHA and sends the source again after NOSCRIPT (a restarted or
 flushed Redis). Redis >= 5 is needed (scripts replicated by effects, so `TIME` is allowed).
 
-`redis`: every decision is one script call: exact across instances, one round trip each.
+`redis`: every decision is made by the script in Redis: exact across instances. Decisions
+asked for in one reactor turn share one script call (one round trip).
 
 `hybrid`: each instance answers from in-process buckets and, every `sync_interval`, charges
 what it admitted to the shared buckets and reads back what is left, in one script call per
@@ -34,7 +35,7 @@ __all__ = ["BUCKET_LUA", "HybridStore", "RedisStore"]
 _log = Logger(namespace="txgateway.ratelimit")
 
 KEY_PREFIX = "txgw:rl:"
-SYNC_BATCH = 256
+SCRIPT_KEYS = 256           # keys per script call: bounds how long one call holds Redis
 
 # ARGV[1] is the mode: "take" (one token if there is one) or "charge" (subtract the cost
 # unconditionally, down to -burst). Then (per_second, burst, cost) for each key in KEYS.
@@ -70,10 +71,17 @@ return out
 
 
 class RedisStore:
-    """`backend: redis`: one atomic script call per decision, exact across instances."""
+    """`backend: redis`: every decision made in Redis by one atomic script, exact across instances.
+
+    Decisions asked for in the same reactor turn go to Redis together, as one script call
+    over their keys (in order, so two takes from one bucket see each other): under load one
+    round trip and one send() serve many requests, which is most of what a decision costs.
+    """
 
     def __init__(self, link: RedisLink) -> None:
         self.link = link
+        self._waiting: list[tuple[str, float, int, Deferred[Decision]]] = []
+        self._flush: Any = None
 
     def start(self) -> None:
         self.link.start()
@@ -84,12 +92,34 @@ class RedisStore:
     def take(self, key: str, per_second: float, burst: int) -> Deferred[Decision]:
         if not self.link.up:
             raise RedisUnavailable(self.link.last_error or "down")
-        d = self.link.call("eval", BUCKET_LUA, [KEY_PREFIX + key], ["take", repr(per_second), burst, 1])
-        return d.addCallback(_decision, per_second, burst)
+        d: Deferred[Decision] = Deferred()
+        self._waiting.append((key, per_second, burst, d))
+        if self._flush is None:
+            self._flush = self.link.clock.callLater(0, self._send)
+        return d
 
+    def _send(self) -> None:
+        self._flush = None
+        waiting, self._waiting = self._waiting, []
+        for start in range(0, len(waiting), SCRIPT_KEYS):
+            part = waiting[start:start + SCRIPT_KEYS]
+            args: list[Any] = ["take"]
+            for _, per_second, burst, _ in part:
+                args += [repr(per_second), burst, 1]
+            d = self.link.call("eval", BUCKET_LUA, [KEY_PREFIX + key for key, _, _, _ in part], args)
+            d.addCallbacks(self._answered, self._unanswered, callbackArgs=(part,), errbackArgs=(part,))
 
-def _decision(reply: list[Any], per_second: float, burst: int) -> Decision:
-    return Decision(bool(int(reply[0])), max(0.0, float(reply[1])), per_second, burst)
+    @staticmethod
+    def _answered(reply: list[Any], part: list[tuple[str, float, int, Deferred[Decision]]]) -> None:
+        for i, (_, per_second, burst, d) in enumerate(part):
+            if not d.called:            # else: the client left meanwhile (cancelled)
+                d.callback(Decision(bool(int(reply[2 * i])), max(0.0, float(reply[2 * i + 1])), per_second, burst))
+
+    @staticmethod
+    def _unanswered(failure: Failure, part: list[tuple[str, float, int, Deferred[Decision]]]) -> None:
+        for _, _, _, d in part:
+            if not d.called:
+                d.errback(failure)
 
 
 class HybridStore:
@@ -156,8 +186,8 @@ class HybridStore:
             return None
         self._syncing = True
         calls = []
-        for start in range(0, len(batch), SYNC_BATCH):
-            part = batch[start:start + SYNC_BATCH]
+        for start in range(0, len(batch), SCRIPT_KEYS):
+            part = batch[start:start + SCRIPT_KEYS]
             args: list[Any] = ["charge"]
             for _, (_, _, per_second, burst, _, in_flight) in part:
                 args += [repr(per_second), int(burst), int(in_flight)]
