@@ -10,7 +10,6 @@ from txgateway.config import ConfigError, parse_config
 from txgateway.limitconfig import LimitsConfig, RouteLimit, Tier
 from txgateway.units import Rate
 
-LIMITS_NOT_YET = "not supported yet in this version of txgateway (only backend: local); remove it or upgrade"
 NOT_YET = "not supported yet in this version of txgateway; remove it or upgrade"
 RATE = 'expected "N/second|minute|hour|day", got'
 RATE_ZERO = 'expected "N/second|minute|hour|day" with N above zero, got'
@@ -222,33 +221,28 @@ def test_max_buckets_and_backend_values():
 # --- the redis-backed settings: later versions ---------------------------------------------
 
 @pytest.mark.parametrize(("extra", "problem"), [
-    ("  backend: redis\n", f"c.yaml:12: rate_limits.backend: redis: {LIMITS_NOT_YET}"),
-    ("  backend: hybrid\n", f"c.yaml:12: rate_limits.backend: hybrid: {LIMITS_NOT_YET}"),
-    ("  sync_interval: 100ms\n", f"c.yaml:12: rate_limits.sync_interval: {LIMITS_NOT_YET}"),
-    ("  on_redis_error: local\n", f"c.yaml:12: rate_limits.on_redis_error: {LIMITS_NOT_YET}"),
-    ("  on_redis_error: deny\n", f"c.yaml:12: rate_limits.on_redis_error: {LIMITS_NOT_YET}"),
-    ("  instances: 2\n", f"c.yaml:12: rate_limits.instances: {LIMITS_NOT_YET}"),
+    ("  backend: redis\n", "c.yaml:12: rate_limits.backend: redis needs a redis: section (url or sentinel)"),
+    ("  backend: hybrid\n", "c.yaml:12: rate_limits.backend: hybrid needs a redis: section (url or sentinel)"),
+    ("  sync_interval: 100ms\n", "c.yaml:12: rate_limits.sync_interval: only used with backend: hybrid (backend is local)"),
+    ("  on_redis_error: local\n",
+     "c.yaml:12: rate_limits.on_redis_error: only used with backend: redis or hybrid (backend is local)"),
+    ("  instances: 2\n", "c.yaml:12: rate_limits.instances: only used with backend: redis or hybrid (backend is local)"),
 ])
-def test_redis_related_settings_are_refused(extra, problem):
+def test_redis_settings_need_a_redis_backend_and_section(extra, problem):
     assert errors(limits=LIMITS + extra) == [problem]
 
 
-def test_a_redis_section_is_refused_and_so_are_all_redis_settings_together():
-    text = LIMITS + "  backend: hybrid\n  sync_interval: 100ms\n  on_redis_error: allow\n  instances: 3\n"
-    text += 'redis:\n  url: "redis://127.0.0.1:6379/0"\n  timeout: 200ms\n'
-    assert errors(limits=text) == [
-        f"c.yaml:17: redis: {NOT_YET}",
-        f"c.yaml:12: rate_limits.backend: hybrid: {LIMITS_NOT_YET}",
-        f"c.yaml:13: rate_limits.sync_interval: {LIMITS_NOT_YET}",
-        f"c.yaml:14: rate_limits.on_redis_error: {LIMITS_NOT_YET}",
-        f"c.yaml:15: rate_limits.instances: {LIMITS_NOT_YET}",
-    ]
+def test_redis_settings_with_a_redis_section_are_accepted():
+    text = LIMITS + "  backend: hybrid\n  sync_interval: 50ms\n  on_redis_error: deny\n  instances: 3\n"
+    text += 'redis:\n  url: "redis://127.0.0.1:6379/2"\n  timeout: 150ms\n'
+    limits = config(limits=text).rate_limits
+    assert (limits.backend, limits.sync_interval, limits.on_redis_error, limits.instances) == ("hybrid", 0.05, "deny", 3)
 
 
 def test_errors_in_rate_limits_and_routes_are_reported_together():
     lines = errors("{key: cookie}", limits=LIMITS.replace("default_tier: free", "default_tier: gold") + "  instances: 2\n")
     assert lines == [
-        f"c.yaml:12: rate_limits.instances: {LIMITS_NOT_YET}",
+        "c.yaml:12: rate_limits.instances: only used with backend: redis or hybrid (backend is local)",
         'c.yaml:11: rate_limits.default_tier: no tier named "gold" (defined: free, pro)',
         'c.yaml:5: routes[0].rate_limit.key: expected ip, user, api_key or header:NAME, got "cookie"',
     ]

@@ -176,8 +176,9 @@ def _config(r: Reader, root: yaml.Node, environ: Mapping[str, str] | None) -> Co
     rate_limits = r.attempt(lambda: parse_rate_limits(r, top["rate_limits"]), None) if "rate_limits" in top else None
     sections = frozenset(k for k in ("auth", "rate_limits") if k in top)
     redis = r.attempt(lambda: parse_redis(r, top["redis"], environ), None) if "redis" in top else None
-    if rate_limits is not None and rate_limits.backend != "local" and "redis" not in top:
-        r.fail(top["rate_limits"], "rate_limits.backend", f"{rate_limits.backend} needs a redis: section (url or sentinel)")
+    backend = _scalar_at(top.get("rate_limits"), "backend")
+    if backend is not None and backend.value in ("redis", "hybrid") and "redis" not in top:
+        r.fail(backend, "rate_limits.backend", f"{backend.value} needs a redis: section (url or sentinel)")
     routes = r.attempt(lambda: _routes(r, top["routes"], upstreams, declared, sections), no_routes) if "routes" in top else no_routes
     limits = r.attempt(lambda: _limits(r, top["limits"]), Limits()) if "limits" in top else Limits()
     proxies = r.attempt(lambda: _networks(r, top["trusted_proxies"], "trusted_proxies"), ()) if "trusted_proxies" in top else ()
@@ -186,6 +187,15 @@ def _config(r: Reader, root: yaml.Node, environ: Mapping[str, str] | None) -> Co
     return Config(file=r.file, listen=listen, upstreams=MappingProxyType(upstreams), routes=routes, limits=limits,
                   trusted_proxies=proxies, access_log=access_log, drain_timeout=drain, auth=auth,
                   rate_limits=rate_limits, redis=redis)
+
+
+def _scalar_at(node: yaml.Node | None, key: str) -> yaml.ScalarNode | None:
+    """The scalar under `key` in a mapping node, whatever else is wrong with the mapping."""
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            if isinstance(k, yaml.ScalarNode) and k.value == key and isinstance(v, yaml.ScalarNode):
+                return v
+    return None
 
 
 def _listeners(r: Reader, node: yaml.Node) -> tuple[Listener, ...]:

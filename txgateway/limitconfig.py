@@ -64,9 +64,9 @@ def parse_rate_limits(r: Reader, node: yaml.Node) -> LimitsConfig:
     values: dict[str, Any] = {}
     if "backend" in f:
         values["backend"] = r.attempt(lambda: r.choice(f["backend"], f"{path}.backend", ("local", "redis", "hybrid")), "local")
-    backend = values.get("backend", "local")
+    backend = values.get("backend", "local" if "backend" not in f else None)
     if "sync_interval" in f:
-        if backend != "hybrid":
+        if backend not in ("hybrid", None):
             r.fail(f["sync_interval"], f"{path}.sync_interval", f"only used with backend: hybrid (backend is {backend})")
         interval = r.attempt(lambda: r.parsed(f["sync_interval"], f"{path}.sync_interval", parse_duration), 0.1)
         if not 0.01 <= interval <= 10.0:

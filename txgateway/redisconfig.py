@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
@@ -71,17 +72,19 @@ def parse_redis(r: Reader, node: yaml.Node, environ: Mapping[str, str] | None) -
 
 def _url(r: Reader, node: yaml.Node) -> dict[str, object]:
     url = r.string(node, "redis.url")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+        hostname = parts.hostname
+    except ValueError:
+        raise r.fail(node, "redis.url", f'expected {_URL_FORM}, got "{_hide_password(url)}"') from None
     if parts.scheme == "rediss":
         raise r.fail(node, "redis.url", "rediss:// (Redis over TLS) is not supported yet; use redis:// on a trusted network")
-    try:
-        port = parts.port
-    except ValueError:
-        port = -1
     db_text = parts.path.lstrip("/") or "0"
-    if parts.scheme != "redis" or not parts.hostname or port in (-1, 0) or not db_text.isdigit() or parts.query:
+    if (parts.scheme != "redis" or not hostname or port == 0 or not re.fullmatch(r"[0-9]{1,5}", db_text)
+            or parts.query or parts.fragment):
         raise r.fail(node, "redis.url", f'expected {_URL_FORM}, got "{_hide_password(url)}"')
-    return {"host": parts.hostname, "port": port or 6379, "db": int(db_text),
+    return {"host": hostname, "port": port or 6379, "db": int(db_text),
             "username": unquote(parts.username) if parts.username else None,
             "password": unquote(parts.password) if parts.password else None}
 
@@ -93,6 +96,8 @@ def _sentinel(r: Reader, node: yaml.Node) -> dict[str, object]:
         if key not in f:
             raise r.fail(node, f"{path}.{key}", "missing (required)")
     master = r.string(f["master"], f"{path}.master")
+    if not master:
+        raise r.fail(f["master"], f"{path}.master", "expected the name Sentinel monitors the master by, got an empty string")
     hosts: list[tuple[str, int]] = []
     for item_path, item in r.sequence(f["hosts"], f"{path}.hosts"):
         text = r.string(item, item_path)
@@ -107,7 +112,6 @@ def _sentinel(r: Reader, node: yaml.Node) -> dict[str, object]:
 
 
 def _hide_password(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password:
-        return url.replace(f":{parts.password}@", ":***@", 1)
-    return url
+    """Everything between // and the last @ may be a password (even one with / or # in it)."""
+    masked, found = re.subn(r"//([^:/@]*):.*@", r"//\1:***@", url)
+    return masked if found else re.sub(r"//.*@", "//***@", url)
