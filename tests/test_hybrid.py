@@ -536,3 +536,45 @@ async def test_two_hybrid_instances_share_one_limit_on_a_real_redis(reactor, red
     # Everything admitted was charged: what Redis has left is the budget minus the admissions
     # (the floor at -burst may have forgiven some onset over-admission, never more than one burst).
     assert -BURST <= left <= BURST
+
+
+def test_a_key_seeded_while_redis_is_in_debt_keeps_the_debt():
+    store, link, clock = make_store()
+    link.model.keys["txgw:rl:k"] = (-3.0, clock.seconds())      # other instances overdrew the bucket
+    decision = seed(store, "k", 1.0, 5)
+    assert not decision.allowed
+    clock.advance(1.0)                                           # Redis would be at -2 now
+    assert not store.take("k", 1.0, 5).allowed
+
+
+def test_several_first_takes_in_one_turn_seed_from_the_last_answer():
+    store, link, clock = make_store()
+    firsts = [store.take("k", 1e-6, 10) for _ in range(5)]          # one turn: one script call, Redis 10 -> 5
+    clock.advance(0)
+    assert all(d.called for d in firsts) and len(link.calls) == 1
+    assert link.model.keys["txgw:rl:k"][0] == 5.0
+    admitted_locally = sum(store.take("k", 1e-6, 10).allowed for _ in range(20))
+    assert admitted_locally == 5, admitted_locally                    # got 9: 14 admitted from a burst of 10
+
+
+def test_headers_through_the_filter_with_a_hybrid_bucket_in_debt():
+    """Debt in Redis shows as 0 remaining (never negative), and Retry-After counts the debt."""
+    from tests.test_ratelimit import LIMITED, rate_headers, request
+    from txgateway.config import parse_config
+    from txgateway.ratelimit import RateLimitFilter
+    store, link, clock = make_store()
+    config = parse_config(LIMITED, "t.yaml")
+    f = RateLimitFilter(config.rate_limits, config.routes, store)
+    ctx = request(config, "/own")                  # 100/minute, burst 20
+    f.on_request(ctx)
+    clock.advance(0)
+    key = next(iter(store.buckets))
+    link.auto = False
+    store.take(key, 100 / 60, 20)
+    store.sync()
+    link.answer(link.calls[-1], [1, "-3.000000"])
+    ctx = request(config, "/own")
+    response = f.on_request(ctx)
+    assert response is not None and response.status == 429
+    headers = rate_headers(f, ctx)
+    assert headers["x-ratelimit-remaining"] == "0" and 'r=0;' in headers["ratelimit"], headers

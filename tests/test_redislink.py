@@ -338,3 +338,14 @@ def test_a_probe_answered_after_stop_changes_nothing(events):
     handler.pings[0][1].callback("PONG")
     assert not link.up and messages(events, "redis back") == []
     assert clock.getDelayedCalls() == []
+
+
+def test_stop_with_a_call_in_flight_does_not_log_redis_lost(events):
+    link, handler, clock = make_link()
+    result = outcome(link.call("get", "k"))
+    link.stop()
+    # txredisapi fails calls still out on the closed connections: ConnectionError("Lost connection")
+    handler.calls[0][2].errback(Failure(ConnectionError("Lost connection")))
+    assert result and isinstance(result[0], Failure)
+    assert messages(events, "redis lost") == []
+    assert clock.getDelayedCalls() == []

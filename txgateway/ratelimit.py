@@ -59,7 +59,7 @@ class Decision:
     def __init__(self, allowed: bool, remaining: float, per_second: float, burst: int,
                  fallback: str | None = None) -> None:
         self.allowed = allowed
-        self.remaining = remaining      # tokens left after this request
+        self.remaining = remaining      # tokens left after this request (below 0: a shared bucket in debt)
         self.per_second = per_second
         self.burst = burst
         self.fallback = fallback        # None, or which on_redis_error policy decided (Redis down)
@@ -254,7 +254,7 @@ class RateLimitFilter:
         decision, _, _, _, (label, limit_header, policy_header) = limited
         if decision.fallback is not None and decision.fallback != "local":
             return                          # unlimited (allow) or not decided (deny): no numbers to tell
-        remaining = int(decision.remaining + _SLACK)
+        remaining = max(0, int(decision.remaining + _SLACK))   # a shared bucket in debt shows 0
         reset = decision.reset
         if any(name in _OWN_HEADERS for name, _ in head.headers):
             # An upstream's own limit headers: ours replace them, never two conflicting values.

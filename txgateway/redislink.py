@@ -99,6 +99,8 @@ class RedisLink:
     def _call_failed(self, failure: Failure) -> Failure:
         if failure.check(CancelledError):          # the client went away: not Redis's fault
             return failure
+        if self._handler is None:                  # stopped with calls out: not an outage
+            return Failure(RedisUnavailable("stopped"))
         self.errors += 1
         if failure.check(TimeoutError):
             reason = f"no answer within {self.config.timeout * 1000:g}ms"

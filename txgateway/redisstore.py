@@ -80,7 +80,7 @@ class RedisStore:
 
     def __init__(self, link: RedisLink) -> None:
         self.link = link
-        self._waiting: list[tuple[str, float, int, Deferred[Decision]]] = []
+        self._waiting: list[tuple[str, float, int, Deferred[tuple[bool, float]]]] = []
         self._flush: Any = None
 
     def start(self) -> None:
@@ -90,9 +90,14 @@ class RedisStore:
         return self.link.stop()
 
     def take(self, key: str, per_second: float, burst: int) -> Deferred[Decision]:
+        return self.take_raw(key, per_second, burst).addCallback(
+            lambda answer: Decision(answer[0], answer[1], per_second, burst))
+
+    def take_raw(self, key: str, per_second: float, burst: int) -> Deferred[tuple[bool, float]]:
+        """(allowed, tokens left in Redis: below zero when the bucket is in debt)."""
         if not self.link.up:
             raise RedisUnavailable(self.link.last_error or "down")
-        d: Deferred[Decision] = Deferred()
+        d: Deferred[tuple[bool, float]] = Deferred()
         self._waiting.append((key, per_second, burst, d))
         if self._flush is None:
             self._flush = self.link.clock.callLater(0, self._send)
@@ -110,13 +115,13 @@ class RedisStore:
             d.addCallbacks(self._answered, self._unanswered, callbackArgs=(part,), errbackArgs=(part,))
 
     @staticmethod
-    def _answered(reply: list[Any], part: list[tuple[str, float, int, Deferred[Decision]]]) -> None:
-        for i, (_, per_second, burst, d) in enumerate(part):
+    def _answered(reply: list[Any], part: list[tuple[str, float, int, Deferred[tuple[bool, float]]]]) -> None:
+        for i, (_, _, _, d) in enumerate(part):
             if not d.called:            # else: the client left meanwhile (cancelled)
-                d.callback(Decision(bool(int(reply[2 * i])), max(0.0, float(reply[2 * i + 1])), per_second, burst))
+                d.callback((bool(int(reply[2 * i])), float(reply[2 * i + 1])))
 
     @staticmethod
-    def _unanswered(failure: Failure, part: list[tuple[str, float, int, Deferred[Decision]]]) -> None:
+    def _unanswered(failure: Failure, part: list[tuple[str, float, int, Deferred[tuple[bool, float]]]]) -> None:
         for _, _, _, d in part:
             if not d.called:
                 d.errback(failure)
@@ -153,10 +158,8 @@ class HybridStore:
             raise RedisUnavailable(self.link.last_error or "down")
         bucket = self.buckets.get(key)
         if bucket is None:
-            d = self.exact.take(key, per_second, burst)
-            if len(self.buckets) < self.max_buckets:
-                d.addCallback(self._seed, key)
-            return d
+            d = self.exact.take_raw(key, per_second, burst)
+            return d.addCallback(self._seed, key, per_second, burst)
         now = self.clock.seconds()
         allowed, left = take(bucket[0], bucket[1], now, per_second, burst)
         bucket[0], bucket[1], bucket[2], bucket[3] = left, now, per_second, burst
@@ -164,10 +167,16 @@ class HybridStore:
             bucket[4] += 1
         return Decision(allowed, left, per_second, burst)
 
-    def _seed(self, decision: Decision, key: str) -> Decision:
-        if key not in self.buckets and self.link.up:
-            self.buckets[key] = [decision.remaining, self.clock.seconds(), decision.per_second, decision.burst, 0, 0]
-        return decision
+    def _seed(self, answer: tuple[bool, float], key: str, per_second: float, burst: int) -> Decision:
+        """Redis decided a key this instance did not hold: hold it from now on, debt included.
+        A later answer for the same key (several first takes at once) can only lower it."""
+        allowed, tokens = answer
+        bucket = self.buckets.get(key)
+        if bucket is not None:
+            bucket[0] = min(bucket[0], tokens - bucket[4])
+        elif self.link.up and len(self.buckets) < self.max_buckets:
+            self.buckets[key] = [tokens, self.clock.seconds(), per_second, burst, 0, 0]
+        return Decision(allowed, tokens, per_second, burst)
 
     def sync(self) -> Deferred[None] | None:
         """Charge what was admitted here, read back what is left, forget full buckets."""
