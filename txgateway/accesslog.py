@@ -155,5 +155,5 @@ class AccessLog:
             upstream_ms, ctx.bytes_in, ctx.bytes_out,
             ctx.identity.user_id if ctx.identity is not None else None,
             None if ctx.rate_limit is None else ctx.rate_limit[0].outcome,
-            None, ctx.error_code,
+            notes.get("breaker") if notes else None, ctx.error_code,
             notes.get("upstream_error") if notes else None))})

@@ -19,8 +19,16 @@ import yaml
 
 from txgateway._yamlreader import ConfigError, ConfigProblem, Reader, _Invalid, compose
 from txgateway.authconfig import AuthConfig, parse_auth
+from txgateway.breaker import BreakerSettings
 from txgateway.limitconfig import LimitsConfig, RouteLimit, parse_rate_limits, parse_route_limit
 from txgateway.redisconfig import RedisConfig, parse_redis
+from txgateway.resilienceconfig import (
+    HealthCheck,
+    PassiveHealth,
+    parse_circuit_breaker,
+    parse_health_check,
+    parse_passive_health,
+)
 from txgateway.units import parse_duration, parse_size
 
 __all__ = [
@@ -76,6 +84,11 @@ class Upstream:
     timeout: float = 30.0
     max_connections: int = 1024
     preserve_host: bool = False
+    balance: str = "round_robin"                 # round_robin | least_request | random
+    retries: int = 0                             # idempotent requests, other targets, before any response byte
+    circuit_breaker: BreakerSettings | None = None
+    health_check: HealthCheck | None = None
+    passive_health: PassiveHealth = PassiveHealth()  # noqa: RUF009 (frozen: one shared default is safe)
 
 
 @dataclass(frozen=True)
@@ -249,6 +262,7 @@ def _networks(r: Reader, node: yaml.Node, path: str) -> tuple[Any, ...]:
 _UPSTREAM_KEYS = {
     "targets": "", "balance": "", "connect_timeout": "", "timeout": "", "retries": "",
     "circuit_breaker": "", "health_check": "", "tls": "", "max_connections": "", "preserve_host": "",
+    "passive_health": "",
 }
 
 
@@ -264,16 +278,23 @@ def _upstreams(r: Reader, node: yaml.Node) -> dict[str, Upstream]:
 def _upstream(r: Reader, name: str, node: yaml.Node) -> Upstream:
     path = f"upstreams.{name}"
     fields = r.mapping(node, path, _UPSTREAM_KEYS)
-    for key in ("circuit_breaker", "health_check", "tls"):
-        if key in fields:
-            r.fail(fields[key], f"{path}.{key}", _NOT_YET)
-    if "retries" in fields and r.attempt(lambda: r.integer(fields["retries"], f"{path}.retries"), 0) > 0:
-        r.fail(fields["retries"], f"{path}.retries", _NOT_YET)
+    if "tls" in fields:
+        r.fail(fields["tls"], f"{path}.tls", _NOT_YET)
+    values: dict[str, Any] = {}
     if "balance" in fields:
-        policy = r.attempt(lambda: r.choice(fields["balance"], f"{path}.balance",
-                                            ("round_robin", "least_request", "random")), None)
-        if policy not in (None, "round_robin"):
-            r.fail(fields["balance"], f"{path}.balance", f"{policy} is {_NOT_YET}")
+        values["balance"] = r.attempt(lambda: r.choice(fields["balance"], f"{path}.balance",
+                                                       ("round_robin", "least_request", "random")), "round_robin")
+    if "retries" in fields:
+        values["retries"] = r.attempt(lambda: r.integer(fields["retries"], f"{path}.retries"), 0)
+        if values["retries"] > 10:
+            r.fail(fields["retries"], f"{path}.retries", f"expected at most 10, got {values['retries']}")
+    sections = (("circuit_breaker", parse_circuit_breaker), ("health_check", parse_health_check),
+                ("passive_health", parse_passive_health))
+    for key, parse in sections:
+        if key in fields:
+            parsed = r.attempt(lambda: parse(r, fields[key], f"{path}.{key}"), None)  # type: ignore[operator]
+            if parsed is not None:
+                values[key] = parsed
     targets: tuple[Target, ...] = ()
     if "targets" not in fields:
         r.fail(node, f"{path}.targets", "missing (required)")
@@ -283,7 +304,6 @@ def _upstream(r: Reader, name: str, node: yaml.Node) -> Upstream:
         targets = tuple(t for t in (r.attempt(lambda: _target(r, p, n), None) for p, n in items) if t)
         if not targets and len(r.problems) == before:
             r.fail(fields["targets"], f"{path}.targets", "expected at least one target URL")
-    values: dict[str, Any] = {}
     for key in ("connect_timeout", "timeout"):
         if key in fields:
             values[key] = r.attempt(lambda: r.parsed(fields[key], f"{path}.{key}", parse_duration), getattr(Upstream, key))

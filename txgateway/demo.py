@@ -40,7 +40,10 @@ auth:
     leeway: 30s
 upstreams:
   users:  {targets: ["http://127.0.0.1:3001"], timeout: 5s}
-  search: {targets: ["http://127.0.0.1:3002"], timeout: 5s}
+  search:
+    targets: ["http://127.0.0.1:3002"]
+    timeout: 5s
+    circuit_breaker: {consecutive_failures: 3, open_for: 10s}   # try ?fail=1 three times
   orders: {targets: ["http://127.0.0.1:3003"], timeout: 5s}
 routes:
   - {prefix: /api/users, upstream: users, rewrite_prefix: /users, auth: required}
@@ -60,7 +63,9 @@ BANNER = """txgateway demo on http://127.0.0.1:8080 - try:
   curl -s localhost:8080/api/users/7 -H "Authorization: Bearer $TOKEN"
   curl -si localhost:8080/api/orders/1 -H "Authorization: Bearer $TOKEN" -H 'Cookie: dropped=1'
   curl -si localhost:8080/api/orders/1 -H "Authorization: Bearer $(.venv/bin/txgateway token --demo --sub bob)"  # 403
-  curl -si localhost:8080/nowhere"""
+  curl -si localhost:8080/nowhere
+  for i in 1 2 3; do curl -s -o /dev/null -w '%{http_code} ' 'localhost:8080/api/search?fail=1'; done
+  curl -si 'localhost:8080/api/search?q=x'                 # 503: the breaker is open for 10s"""
 
 
 def demo_config() -> Config:
@@ -68,7 +73,8 @@ def demo_config() -> Config:
 
 
 class EchoResource(Resource):
-    """Answers every request with a JSON description of what it received."""
+    """Answers every request with a JSON description of what it received; with `fail=1` in
+    the query it answers 503 instead (to watch a circuit breaker open)."""
 
     isLeaf = True
 
@@ -84,6 +90,8 @@ class EchoResource(Resource):
         request.setHeader(b"Content-Type", b"application/json")
         request.setHeader(b"X-Powered-By", b"txgateway-demo")
         request.setHeader(b"X-Internal-Host", b"demo-" + self.service.encode())
+        if b"fail=1" in query.split(b"&"):
+            request.setResponseCode(503)
         if request.method == b"HEAD":
             return b""
         return json.dumps({

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 
 from txgateway.accesslog import AccessLog, JsonLinesWriter
 from txgateway.auth import AuthFilter
+from txgateway.breaker import Breakers
 from txgateway.config import Config
 from txgateway.headers import ForwardingHeaders, HeaderRulesFilter, TrustedProxies
 from txgateway.http1 import HTTP1Factory
@@ -56,6 +57,7 @@ class Gateway(MultiService):
         self.deadlines = Deadlines(self.clock)
         self.routes = RouteTable(config.routes)
         self.proxy = Proxy(reactor, self.clock, config.upstreams, self.deadlines, config.limits.idle_timeout)
+        self.breakers = Breakers(g.breaker for g in self.proxy.groups.values() if g.breaker is not None)
         self.log_writer = JsonLinesWriter.open(config.access_log, self.clock)
         self.jwks = self._remote_jwks(config)
         identify = [AuthFilter(config.auth, config.routes, self.clock, self.jwks)] if config.auth else []
@@ -125,6 +127,7 @@ class Gateway(MultiService):
 
     def startService(self) -> None:
         self.deadlines.start()
+        self.proxy.start()
         if self.jwks is not None:
             self.jwks.start()
         self.limiter.start()

@@ -1,21 +1,31 @@
-"""The terminal filter: forward a request to an upstream target and stream the answer back.
+"""The terminal filter: break -> balance -> forward to a target, and stream the answer back.
 
-One `Exchange` per forwarded request ties the client side (`ctx.downstream`) to one pooled
-upstream connection. Bodies are relayed chunk by chunk; each side's transport is the
-other's producer, so a slow reader pauses the fast writer instead of growing memory.
+`Proxy.forward` asks the upstream's circuit breaker (open: 503 at once, the upstream is not
+touched), then its balancer for a target in rotation (none: 503), and runs an `Exchange`,
+which ties the client side (`ctx.downstream`) to one pooled upstream connection. Bodies are
+relayed chunk by chunk; each side's transport is the other's producer, so a slow reader
+pauses the fast writer instead of growing memory.
+
+Each attempt's verdict (a response head, judged by `failure_statuses`; or a connect error,
+reset, garbage, timeout) goes once to the breaker and to the target's passive health. A
+failed attempt is retried (`retries`) only for idempotent methods, only on another target,
+only before any byte of a response exists, only while the request body is still unread or
+absent, and only with the breaker's consent: each retry counts against it like any request.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from itertools import cycle
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from txgateway.balance import Balancer, Member
+from txgateway.breaker import CircuitBreaker
 from txgateway.config import Upstream
+from txgateway.healthcheck import HealthChecker
 from txgateway.pipeline import RequestContext, ResponseHead, error_response
 from txgateway.timeouts import Deadlines
 from txgateway.upstream import TargetPool, UpstreamConnection
@@ -32,18 +42,29 @@ _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE
 _CONNECTING, _WAITING, _STREAMING, _DONE = range(4)
 
 
-class UpstreamGroup:
-    """The targets of one upstream, each with its pool, picked round-robin."""
+_DEFAULT_FAILURE_STATUSES = frozenset({502, 503, 504})
 
-    def __init__(self, reactor: Any, upstream: Upstream) -> None:
+
+class UpstreamGroup:
+    """One upstream: its targets' pools, the balancer over them, its breaker, its checks."""
+
+    def __init__(self, reactor: Any, clock: Any, upstream: Upstream) -> None:
         self.config = upstream
         self.pools = [TargetPool(reactor, t, upstream) for t in upstream.targets]
-        self._next = cycle(self.pools).__next__ if len(self.pools) > 1 else None
+        self.balancer = Balancer(upstream.name, self.pools, upstream.balance, upstream.passive_health, clock)
+        settings = upstream.circuit_breaker
+        self.breaker = CircuitBreaker(upstream.name, settings, clock) if settings is not None else None
+        self.failure_statuses = settings.failure_statuses if settings is not None else _DEFAULT_FAILURE_STATUSES
+        self.health = (HealthChecker(self.balancer, upstream.health_check, reactor, clock)
+                       if upstream.health_check is not None else None)
 
-    def pick(self) -> TargetPool:
-        return self._next() if self._next is not None else self.pools[0]
+    def start(self) -> None:
+        if self.health is not None:
+            self.health.start()
 
     def close(self) -> None:
+        if self.health is not None:
+            self.health.stop()
         for pool in self.pools:
             pool.close()
 
@@ -69,23 +90,31 @@ class _RequestBodyProducer:
 class Exchange:
     """One request forwarded to one upstream connection (the pool's `UpstreamUser`)."""
 
-    __slots__ = ("proxy", "ctx", "pool", "conn", "phase", "deadline", "body_sent", "body_producer",
-                 "retried", "producing")
+    __slots__ = ("proxy", "ctx", "group", "member", "pool", "ticket", "judged", "tried", "conn", "phase",
+                 "deadline", "body_sent", "body_read", "body_producer", "retried", "producing")
 
-    def __init__(self, proxy: Proxy, ctx: RequestContext, pool: TargetPool) -> None:
+    def __init__(self, proxy: Proxy, ctx: RequestContext, group: UpstreamGroup, member: Member, ticket: int) -> None:
         self.proxy = proxy
         self.ctx = ctx
-        self.pool = pool
+        self.group = group
+        self.member = member
+        self.pool = member.pool
+        self.ticket = ticket           # the breaker's, for this attempt's verdict (0: no breaker)
+        self.judged = False            # this attempt's verdict is given
+        self.tried: list[Member] = []  # targets of earlier attempts (retries go elsewhere)
         self.conn: UpstreamConnection | None = None
         self.phase = _CONNECTING
         self.deadline = 0.0
         self.body_sent = not ctx.has_body
+        self.body_read = False         # reading of the client's body has begun: no retry after that
         self.body_producer: _RequestBodyProducer | None = None
         self.retried = False
         self.producing = False  # upstream transport registered as the client's producer
 
     def start(self) -> None:
         ctx = self.ctx
+        self.member.in_flight += 1
+        self.member.requests += 1
         ctx.target_url = self.pool.target.url
         ctx.upstream_start = self.proxy.clock.seconds()
         self.phase = _CONNECTING
@@ -105,6 +134,7 @@ class Exchange:
         self.deadline = self.proxy.deadlines.now + self.pool.timeout
         conn.send(self, self.proxy.request_head(ctx, self.pool), ctx.method == b"HEAD")
         if ctx.has_body:
+            self.body_read = True
             self.body_producer = _RequestBodyProducer(ctx)
             conn.transport.registerProducer(self.body_producer, True)
             ctx.downstream.read_body(ctx, self)
@@ -153,6 +183,7 @@ class Exchange:
         ctx = self.ctx
         now = self.proxy.clock.seconds()
         ctx.upstream_ms = (now - ctx.upstream_start) * 1000.0
+        self._judge(f"status {status}" if status in self.group.failure_statuses else None)
         self.phase = _STREAMING
         self.deadline = self.proxy.deadlines.now + self.proxy.idle_timeout
         self.proxy.pipeline.respond(ctx, ResponseHead(status, reason, headers, length))
@@ -177,6 +208,7 @@ class Exchange:
         if self.phase != _STREAMING:
             return
         self.phase = _DONE
+        self.member.in_flight -= 1
         self.proxy.deadlines.discard(self)
         ctx = self.ctx
         ctx.forwarding = None
@@ -230,9 +262,56 @@ class Exchange:
             return
         if self.phase == _CONNECTING:
             self.pool.forget(self)
+        if not self.judged and self.group.breaker is not None:
+            self.group.breaker.release(self.ticket)      # no verdict on the upstream
+        self.judged = True
         self._close_upstream()
 
+    # -- verdicts and retries ----------------------------------------------------------
+
+    def _judge(self, failure: str | None) -> None:
+        """This attempt's verdict, once, to the breaker and the target's passive health."""
+        if self.judged:
+            return
+        self.judged = True
+        breaker, balancer = self.group.breaker, self.group.balancer
+        if failure is None:
+            balancer.succeeded(self.member)
+            if breaker is not None:
+                breaker.record_success(self.ticket)
+        else:
+            balancer.failed(self.member, failure)
+            if breaker is not None:
+                breaker.record_failure(self.ticket, failure)
+
+    def _retry(self, reason: str) -> bool:
+        """Start another attempt on another target if this request may be retried."""
+        ctx = self.ctx
+        if (len(self.tried) >= self.group.config.retries or self.body_read or ctx.method not in _IDEMPOTENT
+                or ctx.response_started or ctx.done):
+            return False
+        breaker = self.group.breaker
+        ticket = breaker.allow() if breaker is not None else 0
+        if ticket is None:
+            return False
+        self.tried.append(self.member)
+        member = self.group.balancer.pick(self.tried)
+        if member is None:
+            if breaker is not None:
+                breaker.release(ticket)
+            return False
+        _log.info("retrying {method} {path} for {correlation_id} on {target} after: {reason}", method=ctx.method,
+                  path=ctx.path, correlation_id=ctx.correlation_id, target=member.url, reason=reason)
+        ctx.notes = {"upstream_error": f"retried after: {reason}"}
+        ctx.forwarding = self
+        self.member, self.pool, self.ticket, self.judged = member, member.pool, ticket, False
+        self.retried = False
+        self.start()
+        return True
+
     def _close_upstream(self) -> None:
+        if self.phase != _DONE:
+            self.member.in_flight -= 1
         self.phase = _DONE
         self.ctx.forwarding = None
         self.proxy.deadlines.discard(self)
@@ -250,10 +329,14 @@ class Exchange:
         return ctx
 
     def _fail_before_response(self, status: int, code: str, message: str, reason: str) -> None:
+        self._judge(reason)
         ctx = self._failed(reason)
+        if self._retry(reason):
+            return
         self.proxy.pipeline.respond_local(ctx, error_response(ctx, status, code, message))
 
     def _abort(self, reason: str) -> None:
+        self._judge(reason)
         ctx = self._failed(reason)
         ctx.downstream.abort(ctx)
 
@@ -266,11 +349,35 @@ class Proxy:
         self.clock = clock
         self.deadlines = deadlines
         self.idle_timeout = idle_timeout
-        self.groups = {name: UpstreamGroup(reactor, u) for name, u in upstreams.items()}
+        self.groups = {name: UpstreamGroup(reactor, clock, u) for name, u in upstreams.items()}
         self.pipeline: Pipeline  # set by the gateway once the pipeline exists
 
+    def start(self) -> None:
+        for group in self.groups.values():
+            group.start()
+
     def forward(self, ctx: RequestContext) -> None:
-        exchange = Exchange(self, ctx, self.groups[ctx.upstream].pick())  # type: ignore[index]
+        group = self.groups[ctx.upstream]  # type: ignore[index]
+        breaker = group.breaker
+        ticket = 0
+        if breaker is not None:
+            ticket = breaker.allow()  # type: ignore[assignment]
+            if ticket is None:
+                ctx.notes = {"breaker": "open"}
+                self.pipeline.respond_local(ctx, error_response(
+                    ctx, 503, "UPSTREAM_UNAVAILABLE", "the upstream is failing; its circuit breaker is open",
+                    [(b"retry-after", b"%d" % breaker.retry_after())]))
+                return
+        member = group.balancer.pick()
+        if member is None:
+            if breaker is not None:
+                breaker.release(ticket)
+            ctx.notes = {"upstream_error": "no healthy target"}
+            self.pipeline.respond_local(ctx, error_response(
+                ctx, 503, "UPSTREAM_UNAVAILABLE", "no healthy target for this upstream",
+                [(b"retry-after", b"%d" % group.balancer.retry_after())]))
+            return
+        exchange = Exchange(self, ctx, group, member, ticket)
         ctx.forwarding = exchange
         exchange.start()
 
