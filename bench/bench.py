@@ -302,10 +302,10 @@ routes:
 
 
 class Upstream:
-    def __init__(self) -> None:
-        self.dir = os.path.join(RUN_DIR, "nginx")
+    def __init__(self, port: int = UPSTREAM_PORT, name: str = "nginx") -> None:
+        self.dir = os.path.join(RUN_DIR, name)
         self.files = os.path.join(OUT, "files")
-        self.port = UPSTREAM_PORT
+        self.port = port
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:

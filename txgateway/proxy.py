@@ -7,10 +7,12 @@ relayed chunk by chunk; each side's transport is the other's producer, so a slow
 pauses the fast writer instead of growing memory.
 
 Each attempt's verdict (a response head, judged by `failure_statuses`; or a connect error,
-reset, garbage, timeout) goes once to the breaker and to the target's passive health. A
-failed attempt is retried (`retries`) only for idempotent methods, only on another target,
-only before any byte of a response exists, only while the request body is still unread or
-absent, and only with the breaker's consent: each retry counts against it like any request.
+reset, garbage, timeout) goes to its target's passive health; the request's final verdict
+goes once to the upstream's breaker. A failed attempt is retried (`retries`) only for
+idempotent methods, only on another target, only before any byte of a response exists,
+only while the request body is still unread or absent, and never while the breaker is open.
+So one dead target among several is ejected without opening the breaker (its requests are
+retried elsewhere), while an upstream whose requests fail after their retries trips it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txgateway.balance import Balancer, Member
-from txgateway.breaker import CircuitBreaker
+from txgateway.breaker import OPEN, CircuitBreaker
 from txgateway.config import Upstream
 from txgateway.healthcheck import HealthChecker
 from txgateway.pipeline import RequestContext, ResponseHead, error_response
@@ -90,7 +92,7 @@ class _RequestBodyProducer:
 class Exchange:
     """One request forwarded to one upstream connection (the pool's `UpstreamUser`)."""
 
-    __slots__ = ("proxy", "ctx", "group", "member", "pool", "ticket", "judged", "tried", "conn", "phase",
+    __slots__ = ("proxy", "ctx", "group", "member", "pool", "ticket", "judged", "settled", "tried", "conn", "phase",
                  "deadline", "body_sent", "body_read", "body_producer", "retried", "producing")
 
     def __init__(self, proxy: Proxy, ctx: RequestContext, group: UpstreamGroup, member: Member, ticket: int) -> None:
@@ -99,8 +101,9 @@ class Exchange:
         self.group = group
         self.member = member
         self.pool = member.pool
-        self.ticket = ticket           # the breaker's, for this attempt's verdict (0: no breaker)
-        self.judged = False            # this attempt's verdict is given
+        self.ticket = ticket           # the breaker's, for the request's verdict (0: no breaker)
+        self.judged = False            # this attempt's verdict is given (passive health)
+        self.settled = False           # the request's verdict is given (breaker)
         self.tried: list[Member] = []  # targets of earlier attempts (retries go elsewhere)
         self.conn: UpstreamConnection | None = None
         self.phase = _CONNECTING
@@ -262,26 +265,30 @@ class Exchange:
             return
         if self.phase == _CONNECTING:
             self.pool.forget(self)
-        if not self.judged and self.group.breaker is not None:
+        if not self.settled and self.group.breaker is not None:
             self.group.breaker.release(self.ticket)      # no verdict on the upstream
-        self.judged = True
+        self.judged = self.settled = True
         self._close_upstream()
 
     # -- verdicts and retries ----------------------------------------------------------
 
-    def _judge(self, failure: str | None) -> None:
-        """This attempt's verdict, once, to the breaker and the target's passive health."""
-        if self.judged:
-            return
-        self.judged = True
-        breaker, balancer = self.group.breaker, self.group.balancer
-        if failure is None:
-            balancer.succeeded(self.member)
-            if breaker is not None:
+    def _judge(self, failure: str | None, final: bool = True) -> None:
+        """This attempt's verdict to its target's passive health; unless a retry follows, the
+        request's verdict to the breaker (each once)."""
+        if not self.judged:
+            self.judged = True
+            if failure is None:
+                self.group.balancer.succeeded(self.member)
+            else:
+                self.group.balancer.failed(self.member, failure)
+        breaker = self.group.breaker
+        if final and not self.settled:
+            self.settled = True
+            if breaker is None:
+                return
+            if failure is None:
                 breaker.record_success(self.ticket)
-        else:
-            balancer.failed(self.member, failure)
-            if breaker is not None:
+            else:
                 breaker.record_failure(self.ticket, failure)
 
     def _retry(self, reason: str) -> bool:
@@ -291,20 +298,17 @@ class Exchange:
                 or ctx.response_started or ctx.done):
             return False
         breaker = self.group.breaker
-        ticket = breaker.allow() if breaker is not None else 0
-        if ticket is None:
+        if breaker is not None and breaker.state == OPEN:
             return False
         self.tried.append(self.member)
         member = self.group.balancer.pick(self.tried)
         if member is None:
-            if breaker is not None:
-                breaker.release(ticket)
             return False
         _log.info("retrying {method} {path} for {correlation_id} on {target} after: {reason}", method=ctx.method,
                   path=ctx.path, correlation_id=ctx.correlation_id, target=member.url, reason=reason)
         ctx.notes = {"upstream_error": f"retried after: {reason}"}
         ctx.forwarding = self
-        self.member, self.pool, self.ticket, self.judged = member, member.pool, ticket, False
+        self.member, self.pool, self.judged = member, member.pool, False
         self.retried = False
         self.start()
         return True
@@ -329,10 +333,11 @@ class Exchange:
         return ctx
 
     def _fail_before_response(self, status: int, code: str, message: str, reason: str) -> None:
-        self._judge(reason)
+        self._judge(reason, final=False)
         ctx = self._failed(reason)
         if self._retry(reason):
             return
+        self._judge(reason)
         self.proxy.pipeline.respond_local(ctx, error_response(ctx, status, code, message))
 
     def _abort(self, reason: str) -> None:

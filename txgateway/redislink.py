@@ -60,16 +60,20 @@ class RedisLink:
         self._response_error = txredisapi.ResponseError
         c = self.config
         options: dict[str, Any] = {"dbid": c.db, "poolsize": c.pool_size, "password": c.password,
-                                   "username": c.username, "connectTimeout": c.timeout,
-                                   "replyTimeout": max(2.0, 10 * c.timeout), "convertNumbers": False}
+                                   "username": c.username, "replyTimeout": max(2.0, 10 * c.timeout),
+                                   "convertNumbers": False}
         with _quiet_reconnects():
             if c.sentinel_master is not None:
+                # Sentinel-made connections take no connectTimeout (the factory's maxDelay
+                # bounds them); every call is bounded by addTimeout anyway.
                 self._sentinel = txredisapi.Sentinel(list(c.sentinel_hosts), connectTimeout=c.timeout,
                                                      replyTimeout=max(2.0, 10 * c.timeout))
                 self._sentinel.discovery_timeout = max(1.0, 5 * c.timeout)
                 self._handler = self._sentinel.master_for(c.sentinel_master, **options)
             else:
-                self._handler = txredisapi.lazyConnectionPool(c.host, c.port, **options)
+                self._handler = txredisapi.lazyConnectionPool(c.host, c.port, connectTimeout=c.timeout, **options)
+        # A connection refused for good (wrong password, ...) fails this, once: say why.
+        self._handler._connected.addErrback(self._refused)
         # Reconnect sooner than txredisapi's 1 s..10 s: limits are shared again within ~2 s.
         self._handler._factory.initialDelay = 0.1
         self._handler._factory.maxDelay = 2.0
@@ -117,6 +121,10 @@ class RedisLink:
                 return Failure(RedisUnavailable(reason))
         self._lost(reason)
         return Failure(RedisUnavailable(reason))
+
+    def _refused(self, failure: Failure) -> None:
+        self.errors += 1
+        self._lost(failure.getErrorMessage())
 
     def _drop_connections(self) -> None:
         for connection in list(self._handler._factory.pool):

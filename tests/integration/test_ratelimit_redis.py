@@ -493,3 +493,57 @@ async def test_a_password_protected_redis(reactor, echo, gateway, password_serve
     assert await redis(password_server, "EXISTS", tenant_key("u")) == 0
     await assert_still_serves(gw)
     await assert_still_serves(bad)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_wrong_redis_password_says_why_once_and_leaves_no_unhandled_error(reactor, echo, gateway,
+                                                                                password_server, events):
+    import gc
+    route = "  - {prefix: /api, upstream: u, rate_limit: {key: 'header:X-Tenant', rate: 2/hour}}"
+    wrong = f'url: "redis://:wrong-password@127.0.0.1:{password_server.port}/0"'
+    bad = await gateway(config(echo.url, wrong, route, on_redis_error="deny"))
+    r, _ = await timed_get(bad, tenant="u")
+    assert_envelope(r, 503, "RATE_LIMITER_UNAVAILABLE")
+    await bad.gateway.stopService()         # the gateway lets go of its Redis connection objects
+    gc.collect()
+    lost = redis_messages(events, "redis lost")
+    assert len(lost) == 1 and "auth" in lost[0].lower() and "wrong-password" not in lost[0], lost
+    no_tracebacks(events)
+
+
+# --- 9. Sentinel ----------------------------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_limits_follow_a_sentinel_failover(reactor, echo, gateway, redis_sentinel_setup, events):
+    setup = redis_sentinel_setup
+    sentinel = f'sentinel: {{master: mymaster, hosts: ["127.0.0.1:{setup.sentinel.port}"]}}'
+    text = config(echo.url, sentinel, TENANT_ROUTE, on_redis_error="deny").replace(
+        f"timeout: {int(TIMEOUT * 1000)}ms", "timeout: 200ms")
+    gw = await gateway(text)
+    assert await statuses(gw, 5, tenant="drained") == [200, 200, 200, 200, 429]
+    old = setup.current_master()
+    assert old is setup.master
+    assert await redis(old, "EXISTS", tenant_key("drained")) == 1
+
+    async def replicated() -> bool:
+        return await redis(setup.replica, "EXISTS", tenant_key("drained")) == 1
+    await poll("the drained bucket to reach the replica", replicated, 5.0)
+
+    new_addr = await bounded(deferToThread(setup.sentinel.failover), 20.0)
+    new = setup.server_at(new_addr[1])
+    assert new is setup.replica
+    probes = iter(range(1000))
+
+    async def limiting_on_new_master() -> bool:
+        tenant = f"probe-{next(probes)}"
+        r = await get(gw, tenant=tenant)
+        return (r.status == 200 and r.header("x-ratelimit-remaining") == "3"
+                and await redis(new, "EXISTS", tenant_key(tenant)) == 1)
+    await poll("a decision made on the new master", limiting_on_new_master, 15.0, every=0.1)
+    # The state the old master had came along: the drained tenant is still limited.
+    r = await get(gw, tenant="drained")
+    assert_envelope(r, 429, "RATE_LIMITED")
+    assert await statuses(gw, 5, tenant="after") == [200, 200, 200, 200, 429]
+    assert float(await redis(new, "HGET", tenant_key("after"), "t")) < 0.01
+    assert gw.gateway.redis.state["state"] == "up"
+    await assert_still_serves(gw)
