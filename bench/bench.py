@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -579,6 +580,74 @@ def summarize_level(rows: list[dict]) -> dict:
     return s
 
 
+def compare_rows(rows: list[tuple[str, Gateway | None, str | None]], up: Upstream,
+                 headers: dict[str, dict[str, str]] | None = None) -> dict:
+    """wrk on each row (a gateway's /api/users/1, or a direct url) at every CONNS level, rows
+    interleaved run by run; medians per row and the ratio to the row named "proxy"."""
+    headers = headers or {}
+    levels: dict = {}
+    for c in CONNS:
+        log(f"-- {c} connections: {RUNS} x {DURATION}s per row, rows interleaved")
+        results: dict[str, list[dict]] = {name: [] for name, _, _ in rows}
+        for name, gw, _ in rows:
+            if gw is not None and WARMUP > 0:
+                wrk_run(name, f"http://127.0.0.1:{gw.port}/api/users/1", c, WARMUP, "warmup", 0, gw, up, headers.get(name))
+        for i in range(1, RUNS + 1):
+            for name, gw, url in rows:
+                target = url or f"http://127.0.0.1:{gw.port}/api/users/1"  # type: ignore[union-attr]
+                results[name].append(wrk_run(name, target, c, DURATION, "measured", i, gw, up, headers.get(name)))
+        level = {name: summarize_level(r) for name, r in results.items()}
+        plain = level["proxy"].get("rps")
+        for name in level:
+            rps = level[name].get("rps")
+            level[name]["ratio_to_proxy"] = round(rps / plain, 3) if rps and plain else None
+        levels[c] = level
+    return levels
+
+
+def run_scenarios(prefix: str, argv: list[str], scenarios: dict, services: list,
+                  report: Callable[[dict], str]) -> int:
+    """The main() of a bench script: start `services` (objects with start/stop), run the
+    scenarios named in argv (all by default; each a function of no argument returning its
+    summary part), stop everything, save and print the report."""
+    names = argv or list(scenarios)
+    unknown = [n for n in names if n not in scenarios]
+    if unknown:
+        print(f"unknown scenario {unknown[0]!r} ({', '.join(scenarios)})", file=sys.stderr)
+        return 2
+    os.makedirs(RUN_DIR, exist_ok=True)
+    summary: dict = {"stamp": STAMP, "env": environment()}
+    try:
+        for service in services:
+            service.start()
+        for name in names:
+            log(f"== scenario {name}")
+            summary[name] = scenarios[name]()
+    finally:
+        stop_all()
+    save_summary(prefix, summary, report(summary))
+    return 0
+
+
+def save_summary(prefix: str, summary: dict, text: str) -> None:
+    """<prefix>-summary.json and .txt in the run's folder, and the text on stdout."""
+    with open(os.path.join(RUN_DIR, f"{prefix}-summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+    with open(os.path.join(RUN_DIR, f"{prefix}-summary.txt"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+
+
+def rows_table(title: str, levels: dict) -> list[str]:
+    out = ["", f"{title}: GET /api/users/1, median of runs; ratio = row req/s / plain proxy req/s",
+           f"{'conns':>5} {'row':<12} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'ratio':>6} {'errors':>6}"]
+    for c, level in levels.items():
+        for name, s in level.items():
+            out.append(f"{c:>5} {name:<12} {fmt(s.get('rps'), ',.0f'):>9} {fmt(s.get('p50_ms'), '.2f'):>7} "
+                       f"{fmt(s.get('p99_ms'), '.2f'):>7} {fmt(s.get('ratio_to_proxy'), '.3f'):>6} {s.get('errors', '-'):>6}")
+    return out
+
+
 def scenario_proxy(up: Upstream) -> dict:
     gw = Gateway("proxy", up)
     gw.start()
@@ -825,7 +894,7 @@ def report(summary: dict) -> str:
             if "error" in t:
                 out.append(f"{t['target']:8} {client:>12} ERROR {t['error']}")
                 continue
-            out.append(f"{t['target']:8} {client:>12} {t['status']:>6} {str(t['complete']):>8} "
+            out.append(f"{t['target']:8} {client:>12} {t['status']:>6} {t['complete']!s:>8} "
                        f"{fmt(t['mib_per_s'], '.0f'):>7} {t['seconds']:>7.2f} "
                        f"{fmt(t.get('rss_before_mib'), '.1f'):>10} {fmt(t.get('rss_peak_mib'), '.1f'):>8} "
                        f"{fmt(t.get('gw_cpu_pct'), '.0f'):>7}")

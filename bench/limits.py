@@ -15,15 +15,14 @@ Redis: a redis-server of its own on REDIS_PORT (19379) on CLIENT_CPU, stopped at
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import bench  # noqa: E402  (bench.py: processes, wrk, the upstream nginx, summaries)
-from bench import CLIENT_CPU, CONNS, DURATION, RUN_DIR, RUNS, WARMUP, Gateway, Upstream, log  # noqa: E402
+import bench
+from bench import CLIENT_CPU, RUN_DIR, Gateway, Upstream, log
 
 REDIS_PORT = int(bench._env("REDIS_PORT", "19379"))
 SHARED_RATE = int(bench._env("SHARED_RATE", "100"))
@@ -112,29 +111,11 @@ def scenario_limits(up: Upstream) -> dict:
     for i, backend in enumerate(("local", "redis", "hybrid")):
         gw = Gateway(f"jwt-{backend}", up, limited_yaml(backend, "1000000000/minute"), 19081 + i, auth, env)
         rows.append((f"jwt+{backend}", gw, None))
-    levels: dict = {}
-    for name, gw, _ in rows:
+    for _, gw, _ in rows:
         if gw is not None:
             gw.start()
     try:
-        for c in CONNS:
-            log(f"-- {c} connections: {RUNS} x {DURATION}s per row, rows interleaved")
-            results: dict[str, list[dict]] = {name: [] for name, _, _ in rows}
-            for name, gw, url in rows:
-                if gw is not None and WARMUP > 0:
-                    bench.wrk_run(name, f"http://127.0.0.1:{gw.port}/api/users/1", c, WARMUP, "warmup", 0, gw, up,
-                                  auth if name.startswith("jwt") else None)
-            for i in range(1, RUNS + 1):
-                for name, gw, url in rows:
-                    target = url or f"http://127.0.0.1:{gw.port}/api/users/1"
-                    results[name].append(bench.wrk_run(name, target, c, DURATION, "measured", i, gw, up,
-                                                       auth if name.startswith("jwt") else None))
-            level = {name: bench.summarize_level(r) for name, r in results.items()}
-            plain = level["proxy"].get("rps")
-            for name in level:
-                rps = level[name].get("rps")
-                level[name]["ratio_to_proxy"] = round(rps / plain, 3) if rps and plain else None
-            levels[c] = level
+        levels = bench.compare_rows(rows, up, {name: auth for name, _, _ in rows if name.startswith("jwt")})
     finally:
         shutdown = {name: gw.stop() for name, gw, _ in rows if gw is not None}
     return {"levels": levels, "shutdown": shutdown}
@@ -187,7 +168,6 @@ async def _load(ports: list[int], auth: str) -> dict:
 
 
 def scenario_shared(up: Upstream) -> dict:
-    count, _, per = f"{SHARED_RATE}/second".partition("/")
     out: dict = {"limit": f"{SHARED_RATE}/second (burst {SHARED_RATE})", "load_rps": SHARED_LOAD,
                  "seconds": SHARED_SECONDS, "backends": {}}
     env = {"JWT_SECRET": SECRET}
@@ -222,14 +202,7 @@ def scenario_shared(up: Upstream) -> dict:
 def report(summary: dict) -> str:
     out = [f"txgateway rate-limit bench {bench.STAMP} ({summary['env']['cpu']}; {summary['env']['commit']})"]
     if "limits" in summary:
-        out.append("")
-        out.append("limits: GET /api/users/1, median of runs; ratio = row req/s / plain proxy req/s")
-        out.append(f"{'conns':>5} {'row':<12} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'ratio':>6} {'errors':>6}")
-        for c, level in summary["limits"]["levels"].items():
-            for name, s in level.items():
-                out.append(f"{c:>5} {name:<12} {bench.fmt(s.get('rps'), ',.0f'):>9} {bench.fmt(s.get('p50_ms'), '.2f'):>7} "
-                           f"{bench.fmt(s.get('p99_ms'), '.2f'):>7} {bench.fmt(s.get('ratio_to_proxy'), '.3f'):>6} "
-                           f"{s.get('errors', '-'):>6}")
+        out += bench.rows_table("limits", summary["limits"]["levels"])
     if "shared" in summary:
         s = summary["shared"]
         out.append("")
@@ -243,32 +216,9 @@ def report(summary: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    scenarios = argv or ["limits", "shared"]
-    if any(s not in ("limits", "shared") for s in scenarios):
-        print("scenarios: limits, shared", file=sys.stderr)
-        return 2
-    os.makedirs(RUN_DIR, exist_ok=True)
-    summary: dict = {"stamp": bench.STAMP, "env": bench.environment()}
     up = Upstream()
-    redis = Redis()
-    try:
-        up.start()
-        redis.start()
-        if "limits" in scenarios:
-            log("== scenario limits")
-            summary["limits"] = scenario_limits(up)
-        if "shared" in scenarios:
-            log("== scenario shared")
-            summary["shared"] = scenario_shared(up)
-    finally:
-        bench.stop_all()
-    with open(os.path.join(RUN_DIR, "limits-summary.json"), "w") as f:
-        json.dump(summary, f, indent=2, default=str)
-    text = report(summary)
-    with open(os.path.join(RUN_DIR, "limits-summary.txt"), "w") as f:
-        f.write(text + "\n")
-    print(text)
-    return 0
+    return bench.run_scenarios("limits", argv, {"limits": lambda: scenario_limits(up),
+                                                "shared": lambda: scenario_shared(up)}, [up, Redis()], report)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import bench  # noqa: E402  (bench.py: processes, wrk, the upstream nginx, summaries)
-from bench import CLIENT_CPU, CONNS, DURATION, LUA, RUN_DIR, RUNS, WARMUP, Gateway, Upstream, log  # noqa: E402
+import bench
+from bench import CLIENT_CPU, LUA, RUN_DIR, Gateway, Upstream, log
 
 SECOND_PORT = int(bench._env("SECOND_UPSTREAM_PORT", "19002"))
 FAILOVER_SECONDS = int(bench._env("FAILOVER_SECONDS", "10"))
@@ -79,24 +79,8 @@ def scenario_balance(up: Upstream, second: Upstream) -> dict:
     for _, gw, _ in rows:
         if gw is not None:
             gw.start()
-    levels: dict = {}
     try:
-        for c in CONNS:
-            log(f"-- {c} connections: {RUNS} x {DURATION}s per row, rows interleaved")
-            results: dict[str, list[dict]] = {name: [] for name, _, _ in rows}
-            for name, gw, _ in rows:
-                if gw is not None and WARMUP > 0:
-                    bench.wrk_run(name, f"http://127.0.0.1:{gw.port}/api/users/1", c, WARMUP, "warmup", 0, gw, up)
-            for i in range(1, RUNS + 1):
-                for name, gw, url in rows:
-                    target = url or f"http://127.0.0.1:{gw.port}/api/users/1"
-                    results[name].append(bench.wrk_run(name, target, c, DURATION, "measured", i, gw, up))
-            level = {name: bench.summarize_level(r) for name, r in results.items()}
-            plain = level["proxy"].get("rps")
-            for name in level:
-                rps = level[name].get("rps")
-                level[name]["ratio_to_proxy"] = round(rps / plain, 3) if rps and plain else None
-            levels[c] = level
+        levels = bench.compare_rows(rows, up)
         second_status = second.status()
     finally:
         shutdown = {name: gw.stop() for name, gw, _ in rows if gw is not None}
@@ -174,14 +158,7 @@ def scenario_failover(up: Upstream, second: Upstream) -> dict:
 def report(summary: dict) -> str:
     out = [f"txgateway resilience bench {bench.STAMP} ({summary['env']['cpu']}; {summary['env']['commit']})"]
     if "balance" in summary:
-        out.append("")
-        out.append("balance: GET /api/users/1, median of runs; ratio = row req/s / plain proxy req/s")
-        out.append(f"{'conns':>5} {'row':<10} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'ratio':>6} {'errors':>6}")
-        for c, level in summary["balance"]["levels"].items():
-            for name, s in level.items():
-                out.append(f"{c:>5} {name:<10} {bench.fmt(s.get('rps'), ',.0f'):>9} {bench.fmt(s.get('p50_ms'), '.2f'):>7} "
-                           f"{bench.fmt(s.get('p99_ms'), '.2f'):>7} {bench.fmt(s.get('ratio_to_proxy'), '.3f'):>6} "
-                           f"{s.get('errors', '-'):>6}")
+        out += bench.rows_table("balance", summary["balance"]["levels"])
     if "failover" in summary:
         f = summary["failover"]
         out.append("")
@@ -195,32 +172,10 @@ def report(summary: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    scenarios = argv or ["balance", "failover"]
-    if any(s not in ("balance", "failover") for s in scenarios):
-        print("scenarios: balance, failover", file=sys.stderr)
-        return 2
-    os.makedirs(RUN_DIR, exist_ok=True)
-    summary: dict = {"stamp": bench.STAMP, "env": bench.environment()}
-    up = Upstream()
-    second = Upstream(SECOND_PORT, "nginx-second")
-    try:
-        up.start()
-        second.start()
-        if "balance" in scenarios:
-            log("== scenario balance")
-            summary["balance"] = scenario_balance(up, second)
-        if "failover" in scenarios:
-            log("== scenario failover")
-            summary["failover"] = scenario_failover(up, second)
-    finally:
-        bench.stop_all()
-    with open(os.path.join(RUN_DIR, "resilience-summary.json"), "w") as f:
-        json.dump(summary, f, indent=2, default=str)
-    text = report(summary)
-    with open(os.path.join(RUN_DIR, "resilience-summary.txt"), "w") as f:
-        f.write(text + "\n")
-    print(text)
-    return 0
+    up, second = Upstream(), Upstream(SECOND_PORT, "nginx-second")
+    return bench.run_scenarios("resilience", argv, {"balance": lambda: scenario_balance(up, second),
+                                                    "failover": lambda: scenario_failover(up, second)},
+                               [up, second], report)
 
 
 if __name__ == "__main__":

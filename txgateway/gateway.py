@@ -20,6 +20,7 @@ from txgateway.accesslog import AccessLog, JsonLinesWriter
 from txgateway.auth import AuthFilter
 from txgateway.breaker import Breakers
 from txgateway.config import Config
+from txgateway.fetch import read_body
 from txgateway.headers import ForwardingHeaders, HeaderRulesFilter, TrustedProxies
 from txgateway.http1 import HTTP1Factory
 from txgateway.jwks import RemoteJwks
@@ -168,17 +169,6 @@ MAX_JWKS_BYTES = 1 << 20
 
 def _body_if_ok(response: Any) -> Deferred[bytes]:
     """The body of a 200 response, refusing more than MAX_JWKS_BYTES (a JWKS is small)."""
-    import treq
     if response.code != 200:
         raise ValueError(f"HTTP {response.code}")
-    chunks: list[bytes] = []
-    size = 0
-
-    def collect(data: bytes) -> None:
-        nonlocal size
-        size += len(data)
-        if size > MAX_JWKS_BYTES:
-            raise ValueError(f"response larger than {MAX_JWKS_BYTES} bytes")
-        chunks.append(data)
-
-    return treq.collect(response, collect).addCallback(lambda _: b"".join(chunks))  # type: ignore[no-any-return]
+    return read_body(response, MAX_JWKS_BYTES)

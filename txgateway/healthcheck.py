@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from txgateway.balance import Balancer, Member
+from txgateway.fetch import read_body
 from txgateway.resilienceconfig import HealthCheck
 
 __all__ = ["HealthChecker"]
@@ -100,14 +101,4 @@ class HealthChecker:
 
 def _status_after_body(response: Any) -> Deferred[int]:
     """The status, once the body (at most MAX_BODY bytes) has been read and dropped."""
-    import treq
-    size = 0
-
-    def discard(data: bytes) -> None:
-        nonlocal size
-        size += len(data)
-        if size > MAX_BODY:
-            raise ValueError(f"health check body over {MAX_BODY} bytes")
-
-    collected: Deferred[Any] = treq.collect(response, discard)
-    return collected.addCallback(lambda _: response.code)
+    return read_body(response, MAX_BODY).addCallback(lambda _: response.code)

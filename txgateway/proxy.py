@@ -6,8 +6,9 @@ which ties the client side (`ctx.downstream`) to one pooled upstream connection.
 relayed chunk by chunk; each side's transport is the other's producer, so a slow reader
 pauses the fast writer instead of growing memory.
 
-Each attempt's verdict (a response head, judged by `failure_statuses`; or a connect error,
-reset, garbage, timeout) goes to its target's passive health; the request's final verdict
+Each attempt's verdict (a status in `failure_statuses`; a connect error, reset, garbage or
+timeout, before or during the body; else success once the body is complete) goes to its
+target's passive health; the request's final verdict
 goes once to the upstream's breaker. A failed attempt is retried (`retries`) only for
 idempotent methods, only on another target, only before any byte of a response exists,
 only while the request body is still unread or absent, and never while the breaker is open.
@@ -186,7 +187,9 @@ class Exchange:
         ctx = self.ctx
         now = self.proxy.clock.seconds()
         ctx.upstream_ms = (now - ctx.upstream_start) * 1000.0
-        self._judge(f"status {status}" if status in self.group.failure_statuses else None)
+        if status in self.group.failure_statuses:
+            self._judge(f"status {status}")
+        # Otherwise the verdict waits for the end of the body: a reset mid-body is a failure.
         self.phase = _STREAMING
         self.deadline = self.proxy.deadlines.now + self.proxy.idle_timeout
         self.proxy.pipeline.respond(ctx, ResponseHead(status, reason, headers, length))
@@ -212,6 +215,7 @@ class Exchange:
             return
         self.phase = _DONE
         self.member.in_flight -= 1
+        self._judge(None)
         self.proxy.deadlines.discard(self)
         ctx = self.ctx
         ctx.forwarding = None

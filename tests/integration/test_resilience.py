@@ -584,3 +584,36 @@ async def test_all_targets_ejected_gets_503_no_healthy_target_with_retry_after(r
     assert (first.requests, second.requests) == (1, 2)
     assert_unavailable(await one(gw.port, get()), 2)                       # first back at 12, second at 30
     await good(gw, b"/api/orders/1")
+
+
+@pytest_twisted.ensureDeferred
+async def test_reset_mid_body_aborts_the_client_and_counts_as_a_failure(reactor, raw_upstream, echo, gateway):
+    got = Signal(reactor)
+    servers: list[Any] = []
+    up = await raw_upstream(head_then_hold(got, servers))
+    gw = await gateway(f"""
+    upstreams:
+      users:
+        targets: ["{up.url}"]
+        circuit_breaker: {{consecutive_failures: 5}}
+      orders: {{targets: ["{echo.url}"]}}
+    routes:
+      - {{prefix: /api/users, upstream: users, rewrite_prefix: /users}}
+      - {{prefix: /api/orders, upstream: orders}}
+    """, clock=Clock())
+    breaker = unjittered(gw)
+    (member,) = members(gw)
+    c = await client(reactor, gw.port, get())
+    await got.reached(1)
+    await c.head                                         # the client has the head and some body
+    servers[0].transport.abortConnection()               # RST mid-body
+    await c.closed
+    head, _, body = c.data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"content-length: 100000" in head.lower()
+    assert len(body) < 100000                            # a truncated body, never a fake success
+    detail = gw.log[-1]["detail"]
+    assert detail.startswith("upstream failed mid-response") and "reset" in detail
+    # A reset is a failure (SPEC section 3), whenever it happens.
+    assert member.failures == 1 and "reset" in member.last_error
+    assert breaker.snapshot()["consecutive_failures"] == 1
+    await good(gw, b"/api/orders/1")
