@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from txgateway.breaker import BreakerSettings
 from txgateway.config import (
     DEFAULT_SECURITY_HEADERS,
     ConfigError,
@@ -25,6 +26,7 @@ from txgateway.config import (
 )
 from txgateway.limitconfig import LimitsConfig
 from txgateway.redisconfig import RedisConfig
+from txgateway.resilienceconfig import HealthCheck, PassiveHealth
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "etc" / "txgateway.yaml"
 NOT_YET = "not supported yet in this version of txgateway; remove it or upgrade"
@@ -939,12 +941,33 @@ def test_the_example_config_loads():
     assert b"x-internal-*" in orders.response_headers.remove
 
 
+def test_the_example_users_upstream_is_resilient_with_the_specs_values():
+    config = load_config(str(EXAMPLE))
+    users = config.upstreams["users"]
+    assert (users.balance, users.retries, users.connect_timeout, users.timeout) == ("least_request", 1, 1.0, 5.0)
+    assert users.circuit_breaker == BreakerSettings(
+        consecutive_failures=5, failure_ratio=0.5, window=10.0, min_requests=20, open_for=30.0, max_open_for=300.0,
+        half_open_requests=1, failure_statuses=frozenset({502, 503, 504}))
+    assert users.health_check == HealthCheck(path=b"/healthz", interval=5.0, timeout=2.0, healthy_threshold=2,
+                                             unhealthy_threshold=3)
+    assert users.passive_health == PassiveHealth(consecutive_failures=5, eject_for=10.0, max_eject_for=300.0)
+    # The single-target upstreams keep the defaults: nothing to balance, no breaker, no checks.
+    for name in ("orders", "search"):
+        other = config.upstreams[name]
+        assert (other.balance, other.retries, other.circuit_breaker, other.health_check) == (
+            "round_robin", 0, None, None), name
+
+
 def test_the_example_shows_every_supported_key():
     text = EXAMPLE.read_text()
     live = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
     for key in ("listen:", "endpoint:", "trusted_proxies:", "limits:", "max_body_size:", "max_header_bytes:",
                 "header_timeout:", "idle_timeout:", "drain_timeout:", "access_log:", "upstreams:", "targets:",
-                "connect_timeout:", "timeout:", "max_connections:", "preserve_host:", "balance: round_robin",
+                "connect_timeout:", "timeout:", "max_connections:", "preserve_host:", "balance: least_request",
+                "retries: 1", "circuit_breaker:", "consecutive_failures:", "failure_ratio:", "window:",
+                "min_requests:", "open_for:", "max_open_for:", "half_open_requests:", "failure_statuses:",
+                "health_check:", "path: /healthz", "interval:", "healthy_threshold:", "unhealthy_threshold:",
+                "passive_health:", "eject_for:", "max_eject_for:",
                 "routes:", "prefix:", "upstream:", "rewrite_prefix:", "methods:", "host:", "request_headers:",
                 "response_headers:", "security_headers:",
                 "auth:", "jwt:", "algorithms:", "jwks_url:", "jwks_cooldown:", "jwks_refresh:", "jwks_timeout:",
@@ -967,11 +990,27 @@ def test_the_example_shows_every_supported_key():
                       "allow: let requests through unlimited", "deny:  answer 503", "never waits longer",
                       "rediss:// (TLS) is refused", "exactly one of the two"):
         assert explained in text, explained
-    for later in ("tls:", "admin:", "manhole:", "circuit_breaker:", "health_check:", "retries: 1", "cache:",
-                  "https://search", "least_request"):
+    # Balancing, retries, the breaker and health checks: explained next to their keys.
+    prose = " ".join(" ".join(line.split("#", 1)[1].split()) for line in text.splitlines() if "#" in line)
+    for explained in ("round_robin in turn", "least_request two targets drawn at random", "power of two choices",
+                      "random any, uniformly", "only for idempotent methods", "only on another target",
+                      "never after any byte of the response reached the client", "each retry counts against it",
+                      "Failures are connect errors, resets, timeouts and the statuses in failure_statuses",
+                      "null: consecutive failures only", "503 UPSTREAM_UNAVAILABLE and Retry-After",
+                      "admits half_open_requests probes", "twice as long, up to max_open_for", "+-10% (jitter)",
+                      "in lockstep", "2xx or 3xx", "any pass ends a passive ejection early",
+                      "its first failure before any success ejects it again, for twice as long each time, up to "
+                      "max_eject_for", "a success resets that backoff", "It always comes back"):
+        assert explained in prose, explained
+    for later in ("tls:", "admin:", "manhole:", "cache:", "https://search"):
         assert later in commented, later
         assert later not in live, later
     assert "later version" in text.lower()
+    # What this version implements is no longer announced as coming later.
+    for line in text.splitlines():
+        if "later" in line.lower():
+            assert not any(word in line.lower() for word in (
+                "retries", "balance", "least_request", "random", "circuit", "breaker", "health")), line
     # Redis and the redis-backed rate limits are no longer announced as coming later.
     block = text[text.index("# --- Later versions"):]
     block = block[:block.index("\n# ---", 1)]
