@@ -449,3 +449,15 @@ def test_snapshot_shows_each_member():
     ]
     clock.advance(30)
     assert b.snapshot()[1]["ejected_for"] == 0.0        # past: never negative
+
+
+def test_a_pass_ending_an_ejection_early_is_logged():
+    clock = Clock()
+    b = balancer(clock=clock)
+    m0 = b.members[0]
+    fail(b, m0, 3)
+    clock.advance(2)
+    with capturedLogs() as logs:
+        b.set_down(m0, False, "health check passed")
+    assert m0.ejected_until == 0.0 and not m0.down
+    assert any("back in rotation before its ejection ended (health check passed)" in m for m in messages(logs))

@@ -162,7 +162,7 @@ def test_bad_circuit_breaker_values_each_named_on_their_line():
         f"c.yaml:15: {CB}.half_open_requests: expected an integer >= 1, got 'many'",
         f"c.yaml:10: {CB}.failure_ratio: expected a number from 0.01 to 1.0, got 1.5",
         f"c.yaml:16: {CB}.failure_statuses[1]: expected an HTTP status 100-599, got 700",
-        f"c.yaml:14: {CB}.max_open_for: must be at least open_for (60s)",
+        f"c.yaml:14: {CB}.max_open_for: must be at least open_for (60s); it is 30s",
     ]
 
 
@@ -177,8 +177,8 @@ def test_bad_circuit_breaker_values_each_named_on_their_line():
     ("window: 10", f'window: {DURATION} "10"'),
     ("window: 0ms", "window: expected at least 1ms, got 0ms"),
     ("open_for: soon", f'open_for: {DURATION} "soon"'),
-    ("max_open_for: 10s", "max_open_for: must be at least open_for (30s)"),    # below the default open_for
-    ("open_for: 10m", "max_open_for: must be at least open_for (600s)"),       # above the default max_open_for
+    ("max_open_for: 10s", "max_open_for: must be at least open_for (30s); it is 10s"),    # below the default open_for
+    ("open_for: 10m", "max_open_for: must be at least open_for (600s); it is 300s by default"),       # above the default max_open_for
     ("half_open_requests: 0", "half_open_requests: expected an integer >= 1, got 0"),
     ("failure_statuses: [503, 700]", "failure_statuses[1]: expected an HTTP status 100-599, got 700"),
     ("failure_statuses: [99]", "failure_statuses[0]: expected an integer >= 100, got 99"),
@@ -234,10 +234,10 @@ def test_the_specs_health_check_example_loads():
     ("health_check:\n  path: /h\n  unhealthy_threshold: -1\n", 10,
      "unhealthy_threshold: expected an integer >= 1, got -1"),
     # timeout >= interval is refused, named at timeout (or at the block when timeout is the default 2s)
-    ("health_check:\n  path: /h\n  interval: 2s\n  timeout: 2s\n", 11, "timeout: must be shorter than interval"),
-    ("health_check:\n  path: /h\n  interval: 1s\n  timeout: 3s\n", 11, "timeout: must be shorter than interval"),
-    ("health_check: {path: /h, interval: 1s}\n", 8, "timeout: must be shorter than interval"),
-    ("health_check:\n  path: /h\n  timeout: 5s\n", 10, "timeout: must be shorter than interval"),
+    ("health_check:\n  path: /h\n  interval: 2s\n  timeout: 2s\n", 11, "timeout: must be shorter than interval (2s); it is 2s"),
+    ("health_check:\n  path: /h\n  interval: 1s\n  timeout: 3s\n", 11, "timeout: must be shorter than interval (1s); it is 3s"),
+    ("health_check: {path: /h, interval: 1s}\n", 8, "timeout: must be shorter than interval (1s); it is 2s by default"),
+    ("health_check:\n  path: /h\n  timeout: 5s\n", 10, "timeout: must be shorter than interval (5s); it is 5s"),
     ("health_check:\n  path: /h\n  method: HEAD\n", 10,
      "method: unknown key (expected one of: healthy_threshold, interval, path, timeout, unhealthy_threshold)"),
     ("health_check: /healthz\n", 8, None),
@@ -348,3 +348,8 @@ def test_every_resilience_error_is_reported_in_one_run():
 def test_tls_on_an_upstream_is_still_refused():
     assert errors("tls: {ca: /etc/ssl/certs/internal-ca.pem}\n") == [
         "c.yaml:8: upstreams.users.tls: not supported yet in this version of txgateway; remove it or upgrade"]
+
+
+@pytest.mark.parametrize("value", ["null", "Null", "NULL", "~", "", "off"])
+def test_failure_ratio_off_in_every_yaml_spelling_of_null(value):
+    assert users(f"circuit_breaker: {{failure_ratio: {value}}}\n").circuit_breaker.failure_ratio is None

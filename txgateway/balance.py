@@ -119,6 +119,10 @@ class Balancer:
         if not down and member.ejected_until:
             member.ejected_until = 0.0
             member.failures = 0
+            if not member.down:
+                _log.info("upstream {upstream}: target {target} back in rotation before its ejection ended ({reason})",
+                          upstream=self.name, target=member.url, reason=reason)
+                return
         if member.down == down:
             return
         member.down = down

@@ -70,7 +70,7 @@ def parse_circuit_breaker(r: Reader, node: yaml.Node, path: str) -> BreakerSetti
     values = _durations(r, f, path, ("window", "open_for", "max_open_for"))
     values.update(_integers(r, f, path, ("consecutive_failures", "min_requests", "half_open_requests")))
     if "failure_ratio" in f:
-        if f["failure_ratio"].value in ("off", "null", "~"):
+        if f["failure_ratio"].tag == "tag:yaml.org,2002:null" or f["failure_ratio"].value == "off":
             values["failure_ratio"] = None
         else:
             values["failure_ratio"] = r.attempt(lambda: r.number(f["failure_ratio"], f"{path}.failure_ratio", 0.01, 1.0), 0.5)
@@ -85,7 +85,9 @@ def parse_circuit_breaker(r: Reader, node: yaml.Node, path: str) -> BreakerSetti
         values["failure_statuses"] = frozenset(statuses)
     if values.get("max_open_for", BreakerSettings.max_open_for) < values.get("open_for", BreakerSettings.open_for):
         r.fail(f.get("max_open_for") or f.get("open_for"), f"{path}.max_open_for",
-               f"must be at least open_for ({values.get('open_for', BreakerSettings.open_for):g}s)")
+               f"must be at least open_for ({values.get('open_for', BreakerSettings.open_for):g}s); "
+               f"it is {values.get('max_open_for', BreakerSettings.max_open_for):g}s"
+               + ("" if "max_open_for" in values else " by default"))
     if len(r.problems) != before:
         raise _Invalid()
     return BreakerSettings(**values)
@@ -103,7 +105,9 @@ def parse_health_check(r: Reader, node: yaml.Node, path: str) -> HealthCheck:
     values = _durations(r, f, path, ("interval", "timeout"), 0.01)
     values.update(_integers(r, f, path, ("healthy_threshold", "unhealthy_threshold")))
     if values.get("timeout", HealthCheck.timeout) >= values.get("interval", HealthCheck.interval):
-        r.fail(f.get("timeout") or node, f"{path}.timeout", "must be shorter than interval")
+        r.fail(f.get("timeout") or node, f"{path}.timeout",
+               f"must be shorter than interval ({values.get('interval', HealthCheck.interval):g}s); it is "
+               f"{values.get('timeout', HealthCheck.timeout):g}s" + ("" if "timeout" in values else " by default"))
     if len(r.problems) != before:
         raise _Invalid()
     return HealthCheck(path=check_path.encode(), **values)
