@@ -349,3 +349,19 @@ def test_stop_with_a_call_in_flight_does_not_log_redis_lost(events):
     assert result and isinstance(result[0], Failure)
     assert messages(events, "redis lost") == []
     assert clock.getDelayedCalls() == []
+
+
+def test_a_call_waiting_on_its_command_is_still_bounded():
+    """txredisapi's handler Deferred fires with the connection and then waits on the command's
+    own Deferred: it is `called` by then, and must still fail at the timeout."""
+    link, handler, clock = make_link()
+    command: Deferred[Any] = Deferred()
+    outer: Deferred[Any] = Deferred()
+    outer.addCallback(lambda _connection: command)      # as ConnectionHandler.wrapper chains it
+    handler.get = lambda *args: outer                  # type: ignore[method-assign]
+    result = outcome(link.call("get", "k"))
+    outer.callback("connection")
+    assert outer.called and not result
+    clock.advance(TIMEOUT)
+    assert result and isinstance(result[0], Failure) and result[0].check(RedisUnavailable)
+    assert link.state["state"] == "down"

@@ -119,15 +119,18 @@ class RedisLink:
         and our own slowness must not be taken for Redis's."""
         timer: list[Any] = []
         expired: list[bool] = []
+        finished: list[bool] = []
 
         def give_up() -> None:
-            if not d.called:
+            # Not d.called: d is "called" as soon as it waits on the command's own Deferred.
+            if not finished:
                 expired.append(True)
                 d.cancel()                         # txredisapi has no canceller: errbacks at once
 
         timer.append(self.clock.callLater(self.config.timeout, lambda: timer.append(self.clock.callLater(0, give_up))))
 
         def settled(result: Any) -> Any:
+            finished.append(True)
             if timer[-1].active():
                 timer[-1].cancel()
             if expired and isinstance(result, Failure) and result.check(CancelledError):
