@@ -40,7 +40,7 @@ class BucketModel:
         self.now = now
         self.keys: dict[str, tuple[float, float]] = {}
 
-    def run(self, keys: list[str], args: list[Any]) -> list[Any]:
+    def run(self, keys: list[str], args: list[Any]) -> str:
         mode, now, out = args[0], self.now(), []
         for i, key in enumerate(keys):
             rate, burst, cost = float(args[3 * i + 1]), float(args[3 * i + 2]), float(args[3 * i + 3])
@@ -52,8 +52,8 @@ class BucketModel:
             elif tokens >= cost - 1e-9:
                 tokens, allowed = tokens - cost, 1
             self.keys[key] = (float("%.6f" % tokens), now)
-            out += [allowed, "%.6f" % tokens]
-        return out
+            out.append(f"{allowed} {tokens:.6f}")
+        return " ".join(out)
 
 
 @dataclass
@@ -101,7 +101,7 @@ class FakeLink:
             self.answer(call)
         return call.d
 
-    def answer(self, call: Call, reply: list[Any] | None = None) -> None:
+    def answer(self, call: Call, reply: str | None = None) -> None:
         call.d.callback(self.model.run(call.keys, call.args) if reply is None else reply)
 
     def fail(self, call: Call, error: Exception) -> None:
@@ -149,7 +149,7 @@ def test_an_unknown_key_is_decided_by_redis_in_take_mode_and_seeds_the_local_buc
     assert call.args == ["take", "2.0", 5, 1]
     assert store.buckets == {}                      # nothing local until Redis answered
     clock.advance(0.01)
-    link.answer(call, [1, "3.250000"])              # another instance took some already
+    link.answer(call, "1 3.250000")              # another instance took some already
     decision = result_of(pending, clock)
     assert (decision.allowed, decision.remaining, decision.per_second, decision.burst) == (True, 3.25, 2.0, 5)
     assert store.buckets["k"] == [3.25, clock.seconds(), 2.0, 5, 0, 0]   # pending 0: Redis counted it
@@ -233,7 +233,7 @@ def test_local_tokens_are_what_redis_has_left_minus_what_was_admitted_since_the_
     store.take("k", 1.0, 10)                        # admitted while the sync is out
     store.take("k", 1.0, 10)
     clock.advance(0.02)
-    link.answer(call, [1, "4.000000"])              # another instance used some too
+    link.answer(call, "1 4.000000")              # another instance used some too
     tokens, updated, _, _, pending, in_flight = store.buckets["k"]
     assert tokens == pytest.approx(4.0 - 2) and updated == clock.seconds()
     assert (pending, in_flight) == (2, 0)
@@ -247,7 +247,7 @@ def test_debt_reported_by_redis_refuses_locally_until_refilled():
     store.take("k", 1.0, 5)
     link.auto = False
     store.sync()
-    link.answer(link.calls[-1], [1, "-3.000000"])   # instances together admitted 3 beyond the budget
+    link.answer(link.calls[-1], "1 -3.000000")   # instances together admitted 3 beyond the budget
     assert store.buckets["k"][0] == -3.0
     refused = store.take("k", 1.0, 5)
     assert isinstance(refused, Decision) and not refused.allowed
@@ -375,7 +375,10 @@ def run_script(redis_server: Any, mode: str, *buckets: tuple[str, float, int, in
     args: list[Any] = [mode]
     for _, rate, burst, cost in buckets:
         args += [repr(rate), burst, cost]
-    return redis_server.command("EVAL", BUCKET_LUA, len(keys), *keys, *args)
+    reply = redis_server.command("EVAL", BUCKET_LUA, len(keys), *keys, *args)
+    assert isinstance(reply, str), reply           # one bulk string (see BUCKET_LUA)
+    values = reply.split()
+    return [int(v) if i % 2 == 0 else v for i, v in enumerate(values)]
 
 
 def redis_now(redis_server: Any) -> float:
@@ -572,7 +575,7 @@ def test_headers_through_the_filter_with_a_hybrid_bucket_in_debt():
     link.auto = False
     store.take(key, 100 / 60, 20)
     store.sync()
-    link.answer(link.calls[-1], [1, "-3.000000"])
+    link.answer(link.calls[-1], "1 -3.000000")
     ctx = request(config, "/own")
     response = f.on_request(ctx)
     assert response is not None and response.status == 429
