@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from txgateway._yamlreader import ConfigError, ConfigProblem, Reader, _Invalid, compose
+from txgateway.adminconfig import AdminConfig, ManholeConfig, parse_admin, parse_manhole
 from txgateway.authconfig import AuthConfig, parse_auth
 from txgateway.breaker import BreakerSettings
 from txgateway.limitconfig import LimitsConfig, RouteLimit, parse_rate_limits, parse_route_limit
@@ -132,6 +133,8 @@ class Config:
     auth: AuthConfig | None = None
     rate_limits: LimitsConfig | None = None
     redis: RedisConfig | None = None
+    admin: AdminConfig | None = None
+    manhole: ManholeConfig | None = None
 
 
 def load_config(path: str) -> Config:
@@ -170,9 +173,8 @@ _TOP_KEYS = {
 
 def _config(r: Reader, root: yaml.Node, environ: Mapping[str, str] | None) -> Config:
     top = r.mapping(root, "", _TOP_KEYS)
-    for key in ("admin", "manhole"):
-        if key in top:
-            r.fail(top[key], key, _NOT_YET)
+    manhole = r.attempt(lambda: parse_manhole(r, top["manhole"]), None) if "manhole" in top else None
+    admin = r.attempt(lambda: parse_admin(r, top["admin"], environ), None) if "admin" in top else None
     if "redirect_to_https" in top and r.attempt(lambda: r.boolean(top["redirect_to_https"], "redirect_to_https"), False):
         r.fail(top["redirect_to_https"], "redirect_to_https", _NOT_YET)
     for key in ("listen", "upstreams", "routes"):
@@ -199,7 +201,7 @@ def _config(r: Reader, root: yaml.Node, environ: Mapping[str, str] | None) -> Co
     drain = r.attempt(lambda: r.parsed(top["drain_timeout"], "drain_timeout", parse_duration), 10.0) if "drain_timeout" in top else 10.0
     return Config(file=r.file, listen=listen, upstreams=MappingProxyType(upstreams), routes=routes, limits=limits,
                   trusted_proxies=proxies, access_log=access_log, drain_timeout=drain, auth=auth,
-                  rate_limits=rate_limits, redis=redis)
+                  rate_limits=rate_limits, redis=redis, admin=admin, manhole=manhole)
 
 
 def _scalar_at(node: yaml.Node | None, key: str) -> yaml.ScalarNode | None:

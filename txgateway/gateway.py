@@ -10,13 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from txgateway.accesslog import AccessLog, JsonLinesWriter
+from txgateway.admin import admin_site
 from txgateway.auth import AuthFilter
 from txgateway.breaker import Breakers
 from txgateway.config import Config
@@ -30,6 +31,7 @@ from txgateway.ratelimit import LocalStore, RateLimitFilter, RateLimitStore
 from txgateway.redislink import RedisLink
 from txgateway.redisstore import HybridStore, RedisStore
 from txgateway.routing import RouteTable, RoutingFilter
+from txgateway.stats import Stats
 from txgateway.timeouts import Deadlines
 
 __all__ = ["Gateway"]
@@ -56,6 +58,8 @@ class Gateway(MultiService):
         self.reactor = reactor
         self.clock = clock if clock is not None else reactor
         self.deadlines = Deadlines(self.clock)
+        self.stats = Stats(self.clock)
+        self.draining = False
         self.routes = RouteTable(config.routes)
         self.proxy = Proxy(reactor, self.clock, config.upstreams, self.deadlines, config.limits.idle_timeout)
         self.breakers = Breakers(g.breaker for g in self.proxy.groups.values() if g.breaker is not None)
@@ -76,6 +80,7 @@ class Gateway(MultiService):
             self.proxy,                                                      # balance -> proxy
             AccessLog(self.log_writer),                                      # log
             self.clock,
+            self.stats,                                                      # count
         )
         self.proxy.pipeline = self.pipeline
         self.factory = HTTP1Factory(self.pipeline, config.limits, self.clock, self.deadlines)
@@ -86,6 +91,14 @@ class Gateway(MultiService):
             service._raiseSynchronously = True
             service.setServiceParent(self)
             self.listeners.append(service)
+        self.admin: StreamServerEndpointService | None = None
+        if config.admin is not None:
+            self.admin = StreamServerEndpointService(serverFromString(reactor, config.admin.endpoint), admin_site(self))
+            self.admin._raiseSynchronously = True
+            self.admin.setServiceParent(self)
+        if config.manhole is not None:
+            from txgateway.manhole import manhole_service
+            manhole_service(self, config.manhole, reactor).setServiceParent(self)
 
     def _limit_stores(self, config: Config) -> tuple[RedisLink | None, RateLimitStore, LocalStore]:
         """(Redis link, the configured store, in-process buckets: the store itself for
@@ -141,8 +154,25 @@ class Gateway(MultiService):
     def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())
 
+    def readiness(self) -> tuple[bool, dict[str, str]]:
+        """(ready, why) for /readyz: not while draining, not before every listener is bound,
+        and not while Redis is down if that means refusing (on_redis_error: deny)."""
+        checks = {"config": "loaded", "draining": "yes" if self.draining else "no"}
+        bound = all(s._waitingForPort is not None and s._waitingForPort.called for s in self.listeners)
+        checks["listeners"] = "bound" if bound and self.running else "not bound"
+        ready = bound and bool(self.running) and not self.draining
+        if self.redis is not None:
+            checks["redis"] = "up" if self.redis.up else "down"
+            limits = self.config.rate_limits
+            if not self.redis.up and limits is not None and limits.on_redis_error == "deny":
+                ready = False
+        return ready, checks
+
     async def _stop(self) -> None:
-        await super().stopService()           # stop accepting
+        self.draining = True                   # /readyz says 503 from now on
+        Service.stopService(self)
+        for listener in self.listeners:        # stop accepting; the admin listener (and any
+            await listener.stopService()       # other child) stays up while draining
         give_up = self.clock.seconds() + self.config.drain_timeout
         while self._busy() and self.clock.seconds() < give_up:
             await deferLater(self.clock, 0.05, lambda: None)
@@ -159,6 +189,9 @@ class Gateway(MultiService):
         self.deadlines.stop()
         if self.log_writer is not None:
             self.log_writer.stop()
+        for child in reversed(list(self)):
+            if child not in self.listeners:
+                await child.stopService()
 
     def _busy(self) -> bool:
         return any(conn._queue for conn in self.factory.connections)

@@ -7,7 +7,7 @@
            firing with either (only these "access" hooks may wait on I/O)
       -> terminal: Proxy.forward(ctx)    balance -> connect -> stream request/response
       -> Pipeline.respond(ctx, head)     response hooks in reverse order, synchronous
-      -> Pipeline.finished(ctx)          the access log line
+      -> Pipeline.finished(ctx)          the counters (stats.py) and the access log line
 
 Nothing here knows which transport carried the request: adapters implement `Downstream`.
 """
@@ -26,6 +26,7 @@ from txgateway.headers import correlation_id
 
 if TYPE_CHECKING:
     from txgateway.config import Route
+    from txgateway.stats import Stats
 
 __all__ = ["Downstream", "Filter", "LocalResponse", "Pipeline", "RequestContext", "ResponseHead", "error_response"]
 
@@ -193,7 +194,8 @@ class AccessLog(Protocol):
 class Pipeline:
     """Runs filters in order, then the terminal; runs response hooks in reverse."""
 
-    def __init__(self, filters: list[Filter], terminal: Terminal, access_log: AccessLog, clock: Any) -> None:
+    def __init__(self, filters: list[Filter], terminal: Terminal, access_log: AccessLog, clock: Any,
+                 stats: Stats | None = None) -> None:
         self.filters = tuple(filters)
         # Filters without a phase set that hook to None: nothing is called for them.
         self._request_hooks = tuple(f.on_request for f in self.filters if f.on_request is not None)
@@ -201,12 +203,17 @@ class Pipeline:
         self.terminal = terminal
         self.access_log = access_log
         self.clock = clock
+        self.stats = stats
 
     def handle(self, ctx: RequestContext) -> None:
+        if self.stats is not None:
+            self.stats.started += 1
         self._run(ctx, 0)
 
     def reject(self, ctx: RequestContext, status: int, code: str, message: str) -> None:
         """An error found by the transport itself (malformed, too large, too slow)."""
+        if self.stats is not None:
+            self.stats.started += 1
         if not ctx.correlation_id:
             ctx.correlation_id = correlation_id(ctx.header(b"x-correlation-id"))
         self.respond_local(ctx, error_response(ctx, status, code, message))
@@ -274,4 +281,7 @@ class Pipeline:
         if ctx.done:
             return
         ctx.done = True
-        self.access_log.record(ctx, self.clock.seconds())
+        now = self.clock.seconds()
+        if self.stats is not None:
+            self.stats.record(ctx, now)
+        self.access_log.record(ctx, now)

@@ -44,6 +44,28 @@ def _tune_for_throughput(reactor: Any) -> None:
     from txgateway.reactor import make_lean
     make_lean(reactor)
     tune_gc()
+    reactor.addSystemEventTrigger("after", "startup", _stop_cleanly_on_sigterm, reactor)
+
+
+def _stop_cleanly_on_sigterm(reactor: Any) -> None:
+    """SIGTERM means "drain and exit": stop the reactor (services drain in their stopService)
+    without recording the signal, which twistd would otherwise re-raise on itself at the end
+    (exit status -15 instead of 0). Installed after the reactor's own handlers."""
+    import signal
+
+    def stop() -> None:
+        from twisted.internet.error import ReactorNotRunning
+        from twisted.logger import Logger
+        Logger(namespace="txgateway").info("SIGTERM: draining in-flight requests, then exit 0")
+        try:
+            reactor.stop()
+        except ReactorNotRunning:   # a second SIGTERM while draining
+            pass
+
+    def drain(signum: int, frame: Any) -> None:
+        reactor.callFromThread(stop)
+
+    signal.signal(signal.SIGTERM, drain)
 
 
 def tune_gc() -> None:
