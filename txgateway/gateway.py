@@ -20,16 +20,17 @@ from txgateway.accesslog import AccessLog, JsonLinesWriter
 from txgateway.admin import admin_site
 from txgateway.auth import AuthFilter
 from txgateway.breaker import Breakers
-from txgateway.config import Config
+from txgateway.config import Config, ConfigError, load_config
 from txgateway.fetch import read_body
 from txgateway.headers import ForwardingHeaders, HeaderRulesFilter, TrustedProxies
 from txgateway.http1 import HTTP1Factory
 from txgateway.jwks import RemoteJwks
 from txgateway.pipeline import Pipeline
-from txgateway.proxy import Proxy
+from txgateway.proxy import Proxy, UpstreamGroup
 from txgateway.ratelimit import LocalStore, RateLimitFilter, RateLimitStore
 from txgateway.redislink import RedisLink
 from txgateway.redisstore import HybridStore, RedisStore
+from txgateway.reload import keep_restart_only_settings
 from txgateway.routing import RouteTable, RoutingFilter
 from txgateway.stats import Stats
 from txgateway.timeouts import Deadlines
@@ -60,29 +61,10 @@ class Gateway(MultiService):
         self.deadlines = Deadlines(self.clock)
         self.stats = Stats(self.clock)
         self.draining = False
-        self.routes = RouteTable(config.routes)
-        self.proxy = Proxy(reactor, self.clock, config.upstreams, self.deadlines, config.limits.idle_timeout)
-        self.breakers = Breakers(g.breaker for g in self.proxy.groups.values() if g.breaker is not None)
         self.log_writer = JsonLinesWriter.open(config.access_log, self.clock)
         self.jwks = self._remote_jwks(config)
-        identify = [AuthFilter(config.auth, config.routes, self.clock, self.jwks)] if config.auth else []
         self.redis, self.limiter, self.local_buckets = self._limit_stores(config)
-        limited = any(r.rate_limit is not None for r in config.routes)
-        limit = [RateLimitFilter(config.rate_limits, config.routes, self.limiter, self.local_buckets)] if limited else []
-        self.pipeline = Pipeline(
-            [
-                ForwardingHeaders(TrustedProxies(config.trusted_proxies)),  # sanitise, correlate
-                RoutingFilter(self.routes),                                  # match
-                *identify,                                                   # identify (JWT, API keys)
-                *limit,                                                      # limit (token buckets)
-                HeaderRulesFilter(config.routes),                            # transform
-            ],
-            self.proxy,                                                      # balance -> proxy
-            AccessLog(self.log_writer),                                      # log
-            self.clock,
-            self.stats,                                                      # count
-        )
-        self.proxy.pipeline = self.pipeline
+        self._build_request_path(config, {})
         self.factory = HTTP1Factory(self.pipeline, config.limits, self.clock, self.deadlines)
         self.listeners: list[StreamServerEndpointService] = []
         for listener in config.listen:
@@ -99,6 +81,63 @@ class Gateway(MultiService):
         if config.manhole is not None:
             from txgateway.manhole import manhole_service
             manhole_service(self, config.manhole, reactor).setServiceParent(self)
+
+    def _build_request_path(self, config: Config, keep: dict[str, UpstreamGroup]) -> None:
+        """Everything a config decides about the path of a request: routes, upstream groups
+        (those in `keep` carry over with their pools, breakers and health), filters, pipeline."""
+        self.routes = RouteTable(config.routes)
+        self.proxy = Proxy(self.reactor, self.clock, config.upstreams, self.deadlines, config.limits.idle_timeout, keep)
+        self.breakers = Breakers(g.breaker for g in self.proxy.groups.values() if g.breaker is not None)
+        identify = [AuthFilter(config.auth, config.routes, self.clock, self.jwks)] if config.auth else []
+        limited = any(r.rate_limit is not None for r in config.routes)
+        limit = [RateLimitFilter(config.rate_limits, config.routes, self.limiter, self.local_buckets)] if limited else []
+        self.pipeline = Pipeline(
+            [
+                ForwardingHeaders(TrustedProxies(config.trusted_proxies)),  # sanitise, correlate
+                RoutingFilter(self.routes),                                  # match
+                *identify,                                                   # identify (JWT, API keys)
+                *limit,                                                      # limit (token buckets)
+                HeaderRulesFilter(config.routes),                            # transform
+            ],
+            self.proxy,                                                      # break -> balance -> proxy
+            AccessLog(self.log_writer),                                      # log
+            self.clock,
+            self.stats,                                                      # count
+        )
+        self.proxy.pipeline = self.pipeline
+
+    def reload(self) -> list[str]:
+        """Read the config file again and, if it is valid, serve new requests with it.
+
+        In-flight requests finish on the old pipeline; upstreams whose settings did not change
+        keep their pools, breakers and health; rate-limit buckets stay. Settings that need a
+        restart (listeners, admin, manhole, redis, access log, limiter backend) keep their
+        running values, each with a warning. An invalid file changes nothing; every problem
+        is logged. Returns the problems (empty: applied)."""
+        try:
+            new = load_config(self.config.file)
+        except ConfigError as e:
+            for problem in e.problems:
+                _log.error("reload refused, still serving the running config: {problem}", problem=str(problem))
+            return [str(p) for p in e.problems]
+        config, restart = keep_restart_only_settings(self.config, new)
+        for what in restart:
+            _log.warn("reload: {what} changed; that needs a restart, the running value stays", what=what)
+        old = self.proxy
+        keep = {name: group for name, group in old.groups.items() if config.upstreams.get(name) == group.config}
+        self.config = config
+        self._build_request_path(config, keep)
+        self.factory.pipeline = self.pipeline
+        self.factory.limits = config.limits
+        for name, group in self.proxy.groups.items():
+            if name not in keep and self.running:
+                group.start()
+        for name, group in old.groups.items():
+            if name not in keep:
+                group.close()              # idle connections now; busy ones when their exchange ends
+        _log.info("reload: {file} applied: {routes} routes, {upstreams} upstreams ({kept} kept as they were)",
+                  file=config.file, routes=len(config.routes), upstreams=len(config.upstreams), kept=len(keep))
+        return []
 
     def _limit_stores(self, config: Config) -> tuple[RedisLink | None, RateLimitStore, LocalStore]:
         """(Redis link, the configured store, in-process buckets: the store itself for

@@ -62,7 +62,7 @@ class HTTP1Connection(Protocol):
 
     def __init__(self, factory: HTTP1Factory) -> None:
         self.factory = factory
-        self.pipeline: Pipeline = factory.pipeline
+        self.pipeline: Pipeline = factory.pipeline   # refreshed between requests (config reloads)
         self.limits: Limits = factory.limits
         self.parser = HttpRequestParser(self)
         self.deadline = 0.0
@@ -222,6 +222,7 @@ class HTTP1Connection(Protocol):
         elif ctx.content_length is not None and ctx.content_length > self.limits.max_body_size:
             self._fail_request(incoming, 413, "PAYLOAD_TOO_LARGE", "request body is larger than max_body_size")
         elif len(self._queue) == 1:
+            self.pipeline = self.factory.pipeline      # nothing else in flight: take a reloaded one
             self.pipeline.handle(ctx)
 
     def on_body(self, data: bytes) -> None:
@@ -347,6 +348,7 @@ class HTTP1Connection(Protocol):
         if self._queue:
             nxt = self._queue[0]
             reject = nxt.ctx.notes.get("reject") if nxt.ctx.notes else None
+            self.pipeline = self.factory.pipeline      # the previous request is done: see above
             if reject:
                 self.pipeline.reject(nxt.ctx, *reject)
             else:

@@ -139,8 +139,14 @@ def namespace(gateway: Gateway) -> dict[str, Any]:
         rows = [(k, f"{store.peek(k):.2f}") for k in list(store.buckets) if key in k][:50]
         print(_table(("bucket", "tokens now"), rows) if rows else f"no in-process bucket matches {key!r}")
 
+    def reload() -> None:
+        """Re-read the config file, as SIGHUP does; prints the problems if it is refused."""
+        _log.warn("manhole: reload requested")
+        problems = gateway.reload()
+        print("\n".join(problems) if problems else f"reloaded {gateway.config.file}")
+
     return {"gateway": gateway, "status": status, "breakers": breakers, "trip": trip, "reset": reset,
-            "bucket": bucket, "__name__": "__manhole__"}
+            "bucket": bucket, "reload": reload, "__name__": "__manhole__"}
 
 
 def _table(head: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:

@@ -354,11 +354,12 @@ class Proxy:
     """The pipeline's terminal: picks a target and runs an Exchange."""
 
     def __init__(self, reactor: Any, clock: Any, upstreams: Mapping[str, Upstream], deadlines: Deadlines,
-                 idle_timeout: float) -> None:
+                 idle_timeout: float, keep: Mapping[str, UpstreamGroup] | None = None) -> None:
         self.clock = clock
         self.deadlines = deadlines
         self.idle_timeout = idle_timeout
-        self.groups = {name: UpstreamGroup(reactor, clock, u) for name, u in upstreams.items()}
+        keep = keep or {}
+        self.groups = {name: keep.get(name) or UpstreamGroup(reactor, clock, u) for name, u in upstreams.items()}
         self.pipeline: Pipeline  # set by the gateway once the pipeline exists
 
     def start(self) -> None:

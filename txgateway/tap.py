@@ -86,6 +86,18 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         from txgateway.demo import demo_service
         return demo_service(reactor)
     top = MultiService()
-    Gateway(options["loaded"], reactor).setServiceParent(top)
+    gateway = Gateway(options["loaded"], reactor)
+    gateway.setServiceParent(top)
+    reactor.addSystemEventTrigger("after", "startup", _reload_on_sighup, reactor, gateway)
     return top
+
+
+def _reload_on_sighup(reactor: Any, gateway: Any) -> None:
+    """SIGHUP (`systemctl reload`) re-reads the config file in the reactor thread."""
+    import signal
+
+    def reload(signum: int, frame: Any) -> None:
+        reactor.callFromThread(gateway.reload)
+
+    signal.signal(signal.SIGHUP, reload)
 

@@ -1,0 +1,41 @@
+"""What a reload (SIGHUP, or `reload()` in the Manhole) may change in a running gateway.
+
+Routes, upstreams, auth policies, tiers and header rules are rebuilt from the new file. Some
+settings are bound to things made once at start (sockets, the Redis link, the log file, the
+JWKS fetcher, the kind of bucket store): a change there is reported and the running value
+stays until a restart, rather than half-applied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from txgateway.config import Config
+
+__all__ = ["keep_restart_only_settings"]
+
+_RESTART_ONLY = ("listen", "admin", "manhole", "redis", "access_log", "drain_timeout")
+_LIMITER_RESTART_ONLY = ("backend", "sync_interval", "on_redis_error", "instances", "max_buckets")
+
+
+def keep_restart_only_settings(running: Config, new: Config) -> tuple[Config, list[str]]:
+    """`new` with the running values of restart-only settings, and the names of those that differ."""
+    changed = [key for key in _RESTART_ONLY if getattr(new, key) != getattr(running, key)]
+    values = {key: getattr(running, key) for key in changed}
+    old_limits, new_limits = running.rate_limits, new.rate_limits
+    if old_limits is not None and new_limits is not None:
+        moved = [key for key in _LIMITER_RESTART_ONLY if getattr(new_limits, key) != getattr(old_limits, key)]
+        if moved:
+            values["rate_limits"] = dataclasses.replace(new_limits, **{key: getattr(old_limits, key) for key in moved})
+            changed += [f"rate_limits.{key}" for key in moved]
+    elif (old_limits is None) != (new_limits is None) and (old_limits or new_limits).backend != "local":  # type: ignore[union-attr]
+        values["rate_limits"] = old_limits
+        changed.append("rate_limits (a Redis-backed limiter added or removed)")
+    old_jwt = running.auth.jwt if running.auth is not None else None
+    new_jwt = new.auth.jwt if new.auth is not None else None
+    old_url = old_jwt.jwks_url if old_jwt is not None else None
+    new_url = new_jwt.jwks_url if new_jwt is not None else None
+    if old_url != new_url:
+        values["auth"] = running.auth
+        changed.append("auth.jwt.jwks_url (the whole auth section stays)")
+    return dataclasses.replace(new, **values), changed
