@@ -7,11 +7,13 @@ and stopping drains in-flight requests before the pools close.
 
 from __future__ import annotations
 
+import os
+import socket
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -50,10 +52,35 @@ def with_backlog(endpoint: str) -> str:
     return endpoint
 
 
+class AdoptedPort(Service):
+    """A listener on a socket another process bound (the --workers parent)."""
+
+    def __init__(self, reactor: Any, fd: int, endpoint: str, factory: Any) -> None:
+        self.reactor = reactor
+        self.fd = fd
+        self.family = socket.AF_INET6 if endpoint.startswith("tcp6:") else socket.AF_INET
+        self.factory = factory
+        self.port: Any = None
+        self._waitingForPort: Deferred[Any] | None = None   # as StreamServerEndpointService has
+
+    def startService(self) -> None:
+        super().startService()
+        self.port = self.reactor.adoptStreamPort(self.fd, self.family, self.factory)
+        os.close(self.fd)            # the port has its own copy
+        self._waitingForPort = succeed(self.port)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return maybeDeferred(self.port.stopListening) if self.port is not None else succeed(None)
+
+
 class Gateway(MultiService):
     """A configured gateway: build with a Config, a reactor and a clock (IReactorTime)."""
 
-    def __init__(self, config: Config, reactor: Any, clock: Any = None) -> None:
+    def __init__(self, config: Config, reactor: Any, clock: Any = None, inherited_fds: list[int] | None = None,
+                 operations: bool = True) -> None:
+        """`inherited_fds`: listening sockets a --workers parent bound, one per listener, in
+        order; `operations`: whether this process runs the admin listener and the Manhole."""
         super().__init__()
         self.config = config
         self.reactor = reactor
@@ -66,19 +93,22 @@ class Gateway(MultiService):
         self.redis, self.limiter, self.local_buckets = self._limit_stores(config)
         self._build_request_path(config, {})
         self.factory = HTTP1Factory(self.pipeline, config.limits, self.clock, self.deadlines)
-        self.listeners: list[StreamServerEndpointService] = []
-        for listener in config.listen:
-            endpoint = serverFromString(reactor, with_backlog(listener.endpoint))
-            service = StreamServerEndpointService(endpoint, self.factory)
-            service._raiseSynchronously = True
+        self.listeners: list[Any] = []
+        for i, listener in enumerate(config.listen):
+            if inherited_fds:
+                service: Any = AdoptedPort(reactor, inherited_fds[i], listener.endpoint, self.factory)
+            else:
+                service = StreamServerEndpointService(serverFromString(reactor, with_backlog(listener.endpoint)),
+                                                      self.factory)
+                service._raiseSynchronously = True
             service.setServiceParent(self)
             self.listeners.append(service)
         self.admin: StreamServerEndpointService | None = None
-        if config.admin is not None:
+        if config.admin is not None and operations:
             self.admin = StreamServerEndpointService(serverFromString(reactor, config.admin.endpoint), admin_site(self))
             self.admin._raiseSynchronously = True
             self.admin.setServiceParent(self)
-        if config.manhole is not None:
+        if config.manhole is not None and operations:
             from txgateway.manhole import manhole_service
             manhole_service(self, config.manhole, reactor).setServiceParent(self)
 

@@ -21,6 +21,10 @@ class Options(usage.Options):
                 "--demo needs nothing: it serves on 127.0.0.1:8080 with in-process demo upstreams.")
     optParameters = [
         ["config", "c", None, "Path to the YAML config file."],
+        ["workers", None, None, "Run N worker processes sharing the listening sockets, under a supervising "
+                                "parent (restarts a dead worker, forwards SIGHUP, drains on SIGTERM)."],
+        ["worker", None, None, "(internal) this process is worker number N of a --workers parent."],
+        ["inherit-fds", None, None, "(internal) listening sockets inherited from the --workers parent."],
     ]
     optFlags = [
         ["demo", None, "Run the demo: gateway on 127.0.0.1:8080 with demo upstreams users, orders, search."],
@@ -31,6 +35,11 @@ class Options(usage.Options):
             raise usage.UsageError("--demo and --config exclude each other")
         if not self["demo"] and not self["config"]:
             raise usage.UsageError("--config FILE is required (or --demo to try txgateway out)")
+        if self["workers"] is not None:
+            if not str(self["workers"]).isdigit() or not 1 <= int(self["workers"]) <= 64:
+                raise usage.UsageError(f"--workers expects a number from 1 to 64, got {self['workers']!r}")
+            if self["demo"]:
+                raise usage.UsageError("--workers runs a --config; the demo is one process")
         if self["config"]:
             try:
                 self["loaded"] = load_config(self["config"])
@@ -86,10 +95,29 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         from txgateway.demo import demo_service
         return demo_service(reactor)
     top = MultiService()
-    gateway = Gateway(options["loaded"], reactor)
+    config = options["loaded"]
+    if options["workers"] is not None and options["worker"] is None:
+        from txgateway.workers import WorkerSupervisor
+        WorkerSupervisor(config, int(options["workers"]), reactor).setServiceParent(top)
+        return top
+    if options["worker"] is not None:
+        _exit_with_parent()
+    inherited = [int(fd) for fd in options["inherit-fds"].split(",")] if options["inherit-fds"] else None
+    gateway = Gateway(config, reactor, inherited_fds=inherited, operations=options["worker"] in (None, "0"))
     gateway.setServiceParent(top)
     reactor.addSystemEventTrigger("after", "startup", _reload_on_sighup, reactor, gateway)
     return top
+
+
+def _exit_with_parent() -> None:
+    """A --workers worker gets SIGTERM (drain) when its parent dies, rather than serving on
+    as an orphan nobody supervises (Linux prctl PR_SET_PDEATHSIG; elsewhere a no-op)."""
+    import ctypes
+    import signal
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _reload_on_sighup(reactor: Any, gateway: Any) -> None:
