@@ -15,10 +15,11 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
-# Tools the tests drive for real: redis-server, redis-sentinel (failover tests), curl, openssl, wrk (bench only).
+# Tools the tests drive for real: redis-server, redis-sentinel (failover tests), curl, openssl,
+# chromium (renders the admin status page headless), wrk (bench only).
 system-deps:
 	@missing=""; \
-	for tool in redis-server:redis-server redis-sentinel:redis-sentinel curl:curl openssl:openssl; do \
+	for tool in redis-server:redis-server redis-sentinel:redis-sentinel curl:curl openssl:openssl chromium:chromium; do \
 	  command -v $${tool%%:*} >/dev/null || missing="$$missing $${tool##*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
