@@ -18,12 +18,11 @@ from txgateway.config import Config
 EXAMPLE = Path(__file__).resolve().parent.parent / "etc" / "txgateway.yaml"
 BIN = Path(sys.executable).parent
 TXGATEWAY = BIN / "txgateway"
-NOT_YET = "not supported yet in this version of txgateway; remove it or upgrade"
 
 BROKEN = """\
 listen:
   - endpoint: "tcp:8080"
-admin: {endpoint: "tcp:9901"}
+admin: {endpoint: "tcp:9901", token: s3cret-token-in-the-config-file}
 upstreams:
   users: {targets: ["http://127.0.0.1:3001"], timeout: 5}
 routes:
@@ -47,6 +46,36 @@ def test_check_config_accepts_the_example():
     assert result.stderr == ""
 
 
+def test_check_config_accepts_the_example_with_no_environment():
+    """The live admin section needs no token variable; the manhole stays commented out."""
+    result = subprocess.run([str(TXGATEWAY), "check-config", str(EXAMPLE)], capture_output=True, text=True,
+                            timeout=60, env={}, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{EXAMPLE}: OK (4 routes, 3 upstreams, 1 listeners)\n"
+    assert result.stderr == ""
+
+
+def test_check_config_never_prints_an_admin_token_that_is_too_short(tmp_path):
+    path = tmp_path / "gw.yaml"
+    path.write_text(EXAMPLE.read_text().replace("\n  # token_env: TXGATEWAY_ADMIN_TOKEN",
+                                                "\n  token_env: TXGATEWAY_ADMIN_TOKEN"))
+    line = path.read_text().splitlines().index(
+        "  token_env: TXGATEWAY_ADMIN_TOKEN   # bearer token (>= 16 chars) for /status, /metrics and") + 1
+    result = subprocess.run([str(TXGATEWAY), "check-config", str(path)], capture_output=True, text=True,
+                            timeout=60, env={"TXGATEWAY_ADMIN_TOKEN": "sh0rt-s3cret"}, check=False)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"{path}:{line}: admin.token_env: environment variable TXGATEWAY_ADMIN_TOKEN must hold a token of at least "
+        "16 characters",
+        f"{path}: 1 error(s), configuration rejected",
+    ]
+    assert "sh0rt-s3cret" not in result.stdout + result.stderr
+    ok = subprocess.run([str(TXGATEWAY), "check-config", str(path)], capture_output=True, text=True, timeout=60,
+                        env={"TXGATEWAY_ADMIN_TOKEN": "l0ng-en0ugh-s3cret"}, check=False)
+    assert ok.returncode == 0, ok.stderr
+    assert "l0ng-en0ugh-s3cret" not in ok.stdout + ok.stderr
+
+
 def test_check_config_with_a_relative_path(tmp_path):
     (tmp_path / "gw.yaml").write_text(EXAMPLE.read_text())
     result = run("check-config", "gw.yaml", cwd=tmp_path)
@@ -61,7 +90,7 @@ def test_check_config_reports_every_error_with_file_line_and_path(tmp_path):
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr.splitlines() == [
-        f"{path}:3: admin: {NOT_YET}",
+        f"{path}:3: admin.token: unknown key (expected one of: endpoint, token_env)",
         f'{path}:5: upstreams.users.timeout: expected a duration like "250ms", "5s" or "1m", got "5"',
         (f"{path}:10: routes[1].upstrem: unknown key (expected one of: auth, cache, host, methods, prefix, "
          "rate_limit, request_headers, response_headers, rewrite_prefix, roles, security_headers, upstream)"),
@@ -134,7 +163,9 @@ def test_main_in_process(tmp_path, capsys):
     path = tmp_path / "b.yaml"
     path.write_text(BROKEN)
     assert main(["check-config", str(path)]) == 1
-    assert f"{path}:3: admin: " in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{path}:3: admin.token: unknown key (expected one of: endpoint, token_env)\n" in err
+    assert "s3cret" not in err
 
 
 # --- the twistd plugin --------------------------------------------------------------------

@@ -9,7 +9,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from twisted.conch.ssh.keys import Key
 
+from txgateway.adminconfig import AdminConfig, ManholeConfig
 from txgateway.breaker import BreakerSettings
 from txgateway.config import (
     DEFAULT_SECURITY_HEADERS,
@@ -557,13 +560,24 @@ def test_route_auth_and_roles_bad_values():
     (lambda t: t.replace('- endpoint: "tcp:8080"', '- {endpoint: "tcp:8443", tls: {certificates: []}}'),
      2, "listen[0].tls", NOT_YET),
     (lambda t: t + "redirect_to_https: true\n", 9, "redirect_to_https", NOT_YET),
-    (lambda t: t + 'admin: {endpoint: "tcp:9901"}\n', 9, "admin", NOT_YET),
-    (lambda t: t + 'manhole: {endpoint: "tcp:2222"}\n', 9, "manhole", NOT_YET),
     (lambda t: t.replace("users: {targets:", "users: {tls: {ca: /etc/ca.pem}, targets:"), 4, "upstreams.users.tls", NOT_YET),
     (lambda t: t.replace("upstream: orders}", "upstream: orders, cache: {ttl: 30s}}"), 8, "routes[1].cache", NOT_YET),
 ])
 def test_sections_of_later_versions_are_refused_by_key_path(edit, line, path, message):
     assert errors(edit(BASE)) == [f"c.yaml:{line}: {path}: {message}"]
+
+
+def test_admin_and_manhole_are_no_longer_refused_as_later_versions():
+    """Both sections are read now: admin alone is valid, manhole is checked key by key
+    (its details are in test_ops_config.py)."""
+    config = parse_config(BASE + 'admin: {endpoint: "tcp:9901"}\n', "c.yaml", {})
+    assert config.admin == AdminConfig(endpoint="tcp:9901", token=None)
+    assert config.manhole is None
+    assert errors(BASE + 'manhole: {endpoint: "tcp:2222"}\n', environ={}) == [
+        "c.yaml:9: manhole.authorized_keys: missing (required): a file path",
+        "c.yaml:9: manhole.host_key: missing (required): a file path",
+    ]
+    assert parse_config(BASE, "c.yaml", {}).admin is None
 
 
 def test_later_version_keys_with_their_off_values_are_accepted():
@@ -877,7 +891,7 @@ def test_every_error_is_reported_in_one_config_error():
     text = cfg("""\
         listen:
           - endpoint: "tcp:8080"
-        admin: {endpoint: "tcp:9901"}
+        admin: {endpoint: "tcp:9901", token_env: ADMIN_TOKEN}
         limits:
           max_body_size: lots
         upstreams:
@@ -894,10 +908,10 @@ def test_every_error_is_reported_in_one_config_error():
             upstrem: search
         """)
     with pytest.raises(ConfigError) as info:
-        parse_config(text, "c.yaml")
+        parse_config(text, "c.yaml", {})
     problems = info.value.problems
     assert [(p.line, p.path) for p in problems] == [
-        (3, "admin"),
+        (3, "admin.token_env"),
         (7, "upstreams.users.timeout"),
         (8, "upstreams.orders.targets[0]"),
         (12, "routes[0].cache"),
@@ -906,7 +920,8 @@ def test_every_error_is_reported_in_one_config_error():
         (5, "limits.max_body_size"),
     ]
     assert str(info.value).splitlines() == [
-        f"c.yaml:3: admin: {NOT_YET}",
+        "c.yaml:3: admin.token_env: environment variable ADMIN_TOKEN must hold a token of at least 16 characters"
+        " (it is not set)",
         'c.yaml:7: upstreams.users.timeout: expected a duration like "250ms", "5s" or "1m", got "forever"',
         'c.yaml:8: upstreams.orders.targets[0]: expected a URL like "http://10.0.0.11:3001", got "10.0.0.21:3003"',
         f"c.yaml:12: routes[0].cache: {NOT_YET}",
@@ -939,6 +954,8 @@ def test_the_example_config_loads():
     orders = next(r for r in config.routes if r.prefix == "/api/orders")
     assert orders.request_headers.set == ((b"X-Api-Version", b"2"),)
     assert b"x-internal-*" in orders.response_headers.remove
+    assert config.admin == AdminConfig(endpoint="tcp:9901:interface=127.0.0.1", token=None)
+    assert config.manhole is None
 
 
 def test_the_example_users_upstream_is_resilient_with_the_specs_values():
@@ -974,8 +991,10 @@ def test_the_example_shows_every_supported_key():
                 "issuer:", "audience:", "leeway:", "claims:", "cache_size:", "auth: required", "roles: [admin]",
                 "rate_limits:", "backend: local", "tiers:", "free:", "pro:", "enterprise:", "default_tier:",
                 "max_buckets:", "rate_limit: {key: user}", "rate_limit: {key: ip, rate: 100/minute, burst: 20}",
-                "scope:"):
+                "scope:", "admin:"):
         assert key in live, key
+    live_lines = text.splitlines()
+    assert live_lines[live_lines.index("admin:") + 1] == '  endpoint: "tcp:9901:interface=127.0.0.1"'
     commented = "\n".join(line.split("#", 1)[1] for line in text.splitlines() if "#" in line)
     # Auth variants that need files or secrets the example cannot assume: shown, explained, commented.
     for variant in ("secret_env:", "secret_file:", "jwks_file:", "public_keys:", "api_keys:", "hash-key"):
@@ -1002,22 +1021,43 @@ def test_the_example_shows_every_supported_key():
                       "its first failure before any success ejects it again, for twice as long each time, up to "
                       "max_eject_for", "a success resets that backoff", "It always comes back"):
         assert explained in prose, explained
-    for later in ("tls:", "admin:", "manhole:", "cache:", "https://search"):
+    for later in ("tls:", "cache:", "https://search"):
         assert later in commented, later
         assert later not in live, later
     assert "later version" in text.lower()
+    # The admin token and the manhole need a secret or files the example cannot assume: shown, explained,
+    # commented; the admin endpoints are explained next to the live section.
+    for ops_key in ("token_env: TXGATEWAY_ADMIN_TOKEN", "manhole:", 'endpoint: "tcp:2222:interface=127.0.0.1"',
+                    "authorized_keys:", "host_key:"):
+        assert ops_key in commented, ops_key
+        assert ops_key not in live, ops_key
+    for explained in ("/healthz 200 while the process runs", "503 while draining after SIGTERM",
+                      "/metrics Prometheus text", "a status page for people", "bearer token (>= 16 chars)",
+                      "/healthz and /readyz stay open", "public keys only", "every login and typed line logged",
+                      "blocking code stalls traffic", "check-config needs the authorized_keys file to exist",
+                      "OpenSSH format", "ed25519, created (0600) on first start"):
+        assert explained in prose, explained
+    # The manhole's explanation (the comment paragraph right above `# manhole:`) says it is off
+    # unless configured, and no longer that it comes later.
+    lines = text.splitlines()
+    start = end = lines.index("# manhole:")
+    while lines[start - 1].startswith("#"):
+        start -= 1
+    paragraph = " ".join(lines[start:end])
+    assert "Off unless configured" in paragraph
+    assert "later" not in paragraph.lower()
+    assert "# --- Later versions" not in text     # the block that held admin and manhole is gone
     # What this version implements is no longer announced as coming later.
     for line in text.splitlines():
         if "later" in line.lower():
             assert not any(word in line.lower() for word in (
                 "retries", "balance", "least_request", "random", "circuit", "breaker", "health")), line
-    # Redis and the redis-backed rate limits are no longer announced as coming later.
-    block = text[text.index("# --- Later versions"):]
-    block = block[:block.index("\n# ---", 1)]
-    assert "redis" not in block.lower()
+    # Redis, the redis-backed rate limits, the admin endpoint and the manhole are no longer
+    # announced as coming later.
     for line in text.splitlines():
         if "later" in line.lower():
-            assert not any(word in line.lower() for word in ("redis", "hybrid", "sync_interval", "instances")), line
+            assert not any(word in line.lower() for word in (
+                "redis", "hybrid", "sync_interval", "instances", "admin", "manhole", "metrics", "ssh")), line
 
 
 def test_the_example_config_protects_users_and_orders():
@@ -1116,18 +1156,49 @@ def test_the_examples_sentinel_alternative_loads_in_place_of_the_url():
     assert problem.endswith(": redis: expected exactly one of url or sentinel")
 
 
-def test_the_examples_later_version_blocks_are_refused_when_uncommented():
-    """Uncommenting a 'later versions' block must fail loudly, never be ignored; the redis
-    settings uncommented beside them are valid and add no problem of their own."""
-    text = uncomment(uncomment(example_with_redis(), "# admin:"), "# manhole:")
+def test_the_examples_manhole_block_needs_its_authorized_keys_file_when_uncommented():
+    """Uncommented as shown, the manhole block fails on the authorized_keys file that does not
+    exist here (and on the host key's directory, where that is missing too); the redis settings
+    uncommented beside it are valid and add no problem of their own."""
+    keys_path, host_key_path = "/etc/txgateway/manhole_authorized_keys", "/var/lib/txgateway/manhole_host_key"
+    if Path(keys_path).exists():
+        pytest.skip(f"{keys_path} exists on this machine")
+    text = uncomment(example_with_redis(), "# manhole:")
     assert text.count("\n") == EXAMPLE.read_text().count("\n")
-    with pytest.raises(ConfigError) as info:
-        parse_config(text, "example.yaml", {"REDIS_PASSWORD": "from-env"})
     lines = text.splitlines()
-    assert [str(p) for p in info.value.problems] == [
-        f"example.yaml:{lines.index('admin:') + 2}: admin: {NOT_YET}",
-        f"example.yaml:{lines.index('manhole:') + 2}: manhole: {NOT_YET}",
-    ]
+    keys_line = lines.index(f"  authorized_keys: {keys_path}   # OpenSSH format") + 1
+    host_key_line = lines.index(f"  host_key: {host_key_path}   # ed25519, created (0600) on first start") + 1
+    expected = [f"example.yaml:{keys_line}: manhole.authorized_keys: "
+                f"cannot read {keys_path}: No such file or directory"]
+    if not Path(host_key_path).parent.is_dir():
+        expected.append(f"example.yaml:{host_key_line}: manhole.host_key: "
+                        f"directory of {host_key_path} does not exist (the key is created there)")
+    assert errors(text, "example.yaml", environ={"REDIS_PASSWORD": "from-env"}) == expected
+
+
+def test_the_examples_manhole_block_loads_with_a_real_key_file(tmp_path):
+    keys = tmp_path / "manhole_authorized_keys"
+    public = Key(ed25519.Ed25519PrivateKey.generate()).public().toString("OPENSSH", comment="ops@example")
+    keys.write_bytes(b"# the operators\n" + public + b"\n")
+    text = uncomment(EXAMPLE.read_text(), "# manhole:")
+    text = text.replace("  authorized_keys: /etc/txgateway/manhole_authorized_keys", f"  authorized_keys: {keys}")
+    text = text.replace("  host_key: /var/lib/txgateway/manhole_host_key", f"  host_key: {tmp_path}/host_key")
+    assert text.count(str(tmp_path)) == 2
+    config = parse_config(text, "example.yaml", {})
+    assert config.manhole == ManholeConfig(authorized_keys=str(keys), host_key=f"{tmp_path}/host_key",
+                                           endpoint="tcp:2222:interface=127.0.0.1")
+    assert not (tmp_path / "host_key").exists()     # created on first start, not by checking the config
+
+
+def test_the_examples_admin_token_comes_from_the_environment_when_uncommented():
+    text = EXAMPLE.read_text().replace("\n  # token_env: TXGATEWAY_ADMIN_TOKEN", "\n  token_env: TXGATEWAY_ADMIN_TOKEN")
+    line = next(i for i, ln in enumerate(text.splitlines(), 1) if ln.startswith("  token_env: TXGATEWAY_ADMIN_TOKEN"))
+    token = "t0ken-" + "x" * 26
+    config = parse_config(text, "example.yaml", {"TXGATEWAY_ADMIN_TOKEN": token})
+    assert config.admin == AdminConfig(endpoint="tcp:9901:interface=127.0.0.1", token=token)
+    assert errors(text, "example.yaml", environ={}) == [
+        f"example.yaml:{line}: admin.token_env: environment variable TXGATEWAY_ADMIN_TOKEN must hold a token "
+        "of at least 16 characters (it is not set)"]
 
 
 def test_the_example_rate_limits():
