@@ -108,8 +108,8 @@ class AdminResource(Resource):
     def _authorized(self, request: Any) -> bool:
         if self.token is None:
             return True
-        given = request.getHeader(b"authorization") or b""
-        return hmac.compare_digest(given, b"Bearer " + self.token.encode())
+        scheme, _, given = (request.getHeader(b"authorization") or b"").partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.token.encode())
 
 
 def _json(request: Any, code: int, body: dict[str, Any]) -> bytes:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.conch import manhole, manhole_ssh
-from twisted.conch.checkers import IAuthorizedKeysDB, SSHPublicKeyChecker, readAuthorizedKeyFile
+from twisted.conch.checkers import IAuthorizedKeysDB, SSHPublicKeyChecker
 from twisted.conch.error import ValidPublicKey
 from twisted.conch.insults import insults
 from twisted.conch.ssh.keys import FingerprintFormats, Key
@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from txgateway.admin import status as gateway_status
+from txgateway.adminconfig import read_authorized_keys
 
 if TYPE_CHECKING:
     from txgateway.adminconfig import ManholeConfig
@@ -156,8 +157,7 @@ def _table(head: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
 
 
 def manhole_service(gateway: Gateway, config: ManholeConfig, reactor: Any) -> StreamServerEndpointService:
-    with open(config.authorized_keys, "rb") as f:
-        keys = list(readAuthorizedKeyFile(f))
+    keys = read_authorized_keys(config.authorized_keys)
     host_key = load_or_create_host_key(config.host_key)
     names = namespace(gateway)
     # conch's zope interfaces are invisible to mypy: these are typed Any.
