@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch.ssh.keys import Key
 
 from txgateway.config import Config, parse_config
-from txgateway.reload import keep_restart_only_settings
+from txgateway.reload import ReloadRefused, keep_restart_only_settings
 
 UPSTREAMS = """\
 upstreams:
@@ -141,15 +141,21 @@ def jwt(url: str, issuer: str = "https://issuer.example") -> str:
     """
 
 
-def test_a_jwks_url_change_keeps_the_whole_auth_section():
+def test_a_jwks_url_change_refuses_the_reload():
+    """Keeping the old auth section while new routes say auth: required could leave them
+    open (a section added through a new URL, kept as None): the reload is refused instead."""
     running = config(jwt("https://a.example/jwks.json"))
     new = config(jwt("https://b.example/jwks.json", issuer="https://other.example"),
                  routes=ROUTES + "  - {prefix: /api/me, upstream: users, auth: required}\n")
-    merged, changed = keep_restart_only_settings(running, new)
-    assert changed == ["auth.jwt.jwks_url (the whole auth section stays)"]
-    assert merged.auth == running.auth
-    assert merged.auth.jwt.issuer == "https://issuer.example"   # not half of each
-    assert merged.routes == new.routes
+    with pytest.raises(ReloadRefused) as info:
+        keep_restart_only_settings(running, new)
+    assert str(info.value) == ("auth.jwt.jwks_url changed (https://a.example/jwks.json -> "
+                               "https://b.example/jwks.json): that needs a restart")
+
+
+def test_auth_added_through_a_jwks_url_refuses_the_reload():
+    with pytest.raises(ReloadRefused):
+        keep_restart_only_settings(config(), config(jwt("https://b.example/jwks.json")))
 
 
 def test_auth_changes_with_the_same_jwks_url_pass_through():
@@ -192,15 +198,13 @@ def test_a_local_limiter_may_come_and_go():
     assert keep_restart_only_settings(local, plain) == (plain, [])
 
 
-def test_a_redis_backed_limiter_removed_stays_until_a_restart():
-    running = config(REDIS, limiter("redis"))
-    merged, changed = keep_restart_only_settings(running, config())
-    assert changed == ["redis", "rate_limits (a Redis-backed limiter added or removed)"]
-    assert merged.rate_limits == running.rate_limits and merged.redis == running.redis
+def test_a_redis_backed_limiter_removed_refuses_the_reload():
+    with pytest.raises(ReloadRefused) as info:
+        keep_restart_only_settings(config(REDIS, limiter("redis")), config())
+    assert str(info.value) == "rate_limits: a Redis-backed limiter added or removed needs a restart"
 
 
-def test_a_redis_backed_limiter_added_waits_for_a_restart():
-    running = config()
-    merged, changed = keep_restart_only_settings(running, config(REDIS, limiter("hybrid")))
-    assert changed == ["redis", "rate_limits (a Redis-backed limiter added or removed)"]
-    assert merged.rate_limits is None and merged.redis is None
+def test_a_redis_backed_limiter_added_refuses_the_reload():
+    """Routes of the new file would be limited by tiers the running gateway does not have."""
+    with pytest.raises(ReloadRefused):
+        keep_restart_only_settings(config(), config(REDIS, limiter("hybrid")))

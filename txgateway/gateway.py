@@ -32,7 +32,7 @@ from txgateway.proxy import Proxy, UpstreamGroup
 from txgateway.ratelimit import LocalStore, RateLimitFilter, RateLimitStore
 from txgateway.redislink import RedisLink
 from txgateway.redisstore import HybridStore, RedisStore
-from txgateway.reload import keep_restart_only_settings
+from txgateway.reload import ReloadRefused, keep_restart_only_settings
 from txgateway.routing import RouteTable, RoutingFilter
 from txgateway.stats import Stats
 from txgateway.timeouts import Deadlines
@@ -150,7 +150,11 @@ class Gateway(MultiService):
             for problem in e.problems:
                 _log.error("reload refused, still serving the running config: {problem}", problem=str(problem))
             return [str(p) for p in e.problems]
-        config, restart = keep_restart_only_settings(self.config, new)
+        try:
+            config, restart = keep_restart_only_settings(self.config, new)
+        except ReloadRefused as e:
+            _log.error("reload refused, still serving the running config: {why}", why=str(e))
+            return [str(e)]
         for what in restart:
             _log.warn("reload: {what} changed; that needs a restart, the running value stays", what=what)
         old = self.proxy

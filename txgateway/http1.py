@@ -223,6 +223,7 @@ class HTTP1Connection(Protocol):
             self._fail_request(incoming, 413, "PAYLOAD_TOO_LARGE", "request body is larger than max_body_size")
         elif len(self._queue) == 1:
             self.pipeline = self.factory.pipeline      # nothing else in flight: take a reloaded one
+            self.limits = self.factory.limits
             self.pipeline.handle(ctx)
 
     def on_body(self, data: bytes) -> None:
@@ -349,6 +350,7 @@ class HTTP1Connection(Protocol):
             nxt = self._queue[0]
             reject = nxt.ctx.notes.get("reject") if nxt.ctx.notes else None
             self.pipeline = self.factory.pipeline      # the previous request is done: see above
+            self.limits = self.factory.limits
             if reject:
                 self.pipeline.reject(nxt.ctx, *reject)
             else:

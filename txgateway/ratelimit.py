@@ -38,6 +38,13 @@ _OWN_HEADERS = frozenset({b"x-ratelimit-limit", b"x-ratelimit-remaining", b"x-ra
 _SLACK = 1e-9
 
 
+def route_scope(route: Route) -> str:
+    """A route's own bucket scope, named by what the route matches (not its position in the
+    file), so that buckets stay with their route across reloads that add or reorder routes."""
+    methods = ",".join(sorted(m.decode() for m in route.methods)) if route.methods else ""
+    return f"route:{route.host or ''}{route.prefix}" + (f"[{methods}]" if methods else "")
+
+
 def _sf_string(text: str) -> bytes:
     """A structured-field string body (RFC 8941): escape backslash and quote."""
     return text.replace("\\", "\\\\").replace('"', '\\"').encode("ascii", "replace")
@@ -175,7 +182,7 @@ class RateLimitFilter:
             if limit.rate is not None:
                 burst = limit.burst or limit.rate.count
                 own = (limit.scope or route.prefix, limit.rate.per_second, burst, limit.rate.count, limit.rate.window)
-            self.policies[route.index] = _Policy(route, limit.key, limit.header, limit.scope or f"route{route.index}", own)
+            self.policies[route.index] = _Policy(route, limit.key, limit.header, limit.scope or route_scope(route), own)
         self._tiers = ({name: (name, t.rate.per_second, t.burst, t.rate.count, t.rate.window)
                         for name, t in config.tiers.items()} if config is not None else {})
         # Per policy, the parts of the headers that never change: label, limit, policy. Keyed by

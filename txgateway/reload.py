@@ -12,14 +12,21 @@ import dataclasses
 
 from txgateway.config import Config
 
-__all__ = ["keep_restart_only_settings"]
+__all__ = ["ReloadRefused", "keep_restart_only_settings"]
 
 _RESTART_ONLY = ("listen", "admin", "manhole", "redis", "access_log", "drain_timeout")
 _LIMITER_RESTART_ONLY = ("backend", "sync_interval", "on_redis_error", "instances", "max_buckets")
 
 
+class ReloadRefused(Exception):
+    """The new file needs a restart to mean what it says (applying part of it would leave
+    routes unprotected or limited by settings that do not exist)."""
+
+
 def keep_restart_only_settings(running: Config, new: Config) -> tuple[Config, list[str]]:
-    """`new` with the running values of restart-only settings, and the names of those that differ."""
+    """`new` with the running values of restart-only settings, and the names of those that
+    differ. Raises ReloadRefused when keeping the running value would change what a route
+    enforces (auth added through a new JWKS URL, a Redis-backed limiter added or removed)."""
     changed = [key for key in _RESTART_ONLY if getattr(new, key) != getattr(running, key)]
     values = {key: getattr(running, key) for key in changed}
     old_limits, new_limits = running.rate_limits, new.rate_limits
@@ -29,13 +36,11 @@ def keep_restart_only_settings(running: Config, new: Config) -> tuple[Config, li
             values["rate_limits"] = dataclasses.replace(new_limits, **{key: getattr(old_limits, key) for key in moved})
             changed += [f"rate_limits.{key}" for key in moved]
     elif (old_limits is None) != (new_limits is None) and (old_limits or new_limits).backend != "local":  # type: ignore[union-attr]
-        values["rate_limits"] = old_limits
-        changed.append("rate_limits (a Redis-backed limiter added or removed)")
+        raise ReloadRefused("rate_limits: a Redis-backed limiter added or removed needs a restart")
     old_jwt = running.auth.jwt if running.auth is not None else None
     new_jwt = new.auth.jwt if new.auth is not None else None
     old_url = old_jwt.jwks_url if old_jwt is not None else None
     new_url = new_jwt.jwks_url if new_jwt is not None else None
     if old_url != new_url:
-        values["auth"] = running.auth
-        changed.append("auth.jwt.jwks_url (the whole auth section stays)")
+        raise ReloadRefused(f"auth.jwt.jwks_url changed ({old_url} -> {new_url}): that needs a restart")
     return dataclasses.replace(new, **values), changed

@@ -367,7 +367,7 @@ async def test_x_forwarded_for_from_a_trusted_proxy_keys_by_the_real_client(reac
     assert (await get(gw, "/api", ip="1.2.3.4, 198.51.100.1")).status == 429
     assert (await get(gw, "/api", ip="5.6.7.8, 198.51.100.2, 10.1.2.3")).status == 429
     assert gw.log[-1]["client_ip"] == "198.51.100.2"
-    assert sorted(gw.gateway.limiter.buckets) == ["route0|/api|ip:198.51.100.1", "route0|/api|ip:198.51.100.2"]
+    assert sorted(gw.gateway.limiter.buckets) == ["route:/api|/api|ip:198.51.100.1", "route:/api|/api|ip:198.51.100.2"]
 
 
 @pytest_twisted.ensureDeferred

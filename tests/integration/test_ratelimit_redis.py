@@ -64,7 +64,7 @@ TENANT_ROUTE = "  - {prefix: /api, upstream: u, rate_limit: {key: 'header:X-Tena
 
 
 def tenant_key(tenant: str) -> str:
-    return f"{PREFIX}route0|/api|h:{tenant}"
+    return f"{PREFIX}route:/api|/api|h:{tenant}"
 
 
 # --- clients ------------------------------------------------------------------------------------
@@ -190,7 +190,7 @@ async def test_headers_429_envelope_and_the_redis_key_expiring_when_full(reactor
     assert len(echo.requests) == 3                       # the 429 never reached the upstream
     assert [rec["rate_limit"] for rec in gw.log] == ["allowed"] * 3 + ["rejected"]
 
-    slow = PREFIX + "route0|/api/slow|ip:127.0.0.1"
+    slow = PREFIX + "route:/api/slow|/api/slow|ip:127.0.0.1"
     assert await redis(redis_server, "KEYS", PREFIX + "*") == [slow]
     assert float(await redis(redis_server, "HGET", slow, "t")) < 0.01
     pttl = await redis(redis_server, "PTTL", slow)
@@ -202,7 +202,7 @@ async def test_headers_429_envelope_and_the_redis_key_expiring_when_full(reactor
     assert_envelope(r, 429, "RATE_LIMITED")
     assert r.header("retry-after") == "1"
     emptied = time.monotonic()
-    fast = PREFIX + "route1|/api/fast|ip:127.0.0.1"
+    fast = PREFIX + "route:/api/fast|/api/fast|ip:127.0.0.1"
     pttl = await redis(redis_server, "PTTL", fast)
     assert 0 < pttl <= 400 + 1000, pttl
 
@@ -240,7 +240,7 @@ async def test_two_gateways_admit_exactly_the_burst_between_them(reactor, echo, 
     assert sum(rec["rate_limit"] == "allowed" for rec in a.log + b.log) == 20
     assert sum(rec["rate_limit"] == "rejected" for rec in a.log + b.log) == 40
     assert len(a.log) == len(b.log) == 30
-    assert float(await redis(redis_server, "HGET", PREFIX + "route0|/api|ip:127.0.0.1", "t")) < 0.01
+    assert float(await redis(redis_server, "HGET", PREFIX + "route:/api|/api|ip:127.0.0.1", "t")) < 0.01
     await assert_still_serves(a)
     await assert_still_serves(b)
 
@@ -453,7 +453,7 @@ async def test_a_huge_or_binary_header_key_is_hashed_into_a_bounded_redis_key(re
     assert [r.status for r in rs] == [200, 200, 429]
     assert limits(rs[1]) == expected("/api", 2, 3600, 0, 3600)
     keys = await redis(redis_server, "KEYS", PREFIX + "*", decode=False)
-    assert keys == [f"{PREFIX}route0|/api|h#{hashlib.sha256(value).hexdigest()}".encode()]
+    assert keys == [f"{PREFIX}route:/api|/api|h#{hashlib.sha256(value).hexdigest()}".encode()]
     assert len(keys[0]) < 200 and keys[0].isascii()
     assert value[:32] not in keys[0]
     assert await statuses(gw, 2, tenant="plain") == [200, 200]   # another value, another bucket

@@ -133,7 +133,7 @@ async def test_a_new_route_answers_and_a_drained_bucket_stays_drained_at_the_new
     assert (await fetch(gw.port, "/api/orders/1")).status == 404
     buckets = gw.gateway.local_buckets.buckets
     (key,) = buckets
-    assert key.startswith("route0|free|ip:")
+    assert key.startswith("route:/api/users|free|ip:")
 
     gw.write(limited_config(echo.url, "5/hour", "  - {prefix: /api/orders, upstream: users, rewrite_prefix: /orders}\n"))
     assert gw.gateway.reload() == []
@@ -508,3 +508,47 @@ async def test_sighup_under_load_loses_no_request_and_refuses_an_invalid_file(re
         assert_port_free(port)
     finally:
         daemon.kill()
+
+
+PLAIN_ROUTES = """\
+upstreams:
+  users: {{targets: ["{url}"]}}
+routes:
+{routes}"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_auth_added_through_a_jwks_url_refuses_the_reload_instead_of_opening_routes(file_gateway, echo):
+    users = "  - {prefix: /api/users, upstream: users}\n"
+    gw = await file_gateway(PLAIN_ROUTES.format(url=echo.url, routes=users))
+    gw.write('auth: {jwt: {algorithms: [RS256], jwks_url: "http://127.0.0.1:9/jwks.json"}}\n'
+             + PLAIN_ROUTES.format(url=echo.url, routes=users + "  - {prefix: /api/private, upstream: users, auth: required}\n"))
+    problems = gw.gateway.reload()
+    assert problems == ["auth.jwt.jwks_url changed (None -> http://127.0.0.1:9/jwks.json): that needs a restart"]
+    assert (await fetch(gw.port, "/api/private/secrets")).status == 404      # never proxied unauthenticated
+    assert (await fetch(gw.port, "/api/users/1")).status == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_redis_backed_limiter_added_refuses_the_reload(file_gateway, echo):
+    users = "  - {prefix: /api/users, upstream: users}\n"
+    gw = await file_gateway(PLAIN_ROUTES.format(url=echo.url, routes=users))
+    gw.write('redis: {url: "redis://127.0.0.1:9"}\nrate_limits: {backend: redis, tiers: {free: {rate: 3/hour}}}\n'
+             + PLAIN_ROUTES.format(url=echo.url, routes="  - {prefix: /api/users, upstream: users, rate_limit: {key: ip}}\n"))
+    assert gw.gateway.reload() == ["rate_limits: a Redis-backed limiter added or removed needs a restart"]
+    assert (await fetch(gw.port, "/api/users/1")).status == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_buckets_stay_with_their_route_when_a_route_is_inserted_before_it(file_gateway, echo):
+    def cfg(routes: str) -> str:
+        return "rate_limits: {tiers: {free: {rate: 3/hour}}}\n" + PLAIN_ROUTES.format(url=echo.url, routes=routes)
+    a = "  - {prefix: /api/a, upstream: users, rate_limit: {key: ip}}\n"
+    b = "  - {prefix: /api/b, upstream: users, rate_limit: {key: ip}}\n"
+    new = "  - {prefix: /api/new, upstream: users, rate_limit: {key: ip}}\n"
+    gw = await file_gateway(cfg(a + b))
+    assert [(await fetch(gw.port, "/api/a/1")).status for _ in range(4)] == [200, 200, 200, 429]
+    gw.write(cfg(new + a + b))
+    assert gw.gateway.reload() == []
+    got = {p: (await fetch(gw.port, p)).status for p in ("/api/a/1", "/api/new/1")}
+    assert got == {"/api/a/1": 429, "/api/new/1": 200}
