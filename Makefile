@@ -19,7 +19,8 @@ install: $(STAMP)
 # chromium (renders the admin status page headless), wrk (bench only).
 system-deps:
 	@missing=""; \
-	for tool in redis-server:redis-server redis-sentinel:redis-sentinel curl:curl openssl:openssl chromium:chromium; do \
+	for tool in redis-server:redis-server redis-sentinel:redis-sentinel curl:curl openssl:openssl chromium:chromium \
+	            ssh:openssh-client ssh-keyscan:openssh-client; do \
 	  command -v $${tool%%:*} >/dev/null || missing="$$missing $${tool##*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \

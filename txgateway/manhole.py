@@ -54,7 +54,7 @@ class _AuditingChecker(SSHPublicKeyChecker):
         d = super().requestAvatarId(credentials)
         user = credentials.username.decode("utf-8", "replace")
         try:
-            fingerprint = Key.fromString(credentials.blob).fingerprint(format=FingerprintFormats.SHA256_BASE64)
+            fingerprint = _openssh_fingerprint(Key.fromString(credentials.blob))
         except Exception:   # an unparsable key blob: the checker refuses it too
             fingerprint = "unreadable key"
 
@@ -75,7 +75,10 @@ class _AuditedManhole(manhole.ColoredManhole):
 
     def lineReceived(self, line: bytes) -> None:
         _log.info("manhole input: {line}", line=line.decode("utf-8", "replace"))
-        super().lineReceived(line)
+        try:
+            super().lineReceived(line)
+        except SystemExit:                  # exit() / quit(): end this session, as Ctrl-D does
+            self.terminal.loseConnection()
 
 
 class _Session(manhole_ssh.TerminalSession):
@@ -96,6 +99,11 @@ class _Session(manhole_ssh.TerminalSession):
             terminal.proto.loseConnection()
 
 
+def _openssh_fingerprint(key: Key) -> str:
+    """As `ssh-keygen -l` prints it (SHA256:base64 without padding), so logs can be grepped."""
+    return "SHA256:" + key.fingerprint(format=FingerprintFormats.SHA256_BASE64).rstrip("=")
+
+
 def load_or_create_host_key(path: str) -> Key:
     """The ed25519 host key at `path`, created (mode 0600, directory 0700) if missing."""
     if os.path.exists(path):
@@ -107,7 +115,7 @@ def load_or_create_host_key(path: str) -> Key:
     with os.fdopen(fd, "wb") as f:
         f.write(key.toString("OPENSSH"))
     _log.info("manhole: created host key {path} ({fingerprint})", path=path,
-              fingerprint=key.fingerprint(format=FingerprintFormats.SHA256_BASE64))
+              fingerprint=_openssh_fingerprint(key))
     return key
 
 
