@@ -16,11 +16,12 @@ $(STAMP): setup.cfg pyproject.toml
 install: $(STAMP)
 
 # Tools the tests drive for real: redis-server, redis-sentinel (failover tests), curl, openssl,
-# chromium (renders the admin status page headless), wrk (bench only).
+# chromium (renders the admin status page headless), systemd-analyze (verifies systemd/*.{service,socket}),
+# wrk (bench only).
 system-deps:
 	@missing=""; \
 	for tool in redis-server:redis-server redis-sentinel:redis-sentinel curl:curl openssl:openssl chromium:chromium \
-	            ssh:openssh-client ssh-keyscan:openssh-client; do \
+	            ssh:openssh-client ssh-keyscan:openssh-client systemd-analyze:systemd; do \
 	  command -v $${tool%%:*} >/dev/null || missing="$$missing $${tool##*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
