@@ -45,6 +45,21 @@ _log = Logger(namespace="txgateway")
 DEFAULT_BACKLOG = 1024
 
 
+class ListenerError(Exception):
+    """A listener whose endpoint cannot be made (said without a traceback by twistd)."""
+
+
+def _endpoint(reactor: Any, index: int, description: str) -> Any:
+    try:
+        return serverFromString(reactor, with_backlog(description))
+    except KeyError as e:       # systemd:...:name=X without an inherited socket of that name
+        names = os.environ.get("LISTEN_FDNAMES", "")
+        raise ListenerError(f"listen[{index}].endpoint {description}: no inherited socket named {e} "
+                            f"(LISTEN_FDNAMES={names!r}; a socket unit needs FileDescriptorName={e.args[0]})") from None
+    except (ValueError, IndexError) as e:
+        raise ListenerError(f"listen[{index}].endpoint {description}: {e}") from None
+
+
 def with_backlog(endpoint: str) -> str:
     """TCP listeners default to a 1024-deep accept queue (Twisted's 50 drops bursts)."""
     if endpoint.split(":", 1)[0] in ("tcp", "tcp6") and "backlog=" not in endpoint:
@@ -98,8 +113,7 @@ class Gateway(MultiService):
             if inherited_fds:
                 service: Any = AdoptedPort(reactor, inherited_fds[i], listener.endpoint, self.factory)
             else:
-                service = StreamServerEndpointService(serverFromString(reactor, with_backlog(listener.endpoint)),
-                                                      self.factory)
+                service = StreamServerEndpointService(_endpoint(reactor, i, listener.endpoint), self.factory)
                 service._raiseSynchronously = True
             service.setServiceParent(self)
             self.listeners.append(service)
@@ -249,8 +263,16 @@ class Gateway(MultiService):
         give_up = self.clock.seconds() + self.config.drain_timeout
         while self._busy() and self.clock.seconds() < give_up:
             await deferLater(self.clock, 0.05, lambda: None)
+        cut = sum(len(conn._queue) for conn in self.factory.connections)
+        if cut:
+            _log.warn("drain_timeout ({seconds:g}s) reached: cutting {count} request(s) still in flight",
+                      seconds=self.config.drain_timeout, count=cut)
         for conn in list(self.factory.connections):
             conn.transport.loseConnection()
+        if cut:
+            # Their connections close on the next reactor turns: let their access-log lines
+            # be written before the log writer stops.
+            await deferLater(self.reactor, 0.05, lambda: None)
         self.proxy.close()
         if self.jwks is not None:
             self.jwks.stop()

@@ -86,27 +86,54 @@ def tune_gc() -> None:
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
+    """`reactor` is for tests; without it this is the real daemon (signals, tuning)."""
+    daemon = reactor is None
     if reactor is None:
         from twisted.internet import reactor as default_reactor
         reactor = default_reactor
         _tune_for_throughput(reactor)
-    from txgateway.gateway import Gateway
+    from txgateway.gateway import Gateway, ListenerError
     if options["demo"]:
         from txgateway.demo import demo_service
         return demo_service(reactor)
     top = MultiService()
     config = options["loaded"]
     if options["workers"] is not None and options["worker"] is None:
-        from txgateway.workers import WorkerSupervisor
+        from txgateway.workers import WorkerSupervisor, check_shareable
+        problems = check_shareable(config)
+        if problems:
+            raise SystemExit("txgateway: " + "; ".join(problems))
         WorkerSupervisor(config, int(options["workers"]), reactor).setServiceParent(top)
         return top
     if options["worker"] is not None:
         _exit_with_parent()
     inherited = [int(fd) for fd in options["inherit-fds"].split(",")] if options["inherit-fds"] else None
-    gateway = Gateway(config, reactor, inherited_fds=inherited, operations=options["worker"] in (None, "0"))
+    try:
+        gateway = Gateway(config, reactor, inherited_fds=inherited, operations=options["worker"] in (None, "0"))
+    except ListenerError as e:
+        raise SystemExit(f"txgateway: {e}") from None
     gateway.setServiceParent(top)
-    reactor.addSystemEventTrigger("after", "startup", _reload_on_sighup, reactor, gateway)
+    if daemon:
+        _reload_on_sighup(reactor, gateway)  # now: a SIGHUP during start-up must not kill us
+        reactor.addSystemEventTrigger("after", "startup", notify_systemd, "READY=1")
+        reactor.addSystemEventTrigger("before", "shutdown", notify_systemd, "STOPPING=1")
     return top
+
+
+def notify_systemd(state: str) -> None:
+    """sd_notify for `Type=notify` units: READY=1 once every listener is bound (systemd then
+    starts ordering reloads and dependants after it), STOPPING=1 when draining begins."""
+    import os
+    import socket
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    address = "\0" + path[1:] if path.startswith("@") else path
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.sendto(state.encode(), address)
+        except OSError:
+            pass
 
 
 def _exit_with_parent() -> None:

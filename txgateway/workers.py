@@ -28,7 +28,7 @@ from twisted.logger import Logger
 
 from txgateway.config import Config
 
-__all__ = ["WorkerSupervisor", "bind_listener"]
+__all__ = ["WorkerSupervisor", "bind_listener", "check_shareable"]
 
 _log = Logger(namespace="txgateway.workers")
 _FIRST_FD = 3
@@ -52,6 +52,16 @@ def bind_listener(endpoint: str) -> socket.socket:
     sock.setblocking(False)
     sock.set_inheritable(True)
     return sock
+
+
+def check_shareable(config: Config) -> list[str]:
+    """What keeps --workers from sharing this config's listeners (empty: nothing)."""
+    problems = []
+    for i, listener in enumerate(config.listen):
+        kind = listener.endpoint.split(":", 1)[0]
+        if kind not in ("tcp", "tcp6"):
+            problems.append(f"--workers shares tcp: and tcp6: listeners only; listen[{i}] is {listener.endpoint!r}")
+    return problems
 
 
 class _Worker(ProcessProtocol):

@@ -366,7 +366,7 @@ def test_systemd_analyze_verify_passes_on_both_units(tmp_path):
 
 def test_units_say_what_the_gateway_needs():
     s = directives(UNITS / "txgateway.service")
-    assert s["Type"] == ["exec"]                      # twistd sends no READY=1
+    assert s["Type"] == ["notify"] and s["NotifyAccess"] == ["main"]   # READY=1 once listening
     (exec_start,) = s["ExecStart"]
     assert exec_start.split() == [SHIPPED_TWISTD, "-n", "--pidfile=", "txgateway",
                                   "--config", "/etc/txgateway/txgateway.yaml"]

@@ -8,6 +8,7 @@ process waits run in threads so the test reactor keeps serving the upstream mean
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -49,12 +50,13 @@ def write_config(tmp_path: Path, port: int, upstream_url: str, extra: str = "") 
 class Daemon:
     """One `twistd -n --pidfile= txgateway --config …` subprocess, output to a file."""
 
-    def __init__(self, tmp_path: Path, config: Path) -> None:
+    def __init__(self, tmp_path: Path, config: Path, env: dict[str, str] | None = None) -> None:
         self.output_path = tmp_path / "twistd.out"
         self._out = open(self.output_path, "wb")
         self.proc = subprocess.Popen(
             [str(TWISTD), "-n", "--pidfile=", "txgateway", "--config", str(config)],
-            stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=tmp_path)
+            stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=tmp_path,
+            env={**os.environ, **env} if env else None)
 
     @property
     def output(self) -> str:
