@@ -1,4 +1,6 @@
-"""Failing tests for bugs found while testing drain and socket activation (not committed)."""
+"""Edges of the daemon's life found by the drain and systemd tests: a request cut at drain_timeout
+still gets its access-log line, a socket-activated listener without its socket is a clear error
+(no traceback), and systemd hears READY=1 / STOPPING=1."""
 import signal
 from concurrent.futures import ThreadPoolExecutor
 
