@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: demo test install system-deps lint bench dev-clean
+.PHONY: demo test install system-deps lint bench dev-clean dev-cert
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,17 @@ system-deps:
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
+
+# A self-signed certificate for localhost, to try TLS (see etc/tls-example.yaml).
+dev-cert: etc/dev-cert/localhost.pem
+
+etc/dev-cert/localhost.pem:
+	mkdir -p etc/dev-cert
+	openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=localhost" \
+	  -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+	  -keyout etc/dev-cert/localhost.key -out etc/dev-cert/localhost.pem 2>/dev/null
+	chmod 600 etc/dev-cert/localhost.key
+	@echo "etc/dev-cert/localhost.pem and .key (self-signed, 30 days)"
 
 demo: install
 	$(BIN)/twistd -n --pidfile= txgateway --demo

@@ -30,6 +30,7 @@ from txgateway.resilienceconfig import (
     parse_health_check,
     parse_passive_health,
 )
+from txgateway.tlsconfig import ListenerTLS, UpstreamTLS, parse_listener_tls, parse_upstream_tls
 from txgateway.units import parse_duration, parse_size
 
 __all__ = [
@@ -55,6 +56,7 @@ DEFAULT_SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
 @dataclass(frozen=True)
 class Listener:
     endpoint: str
+    tls: ListenerTLS | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class Target:
     url: str
     host: str
     port: int
+    https: bool = False
 
     @property
     def netloc(self) -> bytes:
@@ -90,6 +93,7 @@ class Upstream:
     circuit_breaker: BreakerSettings | None = None
     health_check: HealthCheck | None = None
     passive_health: PassiveHealth = PassiveHealth()  # noqa: RUF009 (frozen: one shared default is safe)
+    tls: UpstreamTLS | None = None               # for https:// targets (verified by default)
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,7 @@ class Config:
     redis: RedisConfig | None = None
     admin: AdminConfig | None = None
     manhole: ManholeConfig | None = None
+    redirect_to_https: bool = False
 
 
 def load_config(path: str) -> Config:
@@ -175,8 +180,6 @@ def _config(r: Reader, root: yaml.Node, environ: Mapping[str, str] | None) -> Co
     top = r.mapping(root, "", _TOP_KEYS)
     manhole = r.attempt(lambda: parse_manhole(r, top["manhole"]), None) if "manhole" in top else None
     admin = r.attempt(lambda: parse_admin(r, top["admin"], environ), None) if "admin" in top else None
-    if "redirect_to_https" in top and r.attempt(lambda: r.boolean(top["redirect_to_https"], "redirect_to_https"), False):
-        r.fail(top["redirect_to_https"], "redirect_to_https", _NOT_YET)
     for key in ("listen", "upstreams", "routes"):
         if key not in top:
             r.fail(root, key, "missing (required)")
@@ -195,13 +198,18 @@ def _config(r: Reader, root: yaml.Node, environ: Mapping[str, str] | None) -> Co
     if backend is not None and backend.value in ("redis", "hybrid") and "redis" not in top:
         r.fail(backend, "rate_limits.backend", f"{backend.value} needs a redis: section (url or sentinel)")
     routes = r.attempt(lambda: _routes(r, top["routes"], upstreams, declared, sections), no_routes) if "routes" in top else no_routes
+    redirect = r.attempt(lambda: r.boolean(top["redirect_to_https"], "redirect_to_https"), False) \
+        if "redirect_to_https" in top else False
+    if redirect and listen and not any(listener.tls for listener in listen):
+        r.fail(top["redirect_to_https"], "redirect_to_https", "needs a listener with tls: to redirect to")
     limits = r.attempt(lambda: _limits(r, top["limits"]), Limits()) if "limits" in top else Limits()
     proxies = r.attempt(lambda: _networks(r, top["trusted_proxies"], "trusted_proxies"), ()) if "trusted_proxies" in top else ()
     access_log = r.attempt(lambda: r.string(top["access_log"], "access_log"), "-") if "access_log" in top else "-"
     drain = r.attempt(lambda: r.parsed(top["drain_timeout"], "drain_timeout", parse_duration), 10.0) if "drain_timeout" in top else 10.0
     return Config(file=r.file, listen=listen, upstreams=MappingProxyType(upstreams), routes=routes, limits=limits,
                   trusted_proxies=proxies, access_log=access_log, drain_timeout=drain, auth=auth,
-                  rate_limits=rate_limits, redis=redis, admin=admin, manhole=manhole)
+                  rate_limits=rate_limits, redis=redis, admin=admin, manhole=manhole,
+                  redirect_to_https=redirect)
 
 
 def _scalar_at(node: yaml.Node | None, key: str) -> yaml.ScalarNode | None:
@@ -220,14 +228,13 @@ def _listeners(r: Reader, node: yaml.Node) -> tuple[Listener, ...]:
         fields = r.attempt(lambda: r.mapping(item, path, {"endpoint": "", "tls": ""}), None)
         if fields is None:
             continue
-        if "tls" in fields:
-            r.fail(fields["tls"], f"{path}.tls", _NOT_YET)
+        tls = r.attempt(lambda: parse_listener_tls(r, fields["tls"], f"{path}.tls"), None) if "tls" in fields else None
         if "endpoint" not in fields:
             r.fail(item, f"{path}.endpoint", "missing (required)")
             continue
         endpoint = r.attempt(lambda: r.string(fields["endpoint"], f"{path}.endpoint"), None)
-        if endpoint is not None:
-            out.append(Listener(endpoint))
+        if endpoint is not None and ("tls" not in fields or tls is not None):
+            out.append(Listener(endpoint, tls))
     if not out and len(r.problems) == before:
         raise r.fail(node, "listen", "expected at least one listener")
     return tuple(out)
@@ -280,9 +287,11 @@ def _upstreams(r: Reader, node: yaml.Node) -> dict[str, Upstream]:
 def _upstream(r: Reader, name: str, node: yaml.Node) -> Upstream:
     path = f"upstreams.{name}"
     fields = r.mapping(node, path, _UPSTREAM_KEYS)
-    if "tls" in fields:
-        r.fail(fields["tls"], f"{path}.tls", _NOT_YET)
     values: dict[str, Any] = {}
+    if "tls" in fields:
+        tls = r.attempt(lambda: parse_upstream_tls(r, fields["tls"], f"{path}.tls"), None)
+        if tls is not None:
+            values["tls"] = tls
     if "balance" in fields:
         values["balance"] = r.attempt(lambda: r.choice(fields["balance"], f"{path}.balance",
                                                        ("round_robin", "least_request", "random")), "round_robin")
@@ -321,16 +330,15 @@ def _upstream(r: Reader, name: str, node: yaml.Node) -> Upstream:
 def _target(r: Reader, path: str, node: yaml.Node) -> Target:
     url = r.string(node, path)
     parts = urlsplit(url)
-    if parts.scheme == "https":
-        raise r.fail(node, path, f"https upstreams are {_NOT_YET}")
     try:
         port = parts.port
     except ValueError:
         port = -1
-    if (parts.scheme != "http" or not parts.hostname or port in (-1, 0) or parts.path not in ("", "/")
+    if (parts.scheme not in ("http", "https") or not parts.hostname or port in (-1, 0) or parts.path not in ("", "/")
             or parts.query or parts.fragment):
-        raise r.fail(node, path, f'expected a URL like "http://10.0.0.11:3001", got "{url}"')
-    return Target(url=url, host=parts.hostname, port=80 if port is None else port)
+        raise r.fail(node, path, f'expected a URL like "http://10.0.0.11:3001" or "https://api.internal", got "{url}"')
+    https = parts.scheme == "https"
+    return Target(url=url, host=parts.hostname, port=port or (443 if https else 80), https=https)
 
 
 _ROUTE_KEYS = {

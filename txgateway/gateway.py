@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from txgateway.accesslog import AccessLog, JsonLinesWriter
 from txgateway.admin import admin_site
@@ -36,6 +37,7 @@ from txgateway.reload import ReloadRefused, keep_restart_only_settings
 from txgateway.routing import RouteTable, RoutingFilter
 from txgateway.stats import Stats
 from txgateway.timeouts import Deadlines
+from txgateway.tls import RedirectToHttps, ServerTLS
 
 __all__ = ["Gateway"]
 
@@ -58,6 +60,13 @@ def _endpoint(reactor: Any, index: int, description: str) -> Any:
                             f"(LISTEN_FDNAMES={names!r}; a socket unit needs FileDescriptorName={e.args[0]})") from None
     except (ValueError, IndexError) as e:
         raise ListenerError(f"listen[{index}].endpoint {description}: {e}") from None
+
+
+def tcp_port(endpoint: str) -> int | None:
+    """The port of a tcp:/tcp6: endpoint string, else None."""
+    kind, _, rest = endpoint.partition(":")
+    port = rest.split(":", 1)[0]
+    return int(port) if kind in ("tcp", "tcp6", "ssl") and port.isdigit() else None
 
 
 def with_backlog(endpoint: str) -> str:
@@ -108,15 +117,21 @@ class Gateway(MultiService):
         self.redis, self.limiter, self.local_buckets = self._limit_stores(config)
         self._build_request_path(config, {})
         self.factory = HTTP1Factory(self.pipeline, config.limits, self.clock, self.deadlines)
+        self.factories = [self.factory]          # every HTTP/1.1 factory: plain, TLS, redirecting
+        self.server_tls: dict[int, ServerTLS] = {}  # listener index -> its certificates
         self.listeners: list[Any] = []
         for i, listener in enumerate(config.listen):
+            factory = self._listener_factory(i, listener, config)
             if inherited_fds:
-                service: Any = AdoptedPort(reactor, inherited_fds[i], listener.endpoint, self.factory)
+                service: Any = AdoptedPort(reactor, inherited_fds[i], listener.endpoint, factory)
             else:
-                service = StreamServerEndpointService(_endpoint(reactor, i, listener.endpoint), self.factory)
+                service = StreamServerEndpointService(_endpoint(reactor, i, listener.endpoint), factory)
                 service._raiseSynchronously = True
             service.setServiceParent(self)
             self.listeners.append(service)
+        for name, upstream in config.upstreams.items():
+            if upstream.tls is not None and not upstream.tls.verify and any(t.https for t in upstream.targets):
+                _log.warn("upstream {name}: TLS certificates are NOT verified (tls.verify: false)", name=name)
         self.admin: StreamServerEndpointService | None = None
         if config.admin is not None and operations:
             self.admin = StreamServerEndpointService(serverFromString(reactor, config.admin.endpoint), admin_site(self))
@@ -125,6 +140,22 @@ class Gateway(MultiService):
         if config.manhole is not None and operations:
             from txgateway.manhole import manhole_service
             manhole_service(self, config.manhole, reactor).setServiceParent(self)
+
+    def _listener_factory(self, index: int, listener: Any, config: Config) -> Any:
+        """HTTP/1.1 for a listener: wrapped in TLS when it has `tls:`; answering 308 to https
+        when it is plain and `redirect_to_https` is on; else the shared plain factory."""
+        if listener.tls is not None:
+            tls = self.server_tls[index] = ServerTLS(listener.tls)
+            hsts = b"max-age=%d" % listener.tls.hsts_max_age if listener.tls.hsts_max_age else None
+            http = HTTP1Factory(self.pipeline, config.limits, self.clock, self.deadlines, scheme=b"https", hsts=hsts)
+            self.factories.append(http)
+            return TLSMemoryBIOFactory(tls.options, False, http)  # type: ignore[arg-type]  # zope interfaces
+        if config.redirect_to_https:
+            https = next(tcp_port(x.endpoint) for x in config.listen if x.tls is not None)
+            redirect = Pipeline([ForwardingHeaders(TrustedProxies(config.trusted_proxies)), RedirectToHttps(https)],
+                                self.proxy, AccessLog(self.log_writer), self.clock, self.stats)
+            return HTTP1Factory(redirect, config.limits, self.clock, self.deadlines)
+        return self.factory
 
     def _build_request_path(self, config: Config, keep: dict[str, UpstreamGroup]) -> None:
         """Everything a config decides about the path of a request: routes, upstream groups
@@ -175,8 +206,11 @@ class Gateway(MultiService):
         keep = {name: group for name, group in old.groups.items() if config.upstreams.get(name) == group.config}
         self.config = config
         self._build_request_path(config, keep)
-        self.factory.pipeline = self.pipeline
-        self.factory.limits = config.limits
+        for factory in self.factories:
+            factory.pipeline = self.pipeline
+            factory.limits = config.limits
+        for index, tls in self.server_tls.items():
+            tls.load(config.listen[index].tls)    # type: ignore[arg-type]  # re-read: new handshakes get them
         for name, group in self.proxy.groups.items():
             if name not in keep and self.running:
                 group.start()
@@ -263,12 +297,13 @@ class Gateway(MultiService):
         give_up = self.clock.seconds() + self.config.drain_timeout
         while self._busy() and self.clock.seconds() < give_up:
             await deferLater(self.clock, 0.05, lambda: None)
-        cut = sum(len(conn._queue) for conn in self.factory.connections)
+        cut = sum(len(conn._queue) for factory in self.factories for conn in factory.connections)
         if cut:
             _log.warn("drain_timeout ({seconds:g}s) reached: cutting {count} request(s) still in flight",
                       seconds=self.config.drain_timeout, count=cut)
-        for conn in list(self.factory.connections):
-            conn.transport.loseConnection()
+        for factory in self.factories:
+            for conn in list(factory.connections):
+                conn.transport.loseConnection()
         if cut:
             # Their connections close on the next reactor turns: let their access-log lines
             # be written before the log writer stops.
@@ -289,7 +324,7 @@ class Gateway(MultiService):
                 await child.stopService()
 
     def _busy(self) -> bool:
-        return any(conn._queue for conn in self.factory.connections)
+        return any(conn._queue for factory in self.factories for conn in factory.connections)
 
 
 MAX_JWKS_BYTES = 1 << 20

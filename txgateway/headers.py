@@ -203,3 +203,7 @@ class HeaderRulesFilter:
     def on_response(self, ctx: Any, head: Any) -> None:
         rules = self._response[ctx.route.index] if ctx.route is not None else _DEFAULT_RESPONSE
         head.headers = rules.apply(head.headers)
+        if ctx.scheme == b"https":
+            hsts = ctx.downstream.hsts                     # the TLS listener's, or None
+            if hsts is not None and not any(name == b"strict-transport-security" for name, _ in head.headers):
+                head.headers.append((b"strict-transport-security", hsts))

@@ -64,6 +64,7 @@ class HTTP1Connection(Protocol):
         self.factory = factory
         self.pipeline: Pipeline = factory.pipeline   # refreshed between requests (config reloads)
         self.limits: Limits = factory.limits
+        self.hsts = factory.hsts
         self.parser = HttpRequestParser(self)
         self.deadline = 0.0
         self._queue: deque[_Incoming] = deque()   # [0] is the active request
@@ -421,12 +422,13 @@ class HTTP1Factory(Factory):
     noisy = False
 
     def __init__(self, pipeline: Pipeline, limits: Limits, clock: Any, deadlines: Deadlines,
-                 scheme: bytes = b"http") -> None:
+                 scheme: bytes = b"http", hsts: bytes | None = None) -> None:
         self.pipeline = pipeline
         self.limits = limits
         self.clock = clock
         self.deadlines = deadlines
         self.scheme = scheme
+        self.hsts = hsts          # Strict-Transport-Security value for https listeners
         self.connections: set[HTTP1Connection] = set()
 
     def buildProtocol(self, addr: Any) -> HTTP1Connection:

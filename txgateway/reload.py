@@ -9,6 +9,7 @@ stays until a restart, rather than half-applied.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from txgateway.config import Config
 
@@ -27,8 +28,15 @@ def keep_restart_only_settings(running: Config, new: Config) -> tuple[Config, li
     """`new` with the running values of restart-only settings, and the names of those that
     differ. Raises ReloadRefused when keeping the running value would change what a route
     enforces (auth added through a new JWKS URL, a Redis-backed limiter added or removed)."""
-    changed = [key for key in _RESTART_ONLY if getattr(new, key) != getattr(running, key)]
-    values = {key: getattr(running, key) for key in changed}
+    changed = [key for key in _RESTART_ONLY if key != "listen" and getattr(new, key) != getattr(running, key)]
+    values: dict[str, Any] = {key: getattr(running, key) for key in changed}
+    # Listeners: the sockets stay; certificates and TLS settings of the same listeners reload.
+    if [(x.endpoint, x.tls is None) for x in new.listen] != [(x.endpoint, x.tls is None) for x in running.listen]:
+        values["listen"] = running.listen
+        changed.insert(0, "listen")
+    if new.redirect_to_https != running.redirect_to_https:
+        values["redirect_to_https"] = running.redirect_to_https
+        changed.append("redirect_to_https")
     old_limits, new_limits = running.rate_limits, new.rate_limits
     if old_limits is not None and new_limits is not None:
         moved = [key for key in _LIMITER_RESTART_ONLY if getattr(new_limits, key) != getattr(old_limits, key)]

@@ -12,6 +12,7 @@ from collections import deque
 from typing import Any, Protocol
 
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpResponseParser
+from OpenSSL.SSL import Error as SSLError
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import ClientFactory
 from twisted.internet.protocol import Protocol as TwistedProtocol
@@ -20,6 +21,7 @@ from twisted.python.failure import Failure
 
 from txgateway.config import Target, Upstream
 from txgateway.fastwrite import writer_for
+from txgateway.tls import client_creator
 
 __all__ = ["TargetPool", "UpstreamConnection", "UpstreamUser"]
 
@@ -183,13 +185,25 @@ class UpstreamConnection(TwistedProtocol):
             self._complete(False)
         else:
             user, self.user = self.user, None
-            user.upstream_failed("upstream closed the connection" if reason.check(ConnectionDone)
-                                 else "upstream connection reset", self._started)
+            if reason.check(ConnectionDone):
+                why = "upstream closed the connection"
+            elif reason.check(SSLError):
+                why = f"upstream TLS failed: {_tls_reason(reason.value)}"
+            else:
+                why = "upstream connection reset"
+            user.upstream_failed(why, self._started)
 
     def close(self) -> None:
         self.user = None
         if self.open:
             self.transport.abortConnection()
+
+
+def _tls_reason(error: Exception) -> str:
+    """OpenSSL's reason ("certificate verify failed", ...) without the library noise."""
+    reasons = [part[2] for part in (error.args[0] if error.args and isinstance(error.args[0], list) else [])
+               if isinstance(part, tuple) and len(part) == 3]
+    return ", ".join(reasons) or str(error)
 
 
 class _ConnectFactory(ClientFactory):
@@ -217,6 +231,7 @@ class TargetPool:
         self.connect_timeout = upstream.connect_timeout
         self.timeout = upstream.timeout
         self.preserve_host = upstream.preserve_host
+        self.tls = client_creator(target, upstream.tls) if target.https else None
         self.idle: list[UpstreamConnection] = []
         self.total = 0
         self.waiting: deque[UpstreamUser] = deque()
@@ -260,8 +275,12 @@ class TargetPool:
         self.total += 1
         factory = _ConnectFactory(self, user)
         # The gateway's own sweep enforces connect_timeout; this is only a backstop.
-        self._pending[factory] = self.reactor.connectTCP(self.target.host, self.target.port, factory,
-                                                         timeout=self.connect_timeout + 30)
+        if self.tls is not None:
+            self._pending[factory] = self.reactor.connectSSL(self.target.host, self.target.port, factory, self.tls,
+                                                             timeout=self.connect_timeout + 30)
+        else:
+            self._pending[factory] = self.reactor.connectTCP(self.target.host, self.target.port, factory,
+                                                             timeout=self.connect_timeout + 30)
 
     def connection_made(self, conn: UpstreamConnection, user: UpstreamUser | None, factory: Any) -> None:
         self._pending.pop(factory, None)
