@@ -10,6 +10,7 @@
 #   bench/run.sh shared           # two instances sharing one limit through Redis (redis, hybrid)
 #   bench/run.sh balance          # breaker + least_request over 2 targets vs the plain proxy
 #   bench/run.sh failover         # one of 2 targets killed during a 10 s load: what failed
+#   bench/run.sh workers          # --workers 2 (both CPUs) vs one process (CPU 1): req/s ratio
 #
 # Knobs (environment): DURATION=10 RUNS=3 WARMUP=2 CONNS="32 256" WRK_THREADS=1
 #   CLIENT_CPU=0 GATEWAY_CPU=1 UPSTREAM_PORT=19001 GATEWAY_PORT=19080 QUIET_WAIT=20
@@ -32,21 +33,24 @@ die() { log "ERROR: $*"; exit 1; }
 SCENARIOS=()
 LIMIT_SCENARIOS=()
 RESILIENCE_SCENARIOS=()
+WORKERS_SCENARIOS=()
 ANCHORS=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     proxy|stream) SCENARIOS+=("$1") ;;
     limits|shared) LIMIT_SCENARIOS+=("$1") ;;
     balance|failover) RESILIENCE_SCENARIOS+=("$1") ;;
+    workers) WORKERS_SCENARIOS+=("$1") ;;
     all) SCENARIOS+=(proxy stream) ;;
     anchors) ANCHORS=2 ;;
     --anchors) ANCHORS=1 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
-    *) die "unknown argument: $1 (proxy, stream, all, limits, shared, balance, failover, anchors, --anchors)" ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    *) die "unknown argument: $1 (proxy, stream, all, limits, shared, balance, failover, workers, anchors, --anchors)" ;;
   esac
   shift
 done
-[[ ${#SCENARIOS[@]} -gt 0 || ${#LIMIT_SCENARIOS[@]} -gt 0 || ${#RESILIENCE_SCENARIOS[@]} -gt 0 || $ANCHORS == 2 ]] \
+[[ ${#SCENARIOS[@]} -gt 0 || ${#LIMIT_SCENARIOS[@]} -gt 0 || ${#RESILIENCE_SCENARIOS[@]} -gt 0 \
+   || ${#WORKERS_SCENARIOS[@]} -gt 0 || $ANCHORS == 2 ]] \
   || SCENARIOS=(proxy)
 
 # -- what the bench needs ---------------------------------------------------------------
@@ -81,6 +85,9 @@ if [[ ${#LIMIT_SCENARIOS[@]} -gt 0 ]]; then
 fi
 if [[ ${#RESILIENCE_SCENARIOS[@]} -gt 0 ]]; then
   "$VENV/bin/python" "$ROOT/bench/resilience.py" "${RESILIENCE_SCENARIOS[@]}" || rc=$?
+fi
+if [[ ${#WORKERS_SCENARIOS[@]} -gt 0 ]]; then
+  "$VENV/bin/python" "$ROOT/bench/workers.py" "${WORKERS_SCENARIOS[@]}" || rc=$?
 fi
 
 # -- the shared peer harness, with txgateway added as one row --------------------------
