@@ -21,6 +21,7 @@ from txgateway.config import Limits
 from txgateway.fastwrite import writer_for
 from txgateway.pipeline import Pipeline, RequestContext, ResponseHead
 from txgateway.timeouts import Deadlines
+from txgateway.tunnel import Tunnel
 
 __all__ = ["HTTP1Connection", "HTTP1Factory"]
 
@@ -31,6 +32,7 @@ _HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"te", b"trailer", b"tran
                          b"upgrade", b"content-length", b"host", b"expect", b"proxy-connection",
                          b"proxy-authenticate", b"proxy-authorization"})
 _MAX_QUEUED = 16             # pipelined requests waiting behind the active one
+_MAX_HELD = 1 << 20          # bytes a client may send after a WebSocket handshake, before the 101
 _MAX_BUFFERED = 256 * 1024   # request body bytes held while waiting; reading pauses above
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -75,6 +77,9 @@ class HTTP1Connection(Protocol):
         self._raw_header_bytes = 0
         self._framing: dict[bytes, bytes] = {}
         self._connection_tokens: list[bytes] = []
+        self._tunnel: Tunnel | None = None     # joined to an upstream after a WebSocket 101
+        self._upgrading = False                # a handshake is out: bytes are held, not parsed
+        self._held = b""
         self._broken = False          # no more requests will be read from this connection
         self._close_after = False
         self._chunked_out = False
@@ -100,6 +105,10 @@ class HTTP1Connection(Protocol):
         self._gone = True
         self.factory.connections.discard(self)
         self.factory.deadlines.discard(self)
+        if self._tunnel is not None:
+            self._tunnel.client_lost()
+            self._queue.clear()
+            return
         if self._queue:
             active = self._queue[0]
             ctx = active.ctx
@@ -109,6 +118,23 @@ class HTTP1Connection(Protocol):
                 self.pipeline.cancel(ctx)
                 self.pipeline.finished(ctx)
         self._queue.clear()
+
+    def _hold(self, data: bytes) -> None:
+        """Bytes sent after a WebSocket handshake, before the upstream accepted it."""
+        self._held += data
+        if len(self._held) > _MAX_HELD:
+            self._broken = True
+            self.transport.abortConnection()
+
+    def start_tunnel(self, ctx: RequestContext, upstream: Any) -> Tunnel:
+        self.factory.deadlines.discard(self)
+        cork, self._cork = self._cork, b""
+        self._write(cork)                               # the 101 head
+        tunnel = self._tunnel = Tunnel(ctx, self.pipeline, self.transport, upstream)
+        held, self._held = self._held, b""
+        if held:
+            tunnel.from_client(held)
+        return tunnel
 
     def _wait(self, seconds: float) -> None:
         deadlines = self.factory.deadlines
@@ -129,15 +155,27 @@ class HTTP1Connection(Protocol):
     # -- parsing ----------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        if self._tunnel is not None:
+            self._tunnel.from_client(data)
+            return
         if self._broken:
+            return
+        if self._upgrading:
+            self._hold(data)
             return
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as upgrade:
-            # No WebSocket relay yet: the request was handled as a plain one (Upgrade is
+            rest = data[upgrade.args[0]:]
+            if self._queue and self._queue[-1].ctx.upgrade is not None:
+                # A WebSocket handshake: what follows belongs to the tunnel, if the upstream
+                # accepts it (else the connection closes after the answer).
+                self._upgrading = True
+                self._hold(rest)
+                return
+            # Another kind of upgrade (h2c, ...): handled as a plain request (Upgrade is
             # hop-by-hop); whatever follows is parsed as the next request.
             self.parser = HttpRequestParser(self)
-            rest = data[upgrade.args[0]:]
             if rest:
                 self.dataReceived(rest)
             return
@@ -210,6 +248,9 @@ class HTTP1Connection(Protocol):
             tokens = frozenset(self._connection_tokens)
             ctx.headers = [(n, v) for n, v in ctx.headers if n not in tokens]
         ctx.keep_alive = parser.should_keep_alive()
+        if b"upgrade" in self._connection_tokens and framing.get(b"upgrade", b"").lower() == b"websocket":
+            ctx.upgrade = b"websocket"
+            ctx.keep_alive = False           # after the answer: a tunnel, or a closed connection
         ctx.chunked = b"transfer-encoding" in framing
         length = framing.get(b"content-length")
         if length is not None:
@@ -289,6 +330,11 @@ class HTTP1Connection(Protocol):
         status = head.status
         parts = [b"HTTP/1.1 %d %s\r\n" % (status, head.reason)]
         parts += [b"%s: %s\r\n" % header for header in head.headers]
+        if status == 101 and ctx.upgrade is not None:
+            # Switching protocols: no framing; start_tunnel sends it.
+            parts.append(b"connection: upgrade\r\nupgrade: %s\r\n\r\n" % ctx.upgrade)
+            self._cork = b"".join(parts)
+            return
         # An answer before the request body was read (401, 413, an early upstream reply)
         # leaves unread bytes behind: the connection cannot carry another request.
         close = (not ctx.keep_alive or (self._broken and len(self._queue) == 1)

@@ -91,7 +91,7 @@ class RequestContext:
         "client_ip", "content_length", "chunked", "keep_alive", "expect_continue", "start",
         "correlation_id", "route", "upstream_path", "downstream", "pending", "status", "error_code",
         "upstream", "target_url", "upstream_start", "upstream_ms", "bytes_in", "bytes_out",
-        "response_started", "done", "identity", "notes", "forwarding", "rate_limit",
+        "response_started", "done", "identity", "notes", "forwarding", "rate_limit", "upgrade",
     )
 
     def __init__(self, method: bytes, target: bytes, path: bytes, query: bytes, version: bytes,
@@ -131,6 +131,7 @@ class RequestContext:
         self.notes: dict[str, Any] | None = None
         self.forwarding: Any = None  # the terminal's per-request state (the proxy's Exchange)
         self.rate_limit: Any = None  # the limit step's decision, for headers and the log
+        self.upgrade: bytes | None = None  # b"websocket" for a WebSocket handshake (tunnel.py)
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of a request header (name in lower case)."""
@@ -173,6 +174,8 @@ class Downstream(Protocol):
     def resume_body(self, ctx: RequestContext) -> None: ...
     def register_producer(self, ctx: RequestContext, producer: Any) -> None: ...
     def unregister_producer(self, ctx: RequestContext) -> None: ...
+    def start_tunnel(self, ctx: RequestContext, upstream: Any) -> Any:
+        """The upstream accepted an upgrade (101): join the two connections (a tunnel.Tunnel)."""
 
 
 class BodySink(Protocol):

@@ -136,7 +136,7 @@ class Exchange:
         ctx = self.ctx
         self.phase = _WAITING
         self.deadline = self.proxy.deadlines.now + self.pool.timeout
-        conn.send(self, self.proxy.request_head(ctx, self.pool), ctx.method == b"HEAD")
+        conn.send(self, self.proxy.request_head(ctx, self.pool), ctx.method == b"HEAD", ctx.upgrade is not None)
         if ctx.has_body:
             self.body_read = True
             self.body_producer = _RequestBodyProducer(ctx)
@@ -189,6 +189,8 @@ class Exchange:
         ctx.upstream_ms = (now - ctx.upstream_start) * 1000.0
         if status in self.group.failure_statuses:
             self._judge(f"status {status}")
+        elif status == 101:
+            self._judge(None)                     # the handshake is the whole exchange
         # Otherwise the verdict waits for the end of the body: a reset mid-body is a failure.
         self.phase = _STREAMING
         self.deadline = self.proxy.deadlines.now + self.proxy.idle_timeout
@@ -199,6 +201,22 @@ class Exchange:
             return
         self.deadline = self.proxy.deadlines.now + self.proxy.idle_timeout
         self.ctx.downstream.send_body(self.ctx, data)
+
+    def switched(self, conn: UpstreamConnection, rest: bytes) -> None:
+        """The upstream accepted the WebSocket handshake: hand both connections to a tunnel."""
+        if self.phase != _STREAMING:
+            conn.close()
+            return
+        self.phase = _DONE
+        self.member.in_flight -= 1
+        self.proxy.deadlines.discard(self)
+        ctx = self.ctx
+        ctx.forwarding = None
+        self.conn = None
+        tunnel = ctx.downstream.start_tunnel(ctx, conn.transport)
+        conn.tunnel = tunnel
+        if rest:
+            tunnel.from_upstream(rest)
 
     def read_done(self) -> None:
         """The response spans several reads: flush the head, and from now on let a slow
@@ -403,6 +421,8 @@ class Proxy:
         host = ctx.host if pool.preserve_host and ctx.host else upstream.netloc
         parts = [b"%s %s%s HTTP/1.1\r\nhost: %s\r\n" % (ctx.method, ctx.upstream_path, ctx.query, host)]
         parts += [b"%s: %s\r\n" % header for header in ctx.headers]
+        if ctx.upgrade is not None:
+            parts.append(b"connection: upgrade\r\nupgrade: %s\r\n" % ctx.upgrade)
         if ctx.chunked:
             parts.append(b"transfer-encoding: chunked\r\n")
         elif ctx.content_length is not None:

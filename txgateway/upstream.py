@@ -44,6 +44,8 @@ class UpstreamUser(Protocol):
     def read_done(self) -> None:
         """Everything from one read was delivered: a good moment to flush to the client."""
     def upstream_failed(self, reason: str, response_started: bool) -> None: ...
+    def switched(self, conn: UpstreamConnection, rest: bytes) -> None:
+        """The upstream answered 101 to an upgrade: from here on `conn` carries a tunnel."""
 
 
 class UpstreamConnection(TwistedProtocol):
@@ -59,6 +61,8 @@ class UpstreamConnection(TwistedProtocol):
         self.parser = HttpResponseParser(self)
         self.reused = False
         self.open = False
+        self.upgrade = False       # the request in flight is a WebSocket handshake
+        self.tunnel: Any = None    # after its 101: the tunnel.Tunnel that owns the bytes
         self.no_body = False       # set per request: HEAD responses carry no body
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
@@ -76,21 +80,30 @@ class UpstreamConnection(TwistedProtocol):
         self.pool.connection_made(self, user, self.factory)
         self.factory = None
 
-    def send(self, user: UpstreamUser, head: bytes, no_body: bool) -> None:
+    def send(self, user: UpstreamUser, head: bytes, no_body: bool, upgrade: bool = False) -> None:
         self.user = user
         self.no_body = no_body
+        self.upgrade = upgrade
         self._started = False
         self.write(head)
 
     def dataReceived(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.from_upstream(data)
+            return
         if self.user is None:
             # Bytes nobody asked for on an idle connection: it cannot be trusted any more.
             self.transport.abortConnection()
             return
         try:
             self.parser.feed_data(data)
-        except HttpParserUpgrade:
-            self._fail("upstream switched protocols unexpectedly")
+        except HttpParserUpgrade as upgrade:
+            if self.upgrade and self._started and self.user is not None:
+                user, self.user = self.user, None
+                user.switched(self, data[upgrade.args[0]:])
+            else:
+                self._fail("upstream switched protocols unexpectedly")
+            return
         except HttpParserCallbackError as e:
             # Our own code raised inside a parser callback: a bug, not a bad upstream.
             _log.failure("bug while relaying a response", Failure(e.__context__))
@@ -129,7 +142,7 @@ class UpstreamConnection(TwistedProtocol):
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
-        if 100 <= status < 200:
+        if 100 <= status < 200 and not (status == 101 and self.upgrade):
             self._interim = True   # 100 Continue and friends: the real response follows
             return
         headers = self._headers
@@ -156,6 +169,8 @@ class UpstreamConnection(TwistedProtocol):
         if self._interim:
             self._interim = False
             return
+        if self.upgrade and self.parser.get_status_code() == 101:
+            return                 # the handshake's end: HttpParserUpgrade follows (tunnel)
         if self.user is not None:
             self._complete(self._reusable())
 
@@ -179,6 +194,9 @@ class UpstreamConnection(TwistedProtocol):
     def connectionLost(self, reason: Failure = _DONE) -> None:
         self.open = False
         self.pool.connection_lost(self)
+        if self.tunnel is not None:
+            self.tunnel.upstream_lost()
+            return
         if self.user is None:
             return
         if self._started and self._until_close and reason.check(ConnectionDone):
