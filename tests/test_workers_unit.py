@@ -97,9 +97,6 @@ def test_an_address_in_use_is_an_error():
     "unix:address=/run/txgateway.sock:mode=660",
     "ssl:8443:privateKey=key.pem:certKey=cert.pem",
     "systemd:domain=INET:index=0",
-    "tcp:http",                                 # a port must be a number
-    "tcp:",
-    "tcp",
 ])
 def test_refuses_what_it_cannot_share(endpoint, listened):
     with pytest.raises(ValueError) as caught:
@@ -107,6 +104,20 @@ def test_refuses_what_it_cannot_share(endpoint, listened):
     message = str(caught.value)
     assert message.startswith("--workers shares tcp: and tcp6: listeners only") and repr(endpoint) in message
     assert listened == []                      # refused before binding anything
+
+
+@pytest.mark.parametrize("endpoint", [
+    "tcp:http",                                 # a port must be a number
+    "tcp:",
+    "tcp",
+    "tcp6:0:interface=::1",                     # unescaped: guessing would bind every interface
+    "tcp:0:bogus=1",
+])
+def test_refuses_a_tcp_listener_it_cannot_read(endpoint, listened):
+    with pytest.raises(ValueError) as caught:
+        bind_listener(endpoint)
+    assert str(caught.value).startswith(f"cannot read the listener {endpoint!r}")
+    assert listened == []
 
 
 def test_nothing_leaks_from_a_refusal():

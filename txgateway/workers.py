@@ -39,10 +39,18 @@ def bind_listener(endpoint: str) -> socket.socket:
     """A bound, listening socket for a `tcp:PORT[:interface=ADDR][:backlog=N]` (or tcp6:)
     endpoint string, inheritable by child processes."""
     parts = [p.replace("\\:", ":") for p in _UNESCAPED_COLON.split(endpoint)]
-    kind, port = parts[0], parts[1] if len(parts) > 1 else ""
-    options = dict(p.split("=", 1) for p in parts[2:] if "=" in p)
-    if kind not in ("tcp", "tcp6") or not port.isdigit():
+    kind = parts[0]
+    if kind not in ("tcp", "tcp6"):
         raise ValueError(f"--workers shares tcp: and tcp6: listeners only, not {endpoint!r}")
+    positional = [p for p in parts[1:] if "=" not in p]
+    options = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+    port = positional[0] if positional else options.pop("port", "")
+    unknown = sorted(set(options) - {"interface", "backlog"})
+    if len(positional) > 1 or unknown or not port.isdigit() or options.get("interface") == "":
+        # e.g. an IPv6 interface with unescaped colons ("interface=::1" must be "interface=\:\:1"):
+        # guessing would bind every interface.
+        raise ValueError(f"cannot read the listener {endpoint!r}: expected tcp:PORT[:interface=ADDR][:backlog=N]"
+                         " (escape colons in IPv6 addresses: interface=\\:\\:1)")
     family = socket.AF_INET6 if kind == "tcp6" else socket.AF_INET
     interface = options.get("interface", "::" if family == socket.AF_INET6 else "0.0.0.0")
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -152,6 +160,8 @@ class WorkerSupervisor(Service):
         drain_timeout + 5 s."""
         self._stopping = True
         super().stopService()
+        for sock in self.sockets:      # new connections are refused from now on, as without --workers
+            sock.close()
         waiting = [p.ended for i, p in self.protocols.items() if i in self.workers]
         self.signal_workers("TERM")
         kill = self.reactor.callLater(self.config.drain_timeout + 5.0, self.signal_workers, "KILL")
@@ -160,8 +170,6 @@ class WorkerSupervisor(Service):
         def finished(result: Any) -> Any:
             if kill.active():
                 kill.cancel()
-            for sock in self.sockets:
-                sock.close()
             return result
 
         return done.addBoth(finished)
