@@ -25,6 +25,7 @@ from txgateway.auth import AuthFilter
 from txgateway.breaker import Breakers
 from txgateway.config import Config, ConfigError, load_config
 from txgateway.fetch import read_body
+from txgateway.h2 import ALPNFactory
 from txgateway.headers import ForwardingHeaders, HeaderRulesFilter, TrustedProxies
 from txgateway.http1 import HTTP1Factory
 from txgateway.jwks import RemoteJwks
@@ -159,7 +160,8 @@ class Gateway(MultiService):
             hsts = b"max-age=%d" % listener.tls.hsts_max_age if listener.tls.hsts_max_age else None
             http = HTTP1Factory(self.pipeline, config.limits, self.clock, self.deadlines, scheme=b"https", hsts=hsts)
             self.factories.append(http)
-            return TLSMemoryBIOFactory(tls.options, False, http)  # type: ignore[arg-type]  # zope interfaces
+            wrapped: Any = ALPNFactory(http) if "h2" in listener.tls.alpn else http
+            return TLSMemoryBIOFactory(tls.options, False, wrapped)  # type: ignore[arg-type]  # zope interfaces
         if config.redirect_to_https:
             https = next(tcp_port(x.endpoint) for x in config.listen if x.tls is not None)
             redirect = Pipeline([ForwardingHeaders(TrustedProxies(config.trusted_proxies)), RedirectToHttps(https)],

@@ -21,7 +21,16 @@ from txgateway.units import parse_duration
 
 __all__ = ["Certificate", "ListenerTLS", "UpstreamTLS", "parse_listener_tls", "parse_upstream_tls"]
 
-_NOT_YET_H2 = "h2 (HTTP/2) is not supported yet in this version of txgateway; use [http/1.1]"
+_NO_H2 = "h2 needs the h2 and priority packages (pip install 'twisted[http2]')"
+
+
+def _h2_available() -> bool:
+    try:
+        import h2  # noqa: F401
+        import priority  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -110,8 +119,8 @@ def parse_listener_tls(r: Reader, node: yaml.Node, path: str) -> ListenerTLS:
         protocols = []
         for item_path, item in r.sequence(f["alpn"], f"{path}.alpn"):
             name = r.attempt(lambda: r.choice(item, item_path, ("http/1.1", "h2")), None)
-            if name == "h2":
-                r.fail(item, item_path, _NOT_YET_H2)
+            if name == "h2" and not _h2_available():
+                r.fail(item, item_path, _NO_H2)
             elif name is not None:
                 protocols.append(name)
         values["alpn"] = tuple(protocols) or ("http/1.1",)
