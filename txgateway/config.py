@@ -200,7 +200,12 @@ def _config(r: Reader, root: yaml.Node, environ: Mapping[str, str] | None) -> Co
     routes = r.attempt(lambda: _routes(r, top["routes"], upstreams, declared, sections), no_routes) if "routes" in top else no_routes
     redirect = r.attempt(lambda: r.boolean(top["redirect_to_https"], "redirect_to_https"), False) \
         if "redirect_to_https" in top else False
-    if redirect and listen and not any(listener.tls for listener in listen):
+    # Declared, even if its certificates failed to load: that failure is the error to show.
+    declared_tls = isinstance(top.get("listen"), yaml.SequenceNode) and any(
+        isinstance(item, yaml.MappingNode) and any(isinstance(k, yaml.ScalarNode) and k.value == "tls"
+                                                   for k, _ in item.value)
+        for item in top["listen"].value)
+    if redirect and not declared_tls:
         r.fail(top["redirect_to_https"], "redirect_to_https", "needs a listener with tls: to redirect to")
     limits = r.attempt(lambda: _limits(r, top["limits"]), Limits()) if "limits" in top else Limits()
     proxies = r.attempt(lambda: _networks(r, top["trusted_proxies"], "trusted_proxies"), ()) if "trusted_proxies" in top else ()
