@@ -10,6 +10,7 @@
 #   bench/run.sh shared           # two instances sharing one limit through Redis (redis, hybrid)
 #   bench/run.sh balance          # breaker + least_request over 2 targets vs the plain proxy
 #   bench/run.sh failover         # one of 2 targets killed during a 10 s load: what failed
+#   bench/run.sh tls              # HTTPS vs HTTP through the gateway; new handshakes per second
 #   bench/run.sh workers          # --workers 2 (both CPUs) vs one process (CPU 1): req/s ratio
 #
 # Knobs (environment): DURATION=10 RUNS=3 WARMUP=2 CONNS="32 256" WRK_THREADS=1
@@ -31,27 +32,24 @@ log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
 SCENARIOS=()
-LIMIT_SCENARIOS=()
-RESILIENCE_SCENARIOS=()
-WORKERS_SCENARIOS=()
+# Scenarios of the other bench scripts: scenario -> script (bench/<script>.py).
+declare -A SCRIPT_OF=([limits]=limits [shared]=limits [balance]=resilience [failover]=resilience
+                      [workers]=workers [tls]=tls)
+declare -A BY_SCRIPT=()
 ANCHORS=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     proxy|stream) SCENARIOS+=("$1") ;;
-    limits|shared) LIMIT_SCENARIOS+=("$1") ;;
-    balance|failover) RESILIENCE_SCENARIOS+=("$1") ;;
-    workers) WORKERS_SCENARIOS+=("$1") ;;
+    limits|shared|balance|failover|workers|tls) BY_SCRIPT[${SCRIPT_OF[$1]}]+=" $1" ;;
     all) SCENARIOS+=(proxy stream) ;;
     anchors) ANCHORS=2 ;;
     --anchors) ANCHORS=1 ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
-    *) die "unknown argument: $1 (proxy, stream, all, limits, shared, balance, failover, workers, anchors, --anchors)" ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    *) die "unknown argument: $1 (proxy, stream, all, limits, shared, balance, failover, workers, tls, anchors, --anchors)" ;;
   esac
   shift
 done
-[[ ${#SCENARIOS[@]} -gt 0 || ${#LIMIT_SCENARIOS[@]} -gt 0 || ${#RESILIENCE_SCENARIOS[@]} -gt 0 \
-   || ${#WORKERS_SCENARIOS[@]} -gt 0 || $ANCHORS == 2 ]] \
-  || SCENARIOS=(proxy)
+[[ ${#SCENARIOS[@]} -gt 0 || ${#BY_SCRIPT[@]} -gt 0 || $ANCHORS == 2 ]] || SCENARIOS=(proxy)
 
 # -- what the bench needs ---------------------------------------------------------------
 need=()
@@ -80,15 +78,12 @@ rc=0
 if [[ ${#SCENARIOS[@]} -gt 0 ]]; then
   "$VENV/bin/python" "$ROOT/bench/bench.py" "${SCENARIOS[@]}" || rc=$?
 fi
-if [[ ${#LIMIT_SCENARIOS[@]} -gt 0 ]]; then
-  "$VENV/bin/python" "$ROOT/bench/limits.py" "${LIMIT_SCENARIOS[@]}" || rc=$?
-fi
-if [[ ${#RESILIENCE_SCENARIOS[@]} -gt 0 ]]; then
-  "$VENV/bin/python" "$ROOT/bench/resilience.py" "${RESILIENCE_SCENARIOS[@]}" || rc=$?
-fi
-if [[ ${#WORKERS_SCENARIOS[@]} -gt 0 ]]; then
-  "$VENV/bin/python" "$ROOT/bench/workers.py" "${WORKERS_SCENARIOS[@]}" || rc=$?
-fi
+for script in limits resilience workers tls; do
+  if [[ -n "${BY_SCRIPT[$script]:-}" ]]; then
+    # shellcheck disable=SC2086  # the scenario names are words
+    "$VENV/bin/python" "$ROOT/bench/$script.py" ${BY_SCRIPT[$script]} || rc=$?
+  fi
+done
 
 # -- the shared peer harness, with txgateway added as one row --------------------------
 if [[ $ANCHORS != 0 ]]; then
