@@ -139,12 +139,12 @@ def test_wrong_types():
         limits: [1MiB]
         """)
     assert errors(text) == [
-        "c.yaml:8: redirect_to_https: expected true or false, got 'maybe'",
         "c.yaml:1: listen: expected a list, got 'tcp:8080'",
         "c.yaml:3: upstreams.users.max_connections: expected an integer >= 1, got 'many'",
         "c.yaml:3: upstreams.users.preserve_host: expected true or false, got 'yes'",
         "c.yaml:4: upstreams.orders.targets: expected a list, got 'http://127.0.0.1:3003'",
         "c.yaml:5: routes: expected a list, got a mapping",
+        "c.yaml:8: redirect_to_https: expected true or false, got 'maybe'",
         "c.yaml:9: limits: expected a mapping, got a list",
         "c.yaml:6: trusted_proxies: expected a list, got '127.0.0.1'",
         "c.yaml:7: access_log: expected a string, got 5",
@@ -394,15 +394,17 @@ def test_file_with_bom_and_crlf_line_ends(tmp_path):
 
 # --- targets ------------------------------------------------------------------------------
 
+TARGET_URL = 'expected a URL like "http://10.0.0.11:3001" or "https://api.internal", got'
+
+
 @pytest.mark.parametrize("url", [
     "10.0.0.11:3001", "http://", "http://10.0.0.11:3001/api", "http://10.0.0.11:99999", "http://10.0.0.11:0",
     "http://10.0.0.11:port", "ftp://10.0.0.11", "http://10.0.0.11:3001?x=1", "http://10.0.0.11:3001#f", "",
+    "https://", "https://api.internal:0", "https://api.internal/v1", "wss://api.internal",
 ])
 def test_bad_target_url(url):
     text = BASE.replace('"http://127.0.0.1:3003"', f'"http://127.0.0.1:3003", "{url}"')
-    assert errors(text) == [
-        f'c.yaml:5: upstreams.orders.targets[1]: expected a URL like "http://10.0.0.11:3001", got "{url}"',
-    ]
+    assert errors(text) == [f'c.yaml:5: upstreams.orders.targets[1]: {TARGET_URL} "{url}"']
 
 
 def test_target_urls():
@@ -412,9 +414,13 @@ def test_target_urls():
     assert [t.netloc for t in targets] == [b"orders.internal:80", b"[::1]:3004"]
 
 
-def test_https_target_is_not_supported_yet():
-    text = BASE.replace('"http://127.0.0.1:3003"', '"https://search.internal:3002"')
-    assert errors(text) == [f"c.yaml:5: upstreams.orders.targets[0]: https upstreams are {NOT_YET}"]
+def test_https_targets_are_accepted_with_port_443_by_default():
+    text = BASE.replace('"http://127.0.0.1:3003"', '"https://search.internal:3002", "https://search.internal", "http://a"')
+    targets = parse_config(text, "c.yaml").upstreams["orders"].targets
+    assert targets == (Target("https://search.internal:3002", "search.internal", 3002, https=True),
+                       Target("https://search.internal", "search.internal", 443, https=True),
+                       Target("http://a", "a", 80, https=False))
+    assert [t.netloc for t in targets] == [b"search.internal:3002", b"search.internal:443", b"a:80"]
 
 
 # --- headers ------------------------------------------------------------------------------
@@ -557,13 +563,22 @@ def test_route_auth_and_roles_bad_values():
 # --- later versions -----------------------------------------------------------------------
 
 @pytest.mark.parametrize(("edit", "line", "path", "message"), [
-    (lambda t: t.replace('- endpoint: "tcp:8080"', '- {endpoint: "tcp:8443", tls: {certificates: []}}'),
-     2, "listen[0].tls", NOT_YET),
-    (lambda t: t + "redirect_to_https: true\n", 9, "redirect_to_https", NOT_YET),
-    (lambda t: t.replace("users: {targets:", "users: {tls: {ca: /etc/ca.pem}, targets:"), 4, "upstreams.users.tls", NOT_YET),
     (lambda t: t.replace("upstream: orders}", "upstream: orders, cache: {ttl: 30s}}"), 8, "routes[1].cache", NOT_YET),
 ])
 def test_sections_of_later_versions_are_refused_by_key_path(edit, line, path, message):
+    assert errors(edit(BASE)) == [f"c.yaml:{line}: {path}: {message}"]
+
+
+@pytest.mark.parametrize(("edit", "line", "path", "message"), [
+    (lambda t: t.replace('- endpoint: "tcp:8080"', '- {endpoint: "tcp:8443", tls: {certificates: []}}'),
+     2, "listen[0].tls.certificates", "expected at least one certificate"),
+    (lambda t: t + "redirect_to_https: true\n", 9, "redirect_to_https", "needs a listener with tls: to redirect to"),
+    (lambda t: t.replace("users: {targets:", "users: {tls: {ca: /nonexistent/ca.pem}, targets:"), 4,
+     "upstreams.users.tls.ca", "cannot read /nonexistent/ca.pem: No such file or directory"),
+])
+def test_tls_sections_are_read_now_and_checked_by_key_path(edit, line, path, message):
+    """TLS arrived: listen[].tls, redirect_to_https and upstreams.*.tls are no longer refused
+    as later versions; their details are in test_tls_config.py."""
     assert errors(edit(BASE)) == [f"c.yaml:{line}: {path}: {message}"]
 
 
@@ -923,7 +938,7 @@ def test_every_error_is_reported_in_one_config_error():
         "c.yaml:3: admin.token_env: environment variable ADMIN_TOKEN must hold a token of at least 16 characters"
         " (it is not set)",
         'c.yaml:7: upstreams.users.timeout: expected a duration like "250ms", "5s" or "1m", got "forever"',
-        'c.yaml:8: upstreams.orders.targets[0]: expected a URL like "http://10.0.0.11:3001", got "10.0.0.21:3003"',
+        f'c.yaml:8: upstreams.orders.targets[0]: {TARGET_URL} "10.0.0.21:3003"',
         f"c.yaml:12: routes[0].cache: {NOT_YET}",
         f"c.yaml:17: routes[2].upstrem: unknown key (expected one of: {ROUTE_KEYS})",
         'c.yaml:16: routes[2].upstream: no upstream named "search" (defined: orders, users)',

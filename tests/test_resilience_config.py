@@ -11,6 +11,7 @@ import pytest
 from txgateway.breaker import BreakerSettings
 from txgateway.config import ConfigError, parse_config
 from txgateway.resilienceconfig import HealthCheck, PassiveHealth
+from txgateway.tlsconfig import UpstreamTLS
 
 DURATION = 'expected a duration like "250ms", "5s" or "1m", got'
 CB = "upstreams.users.circuit_breaker"
@@ -345,9 +346,12 @@ def test_every_resilience_error_is_reported_in_one_run():
     ]
 
 
-def test_tls_on_an_upstream_is_still_refused():
-    assert errors("tls: {ca: /etc/ssl/certs/internal-ca.pem}\n") == [
-        "c.yaml:8: upstreams.users.tls: not supported yet in this version of txgateway; remove it or upgrade"]
+def test_tls_on_an_upstream_is_read_next_to_the_resilience_keys():
+    """upstreams.*.tls is no longer refused as a later version (details: test_tls_config.py)."""
+    assert errors("tls: {ca: /nonexistent/internal-ca.pem}\n") == [
+        "c.yaml:8: upstreams.users.tls.ca: cannot read /nonexistent/internal-ca.pem: No such file or directory"]
+    u = users("tls: {verify: false}\nretries: 2\n")
+    assert (u.tls, u.retries) == (UpstreamTLS(verify=False), 2)
 
 
 @pytest.mark.parametrize("value", ["null", "Null", "NULL", "~", "", "off"])
