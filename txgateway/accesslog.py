@@ -60,12 +60,12 @@ class JsonLinesWriter:
 
 _FIELDS = ("time", "correlation_id", "client_ip", "method", "path", "route", "upstream", "target",
            "status", "duration_ms", "upstream_ms", "bytes_in", "bytes_out", "user_id", "rate_limit",
-           "breaker", "error", "detail")
+           "breaker", "error", "detail", "tls")
 # correlation_id (validated charset or a UUID) and method (an llhttp-validated token) need
 # no escaping; every other string is escaped.
 _LINE = ('{"time":"%s","correlation_id":"%s","client_ip":%s,"method":"%s","path":%s,"route":%s,'
          '"upstream":%s,"target":%s,"status":%d,"duration_ms":%.3f,"upstream_ms":%s,"bytes_in":%d,'
-         '"bytes_out":%d,"user_id":%s,"rate_limit":%s,"breaker":%s,"error":%s,"detail":%s}\n')
+         '"bytes_out":%d,"user_id":%s,"rate_limit":%s,"breaker":%s,"error":%s,"detail":%s,"tls":%s}\n')
 
 
 _CONFIG_STRINGS: dict[Any, str] = {None: "null"}  # route prefixes, upstream names, target URLs
@@ -103,7 +103,7 @@ class AccessRecord(tuple):
 
     def json_line(self) -> str:
         (stamp, cid, client, method, path, route, upstream, target, status, duration, upstream_ms,
-         bytes_in, bytes_out, user_id, rate_limit, breaker, error, detail) = self
+         bytes_in, bytes_out, user_id, rate_limit, breaker, error, detail, tls) = self
         j = _json
         esc = encode_basestring_ascii
         config = _CONFIG_STRINGS.get
@@ -115,7 +115,8 @@ class AccessRecord(tuple):
                         "null" if rate_limit is None else j(rate_limit),
                         "null" if breaker is None else j(breaker),
                         "null" if error is None else j(error),
-                        "null" if detail is None else j(detail))
+                        "null" if detail is None else j(detail),
+                        config(tls) or _config_string(tls))
 
 
 class AccessLog:
@@ -156,4 +157,5 @@ class AccessLog:
             ctx.identity.user_id if ctx.identity is not None else None,
             None if ctx.rate_limit is None else ctx.rate_limit[0].outcome,
             notes.get("breaker") if notes else None, ctx.error_code,
-            notes.get("upstream_error") if notes else None))})
+            notes.get("upstream_error") if notes else None,
+            ctx.downstream.tls))})

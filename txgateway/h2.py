@@ -18,6 +18,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from txgateway.pipeline import RequestContext, ResponseHead
+from txgateway.tls import tls_description
 
 __all__ = ["ALPNFactory", "H2Downstream", "ProtocolByALPN", "h2_site"]
 
@@ -30,13 +31,14 @@ _CONSUMED = frozenset({b"host", b"content-length", b"transfer-encoding", b"conne
 class H2Downstream:
     """`pipeline.Downstream` over one twisted.web HTTP/2 request."""
 
-    __slots__ = ("request", "pipeline", "hsts", "gone")
+    __slots__ = ("request", "pipeline", "hsts", "gone", "tls")
 
-    def __init__(self, request: Any, pipeline: Any, hsts: bytes | None) -> None:
+    def __init__(self, request: Any, pipeline: Any, hsts: bytes | None, tls: str | None) -> None:
         self.request = request
         self.pipeline = pipeline
         self.hsts = hsts
         self.gone = False
+        self.tls = tls
 
     def send_head(self, ctx: RequestContext, head: ResponseHead) -> None:
         request = self.request
@@ -120,7 +122,7 @@ class _PipelineResource(Resource):
         headers = [(name.lower(), value) for name, values in request.requestHeaders.getAllRawHeaders()
                    for value in values if name.lower() not in _CONSUMED]
         peer = request.getClientAddress()
-        downstream = H2Downstream(request, pipeline, http.hsts)
+        downstream = H2Downstream(request, pipeline, http.hsts, _tls_of(request))
         ctx = RequestContext(request.method, target, path, b"?" + query if query else b"", b"2", headers,
                              request.getHeader(b"host"), http.scheme, getattr(peer, "host", ""), downstream,
                              http.clock.seconds())
@@ -135,6 +137,14 @@ class _PipelineResource(Resource):
         else:
             pipeline.handle(ctx)
         return NOT_DONE_YET
+
+
+def _tls_of(request: Any) -> str | None:
+    """The TLS version and ALPN of the connection a stream belongs to (H2Stream keeps its
+    H2Connection as `_conn`; if that changes, the access log just loses the detail)."""
+    connection = getattr(request.channel, "_conn", None)
+    transport = getattr(connection, "transport", None)
+    return tls_description(transport, "h2") if transport is not None else None
 
 
 def h2_site(http: Any) -> Site:

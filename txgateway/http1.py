@@ -21,6 +21,7 @@ from txgateway.config import Limits
 from txgateway.fastwrite import writer_for
 from txgateway.pipeline import Pipeline, RequestContext, ResponseHead
 from txgateway.timeouts import Deadlines
+from txgateway.tls import tls_description
 from txgateway.tunnel import Tunnel
 
 __all__ = ["HTTP1Connection", "HTTP1Factory"]
@@ -67,6 +68,7 @@ class HTTP1Connection(Protocol):
         self.pipeline: Pipeline = factory.pipeline   # refreshed between requests (config reloads)
         self.limits: Limits = factory.limits
         self.hsts = factory.hsts
+        self.tls: str | None = None          # "TLSv1.3 http/1.1" on TLS listeners, for the access log
         self.parser = HttpRequestParser(self)
         self.deadline = 0.0
         self._queue: deque[_Incoming] = deque()   # [0] is the active request
@@ -239,6 +241,8 @@ class HTTP1Connection(Protocol):
         if not path.startswith(b"/"):
             path, host = _absolute_form(path, host)
         version = parser.get_http_version().encode()
+        if self.tls is None and self.factory.scheme == b"https":
+            self.tls = tls_description(self.transport, "http/1.1")
         ctx = RequestContext(parser.get_method(), target, path, b"?" + query if query else b"", version,
                              self._headers, host, self.factory.scheme, self._peer_ip, self,
                              self.factory.clock.seconds())

@@ -34,7 +34,7 @@ from txgateway.config import Target
 from txgateway.pipeline import LocalResponse, RequestContext
 from txgateway.tlsconfig import ListenerTLS, UpstreamTLS
 
-__all__ = ["RedirectToHttps", "ServerTLS", "client_creator"]
+__all__ = ["RedirectToHttps", "ServerTLS", "client_creator", "tls_description"]
 
 _log = Logger(namespace="txgateway.tls")
 _VERSIONS = {"1.2": TLSVersion.TLSv1_2, "1.3": TLSVersion.TLSv1_3}
@@ -91,6 +91,16 @@ class ServerTLS:
         if context is None and b"." in name:
             context = self.by_name.get(b"*." + name.split(b".", 1)[1])
         return context or self.default
+
+
+def tls_description(transport: Any, default_protocol: str) -> str:
+    """What the access log says of a TLS connection: "TLSv1.3 h2" (version, ALPN protocol)."""
+    try:
+        version = transport.getHandle().get_protocol_version_name()
+    except Exception:        # not (or no longer) a TLS transport
+        version = "TLS"
+    alpn = getattr(transport, "negotiatedProtocol", None)
+    return f"{version} {alpn.decode() if alpn else default_protocol}"
 
 
 class RedirectToHttps:
