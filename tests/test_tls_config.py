@@ -291,7 +291,7 @@ def test_bad_settings_are_all_reported(tmp_path, ca):
         hsts_max_age: forever
         """)
     assert errors(text) == [
-        "c.yaml:5: listen[0].tls.min_version: expected one of 1.2, 1.3, got '1.1'",
+        'c.yaml:5: listen[0].tls.min_version: expected "1.2" or "1.3", got 1.1',
         "c.yaml:6: listen[0].tls.alpn[2]: expected one of http/1.1, h2, got 'spdy/3'",
         'c.yaml:7: listen[0].tls.hsts_max_age: expected a duration like "250ms", "5s" or "1m", got "forever"',
     ]
@@ -427,7 +427,7 @@ def ctx(host: bytes | None, target: bytes) -> Any:
     (443, b"other.test", b"http://other.test/abs?x=1", b"https://other.test/abs?x=1"),
 ])
 def test_redirect_location(https_port, host, target, location):
-    local = RedirectToHttps(https_port).on_request(ctx(host, target))
+    local = RedirectToHttps(lambda: https_port).on_request(ctx(host, target))
     assert local.status == 308
     assert dict(local.headers)[b"location"] == location
     assert local.body == b"use " + location + b"\n"

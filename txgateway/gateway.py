@@ -18,6 +18,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 
 from txgateway.accesslog import AccessLog, JsonLinesWriter
 from txgateway.admin import admin_site
@@ -64,10 +65,19 @@ def _endpoint(reactor: Any, index: int, description: str) -> Any:
 
 
 def tcp_port(endpoint: str) -> int | None:
-    """The port of a tcp:/tcp6: endpoint string, else None."""
+    """The port of a tcp:/tcp6: endpoint string (positional or port=), else None."""
     kind, _, rest = endpoint.partition(":")
-    port = rest.split(":", 1)[0]
-    return int(port) if kind in ("tcp", "tcp6", "ssl") and port.isdigit() else None
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return None
+    for part in rest.split(":"):
+        value = part[len("port="):] if part.startswith("port=") else part
+        if value.isdigit() and (part.startswith("port=") or "=" not in part):
+            return int(value)
+    return None
+
+
+def _hsts(tls: Any) -> bytes | None:
+    return b"max-age=%d" % tls.hsts_max_age if tls is not None and tls.hsts_max_age else None
 
 
 def with_backlog(endpoint: str) -> str:
@@ -130,6 +140,7 @@ class Gateway(MultiService):
         self.factory = HTTP1Factory(self.pipeline, config.limits, self.clock, self.deadlines)
         self.factories = [self.factory]          # every HTTP/1.1 factory: plain, TLS, redirecting
         self.server_tls: dict[int, ServerTLS] = {}  # listener index -> its certificates
+        self.tls_factories: dict[int, HTTP1Factory] = {}  # listener index -> its HTTP/1.1 factory
         self.listeners: list[Any] = []
         for i, listener in enumerate(config.listen):
             factory = self._listener_factory(i, listener, config)
@@ -157,16 +168,21 @@ class Gateway(MultiService):
         when it is plain and `redirect_to_https` is on; else the shared plain factory."""
         if listener.tls is not None:
             tls = self.server_tls[index] = ServerTLS(listener.tls)
-            hsts = b"max-age=%d" % listener.tls.hsts_max_age if listener.tls.hsts_max_age else None
-            http = HTTP1Factory(self.pipeline, config.limits, self.clock, self.deadlines, scheme=b"https", hsts=hsts)
+            http = HTTP1Factory(self.pipeline, config.limits, self.clock, self.deadlines, scheme=b"https",
+                                hsts=_hsts(listener.tls))
             self.factories.append(http)
+            self.tls_factories[index] = http
             wrapped: Any = ALPNFactory(http) if "h2" in listener.tls.alpn else http
             return TLSMemoryBIOFactory(tls.options, False, wrapped)  # type: ignore[arg-type]  # zope interfaces
         if config.redirect_to_https:
-            https = next(tcp_port(x.endpoint) for x in config.listen if x.tls is not None)
-            redirect = Pipeline([ForwardingHeaders(TrustedProxies(config.trusted_proxies)), RedirectToHttps(https)],
+            first_tls = next(i for i, x in enumerate(config.listen) if x.tls is not None)
+            redirect = Pipeline([ForwardingHeaders(TrustedProxies(config.trusted_proxies)),
+                                 RedirectToHttps(lambda: self._bound_port(first_tls))],
                                 self.proxy, AccessLog(self.log_writer), self.clock, self.stats)
-            return HTTP1Factory(redirect, config.limits, self.clock, self.deadlines)
+            factory = HTTP1Factory(redirect, config.limits, self.clock, self.deadlines)
+            factory.redirecting = True        # a reload leaves its pipeline alone
+            self.factories.append(factory)
+            return factory
         return self.factory
 
     def _build_request_path(self, config: Config, keep: dict[str, UpstreamGroup]) -> None:
@@ -216,13 +232,22 @@ class Gateway(MultiService):
             _log.warn("reload: {what} changed; that needs a restart, the running value stays", what=what)
         old = self.proxy
         keep = {name: group for name, group in old.groups.items() if config.upstreams.get(name) == group.config}
+        running = (self.routes, self.proxy, self.breakers, self.pipeline)
+        try:
+            self._build_request_path(config, keep)
+            for index, tls in self.server_tls.items():
+                tls.load(config.listen[index].tls)  # type: ignore[arg-type]  # re-read: new handshakes get them
+        except Exception as e:                        # a file readable at load but not usable
+            self.routes, self.proxy, self.breakers, self.pipeline = running
+            _log.failure("reload refused, still serving the running config")
+            return [f"reload failed: {e}"]
         self.config = config
-        self._build_request_path(config, keep)
         for factory in self.factories:
-            factory.pipeline = self.pipeline
+            if not factory.redirecting:
+                factory.pipeline = self.pipeline
             factory.limits = config.limits
-        for index, tls in self.server_tls.items():
-            tls.load(config.listen[index].tls)    # type: ignore[arg-type]  # re-read: new handshakes get them
+        for index, http in self.tls_factories.items():
+            http.hsts = _hsts(config.listen[index].tls)
         for name, group in self.proxy.groups.items():
             if name not in keep and self.running:
                 group.start()
@@ -267,6 +292,14 @@ class Gateway(MultiService):
     @property
     def upstreams(self) -> dict[str, Any]:
         return self.proxy.groups
+
+    def _bound_port(self, index: int) -> int | None:
+        """The port listener `index` is bound to (its endpoint's when not bound yet)."""
+        service = self.listeners[index] if index < len(self.listeners) else None
+        waiting = getattr(service, "_waitingForPort", None)
+        if waiting is not None and waiting.called and not isinstance(waiting.result, Failure):
+            return int(waiting.result.getHost().port)
+        return tcp_port(self.config.listen[index].endpoint)
 
     def ports(self) -> list[int]:
         """The bound TCP ports, in listener order (for tests and the demo banner)."""

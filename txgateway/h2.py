@@ -31,14 +31,18 @@ _CONSUMED = frozenset({b"host", b"content-length", b"transfer-encoding", b"conne
 class H2Downstream:
     """`pipeline.Downstream` over one twisted.web HTTP/2 request."""
 
-    __slots__ = ("request", "pipeline", "hsts", "gone", "tls")
+    __slots__ = ("request", "pipeline", "http", "gone", "tls")
 
-    def __init__(self, request: Any, pipeline: Any, hsts: bytes | None, tls: str | None) -> None:
+    def __init__(self, request: Any, pipeline: Any, http: Any, tls: str | None) -> None:
         self.request = request
         self.pipeline = pipeline
-        self.hsts = hsts
+        self.http = http                  # the listener's HTTP/1.1 factory: its settings
         self.gone = False
         self.tls = tls
+
+    @property
+    def hsts(self) -> bytes | None:
+        return self.http.hsts  # type: ignore[no-any-return]
 
     def send_head(self, ctx: RequestContext, head: ResponseHead) -> None:
         request = self.request
@@ -122,7 +126,7 @@ class _PipelineResource(Resource):
         headers = [(name.lower(), value) for name, values in request.requestHeaders.getAllRawHeaders()
                    for value in values if name.lower() not in _CONSUMED]
         peer = request.getClientAddress()
-        downstream = H2Downstream(request, pipeline, http.hsts, _tls_of(request))
+        downstream = H2Downstream(request, pipeline, http, _tls_of(request))
         ctx = RequestContext(request.method, target, path, b"?" + query if query else b"", b"2", headers,
                              request.getHeader(b"host"), http.scheme, getattr(peer, "host", ""), downstream,
                              http.clock.seconds())

@@ -67,7 +67,6 @@ class HTTP1Connection(Protocol):
         self.factory = factory
         self.pipeline: Pipeline = factory.pipeline   # refreshed between requests (config reloads)
         self.limits: Limits = factory.limits
-        self.hsts = factory.hsts
         self.tls: str | None = None          # "TLSv1.3 http/1.1" on TLS listeners, for the access log
         self.parser = HttpRequestParser(self)
         self.deadline = 0.0
@@ -120,6 +119,11 @@ class HTTP1Connection(Protocol):
                 self.pipeline.cancel(ctx)
                 self.pipeline.finished(ctx)
         self._queue.clear()
+
+    @property
+    def hsts(self) -> bytes | None:
+        """The listener's Strict-Transport-Security value (a reload may change it)."""
+        return self.factory.hsts
 
     def _hold(self, data: bytes) -> None:
         """Bytes sent after a WebSocket handshake, before the upstream accepted it."""
@@ -479,6 +483,7 @@ class HTTP1Factory(Factory):
         self.deadlines = deadlines
         self.scheme = scheme
         self.hsts = hsts          # Strict-Transport-Security value for https listeners
+        self.redirecting = False  # answers 308 to https: a reload does not swap its pipeline
         self.connections: set[HTTP1Connection] = set()
 
     def buildProtocol(self, addr: Any) -> HTTP1Connection:

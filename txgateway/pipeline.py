@@ -175,7 +175,10 @@ class Downstream(Protocol):
     def register_producer(self, ctx: RequestContext, producer: Any) -> None: ...
     def unregister_producer(self, ctx: RequestContext) -> None: ...
     tls: str | None        # "TLSv1.3 h2" on TLS connections (for the access log), else None
-    hsts: bytes | None     # the Strict-Transport-Security value of its TLS listener, else None
+
+    @property
+    def hsts(self) -> bytes | None:
+        """The Strict-Transport-Security value of its TLS listener, else None."""
 
     def start_tunnel(self, ctx: RequestContext, upstream: Any) -> Any:
         """The upstream accepted an upgrade (101): join the two connections (a tunnel.Tunnel)."""

@@ -15,6 +15,7 @@ Client side: `https://` targets are verified against the system's trust store or
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from OpenSSL import SSL
@@ -54,10 +55,10 @@ class ServerTLS:
         self.config = config
         self.by_name: dict[bytes, SSL.Context] = {}
         self.default: SSL.Context | None = None
-        self.options = self._options(config.certificates[0], select=True)
+        self.options = self._options(config, config.certificates[0], select=True)
         self.load(config)
 
-    def _options(self, certificate: Any, select: bool = False) -> CertificateOptions:
+    def _options(self, config: ListenerTLS, certificate: Any, select: bool = False) -> CertificateOptions:
         chain = _pem_chain(certificate.cert)
         with open(certificate.key, "rb") as f:
             key = KeyPair.load(f.read(), 1)   # 1 = FILETYPE_PEM
@@ -65,8 +66,8 @@ class ServerTLS:
         return CertificateOptions(
             privateKey=leaf.privateKey.original, certificate=leaf.original,
             extraCertChain=[Certificate.loadPEM(c).original for c in chain[1:]],
-            raiseMinimumTo=_VERSIONS[self.config.min_version],
-            acceptableProtocols=[p.encode() for p in self.config.alpn],
+            raiseMinimumTo=_VERSIONS[config.min_version],
+            acceptableProtocols=[p.encode() for p in config.alpn],
             contextForServerName=self._select if select else None,
         )
 
@@ -75,10 +76,11 @@ class ServerTLS:
         by_name: dict[bytes, SSL.Context] = {}
         default = None
         for certificate in config.certificates:
-            context = self._options(certificate).getContext()
+            context = self._options(config, certificate).getContext()
             default = default or context
             for name in certificate.names:
-                by_name.setdefault(name.encode("idna") if not name.startswith("*.") else name.encode(), context)
+                # DNS names in certificates are ASCII (IDNs come as punycode), as SNI names are.
+                by_name.setdefault(name.encode("ascii", "replace"), context)
         self.config, self.by_name, self.default = config, by_name, default
         for warning in config.warnings:
             _log.warn("tls: {warning}", warning=warning)
@@ -109,14 +111,15 @@ class RedirectToHttps:
 
     on_response = None
 
-    def __init__(self, https_port: int | None) -> None:
-        self.suffix = b"" if https_port in (None, 443) else b":%d" % https_port
+    def __init__(self, https_port: Callable[[], int | None]) -> None:
+        self.https_port = https_port     # asked per request: the TLS listener may bind port 0
 
     def on_request(self, ctx: RequestContext) -> LocalResponse:
         host = ctx.host or b""
         host = host[:host.index(b"]") + 1] if host.startswith(b"[") and b"]" in host else host.split(b":", 1)[0]
         target = ctx.target if ctx.target.startswith(b"/") else ctx.path + ctx.query
-        location = b"https://" + host + self.suffix + target
+        port = self.https_port()
+        location = b"https://" + host + (b"" if port in (None, 443) else b":%d" % port) + target
         return LocalResponse(308, [(b"location", location), (b"content-type", b"text/plain")],
                              b"use " + location + b"\n")
 

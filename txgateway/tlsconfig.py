@@ -16,7 +16,7 @@ import yaml
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from txgateway._yamlreader import Reader, _Invalid
+from txgateway._yamlreader import Reader, _Invalid, _kind
 from txgateway.units import parse_duration
 
 __all__ = ["Certificate", "ListenerTLS", "UpstreamTLS", "parse_listener_tls", "parse_upstream_tls"]
@@ -59,7 +59,7 @@ class UpstreamTLS:
 
 
 def _load_pair(r: Reader, node: yaml.Node, path: str, cert_path: str, key_path: str) -> Certificate:
-    from OpenSSL import SSL, crypto
+    from cryptography.hazmat.primitives import serialization
     try:
         with open(cert_path, "rb") as f:
             pem = f.read()
@@ -70,19 +70,14 @@ def _load_pair(r: Reader, node: yaml.Node, path: str, cert_path: str, key_path: 
         raise r.fail(node, f"{path}.cert", f"{cert_path} is not a PEM certificate") from None
     try:
         with open(key_path, "rb") as f:
-            key_pem = f.read()
-        key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
+            key = serialization.load_pem_private_key(f.read(), password=None)
     except OSError as e:
         raise r.fail(node, f"{path}.key", f"cannot read {key_path}: {e.strerror}") from None
-    except crypto.Error:
+    except (ValueError, TypeError):
         raise r.fail(node, f"{path}.key", f"{key_path} is not a PEM private key (or it is encrypted)") from None
-    context = SSL.Context(SSL.TLS_METHOD)
-    try:
-        context.use_certificate(crypto.X509.from_cryptography(leaf))
-        context.use_privatekey(key)
-        context.check_privatekey()
-    except SSL.Error:
-        raise r.fail(node, f"{path}.key", f"{key_path} does not match the certificate in {cert_path}") from None
+    der = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(*der) != leaf.public_key().public_bytes(*der):
+        raise r.fail(node, f"{path}.key", f"{key_path} does not match the certificate in {cert_path}")
     try:
         names = tuple(leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
                       .value.get_values_for_type(x509.DNSName))
@@ -114,7 +109,12 @@ def parse_listener_tls(r: Reader, node: yaml.Node, path: str) -> ListenerTLS:
         r.fail(f["certificates"], f"{path}.certificates", "expected at least one certificate")
     values: dict[str, object] = {}
     if "min_version" in f:
-        values["min_version"] = r.attempt(lambda: r.choice(f["min_version"], f"{path}.min_version", ("1.2", "1.3")), "1.2")
+        node_value = f["min_version"]
+        text = str(node_value.value) if isinstance(node_value, yaml.ScalarNode) else ""   # 1.3 unquoted is a float
+        if text in ("1.2", "1.3"):
+            values["min_version"] = text
+        else:
+            r.fail(node_value, f"{path}.min_version", f'expected "1.2" or "1.3", got {text or "a " + _kind(node_value)}')
     if "alpn" in f:
         protocols = []
         for item_path, item in r.sequence(f["alpn"], f"{path}.alpn"):
@@ -137,18 +137,28 @@ def parse_upstream_tls(r: Reader, node: yaml.Node, path: str) -> UpstreamTLS:
     f = r.mapping(node, path, {"ca": "", "verify": "", "cert": "", "key": ""})
     before = len(r.problems)
     values: dict[str, object] = {}
+    contents: dict[str, bytes] = {}
     for key in ("ca", "cert", "key"):
         if key in f:
             file = r.attempt(lambda: r.string(f[key], f"{path}.{key}"), None)
             if file is not None:
                 try:
-                    with open(file, "rb"):
-                        pass
+                    with open(file, "rb") as opened:
+                        contents[key] = opened.read()
                 except OSError as e:
                     r.fail(f[key], f"{path}.{key}", f"cannot read {file}: {e.strerror}")
                 values[key] = file
     if ("cert" in f) != ("key" in f):
         r.fail(node, path, "a client certificate needs both cert and key")
+    if "ca" in contents and b"-----BEGIN CERTIFICATE-----" not in contents["ca"]:
+        r.fail(f["ca"], f"{path}.ca", f"{values['ca']} holds no PEM certificate")
+    if "cert" in contents and "key" in contents:
+        from twisted.internet.ssl import PrivateCertificate
+        try:
+            PrivateCertificate.loadPEM(contents["cert"] + b"\n" + contents["key"])
+        except Exception:
+            r.fail(f["cert"], f"{path}.cert", f"{values['cert']} and {values['key']} are not a PEM certificate "
+                                              "and its (unencrypted) private key")
     if "verify" in f:
         values["verify"] = r.attempt(lambda: r.boolean(f["verify"], f"{path}.verify"), True)
     if len(r.problems) != before:

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpResponseParser
 from OpenSSL.SSL import Error as SSLError
+from service_identity import VerificationError
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import ClientFactory
 from twisted.internet.protocol import Protocol as TwistedProtocol
@@ -207,6 +208,8 @@ class UpstreamConnection(TwistedProtocol):
                 why = "upstream closed the connection"
             elif reason.check(SSLError):
                 why = f"upstream TLS failed: {_tls_reason(reason.value)}"
+            elif reason.check(VerificationError):
+                why = f"upstream TLS failed: certificate is not for {self.pool.target.host}"
             else:
                 why = "upstream connection reset"
             user.upstream_failed(why, self._started)

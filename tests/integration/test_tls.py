@@ -35,7 +35,9 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.server import Site
 
 from tests.conftest import RecordingEcho, free_port, listen, parse_responses, raw, simple_config
-from tests.test_tls_config import CertAuthority, Issued, pair
+from tests.test_tls_config import CertAuthority, Issued, listener_text, pair
+from txgateway.config import ConfigError, parse_config
+from txgateway.gateway import Gateway
 
 WAIT = 10.0                # every bounded wait in this file
 LOOPBACK = "tcp:0:interface=127.0.0.1"
@@ -517,3 +519,124 @@ async def test_an_idle_tls_connection_is_closed_when_the_gateway_stops(events, e
         assert await deferToThread(conn.sock.recv, 1) == b"", "closed (TLS close_notify, then EOF)"
     finally:
         conn.close()
+
+
+# --- edges found while testing TLS -------------------------------------------------------------
+@pytest_twisted.ensureDeferred
+async def test_bug_hostname_mismatch_is_logged_as_a_tls_failure(events, https_upstream, gateway, certs):
+    up = await https_upstream(certs.ca.issue(certs.dir, "other", "other.test", ("other.test",)))
+    gw = await gateway(config(plain_listener(), up.url, upstream_extra=f", tls: {{ca: {certs.ca_file}}}"))
+    (r,) = parse_responses(await raw(gw.port, one_request()))
+    assert r.status == 502
+    assert gw.log[-1]["detail"].startswith("upstream TLS failed:"), gw.log[-1]["detail"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_min_version_change_waits_for_a_restart_and_says_so(events, echo, gateway, certs):
+    """The version range is fixed in the listener's TLS options when it starts: a reload keeps
+    the running value and warns, rather than seeming to apply it."""
+    text = config(tls_listener(certs.a), echo.url)
+    gw = await gateway(text)
+    path = certs.dir / "gateway.yaml"
+    path.write_text(text.replace("]}\n", '], min_version: "1.3"}\n', 1))
+    gw.gateway.config = dataclasses.replace(gw.gateway.config, file=str(path))
+    assert gw.gateway.reload() == []
+    assert gw.gateway.config.listen[0].tls.min_version == "1.2"
+    assert events.matching("reload: listen[0].tls.min_version changed; that needs a restart")
+    out = await deferToThread(s_client, gw.port, "-tls1_2", "-servername", "a.test")
+    assert "alert protocol version" not in out, out
+
+
+@pytest_twisted.ensureDeferred
+async def test_bug_hsts_max_age_change_applies_on_reload(events, echo, gateway, certs):
+    text = config(tls_listener(certs.a, settings=", hsts_max_age: 1d"), echo.url)
+    gw = await gateway(text)
+    path = certs.dir / "gateway.yaml"
+    path.write_text(text.replace("hsts_max_age: 1d", "hsts_max_age: 2d"))
+    gw.gateway.config = dataclasses.replace(gw.gateway.config, file=str(path))
+    assert gw.gateway.reload() == []
+    result = await deferToThread(https_get, gw.port, "/api/users/1", "a.test", certs.ca_file)
+    assert result.headers.get_all("Strict-Transport-Security") == ["max-age=172800"]
+
+
+def _open_after_308(port):
+    import socket
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert s.recv(65536).startswith(b"HTTP/1.1 308")
+    return s
+
+
+def _closed_within(s, seconds):
+    s.settimeout(seconds)
+    try:
+        return s.recv(65536) == b""
+    except TimeoutError:
+        return False
+    finally:
+        s.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_bug_redirect_connections_are_closed_at_stop(reactor, events, echo, gateway, certs):
+    from tests.conftest import free_port
+    gw = await gateway(config(plain_listener() + tls_listener(certs.a, endpoint=f"tcp:{free_port()}:interface=127.0.0.1"),
+                              echo.url, top="redirect_to_https: true\n"))
+    s = await deferToThread(_open_after_308, gw.port)
+    gw.gateway.config = dataclasses.replace(gw.gateway.config, drain_timeout=0.0)
+    await gw.gateway.stopService()
+    assert await deferToThread(_closed_within, s, 3.0), "the keep-alive connection of the redirecting listener stays open"
+
+
+@pytest.mark.parametrize("endpoint", ["tcp:port=8443:interface=127.0.0.1", "tcp:0:interface=127.0.0.1"])
+@pytest_twisted.ensureDeferred
+async def test_bug_redirect_location_port_for_keyword_and_ephemeral_endpoints(events, echo, gateway, certs, endpoint):
+    gw = await gateway(config(plain_listener() + tls_listener(certs.a, endpoint=endpoint),
+                              echo.url, top="redirect_to_https: true\n"))
+    tls_port = (await gw.gateway.listeners[1]._waitingForPort).getHost().port
+    (r,) = parse_responses(await raw(gw.port, one_request("/x", host="api.test")))
+    assert r.header("location") == f"https://api.test:{tls_port}/x"
+
+
+def test_bug_unquoted_min_version_is_refused_with_a_nonsense_message(tmp_path):
+    good = CertAuthority().issue(tmp_path, "g", "g.test", ("g.test",))
+    tls = parse_config(listener_text(f"certificates: [{pair(good)}]\nmin_version: 1.3\n"), "c.yaml").listen[0].tls
+    assert tls.min_version == "1.3"
+
+
+def test_bug_a_san_label_over_63_characters_crashes_the_gateway(tmp_path):
+    from twisted.internet import reactor
+    long = CertAuthority().issue(tmp_path, "long", "long", ("x" * 64 + ".test", "ok.test"))
+    config_ = parse_config(listener_text(f"certificates: [{pair(long)}]\n").replace('"tcp:8443"', '"tcp:0"'), "c.yaml")
+    Gateway(config_, reactor)      # UnicodeError from txgateway/tls.py:81
+
+
+@pytest.mark.parametrize("what", ["junk cert", "mismatched key", "junk ca"])
+def test_bug_upstream_client_certificate_and_ca_are_not_checked_at_load(tmp_path, what):
+    ca = CertAuthority()
+    client, other = ca.issue(tmp_path, "client", "client"), ca.issue(tmp_path, "other", "other")
+    junk = tmp_path / "junk.pem"
+    junk.write_text("hello\n")
+    tls = {"junk cert": f"cert: {junk}, key: {client.key}", "mismatched key": f"cert: {client.cert}, key: {other.key}",
+           "junk ca": f"ca: {junk}"}[what]
+    text = ('listen:\n  - endpoint: "tcp:0"\nupstreams:\n'
+            f'  u: {{targets: ["https://localhost:1"], tls: {{{tls}}}}}\nroutes:\n  - {{prefix: /, upstream: u}}\n')
+    with pytest.raises(ConfigError):
+        parse_config(text, "c.yaml")
+
+
+def _open_after_any(port):
+    import socket
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert s.recv(65536).startswith(b"HTTP/1.1 ")
+    return s
+
+
+@pytest_twisted.ensureDeferred
+async def test_control_plain_connections_are_closed_at_stop(reactor, events, echo, gateway, certs):
+    gw = await gateway(config(plain_listener() + tls_listener(certs.a), echo.url))
+    s = await deferToThread(_open_after_any, gw.port)
+    gw.gateway.config = dataclasses.replace(gw.gateway.config, drain_timeout=0.0)
+    await gw.gateway.stopService()
+    assert await deferToThread(_closed_within, s, 3.0)
