@@ -136,7 +136,8 @@ class HTTP1Connection(Protocol):
         self.factory.deadlines.discard(self)
         cork, self._cork = self._cork, b""
         self._write(cork)                               # the 101 head
-        tunnel = self._tunnel = Tunnel(ctx, self.pipeline, self.transport, upstream)
+        tunnel = self._tunnel = Tunnel(ctx, self.pipeline, self.transport, upstream, self.factory.deadlines,
+                                       self.limits.idle_timeout)
         held, self._held = self._held, b""
         if held:
             tunnel.from_client(held)

@@ -5,8 +5,10 @@ and rate limit apply at the handshake, and X-Forwarded-* and identity headers re
 upstream's handshake. When the upstream answers 101, the client connection and that upstream
 connection are joined: bytes pass unchanged both ways (frames, pings, close codes and
 messages of any size), each transport pausing the other (backpressure). Either side closing
-closes the other, so a client never hangs on a vanished upstream; the access log gets one
-line (status 101) when the tunnel ends, with the bytes each way.
+closes the other, so a client never hangs on a vanished upstream, and a tunnel with no bytes
+either way for `limits.idle_timeout` is closed (as nginx's proxy_read_timeout does): a client
+that stops reading cannot hold both sockets forever. The access log gets one line (status
+101) when the tunnel ends, with the bytes each way.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from txgateway.pipeline import RequestContext
+from txgateway.timeouts import Deadlines
 
 if TYPE_CHECKING:
     from txgateway.pipeline import Pipeline
@@ -22,14 +25,19 @@ __all__ = ["Tunnel"]
 
 
 class Tunnel:
-    __slots__ = ("ctx", "pipeline", "client", "upstream", "open")
+    __slots__ = ("ctx", "pipeline", "client", "upstream", "open", "deadlines", "idle", "deadline")
 
-    def __init__(self, ctx: RequestContext, pipeline: Pipeline, client: Any, upstream: Any) -> None:
+    def __init__(self, ctx: RequestContext, pipeline: Pipeline, client: Any, upstream: Any,
+                 deadlines: Deadlines, idle_timeout: float) -> None:
         self.ctx = ctx
         self.pipeline = pipeline
         self.client = client              # the client's transport
         self.upstream = upstream          # the upstream connection's transport
         self.open = True
+        self.deadlines = deadlines
+        self.idle = idle_timeout
+        self.deadline = deadlines.now + idle_timeout
+        deadlines.add(self)
         # Each side's transport pauses the other when its send buffer fills.
         client.registerProducer(upstream, True)
         upstream.registerProducer(client, True)
@@ -37,12 +45,20 @@ class Tunnel:
     def from_client(self, data: bytes) -> None:
         if self.open:
             self.ctx.bytes_in += len(data)
+            self.deadline = self.deadlines.now + self.idle
             self.upstream.write(data)
 
     def from_upstream(self, data: bytes) -> None:
         if self.open:
             self.ctx.bytes_out += len(data)
+            self.deadline = self.deadlines.now + self.idle
             self.client.write(data)
+
+    def expired(self) -> None:
+        """Nothing either way for idle_timeout: close both sides."""
+        self.ctx.notes = {"upstream_error": "websocket idle timeout"}
+        self.client.abortConnection()
+        self._close(self.upstream)
 
     def client_lost(self) -> None:
         self._close(self.upstream)
@@ -54,6 +70,7 @@ class Tunnel:
         if not self.open:
             return
         self.open = False
+        self.deadlines.discard(self)
         for transport in (self.client, self.upstream):
             try:
                 transport.unregisterProducer()

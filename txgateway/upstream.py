@@ -143,6 +143,9 @@ class UpstreamConnection(TwistedProtocol):
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
+        if status == 101 and self.upgrade and self._framing.get(b"upgrade", b"").lower() != b"websocket":
+            self._fail("upstream answered 101 without Upgrade: websocket")
+            return
         if 100 <= status < 200 and not (status == 101 and self.upgrade):
             self._interim = True   # 100 Continue and friends: the real response follows
             return

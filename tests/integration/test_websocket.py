@@ -677,18 +677,21 @@ async def test_bytes_sent_before_the_101_are_held_then_delivered_and_counted(rea
 
 
 @pytest_twisted.ensureDeferred
-async def test_an_idle_session_outlives_the_http_timeouts(reactor, gateway, ws_upstream, secret_file):
+async def test_a_session_outlives_the_http_timeouts_and_closes_after_idle_timeout(
+        reactor, gateway, ws_upstream, secret_file):
+    """header_timeout and the upstream timeout are for HTTP; an open session lives as long as
+    bytes move, and one with nothing either way for idle_timeout is closed (both sides)."""
     text = textwrap.dedent(config(ws_upstream.url, secret_file)).replace("timeout: 2s", "timeout: 300ms")
-    gw = await gateway("limits: {idle_timeout: 300ms, header_timeout: 300ms}\n" + text)
+    gw = await gateway("limits: {idle_timeout: 1s, header_timeout: 300ms}\n" + text)
     client, server = await connect_pair(reactor, gw, ws_upstream)
-    await deferLater(reactor, 1.0, lambda: None)        # idle for over 3x every timeout
+    for _ in range(3):                                  # 1.5 s in all: busy, so never idle
+        await deferLater(reactor, 0.5, lambda: None)
+        client.ws.sendTextMessage("still open")
+        assert await server.next(reactor) == "still open"
     assert not client.closed.called and not server.closed.called
-    client.ws.sendTextMessage("still open")
-    assert await server.next(reactor) == "still open"
-    server.ws.sendTextMessage("indeed")
-    assert await client.next(reactor) == "indeed"
-    client.ws.loseConnection()
+    await client.closed.addTimeout(3.0, reactor)        # then idle: closed after ~1 s
     await server.ended(reactor)
+    assert gw.log[-1]["status"] == 101 and gw.log[-1]["detail"] == "websocket idle timeout"
 
 
 # --- the upstream's 101 on the wire: split across reads, or with the first frame behind it ---
@@ -793,3 +796,20 @@ async def test_a_paused_client_pauses_reading_from_a_fast_upstream_and_nothing_i
     server.ws.loseConnection()
     await client.ended(reactor)
     await still_serves(gw)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upstream_101_without_upgrade_headers_is_a_502_not_a_silent_close(
+        reactor, gateway, raw_upstream, secret_file):
+    def script(server, data):
+        if b"\r\n\r\n" in server.buffer and not getattr(server, "answered", False):
+            server.answered = True
+            server.transport.write(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+    up = await raw_upstream(script)
+    gw = await gateway(config(up.url, secret_file))
+    client = RawClient(handshake("/ws/chat"))
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", gw.port), client).addTimeout(TIMEOUT, reactor)
+    await client.closed.addTimeout(TIMEOUT, reactor)
+    (resp,) = parse_responses(bytes(client.received))
+    assert_envelope(resp, 502, "BAD_GATEWAY")
+    assert [r["status"] for r in gw.log] == [502]
