@@ -172,7 +172,8 @@ class Gateway(MultiService):
                                 hsts=_hsts(listener.tls))
             self.factories.append(http)
             self.tls_factories[index] = http
-            wrapped: Any = ALPNFactory(http) if "h2" in listener.tls.alpn else http
+            longest = max((u.connect_timeout + u.timeout for u in config.upstreams.values()), default=0.0)
+            wrapped: Any = ALPNFactory(http, config.limits.idle_timeout + longest) if "h2" in listener.tls.alpn else http
             return TLSMemoryBIOFactory(tls.options, False, wrapped)  # type: ignore[arg-type]  # zope interfaces
         if config.redirect_to_https:
             first_tls = next(i for i, x in enumerate(config.listen) if x.tls is not None)

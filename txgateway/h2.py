@@ -15,7 +15,7 @@ from typing import Any
 
 from twisted.internet.protocol import Protocol
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from txgateway.pipeline import RequestContext, ResponseHead
 from txgateway.tls import tls_description
@@ -59,6 +59,7 @@ class H2Downstream:
 
     def send_body(self, ctx: RequestContext, data: bytes) -> None:
         if not self.gone:
+            ctx.bytes_out += len(data)
             self.request.write(data)
 
     def flush(self, ctx: RequestContext) -> None:
@@ -73,12 +74,13 @@ class H2Downstream:
         """A response that cannot be completed: reset the stream, never fake its end."""
         if not self.gone:
             self.gone = True
-            self.request.channel.loseConnection()
+            self.request.channel.abortConnection()      # RST_STREAM (loseConnection would END_STREAM)
         self.pipeline.finished(ctx)
 
     def read_body(self, ctx: RequestContext, sink: Any) -> None:
         body = self.request.content.read()
         if body:
+            ctx.bytes_in += len(body)
             sink.body_chunk(body)
         sink.body_end()
 
@@ -136,7 +138,7 @@ class _PipelineResource(Resource):
         ctx.content_length = size or None
         ctx.keep_alive = True
         request.notifyFinish().addErrback(downstream.lost, ctx)
-        if size > http.limits.max_body_size:
+        if getattr(request, "too_large", False) or size > http.limits.max_body_size:
             pipeline.reject(ctx, 413, "PAYLOAD_TOO_LARGE", "request body is larger than max_body_size")
         else:
             pipeline.handle(ctx)
@@ -151,8 +153,41 @@ def _tls_of(request: Any) -> str | None:
     return tls_description(transport, "h2") if transport is not None else None
 
 
-def h2_site(http: Any) -> Site:
-    site = Site(_PipelineResource(http), timeout=http.limits.idle_timeout)
+class _BoundedRequest(Request):
+    """twisted.web buffers a request body before the resource sees it. This one keeps nothing
+    past max_body_size (declared or counted) and the request is answered 413 when the client
+    ends it; a client that goes on sending more than 1 MiB beyond gets its stream reset."""
+
+    http: Any = None               # set per site (h2_site)
+    too_large = False
+    _received = 0
+    _reset = False
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self.http.limits.max_body_size:
+            self.too_large = True
+            length = 0
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self._received += len(data)
+        limit = self.http.limits.max_body_size
+        if self.too_large or self._received > limit:
+            self.too_large = True
+            if self._received > limit + (1 << 20) and not self._reset:
+                self._reset = True
+                stream: Any = self.channel          # an H2Stream: reset just this stream, after this frame
+                self.http.clock.callLater(0, stream.abortConnection)
+            return
+        super().handleContentChunk(data)
+
+
+def h2_site(http: Any, idle: float) -> Site:
+    """`idle`: how long a connection may stay silent; twisted.web counts a stream waiting for
+    its upstream as silence, so this must outlast the longest upstream wait."""
+    site = Site(_PipelineResource(http), timeout=idle)
+    bounded: Any = type("BoundedRequest", (_BoundedRequest,), {"http": http})
+    site.requestFactory = bounded
     site.noisy = False
     site.log = lambda request: None  # type: ignore[method-assign]
     return site
@@ -192,9 +227,9 @@ class ALPNFactory:
 
     noisy = False
 
-    def __init__(self, http: Any) -> None:
+    def __init__(self, http: Any, idle: float) -> None:
         self.http = http
-        self.site = h2_site(http)
+        self.site = h2_site(http, idle)
 
     def doStart(self) -> None:
         self.http.doStart()

@@ -714,3 +714,63 @@ async def test_client_reset_mid_response_cancels_the_upstream_and_the_connection
     _, data = await deferToThread(h1_over_tls, port, cert.cert, h1_request("/api/users/tls"), ["http/1.1"])
     (r,) = parse_responses(data)
     assert r.status == 200 and r.json()["path"] == "/users/tls"
+
+
+# --- edges found while testing HTTP/2 -------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_h2_access_log_counts_bytes_in_and_out(reactor, echo, gateway, cert):
+    gw = await gateway(listeners(cert, "[h2, http/1.1]") + routes(echo.url))
+    port = await port_of(gw, 1)
+    (h1,) = parse_responses(await raw(gw.port, h1_request("/api/users/1", method="POST", body=b"x" * 500)))
+    (r,) = await h2_requests(port, cert.cert, {"path": "/api/users/1", "method": "POST", "body": b"x" * 500})
+    assert h1.status == r.status == 200
+    await wait_for(reactor, lambda: len(gw.log) == 2)
+    assert (gw.log[0]["bytes_in"], gw.log[0]["bytes_out"]) == (500, len(h1.body))
+    assert (gw.log[1]["bytes_in"], gw.log[1]["bytes_out"]) == (500, len(r.body))
+
+
+@pytest_twisted.ensureDeferred
+async def test_h2_upstream_dying_mid_body_resets_the_stream_not_ends_it(reactor, streaming, gateway, cert):
+    gw = await gateway(listeners(cert, "[h2, http/1.1]") + routes(streaming.url))
+    port = await port_of(gw, 1)
+    assert (await raw(gw.port, h1_request("/api/users/truncated"))).endswith(b"<RESET>")
+    (r,) = await h2_requests(port, cert.cert, {"path": "/api/users/truncated"})
+    assert r.status == 200 and r.body == PIECES[0]
+    assert r.reset is not None and not r.ended, r
+
+
+@pytest_twisted.ensureDeferred
+async def test_h2_body_over_max_body_size_is_refused_before_it_is_all_buffered(reactor, echo, gateway, cert):
+    gw = await gateway(listeners(cert, "[h2, http/1.1]") + routes(echo.url, top="limits: {max_body_size: 1KiB}\n"))
+    port = await port_of(gw, 1)
+    big = [("content-length", str(50 * 2**20))]
+    (h1,) = parse_responses(await raw(gw.port, h1_request("/api/users/up", big, method="POST")))
+    assert h1.status == 413
+
+    def run(end: bool, size: int) -> H2Result | str:
+        declared = [("content-length", str(size))] if end else big
+        with H2Client(port, cert.cert) as client:
+            stream = client.request("/api/users/up", method="POST", headers=declared, body=b"y" * size, end=end)
+            try:
+                client.wait(stream, timeout=5.0)
+            except AssertionError:
+                return "connection closed"
+            return client.results[stream]
+    # Ended: answered 413 (nothing of the body was kept). Still sending more than 1 MiB past the
+    # limit: the stream is reset rather than read on (twisted.web then closes the connection
+    # of a client that keeps sending on the reset stream).
+    ended = await deferToThread(run, True, 2**19)
+    assert not isinstance(ended, str) and ended.status == 413, ended
+    r = await deferToThread(run, False, 3 * 2**20)
+    assert r == "connection closed" or (not isinstance(r, str) and r.reset is not None), r
+
+
+@pytest_twisted.ensureDeferred
+async def test_h2_request_waiting_for_its_upstream_outlives_idle_timeout(reactor, streaming, gateway, cert):
+    gw = await gateway(listeners(cert, "[h2, http/1.1]") + routes(streaming.url, top="limits: {idle_timeout: 1s}\n"))
+    port = await port_of(gw, 1)
+    (h1,) = parse_responses(await raw(gw.port, h1_request("/api/users/pause")))
+    assert (h1.status, h1.body) == (200, b"done")
+    (r,) = await h2_requests(port, cert.cert, {"path": "/api/users/pause"})
+    assert (r.status, r.body) == (200, b"done")
