@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import socket
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,11 +17,12 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent
 from twisted.web.server import Site
 
 from tests.redisproc import RedisServer, SentinelSetup, start_sentinel_setup
 from txgateway.authconfig import hash_api_key
-from txgateway.config import parse_config
+from txgateway.config import Config, parse_config
 from txgateway.demo import EchoResource
 from txgateway.gateway import Gateway
 
@@ -158,42 +160,72 @@ class _ListWriter:
     def stop(self) -> None: ...
 
 
+def with_defaults(yaml_text: str) -> str:
+    """Dedented, with a loopback listener on a free port and no access log unless it says."""
+    text = textwrap.dedent(yaml_text)
+    if "listen:" not in text:
+        text = 'listen: [{endpoint: "tcp:0:interface=127.0.0.1"}]\naccess_log: "off"\n' + text
+    return text
+
+
+class GatewayRunner:
+    """Starts gateways in the test reactor and keeps every txgateway log line (formatted);
+    see `running_gateways` for the teardown."""
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.started: list[Gateway] = []
+        self.crashes: list[dict[str, Any]] = []
+        self.lines: list[str] = []
+
+    def observe(self, event: dict[str, Any]) -> None:
+        if not str(event.get("log_namespace", "")).startswith("txgateway"):
+            return
+        if "log_failure" in event:
+            self.crashes.append(event)
+        self.lines.append(formatEvent(event))
+
+    async def start(self, config: Config, clock: Clock | None = None, access_log: Any = None) -> tuple[Gateway, int]:
+        """Start a Gateway from `config` (access records to `access_log` if given) -> (gateway, port)."""
+        gw = Gateway(config, self.reactor, clock)
+        if access_log is not None:
+            gw.pipeline.access_log = access_log
+        gw.startService()
+        self.started.append(gw)
+        port = await gw.listeners[0]._waitingForPort
+        return gw, port.getHost().port
+
+
+@contextlib.asynccontextmanager
+async def running_gateways(reactor: Any) -> AsyncIterator[GatewayRunner]:
+    """A GatewayRunner; on exit every gateway it started stops (no drain wait), and any
+    traceback a gateway logged meanwhile fails the test: bad input must never crash."""
+    from twisted.logger import globalLogPublisher
+    runner = GatewayRunner(reactor)
+    globalLogPublisher.addObserver(runner.observe)
+    yield runner
+    for gw in runner.started:
+        gw.config = dataclasses.replace(gw.config, drain_timeout=0.0)
+        await gw.stopService()
+    globalLogPublisher.removeObserver(runner.observe)
+    assert not runner.crashes, [e["log_failure"].getTraceback() for e in runner.crashes]
+
+
 @pytest_twisted.async_yield_fixture()
 async def gateway(reactor: Any) -> Any:
     """Factory fixture: `await gateway(yaml_text, clock=None)` -> RunningGateway on a free port.
 
     Any traceback the gateway logs during the test fails it: bad input must never crash.
     """
-    from twisted.logger import globalLogPublisher
-    started: list[Gateway] = []
-    crashes: list[dict[str, Any]] = []
+    from txgateway.accesslog import AccessLog
+    async with running_gateways(reactor) as runner:
+        async def start(yaml_text: str, clock: Clock | None = None) -> RunningGateway:
+            config = parse_config(with_defaults(yaml_text), "test.yaml")
+            records: list[dict[str, Any]] = []
+            gw, port = await runner.start(config, clock, AccessLog(_ListWriter(records)))
+            return RunningGateway(gw, port, clock, records)
 
-    def observe(event: dict[str, Any]) -> None:
-        if "log_failure" in event and str(event.get("log_namespace", "")).startswith("txgateway"):
-            crashes.append(event)
-    globalLogPublisher.addObserver(observe)
-
-    async def start(yaml_text: str, clock: Clock | None = None) -> RunningGateway:
-        text = textwrap.dedent(yaml_text)
-        if "listen:" not in text:
-            text = 'listen: [{endpoint: "tcp:0:interface=127.0.0.1"}]\naccess_log: "off"\n' + text
-        config = parse_config(text, "test.yaml")
-        gw = Gateway(config, reactor, clock)
-        records: list[dict[str, Any]] = []
-        from txgateway.accesslog import AccessLog
-        writer = _ListWriter(records)
-        gw.pipeline.access_log = AccessLog(writer)
-        gw.startService()
-        started.append(gw)
-        port = await gw.listeners[0]._waitingForPort
-        return RunningGateway(gw, port.getHost().port, clock, records)
-
-    yield start
-    for gw in started:
-        gw.config = dataclasses.replace(gw.config, drain_timeout=0.0)
-        await gw.stopService()
-    globalLogPublisher.removeObserver(observe)
-    assert not crashes, [e["log_failure"].getTraceback() for e in crashes]
+        yield start
 
 
 def raw_request(port: int, data: bytes | list[bytes], read_timeout: float = 3.0,

@@ -25,11 +25,10 @@ import pytest_twisted
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from tests.conftest import listen, parse_responses, raw
+from tests.conftest import listen, parse_responses, raw, running_gateways, with_defaults
 from tests.integration.test_lifecycle import Daemon, assert_clean_shutdown, assert_port_free, free_port
 from txgateway.config import load_config
 from txgateway.gateway import Gateway
@@ -69,46 +68,19 @@ class FileGateway:
         return [line for line in self.log if fragment in line]
 
 
-def with_defaults(yaml_text: str) -> str:
-    """Dedented, with a loopback listener on a free port and no access log unless it says."""
-    text = textwrap.dedent(yaml_text)
-    if "listen:" not in text:
-        text = 'listen: [{endpoint: "tcp:0:interface=127.0.0.1"}]\naccess_log: "off"\n' + text
-    return text
-
-
 @pytest_twisted.async_yield_fixture()
 async def file_gateway(reactor: Any, tmp_path: Path) -> Any:
     """Factory: `await file_gateway(yaml)` -> FileGateway on a free port, built from a FILE
     (the conftest `gateway` fixture parses text named "test.yaml", which reload cannot re-read).
     As there, any traceback the gateway logs fails the test."""
-    started: list[Gateway] = []
-    crashes: list[dict[str, Any]] = []
-    lines: list[str] = []
+    async with running_gateways(reactor) as runner:
+        async def start(yaml_text: str) -> FileGateway:
+            path = tmp_path / "gateway.yaml"
+            path.write_text(with_defaults(yaml_text))
+            gw, port = await runner.start(load_config(str(path)))
+            return FileGateway(gw, port, path, runner.lines)
 
-    def observe(event: dict[str, Any]) -> None:
-        if not str(event.get("log_namespace", "")).startswith("txgateway"):
-            return
-        if "log_failure" in event:
-            crashes.append(event)
-        lines.append(formatEvent(event))
-    globalLogPublisher.addObserver(observe)
-
-    async def start(yaml_text: str) -> FileGateway:
-        path = tmp_path / "gateway.yaml"
-        path.write_text(with_defaults(yaml_text))
-        gw = Gateway(load_config(str(path)), reactor)
-        gw.startService()
-        started.append(gw)
-        port = await gw.listeners[0]._waitingForPort
-        return FileGateway(gw, port.getHost().port, path, lines)
-
-    yield start
-    for gw in started:
-        gw.config = dataclasses.replace(gw.config, drain_timeout=0.0)
-        await gw.stopService()
-    globalLogPublisher.removeObserver(observe)
-    assert not crashes, [e["log_failure"].getTraceback() for e in crashes]
+        yield start
 
 
 def limited_config(url: str, rate: str, extra_route: str = "") -> str:
