@@ -7,10 +7,12 @@ import dataclasses
 import json
 import socket
 import textwrap
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import jwt
 import pytest
 import pytest_twisted
 from twisted.internet.endpoints import serverFromString
@@ -31,6 +33,22 @@ TIMEOUT = 10.0
 SECRET = b"integration-secret-0123456789abcdef"
 ALICE_KEY = "alice-service-key-0123456789"
 BOB_KEY = "bob-service-key-0123456789"
+ISSUER = "https://auth.test"
+
+
+def jwt_claims(now: float | None = None, **overrides: Any) -> dict[str, Any]:
+    """Alice's claims (admin, pro tier) from ISSUER for audience "api", valid an hour from `now`;
+    an override of None drops that claim."""
+    now = time.time() if now is None else now
+    out: dict[str, Any] = {"sub": "alice", "role": "admin", "tier": "pro", "iss": ISSUER, "aud": "api",
+                           "iat": int(now), "exp": int(now) + 3600}
+    out.update(overrides)
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def mint_token(now: float | None = None, key: bytes = SECRET, algorithm: str = "HS256", **overrides: Any) -> str:
+    """A JWT of `jwt_claims(now, **overrides)`, signed with SECRET (HS256) unless told."""
+    return jwt.encode(jwt_claims(now, **overrides), key, algorithm=algorithm)
 
 
 @pytest.fixture

@@ -28,17 +28,18 @@ from twisted.web.server import Site
 from tests.conftest import (
     ALICE_KEY,
     BOB_KEY,
+    ISSUER,
     SECRET,
     Response,
     assert_envelope,
     free_port,
+    jwt_claims,
     listen,
+    mint_token,
     parse_responses,
     raw,
 )
 from txgateway.authconfig import hash_api_key
-
-ISSUER = "https://auth.test"
 
 
 def challenge(error: str, description: str) -> str:
@@ -47,18 +48,6 @@ def challenge(error: str, description: str) -> str:
 
 def b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def claims(now: float | None = None, **overrides: Any) -> dict[str, Any]:
-    now = time.time() if now is None else now
-    out: dict[str, Any] = {"sub": "alice", "role": "admin", "tier": "pro", "iss": ISSUER, "aud": "api",
-                           "iat": int(now), "exp": int(now) + 3600}
-    out.update(overrides)
-    return {k: v for k, v in out.items() if v is not None}
-
-
-def hs(now: float | None = None, key: bytes = SECRET, algorithm: str = "HS256", **overrides: Any) -> str:
-    return jwt.encode(claims(now, **overrides), key, algorithm=algorithm)
 
 
 def forge_hs256(payload: dict[str, Any], secret: bytes) -> str:
@@ -123,7 +112,7 @@ def hs_config(echo_url: str, secret_file: str, extra_auth: str = "") -> str:
 
 
 async def still_serves(gw: Any) -> None:
-    r = await get(gw, token=hs(sub="after"))
+    r = await get(gw, token=mint_token(sub="after"))
     assert r.status == 200, r.body
     assert seen_identity(r)["X-User-Id"] == "after"
 
@@ -131,7 +120,7 @@ async def still_serves(gw: Any) -> None:
 # --- bad input: one gateway each, exact answers, the next request still works -----------------
 
 def _long_claim_token() -> str:
-    return hs(sub="x" * 1000)
+    return mint_token(sub="x" * 1000)
 
 
 BAD_BEARERS = [
@@ -140,49 +129,49 @@ BAD_BEARERS = [
     ("bearer-with-nothing", "Bearer", "invalid_request", "the bearer token is empty"),
     ("bearer-and-spaces", "Bearer    ", "invalid_request", "the bearer token is empty"),
     ("basic-scheme", "Basic YWxpY2U6c2VjcmV0", "invalid_request", "expected Authorization: Bearer <token>"),
-    ("token-without-scheme", lambda: hs(), "invalid_request", "expected Authorization: Bearer <token>"),
+    ("token-without-scheme", lambda: mint_token(), "invalid_request", "expected Authorization: Bearer <token>"),
     ("garbage", "Bearer garbage", "invalid_token", "the token is malformed"),
     ("garbage-dots", "Bearer a.b.c", "invalid_token", "the token is malformed"),
     # 43 base64 characters carry the 32-byte signature: 40 decode cleanly to 30 bytes, 42 do not
-    ("truncated-signature", lambda: "Bearer " + hs()[:-3], "invalid_token", "the token's signature is invalid"),
+    ("truncated-signature", lambda: "Bearer " + mint_token()[:-3], "invalid_token", "the token's signature is invalid"),
     # An HS256 signature is 43 base64url characters; 41 is an impossible length (41 % 4 == 1),
     # so this is malformed whatever the signature's bytes (one character less may still decode).
-    ("truncated-to-invalid-base64", lambda: "Bearer " + hs()[:-2], "invalid_token", "the token is malformed"),
-    ("truncated-in-payload", lambda: "Bearer " + hs()[:60], "invalid_token", "the token is malformed"),
-    ("wrong-signature", lambda: "Bearer " + hs(key=b"another-secret-0123456789abcdef!!"), "invalid_token",
+    ("truncated-to-invalid-base64", lambda: "Bearer " + mint_token()[:-2], "invalid_token", "the token is malformed"),
+    ("truncated-in-payload", lambda: "Bearer " + mint_token()[:60], "invalid_token", "the token is malformed"),
+    ("wrong-signature", lambda: "Bearer " + mint_token(key=b"another-secret-0123456789abcdef!!"), "invalid_token",
      "the token's signature is invalid"),
     ("tampered-payload", lambda: "Bearer " + _tampered(), "invalid_token", "the token's signature is invalid"),
     ("alg-none", lambda: "Bearer " + _alg_none(), "invalid_token", "the token's algorithm is not accepted"),
-    ("alg-not-allowed", lambda: "Bearer " + hs(algorithm="HS512", key=SECRET * 2), "invalid_token",
+    ("alg-not-allowed", lambda: "Bearer " + mint_token(algorithm="HS512", key=SECRET * 2), "invalid_token",
      "the token's algorithm is not accepted"),
-    ("expired", lambda: "Bearer " + hs(exp=int(time.time()) - 5), "invalid_token", "the token has expired"),
-    ("nbf-in-the-future", lambda: "Bearer " + hs(nbf=int(time.time()) + 600), "invalid_token",
+    ("expired", lambda: "Bearer " + mint_token(exp=int(time.time()) - 5), "invalid_token", "the token has expired"),
+    ("nbf-in-the-future", lambda: "Bearer " + mint_token(nbf=int(time.time()) + 600), "invalid_token",
      "the token is not valid yet"),
-    ("iat-in-the-future", lambda: "Bearer " + hs(iat=int(time.time()) + 600), "invalid_token",
+    ("iat-in-the-future", lambda: "Bearer " + mint_token(iat=int(time.time()) + 600), "invalid_token",
      "the token's iat is invalid or in the future"),
-    ("wrong-iss", lambda: "Bearer " + hs(iss="https://evil.test"), "invalid_token", "the token's issuer is not accepted"),
-    ("missing-iss", lambda: "Bearer " + hs(iss=None), "invalid_token", "the token has no iss claim"),
-    ("wrong-aud", lambda: "Bearer " + hs(aud="billing"), "invalid_token", "the token's audience is not accepted"),
-    ("missing-exp", lambda: "Bearer " + hs(exp=None), "invalid_token", "the token has no exp claim"),
-    ("missing-sub", lambda: "Bearer " + hs(sub=None), "invalid_token", "the token has no sub claim"),
-    ("crlf-in-sub", lambda: "Bearer " + hs(sub="alice\r\nX-User-Role: admin"), "invalid_token",
+    ("wrong-iss", lambda: "Bearer " + mint_token(iss="https://evil.test"), "invalid_token", "the token's issuer is not accepted"),
+    ("missing-iss", lambda: "Bearer " + mint_token(iss=None), "invalid_token", "the token has no iss claim"),
+    ("wrong-aud", lambda: "Bearer " + mint_token(aud="billing"), "invalid_token", "the token's audience is not accepted"),
+    ("missing-exp", lambda: "Bearer " + mint_token(exp=None), "invalid_token", "the token has no exp claim"),
+    ("missing-sub", lambda: "Bearer " + mint_token(sub=None), "invalid_token", "the token has no sub claim"),
+    ("crlf-in-sub", lambda: "Bearer " + mint_token(sub="alice\r\nX-User-Role: admin"), "invalid_token",
      "claim sub is empty, too long or contains control characters"),
-    ("lf-in-role", lambda: "Bearer " + hs(role="admin\nx"), "invalid_token",
+    ("lf-in-role", lambda: "Bearer " + mint_token(role="admin\nx"), "invalid_token",
      "claim role is empty, too long or contains control characters"),
     ("1kb-claim", lambda: "Bearer " + _long_claim_token(), "invalid_token",
      "claim sub is empty, too long or contains control characters"),
-    ("10kb-claim", lambda: "Bearer " + hs(tier="t" * 10240), "invalid_token", "the token is too long"),
-    ("list-role", lambda: "Bearer " + hs(role=["admin"]), "invalid_token", "claim role must be a string"),
+    ("10kb-claim", lambda: "Bearer " + mint_token(tier="t" * 10240), "invalid_token", "the token is too long"),
+    ("list-role", lambda: "Bearer " + mint_token(role=["admin"]), "invalid_token", "claim role must be a string"),
 ]
 
 
 def _tampered() -> str:
-    head, _, signature = hs(sub="alice").split(".")
-    return f"{head}.{b64(json.dumps(claims(sub='root')).encode())}.{signature}"
+    head, _, signature = mint_token(sub="alice").split(".")
+    return f"{head}.{b64(json.dumps(jwt_claims(sub='root')).encode())}.{signature}"
 
 
 def _alg_none() -> str:
-    return f"{b64(json.dumps({'alg': 'none', 'typ': 'JWT'}).encode())}.{b64(json.dumps(claims()).encode())}."
+    return f"{b64(json.dumps({'alg': 'none', 'typ': 'JWT'}).encode())}.{b64(json.dumps(jwt_claims()).encode())}."
 
 
 @pytest.mark.parametrize(("authorization", "error", "description"),
@@ -224,7 +213,7 @@ async def test_rs256_route_refuses_an_hs256_token_signed_with_its_public_key(rea
         routes:
           - {{prefix: /api/users, upstream: users, auth: required}}
         """)
-        forged = forge_hs256(claims(sub="mallory"), pem)
+        forged = forge_hs256(jwt_claims(sub="mallory"), pem)
         before = len(echo.requests)
         r = await get(gw, token=forged)
         expected = ("the token's algorithm is not accepted" if algorithms == "[RS256]"
@@ -232,9 +221,9 @@ async def test_rs256_route_refuses_an_hs256_token_signed_with_its_public_key(rea
         assert_envelope(r, 401, "UNAUTHORIZED")
         assert r.header("www-authenticate") == challenge("invalid_token", expected)
         assert len(echo.requests) == before
-        good = await get(gw, token=jwt.encode(claims(), rsa_keys["k1"], algorithm="RS256"))
+        good = await get(gw, token=jwt.encode(jwt_claims(), rsa_keys["k1"], algorithm="RS256"))
         assert good.status == 200 and seen_identity(good)["X-User-Id"] == "alice"
-        stranger = await get(gw, token=jwt.encode(claims(), rsa_keys["evil"], algorithm="RS256"))
+        stranger = await get(gw, token=jwt.encode(jwt_claims(), rsa_keys["evil"], algorithm="RS256"))
         assert stranger.header("www-authenticate") == challenge("invalid_token", "the token's signature is invalid")
 
 
@@ -243,7 +232,7 @@ async def test_rs256_route_refuses_an_hs256_token_signed_with_its_public_key(rea
 @pytest_twisted.ensureDeferred
 async def test_valid_token_forwards_identity_and_replaces_forged_headers(reactor, echo, gateway, secret_file):
     gw = await gateway(hs_config(echo.url, secret_file))
-    r = await get(gw, token=hs(sub="alice", role="admin", tier="pro"),
+    r = await get(gw, token=mint_token(sub="alice", role="admin", tier="pro"),
                   headers=[("X-User-Id", "root"), ("X-User-Role", "superuser"), ("x-user-tier", "enterprise"),
                            ("X-User-Extra", "x")])
     assert r.status == 200, r.body
@@ -253,7 +242,7 @@ async def test_valid_token_forwards_identity_and_replaces_forged_headers(reactor
     record = gw.log[-1]
     assert (record["status"], record["user_id"]) == (200, "alice")
     # a token without role and tier forwards only the id
-    r = await get(gw, token=hs(sub="bob", role=None, tier=None), headers=[("X-User-Role", "admin")])
+    r = await get(gw, token=mint_token(sub="bob", role=None, tier=None), headers=[("X-User-Role", "admin")])
     assert seen_identity(r) == {"X-User-Id": "bob"}
     assert gw.log[-1]["user_id"] == "bob"
 
@@ -261,8 +250,8 @@ async def test_valid_token_forwards_identity_and_replaces_forged_headers(reactor
 @pytest_twisted.ensureDeferred
 async def test_a_401_keeps_the_connection_and_the_same_token_works_again(reactor, echo, gateway, secret_file):
     gw = await gateway(hs_config(echo.url, secret_file))
-    token = hs(sub="carol")
-    tokens = [token, "bad", token, hs(sub="carol", exp=int(time.time()) - 1), token]
+    token = mint_token(sub="carol")
+    tokens = [token, "bad", token, mint_token(sub="carol", exp=int(time.time()) - 1), token]
     pipelined = b"".join(
         f"GET /api/users/{i} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {t}\r\n\r\n".encode()
         for i, t in enumerate(tokens))
@@ -281,7 +270,7 @@ async def test_expect_100_continue_is_answered_only_after_auth(reactor, echo, ga
     assert not resp.startswith(b"HTTP/1.1 100")          # the client is not invited to send a body we refuse
     (r,) = parse_responses(resp)
     assert r.header("www-authenticate") == challenge("invalid_request", "credentials are required")
-    resp = await raw(gw.port, [(head + f"Authorization: Bearer {hs(sub='erin')}\r\nConnection: close\r\n\r\n").encode(),
+    resp = await raw(gw.port, [(head + f"Authorization: Bearer {mint_token(sub='erin')}\r\nConnection: close\r\n\r\n").encode(),
                                b"hello"], pause=0.2)
     assert resp.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
     (r,) = parse_responses(resp)
@@ -292,8 +281,8 @@ async def test_expect_100_continue_is_answered_only_after_auth(reactor, echo, ga
 @pytest_twisted.ensureDeferred
 async def test_roles_give_403_to_a_valid_identity_without_the_role(reactor, echo, gateway, secret_file):
     gw = await gateway(hs_config(echo.url, secret_file))
-    assert (await get(gw, "/api/orders/1", token=hs(role="admin"))).status == 200
-    for token in (hs(sub="bob", role="user"), hs(sub="bob", role=None), hs(sub="bob", role="Admin")):
+    assert (await get(gw, "/api/orders/1", token=mint_token(role="admin"))).status == 200
+    for token in (mint_token(sub="bob", role="user"), mint_token(sub="bob", role=None), mint_token(sub="bob", role="Admin")):
         r = await get(gw, "/api/orders/1", token=token)
         err = assert_envelope(r, 403, "FORBIDDEN")
         assert err["message"] == "this identity lacks the role this route requires"
@@ -314,11 +303,11 @@ async def test_auth_optional(reactor, echo, gateway, secret_file):
     assert r.status == 200 and seen_identity(r) == {}
     assert gw.log[-1]["user_id"] is None
     # present and valid: forwarded
-    r = await get(gw, "/api/maybe", token=hs(sub="dave", role="user", tier="free"))
+    r = await get(gw, "/api/maybe", token=mint_token(sub="dave", role="user", tier="free"))
     assert seen_identity(r) == {"X-User-Id": "dave", "X-User-Role": "user", "X-User-Tier": "free"}
     assert gw.log[-1]["user_id"] == "dave"
     # present and invalid: rejected, not downgraded to anonymous
-    for token, description in ((hs(exp=int(time.time()) - 5), "the token has expired"),
+    for token, description in ((mint_token(exp=int(time.time()) - 5), "the token has expired"),
                                ("junk", "the token is malformed")):
         r = await get(gw, "/api/maybe", token=token)
         assert_envelope(r, 401, "UNAUTHORIZED")
@@ -356,7 +345,7 @@ async def test_api_keys(reactor, echo, gateway, secret_file, keys_file):
         assert_envelope(r, 401, "UNAUTHORIZED")
         assert r.header("www-authenticate") == challenge("invalid_token", "the API key is not valid")
     # an invalid key is not rescued by a valid token sent alongside
-    r = await get(gw, "/api/users/1", token=hs(), headers=[("X-API-Key", "nope")])
+    r = await get(gw, "/api/users/1", token=mint_token(), headers=[("X-API-Key", "nope")])
     assert r.status == 401
     assert len(echo.requests) == 2
     await still_serves(gw)
@@ -419,7 +408,7 @@ def jwks_config(echo_url: str, jwks_url: str, secret_file: str) -> str:
 
 
 def rs(keys: dict[str, Any], kid: str | None, clock: Clock, signer: str | None = None, **overrides: Any) -> str:
-    return jwt.encode(claims(clock.seconds(), **overrides), keys[signer or kid], algorithm="RS256",
+    return jwt.encode(jwt_claims(clock.seconds(), **overrides), keys[signer or kid], algorithm="RS256",
                       headers={"kid": kid} if kid else None)
 
 
@@ -509,7 +498,7 @@ async def test_jwks_down_at_start_gives_503_then_recovers(reactor, echo, gateway
     assert echo.requests == []
     assert gw.log[-1]["status"] == 503 and gw.log[-1]["user_id"] is None
     # everyone else is still served: HS tokens, public routes, and bad tokens still get their 401
-    r = await get(gw, token=hs(clock.seconds(), sub="hs-user"))
+    r = await get(gw, token=mint_token(clock.seconds(), sub="hs-user"))
     assert r.status == 200 and seen_identity(r)["X-User-Id"] == "hs-user"
     assert (await get(gw, "/api/public/x")).status == 200
     assert (await get(gw, token="junk")).status == 401

@@ -30,7 +30,6 @@ from typing import Any
 
 import h2.events
 import h2.exceptions
-import jwt
 import pytest
 import pytest_twisted
 from cryptography import x509
@@ -46,18 +45,18 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from tests.conftest import (
-    SECRET,
+    ISSUER,
     Response,
     assert_envelope,
     free_port,
     listen,
+    mint_token,
     parse_responses,
     raw,
 )
 
 WAIT = 10.0                         # every bounded wait in this file
 LOOPBACK = "tcp:0:interface=127.0.0.1"
-ISSUER = "https://auth.test"
 HSTS = "max-age=600"
 
 
@@ -540,13 +539,6 @@ async def test_one_route_behaves_the_same_over_h1_h1_tls_and_h2(reactor, echo, g
 
 # --- 3. every filter over h2 ------------------------------------------------------------------
 
-def token(**overrides: Any) -> str:
-    now = int(time.time())
-    claims = {"sub": "alice", "role": "admin", "tier": "pro", "iss": ISSUER, "aud": "api", "iat": now,
-              "exp": now + 3600, **overrides}
-    return jwt.encode(claims, SECRET, algorithm="HS256")
-
-
 def auth_config(secret_file: str) -> str:
     return f"""
 auth:
@@ -576,7 +568,7 @@ async def test_every_filter_applies_to_http2_requests(reactor, echo, streaming, 
     results = await h2_requests(
         port, cert.cert,
         {"path": "/api/private/1"},                                                     # 0: no token
-        {"path": "/api/private/1", "headers": [("authorization", f"Bearer {token(sub='carol')}"),
+        {"path": "/api/private/1", "headers": [("authorization", f"Bearer {mint_token(sub='carol')}"),
                                                ("x-user-id", "forged")]},              # 1: token
         {"path": "/api/limited/a"}, {"path": "/api/limited/b"}, {"path": "/api/limited/c"},   # 2-4: burst 2
         {"path": "/api/guarded/x"},                                                     # 5: breaker open

@@ -12,11 +12,9 @@ from __future__ import annotations
 import os
 import struct
 import textwrap
-import time
 from collections.abc import Sequence
 from typing import Any
 
-import jwt
 import pytest_twisted
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred, DeferredQueue
@@ -31,17 +29,10 @@ from twisted.web.static import Data
 from twisted.web.websocket import ConnectionRejected, WebSocketClientEndpoint, WebSocketResource
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
-from tests.conftest import SECRET, assert_envelope, listen, parse_responses, raw
+from tests.conftest import ISSUER, assert_envelope, listen, mint_token, parse_responses, raw
 
 TIMEOUT = 10.0
-ISSUER = "https://auth.test"
 MiB = 1 << 20
-
-
-def token(sub: str = "alice") -> str:
-    now = int(time.time())
-    return jwt.encode({"sub": sub, "role": "admin", "tier": "pro", "iss": ISSUER, "aud": "api",
-                       "iat": now, "exp": now + 3600}, SECRET, algorithm="HS256")
 
 
 # --- taps: the bytes each way on one TCP connection --------------------------------------
@@ -428,7 +419,7 @@ async def test_upstream_handshake_gets_forwarding_correlation_and_identity_heade
     app = [("Origin", "https://app.test"), ("Sec-WebSocket-Protocol", "chat.v2, chat.v1")]
     for path, sub in (("/ws/secure/room", "alice"), ("/ws/maybe/room", "bob")):
         client = await raw_handshake(reactor, gw, handshake(
-            path, forged + app + [("X-Correlation-ID", f"ws-{sub}"), ("Authorization", f"Bearer {token(sub)}")]))
+            path, forged + app + [("X-Correlation-ID", f"ws-{sub}"), ("Authorization", f"Bearer {mint_token(sub=sub)}")]))
         head = client.head.result
         assert head.startswith(b"HTTP/1.1 101 "), head
         # the upstream's Sec-WebSocket-Accept passes unchanged (RFC 6455's example key)
