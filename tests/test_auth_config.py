@@ -10,8 +10,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from tests.configcheck import config_errors
 from txgateway.authconfig import ApiKey, ClaimMap, Jwk, hash_api_key, parse_jwks
-from txgateway.config import ConfigError, parse_config
+from txgateway.config import parse_config
 
 # Lines 1-8; the auth section starts at line 9 (`auth:`), its first key at line 10.
 BASE = """\
@@ -36,9 +37,7 @@ def config(auth: str, env: dict[str, str] | None = None):
 
 
 def errors(auth: str, env: dict[str, str] | None = None) -> list[str]:
-    with pytest.raises(ConfigError) as info:
-        config(auth, env)
-    return [str(p) for p in info.value.problems]
+    return config_errors(BASE + textwrap.dedent(auth), environ=ENV if env is None else env)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch.ssh.keys import Key
 
+from tests.configcheck import config_errors
 from txgateway.adminconfig import AdminConfig, ManholeConfig
 from txgateway.breaker import BreakerSettings
 from txgateway.config import (
@@ -63,15 +64,7 @@ def cfg(text: str) -> str:
     return textwrap.dedent(text)
 
 
-def errors(text: str, file: str = "c.yaml", environ: dict[str, str] | None = None) -> list[str]:
-    """The problems parse_config reports, as check-config prints them."""
-    with pytest.raises(ConfigError) as info:
-        parse_config(text, file, environ)
-    problems = info.value.problems
-    assert problems, "a ConfigError must list at least one problem"
-    assert all(isinstance(p, ConfigProblem) for p in problems)
-    assert str(info.value) == "\n".join(str(p) for p in problems)
-    return [str(p) for p in problems]
+errors = config_errors        # the problems parse_config reports, as check-config prints them
 
 
 def test_base_is_valid():
@@ -500,9 +493,7 @@ ENV = {"JWT_SECRET": "x" * 32}
 
 
 def auth_errors(text: str) -> list[str]:
-    with pytest.raises(ConfigError) as info:
-        parse_config(text, "c.yaml", ENV)
-    return [str(p) for p in info.value.problems]
+    return config_errors(text, environ=ENV)
 
 
 def test_route_auth_and_roles_values():

@@ -6,6 +6,7 @@ import textwrap
 
 import pytest
 
+from tests.configcheck import config_errors
 from txgateway.config import ConfigError, parse_config
 from txgateway.limitconfig import LimitsConfig, RouteLimit, Tier
 from txgateway.units import Rate
@@ -37,9 +38,7 @@ def config(route_limit: str = "{key: ip}", limits: str = LIMITS):
 
 
 def errors(route_limit: str = "{key: ip}", limits: str = LIMITS) -> list[str]:
-    with pytest.raises(ConfigError) as info:
-        config(route_limit, limits)
-    return str(info.value).splitlines()
+    return config_errors(ROUTES % route_limit + textwrap.dedent(limits))
 
 
 # --- what loads ---------------------------------------------------------------------------

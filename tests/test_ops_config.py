@@ -12,9 +12,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch.ssh.keys import Key
 
+from tests.configcheck import config_errors
 from txgateway.adminconfig import AdminConfig, ManholeConfig
 from txgateway.cli import main
-from txgateway.config import ConfigError, ConfigProblem, parse_config
+from txgateway.config import ConfigError, parse_config
 
 # Lines 1-8; the section under test starts at line 9, its first key (block style) at line 10.
 BASE = """\
@@ -39,12 +40,7 @@ def config(section: str, env: dict[str, str] | None = None):
 
 
 def errors(section: str, env: dict[str, str] | None = None) -> list[str]:
-    with pytest.raises(ConfigError) as info:
-        config(section, env)
-    problems = info.value.problems
-    assert problems and all(isinstance(p, ConfigProblem) for p in problems)
-    assert str(info.value) == "\n".join(str(p) for p in problems)
-    return [str(p) for p in problems]
+    return config_errors(BASE + textwrap.dedent(section), environ={} if env is None else env)
 
 
 def openssh_public_key(comment: str = "ops@example") -> bytes:

@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 
+from tests.configcheck import config_errors
 from txgateway.breaker import BreakerSettings
 from txgateway.config import ConfigError, parse_config
 from txgateway.resilienceconfig import HealthCheck, PassiveHealth
@@ -42,9 +43,7 @@ def users(body: str):
 
 
 def errors(body: str) -> list[str]:
-    with pytest.raises(ConfigError) as info:
-        parse_config(text(body), "c.yaml")
-    return [str(p) for p in info.value.problems]
+    return config_errors(text(body))
 
 
 def test_head_alone_loads_with_the_defaults():

@@ -23,7 +23,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from txgateway.config import ConfigError, Target, parse_config
+from tests.configcheck import config_errors
+from txgateway.config import Target, parse_config
 from txgateway.tls import RedirectToHttps, ServerTLS
 from txgateway.tlsconfig import Certificate, ListenerTLS, UpstreamTLS
 
@@ -129,10 +130,7 @@ def listener_tls(body: str) -> ListenerTLS:
     return tls
 
 
-def errors(text: str) -> list[str]:
-    with pytest.raises(ConfigError) as info:
-        parse_config(text, "c.yaml")
-    return [str(p) for p in info.value.problems]
+errors = config_errors
 
 
 # --- listener tls: certificates -----------------------------------------------------------

@@ -1,0 +1,25 @@
+"""The one way the config tests read a config that must be refused: `config_errors`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pytest
+
+from txgateway.config import ConfigError, ConfigProblem, parse_config
+
+
+def config_errors(text: str, file: str = "c.yaml", environ: Mapping[str, str] | None = None) -> list[str]:
+    """The problems parse_config reports for `text`, one a line as check-config prints them.
+
+    The ConfigError must list at least one problem, each a ConfigProblem, and its own text
+    must be exactly theirs, one a line (so `str(error).splitlines()` is the same list).
+    `environ` is passed on as is (None: os.environ).
+    """
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, file, environ)
+    problems = info.value.problems
+    assert problems, "a ConfigError must list at least one problem"
+    assert all(isinstance(p, ConfigProblem) for p in problems)
+    assert str(info.value) == "\n".join(str(p) for p in problems)
+    return [str(p) for p in problems]
