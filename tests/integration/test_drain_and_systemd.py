@@ -8,6 +8,7 @@ deadline.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -21,13 +22,14 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import free_port, parse_responses, raw_request
 from tests.integration.test_lifecycle import STOP_TIMEOUT, TWISTD, Daemon, assert_clean_shutdown
+from tests.stdlib_upstream import QuietHandler, StdlibUpstream
 from txgateway.units import parse_duration
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,7 +40,7 @@ SLOW_BODY = b"slow and steady"
 
 # --- a stdlib upstream ---------------------------------------------------------------
 
-class Upstream:
+class Upstream(StdlibUpstream):
     """A threaded HTTP/1.1 upstream on 127.0.0.1 answering after `delay` seconds with JSON
     about the request (or SLOW_BODY when delayed). `arrived` is set by each request."""
 
@@ -48,8 +50,7 @@ class Upstream:
         self.answered: list[float] = []
         upstream = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+        class Handler(QuietHandler):
             timeout = 15                          # an idle pooled connection ends, bounded
 
             def do_GET(self) -> None:
@@ -60,31 +61,12 @@ class Upstream:
                 else:
                     body = json.dumps({"service": "stdlib", "path": self.path}).encode()
                 try:
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/json" if not upstream.delay else "text/plain")
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
+                    self.answer(body, "application/json" if not upstream.delay else "text/plain")
                     upstream.answered.append(time.monotonic())
                 except OSError:                   # the gateway cut the request (drain timeout)
                     self.close_connection = True
 
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
+        super().__init__(Handler)
 
 
 @pytest.fixture
@@ -195,7 +177,20 @@ def test_sigterm_drains_in_flight_refuses_new_connections_and_readyz_turns_503(t
         daemon.kill()
 
 
-def test_a_request_still_running_at_drain_timeout_is_cut_and_the_exit_is_0(tmp_path, upstreams):
+@dataclass
+class CutAtDrainTimeout:
+    daemon: Daemon
+    hanging: Upstream       # the upstream, answering after 3 s
+    port: int
+    code: int               # the daemon's exit status
+    stopped: float          # seconds from SIGTERM to the exit
+    cut: bytes              # what the client got (raw_request: b"<RESET>" for a reset)
+
+
+@contextlib.contextmanager
+def request_cut_at_drain_timeout(tmp_path: Path, upstreams: list[Upstream]) -> Iterator[CutAtDrainTimeout]:
+    """A daemon with drain_timeout 1s gets SIGTERM while its one request waits for a 3 s
+    upstream; yields what happened once it exited. The daemon is killed at the end regardless."""
     hanging = Upstream(delay=3.0)
     upstreams.append(hanging)
     port = free_port()
@@ -211,15 +206,20 @@ def test_a_request_still_running_at_drain_timeout_is_cut_and_the_exit_is_0(tmp_p
             code = daemon.wait(STOP_TIMEOUT)
             stopped = time.monotonic() - sigterm
             cut = pending.result(timeout=5)
-        assert_clean_shutdown(daemon, code)
-        # It waited drain_timeout (1s), then gave up well before the upstream's 3 s answer.
-        assert 0.9 <= stopped < 2.5, stopped
-        assert not hanging.answered
-        # The client got no response at all: its connection was closed (or reset).
-        assert cut in (b"", b"<RESET>"), cut
-        assert refused(port)
+        yield CutAtDrainTimeout(daemon, hanging, port, code, stopped, cut)
     finally:
         daemon.kill()
+
+
+def test_a_request_still_running_at_drain_timeout_is_cut_and_the_exit_is_0(tmp_path, upstreams):
+    with request_cut_at_drain_timeout(tmp_path, upstreams) as run:
+        assert_clean_shutdown(run.daemon, run.code)
+        # It waited drain_timeout (1s), then gave up well before the upstream's 3 s answer.
+        assert 0.9 <= run.stopped < 2.5, run.stopped
+        assert not run.hanging.answered
+        # The client got no response at all: its connection was closed (or reset).
+        assert run.cut in (b"", b"<RESET>"), run.cut
+        assert refused(run.port)
 
 
 # --- socket activation -----------------------------------------------------------------

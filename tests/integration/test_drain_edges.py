@@ -2,17 +2,16 @@
 still gets its access-log line, a socket-activated listener without its socket is a clear error
 (no traceback), and systemd hears READY=1 / STOPPING=1."""
 import signal
-from concurrent.futures import ThreadPoolExecutor
 
-from tests.conftest import free_port, raw_request
+from tests.conftest import free_port
 from tests.integration.test_drain_and_systemd import (
     STOP_TIMEOUT,
     ActivatedDaemon,
     Daemon,
     Upstream,
     access_records,
-    get,
     listening_socket,
+    request_cut_at_drain_timeout,
     upstreams,
     write_config,
 )
@@ -23,23 +22,10 @@ __all__ = ["upstreams"]  # the fixture
 
 def test_a_request_cut_at_drain_timeout_is_in_the_access_log(tmp_path, upstreams):
     """SPEC: one access-log record per request. A request cut by drain_timeout leaves none."""
-    hanging = Upstream(delay=3.0)
-    upstreams.append(hanging)
-    port = free_port()
-    config = write_config(tmp_path, f"tcp:{port}:interface=127.0.0.1", hanging.url, "drain_timeout: 1s\n")
-    daemon = Daemon(tmp_path, config)
-    try:
-        daemon.wait_for_port(port)
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(raw_request, port, get("/api/users/hang"), read_timeout=15)
-            assert hanging.arrived.wait(10)
-            daemon.proc.send_signal(signal.SIGTERM)
-            code = daemon.wait(STOP_TIMEOUT)
-            assert pending.result(timeout=5) == b""
-        assert_clean_shutdown(daemon, code)
+    with request_cut_at_drain_timeout(tmp_path, upstreams) as run:
+        assert run.cut == b""
+        assert_clean_shutdown(run.daemon, run.code)
         assert [r["path"] for r in access_records(tmp_path)] == ["/api/users/hang"]   # FAILS: []
-    finally:
-        daemon.kill()
 
 
 def test_missing_inherited_socket_is_a_clear_error_not_a_traceback(tmp_path, upstreams):

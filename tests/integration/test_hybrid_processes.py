@@ -31,18 +31,17 @@ import asyncio
 import contextlib
 import json
 import signal
-import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from tests.conftest import free_port
 from tests.integration.test_lifecycle import Daemon, assert_clean_shutdown
+from tests.stdlib_upstream import QuietHandler, StdlibUpstream
 
 HOST = "127.0.0.1"
 RATE = 50                     # tokens per second (tier t: rate 50/second)
@@ -59,34 +58,16 @@ WARMUP_PATH = "/api/warmup"
 
 # --- the upstream: stdlib, keep-alive, answers 200 at once ---------------------------------------
 
-class _Ok(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"          # keep-alive, so the gateway's upstream pool reuses connections
-
+class _Ok(QuietHandler):
     def do_GET(self) -> None:
-        body = b"ok\n"
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+        self.answer(b"ok\n")
 
 
 @contextlib.contextmanager
 def upstream() -> Iterator[str]:
-    """A ThreadingHTTPServer on a free port in a daemon thread; its URL. Shut down on exit."""
-    server = ThreadingHTTPServer((HOST, 0), _Ok)
-    server.daemon_threads = True           # connections the gateways keep open never block shutdown
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://{HOST}:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(WAIT)
+    """A StdlibUpstream on a free port; its URL. Shut down on exit."""
+    with StdlibUpstream(_Ok) as server:
+        yield server.url
 
 
 # --- the gateways ---------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from tests.integration.test_lifecycle import (
     assert_port_free,
     write_config,
 )
+from tests.stdlib_upstream import QuietHandler, StdlibUpstream
 
 HOST = "127.0.0.1"
 WAIT = 5.0                    # bound on any single client network wait
@@ -47,23 +48,14 @@ MAX_CONNS = 200               # bound on the connections opened to see both work
 
 # --- the upstream: stdlib, keep-alive, 200 at once (or after SLOW s for /users/slow) -------------
 
-class _Ok(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Ok(QuietHandler):
     slow_arrived: threading.Event
 
     def do_GET(self) -> None:
         if self.path.startswith("/users/slow"):
             self.slow_arrived.set()
             time.sleep(SLOW)
-        body = b"ok\n"
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+        self.answer(b"ok\n")
 
 
 class _Server(ThreadingHTTPServer):
@@ -83,16 +75,8 @@ class Upstream:
 def upstream() -> Iterator[Upstream]:
     arrived = threading.Event()
     handler = type("Handler", (_Ok,), {"slow_arrived": arrived})
-    server = _Server((HOST, 0), handler)
-    server.daemon_threads = True            # pooled gateway connections never block shutdown
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield Upstream(f"http://{HOST}:{server.server_address[1]}", arrived)
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(WAIT)
+    with StdlibUpstream(handler, _Server) as server:
+        yield Upstream(server.url, arrived)
 
 
 # --- the daemon: test_lifecycle's Daemon with extra arguments, and its workers --------------------
