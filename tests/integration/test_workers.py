@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -77,6 +77,27 @@ def upstream() -> Iterator[Upstream]:
     handler = type("Handler", (_Ok,), {"slow_arrived": arrived})
     with StdlibUpstream(handler, _Server) as server:
         yield Upstream(server.url, arrived)
+
+
+class TwoWorkers(NamedTuple):
+    up: Upstream
+    daemon: Supervised
+    port: int
+    config: Path
+
+
+@contextlib.contextmanager
+def two_workers(tmp_path: Path) -> Iterator[TwoWorkers]:
+    """An upstream, and `twistd ... --workers 2` proxying /api/users to it on a free port
+    (write_config's config). The daemon is killed at the end regardless; nothing waits for it."""
+    with upstream() as up:
+        port = free_port()
+        config = write_config(tmp_path, port, up.url)
+        daemon = Supervised(tmp_path, config, "--workers", "2")
+        try:
+            yield TwoWorkers(up, daemon, port, config)
+        finally:
+            daemon.kill()
 
 
 # --- the daemon: test_lifecycle's Daemon with extra arguments, and its workers --------------------
@@ -196,6 +217,15 @@ def get(conn: http.client.HTTPConnection, path: str = "/api/users/1") -> int:
     return response.status
 
 
+def get_slow(port: int) -> int:
+    """GET /api/users/slow (the upstream answers after SLOW s) on a connection of its own -> status."""
+    conn = connect(port)
+    try:
+        return get(conn, "/api/users/slow")
+    finally:
+        conn.close()
+
+
 def connect(port: int) -> http.client.HTTPConnection:
     conn = http.client.HTTPConnection(HOST, port, timeout=WAIT)
     conn.connect()
@@ -240,20 +270,15 @@ def both_serve(port: int, workers: list[int], parent: int) -> tuple[dict[int, se
 # --- 1. both workers serve -----------------------------------------------------------------------
 
 def test_both_workers_serve(tmp_path):
-    with upstream() as up:
-        port = free_port()
-        daemon = Supervised(tmp_path, write_config(tmp_path, port, up.url), "--workers", "2")
-        try:
-            workers = daemon.wait_ready(port)
-            assert len(workers) == 2 and daemon.proc.pid not in workers
-            held, statuses = both_serve(port, workers, daemon.proc.pid)
-            assert statuses and set(statuses) == {200}, statuses
-            assert set(held) == set(workers), (held, workers)      # two distinct worker PIDs, not the parent
-            print(f"\n{len(statuses)} requests over {sum(map(len, held.values()))} connections: "
-                  + ", ".join(f"worker pid {pid} holds {len(ports)}" for pid, ports in sorted(held.items())))
-            assert "Traceback" not in daemon.output and "died" not in daemon.output, daemon.output
-        finally:
-            daemon.kill()
+    with two_workers(tmp_path) as (_, daemon, port, _):
+        workers = daemon.wait_ready(port)
+        assert len(workers) == 2 and daemon.proc.pid not in workers
+        held, statuses = both_serve(port, workers, daemon.proc.pid)
+        assert statuses and set(statuses) == {200}, statuses
+        assert set(held) == set(workers), (held, workers)      # two distinct worker PIDs, not the parent
+        print(f"\n{len(statuses)} requests over {sum(map(len, held.values()))} connections: "
+              + ", ".join(f"worker pid {pid} holds {len(ports)}" for pid, ports in sorted(held.items())))
+        assert "Traceback" not in daemon.output and "died" not in daemon.output, daemon.output
 
 
 # --- 2. SIGKILL one worker under load ----------------------------------------------------------
@@ -299,115 +324,93 @@ class Client(threading.Thread):
 
 
 def test_killing_a_worker_loses_only_its_in_flight_requests_and_it_is_restarted(tmp_path):
-    with upstream() as up:
-        port = free_port()
-        daemon = Supervised(tmp_path, write_config(tmp_path, port, up.url), "--workers", "2")
-        try:
-            workers = daemon.wait_ready(port)
-            start = time.monotonic()
-            clients = [Client(port, start + LOAD_SECONDS) for _ in range(LOAD_CONNS)]
-            for client in clients:
-                client.start()
-            time.sleep(KILL_AT)
-            held = connections_by_process(port, workers)
-            victim = max(workers, key=lambda pid: len(held.get(pid, ())))
-            attached = [c for c in clients if c.local_port in held.get(victim, set())]
-            os.kill(victim, signal.SIGKILL)
-            killed_at = time.monotonic()
-            for client in clients:
-                client.join(LOAD_SECONDS + 2 * WAIT)
-            assert not any(c.is_alive() for c in clients)
+    with two_workers(tmp_path) as (_, daemon, port, _):
+        workers = daemon.wait_ready(port)
+        start = time.monotonic()
+        clients = [Client(port, start + LOAD_SECONDS) for _ in range(LOAD_CONNS)]
+        for client in clients:
+            client.start()
+        time.sleep(KILL_AT)
+        held = connections_by_process(port, workers)
+        victim = max(workers, key=lambda pid: len(held.get(pid, ())))
+        attached = [c for c in clients if c.local_port in held.get(victim, set())]
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        for client in clients:
+            client.join(LOAD_SECONDS + 2 * WAIT)
+        assert not any(c.is_alive() for c in clients)
 
-            failures = sum(len(c.failures) for c in clients)
-            ok = sum(c.ok for c in clients)
-            print(f"\n{ok} ok, {failures} failed; {len(attached)} of {LOAD_CONNS} connections were on the "
-                  f"killed worker {victim}: " + "; ".join(f for c in clients for f in c.failures))
-            assert attached, held
-            assert failures <= len(attached), [c.failures for c in clients]
-            for client in clients:                      # at most the one in flight, on the victim only
-                assert len(client.failures) <= (1 if client in attached else 0), client.failures
-                assert any(t > killed_at for t in client.ok_after), "a connection stopped being served"
-            assert ok > 100
+        failures = sum(len(c.failures) for c in clients)
+        ok = sum(c.ok for c in clients)
+        print(f"\n{ok} ok, {failures} failed; {len(attached)} of {LOAD_CONNS} connections were on the "
+              f"killed worker {victim}: " + "; ".join(f for c in clients for f in c.failures))
+        assert attached, held
+        assert failures <= len(attached), [c.failures for c in clients]
+        for client in clients:                      # at most the one in flight, on the victim only
+            assert len(client.failures) <= (1 if client in attached else 0), client.failures
+            assert any(t > killed_at for t in client.ok_after), "a connection stopped being served"
+        assert ok > 100
 
-            # The parent restarts it: a new child within ~3 s, the log says why.
-            index = daemon.worker_index()[victim]
-            new = daemon.wait_until("restarted worker", lambda: set(daemon.workers()) - set(workers),
-                                    timeout=max(0.5, killed_at + 3.0 - time.monotonic()))
-            assert re.search(rf"worker {index} died \(signal 9\); restarting in 1s", daemon.output), daemon.output
-            assert daemon.worker_index()[next(iter(new))] == index
-            # ... and it serves, next to the survivor.
-            survivor = next(pid for pid in workers if pid != victim)
-            workers = daemon.wait_ready(port, started=3)
-            assert set(workers) == {survivor, *new}, (workers, survivor, new)
-            held, statuses = both_serve(port, workers, daemon.proc.pid)
-            assert set(statuses) == {200} and set(held) == set(workers), (held, workers)
-        finally:
-            daemon.kill()
+        # The parent restarts it: a new child within ~3 s, the log says why.
+        index = daemon.worker_index()[victim]
+        new = daemon.wait_until("restarted worker", lambda: set(daemon.workers()) - set(workers),
+                                timeout=max(0.5, killed_at + 3.0 - time.monotonic()))
+        assert re.search(rf"worker {index} died \(signal 9\); restarting in 1s", daemon.output), daemon.output
+        assert daemon.worker_index()[next(iter(new))] == index
+        # ... and it serves, next to the survivor.
+        survivor = next(pid for pid in workers if pid != victim)
+        workers = daemon.wait_ready(port, started=3)
+        assert set(workers) == {survivor, *new}, (workers, survivor, new)
+        held, statuses = both_serve(port, workers, daemon.proc.pid)
+        assert set(statuses) == {200} and set(held) == set(workers), (held, workers)
 
 
 # --- 3. SIGHUP is forwarded ---------------------------------------------------------------------
 
 def test_sighup_to_the_parent_reloads_every_worker(tmp_path):
-    with upstream() as up:
-        port = free_port()
-        config = write_config(tmp_path, port, up.url)
-        daemon = Supervised(tmp_path, config, "--workers", "2")
-        try:
-            workers = daemon.wait_ready(port)
-            config.write_text(config.read_text()
-                              + "  - {prefix: /api/added, upstream: users, rewrite_prefix: /users}\n")
-            daemon.proc.send_signal(signal.SIGHUP)
-            daemon.wait_until("2 reloads", lambda: len(re.findall(r"reload: .* applied", daemon.output)) >= 2,
-                              timeout=10)
-            time.sleep(0.3)
-            assert len(re.findall(r"reload: .* applied", daemon.output)) == 2, daemon.output   # one per worker
-            # the new route answers on whichever worker takes the connection
-            for _ in range(20):
-                conn = connect(port)
-                try:
-                    assert get(conn, "/api/added/1") == 200
-                finally:
-                    conn.close()
-            assert daemon.workers() == workers and daemon.proc.poll() is None   # nobody died of SIGHUP
-            assert "died" not in daemon.output and "Traceback" not in daemon.output, daemon.output
-        finally:
-            daemon.kill()
+    with two_workers(tmp_path) as (_, daemon, port, config):
+        workers = daemon.wait_ready(port)
+        config.write_text(config.read_text()
+                          + "  - {prefix: /api/added, upstream: users, rewrite_prefix: /users}\n")
+        daemon.proc.send_signal(signal.SIGHUP)
+        daemon.wait_until("2 reloads", lambda: len(re.findall(r"reload: .* applied", daemon.output)) >= 2,
+                          timeout=10)
+        time.sleep(0.3)
+        assert len(re.findall(r"reload: .* applied", daemon.output)) == 2, daemon.output   # one per worker
+        # the new route answers on whichever worker takes the connection
+        for _ in range(20):
+            conn = connect(port)
+            try:
+                assert get(conn, "/api/added/1") == 200
+            finally:
+                conn.close()
+        assert daemon.workers() == workers and daemon.proc.poll() is None   # nobody died of SIGHUP
+        assert "died" not in daemon.output and "Traceback" not in daemon.output, daemon.output
 
 
 # --- 4. SIGTERM drains ----------------------------------------------------------------------------
 
 def test_sigterm_drains_the_workers_and_everything_exits_0(tmp_path):
-    with upstream() as up:
-        port = free_port()
-        daemon = Supervised(tmp_path, write_config(tmp_path, port, up.url), "--workers", "2")
-        try:
-            workers = daemon.wait_ready(port)
-            with ThreadPoolExecutor(max_workers=1) as pool:
-                def slow() -> int:
-                    conn = connect(port)
-                    try:
-                        return get(conn, "/api/users/slow")
-                    finally:
-                        conn.close()
-                pending = pool.submit(slow)
-                assert up.slow_arrived.wait(WAIT), daemon.output
-                sent_at = time.monotonic()
-                daemon.proc.send_signal(signal.SIGTERM)
-                assert pending.result(timeout=WAIT + SLOW) == 200     # the in-flight request finished
-            code = daemon.wait(STOP_TIMEOUT)
-            assert time.monotonic() - sent_at >= SLOW * 0.8
-            assert_clean_shutdown(daemon, code)
-            out = daemon.output
-            index = daemon.worker_index()
-            for pid in workers:
-                assert f"worker {index[pid]} stopped (exit 0)" in out, out
-                assert not alive(pid), pid
-            assert out.count("SIGTERM: draining") == 3, out    # the parent and both workers
-            assert out.count("Server Shut Down.") == 3, out
-            assert "died" not in out, out
-            assert_port_free(port)
-        finally:
-            daemon.kill()
+    with two_workers(tmp_path) as (up, daemon, port, _):
+        workers = daemon.wait_ready(port)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(get_slow, port)
+            assert up.slow_arrived.wait(WAIT), daemon.output
+            sent_at = time.monotonic()
+            daemon.proc.send_signal(signal.SIGTERM)
+            assert pending.result(timeout=WAIT + SLOW) == 200     # the in-flight request finished
+        code = daemon.wait(STOP_TIMEOUT)
+        assert time.monotonic() - sent_at >= SLOW * 0.8
+        assert_clean_shutdown(daemon, code)
+        out = daemon.output
+        index = daemon.worker_index()
+        for pid in workers:
+            assert f"worker {index[pid]} stopped (exit 0)" in out, out
+            assert not alive(pid), pid
+        assert out.count("SIGTERM: draining") == 3, out    # the parent and both workers
+        assert out.count("Server Shut Down.") == 3, out
+        assert "died" not in out, out
+        assert_port_free(port)
 
 
 # --- 5. refusals --------------------------------------------------------------------------------
@@ -419,7 +422,8 @@ def run_twistd(tmp_path: Path, config: Path, *extra: str) -> tuple[int, str]:
     return result.returncode, result.stdout + result.stderr
 
 
-def test_workers_with_a_non_tcp_listener_fails_to_start(tmp_path):
+def run_workers_on_a_unix_listener(tmp_path: Path) -> tuple[int, str, Path]:
+    """`twistd ... --workers 2` with a config listening on unix:SOCK -> (exit code, output, SOCK)."""
     sock = tmp_path / "gw.sock"
     config = tmp_path / "gateway.yaml"
     config.write_text(textwrap.dedent(f"""\
@@ -432,6 +436,11 @@ def test_workers_with_a_non_tcp_listener_fails_to_start(tmp_path):
           - {{prefix: /api/users, upstream: users}}
         """))
     code, out = run_twistd(tmp_path, config, "--workers", "2")
+    return code, out, sock
+
+
+def test_workers_with_a_non_tcp_listener_fails_to_start(tmp_path):
+    code, out, sock = run_workers_on_a_unix_listener(tmp_path)
     assert code != 0, out
     assert "--workers shares tcp: and tcp6: listeners only" in out and f"'unix:{sock}'" in out, out
     assert "worker 0 started" not in out and "starting on" not in out, out

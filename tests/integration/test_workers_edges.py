@@ -2,30 +2,22 @@
 Twisted reads them (or refused, never guessed), and the parent stops accepting when the drain
 begins."""
 import socket
-import textwrap
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import free_port
-from tests.integration.test_lifecycle import write_config
-from tests.integration.test_workers import SLOW, WAIT, Supervised, connect, get, run_twistd, upstream
+from tests.integration.test_workers import (
+    SLOW,
+    WAIT,
+    get_slow,
+    run_workers_on_a_unix_listener,
+    two_workers,
+)
 from txgateway.workers import bind_listener
 
 
 def test_non_tcp_listener_is_a_usage_error_without_traceback(tmp_path):
-    sock = tmp_path / "gw.sock"
-    config = tmp_path / "gateway.yaml"
-    config.write_text(textwrap.dedent(f"""\
-        listen:
-          - endpoint: "unix:{sock}"
-        access_log: "off"
-        upstreams:
-          users: {{targets: ["http://127.0.0.1:9"]}}
-        routes:
-          - {{prefix: /api/users, upstream: users}}
-        """))
-    code, out = run_twistd(tmp_path, config, "--workers", "2")
+    code, out, _ = run_workers_on_a_unix_listener(tmp_path)
     assert code != 0
     assert "--workers shares tcp: and tcp6: listeners only" in out
     assert "Traceback" not in out, out                  # like every other config problem
@@ -61,25 +53,14 @@ def refused(port):
 
 def test_new_connections_are_refused_while_the_workers_drain(tmp_path):
     import signal
-    with upstream() as up:
-        port = free_port()
-        daemon = Supervised(tmp_path, write_config(tmp_path, port, up.url), "--workers", "2")
-        try:
-            daemon.wait_ready(port)
-            with ThreadPoolExecutor(max_workers=1) as pool:
-                def slow():
-                    conn = connect(port)
-                    try:
-                        return get(conn, "/api/users/slow")
-                    finally:
-                        conn.close()
-                pending = pool.submit(slow)
-                assert up.slow_arrived.wait(WAIT)
-                daemon.proc.send_signal(signal.SIGTERM)
-                daemon.wait_until("both workers closed the port",
-                                  lambda: daemon.output.count(f"(TCP Port {port} Closed)") >= 2, timeout=SLOW)
-                assert not pending.done()
-                assert refused(port), "accepted into the parent's backlog while the workers drain"
-                assert pending.result(timeout=WAIT + SLOW) == 200
-        finally:
-            daemon.kill()
+    with two_workers(tmp_path) as (up, daemon, port, _):
+        daemon.wait_ready(port)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(get_slow, port)
+            assert up.slow_arrived.wait(WAIT)
+            daemon.proc.send_signal(signal.SIGTERM)
+            daemon.wait_until("both workers closed the port",
+                              lambda: daemon.output.count(f"(TCP Port {port} Closed)") >= 2, timeout=SLOW)
+            assert not pending.done()
+            assert refused(port), "accepted into the parent's backlog while the workers drain"
+            assert pending.result(timeout=WAIT + SLOW) == 200
