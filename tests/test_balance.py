@@ -61,6 +61,16 @@ def fail(b: Balancer, member: Member, n: int, reason: str = "status 503") -> Non
         b.failed(member, reason)
 
 
+def first_member_ejected() -> tuple[Clock, Balancer, Member]:
+    """A round-robin balancer of 3 on its own Clock whose first member just failed 3 times
+    in a row (ejected for 10 s) -> (clock, balancer, that member)."""
+    clock = Clock()
+    b = balancer(clock=clock)
+    m0 = b.members[0]
+    fail(b, m0, 3)
+    return clock, b, m0
+
+
 def messages(logs: list[dict[str, Any]]) -> list[str]:
     return [formatEvent(e) for e in logs if e.get("log_namespace") == "txgateway.balance"]
 
@@ -282,10 +292,7 @@ def test_failures_of_other_members_do_not_add_up():
 
 
 def test_an_ejected_member_returns_after_the_period_and_says_so_once():
-    clock = Clock()
-    b = balancer(clock=clock)
-    m0 = b.members[0]
-    fail(b, m0, 3)
+    clock, b, m0 = first_member_ejected()
     clock.advance(9.9)
     assert 0 not in picks(b, 30)
     clock.advance(0.1)
@@ -297,10 +304,7 @@ def test_an_ejected_member_returns_after_the_period_and_says_so_once():
 
 
 def test_failures_during_an_ejection_do_not_extend_it():
-    clock = Clock()
-    b = balancer(clock=clock)
-    m0 = b.members[0]
-    fail(b, m0, 3)
+    clock, b, m0 = first_member_ejected()
     clock.advance(5)
     fail(b, m0, 10)                        # requests that were in flight at the ejection
     assert m0.ejected_until == 10.0 and m0.ejections == 1
@@ -321,10 +325,7 @@ def test_ejection_doubles_when_failing_again_right_after_returning_up_to_max_eje
 
 
 def test_a_returning_member_without_a_success_is_ejected_again_on_its_next_failure():
-    clock = Clock()
-    b = balancer(clock=clock)
-    m0 = b.members[0]
-    fail(b, m0, 3)
+    clock, b, m0 = first_member_ejected()
     clock.advance(10)
     assert b.pick((b.members[1], b.members[2])) is m0
     b.failed(m0, "status 503")
@@ -332,10 +333,7 @@ def test_a_returning_member_without_a_success_is_ejected_again_on_its_next_failu
 
 
 def test_a_success_after_returning_resets_the_backoff():
-    clock = Clock()
-    b = balancer(clock=clock)
-    m0 = b.members[0]
-    fail(b, m0, 3)
+    clock, b, m0 = first_member_ejected()
     clock.advance(10)
     fail(b, m0, 1)
     clock.advance(20)
@@ -379,20 +377,14 @@ def test_set_down_takes_a_member_out_and_back_and_logs_changes_only():
 
 
 def test_a_down_member_stays_out_even_when_its_ejection_ends():
-    clock = Clock()
-    b = balancer(clock=clock)
-    m0 = b.members[0]
-    fail(b, m0, 3)
+    clock, b, m0 = first_member_ejected()
     b.set_down(m0, True, "health check failed")
     clock.advance(60)
     assert 0 not in picks(b, 30)
 
 
 def test_a_passing_check_ends_an_ejection_early():
-    clock = Clock()
-    b = balancer(clock=clock)
-    m0 = b.members[0]
-    fail(b, m0, 3)
+    clock, b, m0 = first_member_ejected()
     clock.advance(2)
     b.set_down(m0, False, "health check passed")
     assert m0.ejected_until == 0.0 and m0.failures == 0 and not m0.down
@@ -452,10 +444,7 @@ def test_snapshot_shows_each_member():
 
 
 def test_a_pass_ending_an_ejection_early_is_logged():
-    clock = Clock()
-    b = balancer(clock=clock)
-    m0 = b.members[0]
-    fail(b, m0, 3)
+    clock, b, m0 = first_member_ejected()
     clock.advance(2)
     with capturedLogs() as logs:
         b.set_down(m0, False, "health check passed")

@@ -158,25 +158,27 @@ async def test_round_robin_is_exactly_even_over_three_targets(reactor, targets, 
     assert [(m.requests, m.in_flight) for m in members] == [(10, 0)] * 3
 
 
-@pytest_twisted.ensureDeferred
-async def test_random_reaches_every_target(reactor, targets, gateway):
-    gw = await gateway(config(targets, "random"))
+async def sixty_requests(reactor: Any, targets: Any, gateway: Any, policy: str) -> tuple[Any, dict[str, int]]:
+    """60 requests one after the other through a gateway balancing `targets` by `policy`;
+    checks each was served once and by the target it names -> (the gateway, served per target)."""
+    gw = await gateway(config(targets, policy))
     client = Client(reactor, gw.url)
     names = await client.sequential(60)
     await client.close()
     counts = served(targets)
     assert sum(counts.values()) == 60 and Counter(names) == counts
+    return gw, counts
+
+
+@pytest_twisted.ensureDeferred
+async def test_random_reaches_every_target(reactor, targets, gateway):
+    _, counts = await sixty_requests(reactor, targets, gateway, "random")
     assert all(n > 0 for n in counts.values()), counts       # P(a target gets none) ~ 3 * (2/3)^60
 
 
 @pytest_twisted.ensureDeferred
 async def test_least_request_reaches_every_target_when_all_are_idle(reactor, targets, gateway):
-    gw = await gateway(config(targets, "least_request"))
-    client = Client(reactor, gw.url)
-    names = await client.sequential(60)
-    await client.close()
-    counts = served(targets)
-    assert sum(counts.values()) == 60 and Counter(names) == counts
+    gw, counts = await sixty_requests(reactor, targets, gateway, "least_request")
     assert all(n > 0 for n in counts.values()), counts       # all idle: ties, the first sample wins
     members = gw.gateway.proxy.groups["users"].balancer.members
     assert [m.in_flight for m in members] == [0, 0, 0]

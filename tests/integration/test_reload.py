@@ -83,6 +83,19 @@ async def file_gateway(reactor: Any, tmp_path: Path) -> Any:
         yield start
 
 
+ORDERS_ROUTE = "  - {prefix: /api/orders, upstream: users, rewrite_prefix: /orders}\n"
+
+
+def users_only(url: str) -> str:
+    """Upstream `users` at `url` and the one route /api/users to it (no listen: or access_log:)."""
+    return f"""\
+        upstreams:
+          users: {{targets: ["{url}"]}}
+        routes:
+          - {{prefix: /api/users, upstream: users, rewrite_prefix: /users}}
+        """
+
+
 def limited_config(url: str, rate: str, extra_route: str = "") -> str:
     return f"""\
         listen: [{{endpoint: "tcp:0:interface=127.0.0.1"}}]
@@ -285,19 +298,14 @@ async def test_an_invalid_file_is_refused_every_problem_logged_and_the_old_confi
 
 @pytest_twisted.ensureDeferred
 async def test_restart_only_changes_warn_and_keep_the_running_values(file_gateway, echo):
-    base = f"""\
-        upstreams:
-          users: {{targets: ["{echo.url}"]}}
-        routes:
-          - {{prefix: /api/users, upstream: users, rewrite_prefix: /users}}
-        """
+    base = users_only(echo.url)
     gw = await file_gateway('admin: {endpoint: "tcp:0:interface=127.0.0.1"}\ndrain_timeout: 5s\n' + textwrap.dedent(base))
     running = gw.gateway.config
     admin_port = (await gw.gateway.admin._waitingForPort).getHost().port
 
     gw.write('listen: [{endpoint: "tcp:0:interface=127.0.0.2"}]\naccess_log: "off"\n'
              'admin: {endpoint: "tcp:9999:interface=127.0.0.1"}\ndrain_timeout: 1s\n'
-             + textwrap.dedent(base) + "  - {prefix: /api/orders, upstream: users, rewrite_prefix: /orders}\n")
+             + textwrap.dedent(base) + ORDERS_ROUTE)
     assert gw.gateway.reload() == []
 
     for what in ("listen", "admin", "drain_timeout"):
@@ -313,16 +321,11 @@ async def test_restart_only_changes_warn_and_keep_the_running_values(file_gatewa
 @pytest_twisted.ensureDeferred
 async def test_the_manholes_reload_reloads_and_prints_the_outcome(file_gateway, echo):
     from txgateway.manhole import namespace
-    base = f"""\
-        upstreams:
-          users: {{targets: ["{echo.url}"]}}
-        routes:
-          - {{prefix: /api/users, upstream: users, rewrite_prefix: /users}}
-        """
+    base = users_only(echo.url)
     gw = await file_gateway(base)
     reload = namespace(gw.gateway)["reload"]
 
-    gw.write(textwrap.dedent(base) + "  - {prefix: /api/orders, upstream: users, rewrite_prefix: /orders}\n")
+    gw.write(textwrap.dedent(base) + ORDERS_ROUTE)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         reload()
