@@ -52,7 +52,7 @@ class Stats:
         self.started_at = clock.seconds()
         self.started = 0                                   # requests handed to the pipeline
         self.finished = 0                                  # ... and logged
-        self.requests: dict[tuple[str, str, int], int] = {}
+        self.requests: dict[tuple[str, bytes, int], int] = {}   # (route prefix, method, status)
         self.durations: dict[str, _Histogram] = {}
         self.upstream_durations: dict[str, _Histogram] = {}
         self.rejected: dict[str, int] = {}                 # rate limit 429s by route
@@ -64,9 +64,9 @@ class Stats:
     def record(self, ctx: RequestContext, now: float) -> None:
         self.finished += 1
         route = ctx.route.prefix if ctx.route is not None else ""
-        method = ctx.method.decode("ascii") if ctx.method in _METHODS else "OTHER"
-        key = (route, method, ctx.status)
-        self.requests[key] = self.requests.get(key, 0) + 1
+        key = (route, ctx.method, ctx.status)          # labels are made on scrape, not here
+        requests = self.requests
+        requests[key] = requests.get(key, 0) + 1
         histogram = self.durations.get(route)
         if histogram is None:
             histogram = self.durations[route] = _Histogram()
@@ -97,8 +97,12 @@ class MetricsCollector:
         stats = self.gateway.stats
         requests = CounterMetricFamily("txgateway_requests", "Requests answered, by route, method and status",
                                        labels=["route", "method", "status"])
-        for (route, method, status), count in sorted(stats.requests.items()):
-            requests.add_metric([route, method, str(status)], count)
+        counts: dict[tuple[str, str, str], int] = {}
+        for (route, method, status), count in list(stats.requests.items()):
+            labels = (route, method.decode("ascii") if method in _METHODS else "OTHER", str(status))
+            counts[labels] = counts.get(labels, 0) + count
+        for labels, count in sorted(counts.items()):
+            requests.add_metric(list(labels), count)
         yield requests
         yield _histograms("txgateway_request_duration_seconds", "Time from request head to the end of the response",
                           "route", stats.durations)
