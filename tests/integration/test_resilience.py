@@ -15,6 +15,7 @@ hit first in second place.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import pytest_twisted
@@ -281,30 +282,51 @@ async def test_hanging_upstream_gets_504_at_the_timeout_and_counts_toward_the_br
 
 # --- 3. an upstream that resets mid-body -----------------------------------------------------
 
-@pytest_twisted.ensureDeferred
-async def test_reset_mid_body_aborts_the_client_connection(reactor, raw_upstream, echo, gateway):
+@dataclass
+class MidBody:
+    gw: Any
+    got: Signal             # reached(1): the upstream has the request
+    servers: list[Any]      # the upstream's connections
+
+
+async def gateway_to_a_mid_body_upstream(reactor: Any, raw_upstream: Any, echo: Any, gateway: Any,
+                                         users_extra: str = "") -> MidBody:
+    """/api/users to an upstream that sends a head and part of a 100000-byte body, then holds;
+    /api/orders to the echo upstream. `users_extra`: more flow-style keys of `users`."""
     got = Signal(reactor)
     servers: list[Any] = []
     up = await raw_upstream(head_then_hold(got, servers))
     gw = await gateway(f"""
     upstreams:
-      users: {{targets: ["{up.url}"]}}
+      users: {{targets: ["{up.url}"]{users_extra}}}
       orders: {{targets: ["{echo.url}"]}}
     routes:
       - {{prefix: /api/users, upstream: users, rewrite_prefix: /users}}
       - {{prefix: /api/orders, upstream: orders}}
     """, clock=Clock())
-    c = await client(reactor, gw.port, get())
-    await got.reached(1)
+    return MidBody(gw, got, servers)
+
+
+async def reset_mid_body(reactor: Any, setup: MidBody) -> None:
+    """One request; the upstream resets once the client has the head and some body. The client
+    gets that head, a truncated body and the close; the access log says why."""
+    c = await client(reactor, setup.gw.port, get())
+    await setup.got.reached(1)
     await c.head                                         # the client has the head and some body
-    servers[0].transport.abortConnection()               # RST mid-body
+    setup.servers[0].transport.abortConnection()         # RST mid-body
     await c.closed
     head, _, body = c.data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and b"content-length: 100000" in head.lower()
     assert len(body) < 100000                            # a truncated body, never a fake success
-    detail = gw.log[-1]["detail"]
+    detail = setup.gw.log[-1]["detail"]
     assert detail.startswith("upstream failed mid-response") and "reset" in detail
-    await good(gw, b"/api/orders/1")
+
+
+@pytest_twisted.ensureDeferred
+async def test_reset_mid_body_aborts_the_client_connection(reactor, raw_upstream, echo, gateway):
+    setup = await gateway_to_a_mid_body_upstream(reactor, raw_upstream, echo, gateway)
+    await reset_mid_body(reactor, setup)
+    await good(setup.gw, b"/api/orders/1")
 
 
 # --- 4. 503 storms ----------------------------------------------------------------------------
@@ -588,31 +610,12 @@ async def test_all_targets_ejected_gets_503_no_healthy_target_with_retry_after(r
 
 @pytest_twisted.ensureDeferred
 async def test_reset_mid_body_aborts_the_client_and_counts_as_a_failure(reactor, raw_upstream, echo, gateway):
-    got = Signal(reactor)
-    servers: list[Any] = []
-    up = await raw_upstream(head_then_hold(got, servers))
-    gw = await gateway(f"""
-    upstreams:
-      users:
-        targets: ["{up.url}"]
-        circuit_breaker: {{consecutive_failures: 5}}
-      orders: {{targets: ["{echo.url}"]}}
-    routes:
-      - {{prefix: /api/users, upstream: users, rewrite_prefix: /users}}
-      - {{prefix: /api/orders, upstream: orders}}
-    """, clock=Clock())
+    setup = await gateway_to_a_mid_body_upstream(reactor, raw_upstream, echo, gateway,
+                                                 ", circuit_breaker: {consecutive_failures: 5}")
+    gw = setup.gw
     breaker = unjittered(gw)
     (member,) = members(gw)
-    c = await client(reactor, gw.port, get())
-    await got.reached(1)
-    await c.head                                         # the client has the head and some body
-    servers[0].transport.abortConnection()               # RST mid-body
-    await c.closed
-    head, _, body = c.data.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200") and b"content-length: 100000" in head.lower()
-    assert len(body) < 100000                            # a truncated body, never a fake success
-    detail = gw.log[-1]["detail"]
-    assert detail.startswith("upstream failed mid-response") and "reset" in detail
+    await reset_mid_body(reactor, setup)
     # A reset is a failure (SPEC section 3), whenever it happens.
     assert member.failures == 1 and "reset" in member.last_error
     assert breaker.snapshot()["consecutive_failures"] == 1
