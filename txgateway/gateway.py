@@ -370,7 +370,9 @@ class Gateway(MultiService):
                 await child.stopService()
 
     def _busy(self) -> bool:
-        return any(conn._queue for factory in self.factories for conn in factory.connections)
+        """Requests in flight: HTTP/1.1 ones queued on their connections, and every request the
+        pipeline has not finished yet (HTTP/2 streams, WebSocket sessions included)."""
+        return self.stats.in_flight > 0 or any(conn._queue for factory in self.factories for conn in factory.connections)
 
 
 MAX_JWKS_BYTES = 1 << 20
