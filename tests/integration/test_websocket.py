@@ -15,6 +15,7 @@ import textwrap
 from collections.abc import Sequence
 from typing import Any
 
+import pytest
 import pytest_twisted
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred, DeferredQueue
@@ -732,60 +733,45 @@ def numbered_messages(total: int = 8 * MiB, size: int = 64 * 1024) -> list[bytes
     return [struct.pack("!I", i) + os.urandom(size - 4) for i in range(total // size)]
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_paused_upstream_pauses_reading_from_a_fast_client_and_nothing_is_lost(
-        reactor, gateway, ws_upstream, secret_file):
-    gw = await gateway(config(ws_upstream.url, secret_file))
-    client, server = await connect_pair(reactor, gw, ws_upstream)
-    gw_client, gw_upstream = gateway_sockets(reactor, gw, ws_upstream)
-    assert gw_client in reactor.getReaders() and not gw_upstream.producerPaused
-    upstream_tcp = server.tap.transport
-    upstream_tcp.pauseProducing()                           # the upstream stops reading
+async def a_paused_reader_pauses_the_fast_sender(reactor: Any, sender: Any, receiver: Any,
+                                                 gw_from_sender: Any, gw_to_receiver: Any) -> None:
+    """`receiver` stops reading while `sender` sends 8 MiB: the gateway stops reading from the
+    sender (socket `gw_from_sender`) instead of buffering, until the receiver reads again; then
+    all of it arrives, in order, and the other way round still works."""
+    assert gw_from_sender in reactor.getReaders() and not gw_to_receiver.producerPaused
+    receiver_tcp = receiver.tap.transport
+    receiver_tcp.pauseProducing()                           # the receiver stops reading
     sent = numbered_messages()
     for message in sent:
-        client.ws.sendBytesMessage(message)
-    # The gateway stops reading from the client instead of buffering the 8 MiB.
-    await eventually(reactor, lambda: gw_client not in reactor.getReaders(), within=5.0)
-    assert gw_upstream.producerPaused
+        sender.ws.sendBytesMessage(message)
+    # The gateway stops reading from the sender instead of buffering the 8 MiB.
+    await eventually(reactor, lambda: gw_from_sender not in reactor.getReaders(), within=5.0)
+    assert gw_to_receiver.producerPaused
     await deferLater(reactor, 0.5, lambda: None)
-    assert gw_client not in reactor.getReaders()          # still paused while the upstream is
-    upstream_tcp.resumeProducing()
-    got = [await server.next(reactor) for _ in sent]
+    assert gw_from_sender not in reactor.getReaders()       # still paused while the receiver is
+    receiver_tcp.resumeProducing()
+    got = [await receiver.next(reactor) for _ in sent]
     assert got == sent                                      # all of it, in order
-    await eventually(reactor, lambda: gw_client in reactor.getReaders())   # reading again
+    await eventually(reactor, lambda: gw_from_sender in reactor.getReaders())   # reading again
     # and the other way round still works
-    server.ws.sendTextMessage("done")
-    assert await client.next(reactor) == "done"
-    client.ws.loseConnection()
-    await server.ended(reactor)
-    await still_serves(gw)
+    receiver.ws.sendTextMessage("done")
+    assert await sender.next(reactor) == "done"
+    sender.ws.loseConnection()
+    await receiver.ended(reactor)
 
 
+@pytest.mark.parametrize("paused", ["upstream", "client"])
 @pytest_twisted.ensureDeferred
-async def test_a_paused_client_pauses_reading_from_a_fast_upstream_and_nothing_is_lost(
-        reactor, gateway, ws_upstream, secret_file):
+async def test_a_paused_reader_pauses_reading_from_the_fast_sender_and_nothing_is_lost(
+        reactor, gateway, ws_upstream, secret_file, paused):
+    """A paused upstream pauses reading from a fast client; a paused client, from a fast upstream."""
     gw = await gateway(config(ws_upstream.url, secret_file))
     client, server = await connect_pair(reactor, gw, ws_upstream)
     gw_client, gw_upstream = gateway_sockets(reactor, gw, ws_upstream)
-    assert gw_upstream in reactor.getReaders() and not gw_client.producerPaused
-    client_tcp = client.tap.transport
-    client_tcp.pauseProducing()                             # the client stops reading
-    sent = numbered_messages()
-    for message in sent:
-        server.ws.sendBytesMessage(message)
-    # The gateway stops reading from the upstream instead of buffering the 8 MiB.
-    await eventually(reactor, lambda: gw_upstream not in reactor.getReaders(), within=5.0)
-    assert gw_client.producerPaused
-    await deferLater(reactor, 0.5, lambda: None)
-    assert gw_upstream not in reactor.getReaders()
-    client_tcp.resumeProducing()
-    got = [await client.next(reactor) for _ in sent]
-    assert got == sent
-    await eventually(reactor, lambda: gw_upstream in reactor.getReaders())
-    client.ws.sendTextMessage("done")
-    assert await server.next(reactor) == "done"
-    server.ws.loseConnection()
-    await client.ended(reactor)
+    if paused == "upstream":
+        await a_paused_reader_pauses_the_fast_sender(reactor, client, server, gw_client, gw_upstream)
+    else:
+        await a_paused_reader_pauses_the_fast_sender(reactor, server, client, gw_upstream, gw_client)
     await still_serves(gw)
 
 
