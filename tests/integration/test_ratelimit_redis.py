@@ -26,6 +26,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.client import HTTPConnectionPool
 
 from tests.conftest import Response, assert_envelope, parse_responses, raw_request
+from tests.integration.test_ratelimit import LIMIT_HEADERS, expected, limits
 from tests.redisproc import RedisReplyError, RedisServer, command
 
 T = TypeVar("T")
@@ -33,7 +34,6 @@ T = TypeVar("T")
 TIMEOUT = 0.15                    # redis.timeout in every config here
 MARGIN = 0.15                     # what a request may take beyond it (thread, sockets, the upstream)
 WAIT = 10.0                       # bound on any single network wait
-LIMIT_HEADERS = ("x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset", "ratelimit-policy", "ratelimit")
 PREFIX = "txgw:rl:"
 
 
@@ -104,17 +104,6 @@ async def get(gw: Any, path: str = "/api", tenant: str | bytes | None = None, **
 
 async def statuses(gw: Any, n: int, path: str = "/api", tenant: str | bytes | None = None) -> list[int]:
     return [(await get(gw, path, tenant)).status for _ in range(n)]
-
-
-def limits(r: Response) -> dict[str, str | None]:
-    return {name: r.header(name) for name in LIMIT_HEADERS}
-
-
-def expected(label: str, limit: int, window: int, remaining: int, reset: int) -> dict[str, str]:
-    return {
-        "x-ratelimit-limit": str(limit), "x-ratelimit-remaining": str(remaining), "x-ratelimit-reset": str(reset),
-        "ratelimit-policy": f'"{label}";q={limit};w={window}', "ratelimit": f'"{label}";r={remaining};t={reset}',
-    }
 
 
 async def redis(server: Any, *args: Any, **kw: Any) -> Any:
