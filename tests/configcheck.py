@@ -1,4 +1,4 @@
-"""The one way the config tests read a config that must be refused: `config_errors`."""
+"""What the config tests share: `config_errors` (a config that must be refused) and `BASE`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,19 @@ from collections.abc import Mapping
 import pytest
 
 from txgateway.config import ConfigError, ConfigProblem, parse_config
+
+# A valid config of 8 lines, two upstreams and a route to each: the config tests append the
+# section under test from line 9, so the line numbers they expect depend on these 8.
+BASE = """\
+listen:
+  - endpoint: "tcp:8080"
+upstreams:
+  users: {targets: ["http://127.0.0.1:3001"]}
+  orders: {targets: ["http://127.0.0.1:3003"]}
+routes:
+  - {prefix: /api/users, upstream: users}
+  - {prefix: /api/orders, upstream: orders}
+"""
 
 
 def config_errors(text: str, file: str = "c.yaml", environ: Mapping[str, str] | None = None) -> list[str]:

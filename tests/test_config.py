@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch.ssh.keys import Key
 
-from tests.configcheck import config_errors
+from tests.configcheck import BASE, config_errors  # BASE: lines 1-8; tests add lines after them
 from txgateway.adminconfig import AdminConfig, ManholeConfig
 from txgateway.breaker import BreakerSettings
 from txgateway.config import (
@@ -47,17 +47,6 @@ ROUTE_KEYS = ("auth, cache, host, methods, prefix, rate_limit, request_headers, 
 UPSTREAM_KEYS = ("balance, circuit_breaker, connect_timeout, health_check, max_connections, "
                  "passive_health, preserve_host, retries, targets, timeout, tls")
 
-# Line numbers matter: tests add lines after these 8.
-BASE = """\
-listen:
-  - endpoint: "tcp:8080"
-upstreams:
-  users: {targets: ["http://127.0.0.1:3001"]}
-  orders: {targets: ["http://127.0.0.1:3003"]}
-routes:
-  - {prefix: /api/users, upstream: users}
-  - {prefix: /api/orders, upstream: orders}
-"""
 
 
 def cfg(text: str) -> str:

@@ -12,22 +12,13 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch.ssh.keys import Key
 
-from tests.configcheck import config_errors
+from tests.configcheck import BASE, config_errors
 from txgateway.adminconfig import AdminConfig, ManholeConfig
 from txgateway.cli import main
 from txgateway.config import ConfigError, parse_config
 
-# Lines 1-8; the section under test starts at line 9, its first key (block style) at line 10.
-BASE = """\
-listen:
-  - endpoint: "tcp:8080"
-upstreams:
-  users: {targets: ["http://127.0.0.1:3001"]}
-  orders: {targets: ["http://127.0.0.1:3003"]}
-routes:
-  - {prefix: /api/users, upstream: users}
-  - {prefix: /api/orders, upstream: orders}
-"""
+# BASE (tests.configcheck) is lines 1-8; the section under test starts at line 9, its first key
+# (block style) at line 10.
 TOKEN = "adm1n-t0ken-0123456789abcdef"     # tests only, never a real secret
 ADMIN_KEYS = "endpoint, token_env"
 MANHOLE_KEYS = "authorized_keys, endpoint, host_key"
