@@ -23,28 +23,13 @@ from bench import RUN_DIR, Gateway, Upstream
 PLAIN_PORT = int(bench._env("TLS_PLAIN_PORT", "19086"))
 TLS_PORT = int(bench._env("TLS_PORT", "19443"))
 
-TLS_YAML = """\
-# txgateway config for bench/tls.py (generated; edit the template there): the plain proxy route
-# on a plain and a TLS listener.
-listen:
-  - endpoint: "tcp:{{gw_port}}:interface=127.0.0.1:backlog=4096"
-  - endpoint: "tcp:{tls_port}:interface=127.0.0.1:backlog=4096"
-    tls:
-      certificates: [{{{{cert: "{cert}", key: "{key}"}}}}]
-trusted_proxies: [127.0.0.1/32]
-access_log: {{access_log}}
-drain_timeout: 2s
-upstreams:
-  bench:
-    targets: ["http://127.0.0.1:{{up_port}}"]
-    timeout: 30s
-routes:
-  - prefix: /api/users
-    upstream: bench
-    rewrite_prefix: /users
-    request_headers: {{{{set: {{{{X-Api-Version: "2"}}}}}}}}
-    response_headers: {{{{remove: [X-Upstream-Debug]}}}}
-"""
+def tls_yaml(cert: str, key: str) -> str:
+    """bench.py's plain proxy config with a TLS listener next to the plain one."""
+    plain = '  - endpoint: "tcp:{gw_port}:interface=127.0.0.1:backlog=4096"\n'
+    assert plain in bench.GATEWAY_YAML
+    tls = (f'  - endpoint: "tcp:{TLS_PORT}:interface=127.0.0.1:backlog=4096"\n'
+           f'    tls:\n      certificates: [{{{{cert: "{cert}", key: "{key}"}}}}]\n')
+    return bench.GATEWAY_YAML.replace(plain, plain + tls)
 
 
 def make_cert() -> tuple[str, str]:
@@ -57,7 +42,7 @@ def make_cert() -> tuple[str, str]:
 
 def scenario_tls(up: Upstream) -> dict:
     cert, key = make_cert()
-    gw = Gateway("tls", up, TLS_YAML.format(tls_port=TLS_PORT, cert=cert, key=key), PLAIN_PORT)
+    gw = Gateway("tls", up, tls_yaml(cert, key), PLAIN_PORT)
     gw.start()
     close = {"Connection": "close"}
     rows = [("plain", f"http://127.0.0.1:{gw.port}/api/users/1", None),
