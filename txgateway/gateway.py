@@ -254,7 +254,7 @@ class Gateway(MultiService):
                 group.start()
         for name, group in old.groups.items():
             if name not in keep:
-                group.close()              # idle connections now; busy ones when their exchange ends
+                group.retire()             # idle connections now; busy ones when their exchange ends
         _log.info("reload: {file} applied: {routes} routes, {upstreams} upstreams ({kept} kept as they were)",
                   file=config.file, routes=len(config.routes), upstreams=len(config.upstreams), kept=len(keep))
         return []

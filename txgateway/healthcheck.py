@@ -15,6 +15,8 @@ from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
 
 from txgateway.balance import Balancer, Member
 from txgateway.fetch import read_body
@@ -36,11 +38,16 @@ class HealthChecker:
         self._pending: set[Deferred[Any]] = set()
         self._loop = LoopingCall(self.run)
         self._loop.clock = clock
-        self._pool: Any = None
+        self._client: Any = None
 
     def start(self) -> None:
-        from twisted.web.client import HTTPConnectionPool
-        self._pool = HTTPConnectionPool(self.reactor, persistent=False)
+        import treq.client
+        from twisted.web.client import Agent, HTTPConnectionPool
+        pool = HTTPConnectionPool(self.reactor, persistent=False)
+        # The checks speak TLS to https targets exactly as the proxy does (tls.ca, verify,
+        # client certificate): not with treq's default browser-like policy.
+        agent: Any = Agent(self.reactor, contextFactory=_TargetsTLS(self.balancer), pool=pool)
+        self._client = treq.client.HTTPClient(agent)
         self._loop.start(self.check.interval, now=True)
 
     def stop(self) -> None:
@@ -60,10 +67,8 @@ class HealthChecker:
             d.addBoth(self._done, d)
 
     def _probe(self, member: Member) -> Deferred[None]:
-        import treq
         url = member.url.rstrip("/") + self.check.path.decode()
-        d: Deferred[Any] = treq.get(url, reactor=self.reactor, pool=self._pool,
-                                    headers=Headers({b"User-Agent": [b"txgateway-health"]}))
+        d: Deferred[Any] = self._client.get(url, headers=Headers({b"User-Agent": [b"txgateway-health"]}))
         d.addCallback(_status_after_body)
         d.addTimeout(self.check.timeout, self.clock)        # covers the body too
         return d.addCallbacks(self._judge, self._failed, callbackArgs=(member,), errbackArgs=(member,))
@@ -97,6 +102,18 @@ class HealthChecker:
         member.last_error = f"health check: {reason}"
         if not member.down and self.fails[member] >= self.check.unhealthy_threshold:
             self.balancer.set_down(member, True, f"{self.fails[member]} health checks failed, last: {reason}")
+
+
+@implementer(IPolicyForHTTPS)
+class _TargetsTLS:
+    """The TLS connection creator of each https target (its pool's), for the checks' Agent."""
+
+    def __init__(self, balancer: Balancer) -> None:
+        self.creators = {(m.pool.target.host.encode(), m.pool.target.port): m.pool.tls
+                         for m in balancer.members if m.pool.tls is not None}
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+        return self.creators[hostname, port]
 
 
 def _status_after_body(response: Any) -> Deferred[int]:

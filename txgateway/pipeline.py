@@ -220,10 +220,12 @@ class Pipeline:
         self._run(ctx, 0)
 
     def reject(self, ctx: RequestContext, status: int, code: str, message: str) -> None:
-        """An error found by the transport itself (malformed, too large, too slow)."""
-        if self.stats is not None:
-            self.stats.started += 1
+        """An error found by the transport itself (malformed, too large, too slow), before the
+        request reached the filters or while its body was being relayed."""
         if not ctx.correlation_id:
+            # Not handled yet (the first filter sets the correlation id): count it started here.
+            if self.stats is not None:
+                self.stats.started += 1
             ctx.correlation_id = correlation_id(ctx.header(b"x-correlation-id"))
         self.respond_local(ctx, error_response(ctx, status, code, message))
 

@@ -65,6 +65,13 @@ class UpstreamGroup:
         if self.health is not None:
             self.health.start()
 
+    def retire(self) -> None:
+        """Dropped by a reload: checks stop, idle connections close, requests in flight finish."""
+        if self.health is not None:
+            self.health.stop()
+        for pool in self.pools:
+            pool.retire()
+
     def close(self) -> None:
         if self.health is not None:
             self.health.stop()

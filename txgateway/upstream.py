@@ -260,6 +260,7 @@ class TargetPool:
         self.total = 0
         self.waiting: deque[UpstreamUser] = deque()
         self._pending: dict[_ConnectFactory, Any] = {}
+        self.retired = False          # dropped by a reload: no connection goes back to idle
 
     def acquire(self, user: UpstreamUser) -> None:
         """Hand `user` a connection now or later (`connected` / `connect_failed`)."""
@@ -324,7 +325,7 @@ class TargetPool:
 
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
         """The exchange is over: keep the connection for the next request, or drop it."""
-        if not (reusable and conn.open):
+        if not (reusable and conn.open) or self.retired:
             conn.close()
             return
         conn.user = None
@@ -345,9 +346,18 @@ class TargetPool:
         while self.waiting and self.total < self.max_connections:
             self._connect(self.waiting.popleft())
 
-    def close(self) -> None:
+    def retire(self) -> None:
+        """A reload dropped this target: close idle connections now; connects in progress and
+        busy exchanges finish, and their connections close when released."""
+        self.retired = True
         for conn in list(self.idle):
             conn.close()
-        for connector in self._pending.values():
+        self.idle.clear()
+
+    def close(self) -> None:
+        self.retire()
+        pending, self._pending = self._pending, {}
+        for factory, connector in pending.items():
+            factory.user = None
+            self.total -= 1
             connector.disconnect()
-        self._pending.clear()
