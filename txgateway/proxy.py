@@ -82,15 +82,18 @@ class UpstreamGroup:
 class _RequestBodyProducer:
     """Lets the upstream transport pause and resume reading of the client's body."""
 
-    __slots__ = ("ctx",)
+    __slots__ = ("ctx", "paused")
 
     def __init__(self, ctx: RequestContext) -> None:
         self.ctx = ctx
+        self.paused = False        # the upstream is not taking the body in (its fault if it lasts)
 
     def pauseProducing(self) -> None:
+        self.paused = True
         self.ctx.downstream.pause_body(self.ctx)
 
     def resumeProducing(self) -> None:
+        self.paused = False
         self.ctx.downstream.resume_body(self.ctx)
 
     def stopProducing(self) -> None:
@@ -142,7 +145,9 @@ class Exchange:
         self.conn = conn
         ctx = self.ctx
         self.phase = _WAITING
-        self.deadline = self.proxy.deadlines.now + self.pool.timeout
+        # `timeout` (until the response head) starts once the request is sent; while a body
+        # streams in, the client's pace is bounded by idle_timeout instead.
+        self.deadline = self.proxy.deadlines.now + (self.proxy.idle_timeout if ctx.has_body else self.pool.timeout)
         conn.send(self, self.proxy.request_head(ctx, self.pool), ctx.method == b"HEAD", ctx.upgrade is not None)
         if ctx.has_body:
             self.body_read = True
@@ -166,6 +171,8 @@ class Exchange:
         conn = self.conn
         if conn is None or self.phase == _DONE:
             return
+        if self.phase == _WAITING:
+            self.deadline = self.proxy.deadlines.now + self.proxy.idle_timeout
         if self.ctx.chunked:
             conn.write(b"%x\r\n%s\r\n" % (len(data), data))
         else:
@@ -178,6 +185,8 @@ class Exchange:
         if self.ctx.chunked:
             conn.write(b"0\r\n\r\n")
         self.body_sent = True
+        if self.phase == _WAITING:
+            self.deadline = self.proxy.deadlines.now + self.pool.timeout
         self._stop_body_producer(conn)
 
     def _stop_body_producer(self, conn: UpstreamConnection | None) -> None:
@@ -282,6 +291,14 @@ class Exchange:
             self.pool.forget(self)
             self._fail_before_response(504, "GATEWAY_TIMEOUT", "the upstream did not accept the connection in time",
                                        "connect timeout")
+        elif self.phase == _WAITING and not self.body_sent and not (self.body_producer and self.body_producer.paused):
+            # The client stopped sending its body: not the upstream's failure (no verdict).
+            if self.group.breaker is not None and not self.settled:
+                self.group.breaker.release(self.ticket)
+            self.judged = self.settled = True
+            ctx = self._failed("client request body idle timeout")
+            self.proxy.pipeline.respond_local(ctx, error_response(
+                ctx, 408, "REQUEST_TIMEOUT", "the request body did not arrive in time"))
         elif self.phase == _WAITING:
             self._fail_before_response(504, "GATEWAY_TIMEOUT", "the upstream did not answer in time",
                                        "response timeout")
