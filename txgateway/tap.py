@@ -104,6 +104,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         if problems:
             raise SystemExit("txgateway: " + "; ".join(problems))
         WorkerSupervisor(config, int(options["workers"]), reactor).setServiceParent(top)
+        if daemon:       # the parent is the unit's main process: it says ready and stopping
+            reactor.addSystemEventTrigger("after", "startup", notify_systemd, "READY=1")
+            reactor.addSystemEventTrigger("before", "shutdown", notify_systemd, "STOPPING=1")
         return top
     if options["worker"] is not None:
         _exit_with_parent()

@@ -104,9 +104,9 @@ class WorkerSupervisor(Service):
         super().startService()
         if not self.sockets:
             self.privilegedStartService()
+        self._forward_sighup()           # before the workers exist: an early SIGHUP must not kill us
         for index in range(self.count):
             self._spawn(index)
-        self.reactor.addSystemEventTrigger("after", "startup", self._forward_sighup)
 
     def _argv(self, index: int) -> list[str]:
         fds = ",".join(str(_FIRST_FD + i) for i in range(len(self.sockets)))
@@ -121,7 +121,8 @@ class WorkerSupervisor(Service):
         protocol = _Worker(self, index)
         self.protocols[index] = protocol
         self._started_at[index] = self.reactor.seconds()
-        transport = self.reactor.spawnProcess(protocol, sys.executable, self._argv(index), env=dict(os.environ),
+        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}   # the parent notifies systemd
+        transport = self.reactor.spawnProcess(protocol, sys.executable, self._argv(index), env=env,
                                               childFDs=child_fds)
         self.workers[index] = transport
         _log.info("worker {index} started (pid {pid})", index=index, pid=transport.pid)
