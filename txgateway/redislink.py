@@ -25,6 +25,7 @@ __all__ = ["RedisLink", "RedisUnavailable"]
 _log = Logger(namespace="txgateway.redis")
 
 PROBE_FIRST = 0.25
+_GRACE_TURNS = 64      # reactor turns a timed-out call may wait while replies are still arriving
 PROBE_MAX = 5.0
 
 
@@ -47,6 +48,7 @@ class RedisLink:
         self._sentinel: Any = None
         self._probe: Any = None
         self._probe_delay = PROBE_FIRST
+        self._replies = 0                # replies received on the pool's connections, ever
         self._response_error: type[Exception] = RedisUnavailable   # txredisapi.ResponseError once started
 
     @property
@@ -87,6 +89,13 @@ class RedisLink:
 
         def add_without_nagle(connection: Any) -> None:
             connection.transport.setTcpNoDelay(True)
+            reply_received = connection.replyReceived
+
+            def counted(reply: Any) -> Any:
+                self._replies += 1              # _bound: replies are still being delivered
+                return reply_received(reply)
+
+            connection.replyReceived = counted
             add_connection(connection)
 
         factory.addConnection = add_without_nagle
@@ -120,14 +129,26 @@ class RedisLink:
         timer: list[Any] = []
         expired: list[bool] = []
         finished: list[bool] = []
+        seen = [0]
 
-        def give_up() -> None:
+        def give_up(turns: int) -> None:
             # Not d.called: d is "called" as soon as it waits on the command's own Deferred.
-            if not finished:
-                expired.append(True)
-                d.cancel()                         # txredisapi has no canceller: errbacks at once
+            if finished:
+                return
+            if self._replies != seen[0] and turns < _GRACE_TURNS:
+                # txredisapi delivers the replies of one read one reactor turn apart: while
+                # they keep coming, ours may be among them.
+                seen[0] = self._replies
+                timer.append(self.clock.callLater(0, give_up, turns + 1))
+                return
+            expired.append(True)
+            d.cancel()                             # txredisapi has no canceller: errbacks at once
 
-        timer.append(self.clock.callLater(self.config.timeout, lambda: timer.append(self.clock.callLater(0, give_up))))
+        def due() -> None:
+            seen[0] = self._replies
+            timer.append(self.clock.callLater(0, give_up, 0))
+
+        timer.append(self.clock.callLater(self.config.timeout, due))
 
         def settled(result: Any) -> Any:
             finished.append(True)
