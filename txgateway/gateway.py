@@ -343,13 +343,15 @@ class Gateway(MultiService):
         give_up = self.clock.seconds() + self.config.drain_timeout
         while self._busy() and self.clock.seconds() < give_up:
             await deferLater(self.clock, 0.05, lambda: None)
-        cut = sum(len(conn._queue) for factory in self.factories for conn in factory.connections)
+        cut = self.stats.in_flight
         if cut:
             _log.warn("drain_timeout ({seconds:g}s) reached: cutting {count} request(s) still in flight",
                       seconds=self.config.drain_timeout, count=cut)
         for factory in self.factories:
             for conn in list(factory.connections):
                 conn.transport.loseConnection()
+            for transport in list(factory.others):
+                transport.loseConnection()
         if cut:
             # Their connections close on the next reactor turns: let their access-log lines
             # be written before the log writer stops.

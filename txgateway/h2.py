@@ -212,7 +212,10 @@ class ProtocolByALPN(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
-        chosen: Any = (self.site if self.transport.negotiatedProtocol == b"h2" else self.http).buildProtocol(self.addr)
+        h2 = self.transport.negotiatedProtocol == b"h2"
+        chosen: Any = (self.site if h2 else self.http).buildProtocol(self.addr)
+        if h2:
+            self.http.others.add(self.transport)     # closed with the listener's connections at stop
         self.transport.wrappedProtocol = chosen
         chosen.makeConnection(self.transport)
         chosen.dataReceived(data)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 from typing import Any
+from weakref import WeakSet
 
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser
 from twisted.internet.protocol import Factory, Protocol
@@ -486,6 +487,7 @@ class HTTP1Factory(Factory):
         self.hsts = hsts          # Strict-Transport-Security value for https listeners
         self.redirecting = False  # answers 308 to https: a reload does not swap its pipeline
         self.connections: set[HTTP1Connection] = set()
+        self.others: WeakSet[Any] = WeakSet()   # this listener's HTTP/2 connections (h2.py)
 
     def buildProtocol(self, addr: Any) -> HTTP1Connection:
         return HTTP1Connection(self)
