@@ -45,31 +45,60 @@ def _read_exactly(sock: socket.socket, size: int) -> bytes:
     return data
 
 
-@pytest_twisted.ensureDeferred
-async def test_fast_write_sends_at_once_and_queues_the_rest_in_order(reactor):
+async def _accepted(reactor, factory) -> tuple[object, socket.socket, object]:
+    """A listening port, a blocking client socket connected to it, and the server transport."""
     from twisted.internet.task import deferLater
-    from twisted.internet.threads import deferToThread
-    factory = Factory.forProtocol(Collect)
-    factory.conns = []
     port = await listen(reactor, factory)
     client = socket.socket()
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     client.connect(("127.0.0.1", port.getHost().port))
+    while not factory.conns:
+        await deferLater(reactor, 0.01, lambda: None)
+    return port, client, factory.conns[0].transport
+
+
+@pytest_twisted.ensureDeferred
+async def test_writes_of_a_turn_leave_together_and_the_rest_queues_in_order(reactor):
+    from twisted.internet.task import deferLater
+    from twisted.internet.threads import deferToThread
+    factory = Factory.forProtocol(Collect)
+    factory.conns = []
+    port, client, transport = await _accepted(reactor, factory)
     try:
-        while not factory.conns:
-            await deferLater(reactor, 0.01, lambda: None)
-        transport = factory.conns[0].transport
-        write = writer_for(transport)
-        write(b"first")
-        # Sent synchronously: nothing waits in Twisted's buffer.
-        assert not transport._tempDataBuffer and not transport.dataBuffer
+        write, _ = writer_for(transport)
         big = bytes(range(256)) * 40000  # ~10 MB: more than the kernel takes at once
+        write(b"first")
         write(big)
-        assert transport._tempDataBuffer, "the remainder must be queued, not dropped"
-        write(b"last")
+        # Held for the end of the turn: nothing sent or queued in Twisted's buffer yet.
+        assert not transport._tempDataBuffer and not transport.dataBuffer
+        await deferLater(reactor, 0, lambda: None)
+        assert transport._tempDataBuffer or transport.dataBuffer, "the remainder must be queued, not dropped"
+        write(b"last")   # behind Twisted's queued bytes
         expected = b"first" + big + b"last"
         received = await deferToThread(_read_exactly, client, len(expected))
         assert received == expected
+    finally:
+        client.close()
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_flush_sends_at_once_so_a_close_can_follow(reactor):
+    from twisted.internet.threads import deferToThread
+    factory = Factory.forProtocol(Collect)
+    factory.conns = []
+    port, client, transport = await _accepted(reactor, factory)
+    try:
+        write, flush = writer_for(transport)
+        write(b"head ")
+        flush()
+        client.settimeout(10)
+        assert client.recv(100) == b"head "       # sent by flush(), not at the end of the turn
+        write(b"body")
+        flush()                                   # what a writer does before loseConnection
+        transport.loseConnection()
+        received = await deferToThread(_read_exactly, client, 100)
+        assert received == b"body"                # ...then EOF
     finally:
         client.close()
         await port.stopListening()

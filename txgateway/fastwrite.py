@@ -1,11 +1,15 @@
-"""Send at once when nothing is queued: the one place that touches transport internals.
+"""Writes of one reactor turn, sent together just before the reactor waits again.
 
-Twisted's `transport.write` always queues and sends on the next reactor iteration, which
-costs an epoll_ctl pair and a loop turn per write. When a plain TCP transport has nothing
-queued, `socket.send` now is equivalent and about twice as fast on the proxy path
-(FASTPATH-NOTES.md). Whatever the kernel does not take goes through `transport.write`,
+The one place that touches transport internals. Twisted's `transport.write` queues and
+sends on a later iteration, after an epoll_ctl pair per write. Sending at once
+(`socket.send`) avoids that, but under load it wakes the peer (wrk, the upstream) once per
+write: on this 2-vCPU VM every such wake-up is an inter-processor interrupt, and kernel time
+was a quarter of the gateway's CPU. So a turn's writes are held per transport and flushed
+together by one `callLater(0)`, which runs before the reactor's next poll: the peers wake
+once per turn instead of once per write (kernel time per request 22-25 us -> 9-16 us,
+docs/performance.md). Whatever the kernel does not take goes through `transport.write`,
 so ordering, backpressure (producers) and error handling stay Twisted's. TLS and other
-transports always use `transport.write`. `tests/test_fastwrite.py` fails loudly if the
+transports always use `transport.write`. `tests/test_fastpaths.py` fails loudly if the
 Twisted internals this relies on change.
 """
 
@@ -16,23 +20,75 @@ from typing import Any
 
 from twisted.internet import tcp
 
-__all__ = ["writer_for"]
+__all__ = ["BatchedWriter", "writer_for"]
 
 _PLAIN_TCP = (tcp.Server, tcp.Client)
 
 
-def writer_for(transport: Any) -> Callable[[bytes], None]:
-    """A `write(data)` for `transport` that sends immediately when it safely can."""
-    if type(transport) not in _PLAIN_TCP or not hasattr(transport, "_tempDataBuffer"):
-        return transport.write
-    send = transport.socket.send
-    queued_write = transport.write
+class _Turn:
+    """The writers holding data in this reactor turn, and the one call that flushes them."""
 
-    def write(data: bytes) -> None:
+    __slots__ = ("reactor", "writers", "scheduled")
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.writers: list[BatchedWriter] = []
+        self.scheduled = False
+
+    def add(self, writer: BatchedWriter) -> None:
+        self.writers.append(writer)
+        if not self.scheduled:
+            self.scheduled = True
+            self.reactor.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        self.scheduled = False
+        writers, self.writers = self.writers, []
+        for writer in writers:
+            writer.flush()
+
+
+_turns: dict[int, _Turn] = {}   # one per reactor (tests may run several)
+
+
+class BatchedWriter:
+    """`write(data)` for one plain TCP transport: held until the end of the turn, then sent."""
+
+    __slots__ = ("transport", "send", "queued_write", "held", "turn")
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+        self.send = transport.socket.send
+        self.queued_write = transport.write
+        self.held: list[bytes] = []
+        reactor = transport.reactor
+        turn = _turns.get(id(reactor))
+        if turn is None or turn.reactor is not reactor:
+            turn = _turns[id(reactor)] = _Turn(reactor)
+        self.turn = turn
+
+    def write(self, data: bytes) -> None:
+        held = self.held
+        if held:
+            held.append(data)
+        elif self.transport._tempDataBuffer or self.transport.dataBuffer:
+            self.queued_write(data)    # Twisted holds older bytes: keep the order
+        elif data:
+            held.append(data)
+            self.turn.add(self)
+
+    def flush(self) -> None:
+        """Send what this turn wrote, now (also before bytes take another path: tunnels)."""
+        held = self.held
+        if not held:
+            return
+        data = held[0] if len(held) == 1 else b"".join(held)
+        held.clear()
+        transport = self.transport
         if (not transport._tempDataBuffer and not transport.dataBuffer and transport.connected
                 and not transport.disconnecting and not transport._writeDisconnected):
             try:
-                sent = send(data)
+                sent = self.send(data)
             except BlockingIOError:
                 sent = 0
             except OSError:
@@ -40,6 +96,16 @@ def writer_for(transport: Any) -> Callable[[bytes], None]:
             if sent == len(data):
                 return
             data = data[sent:]
-        queued_write(data)
+        self.queued_write(data)
 
-    return write
+
+def writer_for(transport: Any) -> tuple[Callable[[bytes], None], Callable[[], None]]:
+    """`(write, flush)` for `transport`: batched per turn for plain TCP, else Twisted's own."""
+    if type(transport) not in _PLAIN_TCP or not hasattr(transport, "_tempDataBuffer"):
+        return transport.write, _nothing
+    writer = BatchedWriter(transport)
+    return writer.write, writer.flush
+
+
+def _nothing() -> None:
+    """Twisted's write path needs no flush."""

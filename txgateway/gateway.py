@@ -349,7 +349,7 @@ class Gateway(MultiService):
                       seconds=self.config.drain_timeout, count=cut)
         for factory in self.factories:
             for conn in list(factory.connections):
-                conn.transport.loseConnection()
+                conn.close()
             for transport in list(factory.others):
                 transport.loseConnection()
         if cut:

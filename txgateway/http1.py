@@ -90,14 +90,15 @@ class HTTP1Connection(Protocol):
         self._paused = False
         self._gone = False
         self._peer_ip = ""
-        self._write: Any = None
+        self._write: Any = None       # fastwrite: held until the end of the reactor turn
+        self._flush_writes: Any = None
 
     # -- connection lifecycle ---------------------------------------------------------
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self._peer_ip = getattr(peer, "host", "") or ""
-        self._write = writer_for(self.transport)
+        self._write, self._flush_writes = writer_for(self.transport)
         if hasattr(self.transport, "setTcpNoDelay"):
             self.transport.setTcpNoDelay(True)
         self.factory.connections.add(self)
@@ -137,6 +138,7 @@ class HTTP1Connection(Protocol):
         self.factory.deadlines.discard(self)
         cork, self._cork = self._cork, b""
         self._write(cork)                               # the 101 head
+        self._flush_writes()        # out before the tunnel writes to the transport directly
         tunnel = self._tunnel = Tunnel(ctx, self.pipeline, self.transport, upstream, self.factory.deadlines,
                                        self.limits.idle_timeout)
         held, self._held = self._held, b""
@@ -158,7 +160,12 @@ class HTTP1Connection(Protocol):
         elif self._parsing is not None:
             self._reject(_Reject(408, "REQUEST_TIMEOUT", "request headers not received in time"))
         else:
-            self.transport.loseConnection()
+            self.close()
+
+    def close(self) -> None:
+        """Close once what was written has left (held writes first: see fastwrite)."""
+        self._flush_writes()
+        self.transport.loseConnection()
 
     # -- parsing ----------------------------------------------------------------------
 
@@ -348,7 +355,7 @@ class HTTP1Connection(Protocol):
         # An answer before the request body was read (401, 413, an early upstream reply)
         # leaves unread bytes behind: the connection cannot carry another request.
         close = (not ctx.keep_alive or (self._broken and len(self._queue) == 1)
-                 or (ctx.has_body and not self._queue[0].complete))
+                 or (not self._queue[0].complete and ctx.has_body))
         self._chunked_out = False
         self._no_body_out = ctx.method == b"HEAD" or status in (204, 304) or status < 200
         if status in (204, 304) or status < 200:
@@ -396,11 +403,11 @@ class HTTP1Connection(Protocol):
             self._write(cork + tail)
         incoming = self._queue.popleft()
         self.pipeline.finished(ctx)
-        if self._close_after or (ctx.has_body and not incoming.complete) or (self._broken and not self._queue):
+        if self._close_after or (not incoming.complete and ctx.has_body) or (self._broken and not self._queue):
             # An unread request body makes the connection unusable for the next request.
             self._queue.clear()
             self._broken = True
-            self.transport.loseConnection()
+            self.close()
             return
         self._resume()
         if self._queue:

@@ -147,9 +147,10 @@ class Exchange:
         self.phase = _WAITING
         # `timeout` (until the response head) starts once the request is sent; while a body
         # streams in, the client's pace is bounded by idle_timeout instead.
-        self.deadline = self.proxy.deadlines.now + (self.proxy.idle_timeout if ctx.has_body else self.pool.timeout)
+        has_body = ctx.has_body
+        self.deadline = self.proxy.deadlines.now + (self.proxy.idle_timeout if has_body else self.pool.timeout)
         conn.send(self, self.proxy.request_head(ctx, self.pool), ctx.method == b"HEAD", ctx.upgrade is not None)
-        if ctx.has_body:
+        if has_body:
             self.body_read = True
             self.body_producer = _RequestBodyProducer(ctx)
             conn.transport.registerProducer(self.body_producer, True)
@@ -229,6 +230,7 @@ class Exchange:
         ctx = self.ctx
         ctx.forwarding = None
         self.conn = None
+        conn.flush_writes()         # the tunnel writes to the transport directly from here on
         tunnel = ctx.downstream.start_tunnel(ctx, conn.transport)
         conn.tunnel = tunnel
         if rest:

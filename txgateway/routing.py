@@ -7,7 +7,7 @@ request whose dot-segments would carry it out of the route its raw path names is
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from txgateway.config import Route
 from txgateway.pipeline import LocalResponse, RequestContext, error_response
@@ -54,8 +54,9 @@ def _drop_single_dots(path: bytes) -> bytes:
     return b"/" + b"/".join(kept)
 
 
-@dataclass(frozen=True)
-class Match:
+class Match(NamedTuple):
+    """A routing decision (a tuple: built once per request, cheaper than a dataclass)."""
+
     route: Route
     upstream_path: bytes
 

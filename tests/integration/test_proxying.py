@@ -170,3 +170,26 @@ async def test_local_error_keeps_alive_unless_a_body_was_left_unread(reactor, ec
     resp = await raw(gw.port, b"POST /nowhere HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n" + b"x" * 10)
     (r,) = parse_responses(resp)
     assert r.status == 404 and r.header("connection") == "close"
+
+
+@pytest_twisted.ensureDeferred
+async def test_response_head_split_across_reads_after_an_interim_response(reactor, raw_upstream, gateway):
+    # The head is read from the raw bytes once llhttp validated it (upstream.py): it must
+    # not matter where reads split it, nor that a 100 Continue comes first in the same read.
+    wire = (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created Just Now\r\nX-A:   padded value\r\n"
+            b"X-Multi: 1\r\nConnection: X-Hop\r\nX-Hop: h\r\nX-Multi: 2\r\nContent-Length: 2\r\n\r\nok")
+    cuts = [65, 66, 90, 91, 110, len(wire) - 3, len(wire) - 1]   # the 1st read: 100, status line, "X-A:   pa"
+
+    def script(server, data):
+        pieces = [wire[a:b] for a, b in zip([0, *cuts], [*cuts, len(wire)], strict=True)]
+        for i, piece in enumerate(pieces):
+            reactor.callLater(0.01 * i, server.transport.write, piece)
+    up = await raw_upstream(script)
+    gw = await gateway(simple_config(up.url))
+    resp = await raw(gw.port, b"GET /api/users HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    (r,) = parse_responses(resp)
+    assert resp.startswith(b"HTTP/1.1 201 Created Just Now\r\n")
+    assert r.body == b"ok"
+    assert r.header("x-a") == "padded value"
+    assert [v for k, v in r.headers if k.lower() == "x-multi"] == ["1", "2"]
+    assert r.header("x-hop") is None and r.header("connection") == "close"
