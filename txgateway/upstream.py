@@ -66,7 +66,8 @@ class UpstreamConnection(TwistedProtocol):
         self.upgrade = False       # the request in flight is a WebSocket handshake
         self.tunnel: Any = None    # after its 101: the tunnel.Tunnel that owns the bytes
         self.no_body = False       # set per request: HEAD responses carry no body
-        self._head = b""           # bytes of the response head not parsed yet (it may span reads)
+        self._reason = b""
+        self._headers: list[tuple[bytes, bytes]] = []
         self._framing: dict[bytes, bytes] = {}
         self._tokens: list[bytes] = []
         self._interim = False
@@ -86,7 +87,6 @@ class UpstreamConnection(TwistedProtocol):
         self.no_body = no_body
         self.upgrade = upgrade
         self._started = False
-        self._head = b""
         self.write(head)
 
     def dataReceived(self, data: bytes) -> None:
@@ -97,9 +97,6 @@ class UpstreamConnection(TwistedProtocol):
             # Bytes nobody asked for on an idle connection: it cannot be trusted any more.
             self.transport.abortConnection()
             return
-        if not self._started:
-            # The head is read from these bytes once llhttp has validated it (on_headers_complete).
-            self._head = self._head + data if self._head else data
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as upgrade:
@@ -127,47 +124,33 @@ class UpstreamConnection(TwistedProtocol):
             else:
                 user.read_done()
 
-    def _read_head(self) -> tuple[bytes, list[tuple[bytes, bytes]]]:
-        """The reason phrase and end-to-end headers of the head llhttp just validated.
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._framing = {}
+        self._tokens = []
+        self._reason = b""
 
-        One split of the raw head instead of a parser callback per header: llhttp has
-        already refused bare LF, obs-fold and whitespace before a colon, so every line is
-        `name:value` and ends with CRLF. Framing and hop-by-hop headers go to `_framing`.
-        """
-        raw = self._head
-        if raw[:1] in (b"\r", b"\n"):
-            raw = raw.lstrip(b"\r\n")         # empty lines before a status line are allowed
-        end = raw.find(b"\r\n\r\n")
-        self._head = raw[end + 4:]            # after a 1xx head: the start of the next one
-        lines = raw[:end].split(b"\r\n")
-        status_line = lines[0].split(b" ", 2)
-        framing: dict[bytes, bytes] = {}
-        tokens: list[bytes] = []
-        headers = []
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            name = name.lower()
-            value = value.lstrip(b" \t")
-            if name in _RESPONSE_HOP_BY_HOP or name.startswith(b"proxy-"):
-                if name == b"connection":
-                    tokens.extend(t.strip().lower() for t in value.split(b","))
-                framing[name] = value
-            else:
-                headers.append((name, value))
-        self._framing = framing
-        self._tokens = tokens
-        return status_line[2] if len(status_line) > 2 else b"", headers
+    def on_status(self, status: bytes) -> None:
+        self._reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        low = name.lower()
+        if low in _RESPONSE_HOP_BY_HOP or low.startswith(b"proxy-"):
+            if low == b"connection":
+                self._tokens.extend(t.strip().lower() for t in value.split(b","))
+            self._framing[low] = value
+            return
+        self._headers.append((low, value))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
-        reason, headers = self._read_head()
         if status == 101 and self.upgrade and self._framing.get(b"upgrade", b"").lower() != b"websocket":
             self._fail("upstream answered 101 without Upgrade: websocket")
             return
         if 100 <= status < 200 and not (status == 101 and self.upgrade):
             self._interim = True   # 100 Continue and friends: the real response follows
             return
-        self._head = b""
+        headers = self._headers
         if self._tokens:
             tokens = frozenset(self._tokens)
             headers = [(n, v) for n, v in headers if n not in tokens]
@@ -181,7 +164,7 @@ class UpstreamConnection(TwistedProtocol):
         self._started = True
         user = self.user
         if user is not None:
-            user.response_head(status, reason, headers, length)
+            user.response_head(status, self._reason, headers, length)
 
     def on_body(self, data: bytes) -> None:
         if self.user is not None and not self.no_body:
