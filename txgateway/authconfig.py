@@ -17,7 +17,6 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
-import jwt
 import yaml
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
@@ -76,6 +75,8 @@ def parse_jwks(data: Any) -> tuple[Jwk, ...]:
     """
     if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
         raise ValueError('expected a JSON object with a "keys" list')
+    import jwt  # imported here: a config without JWT never loads PyJWT (memory)
+
     out = []
     for index, entry in enumerate(data["keys"]):
         if not isinstance(entry, dict):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
@@ -21,25 +21,27 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from txgateway.accesslog import AccessLog, JsonLinesWriter
-from txgateway.admin import admin_site
-from txgateway.auth import AuthFilter
 from txgateway.breaker import Breakers
 from txgateway.config import Config, ConfigError, load_config
 from txgateway.fetch import read_body
-from txgateway.h2 import ALPNFactory
 from txgateway.headers import ForwardingHeaders, HeaderRulesFilter, TrustedProxies
 from txgateway.http1 import HTTP1Factory
-from txgateway.jwks import RemoteJwks
 from txgateway.pipeline import Pipeline
 from txgateway.proxy import Proxy, UpstreamGroup
 from txgateway.ratelimit import LocalStore, RateLimitFilter, RateLimitStore
-from txgateway.redislink import RedisLink
-from txgateway.redisstore import HybridStore, RedisStore
 from txgateway.reload import ReloadRefused, keep_restart_only_settings
 from txgateway.routing import RouteTable, RoutingFilter
 from txgateway.stats import Stats
 from txgateway.timeouts import Deadlines
 from txgateway.tls import RedirectToHttps, ServerTLS
+
+# Optional features (admin, HTTP/2, auth, JWKS, Redis, Manhole) are imported where they are
+# built: a config without one never loads its library (prometheus_client, twisted.web + h2,
+# PyJWT, txredisapi, twisted.conch: ~6 MiB of RSS a plain proxy does not need).
+if TYPE_CHECKING:
+    from txgateway.auth import AuthFilter
+    from txgateway.jwks import RemoteJwks
+    from txgateway.redislink import RedisLink
 
 __all__ = ["Gateway"]
 
@@ -156,6 +158,7 @@ class Gateway(MultiService):
                 _log.warn("upstream {name}: TLS certificates are NOT verified (tls.verify: false)", name=name)
         self.admin: StreamServerEndpointService | None = None
         if config.admin is not None and operations:
+            from txgateway.admin import admin_site  # prometheus_client, twisted.web: admin only
             self.admin = StreamServerEndpointService(serverFromString(reactor, config.admin.endpoint), admin_site(self))
             self.admin._raiseSynchronously = True
             self.admin.setServiceParent(self)
@@ -173,7 +176,10 @@ class Gateway(MultiService):
             self.factories.append(http)
             self.tls_factories[index] = http
             longest = max((u.connect_timeout + u.timeout for u in config.upstreams.values()), default=0.0)
-            wrapped: Any = ALPNFactory(http, config.limits.idle_timeout + longest) if "h2" in listener.tls.alpn else http
+            wrapped: Any = http
+            if "h2" in listener.tls.alpn:
+                from txgateway.h2 import ALPNFactory  # twisted.web + h2: only listeners offering h2
+                wrapped = ALPNFactory(http, config.limits.idle_timeout + longest)
             return TLSMemoryBIOFactory(tls.options, False, wrapped)  # type: ignore[arg-type]  # zope interfaces
         if config.redirect_to_https:
             first_tls = next(i for i, x in enumerate(config.listen) if x.tls is not None)
@@ -192,7 +198,10 @@ class Gateway(MultiService):
         self.routes = RouteTable(config.routes)
         self.proxy = Proxy(self.reactor, self.clock, config.upstreams, self.deadlines, config.limits.idle_timeout, keep)
         self.breakers = Breakers(g.breaker for g in self.proxy.groups.values() if g.breaker is not None)
-        identify = [AuthFilter(config.auth, config.routes, self.clock, self.jwks)] if config.auth else []
+        identify: list[AuthFilter] = []
+        if config.auth:
+            from txgateway.auth import AuthFilter  # jwt, cryptography's key types: only with auth:
+            identify.append(AuthFilter(config.auth, config.routes, self.clock, self.jwks))
         limited = any(r.rate_limit is not None for r in config.routes)
         limit = [RateLimitFilter(config.rate_limits, config.routes, self.limiter, self.local_buckets)] if limited else []
         self.pipeline = Pipeline(
@@ -269,6 +278,8 @@ class Gateway(MultiService):
                 _log.warn("redis: is configured but unused (rate_limits.backend is local)")
             return None, local, local
         assert config.redis is not None        # the config refuses a Redis backend without redis:
+        from txgateway.redislink import RedisLink  # txredisapi: only a Redis-backed limiter
+        from txgateway.redisstore import HybridStore, RedisStore
         link = RedisLink(config.redis, self.clock)
         if limits.backend == "redis":
             return link, RedisStore(link), local
@@ -281,6 +292,8 @@ class Gateway(MultiService):
         import treq
         from twisted.web.client import HTTPConnectionPool
         from twisted.web.http_headers import Headers
+
+        from txgateway.jwks import RemoteJwks
         pool = HTTPConnectionPool(self.reactor, persistent=False)
 
         def fetch(url: str) -> Deferred[bytes]:

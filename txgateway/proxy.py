@@ -28,12 +28,12 @@ from twisted.python.failure import Failure
 from txgateway.balance import Balancer, Member
 from txgateway.breaker import OPEN, CircuitBreaker
 from txgateway.config import Upstream
-from txgateway.healthcheck import HealthChecker
 from txgateway.pipeline import RequestContext, ResponseHead, error_response
 from txgateway.timeouts import Deadlines
 from txgateway.upstream import TargetPool, UpstreamConnection
 
 if TYPE_CHECKING:
+    from txgateway.healthcheck import HealthChecker
     from txgateway.pipeline import Pipeline
 
 __all__ = ["Proxy", "UpstreamGroup"]
@@ -58,8 +58,10 @@ class UpstreamGroup:
         settings = upstream.circuit_breaker
         self.breaker = CircuitBreaker(upstream.name, settings, clock) if settings is not None else None
         self.failure_statuses = settings.failure_statuses if settings is not None else _DEFAULT_FAILURE_STATUSES
-        self.health = (HealthChecker(self.balancer, upstream.health_check, reactor, clock)
-                       if upstream.health_check is not None else None)
+        self.health: HealthChecker | None = None
+        if upstream.health_check is not None:
+            from txgateway.healthcheck import HealthChecker  # twisted.web, treq: only upstreams with checks
+            self.health = HealthChecker(self.balancer, upstream.health_check, reactor, clock)
 
     def start(self) -> None:
         if self.health is not None:

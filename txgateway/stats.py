@@ -12,9 +12,9 @@ from bisect import bisect_left
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-
 if TYPE_CHECKING:
+    from prometheus_client.core import HistogramMetricFamily
+
     from txgateway.gateway import Gateway
     from txgateway.pipeline import RequestContext
 
@@ -94,6 +94,9 @@ class MetricsCollector:
         self.gateway = gateway
 
     def collect(self) -> Iterator[Any]:
+        # Imported on scrape: only configs with an admin listener pay for prometheus_client (memory).
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         stats = self.gateway.stats
         requests = CounterMetricFamily("txgateway_requests", "Requests answered, by route, method and status",
                                        labels=["route", "method", "status"])
@@ -137,6 +140,8 @@ class MetricsCollector:
 
 
 def _histograms(name: str, documentation: str, label: str, histograms: dict[str, _Histogram]) -> HistogramMetricFamily:
+    from prometheus_client.core import HistogramMetricFamily  # on scrape, as in collect()
+
     family = HistogramMetricFamily(name, documentation, labels=[label])
     for value, histogram in sorted(histograms.items()):
         family.add_metric([value], histogram.cumulative(), histogram.total)

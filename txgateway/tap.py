@@ -92,7 +92,6 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         from twisted.internet import reactor as default_reactor
         reactor = default_reactor
         _tune_for_throughput(reactor)
-    from txgateway.gateway import Gateway, ListenerError
     if options["demo"]:
         from txgateway.demo import demo_service
         return demo_service(reactor)
@@ -108,6 +107,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             reactor.addSystemEventTrigger("after", "startup", notify_systemd, "READY=1")
             reactor.addSystemEventTrigger("before", "shutdown", notify_systemd, "STOPPING=1")
         return top
+    from txgateway.gateway import Gateway, ListenerError  # not in a --workers parent: it serves nothing
     if options["worker"] is not None:
         _exit_with_parent()
     inherited = [int(fd) for fd in options["inherit-fds"].split(",")] if options["inherit-fds"] else None
