@@ -16,7 +16,7 @@
 # Knobs (environment): DURATION=10 RUNS=3 WARMUP=2 CONNS="32 256" WRK_THREADS=1
 #   CLIENT_CPU=0 GATEWAY_CPU=1 UPSTREAM_PORT=19001 GATEWAY_PORT=19080 QUIET_WAIT=20
 #   STREAM_SIZE=1G STREAM_RATES="100 0" (MiB/s the stream client reads at; 0 = unpaced)
-#   ANCHORS_DIR=/tmp/anchors ANCHORS_ONLY=direct,fastify-plain,fastify-seed,twisted-agent,nginx-1w,txgw
+#   ANCHORS_DIR=/tmp/anchors ANCHORS_ONLY=direct,fastify-plain,fastify-seed,twisted-agent,nginx-1w,txgw,txgw-jwt
 #   SHARED_BENCH=../shared/bench (the peer harness to copy)
 set -euo pipefail
 
@@ -89,7 +89,7 @@ done
 if [[ $ANCHORS != 0 ]]; then
   SHARED_BENCH="${SHARED_BENCH:-$ROOT/../shared/bench}"
   ANCHORS_DIR="${ANCHORS_DIR:-/tmp/anchors}"
-  ANCHORS_ONLY="${ANCHORS_ONLY:-direct,fastify-plain,fastify-seed,twisted-agent,nginx-1w,txgw}"
+  ANCHORS_ONLY="${ANCHORS_ONLY:-direct,fastify-plain,fastify-seed,twisted-agent,nginx-1w,txgw,txgw-jwt}"
   if [[ ! -x "$ANCHORS_DIR/run_anchors.sh" ]]; then
     [[ -d "$SHARED_BENCH" ]] || die "no peer harness at $SHARED_BENCH (set SHARED_BENCH)"
     log "copying $SHARED_BENCH to $ANCHORS_DIR"
@@ -97,9 +97,10 @@ if [[ $ANCHORS != 0 ]]; then
     chmod -R u+w "$ANCHORS_DIR"   # the shared folder may be read-only; the harness writes into its copy
   fi
   # The harness's own knobs (RUNS, DURATION, CONNS, WARMUP...) are read from the environment.
-  log "peer harness: $ANCHORS_DIR/run_anchors.sh --only $ANCHORS_ONLY --add txgw (bench/anchors-gateway.yaml)"
+  log "peer harness: $ANCHORS_DIR/run_anchors.sh --only $ANCHORS_ONLY --add txgw, txgw-jwt (bench/anchors-gateway*.yaml)"
   "$ANCHORS_DIR/run_anchors.sh" --only "$ANCHORS_ONLY" \
     --add "txgw|9200|/api/users/1|none|gw|$TWISTD -n --pidfile= txgateway --config $ROOT/bench/anchors-gateway.yaml" \
+    --add "txgw-jwt|9201|/api/users/1|jwt|gw|$TWISTD -n --pidfile= txgateway --config $ROOT/bench/anchors-gateway-jwt.yaml" \
     || rc=$?
 fi
 exit $rc
