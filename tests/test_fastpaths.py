@@ -7,7 +7,8 @@ import inspect
 import socket
 
 import pytest_twisted
-from twisted.internet import abstract, epollreactor
+from twisted.internet import abstract, epollreactor, posixbase, tcp
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 
 from tests.conftest import listen
@@ -18,6 +19,9 @@ from txgateway.reactor import make_lean
 # If one changes, re-read the new source, adapt the module, then update the pin.
 PINNED = {
     epollreactor.EPollReactor.doPoll: "09b62ae68ef01b4b",
+    posixbase._PollLikeMixin._doReadOrWrite: "5ffee55b79492b00",
+    tcp.Connection.doRead: "20ac74ffecd6b7f2",
+    tcp.Connection._dataReceived: "7ed147aeca0c7f8a",
     abstract.FileDescriptor.write: "3e46c97fc173bc7e",
     abstract.FileDescriptor.doWrite: "a986d7b1b1054e43",
 }
@@ -114,4 +118,51 @@ def test_lean_reactor_patch_applies_only_to_epoll():
         assert reactor.doIteration is reactor.doPoll
         reactor.doPoll(0)  # polls an empty set without error
     finally:
+        reactor._poller.close()
+
+
+def test_lean_loop_reads_closes_and_fails_like_twisted():
+    reactor = epollreactor.EPollReactor()
+    assert make_lean(reactor)
+    received: list[bytes] = []
+    lost: list = []
+
+    class Recorder(Protocol):
+        def dataReceived(self, data):
+            received.append(data)
+            if data == b"boom":
+                raise RuntimeError("a bug in the protocol")
+
+        def connectionLost(self, reason):
+            lost.append(reason)
+
+    def spin(done):
+        for _ in range(500):
+            reactor.runUntilCurrent()
+            reactor.doIteration(0.01)
+            if done():
+                return
+        raise AssertionError("the lean loop did not deliver the event")
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Recorder), interface="127.0.0.1")
+    try:
+        client = socket.create_connection(("127.0.0.1", port.getHost().port))
+        client.sendall(b"hello")
+        spin(lambda: received)
+        assert received == [b"hello"]
+        client.close()                              # an empty read: the connection is done
+        spin(lambda: lost)
+        assert lost[0].check(ConnectionDone)
+        other = socket.create_connection(("127.0.0.1", port.getHost().port))
+        other.sendall(b"boom")                      # the protocol raises: logged, connection lost
+        spin(lambda: len(lost) == 2)
+        assert lost[1].check(RuntimeError)
+        other.settimeout(5)
+        assert other.recv(10) == b""                # ...and the socket is closed
+        other.close()
+    finally:
+        port.stopListening()
+        for _ in range(5):
+            reactor.runUntilCurrent()
+            reactor.doIteration(0)
         reactor._poller.close()

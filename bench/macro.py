@@ -1,0 +1,153 @@
+"""CPU instructions per proxied request of the real daemon (user space), counted by callgrind.
+
+`bench/micro.py` drives the pipeline in memory; this runs the real `twistd -n txgateway`
+under callgrind, with real sockets, a real upstream and 16 keep-alive clients, so the count
+includes the reactor, the socket module and the write batching too (not the kernel). Like
+micro.sh it gives the same number on a busy or a quiet machine, where req/s from wrk move by
+tens of percent between runs: use it to compare two versions of the code.
+
+    .venv/bin/python bench/macro.py                    # plain proxy route (bench/anchors-gateway.yaml)
+    .venv/bin/python bench/macro.py --jwt              # + JWT + per-user limit (anchors-gateway-jwt.yaml)
+    .venv/bin/python bench/macro.py -n 3000 --conns 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import selectors
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sun, 29 Nov 2026 12:30:29 GMT\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 11\r\nConnection: keep-alive\r\n\r\n{\"ok\":true}")
+UPSTREAM = """
+import socket, selectors
+sel = selectors.DefaultSelector()
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", 0)); srv.listen(512); srv.setblocking(False)
+print(srv.getsockname()[1], flush=True)
+sel.register(srv, selectors.EVENT_READ)
+while True:
+    for key, _ in sel.select():
+        if key.fileobj is srv:
+            conn, _ = srv.accept(); conn.setblocking(False); sel.register(conn, selectors.EVENT_READ)
+            continue
+        try:
+            data = key.fileobj.recv(65536)
+        except OSError:
+            data = b""
+        if not data:
+            sel.unregister(key.fileobj); key.fileobj.close(); continue
+        key.fileobj.sendall(%r * data.count(b"\\r\\n\\r\\n"))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def drive(port: int, total: int, conns: int, request: bytes) -> None:
+    """`total` requests over `conns` keep-alive connections, one outstanding per connection."""
+    sel = selectors.DefaultSelector()
+    pending = {}
+    for _ in range(conns):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ)
+        pending[s] = b""
+    sent = done = 0
+    for s in pending:
+        if sent < total:
+            s.sendall(request)
+            sent += 1
+    while done < total:
+        for key, _ in sel.select(60):
+            s = key.fileobj
+            data = s.recv(65536)
+            if not data:
+                raise SystemExit("the gateway closed a connection")
+            buf = pending[s] + data
+            while b"\r\n\r\n" in buf:
+                head, _, rest = buf.partition(b"\r\n\r\n")
+                length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+                if len(rest) < length:
+                    break
+                if not head.startswith(b"HTTP/1.1 200"):
+                    raise SystemExit(f"unexpected answer: {head[:80]!r}")
+                buf = rest[length:]
+                done += 1
+                if sent < total:
+                    s.sendall(request)
+                    sent += 1
+            pending[s] = buf
+    for s in pending:
+        s.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-n", type=int, default=3000, help="requests counted (after a warm-up)")
+    parser.add_argument("--conns", type=int, default=16)
+    parser.add_argument("--jwt", action="store_true", help="JWT + per-user rate limit (anchors-gateway-jwt.yaml)")
+    args = parser.parse_args()
+    upstream = subprocess.Popen([sys.executable, "-c", UPSTREAM % RESPONSE], stdout=subprocess.PIPE, text=True)
+    work = Path(tempfile.mkdtemp(prefix="txgw-macro-"))
+    gateway = None
+    try:
+        upstream_port = int(upstream.stdout.readline())
+        port = free_port()
+        source = ROOT / "bench" / ("anchors-gateway-jwt.yaml" if args.jwt else "anchors-gateway.yaml")
+        config = source.read_text()
+        config = re.sub(r'tcp:\d+:interface', f"tcp:{port}:interface", config)
+        config = config.replace("http://127.0.0.1:9001", f"http://127.0.0.1:{upstream_port}")
+        config = re.sub(r"access_log: \S+", f"access_log: {work / 'access.log'}", config)
+        (work / "gateway.yaml").write_text(config)
+        request = b"GET /api/users/1 HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: macro\r\nAccept: */*\r\n"
+        env = dict(os.environ)
+        if args.jwt:
+            import jwt
+            env["JWT_SECRET"] = secret = "macro-bench-secret-0123456789abcdef0123"
+            token = jwt.encode({"sub": "bench-user", "exp": int(time.time()) + 3600}, secret, algorithm="HS256")
+            request += b"Authorization: Bearer " + token.encode() + b"\r\n"
+        request += b"\r\n"
+        twistd = str(Path(sys.executable).parent / "twistd")
+        gateway = subprocess.Popen(
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={work}/cg.%p", twistd, "-n", "--pidfile=",
+             "txgateway", "--config", str(work / "gateway.yaml")],
+            env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=open(work / "valgrind.log", "w"))
+        deadline = time.time() + 120
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port)).close()
+                break
+            except OSError:
+                if time.time() > deadline or gateway.poll() is not None:
+                    raise SystemExit(f"the gateway did not start: see {work}/valgrind.log")
+                time.sleep(0.5)
+        drive(port, 500, args.conns, request)                       # warm-up
+        subprocess.run(["callgrind_control", "-z", str(gateway.pid)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        drive(port, args.n, args.conns, request)
+        subprocess.run(["callgrind_control", "-d", str(gateway.pid)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        dumps = sorted(work.glob(f"cg.{gateway.pid}.*"))
+        totals = re.search(r"^(?:summary|totals): (\d+)", dumps[-1].read_text(), re.M)
+        print(f"{int(totals.group(1)) // args.n} instructions per request (real daemon, user space, "
+              f"{args.conns} connections, {'JWT + limit' if args.jwt else 'plain proxy'})")
+    finally:
+        if gateway is not None:
+            gateway.terminate()
+            gateway.wait(60)
+        upstream.kill()
+        subprocess.run(["rm", "-rf", str(work)])
+
+
+if __name__ == "__main__":
+    main()
