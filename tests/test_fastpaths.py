@@ -10,6 +10,8 @@ import pytest_twisted
 from twisted.internet import abstract, epollreactor, posixbase, tcp
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 
 from tests.conftest import listen
 from txgateway.fastwrite import writer_for
@@ -49,9 +51,10 @@ def _read_exactly(sock: socket.socket, size: int) -> bytes:
     return data
 
 
-async def _accepted(reactor, factory) -> tuple[object, socket.socket, object]:
+async def _accepted(reactor) -> tuple[object, socket.socket, object]:
     """A listening port, a blocking client socket connected to it, and the server transport."""
-    from twisted.internet.task import deferLater
+    factory = Factory.forProtocol(Collect)
+    factory.conns = []
     port = await listen(reactor, factory)
     client = socket.socket()
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -63,11 +66,7 @@ async def _accepted(reactor, factory) -> tuple[object, socket.socket, object]:
 
 @pytest_twisted.ensureDeferred
 async def test_writes_of_a_turn_leave_together_and_the_rest_queues_in_order(reactor):
-    from twisted.internet.task import deferLater
-    from twisted.internet.threads import deferToThread
-    factory = Factory.forProtocol(Collect)
-    factory.conns = []
-    port, client, transport = await _accepted(reactor, factory)
+    port, client, transport = await _accepted(reactor)
     try:
         write, _ = writer_for(transport)
         big = bytes(range(256)) * 40000  # ~10 MB: more than the kernel takes at once
@@ -88,10 +87,7 @@ async def test_writes_of_a_turn_leave_together_and_the_rest_queues_in_order(reac
 
 @pytest_twisted.ensureDeferred
 async def test_flush_sends_at_once_so_a_close_can_follow(reactor):
-    from twisted.internet.threads import deferToThread
-    factory = Factory.forProtocol(Collect)
-    factory.conns = []
-    port, client, transport = await _accepted(reactor, factory)
+    port, client, transport = await _accepted(reactor)
     try:
         write, flush = writer_for(transport)
         write(b"head ")
