@@ -124,10 +124,14 @@ def test_lean_loop_reads_closes_and_fails_like_twisted():
     lost: list = []
 
     class Recorder(Protocol):
+        def connectionMade(self):
+            self.write, _ = writer_for(self.transport)
+
         def dataReceived(self, data):
             received.append(data)
             if data == b"boom":
                 raise RuntimeError("a bug in the protocol")
+            self.write(b"echo:" + data)     # held, then flushed by the loop itself before it polls
 
         def connectionLost(self, reason):
             lost.append(reason)
@@ -146,6 +150,10 @@ def test_lean_loop_reads_closes_and_fails_like_twisted():
         client.sendall(b"hello")
         spin(lambda: received)
         assert received == [b"hello"]
+        assert not reactor.getDelayedCalls()        # no callLater(0): the lean loop flushes
+        reactor.doIteration(0)
+        client.settimeout(5)
+        assert client.recv(100) == b"echo:hello"
         client.close()                              # an empty read: the connection is done
         spin(lambda: lost)
         assert lost[0].check(ConnectionDone)

@@ -5,8 +5,8 @@ sends on a later iteration, after an epoll_ctl pair per write. Sending at once
 (`socket.send`) avoids that, but under load it wakes the peer (wrk, the upstream) once per
 write: on this 2-vCPU VM every such wake-up is an inter-processor interrupt, and kernel time
 was a quarter of the gateway's CPU. So a turn's writes are held per transport and flushed
-together by one `callLater(0)`, which runs before the reactor's next poll: the peers wake
-once per turn instead of once per write (kernel time per request 22-25 us -> 9-16 us,
+together just before the reactor's next poll (by the lean loop of reactor.py, else by one
+`callLater(0)`): the peers wake once per turn instead of once per write (kernel time per request 22-25 us -> 9-16 us,
 docs/performance.md). Whatever the kernel does not take goes through `transport.write`,
 so ordering, backpressure (producers) and error handling stay Twisted's. TLS and other
 transports always use `transport.write`. `tests/test_fastpaths.py` fails loudly if the
@@ -20,24 +20,29 @@ from typing import Any
 
 from twisted.internet import tcp
 
-__all__ = ["BatchedWriter", "writer_for"]
+__all__ = ["BatchedWriter", "turn_for", "writer_for"]
 
 _PLAIN_TCP = (tcp.Server, tcp.Client)
 
 
 class _Turn:
-    """The writers holding data in this reactor turn, and the one call that flushes them."""
+    """The writers holding data in this reactor turn, and the one call that flushes them.
 
-    __slots__ = ("reactor", "writers", "scheduled")
+    The lean loop (reactor.py) calls `flush` itself before each poll (`in_poll`); on any
+    other reactor a `callLater(0)` does, which also runs before the next poll.
+    """
+
+    __slots__ = ("reactor", "writers", "scheduled", "in_poll")
 
     def __init__(self, reactor: Any) -> None:
         self.reactor = reactor
         self.writers: list[BatchedWriter] = []
         self.scheduled = False
+        self.in_poll = False
 
     def add(self, writer: BatchedWriter) -> None:
         self.writers.append(writer)
-        if not self.scheduled:
+        if not self.scheduled and not self.in_poll:
             self.scheduled = True
             self.reactor.callLater(0, self.flush)
 
@@ -51,6 +56,14 @@ class _Turn:
 _turns: dict[int, _Turn] = {}   # one per reactor (tests may run several)
 
 
+def turn_for(reactor: Any) -> _Turn:
+    """The write batch of `reactor`."""
+    turn = _turns.get(id(reactor))
+    if turn is None or turn.reactor is not reactor:
+        turn = _turns[id(reactor)] = _Turn(reactor)
+    return turn
+
+
 class BatchedWriter:
     """`write(data)` for one plain TCP transport: held until the end of the turn, then sent."""
 
@@ -61,11 +74,7 @@ class BatchedWriter:
         self.send = transport.socket.send
         self.queued_write = transport.write
         self.held: list[bytes] = []
-        reactor = transport.reactor
-        turn = _turns.get(id(reactor))
-        if turn is None or turn.reactor is not reactor:
-            turn = _turns[id(reactor)] = _Turn(reactor)
-        self.turn = turn
+        self.turn = turn_for(transport.reactor)
 
     def write(self, data: bytes) -> None:
         held = self.held

@@ -33,6 +33,11 @@ def make_lean(reactor: Any) -> bool:
     from twisted.internet.main import CONNECTION_DONE
     from twisted.python import log
 
+    from txgateway.fastwrite import turn_for
+
+    turn = turn_for(reactor)
+    turn.in_poll = True          # the turn's writes are flushed here, not by a callLater(0)
+    flush = turn.flush
     poll = reactor._poller.poll
     selectables = reactor._selectables
     dispatch = reactor._doReadOrWrite
@@ -40,6 +45,8 @@ def make_lean(reactor: Any) -> bool:
     connections = (tcp.Server, tcp.Client)
 
     def doPoll(timeout: float | None) -> None:
+        if turn.writers:
+            flush()
         if timeout is None:
             timeout = -1
         try:
