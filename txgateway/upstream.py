@@ -52,6 +52,10 @@ class UpstreamUser(Protocol):
 class UpstreamConnection(TwistedProtocol):
     """One keep-alive connection to a target, serving one exchange at a time."""
 
+    __slots__ = ("pool", "user", "factory", "transport", "connected", "write", "flush_writes", "parser", "reused",
+                 "open", "upgrade", "tunnel", "no_body", "_reason", "_headers", "_framing", "_tokens", "_interim",
+                 "_started", "_until_close")  # attribute access on the hot path (see http1.HTTP1Connection)
+
     transport: Any
 
     def __init__(self, pool: TargetPool, user: UpstreamUser | None, factory: Any = None) -> None:
