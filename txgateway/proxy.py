@@ -257,7 +257,8 @@ class Exchange:
         self.proxy.deadlines.discard(self)
         ctx = self.ctx
         ctx.forwarding = None
-        if self.producing:
+        producing = self.producing
+        if producing:
             self.producing = False
             ctx.downstream.unregister_producer(ctx)
         conn, self.conn = self.conn, None
@@ -266,7 +267,7 @@ class Exchange:
             reusable = False
             self._stop_body_producer(conn)
         if conn is not None:
-            self.pool.release(conn, reusable)
+            self.pool.release(conn, reusable, may_be_paused=producing)
         ctx.downstream.finish(ctx)
 
     def upstream_failed(self, reason: str, response_started: bool) -> None:

@@ -328,13 +328,17 @@ class TargetPool:
             user.connect_failed(reason)
         self._serve_waiting()
 
-    def release(self, conn: UpstreamConnection, reusable: bool) -> None:
-        """The exchange is over: keep the connection for the next request, or drop it."""
+    def release(self, conn: UpstreamConnection, reusable: bool, may_be_paused: bool = False) -> None:
+        """The exchange is over: keep the connection for the next request, or drop it.
+
+        `may_be_paused`: the connection was a slow client's producer, which may have paused it.
+        """
         if not (reusable and conn.open) or self.retired:
             conn.close()
             return
         conn.user = None
-        conn.transport.resumeProducing()
+        if may_be_paused:
+            conn.transport.resumeProducing()
         if self.waiting:
             conn.reused = True
             self.waiting.popleft().connected(conn)
