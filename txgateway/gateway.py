@@ -360,15 +360,30 @@ class Gateway(MultiService):
         if cut:
             _log.warn("drain_timeout ({seconds:g}s) reached: cutting {count} request(s) still in flight",
                       seconds=self.config.drain_timeout, count=cut)
+        closing = False
         for factory in self.factories:
             for conn in list(factory.connections):
                 conn.close()
-            for transport in list(factory.others):
-                transport.loseConnection()
-        if cut:
-            # Their connections close on the next reactor turns: let their access-log lines
-            # be written before the log writer stops.
+                closing = True
+            if factory.others:
+                from txgateway.h2 import close_h2  # only listeners offering h2 have any
+                for transport in _open(factory.others):
+                    close_h2(transport)
+                    closing = True
+        if closing:
+            # Their connections close on the next reactor turns: let what they still send go
+            # out (HTTP/2's GOAWAY, TLS close_notify: the reactor drops unsent bytes when it
+            # stops) and cut requests' access-log lines be written before the log writer stops.
             await deferLater(self.reactor, 0.05, lambda: None)
+            if self.stats.in_flight:
+                # A TLS close waits for the client's close_notify (a client need not send it):
+                # until the connection is gone its request is neither ended nor logged.
+                for factory in self.factories:
+                    for conn in list(factory.connections):
+                        conn.transport.abortConnection()
+                    for transport in _open(factory.others):
+                        transport.abortConnection()
+                await deferLater(self.reactor, 0.05, lambda: None)
         self.proxy.close()
         if self.jwks is not None:
             self.jwks.stop()
@@ -388,6 +403,12 @@ class Gateway(MultiService):
         """Requests in flight: HTTP/1.1 ones queued on their connections, and every request the
         pipeline has not finished yet (HTTP/2 streams, WebSocket sessions included)."""
         return self.stats.in_flight > 0 or any(conn._queue for factory in self.factories for conn in factory.connections)
+
+
+def _open(transports: Any) -> list[Any]:
+    """The transports (of HTTP/2 connections) not lost yet: a lost one stays in its WeakSet
+    until it is garbage, and TLS fails on being closed again."""
+    return [transport for transport in list(transports) if transport.connected]
 
 
 MAX_JWKS_BYTES = 1 << 20

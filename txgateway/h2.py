@@ -13,14 +13,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from txgateway.pipeline import RequestContext, ResponseHead
 from txgateway.tls import tls_description
 
-__all__ = ["ALPNFactory", "H2Downstream", "ProtocolByALPN", "h2_site"]
+__all__ = ["ALPNFactory", "H2Downstream", "ProtocolByALPN", "close_h2", "h2_site"]
 
 # What the HTTP/1.1 transport takes out before the pipeline; HTTP/2 has no hop-by-hop
 # headers, but a client may still send them (and twisted.web adds Host from :authority).
@@ -223,6 +225,29 @@ class ProtocolByALPN(Protocol):
     def connectionLost(self, reason: Any = None) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
+
+
+def close_h2(transport: Any) -> None:
+    """End an HTTP/2 connection (its TLS transport) at stop: GOAWAY, its streams, then the connection.
+
+    Streams still open are cut: they end (499 in the access log) now, as twisted.web ends them
+    when a client sends GOAWAY, rather than fail later writing to a closed h2 connection.
+    twisted.web's H2Connection is the transport's registered producer, and a TLS transport
+    with a producer does not close on `loseConnection` until the producer goes: it is
+    unregistered first. The TLS close still waits for the client's close_notify (a client need
+    not send it); Gateway._stop aborts what is still open when requests are still in flight."""
+    from h2.exceptions import ProtocolError
+    channel: Any = getattr(transport.wrappedProtocol, "_channel", None)  # twisted.web's H2Connection
+    connection = getattr(channel, "conn", None)                     # its h2 state machine
+    if connection is not None:
+        try:
+            connection.close_connection()           # GOAWAY (NO_ERROR, the last stream it took)
+            transport.write(connection.data_to_send())
+        except ProtocolError:                       # closed already (the client sent GOAWAY)
+            pass
+        channel.connectionLost(Failure(ConnectionDone("the gateway is stopping")))
+    transport.unregisterProducer()
+    transport.loseConnection()
 
 
 class ALPNFactory:

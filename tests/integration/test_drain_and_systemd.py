@@ -77,11 +77,13 @@ def upstreams() -> Iterator[list[Upstream]]:
         upstream.close()
 
 
-def write_config(tmp_path: Path, listen: str, upstream_url: str, extra: str = "") -> Path:
+def write_config(tmp_path: Path, listen: str, upstream_url: str, extra: str = "", tls: str = "") -> Path:
+    """`tls`: the listener's `tls:` mapping (flow style), if it has one."""
     path = tmp_path / "gateway.yaml"
+    tls_line = f"\n            tls: {tls}" if tls else ""
     path.write_text(textwrap.dedent(f"""\
         listen:
-          - endpoint: "{listen}"
+          - endpoint: "{listen}"{tls_line}
         access_log: "{tmp_path / 'access.log'}"
         upstreams:
           users: {{targets: ["{upstream_url}"], connect_timeout: 1s, timeout: 10s}}
