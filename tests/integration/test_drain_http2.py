@@ -20,6 +20,7 @@ import signal
 import ssl
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,24 +98,35 @@ def read_until_closed(client: H2Client, timeout: float) -> Ending:
     return Ending(at if at is not None else time.monotonic(), client.terminated, how, after)
 
 
-def test_sigterm_lets_an_http2_stream_in_flight_finish_then_exits_0(tmp_path, cert, upstreams):
-    slow = Upstream(delay=1.5)
-    upstreams.append(slow)
-    daemon, port = tls_daemon(tmp_path, cert, slow, "10s")
+@contextmanager
+def h2_stream_then_sigterm(tmp_path: Path, cert: Cert, upstreams: list[Upstream], delay: float, drain: str,
+                           path: str) -> Iterator[tuple[Daemon, Upstream, int, H2Client, int, float]]:
+    """A TLS daemon, an HTTP/2 stream its upstream holds (`delay` s), then SIGTERM:
+    (daemon, upstream, port, client, stream, monotonic time of the SIGTERM)."""
+    upstream = Upstream(delay=delay)
+    upstreams.append(upstream)
+    daemon, port = tls_daemon(tmp_path, cert, upstream, drain)
     try:
         with H2Client(port, cert.cert) as client:
-            stream = client.request("/api/users/slow")
-            assert slow.arrived.wait(WAIT), daemon.output        # the upstream holds the request now
+            stream = client.request(path)
+            assert upstream.arrived.wait(WAIT), daemon.output    # the upstream holds the request now
             daemon.proc.send_signal(signal.SIGTERM)
-            sigterm = time.monotonic()
-            # Draining: new connections are refused while the stream is still waiting.
-            wait_until(lambda: refused(port), 3, f"connections to {port} refused after SIGTERM")
-            assert not slow.answered and not client.results[stream].done
+            yield daemon, upstream, port, client, stream, time.monotonic()
+    finally:
+        daemon.kill()
 
-            (result,) = client.wait(stream, timeout=WAIT)
-            assert (result.status, result.body, result.ended, result.reset) == (200, SLOW_BODY, True, None), result
-            assert slow.answered[0] - sigterm >= 1.0               # it really waited for the upstream
-            ending = read_until_closed(client, STOP_TIMEOUT)
+
+def test_sigterm_lets_an_http2_stream_in_flight_finish_then_exits_0(tmp_path, cert, upstreams):
+    with h2_stream_then_sigterm(tmp_path, cert, upstreams, 1.5, "10s", "/api/users/slow") as (
+            daemon, slow, port, client, stream, sigterm):
+        # Draining: new connections are refused while the stream is still waiting.
+        wait_until(lambda: refused(port), 3, f"connections to {port} refused after SIGTERM")
+        assert not slow.answered and not client.results[stream].done
+
+        (result,) = client.wait(stream, timeout=WAIT)
+        assert (result.status, result.body, result.ended, result.reset) == (200, SLOW_BODY, True, None), result
+        assert slow.answered[0] - sigterm >= 1.0               # it really waited for the upstream
+        ending = read_until_closed(client, STOP_TIMEOUT)
         # Then the drain is over: a GOAWAY (no error, stream 1 was the last) and a clean TLS close.
         assert ending.goaway is not None and ending.goaway.error_code == ErrorCodes.NO_ERROR, ending
         assert ending.goaway.last_stream_id == stream and (ending.how, ending.after) == ("closed", b""), ending
@@ -122,8 +134,6 @@ def test_sigterm_lets_an_http2_stream_in_flight_finish_then_exits_0(tmp_path, ce
         assert refused(port)
         assert [(r["path"], r["status"], r["tls"]) for r in access_records(tmp_path)] == \
             [("/api/users/slow", 200, "TLSv1.3 h2")]
-    finally:
-        daemon.kill()
 
 
 @dataclass
@@ -143,21 +153,12 @@ def h2_request_cut_at_drain_timeout(tmp_path, cert, upstreams) -> Iterator[H2Cut
     """The HTTP/2 twin of test_drain_and_systemd.request_cut_at_drain_timeout: drain_timeout
     1s, SIGTERM while one stream waits for a 3 s upstream; the client holds its connection
     (reading) until the daemon has exited."""
-    hanging = Upstream(delay=3.0)
-    upstreams.append(hanging)
-    daemon, port = tls_daemon(tmp_path, cert, hanging, "1s")
-    try:
-        with H2Client(port, cert.cert) as client:
-            stream = client.request("/api/users/hang")
-            assert hanging.arrived.wait(WAIT), daemon.output
-            daemon.proc.send_signal(signal.SIGTERM)
-            sigterm = time.monotonic()
-            ending = read_until_closed(client, STOP_TIMEOUT)
-            code = daemon.wait(STOP_TIMEOUT)
-            stopped = time.monotonic() - sigterm
-            yield H2Cut(daemon, hanging, port, client.results[stream], ending, sigterm, code, stopped)
-    finally:
-        daemon.kill()
+    with h2_stream_then_sigterm(tmp_path, cert, upstreams, 3.0, "1s", "/api/users/hang") as (
+            daemon, hanging, port, client, stream, sigterm):
+        ending = read_until_closed(client, STOP_TIMEOUT)
+        code = daemon.wait(STOP_TIMEOUT)
+        stopped = time.monotonic() - sigterm
+        yield H2Cut(daemon, hanging, port, client.results[stream], ending, sigterm, code, stopped)
 
 
 def test_an_http2_stream_still_running_at_drain_timeout_is_cut_and_the_exit_is_0(h2_request_cut_at_drain_timeout):
