@@ -84,10 +84,11 @@ class TrustedProxies:
         return peer_ip
 
 
+_ENTROPY_BLOCK = 40 * 512  # random bytes per getrandom call: 40 per request (ids and trace)
+
+
 class ForwardingHeaders:
     """Sanitise client headers and add correlation, trace and X-Forwarded-* headers."""
-
-    _BLOCK = 40 * 512  # random bytes per getrandom call: 40 per request (ids and trace)
 
     def __init__(self, trusted: TrustedProxies) -> None:
         self.trusted = trusted
@@ -97,7 +98,7 @@ class ForwardingHeaders:
     def _random40(self) -> bytes:
         used = self._used
         if used >= len(self._entropy):
-            self._entropy = os.urandom(self._BLOCK)
+            self._entropy = os.urandom(_ENTROPY_BLOCK)
             used = 0
         self._used = used + 40
         return self._entropy[used:used + 40]

@@ -10,7 +10,7 @@ order; pipelined requests wait in `_queue` with their bodies buffered (bounded).
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from typing import Any, cast
 from weakref import WeakSet
 
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser
@@ -478,7 +478,8 @@ class HTTP1Connection(Protocol):
             self.transport.unregisterProducer()
 
 
-_placeholder = _Incoming.__new__(_Incoming)
+# What `_parsing` points to between requests: bytes parsed with no request in progress land here.
+_placeholder = _Incoming(RequestContext(b"", b"", b"", b"", b"", [], None, b"", "", cast(Any, None), 0.0))
 
 
 def _absolute_form(target: bytes, host: bytes | None) -> tuple[bytes, bytes | None]:

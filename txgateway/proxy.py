@@ -418,13 +418,14 @@ class Proxy:
         breaker = group.breaker
         ticket = 0
         if breaker is not None:
-            ticket = breaker.allow()  # type: ignore[assignment]
-            if ticket is None:
+            allowed = breaker.allow()
+            if allowed is None:
                 ctx.notes = {"breaker": "open"}
                 self.pipeline.respond_local(ctx, error_response(
                     ctx, 503, "UPSTREAM_UNAVAILABLE", "the upstream is failing; its circuit breaker is open",
                     [(b"retry-after", b"%d" % breaker.retry_after())]))
                 return
+            ticket = allowed
         member = group.balancer.pick()
         if member is None:
             if breaker is not None:
