@@ -13,14 +13,18 @@ from setuptools import setup
 
 COMPILED = [
     "txgateway/accesslog.py",
+    "txgateway/auth.py",
     "txgateway/fastwrite.py",
     "txgateway/headers.py",
     "txgateway/http1.py",
     "txgateway/pipeline.py",
     "txgateway/proxy.py",
+    "txgateway/ratelimit.py",
+    "txgateway/reactor.py",
     "txgateway/routing.py",
     "txgateway/stats.py",
     "txgateway/timeouts.py",
+    "txgateway/tokens.py",
     "txgateway/upstream.py",
 ]
 
