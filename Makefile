@@ -18,11 +18,13 @@ $(STAMP): setup.cfg setup.py pyproject.toml
 # The request's hot path compiled by mypyc next to its sources (setup.py says which modules).
 # Any source change rebuilds it: an in-place build would otherwise shadow the edited .py files.
 # TXGATEWAY_PURE=1 skips it (and removes an earlier build) to run the code uncompiled.
-$(BUILT): $(STAMP) setup.py $(wildcard txgateway/*.py)
 ifeq ($(TXGATEWAY_PURE),)
+$(BUILT): $(STAMP) setup.py $(wildcard txgateway/*.py)
 	$(BIN)/python setup.py -q build_ext --inplace >/dev/null
 	touch txgateway/*.so $(BUILT)  # setuptools keeps a .so whose generated C did not change
 else
+.PHONY: $(BUILT)
+$(BUILT): $(STAMP)
 	rm -f txgateway/*.so txgateway__mypyc*.so $(BUILT)
 endif
 
