@@ -448,6 +448,8 @@ def test_keys_file_entries_are_reported_with_the_keys_files_name_and_line(tmp_pa
         - {{hash: "{good}", id: again}}
         - {{hash: "{hash_api_key('c' * 20)}", id: ok, colour: red}}
         - just-a-key
+        - {{hash: "{hash_api_key('d' * 20)}", id: "ci\\r\\nx-user-role: admin", role: "", tier: "élite"}}
+        - {{hash: "{hash_api_key('e' * 20)}", id: "服务"}}
         """))
     assert errors(f"""\
         auth:
@@ -462,6 +464,12 @@ def test_keys_file_entries_are_reported_with_the_keys_files_name_and_line(tmp_pa
         f"{keys}:7: keys[6].hash: the same key is listed twice",
         f"{keys}:8: keys[7].colour: unknown key (expected one of: hash, id, role, tier)",
         f"{keys}:9: keys[8]: expected a mapping, got 'just-a-key'",
+        # id, role and tier go upstream as X-User-* headers: a CR/LF there would be header injection
+        (f"{keys}:10: keys[9].id: is empty, too long or contains control characters (it goes upstream as an "
+         "X-User-* header), got 'ci\\r\\nx-user-role: admin'"),
+        (f"{keys}:10: keys[9].role: is empty, too long or contains control characters (it goes upstream as an "
+         "X-User-* header), got ''"),
+        f"{keys}:11: keys[10].id: has characters not allowed in a header (it goes upstream as an X-User-* header), got '服务'",
     ]
 
 

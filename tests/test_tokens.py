@@ -225,6 +225,8 @@ def test_exp_is_required():
     assert rejected(verifier(leeway=3600.0), mint(exp=None)) == "the token has no exp claim"
     assert rejected(verifier(), mint(exp="tomorrow")) == "the token has no valid exp"
     assert rejected(verifier(), mint(exp=True)) == "the token has no valid exp"
+    for bad in (float("nan"), float("inf"), 10**400):       # no token lives forever, none is a 500
+        assert rejected(verifier(), mint(exp=bad)) == "the token has no valid exp"
 
 
 def test_expired():
@@ -241,11 +243,14 @@ def test_nbf_in_the_future():
     assert rejected(verifier(at(NOW + 59)), token) == "the token is not valid yet"
     assert verifier(at(NOW + 60)).verify(token).user_id == "alice"
     assert rejected(verifier(), mint(nbf="soon")) == "the token's nbf is not a number"
+    assert rejected(verifier(), mint(nbf=float("nan"))) == "the token's nbf is not a number"
+    assert rejected(verifier(), mint(nbf=-10**400)) == "the token's nbf is not a number"
 
 
 def test_iat_in_the_future():
     assert rejected(verifier(at(NOW)), mint(iat=NOW + 120)) == "the token's iat is invalid or in the future"
     assert rejected(verifier(), mint(iat="now")) == "the token's iat is invalid or in the future"
+    assert rejected(verifier(), mint(iat=float("nan"))) == "the token's iat is invalid or in the future"
     assert verifier(at(NOW)).verify(mint(iat=NOW)).user_id == "alice"
     assert verifier(at(NOW)).verify(mint(iat=None)).user_id == "alice"     # iat is optional
 

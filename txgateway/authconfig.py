@@ -282,6 +282,29 @@ def _api_keys(r: Reader, node: yaml.Node) -> ApiKeysConfig:
     return ApiKeysConfig(header=header.lower().encode(), keys=MappingProxyType(_keys_file(r, text, file)), file=file)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+MAX_IDENTITY_LENGTH = 256
+
+
+def header_value_problem(text: str) -> str | None:
+    """Why an identity value (user id, role, tier) could not go upstream as a header, or None."""
+    if not text or len(text) > MAX_IDENTITY_LENGTH or _CONTROL.search(text):
+        return "is empty, too long or contains control characters"
+    try:
+        text.encode("latin-1")
+    except UnicodeEncodeError:
+        return "has characters not allowed in a header"
+    return None
+
+
+def _identity_field(r: Reader, node: yaml.Node, path: str) -> str:
+    text = r.string(node, path)
+    problem = header_value_problem(text)
+    if problem is not None:
+        raise r.fail(node, path, f"{problem} (it goes upstream as an X-User-* header), got {text!r}")
+    return text
+
+
 def _keys_file(outer: Reader, text: str, file: str) -> dict[bytes, ApiKey]:
     """The keys file is reported with its own name and lines."""
     r = Reader(file, outer.problems)
@@ -309,10 +332,9 @@ def _keys_file(outer: Reader, text: str, file: str) -> dict[bytes, ApiKey]:
         if raw in keys:
             r.fail(entry["hash"], f"{path}.hash", "the same key is listed twice")
             continue
-        keys[raw] = ApiKey(
-            id=r.string(entry["id"], f"{path}.id"),
-            role=r.string(entry["role"], f"{path}.role") if "role" in entry else None,
-            tier=r.string(entry["tier"], f"{path}.tier") if "tier" in entry else None,
-            digest=raw,
-        )
+        identity = {name: r.attempt(lambda: _identity_field(r, entry[name], f"{path}.{name}"), "")
+                    for name in ("id", "role", "tier") if name in entry}
+        if "" in identity.values():
+            continue
+        keys[raw] = ApiKey(id=identity["id"], role=identity.get("role"), tier=identity.get("tier"), digest=raw)
     return keys

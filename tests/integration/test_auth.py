@@ -153,6 +153,11 @@ BAD_BEARERS = [
     ("missing-iss", lambda: "Bearer " + mint_token(iss=None), "invalid_token", "the token has no iss claim"),
     ("wrong-aud", lambda: "Bearer " + mint_token(aud="billing"), "invalid_token", "the token's audience is not accepted"),
     ("missing-exp", lambda: "Bearer " + mint_token(exp=None), "invalid_token", "the token has no exp claim"),
+    # PyJWT's JSON parser takes NaN, Infinity and huge integers: never expiring, or a 500.
+    ("nan-exp", lambda: "Bearer " + mint_token(exp=float("nan")), "invalid_token", "the token has no valid exp"),
+    ("infinite-exp", lambda: "Bearer " + mint_token(exp=float("inf")), "invalid_token", "the token has no valid exp"),
+    ("400-digit-exp", lambda: "Bearer " + mint_token(exp=10**400), "invalid_token", "the token has no valid exp"),
+    ("400-digit-nbf", lambda: "Bearer " + mint_token(nbf=-10**400), "invalid_token", "the token's nbf is not a number"),
     ("missing-sub", lambda: "Bearer " + mint_token(sub=None), "invalid_token", "the token has no sub claim"),
     ("crlf-in-sub", lambda: "Bearer " + mint_token(sub="alice\r\nX-User-Role: admin"), "invalid_token",
      "claim sub is empty, too long or contains control characters"),
