@@ -20,7 +20,9 @@ $(STAMP): setup.cfg setup.py pyproject.toml
 # TXGATEWAY_PURE=1 skips it (and removes an earlier build) to run the code uncompiled.
 ifeq ($(TXGATEWAY_PURE),)
 $(BUILT): $(STAMP) setup.py $(wildcard txgateway/*.py)
-	$(BIN)/python setup.py -q build_ext --inplace >/dev/null
+	$(BIN)/python setup.py -q build_ext --inplace >/dev/null || { \
+	  echo "make compile: the mypyc build failed (it needs gcc and the Python headers, e.g. python3-dev);" \
+	       "TXGATEWAY_PURE=1 make $(MAKECMDGOALS) runs txgateway uncompiled" >&2; exit 1; }
 	touch txgateway/*.so $(BUILT)  # setuptools keeps a .so whose generated C did not change
 else
 .PHONY: $(BUILT)
