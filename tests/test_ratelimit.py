@@ -200,6 +200,21 @@ def test_sweep_forgets_full_buckets_and_keeps_the_others():
     assert [s.take("fast", 1.0, 2).allowed for _ in range(3)] == [True, True, False]
 
 
+def test_beyond_max_buckets_the_least_recently_used_bucket_goes_first():
+    """A client that keeps hitting its limit must not get a fresh burst because it was seen
+    first: dropping the oldest-created bucket would hand the busiest key a full one."""
+    clock = Clock()
+    s = store(clock, max_buckets=100)
+    assert [s.take("abuser", 1.0, 5).allowed for _ in range(6)] == [True] * 5 + [False]
+    for i in range(1000):                              # many other clients, none of them full
+        s.take(f"client-{i}", 1.0, 5)
+        assert len(s.buckets) <= 100
+        if i % 50 == 0:
+            assert not s.take("abuser", 1.0, 5).allowed
+    assert not s.take("abuser", 1.0, 5).allowed
+    assert "client-0" not in s.buckets and "client-999" in s.buckets   # the idle ones went
+
+
 def test_the_sweeper_runs_on_the_injected_clock_until_stopped():
     clock = Clock()
     s = LocalStore(clock, sweep_every=10.0)

@@ -105,7 +105,9 @@ class RateLimitStore(Protocol):
 
 class LocalStore:
     """In-process buckets with bounded memory: full buckets are forgotten (they equal a
-    new one), and beyond `max_buckets` the oldest are dropped."""
+    new one), and beyond `max_buckets` the least recently used are dropped. Those have
+    refilled the longest, so a fresh bucket gives them the least they did not have; dropping
+    the oldest-created instead would hand a client hammering its limit a new burst."""
 
     def __init__(self, clock: Any, max_buckets: int = 100_000, sweep_every: float = 10.0) -> None:
         self.clock = clock
@@ -125,11 +127,13 @@ class LocalStore:
 
     def take(self, key: str, per_second: float, burst: int) -> Decision:
         now = self.clock.seconds()
-        bucket = self.buckets.get(key)
+        buckets = self.buckets
+        bucket = buckets.pop(key, None)
         if bucket is None:
-            if len(self.buckets) >= self.max_buckets:
+            if len(buckets) >= self.max_buckets:
                 self._evict()
-            bucket = self.buckets[key] = [float(burst), now, per_second, float(burst)]
+            bucket = [float(burst), now, per_second, float(burst)]
+        buckets[key] = bucket      # last in the dict's order: the most recently used
         allowed, left = take(bucket[0], bucket[1], now, per_second, burst)
         bucket[0], bucket[1], bucket[2], bucket[3] = left, now, per_second, float(burst)
         return Decision(allowed, left, per_second, burst)
