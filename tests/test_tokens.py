@@ -245,6 +245,8 @@ def test_nbf_in_the_future():
     assert rejected(verifier(), mint(nbf="soon")) == "the token's nbf is not a number"
     assert rejected(verifier(), mint(nbf=float("nan"))) == "the token's nbf is not a number"
     assert rejected(verifier(), mint(nbf=-10**400)) == "the token's nbf is not a number"
+    assert rejected(verifier(), forge_hs({"alg": "HS256"}, {**claims(), "nbf": None}, SECRET)) == (
+        "the token's nbf is not a number")
 
 
 def test_iat_in_the_future():

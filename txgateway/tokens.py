@@ -78,9 +78,9 @@ def _numeric_date(claims: dict[str, Any], name: str, invalid: str) -> float | No
     PyJWT's JSON parser takes `NaN`, `Infinity` and integers of any size: a NaN `exp` compares
     false with everything (never expired) and a 400-digit one overflows float arithmetic.
     """
-    value = claims.get(name)
-    if value is None:
+    if name not in claims:
         return None
+    value = claims[name]             # null is not a date: refused, not taken for absent
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidToken(invalid)
     try:
