@@ -207,7 +207,7 @@ class GatewayRunner:
         """Start a Gateway from `config` (access records to `access_log` if given) -> (gateway, port)."""
         gw = Gateway(config, self.reactor, clock)
         if access_log is not None:
-            gw.pipeline.access_log = access_log
+            gw.access_log.observer = access_log.observer
         gw.startService()
         self.started.append(gw)
         port = await gw.listeners[0]._waitingForPort

@@ -65,7 +65,9 @@ _FIELDS = ("time", "correlation_id", "client_ip", "method", "path", "route", "up
 # no escaping; every other string is escaped.
 _LINE = ('{"time":"%s","correlation_id":"%s","client_ip":%s,"method":"%s","path":%s,"route":%s,'
          '"upstream":%s,"target":%s,"status":%d,"duration_ms":%.3f,"upstream_ms":%s,"bytes_in":%d,'
-         '"bytes_out":%d,"user_id":%s,"rate_limit":%s,"breaker":%s,"error":%s,"detail":%s,"tls":%s}\n')
+         '"bytes_out":%d,"user_id":%s,"rate_limit":%s,"breaker":%s,"error":%s,"detail":%s,"tls":%s%s}\n')
+# Notes with fields of their own above; any other note a filter adds follows "tls".
+_NOTED = frozenset({"rate_limit", "breaker", "upstream_error"})
 
 
 _CONFIG_STRINGS: dict[Any, str] = {None: "null"}  # route prefixes, upstream names, target URLs
@@ -96,13 +98,17 @@ class AccessRecord:
     matters at the gateway's request rates. `as_dict()` gives the same data as a mapping.
     """
 
-    __slots__ = ("fields",)
+    __slots__ = ("fields", "extra")
 
-    def __init__(self, fields: tuple[Any, ...]) -> None:
+    def __init__(self, fields: tuple[Any, ...], extra: dict[str, Any] | None = None) -> None:
         self.fields = fields
+        self.extra = extra              # fields filters added (ctx.note) beyond the fixed ones
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(zip(_FIELDS, self.fields, strict=True))
+        out = dict(zip(_FIELDS, self.fields, strict=True))
+        if self.extra:
+            out.update(self.extra)
+        return out
 
     def json_line(self) -> str:
         (stamp, cid, client, method, path, route, upstream, target, status, duration, upstream_ms,
@@ -119,7 +125,8 @@ class AccessRecord:
                         "null" if breaker is None else j(breaker),
                         "null" if error is None else j(error),
                         "null" if detail is None else j(detail),
-                        config(tls) or _config_string(tls))
+                        config(tls) or _config_string(tls),
+                        "".join(",%s:%s" % (j(k), j(v)) for k, v in self.extra.items()) if self.extra else "")
 
 
 class AccessLog:
@@ -131,6 +138,10 @@ class AccessLog:
     """
 
     namespace = "txgateway.access"
+    name = "access_log"          # a filter of every chain, with only a finish phase
+    on_request = None
+    on_response_head = None
+    on_response_body = None
 
     def __init__(self, observer: Any | None) -> None:
         self.observer = observer
@@ -144,9 +155,10 @@ class AccessLog:
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         return "%s.%03dZ" % (self._stamp, (wall - second) * 1000)
 
-    def record(self, ctx: Any, now: float) -> None:
+    def on_finished(self, ctx: Any) -> None:
         if self.observer is None:
             return
+        now = ctx.end
         route = ctx.route
         notes = ctx.notes
         wall = time.time()
@@ -158,7 +170,13 @@ class AccessLog:
             ctx.target_url, ctx.status, (now - ctx.start) * 1000.0,
             upstream_ms, ctx.bytes_in, ctx.bytes_out,
             ctx.identity.user_id if ctx.identity is not None else None,
-            None if ctx.rate_limit is None else ctx.rate_limit[0].outcome,
+            notes.get("rate_limit") if notes else None,
             notes.get("breaker") if notes else None, ctx.error_code,
             notes.get("upstream_error") if notes else None,
-            ctx.downstream.tls))})
+            ctx.downstream.tls), _extra(notes) if notes else None)})
+
+
+def _extra(notes: dict[str, Any]) -> dict[str, Any] | None:
+    if notes.keys() <= _NOTED:
+        return None
+    return {k: v for k, v in notes.items() if k not in _NOTED}

@@ -55,7 +55,9 @@ def status(gateway: Gateway) -> dict[str, Any]:
         "draining": gateway.draining,
         "listeners": [listener.endpoint for listener in config.listen],
         "routes": [{"prefix": r.prefix, "upstream": r.upstream, "methods": sorted(m.decode() for m in r.methods or ()),
-                    "host": r.host, "auth": r.auth, "rate_limit": r.rate_limit.key if r.rate_limit else None}
+                    "host": r.host, "terminal": r.terminal, "filters": sorted(r.policies),
+                    "auth": r.policies["auth"].mode if "auth" in r.policies else "none",
+                    "rate_limit": r.policies["rate_limit"].key if "rate_limit" in r.policies else None}
                    for r in config.routes],
         "upstreams": upstreams,
         "limiter": {

@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred
 
-from txgateway.authconfig import AuthConfig
-from txgateway.config import Route
+from txgateway.authconfig import AuthConfig, RouteAuth
 from txgateway.jwks import RemoteJwks
 from txgateway.pipeline import LocalResponse, RequestContext, error_response
 from txgateway.tokens import Identity, InvalidToken, KeysUnavailable, TokenVerifier, UnknownKey
 
-__all__ = ["AuthFilter"]
+__all__ = ["AuthFilter", "Authenticator"]
 
 _MAX_TOKEN = 8192
 
@@ -38,12 +36,13 @@ def unauthorized(ctx: RequestContext, error: str, description: str) -> LocalResp
     return error_response(ctx, 401, "UNAUTHORIZED", description, _challenge(error, description))
 
 
-class AuthFilter:
-    def __init__(self, config: AuthConfig, routes: Sequence[Route], clock: Any,
-                 remote: RemoteJwks | None = None) -> None:
+class Authenticator:
+    """What every route's auth filter shares: the token verifier (and its cache of verified
+    tokens), the JWKS fetcher, the API keys."""
+
+    def __init__(self, config: AuthConfig, clock: Any, remote: RemoteJwks | None = None) -> None:
         self.config = config
         self.remote = remote
-        self.policies = {r.index: (r.auth == "required", r.roles) for r in routes if r.auth != "none"}
         jwt_config = config.jwt
         self.verifier = (TokenVerifier(jwt_config, clock, remote.current if remote is not None else None)
                          if jwt_config is not None else None)
@@ -51,11 +50,25 @@ class AuthFilter:
         self.key_header = api_keys.header if api_keys is not None else None
         self.keys = api_keys.keys if api_keys is not None else {}
 
+
+class AuthFilter:
+    """One route's identify step (`auth: optional|required`, `roles`)."""
+
+    name = "auth"
+    on_response_head = None
+    on_response_body = None
+    on_finished = None
+
+    def __init__(self, authenticator: Authenticator, policy: RouteAuth) -> None:
+        self.remote = authenticator.remote
+        self.verifier = authenticator.verifier
+        self.key_header = authenticator.key_header
+        self.keys = authenticator.keys
+        self.required = policy.required
+        self.roles = policy.roles
+
     def on_request(self, ctx: RequestContext) -> LocalResponse | Deferred[LocalResponse | None] | None:
-        policy = self.policies.get(ctx.route.index)  # type: ignore[union-attr]
-        if policy is None:
-            return None
-        required, roles = policy
+        required, roles = self.required, self.roles
         key = ctx.header(self.key_header) if self.key_header is not None else None
         if key is not None:
             return self._admit(ctx, self._api_key(key), roles, "the API key is not valid")
@@ -110,5 +123,3 @@ class AuthFilter:
         ctx.identity = identity
         ctx.headers.extend(identity.headers)
         return None
-
-    on_response = None  # no response phase

@@ -338,3 +338,67 @@ def _keys_file(outer: Reader, text: str, file: str) -> dict[bytes, ApiKey]:
             continue
         keys[raw] = ApiKey(id=identity["id"], role=identity.get("role"), tier=identity.get("tier"), digest=raw)
     return keys
+
+
+@dataclass(frozen=True)
+class RouteAuth:
+    """A route's `auth:` (and `roles:`, which imply required)."""
+
+    required: bool
+    roles: frozenset[str] | None = None
+
+    @property
+    def mode(self) -> str:
+        return "required" if self.required else "optional"
+
+
+def parse_route_auth(r: Reader, fields: dict[str, yaml.Node], path: str, scope: Any) -> RouteAuth | None:
+    """`auth: none | optional | required` and `roles`; None for a route without auth."""
+    mode = r.attempt(lambda: r.choice(fields["auth"], f"{path}.auth", ("none", "optional", "required")), "none") \
+        if "auth" in fields else None
+    roles = None
+    if "roles" in fields:
+        roles = frozenset(r.string(n, p) for p, n in r.sequence(fields["roles"], f"{path}.roles"))
+        if not roles:
+            r.fail(fields["roles"], f"{path}.roles", "expected at least one role")
+        if mode not in (None, "required"):
+            r.fail(fields["roles"], f"{path}.roles", f"roles need auth: required, got auth: {mode}")
+        mode = "required"
+    if mode in (None, "none"):
+        return None
+    if "auth" not in scope.sections:
+        key = "auth" if "auth" in fields else "roles"
+        r.fail(fields[key], f"{path}.{key}", "this route needs credentials but the config has no auth: section")
+    return RouteAuth(mode == "required", roles)
+
+
+def _parse_section(r: Reader, node: yaml.Node, top: dict[str, yaml.Node], environ: Mapping[str, str] | None) -> AuthConfig:
+    return parse_auth(r, node, environ)
+
+
+def _jwks_url(section: AuthConfig | None) -> str | None:
+    return section.jwt.jwks_url if section is not None and section.jwt is not None else None
+
+
+def _reload(running: AuthConfig | None, new: AuthConfig | None) -> tuple[AuthConfig | None, list[str]]:
+    """Keys, claims and API keys reload; the JWKS fetcher is made once at start."""
+    from txgateway.contract import ReloadRefused
+    if _jwks_url(running) != _jwks_url(new):
+        raise ReloadRefused(f"auth.jwt.jwks_url changed ({_jwks_url(running)} -> {_jwks_url(new)}): that needs a restart")
+    return new, []
+
+
+def _build(resources: Any, policy: RouteAuth, route: Any) -> Any:
+    from txgateway.auth import Authenticator, AuthFilter  # PyJWT, cryptography's key types: only with auth:
+    authenticator = resources.shared("auth", lambda: Authenticator(resources.config.auth, resources.clock,
+                                                                   resources.jwks))
+    return AuthFilter(authenticator, policy)
+
+
+def _kind() -> Any:
+    from txgateway.contract import FilterKind
+    return FilterKind(name="auth", build=_build, route_keys=("auth", "roles"), parse_route=parse_route_auth,
+                      section="auth", parse_section=_parse_section, reload=_reload)
+
+
+AUTH = _kind()

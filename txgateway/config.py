@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
@@ -19,10 +19,13 @@ import yaml
 
 from txgateway._yamlreader import ConfigError, ConfigProblem, Reader, _Invalid, compose
 from txgateway.adminconfig import AdminConfig, ManholeConfig, parse_admin, parse_manhole
-from txgateway.authconfig import AuthConfig, parse_auth
+from txgateway.authconfig import AuthConfig
 from txgateway.breaker import BreakerSettings
-from txgateway.limitconfig import LimitsConfig, RouteLimit, parse_rate_limits, parse_route_limit
+from txgateway.contract import Scope
+from txgateway.headerconfig import DEFAULT_SECURITY_HEADERS, HeaderRules
+from txgateway.limitconfig import LimitsConfig
 from txgateway.redisconfig import RedisConfig, parse_redis
+from txgateway.registry import FILTERS, TERMINALS, route_keys
 from txgateway.resilienceconfig import (
     HealthCheck,
     PassiveHealth,
@@ -34,23 +37,14 @@ from txgateway.tlsconfig import ListenerTLS, UpstreamTLS, parse_listener_tls, pa
 from txgateway.units import parse_duration, parse_size
 
 __all__ = [
-    "Config", "ConfigError", "ConfigProblem", "HeaderRules", "Limits", "Listener", "Route",
-    "Target", "Upstream", "load_config", "parse_config",
+    "DEFAULT_SECURITY_HEADERS", "Config", "ConfigError", "ConfigProblem", "HeaderRules", "Limits", "Listener",
+    "Route", "Target", "Upstream", "load_config", "parse_config",
 ]
 
 # Keys of the SPEC that later work implements: accepted by name, refused with this reason.
 _NOT_YET = "not supported yet in this version of txgateway; remove it or upgrade"
-_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-_HEADER_GLOB = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _METHOD = re.compile(r"^[A-Z]+$")
 _HOST = re.compile(r"^(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*$|^\[[0-9a-f:.]+\]$")
-_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-
-DEFAULT_SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
-    (b"X-Content-Type-Options", b"nosniff"),
-    (b"X-Frame-Options", b"DENY"),
-    (b"Referrer-Policy", b"no-referrer"),
-)
 
 
 @dataclass(frozen=True)
@@ -97,30 +91,18 @@ class Upstream:
 
 
 @dataclass(frozen=True)
-class HeaderRules:
-    """`set` replaces, `add` appends, `remove` deletes by name or `*` glob (lower-case)."""
-
-    set: tuple[tuple[bytes, bytes], ...] = ()
-    add: tuple[tuple[bytes, bytes], ...] = ()
-    remove: tuple[bytes, ...] = ()
-
-    def __bool__(self) -> bool:
-        return bool(self.set or self.add or self.remove)
-
-
-@dataclass(frozen=True)
 class Route:
+    """What a route matches, what answers it, and its filters' parsed policies (by filter
+    name, from the registry: a filter absent here does nothing on this route)."""
+
     prefix: str
-    upstream: str
+    upstream: str | None                  # the proxy terminal's upstream (None: another terminal)
     rewrite_prefix: str | None = None
     methods: frozenset[bytes] | None = None
     host: str | None = None
-    request_headers: HeaderRules = HeaderRules()
-    response_headers: HeaderRules = HeaderRules()
-    security_headers: tuple[tuple[bytes, bytes], ...] = DEFAULT_SECURITY_HEADERS
-    auth: str = "none"                    # none | optional | required
-    roles: frozenset[str] | None = None   # any of these roles (implies auth: required)
-    rate_limit: RouteLimit | None = None
+    terminal: str = "proxy"               # the registry's terminal name
+    answer: Any = None                    # the terminal's parsed settings (the proxy's: the upstream)
+    policies: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)
     index: int = 0
 
 
@@ -134,12 +116,19 @@ class Config:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     access_log: str = "-"
     drain_timeout: float = 10.0
-    auth: AuthConfig | None = None
-    rate_limits: LimitsConfig | None = None
+    sections: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))  # filters' sections, by key
     redis: RedisConfig | None = None
     admin: AdminConfig | None = None
     manhole: ManholeConfig | None = None
     redirect_to_https: bool = False
+
+    @property
+    def auth(self) -> AuthConfig | None:
+        return self.sections.get("auth")
+
+    @property
+    def rate_limits(self) -> LimitsConfig | None:
+        return self.sections.get("rate_limits")
 
 
 def load_config(path: str) -> Config:
@@ -171,8 +160,8 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
 
 _TOP_KEYS = {
     "listen": "listeners", "redirect_to_https": "", "admin": "", "manhole": "", "redis": "",
-    "trusted_proxies": "", "limits": "", "drain_timeout": "", "auth": "", "rate_limits": "",
-    "upstreams": "", "routes": "", "access_log": "",
+    "trusted_proxies": "", "limits": "", "drain_timeout": "", "upstreams": "", "routes": "", "access_log": "",
+    **{kind.section: "" for kind in FILTERS if kind.section is not None},
 }
 
 
@@ -190,14 +179,16 @@ def _config(r: Reader, root: yaml.Node, environ: Mapping[str, str] | None) -> Co
     upstreams = r.attempt(lambda: _upstreams(r, top["upstreams"]), no_upstreams) if "upstreams" in top else no_upstreams
     declared = ({k.value for k, _ in top["upstreams"].value if isinstance(k, yaml.ScalarNode)}
                 if isinstance(top.get("upstreams"), yaml.MappingNode) else set())
-    auth = r.attempt(lambda: parse_auth(r, top["auth"], environ), None) if "auth" in top else None
-    rate_limits = r.attempt(lambda: parse_rate_limits(r, top["rate_limits"]), None) if "rate_limits" in top else None
-    sections = frozenset(k for k in ("auth", "rate_limits") if k in top)
+    sections = {}
+    for kind in FILTERS:
+        if kind.section in top and kind.parse_section is not None:
+            parse, node = kind.parse_section, top[kind.section]
+            value = r.attempt(lambda: parse(r, node, top, environ), None)
+            if value is not None:
+                sections[kind.section] = value
     redis = r.attempt(lambda: parse_redis(r, top["redis"], environ), None) if "redis" in top else None
-    backend = _scalar_at(top.get("rate_limits"), "backend")
-    if backend is not None and backend.value in ("redis", "hybrid") and "redis" not in top:
-        r.fail(backend, "rate_limits.backend", f"{backend.value} needs a redis: section (url or sentinel)")
-    routes = r.attempt(lambda: _routes(r, top["routes"], upstreams, declared, sections), no_routes) if "routes" in top else no_routes
+    scope = Scope(frozenset(top), upstreams, frozenset(declared))
+    routes = r.attempt(lambda: _routes(r, top["routes"], scope), no_routes) if "routes" in top else no_routes
     redirect = r.attempt(lambda: r.boolean(top["redirect_to_https"], "redirect_to_https"), False) \
         if "redirect_to_https" in top else False
     # Declared, even if its certificates failed to load: that failure is the error to show.
@@ -212,18 +203,9 @@ def _config(r: Reader, root: yaml.Node, environ: Mapping[str, str] | None) -> Co
     access_log = r.attempt(lambda: r.string(top["access_log"], "access_log"), "-") if "access_log" in top else "-"
     drain = r.attempt(lambda: r.parsed(top["drain_timeout"], "drain_timeout", parse_duration), 10.0) if "drain_timeout" in top else 10.0
     return Config(file=r.file, listen=listen, upstreams=MappingProxyType(upstreams), routes=routes, limits=limits,
-                  trusted_proxies=proxies, access_log=access_log, drain_timeout=drain, auth=auth,
-                  rate_limits=rate_limits, redis=redis, admin=admin, manhole=manhole,
+                  trusted_proxies=proxies, access_log=access_log, drain_timeout=drain,
+                  sections=MappingProxyType(sections), redis=redis, admin=admin, manhole=manhole,
                   redirect_to_https=redirect)
-
-
-def _scalar_at(node: yaml.Node | None, key: str) -> yaml.ScalarNode | None:
-    """The scalar under `key` in a mapping node, whatever else is wrong with the mapping."""
-    if isinstance(node, yaml.MappingNode):
-        for k, v in node.value:
-            if isinstance(k, yaml.ScalarNode) and k.value == key and isinstance(v, yaml.ScalarNode):
-                return v
-    return None
 
 
 def _listeners(r: Reader, node: yaml.Node) -> tuple[Listener, ...]:
@@ -346,56 +328,54 @@ def _target(r: Reader, path: str, node: yaml.Node) -> Target:
     return Target(url=url, host=parts.hostname, port=port or (443 if https else 80), https=https)
 
 
-_ROUTE_KEYS = {
-    "prefix": "", "upstream": "", "rewrite_prefix": "", "methods": "", "host": "", "auth": "",
-    "roles": "", "rate_limit": "", "cache": "", "request_headers": "", "response_headers": "",
-    "security_headers": "",
-}
+_ROUTE_KEYS = {"prefix": "", "rewrite_prefix": "", "methods": "", "host": "", "cache": "", **route_keys()}
 
 
-def _routes(r: Reader, node: yaml.Node, upstreams: dict[str, Upstream], declared: set[str],
-            sections: frozenset[str]) -> tuple[Route, ...]:
+def _routes(r: Reader, node: yaml.Node, scope: Scope) -> tuple[Route, ...]:
     out: list[Route] = []
     seen: dict[tuple[str, str | None, frozenset[bytes] | None], str] = {}
-    scopes: dict[str, tuple[Any, Any, str]] = {}
+    parsed: list[tuple[str, yaml.Node, Route]] = []
     for path, item in r.sequence(node, "routes"):
-        route = r.attempt(lambda: _route(r, path, item, upstreams, declared, len(out), sections), None)
+        route = r.attempt(lambda: _route(r, path, item, scope, len(out)), None)
         if route is None:
             continue
-        limit = route.rate_limit
-        if limit is not None and limit.scope is not None:
-            first = scopes.setdefault(limit.scope, (limit.rate, limit.burst, path))
-            if first[:2] != (limit.rate, limit.burst):
-                r.fail(item, f"{path}.rate_limit", f'routes sharing scope "{limit.scope}" must share rate and burst '
-                                                   f"(differs from {first[2]})")
         key = (route.prefix, route.host, route.methods)
         if key in seen:
             r.fail(item, f"{path}.prefix", f'duplicate prefix "{route.prefix}" (already used by {seen[key]})')
             continue
         seen[key] = path
+        parsed.append((path, item, route))
         out.append(route)
+    for kind in FILTERS:
+        if kind.check_routes is not None:
+            kind.check_routes(r, [(p, n, rt.policies[kind.name]) for p, n, rt in parsed if kind.name in rt.policies])
     return tuple(out)
 
 
-def _route(r: Reader, path: str, node: yaml.Node, upstreams: dict[str, Upstream], declared: set[str],
-           index: int, sections: frozenset[str]) -> Route:
+def _route(r: Reader, path: str, node: yaml.Node, scope: Scope, index: int) -> Route:
     fields = r.mapping(node, path, _ROUTE_KEYS)
     before = len(r.problems)
     if "cache" in fields:
         r.fail(fields["cache"], f"{path}.cache", _NOT_YET)
-    no_policy: dict[str, Any] = {}
-    policy = r.attempt(lambda: _route_auth(r, fields, path, "auth" in sections), no_policy)
-    if "rate_limit" in fields:
-        policy["rate_limit"] = r.attempt(
-            lambda: parse_route_limit(r, fields["rate_limit"], f"{path}.rate_limit", "rate_limits" in sections), None)
-    for key in ("prefix", "upstream"):
-        if key not in fields:
-            r.fail(node, f"{path}.{key}", "missing (required)")
+    policies: dict[str, Any] = {}
+    for kind in FILTERS:
+        owned = {key: fields[key] for key in kind.route_keys if key in fields}
+        parse = kind.parse_route
+        policy = r.attempt(lambda: parse(r, owned, path, scope), None) if parse is not None else None
+        if policy is not None:
+            policies[kind.name] = policy
+    if "prefix" not in fields:
+        r.fail(node, f"{path}.prefix", "missing (required)")
+    terminals = [kind for kind in TERMINALS if kind.route_key in fields]
+    if not terminals:
+        r.fail(node, f"{path}.upstream", "missing (required; or respond: to answer from the gateway)")
+    elif len(terminals) > 1:
+        names = " and ".join(kind.route_key for kind in terminals)
+        r.fail(fields[terminals[1].route_key], f"{path}.{terminals[1].route_key}",
+               f"a route has one answerer: {names} exclude each other")
+    terminal = terminals[0] if len(terminals) == 1 else None
+    answer = r.attempt(lambda: terminal.parse_route(r, fields, path, scope), None) if terminal is not None else None  # type: ignore[union-attr]
     prefix = r.attempt(lambda: _path_prefix(r, fields["prefix"], f"{path}.prefix"), None) if "prefix" in fields else None
-    upstream = r.attempt(lambda: r.string(fields["upstream"], f"{path}.upstream"), None) if "upstream" in fields else None
-    if upstream is not None and upstream not in upstreams and upstream not in declared:
-        known = ", ".join(sorted(declared)) or "none defined"
-        r.fail(fields["upstream"], f"{path}.upstream", f'no upstream named "{upstream}" (defined: {known})')
     values: dict[str, Any] = {}
     if "rewrite_prefix" in fields:
         values["rewrite_prefix"] = r.attempt(lambda: _path_prefix(r, fields["rewrite_prefix"], f"{path}.rewrite_prefix"), None)
@@ -403,35 +383,12 @@ def _route(r: Reader, path: str, node: yaml.Node, upstreams: dict[str, Upstream]
         values["methods"] = r.attempt(lambda: _methods(r, fields["methods"], f"{path}.methods"), None)
     if "host" in fields:
         values["host"] = r.attempt(lambda: _host(r, fields["host"], f"{path}.host"), None)
-    for key in ("request_headers", "response_headers"):
-        if key in fields:
-            values[key] = r.attempt(lambda: _header_rules(r, fields[key], f"{path}.{key}"), HeaderRules())
-    if "security_headers" in fields:
-        values["security_headers"] = r.attempt(
-            lambda: _security_headers(r, fields["security_headers"], f"{path}.security_headers"), None)
-    values.update(policy)
-    if len(r.problems) != before or prefix is None or upstream not in upstreams:
-        raise _Invalid()  # every problem is recorded already (an invalid upstream reports its own)
-    return Route(prefix=prefix, upstream=upstream, index=index, **values)
-
-
-def _route_auth(r: Reader, fields: dict[str, yaml.Node], path: str, has_auth: bool) -> dict[str, Any]:
-    """`auth: none | optional | required` and `roles` (which imply required)."""
-    out: dict[str, Any] = {}
-    if "auth" in fields:
-        out["auth"] = r.attempt(lambda: r.choice(fields["auth"], f"{path}.auth", ("none", "optional", "required")), "none")
-    if "roles" in fields:
-        roles = [r.string(n, p) for p, n in r.sequence(fields["roles"], f"{path}.roles")]
-        if not roles:
-            r.fail(fields["roles"], f"{path}.roles", "expected at least one role")
-        if out.get("auth", "required") != "required":
-            r.fail(fields["roles"], f"{path}.roles", f'roles need auth: required, got auth: {out["auth"]}')
-        out["roles"] = frozenset(roles)
-        out["auth"] = "required"
-    if out.get("auth", "none") != "none" and not has_auth:
-        key = "auth" if "auth" in fields else "roles"
-        r.fail(fields[key], f"{path}.{key}", "this route needs credentials but the config has no auth: section")
-    return out
+    if len(r.problems) != before or prefix is None or terminal is None or answer is None:
+        raise _Invalid()  # every problem is recorded already
+    if terminal.name == "proxy" and answer not in scope.upstreams:
+        raise _Invalid()  # an invalid upstream reports its own problems
+    return Route(prefix=prefix, upstream=answer if terminal.name == "proxy" else None, terminal=terminal.name,
+                 answer=answer, policies=MappingProxyType(policies), index=index, **values)
 
 
 def _methods(r: Reader, node: yaml.Node, path: str) -> frozenset[bytes]:
@@ -456,52 +413,3 @@ def _path_prefix(r: Reader, node: yaml.Node, path: str) -> str:
     if not text.startswith("/") or "?" in text or "#" in text or "/../" in f"{text}/" or "/./" in f"{text}/":
         raise r.fail(node, path, f'expected an absolute path like "/api/users", got "{text}"')
     return text.rstrip("/") or "/"
-
-
-def _header_name(r: Reader, node: yaml.Node, path: str, glob: bool = False) -> bytes:
-    name = r.string(node, path)
-    valid = _HEADER_GLOB.match(name) if glob else _TOKEN.match(name.encode())
-    if not valid:
-        raise r.fail(node, path, f'expected a header name like "X-Api-Version", got "{name}"')
-    return name.encode()
-
-
-def _header_value(r: Reader, node: yaml.Node, path: str) -> bytes:
-    value = r.scalar(node, path)
-    text = value if isinstance(value, str) else ("" if value is None else str(value).lower() if isinstance(value, bool) else str(value))
-    if _BAD_VALUE.search(text):
-        raise r.fail(node, path, "header values must not contain control characters (CR, LF, NUL...)")
-    try:
-        return text.encode("latin-1")
-    except UnicodeEncodeError:
-        raise r.fail(node, path, f'header values must be Latin-1 text, got "{text}"') from None
-
-
-def _header_rules(r: Reader, node: yaml.Node, path: str) -> HeaderRules:
-    fields = r.mapping(node, path, {"set": "", "add": "", "remove": ""})
-    pairs: dict[str, tuple[tuple[bytes, bytes], ...]] = {}
-    before = len(r.problems)
-    for key in ("set", "add"):
-        if key in fields:
-            pairs[key] = r.attempt(lambda: tuple(
-                (_header_name(r, k, f"{path}.{key}.{name}"), _header_value(r, v, f"{path}.{key}.{name}"))
-                for name, k, v in r.free_mapping(fields[key], f"{path}.{key}")), ())
-    remove: tuple[bytes, ...] = ()
-    if "remove" in fields:
-        remove = r.attempt(lambda: tuple(_header_name(r, item, item_path, glob=True).lower()
-                                         for item_path, item in r.sequence(fields["remove"], f"{path}.remove")), ())
-    if len(r.problems) != before:
-        raise _Invalid()
-    return HeaderRules(set=pairs.get("set", ()), add=pairs.get("add", ()), remove=remove)
-
-
-def _security_headers(r: Reader, node: yaml.Node, path: str) -> tuple[tuple[bytes, bytes], ...]:
-    """Per-route overrides of the default security headers; `null` turns one off."""
-    merged = {name.lower(): (name, value) for name, value in DEFAULT_SECURITY_HEADERS}
-    for name, key_node, value_node in r.free_mapping(node, path):
-        header = _header_name(r, key_node, f"{path}.{name}")
-        if r.scalar(value_node, f"{path}.{name}") is None:
-            merged.pop(header.lower(), None)
-        else:
-            merged[header.lower()] = (header, _header_value(r, value_node, f"{path}.{name}"))
-    return tuple(merged.values())

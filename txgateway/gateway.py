@@ -23,14 +23,15 @@ from twisted.python.failure import Failure
 from txgateway.accesslog import AccessLog, JsonLinesWriter
 from txgateway.breaker import Breakers
 from txgateway.config import Config, ConfigError, load_config
+from txgateway.contract import ReloadRefused, Resources
 from txgateway.fetch import read_body
-from txgateway.headers import ForwardingHeaders, HeaderRulesFilter, TrustedProxies
 from txgateway.http1 import HTTP1Factory
-from txgateway.pipeline import Pipeline
+from txgateway.pipeline import Pipeline, Switch
 from txgateway.proxy import Proxy, UpstreamGroup
-from txgateway.ratelimit import LocalStore, RateLimitFilter, RateLimitStore
-from txgateway.reload import ReloadRefused, keep_restart_only_settings
-from txgateway.routing import RouteTable, RoutingFilter
+from txgateway.ratelimit import LocalStore, RateLimitStore
+from txgateway.reload import keep_restart_only_settings
+from txgateway.requestpath import build_request_path, redirect_path
+from txgateway.routing import RouteTable
 from txgateway.stats import Stats
 from txgateway.timeouts import Deadlines
 from txgateway.tls import RedirectToHttps, ServerTLS
@@ -39,7 +40,6 @@ from txgateway.tls import RedirectToHttps, ServerTLS
 # built: a config without one never loads its library (prometheus_client, twisted.web + h2,
 # PyJWT, txredisapi, twisted.conch: ~6 MiB of RSS a plain proxy does not need).
 if TYPE_CHECKING:
-    from txgateway.auth import AuthFilter
     from txgateway.jwks import RemoteJwks
     from txgateway.redislink import RedisLink
 
@@ -138,8 +138,9 @@ class Gateway(MultiService):
         self.log_writer = JsonLinesWriter.open(config.access_log, self.clock)
         self.jwks = self._remote_jwks(config)
         self.redis, self.limiter, self.local_buckets = self._limit_stores(config)
-        self._build_request_path(config, {})
-        self.factory = HTTP1Factory(self.pipeline, config.limits, self.clock, self.deadlines)
+        self.access_log = AccessLog(self.log_writer)
+        self.switch = Switch(self._request_path(config, {}))
+        self.factory = HTTP1Factory(self.switch, self.clock, self.deadlines)
         self.factories = [self.factory]          # every HTTP/1.1 factory: plain, TLS, redirecting
         self.server_tls: dict[int, ServerTLS] = {}  # listener index -> its certificates
         self.tls_factories: dict[int, HTTP1Factory] = {}  # listener index -> its HTTP/1.1 factory
@@ -171,8 +172,7 @@ class Gateway(MultiService):
         when it is plain and `redirect_to_https` is on; else the shared plain factory."""
         if listener.tls is not None:
             tls = self.server_tls[index] = ServerTLS(listener.tls)
-            http = HTTP1Factory(self.pipeline, config.limits, self.clock, self.deadlines, scheme=b"https",
-                                hsts=_hsts(listener.tls))
+            http = HTTP1Factory(self.switch, self.clock, self.deadlines, scheme=b"https", hsts=_hsts(listener.tls))
             self.factories.append(http)
             self.tls_factories[index] = http
             longest = max((u.connect_timeout + u.timeout for u in config.upstreams.values()), default=0.0)
@@ -183,41 +183,37 @@ class Gateway(MultiService):
             return TLSMemoryBIOFactory(tls.options, False, wrapped)  # type: ignore[arg-type]  # zope interfaces
         if config.redirect_to_https:
             first_tls = next(i for i, x in enumerate(config.listen) if x.tls is not None)
-            redirect = Pipeline([ForwardingHeaders(TrustedProxies(config.trusted_proxies)),
-                                 RedirectToHttps(lambda: self._bound_port(first_tls))],
-                                self.proxy, AccessLog(self.log_writer), self.clock, self.stats)
-            factory = HTTP1Factory(redirect, config.limits, self.clock, self.deadlines)
-            factory.redirecting = True        # a reload leaves its pipeline alone
+            redirect = redirect_path(config, self._resources(config, {}), [self.stats, self.access_log],
+                                     RedirectToHttps(lambda: self._bound_port(first_tls)))
+            factory = HTTP1Factory(Switch(redirect), self.clock, self.deadlines)   # a reload leaves it alone
             self.factories.append(factory)
             return factory
         return self.factory
 
-    def _build_request_path(self, config: Config, keep: dict[str, UpstreamGroup]) -> None:
-        """Everything a config decides about the path of a request: routes, upstream groups
-        (those in `keep` carry over with their pools, breakers and health), filters, pipeline."""
-        self.routes = RouteTable(config.routes)
-        self.proxy = Proxy(self.reactor, self.clock, config.upstreams, self.deadlines, config.limits.idle_timeout, keep)
-        self.breakers = Breakers(g.breaker for g in self.proxy.groups.values() if g.breaker is not None)
-        identify: list[AuthFilter] = []
-        if config.auth:
-            from txgateway.auth import AuthFilter  # jwt, cryptography's key types: only with auth:
-            identify.append(AuthFilter(config.auth, config.routes, self.clock, self.jwks))
-        limited = any(r.rate_limit is not None for r in config.routes)
-        limit = [RateLimitFilter(config.rate_limits, config.routes, self.limiter, self.local_buckets)] if limited else []
-        self.pipeline = Pipeline(
-            [
-                ForwardingHeaders(TrustedProxies(config.trusted_proxies)),  # sanitise, correlate
-                RoutingFilter(self.routes),                                  # match
-                *identify,                                                   # identify (JWT, API keys)
-                *limit,                                                      # limit (token buckets)
-                HeaderRulesFilter(config.routes),                            # transform
-            ],
-            self.proxy,                                                      # break -> balance -> proxy
-            AccessLog(self.log_writer),                                      # log
-            self.clock,
-            self.stats,                                                      # count
-        )
-        self.proxy.pipeline = self.pipeline
+    def _resources(self, config: Config, keep: dict[str, UpstreamGroup]) -> Resources:
+        return Resources(config, self.clock, reactor=self.reactor, deadlines=self.deadlines, stats=self.stats,
+                         jwks=self.jwks, limiter=self.limiter, local_buckets=self.local_buckets, keep=keep)
+
+    def _request_path(self, config: Config, keep: dict[str, UpstreamGroup]) -> Pipeline:
+        """Everything a config decides about the path of a request (requestpath.py); upstream
+        groups in `keep` carry over with their pools, breakers and health."""
+        return build_request_path(config, self._resources(config, keep), [self.stats, self.access_log])
+
+    @property
+    def pipeline(self) -> Pipeline:
+        return self.switch.pipeline
+
+    @property
+    def proxy(self) -> Proxy:
+        return self.switch.pipeline.terminals["proxy"]  # type: ignore[no-any-return]
+
+    @property
+    def routes(self) -> RouteTable:
+        return self.switch.pipeline.table  # type: ignore[return-value]
+
+    @property
+    def breakers(self) -> Breakers:
+        return Breakers(g.breaker for g in self.proxy.groups.values() if g.breaker is not None)
 
     def reload(self) -> list[str]:
         """Read the config file again and, if it is valid, serve new requests with it.
@@ -242,20 +238,15 @@ class Gateway(MultiService):
             _log.warn("reload: {what} changed; that needs a restart, the running value stays", what=what)
         old = self.proxy
         keep = {name: group for name, group in old.groups.items() if config.upstreams.get(name) == group.config}
-        running = (self.routes, self.proxy, self.breakers, self.pipeline)
         try:
-            self._build_request_path(config, keep)
+            path = self._request_path(config, keep)
             for index, tls in self.server_tls.items():
                 tls.load(config.listen[index].tls)  # type: ignore[arg-type]  # re-read: new handshakes get them
         except Exception as e:                        # a file readable at load but not usable
-            self.routes, self.proxy, self.breakers, self.pipeline = running
             _log.failure("reload refused, still serving the running config")
             return [f"reload failed: {e}"]
         self.config = config
-        for factory in self.factories:
-            if not factory.redirecting:
-                factory.pipeline = self.pipeline
-            factory.limits = config.limits
+        self.switch.pipeline = path                   # new requests take it; running ones keep theirs
         for index, http in self.tls_factories.items():
             http.hsts = _hsts(config.listen[index].tls)
         for name, group in self.proxy.groups.items():

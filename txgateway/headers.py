@@ -15,7 +15,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from txgateway.config import DEFAULT_SECURITY_HEADERS, HeaderRules, Route
+from txgateway.headerconfig import DEFAULT_SECURITY_HEADERS, HeaderRules, RouteHeaders
 
 __all__ = ["ForwardingHeaders", "HeaderRulesFilter", "TrustedProxies", "correlation_id", "traceparent"]
 
@@ -90,6 +90,10 @@ _ENTROPY_BLOCK = 40 * 512  # random bytes per getrandom call: 40 per request (id
 class ForwardingHeaders:
     """Sanitise client headers and add correlation, trace and X-Forwarded-* headers."""
 
+    name = "forwarding"
+    on_response_body = None
+    on_finished = None
+
     def __init__(self, trusted: TrustedProxies) -> None:
         self.trusted = trusted
         self._entropy = b""
@@ -136,7 +140,7 @@ class ForwardingHeaders:
             kept.append((b"x-forwarded-host", host))
         ctx.headers = kept
 
-    def on_response(self, ctx: Any, head: Any) -> None:
+    def on_response_head(self, ctx: Any, head: Any) -> None:
         head.headers.append((b"x-correlation-id", ctx.correlation_id.encode()))
 
 
@@ -185,25 +189,30 @@ _DEFAULT_RESPONSE = _CompiledRules(HeaderRules(remove=_INTERNAL), DEFAULT_SECURI
 
 
 class HeaderRulesFilter:
-    """Per-route header rules both ways, `X-Internal-*` removal and security headers."""
+    """A route's header rules both ways, `X-Internal-*` removal and security headers (the
+    defaults alone for answers given before a route is known)."""
 
-    def __init__(self, routes: Sequence[Route]) -> None:
-        self._request = {r.index: _CompiledRules(r.request_headers) for r in routes if r.request_headers}
-        self._response = {
-            r.index: _CompiledRules(HeaderRules(r.response_headers.set, r.response_headers.add,
-                                                r.response_headers.remove + _INTERNAL),
-                                    r.security_headers)
-            for r in routes
-        }
+    name = "header_rules"
+    on_response_body = None
+    on_finished = None
+
+    def __init__(self, policy: RouteHeaders | None = None) -> None:
+        if policy is None:
+            self._request: _CompiledRules | None = None
+            self._response = _DEFAULT_RESPONSE
+            return
+        self._request = _CompiledRules(policy.request) if policy.request else None
+        response = policy.response
+        self._response = _CompiledRules(HeaderRules(response.set, response.add, response.remove + _INTERNAL),
+                                        policy.security)
 
     def on_request(self, ctx: Any) -> None:
-        rules = self._request.get(ctx.route.index)
+        rules = self._request
         if rules is not None:
             ctx.headers = rules.apply(ctx.headers)
 
-    def on_response(self, ctx: Any, head: Any) -> None:
-        rules = self._response[ctx.route.index] if ctx.route is not None else _DEFAULT_RESPONSE
-        head.headers = rules.apply(head.headers)
+    def on_response_head(self, ctx: Any, head: Any) -> None:
+        head.headers = self._response.apply(head.headers)
         if ctx.scheme == b"https":
             hsts = ctx.downstream.hsts                     # the TLS listener's, or None
             if hsts is not None and not any(name == b"strict-transport-security" for name, _ in head.headers):

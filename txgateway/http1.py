@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 
 from txgateway.config import Limits
 from txgateway.fastwrite import writer_for
-from txgateway.pipeline import Pipeline, RequestContext, ResponseHead
+from txgateway.pipeline import Pipeline, RequestContext, ResponseHead, Switch
 from txgateway.timeouts import Deadlines
 from txgateway.tls import tls_description
 from txgateway.tunnel import Tunnel
@@ -341,7 +341,7 @@ class HTTP1Connection(Protocol):
         incoming.complete = False
         incoming.ctx.keep_alive = False
         incoming.ctx.error_code = code
-        incoming.ctx.notes = {"reject": (status, code, message)}
+        incoming.ctx.set_state("reject", (status, code, message))
         if incoming is self._queue[0]:
             self.pipeline.cancel(incoming.ctx)
             self.pipeline.reject(incoming.ctx, status, code, message)
@@ -423,7 +423,7 @@ class HTTP1Connection(Protocol):
         self._resume()
         if self._queue:
             nxt = self._queue[0]
-            reject = nxt.ctx.notes.get("reject") if nxt.ctx.notes else None
+            reject = nxt.ctx.get_state("reject")
             self.pipeline = self.factory.pipeline      # the previous request is done: see above
             self.limits = self.factory.limits
             if reject:
@@ -492,21 +492,27 @@ def _absolute_form(target: bytes, host: bytes | None) -> tuple[bytes, bytes | No
 
 
 class HTTP1Factory(Factory):
-    """Builds client connections; holds what they share (pipeline, limits, clock)."""
+    """Builds client connections; holds what they share (the request path, clock)."""
 
     noisy = False
 
-    def __init__(self, pipeline: Pipeline, limits: Limits, clock: Any, deadlines: Deadlines,
+    def __init__(self, switch: Switch, clock: Any, deadlines: Deadlines,
                  scheme: bytes = b"http", hsts: bytes | None = None) -> None:
-        self.pipeline = pipeline
-        self.limits = limits
+        self.switch = switch      # the current request path (a reload replaces it)
         self.clock = clock
         self.deadlines = deadlines
         self.scheme = scheme
         self.hsts = hsts          # Strict-Transport-Security value for https listeners
-        self.redirecting = False  # answers 308 to https: a reload does not swap its pipeline
         self.connections: set[HTTP1Connection] = set()
         self.others: WeakSet[Any] = WeakSet()   # this listener's HTTP/2 connections (h2.py)
+
+    @property
+    def pipeline(self) -> Pipeline:
+        return self.switch.pipeline
+
+    @property
+    def limits(self) -> Limits:
+        return self.switch.pipeline.limits  # type: ignore[no-any-return]
 
     def buildProtocol(self, addr: Any) -> HTTP1Connection:
         return HTTP1Connection(self)

@@ -13,7 +13,7 @@ import yaml
 from txgateway._yamlreader import Reader, _Invalid
 from txgateway.units import Rate, parse_duration
 
-__all__ = ["LimitsConfig", "RouteLimit", "Tier", "parse_rate_limits", "parse_route_limit"]
+__all__ = ["RATE_LIMIT", "LimitsConfig", "RouteLimit", "Tier", "parse_rate_limits", "parse_route_limit"]
 
 _HEADER = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 # Framing and hop-by-hop headers the transport takes out before any filter runs.
@@ -154,3 +154,71 @@ def parse_route_limit(r: Reader, node: yaml.Node, path: str, has_limits: bool) -
     if len(r.problems) != before:
         raise _Invalid()
     return RouteLimit(key=key, header=header, rate=rate, burst=burst, scope=scope)
+
+
+def _parse_route(r: Reader, fields: dict[str, yaml.Node], path: str, scope: Any) -> RouteLimit | None:
+    if "rate_limit" not in fields:
+        return None
+    return parse_route_limit(r, fields["rate_limit"], f"{path}.rate_limit", "rate_limits" in scope.sections)
+
+
+def _check_routes(r: Reader, routes: list[tuple[str, yaml.Node, RouteLimit]]) -> None:
+    """Routes sharing a scope share its buckets, so they must agree on what fills them."""
+    scopes: dict[str, tuple[Any, Any, str]] = {}
+    for path, node, limit in routes:
+        if limit.scope is not None:
+            first = scopes.setdefault(limit.scope, (limit.rate, limit.burst, path))
+            if first[:2] != (limit.rate, limit.burst):
+                r.fail(node, f"{path}.rate_limit", f'routes sharing scope "{limit.scope}" must share rate and burst '
+                                                   f"(differs from {first[2]})")
+
+
+def _parse_section(r: Reader, node: yaml.Node, top: dict[str, yaml.Node], environ: Mapping[str, str] | None) -> LimitsConfig:
+    limits = r.attempt(lambda: parse_rate_limits(r, node), None)
+    backend = next((v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == "backend"
+                    and isinstance(v, yaml.ScalarNode)), None) if isinstance(node, yaml.MappingNode) else None
+    if backend is not None and backend.value in ("redis", "hybrid") and "redis" not in top:
+        r.fail(backend, "rate_limits.backend", f"{backend.value} needs a redis: section (url or sentinel)")
+    if limits is None:
+        raise _Invalid()
+    return limits
+
+
+_RESTART_ONLY = ("backend", "sync_interval", "on_redis_error", "instances", "max_buckets")
+
+
+def _reload(running: LimitsConfig | None, new: LimitsConfig | None) -> tuple[LimitsConfig | None, list[str]]:
+    """Tiers reload; the bucket store (and what it was made with) stays until a restart."""
+    import dataclasses
+
+    from txgateway.contract import ReloadRefused
+    if running is not None and new is not None:
+        moved = [key for key in _RESTART_ONLY if getattr(new, key) != getattr(running, key)]
+        if moved:
+            new = dataclasses.replace(new, **{key: getattr(running, key) for key in moved})
+        return new, [f"rate_limits.{key}" for key in moved]
+    changed = running if running is not None else new
+    if changed is not None and changed.backend != "local":
+        raise ReloadRefused("rate_limits: a Redis-backed limiter added or removed needs a restart")
+    return new, []
+
+
+def _build(resources: Any, limit: RouteLimit, route: Any) -> Any:
+    from txgateway.ratelimit import Limiter, RateLimitFilter
+
+    def limiter() -> Limiter:
+        own = [(p.scope or r.prefix, p.rate.count, p.rate.window)
+               for r in resources.config.routes
+               if (p := r.policies.get("rate_limit")) is not None and p.rate is not None]
+        return Limiter(resources.config.rate_limits, own, resources.limiter, resources.local_buckets)
+
+    return RateLimitFilter(resources.shared("rate_limit", limiter), limit, route)
+
+
+def _kind() -> Any:
+    from txgateway.contract import FilterKind
+    return FilterKind(name="rate_limit", build=_build, route_keys=("rate_limit",), parse_route=_parse_route,
+                      check_routes=_check_routes, section="rate_limits", parse_section=_parse_section, reload=_reload)
+
+
+RATE_LIMIT = _kind()

@@ -219,7 +219,11 @@ class Exchange:
         if self.phase != _STREAMING:
             return
         self.deadline = self.proxy.deadlines.now + self.proxy.idle_timeout
-        self.ctx.downstream.send_body(self.ctx, data)
+        ctx = self.ctx
+        if ctx.chain.body is None:      # type: ignore[union-attr]  # no body hooks: straight out
+            ctx.downstream.send_body(ctx, data)
+        else:
+            self.proxy.pipeline.body(ctx, data, False)
 
     def switched(self, conn: UpstreamConnection, rest: bytes) -> None:
         """The upstream accepted the WebSocket handshake: hand both connections to a tunnel."""
@@ -268,7 +272,10 @@ class Exchange:
             self._stop_body_producer(conn)
         if conn is not None:
             self.pool.release(conn, reusable, may_be_paused=producing)
-        ctx.downstream.finish(ctx)
+        if ctx.chain.body is None:      # type: ignore[union-attr]
+            ctx.downstream.finish(ctx)
+        else:
+            self.proxy.pipeline.body(ctx, b"", True)
 
     def upstream_failed(self, reason: str, response_started: bool) -> None:
         if self.phase in (_DONE, _CONNECTING):
@@ -357,7 +364,7 @@ class Exchange:
             return False
         _log.info("retrying {method} {path} for {correlation_id} on {target} after: {reason}", method=ctx.method,
                   path=ctx.path, correlation_id=ctx.correlation_id, target=member.url, reason=reason)
-        ctx.notes = {"upstream_error": f"retried after: {reason}"}
+        ctx.note("upstream_error", f"retried after: {reason}")
         ctx.forwarding = self
         self.member, self.pool, self.judged = member, member.pool, False
         self.retried = False
@@ -378,7 +385,7 @@ class Exchange:
         """Drop the upstream side and record why (log line and access-log detail)."""
         ctx = self.ctx
         self._close_upstream()
-        ctx.notes = {"upstream_error": reason}
+        ctx.note("upstream_error", reason)
         _log.warn("upstream {upstream} ({target}) failed for {correlation_id}: {reason}",
                   upstream=ctx.upstream, target=ctx.target_url, correlation_id=ctx.correlation_id, reason=reason)
         return ctx
@@ -420,7 +427,7 @@ class Proxy:
         if breaker is not None:
             allowed = breaker.allow()
             if allowed is None:
-                ctx.notes = {"breaker": "open"}
+                ctx.note("breaker", "open")
                 self.pipeline.respond_local(ctx, error_response(
                     ctx, 503, "UPSTREAM_UNAVAILABLE", "the upstream is failing; its circuit breaker is open",
                     [(b"retry-after", b"%d" % breaker.retry_after())]))
@@ -430,7 +437,7 @@ class Proxy:
         if member is None:
             if breaker is not None:
                 breaker.release(ticket)
-            ctx.notes = {"upstream_error": "no healthy target"}
+            ctx.note("upstream_error", "no healthy target")
             self.pipeline.respond_local(ctx, error_response(
                 ctx, 503, "UPSTREAM_UNAVAILABLE", "no healthy target for this upstream",
                 [(b"retry-after", b"%d" % group.balancer.retry_after())]))

@@ -16,7 +16,6 @@ import hashlib
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
@@ -24,11 +23,11 @@ from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
 from txgateway.config import Route
-from txgateway.limitconfig import LimitsConfig
+from txgateway.limitconfig import LimitsConfig, RouteLimit
 from txgateway.pipeline import LocalResponse, RequestContext, ResponseHead, error_response
 from txgateway.redislink import RedisUnavailable
 
-__all__ = ["Decision", "LocalStore", "RateLimitFilter", "RateLimitStore", "take"]
+__all__ = ["Decision", "Limiter", "LocalStore", "RateLimitFilter", "RateLimitStore", "take"]
 
 _PLAIN_KEY = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 _OWN_HEADERS = frozenset({b"x-ratelimit-limit", b"x-ratelimit-remaining", b"x-ratelimit-reset",
@@ -160,55 +159,57 @@ class LocalStore:
                 del self.buckets[key]
 
 
-@dataclass(frozen=True)
-class _Policy:
-    route: Route
-    key: str
-    header: bytes | None
-    scope: str
-    own: tuple[str, float, int, int, int] | None   # route override: name, per_second, burst, count, window
+class Limiter:
+    """What every limited route's filter shares: the stores, the tiers and the fixed parts of
+    the limit headers."""
 
-
-class RateLimitFilter:
-    def __init__(self, config: LimitsConfig | None, routes: Sequence[Route], store: RateLimitStore,
+    def __init__(self, config: LimitsConfig | None, own_rates: Sequence[tuple[str, int, int]], store: RateLimitStore,
                  local_buckets: LocalStore | None = None) -> None:
         self.config = config
         self.store = store
         self.local_buckets = local_buckets       # for on_redis_error: local
         self.on_redis_error = config.on_redis_error if config is not None else "local"
         self.instances = config.instances if config is not None else 1
-        self.policies: dict[int, _Policy] = {}
-        for route in routes:
-            limit = route.rate_limit
-            if limit is None:
-                continue
-            own = None
-            if limit.rate is not None:
-                burst = limit.burst or limit.rate.count
-                own = (limit.scope or route.prefix, limit.rate.per_second, burst, limit.rate.count, limit.rate.window)
-            self.policies[route.index] = _Policy(route, limit.key, limit.header, limit.scope or route_scope(route), own)
-        self._tiers = ({name: (name, t.rate.per_second, t.burst, t.rate.count, t.rate.window)
-                        for name, t in config.tiers.items()} if config is not None else {})
+        self.tiers = ({name: (name, t.rate.per_second, t.burst, t.rate.count, t.rate.window)
+                       for name, t in config.tiers.items()} if config is not None else {})
         # Per policy, the parts of the headers that never change: label, limit, policy. Keyed by
         # count and window too: a route's scope may be named like a tier, or shared by routes
         # with different rates.
-        self._fixed = {
+        self.fixed = {
             (name, count, window): (_sf_string(name), (b"x-ratelimit-limit", b"%d" % count),
                                     (b"ratelimit-policy", b'"%s";q=%d;w=%d' % (_sf_string(name), count, window)))
-            for name, _, _, count, window in [*self._tiers.values(), *(p.own for p in self.policies.values() if p.own)]
+            for name, count, window in [*((n, c, w) for n, _, _, c, w in self.tiers.values()), *own_rates]
         }
 
+
+class RateLimitFilter:
+    """One route's limit step (`rate_limit:`): its key, scope and rate (its own or the tier's)."""
+
+    name = "rate_limit"
+    on_response_body = None
+    on_finished = None
+
+    def __init__(self, limiter: Limiter, limit: RouteLimit, route: Route) -> None:
+        self.limiter = limiter
+        self.store = limiter.store
+        self.tiers = limiter.tiers
+        self.default_tier = limiter.config.default_tier if limiter.config is not None else ""
+        self.key = limit.key
+        self.header = limit.header
+        self.scope = limit.scope or route_scope(route)
+        self.own: tuple[str, float, int, int, int] | None = None   # name, per_second, burst, count, window
+        if limit.rate is not None:
+            self.own = (limit.scope or route.prefix, limit.rate.per_second, limit.burst or limit.rate.count,
+                        limit.rate.count, limit.rate.window)
+
     def on_request(self, ctx: RequestContext) -> LocalResponse | Deferred[LocalResponse | None] | None:
-        policy = self.policies.get(ctx.route.index)  # type: ignore[union-attr]
-        if policy is None:
-            return None
         identity = ctx.identity
-        if policy.own is not None:
-            name, per_second, burst, count, window = policy.own
+        if self.own is not None:
+            name, per_second, burst, count, window = self.own
         else:
-            tier = identity.tier if identity is not None and identity.tier in self._tiers else None
-            name, per_second, burst, count, window = self._tiers[tier or self.config.default_tier]  # type: ignore[union-attr]
-        key = f"{policy.scope}|{name}|{self._key(policy, ctx)}"
+            tier = identity.tier if identity is not None and identity.tier in self.tiers else None
+            name, per_second, burst, count, window = self.tiers[tier or self.default_tier]
+        key = f"{self.scope}|{name}|{self._key(ctx)}"
         try:
             decision = self.store.take(key, per_second, burst)
         except RedisUnavailable:
@@ -219,7 +220,8 @@ class RateLimitFilter:
         return self._decided(decision, ctx, name, count, window)
 
     def _decided(self, decision: Decision, ctx: RequestContext, name: str, count: int, window: int) -> LocalResponse | None:
-        ctx.rate_limit = (decision, name, count, window, self._fixed[name, count, window])
+        ctx.set_state("rate_limit", (decision, self.limiter.fixed[name, count, window]))
+        ctx.note("rate_limit", decision.outcome)
         if decision.allowed:
             return None
         if decision.fallback == "deny":
@@ -234,23 +236,24 @@ class RateLimitFilter:
 
     def _redis_error(self, key: str, per_second: float, burst: int) -> Decision:
         """Redis could not answer in time: on_redis_error decides, never a stalled request."""
-        policy = self.on_redis_error
-        if policy == "local" and self.local_buckets is not None:
-            n = self.instances
-            decision = self.local_buckets.take(key, per_second / n, max(1, burst // n))
+        limiter = self.limiter
+        policy = limiter.on_redis_error
+        if policy == "local" and limiter.local_buckets is not None:
+            n = limiter.instances
+            decision = limiter.local_buckets.take(key, per_second / n, max(1, burst // n))
             decision.fallback = "local"
             return decision
         return Decision(policy != "deny", 0.0, per_second, burst, policy)
 
-    def _key(self, policy: _Policy, ctx: RequestContext) -> str:
+    def _key(self, ctx: RequestContext) -> str:
         identity = ctx.identity
-        kind = policy.key
+        kind = self.key
         if kind == "user" and identity is not None:
             return "user:" + identity.user_id
         if kind == "api_key" and identity is not None and identity.source == "api_key":
             return "key:" + identity.user_id
         if kind == "header":
-            value = ctx.host if policy.header == b"host" else ctx.header(policy.header)  # type: ignore[arg-type]
+            value = ctx.host if self.header == b"host" else ctx.header(self.header)  # type: ignore[arg-type]
             if value is not None:
                 if _PLAIN_KEY.match(value):
                     return "h:" + value.decode("ascii")
@@ -258,11 +261,11 @@ class RateLimitFilter:
                 return "h#" + hashlib.sha256(value).hexdigest()
         return "ip:" + ctx.client_ip
 
-    def on_response(self, ctx: RequestContext, head: ResponseHead) -> None:
-        limited = ctx.rate_limit
+    def on_response_head(self, ctx: RequestContext, head: ResponseHead) -> None:
+        limited = ctx.get_state("rate_limit")
         if limited is None:
             return
-        decision, _, _, _, (label, limit_header, policy_header) = limited
+        decision, (label, limit_header, policy_header) = limited
         if decision.fallback is not None and decision.fallback != "local":
             return                          # unlimited (allow) or not decided (deny): no numbers to tell
         remaining = max(0, int(decision.remaining + _SLACK))   # a shared bucket in debt shows 0

@@ -9,25 +9,23 @@ stays until a restart, rather than half-applied.
 from __future__ import annotations
 
 import dataclasses
+from types import MappingProxyType
 from typing import Any
 
 from txgateway.config import Config
+from txgateway.contract import ReloadRefused
+from txgateway.registry import FILTERS
 
 __all__ = ["ReloadRefused", "keep_restart_only_settings"]
 
 _RESTART_ONLY = ("listen", "admin", "manhole", "redis", "access_log", "drain_timeout")
-_LIMITER_RESTART_ONLY = ("backend", "sync_interval", "on_redis_error", "instances", "max_buckets")
-
-
-class ReloadRefused(Exception):
-    """The new file needs a restart to mean what it says (applying part of it would leave
-    routes unprotected or limited by settings that do not exist)."""
 
 
 def keep_restart_only_settings(running: Config, new: Config) -> tuple[Config, list[str]]:
     """`new` with the running values of restart-only settings, and the names of those that
     differ. Raises ReloadRefused when keeping the running value would change what a route
-    enforces (auth added through a new JWKS URL, a Redis-backed limiter added or removed)."""
+    enforces (auth added through a new JWKS URL, a Redis-backed limiter added or removed:
+    each filter's `reload` rule says)."""
     changed = [key for key in _RESTART_ONLY if key != "listen" and getattr(new, key) != getattr(running, key)]
     values: dict[str, Any] = {key: getattr(running, key) for key in changed}
     # Listeners: the sockets stay; certificates and TLS settings of the same listeners reload.
@@ -50,18 +48,14 @@ def keep_restart_only_settings(running: Config, new: Config) -> tuple[Config, li
     if new.redirect_to_https != running.redirect_to_https:
         values["redirect_to_https"] = running.redirect_to_https
         changed.append("redirect_to_https")
-    old_limits, new_limits = running.rate_limits, new.rate_limits
-    if old_limits is not None and new_limits is not None:
-        moved = [key for key in _LIMITER_RESTART_ONLY if getattr(new_limits, key) != getattr(old_limits, key)]
-        if moved:
-            values["rate_limits"] = dataclasses.replace(new_limits, **{key: getattr(old_limits, key) for key in moved})
-            changed += [f"rate_limits.{key}" for key in moved]
-    elif (old_limits is None) != (new_limits is None) and (old_limits or new_limits).backend != "local":  # type: ignore[union-attr]
-        raise ReloadRefused("rate_limits: a Redis-backed limiter added or removed needs a restart")
-    old_jwt = running.auth.jwt if running.auth is not None else None
-    new_jwt = new.auth.jwt if new.auth is not None else None
-    old_url = old_jwt.jwks_url if old_jwt is not None else None
-    new_url = new_jwt.jwks_url if new_jwt is not None else None
-    if old_url != new_url:
-        raise ReloadRefused(f"auth.jwt.jwks_url changed ({old_url} -> {new_url}): that needs a restart")
+    # Each filter's section: its own rule says what a reload may change (registry).
+    sections = dict(new.sections)
+    for kind in FILTERS:
+        if kind.section is None or kind.reload is None:
+            continue
+        kept, moved = kind.reload(running.sections.get(kind.section), new.sections.get(kind.section))
+        if kept is not None:
+            sections[kind.section] = kept
+        changed += moved
+    values["sections"] = MappingProxyType(sections)
     return dataclasses.replace(new, **values), changed

@@ -7,10 +7,11 @@ request whose dot-segments would carry it out of the route its raw path names is
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 from txgateway.config import Route
-from txgateway.pipeline import LocalResponse, RequestContext, error_response
+from txgateway.pipeline import Chain, LocalResponse, RequestContext, error_response
 
 __all__ = ["BadPath", "RouteTable", "RoutingFilter", "normalize_path"]
 
@@ -122,10 +123,17 @@ def _host_matches(pattern: str, host: bytes | None) -> bool:
 
 
 class RoutingFilter:
-    """The first decision of the pipeline: which route, and the upstream path."""
+    """The edge's last step: which route, the upstream path, and the route's chain, which
+    the request goes on with (pipeline.Pipeline._run)."""
 
-    def __init__(self, table: RouteTable) -> None:
+    name = "routing"
+    on_response_head = None
+    on_response_body = None
+    on_finished = None
+
+    def __init__(self, table: RouteTable, chains: Sequence[Chain]) -> None:
         self.table = table
+        self.chains = tuple(chains)      # by route index
 
     def on_request(self, ctx: RequestContext) -> LocalResponse | None:
         try:
@@ -134,9 +142,9 @@ class RoutingFilter:
             return error_response(ctx, 400, "BAD_REQUEST", "the request path is not allowed")
         if match is None:
             return error_response(ctx, 404, "NO_ROUTE", "no route matches this request")
-        ctx.route = match.route
-        ctx.upstream = match.route.upstream
+        route = match.route
+        ctx.route = route
+        ctx.upstream = route.upstream
         ctx.upstream_path = match.upstream_path
+        ctx.chain = self.chains[route.index]
         return None
-
-    on_response = None  # no response phase

@@ -46,7 +46,14 @@ class _Histogram:
 
 
 class Stats:
-    """Counters the request path updates; read by /metrics, /status and the Manhole."""
+    """Counters the request path updates; read by /metrics, /status and the Manhole.
+
+    A filter of every chain with only a finish phase: `started` is counted by the pipeline."""
+
+    name = "stats"
+    on_request = None
+    on_response_head = None
+    on_response_body = None
 
     def __init__(self, clock: Any) -> None:
         self.started_at = clock.seconds()
@@ -61,7 +68,8 @@ class Stats:
     def in_flight(self) -> int:
         return self.started - self.finished
 
-    def record(self, ctx: RequestContext, now: float) -> None:
+    def on_finished(self, ctx: RequestContext) -> None:
+        now = ctx.end
         self.finished += 1
         route = ctx.route.prefix if ctx.route is not None else ""
         key = (route, ctx.method, ctx.status)          # labels are made on scrape, not here
@@ -76,7 +84,7 @@ class Stats:
             if histogram is None:
                 histogram = self.upstream_durations[ctx.upstream] = _Histogram()
             histogram.observe(ctx.upstream_ms / 1000.0)
-        if ctx.status == 429 and ctx.rate_limit is not None:
+        if ctx.status == 429 and ctx.error_code == "RATE_LIMITED":
             self.rejected[route] = self.rejected.get(route, 0) + 1
 
     def by_status_class(self) -> dict[str, int]:

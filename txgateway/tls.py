@@ -109,7 +109,10 @@ class RedirectToHttps:
     """The only filter of plain listeners when `redirect_to_https` is on: 308 to the same
     URL over https (the port of the first TLS listener unless it is 443)."""
 
-    on_response = None
+    name = "redirect_to_https"
+    on_response_head = None
+    on_response_body = None
+    on_finished = None
 
     def __init__(self, https_port: Callable[[], int | None]) -> None:
         self.https_port = https_port     # asked per request: the TLS listener may bind port 0

@@ -56,7 +56,7 @@ class Tunnel:
 
     def expired(self) -> None:
         """Nothing either way for idle_timeout: close both sides."""
-        self.ctx.notes = {"upstream_error": "websocket idle timeout"}
+        self.ctx.note("upstream_error", "websocket idle timeout")
         self.client.abortConnection()
         self._close(self.upstream)
 
