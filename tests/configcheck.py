@@ -1,4 +1,4 @@
-"""What the config tests share: `config_errors` (a config that must be refused) and `BASE`."""
+"""What the config tests share: `config_errors` (a config that must be refused), `BASE`, `route_auth`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import pytest
 
-from txgateway.config import ConfigError, ConfigProblem, parse_config
+from txgateway.config import ConfigError, ConfigProblem, Route, parse_config
 
 # A valid config of 8 lines, two upstreams and a route to each: the config tests append the
 # section under test from line 9, so the line numbers they expect depend on these 8.
@@ -20,6 +20,12 @@ routes:
   - {prefix: /api/users, upstream: users}
   - {prefix: /api/orders, upstream: orders}
 """
+
+
+def route_auth(route: Route) -> tuple[str, frozenset[str] | None]:
+    """A route's auth mode and roles ("none", None without auth)."""
+    policy = route.policies.get("auth")
+    return ("none", None) if policy is None else (policy.mode, policy.roles)
 
 
 def config_errors(text: str, file: str = "c.yaml", environ: Mapping[str, str] | None = None) -> list[str]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from twisted.python import usage
 
+from tests.configcheck import route_auth
 from txgateway.config import Config
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "etc" / "txgateway.yaml"
@@ -93,8 +94,8 @@ def test_check_config_reports_every_error_with_file_line_and_path(tmp_path):
         f"{path}:3: admin.token: unknown key (expected one of: endpoint, token_env)",
         f'{path}:5: upstreams.users.timeout: expected a duration like "250ms", "5s" or "1m", got "5"',
         (f"{path}:10: routes[1].upstrem: unknown key (expected one of: auth, cache, host, methods, prefix, "
-         "rate_limit, request_headers, response_headers, rewrite_prefix, roles, security_headers, upstream)"),
-        f"{path}:9: routes[1].upstream: missing (required)",
+         "rate_limit, request_headers, respond, response_headers, rewrite_prefix, roles, security_headers, upstream)"),
+        f"{path}:9: routes[1].upstream: missing (required; or respond: to answer from the gateway)",
         f'{path}:12: routes[2].upstream: no upstream named "search" (defined: users)',
         f"{path}: 5 error(s), configuration rejected",
     ]
@@ -458,7 +459,7 @@ def test_hash_key_accepts_16_characters():
 def test_the_demo_protects_users_and_orders():
     from txgateway.demo import BANNER, demo_config
     config = demo_config()
-    policies = {r.prefix: (r.auth, r.roles) for r in config.routes}
+    policies = {r.prefix: route_auth(r) for r in config.routes}
     assert policies == {"/api/users": ("required", None), "/api/search": ("none", None),
                         "/api/orders": ("required", frozenset({"admin"}))}
     assert config.auth.jwt.algorithms == ("HS256",)

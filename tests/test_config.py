@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch.ssh.keys import Key
 
-from tests.configcheck import BASE, config_errors  # BASE: lines 1-8; tests add lines after them
+from tests.configcheck import BASE, config_errors, route_auth  # BASE: lines 1-8; tests add lines after them
 from txgateway.adminconfig import AdminConfig, ManholeConfig
 from txgateway.breaker import BreakerSettings
 from txgateway.config import (
@@ -42,7 +42,7 @@ RATE = 'expected "N/second|minute|hour|day", got'
 RATE_ZERO = 'expected "N/second|minute|hour|day" with N above zero, got'
 TOP_KEYS = ("access_log, admin, auth, drain_timeout, limits, listen, manhole, rate_limits, "
             "redirect_to_https, redis, routes, trusted_proxies, upstreams")
-ROUTE_KEYS = ("auth, cache, host, methods, prefix, rate_limit, request_headers, response_headers, "
+ROUTE_KEYS = ("auth, cache, host, methods, prefix, rate_limit, request_headers, respond, response_headers, "
               "rewrite_prefix, roles, security_headers, upstream")
 UPSTREAM_KEYS = ("balance, circuit_breaker, connect_timeout, health_check, max_connections, "
                  "passive_health, preserve_host, retries, targets, timeout, tls")
@@ -84,7 +84,7 @@ def test_unknown_key_in_a_route_names_its_index():
         """)
     assert errors(text) == [
         f"c.yaml:9: routes[1].upstrem: unknown key (expected one of: {ROUTE_KEYS})",
-        "c.yaml:8: routes[1].upstream: missing (required)",
+        "c.yaml:8: routes[1].upstream: missing (required; or respond: to answer from the gateway)",
     ]
 
 
@@ -219,8 +219,8 @@ def test_defaults():
     assert (users.connect_timeout, users.timeout, users.max_connections, users.preserve_host) == (1.0, 30.0, 1024, False)
     route = config.routes[0]
     assert (route.rewrite_prefix, route.methods, route.host) == (None, None, None)
-    assert route.security_headers == DEFAULT_SECURITY_HEADERS
-    assert not route.request_headers and not route.response_headers
+    assert route.policies["header_rules"].security == DEFAULT_SECURITY_HEADERS
+    assert not route.policies["header_rules"].request and not route.policies["header_rules"].response
 
 
 # --- references and duplicates ------------------------------------------------------------
@@ -339,7 +339,7 @@ def test_missing_required_keys_in_items():
         "c.yaml:5: upstreams.users.targets: missing (required)",
         "c.yaml:6: upstreams.orders.targets: expected at least one target URL",
         "c.yaml:8: routes[0].prefix: missing (required)",
-        "c.yaml:9: routes[1].upstream: missing (required)",
+        "c.yaml:9: routes[1].upstream: missing (required; or respond: to answer from the gateway)",
     ]
 
 
@@ -439,12 +439,12 @@ def test_header_rules_values():
             request_headers: {set: {X-Api-Version: 2, X-Flag: true, X-Tab: "a\\tb"}, add: {Via: gw}, remove: [Cookie, X-Internal-*]},
             security_headers: {X-Frame-Options: SAMEORIGIN, Referrer-Policy: null, Strict-Transport-Security: max-age=60}}"""))
     route = parse_config(text, "c.yaml").routes[1]
-    assert route.request_headers == HeaderRules(
+    assert route.policies["header_rules"].request == HeaderRules(
         set=((b"X-Api-Version", b"2"), (b"X-Flag", b"true"), (b"X-Tab", b"a\tb")),
         add=((b"Via", b"gw"),),
         remove=(b"cookie", b"x-internal-*"),
     )
-    assert route.security_headers == (
+    assert route.policies["header_rules"].security == (
         (b"X-Content-Type-Options", b"nosniff"),
         (b"X-Frame-Options", b"SAMEORIGIN"),
         (b"Strict-Transport-Security", b"max-age=60"),
@@ -472,7 +472,9 @@ def test_route_values():
     text = BASE.replace("upstream: users}", "upstream: users, rewrite_prefix: /users/, methods: [GET, HEAD], host: '*.Example.COM'}")
     route = parse_config(text, "c.yaml").routes[0]
     assert route == Route(prefix="/api/users", upstream="users", rewrite_prefix="/users",
-                          methods=frozenset({b"GET", b"HEAD"}), host="*.example.com", index=0)
+                          methods=frozenset({b"GET", b"HEAD"}), host="*.example.com", terminal="proxy",
+                          answer="users", policies=route.policies, index=0)
+    assert list(route.policies) == ["header_rules"]    # every route has header rules (security headers)
 
 
 # --- route auth and roles ----------------------------------------------------------------
@@ -493,7 +495,7 @@ def test_route_auth_and_roles_values():
         "  - {prefix: /api/c, upstream: users, auth: required, roles: [admin]}\n"
         "  - {prefix: /api/d, upstream: users}\n") + AUTH
     routes = parse_config(text, "c.yaml", ENV).routes
-    assert [(r.prefix, r.auth, r.roles) for r in routes] == [
+    assert [(r.prefix, *route_auth(r)) for r in routes] == [
         ("/api/users", "optional", None),
         ("/api/orders", "required", frozenset({"admin", "ops"})),   # roles imply required
         ("/api/a", "required", None),
@@ -513,7 +515,7 @@ def test_route_auth_needs_an_auth_section():
         f"c.yaml:9: routes[2].auth: {message}",
     ]
     # `auth: none` needs nothing
-    assert parse_config(BASE.replace("upstream: users}", "upstream: users, auth: none}"), "c.yaml").routes[0].auth == "none"
+    assert parse_config(BASE.replace("upstream: users}", "upstream: users, auth: none}"), "c.yaml").routes[0].policies.get("auth") is None
 
 
 def test_route_roles_need_auth_required():
@@ -587,8 +589,8 @@ def test_rate_limits_and_route_rate_limit_are_accepted_with_the_local_backend():
         "rate_limits:\n  backend: local\n" + TIERS)
     config = parse_config(text, "c.yaml")
     assert config.rate_limits is not None and config.rate_limits.backend == "local"
-    assert config.routes[0].rate_limit is None
-    assert config.routes[1].rate_limit.key == "ip"
+    assert config.routes[0].policies.get("rate_limit") is None
+    assert config.routes[1].policies.get("rate_limit").key == "ip"
 
 
 def test_unknown_balance_policy():
@@ -947,8 +949,8 @@ def test_the_example_config_loads():
     users = config.upstreams["users"]
     assert [t.url for t in users.targets] == ["http://10.0.0.11:3001", "http://10.0.0.12:3001"]
     orders = next(r for r in config.routes if r.prefix == "/api/orders")
-    assert orders.request_headers.set == ((b"X-Api-Version", b"2"),)
-    assert b"x-internal-*" in orders.response_headers.remove
+    assert orders.policies["header_rules"].request.set == ((b"X-Api-Version", b"2"),)
+    assert b"x-internal-*" in orders.policies["header_rules"].response.remove
     assert config.admin == AdminConfig(endpoint="tcp:9901:interface=127.0.0.1", token=None)
     assert config.manhole is None
 
@@ -1057,7 +1059,7 @@ def test_the_example_shows_every_supported_key():
 
 def test_the_example_config_protects_users_and_orders():
     config = load_config(str(EXAMPLE))
-    policies = {r.prefix: (r.auth, r.roles) for r in config.routes}
+    policies = {r.prefix: route_auth(r) for r in config.routes}
     assert policies == {
         "/api/users": ("required", None),
         "/api/search": ("none", None),
@@ -1202,7 +1204,7 @@ def test_the_example_rate_limits():
     assert limits.backend == "local" and limits.default_tier == "free" and limits.max_buckets == 100_000
     assert {name: (t.rate.count, t.rate.window, t.burst) for name, t in limits.tiers.items()} == {
         "free": (100, 3600, 100), "pro": (5000, 3600, 5000), "enterprise": (100000, 3600, 100000)}
-    routes = {r.prefix: r.rate_limit for r in config.routes}
+    routes = {r.prefix: r.policies.get("rate_limit") for r in config.routes}
     assert (routes["/api/users"].key, routes["/api/users"].rate, routes["/api/users"].scope) == ("user", None, None)
     search = routes["/api/search"]
     assert (search.key, search.rate.count, search.rate.window, search.burst) == ("ip", 100, 60, 20)
@@ -1216,7 +1218,7 @@ def test_values_are_frozen():
     for obj, attr, value in [
         (config, "routes", ()), (config, "limits", Limits()), (config, "drain_timeout", 0.0),
         (config.limits, "max_body_size", 1), (config.listen[0], "endpoint", "tcp:1"),
-        (route, "prefix", "/"), (route, "upstream", "orders"), (route.request_headers, "set", ()),
+        (route, "prefix", "/"), (route, "upstream", "orders"), (route.policies["header_rules"].request, "set", ()),
         (upstream, "timeout", 0.0), (upstream.targets[0], "port", 1),
         (ConfigProblem("f", 1, "p", "m"), "line", 2),
     ]:
@@ -1224,7 +1226,7 @@ def test_values_are_frozen():
             setattr(obj, attr, value)
     assert isinstance(route.methods, (frozenset, type(None)))
     assert isinstance(config.routes, tuple) and isinstance(upstream.targets, tuple)
-    assert isinstance(route.security_headers, tuple) and isinstance(route.request_headers.remove, tuple)
+    assert isinstance(route.policies["header_rules"].security, tuple) and isinstance(route.policies["header_rules"].request.remove, tuple)
     assert isinstance(upstream, Upstream)
     with pytest.raises(TypeError):
         config.upstreams["users"] = upstream  # type: ignore[index]

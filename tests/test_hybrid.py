@@ -562,12 +562,9 @@ def test_several_first_takes_in_one_turn_seed_from_the_last_answer():
 
 def test_headers_through_the_filter_with_a_hybrid_bucket_in_debt():
     """Debt in Redis shows as 0 remaining (never negative), and Retry-After counts the debt."""
-    from tests.test_ratelimit import LIMITED, rate_headers, request
-    from txgateway.config import parse_config
-    from txgateway.ratelimit import RateLimitFilter
+    from tests.test_ratelimit import limiter, rate_headers, request
     store, link, clock = make_store()
-    config = parse_config(LIMITED, "t.yaml")
-    f = RateLimitFilter(config.rate_limits, config.routes, store)
+    f, config = limiter(clock, store=store)
     ctx = request(config, "/own")                  # 100/minute, burst 20
     f.on_request(ctx)
     clock.advance(0)

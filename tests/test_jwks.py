@@ -1,4 +1,4 @@
-"""RemoteJwks with task.Clock and a hand-fired fetch, alone and behind the AuthFilter."""
+"""RemoteJwks with task.Clock and a hand-fired fetch, alone and behind the auth filter."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 
-from txgateway.auth import AuthFilter
 from txgateway.config import parse_config
 from txgateway.jwks import RemoteJwks
 from txgateway.pipeline import LocalResponse, RequestContext
+from txgateway.testing import make_ctx, route_filters
 
 NOW = 1_700_000_000
 URL = "https://idp.example.com/.well-known/jwks.json"
@@ -197,16 +197,13 @@ class Setup:
         jwt_config = config.auth.jwt
         self.remote = RemoteJwks(jwt_config.jwks_url, self.clock, self.fetch, jwt_config.jwks_cooldown,
                                  jwt_config.jwks_refresh, jwt_config.jwks_timeout)
-        self.filter = AuthFilter(config.auth, config.routes, self.clock, self.remote)
-        self.route = config.routes[0]
+        self.config = config
+        self.filters = route_filters(config, "auth", self.clock, jwks=self.remote)
 
     def request(self, bearer: str) -> tuple[RequestContext, Any]:
-        ctx = RequestContext(b"GET", b"/api/users", b"/api/users", b"", b"HTTP/1.1",
-                             [(b"authorization", b"Bearer " + bearer.encode())], b"a", b"http", "127.0.0.1",
-                             None, self.clock.seconds())  # type: ignore[arg-type]
-        ctx.route = self.route
-        ctx.correlation_id = "cid-1"
-        return ctx, self.filter.on_request(ctx)
+        ctx = make_ctx(self.config, "/api/users", headers=[(b"authorization", b"Bearer " + bearer.encode())],
+                       start=self.clock.seconds())
+        return ctx, self.filters.on_request(ctx)
 
 
 def settled(result: Any) -> Any:

@@ -49,8 +49,8 @@ def test_tiers_default_tier_and_defaults():
         tiers={"free": Tier("free", Rate(100, 3600, "100/hour"), 100),
                "pro": Tier("pro", Rate(5000, 3600, "5000/hour"), 50)},
         default_tier="free", backend="local", max_buckets=100_000)
-    assert c.routes[0].rate_limit == RouteLimit(key="ip")
-    assert c.routes[1].rate_limit is None
+    assert c.routes[0].policies.get("rate_limit") == RouteLimit(key="ip")
+    assert c.routes[1].policies.get("rate_limit") is None
 
 
 def test_a_single_tier_is_the_default_and_max_buckets_is_read():
@@ -68,13 +68,13 @@ def test_a_single_tier_is_the_default_and_max_buckets_is_read():
     ("{key: user, scope: orders.v2_x-1}", RouteLimit(key="user", scope="orders.v2_x-1")),
 ])
 def test_route_rate_limit_values(text, expected):
-    assert config(text).routes[0].rate_limit == expected
+    assert config(text).routes[0].policies.get("rate_limit") == expected
 
 
 def test_a_route_with_its_own_rate_needs_no_rate_limits_section():
     c = config("{rate: 10/minute}", limits="")
     assert c.rate_limits is None
-    assert c.routes[0].rate_limit.rate == Rate(10, 60, "10/minute")
+    assert c.routes[0].policies.get("rate_limit").rate == Rate(10, 60, "10/minute")
 
 
 # --- rates and bursts ---------------------------------------------------------------------
@@ -143,7 +143,7 @@ def test_bad_scopes(scope, message):
 
 
 def test_a_64_character_scope_is_fine():
-    assert config("{scope: " + "x" * 64 + "}").routes[0].rate_limit.scope == "x" * 64
+    assert config("{scope: " + "x" * 64 + "}").routes[0].policies.get("rate_limit").scope == "x" * 64
 
 
 def test_route_rate_limit_shape_and_unknown_keys():
@@ -251,7 +251,7 @@ def test_a_header_the_http_layer_consumes_cannot_be_a_key():
     assert errors("{key: 'header:Content-Length'}") == [
         "c.yaml:5: routes[0].rate_limit.key: Content-Length is consumed by the HTTP layer and never reaches "
         "the limiter (header:Host works)"]
-    assert config("{key: 'header:Host'}").routes[0].rate_limit == RouteLimit(key="header", header=b"host")
+    assert config("{key: 'header:Host'}").routes[0].policies.get("rate_limit") == RouteLimit(key="header", header=b"host")
 
 
 def test_routes_sharing_a_scope_must_agree_on_rate_and_burst():

@@ -17,8 +17,9 @@ import pytest
 from twisted.internet.task import Clock
 
 from txgateway.config import parse_config
-from txgateway.pipeline import RequestContext, ResponseHead
-from txgateway.ratelimit import Decision, LocalStore, RateLimitFilter, take
+from txgateway.pipeline import RequestContext
+from txgateway.ratelimit import Decision, LocalStore, take
+from txgateway.testing import RouteFilters, make_ctx, respond, route_filters
 from txgateway.tokens import Identity
 
 PER_MINUTE_10 = 10 / 60       # one token every 6 s
@@ -276,29 +277,19 @@ routes:
 """
 
 
-class _Downstream:
-    pass
-
-
-def limiter(clock: Clock, text: str = LIMITED) -> tuple[RateLimitFilter, Any]:
+def limiter(clock: Clock, text: str = LIMITED, store: Any = None) -> tuple[RouteFilters, Any]:
+    """The rate-limit filter of every route of `text`, over in-process buckets (or `store`)."""
     config = parse_config(text, "t.yaml")
-    return RateLimitFilter(config.rate_limits, config.routes, LocalStore(clock)), config
+    return route_filters(config, "rate_limit", clock, limiter=store or LocalStore(clock)), config
 
 
 def request(config: Any, prefix: str, ip: str = "10.0.0.1", identity: Identity | None = None,
             headers: list[tuple[bytes, bytes]] | None = None) -> RequestContext:
-    ctx = RequestContext(b"GET", prefix.encode(), prefix.encode(), b"", b"HTTP/1.1", list(headers or []),
-                         b"h", b"http", ip, _Downstream(), 0.0)  # type: ignore[arg-type]
-    ctx.route = next(r for r in config.routes if r.prefix == prefix)
-    ctx.correlation_id = "cid-1"
-    ctx.identity = identity
-    return ctx
+    return make_ctx(config, prefix, client_ip=ip, identity=identity, headers=headers or ())
 
 
-def rate_headers(f: RateLimitFilter, ctx: RequestContext) -> dict[str, str]:
-    head = ResponseHead(200, b"OK", [], 0)
-    f.on_response(ctx, head)
-    return {k.decode(): v.decode() for k, v in head.headers}
+def rate_headers(f: RouteFilters, ctx: RequestContext) -> dict[str, str]:
+    return respond(f.get(ctx), ctx)
 
 
 def test_headers_exact_for_the_spec_free_tier():
@@ -372,9 +363,8 @@ def test_a_scope_named_like_a_tier_does_not_change_that_tiers_headers():
 def test_remaining_shown_is_what_the_next_request_finds():
     """At 10/minute, burst 5, requests at 0, 0, 1, 4 and 6 s leave exactly one token, which
     floats sum to 0.9999999999999998: the header must say 1, since the next request passes."""
-    config = parse_config(LIMITED.replace("rate: 100/minute, burst: 20", "rate: 10/minute, burst: 5"), "t.yaml")
     clock = Clock()
-    f = RateLimitFilter(config.rate_limits, config.routes, LocalStore(clock))
+    f, config = limiter(clock, LIMITED.replace("rate: 100/minute, burst: 20", "rate: 10/minute, burst: 5"))
     for at in (0, 0, 1, 4, 6):
         clock.advance(at - clock.seconds())
         ctx = request(config, "/own")
@@ -405,7 +395,7 @@ def test_no_headers_on_routes_without_rate_limit():
     clock = Clock()
     f, config = limiter(clock)
     ctx = request(config, "/free")
-    assert f.on_request(ctx) is None and ctx.rate_limit is None
+    assert f.on_request(ctx) is None and ctx.get_state("rate_limit") is None
     assert rate_headers(f, ctx) == {}
 
 
@@ -415,7 +405,7 @@ def test_header_keys_are_bounded_and_hashed_when_long_or_binary():
     for value in (b"a" * 10_000, bytes(range(256)), b"client-7"):
         ctx = request(config, "/header", headers=[(b"x-client", value)])
         assert f.on_request(ctx) is None
-    keys = sorted(f.store.buckets)  # type: ignore[attr-defined]
+    keys = sorted(f.resources.limiter.buckets)
     assert all(len(k) < 120 for k in keys), keys
     assert all("\x00" not in k and "aaaa" not in k for k in keys)
     assert sum("|h#" in k for k in keys) == 2 and sum(k.endswith("|h:client-7") for k in keys) == 1

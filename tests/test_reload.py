@@ -129,7 +129,7 @@ routes:
     assert changed == []
     assert merged == new
     assert merged.rate_limits.tiers["free"].rate.count == 20
-    assert merged.routes[0].response_headers.set == ((b"X-Version", b"new"),)
+    assert merged.routes[0].policies["header_rules"].response.set == ((b"X-Version", b"new"),)
     assert set(merged.upstreams) == {"users", "orders"}
     assert merged.upstreams["users"].circuit_breaker is not None
 
