@@ -267,12 +267,13 @@ class Chain:
     the route's) run their head and body hooks in reverse and their finish hooks in order.
     """
 
-    __slots__ = ("name", "filters", "request", "request_names", "head", "head_names", "body", "body_names",
-                 "finished", "finished_names", "terminal")
+    __slots__ = ("name", "request_filters", "response_filters", "request", "request_names", "head", "head_names",
+                 "body", "body_names", "finished", "finished_names", "terminal")
 
     def __init__(self, name: str, request: Sequence[Filter], response: Sequence[Filter], terminal: Terminal | None) -> None:
         self.name = name               # the route's prefix, for logs
-        self.filters = tuple(dict.fromkeys([*request, *response]))
+        self.request_filters = tuple(request)
+        self.response_filters = tuple(response)
         self.request, self.request_names = _phase(request, "on_request")
         reverse = list(reversed(response))
         self.head, self.head_names = _phase(reverse, "on_response_head")
@@ -444,6 +445,7 @@ class Pipeline:
         body = b"" if ctx.method == b"HEAD" else local.body
         head = ResponseHead(local.status, REASONS.get(local.status, b"Unknown"), list(local.headers), len(local.body))
         if not hooks:
+            head.headers.append((b"x-correlation-id", ctx.correlation_id.encode()))
             ctx.status = head.status
             ctx.response_started = True
             ctx.downstream.send_head(ctx, head)

@@ -20,10 +20,10 @@ from twisted.python.failure import Failure
 
 from txgateway.config import Config, Route
 from txgateway.contract import Resources
-from txgateway.pipeline import LocalResponse, RequestContext, ResponseHead
+from txgateway.pipeline import Chain, LocalResponse, Pipeline, RequestContext, ResponseHead
 from txgateway.registry import FILTERS
 
-__all__ = ["RecordingDownstream", "RouteFilters", "make_ctx", "respond", "route_filters", "run_filter"]
+__all__ = ["RecordingDownstream", "RouteFilters", "make_ctx", "respond", "route_filters", "run_filter", "with_filter"]
 
 
 class RecordingDownstream:
@@ -169,3 +169,22 @@ def route_filters(config: Config, name: str, clock: Any = None, **parts: Any) ->
     of `config`; `parts` lend what the gateway would (limiter=, local_buckets=, jwks=)."""
     defaults: dict[str, Any] = {"jwks": None, "limiter": None, "local_buckets": None}
     return RouteFilters(config, name, Resources(config, clock, **{**defaults, **parts}))
+
+
+def with_filter(pipeline: Pipeline, extra: Any) -> Pipeline:
+    """`pipeline` with `extra` last in every route's chain (its request hook runs last, its
+    response hooks first), as the registry would place a new filter: for probing a running
+    gateway with a filter of the test's own (`gateway.switch.pipeline = with_filter(...)`)."""
+    chains = [Chain(c.name, [*c.request_filters, extra], [*c.response_filters, extra], c.terminal)
+              for c in pipeline.chains]
+    edge = pipeline.edge
+    routing = edge.request_filters[-1]
+    from txgateway.routing import RoutingFilter
+    edge = Chain(edge.name, [*edge.request_filters[:-1], RoutingFilter(routing.table, chains)],
+                 edge.response_filters, None)
+    out = Pipeline(edge, chains, pipeline.table, pipeline.clock, pipeline.stats, pipeline.limits,
+                   dict(pipeline.terminals))
+    proxy = out.terminals.get("proxy")
+    if proxy is not None:
+        proxy.pipeline = out
+    return out
