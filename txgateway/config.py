@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from txgateway import registry
 from txgateway._yamlreader import ConfigError, ConfigProblem, Reader, _Invalid, compose
 from txgateway.adminconfig import AdminConfig, ManholeConfig, parse_admin, parse_manhole
 from txgateway.authconfig import AuthConfig
@@ -25,7 +26,6 @@ from txgateway.contract import Scope
 from txgateway.headerconfig import DEFAULT_SECURITY_HEADERS, HeaderRules
 from txgateway.limitconfig import LimitsConfig
 from txgateway.redisconfig import RedisConfig, parse_redis
-from txgateway.registry import FILTERS, TERMINALS, route_keys
 from txgateway.resilienceconfig import (
     HealthCheck,
     PassiveHealth,
@@ -161,12 +161,11 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
 _TOP_KEYS = {
     "listen": "listeners", "redirect_to_https": "", "admin": "", "manhole": "", "redis": "",
     "trusted_proxies": "", "limits": "", "drain_timeout": "", "upstreams": "", "routes": "", "access_log": "",
-    **{kind.section: "" for kind in FILTERS if kind.section is not None},
 }
 
 
 def _config(r: Reader, root: yaml.Node, environ: Mapping[str, str] | None) -> Config:
-    top = r.mapping(root, "", _TOP_KEYS)
+    top = r.mapping(root, "", {**_TOP_KEYS, **{k.section: "" for k in registry.FILTERS if k.section is not None}})
     manhole = r.attempt(lambda: parse_manhole(r, top["manhole"]), None) if "manhole" in top else None
     admin = r.attempt(lambda: parse_admin(r, top["admin"], environ), None) if "admin" in top else None
     for key in ("listen", "upstreams", "routes"):
@@ -180,7 +179,7 @@ def _config(r: Reader, root: yaml.Node, environ: Mapping[str, str] | None) -> Co
     declared = ({k.value for k, _ in top["upstreams"].value if isinstance(k, yaml.ScalarNode)}
                 if isinstance(top.get("upstreams"), yaml.MappingNode) else set())
     sections = {}
-    for kind in FILTERS:
+    for kind in registry.FILTERS:
         if kind.section in top and kind.parse_section is not None:
             parse, node = kind.parse_section, top[kind.section]
             value = r.attempt(lambda: parse(r, node, top, environ), None)
@@ -328,7 +327,7 @@ def _target(r: Reader, path: str, node: yaml.Node) -> Target:
     return Target(url=url, host=parts.hostname, port=port or (443 if https else 80), https=https)
 
 
-_ROUTE_KEYS = {"prefix": "", "rewrite_prefix": "", "methods": "", "host": "", "cache": "", **route_keys()}
+_ROUTE_KEYS = {"prefix": "", "rewrite_prefix": "", "methods": "", "host": "", "cache": ""}
 
 
 def _routes(r: Reader, node: yaml.Node, scope: Scope) -> tuple[Route, ...]:
@@ -346,19 +345,19 @@ def _routes(r: Reader, node: yaml.Node, scope: Scope) -> tuple[Route, ...]:
         seen[key] = path
         parsed.append((path, item, route))
         out.append(route)
-    for kind in FILTERS:
+    for kind in registry.FILTERS:
         if kind.check_routes is not None:
             kind.check_routes(r, [(p, n, rt.policies[kind.name]) for p, n, rt in parsed if kind.name in rt.policies])
     return tuple(out)
 
 
 def _route(r: Reader, path: str, node: yaml.Node, scope: Scope, index: int) -> Route:
-    fields = r.mapping(node, path, _ROUTE_KEYS)
+    fields = r.mapping(node, path, {**_ROUTE_KEYS, **registry.route_keys()})
     before = len(r.problems)
     if "cache" in fields:
         r.fail(fields["cache"], f"{path}.cache", _NOT_YET)
     policies: dict[str, Any] = {}
-    for kind in FILTERS:
+    for kind in registry.FILTERS:
         owned = {key: fields[key] for key in kind.route_keys if key in fields}
         parse = kind.parse_route
         policy = r.attempt(lambda: parse(r, owned, path, scope), None) if parse is not None else None
@@ -366,7 +365,7 @@ def _route(r: Reader, path: str, node: yaml.Node, scope: Scope, index: int) -> R
             policies[kind.name] = policy
     if "prefix" not in fields:
         r.fail(node, f"{path}.prefix", "missing (required)")
-    terminals = [kind for kind in TERMINALS if kind.route_key in fields]
+    terminals = [kind for kind in registry.TERMINALS if kind.route_key in fields]
     if not terminals:
         r.fail(node, f"{path}.upstream", "missing (required; or respond: to answer from the gateway)")
     elif len(terminals) > 1:

@@ -12,9 +12,9 @@ import dataclasses
 from types import MappingProxyType
 from typing import Any
 
+from txgateway import registry
 from txgateway.config import Config
 from txgateway.contract import ReloadRefused
-from txgateway.registry import FILTERS
 
 __all__ = ["ReloadRefused", "keep_restart_only_settings"]
 
@@ -50,7 +50,7 @@ def keep_restart_only_settings(running: Config, new: Config) -> tuple[Config, li
         changed.append("redirect_to_https")
     # Each filter's section: its own rule says what a reload may change (registry).
     sections = dict(new.sections)
-    for kind in FILTERS:
+    for kind in registry.FILTERS:
         if kind.section is None or kind.reload is None:
             continue
         kept, moved = kind.reload(running.sections.get(kind.section), new.sections.get(kind.section))

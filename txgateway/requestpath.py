@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from txgateway import registry
 from txgateway.config import Config
 from txgateway.contract import Resources
 from txgateway.headers import ForwardingHeaders, HeaderRulesFilter, TrustedProxies
 from txgateway.pipeline import Chain, Filter, Pipeline
-from txgateway.registry import FILTERS, TERMINALS
 from txgateway.routing import RouteTable, RoutingFilter
 
 __all__ = ["build_request_path", "redirect_path"]
@@ -23,12 +23,12 @@ def build_request_path(config: Config, resources: Resources, observers: list[Any
     and the edge every request starts on (sanitise, route). `observers` (the counters, the
     access log) finish every request."""
     forwarding = ForwardingHeaders(TrustedProxies(config.trusted_proxies))
-    shared = {kind.name: kind.build(resources, config) for kind in TERMINALS}
-    terminals = {kind.name: kind for kind in TERMINALS}
+    shared = {kind.name: kind.build(resources, config) for kind in registry.TERMINALS}
+    terminals = {kind.name: kind for kind in registry.TERMINALS}
     chains = []
     for route in config.routes:
         filters: list[Filter] = [kind.build(resources, route.policies[kind.name], route)
-                                 for kind in FILTERS if kind.name in route.policies]
+                                 for kind in registry.FILTERS if kind.name in route.policies]
         kind = terminals[route.terminal]
         terminal = kind.make(shared[kind.name], route.answer, route)
         chains.append(Chain(route.prefix, filters, [*observers, forwarding, *filters], terminal))

@@ -18,10 +18,10 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
+from txgateway import registry
 from txgateway.config import Config, Route
 from txgateway.contract import Resources
 from txgateway.pipeline import Chain, LocalResponse, Pipeline, RequestContext, ResponseHead
-from txgateway.registry import FILTERS
 
 __all__ = ["RecordingDownstream", "RouteFilters", "make_ctx", "respond", "route_filters", "run_filter", "with_filter"]
 
@@ -136,7 +136,7 @@ class RouteFilters:
     gateway builds chains), looked up by a context's route."""
 
     def __init__(self, config: Config, name: str, resources: Resources) -> None:
-        self.kind = next(kind for kind in FILTERS if kind.name == name)
+        self.kind = next(kind for kind in registry.FILTERS if kind.name == name)
         self.config = config
         self.resources = resources
         self._built: dict[int, Any] = {}
@@ -177,10 +177,9 @@ def with_filter(pipeline: Pipeline, extra: Any) -> Pipeline:
     gateway with a filter of the test's own (`gateway.switch.pipeline = with_filter(...)`)."""
     chains = [Chain(c.name, [*c.request_filters, extra], [*c.response_filters, extra], c.terminal)
               for c in pipeline.chains]
-    edge = pipeline.edge
-    routing = edge.request_filters[-1]
     from txgateway.routing import RoutingFilter
-    edge = Chain(edge.name, [*edge.request_filters[:-1], RoutingFilter(routing.table, chains)],
+    edge = pipeline.edge
+    edge = Chain(edge.name, [*edge.request_filters[:-1], RoutingFilter(pipeline.table, chains)],  # type: ignore[arg-type]
                  edge.response_filters, None)
     out = Pipeline(edge, chains, pipeline.table, pipeline.clock, pipeline.stats, pipeline.limits,
                    dict(pipeline.terminals))

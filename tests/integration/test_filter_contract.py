@@ -185,7 +185,7 @@ async def test_a_respond_route_answers_from_the_gateway_through_the_routes_filte
       - {prefix: /api, upstream: users}
     """
     async with running_gateways(reactor) as runner:
-        gw, port = await runner.start(parse_config(with_defaults(text), "test.yaml"))
+        _, port = await runner.start(parse_config(with_defaults(text), "test.yaml"))
         old, down, again = parse_responses(await raw(port, pipelined("/old/page", "/maintenance", "/old")))
         assert old.status == 308 and old.header("location") == "https://new.example/" and old.body == b""
         assert down.status == 503 and json.loads(down.body) == {"error": "down for maintenance"}
