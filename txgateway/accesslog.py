@@ -177,6 +177,7 @@ class AccessLog:
 
 
 def _extra(notes: dict[str, Any]) -> dict[str, Any] | None:
-    if notes.keys() <= _NOTED:
-        return None
-    return {k: v for k, v in notes.items() if k not in _NOTED}
+    for key in notes:
+        if key not in _NOTED:
+            return {k: v for k, v in notes.items() if k not in _NOTED}
+    return None
