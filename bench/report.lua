@@ -1,6 +1,6 @@
 -- wrk reporter: print one machine-readable line after the human-readable report.
 -- Only done() is defined, so wrk keeps its fast (non-scripted) request path.
--- Same format as the shared peer harness (shared/bench/tools/report.lua), so the
+-- Same format as the peer harness's own wrk reporter, so the
 -- numbers of both benches are read the same way.
 done = function(summary, latency, requests)
   local e = summary.errors

@@ -326,7 +326,7 @@ def parse_responses(data: bytes) -> list[Response]:
 
 
 def assert_envelope(resp: Response, status: int, code: str) -> dict[str, Any]:
-    """The SPEC's error envelope, exactly."""
+    """The gateway's JSON error envelope, exactly."""
     assert resp.status == status, (resp.status, resp.body)
     assert resp.header("content-type") == "application/json"
     body = resp.json()

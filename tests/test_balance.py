@@ -1,4 +1,4 @@
-"""The balancer (SPEC §3 "Load balancing", passive health) on `task.Clock`, with `random` injected.
+"""The balancer (load balancing, passive health) on `task.Clock`, with `random` injected.
 
 Members are built over fake pools that only have `.target.url`: the balancer never touches
 a connection. `Values(...)` is a `random` that returns the given numbers in turn, so the two

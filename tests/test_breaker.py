@@ -1,4 +1,4 @@
-"""The circuit breaker's state machine, driven by `task.Clock` (SPEC §3 "Circuit breaker").
+"""The circuit breaker's state machine, driven by `task.Clock`.
 
 `random` is injected: 0.5 gives a jitter factor of exactly 1, so open periods are the plain
 backoff steps; 0.0 and 1.0 give the extreme factors 1 - jitter and 1 + jitter.
@@ -44,7 +44,7 @@ def tripped(clock: Clock | None = None, **settings: Any) -> CircuitBreaker:
 
 # --- settings -------------------------------------------------------------------------------
 
-def test_default_settings_are_the_spec_example():
+def test_default_settings_are_the_documented_example():
     s = BreakerSettings()
     assert (s.consecutive_failures, s.failure_ratio, s.window, s.min_requests, s.open_for, s.max_open_for,
             s.half_open_requests, s.failure_statuses, s.jitter) == (5, 0.5, 10.0, 20, 30.0, 300.0, 1,

@@ -43,7 +43,7 @@ def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]
 def test_check_config_accepts_the_example():
     result = run("check-config", str(EXAMPLE))
     assert result.returncode == 0, result.stderr
-    assert result.stdout == f"{EXAMPLE}: OK (4 routes, 3 upstreams, 1 listeners)\n"
+    assert result.stdout == f"{EXAMPLE}: OK (5 routes, 3 upstreams, 1 listeners)\n"
     assert result.stderr == ""
 
 
@@ -52,7 +52,7 @@ def test_check_config_accepts_the_example_with_no_environment():
     result = subprocess.run([str(TXGATEWAY), "check-config", str(EXAMPLE)], capture_output=True, text=True,
                             timeout=60, env={}, check=False)
     assert result.returncode == 0, result.stderr
-    assert result.stdout == f"{EXAMPLE}: OK (4 routes, 3 upstreams, 1 listeners)\n"
+    assert result.stdout == f"{EXAMPLE}: OK (5 routes, 3 upstreams, 1 listeners)\n"
     assert result.stderr == ""
 
 
@@ -242,7 +242,7 @@ def test_check_config_accepts_the_example_with_no_environment_at_all():
     result = subprocess.run([str(TXGATEWAY), "check-config", str(EXAMPLE)], capture_output=True, text=True,
                             timeout=60, env={}, check=False)
     assert result.returncode == 0, result.stderr
-    assert result.stdout == f"{EXAMPLE}: OK (4 routes, 3 upstreams, 1 listeners)\n"
+    assert result.stdout == f"{EXAMPLE}: OK (5 routes, 3 upstreams, 1 listeners)\n"
 
 
 def test_check_config_reports_auth_problems_with_file_line_and_path(tmp_path):

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch.ssh.keys import Key
 
 from tests.configcheck import BASE, config_errors, route_auth  # BASE: lines 1-8; tests add lines after them
+from txgateway import registry
 from txgateway.adminconfig import AdminConfig, ManholeConfig
 from txgateway.breaker import BreakerSettings
 from txgateway.config import (
@@ -955,7 +956,7 @@ def test_the_example_config_loads():
     assert config.manhole is None
 
 
-def test_the_example_users_upstream_is_resilient_with_the_specs_values():
+def test_the_example_users_upstream_is_resilient_with_the_documented_values():
     config = load_config(str(EXAMPLE))
     users = config.upstreams["users"]
     assert (users.balance, users.retries, users.connect_timeout, users.timeout) == ("least_request", 1, 1.0, 5.0)
@@ -1057,6 +1058,31 @@ def test_the_example_shows_every_supported_key():
                 "redis", "hybrid", "sync_interval", "instances", "admin", "manhole", "metrics", "ssh")), line
 
 
+def test_the_example_shows_every_registered_route_key_and_section():
+    """A filter or terminal added to the registry is shown in the example, live or commented."""
+    text = EXAMPLE.read_text()
+    keys = [*registry.route_keys(), *(kind.section for kind in registry.FILTERS if kind.section is not None)]
+    for key in keys:
+        assert re.search(rf"(?<![\w-]){re.escape(key)}:", text), key
+
+
+def test_the_examples_local_answers_load():
+    """The live `respond:` route, and its commented redirect and maintenance variants in its place."""
+    text = EXAMPLE.read_text()
+    (v0,) = [r for r in load_config(str(EXAMPLE)).routes if r.prefix == "/api/v0"]
+    assert (v0.terminal, v0.upstream, v0.answer.status, v0.answer.body) == (
+        "respond", None, 410, b'{"error": "API v0 is gone; use /api/users and /api/orders"}')
+    live = re.search(r"^    respond:\n(      .*\n)+", text, re.MULTILINE)
+    assert live is not None
+    variants = re.findall(r"^    # [\w ]+: +(respond: .*)$", text, re.MULTILINE)
+    answers = [parse_config(text.replace(live.group(0), f"    {variant}\n"), "example.yaml").routes[-1].answer
+               for variant in variants]
+    assert [(a.status, dict(a.headers)) for a in answers] == [
+        (308, {b"location": b"https://docs.example.com/"}),
+        (503, {b"retry-after": b"3600", b"content-type": b"text/plain; charset=utf-8"})]
+    assert answers[1].body == b"Back at 14:00 UTC."
+
+
 def test_the_example_config_protects_users_and_orders():
     config = load_config(str(EXAMPLE))
     policies = {r.prefix: route_auth(r) for r in config.routes}
@@ -1065,6 +1091,7 @@ def test_the_example_config_protects_users_and_orders():
         "/api/search": ("none", None),
         "/api/orders": ("required", frozenset({"admin"})),
         "/api/orders-legacy": ("required", frozenset({"admin"})),
+        "/api/v0": ("none", None),
     }
     jwt_config = config.auth.jwt
     assert jwt_config.algorithms == ("RS256",) and jwt_config.secret is None

@@ -27,7 +27,7 @@ from txgateway.redislink import RedisLink, RedisUnavailable
 from txgateway.redisstore import BUCKET_LUA, KEY_PREFIX, HybridStore
 
 INTERVAL = 0.1
-SYNC_BATCH = 256                            # keys per script call (SPEC: one call per 256 keys)
+SYNC_BATCH = 256                            # keys per script call (README: one call per 256 keys)
 TOKENS = re.compile(r"^-?\d+\.\d{6}$")     # what the script returns: '%.6f'
 
 

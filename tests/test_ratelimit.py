@@ -2,7 +2,7 @@
 
 Exact arithmetic (fractions) is the oracle where floats could hide an off-by-one: a client
 that waits exactly `Retry-After` seconds must get its token, and the whole seconds shown
-in headers must be the exact ones, rounded as the SPEC says.
+in headers must be the exact ones, rounded as README.md says.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def test_buckets_are_independent_per_key():
 @pytest.mark.parametrize(("count", "window", "remaining", "expected"), [
     (3, 60, 0.0, 20),             # exact: 20 s per token
     (7, 60, 0.0, 9),              # 8.57 s rounds up
-    (100, 3600, 0.0, 36),         # the SPEC's free tier
+    (100, 3600, 0.0, 36),         # README.md's free tier
     (5000, 3600, 0.0, 1),         # 0.72 s rounds up to 1
     (100, 1, 0.0, 1),             # 0.01 s: never 0
     (10, 60, 0.5, 3),             # half a token missing: 3 s
@@ -292,7 +292,7 @@ def rate_headers(f: RouteFilters, ctx: RequestContext) -> dict[str, str]:
     return respond(f.get(ctx), ctx)
 
 
-def test_headers_exact_for_the_spec_free_tier():
+def test_headers_exact_for_the_readme_free_tier():
     clock = Clock()
     f, config = limiter(clock)
     ctx = request(config, "/tiered")

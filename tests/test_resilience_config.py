@@ -1,4 +1,4 @@
-"""An upstream's resilience keys (SPEC §2 `upstreams:`): `balance`, `retries`, `circuit_breaker`,
+"""An upstream's resilience keys (`upstreams:`): `balance`, `retries`, `circuit_breaker`,
 `health_check`, `passive_health`, read through `parse_config`, and every error exactly as
 `check-config` prints it (file:line: key.path: message)."""
 
@@ -109,7 +109,7 @@ def test_every_circuit_breaker_field_is_read():
                                        failure_statuses=frozenset({500, 502, 429}))
 
 
-def test_the_specs_circuit_breaker_example_loads():
+def test_the_readme_circuit_breaker_example_loads():
     settings = users("""\
         circuit_breaker:
           consecutive_failures: 5
@@ -217,7 +217,7 @@ def test_every_health_check_field_is_read():
                                 unhealthy_threshold=4)
 
 
-def test_the_specs_health_check_example_loads():
+def test_a_health_check_of_path_and_interval_takes_the_defaults_for_the_rest():
     assert users("health_check: {path: /healthz, interval: 5s}\n").health_check == HealthCheck(path=b"/healthz")
 
 

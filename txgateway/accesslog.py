@@ -130,7 +130,7 @@ class AccessRecord:
 
 
 class AccessLog:
-    """Turns a finished RequestContext into the SPEC's access-log record.
+    """Turns a finished RequestContext into the access-log record README.md documents.
 
     Each record is a twisted.logger event (namespace `txgateway.access`, level info, the
     AccessRecord under `access`) handed straight to the observer: `Logger.emit`'s generic

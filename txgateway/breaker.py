@@ -39,7 +39,7 @@ _log = Logger(namespace="txgateway.breaker")
 
 @dataclass(frozen=True)
 class BreakerSettings:
-    """One upstream's `circuit_breaker:` block (SPEC §2); durations in seconds."""
+    """One upstream's `circuit_breaker:` block; durations in seconds."""
 
     consecutive_failures: int = 5
     failure_ratio: float | None = 0.5          # None: trip on consecutive failures only

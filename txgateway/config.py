@@ -41,7 +41,7 @@ __all__ = [
     "Route", "Target", "Upstream", "load_config", "parse_config",
 ]
 
-# Keys of the SPEC that later work implements: accepted by name, refused with this reason.
+# Keys that later versions implement (the response cache): accepted by name, refused with this reason.
 _NOT_YET = "not supported yet in this version of txgateway; remove it or upgrade"
 _METHOD = re.compile(r"^[A-Z]+$")
 _HOST = re.compile(r"^(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*$|^\[[0-9a-f:.]+\]$")

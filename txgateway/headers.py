@@ -21,7 +21,7 @@ __all__ = ["ForwardingHeaders", "HeaderRulesFilter", "TrustedProxies", "correlat
 
 _CORRELATION_ID = re.compile(rb"^[A-Za-z0-9._-]{1,128}$")
 _TRACEPARENT = re.compile(rb"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
-# Never accepted from a client: the gateway alone sets these (SPEC "Identity").
+# Never accepted from a client: the gateway alone sets these, and upstreams trust them.
 _CLIENT_FORBIDDEN_PREFIXES = (b"x-user-", b"x-gateway-")
 _REPLACED = frozenset({b"x-correlation-id", b"traceparent", b"x-forwarded-for", b"x-forwarded-proto",
                        b"x-forwarded-host", b"x-user-id", b"x-user-role", b"x-user-tier"})

@@ -1,7 +1,7 @@
 """The HTTP/1.1 client-facing transport: a raw Twisted protocol parsing with httptools.
 
 Why not twisted.web: it buffers whole request bodies, answers `100 Continue` before any
-check, and costs 5-10x the CPU per request (FASTPATH-NOTES.md). This adapter only does
+check, and costs 5-10x the CPU per request (docs/architecture.md). This adapter only does
 HTTP/1.1 framing: it turns bytes into a RequestContext for the pipeline and implements
 `Downstream` so the pipeline and proxy can answer. Requests are answered strictly in
 order; pipelined requests wait in `_queue` with their bodies buffered (bounded).

@@ -3,7 +3,7 @@
 Twisted's `EPollReactor.doPoll` wraps every event in `log.callWithLogger`, which sets up a
 legacy log-prefix context (three nested calls and a dict copy per event), then goes through
 `_doReadOrWrite` -> `fileno()` -> `doRead` -> `_dataReceived` -> `protocol.dataReceived`.
-At tens of thousands of events per second those frames are measurable (FASTPATH-NOTES.md).
+At tens of thousands of events per second those frames are measurable (docs/performance.md).
 Here a plain read event on a TCP connection calls `recv` and the protocol directly, with
 Twisted's own handling of what it returns (empty read: connection done; an exception from
 the protocol: logged, connection lost); every other event (writes, hang-ups, errors,

@@ -1,11 +1,11 @@
 """The gateway's one connection to Redis: every call bounded in time, and an up/down state.
 
 txredisapi with `reconnect=True` never fails a call while Redis is down: it waits for a
-connection forever (TWISTED-NOTES §6.1). So every call here carries `redis.timeout`, and the
-first failure marks Redis down: from then on calls fail at once (the limiter answers from
-its `on_redis_error` policy without waiting) while a PING probe, backing off from 0.25 s to
-5 s, finds out when Redis is back. Each change of state is logged once and counted; status,
-metrics and the Manhole read it from `RedisLink.state`.
+connection forever, and its command Deferreds cannot be cancelled. So every call here
+carries `redis.timeout`, and the first failure marks Redis down: from then on calls fail at
+once (the limiter answers from its `on_redis_error` policy without waiting) while a PING
+probe, backing off from 0.25 s to 5 s, finds out when Redis is back. Each change of state
+is logged once and counted; status, metrics and the Manhole read it from `RedisLink.state`.
 """
 
 from __future__ import annotations

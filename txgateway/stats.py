@@ -3,7 +3,7 @@
 Updating prometheus_client metrics per request (label lookup, a lock) would cost several
 microseconds a request; here the request path only bumps plain dicts and lists (`record`
 runs once per request, after the response), and `MetricsCollector` turns them into metric
-families when `/metrics` is scraped. Names follow SPEC §3 "Observability and operations".
+families when `/metrics` is scraped. Names and labels are those README.md lists for `/metrics`.
 """
 
 from __future__ import annotations

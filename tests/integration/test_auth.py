@@ -1,6 +1,6 @@
 """Authentication over real sockets: what the client gets, what the upstream sees, and that the gateway keeps serving.
 
-Each bad credential gets its exact status, the SPEC envelope and the exact `WWW-Authenticate`
+Each bad credential gets its exact status, the JSON envelope and the exact `WWW-Authenticate`
 challenge, never reaches the upstream, and the next good request still works. The echo
 upstream answers with the headers it received, which proves what upstreams can trust.
 """

@@ -1,4 +1,4 @@
-"""Every piece of bad input in the SPEC: exact status, envelope, and the next request works."""
+"""Every kind of bad input the gateway refuses: exact status, envelope, and the next request works."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Balancing over three real targets (SPEC §3 "Load balancing"), and active health checks.
+"""Balancing over three real targets, and active health checks.
 
 Each target is a real twisted.web server started here: it answers JSON naming itself (with
 `status`), records the paths it served, can be made slow (answering after `delay` seconds,

@@ -21,7 +21,7 @@ __all__ = ["upstreams"]  # the fixture
 
 
 def test_a_request_cut_at_drain_timeout_is_in_the_access_log(tmp_path, upstreams):
-    """SPEC: one access-log record per request. A request cut by drain_timeout leaves none."""
+    """One access-log record per request. A request cut by drain_timeout leaves none."""
     with request_cut_at_drain_timeout(tmp_path, upstreams) as run:
         assert run.cut == b""
         assert_clean_shutdown(run.daemon, run.code)

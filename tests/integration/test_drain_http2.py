@@ -179,7 +179,7 @@ def test_an_http2_stream_still_running_at_drain_timeout_is_cut_and_the_exit_is_0
 
 
 def test_an_http2_stream_cut_at_drain_timeout_is_in_the_access_log(tmp_path, h2_request_cut_at_drain_timeout):
-    """SPEC: one access-log record per request; a cut one is 499 (the client never got an answer)."""
+    """One access-log record per request; a cut one is 499 (the client never got an answer)."""
     assert_clean_shutdown(h2_request_cut_at_drain_timeout.daemon, h2_request_cut_at_drain_timeout.code)
     assert [(r["path"], r["status"], r["tls"]) for r in access_records(tmp_path)] == \
         [("/api/users/hang", 499, "TLSv1.3 h2")]

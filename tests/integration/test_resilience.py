@@ -616,7 +616,7 @@ async def test_reset_mid_body_aborts_the_client_and_counts_as_a_failure(reactor,
     breaker = unjittered(gw)
     (member,) = members(gw)
     await reset_mid_body(reactor, setup)
-    # A reset is a failure (SPEC section 3), whenever it happens.
+    # A reset is a failure for the breaker and the target, whenever it happens.
     assert member.failures == 1 and "reset" in member.last_error
     assert breaker.snapshot()["consecutive_failures"] == 1
     await good(gw, b"/api/orders/1")
