@@ -71,8 +71,11 @@ class TerminalKind:
     name: str
     route_key: str
     parse_route: RouteParser
-    build: Callable[[Any, Config], Any]             # (the gateway's resources, config) -> factory
-    make: Callable[[Any, Any, Route], Terminal]     # (that factory, route policy, route)
+    build: Callable[[Any, Config], Any]             # (the gateway's resources, config) -> shared part
+    make: Callable[[Any, Any, Route], Terminal]     # (that shared part, route policy, route)
+    # A terminal that answers later (from upstream events) answers through the pipeline it
+    # is part of: the path builder hands it over as `shared_part.pipeline`.
+    answers_later: bool = False
 
 
 class Resources:

@@ -32,4 +32,5 @@ def _make(proxy: Any, upstream: str, route: Any) -> Any:
     return proxy
 
 
-PROXY = TerminalKind(name="proxy", route_key="upstream", parse_route=_parse_route, build=_build, make=_make)
+PROXY = TerminalKind(name="proxy", route_key="upstream", parse_route=_parse_route, build=_build, make=_make,
+                     answers_later=True)

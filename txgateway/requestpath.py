@@ -37,9 +37,9 @@ def build_request_path(config: Config, resources: Resources, observers: list[Any
                  [*observers, forwarding, HeaderRulesFilter()], None)
     pipeline = Pipeline(edge, chains, table, resources.clock, resources.stats, config.limits,
                         {name: part for name, part in shared.items() if part is not None})
-    proxy = shared.get("proxy")
-    if proxy is not None:
-        proxy.pipeline = pipeline
+    for kind in registry.TERMINALS:
+        if kind.answers_later and shared[kind.name] is not None:
+            shared[kind.name].pipeline = pipeline
     return pipeline
 
 

@@ -6,24 +6,32 @@
     ctx = make_ctx(config, "/api/users", client_ip="10.0.0.7")
     assert run_filter(filters.get(ctx), ctx) is None
 
-Nothing here opens a socket: the integration tests (tests/integration) do that through
-real listeners; this is for driving one piece at a time.
+Nothing here opens a socket: `MemoryGateway` runs a whole gateway on a MemoryReactorClock
+with in-memory connections (twisted.test.iosim); the integration tests (tests/integration)
+go through real listeners.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.protocol import Protocol
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
+from twisted.test import iosim
 
 from txgateway import registry
 from txgateway.config import Config, Route
 from txgateway.contract import Resources
 from txgateway.pipeline import Chain, LocalResponse, Pipeline, RequestContext, ResponseHead
 
-__all__ = ["RecordingDownstream", "RouteFilters", "make_ctx", "respond", "route_filters", "run_filter", "with_filter"]
+__all__ = [
+    "HANG", "MemoryGateway", "RecordingDownstream", "RouteFilters", "make_ctx", "respond", "route_filters", "run_filter",
+    "with_filter",
+]
 
 
 class RecordingDownstream:
@@ -183,7 +191,113 @@ def with_filter(pipeline: Pipeline, extra: Any) -> Pipeline:
                  edge.response_filters, None)
     out = Pipeline(edge, chains, pipeline.table, pipeline.clock, pipeline.stats, pipeline.limits,
                    dict(pipeline.terminals))
-    proxy = out.terminals.get("proxy")
-    if proxy is not None:
-        proxy.pipeline = out
+    for kind in registry.TERMINALS:
+        if kind.answers_later and kind.name in out.terminals:
+            out.terminals[kind.name].pipeline = out
     return out
+
+
+class _Peer(Protocol):
+    """One end of an in-memory connection: keeps what it receives."""
+
+    def __init__(self, script: Callable[[_Peer, bytes], None] | None = None) -> None:
+        self.received = b""
+        self.script = script
+        self.lost = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if self.script is not None:
+            self.script(self, data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost = True
+
+
+def HANG(peer: _Peer, data: bytes) -> None:
+    """An upstream script meaning: the connection is never accepted."""
+
+
+class MemoryGateway:
+    """A whole gateway without sockets: a `Gateway` on a `MemoryReactorClock`, its clients and
+    upstreams joined to it by `twisted.test.iosim` pumps, time moved by `advance`.
+
+        gw = MemoryGateway(yaml_text, upstreams={"http://u:80": script})
+        client = gw.connect()
+        client.transport.write(b"GET /api/users/7 HTTP/1.1\\r\\nHost: a\\r\\n\\r\\n")
+        gw.run()
+        assert client.received.startswith(b"HTTP/1.1 200")
+
+    An upstream `script(peer, data)` answers with `peer.transport.write(...)`; a target with
+    no script refuses connections (connection refused); one whose script is `HANG` never
+    accepts (for connect timeouts).
+    """
+
+    def __init__(self, yaml_text: str, upstreams: dict[str, Callable[[_Peer, bytes], None]] | None = None) -> None:
+        from txgateway.config import parse_config
+        from txgateway.gateway import Gateway
+        self.reactor = MemoryReactorClock()
+        self.config = parse_config(yaml_text, "memory.yaml")
+        self.scripts = {_netloc(url): script for url, script in (upstreams or {}).items()}
+        self.gateway = Gateway(self.config, self.reactor)
+        self.gateway.startService()
+        self.pumps: list[Any] = []
+        self.upstream_peers: list[_Peer] = []
+        self._connected = 0
+
+    def connect(self) -> _Peer:
+        """A new client connection to the first listener."""
+        client = _Peer()
+        server = self.gateway.factory.buildProtocol(None)
+        self.pumps.append(iosim.connect(server, iosim.makeFakeServer(server), client, iosim.makeFakeClient(client),
+                                        greet=False, clock=self.reactor))
+        return client
+
+    def request(self, data: bytes) -> bytes:
+        """`data` on a new connection, run until quiet: what the client received."""
+        client = self.connect()
+        client.transport.write(data)  # type: ignore[union-attr]
+        self.run()
+        return client.received
+
+    def run(self) -> None:
+        """Move bytes and make pending upstream connections until nothing moves."""
+        for _ in range(1000):
+            moved = self._connect_upstreams()
+            for pump in self.pumps:
+                moved = pump.pump(advanceClock=False) or moved
+            if not moved:
+                return
+        raise AssertionError("the in-memory gateway never went quiet")
+
+    def advance(self, seconds: float, step: float = 0.05) -> None:
+        """Move time in small steps, as a running reactor would (periodic sweeps see each)."""
+        while seconds > 1e-9:
+            moved = min(step, seconds)
+            self.reactor.advance(moved)
+            seconds -= moved
+            self.run()
+
+    def _connect_upstreams(self) -> bool:
+        pending = self.reactor.tcpClients[self._connected:]
+        self._connected = len(self.reactor.tcpClients)
+        for host, port, factory, _timeout, _bind in pending:
+            script = self.scripts.get(f"{host}:{port}")
+            if script is HANG:
+                continue
+            connector = self.reactor.connectors[self.reactor.tcpClients.index((host, port, factory, _timeout, _bind))]
+            if script is None:
+                factory.clientConnectionFailed(connector, Failure(ConnectionRefusedError("connection refused")))
+                continue
+            protocol = factory.buildProtocol(None)
+            upstream = _Peer(script)
+            self.upstream_peers.append(upstream)
+            self.pumps.append(iosim.connect(upstream, iosim.makeFakeServer(upstream), protocol,
+                                            iosim.makeFakeClient(protocol), greet=False, clock=self.reactor))
+        return bool(pending)
+
+
+def _netloc(url: str) -> str:
+    from urllib.parse import urlsplit
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
