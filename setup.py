@@ -18,6 +18,7 @@ COMPILED = [
     "txgateway/fastwrite.py",
     "txgateway/headers.py",
     "txgateway/http1.py",
+    "txgateway/ids.py",
     "txgateway/pipeline.py",
     "txgateway/proxy.py",
     "txgateway/ratelimit.py",

@@ -33,6 +33,7 @@ from txgateway.resilienceconfig import (
     parse_health_check,
     parse_passive_health,
 )
+from txgateway.route import Route
 from txgateway.tlsconfig import ListenerTLS, UpstreamTLS, parse_listener_tls, parse_upstream_tls
 from txgateway.units import parse_duration, parse_size
 
@@ -88,22 +89,6 @@ class Upstream:
     health_check: HealthCheck | None = None
     passive_health: PassiveHealth = PassiveHealth()  # noqa: RUF009 (frozen: one shared default is safe)
     tls: UpstreamTLS | None = None               # for https:// targets (verified by default)
-
-
-@dataclass(frozen=True)
-class Route:
-    """What a route matches, what answers it, and its filters' parsed policies (by filter
-    name, from the registry: a filter absent here does nothing on this route)."""
-
-    prefix: str
-    upstream: str | None                  # the proxy terminal's upstream (None: another terminal)
-    rewrite_prefix: str | None = None
-    methods: frozenset[bytes] | None = None
-    host: str | None = None
-    terminal: str = "proxy"               # the registry's terminal name
-    answer: Any = None                    # the terminal's parsed settings (the proxy's: the upstream)
-    policies: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)
-    index: int = 0
 
 
 @dataclass(frozen=True)

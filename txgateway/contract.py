@@ -21,8 +21,8 @@ if TYPE_CHECKING:
     import yaml
 
     from txgateway._yamlreader import Reader
-    from txgateway.config import Config, Route, Upstream
     from txgateway.pipeline import Filter, Terminal
+    from txgateway.route import Route
 
 __all__ = ["FilterKind", "ReloadRefused", "Resources", "Scope", "TerminalKind"]
 
@@ -37,7 +37,7 @@ class Scope:
     """What a route-key parser may know of the rest of the file."""
 
     sections: frozenset[str]             # the top-level keys present
-    upstreams: Mapping[str, Upstream]    # the valid upstreams
+    upstreams: Mapping[str, Any]         # the valid upstreams (config.Upstream), by name
     declared: frozenset[str]             # every upstream name written, valid or not
 
 
@@ -71,7 +71,7 @@ class TerminalKind:
     name: str
     route_key: str
     parse_route: RouteParser
-    build: Callable[[Any, Config], Any]             # (the gateway's resources, config) -> shared part
+    build: Callable[[Any, Any], Any]                # (the gateway's resources, the Config) -> shared part
     make: Callable[[Any, Any, Route], Terminal]     # (that shared part, route policy, route)
     # A terminal that answers later (from upstream events) answers through the pipeline it
     # is part of: the path builder hands it over as `shared_part.pipeline`.
@@ -83,8 +83,8 @@ class Resources:
     JWKS fetcher, the bucket stores). `shared` memoises what all routes' filters of one kind
     share within one request path (a token verifier and its cache, say)."""
 
-    def __init__(self, config: Config, clock: Any, **parts: Any) -> None:
-        self.config = config
+    def __init__(self, config: Any, clock: Any, **parts: Any) -> None:
+        self.config = config            # the config.Config being built
         self.clock = clock
         self.parts = parts
         self._shared: dict[str, Any] = {}

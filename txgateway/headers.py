@@ -16,42 +16,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from txgateway.headerconfig import DEFAULT_SECURITY_HEADERS, HeaderRules, RouteHeaders
+from txgateway.ids import correlation_id, traceparent
 
-__all__ = ["ForwardingHeaders", "HeaderRulesFilter", "TrustedProxies", "correlation_id", "traceparent"]
+__all__ = ["ForwardingHeaders", "HeaderRulesFilter", "TrustedProxies"]
 
-_CORRELATION_ID = re.compile(rb"^[A-Za-z0-9._-]{1,128}$")
-_TRACEPARENT = re.compile(rb"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 # Never accepted from a client: the gateway alone sets these, and upstreams trust them.
 _CLIENT_FORBIDDEN_PREFIXES = (b"x-user-", b"x-gateway-")
 _REPLACED = frozenset({b"x-correlation-id", b"traceparent", b"x-forwarded-for", b"x-forwarded-proto",
                        b"x-forwarded-host", b"x-user-id", b"x-user-role", b"x-user-tier"})
 
 
-def new_uuid4(random: bytes) -> str:
-    """A UUID4 string from 16 random bytes (str(uuid.uuid4()) costs 3x more)."""
-    h = random.hex()
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[random[8] & 3]}{h[17:20]}-{h[20:32]}"
-
-
-def correlation_id(value: bytes | None, random: bytes | None = None) -> str:
-    """Keep a well-formed client id (1-128 of [A-Za-z0-9._-]), else a new UUID4."""
-    if value is not None and _CORRELATION_ID.match(value):
-        return value.decode("ascii")
-    return new_uuid4(random or os.urandom(16))
-
-
-def traceparent(value: bytes | None, random: bytes | None = None) -> bytes:
-    """W3C trace context: continue the caller's trace with a new span id, or start one.
-
-    `random` supplies 24 random bytes (trace id, span id) so a request needs one getrandom.
-    """
-    random = random or os.urandom(24)
-    span = random[16:24].hex().encode()
-    if value is not None:
-        match = _TRACEPARENT.match(value.strip())
-        if match and match.group(1) != b"ff" and match.group(2) != b"0" * 32 and match.group(3) != b"0" * 16:
-            return b"00-" + match.group(2) + b"-" + span + b"-" + match.group(4)
-    return b"00-" + random[:16].hex().encode() + b"-" + span + b"-01"
 
 
 class TrustedProxies:

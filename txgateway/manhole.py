@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.conch import manhole, manhole_ssh
@@ -25,11 +25,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from txgateway.admin import status as gateway_status
-from txgateway.adminconfig import read_authorized_keys
-
-if TYPE_CHECKING:
-    from txgateway.adminconfig import ManholeConfig
-    from txgateway.gateway import Gateway
+from txgateway.adminconfig import ManholeConfig, read_authorized_keys
 
 __all__ = ["load_or_create_host_key", "manhole_service", "namespace"]
 
@@ -119,7 +115,7 @@ def load_or_create_host_key(path: str) -> Key:
     return key
 
 
-def namespace(gateway: Gateway) -> dict[str, Any]:
+def namespace(gateway: Any) -> dict[str, Any]:
     """The console's globals: the gateway and helpers that print readable tables."""
 
     def status() -> None:
@@ -164,7 +160,7 @@ def _table(head: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells)
 
 
-def manhole_service(gateway: Gateway, config: ManholeConfig, reactor: Any) -> StreamServerEndpointService:
+def manhole_service(gateway: Any, config: ManholeConfig, reactor: Any) -> StreamServerEndpointService:
     keys = read_authorized_keys(config.authorized_keys)
     host_key = load_or_create_host_key(config.host_key)
     names = namespace(gateway)

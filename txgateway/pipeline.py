@@ -27,11 +27,10 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from txgateway.headers import correlation_id
+from txgateway.ids import correlation_id
 
 if TYPE_CHECKING:
-    from txgateway.config import Route
-    from txgateway.routing import RouteTable
+    from txgateway.route import Route
 
 __all__ = [
     "Chain", "Downstream", "Filter", "LocalResponse", "Pipeline", "RequestContext", "ResponseHead", "Switch",
@@ -299,11 +298,11 @@ class Pipeline:
     Built from a config as a whole (requestpath.py) and swapped as a whole on reload (one
     assignment to `Switch.pipeline`); a request keeps the chain it started on (`ctx.chain`)."""
 
-    def __init__(self, edge: Chain, chains: Sequence[Chain], table: RouteTable | None, clock: Any,
+    def __init__(self, edge: Chain, chains: Sequence[Chain], table: Any, clock: Any,
                  stats: Any = None, limits: Any = None, terminals: dict[str, Any] | None = None) -> None:
         self.edge = edge
         self.chains = tuple(chains)            # by route index
-        self.table = table
+        self.table = table                     # the route table (filters' routing.RouteTable), or None
         self.clock = clock
         self.stats = stats                     # counts requests started (finish hooks count the end)
         self.limits = limits                   # config.Limits: body and header sizes, timeouts

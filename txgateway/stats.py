@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from prometheus_client.core import HistogramMetricFamily
 
-    from txgateway.gateway import Gateway
     from txgateway.pipeline import RequestContext
 
 __all__ = ["MetricsCollector", "Stats"]
@@ -98,7 +97,7 @@ class Stats:
 class MetricsCollector:
     """A prometheus_client collector over one gateway's Stats, breakers and Redis link."""
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Any) -> None:
         self.gateway = gateway
 
     def collect(self) -> Iterator[Any]:

@@ -256,7 +256,7 @@ class MemoryGateway:
     def request(self, data: bytes) -> bytes:
         """`data` on a new connection, run until quiet: what the client received."""
         client = self.connect()
-        client.transport.write(data)  # type: ignore[union-attr,call-arg]  # zope interface stubs
+        client.transport.write(data)  # type: ignore[union-attr,call-arg,misc]  # zope interface stubs
         self.run()
         return client.received
 

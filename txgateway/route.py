@@ -1,0 +1,30 @@
+"""A route as the config describes it: what it matches, what answers it, its filters' policies.
+
+Parsed by config.py (with the registry's filters and terminals); read by every layer, so it
+lives at the bottom and imports nothing of the gateway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+__all__ = ["Route"]
+
+
+@dataclass(frozen=True)
+class Route:
+    """What a route matches, what answers it, and its filters' parsed policies (by filter
+    name, from the registry: a filter absent here does nothing on this route)."""
+
+    prefix: str
+    upstream: str | None                  # the proxy terminal's upstream (None: another terminal)
+    rewrite_prefix: str | None = None
+    methods: frozenset[bytes] | None = None
+    host: str | None = None
+    terminal: str = "proxy"               # the registry's terminal name
+    answer: Any = None                    # the terminal's parsed settings (the proxy's: the upstream)
+    policies: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)
+    index: int = 0
