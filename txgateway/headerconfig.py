@@ -12,8 +12,8 @@ from txgateway._yamlreader import Reader, _Invalid
 from txgateway.contract import FilterKind, Scope
 
 if TYPE_CHECKING:
-    from txgateway.config import Route
     from txgateway.pipeline import Filter
+    from txgateway.route import Route
 
 __all__ = ["DEFAULT_SECURITY_HEADERS", "HEADER_RULES", "HeaderRules", "RouteHeaders", "header_name", "header_value"]
 

@@ -22,10 +22,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
-from txgateway.config import Route
 from txgateway.limitconfig import LimitsConfig, RouteLimit
 from txgateway.pipeline import LocalResponse, RequestContext, ResponseHead, error_response
 from txgateway.redislink import RedisUnavailable
+from txgateway.route import Route
 
 __all__ = ["Decision", "Limiter", "LocalStore", "RateLimitFilter", "RateLimitStore", "take"]
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from txgateway.config import Route
 from txgateway.pipeline import Chain, LocalResponse, RequestContext, error_response
+from txgateway.route import Route
 
 __all__ = ["BadPath", "RouteTable", "RoutingFilter", "normalize_path"]
 
