@@ -92,9 +92,9 @@ def test_check_config_reports_every_error_with_file_line_and_path(tmp_path):
     assert result.stderr.splitlines() == [
         f"{path}:3: admin.token: unknown key (expected one of: endpoint, token_env)",
         f'{path}:5: upstreams.users.timeout: expected a duration like "250ms", "5s" or "1m", got "5"',
+        f"{path}:9: routes[1].upstream: missing (required)",
         (f"{path}:10: routes[1].upstrem: unknown key (expected one of: auth, cache, host, methods, prefix, "
          "rate_limit, request_headers, response_headers, rewrite_prefix, roles, security_headers, upstream)"),
-        f"{path}:9: routes[1].upstream: missing (required)",
         f'{path}:12: routes[2].upstream: no upstream named "search" (defined: users)',
         f"{path}: 5 error(s), configuration rejected",
     ]
@@ -112,9 +112,9 @@ def test_check_config_on_invalid_yaml(tmp_path):
 
 
 @pytest.mark.parametrize("text", [
-    "listen: [{endpoint: x}]\nupstreams: {}\nroutes: []\naccess_log: !!python/name:os.system ''\n",
-    "listen: [{endpoint: x}]\nupstreams: {}\nroutes: []\ndrain_timeout: 10\n",
-    "listen: [{endpoint: x}]\nupstreams: {}\nroutes: []\ndrain_timeout: 2024-13-45\n",
+    "listen: [{endpoint: 'tcp:0'}]\nupstreams: {}\nroutes: []\naccess_log: !!python/name:os.system ''\n",
+    "listen: [{endpoint: 'tcp:0'}]\nupstreams: {}\nroutes: []\ndrain_timeout: 10\n",
+    "listen: [{endpoint: 'tcp:0'}]\nupstreams: {}\nroutes: []\ndrain_timeout: 2024-13-45\n",
 ])
 def test_check_config_never_shows_a_traceback(tmp_path, text):
     path = tmp_path / "odd.yaml"
@@ -263,10 +263,10 @@ def test_check_config_reports_auth_problems_with_file_line_and_path(tmp_path):
                             timeout=60, env=env, check=False)
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
+        f"{path}:5: routes[0].roles: roles need auth: required, got auth: optional",
         f'{path}:8: auth.jwt.algorithms[1]: "none" is never accepted: unsigned tokens prove nothing',
         f"{path}:9: auth.jwt.secret_env: environment variable TXGW_TEST_UNSET_SECRET is not set or empty",
         f"{path}:10: auth.jwt.public_keys[0]: cannot read {tmp_path}/missing.pem: No such file or directory",
-        f"{path}:5: routes[0].roles: roles need auth: required, got auth: optional",
         f"{path}: 4 error(s), configuration rejected",
     ]
 

@@ -224,7 +224,7 @@ def _secret(r: Reader, f: dict[str, yaml.Node], env: Mapping[str, str], path: st
         secret = value.encode()
         where = (f["secret_env"], f"{path}.secret_env")
     elif "secret_file" in f:
-        file = r.string(f["secret_file"], f"{path}.secret_file")
+        file = r.file_path(f["secret_file"], f"{path}.secret_file")
         try:
             with open(file, "rb") as fh:
                 secret = fh.read().strip()
@@ -240,7 +240,7 @@ def _secret(r: Reader, f: dict[str, yaml.Node], env: Mapping[str, str], path: st
 
 
 def _pem(r: Reader, node: yaml.Node, path: str) -> Any:
-    file = r.string(node, path)
+    file = r.file_path(node, path)
     try:
         with open(file, "rb") as fh:
             data = fh.read()
@@ -253,7 +253,7 @@ def _pem(r: Reader, node: yaml.Node, path: str) -> Any:
 
 
 def _jwks_file(r: Reader, node: yaml.Node, path: str) -> tuple[Jwk, ...]:
-    file = r.string(node, path)
+    file = r.file_path(node, path)
     try:
         with open(file, encoding="utf-8") as fh:
             data = json.load(fh)
@@ -273,7 +273,7 @@ def _api_keys(r: Reader, node: yaml.Node) -> ApiKeysConfig:
     header = r.string(f["header"], f"{path}.header") if "header" in f else "X-API-Key"
     if "file" not in f:
         raise r.fail(node, f"{path}.file", "missing (required): the keys file (entries: {hash, id, role, tier})")
-    file = r.string(f["file"], f"{path}.file")
+    file = r.file_path(f["file"], f"{path}.file")
     try:
         with open(file, encoding="utf-8") as fh:
             text = fh.read()
