@@ -3,11 +3,15 @@ config error at load, with the line, the key, the value and the form expected.""
 
 from __future__ import annotations
 
+import errno
+import os
+
 import pytest
+from twisted.internet.error import CannotListenError
 
 from tests.configcheck import BASE, config_errors
 from txgateway.config import parse_config
-from txgateway.endpoints import tcp_address
+from txgateway.endpoints import cannot_listen, tcp_address
 
 TCP = 'expected "tcp:PORT[:interface=ADDRESS][:backlog=N]", got'
 TCP6 = 'expected "tcp6:PORT[:interface=ADDRESS][:backlog=N]", got'
@@ -114,3 +118,16 @@ def test_tcp_address_reads_the_string_as_twisted_does():
     assert address is not None
     assert (address.family.name, address.interface, address.port, address.backlog) == ("AF_INET6", "::1", 8080, 7)
     assert tcp_address("unix:/run/gw.sock") is None
+
+
+@pytest.mark.parametrize(("interface", "port", "errno_", "said"), [
+    ("127.0.0.1", 8080, errno.EADDRINUSE, "cannot listen on 127.0.0.1:8080: Address already in use"),
+    ("", 8080, errno.EADDRINUSE, "cannot listen on 0.0.0.0:8080: Address already in use"),
+    ("::1", 8080, errno.EADDRINUSE, "cannot listen on [::1]:8080: Address already in use"),
+    ("127.0.0.1", 80, errno.EACCES,
+     "cannot listen on 127.0.0.1:80: Permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)"),
+    ("10.9.9.9", 8080, errno.EADDRNOTAVAIL, "cannot listen on 10.9.9.9:8080: Cannot assign requested address"),
+    (None, "/run/gw.sock", errno.EACCES, "cannot listen on /run/gw.sock: Permission denied"),
+])
+def test_a_listener_that_cannot_bind_is_said_in_words(interface, port, errno_, said):
+    assert cannot_listen(CannotListenError(interface, port, OSError(errno_, os.strerror(errno_)))) == said

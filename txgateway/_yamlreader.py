@@ -38,6 +38,10 @@ class ConfigError(Exception):
         self.problems = problems
         super().__init__("\n".join(str(p) for p in problems))
 
+    def report(self, file: str) -> str:
+        """What check-config and twistd print when `file` is refused: each problem, then a count."""
+        return f"{self}\n{file}: {len(self.problems)} error(s), configuration rejected"
+
 
 class _Invalid(Exception):
     """Raised inside the reader to abandon one value after recording its problem."""
@@ -175,11 +179,11 @@ def cannot_write(file: str) -> str | None:
     if os.path.isdir(file):
         return "it is a directory"
     if os.path.exists(file):
-        return None if os.access(file, os.W_OK) else "permission denied"
+        return None if os.access(file, os.W_OK) else "it is not writable"
     directory = os.path.dirname(file)
     if not os.path.isdir(directory):
         return f"directory {directory} does not exist"
-    return None if os.access(directory, os.W_OK | os.X_OK) else f"permission denied in {directory}"
+    return None if os.access(directory, os.W_OK | os.X_OK) else f"directory {directory} is not writable"
 
 
 def compose(text: str, file: str) -> yaml.Node | None:

@@ -16,6 +16,7 @@ from typing import Any
 
 from twisted.internet.abstract import isIPv6Address
 from twisted.internet.endpoints import TCP4ServerEndpoint, serverFromString
+from twisted.internet.error import CannotListenError
 
 __all__ = ["ListenerError", "TcpAddress", "cannot_listen", "endpoint_problem", "overlapping", "tcp_address"]
 
@@ -115,8 +116,12 @@ def overlapping(a: str, b: str) -> bool:
     return (x.family == y.family and wildcard in (x.interface, y.interface)) or x.interface == y.interface
 
 
-def cannot_listen(name: str, endpoint: str, interface: str | None, port: Any, error: OSError) -> str:
-    """One line for a listener that failed to bind: which one, where, and why."""
+def cannot_listen(error: CannotListenError) -> str:
+    """Where a listener failed to bind, and why, in words: "cannot listen on ADDRESS: REASON"."""
+    return _cannot_listen(error.interface, error.port, error.socketError)
+
+
+def _cannot_listen(interface: str | None, port: Any, error: OSError) -> str:
     if interface is None:                      # a unix socket: `port` is its path
         where = str(port)
     else:
@@ -125,4 +130,4 @@ def cannot_listen(name: str, endpoint: str, interface: str | None, port: Any, er
     why = error.strerror or str(error)
     if error.errno == errno.EACCES and isinstance(port, int) and port < 1024:
         why += " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
-    return f"{name} ({endpoint}) cannot listen on {where}: {why}"
+    return f"cannot listen on {where}: {why}"

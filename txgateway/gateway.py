@@ -15,6 +15,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -23,6 +24,7 @@ from twisted.python.failure import Failure
 from txgateway.accesslog import AccessLog, JsonLinesWriter
 from txgateway.breaker import Breakers
 from txgateway.config import Config, ConfigError, load_config
+from txgateway.endpoints import ListenerError, cannot_listen
 from txgateway.fetch import read_body
 from txgateway.headers import ForwardingHeaders, HeaderRulesFilter, TrustedProxies
 from txgateway.http1 import HTTP1Factory
@@ -49,10 +51,6 @@ _log = Logger(namespace="txgateway")
 
 
 DEFAULT_BACKLOG = 1024
-
-
-class ListenerError(Exception):
-    """A listener whose endpoint cannot be made (said without a traceback by twistd)."""
 
 
 def _endpoint(reactor: Any, index: int, description: str) -> Any:
@@ -144,6 +142,7 @@ class Gateway(MultiService):
         self.server_tls: dict[int, ServerTLS] = {}  # listener index -> its certificates
         self.tls_factories: dict[int, HTTP1Factory] = {}  # listener index -> its HTTP/1.1 factory
         self.listeners: list[Any] = []
+        self._named: dict[Any, tuple[str, str]] = {}   # service -> (config key, endpoint), for bind errors
         for i, listener in enumerate(config.listen):
             factory = self._listener_factory(i, listener, config)
             if inherited_fds:
@@ -153,6 +152,7 @@ class Gateway(MultiService):
                 service._raiseSynchronously = True
             service.setServiceParent(self)
             self.listeners.append(service)
+            self._named[service] = (f"listen[{i}]", listener.endpoint)
         for name, upstream in config.upstreams.items():
             if upstream.tls is not None and not upstream.tls.verify and any(t.https for t in upstream.targets):
                 _log.warn("upstream {name}: TLS certificates are NOT verified (tls.verify: false)", name=name)
@@ -162,9 +162,12 @@ class Gateway(MultiService):
             self.admin = StreamServerEndpointService(serverFromString(reactor, config.admin.endpoint), admin_site(self))
             self.admin._raiseSynchronously = True
             self.admin.setServiceParent(self)
+            self._named[self.admin] = ("admin", config.admin.endpoint)
         if config.manhole is not None and operations:
             from txgateway.manhole import manhole_service
-            manhole_service(self, config.manhole, reactor).setServiceParent(self)
+            manhole = manhole_service(self, config.manhole, reactor)
+            manhole.setServiceParent(self)
+            self._named[manhole] = ("manhole", config.manhole.endpoint)
 
     def _listener_factory(self, index: int, listener: Any, config: Config) -> Any:
         """HTTP/1.1 for a listener: wrapped in TLS when it has `tls:`; answering 308 to https
@@ -318,6 +321,17 @@ class Gateway(MultiService):
     def ports(self) -> list[int]:
         """The bound TCP ports, in listener order (for tests and the demo banner)."""
         return [s._waitingForPort.result.getHost().port for s in self.listeners]  # type: ignore[union-attr]
+
+    def privilegedStartService(self) -> None:
+        """Bind every listener (twistd does this before dropping privileges); one that cannot
+        bind stops start-up with a ListenerError naming it and its address."""
+        Service.privilegedStartService(self)
+        for service in self:
+            try:
+                service.privilegedStartService()
+            except CannotListenError as e:
+                name, endpoint = self._named[service]
+                raise ListenerError(f"{name} ({endpoint}) {cannot_listen(e)}") from None
 
     def startService(self) -> None:
         self.deadlines.start()

@@ -5,12 +5,15 @@ The only place that picks the real reactor; everything below takes it as an argu
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from twisted.application.service import MultiService
+from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
 from txgateway.config import ConfigError, load_config
+from txgateway.endpoints import ListenerError, cannot_listen
 
 __all__ = ["Options", "makeService"]
 
@@ -44,8 +47,25 @@ class Options(usage.Options):
             try:
                 self["loaded"] = load_config(self["config"])
             except ConfigError as e:
-                # twistd prints UsageError text and exits non-zero before binding anything.
-                raise usage.UsageError("invalid config:\n" + str(e)) from None
+                # As check-config says it, without twistd's usage text (the command line was
+                # right); exit status 1 before anything binds.
+                raise SystemExit(e.report(self["config"])) from None
+
+
+class _Daemon(MultiService):
+    """What twistd runs. A listener that cannot bind ends start-up with one line naming it
+    (the address in use, the permission missing), exit status 1, rather than a traceback."""
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except (ListenerError, CannotListenError) as e:    # CannotListenError: a demo upstream's
+            message = f"txgateway: {e if isinstance(e, ListenerError) else cannot_listen(e)}"
+            # twistd must see the exception: it removes the pid file and tells the parent of a
+            # daemonised process, which waits until told. The interpreter then prints this one
+            # line where it would print the traceback (stderr, which twistd logs).
+            sys.excepthook = lambda *exc_info: print(message, file=sys.stderr)
+            raise ListenerError(message[len("txgateway: "):]) from None
 
 
 def _tune_for_throughput(reactor: Any) -> None:
@@ -92,10 +112,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         from twisted.internet import reactor as default_reactor
         reactor = default_reactor
         _tune_for_throughput(reactor)
+    top = _Daemon()
     if options["demo"]:
         from txgateway.demo import demo_service
-        return demo_service(reactor)
-    top = MultiService()
+        demo_service(reactor).setServiceParent(top)
+        return top
     config = options["loaded"]
     if options["workers"] is not None and options["worker"] is None:
         from txgateway.workers import WorkerSupervisor, check_shareable
@@ -107,7 +128,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             reactor.addSystemEventTrigger("after", "startup", notify_systemd, "READY=1")
             reactor.addSystemEventTrigger("before", "shutdown", notify_systemd, "STOPPING=1")
         return top
-    from txgateway.gateway import Gateway, ListenerError  # not in a --workers parent: it serves nothing
+    from txgateway.gateway import Gateway  # not in a --workers parent: it serves nothing
     if options["worker"] is not None:
         _exit_with_parent()
     inherited = [int(fd) for fd in options["inherit-fds"].split(",")] if options["inherit-fds"] else None

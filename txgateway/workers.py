@@ -23,10 +23,12 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
 from txgateway.config import Config
+from txgateway.endpoints import ListenerError, cannot_listen
 
 __all__ = ["WorkerSupervisor", "bind_listener", "check_shareable"]
 
@@ -55,7 +57,11 @@ def bind_listener(endpoint: str) -> socket.socket:
     interface = options.get("interface", "::" if family == socket.AF_INET6 else "0.0.0.0")
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((interface, int(port)))
+    try:
+        sock.bind((interface, int(port)))
+    except OSError as e:
+        sock.close()
+        raise CannotListenError(interface, int(port), e) from None
     sock.listen(int(options.get("backlog", "1024")))
     sock.setblocking(False)
     sock.set_inheritable(True)
@@ -97,7 +103,11 @@ class WorkerSupervisor(Service):
 
     def privilegedStartService(self) -> None:
         # Bind before dropping privileges (twistd --uid), like any listener.
-        self.sockets = [bind_listener(listener.endpoint) for listener in self.config.listen]
+        for i, listener in enumerate(self.config.listen):
+            try:
+                self.sockets.append(bind_listener(listener.endpoint))
+            except CannotListenError as e:
+                raise ListenerError(f"listen[{i}] ({listener.endpoint}) {cannot_listen(e)}") from None
         super().privilegedStartService()
 
     def startService(self) -> None:
