@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 from twisted.python import usage
 
+from tests.test_tls_config import CertAuthority
 from txgateway.config import Config
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "etc" / "txgateway.yaml"
+TLS_EXAMPLE = EXAMPLE.parent / "tls-example.yaml"
 BIN = Path(sys.executable).parent
 TXGATEWAY = BIN / "txgateway"
 
@@ -81,6 +83,21 @@ def test_check_config_with_a_relative_path(tmp_path):
     result = run("check-config", "gw.yaml", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("gw.yaml: OK")
+
+
+def test_the_tls_example_checks_from_any_directory(tmp_path):
+    """etc/tls-example.yaml names its certificate relative to itself (etc/dev-cert/, made by
+    `make dev-cert`): check-config finds it from wherever it runs."""
+    etc = tmp_path / "checkout" / "etc"
+    (etc / "dev-cert").mkdir(parents=True)
+    example = etc / "tls-example.yaml"
+    example.write_text(TLS_EXAMPLE.read_text())
+    issued = CertAuthority().issue(etc / "dev-cert", "localhost", "localhost", ("localhost",))
+    assert Path(issued.cert) == etc / "dev-cert" / "localhost.pem"
+    (tmp_path / "elsewhere").mkdir()
+    result = run("check-config", str(example), cwd=tmp_path / "elsewhere")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{example}: OK (1 routes, 1 upstreams, 2 listeners)\n"
 
 
 def test_check_config_reports_every_error_with_file_line_and_path(tmp_path):

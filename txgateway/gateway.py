@@ -227,9 +227,9 @@ class Gateway(MultiService):
 
         In-flight requests finish on the old pipeline; upstreams whose settings did not change
         keep their pools, breakers and health; rate-limit buckets stay. Settings that need a
-        restart (listeners, admin, manhole, redis, access log, limiter backend) keep their
-        running values, each with a warning. An invalid file changes nothing; every problem
-        is logged. Returns the problems (empty: applied)."""
+        restart (txgateway/reload.py lists them) keep their running values, each with a
+        warning. An invalid file changes nothing; every problem is logged. Returns the
+        problems (empty: applied)."""
         try:
             new = load_config(self.config.file)
         except ConfigError as e:

@@ -17,6 +17,7 @@ __all__ = ["ReloadRefused", "keep_restart_only_settings"]
 
 _RESTART_ONLY = ("listen", "admin", "manhole", "redis", "access_log", "drain_timeout")
 _LIMITER_RESTART_ONLY = ("backend", "sync_interval", "on_redis_error", "instances", "max_buckets")
+_JWKS_RESTART_ONLY = ("jwks_cooldown", "jwks_refresh", "jwks_timeout")
 
 
 class ReloadRefused(Exception):
@@ -27,7 +28,7 @@ class ReloadRefused(Exception):
 def keep_restart_only_settings(running: Config, new: Config) -> tuple[Config, list[str]]:
     """`new` with the running values of restart-only settings, and the names of those that
     differ. Raises ReloadRefused when keeping the running value would change what a route
-    enforces (auth added through a new JWKS URL, a Redis-backed limiter added or removed)."""
+    enforces (a JWKS URL added, removed or changed; a Redis-backed limiter added or removed)."""
     changed = [key for key in _RESTART_ONLY if key != "listen" and getattr(new, key) != getattr(running, key)]
     values: dict[str, Any] = {key: getattr(running, key) for key in changed}
     # Listeners: the sockets stay; certificates and TLS settings of the same listeners reload.
@@ -64,4 +65,11 @@ def keep_restart_only_settings(running: Config, new: Config) -> tuple[Config, li
     new_url = new_jwt.jwks_url if new_jwt is not None else None
     if old_url != new_url:
         raise ReloadRefused(f"auth.jwt.jwks_url changed ({old_url} -> {new_url}): that needs a restart")
+    if old_jwt is not None and new.auth is not None and new_jwt is not None and new_url is not None:
+        # The JWKS fetcher is made once, with these: the new file's other jwt settings apply.
+        fetcher = [key for key in _JWKS_RESTART_ONLY if getattr(new_jwt, key) != getattr(old_jwt, key)]
+        if fetcher:
+            kept = dataclasses.replace(new_jwt, **{key: getattr(old_jwt, key) for key in fetcher})
+            values["auth"] = dataclasses.replace(new.auth, jwt=kept)
+            changed += [f"auth.jwt.{key}" for key in fetcher]
     return dataclasses.replace(new, **values), changed
