@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
-import os
 import re
 import textwrap
 from pathlib import Path
@@ -16,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from jwt.algorithms import ECAlgorithm
 from twisted.conch.ssh.keys import Key
 
-from tests.configcheck import BASE, config_errors  # BASE: lines 1-8; tests add lines after them
+from tests.configcheck import BASE, config_errors, unwritable  # BASE: lines 1-8; tests add lines after them
 from tests.conftest import SECRET
 from tests.test_tls_config import CertAuthority
 from txgateway.adminconfig import AdminConfig, ManholeConfig
@@ -1324,23 +1323,6 @@ def test_an_access_log_under_a_file(tmp_path):
     (tmp_path / "logs").write_text("")
     assert config_errors(BASE + f"access_log: {tmp_path}/logs/access.log\n") == [
         f"c.yaml:9: access_log: cannot write {tmp_path}/logs/access.log: directory {tmp_path}/logs does not exist"]
-
-
-def unwritable(tmp_path: Path, kind: str) -> Path:
-    """A directory, or a file, this process cannot write: made read-only, or (root writes
-    anything) on a read-only file system."""
-    if os.geteuid() != 0:
-        path = tmp_path / "ro"
-        if kind == "file":
-            path.write_text("")
-        else:
-            path.mkdir()
-        path.chmod(0o555)
-        return path
-    for candidate in {"dir": ["/proc/sys"], "file": ["/proc/sys/kernel/ostype"]}[kind]:
-        if os.path.exists(candidate) and not os.access(candidate, os.W_OK):
-            return Path(candidate)
-    pytest.skip(f"running as root, with no read-only {kind} to try")
 
 
 def test_an_access_log_in_a_directory_that_cannot_be_written(tmp_path):

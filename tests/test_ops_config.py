@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch.ssh.keys import Key
 
-from tests.configcheck import BASE, config_errors
+from tests.configcheck import BASE, config_errors, unwritable
 from txgateway.adminconfig import AdminConfig, ManholeConfig
 from txgateway.cli import main
 from txgateway.config import ConfigError, parse_config
@@ -243,6 +243,13 @@ def test_manhole_host_key_whose_directory_does_not_exist(tmp_path, keys_file):
     assert errors(manhole(keys_file, host_key)) == [
         f"c.yaml:11: manhole.host_key: cannot create {host_key} (made on first start): "
         f"directory {host_key.parent} does not exist"]
+
+
+def test_manhole_host_key_in_a_directory_that_cannot_be_written(tmp_path, keys_file):
+    directory = unwritable(tmp_path, "dir")
+    assert errors(manhole(keys_file, directory / "host_key")) == [
+        f"c.yaml:11: manhole.host_key: cannot create {directory}/host_key (made on first start): "
+        f"directory {directory} is not writable"]
 
 
 @pytest.mark.parametrize(("section", "expected"), [
