@@ -55,7 +55,6 @@ class TcpAddress:
     family: socket.AddressFamily
     interface: str
     port: int
-    backlog: int
 
 
 def tcp_address(description: str) -> TcpAddress | None:
@@ -63,11 +62,11 @@ def tcp_address(description: str) -> TcpAddress | None:
     or TypeError as Twisted's parser does for a malformed one."""
     if description.split(":", 1)[0] not in ("tcp", "tcp6"):
         return None
-    endpoint: Any = serverFromString(None, description)
+    endpoint: Any = serverFromString(None, description)   # parsed only; Twisted keeps what it read
     ipv6 = not isinstance(endpoint, TCP4ServerEndpoint) or isIPv6Address(endpoint._interface)
     family = socket.AF_INET6 if ipv6 else socket.AF_INET
     interface = endpoint._interface or ("::" if ipv6 else "0.0.0.0")
-    return TcpAddress(family, interface, endpoint._port, endpoint._backlog)
+    return TcpAddress(family, interface, endpoint._port)
 
 
 def endpoint_problem(description: str) -> str | None:
@@ -118,16 +117,13 @@ def overlapping(a: str, b: str) -> bool:
 
 def cannot_listen(error: CannotListenError) -> str:
     """Where a listener failed to bind, and why, in words: "cannot listen on ADDRESS: REASON"."""
-    return _cannot_listen(error.interface, error.port, error.socketError)
-
-
-def _cannot_listen(interface: str | None, port: Any, error: OSError) -> str:
-    if interface is None:                      # a unix socket: `port` is its path
+    port = error.port
+    if error.interface is None:                # a unix socket: `port` is its path
         where = str(port)
     else:
-        shown = interface or "0.0.0.0"
+        shown = error.interface or "0.0.0.0"
         where = f"[{shown}]:{port}" if ":" in shown else f"{shown}:{port}"
-    why = error.strerror or str(error)
-    if error.errno == errno.EACCES and isinstance(port, int) and port < 1024:
+    why = error.socketError.strerror or str(error.socketError)
+    if error.socketError.errno == errno.EACCES and isinstance(port, int) and port < 1024:
         why += " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
     return f"cannot listen on {where}: {why}"
