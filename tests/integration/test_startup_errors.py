@@ -114,14 +114,6 @@ def test_daemonised_the_start_fails_at_once_and_the_log_has_the_line(tmp_path, h
     assert not pid.exists()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may bind ports below 1024")
-def test_a_port_below_1024_without_the_privilege(tmp_path):
-    endpoint = "tcp:1:interface=127.0.0.1"
-    result = twistd(tmp_path, "-n", "--pidfile=", "txgateway", "--config", str(config(tmp_path, endpoint)))
-    assert_one_line(result, f"listen[0] ({endpoint}) cannot listen on 127.0.0.1:1: Permission denied "
-                            "(ports below 1024 need root or CAP_NET_BIND_SERVICE)")
-
-
 @pytest.mark.parametrize("workers", [[], ["--workers", "2"]], ids=["one process", "workers"])
 def test_a_listener_twisted_cannot_read_is_a_config_error_before_start(tmp_path, workers):
     path = config(tmp_path, "tcp:notaport")
