@@ -6,7 +6,6 @@ bind) on an address another socket holds, daemonised as well as in the foregroun
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import textwrap
