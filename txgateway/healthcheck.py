@@ -19,7 +19,7 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from txgateway.balance import Balancer, Member
-from txgateway.fetch import read_body
+from txgateway.fetch import quiet_pool, read_body
 from txgateway.resilienceconfig import HealthCheck
 
 __all__ = ["HealthChecker"]
@@ -42,8 +42,8 @@ class HealthChecker:
 
     def start(self) -> None:
         import treq.client
-        from twisted.web.client import Agent, HTTPConnectionPool
-        pool = HTTPConnectionPool(self.reactor, persistent=False)
+        from twisted.web.client import Agent
+        pool = quiet_pool(self.reactor)
         # The checks speak TLS to https targets exactly as the proxy does (tls.ca, verify,
         # client certificate): not with treq's default browser-like policy.
         agent: Any = Agent(self.reactor, contextFactory=_TargetsTLS(self.balancer), pool=pool)
