@@ -16,6 +16,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet.defer import fail
+from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 
 from tests.conftest import assert_envelope, free_port, parse_responses, raw, with_defaults
@@ -333,3 +335,27 @@ async def test_a_failing_filter_is_logged_with_the_method_and_path_as_text(react
         await gw.stopService()
     assert_envelope(r, 500, "INTERNAL_ERROR")
     assert lines == ["request filter failed for POST /api/x"], lines
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_health_check_timing_out_while_connecting_says_so(reactor, echo, gateway):
+    # A listener that never accepts, its one-connection queue taken: connecting hangs (SYNs dropped).
+    with socket.socket() as full, socket.socket() as queued:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        queued.connect(full.getsockname())
+        target = "http://127.0.0.1:%d" % full.getsockname()[1]
+        with log_lines("txgateway.balance") as lines:
+            gw = await gateway(f"""
+                upstreams:
+                  users:
+                    targets: ["{echo.url}", "{target}"]
+                    health_check: {{path: /, interval: 200ms, timeout: 50ms, unhealthy_threshold: 2}}
+                routes:
+                  - {{prefix: /api, upstream: users}}
+                """)
+            member = gw.gateway.upstreams["users"].balancer.members[1]
+            deadline = time.monotonic() + WAIT
+            while not member.down and time.monotonic() < deadline:
+                await deferLater(reactor, 0.05, lambda: None)
+    assert lines == [f"upstream users: target {target} down (2 health checks failed, last: no answer within 0.05s)"]
