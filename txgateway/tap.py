@@ -21,7 +21,8 @@ __all__ = ["Options", "makeService"]
 class Options(usage.Options):
     synopsis = "[--config FILE | --demo]"
     longdesc = ("Run the txgateway API gateway. --config names the YAML file (see etc/txgateway.yaml); "
-                "--demo needs nothing: it serves on 127.0.0.1:8080 with in-process demo upstreams.")
+                "--demo needs nothing: it serves on 127.0.0.1:8080 with in-process demo upstreams, its admin "
+                "listener on 8081 (TXGATEWAY_DEMO_PORTS=gateway=N,admin=N moves them).")
     optParameters = [
         ["config", "c", None, "Path to the YAML config file."],
         ["workers", None, None, "Run N worker processes sharing the listening sockets, under a supervising "
