@@ -28,6 +28,7 @@ from twisted.application.service import MultiService
 from twisted.logger import (
     FileLogObserver,
     ILogObserver,
+    LogEvent,
     Logger,
     LoggingFile,
     LogLevel,
@@ -35,6 +36,8 @@ from twisted.logger import (
     formatTime,
 )
 from twisted.python.components import Componentized
+
+from txgateway.accesslog import TextStream
 
 __all__ = ["ProcessRoot", "TwistdLog", "journal_priority_format", "on_signal", "writes_to_journal"]
 
@@ -75,13 +78,13 @@ class TwistdLog:
             def stamp(when: float | None) -> str:
                 return formatTime(when) + tag
 
-        def classic(event: Mapping[str, Any]) -> str | None:
-            return formatEventAsClassicLogText(dict(event), formatTime=stamp)
+        def classic(event: LogEvent) -> str | None:
+            return formatEventAsClassicLogText(event, formatTime=stamp)
 
         text = journal_priority_format(classic) if writes_to_journal(stdout, environ) else classic
         return FileLogObserver(stdout, text)
 
-    def stdout_stream(self) -> Any:
+    def stdout_stream(self) -> TextStream:
         """Where `access_log: "-"` writes: stdout, or twistd's log when daemonised (a
         LoggingFile: each line one event of namespace txgateway.access)."""
         if self.daemon:
@@ -89,10 +92,10 @@ class TwistdLog:
         return sys.stdout
 
     def handle_usr1(self, reactor: Any, action: Callable[[], None]) -> None:
-        """Run `action` in the reactor thread on SIGUSR1. twistd installs its rotation of its
-        own log file after `makeService`, and only while nothing handles SIGUSR1: when it will,
-        ours goes in once the reactor runs and passes each signal on to twistd's; otherwise at
-        once (SIGUSR1 kills a process that does not handle it)."""
+        """Run `action` in the reactor thread on SIGUSR1. When twistd writes its own log file,
+        it installs a SIGUSR1 handler rotating it after `makeService`, and only if none is set
+        yet: ours then goes in once the reactor runs, and passes each signal on to twistd's.
+        Otherwise ours goes in at once (SIGUSR1 kills a process that does not handle it)."""
         if self.rotates_on_usr1:
             reactor.addSystemEventTrigger("after", "startup", on_signal, reactor, signal.SIGUSR1, action)
         else:
@@ -124,12 +127,11 @@ def writes_to_journal(stream: IO[str], environ: Mapping[str, str]) -> bool:
     return f"{st.st_dev}:{st.st_ino}" == expected
 
 
-def journal_priority_format(
-        text: Callable[[Mapping[str, Any]], str | None]) -> Callable[[Mapping[str, Any]], str | None]:
+def journal_priority_format(text: Callable[[LogEvent], str | None]) -> Callable[[LogEvent], str | None]:
     """`text` with each line of an event prefixed by its sd-daemon priority ("<4>"): the
     journal stores each line as an entry of its own, a traceback's included."""
 
-    def prefixed(event: Mapping[str, Any]) -> str | None:
+    def prefixed(event: LogEvent) -> str | None:
         formatted = text(event)
         if not formatted:
             return formatted
