@@ -32,14 +32,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from tests.conftest import assert_envelope, free_port, parse_responses, raw, with_defaults
 from tests.integration.test_drain_and_systemd import wait_until
 from tests.integration.test_hybrid_processes import upstream
-from tests.integration.test_lifecycle import (
-    STOP_TIMEOUT,
-    TWISTD,
-    Daemon,
-    assert_clean_shutdown,
-    assert_port_free,
-    write_config,
-)
+from tests.integration.test_lifecycle import TWISTD, Daemon, assert_clean_shutdown, assert_port_free, write_config
 from tests.integration.test_workers import two_workers
 from txgateway.config import parse_config
 from txgateway.gateway import Gateway
@@ -104,7 +97,7 @@ def stop_daemon(pidfile: Path) -> None:
         except ProcessLookupError:
             return True
         return False
-    wait_until(gone, STOP_TIMEOUT, f"the daemon (pid {pid}) to exit")
+    wait_until(gone, WAIT, f"the daemon (pid {pid}) to exit")
 
 
 def test_daemonised_the_access_log_on_stdout_goes_to_twistds_log_file(tmp_path):
