@@ -8,8 +8,9 @@ the headers the gateway set (X-Forwarded-*, X-Correlation-ID, traceparent).
 from __future__ import annotations
 
 import json
+import string
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -63,11 +64,11 @@ class DemoPorts:
         return {"users": self.users, "search": self.search, "orders": self.orders}
 
 
-DEMO_CONFIG = """
+DEMO_CONFIG = string.Template("""
 listen:
-  - endpoint: "tcp:{p.gateway}:interface=127.0.0.1"
+  - endpoint: "tcp:$gateway:interface=127.0.0.1"
 admin:
-  endpoint: "tcp:{p.admin}:interface=127.0.0.1"
+  endpoint: "tcp:$admin:interface=127.0.0.1"
 trusted_proxies: [127.0.0.1/32]
 auth:
   jwt:
@@ -76,22 +77,22 @@ auth:
     issuer: txgateway-demo
     leeway: 30s
 upstreams:
-  users:  {{targets: ["http://127.0.0.1:{p.users}"], timeout: 5s}}
+  users:  {targets: ["http://127.0.0.1:$users"], timeout: 5s}
   search:
-    targets: ["http://127.0.0.1:{p.search}"]
+    targets: ["http://127.0.0.1:$search"]
     timeout: 5s
-    circuit_breaker: {{consecutive_failures: 3, open_for: 10s}}   # try ?fail=1 three times
-  orders: {{targets: ["http://127.0.0.1:{p.orders}"], timeout: 5s}}
+    circuit_breaker: {consecutive_failures: 3, open_for: 10s}   # try ?fail=1 three times
+  orders: {targets: ["http://127.0.0.1:$orders"], timeout: 5s}
 routes:
-  - {{prefix: /api/users, upstream: users, rewrite_prefix: /users, auth: required}}
-  - {{prefix: /api/search, upstream: search, rewrite_prefix: /search}}
+  - {prefix: /api/users, upstream: users, rewrite_prefix: /users, auth: required}
+  - {prefix: /api/search, upstream: search, rewrite_prefix: /search}
   - prefix: /api/orders
     upstream: orders
     rewrite_prefix: /orders
     roles: [admin]
-    request_headers: {{set: {{X-Api-Version: "2"}}, remove: [Cookie]}}
-    response_headers: {{remove: [X-Db-Query-Count, X-Powered-By]}}
-"""
+    request_headers: {set: {X-Api-Version: "2"}, remove: [Cookie]}
+    response_headers: {remove: [X-Db-Query-Count, X-Powered-By]}
+""")
 
 BANNER = """txgateway demo on http://127.0.0.1:{p.gateway} - try:
   curl -s 'localhost:{p.gateway}/api/search?q=x'                  # public
@@ -107,7 +108,8 @@ Status page: http://127.0.0.1:{p.admin}/ (also /status, /metrics, /healthz, /rea
 
 
 def demo_config(ports: DemoPorts | None = None) -> Config:
-    return parse_config(DEMO_CONFIG.format(p=ports or DemoPorts()), "<demo>", {"TXGATEWAY_DEMO_SECRET": DEMO_SECRET})
+    text = DEMO_CONFIG.substitute(asdict(ports or DemoPorts()))
+    return parse_config(text, "<demo>", {"TXGATEWAY_DEMO_SECRET": DEMO_SECRET})
 
 
 def banner(ports: DemoPorts) -> str:
