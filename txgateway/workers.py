@@ -159,7 +159,7 @@ class WorkerSupervisor(Service):
         for transport in list(self.workers.values()):
             try:
                 transport.signalProcess(signum)
-            except (ProcessExitedAlready, ProcessLookupError):    # it exited in the meantime
+            except ProcessExitedAlready:   # it exited in the meantime
                 pass
 
     def stopService(self) -> Deferred[Any]:

@@ -154,6 +154,32 @@ def test_an_access_log_renamed_away_is_reopened_on_the_signal(tmp_path, signum):
             daemon.kill()
 
 
+def test_an_access_log_that_cannot_be_reopened_is_said_once_and_the_old_file_kept(tmp_path):
+    with upstream() as url:
+        port = free_port()
+        config = write_config(tmp_path, port, url)
+        logs = tmp_path / "logs"
+        logs.mkdir()
+        config.write_text(config.read_text().replace(str(tmp_path / "access.log"), str(logs / "access.log")))
+        daemon = Daemon(tmp_path, config)
+        try:
+            daemon.wait_for_port(port)
+            before = get(port)
+            logs.rename(tmp_path / "old-logs")              # the directory is gone: nowhere to reopen
+            daemon.proc.send_signal(signal.SIGUSR1)
+            message = (f"access log {logs / 'access.log'}: cannot reopen it (No such file or directory); "
+                       "still writing to the file open before")
+            wait_until(lambda: message in daemon.output, WAIT, "the failed reopen")
+            after = get(port)
+            old = tmp_path / "old-logs" / "access.log"
+            wait_until(lambda: len(logged_ids(old)) == 2, WAIT, "both lines in the file still open")
+            assert logged_ids(old) == [before, after]
+            assert daemon.output.count(message) == 1 and "reopened" not in daemon.output, daemon.output
+            assert re.search(r"\[txgateway#error\] " + re.escape(message), daemon.output), daemon.output
+        finally:
+            daemon.kill()
+
+
 def test_a_workers_parent_passes_sigusr1_on_and_every_worker_reopens(tmp_path):
     with two_workers(tmp_path) as (_, daemon, port, _):
         workers = daemon.wait_ready(port)
