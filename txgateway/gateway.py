@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -21,11 +22,11 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
-from txgateway.accesslog import AccessLog, JsonLinesWriter
+from txgateway.accesslog import AccessLog, JsonLinesWriter, TextStream
 from txgateway.breaker import Breakers
 from txgateway.config import Config, ConfigError, load_config
 from txgateway.endpoints import ListenerError, cannot_listen
-from txgateway.fetch import read_body
+from txgateway.fetch import quiet_pool, read_body
 from txgateway.headers import ForwardingHeaders, HeaderRulesFilter, TrustedProxies
 from txgateway.http1 import HTTP1Factory
 from txgateway.pipeline import Pipeline
@@ -123,9 +124,10 @@ class Gateway(MultiService):
     """A configured gateway: build with a Config, a reactor and a clock (IReactorTime)."""
 
     def __init__(self, config: Config, reactor: Any, clock: Any = None, inherited_fds: list[int] | None = None,
-                 operations: bool = True) -> None:
+                 operations: bool = True, stdout: TextStream | None = None) -> None:
         """`inherited_fds`: listening sockets a --workers parent bound, one per listener, in
-        order; `operations`: whether this process runs the admin listener and the Manhole."""
+        order; `operations`: whether this process runs the admin listener and the Manhole;
+        `stdout`: where `access_log: "-"` writes (sys.stdout unless told)."""
         super().__init__()
         self.config = config
         self.reactor = reactor
@@ -133,7 +135,7 @@ class Gateway(MultiService):
         self.deadlines = Deadlines(self.clock)
         self.stats = Stats(self.clock)
         self.draining = False
-        self.log_writer = JsonLinesWriter.open(config.access_log, self.clock)
+        self.log_writer = JsonLinesWriter.open(config.access_log, self.clock, stdout or sys.stdout)
         self.jwks = self._remote_jwks(config)
         self.redis, self.limiter, self.local_buckets = self._limit_stores(config)
         self._build_request_path(config, {})
@@ -222,6 +224,20 @@ class Gateway(MultiService):
         )
         self.proxy.pipeline = self.pipeline
 
+    def reopen_access_log(self) -> None:
+        """A file access log continues in a file opened again at its path (SIGUSR1, SIGHUP:
+        logrotate moved the old one away); stdout and `off` are left as they are."""
+        writer = self.log_writer
+        if writer is None or writer.path is None:
+            return
+        try:
+            writer.reopen()
+        except OSError as e:
+            _log.error("access log {path}: cannot reopen it ({error}); still writing to the file open before",
+                       path=writer.path, error=e.strerror or str(e))
+            return
+        _log.info("access log {path} reopened", path=writer.path)
+
     def reload(self) -> list[str]:
         """Read the config file again and, if it is valid, serve new requests with it.
 
@@ -293,11 +309,10 @@ class Gateway(MultiService):
         if jwt_config is None or jwt_config.jwks_url is None:
             return None
         import treq
-        from twisted.web.client import HTTPConnectionPool
         from twisted.web.http_headers import Headers
 
         from txgateway.jwks import RemoteJwks
-        pool = HTTPConnectionPool(self.reactor, persistent=False)
+        pool = quiet_pool(self.reactor)
 
         def fetch(url: str) -> Deferred[bytes]:
             d = treq.get(url, pool=pool, reactor=self.reactor, headers=Headers({b"Accept": [b"application/json"]}))

@@ -259,7 +259,7 @@ class Pipeline:
         if failure.check(CancelledError) or ctx.done:
             return
         _log.failure("request filter failed for {method} {path}", failure,
-                     method=ctx.method, path=ctx.path)
+                     method=ctx.method.decode("latin-1"), path=ctx.path.decode("latin-1"))
         self.respond_local(ctx, error_response(ctx, 500, "INTERNAL_ERROR", "the gateway failed to handle the request"))
 
     def respond(self, ctx: RequestContext, head: ResponseHead) -> None:
