@@ -1,8 +1,11 @@
-"""What the config tests share: `config_errors` (a config that must be refused), `BASE`, `route_auth`."""
+"""What the config tests share: `config_errors` (a config that must be refused), `BASE`,
+`route_auth`, and `unwritable` (a directory or file this process cannot write)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import pytest
 
@@ -42,3 +45,20 @@ def config_errors(text: str, file: str = "c.yaml", environ: Mapping[str, str] | 
     assert all(isinstance(p, ConfigProblem) for p in problems)
     assert str(info.value) == "\n".join(str(p) for p in problems)
     return [str(p) for p in problems]
+
+
+def unwritable(tmp_path: Path, kind: str) -> Path:
+    """A directory, or a file, this process cannot write: made read-only, or (root writes
+    anything) on a read-only file system."""
+    if os.geteuid() != 0:
+        path = tmp_path / "ro"
+        if kind == "file":
+            path.write_text("")
+        else:
+            path.mkdir()
+        path.chmod(0o555)
+        return path
+    for candidate in {"dir": ["/proc/sys"], "file": ["/proc/sys/kernel/ostype"]}[kind]:
+        if os.path.exists(candidate) and not os.access(candidate, os.W_OK):
+            return Path(candidate)
+    pytest.skip(f"running as root, with no read-only {kind} to try")

@@ -187,8 +187,8 @@ def test_unknown_key_in_jwt_and_auth():
             secret: inline-secrets-are-not-a-thing
           apikeys: {}
         """) == [
-        "c.yaml:14: auth.apikeys: unknown key (expected one of: api_keys, jwt)",
         f"c.yaml:13: auth.jwt.secret: unknown key (expected one of: {JWT_KEYS})",
+        "c.yaml:14: auth.apikeys: unknown key (expected one of: api_keys, jwt)",
     ]
     # The section exists but is empty: that is the one error (routes do not pile on).
     assert errors("auth: {}\n") == ["c.yaml:9: auth: expected jwt and/or api_keys"]
@@ -399,10 +399,10 @@ def test_bad_durations_in_jwt():
             jwks_refresh: -5m
             jwks_timeout: 1 s
         """) == [
+        'c.yaml:13: auth.jwt.leeway: expected a duration like "250ms", "5s" or "1m", got "30"',
         'c.yaml:14: auth.jwt.jwks_cooldown: expected a duration like "250ms", "5s" or "1m", got "later"',
         'c.yaml:15: auth.jwt.jwks_refresh: expected a duration like "250ms", "5s" or "1m", got "-5m"',
         'c.yaml:16: auth.jwt.jwks_timeout: expected a duration like "250ms", "5s" or "1m", got "1 s"',
-        'c.yaml:13: auth.jwt.leeway: expected a duration like "250ms", "5s" or "1m", got "30"',
     ]
 
 

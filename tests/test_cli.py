@@ -14,9 +14,11 @@ import pytest
 from twisted.python import usage
 
 from tests.configcheck import route_auth
+from tests.test_tls_config import CertAuthority
 from txgateway.config import Config
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "etc" / "txgateway.yaml"
+TLS_EXAMPLE = EXAMPLE.parent / "tls-example.yaml"
 BIN = Path(sys.executable).parent
 TXGATEWAY = BIN / "txgateway"
 
@@ -84,6 +86,21 @@ def test_check_config_with_a_relative_path(tmp_path):
     assert result.stdout.startswith("gw.yaml: OK")
 
 
+def test_the_tls_example_checks_from_any_directory(tmp_path):
+    """etc/tls-example.yaml names its certificate relative to itself (etc/dev-cert/, made by
+    `make dev-cert`): check-config finds it from wherever it runs."""
+    etc = tmp_path / "checkout" / "etc"
+    (etc / "dev-cert").mkdir(parents=True)
+    example = etc / "tls-example.yaml"
+    example.write_text(TLS_EXAMPLE.read_text())
+    issued = CertAuthority().issue(etc / "dev-cert", "localhost", "localhost", ("localhost",))
+    assert Path(issued.cert) == etc / "dev-cert" / "localhost.pem"
+    (tmp_path / "elsewhere").mkdir()
+    result = run("check-config", str(example), cwd=tmp_path / "elsewhere")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{example}: OK (1 routes, 1 upstreams, 2 listeners)\n"
+
+
 def test_check_config_reports_every_error_with_file_line_and_path(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text(BROKEN)
@@ -93,9 +110,9 @@ def test_check_config_reports_every_error_with_file_line_and_path(tmp_path):
     assert result.stderr.splitlines() == [
         f"{path}:3: admin.token: unknown key (expected one of: endpoint, token_env)",
         f'{path}:5: upstreams.users.timeout: expected a duration like "250ms", "5s" or "1m", got "5"',
+        f"{path}:9: routes[1].upstream: missing (required; or respond: to answer from the gateway)",
         (f"{path}:10: routes[1].upstrem: unknown key (expected one of: auth, cache, host, methods, prefix, "
          "rate_limit, request_headers, respond, response_headers, rewrite_prefix, roles, security_headers, upstream)"),
-        f"{path}:9: routes[1].upstream: missing (required; or respond: to answer from the gateway)",
         f'{path}:12: routes[2].upstream: no upstream named "search" (defined: users)',
         f"{path}: 5 error(s), configuration rejected",
     ]
@@ -113,9 +130,9 @@ def test_check_config_on_invalid_yaml(tmp_path):
 
 
 @pytest.mark.parametrize("text", [
-    "listen: [{endpoint: x}]\nupstreams: {}\nroutes: []\naccess_log: !!python/name:os.system ''\n",
-    "listen: [{endpoint: x}]\nupstreams: {}\nroutes: []\ndrain_timeout: 10\n",
-    "listen: [{endpoint: x}]\nupstreams: {}\nroutes: []\ndrain_timeout: 2024-13-45\n",
+    "listen: [{endpoint: 'tcp:0'}]\nupstreams: {}\nroutes: []\naccess_log: !!python/name:os.system ''\n",
+    "listen: [{endpoint: 'tcp:0'}]\nupstreams: {}\nroutes: []\ndrain_timeout: 10\n",
+    "listen: [{endpoint: 'tcp:0'}]\nupstreams: {}\nroutes: []\ndrain_timeout: 2024-13-45\n",
 ])
 def test_check_config_never_shows_a_traceback(tmp_path, text):
     path = tmp_path / "odd.yaml"
@@ -224,17 +241,18 @@ def test_options_with_an_invalid_config_name_the_file_line_and_key(tmp_path):
           - {prefix: /api/users, upstream: users}
           - {prefix: /api/x, upstream: nowhere}
         """))
-    with pytest.raises(usage.UsageError) as info:
+    with pytest.raises(SystemExit) as info:
         options("--config", str(path))
-    assert str(info.value) == (
-        f'invalid config:\n{path}:6: routes[1].upstream: no upstream named "nowhere" (defined: users)')
+    assert info.value.code == (f'{path}:6: routes[1].upstream: no upstream named "nowhere" (defined: users)\n'
+                               f"{path}: 1 error(s), configuration rejected")
 
 
 def test_options_with_a_missing_config(tmp_path):
     path = tmp_path / "missing.yaml"
-    with pytest.raises(usage.UsageError) as info:
+    with pytest.raises(SystemExit) as info:
         options("--config", str(path))
-    assert str(info.value) == f"invalid config:\n{path}: cannot read config: No such file or directory"
+    assert info.value.code == (f"{path}: cannot read config: No such file or directory\n"
+                               f"{path}: 1 error(s), configuration rejected")
 
 
 def test_check_config_accepts_the_example_with_no_environment_at_all():
@@ -264,10 +282,10 @@ def test_check_config_reports_auth_problems_with_file_line_and_path(tmp_path):
                             timeout=60, env=env, check=False)
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
+        f"{path}:5: routes[0].roles: roles need auth: required, got auth: optional",
         f'{path}:8: auth.jwt.algorithms[1]: "none" is never accepted: unsigned tokens prove nothing',
         f"{path}:9: auth.jwt.secret_env: environment variable TXGW_TEST_UNSET_SECRET is not set or empty",
         f"{path}:10: auth.jwt.public_keys[0]: cannot read {tmp_path}/missing.pem: No such file or directory",
-        f"{path}:5: routes[0].roles: roles need auth: required, got auth: optional",
         f"{path}: 4 error(s), configuration rejected",
     ]
 

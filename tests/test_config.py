@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
 import re
 import textwrap
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from jwt.algorithms import ECAlgorithm
 from twisted.conch.ssh.keys import Key
 
-from tests.configcheck import BASE, config_errors, route_auth  # BASE: lines 1-8; tests add lines after them
+from tests.configcheck import BASE, config_errors, route_auth, unwritable  # BASE: lines 1-8; tests add lines after them
+from tests.conftest import SECRET
+from tests.test_tls_config import CertAuthority
 from txgateway import registry
 from txgateway.adminconfig import AdminConfig, ManholeConfig
+from txgateway.authconfig import hash_api_key
 from txgateway.breaker import BreakerSettings
 from txgateway.config import (
     DEFAULT_SECURITY_HEADERS,
@@ -32,6 +38,7 @@ from txgateway.config import (
 from txgateway.limitconfig import LimitsConfig
 from txgateway.redisconfig import RedisConfig
 from txgateway.resilienceconfig import HealthCheck, PassiveHealth
+from txgateway.tlsconfig import UpstreamTLS
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "etc" / "txgateway.yaml"
 NOT_YET = "not supported yet in this version of txgateway; remove it or upgrade"
@@ -84,8 +91,8 @@ def test_unknown_key_in_a_route_names_its_index():
             upstrem: orders
         """)
     assert errors(text) == [
-        f"c.yaml:9: routes[1].upstrem: unknown key (expected one of: {ROUTE_KEYS})",
         "c.yaml:8: routes[1].upstream: missing (required; or respond: to answer from the gateway)",
+        f"c.yaml:9: routes[1].upstrem: unknown key (expected one of: {ROUTE_KEYS})",
     ]
 
 
@@ -127,10 +134,10 @@ def test_wrong_types():
         "c.yaml:3: upstreams.users.preserve_host: expected true or false, got 'yes'",
         "c.yaml:4: upstreams.orders.targets: expected a list, got 'http://127.0.0.1:3003'",
         "c.yaml:5: routes: expected a list, got a mapping",
-        "c.yaml:8: redirect_to_https: expected true or false, got 'maybe'",
-        "c.yaml:9: limits: expected a mapping, got a list",
         "c.yaml:6: trusted_proxies: expected a list, got '127.0.0.1'",
         "c.yaml:7: access_log: expected a string, got 5",
+        "c.yaml:8: redirect_to_https: expected true or false, got 'maybe'",
+        "c.yaml:9: limits: expected a mapping, got a list",
     ]
 
 
@@ -279,9 +286,9 @@ def test_duplicate_yaml_keys():
         limits: {max_body_size: 2MiB}
         """)
     assert errors(text) == [
-        "c.yaml:10: limits: duplicate key",
         "c.yaml:4: upstreams.users: duplicate key",
         "c.yaml:8: routes[0].prefix: duplicate key",
+        "c.yaml:10: limits: duplicate key",
     ]
 
 
@@ -297,7 +304,8 @@ def test_duplicate_header_names_in_set():
      "c.yaml:5: invalid YAML: expected ',' or '}', but got '<stream end>'"),
     ("listen:\n  - a\n - b\n", "c.yaml:3: invalid YAML: expected <block end>, but found '<block sequence start>'"),
     ("listen: x\nroutes: a: b\n", "c.yaml:2: invalid YAML: mapping values are not allowed here"),
-    ("listen: [x]\nroutes:\n\t- a\n", "c.yaml:3: invalid YAML: found character '\\t' that cannot start any token"),
+    ("listen: [x]\nroutes:\n\t- a\n", "c.yaml:3: invalid YAML: a tab at column 1: indent with spaces (YAML does not allow tabs there)"),
+    ("listen: [x]\nroutes:\n  - a\n  -\tb\n", "c.yaml:4: invalid YAML: a tab at column 4: indent with spaces (YAML does not allow tabs there)"),
     ("listen: x\n---\nroutes: y\n", "c.yaml:2: invalid YAML: but found another document"),
 ])
 def test_invalid_yaml_names_the_line(text, expected):
@@ -347,8 +355,8 @@ def test_missing_required_keys_in_items():
 def test_empty_listen_is_reported_even_beside_other_errors():
     text = BASE.replace('listen:\n  - endpoint: "tcp:8080"\n', "listen: []\nbogus: 1\n")
     assert errors(text) == [
-        f"c.yaml:2: bogus: unknown key (expected one of: {TOP_KEYS})",
         "c.yaml:1: listen: expected at least one listener",
+        f"c.yaml:2: bogus: unknown key (expected one of: {TOP_KEYS})",
     ]
 
 
@@ -848,8 +856,8 @@ def test_zero_and_unreadable_rates():
     text = BASE.replace("upstream: orders}", "upstream: orders, rate_limit: {key: ip, rate: abc}}") + (
         "rate_limits:\n  tiers: {free: {rate: 0/minute}}\n")
     assert errors(text) == [
-        f'c.yaml:10: rate_limits.tiers.free.rate: {RATE_ZERO} "0/minute"',
         f'c.yaml:8: routes[1].rate_limit.rate: {RATE} "abc"',
+        f'c.yaml:10: rate_limits.tiers.free.rate: {RATE_ZERO} "0/minute"',
     ]
 
 
@@ -870,15 +878,15 @@ def test_every_redis_and_rate_limit_error_is_reported_in_one_run():
         """)
     problems = errors(text, environ={})
     assert problems == [
+        f'c.yaml:10: redis.url: {REDIS_URL} "http://:***@127.0.0.1:6379/0"',
+        "c.yaml:11: redis.password_env: environment variable REDIS_PASSWORD is not set or empty",
+        "c.yaml:12: redis.timeout: expected between 1ms and 10s, got 30s",
+        "c.yaml:13: redis.pool_size: expected an integer >= 1, got 0",
         "c.yaml:16: rate_limits.sync_interval: expected between 10ms and 10s, got 5ms",
         "c.yaml:17: rate_limits.on_redis_error: expected one of local, allow, deny, got 'crash'",
         "c.yaml:18: rate_limits.instances: expected an integer >= 1, got 0",
         f'c.yaml:19: rate_limits.tiers.free.rate: {RATE_ZERO} "0/minute"',
         f'c.yaml:19: rate_limits.tiers.pro.rate: {RATE} "abc"',
-        f'c.yaml:10: redis.url: {REDIS_URL} "http://:***@127.0.0.1:6379/0"',
-        "c.yaml:11: redis.password_env: environment variable REDIS_PASSWORD is not set or empty",
-        "c.yaml:12: redis.timeout: expected between 1ms and 10s, got 30s",
-        "c.yaml:13: redis.pool_size: expected an integer >= 1, got 0",
     ]
     assert not any("hunter2" in p for p in problems)
 
@@ -910,22 +918,22 @@ def test_every_error_is_reported_in_one_config_error():
     problems = info.value.problems
     assert [(p.line, p.path) for p in problems] == [
         (3, "admin.token_env"),
+        (5, "limits.max_body_size"),
         (7, "upstreams.users.timeout"),
         (8, "upstreams.orders.targets[0]"),
         (12, "routes[0].cache"),
-        (17, "routes[2].upstrem"),
         (16, "routes[2].upstream"),
-        (5, "limits.max_body_size"),
+        (17, "routes[2].upstrem"),
     ]
     assert str(info.value).splitlines() == [
         "c.yaml:3: admin.token_env: environment variable ADMIN_TOKEN must hold a token of at least 16 characters"
         " (it is not set)",
+        'c.yaml:5: limits.max_body_size: expected a size like "512", "16KiB" or "10MiB", got "lots"',
         'c.yaml:7: upstreams.users.timeout: expected a duration like "250ms", "5s" or "1m", got "forever"',
         f'c.yaml:8: upstreams.orders.targets[0]: {TARGET_URL} "10.0.0.21:3003"',
         f"c.yaml:12: routes[0].cache: {NOT_YET}",
-        f"c.yaml:17: routes[2].upstrem: unknown key (expected one of: {ROUTE_KEYS})",
         'c.yaml:16: routes[2].upstream: no upstream named "search" (defined: orders, users)',
-        'c.yaml:5: limits.max_body_size: expected a size like "512", "16KiB" or "10MiB", got "lots"',
+        f"c.yaml:17: routes[2].upstrem: unknown key (expected one of: {ROUTE_KEYS})",
     ]
     assert all(p.file == "c.yaml" for p in problems)
 
@@ -1195,8 +1203,8 @@ def test_the_examples_manhole_block_needs_its_authorized_keys_file_when_uncommen
     expected = [f"example.yaml:{keys_line}: manhole.authorized_keys: "
                 f"cannot read {keys_path}: No such file or directory"]
     if not Path(host_key_path).parent.is_dir():
-        expected.append(f"example.yaml:{host_key_line}: manhole.host_key: "
-                        f"directory of {host_key_path} does not exist (the key is created there)")
+        expected.append(f"example.yaml:{host_key_line}: manhole.host_key: cannot create {host_key_path} "
+                        f"(made on first start): directory {Path(host_key_path).parent} does not exist")
     assert errors(text, "example.yaml", environ={"REDIS_PASSWORD": "from-env"}) == expected
 
 
@@ -1257,3 +1265,143 @@ def test_values_are_frozen():
     assert isinstance(upstream, Upstream)
     with pytest.raises(TypeError):
         config.upstreams["users"] = upstream  # type: ignore[index]
+
+
+# --- files named in the config: relative to the config file's directory --------------------
+
+def test_relative_paths_are_read_from_the_config_files_directory_not_the_working_one(tmp_path, monkeypatch):
+    """Every file the config names, relative, is found next to the config wherever the gateway
+    or check-config runs from; the values hold the paths resolved."""
+    etc = tmp_path / "etc"
+    (etc / "tls").mkdir(parents=True)
+    (etc / "logs").mkdir()
+    ca = CertAuthority()
+    ca.issue(etc / "tls", "api", "api.example.com")
+    ca.write(etc / "tls" / "ca.pem")
+    (etc / "jwt_secret").write_bytes(SECRET)
+    key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    (etc / "signer.pem").write_bytes(key.public_bytes(serialization.Encoding.PEM,
+                                                      serialization.PublicFormat.SubjectPublicKeyInfo))
+    (etc / "jwks.json").write_text(json.dumps({"keys": [json.loads(ECAlgorithm.to_jwk(key))]}))
+    (etc / "api_keys.yaml").write_text(f'- {{hash: "{hash_api_key("k" * 32)}", id: ci}}\n')
+    (etc / "authorized_keys").write_bytes(Key(ed25519.Ed25519PrivateKey.generate()).public().toString("OPENSSH"))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    config = parse_config(cfg("""\
+        listen:
+          - endpoint: "tcp:8443"
+            tls: {certificates: [{cert: tls/api.pem, key: tls/api.key}]}
+        access_log: logs/access.log
+        manhole: {authorized_keys: authorized_keys, host_key: manhole_host_key}
+        auth:
+          jwt:
+            algorithms: [HS256, ES256]
+            secret_file: jwt_secret
+            public_keys: [signer.pem]
+            jwks_file: ./jwks.json
+          api_keys: {file: api_keys.yaml}
+        upstreams:
+          users: {targets: ["https://127.0.0.1:3001"], tls: {ca: tls/ca.pem, cert: tls/api.pem, key: tls/api.key}}
+        routes:
+          - {prefix: /api/users, upstream: users, auth: required}
+        """), str(etc / "gw.yaml"), {})
+    assert config.listen[0].tls is not None
+    certificate = config.listen[0].tls.certificates[0]
+    assert (certificate.cert, certificate.key) == (f"{etc}/tls/api.pem", f"{etc}/tls/api.key")
+    assert config.upstreams["users"].tls == UpstreamTLS(ca=f"{etc}/tls/ca.pem", cert=f"{etc}/tls/api.pem",
+                                                       key=f"{etc}/tls/api.key")
+    assert config.access_log == f"{etc}/logs/access.log"
+    assert config.manhole == ManholeConfig(authorized_keys=f"{etc}/authorized_keys", host_key=f"{etc}/manhole_host_key")
+    assert config.auth is not None and config.auth.jwt is not None and config.auth.api_keys is not None
+    assert config.auth.jwt.secret == SECRET
+    assert len(config.auth.jwt.public_keys) == len(config.auth.jwt.jwks) == 1
+    assert config.auth.api_keys.file == f"{etc}/api_keys.yaml"
+
+
+def test_a_relative_path_that_is_missing_is_named_as_resolved(tmp_path):
+    text = BASE + "auth:\n  api_keys: {file: keys/api_keys.yaml}\n"
+    assert config_errors(text, str(tmp_path / "gw.yaml")) == [
+        f"{tmp_path}/gw.yaml:10: auth.api_keys.file: cannot read {tmp_path}/keys/api_keys.yaml: No such file or directory"]
+
+
+# --- access_log: a file the gateway can write ------------------------------------------------
+
+def test_an_access_log_file_is_created_in_an_existing_directory(tmp_path):
+    assert parse_config(BASE + f"access_log: {tmp_path}/access.log\n", "c.yaml").access_log == f"{tmp_path}/access.log"
+    assert not (tmp_path / "access.log").exists()        # checked, not created, by loading the config
+    (tmp_path / "access.log").write_text("")
+    assert parse_config(BASE + f"access_log: {tmp_path}/access.log\n", "c.yaml").access_log == f"{tmp_path}/access.log"
+
+
+@pytest.mark.parametrize("value", ["-", "off"])
+def test_an_access_log_to_stdout_or_off_is_no_file(tmp_path, value):
+    assert parse_config(BASE + f'access_log: "{value}"\n', str(tmp_path / "gw.yaml")).access_log == value
+
+
+def test_an_access_log_in_a_directory_that_does_not_exist(tmp_path):
+    assert config_errors(BASE + f"access_log: {tmp_path}/logs/access.log\n") == [
+        f"c.yaml:9: access_log: cannot write {tmp_path}/logs/access.log: directory {tmp_path}/logs does not exist"]
+
+
+def test_an_access_log_that_is_a_directory(tmp_path):
+    assert config_errors(BASE + f"access_log: {tmp_path}\n") == [
+        f"c.yaml:9: access_log: cannot write {tmp_path}: it is a directory"]
+
+
+def test_an_access_log_under_a_file(tmp_path):
+    (tmp_path / "logs").write_text("")
+    assert config_errors(BASE + f"access_log: {tmp_path}/logs/access.log\n") == [
+        f"c.yaml:9: access_log: cannot write {tmp_path}/logs/access.log: directory {tmp_path}/logs does not exist"]
+
+
+def test_an_access_log_in_a_directory_that_cannot_be_written(tmp_path):
+    directory = unwritable(tmp_path, "dir")
+    assert config_errors(BASE + f"access_log: {directory}/access.log\n") == [
+        f"c.yaml:9: access_log: cannot write {directory}/access.log: directory {directory} is not writable"]
+
+
+def test_an_access_log_file_that_cannot_be_written(tmp_path):
+    file = unwritable(tmp_path, "file")
+    assert config_errors(BASE + f"access_log: {file}\n") == [
+        f"c.yaml:9: access_log: cannot write {file}: it is not writable"]
+
+
+def test_an_empty_access_log_path(tmp_path):
+    assert config_errors(BASE + 'access_log: ""\n') == ["c.yaml:9: access_log: expected a file path, got an empty string"]
+
+
+# --- problems in line order ---------------------------------------------------------------
+
+def test_problems_come_in_line_order_whatever_order_the_sections_are_checked_in(tmp_path):
+    """The sections are checked in dependency order (manhole and admin first, routes after
+    upstreams, cross-checks last); the report follows the file from top to bottom."""
+    text = cfg(f"""\
+        listen: [{{endpoint: "tcp:80", bogus: 1}}]
+        upstreams:
+          users: {{targets: ["http://127.0.0.1:3001"], timeout: soon}}
+        routes:
+          - {{prefix: /api/users, upstream: nobody}}
+        limits: {{max_body_size: lots}}
+        rate_limits: {{backend: redis, tiers: {{free: {{rate: 1/second}}}}}}
+        admin: {{endpoint: "tcp:admin"}}
+        manhole: {{authorized_keys: {tmp_path}/nope, host_key: {tmp_path}/hk}}
+        """)
+    assert [line.split(": ")[0:2] for line in config_errors(text)] == [
+        ["c.yaml:1", "listen[0].bogus"],
+        ["c.yaml:3", "upstreams.users.timeout"],
+        ["c.yaml:5", "routes[0].upstream"],
+        ["c.yaml:6", "limits.max_body_size"],
+        ["c.yaml:7", "rate_limits.backend"],
+        ["c.yaml:8", "admin.endpoint"],
+        ["c.yaml:9", "manhole.authorized_keys"],
+    ]
+
+
+def test_problems_of_a_keys_file_come_after_the_configs_own(tmp_path):
+    keys = tmp_path / "api_keys.yaml"
+    keys.write_text("- {id: ci}\n")
+    text = BASE.replace("upstream: orders}", "upstream: nobody}") + f"auth:\n  api_keys: {{file: {keys}}}\n"
+    assert config_errors(text) == [
+        'c.yaml:8: routes[1].upstream: no upstream named "nobody" (defined: orders, users)',
+        f"{keys}:1: keys[0]: each key needs hash and id (make the hash with: txgateway hash-key)",
+    ]

@@ -201,9 +201,9 @@ def test_an_invalid_tier_is_reported_once_without_follow_up_errors():
         f'c.yaml:9: rate_limits.tiers.free.rate: {RATE} "abc"']
     two_bad = LIMITS.replace("rate: 100/hour", "rate: abc").replace("rate: 5000/hour", "rate: 0/day")
     assert errors(limits=two_bad.replace("  default_tier: free\n", "")) == [
+        "c.yaml:8: rate_limits.default_tier: missing: which of free, pro applies without a tier",
         f'c.yaml:9: rate_limits.tiers.free.rate: {RATE} "abc"',
         f'c.yaml:10: rate_limits.tiers.pro.rate: {RATE_ZERO} "0/day"',
-        "c.yaml:8: rate_limits.default_tier: missing: which of free, pro applies without a tier",
     ]
 
 
@@ -241,9 +241,9 @@ def test_redis_settings_with_a_redis_section_are_accepted():
 def test_errors_in_rate_limits_and_routes_are_reported_together():
     lines = errors("{key: cookie}", limits=LIMITS.replace("default_tier: free", "default_tier: gold") + "  instances: 2\n")
     assert lines == [
-        "c.yaml:12: rate_limits.instances: only used with backend: redis or hybrid (backend is local)",
-        'c.yaml:11: rate_limits.default_tier: no tier named "gold" (defined: free, pro)',
         'c.yaml:5: routes[0].rate_limit.key: expected ip, user, api_key or header:NAME, got "cookie"',
+        'c.yaml:11: rate_limits.default_tier: no tier named "gold" (defined: free, pro)',
+        "c.yaml:12: rate_limits.instances: only used with backend: redis or hybrid (backend is local)",
     ]
 
 

@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch.ssh.keys import Key
 
-from tests.configcheck import BASE, config_errors
+from tests.configcheck import BASE, config_errors, unwritable
 from txgateway.adminconfig import AdminConfig, ManholeConfig
 from txgateway.cli import main
 from txgateway.config import ConfigError, parse_config
@@ -63,8 +63,15 @@ def test_admin_defaults_to_loopback_port_9901_without_a_token():
 
 
 def test_admin_endpoint():
-    c = config('admin:\n  endpoint: "tcp:19901:interface=::1"\n')
-    assert c.admin == AdminConfig(endpoint="tcp:19901:interface=::1", token=None)
+    c = config('admin:\n  endpoint: "tcp:19901:interface=\\\\:\\\\:1"\n')
+    assert c.admin == AdminConfig(endpoint="tcp:19901:interface=\\:\\:1", token=None)
+
+
+def test_an_admin_endpoint_twisted_cannot_read_is_an_error():
+    assert errors('admin:\n  endpoint: "tcp:19901:interface=::1"\n') == [
+        'c.yaml:10: admin.endpoint: expected "tcp:PORT[:interface=ADDRESS][:backlog=N]", got '
+        '"tcp:19901:interface=::1": "interface" given twice; an IPv6 address needs its colons escaped: '
+        'interface=\\:\\:1']
 
 
 def test_admin_token_from_the_environment_is_kept_out_of_reprs():
@@ -145,8 +152,14 @@ def test_manhole_with_a_valid_key_file_and_the_default_endpoint(tmp_path, keys_f
 
 
 def test_manhole_endpoint(tmp_path, keys_file):
-    c = config(manhole(keys_file, tmp_path / "host_key", '  endpoint: "tcp:2200:interface=::1"\n'))
-    assert c.manhole.endpoint == "tcp:2200:interface=::1"
+    c = config(manhole(keys_file, tmp_path / "host_key", '  endpoint: "tcp6:2200:interface=\\\\:\\\\:1"\n'))
+    assert c.manhole.endpoint == "tcp6:2200:interface=\\:\\:1"
+
+
+def test_a_manhole_endpoint_twisted_cannot_read_is_an_error(tmp_path, keys_file):
+    assert errors(manhole(keys_file, tmp_path / "host_key", '  endpoint: "tcp:ssh"\n')) == [
+        'c.yaml:12: manhole.endpoint: expected "tcp:PORT[:interface=ADDRESS][:backlog=N]", got "tcp:ssh": '
+        '"ssh" is not a number']
 
 
 @pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs OpenSSH's ssh-keygen")
@@ -163,11 +176,16 @@ def test_manhole_accepts_an_existing_host_key(tmp_path, keys_file):
     assert config(manhole(keys_file, host_key)).manhole.host_key == str(host_key)
 
 
-def test_manhole_host_key_relative_to_the_working_directory(tmp_path, keys_file, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    assert config(manhole(keys_file, "manhole_host_key")).manhole.host_key == "manhole_host_key"
-    assert errors(manhole(keys_file, "state/manhole_host_key")) == [
-        "c.yaml:11: manhole.host_key: directory of state/manhole_host_key does not exist (the key is created there)"]
+def test_manhole_paths_relative_to_the_config_files_directory(tmp_path, keys_file, monkeypatch):
+    monkeypatch.chdir("/")
+    text = BASE + manhole("authorized_keys", "manhole_host_key")
+    assert parse_config(text, str(tmp_path / "c.yaml"), {}).manhole == ManholeConfig(
+        authorized_keys=str(keys_file), host_key=str(tmp_path / "manhole_host_key"))
+    with pytest.raises(ConfigError) as info:
+        parse_config(BASE + manhole("authorized_keys", "state/manhole_host_key"), str(tmp_path / "c.yaml"), {})
+    assert str(info.value) == (f"{tmp_path}/c.yaml:11: manhole.host_key: cannot create "
+                               f"{tmp_path}/state/manhole_host_key (made on first start): "
+                               f"directory {tmp_path}/state does not exist")
 
 
 def test_manhole_keys_are_read_once_at_load_so_a_later_file_does_not_matter(tmp_path, keys_file):
@@ -223,7 +241,15 @@ def test_manhole_authorized_keys_naming_the_private_key_by_mistake(tmp_path):
 def test_manhole_host_key_whose_directory_does_not_exist(tmp_path, keys_file):
     host_key = tmp_path / "missing" / "host_key"
     assert errors(manhole(keys_file, host_key)) == [
-        f"c.yaml:11: manhole.host_key: directory of {host_key} does not exist (the key is created there)"]
+        f"c.yaml:11: manhole.host_key: cannot create {host_key} (made on first start): "
+        f"directory {host_key.parent} does not exist"]
+
+
+def test_manhole_host_key_in_a_directory_that_cannot_be_written(tmp_path, keys_file):
+    directory = unwritable(tmp_path, "dir")
+    assert errors(manhole(keys_file, directory / "host_key")) == [
+        f"c.yaml:11: manhole.host_key: cannot create {directory}/host_key (made on first start): "
+        f"directory {directory} is not writable"]
 
 
 @pytest.mark.parametrize(("section", "expected"), [
@@ -252,8 +278,7 @@ def test_manhole_unknown_keys(tmp_path, keys_file):
 # --- several at once ------------------------------------------------------------------------
 
 def test_every_admin_and_manhole_error_is_reported_in_one_run(tmp_path):
-    """Problems come in the order the sections are checked (manhole, admin, then the rest),
-    each section's unknown keys first; the short token is never shown."""
+    """Problems come in line order; the short token is never shown."""
     short = "sh0rt-s3cret"
     section = f"""\
         admin:
@@ -269,12 +294,13 @@ def test_every_admin_and_manhole_error_is_reported_in_one_run(tmp_path):
         """
     problems = errors(section, {"ADMIN_TOKEN": short})
     assert problems == [
-        f"c.yaml:17: manhole.user: unknown key (expected one of: {MANHOLE_KEYS})",
-        f"c.yaml:15: manhole.authorized_keys: cannot read {tmp_path}/authorized_keys: No such file or directory",
-        f"c.yaml:16: manhole.host_key: directory of {tmp_path}/nodir/host_key does not exist (the key is created there)",
-        f"c.yaml:12: admin.tokn: unknown key (expected one of: {ADMIN_KEYS})",
         "c.yaml:10: admin.endpoint: expected a string, got 9901",
         "c.yaml:11: admin.token_env: environment variable ADMIN_TOKEN must hold a token of at least 16 characters",
+        f"c.yaml:12: admin.tokn: unknown key (expected one of: {ADMIN_KEYS})",
+        f"c.yaml:15: manhole.authorized_keys: cannot read {tmp_path}/authorized_keys: No such file or directory",
+        f"c.yaml:16: manhole.host_key: cannot create {tmp_path}/nodir/host_key (made on first start): "
+        f"directory {tmp_path}/nodir does not exist",
+        f"c.yaml:17: manhole.user: unknown key (expected one of: {MANHOLE_KEYS})",
         'c.yaml:18: drain_timeout: expected a duration like "250ms", "5s" or "1m", got "forever"',
     ]
     assert not any(short in p or TOKEN in p for p in problems)
@@ -285,8 +311,8 @@ def test_a_manhole_error_does_not_hide_the_rest_of_the_config(tmp_path):
     with pytest.raises(ConfigError) as info:
         parse_config(text, "c.yaml", {})
     assert [str(p) for p in info.value.problems] == [
-        MISSING_KEYS,
         'c.yaml:8: routes[1].upstream: no upstream named "search" (defined: orders, users)',
+        MISSING_KEYS,
     ]
 
 

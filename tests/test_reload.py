@@ -56,7 +56,7 @@ def restart_only_change(setting: str, keys: str) -> tuple[Config, Config]:
         "admin": ('admin: {endpoint: "tcp:9901:interface=127.0.0.1"}\n', 'admin: {endpoint: "tcp:9902:interface=127.0.0.1"}\n'),
         "manhole": (manhole % 2222, manhole % 2223),
         "redis": ('redis: {url: "redis://127.0.0.1:6379"}\n', 'redis: {url: "redis://127.0.0.1:6380/1"}\n'),
-        "access_log": ('access_log: "/var/log/a.log"\n', 'access_log: "/var/log/b.log"\n'),
+        "access_log": ('access_log: "-"\n', 'access_log: "off"\n'),
         "drain_timeout": ("drain_timeout: 5s\n", "drain_timeout: 30s\n"),
     }[setting]
     listen = {"listen": 'listen: [{endpoint: "tcp:8081:interface=127.0.0.1"}]\n'} if setting == "listen" else {}
@@ -156,6 +156,18 @@ def test_a_jwks_url_change_refuses_the_reload():
 def test_auth_added_through_a_jwks_url_refuses_the_reload():
     with pytest.raises(ReloadRefused):
         keep_restart_only_settings(config(), config(jwt("https://b.example/jwks.json")))
+
+
+def test_the_jwks_fetchers_timings_are_restart_only_the_rest_of_jwt_reloads():
+    """jwks_cooldown, jwks_refresh and jwks_timeout belong to the fetcher made at start."""
+    running = config(jwt("https://a.example/jwks.json"))
+    new = config(jwt("https://a.example/jwks.json", issuer="https://other.example").replace(
+        "issuer:", "jwks_refresh: 1m, jwks_cooldown: 5s, jwks_timeout: 1s, issuer:"))
+    merged, changed = keep_restart_only_settings(running, new)
+    assert changed == ["auth.jwt.jwks_cooldown", "auth.jwt.jwks_refresh", "auth.jwt.jwks_timeout"]
+    assert merged.auth.jwt == dataclasses.replace(new.auth.jwt, jwks_cooldown=30.0, jwks_refresh=300.0,
+                                                  jwks_timeout=5.0)
+    assert merged.auth.jwt.issuer == "https://other.example"
 
 
 def test_auth_changes_with_the_same_jwks_url_pass_through():

@@ -155,14 +155,14 @@ def test_bad_circuit_breaker_values_each_named_on_their_line():
           half_open_requests: many
           failure_statuses: [502, 700]
         """) == [
-        # durations first, then counts, ratio, statuses, and the cross-field rule last
-        f'c.yaml:11: {CB}.window: {DURATION} "10"',
+        # in line order, whatever order the fields are checked in
         f"c.yaml:9: {CB}.consecutive_failures: expected an integer >= 1, got 0",
-        f"c.yaml:12: {CB}.min_requests: expected an integer >= 1, got 0",
-        f"c.yaml:15: {CB}.half_open_requests: expected an integer >= 1, got 'many'",
         f"c.yaml:10: {CB}.failure_ratio: expected a number from 0.01 to 1.0, got 1.5",
-        f"c.yaml:16: {CB}.failure_statuses[1]: expected an HTTP status 100-599, got 700",
+        f'c.yaml:11: {CB}.window: {DURATION} "10"',
+        f"c.yaml:12: {CB}.min_requests: expected an integer >= 1, got 0",
         f"c.yaml:14: {CB}.max_open_for: must be at least open_for (60s); it is 30s",
+        f"c.yaml:15: {CB}.half_open_requests: expected an integer >= 1, got 'many'",
+        f"c.yaml:16: {CB}.failure_statuses[1]: expected an HTTP status 100-599, got 700",
     ]
 
 

@@ -378,9 +378,9 @@ def test_upstream_tls_errors(tmp_path, ca):
     assert errors(upstream_text(f"key: {client.key}\n")) == [
         f"c.yaml:9: {UP}: a client certificate needs both cert and key"]
     assert errors(upstream_text(f'verify: "no"\ncert: {client.cert}\nkey: {tmp_path / "gone.key"}\nsni: x\n')) == [
-        "c.yaml:12: upstreams.users.tls.sni: unknown key (expected one of: ca, cert, key, verify)",
-        f"c.yaml:11: {UP}.key: cannot read {tmp_path / 'gone.key'}: No such file or directory",
         f"c.yaml:9: {UP}.verify: expected true or false, got 'no'",
+        f"c.yaml:11: {UP}.key: cannot read {tmp_path / 'gone.key'}: No such file or directory",
+        "c.yaml:12: upstreams.users.tls.sni: unknown key (expected one of: ca, cert, key, verify)",
     ]
     assert errors(UPSTREAM + "    tls: {ca: [a, b]}\n") == [f"c.yaml:8: {UP}.ca: expected a single value, got a list"]
 

@@ -10,8 +10,10 @@ import os
 import socket
 
 import pytest
+from twisted.internet.error import CannotListenError
 
 from txgateway import workers
+from txgateway.endpoints import cannot_listen
 from txgateway.workers import bind_listener
 
 
@@ -80,14 +82,17 @@ def test_backlog(listened, endpoint, backlog):
     assert listened == [backlog]
 
 
-def test_an_address_in_use_is_an_error():
+def test_an_address_in_use_is_an_error_naming_the_address():
     holder = socket.socket()
     holder.bind(("127.0.0.1", 0))
     holder.listen(1)
+    port = holder.getsockname()[1]
+    before = set(os.listdir("/proc/self/fd"))
     try:
-        with pytest.raises(OSError) as caught:
-            bind_listener(f"tcp:{holder.getsockname()[1]}:interface=127.0.0.1")
-        assert "Address already in use" in str(caught.value)
+        with pytest.raises(CannotListenError) as caught:
+            bind_listener(f"tcp:{port}:interface=127.0.0.1")
+        assert cannot_listen(caught.value) == f"cannot listen on 127.0.0.1:{port}: Address already in use"
+        assert set(os.listdir("/proc/self/fd")) <= before      # the socket that failed is closed
     finally:
         holder.close()
 

@@ -7,11 +7,14 @@ one, so `check-config` reports all of them in one run.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import yaml
+
+from txgateway.endpoints import endpoint_problem
 
 T = TypeVar("T")
 
@@ -34,6 +37,10 @@ class ConfigError(Exception):
     def __init__(self, problems: list[ConfigProblem]) -> None:
         self.problems = problems
         super().__init__("\n".join(str(p) for p in problems))
+
+    def report(self, file: str) -> str:
+        """What check-config and twistd print when `file` is refused: each problem, then a count."""
+        return f"{self}\n{file}: {len(self.problems)} error(s), configuration rejected"
 
 
 class _Invalid(Exception):
@@ -118,6 +125,22 @@ class Reader:
             raise self.fail(node, path, f"expected a string, got {value!r}")
         return value
 
+    def file_path(self, node: yaml.Node, path: str) -> str:
+        """A file name; a relative one is relative to the config file's directory, wherever
+        the gateway or check-config runs from."""
+        name = self.string(node, path)
+        if not name:
+            raise self.fail(node, path, "expected a file path, got an empty string")
+        return os.path.join(os.path.dirname(os.path.abspath(self.file)), name)
+
+    def endpoint(self, node: yaml.Node, path: str) -> str:
+        """A Twisted endpoint string to listen on, as Twisted's parser reads it."""
+        description = self.string(node, path)
+        problem = endpoint_problem(description)
+        if problem is not None:
+            raise self.fail(node, path, problem)
+        return description
+
     def boolean(self, node: yaml.Node, path: str) -> bool:
         value = self.scalar(node, path)
         if not isinstance(value, bool):
@@ -151,13 +174,29 @@ class Reader:
             raise self.fail(node, path, str(e)) from None
 
 
+def cannot_write(file: str) -> str | None:
+    """Why `file` (absolute) cannot be appended to or created, or None if it can."""
+    if os.path.isdir(file):
+        return "it is a directory"
+    if os.path.exists(file):
+        return None if os.access(file, os.W_OK) else "it is not writable"
+    directory = os.path.dirname(file)
+    if not os.path.isdir(directory):
+        return f"directory {directory} does not exist"
+    return None if os.access(directory, os.W_OK | os.X_OK) else f"directory {directory} is not writable"
+
+
 def compose(text: str, file: str) -> yaml.Node | None:
     """Parse YAML into nodes, turning syntax errors into a ConfigError with the line."""
     try:
         return yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as e:
-        line = e.problem_mark.line + 1 if e.problem_mark else None
-        raise ConfigError([ConfigProblem(file, line, "", f"invalid YAML: {e.problem}")]) from None
+        mark = e.problem_mark
+        line = mark.line + 1 if mark else None
+        problem = e.problem
+        if mark is not None and text[mark.index:mark.index + 1] == "\t":
+            problem = f"a tab at column {mark.column + 1}: indent with spaces (YAML does not allow tabs there)"
+        raise ConfigError([ConfigProblem(file, line, "", f"invalid YAML: {problem}")]) from None
     except yaml.YAMLError as e:
         raise ConfigError([ConfigProblem(file, None, "", f"invalid YAML: {e}")]) from None
 

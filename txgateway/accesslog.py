@@ -2,40 +2,49 @@
 
 Events go through a `twisted.logger.Logger` whose observer writes JSON lines to stdout or
 a file and flushes on a timer, so a busy gateway does one write per interval instead of one
-per request.
+per request. A file is reopened on request (`reopen`: SIGUSR1 and SIGHUP), so that logrotate
+can move it away and the next line starts the new file.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
-from typing import IO, Any
+from typing import Any, Protocol
 
 from twisted.internet.task import LoopingCall
 from twisted.logger import LogLevel
 
-__all__ = ["AccessLog", "JsonLinesWriter"]
+__all__ = ["AccessLog", "JsonLinesWriter", "TextStream"]
+
+
+class TextStream(Protocol):
+    """Where JSON lines go: a text file, stdout, or a twisted.logger LoggingFile."""
+
+    def write(self, text: str, /) -> Any: ...
+    def flush(self) -> Any: ...
+    def close(self) -> Any: ...
 
 
 class JsonLinesWriter:
     """A log observer that writes each event's `access` record as one JSON line."""
 
-    def __init__(self, stream: IO[str], clock: Any, flush_interval: float = 0.5) -> None:
+    def __init__(self, stream: TextStream, clock: Any, flush_interval: float = 0.5, path: str | None = None) -> None:
         self.stream = stream
+        self.path = path                  # the file `reopen` opens again; None: not a file
         self._flusher = LoopingCall(self.flush)
         self._flusher.clock = clock
         self._interval = flush_interval
 
     @classmethod
-    def open(cls, destination: str, clock: Any) -> JsonLinesWriter | None:
-        """`-` is stdout, `off` disables the log, anything else is a file appended to."""
+    def open(cls, destination: str, clock: Any, stdout: TextStream) -> JsonLinesWriter | None:
+        """`-` is `stdout`, `off` disables the log, anything else is a file appended to."""
         if destination == "off":
             return None
         if destination == "-":
-            return cls(sys.stdout, clock)
-        return cls(open(destination, "a", encoding="utf-8", buffering=1 << 16), clock)
+            return cls(stdout, clock)
+        return cls(_append(destination), clock, path=destination)
 
     def __call__(self, event: dict[str, Any]) -> None:
         record = event.get("access")
@@ -56,6 +65,23 @@ class JsonLinesWriter:
             self.stream.flush()
         except (OSError, ValueError):
             pass
+
+    def reopen(self) -> None:
+        """Continue in a file opened again at `path` (created if logrotate moved the old one
+        away), after writing out what the old one still buffers. Raises OSError, and keeps
+        writing to the old file, when `path` cannot be opened."""
+        if self.path is None:
+            return
+        stream = _append(self.path)
+        old, self.stream = self.stream, stream
+        try:
+            old.close()
+        except (OSError, ValueError):
+            pass
+
+
+def _append(path: str) -> TextStream:
+    return open(path, "a", encoding="utf-8", buffering=1 << 16)
 
 
 _FIELDS = ("time", "correlation_id", "client_ip", "method", "path", "route", "upstream", "target",

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from txgateway._yamlreader import Reader, _Invalid
+from txgateway._yamlreader import Reader, _Invalid, cannot_write
 
 __all__ = ["AdminConfig", "ManholeConfig", "parse_admin", "parse_manhole"]
 
@@ -27,7 +27,7 @@ def parse_admin(r: Reader, node: yaml.Node, environ: Mapping[str, str] | None) -
     before = len(r.problems)
     values: dict[str, str] = {}
     if "endpoint" in f:
-        values["endpoint"] = r.attempt(lambda: r.string(f["endpoint"], f"{path}.endpoint"), AdminConfig.endpoint)
+        values["endpoint"] = r.attempt(lambda: r.endpoint(f["endpoint"], f"{path}.endpoint"), AdminConfig.endpoint)
     if "token_env" in f:
         name = r.attempt(lambda: r.string(f["token_env"], f"{path}.token_env"), None)
         token = (os.environ if environ is None else environ).get(name, "") if name else ""
@@ -85,11 +85,9 @@ def parse_manhole(r: Reader, node: yaml.Node) -> ManholeConfig:
     for key in ("authorized_keys", "host_key"):
         if key not in f:
             r.fail(node, f"{path}.{key}", "missing (required): a file path")
-    read = {key: r.attempt(lambda: r.string(f[key], f"{path}.{key}"), None) for key in f}
+    readers = {"endpoint": r.endpoint, "authorized_keys": r.file_path, "host_key": r.file_path}
+    read = {key: r.attempt(lambda: readers[key](f[key], f"{path}.{key}"), None) for key in f}
     values = {key: value for key, value in read.items() if value is not None}
-    for key in ("authorized_keys", "host_key"):
-        if values.get(key) == "":
-            r.fail(f[key], f"{path}.{key}", "expected a file path, got an empty string")
     keys_path = values.get("authorized_keys")
     if keys_path:
         try:
@@ -109,8 +107,9 @@ def parse_manhole(r: Reader, node: yaml.Node) -> ManholeConfig:
             usable = False
         if not usable:
             r.fail(f["host_key"], f"{path}.host_key", f"{host_key} exists but is not a private key file")
-    elif host_key and not os.path.isdir(os.path.dirname(os.path.abspath(host_key)) or "."):
-        r.fail(f["host_key"], f"{path}.host_key", f"directory of {host_key} does not exist (the key is created there)")
+    elif host_key and cannot_write(host_key):
+        r.fail(f["host_key"], f"{path}.host_key",
+               f"cannot create {host_key} (made on first start): {cannot_write(host_key)}")
     if len(r.problems) != before:
         raise _Invalid()
     return ManholeConfig(**values)  # type: ignore[arg-type]

@@ -224,7 +224,7 @@ def _secret(r: Reader, f: dict[str, yaml.Node], env: Mapping[str, str], path: st
         secret = value.encode()
         where = (f["secret_env"], f"{path}.secret_env")
     elif "secret_file" in f:
-        file = r.string(f["secret_file"], f"{path}.secret_file")
+        file = r.file_path(f["secret_file"], f"{path}.secret_file")
         try:
             with open(file, "rb") as fh:
                 secret = fh.read().strip()
@@ -240,7 +240,7 @@ def _secret(r: Reader, f: dict[str, yaml.Node], env: Mapping[str, str], path: st
 
 
 def _pem(r: Reader, node: yaml.Node, path: str) -> Any:
-    file = r.string(node, path)
+    file = r.file_path(node, path)
     try:
         with open(file, "rb") as fh:
             data = fh.read()
@@ -253,7 +253,7 @@ def _pem(r: Reader, node: yaml.Node, path: str) -> Any:
 
 
 def _jwks_file(r: Reader, node: yaml.Node, path: str) -> tuple[Jwk, ...]:
-    file = r.string(node, path)
+    file = r.file_path(node, path)
     try:
         with open(file, encoding="utf-8") as fh:
             data = json.load(fh)
@@ -273,7 +273,7 @@ def _api_keys(r: Reader, node: yaml.Node) -> ApiKeysConfig:
     header = r.string(f["header"], f"{path}.header") if "header" in f else "X-API-Key"
     if "file" not in f:
         raise r.fail(node, f"{path}.file", "missing (required): the keys file (entries: {hash, id, role, tier})")
-    file = r.string(f["file"], f"{path}.file")
+    file = r.file_path(f["file"], f"{path}.file")
     try:
         with open(file, encoding="utf-8") as fh:
             text = fh.read()
@@ -380,12 +380,26 @@ def _jwks_url(section: AuthConfig | None) -> str | None:
     return section.jwt.jwks_url if section is not None and section.jwt is not None else None
 
 
+_JWKS_RESTART_ONLY = ("jwks_cooldown", "jwks_refresh", "jwks_timeout")
+
+
 def _reload(running: AuthConfig | None, new: AuthConfig | None) -> tuple[AuthConfig | None, list[str]]:
-    """Keys, claims and API keys reload; the JWKS fetcher is made once at start."""
+    """Keys, claims and API keys reload; the JWKS fetcher is made once at start, with its URL
+    (a change refuses the reload) and its timings (kept until a restart)."""
+    import dataclasses
+
     from txgateway.contract import ReloadRefused
     if _jwks_url(running) != _jwks_url(new):
         raise ReloadRefused(f"auth.jwt.jwks_url changed ({_jwks_url(running)} -> {_jwks_url(new)}): that needs a restart")
-    return new, []
+    old_jwt = running.jwt if running is not None else None
+    new_jwt = new.jwt if new is not None else None
+    if new is None or old_jwt is None or new_jwt is None or new_jwt.jwks_url is None:
+        return new, []
+    fetcher = [key for key in _JWKS_RESTART_ONLY if getattr(new_jwt, key) != getattr(old_jwt, key)]
+    if not fetcher:
+        return new, []
+    kept = dataclasses.replace(new_jwt, **{key: getattr(old_jwt, key) for key in fetcher})
+    return dataclasses.replace(new, jwt=kept), [f"auth.jwt.{key}" for key in fetcher]
 
 
 def _build(resources: Any, policy: RouteAuth, route: Any) -> Any:

@@ -17,9 +17,7 @@ def check_config(path: str) -> int:
     try:
         config = load_config(path)
     except ConfigError as e:
-        for problem in e.problems:
-            print(problem, file=sys.stderr)
-        print(f"{path}: {len(e.problems)} error(s), configuration rejected", file=sys.stderr)
+        print(e.report(path), file=sys.stderr)
         return 1
     print(f"{path}: OK ({len(config.routes)} routes, {len(config.upstreams)} upstreams, "
           f"{len(config.listen)} listeners)")

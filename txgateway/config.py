@@ -18,11 +18,12 @@ from urllib.parse import urlsplit
 import yaml
 
 from txgateway import registry
-from txgateway._yamlreader import ConfigError, ConfigProblem, Reader, _Invalid, compose
+from txgateway._yamlreader import ConfigError, ConfigProblem, Reader, _Invalid, cannot_write, compose
 from txgateway.adminconfig import AdminConfig, ManholeConfig, parse_admin, parse_manhole
 from txgateway.authconfig import AuthConfig
 from txgateway.breaker import BreakerSettings
 from txgateway.contract import Scope
+from txgateway.endpoints import endpoint_problem, overlapping
 from txgateway.headerconfig import DEFAULT_SECURITY_HEADERS, HeaderRules
 from txgateway.limitconfig import LimitsConfig
 from txgateway.redisconfig import RedisConfig, parse_redis
@@ -139,7 +140,8 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
         raise ConfigError([ConfigProblem(file, None, "", "the file is empty")])
     config = reader.attempt(lambda: _config(reader, root, environ), None)
     if reader.problems or config is None:
-        raise ConfigError(reader.problems)
+        # In line order; a file the config names (API keys) after the config's own lines.
+        raise ConfigError(sorted(reader.problems, key=lambda p: (p.file != file, p.file, p.line or 0)))
     return config
 
 
@@ -182,14 +184,52 @@ def _config(r: Reader, root: yaml.Node, environ: Mapping[str, str] | None) -> Co
         for item in top["listen"].value)
     if redirect and not declared_tls:
         r.fail(top["redirect_to_https"], "redirect_to_https", "needs a listener with tls: to redirect to")
+    _shared_ports(r, top, admin, manhole)
     limits = r.attempt(lambda: _limits(r, top["limits"]), Limits()) if "limits" in top else Limits()
     proxies = r.attempt(lambda: _networks(r, top["trusted_proxies"], "trusted_proxies"), ()) if "trusted_proxies" in top else ()
-    access_log = r.attempt(lambda: r.string(top["access_log"], "access_log"), "-") if "access_log" in top else "-"
+    access_log = r.attempt(lambda: _access_log(r, top["access_log"]), "-") if "access_log" in top else "-"
     drain = r.attempt(lambda: r.parsed(top["drain_timeout"], "drain_timeout", parse_duration), 10.0) if "drain_timeout" in top else 10.0
     return Config(file=r.file, listen=listen, upstreams=MappingProxyType(upstreams), routes=routes, limits=limits,
                   trusted_proxies=proxies, access_log=access_log, drain_timeout=drain,
                   sections=MappingProxyType(sections), redis=redis, admin=admin, manhole=manhole,
                   redirect_to_https=redirect)
+
+
+def _access_log(r: Reader, node: yaml.Node) -> str:
+    """`-` (stdout), `off`, or a file the gateway can append to (created if missing)."""
+    if r.string(node, "access_log") in ("-", "off"):
+        return str(node.value)
+    file = r.file_path(node, "access_log")
+    problem = cannot_write(file)
+    if problem is not None:
+        raise r.fail(node, "access_log", f"cannot write {file}: {problem}")
+    return file
+
+
+def _shared_ports(r: Reader, top: dict[str, yaml.Node], admin: AdminConfig | None, manhole: ManholeConfig | None) -> None:
+    """Two of the gateway's own listeners (listen, admin, manhole) on one port: the second
+    would fail to bind at start."""
+    items = top["listen"].value if isinstance(top.get("listen"), yaml.SequenceNode) else []
+    named: list[tuple[str, yaml.Node, str]] = [
+        (f"listen[{i}].endpoint", scalar, str(scalar.value)) for i, item in enumerate(items)
+        if (scalar := _scalar_at(item, "endpoint")) is not None]
+    for key, section in (("admin", admin), ("manhole", manhole)):
+        if section is not None:
+            named.append((f"{key}.endpoint", _scalar_at(top[key], "endpoint") or top[key], section.endpoint))
+    valid = [(path, node, endpoint) for path, node, endpoint in named if endpoint_problem(endpoint) is None]
+    for i, (path, node, endpoint) in enumerate(valid):
+        taken = next(((p, e) for p, _, e in valid[:i] if overlapping(e, endpoint)), None)
+        if taken is not None:
+            r.fail(node, path, f'"{endpoint}" binds the same port as {taken[0]} ("{taken[1]}"): only one can listen there')
+
+
+def _scalar_at(node: yaml.Node | None, key: str) -> yaml.ScalarNode | None:
+    """The scalar under `key` in a mapping node, whatever else is wrong with the mapping."""
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            if isinstance(k, yaml.ScalarNode) and k.value == key and isinstance(v, yaml.ScalarNode):
+                return v
+    return None
 
 
 def _listeners(r: Reader, node: yaml.Node) -> tuple[Listener, ...]:
@@ -203,7 +243,7 @@ def _listeners(r: Reader, node: yaml.Node) -> tuple[Listener, ...]:
         if "endpoint" not in fields:
             r.fail(item, f"{path}.endpoint", "missing (required)")
             continue
-        endpoint = r.attempt(lambda: r.string(fields["endpoint"], f"{path}.endpoint"), None)
+        endpoint = r.attempt(lambda: r.endpoint(fields["endpoint"], f"{path}.endpoint"), None)
         if endpoint is not None and ("tls" not in fields or tls is not None):
             out.append(Listener(endpoint, tls))
     if not out and len(r.problems) == before:

@@ -8,6 +8,9 @@ the headers the gateway set (X-Forwarded-*, X-Correlation-ID, traceparent).
 from __future__ import annotations
 
 import json
+import string
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -17,20 +20,55 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from txgateway.accesslog import TextStream
 from txgateway.config import Config, parse_config
 
-__all__ = ["DEMO_CONFIG", "EchoResource", "demo_service"]
+__all__ = ["DEMO_CONFIG", "DemoPorts", "EchoResource", "banner", "demo_service"]
 
 _log = Logger(namespace="txgateway.demo")
-
-DEMO_UPSTREAMS = {"users": 3001, "search": 3002, "orders": 3003}
 
 # Demo only: a fixed, public secret so that `txgateway token --demo` can sign for it.
 DEMO_SECRET = "txgateway-demo-secret-do-not-use-in-production"
 
-DEMO_CONFIG = """
+PORTS_VARIABLE = "TXGATEWAY_DEMO_PORTS"
+
+
+@dataclass(frozen=True)
+class DemoPorts:
+    """The demo's ports on 127.0.0.1: the gateway, its admin listener, the three upstreams."""
+
+    gateway: int = 8080
+    admin: int = 8081
+    users: int = 3001
+    search: int = 3002
+    orders: int = 3003
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> DemoPorts:
+        """TXGATEWAY_DEMO_PORTS="gateway=18080,admin=18081" moves the ports it names (so that a
+        second demo, or a test, runs next to one on the usual ports)."""
+        text = environ.get(PORTS_VARIABLE, "").strip()
+        if not text:
+            return cls()
+        names = [f.name for f in fields(cls)]
+        ports: dict[str, int] = {}
+        for item in text.split(","):
+            name, _, port = item.strip().partition("=")
+            if name not in names or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{PORTS_VARIABLE}: expected NAME=PORT[,NAME=PORT...] with NAME one of "
+                                 f"{', '.join(names)} and PORT from 1 to 65535, got {item.strip()!r}")
+            ports[name] = int(port)
+        return cls(**ports)
+
+    def upstreams(self) -> dict[str, int]:
+        return {"users": self.users, "search": self.search, "orders": self.orders}
+
+
+DEMO_CONFIG = string.Template("""
 listen:
-  - endpoint: "tcp:8080:interface=127.0.0.1"
+  - endpoint: "tcp:$gateway:interface=127.0.0.1"
+admin:
+  endpoint: "tcp:$admin:interface=127.0.0.1"
 trusted_proxies: [127.0.0.1/32]
 auth:
   jwt:
@@ -39,12 +77,12 @@ auth:
     issuer: txgateway-demo
     leeway: 30s
 upstreams:
-  users:  {targets: ["http://127.0.0.1:3001"], timeout: 5s}
+  users:  {targets: ["http://127.0.0.1:$users"], timeout: 5s}
   search:
-    targets: ["http://127.0.0.1:3002"]
+    targets: ["http://127.0.0.1:$search"]
     timeout: 5s
     circuit_breaker: {consecutive_failures: 3, open_for: 10s}   # try ?fail=1 three times
-  orders: {targets: ["http://127.0.0.1:3003"], timeout: 5s}
+  orders: {targets: ["http://127.0.0.1:$orders"], timeout: 5s}
 routes:
   - {prefix: /api/users, upstream: users, rewrite_prefix: /users, auth: required}
   - {prefix: /api/search, upstream: search, rewrite_prefix: /search}
@@ -54,22 +92,28 @@ routes:
     roles: [admin]
     request_headers: {set: {X-Api-Version: "2"}, remove: [Cookie]}
     response_headers: {remove: [X-Db-Query-Count, X-Powered-By]}
-"""
+""")
 
-BANNER = """txgateway demo on http://127.0.0.1:8080 - try:
-  curl -s 'localhost:8080/api/search?q=x'                  # public
-  curl -si localhost:8080/api/users/7                       # 401: auth required
+BANNER = """txgateway demo on http://127.0.0.1:{p.gateway} - try:
+  curl -s 'localhost:{p.gateway}/api/search?q=x'                  # public
+  curl -si localhost:{p.gateway}/api/users/7                       # 401: auth required
   TOKEN=$(.venv/bin/txgateway token --demo --sub alice --role admin --tier pro)
-  curl -s localhost:8080/api/users/7 -H "Authorization: Bearer $TOKEN"
-  curl -si localhost:8080/api/orders/1 -H "Authorization: Bearer $TOKEN" -H 'Cookie: dropped=1'
-  curl -si localhost:8080/api/orders/1 -H "Authorization: Bearer $(.venv/bin/txgateway token --demo --sub bob)"  # 403
-  curl -si localhost:8080/nowhere
-  for i in 1 2 3; do curl -s -o /dev/null -w '%{http_code} ' 'localhost:8080/api/search?fail=1'; done
-  curl -si 'localhost:8080/api/search?q=x'                 # 503: the breaker is open for 10s"""
+  curl -s localhost:{p.gateway}/api/users/7 -H "Authorization: Bearer $TOKEN"
+  curl -si localhost:{p.gateway}/api/orders/1 -H "Authorization: Bearer $TOKEN" -H 'Cookie: dropped=1'
+  curl -si localhost:{p.gateway}/api/orders/1 -H "Authorization: Bearer $(.venv/bin/txgateway token --demo --sub bob)"  # 403
+  curl -si localhost:{p.gateway}/nowhere
+  for i in 1 2 3; do curl -s -o /dev/null -w '%{{http_code}} ' 'localhost:{p.gateway}/api/search?fail=1'; done
+  curl -si 'localhost:{p.gateway}/api/search?q=x'                 # 503: the breaker is open for 10s
+Status page: http://127.0.0.1:{p.admin}/ (also /status, /metrics, /healthz, /readyz)"""
 
 
-def demo_config() -> Config:
-    return parse_config(DEMO_CONFIG, "<demo>", {"TXGATEWAY_DEMO_SECRET": DEMO_SECRET})
+def demo_config(ports: DemoPorts | None = None) -> Config:
+    text = DEMO_CONFIG.substitute(asdict(ports or DemoPorts()))
+    return parse_config(text, "<demo>", {"TXGATEWAY_DEMO_SECRET": DEMO_SECRET})
+
+
+def banner(ports: DemoPorts) -> str:
+    return BANNER.format(p=ports)
 
 
 class EchoResource(Resource):
@@ -105,21 +149,30 @@ class EchoResource(Resource):
 
 
 class _Banner(Service):
+    def __init__(self, text: str) -> None:
+        self.text = text
+
     def startService(self) -> None:
         super().startService()
-        _log.info(BANNER)
+        _log.info("{banner}", banner=self.text)   # the text holds braces: not a format string
 
 
-def demo_service(reactor: Any) -> MultiService:
+def demo_service(reactor: Any, environ: Mapping[str, str], stdout: TextStream) -> MultiService:
+    """The demo on the ports `environ` names (DemoPorts.from_environ); its access log goes to
+    `stdout`."""
     from txgateway.gateway import Gateway
+    try:
+        ports = DemoPorts.from_environ(environ)
+    except ValueError as e:
+        raise SystemExit(f"txgateway: {e}") from None
     top = MultiService()
-    for name, port in DEMO_UPSTREAMS.items():
+    for name, port in ports.upstreams().items():
         site = Site(EchoResource(name))
         site.noisy = False
         site.log = lambda request: None  # type: ignore[method-assign]
         service = StreamServerEndpointService(serverFromString(reactor, f"tcp:{port}:interface=127.0.0.1"), site)
         service._raiseSynchronously = True
         service.setServiceParent(top)
-    Gateway(demo_config(), reactor).setServiceParent(top)
-    _Banner().setServiceParent(top)
+    Gateway(demo_config(ports), reactor, stdout=stdout).setServiceParent(top)
+    _Banner(banner(ports)).setServiceParent(top)
     return top

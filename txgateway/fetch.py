@@ -1,5 +1,6 @@
-"""Reading the body of a response the gateway fetched itself (JWKS, health checks), bounded:
-a misbehaving server can make the gateway wait (callers bound that), never fill its memory."""
+"""Requests the gateway makes itself (JWKS, health checks): a connection pool that keeps
+quiet, and reading bodies bounded: a misbehaving server can make the gateway wait (callers
+bound that), never fill its memory."""
 
 from __future__ import annotations
 
@@ -7,7 +8,21 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 
-__all__ = ["read_body"]
+__all__ = ["quiet_pool", "read_body"]
+
+
+def quiet_pool(reactor: Any) -> Any:
+    """An HTTPConnectionPool without keep-alive whose connections log nothing. Twisted's
+    factory for them logs "Starting factory ..." and "Stopping factory ..." for each one:
+    with health checks, two lines per target and interval, most of the gateway's log."""
+    from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
+
+    class QuietFactory(_HTTP11ClientFactory):
+        noisy = False
+
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    pool._factory = QuietFactory      # the pool's documented (if private) factory hook
+    return pool
 
 
 def read_body(response: Any, limit: int) -> Deferred[bytes]:

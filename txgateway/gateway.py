@@ -9,22 +9,25 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
-from txgateway.accesslog import AccessLog, JsonLinesWriter
+from txgateway.accesslog import AccessLog, JsonLinesWriter, TextStream
 from txgateway.breaker import Breakers
 from txgateway.config import Config, ConfigError, load_config
 from txgateway.contract import ReloadRefused, Resources
-from txgateway.fetch import read_body
+from txgateway.endpoints import ListenerError, cannot_listen
+from txgateway.fetch import quiet_pool, read_body
 from txgateway.http1 import HTTP1Factory
 from txgateway.pipeline import Pipeline, Switch
 from txgateway.proxy import Proxy, UpstreamGroup
@@ -49,10 +52,6 @@ _log = Logger(namespace="txgateway")
 
 
 DEFAULT_BACKLOG = 1024
-
-
-class ListenerError(Exception):
-    """A listener whose endpoint cannot be made (said without a traceback by twistd)."""
 
 
 def _endpoint(reactor: Any, index: int, description: str) -> Any:
@@ -125,9 +124,10 @@ class Gateway(MultiService):
     """A configured gateway: build with a Config, a reactor and a clock (IReactorTime)."""
 
     def __init__(self, config: Config, reactor: Any, clock: Any = None, inherited_fds: list[int] | None = None,
-                 operations: bool = True) -> None:
+                 operations: bool = True, stdout: TextStream | None = None) -> None:
         """`inherited_fds`: listening sockets a --workers parent bound, one per listener, in
-        order; `operations`: whether this process runs the admin listener and the Manhole."""
+        order; `operations`: whether this process runs the admin listener and the Manhole;
+        `stdout`: where `access_log: "-"` writes (sys.stdout unless told)."""
         super().__init__()
         self.config = config
         self.reactor = reactor
@@ -135,7 +135,7 @@ class Gateway(MultiService):
         self.deadlines = Deadlines(self.clock)
         self.stats = Stats(self.clock)
         self.draining = False
-        self.log_writer = JsonLinesWriter.open(config.access_log, self.clock)
+        self.log_writer = JsonLinesWriter.open(config.access_log, self.clock, stdout or sys.stdout)
         self.jwks = self._remote_jwks(config)
         self.redis, self.limiter, self.local_buckets = self._limit_stores(config)
         self.access_log = AccessLog(self.log_writer)
@@ -145,6 +145,7 @@ class Gateway(MultiService):
         self.server_tls: dict[int, ServerTLS] = {}  # listener index -> its certificates
         self.tls_factories: dict[int, HTTP1Factory] = {}  # listener index -> its HTTP/1.1 factory
         self.listeners: list[Any] = []
+        self._named: dict[Any, tuple[str, str]] = {}   # service -> (config key, endpoint), for bind errors
         for i, listener in enumerate(config.listen):
             factory = self._listener_factory(i, listener, config)
             if inherited_fds:
@@ -154,6 +155,7 @@ class Gateway(MultiService):
                 service._raiseSynchronously = True
             service.setServiceParent(self)
             self.listeners.append(service)
+            self._named[service] = (f"listen[{i}]", listener.endpoint)
         for name, upstream in config.upstreams.items():
             if upstream.tls is not None and not upstream.tls.verify and any(t.https for t in upstream.targets):
                 _log.warn("upstream {name}: TLS certificates are NOT verified (tls.verify: false)", name=name)
@@ -163,9 +165,12 @@ class Gateway(MultiService):
             self.admin = StreamServerEndpointService(serverFromString(reactor, config.admin.endpoint), admin_site(self))
             self.admin._raiseSynchronously = True
             self.admin.setServiceParent(self)
+            self._named[self.admin] = ("admin", config.admin.endpoint)
         if config.manhole is not None and operations:
             from txgateway.manhole import manhole_service
-            manhole_service(self, config.manhole, reactor).setServiceParent(self)
+            manhole = manhole_service(self, config.manhole, reactor)
+            manhole.setServiceParent(self)
+            self._named[manhole] = ("manhole", config.manhole.endpoint)
 
     def _listener_factory(self, index: int, listener: Any, config: Config) -> Any:
         """HTTP/1.1 for a listener: wrapped in TLS when it has `tls:`; answering 308 to https
@@ -215,14 +220,28 @@ class Gateway(MultiService):
     def breakers(self) -> Breakers:
         return Breakers(g.breaker for g in self.proxy.groups.values() if g.breaker is not None)
 
+    def reopen_access_log(self) -> None:
+        """A file access log continues in a file opened again at its path (SIGUSR1, SIGHUP:
+        logrotate moved the old one away); stdout and `off` are left as they are."""
+        writer = self.log_writer
+        if writer is None or writer.path is None:
+            return
+        try:
+            writer.reopen()
+        except OSError as e:
+            _log.error("access log {path}: cannot reopen it ({error}); still writing to the file open before",
+                       path=writer.path, error=e.strerror or str(e))
+            return
+        _log.info("access log {path} reopened", path=writer.path)
+
     def reload(self) -> list[str]:
         """Read the config file again and, if it is valid, serve new requests with it.
 
         In-flight requests finish on the old pipeline; upstreams whose settings did not change
         keep their pools, breakers and health; rate-limit buckets stay. Settings that need a
-        restart (listeners, admin, manhole, redis, access log, limiter backend) keep their
-        running values, each with a warning. An invalid file changes nothing; every problem
-        is logged. Returns the problems (empty: applied)."""
+        restart (txgateway/reload.py lists them) keep their running values, each with a
+        warning. An invalid file changes nothing; every problem is logged. Returns the
+        problems (empty: applied)."""
         try:
             new = load_config(self.config.file)
         except ConfigError as e:
@@ -281,11 +300,10 @@ class Gateway(MultiService):
         if jwt_config is None or jwt_config.jwks_url is None:
             return None
         import treq
-        from twisted.web.client import HTTPConnectionPool
         from twisted.web.http_headers import Headers
 
         from txgateway.jwks import RemoteJwks
-        pool = HTTPConnectionPool(self.reactor, persistent=False)
+        pool = quiet_pool(self.reactor)
 
         def fetch(url: str) -> Deferred[bytes]:
             d = treq.get(url, pool=pool, reactor=self.reactor, headers=Headers({b"Accept": [b"application/json"]}))
@@ -309,6 +327,17 @@ class Gateway(MultiService):
     def ports(self) -> list[int]:
         """The bound TCP ports, in listener order (for tests and the demo banner)."""
         return [s._waitingForPort.result.getHost().port for s in self.listeners]  # type: ignore[union-attr]
+
+    def privilegedStartService(self) -> None:
+        """Bind every listener (twistd does this before dropping privileges); one that cannot
+        bind stops start-up with a ListenerError naming it and its address."""
+        Service.privilegedStartService(self)
+        for service in self:
+            try:
+                service.privilegedStartService()
+            except CannotListenError as e:
+                name, endpoint = self._named[service]
+                raise ListenerError(f"{name} ({endpoint}) {cannot_listen(e)}") from None
 
     def startService(self) -> None:
         self.deadlines.start()

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
@@ -19,7 +20,7 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from txgateway.balance import Balancer, Member
-from txgateway.fetch import read_body
+from txgateway.fetch import quiet_pool, read_body
 from txgateway.resilienceconfig import HealthCheck
 
 __all__ = ["HealthChecker"]
@@ -42,8 +43,8 @@ class HealthChecker:
 
     def start(self) -> None:
         import treq.client
-        from twisted.web.client import Agent, HTTPConnectionPool
-        pool = HTTPConnectionPool(self.reactor, persistent=False)
+        from twisted.web.client import Agent
+        pool = quiet_pool(self.reactor)
         # The checks speak TLS to https targets exactly as the proxy does (tls.ca, verify,
         # client certificate): not with treq's default browser-like policy.
         agent: Any = Agent(self.reactor, contextFactory=_TargetsTLS(self.balancer), pool=pool)
@@ -80,9 +81,13 @@ class HealthChecker:
             self._record_failure(member, f"status {status}")
 
     def _failed(self, failure: Failure, member: Member) -> None:
-        if failure.check(TimeoutError):
+        if failure.check(CancelledError) or not self._loop.running:      # stopped: no verdict
+            return
+        # The timeout cancels a check still connecting with ConnectingCancelledError, whose
+        # message is only the address.
+        if failure.check(TimeoutError, ConnectingCancelledError):
             self._record_failure(member, f"no answer within {self.check.timeout:g}s")
-        elif not failure.check(CancelledError):               # stopped: no verdict
+        else:
             self._record_failure(member, failure.getErrorMessage() or type(failure.value).__name__)
 
     def _done(self, _: Any, d: Deferred[Any]) -> None:

@@ -362,8 +362,9 @@ class Exchange:
         member = self.group.balancer.pick(self.tried)
         if member is None:
             return False
-        _log.info("retrying {method} {path} for {correlation_id} on {target} after: {reason}", method=ctx.method,
-                  path=ctx.path, correlation_id=ctx.correlation_id, target=member.url, reason=reason)
+        _log.info("retrying {method} {path} for {correlation_id} on {target} after: {reason}",
+                  method=ctx.method.decode("latin-1"), path=ctx.path.decode("latin-1"),
+                  correlation_id=ctx.correlation_id, target=member.url, reason=reason)
         ctx.note("upstream_error", f"retried after: {reason}")
         ctx.forwarding = self
         self.member, self.pool, self.judged = member, member.pool, False

@@ -5,12 +5,17 @@ The only place that picks the real reactor; everything below takes it as an argu
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 from twisted.application.service import MultiService
+from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
 from txgateway.config import ConfigError, load_config
+from txgateway.endpoints import ListenerError, cannot_listen
+from txgateway.logs import ProcessRoot, TwistdLog
 
 __all__ = ["Options", "makeService"]
 
@@ -18,7 +23,8 @@ __all__ = ["Options", "makeService"]
 class Options(usage.Options):
     synopsis = "[--config FILE | --demo]"
     longdesc = ("Run the txgateway API gateway. --config names the YAML file (see etc/txgateway.yaml); "
-                "--demo needs nothing: it serves on 127.0.0.1:8080 with in-process demo upstreams.")
+                "--demo needs nothing: it serves on 127.0.0.1:8080 with in-process demo upstreams, its admin "
+                "listener on 8081 (TXGATEWAY_DEMO_PORTS=gateway=N,admin=N moves them).")
     optParameters = [
         ["config", "c", None, "Path to the YAML config file."],
         ["workers", None, None, "Run N worker processes sharing the listening sockets, under a supervising "
@@ -44,8 +50,25 @@ class Options(usage.Options):
             try:
                 self["loaded"] = load_config(self["config"])
             except ConfigError as e:
-                # twistd prints UsageError text and exits non-zero before binding anything.
-                raise usage.UsageError("invalid config:\n" + str(e)) from None
+                # As check-config says it, without twistd's usage text (the command line was
+                # right); exit status 1 before anything binds.
+                raise SystemExit(e.report(self["config"])) from None
+
+
+class _Daemon(ProcessRoot):
+    """What twistd runs. A listener that cannot bind ends start-up with one line naming it
+    (the address in use, the permission missing), exit status 1, rather than a traceback."""
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except (ListenerError, CannotListenError) as e:    # CannotListenError: a demo upstream's
+            message = f"txgateway: {e if isinstance(e, ListenerError) else cannot_listen(e)}"
+            # twistd must see the exception: it removes the pid file and tells the parent of a
+            # daemonised process, which waits until told. The interpreter then prints this one
+            # line where it would print the traceback (stderr, which twistd logs).
+            sys.excepthook = lambda *exc_info: print(message, file=sys.stderr)
+            raise ListenerError(message[len("txgateway: "):]) from None
 
 
 def _tune_for_throughput(reactor: Any) -> None:
@@ -92,14 +115,19 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         from twisted.internet import reactor as default_reactor
         reactor = default_reactor
         _tune_for_throughput(reactor)
+    log = TwistdLog.from_options(options)
+    top = _Daemon(log.observer(sys.stdout, os.environ))
     if options["demo"]:
         from txgateway.demo import demo_service
-        return demo_service(reactor)
-    top = MultiService()
+        demo_service(reactor, os.environ, log.stdout_stream()).setServiceParent(top)
+        return top
     config = options["loaded"]
     if options["workers"] is not None and options["worker"] is None:
         from txgateway.workers import WorkerSupervisor, check_shareable
         problems = check_shareable(config)
+        if log.daemon:
+            problems.append("--workers needs twistd -n (as systemd runs it): the workers log to the parent's stdout, "
+                            "which a daemonised twistd closes")
         if problems:
             raise SystemExit("txgateway: " + "; ".join(problems))
         WorkerSupervisor(config, int(options["workers"]), reactor).setServiceParent(top)
@@ -107,17 +135,19 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             reactor.addSystemEventTrigger("after", "startup", notify_systemd, "READY=1")
             reactor.addSystemEventTrigger("before", "shutdown", notify_systemd, "STOPPING=1")
         return top
-    from txgateway.gateway import Gateway, ListenerError  # not in a --workers parent: it serves nothing
+    from txgateway.gateway import Gateway  # not in a --workers parent: it serves nothing
     if options["worker"] is not None:
         _exit_with_parent()
     inherited = [int(fd) for fd in options["inherit-fds"].split(",")] if options["inherit-fds"] else None
     try:
-        gateway = Gateway(config, reactor, inherited_fds=inherited, operations=options["worker"] in (None, "0"))
+        gateway = Gateway(config, reactor, inherited_fds=inherited, operations=options["worker"] in (None, "0"),
+                          stdout=log.stdout_stream())
     except ListenerError as e:
         raise SystemExit(f"txgateway: {e}") from None
     gateway.setServiceParent(top)
     if daemon:
         _reload_on_sighup(reactor, gateway)  # now: a SIGHUP during start-up must not kill us
+        log.handle_usr1(reactor, gateway.reopen_access_log)
         reactor.addSystemEventTrigger("after", "startup", notify_systemd, "READY=1")
         reactor.addSystemEventTrigger("before", "shutdown", notify_systemd, "STOPPING=1")
     return top
@@ -151,11 +181,16 @@ def _exit_with_parent() -> None:
 
 
 def _reload_on_sighup(reactor: Any, gateway: Any) -> None:
-    """SIGHUP (`systemctl reload`) re-reads the config file in the reactor thread."""
+    """SIGHUP (`systemctl reload`, or logrotate) reopens a file access log and re-reads the
+    config file, in the reactor thread."""
     import signal
 
+    def reopen_and_reload() -> None:
+        gateway.reopen_access_log()
+        gateway.reload()
+
     def reload(signum: int, frame: Any) -> None:
-        reactor.callFromThread(gateway.reload)
+        reactor.callFromThread(reopen_and_reload)
 
     signal.signal(signal.SIGHUP, reload)
 

@@ -99,8 +99,8 @@ def parse_listener_tls(r: Reader, node: yaml.Node, path: str) -> ListenerTLS:
         if "cert" not in pair or "key" not in pair:
             r.fail(item, item_path, "expected {cert: FILE, key: FILE}")
             continue
-        cert_path = r.attempt(lambda: r.string(pair["cert"], f"{item_path}.cert"), None)
-        key_path = r.attempt(lambda: r.string(pair["key"], f"{item_path}.key"), None)
+        cert_path = r.attempt(lambda: r.file_path(pair["cert"], f"{item_path}.cert"), None)
+        key_path = r.attempt(lambda: r.file_path(pair["key"], f"{item_path}.key"), None)
         if cert_path and key_path:
             loaded = r.attempt(lambda: _load_pair(r, item, item_path, cert_path, key_path), None)
             if loaded is not None:
@@ -140,7 +140,7 @@ def parse_upstream_tls(r: Reader, node: yaml.Node, path: str) -> UpstreamTLS:
     contents: dict[str, bytes] = {}
     for key in ("ca", "cert", "key"):
         if key in f:
-            file = r.attempt(lambda: r.string(f[key], f"{path}.{key}"), None)
+            file = r.attempt(lambda: r.file_path(f[key], f"{path}.{key}"), None)
             if file is not None:
                 try:
                     with open(file, "rb") as opened:

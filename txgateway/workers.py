@@ -3,8 +3,10 @@
 The parent binds every `tcp:`/`tcp6:` listener itself, then starts N workers (`twistd -n
 txgateway --config FILE --worker I --inherit-fds ...`) that adopt those sockets: the kernel
 spreads connections over the workers' accept calls. The parent serves nothing; it restarts a
-worker that dies (1 s, doubling up to 30 s while it keeps dying), forwards SIGHUP (reload) to
-every worker, and on SIGTERM asks them to drain and waits up to `drain_timeout` + 5 s.
+worker that dies (1 s, doubling up to 30 s while it keeps dying), forwards SIGHUP (reload) and
+SIGUSR1 (reopen the access log) to every worker, and on SIGTERM asks them to drain and waits up
+to `drain_timeout` + 5 s. The workers write their log (and `access_log: "-"`) to the parent's
+stdout, each line tagged with the worker's number.
 
 State is per worker except what lives in Redis: use `backend: redis` or `hybrid` for limits
 that hold across workers (with `local`, N workers admit up to N times the rate). The admin
@@ -23,10 +25,13 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.error import CannotListenError, ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
 from txgateway.config import Config
+from txgateway.endpoints import ListenerError, cannot_listen
+from txgateway.logs import on_signal
 
 __all__ = ["WorkerSupervisor", "bind_listener", "check_shareable"]
 
@@ -55,7 +60,11 @@ def bind_listener(endpoint: str) -> socket.socket:
     interface = options.get("interface", "::" if family == socket.AF_INET6 else "0.0.0.0")
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((interface, int(port)))
+    try:
+        sock.bind((interface, int(port)))
+    except OSError as e:
+        sock.close()
+        raise CannotListenError(interface, int(port), e) from None
     sock.listen(int(options.get("backlog", "1024")))
     sock.setblocking(False)
     sock.set_inheritable(True)
@@ -97,14 +106,18 @@ class WorkerSupervisor(Service):
 
     def privilegedStartService(self) -> None:
         # Bind before dropping privileges (twistd --uid), like any listener.
-        self.sockets = [bind_listener(listener.endpoint) for listener in self.config.listen]
+        for i, listener in enumerate(self.config.listen):
+            try:
+                self.sockets.append(bind_listener(listener.endpoint))
+            except CannotListenError as e:
+                raise ListenerError(f"listen[{i}] ({listener.endpoint}) {cannot_listen(e)}") from None
         super().privilegedStartService()
 
     def startService(self) -> None:
         super().startService()
         if not self.sockets:
             self.privilegedStartService()
-        self._forward_sighup()           # before the workers exist: an early SIGHUP must not kill us
+        self._forward_signals()          # before the workers exist: an early SIGHUP must not kill us
         for index in range(self.count):
             self._spawn(index)
 
@@ -144,16 +157,18 @@ class WorkerSupervisor(Service):
         if not self._stopping and index not in self.workers:
             self._spawn(index)
 
-    def _forward_sighup(self) -> None:
-        def forward(signum: int, frame: Any) -> None:
-            self.reactor.callFromThread(self.signal_workers, "HUP")
-        signal.signal(signal.SIGHUP, forward)
+    def _forward_signals(self) -> None:
+        """SIGHUP and SIGUSR1 go on to every worker (SIGUSR1 also to twistd's own handler:
+        it rotates the parent's log file when twistd writes one)."""
+        on_signal(self.reactor, signal.SIGHUP, lambda: self.signal_workers("HUP"))
+        on_signal(self.reactor, signal.SIGUSR1, lambda: self.signal_workers(signal.SIGUSR1))
 
-    def signal_workers(self, name: str) -> None:
+    def signal_workers(self, signum: str | int) -> None:
+        """`signum`: a signal number, or a name Twisted knows ("HUP", "INT", "KILL", "TERM")."""
         for transport in list(self.workers.values()):
             try:
-                transport.signalProcess(name)
-            except Exception:              # it exited in the meantime
+                transport.signalProcess(signum)
+            except ProcessExitedAlready:   # it exited in the meantime
                 pass
 
     def stopService(self) -> Deferred[Any]:
