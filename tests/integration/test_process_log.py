@@ -326,7 +326,8 @@ async def test_a_retry_is_logged_with_its_method_and_path_as_text(reactor, echo,
 class _Broken:
     """A filter with a bug: its request hook fails."""
 
-    on_response = None
+    name = "broken"
+    on_response_head = on_response_body = on_finished = None
 
     def on_request(self, ctx: Any) -> Any:
         return fail(RuntimeError("a bug"))
@@ -334,7 +335,7 @@ class _Broken:
 
 @pytest_twisted.ensureDeferred
 async def test_a_failing_filter_is_logged_with_the_method_and_path_as_text(reactor, echo):
-    from txgateway.pipeline import Pipeline
+    from txgateway.testing import with_filter
     config = parse_config(with_defaults(f"""
         upstreams:
           users: {{targets: ["{echo.url}"]}}
@@ -342,9 +343,7 @@ async def test_a_failing_filter_is_logged_with_the_method_and_path_as_text(react
           - {{prefix: /api, upstream: users}}
         """), "test.yaml")
     gw = Gateway(config, reactor)
-    running = gw.pipeline
-    gw.factory.pipeline = Pipeline([*running.filters, _Broken()], running.terminal, running.access_log,
-                                   running.clock, running.stats)
+    gw.switch.pipeline = with_filter(gw.pipeline, _Broken())
     gw.startService()
     try:
         port = (await gw.listeners[0]._waitingForPort).getHost().port
@@ -352,8 +351,9 @@ async def test_a_failing_filter_is_logged_with_the_method_and_path_as_text(react
             (r,) = parse_responses(await raw(port, b"POST /api/x?q=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"))
     finally:
         await gw.stopService()
-    assert_envelope(r, 500, "INTERNAL_ERROR")
-    assert lines == ["request filter failed for POST /api/x"], lines
+    assert_envelope(r, 500, "INTERNAL")
+    (line,) = lines
+    assert line == f"filter broken failed in its request phase on route /api for POST /api/x ({r.json()['error']['correlation_id']})"
 
 
 @pytest_twisted.ensureDeferred
