@@ -124,3 +124,17 @@ def test_a_response_filter_raising_gives_no_verdict_on_the_upstream():
         assert [r.status for r in rs] == [500, 200]
     snapshot = gw.gateway.breakers["users"].snapshot()
     assert (snapshot["state"], snapshot["window_failures"]) == ("closed", 0)
+
+
+def test_the_long_lived_parts_are_child_services_started_before_and_stopped_after_the_listeners():
+    gw = MemoryGateway(CONFIG, {UPSTREAM: echo})
+    children = list(gw.gateway)
+    names = [child.name for child in children if child not in gw.gateway.listeners]
+    assert names == ["deadlines", "limiter", "upstreams"]
+    assert children.index(gw.gateway.listeners[0]) == len(names)         # the listener comes after them
+    assert all(child.running for child in children)
+    parse_responses(gw.request(get("/api/users/1")))                       # a pooled upstream connection
+    stopping = gw.gateway.stopService()
+    gw.advance(0.2)
+    assert stopping.called and not any(child.running for child in children)
+    assert gw.upstream_peers[0].lost                                        # the pool closed it

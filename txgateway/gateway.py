@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -120,6 +121,24 @@ class AdoptedPort(Service):
         return maybeDeferred(self.port.stopListening) if self.port is not None else succeed(None)
 
 
+class Component(Service):
+    """A long-lived part of the gateway (a periodic sweep, a refresher, a writer) as a child
+    service, so the service tree says what runs and in which order it starts and stops."""
+
+    def __init__(self, name: str, start: Callable[[], Any], stop: Callable[[], Any]) -> None:
+        self.setName(name)
+        self._start = start
+        self._stop = stop
+
+    def startService(self) -> None:
+        super().startService()
+        self._start()
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        return maybeDeferred(self._stop)
+
+
 class Gateway(MultiService):
     """A configured gateway: build with a Config, a reactor and a clock (IReactorTime)."""
 
@@ -141,6 +160,8 @@ class Gateway(MultiService):
         self.access_log = AccessLog(self.log_writer)
         self.switch = Switch(self._request_path(config, {}))
         self.factory = HTTP1Factory(self.switch, self.clock, self.deadlines)
+        for component in self._components():     # children before the listeners: started first
+            component.setServiceParent(self)
         self.factories = [self.factory]          # every HTTP/1.1 factory: plain, TLS, redirecting
         self.server_tls: dict[int, ServerTLS] = {}  # listener index -> its certificates
         self.tls_factories: dict[int, HTTP1Factory] = {}  # listener index -> its HTTP/1.1 factory
@@ -171,6 +192,23 @@ class Gateway(MultiService):
             manhole = manhole_service(self, config.manhole, reactor)
             manhole.setServiceParent(self)
             self._named[manhole] = ("manhole", config.manhole.endpoint)
+
+    def _components(self) -> list[Component]:
+        """The long-lived parts, as child services in start order (they stop in reverse, after
+        the listeners stopped and the drain): the access-log writer, the deadline sweep, the
+        bucket stores (a Redis-backed one closes its connections), the JWKS refresher, and the
+        upstream groups (pools, health checks) of the current request path."""
+        out = []
+        if self.log_writer is not None:
+            out.append(Component("access-log", self.log_writer.start, self.log_writer.stop))
+        out.append(Component("deadlines", self.deadlines.start, self.deadlines.stop))
+        if self.local_buckets is not self.limiter:
+            out.append(Component("local-buckets", self.local_buckets.start, self.local_buckets.stop))
+        out.append(Component("limiter", self.limiter.start, self.limiter.stop))
+        if self.jwks is not None:
+            out.append(Component("jwks", self.jwks.start, self.jwks.stop))
+        out.append(Component("upstreams", lambda: self.proxy.start(), lambda: self.proxy.close()))
+        return out
 
     def _listener_factory(self, index: int, listener: Any, config: Config) -> Any:
         """HTTP/1.1 for a listener: wrapped in TLS when it has `tls:`; answering 308 to https
@@ -339,18 +377,6 @@ class Gateway(MultiService):
                 name, endpoint = self._named[service]
                 raise ListenerError(f"{name} ({endpoint}) {cannot_listen(e)}") from None
 
-    def startService(self) -> None:
-        self.deadlines.start()
-        self.proxy.start()
-        if self.jwks is not None:
-            self.jwks.start()
-        self.limiter.start()
-        if self.local_buckets is not self.limiter:
-            self.local_buckets.start()
-        if self.log_writer is not None:
-            self.log_writer.start()
-        super().startService()
-
     def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())
 
@@ -404,19 +430,8 @@ class Gateway(MultiService):
                     for transport in _open(factory.others):
                         transport.abortConnection()
                 await deferLater(self.reactor, 0.05, lambda: None)
-        self.proxy.close()
-        if self.jwks is not None:
-            self.jwks.stop()
-        stopping = self.limiter.stop()       # a Redis-backed store closes its connections
-        if stopping is not None:
-            await stopping
-        if self.local_buckets is not self.limiter:
-            self.local_buckets.stop()
-        self.deadlines.stop()
-        if self.log_writer is not None:
-            self.log_writer.stop()
-        for child in reversed(list(self)):
-            if child not in self.listeners:
+        for child in reversed(list(self)):     # the Manhole, admin, then the components, last
+            if child not in self.listeners:    # started first stopped last (the log writer)
                 await child.stopService()
 
     def _busy(self) -> bool:
