@@ -5,11 +5,13 @@ The only place that picks the real reactor; everything below takes it as an argu
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+from typing import Any, NoReturn
 
 from twisted.application.service import MultiService
 from twisted.python import usage
 
+from txgateway import __version__
 from txgateway.config import ConfigError, load_config
 
 __all__ = ["Options", "makeService"]
@@ -29,6 +31,11 @@ class Options(usage.Options):
     optFlags = [
         ["demo", None, "Run the demo: gateway on 127.0.0.1:8080 with demo upstreams users, orders, search."],
     ]
+
+    def opt_version(self) -> NoReturn:
+        """Display txgateway's version and exit."""
+        print(f"txgateway {__version__}")
+        sys.exit(0)
 
     def postOptions(self) -> None:
         if self["demo"] and self["config"]:
