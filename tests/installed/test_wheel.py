@@ -123,14 +123,14 @@ def gateway_config(port: int, upstream: str, secret_file: Path, extra_route: str
 class Gateway:
     """A config file in a temporary directory and `twistd -n txgateway --config` serving it there."""
 
-    def __init__(self, tmp_path: Path, upstream: str) -> None:
+    def __init__(self, tmp_path: Path, upstream: str, *options: str) -> None:
         self.port = free_port()
         self.upstream = upstream
         self.secret_file = tmp_path / "jwt_secret"
         self.secret_file.write_bytes(SECRET)
         self.config = tmp_path / "gateway.yaml"
         self.write()
-        self.daemon = Daemon(tmp_path, self.config)
+        self.daemon = Daemon(tmp_path, self.config, options=options)
 
     def write(self, extra_route: str = "") -> None:
         self.config.write_text(gateway_config(self.port, self.upstream, self.secret_file, extra_route))
@@ -197,6 +197,21 @@ def test_sigterm_drains_and_exits_0(gateway):
     assert gateway.get("/api/public/1")[0] == 200
     gateway.daemon.proc.send_signal(signal.SIGTERM)
     assert_clean_shutdown(gateway.daemon, gateway.daemon.wait(STOP_TIMEOUT))
+
+
+def test_workers_run_the_installed_txgateway_not_one_in_the_working_directory(tmp_path):
+    """A worker is a new interpreter: started with the working directory on its sys.path, it
+    would import a `txgateway` found there (a checkout, say) instead of the parent's."""
+    (tmp_path / "txgateway").mkdir()
+    (tmp_path / "txgateway" / "__init__.py").write_text('raise ImportError("the txgateway in the working directory")\n')
+    with StdlibUpstream(Echo) as upstream:
+        gw = Gateway(tmp_path, upstream.url, "--workers", "2")
+        try:
+            gw.daemon.wait_for_port(gw.port)
+            assert gw.get("/api/public/1") == (200, {"path": "/public/1", "user": None}), gw.daemon.output
+            assert "died" not in gw.daemon.output, gw.daemon.output
+        finally:
+            gw.daemon.kill()
 
 
 # --- the demo --------------------------------------------------------------------------------
