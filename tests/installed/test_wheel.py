@@ -34,9 +34,9 @@ DEMO_PORTS = (8080, 3001, 3002, 3003)
 DEMO_BUSY_WAIT = 30.0        # someone else's `make demo`, or another suite's demo test, holds them
 
 
-def run(argv: list[Path | str], cwd: Path, **kw: object) -> subprocess.CompletedProcess[str]:
+def run(argv: list[Path | str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=60, cwd=cwd,
-                          stdin=subprocess.DEVNULL, check=False, **kw)  # type: ignore[call-overload]
+                          stdin=subprocess.DEVNULL, check=False)
 
 
 # --- the install itself ----------------------------------------------------------------------
@@ -51,8 +51,8 @@ print(json.dumps({"prefix": sys.prefix, "site": sysconfig.get_paths()["platlib"]
 
 @pytest.mark.skipif(WHEEL is None, reason="no wheel under test: `make test-wheel` builds and installs one")
 def test_the_install_is_the_wheel_not_the_checkout(tmp_path):
-    """Every module twistd loads comes from the wheel's venv; the hot path is the wheel's own
-    compiled extensions (byte for byte), or its .py files when built with TXGATEWAY_PURE=1."""
+    """txgateway, its twistd plugin and its hot path come from the wheel's venv, and the hot path
+    is the wheel's own compiled extensions, byte for byte (its .py files if built TXGATEWAY_PURE=1)."""
     assert WHEEL is not None
     hot = compiled_modules()
     names = ["txgateway", "txgateway.tap", "twisted.plugins.txgateway_plugin", *hot]
@@ -226,8 +226,9 @@ def start_demo(tmp_path: Path) -> Daemon:
             time.sleep(0.05)
         if daemon.proc.poll() is None:
             return daemon
+        output = daemon.output
         daemon.kill()
-        assert "already in use" in daemon.output, daemon.output
+        assert "already in use" in output, output
         if time.monotonic() > deadline:
             pytest.skip(f"the demo's ports {DEMO_PORTS} stayed in use by another process for {DEMO_BUSY_WAIT:g}s")
         time.sleep(0.5)
