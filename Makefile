@@ -4,11 +4,20 @@
 # the whole suite on each, compiled and TXGATEWAY_PURE=1.
 SUPPORTED = 3.11 3.12 3.13
 PYTHON ?= python3
+
+# The interpreter for Python $(1): python$(1) when it runs, else pyenv's (whose shims run only
+# the versions pyenv selects).
+python_for = $(or $(firstword $(foreach p,python$(1) $(wildcard $(HOME)/.pyenv/versions/$(1).*/bin/python$(1)),\
+  $(shell $(p) -c 'import sys; print(sys.executable)' 2>/dev/null))),\
+  $(error Python $(1) not found as python$(1) nor under ~/.pyenv/versions: install it, e.g. pyenv install $(1)))
+ifneq ($(filter python3.%,$(PYTHON)),)
+override PYTHON := $(call python_for,$(PYTHON:python%=%))
+endif
 PY_VERSION := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
 ifeq ($(PY_VERSION),)
 $(error PYTHON=$(PYTHON) does not run)
 endif
-# One venv per Python: .venv for the default python3, .venv-3.12 for PYTHON=.../python3.12.
+# One venv per Python: .venv for the default python3, .venv-3.12 for PYTHON=python3.12.
 VENV   ?= $(if $(filter python3,$(PYTHON)),.venv,.venv-$(PY_VERSION))
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
@@ -17,12 +26,6 @@ STAMP   = $(VENV)/.installed
 EXT_SUFFIX := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 BUILT   = txgateway__mypyc$(EXT_SUFFIX)
 export TXGATEWAY_PURE
-
-# The interpreter for Python $(1): python$(1) when it runs, else pyenv's (whose shims run only
-# the versions pyenv selects).
-python_for = $(or $(firstword $(foreach p,python$(1) $(wildcard $(HOME)/.pyenv/versions/$(1).*/bin/python$(1)),\
-  $(shell $(p) -c 'import sys; print(sys.executable)' 2>/dev/null))),\
-  $(error Python $(1) not found as python$(1) nor under ~/.pyenv/versions: install it, e.g. pyenv install $(1)))
 
 .PHONY: demo test test-suite test-wheel test-all-pythons install compile system-deps lint bench dev-clean dev-cert
 
@@ -105,19 +108,19 @@ $(WHEEL_STAMP): setup.py setup.cfg pyproject.toml README.md $(wildcard txgateway
 # (this venv drives them: they run everything they test as subprocesses of the wheel's venv).
 test: test-suite
 	$(foreach v,$(filter-out $(PY_VERSION),$(SUPPORTED)),\
-	  $(MAKE) --no-print-directory test-wheel PYTHON=$(call python_for,$(v)) VENV=$(VENV) &&) :
+	  $(MAKE) --no-print-directory test-wheel PYTHON=python$(v) VENV=$(VENV) &&) :
 
 test-suite: install system-deps $(WHEEL_STAMP)
 	$(WHEEL_TESTED) $(BIN)/python -m pytest -q tests
 
-# The installed wheel's smoke tests alone: make test-wheel PYTHON=/path/to/python3.13
+# The installed wheel's smoke tests alone: make test-wheel PYTHON=python3.13
 test-wheel: $(STAMP) $(WHEEL_STAMP)
 	$(WHEEL_TESTED) $(BIN)/python -m pytest -q tests/installed
 
 # Every supported Python, compiled and TXGATEWAY_PURE=1; a summary at the end.
 test-all-pythons:
 	@failed=""; \
-	for py in $(foreach v,$(SUPPORTED),$(call python_for,$(v))); do \
+	for py in $(SUPPORTED:%=python%); do \
 	  for pure in "" 1; do \
 	    $(MAKE) --no-print-directory test-suite PYTHON=$$py TXGATEWAY_PURE=$$pure \
 	      || failed="$$failed $$py$${pure:+ TXGATEWAY_PURE=1};"; \
