@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -14,13 +13,12 @@ import pytest
 from twisted.python import usage
 
 from tests.configcheck import route_auth
+from tests.installed import TWISTD, TXGATEWAY
 from tests.test_tls_config import CertAuthority
 from txgateway.config import Config
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "etc" / "txgateway.yaml"
 TLS_EXAMPLE = EXAMPLE.parent / "tls-example.yaml"
-BIN = Path(sys.executable).parent
-TXGATEWAY = BIN / "txgateway"
 
 BROKEN = """\
 listen:
@@ -201,7 +199,7 @@ def test_twistd_plugin_is_discoverable():
 
 
 def test_twistd_lists_the_plugin():
-    result = subprocess.run([str(BIN / "twistd"), "--help"], capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run([str(TWISTD), "--help"], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0
     assert any(line.split()[:1] == ["txgateway"] for line in result.stdout.splitlines())
 

@@ -52,3 +52,14 @@ def test_the_checkout_type_checks_with_every_import_resolved() -> None:
     result = subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(ROOT / "setup.cfg"), *paths],
                             capture_output=True, text=True, cwd=ROOT, timeout=300, check=False)
     assert result.returncode == 0, result.stdout
+
+
+def test_make_tests_the_pythons_that_setup_cfg_and_the_readme_declare() -> None:
+    setup_cfg = configparser.ConfigParser()
+    setup_cfg.read(ROOT / "setup.cfg")
+    declared = re.findall(r"^Programming Language :: Python :: (3\.\d+)$", setup_cfg["metadata"]["classifiers"],
+                          re.MULTILINE)
+    supported = re.findall(r"^SUPPORTED = (.+)$", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    assert supported == [" ".join(declared)]
+    *first, last = declared
+    assert f"txgateway supports CPython {', '.join(first)} and {last}." in (ROOT / "README.md").read_text()

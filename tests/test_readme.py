@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +15,13 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch.ssh.keys import Key
 
+from tests.installed import TXGATEWAY
 from tests.test_config import TOP_KEYS
 from tests.test_tls_config import CertAuthority
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 EXAMPLE = ROOT / "etc" / "txgateway.yaml"
-TXGATEWAY = Path(sys.executable).parent / "txgateway"
 SECTIONS = set(TOP_KEYS.split(", "))
 
 

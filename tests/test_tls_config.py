@@ -48,7 +48,8 @@ def _pem(key: Any) -> bytes:
 
 
 class CertAuthority:
-    """A test CA (P-256) that issues leaf certificates into files."""
+    """A test CA (P-256) that issues leaf certificates into files. Its certificates carry key
+    identifiers, which Python 3.13's default client context (VERIFY_X509_STRICT) demands."""
 
     def __init__(self, cn: str = "txgateway test CA") -> None:
         self.key = ec.generate_private_key(ec.SECP256R1())
@@ -61,6 +62,7 @@ class CertAuthority:
                                                   content_commitment=False, key_encipherment=False,
                                                   data_encipherment=False, key_agreement=False,
                                                   encipher_only=False, decipher_only=False), critical=True)
+                     .add_extension(x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()), critical=False)
                      .sign(self.key, hashes.SHA256()))
 
     @property
@@ -82,7 +84,10 @@ class CertAuthority:
         builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(self.cert.subject)
                    .public_key(key.public_key()).serial_number(serial)
                    .not_valid_before(not_before).not_valid_after(not_after)
-                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True))
+                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                                  critical=False)
+                   .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False))
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in sans]),
                                             critical=not cn)

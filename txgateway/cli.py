@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from txgateway import __version__
 from txgateway.config import ConfigError, load_config
 from txgateway.units import parse_duration
 
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="txgateway",
         description="txgateway tools. Run the gateway itself with: twistd -n txgateway --config FILE")
+    parser.add_argument("--version", action="version", version=f"txgateway {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check-config", help="validate a config file and exit (0 = valid)")
     check.add_argument("file", help="path to the YAML config file")

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from twisted.application.service import MultiService
 from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
+from txgateway import __version__
 from txgateway.config import ConfigError, load_config
 from txgateway.endpoints import ListenerError, cannot_listen
 from txgateway.logs import ProcessRoot, TwistdLog
@@ -35,6 +36,11 @@ class Options(usage.Options):
     optFlags = [
         ["demo", None, "Run the demo: gateway on 127.0.0.1:8080 with demo upstreams users, orders, search."],
     ]
+
+    def opt_version(self) -> NoReturn:
+        """Display txgateway's version and exit."""
+        print(f"txgateway {__version__}")
+        sys.exit(0)
 
     def postOptions(self) -> None:
         if self["demo"] and self["config"]:

@@ -123,7 +123,8 @@ class WorkerSupervisor(Service):
 
     def _argv(self, index: int) -> list[str]:
         fds = ",".join(str(_FIRST_FD + i) for i in range(len(self.sockets)))
-        return [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.exit(run())",
+        # -P: without the working directory on sys.path, which could hold another txgateway (a checkout)
+        return [sys.executable, "-P", "-c", "import sys; from twisted.scripts.twistd import run; sys.exit(run())",
                 "-n", "--pidfile=", "txgateway", "--config", self.config.file, "--worker", str(index),
                 "--inherit-fds", fds]
 

@@ -28,7 +28,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port, parse_responses, raw_request
-from tests.integration.test_lifecycle import STOP_TIMEOUT, TWISTD, Daemon, assert_clean_shutdown
+from tests.installed import TWISTD
+from tests.integration.test_lifecycle import STOP_TIMEOUT, Daemon, assert_clean_shutdown
 from tests.stdlib_upstream import QuietHandler, StdlibUpstream
 from txgateway.units import parse_duration
 

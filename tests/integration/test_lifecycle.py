@@ -12,9 +12,9 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import textwrap
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +26,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from tests.conftest import free_port, listen, parse_responses, raw, raw_request
+from tests.installed import TWISTD
 
-TWISTD = Path(sys.executable).parent / "twistd"
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 20.0
 
@@ -48,13 +48,15 @@ def write_config(tmp_path: Path, port: int, upstream_url: str, extra: str = "") 
 
 
 class Daemon:
-    """One `twistd -n --pidfile= txgateway --config …` subprocess, output to a file."""
+    """One `twistd -n --pidfile= txgateway --config … [options]` subprocess (without --config when
+    `config` is None), run in `tmp_path` with its output to a file there."""
 
-    def __init__(self, tmp_path: Path, config: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, tmp_path: Path, config: Path | None, env: dict[str, str] | None = None,
+                 options: Sequence[str] = ()) -> None:
         self.output_path = tmp_path / "twistd.out"
         self._out = open(self.output_path, "wb")
         self.proc = subprocess.Popen(
-            [str(TWISTD), "-n", "--pidfile=", "txgateway", "--config", str(config)],
+            [str(TWISTD), "-n", "--pidfile=", "txgateway", *(["--config", str(config)] if config else []), *options],
             stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=tmp_path,
             env={**os.environ, **env} if env else None)
 

@@ -29,10 +29,10 @@ from typing import Any, NamedTuple
 import pytest
 
 from tests.conftest import free_port
+from tests.installed import TWISTD
 from tests.integration.test_lifecycle import (
     START_TIMEOUT,
     STOP_TIMEOUT,
-    TWISTD,
     Daemon,
     assert_clean_shutdown,
     assert_port_free,
@@ -106,11 +106,7 @@ class Supervised(Daemon):
     """`twistd -n --pidfile= txgateway --config FILE *extra`, output to twistd.out."""
 
     def __init__(self, tmp_path: Path, config: Path, *extra: str) -> None:
-        self.output_path = tmp_path / "twistd.out"
-        self._out = open(self.output_path, "wb")
-        self.proc = subprocess.Popen(
-            [str(TWISTD), "-n", "--pidfile=", "txgateway", "--config", str(config), *extra],
-            stdout=self._out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=tmp_path)
+        super().__init__(tmp_path, config, options=extra)
         self.seen_workers: set[int] = set()
 
     def workers(self) -> list[int]:
