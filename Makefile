@@ -42,15 +42,15 @@ $(STAMP): setup.cfg setup.py pyproject.toml
 # Any source change rebuilds it: an in-place build would otherwise shadow the edited .py files.
 # TXGATEWAY_PURE=1 skips it (and removes an earlier build) to run the code uncompiled.
 ifeq ($(TXGATEWAY_PURE),)
-$(BUILT): $(STAMP) setup.py $(wildcard txgateway/*.py)
+$(BUILT): $(STAMP) setup.py $(shell find txgateway -name '*.py')
 	$(BIN)/python setup.py -q build_ext --inplace >/dev/null || { \
 	  echo "make compile: the mypyc build failed (it needs gcc and the Python headers, e.g. python3-dev);" \
 	       "TXGATEWAY_PURE=1 make $(MAKECMDGOALS) runs txgateway uncompiled" >&2; exit 1; }
-	touch txgateway/*$(EXT_SUFFIX) $(BUILT)  # setuptools keeps a .so whose generated C did not change
+	find txgateway -name '*$(EXT_SUFFIX)' -exec touch {} + ; touch $(BUILT)  # setuptools keeps a .so whose generated C did not change
 else
 .PHONY: $(BUILT)
 $(BUILT): $(STAMP)
-	rm -f txgateway/*$(EXT_SUFFIX) $(BUILT)
+	find txgateway -name '*$(EXT_SUFFIX)' -delete; rm -f $(BUILT)
 endif
 
 install: $(BUILT)
@@ -96,7 +96,7 @@ WHEEL_VENV   = $(WHEEL_HOME)/venv
 WHEEL_STAMP  = $(WHEEL_HOME)/.installed
 WHEEL_TESTED = TXGATEWAY_TEST_BIN=$(WHEEL_VENV)/bin TXGATEWAY_TEST_WHEEL=$$(echo $(WHEEL_HOME)/dist/txgateway-*.whl)
 
-$(WHEEL_STAMP): setup.py setup.cfg pyproject.toml README.md $(wildcard txgateway/*.py twisted/plugins/*.py)
+$(WHEEL_STAMP): setup.py setup.cfg pyproject.toml README.md $(shell find txgateway -name '*.py') $(wildcard twisted/plugins/*.py)
 	rm -rf $(WHEEL_HOME)
 	$(PYTHON) -m venv $(WHEEL_VENV)
 	$(WHEEL_VENV)/bin/pip wheel -q --no-deps -w $(WHEEL_HOME)/dist .

@@ -13,21 +13,21 @@ import sys
 from setuptools import setup
 
 COMPILED = [
-    "txgateway/accesslog.py",
-    "txgateway/auth.py",
-    "txgateway/fastwrite.py",
-    "txgateway/headers.py",
-    "txgateway/http1.py",
-    "txgateway/ids.py",
-    "txgateway/pipeline.py",
-    "txgateway/proxy.py",
-    "txgateway/ratelimit.py",
-    "txgateway/reactor.py",
-    "txgateway/routing.py",
-    "txgateway/stats.py",
-    "txgateway/timeouts.py",
-    "txgateway/tokens.py",
-    "txgateway/upstream.py",
+    "txgateway/ops/accesslog.py",
+    "txgateway/filters/auth/filter.py",
+    "txgateway/core/fastwrite.py",
+    "txgateway/filters/headers.py",
+    "txgateway/transport/http1.py",
+    "txgateway/core/ids.py",
+    "txgateway/core/pipeline.py",
+    "txgateway/upstream/proxy.py",
+    "txgateway/filters/ratelimit/filter.py",
+    "txgateway/core/reactor.py",
+    "txgateway/filters/routing.py",
+    "txgateway/ops/stats.py",
+    "txgateway/core/timeouts.py",
+    "txgateway/filters/auth/tokens.py",
+    "txgateway/upstream/pool.py",
 ]
 
 

@@ -24,10 +24,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 
-from txgateway.config import parse_config
-from txgateway.gateway import Gateway
-from txgateway.tap import tune_gc
-from txgateway.upstream import UpstreamConnection
+from txgateway.config.schema import parse_config
+from txgateway.service.gateway import Gateway
+from txgateway.service.tap import tune_gc
+from txgateway.upstream.pool import UpstreamConnection
 
 SECRET = "micro-benchmark-secret-0123456789abcdef"
 CONFIG = """
@@ -93,7 +93,7 @@ def build(jwt: bool, log: bool, limit: bool = False) -> tuple[object, UpstreamCo
     clock.advance(time.time())
     gateway = Gateway(config, reactor=None, clock=clock)
     if log:
-        from txgateway.accesslog import AccessLog
+        from txgateway.ops.accesslog import AccessLog
         gateway.pipeline.access_log = AccessLog(NullWriter())
     client = gateway.factory.buildProtocol(None)
     client.makeConnection(MemoryTransport())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from txgateway.config import ConfigError, ConfigProblem, Route, parse_config
+from txgateway.config.schema import ConfigError, ConfigProblem, Route, parse_config
 
 # A valid config of 8 lines, two upstreams and a route to each: the config tests append the
 # section under test from line 9, so the line numbers they expect depend on these 8.

@@ -23,10 +23,10 @@ from twisted.logger import formatEvent
 from twisted.web.server import Site
 
 from tests.redisproc import RedisServer, SentinelSetup, start_sentinel_setup
-from txgateway.authconfig import hash_api_key
-from txgateway.config import Config, parse_config
-from txgateway.demo import EchoResource
-from txgateway.gateway import Gateway
+from txgateway.config.schema import Config, parse_config
+from txgateway.filters.auth.config import hash_api_key
+from txgateway.service.demo import EchoResource
+from txgateway.service.gateway import Gateway
 
 TIMEOUT = 10.0
 # Credentials shared by the auth and rate-limit tests (tests only, never a real secret).
@@ -235,7 +235,7 @@ async def gateway(reactor: Any) -> Any:
 
     Any traceback the gateway logs during the test fails it: bad input must never crash.
     """
-    from txgateway.accesslog import AccessLog
+    from txgateway.ops.accesslog import AccessLog
     async with running_gateways(reactor) as runner:
         async def start(yaml_text: str, clock: Clock | None = None) -> RunningGateway:
             config = parse_config(with_defaults(yaml_text), "test.yaml")

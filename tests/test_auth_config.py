@@ -11,8 +11,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from tests.configcheck import config_errors
-from txgateway.authconfig import ApiKey, ClaimMap, Jwk, hash_api_key, parse_jwks
-from txgateway.config import parse_config
+from txgateway.config.schema import parse_config
+from txgateway.filters.auth.config import ApiKey, ClaimMap, Jwk, hash_api_key, parse_jwks
 
 # Lines 1-8; the auth section starts at line 9 (`auth:`), its first key at line 10.
 BASE = """\

@@ -17,8 +17,8 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 
-from txgateway.balance import Balancer, Member
-from txgateway.resilienceconfig import PassiveHealth
+from txgateway.upstream.balance import Balancer, Member
+from txgateway.upstream.resilienceconfig import PassiveHealth
 
 URLS = ("http://10.0.0.1:80", "http://10.0.0.2:80", "http://10.0.0.3:80")
 PASSIVE = PassiveHealth(consecutive_failures=3, eject_for=10.0, max_eject_for=35.0)
@@ -72,7 +72,7 @@ def first_member_ejected() -> tuple[Clock, Balancer, Member]:
 
 
 def messages(logs: list[dict[str, Any]]) -> list[str]:
-    return [formatEvent(e) for e in logs if e.get("log_namespace") == "txgateway.balance"]
+    return [formatEvent(e) for e in logs if e.get("log_namespace") == "txgateway.upstream.balance"]
 
 
 def test_members_wrap_the_pools_in_order_and_start_idle_and_up():

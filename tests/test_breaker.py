@@ -13,7 +13,7 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 
-from txgateway.breaker import CLOSED, HALF_OPEN, OPEN, Breakers, BreakerSettings, CircuitBreaker
+from txgateway.upstream.breaker import CLOSED, HALF_OPEN, OPEN, Breakers, BreakerSettings, CircuitBreaker
 
 NO_CONSECUTIVE = 10_000     # for ratio tests: consecutive failures never trip first
 
@@ -494,7 +494,7 @@ def test_every_transition_is_logged_once_with_upstream_states_and_reason():
         b.record_failure(probe, "connection refused")
         b.trip()
         b.reset()
-    ours = [e for e in events if e.get("log_namespace") == "txgateway.breaker"]
+    ours = [e for e in events if e.get("log_namespace") == "txgateway.upstream.breaker"]
     texts = [formatEvent(e) for e in ours]
     assert texts == [
         "circuit breaker users: closed -> open (5 consecutive failures (last: timeout))",

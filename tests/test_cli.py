@@ -15,7 +15,7 @@ from twisted.python import usage
 from tests.configcheck import route_auth
 from tests.installed import TWISTD, TXGATEWAY
 from tests.test_tls_config import CertAuthority
-from txgateway.config import Config
+from txgateway.config.schema import Config
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "etc" / "txgateway.yaml"
 TLS_EXAMPLE = EXAMPLE.parent / "tls-example.yaml"
@@ -173,7 +173,7 @@ def test_usage_errors():
 
 
 def test_main_in_process(tmp_path, capsys):
-    from txgateway.cli import main
+    from txgateway.service.cli import main
     assert main(["check-config", str(EXAMPLE)]) == 0
     assert "OK" in capsys.readouterr().out
     path = tmp_path / "b.yaml"
@@ -193,7 +193,7 @@ def test_twistd_plugin_is_discoverable():
     assert "txgateway" in makers
     maker = makers["txgateway"]
     assert maker.description
-    from txgateway import tap
+    from txgateway.service import tap
     assert maker.options is tap.Options
     assert maker.makeService == tap.makeService
 
@@ -205,7 +205,7 @@ def test_twistd_lists_the_plugin():
 
 
 def options(*args: str):
-    from txgateway.tap import Options
+    from txgateway.service.tap import Options
     opts = Options()
     opts.parseOptions(list(args))
     return opts
@@ -294,8 +294,8 @@ def test_token_for_the_demo_verifies_against_the_demo_config():
     import jwt as pyjwt
     from twisted.internet.task import Clock
 
-    from txgateway.demo import DEMO_SECRET, demo_config
-    from txgateway.tokens import Identity, TokenVerifier
+    from txgateway.filters.auth.tokens import Identity, TokenVerifier
+    from txgateway.service.demo import DEMO_SECRET, demo_config
     before = int(time.time())
     result = run("token", "--demo", "--sub", "alice", "--role", "admin", "--tier", "pro")
     assert result.returncode == 0, result.stderr
@@ -318,7 +318,7 @@ def test_token_for_the_demo_verifies_against_the_demo_config():
 def test_token_ttl_and_optional_claims():
     import jwt as pyjwt
 
-    from txgateway.demo import DEMO_SECRET
+    from txgateway.service.demo import DEMO_SECRET
     result = run("token", "--demo", "--sub", "bob", "--ttl", "15m")
     assert result.returncode == 0, result.stderr
     claims = pyjwt.decode(result.stdout.strip(), DEMO_SECRET, algorithms=["HS256"])
@@ -428,7 +428,7 @@ def test_hash_key_prints_a_keys_file_entry():
 
 
 def test_hash_key_entry_works_in_a_keys_file(tmp_path):
-    from txgateway.config import parse_config
+    from txgateway.config.schema import parse_config
     key = "a-real-key-0123456789"
     entries = [run_stdin(key, "hash-key", "--id", "svc", "--role", "admin", "--tier", "pro").stdout,
                run_stdin("another-key-0123456789", "hash-key", "--id", "other").stdout]
@@ -445,7 +445,7 @@ def test_hash_key_entry_works_in_a_keys_file(tmp_path):
 @pytest.mark.parametrize("value", ["x, role: admin", "a: b", "123", "yes", "null", "#ops", "[admin]", 'say "hi"'])
 def test_hash_key_quotes_values_that_would_not_read_back_as_themselves(tmp_path, value):
     """An id such as `123` or `x, role: admin` must not become a number or an extra key."""
-    from txgateway.config import parse_config
+    from txgateway.config.schema import parse_config
     result = run_stdin("a-real-key-0123456789", "hash-key", "--id", value, "--role", value, "--tier", value)
     assert result.returncode == 0, result.stderr
     keys = tmp_path / "keys.yaml"
@@ -473,7 +473,7 @@ def test_hash_key_accepts_16_characters():
 # --- the demo ------------------------------------------------------------------------------
 
 def test_the_demo_protects_users_and_orders():
-    from txgateway.demo import BANNER, demo_config
+    from txgateway.service.demo import BANNER, demo_config
     config = demo_config()
     policies = {r.prefix: route_auth(r) for r in config.routes}
     assert policies == {"/api/users": ("required", None), "/api/search": ("none", None),

@@ -18,11 +18,8 @@ from twisted.conch.ssh.keys import Key
 from tests.configcheck import BASE, config_errors, route_auth, unwritable  # BASE: lines 1-8; tests add lines after them
 from tests.conftest import SECRET
 from tests.test_tls_config import CertAuthority
-from txgateway import registry
-from txgateway.adminconfig import AdminConfig, ManholeConfig
-from txgateway.authconfig import hash_api_key
-from txgateway.breaker import BreakerSettings
-from txgateway.config import (
+from txgateway.config import registry
+from txgateway.config.schema import (
     DEFAULT_SECURITY_HEADERS,
     ConfigError,
     ConfigProblem,
@@ -35,10 +32,13 @@ from txgateway.config import (
     load_config,
     parse_config,
 )
-from txgateway.limitconfig import LimitsConfig
-from txgateway.redisconfig import RedisConfig
-from txgateway.resilienceconfig import HealthCheck, PassiveHealth
-from txgateway.tlsconfig import UpstreamTLS
+from txgateway.filters.auth.config import hash_api_key
+from txgateway.filters.ratelimit.config import LimitsConfig
+from txgateway.filters.ratelimit.redisconfig import RedisConfig
+from txgateway.ops.config import AdminConfig, ManholeConfig
+from txgateway.transport.tlsconfig import UpstreamTLS
+from txgateway.upstream.breaker import BreakerSettings
+from txgateway.upstream.resilienceconfig import HealthCheck, PassiveHealth
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "etc" / "txgateway.yaml"
 NOT_YET = "not supported yet in this version of txgateway; remove it or upgrade"

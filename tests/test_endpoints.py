@@ -10,8 +10,8 @@ import pytest
 from twisted.internet.error import CannotListenError
 
 from tests.configcheck import BASE, config_errors
-from txgateway.config import parse_config
-from txgateway.endpoints import cannot_listen, tcp_address
+from txgateway.config.schema import parse_config
+from txgateway.transport.endpoints import cannot_listen, tcp_address
 
 TCP = 'expected "tcp:PORT[:interface=ADDRESS][:backlog=N]", got'
 TCP6 = 'expected "tcp6:PORT[:interface=ADDRESS][:backlog=N]", got'

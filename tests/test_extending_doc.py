@@ -21,8 +21,8 @@ import pytest_twisted
 
 from tests.configcheck import config_errors
 from tests.conftest import assert_envelope, parse_responses, raw, with_defaults
-from txgateway import registry
-from txgateway.config import parse_config
+from txgateway.config import registry
+from txgateway.config.schema import parse_config
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "extending.md"
 FENCE = re.compile(r"^```(\w+)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
@@ -50,7 +50,7 @@ def example(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     module = ModuleType("txgateway.requireheader")
     monkeypatch.setitem(sys.modules, module.__name__, module)
     run_block("txgateway/requireheader.py", module.__dict__)
-    filters = run_block("txgateway/registry.py", dict(vars(registry)))["FILTERS"]
+    filters = run_block("txgateway/config/registry.py", dict(vars(registry)))["FILTERS"]
     monkeypatch.setattr(registry, "FILTERS", filters)
     return module
 

@@ -14,8 +14,8 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from tests.conftest import listen
-from txgateway.fastwrite import writer_for
-from txgateway.reactor import make_lean
+from txgateway.core.fastwrite import writer_for
+from txgateway.core.reactor import make_lean
 
 # sha256 prefixes of the Twisted 26.10 sources that fastwrite.py / reactor.py rely on.
 # If one changes, re-read the new source, adapt the module, then update the pin.

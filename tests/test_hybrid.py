@@ -21,10 +21,10 @@ from twisted.internet.task import Clock, LoopingCall, deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
-from txgateway.ratelimit import Decision
-from txgateway.redisconfig import RedisConfig
-from txgateway.redislink import RedisLink, RedisUnavailable
-from txgateway.redisstore import BUCKET_LUA, KEY_PREFIX, HybridStore
+from txgateway.filters.ratelimit.filter import Decision
+from txgateway.filters.ratelimit.redisconfig import RedisConfig
+from txgateway.filters.ratelimit.redislink import RedisLink, RedisUnavailable
+from txgateway.filters.ratelimit.redisstore import BUCKET_LUA, KEY_PREFIX, HybridStore
 
 INTERVAL = 0.1
 SYNC_BATCH = 256                            # keys per script call (README: one call per 256 keys)
@@ -351,7 +351,7 @@ def test_one_failed_batch_of_several_clears_everything_and_an_unexpected_error_i
     finally:
         globalLogPublisher.removeObserver(logged.append)
     assert store.buckets == {} and not store._syncing
-    assert [formatEvent(e) for e in logged if e.get("log_namespace") == "txgateway.ratelimit"] == ["rate-limit sync failed"]
+    assert [formatEvent(e) for e in logged if e.get("log_namespace") == "txgateway.filters.ratelimit.filter"] == ["rate-limit sync failed"]
 
 
 def test_while_the_link_is_down_take_raises_and_sync_sends_nothing():

@@ -13,9 +13,9 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 
-from txgateway.config import parse_config
-from txgateway.jwks import RemoteJwks
-from txgateway.pipeline import LocalResponse, RequestContext
+from txgateway.config.schema import parse_config
+from txgateway.core.pipeline import LocalResponse, RequestContext
+from txgateway.filters.auth.jwks import RemoteJwks
 from txgateway.testing import make_ctx, route_filters
 
 NOW = 1_700_000_000

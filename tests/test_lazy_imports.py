@@ -32,7 +32,7 @@ OPTIONAL = ("prometheus_client", "twisted.web.server", "twisted.web.http", "h2",
 SCRIPT = """
 import json, sys
 from twisted.internet import reactor
-from txgateway.tap import Options, makeService
+from txgateway.service.tap import Options, makeService
 options = Options()
 options.parseOptions(["--config", sys.argv[1]])
 makeService(options, reactor).startService()

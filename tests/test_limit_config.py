@@ -7,9 +7,9 @@ import textwrap
 import pytest
 
 from tests.configcheck import config_errors
-from txgateway.config import ConfigError, parse_config
-from txgateway.limitconfig import LimitsConfig, RouteLimit, Tier
-from txgateway.units import Rate
+from txgateway.config.schema import ConfigError, parse_config
+from txgateway.config.units import Rate
+from txgateway.filters.ratelimit.config import LimitsConfig, RouteLimit, Tier
 
 NOT_YET = "not supported yet in this version of txgateway; remove it or upgrade"
 RATE = 'expected "N/second|minute|hour|day", got'

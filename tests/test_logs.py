@@ -1,4 +1,4 @@
-"""txgateway.logs: how twistd's options decide where the log goes, the journal's priority
+"""txgateway.ops.logs: how twistd's options decide where the log goes, the journal's priority
 prefixes, and how a stream is recognised as the journal. The daemon itself is in
 tests/integration/test_process_log.py."""
 
@@ -12,7 +12,7 @@ import pytest
 from twisted.logger import LoggingFile, LogLevel
 from twisted.scripts.twistd import ServerOptions
 
-from txgateway.logs import TwistdLog, journal_priority_format, writes_to_journal
+from txgateway.ops.logs import TwistdLog, journal_priority_format, writes_to_journal
 
 
 def from_twistd(*argv: str) -> TwistdLog:
@@ -38,7 +38,7 @@ def test_reads_where_twistd_logs_from_its_options(argv, expected):
 
 
 def test_outside_twistd_nothing_is_taken_over():
-    from txgateway.tap import Options
+    from txgateway.service.tap import Options
     options = Options()
     options.parseOptions(["--demo"])
     log = TwistdLog.from_options(options)

@@ -13,9 +13,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch.ssh.keys import Key
 
 from tests.configcheck import BASE, config_errors, unwritable
-from txgateway.adminconfig import AdminConfig, ManholeConfig
-from txgateway.cli import main
-from txgateway.config import ConfigError, parse_config
+from txgateway.config.schema import ConfigError, parse_config
+from txgateway.ops.config import AdminConfig, ManholeConfig
+from txgateway.service.cli import main
 
 # BASE (tests.configcheck) is lines 1-8; the section under test starts at line 9, its first key
 # (block style) at line 10.
@@ -316,7 +316,7 @@ def test_a_manhole_error_does_not_hide_the_rest_of_the_config(tmp_path):
     ]
 
 
-# --- known bugs in txgateway/adminconfig.py (strict xfail: they turn red once fixed) ----------
+# --- known bugs in txgateway/ops/config.py (strict xfail: they turn red once fixed) ----------
 
 def test_an_empty_token_env_name_is_an_error():
     (problem,) = errors('admin: {token_env: ""}\n')

@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 from twisted.internet.task import Clock
 
-from txgateway.config import parse_config
-from txgateway.pipeline import RequestContext
-from txgateway.ratelimit import Decision, LocalStore, take
+from txgateway.config.schema import parse_config
+from txgateway.core.pipeline import RequestContext
+from txgateway.filters.auth.tokens import Identity
+from txgateway.filters.ratelimit.filter import Decision, LocalStore, take
 from txgateway.testing import RouteFilters, make_ctx, respond, route_filters
-from txgateway.tokens import Identity
 
 PER_MINUTE_10 = 10 / 60       # one token every 6 s
 

@@ -17,8 +17,8 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
-from txgateway.redisconfig import RedisConfig
-from txgateway.redislink import PROBE_FIRST, PROBE_MAX, RedisLink, RedisUnavailable
+from txgateway.filters.ratelimit.redisconfig import RedisConfig
+from txgateway.filters.ratelimit.redislink import PROBE_FIRST, PROBE_MAX, RedisLink, RedisUnavailable
 
 TIMEOUT = 0.2
 

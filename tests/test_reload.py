@@ -14,8 +14,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.conch.ssh.keys import Key
 
-from txgateway.config import Config, parse_config
-from txgateway.reload import ReloadRefused, keep_restart_only_settings
+from txgateway.config.schema import Config, parse_config
+from txgateway.service.reload import ReloadRefused, keep_restart_only_settings
 
 UPSTREAMS = """\
 upstreams:

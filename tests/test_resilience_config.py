@@ -9,10 +9,10 @@ import textwrap
 import pytest
 
 from tests.configcheck import config_errors
-from txgateway.breaker import BreakerSettings
-from txgateway.config import ConfigError, parse_config
-from txgateway.resilienceconfig import HealthCheck, PassiveHealth
-from txgateway.tlsconfig import UpstreamTLS
+from txgateway.config.schema import ConfigError, parse_config
+from txgateway.transport.tlsconfig import UpstreamTLS
+from txgateway.upstream.breaker import BreakerSettings
+from txgateway.upstream.resilienceconfig import HealthCheck, PassiveHealth
 
 DURATION = 'expected a duration like "250ms", "5s" or "1m", got'
 CB = "upstreams.users.circuit_breaker"

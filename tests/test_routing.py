@@ -7,8 +7,8 @@ import pytest
 import pytest_twisted
 
 from tests.conftest import assert_envelope, parse_responses, raw
-from txgateway.config import parse_config
-from txgateway.routing import BadPath, RouteTable, normalize_path
+from txgateway.config.schema import parse_config
+from txgateway.filters.routing import BadPath, RouteTable, normalize_path
 
 ROUTES = """
 listen: [{endpoint: "tcp:0"}]

@@ -1,8 +1,8 @@
-"""`tls:` of listeners and upstreams (txgateway/tlsconfig.py), read through `parse_config`:
+"""`tls:` of listeners and upstreams (txgateway/transport/tlsconfig.py), read through `parse_config`:
 certificates made here with `cryptography` (a test CA, SAN names, an expired one, a key of
 another certificate, a file that is not PEM, a missing file), every error exactly as
 `check-config` prints it (file:line: key.path: message). Also the pure parts of
-txgateway/tls.py: the SNI table (`ServerTLS._select`) and the 308 Location of
+txgateway/transport/tls.py: the SNI table (`ServerTLS._select`) and the 308 Location of
 `RedirectToHttps`.
 
 The certificate helpers (`CertAuthority`) are shared with tests/integration/test_tls.py.
@@ -24,9 +24,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from tests.configcheck import config_errors
-from txgateway.config import Target, parse_config
-from txgateway.tls import RedirectToHttps, ServerTLS
-from txgateway.tlsconfig import Certificate, ListenerTLS, UpstreamTLS
+from txgateway.config.schema import Target, parse_config
+from txgateway.transport.tls import RedirectToHttps, ServerTLS
+from txgateway.transport.tlsconfig import Certificate, ListenerTLS, UpstreamTLS
 
 # --- certificates -------------------------------------------------------------------------
 
@@ -307,7 +307,7 @@ def test_h2_is_read_in_the_order_given(tmp_path, ca):
 
 
 def test_h2_without_its_packages_is_refused(tmp_path, ca, monkeypatch):
-    monkeypatch.setattr("txgateway.tlsconfig._h2_available", lambda: False)
+    monkeypatch.setattr("txgateway.transport.tlsconfig._h2_available", lambda: False)
     good = ca.issue(tmp_path, "good", "good.test", ("good.test",))
     assert errors(listener_text(f"certificates: [{pair(good)}]\nalpn: [http/1.1, h2]\n")) == [
         "c.yaml:5: listen[0].tls.alpn[1]: h2 needs the h2 and priority packages (pip install 'twisted[http2]')"]

@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from twisted.internet.task import Clock
 
-from txgateway.authconfig import ClaimMap, Jwk, JwtConfig, parse_jwks
-from txgateway.tokens import Identity, InvalidToken, KeysUnavailable, TokenVerifier, UnknownKey
+from txgateway.filters.auth.config import ClaimMap, Jwk, JwtConfig, parse_jwks
+from txgateway.filters.auth.tokens import Identity, InvalidToken, KeysUnavailable, TokenVerifier, UnknownKey
 
 NOW = 1_700_000_000
 SECRET = b"0123456789abcdef" * 4    # 64 bytes: long enough for HS512 (RFC 7518 3.2)
@@ -182,7 +182,7 @@ def test_rfc7515_a1_hs256():
 
 def test_rfc7515_a1_hs256_through_the_config_loader(tmp_path):
     """The binary A.1 key, given as a secret_file, is used byte for byte."""
-    from txgateway.config import parse_config
+    from txgateway.config.schema import parse_config
     secret = tmp_path / "a1.key"
     secret.write_bytes(RFC7515_A1_KEY)
     config = parse_config(

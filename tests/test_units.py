@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from txgateway.units import Rate, parse_duration, parse_size
+from txgateway.config.units import Rate, parse_duration, parse_size
 
 
 @pytest.mark.parametrize(("text", "seconds"), [

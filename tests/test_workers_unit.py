@@ -12,9 +12,9 @@ import socket
 import pytest
 from twisted.internet.error import CannotListenError
 
-from txgateway import workers
-from txgateway.endpoints import cannot_listen
-from txgateway.workers import bind_listener
+from txgateway.service import workers
+from txgateway.service.workers import bind_listener
+from txgateway.transport.endpoints import cannot_listen
 
 
 @pytest.fixture

@@ -23,10 +23,10 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.test import iosim
 
-from txgateway import registry
-from txgateway.config import Config, Route
-from txgateway.contract import Resources
-from txgateway.pipeline import Chain, LocalResponse, Pipeline, RequestContext, ResponseHead
+from txgateway.config import registry
+from txgateway.config.contract import Resources
+from txgateway.config.schema import Config, Route
+from txgateway.core.pipeline import Chain, LocalResponse, Pipeline, RequestContext, ResponseHead
 
 __all__ = [
     "HANG", "MemoryGateway", "RecordingDownstream", "RouteFilters", "make_ctx", "respond", "route_filters", "run_filter",
@@ -104,7 +104,7 @@ def make_ctx(config: Config | None = None, path: str = "/", method: bytes = b"GE
     ctx.correlation_id = correlation_id
     ctx.identity = identity
     if config is not None:
-        from txgateway.routing import RouteTable
+        from txgateway.filters.routing import RouteTable
         match = RouteTable(config.routes).match(method, target, host)
         if match is not None:
             ctx.route = match.route
@@ -185,7 +185,7 @@ def with_filter(pipeline: Pipeline, extra: Any) -> Pipeline:
     gateway with a filter of the test's own (`gateway.switch.pipeline = with_filter(...)`)."""
     chains = [Chain(c.name, [*c.request_filters, extra], [*c.response_filters, extra], c.terminal)
               for c in pipeline.chains]
-    from txgateway.routing import RoutingFilter
+    from txgateway.filters.routing import RoutingFilter
     edge = pipeline.edge
     edge = Chain(edge.name, [*edge.request_filters[:-1], RoutingFilter(pipeline.table, chains)],  # type: ignore[arg-type]
                  edge.response_filters, None)
@@ -234,8 +234,8 @@ class MemoryGateway:
     """
 
     def __init__(self, yaml_text: str, upstreams: dict[str, Callable[[_Peer, bytes], None]] | None = None) -> None:
-        from txgateway.config import parse_config
-        from txgateway.gateway import Gateway
+        from txgateway.config.schema import parse_config
+        from txgateway.service.gateway import Gateway
         self.reactor = MemoryReactorClock()
         self.config = parse_config(yaml_text, "memory.yaml")
         self.scripts = {_netloc(url): script for url, script in (upstreams or {}).items()}

@@ -55,7 +55,7 @@ def test_the_install_is_the_wheel_not_the_checkout(tmp_path):
     is the wheel's own compiled extensions, byte for byte (its .py files if built TXGATEWAY_PURE=1)."""
     assert WHEEL is not None
     hot = compiled_modules()
-    names = ["txgateway", "txgateway.tap", "twisted.plugins.txgateway_plugin", *hot]
+    names = ["txgateway", "txgateway.service.tap", "twisted.plugins.txgateway_plugin", *hot]
     result = run([PYTHON, "-c", INSPECT, json.dumps(names)], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     found = json.loads(result.stdout)

@@ -39,7 +39,7 @@ from tests.conftest import (
     parse_responses,
     raw,
 )
-from txgateway.authconfig import hash_api_key
+from txgateway.filters.auth.config import hash_api_key
 
 
 def challenge(error: str, description: str) -> str:
@@ -547,7 +547,7 @@ async def test_jwks_down_later_keeps_the_old_keys_working(reactor, echo, gateway
 @pytest_twisted.ensureDeferred
 async def test_an_oversized_jwks_response_is_refused_not_buffered(reactor, echo, gateway, secret_file, rsa_keys,
                                                                   jwks_server):
-    from txgateway.gateway import MAX_JWKS_BYTES
+    from txgateway.service.gateway import MAX_JWKS_BYTES
     server, _, url = await jwks_server("k1")
     server.body = b'{"keys": [' + b" " * (MAX_JWKS_BYTES + 10) + b"]}"
     clock = now_clock()

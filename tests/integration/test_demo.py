@@ -12,7 +12,7 @@ from pathlib import Path
 from tests.conftest import free_port, parse_responses, raw_request
 from tests.integration.test_drain_and_systemd import wait_until
 from tests.integration.test_lifecycle import START_TIMEOUT, TWISTD, Daemon
-from txgateway.demo import DemoPorts, demo_config
+from txgateway.service.demo import DemoPorts, demo_config
 
 NAMES = ("gateway", "admin", "users", "search", "orders")
 
@@ -44,7 +44,7 @@ def test_the_demo_prints_its_banner_and_serves_the_admin_listener_it_names(tmp_p
         demo.wait_for_port(a)
         wait_until(lambda: "Status page:" in demo.output, START_TIMEOUT, "the banner")
         # As printed: twistd's prefix on the first line, a tab before each line that follows.
-        assert f"""[txgateway.demo#info] txgateway demo on http://127.0.0.1:{g} - try:
+        assert f"""[txgateway.service.demo#info] txgateway demo on http://127.0.0.1:{g} - try:
 \t  curl -s 'localhost:{g}/api/search?q=x'                  # public
 \t  curl -si localhost:{g}/api/users/7                       # 401: auth required
 \t  TOKEN=$(.venv/bin/txgateway token --demo --sub alice --role admin --tier pro)

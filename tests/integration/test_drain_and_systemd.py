@@ -31,7 +31,7 @@ from tests.conftest import free_port, parse_responses, raw_request
 from tests.installed import TWISTD
 from tests.integration.test_lifecycle import STOP_TIMEOUT, Daemon, assert_clean_shutdown
 from tests.stdlib_upstream import QuietHandler, StdlibUpstream
-from txgateway.units import parse_duration
+from txgateway.config.units import parse_duration
 
 REPO = Path(__file__).resolve().parents[2]
 UNITS = REPO / "systemd"

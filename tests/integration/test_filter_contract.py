@@ -17,7 +17,7 @@ import pytest_twisted
 from twisted.internet.defer import Deferred, fail
 
 from tests.conftest import parse_responses, raw, running_gateways, with_defaults
-from txgateway.config import parse_config
+from txgateway.config.schema import parse_config
 from txgateway.testing import with_filter
 
 CONFIG = """

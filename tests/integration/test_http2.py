@@ -1,7 +1,7 @@
 """HTTP/2 through the gateway, with real TLS handshakes and real clients.
 
 A TLS listener whose `alpn` lists `h2` hands h2 connections to twisted.web's HTTP/2 and the
-others to the gateway's own HTTP/1.1 (txgateway/h2.py). These tests prove that ALPN decides
+others to the gateway's own HTTP/1.1 (txgateway/transport/h2.py). These tests prove that ALPN decides
 exactly that, that one route answers the same over plain HTTP/1.1, HTTP/1.1 over TLS and
 HTTP/2, that every filter (auth, limits, breakers, header rules, body limits, access log)
 applies to HTTP/2 requests, and that responses stream under HTTP/2 flow control (delayed

@@ -274,7 +274,7 @@ class Events:
     def __call__(self, event: dict[str, Any]) -> None:
         self.events.append(event)
 
-    def messages(self, namespace: str = "txgateway.manhole") -> list[str]:
+    def messages(self, namespace: str = "txgateway.ops.manhole") -> list[str]:
         return [formatEvent(e) for e in self.events if e.get("log_namespace") == namespace]
 
     @property
@@ -549,7 +549,7 @@ async def test_host_key_is_created_0600_once_and_reused(reactor, echo, gateway, 
 async def test_resize_and_eof_end_cleanly(reactor, echo, gateway, keys, ssh, events, monkeypatch):
     """A terminal resized mid-session (a real pty, SIGWINCH to ssh) reaches the console; EOF on
     the channel ends the session; Ctrl-D at the prompt too. No traceback anywhere (`events`)."""
-    from txgateway import manhole
+    from txgateway.ops import manhole
     sizes: list[tuple[int, int]] = []
     terminal_size = manhole._AuditedManhole.terminalSize
 

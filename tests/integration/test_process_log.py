@@ -34,8 +34,8 @@ from tests.integration.test_drain_and_systemd import wait_until
 from tests.integration.test_hybrid_processes import upstream
 from tests.integration.test_lifecycle import TWISTD, Daemon, assert_clean_shutdown, assert_port_free, write_config
 from tests.integration.test_workers import two_workers
-from txgateway.config import parse_config
-from txgateway.gateway import Gateway
+from txgateway.config.schema import parse_config
+from txgateway.service.gateway import Gateway
 
 WAIT = 10.0                # bound on waiting for a line in a log
 
@@ -209,7 +209,7 @@ def test_a_workers_lines_carry_its_number(tmp_path):
         # the parent's own lines are not a worker's
         started = re.findall(r"^\S+ (.*)worker \d started \(pid (\d+)\)$", out, re.M)
         assert sorted(int(pid) for _, pid in started) == workers and {tag for tag, _ in started} == {
-            "[txgateway.workers#info] "}, out
+            "[txgateway.service.workers#info] "}, out
 
 
 def with_dead_upstream(config: Path, health_check: str = "") -> None:
@@ -315,7 +315,7 @@ async def test_a_retry_is_logged_with_its_method_and_path_as_text(reactor, echo,
         routes:
           - {{prefix: /api, upstream: users}}
         """)
-    with log_lines("txgateway.proxy") as lines:
+    with log_lines("txgateway.upstream.proxy") as lines:
         (r,) = parse_responses(await raw(gw.port, b"GET /api/x?q=1 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"))
     assert r.status == 200
     cid = r.header("x-correlation-id")
@@ -347,7 +347,7 @@ async def test_a_failing_filter_is_logged_with_the_method_and_path_as_text(react
     gw.startService()
     try:
         port = (await gw.listeners[0]._waitingForPort).getHost().port
-        with log_lines("txgateway.pipeline") as lines:
+        with log_lines("txgateway.core.pipeline") as lines:
             (r,) = parse_responses(await raw(port, b"POST /api/x?q=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"))
     finally:
         await gw.stopService()
@@ -364,7 +364,7 @@ async def test_a_health_check_timing_out_while_connecting_says_so(reactor, echo,
         full.listen(0)
         queued.connect(full.getsockname())
         target = "http://127.0.0.1:%d" % full.getsockname()[1]
-        with log_lines("txgateway.balance") as lines:
+        with log_lines("txgateway.upstream.balance") as lines:
             gw = await gateway(f"""
                 upstreams:
                   users:

@@ -12,8 +12,8 @@ import pytest_twisted
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 
-from txgateway.redisconfig import RedisConfig
-from txgateway.redislink import RedisLink
+from txgateway.filters.ratelimit.redisconfig import RedisConfig
+from txgateway.filters.ratelimit.redislink import RedisLink
 
 
 class _SlowPairRedis(Protocol):

@@ -30,8 +30,8 @@ from twisted.web.server import NOT_DONE_YET, Site
 
 from tests.conftest import listen, parse_responses, raw, running_gateways, with_defaults
 from tests.integration.test_lifecycle import Daemon, assert_clean_shutdown, assert_port_free, free_port
-from txgateway.config import load_config
-from txgateway.gateway import Gateway
+from txgateway.config.schema import load_config
+from txgateway.service.gateway import Gateway
 
 WAIT = 10.0          # every bounded wait in this file
 
@@ -320,7 +320,7 @@ async def test_restart_only_changes_warn_and_keep_the_running_values(file_gatewa
 
 @pytest_twisted.ensureDeferred
 async def test_the_manholes_reload_reloads_and_prints_the_outcome(file_gateway, echo):
-    from txgateway.manhole import namespace
+    from txgateway.ops.manhole import namespace
     base = users_only(echo.url)
     gw = await file_gateway(base)
     reload = namespace(gw.gateway)["reload"]

@@ -21,7 +21,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from tests.conftest import assert_envelope, parse_responses, raw_request, running_gateways, with_defaults
-from txgateway.config import load_config
+from txgateway.config.schema import load_config
 
 WAIT = 10.0          # every bounded wait in this file
 

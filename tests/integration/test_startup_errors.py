@@ -106,7 +106,7 @@ def test_daemonised_the_start_fails_at_once_and_the_log_has_the_line(tmp_path, h
     result = twistd(tmp_path, f"--pidfile={pid}", f"--logfile={log}", "txgateway",
                     "--config", str(config(tmp_path, endpoint)))
     assert result.returncode == 1, result.stderr
-    assert result.stderr.startswith(f"An error has occurred: b'txgateway.endpoints.ListenerError: listen[0] "
+    assert result.stderr.startswith(f"An error has occurred: b'txgateway.transport.endpoints.ListenerError: listen[0] "
                                     f"({endpoint}) cannot"), result.stderr
     assert_one_line(subprocess.CompletedProcess([], 1, log.read_text(), ""),
                     f"listen[0] ({endpoint}) cannot listen on 127.0.0.1:{held}: {IN_USE}")

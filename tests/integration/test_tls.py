@@ -36,8 +36,8 @@ from twisted.web.server import Site
 
 from tests.conftest import RecordingEcho, free_port, listen, parse_responses, raw, simple_config
 from tests.test_tls_config import CertAuthority, Issued, listener_text, pair
-from txgateway.config import ConfigError, parse_config
-from txgateway.gateway import Gateway
+from txgateway.config.schema import ConfigError, parse_config
+from txgateway.service.gateway import Gateway
 
 WAIT = 10.0                # every bounded wait in this file
 LOOPBACK = "tcp:0:interface=127.0.0.1"
@@ -608,7 +608,7 @@ def test_bug_a_san_label_over_63_characters_crashes_the_gateway(tmp_path):
     from twisted.internet import reactor
     long = CertAuthority().issue(tmp_path, "long", "long", ("x" * 64 + ".test", "ok.test"))
     config_ = parse_config(listener_text(f"certificates: [{pair(long)}]\n").replace('"tcp:8443"', '"tcp:0"'), "c.yaml")
-    Gateway(config_, reactor)      # UnicodeError from txgateway/tls.py:81
+    Gateway(config_, reactor)      # UnicodeError from txgateway/transport/tls.py:81
 
 
 @pytest.mark.parametrize("what", ["junk cert", "mismatched key", "junk ca"])

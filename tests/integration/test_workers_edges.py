@@ -13,7 +13,7 @@ from tests.integration.test_workers import (
     run_workers_on_a_unix_listener,
     two_workers,
 )
-from txgateway.workers import bind_listener
+from txgateway.service.workers import bind_listener
 
 
 def test_non_tcp_listener_is_a_usage_error_without_traceback(tmp_path):

@@ -1,0 +1,26 @@
+"""The registry: every filter and terminal a route can use, in chain order.
+
+A new filter is one module declaring a `FilterKind` (contract.py) plus its line here.
+"""
+
+from __future__ import annotations
+
+from txgateway.config.contract import FilterKind, TerminalKind
+from txgateway.filters.auth.config import AUTH
+from txgateway.filters.headerconfig import HEADER_RULES
+from txgateway.filters.ratelimit.config import RATE_LIMIT
+from txgateway.terminals.respond import RESPOND
+from txgateway.upstream.config import PROXY
+
+__all__ = ["FILTERS", "TERMINALS", "route_keys"]
+
+# Chain order: identify (401/403) before limiting (429), header rules last.
+FILTERS: tuple[FilterKind, ...] = (AUTH, RATE_LIMIT, HEADER_RULES)
+TERMINALS: tuple[TerminalKind, ...] = (PROXY, RESPOND)
+
+
+def route_keys() -> dict[str, str]:
+    """Every route key a filter or terminal owns, for the config's key check."""
+    keys = {key: "" for kind in FILTERS for key in kind.route_keys}
+    keys.update({kind.route_key: "" for kind in TERMINALS})
+    return keys

@@ -1,0 +1,1 @@
+"""The identify filter: JWT and API keys, JWKS, the auth: section."""

@@ -1,0 +1,193 @@
+"""Header transformations: what the gateway adds, removes and vouches for.
+
+Two filters. `ForwardingHeaders` runs first: it removes what a client must never be able to
+assert (identity, gateway and forwarding headers), fixes the correlation id and trace
+context, and states where the request came from. `HeaderRules` runs last before the proxy:
+the route's own `request_headers` / `response_headers`, `X-Internal-*` stripping and the
+security headers.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from txgateway.core.ids import correlation_id, traceparent
+from txgateway.filters.headerconfig import DEFAULT_SECURITY_HEADERS, HeaderRules, RouteHeaders
+
+__all__ = ["ForwardingHeaders", "HeaderRulesFilter", "TrustedProxies"]
+
+# Never accepted from a client: the gateway alone sets these, and upstreams trust them.
+_CLIENT_FORBIDDEN_PREFIXES = (b"x-user-", b"x-gateway-")
+_REPLACED = frozenset({b"x-correlation-id", b"traceparent", b"x-forwarded-for", b"x-forwarded-proto",
+                       b"x-forwarded-host", b"x-user-id", b"x-user-role", b"x-user-tier"})
+
+
+
+
+class TrustedProxies:
+    """Peers whose X-Forwarded-* headers are believed."""
+
+    def __init__(self, networks: Sequence[Any]) -> None:
+        self._networks = tuple(networks)
+        self._cache: dict[str, bool] = {}
+
+    def __contains__(self, ip: str) -> bool:
+        known = self._cache.get(ip)
+        if known is None:
+            try:
+                address = ipaddress.ip_address(ip)
+            except ValueError:
+                address = None
+            known = address is not None and any(address in n for n in self._networks)
+            if len(self._cache) < 4096:
+                self._cache[ip] = known
+        return known
+
+    def client_ip(self, peer_ip: str, forwarded_for: bytes | None) -> str:
+        """The first address from the right that is not a trusted proxy."""
+        if forwarded_for is None or peer_ip not in self:
+            return peer_ip
+        for hop in reversed(forwarded_for.split(b",")):
+            ip = hop.strip().decode("latin-1")
+            if ip and ip not in self:
+                return ip
+        return peer_ip
+
+
+_ENTROPY_BLOCK = 40 * 512  # random bytes per getrandom call: 40 per request (ids and trace)
+
+
+class ForwardingHeaders:
+    """Sanitise client headers and add correlation, trace and X-Forwarded-* headers."""
+
+    name = "forwarding"
+    on_response_body = None
+    on_finished = None
+
+    def __init__(self, trusted: TrustedProxies) -> None:
+        self.trusted = trusted
+        self._entropy = b""
+        self._used = 0
+
+    def _random40(self) -> bytes:
+        used = self._used
+        if used >= len(self._entropy):
+            self._entropy = os.urandom(_ENTROPY_BLOCK)
+            used = 0
+        self._used = used + 40
+        return self._entropy[used:used + 40]
+
+    def on_request(self, ctx: Any) -> None:
+        incoming_cid = incoming_trace = xff = xfp = xfh = None
+        kept = []
+        for name, value in ctx.headers:
+            if name in _REPLACED or name.startswith(_CLIENT_FORBIDDEN_PREFIXES):
+                if name == b"x-correlation-id":
+                    incoming_cid = incoming_cid or value
+                elif name == b"traceparent":
+                    incoming_trace = value
+                elif name == b"x-forwarded-for":
+                    xff = value if xff is None else xff + b", " + value
+                elif name == b"x-forwarded-proto":
+                    xfp = value
+                elif name == b"x-forwarded-host":
+                    xfh = value
+                continue
+            kept.append((name, value))
+        random = self._random40()
+        ctx.correlation_id = cid = correlation_id(incoming_cid, random[24:])
+        peer = ctx.peer_ip
+        trusted = peer in self.trusted
+        if trusted:
+            ctx.client_ip = self.trusted.client_ip(peer, xff)
+        peer_bytes = peer.encode()
+        kept.append((b"x-correlation-id", cid.encode()))
+        kept.append((b"traceparent", traceparent(incoming_trace, random)))
+        kept.append((b"x-forwarded-for", xff + b", " + peer_bytes if trusted and xff else peer_bytes))
+        kept.append((b"x-forwarded-proto", xfp if trusted and xfp else ctx.scheme))
+        host = xfh if trusted and xfh else ctx.host
+        if host:
+            kept.append((b"x-forwarded-host", host))
+        ctx.headers = kept
+
+    def on_response_head(self, ctx: Any, head: Any) -> None:
+        head.headers.append((b"x-correlation-id", ctx.correlation_id.encode()))
+
+
+class _CompiledRules:
+    """One direction's header rules, pre-digested: every name is compared in lower case.
+
+    Header lists on both sides hold lower-case names (the transports lower-case them once
+    on parsing), so applying rules costs one pass and no per-name case folding.
+    """
+
+    __slots__ = ("drop", "prefixes", "regex", "extra", "defaults")
+
+    def __init__(self, rules: HeaderRules, defaults: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+        exact = {n.lower() for n, _ in rules.set}
+        prefixes = []
+        patterns = []
+        for pattern in rules.remove:
+            if b"*" not in pattern:
+                exact.add(pattern)
+            elif pattern.endswith(b"*") and pattern.count(b"*") == 1:
+                prefixes.append(pattern[:-1])
+            else:
+                patterns.append(re.escape(pattern).replace(b"\\*", b".*"))
+        self.drop = frozenset(exact)
+        self.prefixes = tuple(prefixes) or None
+        self.regex = re.compile(b"^(?:" + b"|".join(patterns) + b")$") if patterns else None
+        self.extra = [(n.lower(), v) for n, v in rules.set + rules.add]
+        self.defaults = tuple((n.lower(), v) for n, v in defaults)  # added only when absent
+
+    def apply(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        drop, prefixes, regex = self.drop, self.prefixes, self.regex
+        if drop or prefixes or regex:
+            headers = [h for h in headers
+                       if not (h[0] in drop or (prefixes and h[0].startswith(prefixes))
+                               or (regex and regex.match(h[0])))]
+        if self.extra:
+            headers.extend(self.extra)
+        if self.defaults:
+            names = {h[0] for h in headers}
+            headers.extend(d for d in self.defaults if d[0] not in names)
+        return headers
+
+
+_INTERNAL = (b"x-internal-*",)
+_DEFAULT_RESPONSE = _CompiledRules(HeaderRules(remove=_INTERNAL), DEFAULT_SECURITY_HEADERS)
+
+
+class HeaderRulesFilter:
+    """A route's header rules both ways, `X-Internal-*` removal and security headers (the
+    defaults alone for answers given before a route is known)."""
+
+    name = "header_rules"
+    on_response_body = None
+    on_finished = None
+
+    def __init__(self, policy: RouteHeaders | None = None) -> None:
+        if policy is None:
+            self._request: _CompiledRules | None = None
+            self._response = _DEFAULT_RESPONSE
+            return
+        self._request = _CompiledRules(policy.request) if policy.request else None
+        response = policy.response
+        self._response = _CompiledRules(HeaderRules(response.set, response.add, response.remove + _INTERNAL),
+                                        policy.security)
+
+    def on_request(self, ctx: Any) -> None:
+        rules = self._request
+        if rules is not None:
+            ctx.headers = rules.apply(ctx.headers)
+
+    def on_response_head(self, ctx: Any, head: Any) -> None:
+        head.headers = self._response.apply(head.headers)
+        if ctx.scheme == b"https":
+            hsts = ctx.downstream.hsts                     # the TLS listener's, or None
+            if hsts is not None and not any(name == b"strict-transport-security" for name, _ in head.headers):
+                head.headers.append((b"strict-transport-security", hsts))

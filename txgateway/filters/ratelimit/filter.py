@@ -1,0 +1,282 @@
+"""The limit step of the pipeline: token buckets per key, tier and route.
+
+A bucket holds up to `burst` tokens and refills continuously at `rate` (count per window).
+A request takes one token; a rejected request takes none (Kong's users complain that
+rejected requests count). Buckets are scoped per route unless routes share a `scope`.
+`RateLimitStore` is the seam: `LocalStore` here (`backend: local`, and the fallback while
+Redis is down), `RedisStore` and `HybridStore` in redisstore.py. When a Redis-backed store
+cannot answer (RedisUnavailable, at once or within `redis.timeout`), `on_redis_error`
+decides: `local` limits with in-process buckets at this instance's share of the rate,
+`allow` lets the request through unlimited, `deny` answers 503.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
+
+from txgateway.core.pipeline import LocalResponse, RequestContext, ResponseHead, error_response
+from txgateway.core.route import Route
+from txgateway.filters.ratelimit.config import LimitsConfig, RouteLimit
+from txgateway.filters.ratelimit.redislink import RedisUnavailable
+
+__all__ = ["Decision", "Limiter", "LocalStore", "RateLimitFilter", "RateLimitStore", "take"]
+
+_PLAIN_KEY = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+_OWN_HEADERS = frozenset({b"x-ratelimit-limit", b"x-ratelimit-remaining", b"x-ratelimit-reset",
+                          b"ratelimit-policy", b"ratelimit"})
+# Float refill sums land a few ulps off exact values (18 s at 3/minute from 0.1 tokens gives
+# 0.9999999999999999 tokens); decisions and whole seconds are taken with this much slack.
+_SLACK = 1e-9
+
+
+def route_scope(route: Route) -> str:
+    """A route's own bucket scope, named by what the route matches (not its position in the
+    file), so that buckets stay with their route across reloads that add or reorder routes."""
+    methods = ",".join(sorted(m.decode() for m in route.methods)) if route.methods else ""
+    return f"route:{route.host or ''}{route.prefix}" + (f"[{methods}]" if methods else "")
+
+
+def _sf_string(text: str) -> bytes:
+    """A structured-field string body (RFC 8941): escape backslash and quote."""
+    return text.replace("\\", "\\\\").replace('"', '\\"').encode("ascii", "replace")
+
+
+def take(tokens: float, updated: float, now: float, per_second: float, burst: int) -> tuple[bool, float]:
+    """One token-bucket decision: (allowed, tokens left). Refill is continuous, capped at burst."""
+    tokens = min(float(burst), tokens + max(0.0, now - updated) * per_second)
+    if tokens >= 1.0 - _SLACK:
+        return True, max(0.0, tokens - 1.0)
+    return False, tokens
+
+
+class Decision:
+    """One bucket's answer (a plain slotted class: made on every limited request)."""
+
+    __slots__ = ("allowed", "remaining", "per_second", "burst", "fallback")
+
+    def __init__(self, allowed: bool, remaining: float, per_second: float, burst: int,
+                 fallback: str | None = None) -> None:
+        self.allowed = allowed
+        self.remaining = remaining      # tokens left after this request (below 0: a shared bucket in debt)
+        self.per_second = per_second
+        self.burst = burst
+        self.fallback = fallback        # None, or which on_redis_error policy decided (Redis down)
+
+    @property
+    def outcome(self) -> str:
+        """For the access log: allowed | rejected, or local:allowed / local:rejected / allow / deny
+        when Redis was down and on_redis_error decided."""
+        verdict = "allowed" if self.allowed else "rejected"
+        if self.fallback is None:
+            return verdict
+        return f"local:{verdict}" if self.fallback == "local" else self.fallback
+
+    def __repr__(self) -> str:
+        return f"Decision(allowed={self.allowed}, remaining={self.remaining:.3f}, burst={self.burst})"
+
+    @property
+    def reset(self) -> int:
+        """Whole seconds until the bucket is full again."""
+        return math.ceil((self.burst - self.remaining) / self.per_second - _SLACK)
+
+    @property
+    def retry_after(self) -> int:
+        """Whole seconds (>= 1) until one token is back."""
+        return max(1, math.ceil((1.0 - self.remaining) / self.per_second - _SLACK))
+
+
+class RateLimitStore(Protocol):
+    """Takes one token from a bucket; a Redis-backed store may answer later (a Deferred) and
+    raises (or fails with) RedisUnavailable when Redis cannot answer in time."""
+
+    def take(self, key: str, per_second: float, burst: int) -> Decision | Deferred[Decision]: ...
+    def start(self) -> None: ...
+    def stop(self) -> Any: ...
+
+
+class LocalStore:
+    """In-process buckets with bounded memory: full buckets are forgotten (they equal a
+    new one), and beyond `max_buckets` the least recently used are dropped. Those have
+    refilled the longest, so a fresh bucket gives them the least they did not have; dropping
+    the oldest-created instead would hand a client hammering its limit a new burst."""
+
+    def __init__(self, clock: Any, max_buckets: int = 100_000, sweep_every: float = 10.0) -> None:
+        self.clock = clock
+        self.max_buckets = max_buckets
+        self.buckets: dict[str, list[float]] = {}   # key -> [tokens, updated, per_second, burst]
+        self._sweeper = LoopingCall(self.sweep)
+        self._sweeper.clock = clock
+        self._sweep_every = sweep_every
+
+    def start(self) -> None:
+        if not self._sweeper.running:
+            self._sweeper.start(self._sweep_every, now=False)
+
+    def stop(self) -> None:
+        if self._sweeper.running:
+            self._sweeper.stop()
+
+    def take(self, key: str, per_second: float, burst: int) -> Decision:
+        now = self.clock.seconds()
+        buckets = self.buckets
+        bucket = buckets.pop(key, None)
+        if bucket is None:
+            if len(buckets) >= self.max_buckets:
+                self._evict()
+            bucket = [float(burst), now, per_second, float(burst)]
+        buckets[key] = bucket      # last in the dict's order: the most recently used
+        allowed, left = take(bucket[0], bucket[1], now, per_second, burst)
+        bucket[0], bucket[1], bucket[2], bucket[3] = left, now, per_second, float(burst)
+        return Decision(allowed, left, per_second, burst)
+
+    def peek(self, key: str) -> float | None:
+        """Tokens a bucket holds now (for status pages and the Manhole), None if unknown."""
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            return None
+        return min(bucket[3], bucket[0] + (self.clock.seconds() - bucket[1]) * bucket[2])
+
+    def sweep(self) -> None:
+        now = self.clock.seconds()
+        full = [k for k, (tokens, updated, rate, burst) in self.buckets.items()
+                if tokens + (now - updated) * rate >= burst - _SLACK]
+        for key in full:
+            del self.buckets[key]
+
+    def _evict(self) -> None:
+        self.sweep()
+        excess = len(self.buckets) - self.max_buckets + 1
+        if excess > 0:
+            for key in list(self.buckets)[:max(excess, self.max_buckets // 100)]:
+                del self.buckets[key]
+
+
+class Limiter:
+    """What every limited route's filter shares: the stores, the tiers and the fixed parts of
+    the limit headers."""
+
+    def __init__(self, config: LimitsConfig | None, own_rates: Sequence[tuple[str, int, int]], store: RateLimitStore,
+                 local_buckets: LocalStore | None = None) -> None:
+        self.config = config
+        self.store = store
+        self.local_buckets = local_buckets       # for on_redis_error: local
+        self.on_redis_error = config.on_redis_error if config is not None else "local"
+        self.instances = config.instances if config is not None else 1
+        self.tiers = ({name: (name, t.rate.per_second, t.burst, t.rate.count, t.rate.window)
+                       for name, t in config.tiers.items()} if config is not None else {})
+        # Per policy, the parts of the headers that never change: label, limit, policy. Keyed by
+        # count and window too: a route's scope may be named like a tier, or shared by routes
+        # with different rates.
+        self.fixed = {
+            (name, count, window): (_sf_string(name), (b"x-ratelimit-limit", b"%d" % count),
+                                    (b"ratelimit-policy", b'"%s";q=%d;w=%d' % (_sf_string(name), count, window)))
+            for name, count, window in [*((n, c, w) for n, _, _, c, w in self.tiers.values()), *own_rates]
+        }
+
+
+class RateLimitFilter:
+    """One route's limit step (`rate_limit:`): its key, scope and rate (its own or the tier's)."""
+
+    name = "rate_limit"
+    on_response_body = None
+    on_finished = None
+
+    def __init__(self, limiter: Limiter, limit: RouteLimit, route: Route) -> None:
+        self.limiter = limiter
+        self.store = limiter.store
+        self.tiers = limiter.tiers
+        self.default_tier = limiter.config.default_tier if limiter.config is not None else ""
+        self.key = limit.key
+        self.header = limit.header
+        self.scope = limit.scope or route_scope(route)
+        self.own: tuple[str, float, int, int, int] | None = None   # name, per_second, burst, count, window
+        if limit.rate is not None:
+            self.own = (limit.scope or route.prefix, limit.rate.per_second, limit.burst or limit.rate.count,
+                        limit.rate.count, limit.rate.window)
+
+    def on_request(self, ctx: RequestContext) -> LocalResponse | Deferred[LocalResponse | None] | None:
+        identity = ctx.identity
+        if self.own is not None:
+            name, per_second, burst, count, window = self.own
+        else:
+            tier = identity.tier if identity is not None and identity.tier in self.tiers else None
+            name, per_second, burst, count, window = self.tiers[tier or self.default_tier]
+        key = f"{self.scope}|{name}|{self._key(ctx)}"
+        try:
+            decision = self.store.take(key, per_second, burst)
+        except RedisUnavailable:
+            decision = self._redis_error(key, per_second, burst)
+        if isinstance(decision, Deferred):
+            decision.addErrback(self._redis_failed, key, per_second, burst)
+            return decision.addCallback(self._decided, ctx, name, count, window)
+        return self._decided(decision, ctx, name, count, window)
+
+    def _decided(self, decision: Decision, ctx: RequestContext, name: str, count: int, window: int) -> LocalResponse | None:
+        ctx.set_state("rate_limit", (decision, self.limiter.fixed[name, count, window]))
+        ctx.note("rate_limit", decision.outcome)
+        if decision.allowed:
+            return None
+        if decision.fallback == "deny":
+            return error_response(ctx, 503, "RATE_LIMITER_UNAVAILABLE",
+                                  "the rate limiter's shared state is unreachable; retry later", [(b"retry-after", b"1")])
+        return error_response(ctx, 429, "RATE_LIMITED", "rate limit exceeded; retry later",
+                              [(b"retry-after", b"%d" % decision.retry_after)])
+
+    def _redis_failed(self, failure: Failure, key: str, per_second: float, burst: int) -> Decision:
+        failure.trap(RedisUnavailable)      # anything else (the client left: cancelled) goes on
+        return self._redis_error(key, per_second, burst)
+
+    def _redis_error(self, key: str, per_second: float, burst: int) -> Decision:
+        """Redis could not answer in time: on_redis_error decides, never a stalled request."""
+        limiter = self.limiter
+        policy = limiter.on_redis_error
+        if policy == "local" and limiter.local_buckets is not None:
+            n = limiter.instances
+            decision = limiter.local_buckets.take(key, per_second / n, max(1, burst // n))
+            decision.fallback = "local"
+            return decision
+        return Decision(policy != "deny", 0.0, per_second, burst, policy)
+
+    def _key(self, ctx: RequestContext) -> str:
+        identity = ctx.identity
+        kind = self.key
+        if kind == "user" and identity is not None:
+            return "user:" + identity.user_id
+        if kind == "api_key" and identity is not None and identity.source == "api_key":
+            return "key:" + identity.user_id
+        if kind == "header":
+            value = ctx.host if self.header == b"host" else ctx.header(self.header)  # type: ignore[arg-type]
+            if value is not None:
+                if _PLAIN_KEY.match(value):
+                    return "h:" + value.decode("ascii")
+                # Long or binary values: bounded, and never echoed into keys or logs as is.
+                return "h#" + hashlib.sha256(value).hexdigest()
+        return "ip:" + ctx.client_ip
+
+    def on_response_head(self, ctx: RequestContext, head: ResponseHead) -> None:
+        limited = ctx.get_state("rate_limit")
+        if limited is None:
+            return
+        decision, (label, limit_header, policy_header) = limited
+        if decision.fallback is not None and decision.fallback != "local":
+            return                          # unlimited (allow) or not decided (deny): no numbers to tell
+        remaining = max(0, int(decision.remaining + _SLACK))   # a shared bucket in debt shows 0
+        reset = decision.reset
+        if any(name in _OWN_HEADERS for name, _ in head.headers):
+            # An upstream's own limit headers: ours replace them, never two conflicting values.
+            head.headers = [h for h in head.headers if h[0] not in _OWN_HEADERS]
+        head.headers += (
+            limit_header,
+            (b"x-ratelimit-remaining", b"%d" % remaining),
+            (b"x-ratelimit-reset", b"%d" % reset),
+            policy_header,
+            (b"ratelimit", b'"%s";r=%d;t=%d' % (label, remaining, reset)),
+        )

@@ -1,0 +1,115 @@
+"""The operations sections: `admin:` (/healthz, /readyz, /status, /metrics, the status page)
+and `manhole:` (a Python console over SSH)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from txgateway.config.reader import Reader, _Invalid, cannot_write
+
+__all__ = ["AdminConfig", "ManholeConfig", "parse_admin", "parse_manhole"]
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    endpoint: str = "tcp:9901:interface=127.0.0.1"
+    token: str | None = field(default=None, repr=False)   # bearer token for all but /healthz and /readyz
+
+
+def parse_admin(r: Reader, node: yaml.Node, environ: Mapping[str, str] | None) -> AdminConfig:
+    path = "admin"
+    f = r.mapping(node, path, {"endpoint": "", "token_env": ""})
+    before = len(r.problems)
+    values: dict[str, str] = {}
+    if "endpoint" in f:
+        values["endpoint"] = r.attempt(lambda: r.endpoint(f["endpoint"], f"{path}.endpoint"), AdminConfig.endpoint)
+    if "token_env" in f:
+        name = r.attempt(lambda: r.string(f["token_env"], f"{path}.token_env"), None)
+        token = (os.environ if environ is None else environ).get(name, "") if name else ""
+        if name is None:
+            pass                                   # not a string: reported already
+        elif not name:
+            r.fail(f["token_env"], f"{path}.token_env", "expected the name of an environment variable, got an empty string")
+        elif len(token) < 16:
+            r.fail(f["token_env"], f"{path}.token_env",
+                   f"environment variable {name} must hold a token of at least 16 characters"
+                   + (" (it is not set)" if not token else ""))
+        values["token"] = token
+    if len(r.problems) != before:
+        raise _Invalid()
+    return AdminConfig(**values)
+
+
+@dataclass(frozen=True)
+class ManholeConfig:
+    authorized_keys: str
+    host_key: str
+    endpoint: str = "tcp:2222:interface=127.0.0.1"
+
+
+def read_authorized_keys(path: str) -> list[Any]:
+    """The public keys of an OpenSSH authorized_keys file (conch Key objects). Raises OSError,
+    or ValueError naming the first line that is not a public key (conch's own reader lets
+    some malformed lines escape as binascii/struct errors)."""
+    from twisted.conch.ssh.keys import Key
+    keys = []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            line = raw.strip()
+            if not line or line.startswith(b"#"):
+                continue
+            try:
+                key = Key.fromString(line)
+            except Exception:
+                raise ValueError(f"{path} line {number} is not an OpenSSH public key") from None
+            if not key.isPublic():
+                raise ValueError(f"{path} line {number} is a private key; authorized_keys takes public keys")
+            keys.append(key)
+    return keys
+
+
+def parse_manhole(r: Reader, node: yaml.Node) -> ManholeConfig:
+    """authorized_keys must be readable now and hold at least one key; host_key is created
+    on first start when missing, so only its directory must exist (an existing one must be
+    a private key)."""
+    from twisted.conch.ssh.keys import Key
+
+    path = "manhole"
+    f = r.mapping(node, path, {"endpoint": "", "authorized_keys": "", "host_key": ""})
+    before = len(r.problems)
+    for key in ("authorized_keys", "host_key"):
+        if key not in f:
+            r.fail(node, f"{path}.{key}", "missing (required): a file path")
+    readers = {"endpoint": r.endpoint, "authorized_keys": r.file_path, "host_key": r.file_path}
+    read = {key: r.attempt(lambda: readers[key](f[key], f"{path}.{key}"), None) for key in f}
+    values = {key: value for key, value in read.items() if value is not None}
+    keys_path = values.get("authorized_keys")
+    if keys_path:
+        try:
+            count = len(read_authorized_keys(keys_path))
+        except OSError as e:
+            r.fail(f["authorized_keys"], f"{path}.authorized_keys", f"cannot read {keys_path}: {e.strerror}")
+        except ValueError as e:
+            r.fail(f["authorized_keys"], f"{path}.authorized_keys", str(e))
+        else:
+            if count == 0:
+                r.fail(f["authorized_keys"], f"{path}.authorized_keys", f"{keys_path} holds no usable public key")
+    host_key = values.get("host_key")
+    if host_key and os.path.exists(host_key):
+        try:
+            usable = not Key.fromFile(host_key).isPublic()
+        except Exception:
+            usable = False
+        if not usable:
+            r.fail(f["host_key"], f"{path}.host_key", f"{host_key} exists but is not a private key file")
+    elif host_key and cannot_write(host_key):
+        r.fail(f["host_key"], f"{path}.host_key",
+               f"cannot create {host_key} (made on first start): {cannot_write(host_key)}")
+    if len(r.problems) != before:
+        raise _Invalid()
+    return ManholeConfig(**values)  # type: ignore[arg-type]

@@ -1,0 +1,1 @@
+"""Terminals other than the proxy (a route's answerer)."""

@@ -1,0 +1,518 @@
+"""The HTTP/1.1 client-facing transport: a raw Twisted protocol parsing with httptools.
+
+Why not twisted.web: it buffers whole request bodies, answers `100 Continue` before any
+check, and costs 5-10x the CPU per request (docs/architecture.md). This adapter only does
+HTTP/1.1 framing: it turns bytes into a RequestContext for the pipeline and implements
+`Downstream` so the pipeline and proxy can answer. Requests are answered strictly in
+order; pipelined requests wait in `_queue` with their bodies buffered (bounded).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, cast
+from weakref import WeakSet
+
+from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from txgateway.config.schema import Limits
+from txgateway.core.fastwrite import writer_for
+from txgateway.core.pipeline import Pipeline, RequestContext, ResponseHead, Switch
+from txgateway.core.timeouts import Deadlines
+from txgateway.transport.tls import tls_description
+from txgateway.transport.tunnel import Tunnel
+
+__all__ = ["HTTP1Connection", "HTTP1Factory"]
+
+_log = Logger(namespace="txgateway.transport.http1")
+
+# Framing and hop-by-hop headers (RFC 9110 7.6.1): consumed here, never forwarded.
+_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding",
+                         b"upgrade", b"content-length", b"host", b"expect", b"proxy-connection",
+                         b"proxy-authenticate", b"proxy-authorization"})
+_MAX_QUEUED = 16             # pipelined requests waiting behind the active one
+_MAX_HELD = 1 << 20          # bytes a client may send after a WebSocket handshake, before the 101
+_MAX_BUFFERED = 256 * 1024   # request body bytes held while waiting; reading pauses above
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_VERSIONS = {"1.1": b"1.1", "1.0": b"1.0", "0.9": b"0.9", "2.0": b"2.0"}   # all llhttp accepts, as bytes
+
+
+class _Reject(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+class _Incoming:
+    """Transport-side state of one request: its body while nobody consumes it yet."""
+
+    __slots__ = ("ctx", "chunks", "buffered", "complete", "sink", "received")
+
+    def __init__(self, ctx: RequestContext) -> None:
+        self.ctx = ctx
+        self.chunks: list[bytes] = []
+        self.buffered = 0
+        self.received = 0
+        self.complete = False
+        self.sink: Any = None
+
+
+class HTTP1Connection(Protocol):
+    """One client connection. Implements `Downstream` for its active request."""
+
+    # Slots: past 30 attributes CPython 3.11 stops sharing instance-dict keys, and every
+    # attribute access on the hot path gets slower (+2.5k instructions per request).
+    __slots__ = ("factory", "transport", "connected", "pipeline", "limits", "_deadlines", "_scheme", "_seconds",
+                 "tls", "parser", "deadline", "_queue", "_parsing", "_url", "_headers", "_header_bytes",
+                 "_raw_header_bytes", "_framing", "_connection_tokens", "_tunnel", "_upgrading", "_held", "_broken",
+                 "_close_after", "_chunked_out", "_no_body_out", "_cork", "_paused", "_gone", "_peer_ip", "_write",
+                 "_flush_writes")
+
+    transport: Any  # a TCP (or TLS) transport: producer/consumer, setTcpNoDelay, abortConnection
+
+    def __init__(self, factory: HTTP1Factory) -> None:
+        self.factory = factory
+        self.pipeline: Pipeline = factory.pipeline   # refreshed between requests (config reloads)
+        self.limits: Limits = factory.limits
+        self._deadlines = factory.deadlines
+        self._scheme = factory.scheme
+        self._seconds = factory.clock.seconds
+        self.tls: str | None = None          # "TLSv1.3 http/1.1" on TLS listeners, for the access log
+        self.parser = HttpRequestParser(self)
+        self.deadline = 0.0
+        self._queue: deque[_Incoming] = deque()   # [0] is the active request
+        self._parsing: _Incoming | None = None
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._header_bytes = 0
+        self._raw_header_bytes = 0
+        self._framing: dict[bytes, bytes] = {}
+        self._connection_tokens: list[bytes] = []
+        self._tunnel: Tunnel | None = None     # joined to an upstream after a WebSocket 101
+        self._upgrading = False                # a handshake is out: bytes are held, not parsed
+        self._held = b""
+        self._broken = False          # no more requests will be read from this connection
+        self._close_after = False
+        self._chunked_out = False
+        self._no_body_out = False
+        self._cork = b""
+        self._paused = False
+        self._gone = False
+        self._peer_ip = ""
+        self._write: Any = None       # fastwrite: held until the end of the reactor turn
+        self._flush_writes: Any = None
+
+    # -- connection lifecycle ---------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self._peer_ip = getattr(peer, "host", "") or ""
+        self._write, self._flush_writes = writer_for(self.transport)
+        if hasattr(self.transport, "setTcpNoDelay"):
+            self.transport.setTcpNoDelay(True)
+        self.factory.connections.add(self)
+        self._wait(self.limits.header_timeout)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self._gone = True
+        self.factory.connections.discard(self)
+        self._deadlines.discard(self)
+        if self._tunnel is not None:
+            self._tunnel.client_lost()
+            self._queue.clear()
+            return
+        if self._queue:
+            active = self._queue[0]
+            ctx = active.ctx
+            if not ctx.done:
+                if not ctx.response_started:
+                    ctx.status = 499
+                self.pipeline.cancel(ctx)
+                self.pipeline.finished(ctx)
+        self._queue.clear()
+
+    @property
+    def hsts(self) -> bytes | None:
+        """The listener's Strict-Transport-Security value (a reload may change it)."""
+        return self.factory.hsts
+
+    def _hold(self, data: bytes) -> None:
+        """Bytes sent after a WebSocket handshake, before the upstream accepted it."""
+        self._held += data
+        if len(self._held) > _MAX_HELD:
+            self._broken = True
+            self.transport.abortConnection()
+
+    def start_tunnel(self, ctx: RequestContext, upstream: Any) -> Tunnel:
+        self.factory.deadlines.discard(self)
+        cork, self._cork = self._cork, b""
+        self._write(cork)                               # the 101 head
+        self._flush_writes()        # out before the tunnel writes to the transport directly
+        tunnel = self._tunnel = Tunnel(ctx, self.pipeline, self.transport, upstream, self.factory.deadlines,
+                                       self.limits.idle_timeout)
+        held, self._held = self._held, b""
+        if held:
+            tunnel.from_client(held)
+        return tunnel
+
+    def _wait(self, seconds: float) -> None:
+        deadlines = self._deadlines
+        self.deadline = deadlines.now + seconds
+        deadlines.add(self)
+
+    def expired(self) -> None:
+        """Header timeout (408 once a request started) or idle keep-alive timeout."""
+        if self._queue:
+            # A pipelined request is slow behind an active one: finish the active one only.
+            self._broken = True
+            self.pause_body(self._queue[0].ctx)
+        elif self._parsing is not None:
+            self._reject(_Reject(408, "REQUEST_TIMEOUT", "request headers not received in time"))
+        else:
+            self.close()
+
+    def close(self) -> None:
+        """Close once what was written has left (held writes first: see fastwrite)."""
+        self._flush_writes()
+        self.transport.loseConnection()
+
+    # -- parsing ----------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._tunnel is not None:
+            self._tunnel.from_client(data)
+            return
+        if self._broken:
+            return
+        if self._upgrading:
+            self._hold(data)
+            return
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as upgrade:
+            rest = data[upgrade.args[0]:]
+            if self._queue and self._queue[-1].ctx.upgrade is not None:
+                # A WebSocket handshake: what follows belongs to the tunnel, if the upstream
+                # accepts it (else the connection closes after the answer).
+                self._upgrading = True
+                self._hold(rest)
+                return
+            # Another kind of upgrade (h2c, ...): handled as a plain request (Upgrade is
+            # hop-by-hop); whatever follows is parsed as the next request.
+            self.parser = HttpRequestParser(self)
+            if rest:
+                self.dataReceived(rest)
+            return
+        except _Reject as reject:
+            self._reject(reject)
+            return
+        except HttpParserCallbackError as e:
+            cause = e.__context__
+            if not isinstance(cause, _Reject):
+                _log.failure("bug while handling a request", Failure(cause))
+                cause = _Reject(500, "INTERNAL_ERROR", "the gateway failed to handle the request")
+            self._reject(cause)
+            return
+        except HttpParserError as e:
+            self._reject(_Reject(400, "BAD_REQUEST", f"malformed HTTP request: {e}"))
+            return
+        if self._parsing is not None and self._header_bytes >= 0:
+            self._raw_header_bytes += len(data)
+            if self._raw_header_bytes > self.limits.max_header_bytes:
+                self._reject(_Reject(431, "HEADERS_TOO_LARGE", "request headers are too large"))
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+        self._header_bytes = 0
+        self._raw_header_bytes = 0
+        self._framing = {}
+        self._connection_tokens = []
+        self._wait(self.limits.header_timeout)
+        self._parsing = _placeholder
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._header_bytes += len(url)
+        if self._header_bytes > self.limits.max_header_bytes:
+            raise _Reject(431, "HEADERS_TOO_LARGE", "request headers are too large")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > self.limits.max_header_bytes:
+            raise _Reject(431, "HEADERS_TOO_LARGE", "request headers are too large")
+        name = name.lower()
+        if name in _HOP_BY_HOP or name.startswith(b"proxy-"):
+            if name == b"connection":
+                self._connection_tokens.extend(t.strip().lower() for t in value.split(b","))
+            elif name == b"host" and b"host" in self._framing:
+                raise _Reject(400, "BAD_REQUEST", "more than one Host header")
+            self._framing[name] = value
+            return
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._deadlines.discard(self)
+        self._header_bytes = -1
+        parser = self.parser
+        framing = self._framing
+        target = self._url
+        path, _, query = target.partition(b"?")
+        host = framing.get(b"host")
+        if path[:1] != b"/":
+            path, host = _absolute_form(path, host)
+        version = _VERSIONS[parser.get_http_version()]
+        if self.tls is None and self._scheme == b"https":
+            self.tls = tls_description(self.transport, "http/1.1")
+        ctx = RequestContext(parser.get_method(), target, path, b"?" + query if query else b"", version,
+                             self._headers, host, self._scheme, self._peer_ip, self, self._seconds())
+        incoming = _Incoming(ctx)
+        self._parsing = incoming
+        if self._connection_tokens:
+            tokens = frozenset(self._connection_tokens)
+            ctx.headers = [(n, v) for n, v in ctx.headers if n not in tokens]
+        ctx.keep_alive = parser.should_keep_alive()
+        if b"upgrade" in self._connection_tokens and framing.get(b"upgrade", b"").lower() == b"websocket":
+            ctx.upgrade = b"websocket"
+            ctx.keep_alive = False           # after the answer: a tunnel, or a closed connection
+        ctx.chunked = b"transfer-encoding" in framing
+        length = framing.get(b"content-length")
+        if length is not None:
+            ctx.content_length = int(length)
+        if b"expect" in framing:
+            ctx.expect_continue = framing[b"expect"].lower() == b"100-continue"
+        if len(self._queue) >= _MAX_QUEUED:
+            raise _Reject(503, "UPSTREAM_UNAVAILABLE", "too many pipelined requests")
+        self._queue.append(incoming)
+        if host is None and version == b"1.1":
+            self._fail_request(incoming, 400, "BAD_REQUEST", "HTTP/1.1 request without a Host header")
+        elif ctx.content_length is not None and ctx.content_length > self.limits.max_body_size:
+            self._fail_request(incoming, 413, "PAYLOAD_TOO_LARGE", "request body is larger than max_body_size")
+        elif len(self._queue) == 1:
+            self.pipeline = self.factory.pipeline      # nothing else in flight: take a reloaded one
+            self.limits = self.factory.limits
+            self.pipeline.handle(ctx)
+
+    def on_body(self, data: bytes) -> None:
+        incoming = self._parsing
+        if incoming is None or incoming is _placeholder:
+            return
+        incoming.received += len(data)
+        incoming.ctx.bytes_in += len(data)
+        if incoming.received > self.limits.max_body_size:
+            raise _Reject(413, "PAYLOAD_TOO_LARGE", "request body is larger than max_body_size")
+        if incoming.sink is not None:
+            incoming.sink.body_chunk(data)
+            return
+        incoming.chunks.append(data)
+        incoming.buffered += len(data)
+        if incoming.buffered > _MAX_BUFFERED and not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def on_message_complete(self) -> None:
+        incoming = self._parsing
+        self._parsing = None
+        if incoming is None or incoming is _placeholder:
+            return
+        incoming.complete = True
+        if incoming.sink is not None:
+            incoming.sink.body_end()
+
+    def _reject(self, reject: _Reject) -> None:
+        """A request the parser refused: answer it in turn, then close the connection."""
+        self._broken = True
+        self._deadlines.discard(self)
+        incoming = self._parsing
+        if incoming is None or incoming is _placeholder or incoming not in self._queue:
+            ctx = RequestContext(b"GET", self._url, b"", b"", b"1.1", self._headers, None,
+                                 self._scheme, self._peer_ip, self, self._seconds())
+            incoming = _Incoming(ctx)
+            self._queue.append(incoming)
+        self._parsing = None
+        self._fail_request(incoming, reject.status, reject.code, reject.message)
+
+    def _fail_request(self, incoming: _Incoming, status: int, code: str, message: str) -> None:
+        """Answer with an error once earlier requests are done; the connection then closes."""
+        self._broken = True
+        incoming.complete = False
+        incoming.ctx.keep_alive = False
+        incoming.ctx.error_code = code
+        incoming.ctx.set_state("reject", (status, code, message))
+        if incoming is self._queue[0]:
+            self.pipeline.cancel(incoming.ctx)
+            self.pipeline.reject(incoming.ctx, status, code, message)
+        else:
+            # Nothing after a broken request can be trusted; drop what queued behind it.
+            while self._queue[-1] is not incoming:
+                self._queue.pop()
+
+    # -- Downstream: answering the active request --------------------------------------
+
+    def send_head(self, ctx: RequestContext, head: ResponseHead) -> None:
+        if self._gone or not self._queue or self._queue[0].ctx is not ctx:
+            return
+        status = head.status
+        parts = [b"HTTP/1.1 %d %s\r\n" % (status, head.reason)]
+        parts += [b"%s: %s\r\n" % header for header in head.headers]
+        if status == 101 and ctx.upgrade is not None:
+            # Switching protocols: no framing; start_tunnel sends it.
+            parts.append(b"connection: upgrade\r\nupgrade: %s\r\n\r\n" % ctx.upgrade)
+            self._cork = b"".join(parts)
+            return
+        # An answer before the request body was read (401, 413, an early upstream reply)
+        # leaves unread bytes behind: the connection cannot carry another request.
+        close = (not ctx.keep_alive or (self._broken and len(self._queue) == 1)
+                 or (not self._queue[0].complete and ctx.has_body))
+        self._chunked_out = False
+        self._no_body_out = ctx.method == b"HEAD" or status in (204, 304) or status < 200
+        if status in (204, 304) or status < 200:
+            pass
+        elif head.length is not None:
+            parts.append(b"content-length: %d\r\n" % head.length)
+        elif ctx.method == b"HEAD":
+            pass
+        elif ctx.version == b"1.1":
+            parts.append(b"transfer-encoding: chunked\r\n")
+            self._chunked_out = True
+        else:
+            close = True
+        if close:
+            parts.append(b"connection: close\r\n")
+        elif ctx.version == b"1.0":
+            parts.append(b"connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        self._close_after = close
+        # Corked: the head leaves with the first body bytes, or at flush/finish.
+        self._cork = b"".join(parts)
+
+    def send_body(self, ctx: RequestContext, data: bytes) -> None:
+        if self._no_body_out or self._gone or self._queue[0].ctx is not ctx:
+            return
+        ctx.bytes_out += len(data)
+        if self._chunked_out:
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        if self._cork:
+            data, self._cork = self._cork + data, b""
+        self._write(data)
+
+    def flush(self, ctx: RequestContext) -> None:
+        """Send a corked response head now (the body may take a while)."""
+        if self._cork and not self._gone:
+            cork, self._cork = self._cork, b""
+            self._write(cork)
+
+    def finish(self, ctx: RequestContext) -> None:
+        if self._gone or not self._queue or self._queue[0].ctx is not ctx:
+            return
+        tail = b"0\r\n\r\n" if self._chunked_out and not self._no_body_out else b""
+        if self._cork or tail:
+            cork, self._cork = self._cork, b""
+            self._write(cork + tail)
+        incoming = self._queue.popleft()
+        self.pipeline.finished(ctx)
+        if self._close_after or (not incoming.complete and ctx.has_body) or (self._broken and not self._queue):
+            # An unread request body makes the connection unusable for the next request.
+            self._queue.clear()
+            self._broken = True
+            self.close()
+            return
+        self._resume()
+        if self._queue:
+            nxt = self._queue[0]
+            reject = nxt.ctx.get_state("reject")
+            self.pipeline = self.factory.pipeline      # the previous request is done: see above
+            self.limits = self.factory.limits
+            if reject:
+                self.pipeline.reject(nxt.ctx, *reject)
+            else:
+                self.pipeline.handle(nxt.ctx)
+        elif self._parsing is None:
+            self._wait(self.limits.idle_timeout)
+
+    def abort(self, ctx: RequestContext) -> None:
+        """The response cannot be completed: the client must see a broken connection."""
+        if self._gone:
+            return
+        self.pipeline.finished(ctx)
+        self._queue.clear()
+        self._broken = True
+        self.transport.abortConnection()
+
+    def read_body(self, ctx: RequestContext, sink: Any) -> None:
+        incoming = self._queue[0]
+        if incoming.ctx is not ctx:
+            return
+        if ctx.expect_continue and not incoming.received and not incoming.complete:
+            self._write(_CONTINUE)
+        incoming.sink = sink
+        chunks, incoming.chunks, incoming.buffered = incoming.chunks, [], 0
+        for chunk in chunks:
+            sink.body_chunk(chunk)
+        if incoming.complete:
+            sink.body_end()
+        self._resume()
+
+    def pause_body(self, ctx: RequestContext) -> None:
+        if not self._paused and not self._gone:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def resume_body(self, ctx: RequestContext) -> None:
+        self._resume()
+
+    def _resume(self) -> None:
+        if self._paused and not self._gone:
+            self._paused = False
+            self.transport.resumeProducing()
+
+    def register_producer(self, ctx: RequestContext, producer: Any) -> None:
+        if not self._gone:
+            self.transport.registerProducer(producer, True)
+
+    def unregister_producer(self, ctx: RequestContext) -> None:
+        if not self._gone:
+            self.transport.unregisterProducer()
+
+
+# What `_parsing` points to between requests: bytes parsed with no request in progress land here.
+_placeholder = _Incoming(RequestContext(b"", b"", b"", b"", b"", [], None, b"", "", cast(Any, None), 0.0))
+
+
+def _absolute_form(target: bytes, host: bytes | None) -> tuple[bytes, bytes | None]:
+    """`GET http://host/path` (absolute-form): the path and authority, else a 400."""
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        raise _Reject(400, "BAD_REQUEST", "request target must be an absolute path")
+    authority, _, path = rest.partition(b"/")
+    return b"/" + path, authority or host
+
+
+class HTTP1Factory(Factory):
+    """Builds client connections; holds what they share (the request path, clock)."""
+
+    noisy = False
+
+    def __init__(self, switch: Switch, clock: Any, deadlines: Deadlines,
+                 scheme: bytes = b"http", hsts: bytes | None = None) -> None:
+        self.switch = switch      # the current request path (a reload replaces it)
+        self.clock = clock
+        self.deadlines = deadlines
+        self.scheme = scheme
+        self.hsts = hsts          # Strict-Transport-Security value for https listeners
+        self.connections: set[HTTP1Connection] = set()
+        self.others: WeakSet[Any] = WeakSet()   # this listener's HTTP/2 connections (h2.py)
+
+    @property
+    def pipeline(self) -> Pipeline:
+        return self.switch.pipeline
+
+    @property
+    def limits(self) -> Limits:
+        return self.switch.pipeline.limits  # type: ignore[no-any-return]
+
+    def buildProtocol(self, addr: Any) -> HTTP1Connection:
+        return HTTP1Connection(self)

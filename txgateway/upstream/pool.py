@@ -1,0 +1,372 @@
+"""Persistent connections to upstream targets, parsing responses with httptools.
+
+A `TargetPool` per target keeps idle keep-alive connections (LIFO, so the warmest is
+reused) and caps the total; requests beyond the cap wait in FIFO order. A connection goes
+back to the pool only after its response ended cleanly and both sides allow reuse.
+The pool knows nothing of clients: it talks to an `UpstreamUser` (the proxy's exchange).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Protocol
+
+from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpResponseParser
+from OpenSSL.SSL import Error as SSLError
+from service_identity import VerificationError
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import ClientFactory
+from twisted.internet.protocol import Protocol as TwistedProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from txgateway.config.schema import Target, Upstream
+from txgateway.core.fastwrite import writer_for
+from txgateway.transport.tls import client_creator
+
+__all__ = ["TargetPool", "UpstreamConnection", "UpstreamUser"]
+
+_log = Logger(namespace="txgateway.upstream.pool")
+_DONE = Failure(ConnectionDone())
+_RESPONSE_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding",
+                                  b"upgrade", b"content-length", b"proxy-connection",
+                                  b"proxy-authenticate", b"proxy-authorization"})
+
+
+class UpstreamUser(Protocol):
+    """The side of an exchange that the pool and the connection report to."""
+
+    def connected(self, conn: UpstreamConnection) -> None: ...
+    def connect_failed(self, reason: Failure) -> None: ...
+    def response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
+                      length: int | None) -> None: ...
+    def response_body(self, data: bytes) -> None: ...
+    def response_complete(self, reusable: bool) -> None: ...
+    def read_done(self) -> None:
+        """Everything from one read was delivered: a good moment to flush to the client."""
+    def upstream_failed(self, reason: str, response_started: bool) -> None: ...
+    def switched(self, conn: UpstreamConnection, rest: bytes) -> None:
+        """The upstream answered 101 to an upgrade: from here on `conn` carries a tunnel."""
+
+
+class UpstreamConnection(TwistedProtocol):
+    """One keep-alive connection to a target, serving one exchange at a time."""
+
+    __slots__ = ("pool", "user", "factory", "transport", "connected", "write", "flush_writes", "parser", "reused",
+                 "open", "upgrade", "tunnel", "no_body", "_reason", "_headers", "_framing", "_tokens", "_interim",
+                 "_started", "_until_close")  # attribute access on the hot path (see http1.HTTP1Connection)
+
+    transport: Any
+
+    def __init__(self, pool: TargetPool, user: UpstreamUser | None, factory: Any = None) -> None:
+        self.pool = pool
+        self.user = user
+        self.factory = factory
+        self.write: Any = None  # set on connect: fastwrite.writer_for(transport)
+        self.flush_writes: Any = None
+        self.parser = HttpResponseParser(self)
+        self.reused = False
+        self.open = False
+        self.upgrade = False       # the request in flight is a WebSocket handshake
+        self.tunnel: Any = None    # after its 101: the tunnel.Tunnel that owns the bytes
+        self.no_body = False       # set per request: HEAD responses carry no body
+        self._reason = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._framing: dict[bytes, bytes] = {}
+        self._tokens: list[bytes] = []
+        self._interim = False
+        self._started = False      # response head delivered for the current exchange
+        self._until_close = False  # body delimited by the connection closing
+
+    def connectionMade(self) -> None:
+        self.open = True
+        self.write, self.flush_writes = writer_for(self.transport)
+        self.transport.setTcpNoDelay(True)
+        user, self.user = self.user, None
+        self.pool.connection_made(self, user, self.factory)
+        self.factory = None
+
+    def send(self, user: UpstreamUser, head: bytes, no_body: bool, upgrade: bool = False) -> None:
+        self.user = user
+        self.no_body = no_body
+        self.upgrade = upgrade
+        self._started = False
+        self.write(head)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.from_upstream(data)
+            return
+        if self.user is None:
+            # Bytes nobody asked for on an idle connection: it cannot be trusted any more.
+            self.transport.abortConnection()
+            return
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as upgrade:
+            if self.upgrade and self._started and self.user is not None:
+                user, self.user = self.user, None
+                user.switched(self, data[upgrade.args[0]:])
+            else:
+                self._fail("upstream switched protocols unexpectedly")
+            return
+        except HttpParserCallbackError as e:
+            # Our own code raised inside a parser callback: a bug, not a bad upstream.
+            _log.failure("bug while relaying a response", Failure(e.__context__))
+            self._fail("gateway error while relaying the response")
+            return
+        except HttpParserError as e:
+            self._fail(f"invalid response from upstream: {e}")
+            return
+        user = self.user
+        if user is not None and self._started:
+            if self.no_body:
+                # llhttp cannot be told that a HEAD response has no body: finish it here.
+                reusable = self._reusable()
+                self.parser = HttpResponseParser(self)
+                self._complete(reusable)
+            else:
+                user.read_done()
+
+    def on_message_begin(self) -> None:
+        self._headers = []
+        self._framing = {}
+        self._tokens = []
+        self._reason = b""
+
+    def on_status(self, status: bytes) -> None:
+        self._reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        low = name.lower()
+        if low in _RESPONSE_HOP_BY_HOP or low.startswith(b"proxy-"):
+            if low == b"connection":
+                self._tokens.extend(t.strip().lower() for t in value.split(b","))
+            self._framing[low] = value
+            return
+        self._headers.append((low, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if status == 101 and self.upgrade and self._framing.get(b"upgrade", b"").lower() != b"websocket":
+            self._fail("upstream answered 101 without Upgrade: websocket")
+            return
+        if 100 <= status < 200 and not (status == 101 and self.upgrade):
+            self._interim = True   # 100 Continue and friends: the real response follows
+            return
+        headers = self._headers
+        if self._tokens:
+            tokens = frozenset(self._tokens)
+            headers = [(n, v) for n, v in headers if n not in tokens]
+        framing = self._framing
+        length: int | None = None
+        if b"transfer-encoding" not in framing and b"content-length" in framing:
+            length = int(framing[b"content-length"])
+        if status in (204, 304):
+            self.no_body = True
+        self._until_close = (length is None and b"transfer-encoding" not in framing and not self.no_body)
+        self._started = True
+        user = self.user
+        if user is not None:
+            user.response_head(status, self._reason, headers, length)
+
+    def on_body(self, data: bytes) -> None:
+        if self.user is not None and not self.no_body:
+            self.user.response_body(data)
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        if self.upgrade and self.parser.get_status_code() == 101:
+            return                 # the handshake's end: HttpParserUpgrade follows (tunnel)
+        if self.user is not None:
+            self._complete(self._reusable())
+
+    def _reusable(self) -> bool:
+        if self._until_close or b"close" in self._tokens:
+            return False
+        return self.parser.get_http_version() == "1.1" or b"keep-alive" in self._tokens
+
+    def _complete(self, reusable: bool) -> None:
+        user, self.user = self.user, None
+        self._started = False
+        if user is not None:
+            user.response_complete(reusable and self.open)
+
+    def _fail(self, reason: str) -> None:
+        user, self.user = self.user, None
+        self.transport.abortConnection()
+        if user is not None:
+            user.upstream_failed(reason, self._started)
+
+    def connectionLost(self, reason: Failure = _DONE) -> None:
+        self.open = False
+        self.pool.connection_lost(self)
+        if self.tunnel is not None:
+            self.tunnel.upstream_lost()
+            return
+        if self.user is None:
+            return
+        if self._started and self._until_close and reason.check(ConnectionDone):
+            self._complete(False)
+        else:
+            user, self.user = self.user, None
+            if reason.check(ConnectionDone):
+                why = "upstream closed the connection"
+            elif reason.check(SSLError):
+                why = f"upstream TLS failed: {_tls_reason(reason.value)}"
+            elif reason.check(VerificationError):
+                why = f"upstream TLS failed: certificate is not for {self.pool.target.host}"
+            else:
+                why = "upstream connection reset"
+            user.upstream_failed(why, self._started)
+
+    def close(self) -> None:
+        self.user = None
+        if self.open:
+            self.transport.abortConnection()
+
+
+def _tls_reason(error: Exception) -> str:
+    """OpenSSL's reason ("certificate verify failed", ...) without the library noise."""
+    reasons = [part[2] for part in (error.args[0] if error.args and isinstance(error.args[0], list) else [])
+               if isinstance(part, tuple) and len(part) == 3]
+    return ", ".join(reasons) or str(error)
+
+
+class _ConnectFactory(ClientFactory):
+    noisy = False
+
+    def __init__(self, pool: TargetPool, user: UpstreamUser) -> None:
+        self.pool = pool
+        self.user: UpstreamUser | None = user
+
+    def buildProtocol(self, addr: Any) -> UpstreamConnection:
+        user, self.user = self.user, None
+        return UpstreamConnection(self.pool, user, self)
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.pool.connect_failed(self, reason)
+
+
+class TargetPool:
+    """Connections to one target: idle ones kept, total bounded, waiters queued."""
+
+    def __init__(self, reactor: Any, target: Target, upstream: Upstream) -> None:
+        self.reactor = reactor
+        self.target = target
+        self.max_connections = upstream.max_connections
+        self.connect_timeout = upstream.connect_timeout
+        self.timeout = upstream.timeout
+        self.preserve_host = upstream.preserve_host
+        self.tls = client_creator(target, upstream.tls) if target.https else None
+        self.idle: list[UpstreamConnection] = []
+        self.total = 0
+        self.waiting: deque[UpstreamUser] = deque()
+        self._pending: dict[_ConnectFactory, Any] = {}
+        self.retired = False          # dropped by a reload: no connection goes back to idle
+
+    def acquire(self, user: UpstreamUser) -> None:
+        """Hand `user` a connection now or later (`connected` / `connect_failed`)."""
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if conn.open:
+                conn.reused = True
+                user.connected(conn)
+                return
+        if self.total < self.max_connections:
+            self._connect(user)
+        else:
+            self.waiting.append(user)
+
+    def forget(self, user: UpstreamUser) -> None:
+        """`user` no longer wants a connection (cancelled or timed out)."""
+        try:
+            self.waiting.remove(user)
+        except ValueError:
+            pass
+        for factory, connector in list(self._pending.items()):
+            if factory.user is user:
+                factory.user = None
+                del self._pending[factory]
+                self.total -= 1
+                connector.disconnect()
+
+    def connect_new(self, user: UpstreamUser) -> None:
+        """A fresh connection for `user`, bypassing idle ones (retry after a stale one)."""
+        if self.total < self.max_connections:
+            self._connect(user)
+        else:
+            self.waiting.appendleft(user)
+
+    def _connect(self, user: UpstreamUser) -> None:
+        self.total += 1
+        factory = _ConnectFactory(self, user)
+        # The gateway's own sweep enforces connect_timeout; this is only a backstop.
+        if self.tls is not None:
+            self._pending[factory] = self.reactor.connectSSL(self.target.host, self.target.port, factory, self.tls,
+                                                             timeout=self.connect_timeout + 30)
+        else:
+            self._pending[factory] = self.reactor.connectTCP(self.target.host, self.target.port, factory,
+                                                             timeout=self.connect_timeout + 30)
+
+    def connection_made(self, conn: UpstreamConnection, user: UpstreamUser | None, factory: Any) -> None:
+        self._pending.pop(factory, None)
+        if user is None:
+            self.release(conn, True)
+        else:
+            user.connected(conn)
+
+    def connect_failed(self, factory: _ConnectFactory, reason: Failure) -> None:
+        if self._pending.pop(factory, None) is None:
+            return
+        self.total -= 1
+        user, factory.user = factory.user, None
+        if user is not None:
+            user.connect_failed(reason)
+        self._serve_waiting()
+
+    def release(self, conn: UpstreamConnection, reusable: bool, may_be_paused: bool = False) -> None:
+        """The exchange is over: keep the connection for the next request, or drop it.
+
+        `may_be_paused`: the connection was a slow client's producer, which may have paused it.
+        """
+        if not (reusable and conn.open) or self.retired:
+            conn.close()
+            return
+        conn.user = None
+        if may_be_paused:
+            conn.transport.resumeProducing()
+        if self.waiting:
+            conn.reused = True
+            self.waiting.popleft().connected(conn)
+        else:
+            self.idle.append(conn)
+
+    def connection_lost(self, conn: UpstreamConnection) -> None:
+        self.total -= 1
+        if conn in self.idle:
+            self.idle.remove(conn)
+        self._serve_waiting()
+
+    def _serve_waiting(self) -> None:
+        while self.waiting and self.total < self.max_connections:
+            self._connect(self.waiting.popleft())
+
+    def retire(self) -> None:
+        """A reload dropped this target: close idle connections now; connects in progress and
+        busy exchanges finish, and their connections close when released."""
+        self.retired = True
+        for conn in list(self.idle):
+            conn.close()
+        self.idle.clear()
+
+    def close(self) -> None:
+        self.retire()
+        pending, self._pending = self._pending, {}
+        for factory, connector in pending.items():
+            factory.user = None
+            self.total -= 1
+            connector.disconnect()
