@@ -1,10 +1,10 @@
 """docs/extending.md's example filter, built and run from the document's own code.
 
-A fenced block whose first line names a file (`# txgateway/requireheader.py`) is that file:
-the module runs as `txgateway.requireheader`, the registry block decides where the filter
-sits in `registry.FILTERS` (config.py, requestpath.py and testing.py read it when they run),
-and the test blocks run as tests. Every other python block must at least compile. If the
-document's code breaks, these fail.
+A fenced block whose first line names a file (`# txgateway/filters/requireheader.py`) is that
+file: the module runs as `txgateway.filters.requireheader`, the registry block decides where
+the filter sits in `registry.FILTERS` (config/schema.py, service/requestpath.py and
+testing.py read it when they run), and the test blocks run as tests. Every other python block
+must at least compile. If the document's code breaks, these fail.
 """
 
 from __future__ import annotations
@@ -45,11 +45,11 @@ def run_block(path: str, namespace: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.fixture
 def example(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    """The document's module, importable as txgateway.requireheader, registered as its
+    """The document's module, importable as txgateway.filters.requireheader, registered as its
     registry block says."""
-    module = ModuleType("txgateway.requireheader")
+    module = ModuleType("txgateway.filters.requireheader")
     monkeypatch.setitem(sys.modules, module.__name__, module)
-    run_block("txgateway/requireheader.py", module.__dict__)
+    run_block("txgateway/filters/requireheader.py", module.__dict__)
     filters = run_block("txgateway/config/registry.py", dict(vars(registry)))["FILTERS"]
     monkeypatch.setattr(registry, "FILTERS", filters)
     return module
