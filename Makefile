@@ -21,7 +21,7 @@ endif
 VENV   ?= $(if $(filter python3,$(PYTHON)),.venv,.venv-$(PY_VERSION))
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
-# The in-place build of the hot path is named after this Python's ABI (txgateway/http1.cpython-312-…so),
+# The in-place build of the hot path is named after this Python's ABI (txgateway/transport/http1.cpython-312-…so),
 # so the builds for several Pythons sit side by side; its group module stands for all of them.
 EXT_SUFFIX := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 BUILT   = txgateway__mypyc$(EXT_SUFFIX)

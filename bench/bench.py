@@ -396,7 +396,7 @@ class Gateway:
                 if re.search(r"#(warn|error|critical)\]|Traceback|Unhandled|Error|exception", line)]
 
     def stop(self) -> str:
-        """SIGTERM; twistd shuts down, then re-raises the signal on itself (exit -15 is normal)."""
+        """SIGTERM: the gateway drains and twistd exits 0 (logging `Server Shut Down.`)."""
         if self.proc is None:
             return "not running"
         rc = stop(self.proc)

@@ -17,7 +17,7 @@ from tests.conftest import listen
 from txgateway.core.fastwrite import writer_for
 from txgateway.core.reactor import make_lean
 
-# sha256 prefixes of the Twisted 26.10 sources that fastwrite.py / reactor.py rely on.
+# sha256 prefixes of the Twisted 26.10 sources that core/fastwrite.py / core/reactor.py rely on.
 # If one changes, re-read the new source, adapt the module, then update the pin.
 PINNED = {
     epollreactor.EPollReactor.doPoll: "09b62ae68ef01b4b",

@@ -338,7 +338,7 @@ def manhole_config(upstream_url: str, keys: Keys) -> str:
 
 async def start(reactor: Any, gateway: Any, upstream_url: str, keys: Keys) -> Manhole:
     """A gateway with the Manhole on a free loopback port; the port is read from its service
-    (gateway.py adds it as a child StreamServerEndpointService around a ConchFactory)."""
+    (service/gateway.py adds it as a child StreamServerEndpointService around a ConchFactory)."""
     running = await gateway(manhole_config(upstream_url, keys))
     (service,) = [s for s in running.gateway if isinstance(getattr(s, "factory", None), ConchFactory)]
     servers: list[Any] = []

@@ -174,8 +174,8 @@ async def test_local_error_keeps_alive_unless_a_body_was_left_unread(reactor, ec
 
 @pytest_twisted.ensureDeferred
 async def test_response_head_split_across_reads_after_an_interim_response(reactor, raw_upstream, gateway):
-    # The head is read from the raw bytes once llhttp validated it (upstream.py): it must
-    # not matter where reads split it, nor that a 100 Continue comes first in the same read.
+    # The head comes through llhttp's callbacks (txgateway/upstream/pool.py): it must not
+    # matter where reads split it, nor that a 100 Continue comes first in the same read.
     wire = (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created Just Now\r\nX-A:   padded value\r\n"
             b"X-Multi: 1\r\nConnection: X-Hop\r\nX-Hop: h\r\nX-Multi: 2\r\nContent-Length: 2\r\n\r\nok")
     cuts = [65, 66, 90, 91, 110, len(wire) - 3, len(wire) - 1]   # the 1st read: 100, status line, "X-A:   pa"

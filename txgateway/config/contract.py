@@ -37,7 +37,7 @@ class Scope:
     """What a route-key parser may know of the rest of the file."""
 
     sections: frozenset[str]             # the top-level keys present
-    upstreams: Mapping[str, Any]         # the valid upstreams (config.Upstream), by name
+    upstreams: Mapping[str, Any]         # the valid upstreams (schema.Upstream), by name
     declared: frozenset[str]             # every upstream name written, valid or not
 
 
@@ -84,7 +84,7 @@ class Resources:
     share within one request path (a token verifier and its cache, say)."""
 
     def __init__(self, config: Any, clock: Any, **parts: Any) -> None:
-        self.config = config            # the config.Config being built
+        self.config = config            # the schema.Config being built
         self.clock = clock
         self.parts = parts
         self._shared: dict[str, Any] = {}

@@ -1,6 +1,7 @@
 """The registry: every filter and terminal a route can use, in chain order.
 
-A new filter is one module declaring a `FilterKind` (contract.py) plus its line here.
+A new filter is one module in txgateway/filters/ declaring a `FilterKind` (contract.py) plus
+its line here; docs/extending.md shows one.
 """
 
 from __future__ import annotations

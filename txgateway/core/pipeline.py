@@ -1,6 +1,6 @@
 """The request pipeline: the one place that shows the path of a request.
 
-    transport (http1.py, h2.py) parses a request into a RequestContext
+    a transport (transport/http1.py, transport/h2.py) parses a request into a RequestContext
       -> Pipeline.handle(ctx)
            the edge chain's request hooks: sanitise -> route (picks the route's chain)
            the route's chain's request hooks, in order: (cors, identify, limit, ...) -> transform
@@ -145,7 +145,7 @@ class RequestContext:
         self.notes: dict[str, Any] | None = None   # access-log fields added by filters (`note`)
         self.state: dict[str, Any] | None = None   # per-filter state, by filter name
         self.forwarding: Any = None  # the terminal's per-request state (the proxy's Exchange)
-        self.upgrade: bytes | None = None  # b"websocket" for a WebSocket handshake (tunnel.py)
+        self.upgrade: bytes | None = None  # b"websocket" for a WebSocket handshake (transport/tunnel.py)
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of a request header (name in lower case)."""
@@ -295,17 +295,17 @@ class Pipeline:
     """One frozen request path: the edge chain, a chain per route, the route table, the
     terminals' shared parts (the proxy and its upstream groups), the limits transports apply.
 
-    Built from a config as a whole (requestpath.py) and swapped as a whole on reload (one
+    Built from a config as a whole (service/requestpath.py) and swapped as a whole on reload (one
     assignment to `Switch.pipeline`); a request keeps the chain it started on (`ctx.chain`)."""
 
     def __init__(self, edge: Chain, chains: Sequence[Chain], table: Any, clock: Any,
                  stats: Any = None, limits: Any = None, terminals: dict[str, Any] | None = None) -> None:
         self.edge = edge
         self.chains = tuple(chains)            # by route index
-        self.table = table                     # the route table (filters' routing.RouteTable), or None
+        self.table = table                     # the route table (filters/routing.py's RouteTable), or None
         self.clock = clock
         self.stats = stats                     # counts requests started (finish hooks count the end)
-        self.limits = limits                   # config.Limits: body and header sizes, timeouts
+        self.limits = limits                   # config/schema.py's Limits: body and header sizes, timeouts
         self.terminals = terminals or {}       # by terminal name: what its routes share (the proxy)
 
     # -- request phase -------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """A route as the config describes it: what it matches, what answers it, its filters' policies.
 
-Parsed by config.py (with the registry's filters and terminals); read by every layer, so it
-lives at the bottom and imports nothing of the gateway.
+Parsed by config/schema.py (with the registry's filters and terminals); read by every layer,
+so it lives in core/, at the bottom, and imports nothing of the gateway.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 Two filters. `ForwardingHeaders` runs first: it removes what a client must never be able to
 assert (identity, gateway and forwarding headers), fixes the correlation id and trace
-context, and states where the request came from. `HeaderRules` runs last before the proxy:
-the route's own `request_headers` / `response_headers`, `X-Internal-*` stripping and the
-security headers.
+context, and states where the request came from. `HeaderRulesFilter` runs last before the
+terminal: the route's own `request_headers` / `response_headers`, `X-Internal-*` stripping
+and the security headers.
 """
 
 from __future__ import annotations

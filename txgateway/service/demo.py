@@ -1,8 +1,8 @@
 """`twistd -n txgateway --demo`: the gateway plus three in-process demo upstreams.
 
-The upstreams (`users`, `orders`, `search`, as in the seed chapter) answer JSON describing
-what they received, so `curl` shows the gateway's work: the rewritten path, the query, and
-the headers the gateway set (X-Forwarded-*, X-Correlation-ID, traceparent).
+The upstreams (`users`, `orders`, `search`) answer JSON describing what they received, so
+`curl` shows the gateway's work: the rewritten path, the query, and the headers the gateway
+set (X-Forwarded-*, X-Correlation-ID, traceparent).
 """
 
 from __future__ import annotations

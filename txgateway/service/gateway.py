@@ -1,8 +1,11 @@
 """Wiring: one Config in, one running gateway (listeners, pipeline, pools) out.
 
-`Gateway` is the object the status page, metrics and the Manhole will read. It is a
-MultiService: listeners are child services, so a port that cannot be bound aborts start-up,
-and stopping drains in-flight requests before the pools close.
+`Gateway` is the object the status page, metrics and the Manhole read. It is a MultiService
+whose children say what runs, in start order: the long-lived parts (`Component`: the
+access-log writer, the deadline sweep, the bucket stores, the JWKS refresher, the upstream
+groups), the listeners (a port that cannot be bound aborts start-up), then the admin
+listener and the Manhole. Stopping stops the listeners, drains in-flight requests, then
+stops the other children in reverse: the access-log writer last.
 """
 
 from __future__ import annotations
