@@ -486,7 +486,9 @@ async def test_one_route_behaves_the_same_over_h1_h1_tls_and_h2(reactor, echo, g
     path = "/api/users/7?q=a%20b&x=1"
 
     def headers(way: str) -> list[tuple[str, str]]:
-        return [("x-correlation-id", cids[way]), ("accept", "application/json")]
+        # Proxy-* headers belong to a client's hop to a proxy: taken out on every protocol.
+        return [("x-correlation-id", cids[way]), ("accept", "application/json"),
+                ("proxy-authorization", "Basic cHJveHk6c2VjcmV0"), ("proxy-x", "1")]
 
     answers: dict[str, Response] = {}
     (answers["h1"],) = parse_responses(await raw(plain, h1_request(path, headers("h1"))))
@@ -508,6 +510,7 @@ async def test_one_route_behaves_the_same_over_h1_h1_tls_and_h2(reactor, echo, g
         assert upstream_headers["x-correlation-id"] == cids[way]
         assert upstream_headers["x-forwarded-proto"] == ("http" if way == "h1" else "https"), way
         assert upstream_headers["accept"] == "application/json"
+        assert not any(name.startswith("proxy-") for name in upstream_headers), (way, upstream_headers)
         # gateway headers on the response
         assert r.header("x-correlation-id") == cids[way], way
         assert r.header("x-route") == "users", way                      # route rule: set

@@ -19,15 +19,11 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from txgateway.core.hopbyhop import consumed_by_transport
 from txgateway.core.pipeline import RequestContext, ResponseHead
 from txgateway.transport.tls import tls_description
 
 __all__ = ["ALPNFactory", "H2Downstream", "ProtocolByALPN", "close_h2", "h2_site"]
-
-# What the HTTP/1.1 transport takes out before the pipeline; HTTP/2 has no hop-by-hop
-# headers, but a client may still send them (and twisted.web adds Host from :authority).
-_CONSUMED = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection", b"keep-alive",
-                       b"te", b"trailer", b"upgrade", b"expect", b"proxy-connection"})
 
 
 class H2Downstream:
@@ -127,8 +123,10 @@ class _PipelineResource(Resource):
         pipeline = http.pipeline
         target = request.uri
         path, _, query = target.partition(b"?")
+        # As over HTTP/1.1: HTTP/2 has no hop-by-hop headers, but a client may still send them
+        # (and twisted.web adds Host from :authority).
         headers = [(name.lower(), value) for name, values in request.requestHeaders.getAllRawHeaders()
-                   for value in values if name.lower() not in _CONSUMED]
+                   for value in values if not consumed_by_transport(name.lower())]
         peer = request.getClientAddress()
         downstream = H2Downstream(request, pipeline, http, _tls_of(request))
         ctx = RequestContext(request.method, target, path, b"?" + query if query else b"", b"2", headers,

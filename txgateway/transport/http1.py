@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 
 from txgateway.config.schema import Limits
 from txgateway.core.fastwrite import writer_for
+from txgateway.core.hopbyhop import REQUEST_CONSUMED
 from txgateway.core.pipeline import Pipeline, RequestContext, ResponseHead, Switch
 from txgateway.core.timeouts import Deadlines
 from txgateway.transport.tls import tls_description
@@ -29,10 +30,6 @@ __all__ = ["HTTP1Connection", "HTTP1Factory"]
 
 _log = Logger(namespace="txgateway.transport.http1")
 
-# Framing and hop-by-hop headers (RFC 9110 7.6.1): consumed here, never forwarded.
-_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding",
-                         b"upgrade", b"content-length", b"host", b"expect", b"proxy-connection",
-                         b"proxy-authenticate", b"proxy-authorization"})
 _MAX_QUEUED = 16             # pipelined requests waiting behind the active one
 _MAX_HELD = 1 << 20          # bytes a client may send after a WebSocket handshake, before the 101
 _MAX_BUFFERED = 256 * 1024   # request body bytes held while waiting; reading pauses above
@@ -245,7 +242,7 @@ class HTTP1Connection(Protocol):
         if self._header_bytes > self.limits.max_header_bytes:
             raise _Reject(431, "HEADERS_TOO_LARGE", "request headers are too large")
         name = name.lower()
-        if name in _HOP_BY_HOP or name.startswith(b"proxy-"):
+        if name in REQUEST_CONSUMED or name.startswith(b"proxy-"):
             if name == b"connection":
                 self._connection_tokens.extend(t.strip().lower() for t in value.split(b","))
             elif name == b"host" and b"host" in self._framing:

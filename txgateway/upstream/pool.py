@@ -22,15 +22,13 @@ from twisted.python.failure import Failure
 
 from txgateway.config.schema import Target, Upstream
 from txgateway.core.fastwrite import writer_for
+from txgateway.core.hopbyhop import RESPONSE_CONSUMED
 from txgateway.transport.tls import client_creator
 
 __all__ = ["TargetPool", "UpstreamConnection", "UpstreamUser"]
 
 _log = Logger(namespace="txgateway.upstream.pool")
 _DONE = Failure(ConnectionDone())
-_RESPONSE_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding",
-                                  b"upgrade", b"content-length", b"proxy-connection",
-                                  b"proxy-authenticate", b"proxy-authorization"})
 
 
 class UpstreamUser(Protocol):
@@ -139,7 +137,7 @@ class UpstreamConnection(TwistedProtocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         low = name.lower()
-        if low in _RESPONSE_HOP_BY_HOP or low.startswith(b"proxy-"):
+        if low in RESPONSE_CONSUMED or low.startswith(b"proxy-"):
             if low == b"connection":
                 self._tokens.extend(t.strip().lower() for t in value.split(b","))
             self._framing[low] = value

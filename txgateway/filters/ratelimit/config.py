@@ -12,13 +12,11 @@ import yaml
 
 from txgateway.config.reader import Reader, _Invalid
 from txgateway.config.units import Rate, parse_duration
+from txgateway.core.hopbyhop import consumed_by_transport
 
 __all__ = ["RATE_LIMIT", "LimitsConfig", "RouteLimit", "Tier", "parse_rate_limits", "parse_route_limit"]
 
 _HEADER = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-# Framing and hop-by-hop headers the transport takes out before any filter runs.
-_CONSUMED = frozenset({"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade",
-                       "content-length", "expect"})
 _SCOPE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -120,7 +118,7 @@ def _route_key(r: Reader, f: dict[str, yaml.Node], path: str) -> tuple[str, byte
         if not _HEADER.match(name):
             raise r.fail(f["key"], f"{path}.key", f'expected header:NAME with a header name, got "{key_text}"')
         low = name.lower()
-        if low in _CONSUMED or low.startswith("proxy-"):
+        if low != "host" and consumed_by_transport(low.encode()):
             raise r.fail(f["key"], f"{path}.key", f"{name} is consumed by the HTTP layer and never reaches "
                                                   "the limiter (header:Host works)")
         return "header", low.encode()
