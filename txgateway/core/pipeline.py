@@ -160,22 +160,22 @@ class RequestContext:
 
     def note(self, field: str, value: Any) -> None:
         """Add an access-log field (`breaker`, `upstream_error`, a filter's own)."""
-        notes = self.notes
-        if notes is None:
-            self.notes = {field: value}
-        else:
-            notes[field] = value
+        self.notes = _put(self.notes, field, value)
 
     def get_state(self, name: str) -> Any:
         state = self.state
         return None if state is None else state.get(name)
 
     def set_state(self, name: str, value: Any) -> None:
-        state = self.state
-        if state is None:
-            self.state = {name: value}
-        else:
-            state[name] = value
+        self.state = _put(self.state, name, value)
+
+
+def _put(mapping: dict[str, Any] | None, key: str, value: Any) -> dict[str, Any]:
+    """`mapping` with `key` set; a new one if there was none (most requests need none)."""
+    if mapping is None:
+        return {key: value}
+    mapping[key] = value
+    return mapping
 
 
 RequestHook = Callable[[RequestContext], "LocalResponse | Deferred[Any] | None"]
