@@ -26,6 +26,7 @@ import txgateway
 from tests.conftest import SECRET, free_port, parse_responses, raw_request
 from tests.installed import PYTHON, TWISTD, TXGATEWAY, WHEEL
 from tests.integration.test_lifecycle import START_TIMEOUT, STOP_TIMEOUT, Daemon, assert_clean_shutdown
+from tests.integration.test_workers import alive, children
 from tests.stdlib_upstream import QuietHandler, StdlibUpstream
 from tests.test_compiled import compiled_modules
 
@@ -210,8 +211,14 @@ def test_workers_run_the_installed_txgateway_not_one_in_the_working_directory(tm
             gw.daemon.wait_for_port(gw.port)
             assert gw.get("/api/public/1") == (200, {"path": "/public/1", "user": None}), gw.daemon.output
             assert "died" not in gw.daemon.output, gw.daemon.output
+            workers = children(gw.daemon.proc.pid)
         finally:
             gw.daemon.kill()
+        # Killed with its parent (SIGKILL: no drain), even one still starting: no orphan serves on.
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in workers if alive(pid)], gw.daemon.output
 
 
 # --- the demo --------------------------------------------------------------------------------

@@ -1,19 +1,24 @@
 """--workers edges: a non-tcp listener is a one-line error, listener strings are read like
 Twisted reads them (or refused, never guessed), and the parent stops accepting when the drain
 begins."""
+import os
 import socket
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from tests.conftest import free_port
+from tests.installed import TWISTD
 from tests.integration.test_workers import (
     SLOW,
     WAIT,
     get_slow,
     run_workers_on_a_unix_listener,
     two_workers,
+    write_config,
 )
-from txgateway.service.workers import bind_listener
+from txgateway.service.workers import WORKERS_PARENT, bind_listener
 
 
 def test_non_tcp_listener_is_a_usage_error_without_traceback(tmp_path):
@@ -64,3 +69,16 @@ def test_new_connections_are_refused_while_the_workers_drain(tmp_path):
             assert not pending.done()
             assert refused(port), "accepted into the parent's backlog while the workers drain"
             assert pending.result(timeout=WAIT + SLOW) == 200
+
+
+def test_a_worker_whose_parent_died_while_it_started_stops_instead_of_serving_as_an_orphan(tmp_path):
+    """The parent-death signal is asked for while the worker starts: a parent killed before
+    then (the worker still importing) never sends it. The worker checks its parent is the one
+    that spawned it (pid 1 here is not) and stops."""
+    config = write_config(tmp_path, free_port(), "http://127.0.0.1:9")
+    result = subprocess.run([str(TWISTD), "-n", "--pidfile=", "txgateway", "--config", str(config), "--worker", "1"],
+                            env={**os.environ, WORKERS_PARENT: "1"}, capture_output=True, text=True, timeout=30,
+                            cwd=tmp_path, stdin=subprocess.DEVNULL, check=False)
+    assert result.returncode == 1
+    assert "txgateway: the --workers parent (pid 1) is gone; this worker stops" in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr

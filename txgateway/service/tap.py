@@ -177,13 +177,21 @@ def notify_systemd(state: str) -> None:
 
 def _exit_with_parent() -> None:
     """A --workers worker gets SIGTERM (drain) when its parent dies, rather than serving on
-    as an orphan nobody supervises (Linux prctl PR_SET_PDEATHSIG; elsewhere a no-op)."""
+    as an orphan nobody supervises (Linux prctl PR_SET_PDEATHSIG; elsewhere a no-op). A parent
+    that died while the worker was still starting, before this ran, sends nothing: the worker
+    then stops here."""
     import ctypes
+    import os
     import signal
+
+    from txgateway.service.workers import WORKERS_PARENT
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+    parent = os.environ.get(WORKERS_PARENT)
+    if parent and os.getppid() != int(parent):
+        raise SystemExit(f"txgateway: the --workers parent (pid {parent}) is gone; this worker stops")
 
 
 def _reload_on_sighup(reactor: Any, gateway: Any) -> None:

@@ -36,6 +36,7 @@ from txgateway.transport.endpoints import ListenerError, cannot_listen
 __all__ = ["WorkerSupervisor", "bind_listener", "check_shareable"]
 
 _log = Logger(namespace="txgateway.service.workers")
+WORKERS_PARENT = "TXGATEWAY_WORKERS_PARENT"   # in a worker's environment: its parent's pid
 _FIRST_FD = 3
 _UNESCAPED_COLON = re.compile(r"(?<!\\):")
 
@@ -136,6 +137,7 @@ class WorkerSupervisor(Service):
         self.protocols[index] = protocol
         self._started_at[index] = self.reactor.seconds()
         env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}   # the parent notifies systemd
+        env[WORKERS_PARENT] = str(os.getpid())
         transport = self.reactor.spawnProcess(protocol, sys.executable, self._argv(index), env=env,
                                               childFDs=child_fds)
         self.workers[index] = transport
