@@ -169,7 +169,9 @@ def test_sigterm_drains_in_flight_refuses_new_connections_and_readyz_turns_503(t
 
             (resp,) = parse_responses(pending.result(timeout=15))
         assert resp.status == 200 and resp.body == SLOW_BODY
-        assert slow.answered and slow.answered[0] - sigterm >= 1.0  # it really waited for the upstream
+        # The handler thread records its answer after sending it: the response can arrive first.
+        wait_until(lambda: bool(slow.answered), 3, "the upstream to record its answer")
+        assert slow.answered[0] - sigterm >= 1.0  # it really waited for the upstream
 
         code = daemon.wait(STOP_TIMEOUT)
         assert_clean_shutdown(daemon, code)

@@ -125,6 +125,7 @@ def test_sigterm_lets_an_http2_stream_in_flight_finish_then_exits_0(tmp_path, ce
 
         (result,) = client.wait(stream, timeout=WAIT)
         assert (result.status, result.body, result.ended, result.reset) == (200, SLOW_BODY, True, None), result
+        wait_until(lambda: bool(slow.answered), 3, "the upstream to record its answer (after sending it)")
         assert slow.answered[0] - sigterm >= 1.0               # it really waited for the upstream
         ending = read_until_closed(client, STOP_TIMEOUT)
         # Then the drain is over: a GOAWAY (no error, stream 1 was the last) and a clean TLS close.
