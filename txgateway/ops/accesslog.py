@@ -13,8 +13,9 @@ import time
 from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any, Protocol
 
-from twisted.internet.task import LoopingCall
 from twisted.logger import LogLevel
+
+from txgateway.core.periodic import Periodic
 
 __all__ = ["AccessLog", "JsonLinesWriter", "TextStream"]
 
@@ -33,9 +34,7 @@ class JsonLinesWriter:
     def __init__(self, stream: TextStream, clock: Any, flush_interval: float = 0.5, path: str | None = None) -> None:
         self.stream = stream
         self.path = path                  # the file `reopen` opens again; None: not a file
-        self._flusher = LoopingCall(self.flush)
-        self._flusher.clock = clock
-        self._interval = flush_interval
+        self._flusher = Periodic(clock, flush_interval, self.flush)
 
     @classmethod
     def open(cls, destination: str, clock: Any, stdout: TextStream) -> JsonLinesWriter | None:
@@ -52,12 +51,10 @@ class JsonLinesWriter:
             self.stream.write(record.json_line())
 
     def start(self) -> None:
-        if not self._flusher.running:
-            self._flusher.start(self._interval, now=False)
+        self._flusher.start()
 
     def stop(self) -> None:
-        if self._flusher.running:
-            self._flusher.stop()
+        self._flusher.stop()
         self.flush()
 
     def flush(self) -> None:

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from txgateway.core.periodic import Periodic
 from txgateway.filters.auth.config import Jwk, parse_jwks
 
 __all__ = ["RemoteJwks"]
@@ -36,20 +36,16 @@ class RemoteJwks:
         self.failures = 0
         self._last_attempt = float("-inf")
         self._inflight: Deferred[Any] | None = None
-        self._refresher = LoopingCall(self.refresh)
-        self._refresher.clock = clock
-        self._refresh_interval = refresh
+        self._refresher = Periodic(clock, refresh, self.refresh, now=True)
 
     def current(self) -> dict[str | None, list[Jwk]]:
         return self.keys
 
     def start(self) -> None:
-        if not self._refresher.running:
-            self._refresher.start(self._refresh_interval, now=True)
+        self._refresher.start()
 
     def stop(self) -> None:
-        if self._refresher.running:
-            self._refresher.stop()
+        self._refresher.stop()
 
     def refresh(self) -> Deferred[None]:
         """Fetch now (periodic refresh, or start); shares a fetch already in flight."""

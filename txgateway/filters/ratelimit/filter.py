@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
-from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
+from txgateway.core.periodic import Periodic
 from txgateway.core.pipeline import LocalResponse, RequestContext, ResponseHead, error_response
 from txgateway.core.route import Route
 from txgateway.filters.ratelimit.config import LimitsConfig, RouteLimit
@@ -112,17 +112,13 @@ class LocalStore:
         self.clock = clock
         self.max_buckets = max_buckets
         self.buckets: dict[str, list[float]] = {}   # key -> [tokens, updated, per_second, burst]
-        self._sweeper = LoopingCall(self.sweep)
-        self._sweeper.clock = clock
-        self._sweep_every = sweep_every
+        self._sweeper = Periodic(clock, sweep_every, self.sweep)
 
     def start(self) -> None:
-        if not self._sweeper.running:
-            self._sweeper.start(self._sweep_every, now=False)
+        self._sweeper.start()
 
     def stop(self) -> None:
-        if self._sweeper.running:
-            self._sweeper.stop()
+        self._sweeper.stop()
 
     def take(self, key: str, per_second: float, burst: int) -> Decision:
         now = self.clock.seconds()

@@ -23,10 +23,10 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from txgateway.core.periodic import Periodic
 from txgateway.filters.ratelimit.filter import _SLACK, Decision, take
 from txgateway.filters.ratelimit.redislink import RedisLink, RedisUnavailable
 
@@ -148,17 +148,14 @@ class HybridStore:
         self.buckets: dict[str, list[float]] = {}
         self.syncs = 0
         self._syncing = False
-        self._ticker = LoopingCall(self.sync)
-        self._ticker.clock = clock
-        self._interval = interval
+        self._ticker = Periodic(clock, interval, self.sync)
 
     def start(self) -> None:
         self.link.start()
-        self._ticker.start(self._interval, now=False)
+        self._ticker.start()
 
     def stop(self) -> Deferred[Any] | None:
-        if self._ticker.running:
-            self._ticker.stop()
+        self._ticker.stop()
         return self.link.stop()
 
     def take(self, key: str, per_second: float, burst: int) -> Decision | Deferred[Decision]:
