@@ -1,5 +1,6 @@
 """The route table: longest prefix on a segment boundary, host/method narrowing, rewriting,
-dot-segment normalisation and traversal refusal. Then the same through a real gateway."""
+the canonical path (escapes, slashes, dot-segments), traversal refusal. Then the same through
+a real gateway (tests/integration/test_routing_agreement.py checks what upstreams receive)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest_twisted
 
 from tests.conftest import assert_envelope, parse_responses, raw
 from txgateway.config.schema import parse_config
-from txgateway.filters.routing import BadPath, RouteTable, normalize_path
+from txgateway.filters.routing import BadPath, RouteTable, canonical_path, normalize_path
 
 ROUTES = """
 listen: [{endpoint: "tcp:0"}]
@@ -160,7 +161,89 @@ def test_root_to_root_keeps_the_path():
 
 
 def test_rewrite_keeps_encoded_bytes(table):
-    assert route(table, b"/api/users/a%2Fb/%20x") == ("users", b"/users/a%2Fb/%20x")
+    assert route(table, b"/api/users/a%3fb/%20x") == ("users", b"/users/a%3Fb/%20x")
+
+
+# --- the canonical path: what is matched is what is forwarded -----------------------------
+
+@pytest.mark.parametrize(("path", "expected"), [
+    (b"/api/%70rivate/x", b"/api/private/x"),                       # unreserved: decoded
+    (b"/%61%70%69/%7Euser/%2d%2E%5f", b"/api/~user/-._"),
+    (b"/a%20b/%c3%a9", b"/a%20b/%C3%A9"),                            # the rest: upper-case hex
+    (b"/a%2fb/c%5cd", b"/a%2Fb/c%5Cd"),                              # escaped slashes stay opaque
+    (b"/a\\b", b"/a%5Cb"),                                           # a raw backslash is escaped
+    (b"//a///b//", b"/a/b/"),                                        # slashes merged
+    (b"/a/%2e%2E/b", b"/b"),                                         # decoded dots are dot-segments
+    (b"/a/b%2F..", b"/a/b%2F.."),                                    # ...but not after an opaque slash
+    (b"/a;p=1/b", b"/a;p=1/b"),
+    (b"/plain/path.js", b"/plain/path.js"),
+])
+def test_canonical_path(path, expected):
+    assert canonical_path(path) == expected
+
+
+@pytest.mark.parametrize("path", [b"/a%zz", b"/a%4", b"/a%", b"/%%41", b"/a%g0/b"])
+def test_malformed_escapes_are_refused(table, path):
+    with pytest.raises(BadPath, match="malformed percent-encoding"):
+        table.match(b"GET", path, b"a.test")
+
+
+def test_encoded_path_routes_and_is_forwarded_decoded(table):
+    assert route(table, b"/api/%75sers/7") == ("users", b"/users/7")
+    assert route(table, b"/%61pi/%75%73%65%72%73/admin/k") == ("admin", b"/k")
+    assert route(table, b"/api//users///7") == ("users", b"/users/7")
+
+
+@pytest.mark.parametrize("path", [b"/api/users%2F7", b"/api/users%2f7", b"/api/users/a%5cb", b"/api/users\\7",
+                                  b"/api/users/7%2F..%2F..%2Fadmin"])
+def test_escaped_slashes_are_refused_by_default(table, path):
+    with pytest.raises(BadPath, match="escaped slash"):
+        table.match(b"GET", path, b"a.test")
+
+
+OPTIONS = """
+listen: [{endpoint: "tcp:0"}]
+upstreams:
+  a: {targets: ["http://127.0.0.1:3001"]}
+routes:
+  - {prefix: /api, upstream: a}
+  - {prefix: /api/private, upstream: a, case_insensitive: true}
+  - {prefix: /files, upstream: a, escaped_slashes: keep, rewrite_prefix: /store}
+  - {prefix: /api/exact, upstream: a}
+"""
+
+
+@pytest.fixture(scope="module")
+def options() -> RouteTable:
+    return RouteTable(parse_config(OPTIONS, "options.yaml").routes)
+
+
+def prefix(table: RouteTable, path: bytes) -> tuple[str, bytes] | None:
+    match = table.match(b"GET", path, b"a.test")
+    return None if match is None else (match.route.prefix, match.upstream_path)
+
+
+def test_escaped_slashes_kept_opaque_on_a_route_that_asks(options):
+    assert prefix(options, b"/files/a%2fb%5Cc") == ("/files", b"/store/a%2Fb%5Cc")
+    assert prefix(options, b"/files/a\\b") == ("/files", b"/store/a%5Cb")
+    with pytest.raises(BadPath):
+        options.match(b"GET", b"/api/private%2Fx", b"a.test")
+
+
+def test_case_insensitive_route_matches_any_case_and_forwards_its_own(options):
+    assert prefix(options, b"/api/PRIVATE/x") == ("/api/private", b"/api/private/x")
+    assert prefix(options, b"/api/Private") == ("/api/private", b"/api/private")
+    assert prefix(options, b"/API/private/x") == ("/api/private", b"/api/private/x")   # the whole prefix
+    assert prefix(options, b"/api/EXACT/1") == ("/api", b"/api/EXACT/1")    # case-sensitive by default
+
+
+def test_path_params_that_would_change_the_route_are_refused(options):
+    with pytest.raises(BadPath, match="parameters"):
+        options.match(b"GET", b"/api/private;jsessionid=1/x", b"a.test")
+    assert options.match(b"GET", b"/api;x/private", b"a.test") is None     # no route either way: 404
+    # The same route either way: served, the parameters forwarded.
+    assert prefix(options, b"/api/public;v=1/x") == ("/api", b"/api/public;v=1/x")
+    assert prefix(options, b"/api/private/x;v=1") == ("/api/private", b"/api/private/x;v=1")
 
 
 # --- dot-segments and traversal -----------------------------------------------------------
@@ -217,7 +300,6 @@ def test_climbing_above_the_root_is_refused(table, path):
     (b"/a/../b", b"/b"),
     (b"/a/b/..", b"/a/"),
     (b"/a/b/.", b"/a/b/"),
-    (b"/a/%2e%2E/b", b"/b"),
     (b"/a/.b/c.", b"/a/.b/c."),
     (b"/.", b"/"),
     (b"/a/..", b"/"),

@@ -107,6 +107,7 @@ class Config:
     admin: AdminConfig | None = None
     manhole: ManholeConfig | None = None
     redirect_to_https: bool = False
+    underscores_in_headers: bool = False   # forward header names with `_` (else dropped)
 
     @property
     def auth(self) -> AuthConfig | None:
@@ -147,7 +148,7 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
 
 _TOP_KEYS = {
     "listen": "listeners", "redirect_to_https": "", "admin": "", "manhole": "", "redis": "",
-    "trusted_proxies": "", "limits": "", "drain_timeout": "", "upstreams": "", "routes": "", "access_log": "",
+    "trusted_proxies": "", "underscores_in_headers": "", "limits": "", "drain_timeout": "", "upstreams": "", "routes": "", "access_log": "",
 }
 
 
@@ -186,13 +187,15 @@ def _config(r: Reader, root: yaml.Node, environ: Mapping[str, str] | None) -> Co
         r.fail(top["redirect_to_https"], "redirect_to_https", "needs a listener with tls: to redirect to")
     _shared_ports(r, top, admin, manhole)
     limits = r.attempt(lambda: _limits(r, top["limits"]), Limits()) if "limits" in top else Limits()
+    underscores = r.attempt(lambda: r.boolean(top["underscores_in_headers"], "underscores_in_headers"), False) \
+        if "underscores_in_headers" in top else False
     proxies = r.attempt(lambda: _networks(r, top["trusted_proxies"], "trusted_proxies"), ()) if "trusted_proxies" in top else ()
     access_log = r.attempt(lambda: _access_log(r, top["access_log"]), "-") if "access_log" in top else "-"
     drain = r.attempt(lambda: r.parsed(top["drain_timeout"], "drain_timeout", parse_duration), 10.0) if "drain_timeout" in top else 10.0
     return Config(file=r.file, listen=listen, upstreams=MappingProxyType(upstreams), routes=routes, limits=limits,
                   trusted_proxies=proxies, access_log=access_log, drain_timeout=drain,
                   sections=MappingProxyType(sections), redis=redis, admin=admin, manhole=manhole,
-                  redirect_to_https=redirect)
+                  redirect_to_https=redirect, underscores_in_headers=underscores)
 
 
 def _access_log(r: Reader, node: yaml.Node) -> str:
@@ -352,7 +355,8 @@ def _target(r: Reader, path: str, node: yaml.Node) -> Target:
     return Target(url=url, host=parts.hostname, port=port or (443 if https else 80), https=https)
 
 
-_ROUTE_KEYS = {"prefix": "", "rewrite_prefix": "", "methods": "", "host": "", "cache": ""}
+_ROUTE_KEYS = {"prefix": "", "rewrite_prefix": "", "methods": "", "host": "", "escaped_slashes": "",
+               "case_insensitive": "", "cache": ""}
 
 
 def _routes(r: Reader, node: yaml.Node, scope: Scope) -> tuple[Route, ...]:
@@ -407,6 +411,12 @@ def _route(r: Reader, path: str, node: yaml.Node, scope: Scope, index: int) -> R
         values["methods"] = r.attempt(lambda: _methods(r, fields["methods"], f"{path}.methods"), None)
     if "host" in fields:
         values["host"] = r.attempt(lambda: _host(r, fields["host"], f"{path}.host"), None)
+    if "escaped_slashes" in fields:
+        values["escaped_slashes"] = r.attempt(
+            lambda: r.choice(fields["escaped_slashes"], f"{path}.escaped_slashes", ("reject", "keep")), "reject")
+    if "case_insensitive" in fields:
+        values["case_insensitive"] = r.attempt(
+            lambda: r.boolean(fields["case_insensitive"], f"{path}.case_insensitive"), False)
     if len(r.problems) != before or prefix is None or terminal is None or answer is None:
         raise _Invalid()  # every problem is recorded already
     if terminal.name == "proxy" and answer not in scope.upstreams:

@@ -24,6 +24,8 @@ class Route:
     rewrite_prefix: str | None = None
     methods: frozenset[bytes] | None = None
     host: str | None = None
+    escaped_slashes: str = "reject"       # %2F, %5C, \ in the path: "reject" (400) or "keep" (opaque)
+    case_insensitive: bool = False        # the prefix matches whatever the path's letter case
     terminal: str = "proxy"               # the registry's terminal name
     answer: Any = None                    # the terminal's parsed settings (the proxy's: the upstream)
     policies: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from txgateway.core.ids import correlation_id, traceparent
+from txgateway.core.pipeline import LocalResponse, error_response
 from txgateway.filters.headerconfig import DEFAULT_SECURITY_HEADERS, HeaderRules, RouteHeaders
 
 __all__ = ["ForwardingHeaders", "HeaderRulesFilter", "TrustedProxies"]
@@ -24,8 +25,11 @@ __all__ = ["ForwardingHeaders", "HeaderRulesFilter", "TrustedProxies"]
 _CLIENT_FORBIDDEN_PREFIXES = (b"x-user-", b"x-gateway-")
 _REPLACED = frozenset({b"x-correlation-id", b"traceparent", b"x-forwarded-for", b"x-forwarded-proto",
                        b"x-forwarded-host", b"x-user-id", b"x-user-role", b"x-user-tier"})
-
-
+# Looked at in the same pass (one set lookup per header): at most one is accepted.
+_SINGLE = frozenset({b"authorization"})
+# RFC 3986 3.2.2/3.2.3 without userinfo: a DNS-style name or a bracketed IP literal, a port.
+_AUTHORITY = re.compile(rb"(?:[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?\Z")
+_KNOWN_HOSTS = 4096
 
 
 class TrustedProxies:
@@ -62,16 +66,24 @@ _ENTROPY_BLOCK = 40 * 512  # random bytes per getrandom call: 40 per request (id
 
 
 class ForwardingHeaders:
-    """Sanitise client headers and add correlation, trace and X-Forwarded-* headers."""
+    """Sanitise client headers and add correlation, trace and X-Forwarded-* headers.
+
+    Also refuses (400) the heads an upstream would read otherwise than the gateway: a `Host`
+    that is not an authority (`a@evil.test`, `gw.test/../x`), two `Authorization` headers
+    (the first verified, the second believed). Header names with `_` are dropped unless
+    `underscores` (CGI and WSGI read `X_User_Id` as `X-User-Id`); even then one that reads
+    as an identity, gateway or forwarding header is dropped."""
 
     name = "forwarding"
     on_response_body = None
     on_finished = None
 
-    def __init__(self, trusted: TrustedProxies) -> None:
+    def __init__(self, trusted: TrustedProxies, underscores: bool = False) -> None:
         self.trusted = trusted
+        self.underscores = underscores
         self._entropy = b""
         self._used = 0
+        self._hosts: set[bytes] = set()     # Host values found valid (bounded)
 
     def _random40(self) -> bytes:
         used = self._used
@@ -81,10 +93,17 @@ class ForwardingHeaders:
         self._used = used + 40
         return self._entropy[used:used + 40]
 
-    def on_request(self, ctx: Any) -> None:
+    def on_request(self, ctx: Any) -> LocalResponse | None:
         incoming_cid = incoming_trace = xff = xfp = xfh = None
         kept = []
+        single = 0
         for name, value in ctx.headers:
+            if name in _SINGLE:
+                single += 1
+                kept.append((name, value))
+                continue
+            if b"_" in name and not self._underscore_allowed(name):
+                continue
             if name in _REPLACED or name.startswith(_CLIENT_FORBIDDEN_PREFIXES):
                 if name == b"x-correlation-id":
                     incoming_cid = incoming_cid or value
@@ -109,10 +128,29 @@ class ForwardingHeaders:
         kept.append((b"traceparent", traceparent(incoming_trace, random)))
         kept.append((b"x-forwarded-for", xff + b", " + peer_bytes if trusted and xff else peer_bytes))
         kept.append((b"x-forwarded-proto", xfp if trusted and xfp else ctx.scheme))
-        host = xfh if trusted and xfh else ctx.host
+        ctx.headers = kept
+        if single > 1:
+            return error_response(ctx, 400, "BAD_REQUEST", "more than one Authorization header")
+        host = ctx.host
+        if host and host not in self._hosts and not self._valid_host(host):
+            return error_response(ctx, 400, "BAD_REQUEST", "the Host header is not a valid host[:port]")
+        host = xfh if trusted and xfh else host
         if host:
             kept.append((b"x-forwarded-host", host))
-        ctx.headers = kept
+        return None
+
+    def _underscore_allowed(self, name: bytes) -> bool:
+        if not self.underscores:
+            return False
+        dashed = name.replace(b"_", b"-")
+        return not (dashed in _REPLACED or dashed in _SINGLE or dashed.startswith(_CLIENT_FORBIDDEN_PREFIXES))
+
+    def _valid_host(self, host: bytes) -> bool:
+        if _AUTHORITY.match(host) is None:
+            return False
+        if len(self._hosts) < _KNOWN_HOSTS:
+            self._hosts.add(host)
+        return True
 
     def on_response_head(self, ctx: Any, head: Any) -> None:
         head.headers.append((b"x-correlation-id", ctx.correlation_id.encode()))

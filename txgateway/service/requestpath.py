@@ -22,7 +22,7 @@ def build_request_path(config: Config, resources: Resources, observers: list[Any
     """Every route's chain (its filters from the registry, in registry order), its terminal,
     and the edge every request starts on (sanitise, route). `observers` (the counters, the
     access log) finish every request."""
-    forwarding = ForwardingHeaders(TrustedProxies(config.trusted_proxies))
+    forwarding = ForwardingHeaders(TrustedProxies(config.trusted_proxies), config.underscores_in_headers)
     shared = {kind.name: kind.build(resources, config) for kind in registry.TERMINALS}
     terminals = {kind.name: kind for kind in registry.TERMINALS}
     chains = []
@@ -45,6 +45,6 @@ def build_request_path(config: Config, resources: Resources, observers: list[Any
 
 def redirect_path(config: Config, resources: Resources, observers: list[Any], redirect: Filter) -> Pipeline:
     """Plain listeners under `redirect_to_https`: sanitise, then 308 to https, for every request."""
-    forwarding = ForwardingHeaders(TrustedProxies(config.trusted_proxies))
+    forwarding = ForwardingHeaders(TrustedProxies(config.trusted_proxies), config.underscores_in_headers)
     edge = Chain("(redirect to https)", [forwarding, redirect], [*observers, forwarding], None)
     return Pipeline(edge, (), None, resources.clock, resources.stats, config.limits)

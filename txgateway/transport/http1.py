@@ -190,6 +190,8 @@ class HTTP1Connection(Protocol):
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as upgrade:
+            if self._broken:
+                return
             rest = data[upgrade.args[0]:]
             if self._queue and self._queue[-1].ctx.upgrade is not None:
                 # A WebSocket handshake: what follows belongs to the tunnel, if the upstream
@@ -238,6 +240,13 @@ class HTTP1Connection(Protocol):
             raise _Reject(431, "HEADERS_TOO_LARGE", "request headers are too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._header_bytes < 0:
+            # A chunked body's trailer: never a header (it would arrive after the checks and
+            # could carry credentials). Counted against max_header_bytes, then dropped.
+            self._raw_header_bytes += len(name) + len(value) + 4
+            if self._raw_header_bytes > self.limits.max_header_bytes:
+                raise _Reject(431, "HEADERS_TOO_LARGE", "request trailers are too large")
+            return
         self._header_bytes += len(name) + len(value) + 4
         if self._header_bytes > self.limits.max_header_bytes:
             raise _Reject(431, "HEADERS_TOO_LARGE", "request headers are too large")
@@ -259,12 +268,13 @@ class HTTP1Connection(Protocol):
         target = self._url
         path, _, query = target.partition(b"?")
         host = framing.get(b"host")
-        if path[:1] != b"/":
+        method = parser.get_method()
+        if path[:1] != b"/" and method != b"CONNECT":
             path, host = _absolute_form(path, host)
         version = _VERSIONS[parser.get_http_version()]
         if self.tls is None and self._scheme == b"https":
             self.tls = tls_description(self.transport, "http/1.1")
-        ctx = RequestContext(parser.get_method(), target, path, b"?" + query if query else b"", version,
+        ctx = RequestContext(method, target, path, b"?" + query if query else b"", version,
                              self._headers, host, self._scheme, self._peer_ip, self, self._seconds())
         incoming = _Incoming(ctx)
         self._parsing = incoming
@@ -272,6 +282,10 @@ class HTTP1Connection(Protocol):
             tokens = frozenset(self._connection_tokens)
             ctx.headers = [(n, v) for n, v in ctx.headers if n not in tokens]
         ctx.keep_alive = parser.should_keep_alive()
+        if method == b"CONNECT":
+            # What follows is a tunnel's bytes, never a request: answered (405), then closed.
+            self._broken = True
+            ctx.keep_alive = False
         if b"upgrade" in self._connection_tokens and framing.get(b"upgrade", b"").lower() == b"websocket":
             ctx.upgrade = b"websocket"
             ctx.keep_alive = False           # after the answer: a tunnel, or a closed connection
