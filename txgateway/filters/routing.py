@@ -23,6 +23,9 @@ __all__ = ["BadPath", "RouteTable", "RoutingFilter", "canonical_path", "normaliz
 # RFC 3986 2.3: an escape of one of these is the character itself (6.2.2.2).
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _HEX = frozenset(b"0123456789abcdefABCDEF")
+# Bytes looked for on every request, as ints: `int in bytes` is one memchr, where `bytes in
+# bytes` first fails to read its needle as an int (an exception: ~2k instructions on 3.11).
+_PERCENT, _BACKSLASH, _SEMICOLON, _DOT, _HASH = 0x25, 0x5C, 0x3B, 0x2E, 0x23
 
 
 class BadPath(ValueError):
@@ -121,7 +124,8 @@ class RouteTable:
     def match(self, method: bytes, path: bytes, host: bytes | None) -> Match | None:
         """The route for this request, or None (404). Raises BadPath on a path that cannot be
         routed safely. A path with none of `%`, `\\`, `//`, `/.`, `;` is already canonical."""
-        if b"%" in path or b"\\" in path or b"//" in path or b"/." in path or b";" in path:
+        if (_PERCENT in path or _BACKSLASH in path or _SEMICOLON in path or path.find(b"//") >= 0
+                or (_DOT in path and path.find(b"/.") >= 0)):
             return self._match_canonical(method, path, host)
         route = self._lookup(method, path, host)
         return None if route is None else self._rewrite(route, path)
@@ -210,7 +214,7 @@ class RoutingFilter:
         self.chains = tuple(chains)      # by route index
 
     def on_request(self, ctx: RequestContext) -> LocalResponse | None:
-        if b"#" in ctx.target:
+        if _HASH in ctx.target:
             # A client never sends a fragment; an upstream would drop it and see another path.
             return error_response(ctx, 400, "BAD_REQUEST", "a fragment (#) in the request target")
         if ctx.method == b"CONNECT":

@@ -32,7 +32,7 @@ from twisted.internet.ssl import (
 from twisted.logger import Logger
 
 from txgateway.config.schema import Target
-from txgateway.core.pipeline import LocalResponse, RequestContext
+from txgateway.core.pipeline import LocalResponse, RequestContext, error_response
 from txgateway.transport.tlsconfig import ListenerTLS, UpstreamTLS
 
 __all__ = ["RedirectToHttps", "ServerTLS", "client_creator", "tls_description"]
@@ -107,7 +107,9 @@ def tls_description(transport: Any, default_protocol: str) -> str:
 
 class RedirectToHttps:
     """The only filter of plain listeners when `redirect_to_https` is on: 308 to the same
-    URL over https (the port of the first TLS listener unless it is 443)."""
+    URL over https (the port of the first TLS listener unless it is 443). The host is the
+    request's, which `ForwardingHeaders` has checked is an authority before; without one
+    there is nothing to redirect to (400)."""
 
     name = "redirect_to_https"
     on_response_head = None
@@ -118,7 +120,9 @@ class RedirectToHttps:
         self.https_port = https_port     # asked per request: the TLS listener may bind port 0
 
     def on_request(self, ctx: RequestContext) -> LocalResponse:
-        host = ctx.host or b""
+        host = ctx.host
+        if not host:
+            return error_response(ctx, 400, "BAD_REQUEST", "a redirect to https needs a Host header")
         host = host[:host.index(b"]") + 1] if host.startswith(b"[") and b"]" in host else host.split(b":", 1)[0]
         target = ctx.target if ctx.target.startswith(b"/") else ctx.path + ctx.query
         port = self.https_port()
