@@ -12,7 +12,7 @@ import pytest_twisted
 from twisted.internet.threads import deferToThread
 
 from tests.conftest import ALICE_KEY, assert_envelope, parse_responses, raw, simple_config
-from tests.integration.test_http2 import H2Client, cert, listeners, port_of  # noqa: F401 (the cert fixture)
+from tests.integration.test_http2 import H2Client, H2Result, cert, listeners, port_of  # noqa: F401 (the cert fixture)
 
 GOOD = b"GET /api/users/1 HTTP/1.1\r\nHost: gw.test\r\nConnection: close\r\n\r\n"
 
@@ -161,3 +161,21 @@ async def test_the_https_redirect_goes_only_to_a_validated_host(reactor, echo, g
     (r,) = parse_responses(await raw(gw.port, get(host=b"gw.test:80")))
     assert (r.status, r.header("location")) == (308, f"https://gw.test:{tls_port}/api/users/1")
     assert echo.requests == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_http2_connect_gets_405_and_the_connection_serves_on(reactor, echo, gateway, cert):  # noqa: F811
+    gw = await gateway(listeners(cert, "[h2, http/1.1]") + simple_config(echo.url))
+    port = await port_of(gw, 1)
+
+    def run() -> Any:
+        with H2Client(port, cert.cert) as client:
+            connect = client.conn.get_next_available_stream_id()   # CONNECT has no :path nor :scheme
+            client.results[connect] = H2Result()
+            client.conn.send_headers(connect, [(":method", "CONNECT"), (":authority", "gw.test:443")], end_stream=True)
+            client._send()
+            return client.wait(connect)[0], client.get("/api/users/1")
+    refused, after = await deferToThread(run)
+    assert_envelope(refused.as_response(), 405, "METHOD_NOT_ALLOWED")
+    assert after.status == 200
+    assert [r.uri for r in echo.requests] == [b"/users/1"]

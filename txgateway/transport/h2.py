@@ -163,6 +163,11 @@ class _BoundedRequest(Request):
     _received = 0
     _reset = False
 
+    def requestReceived(self, command: bytes, path: bytes | None, version: bytes) -> None:
+        # A CONNECT stream has no :path (RFC 9113 8.5), on which twisted.web fails: give it
+        # "/" so that it reaches the pipeline, which answers CONNECT 405 as over HTTP/1.1.
+        super().requestReceived(command, b"/" if path is None else path, version)
+
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > self.http.limits.max_body_size:
             self.too_large = True
