@@ -468,6 +468,17 @@ def test_bad_prefix(prefix):
     assert errors(text) == [f'c.yaml:8: routes[1].prefix: expected an absolute path like "/api/users", got "{prefix}"']
 
 
+@pytest.mark.parametrize(("prefix", "canonical"), [
+    ("/api/%7euser", ' ("/api/~user")'), ("/api/%c3%a9", ' ("/api/%C3%A9")'), ("/api//x", ' ("/api/x")'),
+    ("/a\\\\b", ' ("/a%5Cb")'), ("/api/%zz", ""),
+])
+def test_a_prefix_not_in_the_form_requests_are_matched_in(prefix, canonical):
+    text = BASE.replace("prefix: /api/orders", f'prefix: "{prefix}"')
+    shown = prefix.replace("\\\\", "\\")
+    assert errors(text) == [f'c.yaml:8: routes[1].prefix: expected the path in the form requests are matched in'
+                            f'{canonical}, got "{shown}"']
+
+
 def test_bad_rewrite_prefix_and_host():
     text = BASE.replace("upstream: users}", "upstream: users, rewrite_prefix: users, host: 'api.example.com:8080'}")
     assert errors(text) == [

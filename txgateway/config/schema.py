@@ -26,6 +26,7 @@ from txgateway.filters.auth.config import AuthConfig
 from txgateway.filters.headerconfig import DEFAULT_SECURITY_HEADERS, HeaderRules
 from txgateway.filters.ratelimit.config import LimitsConfig
 from txgateway.filters.ratelimit.redisconfig import RedisConfig, parse_redis
+from txgateway.filters.routing import BadPath, canonical_path
 from txgateway.ops.config import AdminConfig, ManholeConfig, parse_admin, parse_manhole
 from txgateway.transport.endpoints import endpoint_problem, overlapping
 from txgateway.transport.tlsconfig import ListenerTLS, UpstreamTLS, parse_listener_tls, parse_upstream_tls
@@ -446,4 +447,12 @@ def _path_prefix(r: Reader, node: yaml.Node, path: str) -> str:
     text = r.string(node, path)
     if not text.startswith("/") or "?" in text or "#" in text or "/../" in f"{text}/" or "/./" in f"{text}/":
         raise r.fail(node, path, f'expected an absolute path like "/api/users", got "{text}"')
+    try:
+        canonical = canonical_path(text.encode("utf-8")).decode("utf-8")
+    except (BadPath, UnicodeDecodeError):
+        canonical = None
+    if canonical != text:
+        # Requests are matched in their canonical form: another form would never match.
+        expected = f' ("{canonical}")' if canonical is not None else ""
+        raise r.fail(node, path, f"expected the path in the form requests are matched in{expected}, got \"{text}\"")
     return text.rstrip("/") or "/"
