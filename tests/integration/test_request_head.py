@@ -179,3 +179,21 @@ async def test_http2_connect_gets_405_and_the_connection_serves_on(reactor, echo
     assert_envelope(refused.as_response(), 405, "METHOD_NOT_ALLOWED")
     assert after.status == 200
     assert [r.uri for r in echo.requests] == [b"/users/1"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_http2_trailers_never_become_headers(reactor, echo, gateway, cert, keys_file):  # noqa: F811
+    gw = await gateway(listeners(cert, "[h2, http/1.1]") + keys_config(echo.url, keys_file))
+    port = await port_of(gw, 1)
+
+    def run() -> Any:
+        with H2Client(port, cert.cert) as client:
+            stream = client.request("/api/private/x", method="POST", end=False)
+            client.conn.send_data(stream, b"abc")
+            client.conn.send_headers(stream, [("x-api-key", ALICE_KEY), ("x-promoted", "1")], end_stream=True)
+            client._send()
+            return client.wait(stream)[0], client.get("/api/users/1", [("x-api-key", ALICE_KEY)])
+    refused, after = await deferToThread(run)
+    assert_envelope(refused.as_response(), 401, "UNAUTHORIZED")
+    assert after.status == 200
+    assert len(echo.requests) == 1 and "x-promoted" not in names(echo.requests[0])
