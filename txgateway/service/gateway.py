@@ -221,11 +221,10 @@ class Gateway(MultiService):
             http = HTTP1Factory(self.switch, self.clock, self.deadlines, scheme=b"https", hsts=_hsts(listener.tls))
             self.factories.append(http)
             self.tls_factories[index] = http
-            longest = max((u.connect_timeout + u.timeout for u in config.upstreams.values()), default=0.0)
             wrapped: Any = http
             if "h2" in listener.tls.alpn:
-                from txgateway.transport.h2 import ALPNFactory  # twisted.web + h2: only listeners offering h2
-                wrapped = ALPNFactory(http, config.limits.idle_timeout + longest)
+                from txgateway.transport.h2 import ALPNFactory  # the h2 library: only listeners offering h2
+                wrapped = ALPNFactory(http)
             return TLSMemoryBIOFactory(tls.options, False, wrapped)  # type: ignore[arg-type]  # zope interfaces
         if config.redirect_to_https:
             first_tls = next(i for i, x in enumerate(config.listen) if x.tls is not None)
