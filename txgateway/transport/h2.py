@@ -27,6 +27,7 @@ gave up on, and nothing in it bounds a header block before it is stored. Here:
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote_from_bytes
 
 from h2.config import H2Configuration
 from h2.connection import H2Connection
@@ -293,6 +294,7 @@ class H2Server(Protocol):
         streams, self.streams = self.streams, {}
         for stream in streams.values():
             self._lost(stream)
+            stream.ctx = None
         # Drop what points back at us: h2's connection holds itself in cycles (its frame
         # dispatch table of bound methods), the TLS transport holds us as its wrapped protocol.
         conn, self.conn = self.conn, None
@@ -307,8 +309,8 @@ class H2Server(Protocol):
         self.conn.close_connection()
         for stream in list(self.streams.values()):
             self._drop(stream, ErrorCodes.CANCEL)
-            self._forget(stream)
             self._lost(stream)
+            self._forget(stream)
         self._send()
         self._close()
 
@@ -328,9 +330,10 @@ class H2Server(Protocol):
                 self._close()
 
     def fail(self, code: Any, why: str) -> None:
-        """A protocol error or abuse: GOAWAY, then abort (a lost TLS connection would linger
-        until the peer's close_notify, and go on reading)."""
-        if self.conn is None:
+        """A protocol error or abuse: GOAWAY, read nothing more, and close the TCP connection
+        once the GOAWAY left, without waiting for the peer's TLS close_notify as a TLS close
+        does (reading on meanwhile); aborted if even that takes longer than _CLOSE_GRACE."""
+        if self.conn is None or self.closing:
             return
         if code is not None:
             try:
@@ -338,8 +341,10 @@ class H2Server(Protocol):
             except ProtocolError:
                 pass
         self._send()
-        self.closing = True
-        self.transport.abortConnection()
+        tls = self.transport
+        tls.pauseProducing()
+        self._close()
+        tls.transport.loseConnection()
 
     def _close(self) -> None:
         self.closing = True
@@ -446,6 +451,7 @@ class H2Server(Protocol):
                 ctx.chunked = True          # length unknown: chunked to the upstream
         problem = request_problem(method, target) if method != b"CONNECT" else None
         if problem is not None:
+            ctx.method = quote_from_bytes(method, safe="").encode()    # the access log writes it as is
             pipeline.reject(ctx, 400, "BAD_REQUEST", problem)
         elif method == b"CONNECT":
             pipeline.reject(ctx, 405, "METHOD_NOT_ALLOWED", "CONNECT is not supported")
@@ -486,9 +492,8 @@ class H2Server(Protocol):
     def _reset_by_client(self, stream_id: int) -> None:
         stream = self.streams.get(stream_id)
         if stream is not None:
-            stream.gone = True
-            self._forget(stream)
             self._lost(stream)
+            self._forget(stream)
         if not self.factory.resets.spend(self.peer_ip):
             self.fail(ErrorCodes.ENHANCE_YOUR_CALM, "too many stream resets")
 
@@ -597,9 +602,11 @@ class H2Server(Protocol):
 
     def _forget(self, stream: H2Stream) -> None:
         """The stream is over for us: give back the connection window of the body bytes it
-        held, and wait for the idle timeout once no stream is left."""
+        held, let go of its request (the two point at each other), and wait for the idle timeout
+        once no stream is left."""
         if self.streams.pop(stream.stream_id, None) is None:
             return
+        stream.ctx = None
         if stream.unacked and self.conn is not None:
             self.conn.acknowledge_received_data(stream.unacked, stream.stream_id)
             stream.unacked = 0
