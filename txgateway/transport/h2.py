@@ -54,6 +54,9 @@ __all__ = ["ALPNFactory", "H2Server", "H2Stream", "ProtocolByALPN", "ResetBudget
 _MAX_STREAMS = 100            # concurrent streams per connection (SETTINGS_MAX_CONCURRENT_STREAMS)
 _MAX_BLOCK_FRAMES = 32        # HEADERS + CONTINUATION frames of one header block
 _HIGH_WATER = 64 * 1024       # response bytes queued on a stream before its upstream is paused
+# The connection's receive window: 16 streams' worth (each has the default 64 KiB), so a stream
+# whose upstream is slow to take its body holds up its own window, not the others' uploads.
+_CONNECTION_WINDOW = 16 * 65535
 _CLOSE_GRACE = 1.0            # seconds a closing connection may take to flush before it is aborted
 _PREFACE = 24                 # b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _HEADERS, _PUSH_PROMISE, _CONTINUATION = 1, 5, 9
@@ -82,7 +85,7 @@ class ResetBudget:
     A token bucket per address (`per_second`, up to `burst`): each RST_STREAM a client sends
     takes a token. An address that overdraws has the connection it did it on closed and its
     new connections refused for `penalty` seconds, so reconnecting does not buy a new budget.
-    Idle addresses are forgotten once the table holds `max_addresses`."""
+    Both tables are bounded by `max_addresses` (refilled buckets and past bans go first)."""
 
     def __init__(self, clock: Any, per_second: float = 100.0, burst: int = 200, penalty: float = 10.0,
                  max_addresses: int = 10000) -> None:
@@ -113,6 +116,8 @@ class ResetBudget:
             self.buckets.pop(address, None)
             if len(self.banned) >= self.max_addresses:
                 self.banned = {a: t for a, t in self.banned.items() if t > now}
+                if len(self.banned) >= self.max_addresses:
+                    del self.banned[next(iter(self.banned))]     # the oldest ban
             self.banned[address] = now + self.penalty
             return False
         if address not in self.buckets and len(self.buckets) >= self.max_addresses:
@@ -121,11 +126,11 @@ class ResetBudget:
         return True
 
     def _forget(self, now: float) -> None:
-        """Drop addresses whose bucket has refilled (they owe nothing); all if none has."""
+        """Drop addresses whose bucket has refilled (they owe nothing), else the oldest."""
         full = self.burst / self.per_second
         self.buckets = {a: v for a, v in self.buckets.items() if now - v[1] < full}
         if len(self.buckets) >= self.max_addresses:
-            self.buckets.clear()
+            del self.buckets[next(iter(self.buckets))]
 
 
 class H2Stream:
@@ -251,6 +256,7 @@ class H2Server(Protocol):
         conn = self.conn = H2Connection(H2Configuration(client_side=False, header_encoding=None))
         _settings(conn, limits.max_header_bytes)
         conn.initiate_connection()
+        conn.increment_flow_control_window(_CONNECTION_WINDOW - 65535)
         self.tls = tls_description(self.transport, "h2")
         self.transport.registerProducer(self, True)
         self._wait(limits.header_timeout)
