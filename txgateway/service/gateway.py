@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 from txgateway.config.contract import ReloadRefused, Resources
 from txgateway.config.schema import Config, ConfigError, load_config
 from txgateway.core.fetch import quiet_pool, read_body
+from txgateway.core.periodic import Periodic
 from txgateway.core.pipeline import Pipeline, Switch
 from txgateway.core.timeouts import Deadlines
 from txgateway.filters.ratelimit.filter import LocalStore, RateLimitStore
@@ -39,7 +40,7 @@ from txgateway.service.reload import keep_restart_only_settings
 from txgateway.service.requestpath import build_request_path, redirect_path
 from txgateway.transport.endpoints import ListenerError, cannot_listen
 from txgateway.transport.http1 import HTTP1Factory
-from txgateway.transport.tls import RedirectToHttps, ServerTLS
+from txgateway.transport.tls import TICKET_KEY_LIFETIME, RedirectToHttps, ServerTLS
 from txgateway.upstream.breaker import Breakers
 from txgateway.upstream.proxy import Proxy, UpstreamGroup
 
@@ -199,8 +200,9 @@ class Gateway(MultiService):
     def _components(self) -> list[Component]:
         """The long-lived parts, as child services in start order (they stop in reverse, after
         the listeners stopped and the drain): the access-log writer, the deadline sweep, the
-        bucket stores (a Redis-backed one closes its connections), the JWKS refresher, and the
-        upstream groups (pools, health checks) of the current request path."""
+        bucket stores (a Redis-backed one closes its connections), the JWKS refresher, the
+        upstream groups (pools, health checks) of the current request path, and with TLS
+        listeners the rotation of their session ticket keys."""
         out = []
         if self.log_writer is not None:
             out.append(Component("access-log", self.log_writer.start, self.log_writer.stop))
@@ -211,7 +213,14 @@ class Gateway(MultiService):
         if self.jwks is not None:
             out.append(Component("jwks", self.jwks.start, self.jwks.stop))
         out.append(Component("upstreams", lambda: self.proxy.start(), lambda: self.proxy.close()))
+        if any(listener.tls is not None for listener in self.config.listen):
+            tickets = Periodic(self.clock, TICKET_KEY_LIFETIME, self._rotate_ticket_keys)
+            out.append(Component("tls-ticket-keys", tickets.start, tickets.stop))
         return out
+
+    def _rotate_ticket_keys(self) -> None:
+        for tls in self.server_tls.values():
+            tls.rotate()
 
     def _listener_factory(self, index: int, listener: Any, config: Config) -> Any:
         """HTTP/1.1 for a listener: wrapped in TLS when it has `tls:`; answering 308 to https

@@ -8,6 +8,11 @@ are reloaded on SIGHUP without touching open connections. TLS wraps the same HTT
 protocol as plain listeners (`TLSMemoryBIOFactory`), whatever the endpoint (tcp, systemd,
 sockets inherited by --workers).
 
+Defaults hardened for the listeners: Mozilla's "intermediate" TLS 1.2 suites (ECDHE key
+exchange, AEAD ciphers: no static RSA, no CBC), session resumption by a server-side cache and by
+session tickets whose keys rotate (`rotate()`, every TICKET_KEY_LIFETIME: OpenSSL gives each new
+context fresh random ticket keys), and an optional stapled OCSP response per certificate.
+
 Client side: `https://` targets are verified against the system's trust store or
 `tls.ca`, hostname included (service_identity), with an optional client certificate;
 `verify: false` is possible and warned about at every start.
@@ -15,11 +20,13 @@ Client side: `https://` targets are verified against the system's trust store or
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
 from OpenSSL import SSL
 from twisted.internet.ssl import (
+    AcceptableCiphers,
     Certificate,
     CertificateOptions,
     KeyPair,
@@ -35,10 +42,18 @@ from txgateway.config.schema import Target
 from txgateway.core.pipeline import LocalResponse, RequestContext
 from txgateway.transport.tlsconfig import ListenerTLS, UpstreamTLS
 
-__all__ = ["RedirectToHttps", "ServerTLS", "client_creator", "tls_description"]
+__all__ = ["INTERMEDIATE_CIPHERS", "TICKET_KEY_LIFETIME", "RedirectToHttps", "ServerTLS", "client_creator",
+           "tls_description"]
 
 _log = Logger(namespace="txgateway.transport.tls")
 _VERSIONS = {"1.2": TLSVersion.TLSv1_2, "1.3": TLSVersion.TLSv1_3}
+# Mozilla "intermediate" (server side TLS v5.7) for TLS 1.2, less the DHE suites (no DH
+# parameters are configured): forward secrecy and authenticated encryption only. TLS 1.3 suites
+# are all of that kind and are not affected by this list.
+INTERMEDIATE_CIPHERS = ("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:"
+                        "ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305")
+TICKET_KEY_LIFETIME = 3600.0      # seconds a session ticket key encrypts new tickets (see rotate)
+_SESSION_TIMEOUT = 7200           # seconds a session (cached or in a ticket) may be resumed
 
 
 def _pem_chain(path: str) -> list[bytes]:
@@ -55,7 +70,9 @@ class ServerTLS:
         self.config = config
         self.by_name: dict[bytes, SSL.Context] = {}
         self.default: SSL.Context | None = None
+        self.session_id = os.urandom(16).hex().encode()   # one for the listener: SNI switches contexts
         self.options = self._options(config, config.certificates[0], select=True)
+        _resumption(self.options.getContext(), self.session_id)
         self.load(config)
 
     def _options(self, config: ListenerTLS, certificate: Any, select: bool = False) -> CertificateOptions:
@@ -69,21 +86,38 @@ class ServerTLS:
             raiseMinimumTo=_VERSIONS[config.min_version],
             acceptableProtocols=[p.encode() for p in config.alpn],
             contextForServerName=self._select if select else None,
+            acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(INTERMEDIATE_CIPHERS),
+            enableSessions=True, enableSessionTickets=True,
         )
 
     def load(self, config: ListenerTLS) -> None:
         """Build every context now, then swap: a reload never serves a half-built table."""
+        self._build(config)
+        for warning in config.warnings:
+            _log.warn("tls: {warning}", warning=warning)
+
+    def rotate(self) -> None:
+        """New contexts, so new session ticket keys: tickets issued under the old ones are no
+        longer accepted (those clients do a full handshake). Files that became unreadable
+        keep the running contexts."""
+        try:
+            self._build(self.config)
+        except Exception:
+            _log.failure("tls: session ticket keys not rotated (certificate files unreadable)")
+
+    def _build(self, config: ListenerTLS) -> None:
         by_name: dict[bytes, SSL.Context] = {}
         default = None
         for certificate in config.certificates:
             context = self._options(config, certificate).getContext()
+            _resumption(context, self.session_id)
+            if certificate.ocsp is not None:
+                _staple(context, certificate.ocsp)
             default = default or context
             for name in certificate.names:
                 # DNS names in certificates are ASCII (IDNs come as punycode), as SNI names are.
                 by_name.setdefault(name.encode("ascii", "replace"), context)
         self.config, self.by_name, self.default = config, by_name, default
-        for warning in config.warnings:
-            _log.warn("tls: {warning}", warning=warning)
 
     def _select(self, name: bytes | None) -> SSL.Context | None:
         if not name:
@@ -93,6 +127,23 @@ class ServerTLS:
         if context is None and b"." in name:
             context = self.by_name.get(b"*." + name.split(b".", 1)[1])
         return context or self.default
+
+
+def _resumption(context: SSL.Context, session_id: bytes) -> None:
+    """Abbreviated handshakes: a server-side session cache and session tickets (enabled by the
+    options), under one session id context for all of a listener's contexts (CertificateOptions
+    draws one per context, and the SNI callback switches between them)."""
+    context.set_session_id(session_id)
+    context.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
+    context.set_timeout(_SESSION_TIMEOUT)
+
+
+def _staple(context: SSL.Context, response: str) -> None:
+    """Staple the DER OCSP response in `response` (a file, re-read at each build: a renewed
+    response is served after SIGHUP) to handshakes whose client asks for one."""
+    with open(response, "rb") as f:
+        der = f.read()
+    context.set_ocsp_server_callback(lambda connection, data: der)
 
 
 def tls_description(transport: Any, default_protocol: str) -> str:
