@@ -234,7 +234,7 @@ class Gateway(MultiService):
             if "h2" in listener.tls.alpn:
                 from txgateway.transport.h2 import ALPNFactory  # the h2 library: only listeners offering h2
                 wrapped = ALPNFactory(http)
-            return TLSMemoryBIOFactory(tls.options, False, wrapped)  # type: ignore[arg-type]  # zope interfaces
+            return TLSMemoryBIOFactory(tls, False, wrapped)  # type: ignore[arg-type]  # zope interfaces
         if config.redirect_to_https:
             first_tls = next(i for i, x in enumerate(config.listen) if x.tls is not None)
             redirect = redirect_path(config, self._resources(config, {}), [self.stats, self.access_log],

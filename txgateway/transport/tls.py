@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from OpenSSL import SSL
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.ssl import (
     AcceptableCiphers,
     Certificate,
@@ -37,6 +38,7 @@ from twisted.internet.ssl import (
     trustRootFromCertificates,
 )
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from txgateway.config.schema import Target
 from txgateway.core.pipeline import LocalResponse, RequestContext
@@ -63,17 +65,21 @@ def _pem_chain(path: str) -> list[bytes]:
     return [block + marker + b"\n" for block in data.split(marker) if b"-----BEGIN CERTIFICATE-----" in block]
 
 
+@implementer(IOpenSSLServerConnectionCreator)
 class ServerTLS:
-    """The TLS side of one listener: `options` for TLSMemoryBIOFactory; `load()` re-reads."""
+    """The TLS side of one listener, the connection creator of its TLSMemoryBIOFactory;
+    `load()` re-reads. Connections start on the front context (`options`: it holds the session
+    cache and the ticket keys), whose SNI callback moves them to their certificate's."""
 
     def __init__(self, config: ListenerTLS) -> None:
         self.config = config
         self.by_name: dict[bytes, SSL.Context] = {}
         self.default: SSL.Context | None = None
         self.session_id = os.urandom(16).hex().encode()   # one for the listener: SNI switches contexts
-        self.options = self._options(config, config.certificates[0], select=True)
-        _resumption(self.options.getContext(), self.session_id)
         self.load(config)
+
+    def serverConnectionForTLS(self, protocol: Any) -> SSL.Connection:
+        return self.options.serverConnectionForTLS(protocol)
 
     def _options(self, config: ListenerTLS, certificate: Any, select: bool = False) -> CertificateOptions:
         chain = _pem_chain(certificate.cert)
@@ -106,6 +112,8 @@ class ServerTLS:
             _log.failure("tls: session ticket keys not rotated (certificate files unreadable)")
 
     def _build(self, config: ListenerTLS) -> None:
+        options = self._options(config, config.certificates[0], select=True)
+        _resumption(options.getContext(), self.session_id)
         by_name: dict[bytes, SSL.Context] = {}
         default = None
         for certificate in config.certificates:
@@ -117,7 +125,7 @@ class ServerTLS:
             for name in certificate.names:
                 # DNS names in certificates are ASCII (IDNs come as punycode), as SNI names are.
                 by_name.setdefault(name.encode("ascii", "replace"), context)
-        self.config, self.by_name, self.default = config, by_name, default
+        self.config, self.options, self.by_name, self.default = config, options, by_name, default
 
     def _select(self, name: bytes | None) -> SSL.Context | None:
         if not name:
