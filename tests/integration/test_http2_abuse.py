@@ -20,7 +20,7 @@ import pytest_twisted
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from hyperframe.frame import ContinuationFrame, HeadersFrame
+from hyperframe.frame import ContinuationFrame, HeadersFrame, PingFrame
 from twisted.internet.threads import deferToThread
 
 from tests.conftest import ISSUER, mint_token
@@ -326,5 +326,36 @@ async def test_rapid_reset_budget_is_per_client_address_across_connections(react
     assert ErrorCodes.ENHANCE_YOUR_CALM in codes, codes
     assert completed <= 3 and refused >= 1, (completed, codes, refused)
     # Another address is served as usual.
+    r = await deferToThread(get_one, port, cert.cert, "/api/users/1")
+    assert r.status == 200
+
+
+# --- a client that sends and never reads ---------------------------------------------------------
+
+def ping_flood(port: int, cafile: str, frames: int) -> tuple[int, bool]:
+    """PING frames without ever reading the answers: (bytes sent, whether sending blocked)."""
+    sock, _ = h2_socket(port, cafile)
+    ping = PingFrame(0)
+    ping.opaque_data = b"12345678"
+    batch = ping.serialize() * 1000
+    sent = 0
+    with sock:
+        sock.settimeout(2.0)
+        try:
+            for _ in range(frames // 1000):
+                sock.sendall(batch)
+                sent += len(batch)
+        except TimeoutError:
+            return sent, True
+    return sent, False
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_never_reads_is_not_read_either(reactor, echo, gateway, cert):
+    gw = await gateway(listeners(cert, "[h2, http/1.1]") + routes(echo.url))
+    port = await port_of(gw, 1)
+    # 2 million PINGs (34 MB) would each have their ACK queued for a client that reads none.
+    sent, blocked = await deferToThread(ping_flood, port, cert.cert, 2_000_000)
+    assert blocked and sent < 24 * 2**20, (sent, blocked)
     r = await deferToThread(get_one, port, cert.cert, "/api/users/1")
     assert r.status == 200

@@ -655,12 +655,22 @@ class H2Server(Protocol):
     # -- the TLS transport as our consumer ---------------------------------------------
 
     def pauseProducing(self) -> None:
+        """The client does not read what we send: pause the upstreams, and stop reading from
+        it too (else frames that call for an answer, PING or SETTINGS, would pile answers up
+        in our buffers: the flood of CVE-2019-9512)."""
+        if self.write_paused or self.transport is None:
+            return
         self.write_paused = True
+        self.transport.pauseProducing()
         for stream in list(self.streams.values()):
             self.update_producer(stream)
 
     def resumeProducing(self) -> None:
+        if not self.write_paused or self.transport is None:
+            return
         self.write_paused = False
+        if not self.closing:
+            self.transport.resumeProducing()
         for stream in list(self.streams.values()):
             self.update_producer(stream)
 
