@@ -16,6 +16,7 @@ import ssl
 import time
 from typing import Any
 
+import h2.events
 import pytest_twisted
 from h2.config import H2Configuration
 from h2.connection import H2Connection
@@ -359,3 +360,36 @@ async def test_a_client_that_never_reads_is_not_read_either(reactor, echo, gatew
     assert blocked and sent < 24 * 2**20, (sent, blocked)
     r = await deferToThread(get_one, port, cert.cert, "/api/users/1")
     assert r.status == 200
+
+
+class InformedClient(H2Client):
+    """An H2Client that also keeps the informational (1xx) statuses each stream got."""
+
+    def __init__(self, port: int, cafile: str) -> None:
+        self.informational: dict[int, list[str]] = {}
+        super().__init__(port, cafile)
+
+    def _event(self, event: Any) -> None:
+        if isinstance(event, h2.events.InformationalResponseReceived):
+            self.informational.setdefault(event.stream_id, []).append(dict(event.headers)[":status"])
+        super()._event(event)
+
+
+@pytest_twisted.ensureDeferred
+async def test_expect_100_continue_is_answered_when_the_upstream_reads_the_body(reactor, echo, gateway, cert):
+    gw = await gateway(listeners(cert, "[h2, http/1.1]") + routes(echo.url))
+    port = await port_of(gw, 1)
+
+    def run() -> tuple[list[str], Any]:
+        with InformedClient(port, cert.cert) as client:
+            sid = client.request("/api/users/up", method="POST", end=False,
+                                 headers=[("expect", "100-continue"), ("content-length", "5")])
+            client.wait(until=lambda: sid in client.informational, timeout=5.0)
+            client.conn.send_data(sid, b"hello", end_stream=True)
+            client._send()
+            (r,) = client.wait(sid)
+            return client.informational[sid], r
+
+    informational, r = await deferToThread(run)
+    assert informational == ["100"] and r.status == 200, (informational, r)
+    assert r.json()["body_bytes"] == 5

@@ -197,6 +197,8 @@ class H2Stream:
     # -- request body -----------------------------------------------------------------
 
     def read_body(self, ctx: RequestContext, sink: Any) -> None:
+        if ctx.expect_continue and not self.received and not self.complete:
+            self.server.send_headers(self, [(b":status", b"100")])
         self.sink = sink
         chunks, self.chunks = self.chunks, []
         for chunk in chunks:
@@ -276,7 +278,7 @@ class H2Server(Protocol):
             self.fail(None, str(e))         # h2 queued its GOAWAY
             return
         for event in events:
-            if self.conn is None:
+            if self.conn is None or self.closing:
                 return
             kind = type(event)
             if kind is DataReceived:
@@ -428,6 +430,7 @@ class H2Server(Protocol):
         cookies: list[bytes] = []
         host = None
         length = None
+        expect = False
         for name, value in event.headers:
             if name[:1] == b":":
                 pseudo[name] = value
@@ -437,6 +440,8 @@ class H2Server(Protocol):
                 host = value
             elif name == b"content-length":
                 length = value
+            elif name == b"expect":
+                expect = value.lower() == b"100-continue"
             elif not consumed_by_transport(name):
                 headers.append((name, value))
         if cookies:
@@ -450,17 +455,18 @@ class H2Server(Protocol):
                                           self.http.scheme, self.peer_ip, stream, self.http.clock.seconds())
         ended = event.stream_ended is not None
         stream.complete = ended
+        ctx.expect_continue = expect and not ended
         if not ended:
             if length is not None and length.isdigit():
                 ctx.content_length = int(length)
             else:
                 ctx.chunked = True          # length unknown: chunked to the upstream
-        problem = request_problem(method, target) if method != b"CONNECT" else None
-        if problem is not None:
+        problem = None if method == b"CONNECT" else request_problem(method, target)
+        if method == b"CONNECT":
+            pipeline.reject(ctx, 405, "METHOD_NOT_ALLOWED", "CONNECT is not supported")
+        elif problem is not None:
             ctx.method = quote_from_bytes(method, safe="").encode()    # the access log writes it as is
             pipeline.reject(ctx, 400, "BAD_REQUEST", problem)
-        elif method == b"CONNECT":
-            pipeline.reject(ctx, 405, "METHOD_NOT_ALLOWED", "CONNECT is not supported")
         elif ctx.content_length is not None and ctx.content_length > self.http.limits.max_body_size:
             pipeline.reject(ctx, 413, "PAYLOAD_TOO_LARGE", "request body is larger than max_body_size")
         else:
