@@ -23,7 +23,6 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from txgateway.config.contract import ReloadRefused, Resources
@@ -40,7 +39,7 @@ from txgateway.service.reload import keep_restart_only_settings
 from txgateway.service.requestpath import build_request_path, redirect_path
 from txgateway.transport.endpoints import ListenerError, cannot_listen
 from txgateway.transport.http1 import HTTP1Factory
-from txgateway.transport.tls import TICKET_KEY_LIFETIME, RedirectToHttps, ServerTLS
+from txgateway.transport.tls import TICKET_KEY_LIFETIME, RedirectToHttps, ServerTLS, TLSFactory
 from txgateway.upstream.breaker import Breakers
 from txgateway.upstream.proxy import Proxy, UpstreamGroup
 
@@ -234,7 +233,7 @@ class Gateway(MultiService):
             if "h2" in listener.tls.alpn:
                 from txgateway.transport.h2 import ALPNFactory  # the h2 library: only listeners offering h2
                 wrapped = ALPNFactory(http)
-            return TLSMemoryBIOFactory(tls, False, wrapped)  # type: ignore[arg-type]  # zope interfaces
+            return TLSFactory(tls, False, wrapped)  # type: ignore[arg-type]  # zope interfaces
         if config.redirect_to_https:
             first_tls = next(i for i, x in enumerate(config.listen) if x.tls is not None)
             redirect = redirect_path(config, self._resources(config, {}), [self.stats, self.access_log],
