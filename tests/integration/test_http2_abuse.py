@@ -22,9 +22,11 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from hyperframe.frame import ContinuationFrame, HeadersFrame, PingFrame
+from twisted.internet import tcp
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
 
-from tests.conftest import ISSUER, mint_token
+from tests.conftest import ISSUER, listen, mint_token
 from tests.integration.test_http2 import (
     WAIT,
     H2Client,
@@ -400,3 +402,55 @@ async def test_expect_100_continue_is_answered_when_the_upstream_reads_the_body(
     informational, r = await deferToThread(run)
     assert informational == ["100"] and r.status == 200, (informational, r)
     assert r.json()["body_bytes"] == 5
+
+
+class Deaf(Protocol):
+    """An upstream that accepts a connection and never reads from it."""
+
+    def connectionMade(self) -> None:
+        self.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.transport.pauseProducing()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upload_to_an_upstream_that_does_not_read_is_held_by_flow_control(reactor, gateway, cert):
+    port_up = await listen(reactor, Factory.forProtocol(Deaf))
+    url = f"http://127.0.0.1:{port_up.getHost().port}"
+    try:
+        gw = await gateway(listeners(cert, "[h2, http/1.1]") + routes(url, top="limits: {max_body_size: 1GiB}\n"))
+        port = await port_of(gw, 1)
+        body = 64 * 2**20
+
+        def run() -> tuple[int, ssl.SSLSocket]:
+            """Send as fast as the windows allow for 4 s (memoryview: no copies of the body)."""
+            sock, conn = h2_socket(port, cert.cert)
+            sid = conn.get_next_available_stream_id()
+            conn.send_headers(sid, [(":method", "POST"), (":path", "/api/users/up"), (":authority", "localhost"),
+                                    (":scheme", "https")])
+            data, sent = memoryview(b"u" * body), 0
+            deadline = time.monotonic() + 4.0
+            while time.monotonic() < deadline:
+                room = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size, body - sent)
+                while room > 0:
+                    conn.send_data(sid, data[sent:sent + room].tobytes())
+                    sent += room
+                    room = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size, body - sent)
+                sock.sendall(conn.data_to_send())
+                sock.settimeout(0.05)
+                try:
+                    conn.receive_data(sock.recv(65536))
+                except TimeoutError:
+                    pass
+            return sent, sock
+
+        sent, sock = await deferToThread(run)
+        try:
+            # What the gateway holds for the upstream beyond the kernel's socket buffers: the
+            # upstream paused the body, so the client's windows stayed shut.
+            held = sum(len(c.dataBuffer) - c.offset + c._tempDataLen
+                       for c in gc.get_objects() if type(c) is tcp.Client)
+            assert sent > 2**20 and held < 2**20, (sent, held)
+        finally:
+            sock.close()
+    finally:
+        await port_up.stopListening()

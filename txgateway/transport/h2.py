@@ -260,6 +260,8 @@ class H2Server(Protocol):
         conn.initiate_connection()
         conn.increment_flow_control_window(_CONNECTION_WINDOW - 65535)
         self.tls = tls_description(self.transport, "h2")
+        if hasattr(self.transport, "setTcpNoDelay"):       # small frames (WINDOW_UPDATE...) go at once
+            self.transport.setTcpNoDelay(True)
         self.transport.registerProducer(self, True)
         self._wait(limits.header_timeout)
         self._send()
