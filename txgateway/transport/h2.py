@@ -16,7 +16,8 @@ gave up on, and nothing in it bounds a header block before it is stored. Here:
   larger than `max_header_bytes` or split into more than `_MAX_BLOCK_FRAMES` frames ends the
   connection before it is stored (the CONTINUATION flood, CVE-2024-27316), and a block left
   half-sent is cut after `header_timeout`;
-- a protocol error sends GOAWAY and aborts the connection (no waiting for the peer's TLS close);
+- a protocol error sends GOAWAY, stops reading and closes the TCP connection (no waiting for
+  the peer's TLS close_notify); a client that does not read what it is sent is not read either;
 - stream resets by the client are budgeted per client address across its connections
   (`ResetBudget`, the "rapid reset" flood with reconnects);
 - `:method` and `:path` are checked before anything is forwarded (400), CONNECT is a 405;
