@@ -22,13 +22,12 @@ from txgateway.config.units import parse_duration
 
 __all__ = ["Certificate", "ListenerTLS", "UpstreamTLS", "parse_listener_tls", "parse_upstream_tls"]
 
-_NO_H2 = "h2 needs the h2 and priority packages (pip install 'twisted[http2]')"
+_NO_H2 = "h2 needs the h2 package (pip install 'twisted[http2]')"
 
 
 def _h2_available() -> bool:
     try:
         import h2  # noqa: F401
-        import priority  # noqa: F401
     except ImportError:
         return False
     return True
