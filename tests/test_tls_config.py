@@ -259,7 +259,7 @@ def test_certificates_shape_errors(tmp_path, ca):
         f"c.yaml:5: {CERTS}[0]: expected {{cert: FILE, key: FILE}}",
         f"c.yaml:6: {CERTS}[1]: expected a mapping, got '{good.cert}'",
         f"c.yaml:7: {CERTS}[2].key: expected a single value, got a list",
-        f"c.yaml:8: {CERTS}[3].chain: unknown key (expected one of: cert, key)",
+        f"c.yaml:8: {CERTS}[3].chain: unknown key (expected one of: cert, key, ocsp)",
     ]
     assert errors(listener_text(f"certificates: [{pair(good)}]\nciphers: HIGH\n")) == [
         "c.yaml:5: listen[0].tls.ciphers: unknown key (expected one of: alpn, certificates, hsts_max_age, min_version)"]
@@ -310,7 +310,7 @@ def test_h2_without_its_packages_is_refused(tmp_path, ca, monkeypatch):
     monkeypatch.setattr("txgateway.transport.tlsconfig._h2_available", lambda: False)
     good = ca.issue(tmp_path, "good", "good.test", ("good.test",))
     assert errors(listener_text(f"certificates: [{pair(good)}]\nalpn: [http/1.1, h2]\n")) == [
-        "c.yaml:5: listen[0].tls.alpn[1]: h2 needs the h2 and priority packages (pip install 'twisted[http2]')"]
+        "c.yaml:5: listen[0].tls.alpn[1]: h2 needs the h2 package (pip install 'twisted[http2]')"]
 
 
 def test_errors_in_certificates_and_settings_come_together(tmp_path, ca):

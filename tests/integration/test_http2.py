@@ -1,6 +1,6 @@
 """HTTP/2 through the gateway, with real TLS handshakes and real clients.
 
-A TLS listener whose `alpn` lists `h2` hands h2 connections to twisted.web's HTTP/2 and the
+A TLS listener whose `alpn` lists `h2` hands h2 connections to the gateway's HTTP/2 and the
 others to the gateway's own HTTP/1.1 (txgateway/transport/h2.py). These tests prove that ALPN decides
 exactly that, that one route answers the same over plain HTTP/1.1, HTTP/1.1 over TLS and
 HTTP/2, that every filter (auth, limits, breakers, header rules, body limits, access log)
@@ -752,9 +752,8 @@ async def test_h2_body_over_max_body_size_is_refused_before_it_is_all_buffered(r
             except AssertionError:
                 return "connection closed"
             return client.results[stream]
-    # Ended: answered 413 (nothing of the body was kept). Still sending more than 1 MiB past the
-    # limit: the stream is reset rather than read on (twisted.web then closes the connection
-    # of a client that keeps sending on the reset stream).
+    # Ended: answered 413 (nothing of the body was kept). Not ended: answered 413 as soon as the
+    # limit is passed, and the rest of the body is refused (RST_STREAM).
     ended = await deferToThread(run, True, 2**19)
     assert not isinstance(ended, str) and ended.status == 413, ended
     r = await deferToThread(run, False, 3 * 2**20)

@@ -23,12 +23,12 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from txgateway.config.contract import ReloadRefused, Resources
 from txgateway.config.schema import Config, ConfigError, load_config
 from txgateway.core.fetch import quiet_pool, read_body
+from txgateway.core.periodic import Periodic
 from txgateway.core.pipeline import Pipeline, Switch
 from txgateway.core.timeouts import Deadlines
 from txgateway.filters.ratelimit.filter import LocalStore, RateLimitStore
@@ -39,7 +39,7 @@ from txgateway.service.reload import keep_restart_only_settings
 from txgateway.service.requestpath import build_request_path, redirect_path
 from txgateway.transport.endpoints import ListenerError, cannot_listen
 from txgateway.transport.http1 import HTTP1Factory
-from txgateway.transport.tls import RedirectToHttps, ServerTLS
+from txgateway.transport.tls import TICKET_KEY_LIFETIME, RedirectToHttps, ServerTLS, TLSFactory
 from txgateway.upstream.breaker import Breakers
 from txgateway.upstream.proxy import Proxy, UpstreamGroup
 
@@ -199,8 +199,9 @@ class Gateway(MultiService):
     def _components(self) -> list[Component]:
         """The long-lived parts, as child services in start order (they stop in reverse, after
         the listeners stopped and the drain): the access-log writer, the deadline sweep, the
-        bucket stores (a Redis-backed one closes its connections), the JWKS refresher, and the
-        upstream groups (pools, health checks) of the current request path."""
+        bucket stores (a Redis-backed one closes its connections), the JWKS refresher, the
+        upstream groups (pools, health checks) of the current request path, and with TLS
+        listeners the rotation of their session ticket keys."""
         out = []
         if self.log_writer is not None:
             out.append(Component("access-log", self.log_writer.start, self.log_writer.stop))
@@ -211,7 +212,14 @@ class Gateway(MultiService):
         if self.jwks is not None:
             out.append(Component("jwks", self.jwks.start, self.jwks.stop))
         out.append(Component("upstreams", lambda: self.proxy.start(), lambda: self.proxy.close()))
+        if any(listener.tls is not None for listener in self.config.listen):
+            tickets = Periodic(self.clock, TICKET_KEY_LIFETIME, self._rotate_ticket_keys)
+            out.append(Component("tls-ticket-keys", tickets.start, tickets.stop))
         return out
+
+    def _rotate_ticket_keys(self) -> None:
+        for tls in self.server_tls.values():
+            tls.rotate()
 
     def _listener_factory(self, index: int, listener: Any, config: Config) -> Any:
         """HTTP/1.1 for a listener: wrapped in TLS when it has `tls:`; answering 308 to https
@@ -221,12 +229,11 @@ class Gateway(MultiService):
             http = HTTP1Factory(self.switch, self.clock, self.deadlines, scheme=b"https", hsts=_hsts(listener.tls))
             self.factories.append(http)
             self.tls_factories[index] = http
-            longest = max((u.connect_timeout + u.timeout for u in config.upstreams.values()), default=0.0)
             wrapped: Any = http
             if "h2" in listener.tls.alpn:
-                from txgateway.transport.h2 import ALPNFactory  # twisted.web + h2: only listeners offering h2
-                wrapped = ALPNFactory(http, config.limits.idle_timeout + longest)
-            return TLSMemoryBIOFactory(tls.options, False, wrapped)  # type: ignore[arg-type]  # zope interfaces
+                from txgateway.transport.h2 import ALPNFactory  # the h2 library: only listeners offering h2
+                wrapped = ALPNFactory(http)
+            return TLSFactory(tls, False, wrapped)  # type: ignore[arg-type]  # zope interfaces
         if config.redirect_to_https:
             first_tls = next(i for i, x in enumerate(config.listen) if x.tls is not None)
             redirect = redirect_path(config, self._resources(config, {}), [self.stats, self.access_log],

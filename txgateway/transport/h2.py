@@ -1,201 +1,698 @@
-"""HTTP/2 on TLS listeners that list `h2` in `alpn`: twisted.web's HTTP/2, our pipeline.
+"""HTTP/2 on TLS listeners that list `h2` in `alpn`: the `h2` library driven by our pipeline.
 
 After the handshake `ProtocolByALPN` looks at what ALPN chose: `http/1.1` goes to our own
-HTTP/1.1 transport (http1.py), `h2` to twisted.web's HTTP/2 implementation (it needs the `h2`
-package). Every HTTP/2 request is turned into a `RequestContext` whose `H2Downstream` answers
-through the twisted.web request, so auth, limits, breakers, header rules, metrics and the access
-log apply to HTTP/2 exactly as to HTTP/1.1; upstreams are still spoken to in HTTP/1.1.
-twisted.web buffers an HTTP/2 request body before the request is handed over (bounded by
-max_body_size); responses stream, with HTTP/2 flow control pausing the upstream.
+HTTP/1.1 transport (http1.py), `h2` to `H2Server`, which drives one `h2.connection.H2Connection`
+(the frame state machine) and hands every stream to the pipeline as a `RequestContext` whose
+`H2Stream` is its `Downstream`: auth, limits, breakers, header rules, metrics and the access log
+apply to HTTP/2 as to HTTP/1.1; upstreams are spoken to in HTTP/1.1.
+
+Why not twisted.web's HTTP/2: it runs a request only once its body has ended (after spooling it
+to a temporary file), so auth and limits came after the upload; it keeps reading a connection it
+gave up on, and nothing in it bounds a header block before it is stored. Here:
+- the request filters run on HEADERS; the body streams to the upstream as it arrives, under
+  HTTP/2 flow control (a window is opened only for what the upstream took), and `max_body_size`
+  is enforced per stream as DATA arrives;
+- frame headers are scanned before the bytes reach `h2`: a header block (HEADERS + CONTINUATION)
+  larger than `max_header_bytes` or split into more than `_MAX_BLOCK_FRAMES` frames ends the
+  connection before it is stored (the CONTINUATION flood, CVE-2024-27316), and a block left
+  half-sent is cut after `header_timeout`;
+- a protocol error sends GOAWAY, stops reading and closes the TCP connection (no waiting for
+  the peer's TLS close_notify); a client that does not read what it is sent is not read either;
+- stream resets by the client are budgeted per client address across its connections
+  (`ResetBudget`, the "rapid reset" flood with reconnects);
+- `:method` and `:path` are checked before anything is forwarded (400), CONNECT is a 405;
+- a closed connection drops its references (h2's state machine holds itself in a cycle), so it is
+  freed at once even with `gc.freeze` and raised GC thresholds.
 """
 
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote_from_bytes
 
-from twisted.internet.error import ConnectionDone
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    RequestReceived,
+    StreamEnded,
+    StreamReset,
+    WindowUpdated,
+)
+from h2.exceptions import ProtocolError
+from h2.settings import SettingCodes
 from twisted.internet.protocol import Protocol
-from twisted.python.failure import Failure
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from txgateway.core.hopbyhop import consumed_by_transport
+from txgateway.core.hopbyhop import HOP_BY_HOP, consumed_by_transport
 from txgateway.core.pipeline import RequestContext, ResponseHead
+from txgateway.filters.ratelimit.filter import take
 from txgateway.transport.tls import tls_description
 
-__all__ = ["ALPNFactory", "H2Downstream", "ProtocolByALPN", "close_h2", "h2_site"]
+__all__ = ["ALPNFactory", "H2Server", "H2Stream", "ProtocolByALPN", "ResetBudget", "close_h2"]
+
+_MAX_STREAMS = 100            # concurrent streams per connection (SETTINGS_MAX_CONCURRENT_STREAMS)
+_MAX_BLOCK_FRAMES = 32        # HEADERS + CONTINUATION frames of one header block
+_HIGH_WATER = 64 * 1024       # response bytes queued on a stream before its upstream is paused
+# The connection's receive window: 16 streams' worth (each has the default 64 KiB), so a stream
+# whose upstream is slow to take its body holds up its own window, not the others' uploads.
+_CONNECTION_WINDOW = 16 * 65535
+_CLOSE_GRACE = 1.0            # seconds a closing connection may take to flush before it is aborted
+_PREFACE = 24                 # b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_HEADERS, _PUSH_PROMISE, _CONTINUATION = 1, 5, 9
+_END_HEADERS = 0x4
+# Response headers HTTP/2 forbids (RFC 9113 8.2.2); the upstream side takes most out already.
+_NOT_IN_H2 = HOP_BY_HOP | {b"content-length"}
+# Bytes allowed in a :path (visible ASCII) and a :method (RFC 9110 token characters).
+_PATH_BYTES = bytes(range(0x21, 0x7F))
+_TOKEN_BYTES = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 
-class H2Downstream:
-    """`pipeline.Downstream` over one twisted.web HTTP/2 request."""
+def request_problem(method: bytes, path: bytes) -> str | None:
+    """Why `:method`/`:path` cannot become an HTTP/1.1 request line, else None."""
+    if not method or method.translate(None, _TOKEN_BYTES):
+        return "invalid :method"
+    if path[:1] != b"/" and not (path == b"*" and method == b"OPTIONS"):
+        return ":path must be an absolute path"
+    if path.translate(None, _PATH_BYTES):
+        return ":path holds spaces, control characters or non-ASCII bytes"
+    return None
 
-    __slots__ = ("request", "pipeline", "http", "gone", "tls")
 
-    def __init__(self, request: Any, pipeline: Any, http: Any, tls: str | None) -> None:
-        self.request = request
-        self.pipeline = pipeline
-        self.http = http                  # the listener's HTTP/1.1 factory: its settings
-        self.gone = False
+class ResetBudget:
+    """Stream resets allowed per client address, shared by all of its connections.
+
+    A token bucket per address (`per_second`, up to `burst`): each RST_STREAM a client sends
+    takes a token. An address that overdraws has the connection it did it on closed and its
+    new connections refused for `penalty` seconds, so reconnecting does not buy a new budget.
+    Both tables are bounded by `max_addresses` (refilled buckets and past bans go first)."""
+
+    def __init__(self, clock: Any, per_second: float = 100.0, burst: int = 200, penalty: float = 10.0,
+                 max_addresses: int = 10000) -> None:
+        self.clock = clock
+        self.per_second = per_second
+        self.burst = burst
+        self.penalty = penalty
+        self.max_addresses = max_addresses
+        self.buckets: dict[str, tuple[float, float]] = {}   # address -> (tokens, updated)
+        self.banned: dict[str, float] = {}                  # address -> refused until
+
+    def admits(self, address: str) -> bool:
+        """Whether a new connection from `address` may be served."""
+        until = self.banned.get(address)
+        if until is None:
+            return True
+        if self.clock.seconds() < until:
+            return False
+        del self.banned[address]
+        return True
+
+    def spend(self, address: str) -> bool:
+        """One reset from `address`: False when its budget is exhausted (it is then banned)."""
+        now = self.clock.seconds()
+        tokens, updated = self.buckets.get(address, (float(self.burst), now))
+        allowed, tokens = take(tokens, updated, now, self.per_second, self.burst)
+        if not allowed:
+            self.buckets.pop(address, None)
+            if len(self.banned) >= self.max_addresses:
+                self.banned = {a: t for a, t in self.banned.items() if t > now}
+                if len(self.banned) >= self.max_addresses:
+                    del self.banned[next(iter(self.banned))]     # the oldest ban
+            self.banned[address] = now + self.penalty
+            return False
+        if address not in self.buckets and len(self.buckets) >= self.max_addresses:
+            self._forget(now)
+        self.buckets[address] = (tokens, now)
+        return True
+
+    def _forget(self, now: float) -> None:
+        """Drop addresses whose bucket has refilled (they owe nothing), else the oldest."""
+        full = self.burst / self.per_second
+        self.buckets = {a: v for a, v in self.buckets.items() if now - v[1] < full}
+        if len(self.buckets) >= self.max_addresses:
+            del self.buckets[next(iter(self.buckets))]
+
+
+class H2Stream:
+    """`pipeline.Downstream` for one HTTP/2 stream."""
+
+    __slots__ = ("server", "stream_id", "ctx", "tls", "sink", "chunks", "unacked", "received", "complete",
+                 "body_paused", "out", "out_bytes", "out_end", "producer", "producer_paused", "gone")
+
+    def __init__(self, server: H2Server, stream_id: int, tls: str | None) -> None:
+        self.server = server
+        self.stream_id = stream_id
+        self.ctx: RequestContext | None = None
         self.tls = tls
+        self.sink: Any = None             # the proxy, once it reads the body
+        self.chunks: list[bytes] = []     # body received before the sink came (within the window)
+        self.unacked = 0                  # flow-controlled bytes received and not yet given back
+        self.received = 0
+        self.complete = False             # the client ended its side
+        self.body_paused = False          # the upstream is not taking the body: windows stay shut
+        self.out: list[bytes] = []        # response bytes waiting for the peer's window
+        self.out_bytes = 0
+        self.out_end = False              # END_STREAM once `out` is sent
+        self.producer: Any = None         # the upstream transport, paused while `out` is large
+        self.producer_paused = False
+        self.gone = False                 # reset, answered or the connection is lost
 
     @property
     def hsts(self) -> bytes | None:
-        return self.http.hsts  # type: ignore[no-any-return]
+        return self.server.http.hsts  # type: ignore[no-any-return]
+
+    # -- response ---------------------------------------------------------------------
 
     def send_head(self, ctx: RequestContext, head: ResponseHead) -> None:
-        request = self.request
-        request.setResponseCode(head.status, head.reason)
-        headers = request.responseHeaders
-        # twisted.web's defaults (text/html, its own Server and Date) give way to the response's.
-        headers.removeHeader(b"content-type")
-        for name in {name for name, _ in head.headers} & {b"server", b"date"}:
-            headers.removeHeader(name)
-        for name, value in head.headers:
-            headers.addRawHeader(name, value)
-        if head.length is not None:
-            request.setHeader(b"content-length", b"%d" % head.length)
+        if self.gone:
+            return
+        headers = [(b":status", b"%d" % head.status)]
+        headers += [(name, value) for name, value in head.headers if name not in _NOT_IN_H2]
+        if head.length is not None and head.status not in (204, 304) and head.status >= 200:
+            headers.append((b"content-length", b"%d" % head.length))
+        self.server.send_headers(self, headers)
 
     def send_body(self, ctx: RequestContext, data: bytes) -> None:
-        if not self.gone:
-            ctx.bytes_out += len(data)
-            self.request.write(data)
+        if self.gone or ctx.method == b"HEAD":
+            return
+        ctx.bytes_out += len(data)
+        self.out.append(data)
+        self.out_bytes += len(data)
+        self.server.send_queued(self)
 
     def flush(self, ctx: RequestContext) -> None:
-        pass
+        pass                               # every write goes out at once
 
     def finish(self, ctx: RequestContext) -> None:
         if not self.gone:
-            self.request.finish()
-        self.pipeline.finished(ctx)
+            self.out_end = True
+            self.server.send_queued(self)
+        self.server.pipeline.finished(ctx)
 
     def abort(self, ctx: RequestContext) -> None:
         """A response that cannot be completed: reset the stream, never fake its end."""
-        if not self.gone:
-            self.gone = True
-            self.request.channel.abortConnection()      # RST_STREAM (loseConnection would END_STREAM)
-        self.pipeline.finished(ctx)
+        self.server.reset(self, ErrorCodes.INTERNAL_ERROR)
+        self.server.pipeline.finished(ctx)
+
+    # -- request body -----------------------------------------------------------------
 
     def read_body(self, ctx: RequestContext, sink: Any) -> None:
-        body = self.request.content.read()
-        if body:
-            ctx.bytes_in += len(body)
-            sink.body_chunk(body)
-        sink.body_end()
+        if ctx.expect_continue and not self.received and not self.complete:
+            self.server.send_headers(self, [(b":status", b"100")])
+        self.sink = sink
+        chunks, self.chunks = self.chunks, []
+        for chunk in chunks:
+            sink.body_chunk(chunk)
+        if self.complete:
+            sink.body_end()
+        self.server.acknowledge(self)
 
     def pause_body(self, ctx: RequestContext) -> None:
-        pass            # the body is already buffered
+        self.body_paused = True
 
     def resume_body(self, ctx: RequestContext) -> None:
-        pass
+        self.body_paused = False
+        self.server.acknowledge(self)
 
     def register_producer(self, ctx: RequestContext, producer: Any) -> None:
-        self.request.registerProducer(producer, True)
+        self.producer = producer
+        self.server.update_producer(self)
 
     def unregister_producer(self, ctx: RequestContext) -> None:
-        if not self.gone:
-            self.request.unregisterProducer()
+        self.producer = None
+        self.producer_paused = False       # the pool resumes what it takes back
 
     def start_tunnel(self, ctx: RequestContext, upstream: Any) -> Any:
         raise RuntimeError("WebSocket over HTTP/2 (RFC 8441) is not supported")
 
-    def lost(self, reason: Any, ctx: RequestContext) -> None:
-        """The client reset the stream or went away before the response ended."""
-        if ctx.done:
+
+class H2Server(Protocol):
+    """One HTTP/2 connection: h2's state machine, our streams, the connection's deadline."""
+
+    transport: Any    # the TLSMemoryBIOProtocol
+
+    def __init__(self, factory: ALPNFactory, peer_ip: str) -> None:
+        self.factory = factory
+        self.http = factory.http            # the listener's HTTP/1.1 factory: its settings
+        self.pipeline = factory.http.pipeline
+        self.peer_ip = peer_ip
+        self.conn: Any = None               # h2's H2Connection; None once closed
+        self.streams: dict[int, H2Stream] = {}
+        self.tls: str | None = None
+        self.deadline = 0.0
+        self.closing = False
+        self.goaway = False                 # the client said it opens no more streams
+        self.write_paused = False
+        # Frame scanner (see _scan): bytes of the current frame still to skip, a partial frame
+        # header, the open header block's size and frames (-1: no block open).
+        self._preface = _PREFACE
+        self._skip = 0
+        self._head = b""
+        self._block = -1
+        self._block_frames = 0
+
+    # -- connection lifecycle ---------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        limits = self.http.limits
+        conn = self.conn = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        _settings(conn, limits.max_header_bytes)
+        conn.initiate_connection()
+        conn.increment_flow_control_window(_CONNECTION_WINDOW - 65535)
+        self.tls = tls_description(self.transport, "h2")
+        if hasattr(self.transport, "setTcpNoDelay"):       # small frames (WINDOW_UPDATE...) go at once
+            self.transport.setTcpNoDelay(True)
+        self.transport.registerProducer(self, True)
+        self._wait(limits.header_timeout)
+        self._send()
+
+    def dataReceived(self, data: bytes) -> None:
+        conn = self.conn
+        if conn is None or self.closing:
             return
-        self.gone = True
+        problem = self._scan(data)
+        if problem is not None:
+            self.fail(ErrorCodes.ENHANCE_YOUR_CALM, problem)
+            return
+        try:
+            events = conn.receive_data(data)
+        except ProtocolError as e:
+            self.fail(None, str(e))         # h2 queued its GOAWAY
+            return
+        for event in events:
+            if self.conn is None or self.closing:
+                return
+            kind = type(event)
+            if kind is DataReceived:
+                self._data(event)
+            elif kind is RequestReceived:
+                self._request(event)
+            elif kind is StreamEnded:
+                self._ended(event.stream_id)
+            elif kind is WindowUpdated:
+                self._window(event.stream_id)
+            elif kind is StreamReset:
+                self._reset_by_client(event.stream_id)
+            elif kind is ConnectionTerminated:
+                self._terminated(event)
+        if self.conn is not None:
+            self._arm()
+            self._send()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.http.deadlines.discard(self)
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            self._lost(stream)
+            stream.ctx = None
+        # Drop what points back at us: h2's connection holds itself in cycles (its frame
+        # dispatch table of bound methods), the TLS transport holds us as its wrapped protocol.
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.__dict__.clear()
+        self.transport = None
+
+    def stop(self) -> None:
+        """The gateway is stopping: GOAWAY, open streams cut (499), then the connection closes."""
+        if self.conn is None or self.closing:
+            return
+        self.conn.close_connection()
+        for stream in list(self.streams.values()):
+            self._drop(stream, ErrorCodes.CANCEL)
+            self._lost(stream)
+            self._forget(stream)
+        self._send()
+        self._close()
+
+    def expired(self) -> None:
+        """Header timeout (a block left half-sent, or no request yet), idle timeout, or a
+        closing connection that did not go in time."""
+        if self.conn is None:
+            return
+        if self.closing:
+            self.transport.abortConnection()
+        elif self._block >= 0 or not self.streams:
+            if self._block >= 0:
+                self.fail(ErrorCodes.PROTOCOL_ERROR, "header block not completed within header_timeout")
+            else:
+                self.conn.close_connection()
+                self._send()
+                self._close()
+
+    def fail(self, code: Any, why: str) -> None:
+        """A protocol error or abuse: GOAWAY, read nothing more, and close the TCP connection
+        once the GOAWAY left, without waiting for the peer's TLS close_notify as a TLS close
+        does (reading on meanwhile); aborted if even that takes longer than _CLOSE_GRACE."""
+        if self.conn is None or self.closing:
+            return
+        if code is not None:
+            try:
+                self.conn.close_connection(error_code=code, additional_data=why.encode()[:128])
+            except ProtocolError:
+                pass
+        self._send()
+        tls = self.transport
+        tls.pauseProducing()
+        self._close()
+        tls.transport.loseConnection()
+
+    def _close(self) -> None:
+        self.closing = True
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
+        self._wait(_CLOSE_GRACE)
+
+    def _wait(self, seconds: float) -> None:
+        deadlines = self.http.deadlines
+        self.deadline = deadlines.now + seconds
+        deadlines.add(self)
+
+    def _arm(self) -> None:
+        """The deadline after a read: none while streams are open, header_timeout for a block
+        left open (set when it opened: CONTINUATION frames do not extend it), else idle."""
+        if self._block >= 0:
+            return
+        if self.streams:
+            self.http.deadlines.discard(self)
+        else:
+            self._wait(self.http.limits.idle_timeout)
+
+    # -- the frame scanner --------------------------------------------------------------
+
+    def _scan(self, data: bytes) -> str | None:
+        """Follow frame boundaries in `data` before h2 stores anything: a header block that
+        grows past max_header_bytes or _MAX_BLOCK_FRAMES is refused while it is still small."""
+        i = 0
+        n = len(data)
+        if self._preface:
+            i = min(self._preface, n)
+            self._preface -= i
+        while i < n:
+            if self._skip:
+                step = min(self._skip, n - i)
+                self._skip -= step
+                i += step
+                continue
+            need = 9 - len(self._head)
+            self._head += data[i:i + need]
+            i += need
+            head = self._head
+            if len(head) < 9:
+                break
+            self._head = b""
+            length = int.from_bytes(head[:3], "big")
+            kind = head[3]
+            self._skip = length
+            if kind == _HEADERS or kind == _PUSH_PROMISE:
+                if self._block < 0:
+                    self._wait(self.http.limits.header_timeout)
+                self._block = length
+                self._block_frames = 1
+            elif kind == _CONTINUATION:
+                self._block += length
+                self._block_frames += 1
+            else:
+                continue
+            if self._block > self.http.limits.max_header_bytes:
+                return "header block larger than max_header_bytes"
+            if self._block_frames > _MAX_BLOCK_FRAMES:
+                return "header block split into too many CONTINUATION frames"
+            if head[4] & _END_HEADERS:
+                self._block = -1
+        return None
+
+    # -- incoming events ----------------------------------------------------------------
+
+    def _request(self, event: Any) -> None:
+        stream_id = event.stream_id
+        stream = H2Stream(self, stream_id, self.tls)
+        self.streams[stream_id] = stream
+        pseudo: dict[bytes, bytes] = {}
+        headers: list[tuple[bytes, bytes]] = []
+        cookies: list[bytes] = []
+        host = None
+        length = None
+        expect = False
+        for name, value in event.headers:
+            if name[:1] == b":":
+                pseudo[name] = value
+            elif name == b"cookie":
+                cookies.append(value)       # split per crumb in HTTP/2, one header in HTTP/1.1
+            elif name == b"host":
+                host = value
+            elif name == b"content-length":
+                length = value
+            elif name == b"expect":
+                expect = value.lower() == b"100-continue"
+            elif not consumed_by_transport(name):
+                headers.append((name, value))
+        if cookies:
+            headers.append((b"cookie", b"; ".join(cookies)))
+        method = pseudo.get(b":method", b"")
+        target = pseudo.get(b":path", b"")
+        host = pseudo.get(b":authority", host)
+        path, _, query = target.partition(b"?")
+        self.pipeline = pipeline = self.http.pipeline      # a reload applies to the next streams
+        ctx = stream.ctx = RequestContext(method, target, path, b"?" + query if query else b"", b"2", headers, host,
+                                          self.http.scheme, self.peer_ip, stream, self.http.clock.seconds())
+        ended = event.stream_ended is not None
+        stream.complete = ended
+        ctx.expect_continue = expect and not ended
+        if not ended:
+            if length is not None and length.isdigit():
+                ctx.content_length = int(length)
+            else:
+                ctx.chunked = True          # length unknown: chunked to the upstream
+        problem = None if method == b"CONNECT" else request_problem(method, target)
+        if method == b"CONNECT":
+            pipeline.reject(ctx, 405, "METHOD_NOT_ALLOWED", "CONNECT is not supported")
+        elif problem is not None:
+            ctx.method = quote_from_bytes(method, safe="").encode()    # the access log writes it as is
+            pipeline.reject(ctx, 400, "BAD_REQUEST", problem)
+        elif ctx.content_length is not None and ctx.content_length > self.http.limits.max_body_size:
+            pipeline.reject(ctx, 413, "PAYLOAD_TOO_LARGE", "request body is larger than max_body_size")
+        else:
+            pipeline.handle(ctx)            # filters run now, before any of the body arrives
+
+    def _data(self, event: Any) -> None:
+        stream = self.streams.get(event.stream_id)
+        size = event.flow_controlled_length
+        if stream is None or stream.ctx is None or stream.ctx.done:
+            self.conn.acknowledge_received_data(size, event.stream_id)   # answered: only the window matters
+            return
+        ctx = stream.ctx
+        data = event.data
+        stream.received += len(data)
+        ctx.bytes_in += len(data)
+        stream.unacked += size
+        if stream.received > self.http.limits.max_body_size:
+            self._refuse(stream, 413, "PAYLOAD_TOO_LARGE", "request body is larger than max_body_size")
+            return
+        if stream.sink is not None:
+            stream.sink.body_chunk(data)
+            self.acknowledge(stream)
+        else:
+            stream.chunks.append(data)      # bounded by the stream's window: nothing acknowledged yet
+
+    def _ended(self, stream_id: int) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.complete:
+            return
+        stream.complete = True
+        if stream.sink is not None and stream.ctx is not None and not stream.ctx.done:
+            stream.sink.body_end()
+        self._maybe_done(stream)
+
+    def _reset_by_client(self, stream_id: int) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            self._lost(stream)
+            self._forget(stream)
+        if not self.factory.resets.spend(self.peer_ip):
+            self.fail(ErrorCodes.ENHANCE_YOUR_CALM, "too many stream resets")
+
+    def _terminated(self, event: Any) -> None:
+        """The client sent GOAWAY: on an error, cut everything; else finish open streams first."""
+        self.goaway = True
+        if event.error_code != ErrorCodes.NO_ERROR:
+            self.fail(None, "client GOAWAY")
+        elif not self.streams:
+            self._close()
+
+    def _window(self, stream_id: int) -> None:
+        streams = [self.streams.get(stream_id)] if stream_id else list(self.streams.values())
+        for stream in streams:
+            if stream is not None and (stream.out or stream.out_end):
+                self.send_queued(stream)
+
+    # -- what streams ask ---------------------------------------------------------------
+
+    def send_headers(self, stream: H2Stream, headers: list[tuple[bytes, bytes]]) -> None:
+        if self.conn is None:
+            return
+        try:
+            self.conn.send_headers(stream.stream_id, headers)
+        except ProtocolError:
+            self.reset(stream, ErrorCodes.INTERNAL_ERROR)
+            return
+        self._send()
+
+    def send_queued(self, stream: H2Stream) -> None:
+        """Send what the windows allow of a stream's response; END_STREAM once all is out."""
+        conn = self.conn
+        if conn is None or stream.gone:
+            return
+        stream_id = stream.stream_id
+        try:
+            while stream.out:
+                room = min(conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size)
+                if room <= 0:
+                    break
+                data = stream.out[0]
+                if len(data) > room:
+                    stream.out[0] = data[room:]
+                    data = data[:room]
+                else:
+                    stream.out.pop(0)
+                stream.out_bytes -= len(data)
+                conn.send_data(stream_id, data)
+            if stream.out_end and not stream.out:
+                conn.end_stream(stream_id)
+                stream.gone = True
+                self._maybe_done(stream)
+        except ProtocolError:       # the stream was closed meanwhile (a reset crossed our data)
+            stream.gone = True
+            self._maybe_done(stream)
+        self.update_producer(stream)
+        self._send()
+
+    def update_producer(self, stream: H2Stream) -> None:
+        """Pause a stream's upstream while its response waits on the peer or the socket."""
+        producer = stream.producer
+        if producer is None:
+            return
+        blocked = (stream.out_bytes > _HIGH_WATER or self.write_paused) and not stream.gone
+        if blocked and not stream.producer_paused:
+            stream.producer_paused = True
+            producer.pauseProducing()
+        elif not blocked and stream.producer_paused:
+            stream.producer_paused = False
+            producer.resumeProducing()
+
+    def acknowledge(self, stream: H2Stream) -> None:
+        """Give back the window of body bytes the upstream took (unless it paused us)."""
+        if stream.unacked and not stream.body_paused and self.conn is not None and stream.sink is not None:
+            size, stream.unacked = stream.unacked, 0
+            self.conn.acknowledge_received_data(size, stream.stream_id)
+            self._send()
+
+    def reset(self, stream: H2Stream, code: Any) -> None:
+        if not stream.gone:
+            self._drop(stream, code)
+            self._send()
+        self._forget(stream)
+
+    def _refuse(self, stream: H2Stream, status: int, code: str, message: str) -> None:
+        """A request found bad while its body arrives: answer it if nothing was sent yet
+        (the rest of its body is then refused), else reset it."""
+        ctx = stream.ctx
+        assert ctx is not None
+        pipeline = self.pipeline
+        pipeline.cancel(ctx)
+        stream.sink = None
+        stream.chunks = []
+        if ctx.response_started:
+            stream.abort(ctx)
+        else:
+            pipeline.reject(ctx, status, code, message)
+
+    def _drop(self, stream: H2Stream, code: Any) -> None:
+        """RST_STREAM if the stream is still open on the wire."""
+        stream.gone = True
+        try:
+            self.conn.reset_stream(stream.stream_id, code)
+        except ProtocolError:
+            pass
+
+    def _forget(self, stream: H2Stream) -> None:
+        """The stream is over for us: give back the connection window of the body bytes it
+        held, let go of its request (the two point at each other), and wait for the idle timeout
+        once no stream is left."""
+        if self.streams.pop(stream.stream_id, None) is None:
+            return
+        stream.ctx = None
+        if stream.unacked and self.conn is not None:
+            self.conn.acknowledge_received_data(stream.unacked, stream.stream_id)
+            stream.unacked = 0
+        if not self.streams and self.conn is not None and not self.closing:
+            if self.goaway:
+                self._close()
+            elif self._block < 0:
+                self._wait(self.http.limits.idle_timeout)
+
+    def _maybe_done(self, stream: H2Stream) -> None:
+        """The response went out: forget the stream; a body still coming is refused
+        (RST_STREAM NO_ERROR, RFC 9113 8.1) rather than read for nothing."""
+        if not stream.gone or self.streams.get(stream.stream_id) is not stream:
+            return
+        if not stream.complete:
+            try:
+                self.conn.reset_stream(stream.stream_id, ErrorCodes.NO_ERROR)
+            except ProtocolError:
+                pass
+        self._forget(stream)
+
+    def _lost(self, stream: H2Stream) -> None:
+        """The client reset the stream or went away before the response ended."""
+        stream.gone = True
+        ctx = stream.ctx
+        if ctx is None or ctx.done:
+            return
         if not ctx.response_started:
             ctx.status = 499
         self.pipeline.cancel(ctx)
         self.pipeline.finished(ctx)
 
+    def _send(self) -> None:
+        conn = self.conn
+        if conn is not None:
+            out = conn.data_to_send()
+            if out and self.transport is not None:
+                self.transport.write(out)
 
-class _PipelineResource(Resource):
-    """Hands every HTTP/2 request to the pipeline of an HTTP/1.1 factory (shared settings)."""
+    # -- the TLS transport as our consumer ---------------------------------------------
 
-    isLeaf = True
-
-    def __init__(self, http: Any) -> None:
-        super().__init__()
-        self.http = http
-
-    def render(self, request: Any) -> Any:
-        http = self.http
-        pipeline = http.pipeline
-        target = request.uri
-        path, _, query = target.partition(b"?")
-        # As over HTTP/1.1: HTTP/2 has no hop-by-hop headers, but a client may still send them
-        # (and twisted.web adds Host from :authority).
-        headers = [(name.lower(), value) for name, values in request.requestHeaders.getAllRawHeaders()
-                   for value in values if not consumed_by_transport(name.lower())]
-        peer = request.getClientAddress()
-        downstream = H2Downstream(request, pipeline, http, _tls_of(request))
-        ctx = RequestContext(request.method, target, path, b"?" + query if query else b"", b"2", headers,
-                             request.getHeader(b"host"), http.scheme, getattr(peer, "host", ""), downstream,
-                             http.clock.seconds())
-        request.content.seek(0, 2)
-        size = request.content.tell()
-        request.content.seek(0)
-        ctx.content_length = size or None
-        ctx.keep_alive = True
-        request.notifyFinish().addErrback(downstream.lost, ctx)
-        if getattr(request, "too_large", False) or size > http.limits.max_body_size:
-            pipeline.reject(ctx, 413, "PAYLOAD_TOO_LARGE", "request body is larger than max_body_size")
-        else:
-            pipeline.handle(ctx)
-        return NOT_DONE_YET
-
-
-def _tls_of(request: Any) -> str | None:
-    """The TLS version and ALPN of the connection a stream belongs to (H2Stream keeps its
-    H2Connection as `_conn`; if that changes, the access log just loses the detail)."""
-    connection = getattr(request.channel, "_conn", None)
-    transport = getattr(connection, "transport", None)
-    return tls_description(transport, "h2") if transport is not None else None
-
-
-class _BoundedRequest(Request):
-    """twisted.web buffers a request body before the resource sees it. This one keeps nothing
-    past max_body_size (declared or counted) and the request is answered 413 when the client
-    ends it; a client that goes on sending more than 1 MiB beyond gets its stream reset."""
-
-    http: Any = None               # set per site (h2_site)
-    too_large = False
-    _received = 0
-    _reset = False
-
-    def requestReceived(self, command: bytes, path: bytes | None, version: bytes) -> None:
-        # A CONNECT stream has no :path (RFC 9113 8.5), on which twisted.web fails: give it
-        # "/" so that it reaches the pipeline, which answers CONNECT 405 as over HTTP/1.1.
-        super().requestReceived(command, b"/" if path is None else path, version)
-
-    def gotLength(self, length: int | None) -> None:
-        if length is not None and length > self.http.limits.max_body_size:
-            self.too_large = True
-            length = 0
-        super().gotLength(length)
-
-    def handleContentChunk(self, data: bytes) -> None:
-        self._received += len(data)
-        limit = self.http.limits.max_body_size
-        if self.too_large or self._received > limit:
-            self.too_large = True
-            if self._received > limit + (1 << 20) and not self._reset:
-                self._reset = True
-                stream: Any = self.channel          # an H2Stream: reset just this stream, after this frame
-                self.http.clock.callLater(0, stream.abortConnection)
+    def pauseProducing(self) -> None:
+        """The client does not read what we send: pause the upstreams, and stop reading from
+        it too (else frames that call for an answer, PING or SETTINGS, would pile answers up
+        in our buffers: the flood of CVE-2019-9512)."""
+        if self.write_paused or self.transport is None:
             return
-        super().handleContentChunk(data)
+        self.write_paused = True
+        self.transport.pauseProducing()
+        for stream in list(self.streams.values()):
+            self.update_producer(stream)
+
+    def resumeProducing(self) -> None:
+        if not self.write_paused or self.transport is None:
+            return
+        self.write_paused = False
+        if not self.closing:
+            self.transport.resumeProducing()
+        for stream in list(self.streams.values()):
+            self.update_producer(stream)
+
+    def stopProducing(self) -> None:
+        pass
 
 
-def h2_site(http: Any, idle: float) -> Site:
-    """`idle`: how long a connection may stay silent; twisted.web counts a stream waiting for
-    its upstream as silence, so this must outlast the longest upstream wait."""
-    site = Site(_PipelineResource(http), timeout=idle)
-    bounded: Any = type("BoundedRequest", (_BoundedRequest,), {"http": http})
-    site.requestFactory = bounded
-    site.noisy = False
-    site.log = lambda request: None  # type: ignore[method-assign]
-    return site
+def _settings(conn: Any, max_header_bytes: int) -> None:
+    """Our SETTINGS (sent by initiate_connection): the stream limit, and the header list size
+    we accept (h2 enforces it on decoding once the peer acknowledged it)."""
+    settings = conn.local_settings
+    settings[SettingCodes.MAX_CONCURRENT_STREAMS] = _MAX_STREAMS
+    settings[SettingCodes.MAX_HEADER_LIST_SIZE] = max_header_bytes
 
 
 class ProtocolByALPN(Protocol):
@@ -204,53 +701,50 @@ class ProtocolByALPN(Protocol):
 
     transport: Any   # the TLSMemoryBIOProtocol
 
-    def __init__(self, http: Any, site: Site, addr: Any) -> None:
-        self.http = http
-        self.site = site
+    def __init__(self, factory: ALPNFactory, addr: Any) -> None:
+        self.factory = factory
         self.addr = addr
         self._timer: Any = None
 
     def connectionMade(self) -> None:
+        http = self.factory.http
+        if not self.factory.resets.admits(getattr(self.addr, "host", "")):
+            self.transport.abortConnection()        # reset too much lately: no new handshake
+            return
         # A client that never finishes the handshake is dropped like one that never sends headers.
-        self._timer = self.http.clock.callLater(self.http.limits.header_timeout, self.transport.abortConnection)
+        self._timer = http.clock.callLater(http.limits.header_timeout, self.transport.abortConnection)
 
     def dataReceived(self, data: bytes) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
-        h2 = self.transport.negotiatedProtocol == b"h2"
-        chosen: Any = (self.site if h2 else self.http).buildProtocol(self.addr)
-        if h2:
-            self.http.others.add(self.transport)     # closed with the listener's connections at stop
-        self.transport.wrappedProtocol = chosen
-        chosen.makeConnection(self.transport)
+        transport = self.transport
+        chosen: Any
+        if transport.negotiatedProtocol == b"h2":
+            chosen = H2Server(self.factory, getattr(self.addr, "host", "") or "")
+            self.factory.http.others.add(transport)     # closed with the listener's connections at stop
+        else:
+            chosen = self.factory.http.buildProtocol(self.addr)
+        transport.wrappedProtocol = chosen
+        self.transport = None
+        chosen.makeConnection(transport)
         chosen.dataReceived(data)
 
     def connectionLost(self, reason: Any = None) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
+        self.transport = None
 
 
 def close_h2(transport: Any) -> None:
-    """End an HTTP/2 connection (its TLS transport) at stop: GOAWAY, its streams, then the connection.
-
-    Streams still open are cut: they end (499 in the access log) now, as twisted.web ends them
-    when a client sends GOAWAY, rather than fail later writing to a closed h2 connection.
-    twisted.web's H2Connection is the transport's registered producer, and a TLS transport
-    with a producer does not close on `loseConnection` until the producer goes: it is
-    unregistered first. The TLS close still waits for the client's close_notify (a client need
-    not send it); Gateway._stop aborts what is still open when requests are still in flight."""
-    from h2.exceptions import ProtocolError
-    channel: Any = getattr(transport.wrappedProtocol, "_channel", None)  # twisted.web's H2Connection
-    connection = getattr(channel, "conn", None)                     # its h2 state machine
-    if connection is not None:
-        try:
-            connection.close_connection()           # GOAWAY (NO_ERROR, the last stream it took)
-            transport.write(connection.data_to_send())
-        except ProtocolError:                       # closed already (the client sent GOAWAY)
-            pass
-        channel.connectionLost(Failure(ConnectionDone("the gateway is stopping")))
-    transport.unregisterProducer()
-    transport.loseConnection()
+    """End an HTTP/2 connection (its TLS transport) at stop: GOAWAY, its streams (they end now,
+    499 in the access log), then the connection. The TLS close waits for the client's
+    close_notify (a client need not send it): the connection is aborted after _CLOSE_GRACE,
+    and Gateway._stop aborts what is still open when requests are still in flight."""
+    server = transport.wrappedProtocol
+    if isinstance(server, H2Server):
+        server.stop()
+    else:
+        transport.loseConnection()
 
 
 class ALPNFactory:
@@ -258,9 +752,9 @@ class ALPNFactory:
 
     noisy = False
 
-    def __init__(self, http: Any, idle: float) -> None:
+    def __init__(self, http: Any) -> None:
         self.http = http
-        self.site = h2_site(http, idle)
+        self.resets = ResetBudget(http.clock)
 
     def doStart(self) -> None:
         self.http.doStart()
@@ -269,4 +763,4 @@ class ALPNFactory:
         self.http.doStop()
 
     def buildProtocol(self, addr: Any) -> ProtocolByALPN:
-        return ProtocolByALPN(self.http, self.site, addr)
+        return ProtocolByALPN(self, addr)

@@ -9,6 +9,7 @@ renewal slip into an outage.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from dataclasses import dataclass, field
 
@@ -21,13 +22,12 @@ from txgateway.config.units import parse_duration
 
 __all__ = ["Certificate", "ListenerTLS", "UpstreamTLS", "parse_listener_tls", "parse_upstream_tls"]
 
-_NO_H2 = "h2 needs the h2 and priority packages (pip install 'twisted[http2]')"
+_NO_H2 = "h2 needs the h2 package (pip install 'twisted[http2]')"
 
 
 def _h2_available() -> bool:
     try:
         import h2  # noqa: F401
-        import priority  # noqa: F401
     except ImportError:
         return False
     return True
@@ -39,6 +39,7 @@ class Certificate:
     key: str                        # PEM private key
     names: tuple[str, ...]          # DNS names it serves (SAN, else CN), for SNI
     not_after: datetime.datetime
+    ocsp: str | None = None         # a DER OCSP response for it, stapled when clients ask
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,26 @@ def _load_pair(r: Reader, node: yaml.Node, path: str, cert_path: str, key_path: 
     return Certificate(cert_path, key_path, tuple(n.lower() for n in names), leaf.not_valid_after_utc)
 
 
+def _ocsp_response(r: Reader, node: yaml.Node, path: str, certificate: Certificate) -> str:
+    """The file of a DER OCSP response that says `successful` about this certificate."""
+    from cryptography.x509 import ocsp
+    file = r.file_path(node, path)
+    try:
+        with open(file, "rb") as f:
+            response = ocsp.load_der_ocsp_response(f.read())
+    except OSError as e:
+        raise r.fail(node, path, f"cannot read {file}: {e.strerror}") from None
+    except ValueError:
+        raise r.fail(node, path, f"{file} is not a DER OCSP response") from None
+    if response.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
+        raise r.fail(node, path, f"{file} is an unsuccessful OCSP response ({response.response_status.name})")
+    with open(certificate.cert, "rb") as f:
+        serial = x509.load_pem_x509_certificate(f.read()).serial_number
+    if response.serial_number != serial:
+        raise r.fail(node, path, f"{file} is an OCSP response for another certificate than {certificate.cert}")
+    return file
+
+
 def parse_listener_tls(r: Reader, node: yaml.Node, path: str) -> ListenerTLS:
     f = r.mapping(node, path, {"certificates": "", "min_version": "", "alpn": "", "hsts_max_age": ""})
     before = len(r.problems)
@@ -93,7 +114,7 @@ def parse_listener_tls(r: Reader, node: yaml.Node, path: str) -> ListenerTLS:
         raise r.fail(node, f"{path}.certificates", "missing (required): [{cert: FILE.pem, key: FILE.key}, ...]")
     certificates: list[Certificate] = []
     for item_path, item in r.sequence(f["certificates"], f"{path}.certificates"):
-        pair = r.attempt(lambda: r.mapping(item, item_path, {"cert": "", "key": ""}), None)
+        pair = r.attempt(lambda: r.mapping(item, item_path, {"cert": "", "key": "", "ocsp": ""}), None)
         if pair is None:
             continue
         if "cert" not in pair or "key" not in pair:
@@ -103,6 +124,10 @@ def parse_listener_tls(r: Reader, node: yaml.Node, path: str) -> ListenerTLS:
         key_path = r.attempt(lambda: r.file_path(pair["key"], f"{item_path}.key"), None)
         if cert_path and key_path:
             loaded = r.attempt(lambda: _load_pair(r, item, item_path, cert_path, key_path), None)
+            if loaded is not None and "ocsp" in pair:
+                pem = loaded
+                ocsp = r.attempt(lambda: _ocsp_response(r, pair["ocsp"], f"{item_path}.ocsp", pem), None)
+                loaded = dataclasses.replace(loaded, ocsp=ocsp) if ocsp else None
             if loaded is not None:
                 certificates.append(loaded)
     if not certificates and len(r.problems) == before:
