@@ -151,7 +151,8 @@ class Exchange:
         # streams in, the client's pace is bounded by idle_timeout instead.
         has_body = ctx.has_body
         self.deadline = self.proxy.deadlines.now + (self.proxy.idle_timeout if has_body else self.pool.timeout)
-        conn.send(self, self.proxy.request_head(ctx, self.pool), ctx.method == b"HEAD", ctx.upgrade is not None)
+        conn.send(self, self.proxy.request_head(ctx, self.pool), ctx.method == b"HEAD",
+                  ctx.get_state("websocket_accept") if ctx.upgrade is not None else b"")
         if has_body:
             self.body_read = True
             self.body_producer = _RequestBodyProducer(ctx)
