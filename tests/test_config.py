@@ -576,8 +576,8 @@ def test_tls_sections_are_read_now_and_checked_by_key_path(edit, line, path, mes
 def test_admin_and_manhole_are_no_longer_refused_as_later_versions():
     """Both sections are read now: admin alone is valid, manhole is checked key by key
     (its details are in test_ops_config.py)."""
-    config = parse_config(BASE + 'admin: {endpoint: "tcp:9901"}\n', "c.yaml", {})
-    assert config.admin == AdminConfig(endpoint="tcp:9901", token=None)
+    config = parse_config(BASE + 'admin: {endpoint: "tcp:9901:interface=127.0.0.1"}\n', "c.yaml", {})
+    assert config.admin == AdminConfig(endpoint="tcp:9901:interface=127.0.0.1", token=None)
     assert config.manhole is None
     assert errors(BASE + 'manhole: {endpoint: "tcp:2222"}\n', environ={}) == [
         "c.yaml:9: manhole.authorized_keys: missing (required): a file path",

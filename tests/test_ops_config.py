@@ -20,7 +20,7 @@ from txgateway.service.cli import main
 # BASE (tests.configcheck) is lines 1-8; the section under test starts at line 9, its first key
 # (block style) at line 10.
 TOKEN = "adm1n-t0ken-0123456789abcdef"     # tests only, never a real secret
-ADMIN_KEYS = "endpoint, token_env"
+ADMIN_KEYS = "allowed_hosts, endpoint, token_env"
 MANHOLE_KEYS = "authorized_keys, endpoint, host_key"
 MISSING_KEYS = "c.yaml:9: manhole.authorized_keys: missing (required): a file path"
 MISSING_HOST_KEY = "c.yaml:9: manhole.host_key: missing (required): a file path"
@@ -129,7 +129,7 @@ def test_admin_wrong_types(section, expected):
 
 def test_admin_unknown_keys_do_not_echo_their_values():
     """A token written into the file instead of an environment variable is refused, not shown."""
-    problems = errors(f'admin:\n  endpoint: "tcp:9901"\n  token: {TOKEN}\n  port: 9901\n')
+    problems = errors(f'admin:\n  endpoint: "tcp:9901:interface=127.0.0.1"\n  token: {TOKEN}\n  port: 9901\n')
     assert problems == [
         f"c.yaml:11: admin.token: unknown key (expected one of: {ADMIN_KEYS})",
         f"c.yaml:12: admin.port: unknown key (expected one of: {ADMIN_KEYS})",
@@ -137,8 +137,50 @@ def test_admin_unknown_keys_do_not_echo_their_values():
     assert not any(TOKEN in p for p in problems)
 
 
+@pytest.mark.parametrize("endpoint, shown", [
+    ("tcp:9901", "tcp:9901"),
+    ("tcp:9901:interface=0.0.0.0", "tcp:9901:interface=0.0.0.0"),
+    ("tcp6:9901:interface=\\\\:\\\\:", "tcp6:9901:interface=\\:\\:"),
+    ("tcp:9901:interface=10.1.2.3", "tcp:9901:interface=10.1.2.3"),
+    ("tcp:9901:interface=gw.example", "tcp:9901:interface=gw.example"),
+    ("systemd:domain=INET:index=0", "systemd:domain=INET:index=0"),
+])
+def test_an_admin_listener_off_loopback_without_a_token_is_refused(endpoint, shown):
+    """/status and /metrics (everything the gateway knows) open to the network: a config
+    error at check-config and at start, naming the key."""
+    assert errors(f'admin:\n  endpoint: "{endpoint}"\n') == [
+        f'c.yaml:10: admin.endpoint: "{shown}" is reachable from other hosts and there is no admin.token_env: '
+        "/status and /metrics would be open to them; set token_env, or listen on 127.0.0.1"]
+    assert config(f'admin:\n  endpoint: "{endpoint}"\n  token_env: ADMIN_TOKEN\n',
+                  {"ADMIN_TOKEN": TOKEN}).admin.token == TOKEN
+
+
+@pytest.mark.parametrize("endpoint", ["tcp:9901:interface=127.0.0.1", "tcp:9901:interface=127.8.9.10",
+                                      "tcp6:9901:interface=\\\\:\\\\:1", "tcp:9901:interface=localhost",
+                                      "unix:/run/txgateway/admin.sock"])
+def test_an_admin_listener_on_loopback_needs_no_token(endpoint):
+    assert config(f'admin:\n  endpoint: "{endpoint}"\n').admin.token is None
+
+
+def test_admin_allowed_hosts_are_lower_case_names_without_port():
+    c = config("admin:\n  allowed_hosts: [GW-Admin.Internal., status.example]\n")
+    assert c.admin.allowed_hosts == ("gw-admin.internal", "status.example")
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("gw.example", "c.yaml:10: admin.allowed_hosts: expected a list, got 'gw.example'"),
+    ("[gw.example:9901]", 'c.yaml:10: admin.allowed_hosts[0]: expected a host name like "gw-admin.internal" '
+                          "(no port), got 'gw.example:9901'"),
+    ('["a b"]', 'c.yaml:10: admin.allowed_hosts[0]: expected a host name like "gw-admin.internal" (no port), '
+                "got 'a b'"),
+    ("[[x]]", "c.yaml:10: admin.allowed_hosts[0]: expected a single value, got a list"),
+])
+def test_admin_allowed_hosts_errors(value, expected):
+    assert errors(f"admin:\n  allowed_hosts: {value}\n") == [expected]
+
+
 def test_admin_duplicate_key():
-    assert errors('admin:\n  endpoint: "tcp:9901"\n  endpoint: "tcp:9902"\n') == [
+    assert errors('admin:\n  endpoint: "tcp:9901:interface=127.0.0.1"\n  endpoint: "tcp:9902"\n') == [
         "c.yaml:11: admin.endpoint: duplicate key"]
 
 
