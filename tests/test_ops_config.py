@@ -215,6 +215,81 @@ def test_manhole_accepts_a_public_key_made_by_ssh_keygen(tmp_path):
 def test_manhole_accepts_an_existing_host_key(tmp_path, keys_file):
     host_key = tmp_path / "host_key"
     host_key.write_bytes(Key(ed25519.Ed25519PrivateKey.generate()).toString("OPENSSH"))
+    host_key.chmod(0o600)
+    assert config(manhole(keys_file, host_key)).manhole.host_key == str(host_key)
+
+
+# --- manhole: StrictModes (issue 21 item 3) ----------------------------------------------------
+
+def strict(where: Path, verb: str, mode: int, directory: bool = False) -> str:
+    fix = "chmod 600" if verb == "readable" else "chmod go-w"
+    return (f"{'its directory ' if directory else ''}{where} is {verb} by group or others (mode {mode:04o}); "
+            f"the Manhole refuses it as OpenSSH's StrictModes does: {fix} {where}")
+
+
+@pytest.mark.parametrize("mode", [0o666, 0o664, 0o646, 0o620])
+def test_a_group_or_world_writable_authorized_keys_is_refused(tmp_path, keys_file, mode):
+    keys_file.chmod(mode)
+    assert errors(manhole(keys_file, tmp_path / "host_key")) == [
+        f"c.yaml:10: manhole.authorized_keys: {strict(keys_file, 'writable', mode)}"]
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o775, 0o757, 0o1777])
+def test_authorized_keys_in_a_writable_directory_is_refused(tmp_path, mode):
+    keys_dir = tmp_path / "keys"
+    keys_dir.mkdir()
+    keys = keys_dir / "authorized_keys"
+    keys.write_bytes(openssh_public_key() + b"\n")
+    keys.chmod(0o644)
+    keys_dir.chmod(mode)
+    assert errors(manhole(keys, tmp_path / "host_key")) == [
+        f"c.yaml:10: manhole.authorized_keys: {strict(keys_dir, 'writable', mode, directory=True)}"]
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
+def test_a_host_key_readable_by_others_is_refused(tmp_path, keys_file, mode):
+    host_key = tmp_path / "host_key"
+    host_key.write_bytes(Key(ed25519.Ed25519PrivateKey.generate()).toString("OPENSSH"))
+    host_key.chmod(mode)
+    verb = "writable" if mode & 0o022 else "readable"
+    assert errors(manhole(keys_file, host_key)) == [f"c.yaml:11: manhole.host_key: {strict(host_key, verb, mode)}"]
+
+
+def test_a_host_key_still_to_be_made_in_a_world_writable_directory_is_refused(tmp_path, keys_file):
+    state = tmp_path / "state"
+    state.mkdir()
+    state.chmod(0o777)
+    assert errors(manhole(keys_file, state / "host_key")) == [
+        f"c.yaml:11: manhole.host_key: {strict(state, 'writable', 0o777, directory=True)}"]
+
+
+def test_check_config_and_start_refuse_the_attacks_files(tmp_path, keys_file, capsys):
+    """The review's setup: authorized_keys 0666, the host key 0644, its directory 0777."""
+    keys_file.chmod(0o666)
+    state = tmp_path / "state"
+    state.mkdir()
+    host_key = state / "host_key"
+    host_key.write_bytes(Key(ed25519.Ed25519PrivateKey.generate()).toString("OPENSSH"))
+    host_key.chmod(0o644)
+    state.chmod(0o777)
+    path = tmp_path / "gw.yaml"
+    path.write_text(BASE + manhole(keys_file, host_key))
+    assert main(["check-config", str(path)]) == 1
+    assert capsys.readouterr().err == (
+        f"{path}:10: manhole.authorized_keys: {strict(keys_file, 'writable', 0o666)}\n"
+        f"{path}:11: manhole.host_key: {strict(host_key, 'readable', 0o644)}\n"
+        f"{path}: 2 error(s), configuration rejected\n")
+    host_key.chmod(0o600)
+    keys_file.chmod(0o644)
+    assert main(["check-config", str(path)]) == 1
+    assert f"manhole.host_key: {strict(state, 'writable', 0o777, directory=True)}" in capsys.readouterr().err
+
+
+def test_owner_only_modes_are_accepted(tmp_path, keys_file):
+    keys_file.chmod(0o644)                 # readable by all is fine: these are public keys
+    host_key = tmp_path / "host_key"
+    host_key.write_bytes(Key(ed25519.Ed25519PrivateKey.generate()).toString("OPENSSH"))
+    host_key.chmod(0o400)
     assert config(manhole(keys_file, host_key)).manhole.host_key == str(host_key)
 
 
@@ -378,6 +453,7 @@ def test_a_host_key_that_exists_but_is_no_private_key_is_an_error(tmp_path, keys
         host_key.mkdir()
     else:
         host_key.write_bytes(openssh_public_key() + b"\n")
+        host_key.chmod(0o600)
     (problem,) = errors(manhole(keys_file, host_key))
     assert problem.startswith("c.yaml:11: manhole.host_key: ")
 

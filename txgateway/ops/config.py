@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -112,10 +113,33 @@ def read_authorized_keys(path: str) -> list[Any]:
     return keys
 
 
+def unsafe_mode(path: str, private: bool) -> str | None:
+    """Why OpenSSH's StrictModes would refuse `path` (None: it would not): a file or directory
+    that group or others can write (anyone able to write authorized_keys gets a Python console
+    inside the gateway), or a private key they can read. The file is checked if it is one, its
+    directory always."""
+    checks = [(os.path.dirname(os.path.abspath(path)), "its directory ", stat.S_IWGRP | stat.S_IWOTH, "writable")]
+    if os.path.isfile(path):
+        checks.insert(0, (path, "", stat.S_IWGRP | stat.S_IWOTH, "writable"))
+        if private:
+            checks.insert(1, (path, "", stat.S_IRWXG | stat.S_IRWXO, "readable"))
+    for where, what, bits, verb in checks:
+        try:
+            mode = os.stat(where).st_mode
+        except OSError:
+            continue                   # reported by the checks that read the file
+        if mode & bits:
+            fix = "chmod 600" if verb == "readable" else "chmod go-w"
+            return (f"{what}{where} is {verb} by group or others (mode {stat.S_IMODE(mode):04o}); "
+                    f"the Manhole refuses it as OpenSSH's StrictModes does: {fix} {where}")
+    return None
+
+
 def parse_manhole(r: Reader, node: yaml.Node) -> ManholeConfig:
     """authorized_keys must be readable now and hold at least one key; host_key is created
     on first start when missing, so only its directory must exist (an existing one must be
-    a private key)."""
+    a private key). Neither may be writable by group or others, nor the host key readable
+    by them (`unsafe_mode`)."""
     from twisted.conch.ssh.keys import Key
 
     path = "manhole"
@@ -127,6 +151,10 @@ def parse_manhole(r: Reader, node: yaml.Node) -> ManholeConfig:
     readers = {"endpoint": r.endpoint, "authorized_keys": r.file_path, "host_key": r.file_path}
     read = {key: r.attempt(lambda: readers[key](f[key], f"{path}.{key}"), None) for key in f}
     values = {key: value for key, value in read.items() if value is not None}
+    for key, private in (("authorized_keys", False), ("host_key", True)):
+        problem = unsafe_mode(values[key], private) if values.get(key) else None
+        if problem:
+            r.fail(f[key], f"{path}.{key}", problem)
     keys_path = values.get("authorized_keys")
     if keys_path:
         try:
