@@ -110,7 +110,7 @@ def test_check_config_reports_every_error_with_file_line_and_path(tmp_path):
         f'{path}:5: upstreams.users.timeout: expected a duration like "250ms", "5s" or "1m", got "5"',
         f"{path}:9: routes[1].upstream: missing (required; or respond: to answer from the gateway)",
         (f"{path}:10: routes[1].upstrem: unknown key (expected one of: auth, cache, host, methods, prefix, "
-         "rate_limit, request_headers, respond, response_headers, rewrite_prefix, roles, security_headers, upstream)"),
+         "rate_limit, request_headers, respond, response_headers, rewrite_prefix, roles, security_headers, upstream, websocket)"),
         f'{path}:12: routes[2].upstream: no upstream named "search" (defined: users)',
         f"{path}: 5 error(s), configuration rejected",
     ]

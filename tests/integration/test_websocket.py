@@ -875,3 +875,77 @@ async def test_an_upstream_101_without_upgrade_headers_is_a_502_not_a_silent_clo
     (resp,) = parse_responses(bytes(client.received))
     assert_envelope(resp, 502, "BAD_GATEWAY")
     assert [r["status"] for r in gw.log] == [502]
+
+
+# --- 8. Origin allowlist; 9. tunnel limits per client and per route ---------------------------
+
+def guarded_config(upstream_url: str) -> str:
+    return f"""
+    trusted_proxies: [127.0.0.1/32]
+    upstreams:
+      ws: {{targets: ["{upstream_url}"], connect_timeout: 1s, timeout: 2s}}
+    routes:
+      - prefix: /ws/app
+        upstream: ws
+        websocket: {{origins: ["https://app.test", "http://localhost:8080"]}}
+      - prefix: /ws/few
+        upstream: ws
+        websocket: {{max_tunnels_per_client: 2, max_tunnels: 3}}
+      - {{prefix: /plain, upstream: ws}}
+    """
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_handshake_from_a_foreign_origin_is_refused_with_403(reactor, gateway, ws_upstream):
+    """Cross-site WebSocket hijacking: a page on evil.test opens the app's WebSocket with the
+    visitor's cookies. Its Origin is not listed: 403, and the upstream never hears of it."""
+    gw = await gateway(guarded_config(ws_upstream.url))
+    for origin in ("https://evil.test", "https://app.test.evil.test", "http://app.test", "https://app.test:8443",
+                   "null"):
+        resp = await refused(reactor, gw, handshake("/ws/app/feed", [("Origin", origin), ("Cookie", "session=victim")]))
+        err = assert_envelope(resp, 403, "FORBIDDEN")
+        assert "Origin" in err["message"], origin
+    assert ws_upstream.taps.taps == []
+    assert [r.get("websocket") for r in gw.log] == ["origin refused"] * 5
+    for origin in ("https://app.test", "HTTPS://APP.TEST", "http://localhost:8080", None):
+        headers = [("Origin", origin)] if origin is not None else []
+        client = await raw_handshake(reactor, gw, handshake("/ws/app/feed", headers))
+        assert client.head.result.startswith(b"HTTP/1.1 101 "), origin
+        await ws_upstream.session()
+        client.transport.loseConnection()
+    await still_serves(gw)
+
+
+async def open_session(reactor: Any, gw: Any, up: Upstream, client_ip: str) -> RawClient:
+    client = await raw_handshake(reactor, gw, handshake("/ws/few/room", [("X-Forwarded-For", client_ip)]))
+    assert client.head.result.startswith(b"HTTP/1.1 101 "), (client_ip, client.head.result)
+    await up.session()
+    return client
+
+
+@pytest_twisted.ensureDeferred
+async def test_tunnels_are_limited_per_client_429_and_per_route_503_and_freed_when_they_end(
+        reactor, gateway, ws_upstream):
+    gw = await gateway(guarded_config(ws_upstream.url))
+    first = [await open_session(reactor, gw, ws_upstream, "10.0.0.1") for _ in range(2)]
+    resp = await refused(reactor, gw, handshake("/ws/few/room", [("X-Forwarded-For", "10.0.0.1")]))
+    err = assert_envelope(resp, 429, "TOO_MANY_TUNNELS")
+    assert "close one" in err["message"]
+    third = await open_session(reactor, gw, ws_upstream, "10.0.0.2")     # another client: room on the route
+    resp = await refused(reactor, gw, handshake("/ws/few/room", [("X-Forwarded-For", "10.0.0.3")]))
+    assert_envelope(resp, 503, "TOO_MANY_TUNNELS")                        # the route is full (3)
+    assert len(ws_upstream.peers) == 3
+    assert [r.get("websocket") for r in gw.log] == ["client tunnel limit", "route tunnel limit"]
+    # a tunnel that ends frees its place, for its client and the route
+    first[0].transport.loseConnection()
+    await eventually(reactor, lambda: len(ws_records(gw)) == 1)
+    again = await open_session(reactor, gw, ws_upstream, "10.0.0.1")
+    # refused handshakes hold no place: after them the counts are exactly the open sessions
+    for client in (first[1], third, again):
+        client.transport.loseConnection()
+    await eventually(reactor, lambda: len(ws_records(gw)) == 4)
+    fresh = [await open_session(reactor, gw, ws_upstream, "10.0.0.9") for _ in range(2)]
+    fresh.append(await open_session(reactor, gw, ws_upstream, "10.0.0.8"))
+    for client in fresh:
+        client.transport.loseConnection()
+    await still_serves(gw)
