@@ -169,10 +169,15 @@ def _json(request: Any, code: int, body: dict[str, Any]) -> bytes:
 
 class _AdminChannel(HTTPChannel):
     """twisted.web's channel with a deadline on each request's head: its own timeout restarts
-    on every byte, so a client trickling a byte every few seconds would never be closed."""
+    on every byte, so a client trickling a byte every few seconds would never be closed. As on
+    the main listener, the deadline runs from the connection's start, then from the first byte
+    of each next request (an idle kept-alive connection is left to the idle timeout); a late
+    head gets 408, a connection that sent nothing is just closed."""
 
     site: _AdminSite
     _late: Any = None
+    _between = False          # the last request was answered; the next one has not started
+    _started = False          # bytes of the awaited head arrived
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -189,20 +194,28 @@ class _AdminChannel(HTTPChannel):
 
     def _too_slow(self) -> None:
         self._late = None
-        body = b'{"error": "request headers not received in time"}\n'
         transport: Any = self.transport
-        transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-                             b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+        if self._started:
+            body = b'{"error": "request headers not received in time"}\n'
+            transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
         transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._between:
+            self._between = False
+            self._arm()
+        self._started = True
+        super().dataReceived(data)
 
     def allHeadersReceived(self) -> None:
         self._disarm()
+        self._started = False
         super().allHeadersReceived()
 
     def requestDone(self, request: Any) -> None:
         super().requestDone(request)
-        if self.transport is not None and self.transport.connected and self._late is None:
-            self._arm()                  # the next request's head, on a kept-alive connection
+        self._between = self._late is None
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._disarm()
