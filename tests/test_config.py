@@ -51,7 +51,7 @@ RATE_ZERO = 'expected "N/second|minute|hour|day" with N above zero, got'
 TOP_KEYS = ("access_log, admin, auth, drain_timeout, limits, listen, manhole, rate_limits, "
             "redirect_to_https, redis, routes, trusted_proxies, underscores_in_headers, upstreams")
 ROUTE_KEYS = ("auth, cache, case_insensitive, escaped_slashes, host, methods, prefix, rate_limit, request_headers, respond, response_headers, "
-              "rewrite_prefix, roles, security_headers, upstream")
+              "rewrite_prefix, roles, security_headers, upstream, websocket")
 UPSTREAM_KEYS = ("balance, circuit_breaker, connect_timeout, health_check, max_connections, "
                  "passive_health, preserve_host, retries, targets, timeout, tls")
 
@@ -587,8 +587,8 @@ def test_tls_sections_are_read_now_and_checked_by_key_path(edit, line, path, mes
 def test_admin_and_manhole_are_no_longer_refused_as_later_versions():
     """Both sections are read now: admin alone is valid, manhole is checked key by key
     (its details are in test_ops_config.py)."""
-    config = parse_config(BASE + 'admin: {endpoint: "tcp:9901"}\n', "c.yaml", {})
-    assert config.admin == AdminConfig(endpoint="tcp:9901", token=None)
+    config = parse_config(BASE + 'admin: {endpoint: "tcp:9901:interface=127.0.0.1"}\n', "c.yaml", {})
+    assert config.admin == AdminConfig(endpoint="tcp:9901:interface=127.0.0.1", token=None)
     assert config.manhole is None
     assert errors(BASE + 'manhole: {endpoint: "tcp:2222"}\n', environ={}) == [
         "c.yaml:9: manhole.authorized_keys: missing (required): a file path",

@@ -20,7 +20,7 @@ from txgateway.service.cli import main
 # BASE (tests.configcheck) is lines 1-8; the section under test starts at line 9, its first key
 # (block style) at line 10.
 TOKEN = "adm1n-t0ken-0123456789abcdef"     # tests only, never a real secret
-ADMIN_KEYS = "endpoint, token_env"
+ADMIN_KEYS = "allowed_hosts, endpoint, token_env"
 MANHOLE_KEYS = "authorized_keys, endpoint, host_key"
 MISSING_KEYS = "c.yaml:9: manhole.authorized_keys: missing (required): a file path"
 MISSING_HOST_KEY = "c.yaml:9: manhole.host_key: missing (required): a file path"
@@ -129,7 +129,7 @@ def test_admin_wrong_types(section, expected):
 
 def test_admin_unknown_keys_do_not_echo_their_values():
     """A token written into the file instead of an environment variable is refused, not shown."""
-    problems = errors(f'admin:\n  endpoint: "tcp:9901"\n  token: {TOKEN}\n  port: 9901\n')
+    problems = errors(f'admin:\n  endpoint: "tcp:9901:interface=127.0.0.1"\n  token: {TOKEN}\n  port: 9901\n')
     assert problems == [
         f"c.yaml:11: admin.token: unknown key (expected one of: {ADMIN_KEYS})",
         f"c.yaml:12: admin.port: unknown key (expected one of: {ADMIN_KEYS})",
@@ -137,8 +137,50 @@ def test_admin_unknown_keys_do_not_echo_their_values():
     assert not any(TOKEN in p for p in problems)
 
 
+@pytest.mark.parametrize("endpoint, shown", [
+    ("tcp:9901", "tcp:9901"),
+    ("tcp:9901:interface=0.0.0.0", "tcp:9901:interface=0.0.0.0"),
+    ("tcp6:9901:interface=\\\\:\\\\:", "tcp6:9901:interface=\\:\\:"),
+    ("tcp:9901:interface=10.1.2.3", "tcp:9901:interface=10.1.2.3"),
+    ("tcp:9901:interface=gw.example", "tcp:9901:interface=gw.example"),
+    ("systemd:domain=INET:index=0", "systemd:domain=INET:index=0"),
+])
+def test_an_admin_listener_off_loopback_without_a_token_is_refused(endpoint, shown):
+    """/status and /metrics (everything the gateway knows) open to the network: a config
+    error at check-config and at start, naming the key."""
+    assert errors(f'admin:\n  endpoint: "{endpoint}"\n') == [
+        f'c.yaml:10: admin.endpoint: "{shown}" is reachable from other hosts and there is no admin.token_env: '
+        "/status and /metrics would be open to them; set token_env, or listen on 127.0.0.1"]
+    assert config(f'admin:\n  endpoint: "{endpoint}"\n  token_env: ADMIN_TOKEN\n',
+                  {"ADMIN_TOKEN": TOKEN}).admin.token == TOKEN
+
+
+@pytest.mark.parametrize("endpoint", ["tcp:9901:interface=127.0.0.1", "tcp:9901:interface=127.8.9.10",
+                                      "tcp6:9901:interface=\\\\:\\\\:1", "tcp:9901:interface=localhost",
+                                      "unix:/run/txgateway/admin.sock"])
+def test_an_admin_listener_on_loopback_needs_no_token(endpoint):
+    assert config(f'admin:\n  endpoint: "{endpoint}"\n').admin.token is None
+
+
+def test_admin_allowed_hosts_are_lower_case_names_without_port():
+    c = config("admin:\n  allowed_hosts: [GW-Admin.Internal., status.example]\n")
+    assert c.admin.allowed_hosts == ("gw-admin.internal", "status.example")
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("gw.example", "c.yaml:10: admin.allowed_hosts: expected a list, got 'gw.example'"),
+    ("[gw.example:9901]", 'c.yaml:10: admin.allowed_hosts[0]: expected a host name like "gw-admin.internal" '
+                          "(no port), got 'gw.example:9901'"),
+    ('["a b"]', 'c.yaml:10: admin.allowed_hosts[0]: expected a host name like "gw-admin.internal" (no port), '
+                "got 'a b'"),
+    ("[[x]]", "c.yaml:10: admin.allowed_hosts[0]: expected a single value, got a list"),
+])
+def test_admin_allowed_hosts_errors(value, expected):
+    assert errors(f"admin:\n  allowed_hosts: {value}\n") == [expected]
+
+
 def test_admin_duplicate_key():
-    assert errors('admin:\n  endpoint: "tcp:9901"\n  endpoint: "tcp:9902"\n') == [
+    assert errors('admin:\n  endpoint: "tcp:9901:interface=127.0.0.1"\n  endpoint: "tcp:9902"\n') == [
         "c.yaml:11: admin.endpoint: duplicate key"]
 
 
@@ -173,6 +215,81 @@ def test_manhole_accepts_a_public_key_made_by_ssh_keygen(tmp_path):
 def test_manhole_accepts_an_existing_host_key(tmp_path, keys_file):
     host_key = tmp_path / "host_key"
     host_key.write_bytes(Key(ed25519.Ed25519PrivateKey.generate()).toString("OPENSSH"))
+    host_key.chmod(0o600)
+    assert config(manhole(keys_file, host_key)).manhole.host_key == str(host_key)
+
+
+# --- manhole: StrictModes (issue 21 item 3) ----------------------------------------------------
+
+def strict(where: Path, verb: str, mode: int, directory: bool = False) -> str:
+    fix = "chmod 600" if verb == "readable" else "chmod go-w"
+    return (f"{'its directory ' if directory else ''}{where} is {verb} by group or others (mode {mode:04o}); "
+            f"the Manhole refuses it as OpenSSH's StrictModes does: {fix} {where}")
+
+
+@pytest.mark.parametrize("mode", [0o666, 0o664, 0o646, 0o620])
+def test_a_group_or_world_writable_authorized_keys_is_refused(tmp_path, keys_file, mode):
+    keys_file.chmod(mode)
+    assert errors(manhole(keys_file, tmp_path / "host_key")) == [
+        f"c.yaml:10: manhole.authorized_keys: {strict(keys_file, 'writable', mode)}"]
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o775, 0o757, 0o1777])
+def test_authorized_keys_in_a_writable_directory_is_refused(tmp_path, mode):
+    keys_dir = tmp_path / "keys"
+    keys_dir.mkdir()
+    keys = keys_dir / "authorized_keys"
+    keys.write_bytes(openssh_public_key() + b"\n")
+    keys.chmod(0o644)
+    keys_dir.chmod(mode)
+    assert errors(manhole(keys, tmp_path / "host_key")) == [
+        f"c.yaml:10: manhole.authorized_keys: {strict(keys_dir, 'writable', mode, directory=True)}"]
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
+def test_a_host_key_readable_by_others_is_refused(tmp_path, keys_file, mode):
+    host_key = tmp_path / "host_key"
+    host_key.write_bytes(Key(ed25519.Ed25519PrivateKey.generate()).toString("OPENSSH"))
+    host_key.chmod(mode)
+    verb = "writable" if mode & 0o022 else "readable"
+    assert errors(manhole(keys_file, host_key)) == [f"c.yaml:11: manhole.host_key: {strict(host_key, verb, mode)}"]
+
+
+def test_a_host_key_still_to_be_made_in_a_world_writable_directory_is_refused(tmp_path, keys_file):
+    state = tmp_path / "state"
+    state.mkdir()
+    state.chmod(0o777)
+    assert errors(manhole(keys_file, state / "host_key")) == [
+        f"c.yaml:11: manhole.host_key: {strict(state, 'writable', 0o777, directory=True)}"]
+
+
+def test_check_config_and_start_refuse_the_attacks_files(tmp_path, keys_file, capsys):
+    """The review's setup: authorized_keys 0666, the host key 0644, its directory 0777."""
+    keys_file.chmod(0o666)
+    state = tmp_path / "state"
+    state.mkdir()
+    host_key = state / "host_key"
+    host_key.write_bytes(Key(ed25519.Ed25519PrivateKey.generate()).toString("OPENSSH"))
+    host_key.chmod(0o644)
+    state.chmod(0o777)
+    path = tmp_path / "gw.yaml"
+    path.write_text(BASE + manhole(keys_file, host_key))
+    assert main(["check-config", str(path)]) == 1
+    assert capsys.readouterr().err == (
+        f"{path}:10: manhole.authorized_keys: {strict(keys_file, 'writable', 0o666)}\n"
+        f"{path}:11: manhole.host_key: {strict(host_key, 'readable', 0o644)}\n"
+        f"{path}: 2 error(s), configuration rejected\n")
+    host_key.chmod(0o600)
+    keys_file.chmod(0o644)
+    assert main(["check-config", str(path)]) == 1
+    assert f"manhole.host_key: {strict(state, 'writable', 0o777, directory=True)}" in capsys.readouterr().err
+
+
+def test_owner_only_modes_are_accepted(tmp_path, keys_file):
+    keys_file.chmod(0o644)                 # readable by all is fine: these are public keys
+    host_key = tmp_path / "host_key"
+    host_key.write_bytes(Key(ed25519.Ed25519PrivateKey.generate()).toString("OPENSSH"))
+    host_key.chmod(0o400)
     assert config(manhole(keys_file, host_key)).manhole.host_key == str(host_key)
 
 
@@ -336,6 +453,7 @@ def test_a_host_key_that_exists_but_is_no_private_key_is_an_error(tmp_path, keys
         host_key.mkdir()
     else:
         host_key.write_bytes(openssh_public_key() + b"\n")
+        host_key.chmod(0o600)
     (problem,) = errors(manhole(keys_file, host_key))
     assert problem.startswith("c.yaml:11: manhole.host_key: ")
 

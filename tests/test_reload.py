@@ -77,8 +77,8 @@ def test_each_restart_only_setting_is_reported_and_keeps_its_running_value(keys,
 
 
 def test_several_restart_only_settings_changed_at_once_are_all_reported():
-    running = config('admin: {endpoint: "tcp:9901"}\n', 'access_log: "-"\n', "drain_timeout: 5s\n")
-    new = config('admin: {endpoint: "tcp:9902"}\n', 'access_log: "off"\n', "drain_timeout: 1s\n",
+    running = config('admin: {endpoint: "tcp:9901:interface=127.0.0.1"}\n', 'access_log: "-"\n', "drain_timeout: 5s\n")
+    new = config('admin: {endpoint: "tcp:9902:interface=127.0.0.1"}\n', 'access_log: "off"\n', "drain_timeout: 1s\n",
                  listen='listen: [{endpoint: "tcp:8081"}]\n')
     merged, changed = keep_restart_only_settings(running, new)
     assert sorted(changed) == ["access_log", "admin", "drain_timeout", "listen"]
@@ -88,7 +88,7 @@ def test_several_restart_only_settings_changed_at_once_are_all_reported():
 
 def test_a_restart_only_section_added_or_removed_is_a_change_too():
     plain = config()
-    with_admin = config('admin: {endpoint: "tcp:9901"}\n')
+    with_admin = config('admin: {endpoint: "tcp:9901:interface=127.0.0.1"}\n')
     merged, changed = keep_restart_only_settings(plain, with_admin)
     assert changed == ["admin"] and merged.admin is None
     merged, changed = keep_restart_only_settings(with_admin, plain)

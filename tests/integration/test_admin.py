@@ -360,3 +360,156 @@ async def test_status_page_in_headless_chromium_shows_the_tripped_breaker(reacto
     data = shot.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5 * 1024, len(data)
     print(f"\nstatus page screenshot: {shot}")
+
+
+# --- hardening: Host names, security headers, slow and too many connections (issue 21) --------
+
+def admin_get(path: str, host: str | None) -> bytes:
+    lines = [f"GET {path} HTTP/1.1", "Connection: close"] + ([f"Host: {host}"] if host is not None else [])
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+async def get_with_host(port: int, path: str, host: str | None) -> Response:
+    (r,) = parse_responses(await raw(port, admin_get(path, host)))
+    return r
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_foreign_host_gets_403_so_dns_rebinding_cannot_read_status(reactor, echo, gateway):
+    """Without a token (the default) /status holds everything: a page on rebind.attacker.example
+    whose name now points at 127.0.0.1 must not read it. Loopback names, IP addresses and
+    admin.allowed_hosts are answered, on any port."""
+    admin = 'admin: {endpoint: "tcp:0:interface=127.0.0.1", allowed_hosts: [gw-admin.internal]}'
+    gw = await gateway(config(echo.url, admin=admin))
+    port = admin_port(gw)
+    for path in ("/status", "/metrics", "/", "/healthz"):
+        for host in ("rebind.attacker.example", f"rebind.attacker.example:{port}", "localhost.attacker.example",
+                     "127.0.0.1.nip.io", "gw-admin.internal.attacker.example"):
+            r = await get_with_host(port, path, host)
+            assert r.status == 403, (path, host, r.body)
+            assert r.header("content-type") == "application/json"
+            assert "admin.allowed_hosts" in r.json()["error"]
+            assert b'"version"' not in r.body and b"txgateway_requests_total" not in r.body
+    for host in ("127.0.0.1", f"127.0.0.1:{port}", "localhost", f"LOCALHOST:{port}", "[::1]", f"[::1]:{port}",
+                 "10.0.0.7:9901", "gw-admin.internal", f"gw-admin.internal:{port}", None):
+        r = await get_with_host(port, "/status", host)
+        assert r.status == 200, (host, r.body)
+        assert r.json()["ready"] is True
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_admin_answer_has_security_headers_a_csp_and_no_server_version(reactor, echo, gateway):
+    gw = await gateway(config(echo.url))
+    port = admin_port(gw)
+    answers = [await call(port, path) for path in ("/", "/status", "/metrics", "/healthz", "/nope")]
+    answers.append(await call(port, "/status", method="POST", body=b"x"))
+    answers.append(await get_with_host(port, "/status", "evil.example"))
+    assert [r.status for r in answers] == [200, 200, 200, 200, 404, 405, 403]
+    for r in answers:
+        assert r.header("x-content-type-options") == "nosniff", r.headers
+        assert r.header("x-frame-options") == "DENY"
+        assert r.header("referrer-policy") == "no-referrer"
+        assert "frame-ancestors 'none'" in (r.header("content-security-policy") or "")
+        assert r.header("server") == "txgateway"
+        assert b"TwistedWeb" not in b"".join(f"{k}: {v}".encode() for k, v in r.headers)
+    csp = answers[0].header("content-security-policy") or ""
+    assert "default-src 'none'" in csp and "connect-src 'self'" in csp
+    assert "unsafe-inline" not in csp and "script-src 'sha256-" in csp and "style-src 'sha256-" in csp
+
+
+def trickle(port: int, data: bytes, pause: float, at_once: bytes = b"") -> bytes:
+    """Send `at_once`, then `data` a byte every `pause` seconds until the server closes; all it answered."""
+    import socket as sockets
+    with sockets.create_connection(("127.0.0.1", port), timeout=5.0) as s:
+        s.sendall(at_once)
+        s.settimeout(pause)
+        got = b""
+        for byte in data:
+            try:
+                s.sendall(bytes([byte]))
+                chunk = s.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if not chunk:
+                break
+            got += chunk
+        s.settimeout(5.0)
+        try:
+            while chunk := s.recv(65536):
+                got += chunk
+        except OSError:
+            pass
+        return got
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_trickling_admin_client_gets_408_after_header_timeout_and_the_gateway_serves_on(
+        reactor, echo, gateway):
+    """One byte every 100 ms restarts twisted.web's idle timer every time; the head's deadline
+    does not move: 408 and closed after header_timeout (300 ms), not after the trickle."""
+    gw = await gateway("limits: {header_timeout: 300ms}\n" + config(echo.url))
+    port = admin_port(gw)
+    head = admin_get("/status", "127.0.0.1")
+    started = reactor.seconds()
+    answer = await deferToThread(trickle, port, head[:-2], 0.1)
+    (r,) = parse_responses(answer)
+    assert r.status == 408 and r.json() == {"error": "request headers not received in time"}
+    assert reactor.seconds() - started < len(head) * 0.1     # cut off before the trickle ended
+    # a client that sent nothing is closed (without an answer) after header_timeout too
+    started = reactor.seconds()
+    assert await raw(port, b"", read_timeout=5.0) == b""
+    assert reactor.seconds() - started < 2.0
+    # a kept-alive connection: the next head has its own deadline from its first byte
+    second = admin_get("/healthz", "127.0.0.1").replace(b"Connection: close", b"Connection: keep-alive")
+    answer = await deferToThread(trickle, port, second[:-2], 0.05, second)
+    first, late = parse_responses(answer)
+    assert (first.status, late.status) == (200, 408)
+    # an idle kept-alive connection (Prometheus between scrapes) gets no 408: its next
+    # request, sent at once after twice header_timeout, is answered
+    quiet = parse_responses(await raw(port, [second, admin_get("/healthz", "127.0.0.1")], pause=0.6))
+    assert [r.status for r in quiet] == [200, 200]
+    assert (await call(port, "/healthz")).status == 200
+    assert (await call(gw.port, "/api/users/1")).status == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_admin_connections_are_capped_and_the_main_listener_keeps_serving(reactor, echo, gateway):
+    import socket as sockets
+
+    from txgateway.ops.admin import MAX_CONNECTIONS
+    gw = await gateway(config(echo.url))
+    port = admin_port(gw)
+    held = [sockets.create_connection(("127.0.0.1", port)) for _ in range(MAX_CONNECTIONS)]
+    try:
+        await poll(reactor, lambda: len(gw.gateway.admin.factory.admission.open) == MAX_CONNECTIONS,
+                   "the held admin connections")
+        extra = await raw(port, admin_get("/healthz", "127.0.0.1"))
+        assert extra in (b"", b"<RESET>")                     # closed at once, never answered
+        assert (await call(gw.port, "/api/users/1")).status == 200
+    finally:
+        for s in held:
+            s.close()
+    await poll(reactor, lambda: not gw.gateway.admin.factory.admission.open, "the admin connections to close")
+    assert (await call(port, "/healthz")).status == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_admin_takes_no_connection_from_the_main_listeners_descriptor_reserve(reactor, echo, gateway):
+    """With fewer than a quarter of RLIMIT_NOFILE free, the admin listener refuses connections
+    while the main listener still accepts and proxies."""
+    import os
+    import resource
+
+    gw = await gateway(config(echo.url))
+    port = admin_port(gw)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    used = len(os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (int(used / 0.8) + 1, hard))    # ~20% free
+    try:
+        assert await raw(port, admin_get("/healthz", "127.0.0.1")) in (b"", b"<RESET>")
+        assert (await call(gw.port, "/api/users/1")).status == 200
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert (await call(port, "/healthz")).status == 200

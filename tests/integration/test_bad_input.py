@@ -213,3 +213,32 @@ async def test_client_disconnect_cancels_the_upstream_request(reactor, raw_upstr
     assert gw.log[-1]["status"] == 200
     assert gw.gateway.proxy.groups["users"].pools[0].total == 0
     assert not gw.gateway.factory.connections
+
+
+SMUGGLED = b"GET /api/users/smuggled HTTP/1.1\r\nHost: a\r\n\r\n"
+
+
+@pytest.mark.parametrize("upgrade, framing, body", [
+    (b"h2c", b"Content-Length: %d\r\n" % len(SMUGGLED), SMUGGLED),
+    (b"foo", b"Transfer-Encoding: chunked\r\n", b"%x\r\n%s\r\n0\r\n\r\n" % (len(SMUGGLED), SMUGGLED)),
+    (b"h2c", b"", b""),
+], ids=["h2c-content-length", "foo-chunked", "h2c-no-body"])
+@pytest_twisted.ensureDeferred
+async def test_an_upgrade_that_is_not_websocket_is_an_ordinary_request_with_its_body(
+        reactor, echo, gateway, upgrade, framing, body):
+    """Only WebSocket upgrades are upgrades (issue 18 item 6): llhttp stops at the head of any
+    other, leaving its body unparsed. The body must reach the upstream as the body, never be
+    parsed as a second request nor dropped; the Upgrade and its Connection token are not forwarded."""
+    gw = await gateway(simple_config(echo.url))
+    method = b"POST" if body else b"GET"
+    request = (b"%s /api/users/up HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: %s\r\n"
+               b"HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n%s\r\n%s" % (method, upgrade, framing, body))
+    following = b"GET /api/users/next HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    responses = parse_responses(await raw(gw.port, request + following))
+    assert [r.status for r in responses] == [200, 200]
+    assert [r.json()["path"] for r in responses] == ["/users/up", "/users/next"]
+    first = responses[0].json()
+    assert first["body_bytes"] == (len(SMUGGLED) if body else 0)
+    assert not {"Upgrade", "Http2-Settings", "Connection"} & set(first["headers"]), first["headers"]
+    assert [r.path for r in echo.requests] == [b"/users/up", b"/users/next"]     # nothing smuggled
+    await still_serves(gw)

@@ -36,8 +36,10 @@ import pytest
 import pytest_twisted
 from twisted.conch.manhole_ssh import ConchFactory
 from twisted.conch.ssh import common, connection, transport, userauth
+from twisted.conch.ssh.keys import Key
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
@@ -336,17 +338,18 @@ def manhole_config(upstream_url: str, keys: Keys) -> str:
     """)
 
 
-async def start(reactor: Any, gateway: Any, upstream_url: str, keys: Keys) -> Manhole:
+async def start(reactor: Any, gateway: Any, upstream_url: str, keys: Keys, clock: Any = None) -> Manhole:
     """A gateway with the Manhole on a free loopback port; the port is read from its service
     (service/gateway.py adds it as a child StreamServerEndpointService around a ConchFactory)."""
-    running = await gateway(manhole_config(upstream_url, keys))
+    running = await gateway(manhole_config(upstream_url, keys), clock)
     (service,) = [s for s in running.gateway if isinstance(getattr(s, "factory", None), ConchFactory)]
     servers: list[Any] = []
     build = service.factory.buildProtocol
 
     def tracked(addr: Any) -> Any:
         proto = build(addr)
-        servers.append(proto)
+        if proto is not None:             # None: refused (connection cap, blocked address)
+            servers.append(proto)
         return proto
     service.factory.buildProtocol = tracked
     bound: Deferred[Any] = Deferred()
@@ -481,7 +484,12 @@ class _AnyHostKey(transport.SSHClientTransport):
 async def password_attempt(reactor: Any, port: int, user: bytes, password: bytes) -> str:
     """conch's SSH client, in process, trying one password; the server's verdict."""
     answer: Deferred[str] = Deferred()
-    client = _AnyHostKey(_PasswordFirst(user, password, answer))
+    return await attempt_with(reactor, port, _PasswordFirst(user, password, answer), answer)
+
+
+async def attempt_with(reactor: Any, port: int, auth: userauth.SSHUserAuthClient, answer: Deferred[str]) -> str:
+    """conch's SSH client, in process, authenticating with `auth`; the verdict it reports in `answer`."""
+    client = _AnyHostKey(auth)
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5), client)
     try:
         return await answer.addTimeout(TIMEOUT, reactor)
@@ -576,7 +584,8 @@ async def test_resize_and_eof_end_cleanly(reactor, echo, gateway, keys, ssh, eve
     await piped.close()                                                        # EOF on the channel
     assert piped.session.stderr == "", piped.session.stderr      # no "closed by remote host"
     await mh.all_closed(reactor)
-    conch = [formatEvent(e) for e in events.events if str(e.get("log_namespace", "")).startswith("twisted.conch")]
+    conch = [formatEvent(e) for e in events.events      # conch's loggers, also in its subclasses there
+             if str(e.get("log_namespace", "")).startswith(("twisted.conch", "txgateway.ops.manhole._"))]
     assert conch.count("connection lost") == 2, conch
 
 
@@ -613,3 +622,162 @@ async def test_exit_ends_the_session_cleanly(reactor, echo, gateway, keys, ssh, 
     assert console.session.stderr == "", console.session.stderr   # not "closed by remote host"
     await mh.all_closed(reactor)
     assert (await one(mh.running.port, get())).status == 200
+
+
+# --- hardening (issue 21 items 5, 6, 10, 11) --------------------------------------------------
+
+def refused_lines(events: Events) -> list[str]:
+    return [m for m in events.messages() if m.startswith("manhole login refused")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_user_name_with_a_newline_and_escape_codes_is_logged_escaped(reactor, echo, gateway, keys, ssh, events):
+    """The attack: a user name that ends the log line, forges a "manhole login: admin" line and
+    clears the reader's terminal. Logged as one line, every control character escaped."""
+    mh = await start(reactor, gateway, echo.url, keys)
+    forged = b"x\nmanhole login: admin with key SHA256:forged\x1b[2J\x1b[31m\\\xe2\x80\xa8"
+    # OpenSSH's client refuses such a name ("remote username contains invalid characters"):
+    # conch's client offers the stranger's public key under it.
+    other = Key.fromFile(str(keys.other))
+    assert await key_attempt(reactor, mh.port, forged, other) == "refused: publickey"
+    fingerprint = openssh_fingerprint(Path(f"{keys.other}.pub"))
+    assert refused_lines(events) == [
+        "manhole login refused: x\\x0amanhole login: admin with key SHA256:forged\\x1b[2J\\x1b[31m\\\\\\u2028 "
+        f"with key {fingerprint}"]
+    assert not [m for m in events.messages() if "\n" in m or "\x1b" in m or "\u2028" in m]
+    assert not [m for m in events.messages() if m.startswith("manhole login:")]
+    assert (await one(mh.running.port, get())).status == 200
+    await mh.all_closed(reactor)
+
+
+class _KeyOnly(userauth.SSHUserAuthClient):
+    """Logs in with one key, as OpenSSH does (none, the key's query, then its signature); reports
+    the server's verdict on the signed attempt."""
+
+    def __init__(self, user: bytes, key: Key, answer: Deferred[str]) -> None:
+        super().__init__(user, connection.SSHConnection())
+        self.key = key
+        self.answer = answer
+        self.offered = self.signed = False
+
+    def getPublicKey(self) -> Key | None:
+        if self.offered:
+            return None
+        self.offered = True
+        return self.key.public()
+
+    def getPrivateKey(self) -> Deferred[Key]:
+        return succeed(self.key)
+
+    def signData(self, publicKey: Key, signData: bytes) -> Any:
+        self.signed = True
+        return super().signData(publicKey, signData)
+
+    def ssh_USERAUTH_FAILURE(self, packet: bytes) -> Any:
+        if not self.signed:
+            return super().ssh_USERAUTH_FAILURE(packet)
+        self.answer.callback(f"refused: {common.getNS(packet)[0].decode()}")
+        assert self.transport is not None
+        self.transport.loseConnection()
+        return None
+
+
+async def key_attempt(reactor: Any, port: int, user: bytes, key: Key) -> str:
+    """conch's SSH client, in process, offering one public key under `user`; the server's verdict."""
+    answer: Deferred[str] = Deferred()
+    return await attempt_with(reactor, port, _KeyOnly(user, key, answer), answer)
+
+
+@pytest_twisted.ensureDeferred
+async def test_failed_logins_are_throttled_per_address_and_the_moduli_line_is_gone(
+        reactor, echo, gateway, keys, ssh, events):
+    """5 wrong keys within a minute: the 5th is disconnected, later connections from that
+    address are closed on sight (nothing more logged per attempt), until the failures age out."""
+    from twisted.internet.task import Clock
+
+    from txgateway.ops.manhole import FAILED_LOGINS, FAILED_WINDOW
+    clock = Clock()
+    clock.advance(1000.0)
+    mh = await start(reactor, gateway, echo.url, keys, clock)
+    for _ in range(FAILED_LOGINS):
+        attempt = await ssh.once(mh.port, keys.other)
+        assert attempt.returncode == 255, attempt.stderr
+        assert "Permission denied" in attempt.stderr or "too many failed logins" in attempt.stderr, attempt.stderr
+    assert len(refused_lines(events)) == FAILED_LOGINS
+    assert [m for m in events.messages() if "failed logins from" in m] == [
+        f"manhole: {FAILED_LOGINS} failed logins from 127.0.0.1 within {FAILED_WINDOW:.0f} s; its connections "
+        "are closed on sight for now"]
+    for key in (keys.other, keys.admin):                 # now even the right key: the address is blocked
+        attempt = await ssh.once(mh.port, key)
+        assert attempt.returncode == 255 and "Permission denied" not in attempt.stderr, attempt.stderr
+    assert len(refused_lines(events)) == FAILED_LOGINS   # nothing logged per attempt any more
+    assert (await one(mh.running.port, get())).status == 200
+    clock.advance(FAILED_WINDOW)
+    console = await ssh.console(mh.port, keys.admin)
+    await console.close()
+    assert not [e for e in events.events if "moduli" in formatEvent(e)]
+    await mh.all_closed(reactor)
+
+
+class Silent(Protocol):
+    """A TCP client that never speaks SSH; `lost` fires when the server closes it."""
+
+    def __init__(self) -> None:
+        self.lost: Deferred[None] = Deferred()
+        self.received = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Any) -> None:
+        self.lost.callback(None)
+
+
+async def silent(reactor: Any, port: int) -> Silent:
+    client = Silent()
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5), client)
+    return client
+
+
+@pytest_twisted.ensureDeferred
+async def test_connections_that_never_log_in_are_capped_and_closed_after_the_pre_auth_timeout(
+        reactor, echo, gateway, keys, ssh, events):
+    from twisted.internet.task import Clock
+
+    from txgateway.ops.manhole import MAX_CONNECTIONS, PRE_AUTH_TIMEOUT
+    clock = Clock()
+    mh = await start(reactor, gateway, echo.url, keys, clock)
+    idle = [await silent(reactor, mh.port) for _ in range(MAX_CONNECTIONS)]
+    deadline = time.monotonic() + TIMEOUT
+    while len(mh.servers) < MAX_CONNECTIONS or not all(c.received.startswith(b"SSH-2.0-") for c in idle):
+        assert time.monotonic() < deadline, "the SSH server did not greet every connection"
+        await deferLater(reactor, 0.02, lambda: None)
+    one_more = await silent(reactor, mh.port)
+    await one_more.lost.addTimeout(TIMEOUT, reactor)     # closed at once, never greeted
+    assert one_more.received == b""
+    assert not any(c.lost.called for c in idle)
+    assert (await one(mh.running.port, get())).status == 200   # the main listener serves on
+    clock.advance(PRE_AUTH_TIMEOUT - 1)
+    assert not any(c.lost.called for c in idle)
+    clock.advance(1)
+    for client in idle:
+        await client.lost.addTimeout(TIMEOUT, reactor)
+    await mh.all_closed(reactor)
+    console = await ssh.console(mh.port, keys.admin)       # room again, and a login stays past the timeout
+    clock.advance(PRE_AUTH_TIMEOUT * 2)
+    assert "42" in await console.run("6 * 7")
+    await console.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_banner_warns_about_blocking_and_deferlater_is_at_hand(reactor, echo, gateway, keys, ssh, events):
+    mh = await start(reactor, gateway, echo.url, keys)
+    session = await deferToThread(SshSession, ssh_argv(mh.port, keys.admin, "-tt"), None)
+    ssh.sessions.append(session)
+    console = Console(session)
+    banner = await console.expect(">>> ")
+    assert "stalls every request" in banner and "deferLater(reactor, seconds, f)" in banner, banner
+    shown = await console.run("print(type(deferLater(reactor, 0, int)).__name__, deferToThread.__name__)")
+    assert "Deferred deferToThread" in shown, shown
+    await console.close()
+    await mh.all_closed(reactor)

@@ -518,19 +518,14 @@ async def test_rate_limited_route_refuses_the_handshake_with_429_once_the_bucket
 async def test_an_upstream_refusing_the_upgrade_gives_the_client_its_status_and_a_closed_connection(
         reactor, gateway, ws_upstream, secret_file):
     gw = await gateway(config(ws_upstream.url, secret_file))
-    # twisted.web's WebSocketResource answers a wrong Sec-WebSocket-Version with 400
-    resp = await refused(reactor, gw, handshake("/ws/chat", version="8"))
-    assert resp.status == 400
-    assert resp.body == b"websocket protocol negotiation error"
-    # a path the upstream has no resource for: its 404
+    # twisted.web's WebSocketResource refuses a subprotocol-less handshake to /ws/plain... : a
+    # path the upstream has no resource for gets its 404
     resp = await refused(reactor, gw, handshake("/missing/chat"))
     assert resp.status == 404
-    # bytes sent right after the handshake (a client that does not wait for the 101) are
-    # not taken for a second request once the upgrade is refused
-    resp = await refused(reactor, gw, handshake("/missing/chat") + b"GET /plain HTTP/1.1\r\nHost: a\r\n\r\n")
-    assert resp.status == 404
+    resp = await refused(reactor, gw, handshake("/plain"))
+    assert (resp.status, resp.body) == (200, b"plain ok")   # a 200 is no 101: no tunnel either
     assert ws_upstream.peers == []                        # no WebSocket session was opened
-    assert [r["status"] for r in gw.log] == [400, 404, 404]
+    assert [r["status"] for r in gw.log] == [404, 200]
     await still_serves(gw)
 
 
@@ -594,8 +589,7 @@ async def test_client_gone_during_the_handshake_drops_the_upstream_connection(
         reactor, gateway, ws_upstream, secret_file):
     gw = await gateway(config(ws_upstream.url, secret_file))
     ws_upstream.taps.hold = True                         # an upstream slow to read the handshake
-    early = FrameProtocol(client=True, extensions=[]).send_data("too early", fin=True)
-    client = RawClient(handshake("/ws/chat") + early)
+    client = RawClient(handshake("/ws/chat"))
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", gw.port), client).addTimeout(TIMEOUT, reactor)
     await eventually(reactor, lambda: len(ws_upstream.taps.taps) == 1)
     ws_upstream.taps.hold = False
@@ -649,23 +643,114 @@ async def test_access_log_line_has_101_and_the_tunneled_bytes_and_is_written_at_
 
 
 @pytest_twisted.ensureDeferred
-async def test_bytes_sent_before_the_101_are_held_then_delivered_and_counted(reactor, gateway, ws_upstream, secret_file):
+async def test_bytes_sent_before_the_101_are_a_400_and_never_reach_the_upstream(reactor, gateway, ws_upstream, secret_file):
+    """RFC 6455 4.1: a client waits for the 101. What it sends before is never relayed: a frame
+    in the handshake's packet, or one sent while the upstream thinks."""
     gw = await gateway(config(ws_upstream.url, secret_file))
-    early = FrameProtocol(client=True, extensions=[])
-    frame = early.send_data("sent with the handshake", fin=True)
-    client = await raw_handshake(reactor, gw, handshake("/ws/chat") + frame)
-    assert client.head.result.startswith(b"HTTP/1.1 101 ")
-    server = await ws_upstream.session()
-    assert await server.next(reactor) == "sent with the handshake"
-    server.ws.sendTextMessage("answer")
-    await eventually(reactor, lambda: frames(after_head(client.received), from_client=False) == [
-        (Opcode.TEXT, "answer")])
-    client.transport.abortConnection()
-    await server.ended(reactor)
-    await eventually(reactor, lambda: len(ws_records(gw)) == 1)
-    (record,) = ws_records(gw)
-    assert record["bytes_in"] == len(frame)
-    assert record["bytes_out"] == len(after_head(client.received))
+    frame = FrameProtocol(client=True, extensions=[]).send_data("sent with the handshake", fin=True)
+    err = assert_envelope(await refused(reactor, gw, handshake("/ws/chat") + frame), 400, "BAD_REQUEST")
+    assert err["message"] == "data sent before the WebSocket handshake completed"
+    assert all(b"sent with the handshake" not in tap.received for tap in ws_upstream.taps.taps)
+    assert ws_upstream.peers == [] or all(not p.opened.called for p in ws_upstream.peers)
+    assert [r["status"] for r in gw.log] == [400]
+    await still_serves(gw)
+
+
+# --- the handshake, validated both ways ----------------------------------------------------
+
+KEY = "dGhlIHNhbXBsZSBub25jZQ=="       # RFC 6455's example key: its Accept is in ACCEPT_HEAD
+
+
+@pytest.mark.parametrize("request_head, why", [
+    (handshake("/ws/chat", version="1337"), "Sec-WebSocket-Version: 13"),
+    (handshake("/ws/chat", version="8"), "Sec-WebSocket-Version: 13"),
+    (handshake("/ws/chat").replace(KEY.encode(), b"bm90IGEga2V5"), "Sec-WebSocket-Key"),      # 9 bytes
+    (handshake("/ws/chat").replace(KEY.encode(), b"not base64!"), "Sec-WebSocket-Key"),
+    (handshake("/ws/chat").replace(b"Sec-WebSocket-Key: " + KEY.encode() + b"\r\n", b""), "Sec-WebSocket-Key"),
+    (handshake("/ws/chat").replace(b"GET ", b"POST ", 1), "GET over HTTP/1.1"),
+    (handshake("/ws/chat").replace(b"HTTP/1.1", b"HTTP/1.0", 1), "GET over HTTP/1.1"),
+])
+@pytest_twisted.ensureDeferred
+async def test_a_handshake_that_is_not_rfc6455_is_a_400_and_the_upstream_sees_nothing(
+        reactor, gateway, ws_upstream, secret_file, request_head, why):
+    gw = await gateway(config(ws_upstream.url, secret_file))
+    err = assert_envelope(await refused(reactor, gw, request_head), 400, "BAD_REQUEST")
+    assert why in err["message"]
+    assert ws_upstream.taps.taps == []
+    await still_serves(gw)
+
+
+def lying_upstream(accept: bytes, answered: list[bytes], delay: float = 0.0) -> Any:
+    """A raw upstream that answers 101 + Upgrade: websocket to anything, with `accept` (after
+    `delay`), then answers 200 to every request it can find in the bytes that follow (a plain
+    HTTP server that does not speak WebSocket, as the attack had)."""
+    from twisted.internet import reactor
+
+    def switch(server: Any) -> None:
+        server.transport.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                               b"Connection: Upgrade\r\n" + accept + b"\r\n")
+
+    def script(server: Any, data: bytes) -> None:
+        if not getattr(server, "answered", False) and b"\r\n\r\n" in server.buffer:
+            server.answered = True
+            if b"upgrade: websocket" not in server.buffer.lower():     # still_serves
+                server.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nplain ok")
+                return
+            reactor.callLater(delay, switch, server)
+            server.buffer = server.buffer.partition(b"\r\n\r\n")[2]
+        while b"\r\n\r\n" in server.buffer:
+            head, _, server.buffer = server.buffer.partition(b"\r\n\r\n")
+            answered.append(head)
+            server.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecret")
+    return script
+
+
+FORGED = (b"GET /secret/admin-only HTTP/1.1\r\nHost: api.test\r\nX-User-Id: forged-admin\r\n"
+          b"X-User-Role: admin\r\n\r\n")
+
+
+@pytest.mark.parametrize("accept", [b"", b"Sec-WebSocket-Accept: AAAAAAAAAAAAAAAAAAAAAAAAAAA=\r\n",
+                                    b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" * 2])
+@pytest_twisted.ensureDeferred
+async def test_an_upstream_101_without_the_right_accept_is_a_502_and_opens_no_tunnel(
+        reactor, gateway, raw_upstream, secret_file, accept):
+    answered: list[bytes] = []
+    up = await raw_upstream(lying_upstream(accept, answered))
+    gw = await gateway(config(up.url, secret_file))
+    client = await raw_handshake(reactor, gw, handshake("/ws/chat"))
+    await client.closed.addTimeout(TIMEOUT, reactor)
+    (resp,) = parse_responses(bytes(client.received))
+    err = assert_envelope(resp, 502, "BAD_GATEWAY")
+    assert err["message"]
+    assert gw.log[-1]["detail"] == "upstream answered 101 without the Sec-WebSocket-Accept of the handshake"
+    assert answered == []
+    await still_serves(gw)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_pipelined_behind_a_handshake_never_reaches_a_lying_upstream(
+        reactor, gateway, raw_upstream, secret_file):
+    """The attack: a forged request behind the upgrade, an upstream that says 101 to anything
+    (with a valid Accept, even) and serves what follows as HTTP. The gateway answers 400 and
+    the upstream never sees the forged request, whether it came in the handshake's packet or
+    while the upstream was still deciding."""
+    for split in (False, True):
+        answered: list[bytes] = []
+        up = await raw_upstream(lying_upstream(b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n",
+                                               answered, delay=0.5 if split else 0.0))
+        gw = await gateway(config(up.url, secret_file))
+        client = RawClient(handshake("/ws/chat") + (b"" if split else FORGED))
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", gw.port), client).addTimeout(TIMEOUT, reactor)
+        if split:
+            await eventually(reactor, lambda up=up: up.requests)    # the handshake reached the upstream
+            client.transport.write(FORGED)                        # and its 101 is 0.5 s away
+        await client.closed.addTimeout(TIMEOUT, reactor)
+        (resp,) = parse_responses(bytes(client.received))
+        err = assert_envelope(resp, 400, "BAD_REQUEST")
+        assert err["message"] == "data sent before the WebSocket handshake completed"
+        assert b"secret" not in b"".join(up.requests), split
+        assert answered == [], split
+        await still_serves(gw)
 
 
 @pytest_twisted.ensureDeferred
@@ -790,3 +875,77 @@ async def test_an_upstream_101_without_upgrade_headers_is_a_502_not_a_silent_clo
     (resp,) = parse_responses(bytes(client.received))
     assert_envelope(resp, 502, "BAD_GATEWAY")
     assert [r["status"] for r in gw.log] == [502]
+
+
+# --- 8. Origin allowlist; 9. tunnel limits per client and per route ---------------------------
+
+def guarded_config(upstream_url: str) -> str:
+    return f"""
+    trusted_proxies: [127.0.0.1/32]
+    upstreams:
+      ws: {{targets: ["{upstream_url}"], connect_timeout: 1s, timeout: 2s}}
+    routes:
+      - prefix: /ws/app
+        upstream: ws
+        websocket: {{origins: ["https://app.test", "http://localhost:8080"]}}
+      - prefix: /ws/few
+        upstream: ws
+        websocket: {{max_tunnels_per_client: 2, max_tunnels: 3}}
+      - {{prefix: /plain, upstream: ws}}
+    """
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_handshake_from_a_foreign_origin_is_refused_with_403(reactor, gateway, ws_upstream):
+    """Cross-site WebSocket hijacking: a page on evil.test opens the app's WebSocket with the
+    visitor's cookies. Its Origin is not listed: 403, and the upstream never hears of it."""
+    gw = await gateway(guarded_config(ws_upstream.url))
+    for origin in ("https://evil.test", "https://app.test.evil.test", "http://app.test", "https://app.test:8443",
+                   "null"):
+        resp = await refused(reactor, gw, handshake("/ws/app/feed", [("Origin", origin), ("Cookie", "session=victim")]))
+        err = assert_envelope(resp, 403, "FORBIDDEN")
+        assert "Origin" in err["message"], origin
+    assert ws_upstream.taps.taps == []
+    assert [r.get("websocket") for r in gw.log] == ["origin refused"] * 5
+    for origin in ("https://app.test", "HTTPS://APP.TEST", "http://localhost:8080", None):
+        headers = [("Origin", origin)] if origin is not None else []
+        client = await raw_handshake(reactor, gw, handshake("/ws/app/feed", headers))
+        assert client.head.result.startswith(b"HTTP/1.1 101 "), origin
+        await ws_upstream.session()
+        client.transport.loseConnection()
+    await still_serves(gw)
+
+
+async def open_session(reactor: Any, gw: Any, up: Upstream, client_ip: str) -> RawClient:
+    client = await raw_handshake(reactor, gw, handshake("/ws/few/room", [("X-Forwarded-For", client_ip)]))
+    assert client.head.result.startswith(b"HTTP/1.1 101 "), (client_ip, client.head.result)
+    await up.session()
+    return client
+
+
+@pytest_twisted.ensureDeferred
+async def test_tunnels_are_limited_per_client_429_and_per_route_503_and_freed_when_they_end(
+        reactor, gateway, ws_upstream):
+    gw = await gateway(guarded_config(ws_upstream.url))
+    first = [await open_session(reactor, gw, ws_upstream, "10.0.0.1") for _ in range(2)]
+    resp = await refused(reactor, gw, handshake("/ws/few/room", [("X-Forwarded-For", "10.0.0.1")]))
+    err = assert_envelope(resp, 429, "TOO_MANY_TUNNELS")
+    assert "close one" in err["message"]
+    third = await open_session(reactor, gw, ws_upstream, "10.0.0.2")     # another client: room on the route
+    resp = await refused(reactor, gw, handshake("/ws/few/room", [("X-Forwarded-For", "10.0.0.3")]))
+    assert_envelope(resp, 503, "TOO_MANY_TUNNELS")                        # the route is full (3)
+    assert len(ws_upstream.peers) == 3
+    assert [r.get("websocket") for r in gw.log] == ["client tunnel limit", "route tunnel limit"]
+    # a tunnel that ends frees its place, for its client and the route
+    first[0].transport.loseConnection()
+    await eventually(reactor, lambda: len(ws_records(gw)) == 1)
+    again = await open_session(reactor, gw, ws_upstream, "10.0.0.1")
+    # refused handshakes hold no place: after them the counts are exactly the open sessions
+    for client in (first[1], third, again):
+        client.transport.loseConnection()
+    await eventually(reactor, lambda: len(ws_records(gw)) == 4)
+    fresh = [await open_session(reactor, gw, ws_upstream, "10.0.0.9") for _ in range(2)]
+    fresh.append(await open_session(reactor, gw, ws_upstream, "10.0.0.8"))
+    for client in fresh:
+        client.transport.loseConnection()
+    await still_serves(gw)

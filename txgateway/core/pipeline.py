@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txgateway.core.ids import correlation_id
+from txgateway.core.logtext import printable
 
 if TYPE_CHECKING:
     from txgateway.core.route import Route
@@ -383,8 +384,7 @@ class Pipeline:
         route = ctx.route.prefix if ctx.route is not None else None
         _log.failure("filter {filter} failed in its {phase} phase on route {route} for {method} {path} "
                      "({correlation_id})", failure, filter=name, phase=phase, route=route,
-                     method=ctx.method.decode("latin-1"), path=ctx.path.decode("latin-1"),
-                     correlation_id=ctx.correlation_id)
+                     method=printable(ctx.method), path=printable(ctx.path), correlation_id=ctx.correlation_id)
         ctx.note("filter_error", f"{name} ({phase})")
         chain = ctx.chain
         if chain is not None and chain.terminal is not None and ctx.forwarding is not None:

@@ -5,11 +5,20 @@ through here) on its own endpoint, loopback by default. With `admin.token_env` s
 /metrics and the page's data need `Authorization: Bearer <token>`; /healthz and /readyz stay
 open for probes, and the page's HTML holds no data (it asks for the token, kept in the URL
 fragment, which browsers never send).
+
+Hardened as a listener a browser can reach: it answers only requests whose `Host` is
+loopback, an IP address or one of `admin.allowed_hosts` (403 otherwise: a web page cannot
+read /status through DNS rebinding); every answer carries the security headers of proxied
+responses and a Content-Security-Policy that forbids framing, and `Server` names no version.
+A request's head must arrive within `limits.header_timeout` (408; a trickle never extends
+it), an idle connection closes after `limits.idle_timeout`, and ops/admission.py caps the
+connections and keeps descriptors for the main listeners.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import time
 from typing import Any
@@ -18,12 +27,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from txgateway import __version__
+from txgateway.filters.headerconfig import DEFAULT_SECURITY_HEADERS
+from txgateway.ops.admission import Admission
 from txgateway.ops.stats import MetricsCollector
-from txgateway.ops.statuspage import STATUS_PAGE
+from txgateway.ops.statuspage import STATUS_PAGE, STATUS_PAGE_CSP
 
 __all__ = ["AdminResource", "admin_site", "status"]
 
@@ -68,22 +82,57 @@ def status(gateway: Any) -> dict[str, Any]:
     }
 
 
+MAX_CONNECTIONS = 32          # at once on the admin listener (Prometheus and a few people)
+_CSP = b"default-src 'none'; frame-ancestors 'none'"     # JSON and metrics: nothing to run or frame
+
+
 class AdminResource(Resource):
     isLeaf = True
 
     def __init__(self, gateway: Any) -> None:
         super().__init__()
         self.gateway = gateway
-        self.token = gateway.config.admin.token if gateway.config.admin is not None else None
+        admin = gateway.config.admin
+        self.token = admin.token if admin is not None else None
+        self.hosts = frozenset(["localhost", *(admin.allowed_hosts if admin is not None else ())])
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(MetricsCollector(gateway))
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
 
+    def render(self, request: Any) -> bytes:
+        request.setHeader(b"server", b"txgateway")
+        for name, value in DEFAULT_SECURITY_HEADERS:
+            request.setHeader(name, value)
+        request.setHeader(b"content-security-policy", _CSP)
+        request.setHeader(b"cache-control", b"no-store")
+        host = request.getHeader(b"host")
+        if host is not None and not self._host_allowed(host):
+            return _json(request, 403, {"error": "this Host is not one the admin listener answers to "
+                                                 "(loopback, an IP address or admin.allowed_hosts)"})
+        if request.method not in (b"GET", b"HEAD"):
+            request.setHeader(b"allow", b"GET, HEAD")
+            return _json(request, 405, {"error": "method not allowed (GET, HEAD)"})
+        return super().render(request)  # type: ignore[no-any-return]
+
+    def _host_allowed(self, host: bytes) -> bool:
+        """Loopback names, IP addresses (a DNS-rebinding page always sends its own name) and
+        the configured names; any port."""
+        text = host.decode("latin-1").strip().lower()
+        if text.startswith("["):
+            text = text[1:].partition("]")[0]
+        elif text.count(":") == 1:
+            text = text.partition(":")[0]
+        text = text.rstrip(".")
+        try:
+            ipaddress.ip_address(text)
+        except ValueError:
+            return text in self.hosts
+        return True
+
     def render_GET(self, request: Any) -> bytes:
         path = request.path
-        request.setHeader(b"cache-control", b"no-store")
         if path == b"/healthz":
             return _json(request, 200, {"status": "ok"})
         if path == b"/readyz":
@@ -91,6 +140,7 @@ class AdminResource(Resource):
             return _json(request, 200 if ready else 503, {"ready": ready, "checks": checks})
         if path == b"/":
             request.setHeader(b"content-type", b"text/html; charset=utf-8")
+            request.setHeader(b"content-security-policy", STATUS_PAGE_CSP)
             return STATUS_PAGE
         if not self._authorized(request):
             request.setHeader(b"www-authenticate", b'Bearer realm="txgateway-admin"')
@@ -117,8 +167,79 @@ def _json(request: Any, code: int, body: dict[str, Any]) -> bytes:
     return json.dumps(body, indent=2, default=str).encode() + b"\n"
 
 
+class _AdminChannel(HTTPChannel):
+    """twisted.web's channel with a deadline on each request's head: its own timeout restarts
+    on every byte, so a client trickling a byte every few seconds would never be closed. As on
+    the main listener, the deadline runs from the connection's start, then from the first byte
+    of each next request (an idle kept-alive connection is left to the idle timeout); a late
+    head gets 408, a connection that sent nothing is just closed."""
+
+    site: _AdminSite
+    _late: Any = None
+    _between = False          # the last request was answered; the next one has not started
+    _started = False          # bytes of the awaited head arrived
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.site.admission.open.add(self)
+        self._arm()
+
+    def _arm(self) -> None:
+        self._late = self.callLater(self.site.header_timeout, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._late is not None and self._late.active():
+            self._late.cancel()
+        self._late = None
+
+    def _too_slow(self) -> None:
+        self._late = None
+        transport: Any = self.transport
+        if self._started:
+            body = b'{"error": "request headers not received in time"}\n'
+            transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+        transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._between:
+            self._between = False
+            self._arm()
+        self._started = True
+        super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        self._disarm()
+        self._started = False
+        super().allHeadersReceived()
+
+    def requestDone(self, request: Any) -> None:
+        super().requestDone(request)
+        self._between = self._late is None
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._disarm()
+        self.site.admission.open.discard(self)
+        super().connectionLost(reason)
+
+
+class _AdminSite(Site):
+    protocol = _AdminChannel          # type: ignore[assignment]  # HTTP/1.1 only: no HTTP/2 negotiation here
+
+    def __init__(self, resource: Resource, header_timeout: float, idle_timeout: float, clock: Any) -> None:
+        super().__init__(resource, timeout=idle_timeout, reactor=clock)
+        self.header_timeout = header_timeout
+        self.admission = Admission(MAX_CONNECTIONS)
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if not self.admission.admit():
+            return None                  # Twisted closes the connection at once
+        return super().buildProtocol(addr)
+
+
 def admin_site(gateway: Any) -> Site:
-    site = Site(AdminResource(gateway))
+    limits = gateway.config.limits
+    site = _AdminSite(AdminResource(gateway), limits.header_timeout, limits.idle_timeout, gateway.clock)
     site.noisy = False
     site.log = lambda request: None  # type: ignore[method-assign]
     return site

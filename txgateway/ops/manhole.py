@@ -4,32 +4,58 @@ Off unless `manhole:` is configured; loopback by default. Public-key login only,
 configured authorized_keys file (any user name; the key is the identity); no passwords. An
 ed25519 host key is created (0600) on first start. Every login and every line typed is logged
 (audit): this is arbitrary code execution in the reactor thread, so the namespace offers
-read-mostly helpers that print tables, and a blocking expression stalls all traffic.
+read-mostly helpers that print tables, and a blocking expression stalls all traffic (the
+banner says so; `deferLater` and `deferToThread` are in the namespace).
+
+Hardened as a listener strangers can reach: user names and typed lines are logged with their
+control characters escaped (core/logtext.py); a connection must log in within
+PRE_AUTH_TIMEOUT seconds and at most MAX_CONNECTIONS are open at once (ops/admission.py);
+an address with FAILED_LOGINS failed logins within FAILED_WINDOW seconds has its connections
+closed on sight until they age out; conch's "cannot find moduli file" line is not logged (it
+only means fixed Diffie-Hellman groups, which OpenSSH clients never need: they use curve25519).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from collections import deque
+from typing import Any, cast
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.conch import manhole, manhole_ssh
 from twisted.conch.checkers import IAuthorizedKeysDB, SSHPublicKeyChecker
-from twisted.conch.error import ValidPublicKey
+from twisted.conch.error import IgnoreAuthentication, ValidPublicKey
 from twisted.conch.insults import insults
+from twisted.conch.ssh import transport, userauth
 from twisted.conch.ssh.keys import FingerprintFormats, Key
 from twisted.cred.portal import Portal
 from twisted.internet.endpoints import serverFromString
-from twisted.logger import Logger
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.logger import ILogObserver, Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from txgateway.core.logtext import printable
 from txgateway.ops.admin import status as gateway_status
+from txgateway.ops.admission import Admission
 from txgateway.ops.config import ManholeConfig, read_authorized_keys
 
 __all__ = ["load_or_create_host_key", "manhole_service", "namespace"]
 
 _log = Logger(namespace="txgateway.ops.manhole")
+
+PRE_AUTH_TIMEOUT = 30.0    # seconds from connecting to logged in (OpenSSH's LoginGraceTime is 120)
+MAX_CONNECTIONS = 10       # open at once, logged in or not
+FAILED_LOGINS = 5          # failed logins from one address within FAILED_WINDOW ...
+FAILED_WINDOW = 60.0       # ... close its connections on sight until the oldest is this old
+_TRACKED = 4096            # addresses remembered at most (the oldest are forgotten first)
+
+BANNER = ("txgateway Manhole: Python in the gateway's reactor thread. A statement that blocks "
+          "(time.sleep, a slow loop, a network call) stalls every request until it returns: "
+          "schedule work with deferLater(reactor, seconds, f) or run it with deferToThread(f). "
+          "Every line typed is logged.\r\n")
 
 
 @implementer(IAuthorizedKeysDB)
@@ -48,7 +74,7 @@ class _AuditingChecker(SSHPublicKeyChecker):
 
     def requestAvatarId(self, credentials: Any) -> Any:
         d = super().requestAvatarId(credentials)
-        user = credentials.username.decode("utf-8", "replace")
+        user = printable(credentials.username)
         try:
             fingerprint = _openssh_fingerprint(Key.fromString(credentials.blob))
         except Exception:   # an unparsable key blob: the checker refuses it too
@@ -69,8 +95,15 @@ class _AuditingChecker(SSHPublicKeyChecker):
 class _AuditedManhole(manhole.ColoredManhole):
     """ColoredManhole that logs every line before running it."""
 
+    def initializeScreen(self) -> None:
+        """RecvLine's, with the banner before the first prompt."""
+        self.terminal.reset()
+        self.terminal.write(BANNER.encode())
+        self.terminal.write(self.ps[self.pn])
+        self.setInsertMode()
+
     def lineReceived(self, line: bytes) -> None:
-        _log.info("manhole input: {line}", line=line.decode("utf-8", "replace"))
+        _log.info("manhole input: {line}", line=printable(line))
         try:
             super().lineReceived(line)
         except SystemExit:                  # exit() / quit(): end this session, as Ctrl-D does
@@ -95,6 +128,114 @@ class _Session(manhole_ssh.TerminalSession):
             terminal.proto.loseConnection()
 
 
+class LoginThrottle:
+    """Failed logins per client address, over the last FAILED_WINDOW seconds (injected clock)."""
+
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
+        self.failures: dict[str, deque[float]] = {}
+
+    def _recent(self, host: str) -> deque[float] | None:
+        times = self.failures.get(host)
+        if times is not None:
+            cutoff = self.clock.seconds() - FAILED_WINDOW
+            while times and times[0] <= cutoff:
+                times.popleft()
+            if not times:
+                del self.failures[host]
+                return None
+        return times
+
+    def failed(self, host: str) -> bool:
+        """Count one; True when this one blocks the address."""
+        times = self._recent(host)
+        if times is None:
+            if len(self.failures) >= _TRACKED:
+                del self.failures[next(iter(self.failures))]
+            times = self.failures[host] = deque()
+        times.append(self.clock.seconds())
+        return len(times) == FAILED_LOGINS
+
+    def blocked(self, host: str) -> bool:
+        times = self._recent(host)
+        return times is not None and len(times) >= FAILED_LOGINS
+
+
+class _UserAuth(userauth.SSHUserAuthServer):
+    """conch's user authentication, counting each failed login against the client's address."""
+
+    def _ebBadAuth(self, reason: Failure) -> None:
+        if self.method != b"none" and not reason.check(IgnoreAuthentication):
+            ssh: Any = self.transport
+            host = _host(ssh.transport.getPeer())
+            if ssh.factory.throttle.failed(host):
+                _log.warn("manhole: {count} failed logins from {host} within {window:.0f} s; its connections "
+                          "are closed on sight for now", count=FAILED_LOGINS, host=host, window=FAILED_WINDOW)
+            if ssh.factory.throttle.blocked(host):
+                ssh.sendDisconnect(transport.DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE, b"too many failed logins")
+                return
+        super()._ebBadAuth(reason)
+
+
+class _Transport(transport.SSHServerTransport):
+    """conch's SSH server side, counted by the factory and closed if not logged in within
+    PRE_AUTH_TIMEOUT (conch's own login timeout is ten hours, and only starts after the key
+    exchange)."""
+
+    _grace: Any = None
+
+    def connectionMade(self) -> None:
+        factory: Any = self.factory
+        factory.admission.open.add(self)
+        self._grace = factory.clock.callLater(PRE_AUTH_TIMEOUT, self._login_too_slow)
+        super().connectionMade()
+
+    def _login_too_slow(self) -> None:
+        self._grace = None
+        if getattr(self, "avatar", None) is None:
+            tcp: Any = self.transport
+            _log.info("manhole: {host} did not log in within {seconds:.0f} s", host=_host(tcp.getPeer()),
+                      seconds=PRE_AUTH_TIMEOUT)
+            tcp.abortConnection()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        if self._grace is not None and self._grace.active():
+            self._grace.cancel()
+        self._grace = None
+        factory: Any = self.factory
+        factory.admission.open.discard(self)
+        super().connectionLost(reason)
+
+
+@implementer(ILogObserver)
+class _Discard:
+    def __call__(self, event: Any) -> None:
+        pass
+
+
+class _Factory(manhole_ssh.ConchFactory):
+    """ConchFactory with the cap, the throttle, our transport and user authentication."""
+
+    protocol = _Transport
+    services = {**manhole_ssh.ConchFactory.services, b"ssh-userauth": _UserAuth}
+    _log = Logger(namespace="txgateway.ops.manhole", observer=cast(ILogObserver, _Discard()))  # only the moduli line
+
+    def __init__(self, portal: Portal, clock: Any) -> None:
+        super().__init__(portal)
+        self.clock = clock
+        self.admission = Admission(MAX_CONNECTIONS)
+        self.throttle = LoginThrottle(clock)
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if self.throttle.blocked(_host(addr)) or not self.admission.admit():
+            return None                   # Twisted closes the connection at once
+        return super().buildProtocol(addr)
+
+
+def _host(address: Any) -> str:
+    return str(getattr(address, "host", "") or "")
+
+
 def _openssh_fingerprint(key: Key) -> str:
     """As `ssh-keygen -l` prints it (SHA256:base64 without padding), so logs can be grepped."""
     return "SHA256:" + key.fingerprint(format=FingerprintFormats.SHA256_BASE64).rstrip("=")
@@ -116,7 +257,8 @@ def load_or_create_host_key(path: str) -> Key:
 
 
 def namespace(gateway: Any) -> dict[str, Any]:
-    """The console's globals: the gateway and helpers that print readable tables."""
+    """The console's globals: the gateway, helpers that print readable tables, and the ways
+    to wait without blocking (reactor, deferLater, deferToThread)."""
 
     def status() -> None:
         """Routes, upstreams, breakers, limiter and request counts, as /status has them."""
@@ -151,7 +293,8 @@ def namespace(gateway: Any) -> dict[str, Any]:
         print("\n".join(problems) if problems else f"reloaded {gateway.config.file}")
 
     return {"gateway": gateway, "status": status, "breakers": breakers, "trip": trip, "reset": reset,
-            "bucket": bucket, "reload": reload, "__name__": "__manhole__"}
+            "bucket": bucket, "reload": reload, "reactor": gateway.reactor, "deferLater": deferLater,
+            "deferToThread": deferToThread, "__name__": "__manhole__"}
 
 
 def _table(head: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
@@ -170,7 +313,7 @@ def manhole_service(gateway: Any, config: ManholeConfig, reactor: Any) -> Stream
     realm.chainedProtocolFactory = lambda: insults.ServerProtocol(_AuditedManhole, names)
     keys_db: Any = _AuthorizedKeys(keys)
     checker: Any = _AuditingChecker(keys_db)
-    factory: Any = manhole_ssh.ConchFactory(Portal(realm, [checker]))
+    factory: Any = _Factory(Portal(realm, [checker]), gateway.clock)
     factory.publicKeys = {b"ssh-ed25519": host_key.public()}     # fresh dicts: the class's are shared
     factory.privateKeys = {b"ssh-ed25519": host_key}
     _log.info("manhole on {endpoint}: {count} authorized key(s) from {path}", endpoint=config.endpoint,

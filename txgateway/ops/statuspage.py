@@ -3,7 +3,16 @@
 It holds no data itself. When the admin listener wants a token, open it as
 `http://127.0.0.1:9901/#token=...`: the fragment never leaves the browser, and the page sends
 it as a bearer token with each /status request.
+
+`STATUS_PAGE_CSP` lets the page run its own inline style and script (by hash) and fetch
+/status, and nothing else: no outside resource, no framing (admin.py sends it).
 """
+
+import base64
+import hashlib
+import re
+
+__all__ = ["STATUS_PAGE", "STATUS_PAGE_CSP"]
 
 STATUS_PAGE = b"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>txgateway status</title>
@@ -61,3 +70,12 @@ async function refresh(){
 refresh(); setInterval(refresh, 2000);
 </script></body></html>
 """
+
+
+def _hashes(tag: bytes) -> str:
+    return " ".join("'sha256-%s'" % base64.b64encode(hashlib.sha256(body).digest()).decode()
+                    for body in re.findall(b"<%s>(.*?)</%s>" % (tag, tag), STATUS_PAGE, re.S))
+
+
+STATUS_PAGE_CSP = (f"default-src 'none'; script-src {_hashes(b'script')}; style-src {_hashes(b'style')}; "
+                   "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'").encode()

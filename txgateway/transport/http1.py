@@ -24,14 +24,13 @@ from txgateway.core.hopbyhop import REQUEST_CONSUMED
 from txgateway.core.pipeline import Pipeline, RequestContext, ResponseHead, Switch
 from txgateway.core.timeouts import Deadlines
 from txgateway.transport.tls import tls_description
-from txgateway.transport.tunnel import Tunnel
+from txgateway.transport.tunnel import Tunnel, handshake_problem
 
 __all__ = ["HTTP1Connection", "HTTP1Factory"]
 
 _log = Logger(namespace="txgateway.transport.http1")
 
 _MAX_QUEUED = 16             # pipelined requests waiting behind the active one
-_MAX_HELD = 1 << 20          # bytes a client may send after a WebSocket handshake, before the 101
 _MAX_BUFFERED = 256 * 1024   # request body bytes held while waiting; reading pauses above
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0", "0.9": b"0.9", "2.0": b"2.0"}   # all llhttp accepts, as bytes
@@ -64,7 +63,7 @@ class HTTP1Connection(Protocol):
     # attribute access on the hot path gets slower (+2.5k instructions per request).
     __slots__ = ("factory", "transport", "connected", "pipeline", "limits", "_deadlines", "_scheme", "_seconds",
                  "tls", "parser", "deadline", "_queue", "_parsing", "_url", "_headers", "_header_bytes",
-                 "_raw_header_bytes", "_framing", "_connection_tokens", "_tunnel", "_upgrading", "_held", "_broken",
+                 "_raw_header_bytes", "_framing", "_connection_tokens", "_tunnel", "_upgrading", "_upgrade_body", "_broken",
                  "_close_after", "_chunked_out", "_no_body_out", "_cork", "_paused", "_gone", "_peer_ip", "_write",
                  "_flush_writes")
 
@@ -89,8 +88,8 @@ class HTTP1Connection(Protocol):
         self._framing: dict[bytes, bytes] = {}
         self._connection_tokens: list[bytes] = []
         self._tunnel: Tunnel | None = None     # joined to an upstream after a WebSocket 101
-        self._upgrading = False                # a handshake is out: bytes are held, not parsed
-        self._held = b""
+        self._upgrading = False                # a handshake is out: nothing more may come before the 101
+        self._upgrade_body = False             # llhttp took a non-WebSocket upgrade's body for the new protocol
         self._broken = False          # no more requests will be read from this connection
         self._close_after = False
         self._chunked_out = False
@@ -136,12 +135,16 @@ class HTTP1Connection(Protocol):
         """The listener's Strict-Transport-Security value (a reload may change it)."""
         return self.factory.hsts
 
-    def _hold(self, data: bytes) -> None:
-        """Bytes sent after a WebSocket handshake, before the upstream accepted it."""
-        self._held += data
-        if len(self._held) > _MAX_HELD:
-            self._broken = True
-            self.transport.abortConnection()
+    def _early(self, data: bytes) -> None:
+        """Bytes sent after a WebSocket handshake, before the upstream's 101: a client must
+        wait (RFC 6455 4.1), and these are never relayed: 400 if nothing was answered yet."""
+        if not data:
+            return
+        self._upgrading = False
+        self._broken = True
+        handshake = self._queue[-1] if self._queue else None
+        if handshake is not None and handshake.ctx.upgrade is not None and not handshake.ctx.response_started:
+            self._fail_request(handshake, 400, "BAD_REQUEST", "data sent before the WebSocket handshake completed")
 
     def start_tunnel(self, ctx: RequestContext, upstream: Any) -> Tunnel:
         self.factory.deadlines.discard(self)
@@ -150,9 +153,6 @@ class HTTP1Connection(Protocol):
         self._flush_writes()        # out before the tunnel writes to the transport directly
         tunnel = self._tunnel = Tunnel(ctx, self.pipeline, self.transport, upstream, self.factory.deadlines,
                                        self.limits.idle_timeout)
-        held, self._held = self._held, b""
-        if held:
-            tunnel.from_client(held)
         return tunnel
 
     def _wait(self, seconds: float) -> None:
@@ -185,7 +185,7 @@ class HTTP1Connection(Protocol):
         if self._broken:
             return
         if self._upgrading:
-            self._hold(data)
+            self._early(data)
             return
         try:
             self.parser.feed_data(data)
@@ -194,14 +194,23 @@ class HTTP1Connection(Protocol):
                 return
             rest = data[upgrade.args[0]:]
             if self._queue and self._queue[-1].ctx.upgrade is not None:
-                # A WebSocket handshake: what follows belongs to the tunnel, if the upstream
-                # accepts it (else the connection closes after the answer).
+                # A WebSocket handshake: nothing may follow until the upstream's 101 (then the
+                # tunnel carries the bytes; else the connection closes after the answer).
                 self._upgrading = True
-                self._hold(rest)
+                self._early(rest)
                 return
-            # Another kind of upgrade (h2c, ...): handled as a plain request (Upgrade is
-            # hop-by-hop); whatever follows is parsed as the next request.
-            self.parser = HttpRequestParser(self)
+            # Another kind of upgrade (h2c, ...) is a plain request (Upgrade is hop-by-hop):
+            # its body, which llhttp left unparsed, is read as a body, then the next request.
+            incoming = self._parsing
+            if self._upgrade_body and incoming is not None and incoming is not _placeholder:
+                self._upgrade_body = False
+                ctx = incoming.ctx
+                framing = (b"transfer-encoding: chunked" if ctx.chunked
+                           else b"content-length: %d" % (ctx.content_length or 0))
+                self.parser = HttpRequestParser(_BodyAfterUpgrade(self))
+                self.parser.feed_data(b"POST / HTTP/1.1\r\n%s\r\n\r\n" % framing)
+            else:
+                self.parser = HttpRequestParser(self)
             if rest:
                 self.dataReceived(rest)
             return
@@ -286,13 +295,18 @@ class HTTP1Connection(Protocol):
             # What follows is a tunnel's bytes, never a request: answered (405), then closed.
             self._broken = True
             ctx.keep_alive = False
-        if b"upgrade" in self._connection_tokens and framing.get(b"upgrade", b"").lower() == b"websocket":
-            ctx.upgrade = b"websocket"
-            ctx.keep_alive = False           # after the answer: a tunnel, or a closed connection
         ctx.chunked = b"transfer-encoding" in framing
         length = framing.get(b"content-length")
         if length is not None:
             ctx.content_length = int(length)
+        handshake: str | None = None
+        if b"upgrade" in self._connection_tokens and b"upgrade" in framing:
+            if framing[b"upgrade"].lower() == b"websocket":
+                ctx.upgrade = b"websocket"
+                ctx.keep_alive = False           # after the answer: a tunnel, or a closed connection
+                handshake = handshake_problem(ctx)
+            else:
+                self._upgrade_body = ctx.has_body   # see dataReceived: llhttp skips this body
         if b"expect" in framing:
             ctx.expect_continue = framing[b"expect"].lower() == b"100-continue"
         if len(self._queue) >= _MAX_QUEUED:
@@ -300,6 +314,8 @@ class HTTP1Connection(Protocol):
         self._queue.append(incoming)
         if host is None and version == b"1.1":
             self._fail_request(incoming, 400, "BAD_REQUEST", "HTTP/1.1 request without a Host header")
+        elif handshake is not None:
+            self._fail_request(incoming, 400, "BAD_REQUEST", handshake)
         elif ctx.content_length is not None and ctx.content_length > self.limits.max_body_size:
             self._fail_request(incoming, 413, "PAYLOAD_TOO_LARGE", "request body is larger than max_body_size")
         elif len(self._queue) == 1:
@@ -325,6 +341,8 @@ class HTTP1Connection(Protocol):
             self.transport.pauseProducing()
 
     def on_message_complete(self) -> None:
+        if self._upgrade_body:
+            return                   # not the end: the body follows (see dataReceived)
         incoming = self._parsing
         self._parsing = None
         if incoming is None or incoming is _placeholder:
@@ -487,6 +505,39 @@ class HTTP1Connection(Protocol):
     def unregister_producer(self, ctx: RequestContext) -> None:
         if not self._gone:
             self.transport.unregisterProducer()
+
+
+class _BodyAfterUpgrade:
+    """Parser callbacks for the body of a non-WebSocket `Upgrade` request: llhttp is fed a
+    made-up head with the request's framing, then its body bytes; from the body on, every
+    callback is the connection's (later requests are parsed as usual by this parser)."""
+
+    def __init__(self, conn: HTTP1Connection) -> None:
+        self.conn = conn
+        self.head = True           # the made-up head: not a request
+
+    def on_message_begin(self) -> None:
+        if not self.head:
+            self.conn.on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        if not self.head:
+            self.conn.on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.head:
+            self.conn.on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if not self.head:
+            self.conn.on_headers_complete()
+
+    def on_body(self, data: bytes) -> None:
+        self.conn.on_body(data)
+
+    def on_message_complete(self) -> None:
+        self.head = False
+        self.conn.on_message_complete()
 
 
 # What `_parsing` points to between requests: bytes parsed with no request in progress land here.

@@ -1,4 +1,11 @@
-"""WebSocket (and any `Upgrade` the upstream accepts with 101) carried as a byte tunnel.
+"""WebSocket carried as a byte tunnel, once both sides proved a real RFC 6455 handshake.
+
+Only a WebSocket handshake is an upgrade (any other `Upgrade` is an ordinary request): it must
+be a GET over HTTP/1.1 with `Sec-WebSocket-Version: 13` and a key of 16 base64-encoded bytes
+(else 400), and the upstream's 101 must carry the `Sec-WebSocket-Accept` that key implies
+(else 502): an upstream that answers 101 without speaking WebSocket gets no tunnel. The
+client must wait for the 101 (RFC 6455 section 4.1): bytes it sends before are never relayed
+(400), so a request smuggled behind a handshake cannot reach the upstream raw.
 
 The upgrade request goes through the whole pipeline like any request, so the route's auth
 and rate limit apply at the handshake, and X-Forwarded-* and identity headers reach the
@@ -13,6 +20,9 @@ that stops reading cannot hold both sockets forever. The access log gets one lin
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 from typing import TYPE_CHECKING, Any
 
 from txgateway.core.pipeline import RequestContext
@@ -21,7 +31,27 @@ from txgateway.core.timeouts import Deadlines
 if TYPE_CHECKING:
     from txgateway.core.pipeline import Pipeline
 
-__all__ = ["Tunnel"]
+__all__ = ["Tunnel", "handshake_problem"]
+
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"     # RFC 6455 section 1.3
+
+
+def handshake_problem(ctx: RequestContext) -> str | None:
+    """Why the client's WebSocket handshake is not one (None: it is). A good one leaves the
+    `Sec-WebSocket-Accept` the upstream must answer with in the `websocket_accept` state."""
+    if ctx.method != b"GET" or ctx.version != b"1.1":
+        return "a WebSocket handshake must be a GET over HTTP/1.1"
+    if ctx.header(b"sec-websocket-version") != b"13":
+        return "a WebSocket handshake must carry Sec-WebSocket-Version: 13"
+    key = ctx.header(b"sec-websocket-key") or b""
+    try:
+        nonce = base64.b64decode(key, validate=True)
+    except (binascii.Error, ValueError):
+        nonce = b""
+    if len(nonce) != 16:
+        return "a WebSocket handshake must carry a Sec-WebSocket-Key of 16 base64-encoded bytes"
+    ctx.set_state("websocket_accept", base64.b64encode(hashlib.sha1(key + _GUID).digest()))
+    return None
 
 
 class Tunnel:

@@ -65,7 +65,7 @@ class UpstreamConnection(TwistedProtocol):
         self.parser = HttpResponseParser(self)
         self.reused = False
         self.open = False
-        self.upgrade = False       # the request in flight is a WebSocket handshake
+        self.upgrade = b""         # a WebSocket handshake in flight: the Sec-WebSocket-Accept it needs
         self.tunnel: Any = None    # after its 101: the tunnel.Tunnel that owns the bytes
         self.no_body = False       # set per request: HEAD responses carry no body
         self._reason = b""
@@ -84,7 +84,7 @@ class UpstreamConnection(TwistedProtocol):
         self.pool.connection_made(self, user, self.factory)
         self.factory = None
 
-    def send(self, user: UpstreamUser, head: bytes, no_body: bool, upgrade: bool = False) -> None:
+    def send(self, user: UpstreamUser, head: bytes, no_body: bool, upgrade: bytes = b"") -> None:
         self.user = user
         self.no_body = no_body
         self.upgrade = upgrade
@@ -146,9 +146,13 @@ class UpstreamConnection(TwistedProtocol):
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
-        if status == 101 and self.upgrade and self._framing.get(b"upgrade", b"").lower() != b"websocket":
-            self._fail("upstream answered 101 without Upgrade: websocket")
-            return
+        if status == 101 and self.upgrade:
+            if self._framing.get(b"upgrade", b"").lower() != b"websocket":
+                self._fail("upstream answered 101 without Upgrade: websocket")
+                return
+            if [v for n, v in self._headers if n == b"sec-websocket-accept"] != [self.upgrade]:
+                self._fail("upstream answered 101 without the Sec-WebSocket-Accept of the handshake")
+                return
         if 100 <= status < 200 and not (status == 101 and self.upgrade):
             self._interim = True   # 100 Continue and friends: the real response follows
             return

@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txgateway.config.schema import Upstream
+from txgateway.core.logtext import printable
 from txgateway.core.pipeline import RequestContext, ResponseHead, error_response
 from txgateway.core.timeouts import Deadlines
 from txgateway.upstream.balance import Balancer, Member
@@ -151,7 +152,8 @@ class Exchange:
         # streams in, the client's pace is bounded by idle_timeout instead.
         has_body = ctx.has_body
         self.deadline = self.proxy.deadlines.now + (self.proxy.idle_timeout if has_body else self.pool.timeout)
-        conn.send(self, self.proxy.request_head(ctx, self.pool), ctx.method == b"HEAD", ctx.upgrade is not None)
+        conn.send(self, self.proxy.request_head(ctx, self.pool), ctx.method == b"HEAD",
+                  ctx.get_state("websocket_accept") if ctx.upgrade is not None else b"")
         if has_body:
             self.body_read = True
             self.body_producer = _RequestBodyProducer(ctx)
@@ -363,7 +365,7 @@ class Exchange:
         if member is None:
             return False
         _log.info("retrying {method} {path} for {correlation_id} on {target} after: {reason}",
-                  method=ctx.method.decode("latin-1"), path=ctx.path.decode("latin-1"),
+                  method=printable(ctx.method), path=printable(ctx.path),
                   correlation_id=ctx.correlation_id, target=member.url, reason=reason)
         ctx.note("upstream_error", f"retried after: {reason}")
         ctx.forwarding = self
