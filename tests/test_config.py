@@ -50,8 +50,8 @@ RATE = 'expected "N/second|minute|hour|day", got'
 RATE_ZERO = 'expected "N/second|minute|hour|day" with N above zero, got'
 TOP_KEYS = ("access_log, admin, auth, drain_timeout, limits, listen, manhole, rate_limits, "
             "redirect_to_https, redis, routes, trusted_proxies, upstreams")
-ROUTE_KEYS = ("auth, cache, host, methods, prefix, rate_limit, request_headers, respond, response_headers, "
-              "rewrite_prefix, roles, security_headers, upstream")
+ROUTE_KEYS = ("auth, cache, connect_timeout, host, max_body_size, methods, prefix, rate_limit, request_headers, "
+              "respond, response_headers, rewrite_prefix, roles, security_headers, split, timeout, upstream")
 UPSTREAM_KEYS = ("balance, circuit_breaker, connect_timeout, health_check, max_connections, "
                  "passive_health, preserve_host, retries, targets, timeout, tls")
 
@@ -950,7 +950,7 @@ def test_the_example_config_loads():
     config = load_config(str(EXAMPLE))
     assert config.file == str(EXAMPLE)
     assert config.listen == (Listener("tcp:8080:interface=0.0.0.0"),)
-    assert set(config.upstreams) == {"users", "orders", "search"}
+    assert set(config.upstreams) == {"users", "orders", "orders-v2", "search"}
     assert [r.prefix for r in config.routes][:3] == ["/api/users", "/api/search", "/api/orders"]
     assert [r.upstream for r in config.routes][:3] == ["users", "search", "orders"]
     assert config.limits == Limits(10 * 2**20, 16 * 2**10, 10.0, 60.0)
@@ -1098,6 +1098,7 @@ def test_the_example_config_protects_users_and_orders():
         "/api/users": ("required", None),
         "/api/search": ("none", None),
         "/api/orders": ("required", frozenset({"admin"})),
+        "/api/users/avatars": ("required", None),
         "/api/orders-legacy": ("required", frozenset({"admin"})),
         "/api/v0": ("none", None),
     }

@@ -10,13 +10,15 @@ from txgateway.config.contract import FilterKind, TerminalKind
 from txgateway.filters.auth.config import AUTH
 from txgateway.filters.headerconfig import HEADER_RULES
 from txgateway.filters.ratelimit.config import RATE_LIMIT
+from txgateway.filters.split import SPLIT
 from txgateway.terminals.respond import RESPOND
 from txgateway.upstream.config import PROXY
 
 __all__ = ["FILTERS", "TERMINALS", "route_keys"]
 
-# Chain order: identify (401/403) before limiting (429), header rules last.
-FILTERS: tuple[FilterKind, ...] = (AUTH, RATE_LIMIT, HEADER_RULES)
+# Chain order: identify (401/403) before limiting (429), then the split (it may sticky-hash the
+# user id), header rules last.
+FILTERS: tuple[FilterKind, ...] = (AUTH, RATE_LIMIT, SPLIT, HEADER_RULES)
 TERMINALS: tuple[TerminalKind, ...] = (PROXY, RESPOND)
 
 

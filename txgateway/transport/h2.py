@@ -138,7 +138,7 @@ class _PipelineResource(Resource):
         ctx.content_length = size or None
         ctx.keep_alive = True
         request.notifyFinish().addErrback(downstream.lost, ctx)
-        if getattr(request, "too_large", False) or size > http.limits.max_body_size:
+        if getattr(request, "too_large", False) or size > http.limits.largest_body:
             pipeline.reject(ctx, 413, "PAYLOAD_TOO_LARGE", "request body is larger than max_body_size")
         else:
             pipeline.handle(ctx)
@@ -164,14 +164,14 @@ class _BoundedRequest(Request):
     _reset = False
 
     def gotLength(self, length: int | None) -> None:
-        if length is not None and length > self.http.limits.max_body_size:
+        if length is not None and length > self.http.limits.largest_body:
             self.too_large = True
             length = 0
         super().gotLength(length)
 
     def handleContentChunk(self, data: bytes) -> None:
         self._received += len(data)
-        limit = self.http.limits.max_body_size
+        limit = self.http.limits.largest_body
         if self.too_large or self._received > limit:
             self.too_large = True
             if self._received > limit + (1 << 20) and not self._reset:

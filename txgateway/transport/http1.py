@@ -286,7 +286,7 @@ class HTTP1Connection(Protocol):
         self._queue.append(incoming)
         if host is None and version == b"1.1":
             self._fail_request(incoming, 400, "BAD_REQUEST", "HTTP/1.1 request without a Host header")
-        elif ctx.content_length is not None and ctx.content_length > self.limits.max_body_size:
+        elif ctx.content_length is not None and ctx.content_length > self.limits.largest_body:
             self._fail_request(incoming, 413, "PAYLOAD_TOO_LARGE", "request body is larger than max_body_size")
         elif len(self._queue) == 1:
             self.pipeline = self.factory.pipeline      # nothing else in flight: take a reloaded one
@@ -299,7 +299,9 @@ class HTTP1Connection(Protocol):
             return
         incoming.received += len(data)
         incoming.ctx.bytes_in += len(data)
-        if incoming.received > self.limits.max_body_size:
+        route = incoming.ctx.route
+        limit = route.max_body_size if route is not None else None
+        if incoming.received > (self.limits.largest_body if limit is None else limit):
             raise _Reject(413, "PAYLOAD_TOO_LARGE", "request body is larger than max_body_size")
         if incoming.sink is not None:
             incoming.sink.body_chunk(data)
