@@ -3,6 +3,7 @@ route next to small JSON routes, each held to its own limit, and the next reques
 
 from __future__ import annotations
 
+import json
 import socket
 
 import pytest_twisted
@@ -10,6 +11,7 @@ from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 
 from tests.conftest import TIMEOUT, assert_envelope, parse_responses, raw, raw_request
+from tests.integration.test_http2 import cert, h2_requests, listeners, port_of, routes  # noqa: F401 (cert: a fixture)
 from tests.integration.test_resilience import Signal
 
 ROUTES = """
@@ -141,3 +143,22 @@ async def _until_connecting(reactor, gw) -> None:
             return
         await deferLater(reactor, 0.01, lambda: None)
     raise AssertionError("the request never reached the proxy")
+
+
+@pytest_twisted.ensureDeferred
+async def test_route_body_limits_hold_over_http2(reactor, echo, gateway, cert):  # noqa: F811
+    gw = await gateway(listeners(cert, "[h2, http/1.1]") + routes(echo.url, top="limits: {max_body_size: 1KiB}\n",
+                                                                  extra_routes=UPLOAD_ROUTE))
+    port = await port_of(gw, 1)
+    small, big, huge = b"s" * 2000, b"b" * 50_000, b"h" * 70_000
+    answers = await h2_requests(port, cert.cert, {"path": "/api/uploads/1", "method": "POST", "body": big},
+                                {"path": "/api/users/1", "method": "POST", "body": small},
+                                {"path": "/api/uploads/2", "method": "POST", "body": huge},
+                                {"path": "/api/users/2", "method": "POST", "body": b"ok"})
+    assert [a.status for a in answers] == [200, 413, 413, 200]
+    assert json.loads(answers[0].body)["body_bytes"] == 50_000
+    assert json.loads(answers[1].body)["error"]["code"] == "PAYLOAD_TOO_LARGE"
+    assert len(echo.requests) == 2
+
+
+UPLOAD_ROUTE = "  - {prefix: /api/uploads, upstream: users, max_body_size: 64KiB}\n"
