@@ -37,6 +37,7 @@ from txgateway.ops.accesslog import AccessLog, JsonLinesWriter, TextStream
 from txgateway.ops.stats import Stats
 from txgateway.service.reload import keep_restart_only_settings
 from txgateway.service.requestpath import build_request_path, redirect_path
+from txgateway.transport.clientcert import ClientCerts
 from txgateway.transport.endpoints import ListenerError, cannot_listen
 from txgateway.transport.http1 import HTTP1Factory
 from txgateway.transport.tls import RedirectToHttps, ServerTLS
@@ -79,6 +80,15 @@ def tcp_port(endpoint: str) -> int | None:
         if value.isdigit() and (part.startswith("port=") or "=" not in part):
             return int(value)
     return None
+
+
+def _longest_upstream_wait(config: Config) -> float:
+    """The longest connect_timeout + timeout an upstream or a route with its own may take."""
+    connect = [u.connect_timeout for u in config.upstreams.values()]
+    connect += [r.connect_timeout for r in config.routes if r.connect_timeout is not None]
+    wait = [u.timeout for u in config.upstreams.values()]
+    wait += [r.timeout for r in config.routes if r.timeout is not None]
+    return max(connect, default=0.0) + max(wait, default=0.0)
 
 
 def _hsts(tls: Any) -> bytes | None:
@@ -218,10 +228,12 @@ class Gateway(MultiService):
         when it is plain and `redirect_to_https` is on; else the shared plain factory."""
         if listener.tls is not None:
             tls = self.server_tls[index] = ServerTLS(listener.tls)
-            http = HTTP1Factory(self.switch, self.clock, self.deadlines, scheme=b"https", hsts=_hsts(listener.tls))
+            client_auth = listener.tls.client_auth
+            http = HTTP1Factory(self.switch, self.clock, self.deadlines, scheme=b"https", hsts=_hsts(listener.tls),
+                                client_certs=ClientCerts(client_auth) if client_auth is not None else None)
             self.factories.append(http)
             self.tls_factories[index] = http
-            longest = max((u.connect_timeout + u.timeout for u in config.upstreams.values()), default=0.0)
+            longest = _longest_upstream_wait(config)
             wrapped: Any = http
             if "h2" in listener.tls.alpn:
                 from txgateway.transport.h2 import ALPNFactory  # twisted.web + h2: only listeners offering h2

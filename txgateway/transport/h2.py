@@ -137,6 +137,8 @@ class _PipelineResource(Resource):
         request.content.seek(0)
         ctx.content_length = size or None
         ctx.keep_alive = True
+        if http.client_certs is not None:
+            http.client_certs.apply(ctx, _connection_transport(request))
         request.notifyFinish().addErrback(downstream.lost, ctx)
         if getattr(request, "too_large", False) or size > http.limits.largest_body:
             pipeline.reject(ctx, 413, "PAYLOAD_TOO_LARGE", "request body is larger than max_body_size")
@@ -145,11 +147,15 @@ class _PipelineResource(Resource):
         return NOT_DONE_YET
 
 
+def _connection_transport(request: Any) -> Any:
+    """The TLS transport of the connection a stream belongs to (H2Stream keeps its
+    H2Connection as `_conn`; if that changes, this is None)."""
+    return getattr(getattr(request.channel, "_conn", None), "transport", None)
+
+
 def _tls_of(request: Any) -> str | None:
-    """The TLS version and ALPN of the connection a stream belongs to (H2Stream keeps its
-    H2Connection as `_conn`; if that changes, the access log just loses the detail)."""
-    connection = getattr(request.channel, "_conn", None)
-    transport = getattr(connection, "transport", None)
+    """The TLS version and ALPN of the connection (None: the access log loses the detail)."""
+    transport = _connection_transport(request)
     return tls_description(transport, "h2") if transport is not None else None
 
 

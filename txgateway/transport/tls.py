@@ -33,6 +33,7 @@ from twisted.logger import Logger
 
 from txgateway.config.schema import Target
 from txgateway.core.pipeline import LocalResponse, RequestContext
+from txgateway.transport.clientcert import verify_clients
 from txgateway.transport.tlsconfig import ListenerTLS, UpstreamTLS
 
 __all__ = ["RedirectToHttps", "ServerTLS", "client_creator", "tls_description"]
@@ -77,13 +78,20 @@ class ServerTLS:
         default = None
         for certificate in config.certificates:
             context = self._options(config, certificate).getContext()
+            self._verify_clients(context, config)
             default = default or context
             for name in certificate.names:
                 # DNS names in certificates are ASCII (IDNs come as punycode), as SNI names are.
                 by_name.setdefault(name.encode("ascii", "replace"), context)
+        self._verify_clients(self.options.getContext(), config)   # the context a handshake starts on
         self.config, self.by_name, self.default = config, by_name, default
         for warning in config.warnings:
             _log.warn("tls: {warning}", warning=warning)
+
+    @staticmethod
+    def _verify_clients(context: SSL.Context, config: ListenerTLS) -> None:
+        if config.client_auth is not None:
+            verify_clients(context, config.client_auth)
 
     def _select(self, name: bytes | None) -> SSL.Context | None:
         if not name:
