@@ -156,15 +156,18 @@ def curl(port: int, path: str, cafile: str, *args: str) -> tuple[str, str]:
 
 
 def tls_socket(port: int, cafile: str, alpn: list[str] | None,
-               client_cert: tuple[str, str] | None = None) -> ssl.SSLSocket:
-    """`client_cert`: (certificate file, key file) to present (mTLS listeners)."""
+               client_cert: tuple[str, str] | None = None, sni: bool = True) -> ssl.SSLSocket:
+    """`client_cert`: (certificate file, key file) to present (mTLS listeners); `sni` False:
+    no server name sent (the certificate is then checked without its host name)."""
     context = ssl.create_default_context(cafile=cafile)
     if client_cert is not None:
         context.load_cert_chain(*client_cert)
+    if not sni:
+        context.check_hostname = False
     if alpn is not None:
         context.set_alpn_protocols(alpn)
     sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
-    return context.wrap_socket(sock, server_hostname="localhost")
+    return context.wrap_socket(sock, server_hostname="localhost" if sni else None)
 
 
 def h1_over_tls(port: int, cafile: str, request: bytes, alpn: list[str] | None = None) -> tuple[str | None, bytes]:

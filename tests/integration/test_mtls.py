@@ -7,6 +7,7 @@ threads with socket timeouts."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import ssl
 from dataclasses import dataclass
@@ -117,10 +118,11 @@ routes:
 """
 
 
-def h1(port: int, server: Any, client: ClientCert | None, *requests: bytes) -> bytes | str:
-    """Requests over one TLS connection presenting `client`; the bytes back, or the TLS error."""
+def h1(port: int, server: Any, client: ClientCert | None, *requests: bytes, sni: bool = True) -> bytes | str:
+    """Requests over one TLS connection presenting `client` (and SNI "localhost" unless told
+    not to); the bytes back, or the TLS error."""
     try:
-        with tls_socket(port, server.cert, ["http/1.1"], client.pair if client else None) as sock:
+        with tls_socket(port, server.cert, ["http/1.1"], client.pair if client else None, sni) as sock:
             sock.sendall(b"".join(requests))
             chunks = []
             while True:
@@ -230,3 +232,24 @@ async def test_the_certificate_identity_over_http2(reactor, echo, gateway, cert,
     assert {x["tls"] for x in gw.log} == {"TLSv1.3 h2"}
     (r,) = parse_responses(await raw(gw.port, b"GET /api/users/1 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"))
     assert_envelope(r, 401, "UNAUTHORIZED")                      # the plain listener: no certificate there
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_rotated_client_ca_bundle_applies_to_new_handshakes_on_reload(
+        reactor, echo, gateway, cert, clients, tmp_path):  # noqa: F811
+    text = config(cert, clients, echo.url)
+    gw = await gateway(text)
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text)
+    gw.gateway.config = dataclasses.replace(gw.gateway.config, file=str(path))
+    port = await port_of(gw, 1)
+    assert isinstance(await deferToThread(h1, port, cert, clients.alice, get("/api/open/1", close=True)), bytes)
+    newer = CertAuthority("clients CA, rotated")
+    newer.write(Path(clients.ca))                      # the same file, now only the new CA
+    carol = client_cert(newer, tmp_path, "carol", "carol")
+    assert gw.gateway.reload() == []
+    for sni in (True, False):
+        refused = await deferToThread(h1, port, cert, clients.alice, get("/api/open/1", close=True), sni=sni)
+        assert isinstance(refused, str) and "UNKNOWN_CA" in refused.upper().replace(" ", "_"), refused
+        served = await deferToThread(h1, port, cert, carol, get("/api/open/1", close=True), sni=sni)
+        assert isinstance(served, bytes) and parse_responses(served)[0].status == 200

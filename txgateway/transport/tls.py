@@ -57,6 +57,9 @@ class ServerTLS:
         self.by_name: dict[bytes, SSL.Context] = {}
         self.default: SSL.Context | None = None
         self.options = self._options(config, config.certificates[0], select=True)
+        # The context every handshake starts on (its verify mode is the connection's); the SNI
+        # callback then moves it to a context of `load`'s, whose CA store verifies the client.
+        self._verify_clients(self.options.getContext(), config)
         self.load(config)
 
     def _options(self, config: ListenerTLS, certificate: Any, select: bool = False) -> CertificateOptions:
@@ -83,7 +86,6 @@ class ServerTLS:
             for name in certificate.names:
                 # DNS names in certificates are ASCII (IDNs come as punycode), as SNI names are.
                 by_name.setdefault(name.encode("ascii", "replace"), context)
-        self._verify_clients(self.options.getContext(), config)   # the context a handshake starts on
         self.config, self.by_name, self.default = config, by_name, default
         for warning in config.warnings:
             _log.warn("tls: {warning}", warning=warning)
