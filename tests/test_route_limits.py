@@ -51,7 +51,7 @@ def test_a_bad_route_limit_is_a_config_error_naming_file_line_and_key(route, mes
     assert str(e.value).splitlines() == [message]
 
 
-def test_a_routes_timeouts_apply_to_both_upstreams_of_its_split_and_other_routes_get_the_proxy_itself():
+def test_a_routes_timeouts_apply_to_both_upstreams_of_its_split_and_its_connect_attempts():
     from twisted.internet.testing import MemoryReactorClock
 
     from txgateway.core.timeouts import Deadlines
@@ -63,11 +63,18 @@ upstreams:
   orders: {targets: ["http://127.0.0.1:9"], timeout: 5s, connect_timeout: 1s}
   orders-v2: {targets: ["http://127.0.0.1:10"], timeout: 7s, connect_timeout: 500ms}
 routes:
-  - {prefix: /api/orders, upstream: orders, timeout: 2m, split: {upstream: orders-v2, percent: 5}}
+  - {prefix: /api/orders, upstream: orders, timeout: 2m, connect_timeout: 45s, split: {upstream: orders-v2, percent: 5}}
   - {prefix: /api/other, upstream: orders, split: {upstream: orders-v2, percent: 5}}
 """, "t.yaml")
     reactor = MemoryReactorClock()
     proxy = Proxy(reactor, reactor, config.upstreams, Deadlines(reactor), 60.0)
     timed, plain = (PROXY.make(proxy, route.answer, route) for route in config.routes)
-    assert timed.by_upstream == {"orders": (1.0, 120.0), "orders-v2": (0.5, 120.0)}
+    assert timed.by_upstream == {"orders": (45.0, 120.0), "orders-v2": (45.0, 120.0)}
     assert plain is proxy
+    # The connect attempt's own backstop (the reactor's timeout) follows the route's value too.
+    from txgateway.testing import make_ctx
+    for terminal, path, backstop in ((timed, "/api/orders/1", 75.0), (plain, "/api/other/1", 31.0)):
+        ctx = make_ctx(config, path)
+        terminal.forward(ctx)
+        assert ctx.forwarding.connect_timeout == backstop - 30
+        assert reactor.tcpClients[-1][3] == backstop
