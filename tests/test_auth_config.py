@@ -188,10 +188,10 @@ def test_unknown_key_in_jwt_and_auth():
           apikeys: {}
         """) == [
         f"c.yaml:13: auth.jwt.secret: unknown key (expected one of: {JWT_KEYS})",
-        "c.yaml:14: auth.apikeys: unknown key (expected one of: api_keys, jwt)",
+        "c.yaml:14: auth.apikeys: unknown key (expected one of: api_keys, client_certs, jwt)",
     ]
     # The section exists but is empty: that is the one error (routes do not pile on).
-    assert errors("auth: {}\n") == ["c.yaml:9: auth: expected jwt and/or api_keys"]
+    assert errors("auth: {}\n") == ["c.yaml:9: auth: expected jwt, api_keys and/or client_certs"]
 
 
 # --- jwt: HS secrets -------------------------------------------------------------------------

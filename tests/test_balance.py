@@ -36,8 +36,8 @@ class Values:
         return next(self._values)
 
 
-def pool(url: str) -> Any:
-    return SimpleNamespace(target=SimpleNamespace(url=url))
+def pool(url: str, weight: int = 1) -> Any:
+    return SimpleNamespace(target=SimpleNamespace(url=url, weight=weight))
 
 
 def balancer(policy: str = "round_robin", n: int = 3, clock: Clock | None = None, rnd: Any = None,
@@ -432,11 +432,11 @@ def test_snapshot_shows_each_member():
     clock.advance(2.5)
     b.set_down(m2, True, "check")
     assert b.snapshot() == [
-        {"url": URLS[0], "in_flight": 2, "requests": 40, "down": False, "ejected_for": 0.0, "failures": 0,
+        {"url": URLS[0], "weight": 1, "in_flight": 2, "requests": 40, "down": False, "ejected_for": 0.0, "failures": 0,
          "last_error": None},
-        {"url": URLS[1], "in_flight": 0, "requests": 0, "down": False, "ejected_for": 7.5, "failures": 3,
+        {"url": URLS[1], "weight": 1, "in_flight": 0, "requests": 0, "down": False, "ejected_for": 7.5, "failures": 3,
          "last_error": "connect failed: Connection refused"},
-        {"url": URLS[2], "in_flight": 0, "requests": 7, "down": True, "ejected_for": 0.0, "failures": 0,
+        {"url": URLS[2], "weight": 1, "in_flight": 0, "requests": 7, "down": True, "ejected_for": 0.0, "failures": 0,
          "last_error": None},
     ]
     clock.advance(30)
@@ -450,3 +450,76 @@ def test_a_pass_ending_an_ejection_early_is_logged():
         b.set_down(m0, False, "health check passed")
     assert m0.ejected_until == 0.0 and not m0.down
     assert any("back in rotation before its ejection ended (health check passed)" in m for m in messages(logs))
+
+
+# -- weights ---------------------------------------------------------------------------
+
+WEIGHTED = """
+listen: [{endpoint: "tcp:0"}]
+upstreams:
+  users:
+    balance: %s
+    targets:
+      - {url: "http://10.0.0.1:80", weight: 5}
+      - "http://10.0.0.2:80"
+      - {url: "http://10.0.0.3:80", weight: 4}
+routes: [{prefix: /, upstream: users}]
+"""
+
+
+def weighted(policy: str, rnd: Any = None) -> Balancer:
+    """A balancer over the targets (and weights) of a real config."""
+    from txgateway.config.schema import parse_config
+    upstream = parse_config(WEIGHTED % policy, "t.yaml").upstreams["users"]
+    return Balancer("users", [SimpleNamespace(target=t) for t in upstream.targets], policy, PASSIVE, Clock(),  # type: ignore[misc]
+                    random=rnd or random.Random(7).random)
+
+
+def test_smooth_weighted_round_robin_interleaves_as_nginx_does():
+    b = weighted("round_robin")
+    assert picks(b, 10) == [0, 2, 0, 2, 0, 1, 2, 0, 2, 0]        # 5:1:4 spread out, never a run of five
+    assert Counter(picks(b, 10_000)) == {0: 5000, 1: 1000, 2: 4000}
+
+
+def test_weighted_round_robin_skips_a_target_out_of_rotation_and_keeps_the_others_shares():
+    b = weighted("round_robin")
+    b.set_down(b.members[0], True, "check")
+    assert Counter(picks(b, 5000)) == {1: 1000, 2: 4000}
+
+
+@pytest.mark.parametrize("policy", ["random", "least_request"])
+def test_random_and_least_request_honour_weights_within_one_percent(policy):
+    b = weighted(policy)
+    counts = Counter(picks(b, 10_000))
+    for index, share in ((0, 0.5), (1, 0.1), (2, 0.4)):
+        assert abs(counts[index] / 10_000 - share) < 0.01, counts
+
+
+def test_weighted_least_request_prefers_fewer_in_flight_per_unit_of_weight():
+    b = weighted("least_request", rnd=Values(0.0, 0.65))    # draws member 0 (weight 5), then member 2 (weight 4)
+    m0, _, m2 = b.members
+    m0.in_flight, m2.in_flight = 6, 4                         # 6/5 > 4/4: member 2 is less loaded
+    assert b.pick() is m2
+    m0.in_flight = 4                                          # 4/5 < 4/4
+    assert b.pick() is m0
+
+
+@pytest.mark.parametrize(("target", "message"), [
+    ('{url: "http://10.0.0.1:80", weight: 0}', "t.yaml:6: upstreams.users.targets[0].weight: expected an integer >= 1, got 0"),
+    ('{url: "http://10.0.0.1:80", weight: 1001}', "t.yaml:6: upstreams.users.targets[0].weight: expected at most 1000, got 1001"),
+    ("{weight: 2}", "t.yaml:6: upstreams.users.targets[0].url: missing (required)"),
+    ('{url: "http://10.0.0.1:80", wieght: 2}', "t.yaml:6: upstreams.users.targets[0].wieght"),
+])
+def test_a_bad_weight_is_a_config_error_naming_file_line_and_key(target, message):
+    from txgateway.config.schema import ConfigError, parse_config
+    text = f"""
+listen: [{{endpoint: "tcp:0"}}]
+upstreams:
+  users:
+    targets:
+      - {target}
+routes: [{{prefix: /, upstream: users}}]
+"""
+    with pytest.raises(ConfigError) as e:
+        parse_config(text, "t.yaml")
+    assert message in str(e.value)

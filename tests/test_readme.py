@@ -59,7 +59,9 @@ SNIPPETS = [(line, heading, text) for line, heading, text in code_blocks() if is
 def test_the_readme_has_the_snippets_this_test_checks():
     assert [heading for _, heading, _ in SNIPPETS] == [
         "Authentication", "Rate limiting", "Shared limits: `backend: redis` or `hybrid`", "Local answers (`respond:`)", "TLS",
-        "WebSocket", "Upstream resilience: breakers, balancing, health, retries", "Running under systemd",
+        "Client certificates (mTLS)", "WebSocket",
+        "Upstream resilience: breakers, balancing, health, retries", "Per-route limits",
+        "Weighted targets and canary routing (`split:`)", "Running under systemd",
         "Operating it: admin endpoint, metrics, status page, Manhole"]
 
 
@@ -89,6 +91,8 @@ def make_files(config: dict[str, Any], directory: Path) -> None:
             cert, key = place(pair["cert"]), place(pair["key"])
             issued = ca.issue(cert.parent, cert.stem, cert.stem, (cert.stem,))
             Path(issued.key).rename(key)
+        if "client_ca" in listener.get("tls", {}):
+            ca.write(place(listener["tls"]["client_ca"]))
     for upstream in config["upstreams"].values():
         for name, value in upstream.get("tls", {}).items():
             assert name == "ca", f"upstream tls.{name}: no file made for it here"
@@ -97,6 +101,9 @@ def make_files(config: dict[str, Any], directory: Path) -> None:
         public = Key(ed25519.Ed25519PrivateKey.generate()).public().toString("OPENSSH")
         place(config["manhole"]["authorized_keys"]).write_bytes(public + b"\n")
         place(config["manhole"]["host_key"])                    # its directory: made on first start
+    identities = config.get("auth", {}).get("client_certs", {}).get("file")
+    if identities is not None:
+        place(identities).write_text('- {id: "spiffe://example.org/billing", role: service, tier: pro}\n')
     keys_file = config.get("auth", {}).get("api_keys", {}).get("file")
     if keys_file is not None:
         entry = subprocess.run([str(TXGATEWAY), "hash-key", "--id", "svc-billing", "--role", "service"],

@@ -262,7 +262,8 @@ def test_certificates_shape_errors(tmp_path, ca):
         f"c.yaml:8: {CERTS}[3].chain: unknown key (expected one of: cert, key, ocsp)",
     ]
     assert errors(listener_text(f"certificates: [{pair(good)}]\nciphers: HIGH\n")) == [
-        "c.yaml:5: listen[0].tls.ciphers: unknown key (expected one of: alpn, certificates, hsts_max_age, min_version)"]
+        "c.yaml:5: listen[0].tls.ciphers: unknown key (expected one of: alpn, certificates, client_auth, client_ca, "
+        "client_cert_header, hsts_max_age, min_version)"]
     assert errors(HEAD.replace("    tls:\n", "    tls: true\n") + TAIL) == [
         "c.yaml:3: listen[0].tls: expected a mapping, got 'true'"]
 

@@ -155,12 +155,19 @@ def curl(port: int, path: str, cafile: str, *args: str) -> tuple[str, str]:
     return version, body
 
 
-def tls_socket(port: int, cafile: str, alpn: list[str] | None) -> ssl.SSLSocket:
+def tls_socket(port: int, cafile: str, alpn: list[str] | None,
+               client_cert: tuple[str, str] | None = None, sni: bool = True) -> ssl.SSLSocket:
+    """`client_cert`: (certificate file, key file) to present (mTLS listeners); `sni` False:
+    no server name sent (the certificate is then checked without its host name)."""
     context = ssl.create_default_context(cafile=cafile)
+    if client_cert is not None:
+        context.load_cert_chain(*client_cert)
+    if not sni:
+        context.check_hostname = False
     if alpn is not None:
         context.set_alpn_protocols(alpn)
     sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
-    return context.wrap_socket(sock, server_hostname="localhost")
+    return context.wrap_socket(sock, server_hostname="localhost" if sni else None)
 
 
 def h1_over_tls(port: int, cafile: str, request: bytes, alpn: list[str] | None = None) -> tuple[str | None, bytes]:
@@ -223,8 +230,8 @@ class H2Client:
     """An HTTP/2 client over a Python ssl socket (ALPN h2) driven by the `h2` library, used
     from a thread: `request()` opens streams, `wait()` reads until they are done."""
 
-    def __init__(self, port: int, cafile: str) -> None:
-        self.sock = tls_socket(port, cafile, ["h2"])
+    def __init__(self, port: int, cafile: str, client_cert: tuple[str, str] | None = None) -> None:
+        self.sock = tls_socket(port, cafile, ["h2"], client_cert)
         assert self.sock.selected_alpn_protocol() == "h2"
         self.conn = H2Connection(config=H2Configuration(client_side=True, header_encoding="utf-8"))
         self.conn.initiate_connection()

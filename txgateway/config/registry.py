@@ -10,6 +10,7 @@ from txgateway.config.contract import FilterKind, TerminalKind
 from txgateway.filters.auth.config import AUTH
 from txgateway.filters.headerconfig import HEADER_RULES
 from txgateway.filters.ratelimit.config import RATE_LIMIT
+from txgateway.filters.split import SPLIT
 from txgateway.filters.websocket import WEBSOCKET
 from txgateway.terminals.respond import RESPOND
 from txgateway.upstream.config import PROXY
@@ -17,8 +18,8 @@ from txgateway.upstream.config import PROXY
 __all__ = ["FILTERS", "TERMINALS", "route_keys"]
 
 # Chain order: identify (401/403) before limiting (429), a tunnel counted only once both
-# let it through, header rules last.
-FILTERS: tuple[FilterKind, ...] = (AUTH, RATE_LIMIT, WEBSOCKET, HEADER_RULES)
+# let it through, then the split (it may sticky-hash the user id), header rules last.
+FILTERS: tuple[FilterKind, ...] = (AUTH, RATE_LIMIT, WEBSOCKET, SPLIT, HEADER_RULES)
 TERMINALS: tuple[TerminalKind, ...] = (PROXY, RESPOND)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
@@ -62,6 +62,9 @@ class Limits:
     max_header_bytes: int = 16 * 2**10
     header_timeout: float = 10.0
     idle_timeout: float = 60.0
+    # max_body_size, or a route's larger one: what the transports let in before routing
+    # (derived from the routes, not a key of limits:)
+    largest_body: int = field(default=10 * 2**20, compare=False)
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ class Target:
     host: str
     port: int
     https: bool = False
+    weight: int = 1                  # its share under the balancing policy (relative to the others')
 
     @property
     def netloc(self) -> bytes:
@@ -190,6 +194,7 @@ def _config(r: Reader, root: yaml.Node, environ: Mapping[str, str] | None) -> Co
     limits = r.attempt(lambda: _limits(r, top["limits"]), Limits()) if "limits" in top else Limits()
     underscores = r.attempt(lambda: r.boolean(top["underscores_in_headers"], "underscores_in_headers"), False) \
         if "underscores_in_headers" in top else False
+    limits, routes = _route_body_limits(limits, routes)
     proxies = r.attempt(lambda: _networks(r, top["trusted_proxies"], "trusted_proxies"), ()) if "trusted_proxies" in top else ()
     access_log = r.attempt(lambda: _access_log(r, top["access_log"]), "-") if "access_log" in top else "-"
     drain = r.attempt(lambda: r.parsed(top["drain_timeout"], "drain_timeout", parse_duration), 10.0) if "drain_timeout" in top else 10.0
@@ -270,6 +275,17 @@ def _limits(r: Reader, node: yaml.Node) -> Limits:
     return Limits(**values)
 
 
+def _route_body_limits(limits: Limits, routes: tuple[Route, ...]) -> tuple[Limits, tuple[Route, ...]]:
+    """A route's max_body_size above the global one raises what the transports let in before
+    a request is routed; every other route then carries the global limit itself."""
+    largest = max([limits.max_body_size, *(r.max_body_size for r in routes if r.max_body_size is not None)])
+    if largest == limits.max_body_size:
+        return replace(limits, largest_body=largest), routes
+    routes = tuple(r if r.max_body_size is not None else replace(r, max_body_size=limits.max_body_size)
+                   for r in routes)
+    return replace(limits, largest_body=largest), routes
+
+
 def _networks(r: Reader, node: yaml.Node, path: str) -> tuple[Any, ...]:
     out = []
     for item_path, item in r.sequence(node, path):
@@ -343,6 +359,18 @@ def _upstream(r: Reader, name: str, node: yaml.Node) -> Upstream:
 
 
 def _target(r: Reader, path: str, node: yaml.Node) -> Target:
+    """A URL, or {url: URL, weight: N}: weighted round robin, least_request and random take
+    the weight as the target's share."""
+    weight = 1
+    if isinstance(node, yaml.MappingNode):
+        fields = r.mapping(node, path, {"url": "", "weight": ""})
+        if "url" not in fields:
+            raise r.fail(node, f"{path}.url", "missing (required)")
+        if "weight" in fields:
+            weight = r.integer(fields["weight"], f"{path}.weight", 1)
+            if weight > 1000:
+                raise r.fail(fields["weight"], f"{path}.weight", f"expected at most 1000, got {weight}")
+        node, path = fields["url"], f"{path}.url"
     url = r.string(node, path)
     parts = urlsplit(url)
     try:
@@ -353,11 +381,11 @@ def _target(r: Reader, path: str, node: yaml.Node) -> Target:
             or parts.query or parts.fragment):
         raise r.fail(node, path, f'expected a URL like "http://10.0.0.11:3001" or "https://api.internal", got "{url}"')
     https = parts.scheme == "https"
-    return Target(url=url, host=parts.hostname, port=port or (443 if https else 80), https=https)
+    return Target(url=url, host=parts.hostname, port=port or (443 if https else 80), https=https, weight=weight)
 
 
 _ROUTE_KEYS = {"prefix": "", "rewrite_prefix": "", "methods": "", "host": "", "escaped_slashes": "",
-               "case_insensitive": "", "cache": ""}
+               "case_insensitive": "", "cache": "", "max_body_size": "", "timeout": "", "connect_timeout": ""}
 
 
 def _routes(r: Reader, node: yaml.Node, scope: Scope) -> tuple[Route, ...]:
@@ -418,6 +446,15 @@ def _route(r: Reader, path: str, node: yaml.Node, scope: Scope, index: int) -> R
     if "case_insensitive" in fields:
         values["case_insensitive"] = r.attempt(
             lambda: r.boolean(fields["case_insensitive"], f"{path}.case_insensitive"), False)
+    if "max_body_size" in fields:
+        values["max_body_size"] = r.attempt(lambda: r.parsed(fields["max_body_size"], f"{path}.max_body_size", parse_size), None)
+    for key in ("timeout", "connect_timeout"):
+        if key in fields:
+            values[key] = r.attempt(lambda: r.parsed(fields[key], f"{path}.{key}", parse_duration), None)
+    if terminal is not None and terminal.name != "proxy":
+        for key in ("timeout", "connect_timeout"):
+            if key in fields:
+                r.fail(fields[key], f"{path}.{key}", "a timeout for the upstream: this route has no upstream")
     if len(r.problems) != before or prefix is None or terminal is None or answer is None:
         raise _Invalid()  # every problem is recorded already
     if terminal.name == "proxy" and answer not in scope.upstreams:

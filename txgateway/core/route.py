@@ -30,3 +30,9 @@ class Route:
     answer: Any = None                    # the terminal's parsed settings (the proxy's: the upstream)
     policies: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)
     index: int = 0
+    # Per-route limits (None: the global/upstream value). max_body_size is also set on routes
+    # without one of their own when another route raises the limit above limits.max_body_size,
+    # since the transports then let bodies up to the largest through until the route is known.
+    max_body_size: int | None = None
+    timeout: float | None = None
+    connect_timeout: float | None = None

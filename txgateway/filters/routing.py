@@ -230,5 +230,9 @@ class RoutingFilter:
         ctx.route = route
         ctx.upstream = route.upstream
         ctx.upstream_path = match.upstream_path
+        limit = route.max_body_size
+        if limit is not None and (ctx.content_length or ctx.bytes_in) > limit:
+            # The transports let in up to the largest route's limit; this route's is known now.
+            return error_response(ctx, 413, "PAYLOAD_TOO_LARGE", "request body is larger than max_body_size")
         ctx.chain = self.chains[route.index]
         return None

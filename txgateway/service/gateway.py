@@ -37,6 +37,7 @@ from txgateway.ops.accesslog import AccessLog, JsonLinesWriter, TextStream
 from txgateway.ops.stats import Stats
 from txgateway.service.reload import keep_restart_only_settings
 from txgateway.service.requestpath import build_request_path, redirect_path
+from txgateway.transport.clientcert import ClientCerts
 from txgateway.transport.endpoints import ListenerError, cannot_listen
 from txgateway.transport.http1 import HTTP1Factory
 from txgateway.transport.tls import TICKET_KEY_LIFETIME, RedirectToHttps, ServerTLS, TLSFactory
@@ -226,7 +227,9 @@ class Gateway(MultiService):
         when it is plain and `redirect_to_https` is on; else the shared plain factory."""
         if listener.tls is not None:
             tls = self.server_tls[index] = ServerTLS(listener.tls)
-            http = HTTP1Factory(self.switch, self.clock, self.deadlines, scheme=b"https", hsts=_hsts(listener.tls))
+            client_auth = listener.tls.client_auth
+            http = HTTP1Factory(self.switch, self.clock, self.deadlines, scheme=b"https", hsts=_hsts(listener.tls),
+                                client_certs=ClientCerts(client_auth) if client_auth is not None else None)
             self.factories.append(http)
             self.tls_factories[index] = http
             wrapped: Any = http

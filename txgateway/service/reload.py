@@ -33,13 +33,13 @@ def keep_restart_only_settings(running: Config, new: Config) -> tuple[Config, li
         values["listen"] = running.listen
         changed.insert(0, "listen")
     else:
-        # Certificates and HSTS reload; the version range and ALPN are fixed in the listener's
-        # TLS options when it starts.
+        # Certificates (client CA bundles too) and HSTS reload; the version range, ALPN and the
+        # client-certificate settings are fixed in the listener when it starts.
         listen = list(new.listen)
         for i, (old_l, new_l) in enumerate(zip(running.listen, new.listen, strict=True)):
             if old_l.tls is None or new_l.tls is None:
                 continue
-            fixed = [key for key in ("min_version", "alpn") if getattr(new_l.tls, key) != getattr(old_l.tls, key)]
+            fixed = [key for key in ("min_version", "alpn", "client_auth") if getattr(new_l.tls, key) != getattr(old_l.tls, key)]
             if fixed:
                 tls = dataclasses.replace(new_l.tls, **{key: getattr(old_l.tls, key) for key in fixed})
                 listen[i] = dataclasses.replace(new_l, tls=tls)

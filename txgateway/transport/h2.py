@@ -456,6 +456,8 @@ class H2Server(Protocol):
         self.pipeline = pipeline = self.http.pipeline      # a reload applies to the next streams
         ctx = stream.ctx = RequestContext(method, target, path, b"?" + query if query else b"", b"2", headers, host,
                                           self.http.scheme, self.peer_ip, stream, self.http.clock.seconds())
+        if self.http.client_certs is not None:    # after hop-by-hop removal: a client cannot name ours
+            self.http.client_certs.apply(ctx, self.transport)
         ended = event.stream_ended is not None
         stream.complete = ended
         ctx.expect_continue = expect and not ended
@@ -470,7 +472,7 @@ class H2Server(Protocol):
         elif problem is not None:
             ctx.method = quote_from_bytes(method, safe="").encode()    # the access log writes it as is
             pipeline.reject(ctx, 400, "BAD_REQUEST", problem)
-        elif ctx.content_length is not None and ctx.content_length > self.http.limits.max_body_size:
+        elif ctx.content_length is not None and ctx.content_length > self.http.limits.largest_body:
             pipeline.reject(ctx, 413, "PAYLOAD_TOO_LARGE", "request body is larger than max_body_size")
         else:
             pipeline.handle(ctx)            # filters run now, before any of the body arrives
@@ -486,7 +488,7 @@ class H2Server(Protocol):
         stream.received += len(data)
         ctx.bytes_in += len(data)
         stream.unacked += size
-        if stream.received > self.http.limits.max_body_size:
+        if stream.received > self.http.limits.largest_body:
             self._refuse(stream, 413, "PAYLOAD_TOO_LARGE", "request body is larger than max_body_size")
             return
         if stream.sink is not None:

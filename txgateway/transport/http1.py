@@ -23,6 +23,7 @@ from txgateway.core.fastwrite import writer_for
 from txgateway.core.hopbyhop import REQUEST_CONSUMED
 from txgateway.core.pipeline import Pipeline, RequestContext, ResponseHead, Switch
 from txgateway.core.timeouts import Deadlines
+from txgateway.transport.clientcert import ClientCerts
 from txgateway.transport.tls import tls_description
 from txgateway.transport.tunnel import Tunnel, handshake_problem
 
@@ -65,7 +66,7 @@ class HTTP1Connection(Protocol):
                  "tls", "parser", "deadline", "_queue", "_parsing", "_url", "_headers", "_header_bytes",
                  "_raw_header_bytes", "_framing", "_connection_tokens", "_tunnel", "_upgrading", "_upgrade_body", "_broken",
                  "_close_after", "_chunked_out", "_no_body_out", "_cork", "_paused", "_gone", "_peer_ip", "_write",
-                 "_flush_writes")
+                 "_flush_writes", "_client_certs")
 
     transport: Any  # a TCP (or TLS) transport: producer/consumer, setTcpNoDelay, abortConnection
 
@@ -77,6 +78,7 @@ class HTTP1Connection(Protocol):
         self._scheme = factory.scheme
         self._seconds = factory.clock.seconds
         self.tls: str | None = None          # "TLSv1.3 http/1.1" on TLS listeners, for the access log
+        self._client_certs = factory.client_certs   # mTLS listeners: the certificate onto each request
         self.parser = HttpRequestParser(self)
         self.deadline = 0.0
         self._queue: deque[_Incoming] = deque()   # [0] is the active request
@@ -309,6 +311,8 @@ class HTTP1Connection(Protocol):
                 self._upgrade_body = ctx.has_body   # see dataReceived: llhttp skips this body
         if b"expect" in framing:
             ctx.expect_continue = framing[b"expect"].lower() == b"100-continue"
+        if self._client_certs is not None:       # after hop-by-hop removal: a client cannot name ours
+            self._client_certs.apply(ctx, self.transport)
         if len(self._queue) >= _MAX_QUEUED:
             raise _Reject(503, "UPSTREAM_UNAVAILABLE", "too many pipelined requests")
         self._queue.append(incoming)
@@ -316,7 +320,7 @@ class HTTP1Connection(Protocol):
             self._fail_request(incoming, 400, "BAD_REQUEST", "HTTP/1.1 request without a Host header")
         elif handshake is not None:
             self._fail_request(incoming, 400, "BAD_REQUEST", handshake)
-        elif ctx.content_length is not None and ctx.content_length > self.limits.max_body_size:
+        elif ctx.content_length is not None and ctx.content_length > self.limits.largest_body:
             self._fail_request(incoming, 413, "PAYLOAD_TOO_LARGE", "request body is larger than max_body_size")
         elif len(self._queue) == 1:
             self.pipeline = self.factory.pipeline      # nothing else in flight: take a reloaded one
@@ -329,7 +333,9 @@ class HTTP1Connection(Protocol):
             return
         incoming.received += len(data)
         incoming.ctx.bytes_in += len(data)
-        if incoming.received > self.limits.max_body_size:
+        route = incoming.ctx.route
+        limit = route.max_body_size if route is not None else None
+        if incoming.received > (self.limits.largest_body if limit is None else limit):
             raise _Reject(413, "PAYLOAD_TOO_LARGE", "request body is larger than max_body_size")
         if incoming.sink is not None:
             incoming.sink.body_chunk(data)
@@ -559,8 +565,9 @@ class HTTP1Factory(Factory):
     noisy = False
 
     def __init__(self, switch: Switch, clock: Any, deadlines: Deadlines,
-                 scheme: bytes = b"http", hsts: bytes | None = None) -> None:
+                 scheme: bytes = b"http", hsts: bytes | None = None, client_certs: ClientCerts | None = None) -> None:
         self.switch = switch      # the current request path (a reload replaces it)
+        self.client_certs = client_certs   # a listener verifying client certificates (mTLS)
         self.clock = clock
         self.deadlines = deadlines
         self.scheme = scheme

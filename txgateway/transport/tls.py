@@ -44,6 +44,7 @@ from zope.interface import implementer
 
 from txgateway.config.schema import Target
 from txgateway.core.pipeline import LocalResponse, RequestContext, error_response
+from txgateway.transport.clientcert import verify_clients
 from txgateway.transport.tlsconfig import ListenerTLS, UpstreamTLS
 
 __all__ = ["INTERMEDIATE_CIPHERS", "TICKET_KEY_LIFETIME", "RedirectToHttps", "ServerTLS", "TLSFactory",
@@ -115,12 +116,16 @@ class ServerTLS:
 
     def _build(self, config: ListenerTLS) -> None:
         options = self._options(config, config.certificates[0], select=True)
+        # The context every handshake starts on (its verify mode is the connection's); the SNI
+        # callback then moves it to a certificate's context, whose CA store verifies the client.
         _resumption(options.getContext(), self.session_id)
+        self._verify_clients(options.getContext(), config)
         by_name: dict[bytes, SSL.Context] = {}
         default = None
         for certificate in config.certificates:
             context = self._options(config, certificate).getContext()
             _resumption(context, self.session_id)
+            self._verify_clients(context, config)
             if certificate.ocsp is not None:
                 _staple(context, certificate.ocsp)
             default = default or context
@@ -128,6 +133,11 @@ class ServerTLS:
                 # DNS names in certificates are ASCII (IDNs come as punycode), as SNI names are.
                 by_name.setdefault(name.encode("ascii", "replace"), context)
         self.config, self.options, self.by_name, self.default = config, options, by_name, default
+
+    @staticmethod
+    def _verify_clients(context: SSL.Context, config: ListenerTLS) -> None:
+        if config.client_auth is not None:
+            verify_clients(context, config.client_auth)
 
     def _select(self, name: bytes | None) -> SSL.Context | None:
         if not name:

@@ -19,6 +19,7 @@ from cryptography.x509.oid import NameOID
 
 from txgateway.config.reader import Reader, _Invalid, _kind
 from txgateway.config.units import parse_duration
+from txgateway.transport.clientcert import ClientAuth, client_auth_keys, parse_client_auth
 
 __all__ = ["Certificate", "ListenerTLS", "UpstreamTLS", "parse_listener_tls", "parse_upstream_tls"]
 
@@ -49,6 +50,7 @@ class ListenerTLS:
     alpn: tuple[str, ...] = ("http/1.1",)
     hsts_max_age: int = 31536000            # seconds; 0: no Strict-Transport-Security
     warnings: tuple[str, ...] = field(default=(), compare=False)
+    client_auth: ClientAuth | None = None   # client certificates (mTLS), transport/clientcert.py
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,8 @@ def _ocsp_response(r: Reader, node: yaml.Node, path: str, certificate: Certifica
 
 
 def parse_listener_tls(r: Reader, node: yaml.Node, path: str) -> ListenerTLS:
-    f = r.mapping(node, path, {"certificates": "", "min_version": "", "alpn": "", "hsts_max_age": ""})
+    f = r.mapping(node, path, {"certificates": "", "min_version": "", "alpn": "", "hsts_max_age": "",
+                               **client_auth_keys()})
     before = len(r.problems)
     if "certificates" not in f:
         raise r.fail(node, f"{path}.certificates", "missing (required): [{cert: FILE.pem, key: FILE.key}, ...]")
@@ -151,6 +154,7 @@ def parse_listener_tls(r: Reader, node: yaml.Node, path: str) -> ListenerTLS:
         values["alpn"] = tuple(protocols) or ("http/1.1",)
     if "hsts_max_age" in f:
         values["hsts_max_age"] = int(r.attempt(lambda: r.parsed(f["hsts_max_age"], f"{path}.hsts_max_age", parse_duration), 0.0))
+    values["client_auth"] = r.attempt(lambda: parse_client_auth(r, node, f, path), None)
     if len(r.problems) != before:
         raise _Invalid()
     now = datetime.datetime.now(datetime.UTC)

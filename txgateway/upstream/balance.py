@@ -6,6 +6,11 @@ success, up to `max_eject_for`: Envoy's outlier detection, but it always comes b
 Kong's targets stuck unhealthy until a restart) or marked down by active health checks.
 An ejection ends early when an active check passes. With every target out, `pick` returns
 None and the proxy answers 503.
+
+Targets may carry weights. Then round_robin is nginx's smooth weighted round robin (weights
+5, 1, 1 give a a b a c a a, never five in a row), random draws by weight, and least_request
+draws its two candidates by weight and keeps the one with fewer requests in flight per unit
+of weight. Without weights (all 1) the unweighted choosers run, as before.
 """
 
 from __future__ import annotations
@@ -27,10 +32,13 @@ _log = Logger(namespace="txgateway.upstream.balance")
 class Member:
     """One target as the balancer sees it: its pool, load and health."""
 
-    __slots__ = ("pool", "in_flight", "failures", "ejected_until", "ejections", "down", "last_error", "requests")
+    __slots__ = ("pool", "in_flight", "failures", "ejected_until", "ejections", "down", "last_error", "requests",
+                 "weight", "current")
 
     def __init__(self, pool: TargetPool) -> None:
         self.pool = pool
+        self.weight = pool.target.weight
+        self.current = 0               # smooth weighted round robin's running score
         self.in_flight = 0             # requests now between pick and done (least_request)
         self.requests = 0              # picked, ever
         self.failures = 0              # consecutive live failures
@@ -56,8 +64,12 @@ class Balancer:
         self.clock = clock
         self.random = random
         self._next = 0
-        self._choose = {"round_robin": self._round_robin, "least_request": self._least_request,
-                        "random": self._random}[policy]
+        if any(m.weight != 1 for m in self.members):
+            self._choose = {"round_robin": self._smooth_weighted, "least_request": self._least_request_weighted,
+                            "random": self._random_weighted}[policy]
+        else:
+            self._choose = {"round_robin": self._round_robin, "least_request": self._least_request,
+                            "random": self._random}[policy]
 
     def pick(self, tried: Sequence[Member] = ()) -> Member | None:
         """A member in rotation not in `tried` (retries go elsewhere), or None."""
@@ -86,6 +98,33 @@ class Balancer:
 
     def _random(self, candidates: list[Member]) -> Member:
         return candidates[int(self.random() * len(candidates))]
+
+    def _smooth_weighted(self, candidates: list[Member]) -> Member:
+        """nginx's smooth weighted round robin: each pick raises every candidate's score by
+        its weight and takes the highest, which then gives back the total."""
+        total = 0
+        best = candidates[0]
+        for member in candidates:
+            member.current += member.weight
+            total += member.weight
+            if member.current > best.current:
+                best = member
+        best.current -= total
+        return best
+
+    def _random_weighted(self, candidates: list[Member]) -> Member:
+        point = self.random() * sum(m.weight for m in candidates)
+        for member in candidates:
+            point -= member.weight
+            if point < 0:
+                return member
+        return candidates[-1]
+
+    def _least_request_weighted(self, candidates: list[Member]) -> Member:
+        """Two drawn by weight; the one with fewer requests in flight per unit of weight."""
+        a = self._random_weighted(candidates)
+        b = self._random_weighted(candidates)
+        return a if a.in_flight * b.weight <= b.in_flight * a.weight else b
 
     def _back(self, member: Member) -> bool:
         """An ejection that has run out: back in rotation (said once)."""
@@ -137,6 +176,6 @@ class Balancer:
 
     def snapshot(self) -> list[dict[str, Any]]:
         now = self.clock.seconds()
-        return [{"url": m.url, "in_flight": m.in_flight, "requests": m.requests, "down": m.down,
+        return [{"url": m.url, "weight": m.weight, "in_flight": m.in_flight, "requests": m.requests, "down": m.down,
                  "ejected_for": round(max(0.0, m.ejected_until - now), 3), "failures": m.failures,
                  "last_error": m.last_error} for m in self.members]

@@ -1,4 +1,5 @@
-"""The proxy terminal's route key: `upstream: NAME` sends the route's requests upstream."""
+"""The proxy terminal's route key: `upstream: NAME` sends the route's requests upstream (with
+the route's own `timeout` and `connect_timeout` when it has them)."""
 
 from __future__ import annotations
 
@@ -29,7 +30,19 @@ def _build(resources: Resources, config: Any) -> Any:
 
 
 def _make(proxy: Any, upstream: str, route: Any) -> Any:
-    return proxy
+    """The proxy itself, or for a route with its own timeouts the proxy with those (for each
+    upstream the route may send to: its own and a split's other one)."""
+    if route.timeout is None and route.connect_timeout is None:
+        return proxy
+    from txgateway.upstream.proxy import RouteTimeouts
+    split = route.policies.get("split")
+    names = (upstream,) if split is None else (upstream, split.upstream)
+    by_upstream = {}
+    for name in names:
+        config = proxy.groups[name].config
+        by_upstream[name] = (config.connect_timeout if route.connect_timeout is None else route.connect_timeout,
+                             config.timeout if route.timeout is None else route.timeout)
+    return RouteTimeouts(proxy, by_upstream)
 
 
 PROXY = TerminalKind(name="proxy", route_key="upstream", parse_route=_parse_route, build=_build, make=_make,

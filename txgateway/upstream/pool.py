@@ -34,6 +34,8 @@ _DONE = Failure(ConnectionDone())
 class UpstreamUser(Protocol):
     """The side of an exchange that the pool and the connection report to."""
 
+    connect_timeout: float          # the upstream's, or the route's own (its connect attempts' backstop)
+
     def connected(self, conn: UpstreamConnection) -> None: ...
     def connect_failed(self, reason: Failure) -> None: ...
     def response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
@@ -306,13 +308,15 @@ class TargetPool:
     def _connect(self, user: UpstreamUser) -> None:
         self.total += 1
         factory = _ConnectFactory(self, user)
-        # The gateway's own sweep enforces connect_timeout; this is only a backstop.
+        # The gateway's own sweep enforces connect_timeout (the route's, when it has its own);
+        # this is only a backstop.
+        backstop = user.connect_timeout + 30
         if self.tls is not None:
             self._pending[factory] = self.reactor.connectSSL(self.target.host, self.target.port, factory, self.tls,
-                                                             timeout=self.connect_timeout + 30)
+                                                             timeout=backstop)
         else:
             self._pending[factory] = self.reactor.connectTCP(self.target.host, self.target.port, factory,
-                                                             timeout=self.connect_timeout + 30)
+                                                             timeout=backstop)
 
     def connection_made(self, conn: UpstreamConnection, user: UpstreamUser | None, factory: Any) -> None:
         self._pending.pop(factory, None)

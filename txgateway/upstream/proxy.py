@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from txgateway.core.pipeline import Pipeline
     from txgateway.upstream.health import HealthChecker
 
-__all__ = ["Proxy", "UpstreamGroup"]
+__all__ = ["Proxy", "RouteTimeouts", "UpstreamGroup"]
 
 _log = Logger(namespace="txgateway.upstream.proxy")
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
@@ -107,7 +107,8 @@ class Exchange:
     """One request forwarded to one upstream connection (the pool's `UpstreamUser`)."""
 
     __slots__ = ("proxy", "ctx", "group", "member", "pool", "ticket", "judged", "settled", "tried", "conn", "phase",
-                 "deadline", "body_sent", "body_read", "body_producer", "retried", "producing")
+                 "deadline", "body_sent", "body_read", "body_producer", "retried", "producing", "connect_timeout",
+                 "timeout")
 
     def __init__(self, proxy: Proxy, ctx: RequestContext, group: UpstreamGroup, member: Member, ticket: int) -> None:
         self.proxy = proxy
@@ -115,6 +116,8 @@ class Exchange:
         self.group = group
         self.member = member
         self.pool = member.pool
+        self.connect_timeout = member.pool.connect_timeout   # the upstream's, unless the route has its own
+        self.timeout = member.pool.timeout
         self.ticket = ticket           # the breaker's, for the request's verdict (0: no breaker)
         self.judged = False            # this attempt's verdict is given (passive health)
         self.settled = False           # the request's verdict is given (breaker)
@@ -135,7 +138,7 @@ class Exchange:
         ctx.target_url = self.pool.target.url
         ctx.upstream_start = self.proxy.clock.seconds()
         self.phase = _CONNECTING
-        self.deadline = self.proxy.deadlines.now + self.pool.connect_timeout
+        self.deadline = self.proxy.deadlines.now + self.connect_timeout
         self.proxy.deadlines.add(self)
         self.pool.acquire(self)
 
@@ -151,7 +154,7 @@ class Exchange:
         # `timeout` (until the response head) starts once the request is sent; while a body
         # streams in, the client's pace is bounded by idle_timeout instead.
         has_body = ctx.has_body
-        self.deadline = self.proxy.deadlines.now + (self.proxy.idle_timeout if has_body else self.pool.timeout)
+        self.deadline = self.proxy.deadlines.now + (self.proxy.idle_timeout if has_body else self.timeout)
         conn.send(self, self.proxy.request_head(ctx, self.pool), ctx.method == b"HEAD",
                   ctx.get_state("websocket_accept") if ctx.upgrade is not None else b"")
         if has_body:
@@ -191,7 +194,7 @@ class Exchange:
             conn.write(b"0\r\n\r\n")
         self.body_sent = True
         if self.phase == _WAITING:
-            self.deadline = self.proxy.deadlines.now + self.pool.timeout
+            self.deadline = self.proxy.deadlines.now + self.timeout
         self._stop_body_producer(conn)
 
     def _stop_body_producer(self, conn: UpstreamConnection | None) -> None:
@@ -290,7 +293,7 @@ class Exchange:
             self.retried = True
             self.conn = None
             self.phase = _CONNECTING
-            self.deadline = self.proxy.deadlines.now + self.pool.connect_timeout
+            self.deadline = self.proxy.deadlines.now + self.connect_timeout
             self.pool.connect_new(self)
             return
         if response_started:
@@ -423,7 +426,8 @@ class Proxy:
         for group in self.groups.values():
             group.start()
 
-    def forward(self, ctx: RequestContext) -> None:
+    def forward(self, ctx: RequestContext, timeouts: tuple[float, float] | None = None) -> None:
+        """`timeouts`: a route's own (connect_timeout, timeout) for this upstream."""
         group = self.groups[ctx.upstream]  # type: ignore[index]
         breaker = group.breaker
         ticket = 0
@@ -446,6 +450,8 @@ class Proxy:
                 [(b"retry-after", b"%d" % group.balancer.retry_after())]))
             return
         exchange = Exchange(self, ctx, group, member, ticket)
+        if timeouts is not None:
+            exchange.connect_timeout, exchange.timeout = timeouts
         ctx.forwarding = exchange
         exchange.start()
 
@@ -473,3 +479,21 @@ class Proxy:
     def close(self) -> None:
         for group in self.groups.values():
             group.close()
+
+
+class RouteTimeouts:
+    """The terminal of a route with its own `timeout`/`connect_timeout`: the proxy, with the
+    route's values for each upstream it may use (a split route has two). Routes without them
+    get the proxy itself."""
+
+    __slots__ = ("proxy", "by_upstream")
+
+    def __init__(self, proxy: Proxy, by_upstream: dict[str, tuple[float, float]]) -> None:
+        self.proxy = proxy
+        self.by_upstream = by_upstream
+
+    def forward(self, ctx: RequestContext) -> None:
+        self.proxy.forward(ctx, self.by_upstream[ctx.upstream])  # type: ignore[index]
+
+    def cancel(self, ctx: RequestContext) -> None:
+        self.proxy.cancel(ctx)

@@ -133,9 +133,16 @@ class ApiKeysConfig:
 
 
 @dataclass(frozen=True)
+class ClientCertsConfig:
+    identities: Mapping[str, tuple[str | None, str | None]] = field(default_factory=lambda: MappingProxyType({}))
+    file: str | None = None                    # user id -> (role, tier)
+
+
+@dataclass(frozen=True)
 class AuthConfig:
     jwt: JwtConfig | None = None
     api_keys: ApiKeysConfig | None = None
+    client_certs: ClientCertsConfig | None = None
 
 
 _JWT_KEYS = {k: "" for k in (
@@ -144,13 +151,14 @@ _JWT_KEYS = {k: "" for k in (
 
 
 def parse_auth(r: Reader, node: yaml.Node, environ: Mapping[str, str] | None = None) -> AuthConfig:
-    fields = r.mapping(node, "auth", {"jwt": "", "api_keys": ""})
+    fields = r.mapping(node, "auth", {"jwt": "", "api_keys": "", "client_certs": ""})
     if not fields:
-        raise r.fail(node, "auth", "expected jwt and/or api_keys")
+        raise r.fail(node, "auth", "expected jwt, api_keys and/or client_certs")
     env = os.environ if environ is None else environ
     jwt_config = r.attempt(lambda: _jwt(r, fields["jwt"], env), None) if "jwt" in fields else None
     keys = r.attempt(lambda: _api_keys(r, fields["api_keys"]), None) if "api_keys" in fields else None
-    return AuthConfig(jwt=jwt_config, api_keys=keys)
+    certs = r.attempt(lambda: _client_certs(r, fields["client_certs"]), None) if "client_certs" in fields else None
+    return AuthConfig(jwt=jwt_config, api_keys=keys, client_certs=certs)
 
 
 def _jwt(r: Reader, node: yaml.Node, env: Mapping[str, str]) -> JwtConfig:
@@ -273,13 +281,52 @@ def _api_keys(r: Reader, node: yaml.Node) -> ApiKeysConfig:
     header = r.string(f["header"], f"{path}.header") if "header" in f else "X-API-Key"
     if "file" not in f:
         raise r.fail(node, f"{path}.file", "missing (required): the keys file (entries: {hash, id, role, tier})")
-    file = r.file_path(f["file"], f"{path}.file")
+    file, root, fr = _entries_file(r, f["file"], f"{path}.file")
+    return ApiKeysConfig(header=header.lower().encode(), keys=MappingProxyType(_keys_file(fr, root)), file=file)
+
+
+def _entries_file(r: Reader, node: yaml.Node, path: str) -> tuple[str, yaml.Node | None, Reader]:
+    """A file of entries the config names (API keys, client identities): its path, its YAML
+    root, and a reader reporting its problems with its own name and lines."""
+    file = r.file_path(node, path)
     try:
         with open(file, encoding="utf-8") as fh:
             text = fh.read()
     except OSError as e:
-        raise r.fail(f["file"], f"{path}.file", f"cannot read {file}: {e.strerror}") from None
-    return ApiKeysConfig(header=header.lower().encode(), keys=MappingProxyType(_keys_file(r, text, file)), file=file)
+        raise r.fail(node, path, f"cannot read {file}: {e.strerror}") from None
+    try:
+        root = compose(text, file)
+    except ConfigError as e:  # reported with the rest, not instead of it
+        r.problems.extend(e.problems)
+        raise _Invalid() from None
+    return file, root, Reader(file, r.problems)
+
+
+def _client_certs(r: Reader, node: yaml.Node) -> ClientCertsConfig:
+    """`client_certs: {file: FILE}`: verified client certificates (listen[].tls.client_ca) are
+    credentials; FILE gives identities their role and tier (entries: {id, role, tier})."""
+    path = "auth.client_certs"
+    f = r.mapping(node, path, {"file": ""})
+    if "file" not in f:
+        return ClientCertsConfig()
+    file, root, fr = _entries_file(r, f["file"], f"{path}.file")
+    identities: dict[str, tuple[str | None, str | None]] = {}
+    for item_path, item in (fr.sequence(root, "identities") if root is not None else []):
+        entry = fr.attempt(lambda: fr.mapping(item, item_path, {"id": "", "role": "", "tier": ""}), None)
+        if entry is None:
+            continue
+        if "id" not in entry:
+            fr.fail(item, item_path, "each entry needs id: the certificate's URI SAN, else its subject CN")
+            continue
+        identity = {name: fr.attempt(lambda: _identity_field(fr, entry[name], f"{item_path}.{name}"), "")
+                    for name in ("id", "role", "tier") if name in entry}
+        if "" in identity.values():
+            continue
+        if identity["id"] in identities:
+            fr.fail(entry["id"], f"{item_path}.id", "the same id is listed twice")
+            continue
+        identities[identity["id"]] = (identity.get("role"), identity.get("tier"))
+    return ClientCertsConfig(MappingProxyType(identities), file)
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -305,14 +352,7 @@ def _identity_field(r: Reader, node: yaml.Node, path: str) -> str:
     return text
 
 
-def _keys_file(outer: Reader, text: str, file: str) -> dict[bytes, ApiKey]:
-    """The keys file is reported with its own name and lines."""
-    r = Reader(file, outer.problems)
-    try:
-        root = compose(text, file)
-    except ConfigError as e:  # reported with the rest, not instead of it
-        outer.problems.extend(e.problems)
-        raise _Invalid() from None
+def _keys_file(r: Reader, root: yaml.Node | None) -> dict[bytes, ApiKey]:
     keys: dict[bytes, ApiKey] = {}
     if root is None:
         return keys

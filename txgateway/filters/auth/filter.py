@@ -1,4 +1,4 @@
-"""The identify step of the pipeline: JWT or API key -> Identity -> X-User-* headers.
+"""The identify step of the pipeline: API key, JWT or client certificate -> Identity -> X-User-* headers.
 
 Upstreams trust `X-User-Id`, `X-User-Role` and `X-User-Tier` because the gateway removed
 whatever the client sent (headers.ForwardingHeaders) and sets them only from credentials
@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred
 
 from txgateway.core.pipeline import LocalResponse, RequestContext, error_response
-from txgateway.filters.auth.config import AuthConfig, RouteAuth
+from txgateway.filters.auth.config import AuthConfig, RouteAuth, header_value_problem
 from txgateway.filters.auth.jwks import RemoteJwks
 from txgateway.filters.auth.tokens import Identity, InvalidToken, KeysUnavailable, TokenVerifier, UnknownKey
 
-__all__ = ["AuthFilter", "Authenticator"]
+__all__ = ["AuthFilter", "Authenticator", "CertIdentities"]
 
 _MAX_TOKEN = 8192
 
@@ -49,6 +50,31 @@ class Authenticator:
         api_keys = config.api_keys
         self.key_header = api_keys.header if api_keys is not None else None
         self.keys = api_keys.keys if api_keys is not None else {}
+        certs = config.client_certs
+        self.certs = CertIdentities(certs.identities) if certs is not None else None
+
+
+class CertIdentities:
+    """Verified client certificates' user ids (transport/clientcert.py) as identities: role
+    and tier from `auth.client_certs.file`, none for ids not listed there."""
+
+    _MAX_CACHED = 10_000
+
+    def __init__(self, listed: Mapping[str, tuple[str | None, str | None]]) -> None:
+        self.cache: dict[str, Identity] = {uid: Identity(uid, role, tier, "client_cert")
+                                           for uid, (role, tier) in listed.items()}
+
+    def identity(self, user_id: str) -> Identity | None:
+        """None when the id could not go upstream as X-User-Id (control characters, too long)."""
+        known = self.cache.get(user_id)
+        if known is not None:
+            return known
+        if header_value_problem(user_id) is not None:
+            return None
+        identity = Identity(user_id, None, None, "client_cert")
+        if len(self.cache) < self._MAX_CACHED:
+            self.cache[user_id] = identity
+        return identity
 
 
 class AuthFilter:
@@ -64,6 +90,7 @@ class AuthFilter:
         self.verifier = authenticator.verifier
         self.key_header = authenticator.key_header
         self.keys = authenticator.keys
+        self.certs = authenticator.certs
         self.required = policy.required
         self.roles = policy.roles
 
@@ -74,6 +101,12 @@ class AuthFilter:
             return self._admit(ctx, self._api_key(key), roles, "the API key is not valid")
         authorization = ctx.header(b"authorization")
         if authorization is None:
+            certs = self.certs
+            if certs is not None:
+                user_id = ctx.get_state("client_cert")       # a verified client certificate's
+                if user_id is not None:
+                    return self._admit(ctx, certs.identity(user_id), roles,
+                                       "the client certificate's identity cannot go upstream as a header")
             if required:
                 return unauthorized(ctx, "invalid_request", "credentials are required")
             return None

@@ -34,7 +34,7 @@ class Identity:
     user_id: str
     role: str | None = None
     tier: str | None = None
-    source: str = "jwt"       # jwt | api_key
+    source: str = "jwt"       # jwt | api_key | client_cert
 
     @cached_property
     def headers(self) -> tuple[tuple[bytes, bytes], ...]:
