@@ -488,7 +488,9 @@ class H2Server(Protocol):
         stream.received += len(data)
         ctx.bytes_in += len(data)
         stream.unacked += size
-        if stream.received > self.http.limits.largest_body:
+        route = ctx.route
+        limit = route.max_body_size if route is not None else None
+        if stream.received > (self.http.limits.largest_body if limit is None else limit):
             self._refuse(stream, 413, "PAYLOAD_TOO_LARGE", "request body is larger than max_body_size")
             return
         if stream.sink is not None:
