@@ -48,9 +48,9 @@ REDIS_KEYS = "password_env, pool_size, sentinel, timeout, url"
 DURATION = 'expected a duration like "250ms", "5s" or "1m", got'
 RATE = 'expected "N/second|minute|hour|day", got'
 RATE_ZERO = 'expected "N/second|minute|hour|day" with N above zero, got'
-TOP_KEYS = ("access_log, admin, auth, drain_timeout, limits, listen, manhole, rate_limits, "
+TOP_KEYS = ("access_log, admin, auth, drain_timeout, ip_rules, limits, listen, manhole, rate_limits, "
             "redirect_to_https, redis, routes, trusted_proxies, upstreams")
-ROUTE_KEYS = ("auth, cache, host, methods, prefix, rate_limit, request_headers, respond, response_headers, "
+ROUTE_KEYS = ("auth, cache, cors, host, ip_allow, ip_deny, methods, prefix, rate_limit, request_headers, respond, response_headers, "
               "rewrite_prefix, roles, security_headers, upstream")
 UPSTREAM_KEYS = ("balance, circuit_breaker, connect_timeout, health_check, max_connections, "
                  "passive_health, preserve_host, retries, targets, timeout, tls")

@@ -19,7 +19,7 @@ import yaml
 
 from txgateway.config import registry
 from txgateway.config.contract import Scope
-from txgateway.config.reader import ConfigError, ConfigProblem, Reader, _Invalid, cannot_write, compose
+from txgateway.config.reader import ConfigError, ConfigProblem, IPNetwork, Reader, _Invalid, cannot_write, compose
 from txgateway.config.units import parse_duration, parse_size
 from txgateway.core.route import Route
 from txgateway.filters.auth.config import AuthConfig
@@ -186,7 +186,9 @@ def _config(r: Reader, root: yaml.Node, environ: Mapping[str, str] | None) -> Co
         r.fail(top["redirect_to_https"], "redirect_to_https", "needs a listener with tls: to redirect to")
     _shared_ports(r, top, admin, manhole)
     limits = r.attempt(lambda: _limits(r, top["limits"]), Limits()) if "limits" in top else Limits()
-    proxies = r.attempt(lambda: _networks(r, top["trusted_proxies"], "trusted_proxies"), ()) if "trusted_proxies" in top else ()
+    no_networks: tuple[IPNetwork, ...] = ()
+    proxies = r.attempt(lambda: r.networks(top["trusted_proxies"], "trusted_proxies"), no_networks) \
+        if "trusted_proxies" in top else no_networks
     access_log = r.attempt(lambda: _access_log(r, top["access_log"]), "-") if "access_log" in top else "-"
     drain = r.attempt(lambda: r.parsed(top["drain_timeout"], "drain_timeout", parse_duration), 10.0) if "drain_timeout" in top else 10.0
     return Config(file=r.file, listen=listen, upstreams=MappingProxyType(upstreams), routes=routes, limits=limits,
@@ -264,19 +266,6 @@ def _limits(r: Reader, node: yaml.Node) -> Limits:
     if values.get("max_header_bytes", Limits.max_header_bytes) < 1024:
         r.fail(fields.get("max_header_bytes"), "limits.max_header_bytes", "expected at least 1KiB")
     return Limits(**values)
-
-
-def _networks(r: Reader, node: yaml.Node, path: str) -> tuple[Any, ...]:
-    out = []
-    for item_path, item in r.sequence(node, path):
-        text = r.attempt(lambda: r.string(item, item_path), None)
-        if text is None:
-            continue
-        try:
-            out.append(ipaddress.ip_network(text, strict=False))
-        except ValueError:
-            r.fail(item, item_path, f'expected an address or CIDR like "10.0.0.0/8", got "{text}"')
-    return tuple(out)
 
 
 _UPSTREAM_KEYS = {
