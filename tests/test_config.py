@@ -950,7 +950,7 @@ def test_the_example_config_loads():
     config = load_config(str(EXAMPLE))
     assert config.file == str(EXAMPLE)
     assert config.listen == (Listener("tcp:8080:interface=0.0.0.0"),)
-    assert set(config.upstreams) == {"users", "orders", "search"}
+    assert set(config.upstreams) == {"users", "orders", "search", "sessions"}
     assert [r.prefix for r in config.routes][:3] == ["/api/users", "/api/search", "/api/orders"]
     assert [r.upstream for r in config.routes][:3] == ["users", "search", "orders"]
     assert config.limits == Limits(10 * 2**20, 16 * 2**10, 10.0, 60.0)
@@ -1099,6 +1099,7 @@ def test_the_example_config_protects_users_and_orders():
         "/api/search": ("none", None),
         "/api/orders": ("required", frozenset({"admin"})),
         "/api/orders-legacy": ("required", frozenset({"admin"})),
+        "/api/reports": ("forward", None),
         "/api/v0": ("none", None),
     }
     jwt_config = config.auth.jwt

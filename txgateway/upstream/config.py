@@ -9,7 +9,7 @@ import yaml
 from txgateway.config.contract import Resources, Scope, TerminalKind
 from txgateway.config.reader import Reader
 
-__all__ = ["PROXY"]
+__all__ = ["PROXY", "proxy_for"]
 
 
 def _parse_route(r: Reader, fields: dict[str, yaml.Node], path: str, scope: Scope) -> str:
@@ -20,12 +20,20 @@ def _parse_route(r: Reader, fields: dict[str, yaml.Node], path: str, scope: Scop
     return upstream
 
 
+def proxy_for(resources: Resources) -> Any:
+    """The request path's one proxy: it holds the upstream groups (pools, breakers, health),
+    which routes naming the same upstream share, and so do filters that call an upstream
+    themselves (forward auth)."""
+    def make() -> Any:
+        from txgateway.upstream.proxy import Proxy
+        config = resources.config
+        return Proxy(resources.reactor, resources.clock, config.upstreams, resources.deadlines,
+                     config.limits.idle_timeout, resources.keep)
+    return resources.shared("proxy", make)
+
+
 def _build(resources: Resources, config: Any) -> Any:
-    """One proxy for the whole request path: it holds the upstream groups (pools, breakers,
-    health), which routes naming the same upstream share."""
-    from txgateway.upstream.proxy import Proxy
-    return Proxy(resources.reactor, resources.clock, config.upstreams, resources.deadlines,
-                 config.limits.idle_timeout, resources.keep)
+    return proxy_for(resources)
 
 
 def _make(proxy: Any, upstream: str, route: Any) -> Any:
