@@ -20,7 +20,7 @@ def test_mistakes_are_named_with_file_line_and_key():
         'c.yaml:9: routes[2].cors.origins[1]: expected an origin like "https://app.example.com" or '
         '"https://*.example.com" (scheme and host, no path), or "*", got "*.example.com"',
         "c.yaml:9: routes[2].cors.credentials: expected true or false, got 'yes please'",
-        'c.yaml:9: routes[2].cors.methods[0]: expected a method like "GET", got "GE T"',
+        'c.yaml:9: routes[2].cors.methods[0]: expected an upper-case HTTP method like "GET", got "GE T"',
         'c.yaml:9: routes[2].cors.headers[0]: expected a header name like "X-Api-Version", got "X Bad"',
         'c.yaml:9: routes[2].cors.max_age: expected a duration like "250ms", "5s" or "1m", got "soon"',
     ]

@@ -45,7 +45,6 @@ __all__ = [
 
 # Keys that later versions implement (the response cache): accepted by name, refused with this reason.
 _NOT_YET = "not supported yet in this version of txgateway; remove it or upgrade"
-_METHOD = re.compile(r"^[A-Z]+$")
 _HOST = re.compile(r"^(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*$|^\[[0-9a-f:.]+\]$")
 
 
@@ -393,7 +392,7 @@ def _route(r: Reader, path: str, node: yaml.Node, scope: Scope, index: int) -> R
     if "rewrite_prefix" in fields:
         values["rewrite_prefix"] = r.attempt(lambda: _path_prefix(r, fields["rewrite_prefix"], f"{path}.rewrite_prefix"), None)
     if "methods" in fields:
-        values["methods"] = r.attempt(lambda: _methods(r, fields["methods"], f"{path}.methods"), None)
+        values["methods"] = r.attempt(lambda: frozenset(r.methods(fields["methods"], f"{path}.methods")), None)
     if "host" in fields:
         values["host"] = r.attempt(lambda: _host(r, fields["host"], f"{path}.host"), None)
     if len(r.problems) != before or prefix is None or terminal is None or answer is None:
@@ -402,16 +401,6 @@ def _route(r: Reader, path: str, node: yaml.Node, scope: Scope, index: int) -> R
         raise _Invalid()  # an invalid upstream reports its own problems
     return Route(prefix=prefix, upstream=answer if terminal.name == "proxy" else None, terminal=terminal.name,
                  answer=answer, policies=MappingProxyType(policies), index=index, **values)
-
-
-def _methods(r: Reader, node: yaml.Node, path: str) -> frozenset[bytes]:
-    methods = []
-    for item_path, item in r.sequence(node, path):
-        method = r.string(item, item_path)
-        if not _METHOD.match(method):
-            raise r.fail(item, item_path, f'expected an upper-case HTTP method like "GET", got "{method}"')
-        methods.append(method.encode())
-    return frozenset(methods)
 
 
 def _host(r: Reader, node: yaml.Node, path: str) -> str:

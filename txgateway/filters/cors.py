@@ -21,12 +21,11 @@ from txgateway.config.contract import FilterKind, Scope
 from txgateway.config.reader import Reader
 from txgateway.config.units import parse_duration
 from txgateway.core.pipeline import LocalResponse, RequestContext, ResponseHead, error_response
-from txgateway.filters.headerconfig import header_name
+from txgateway.filters.headerconfig import header_names
 
 __all__ = ["CORS", "CorsFilter", "CorsPolicy"]
 
 _KEYS = {"origins": "", "methods": "", "headers": "", "expose_headers": "", "credentials": "", "max_age": ""}
-_METHOD = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _ORIGIN = re.compile(r"^(https?)://([A-Za-z0-9.*-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?$")
 _DECIDED = frozenset({b"access-control-allow-origin", b"access-control-allow-credentials",
                       b"access-control-expose-headers", b"access-control-allow-methods",
@@ -70,18 +69,6 @@ def _pattern(origin: str) -> re.Pattern[bytes]:
     return re.compile(f"^{re.escape(before)}{_LABELS}{re.escape(after)}$".encode())
 
 
-def _names(r: Reader, node: yaml.Node, path: str) -> tuple[bytes, ...]:
-    return tuple(name for name in (r.attempt(lambda: header_name(r, item, item_path), None)
-                                   for item_path, item in r.sequence(node, path)) if name is not None)
-
-
-def _method(r: Reader, node: yaml.Node, path: str) -> bytes:
-    text = r.string(node, path)
-    if not _METHOD.match(text):
-        raise r.fail(node, path, f'expected a method like "GET", got "{text}"')
-    return text.upper().encode()
-
-
 def parse_route(r: Reader, fields: dict[str, yaml.Node], path: str, scope: Scope) -> CorsPolicy | None:
     if "cors" not in fields:
         return None
@@ -101,11 +88,11 @@ def parse_route(r: Reader, fields: dict[str, yaml.Node], path: str, scope: Scope
         r.fail(f["origins"], f"{path}.origins",
                'credentials: true with any origin ("*") would let every web site call this route as its visitors; '
                "list the origins")
-    methods = (tuple(m for m in (r.attempt(lambda: _method(r, item, item_path), None)
-                                 for item_path, item in r.sequence(f["methods"], f"{path}.methods")) if m is not None)
-               if "methods" in f else (b"GET", b"HEAD", b"POST"))
-    headers = _names(r, f["headers"], f"{path}.headers") if "headers" in f else ()
-    expose = _names(r, f["expose_headers"], f"{path}.expose_headers") if "expose_headers" in f else ()
+    no_methods: tuple[bytes, ...] = ()
+    methods = r.attempt(lambda: r.methods(f["methods"], f"{path}.methods"), no_methods) if "methods" in f \
+        else (b"GET", b"HEAD", b"POST")
+    headers = header_names(r, f["headers"], f"{path}.headers") if "headers" in f else ()
+    expose = header_names(r, f["expose_headers"], f"{path}.expose_headers") if "expose_headers" in f else ()
     max_age = r.attempt(lambda: r.parsed(f["max_age"], f"{path}.max_age", parse_duration), 600.0) \
         if "max_age" in f else 600.0
     return CorsPolicy(

@@ -14,7 +14,7 @@ import yaml
 from txgateway.config.contract import Scope
 from txgateway.config.reader import Reader
 from txgateway.config.units import parse_duration
-from txgateway.filters.headerconfig import header_name
+from txgateway.filters.headerconfig import header_names
 
 __all__ = ["ForwardAuthConfig", "parse_forward"]
 
@@ -29,11 +29,6 @@ class ForwardAuthConfig:
     headers_from_response: tuple[bytes, ...] = (b"x-user-id", b"x-user-role", b"x-user-tier")
     cache_ttl: float = 0.0                         # 0: every request asks
     cache_size: int = 10000                        # decisions kept at most
-
-
-def _names(r: Reader, node: yaml.Node, path: str) -> tuple[bytes, ...]:
-    return tuple(name.lower() for name in (r.attempt(lambda: header_name(r, item, item_path), None)
-                                           for item_path, item in r.sequence(node, path)) if name is not None)
 
 
 def parse_forward(r: Reader, node: yaml.Node, path: str, scope: Scope) -> ForwardAuthConfig:
@@ -52,7 +47,7 @@ def parse_forward(r: Reader, node: yaml.Node, path: str, scope: Scope) -> Forwar
         values["path"] = where.encode("latin-1", "replace")
     for key in ("headers_to_send", "headers_from_response"):
         if key in f:
-            values[key] = _names(r, f[key], f"{path}.{key}")
+            values[key] = tuple(name.lower() for name in header_names(r, f[key], f"{path}.{key}"))
     if "cache_ttl" in f:
         values["cache_ttl"] = r.attempt(lambda: r.parsed(f["cache_ttl"], f"{path}.cache_ttl", parse_duration), 0.0)
     if "cache_size" in f:
