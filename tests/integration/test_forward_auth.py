@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest_twisted
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.web.resource import Resource
@@ -222,4 +224,61 @@ async def test_a_refused_connection_and_an_open_breaker_are_503_without_asking(g
     assert tripped.header("retry-after") is not None
     assert [r.get("auth_service_error") for r in gw.log][1] == "breaker open"
     assert json.loads(refused.body)["error"]["message"] == "the auth service could not decide"
+    assert echo.requests == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pooled_connection_the_auth_service_closed_is_retried_once_on_a_fresh_one(gateway, echo,
+                                                                                         raw_upstream):
+    def one_answer_per_connection(server: Any, data: bytes) -> None:
+        if b"\r\n\r\n" not in server.buffer:
+            return
+        server.buffer = b""
+        if getattr(server, "answered", False):
+            server.transport.loseConnection()           # closed as the gateway reuses it
+            return
+        server.answered = True
+        server.transport.write(b"HTTP/1.1 200 OK\r\nX-User-Id: alice\r\nContent-Length: 0\r\n\r\n")
+    auth = await raw_upstream(one_answer_per_connection)
+    gw = await gateway(config(echo.url, auth.url))
+    replies = parse_responses(await raw(gw.port, request("GET", "/api/users/1", "Authorization: Bearer a")
+                                        + request("GET", "/api/users/2", "Authorization: Bearer a", close=True)))
+    assert [r.status for r in replies] == [200, 200]
+    assert [seen(r)["x-user-id"] for r in replies] == ["alice", "alice"]
+    assert sum(chunk.count(b"GET /auth/verify") for chunk in auth.requests) == 3
+
+
+class Silent(Protocol):
+    """An auth service that reads and never answers; says when its connection is gone."""
+
+    def __init__(self, arrived: Deferred[None], gone: Deferred[None]) -> None:
+        self.arrived, self.gone = arrived, gone
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.arrived.called:
+            self.arrived.callback(None)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if not self.gone.called:
+            self.gone.callback(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_leaves_while_the_auth_service_thinks_costs_it_no_verdict(reactor, gateway, echo):
+    arrived: Deferred[None] = Deferred().addTimeout(10, reactor)
+    gone: Deferred[None] = Deferred().addTimeout(10, reactor)
+    port = await listen(reactor, Factory.forProtocol(lambda: Silent(arrived, gone)))
+    try:
+        gw = await gateway(config(echo.url, f"http://127.0.0.1:{port.getHost().port}",
+                                  auth_upstream_extra=", circuit_breaker: {consecutive_failures: 1, open_for: 30s}"))
+        client = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", gw.port), Protocol())
+        client.transport.write(request("GET", "/api/users/1", "Authorization: Bearer alice"))
+        await arrived
+        client.transport.loseConnection()
+        await gone                                        # the gateway dropped its question
+    finally:
+        await port.stopListening()
+    group = gw.gateway.proxy.groups["authsvc"]
+    assert [m.in_flight for m in group.balancer.members] == [0]
+    assert group.breaker.state == "closed" and group.breaker.snapshot()["consecutive_failures"] == 0
     assert echo.requests == []

@@ -114,6 +114,7 @@ class AuthCall:
         self.conn: UpstreamConnection | None = None
         self.answered = False               # the head came: decided, the body is only drained
         self.done = False
+        self.retried = False
         self.deadline = 0.0
         self.result: Deferred[Decision | None] = Deferred(lambda _: self.cancel())
 
@@ -160,6 +161,14 @@ class AuthCall:
             self.pool.release(conn, reusable)
 
     def upstream_failed(self, reason: str, response_started: bool) -> None:
+        conn = self.conn
+        if not self.answered and not self.retried and conn is not None and conn.reused:
+            # A pooled connection the auth service had already closed: once more on a fresh one.
+            self.retried = True
+            self.conn = None
+            self.deadline = self.filter.deadlines.now + self.pool.connect_timeout
+            self.pool.connect_new(self)
+            return
         self._fail(reason)
 
     def switched(self, conn: UpstreamConnection, rest: bytes) -> None:
