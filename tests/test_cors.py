@@ -16,9 +16,9 @@ def test_mistakes_are_named_with_file_line_and_key():
         "c.yaml:9: routes[2].cors.exposed: unknown key (expected one of: credentials, expose_headers, headers, "
         "max_age, methods, origins)",
         'c.yaml:9: routes[2].cors.origins[0]: expected an origin like "https://app.example.com" or '
-        '"https://*.example.com" (scheme and host, no path), or "*", got "https://app.example.com/path"',
+        '"https://*.example.com" (scheme and host, no path; "*." only before the domain), or "*", got "https://app.example.com/path"',
         'c.yaml:9: routes[2].cors.origins[1]: expected an origin like "https://app.example.com" or '
-        '"https://*.example.com" (scheme and host, no path), or "*", got "*.example.com"',
+        '"https://*.example.com" (scheme and host, no path; "*." only before the domain), or "*", got "*.example.com"',
         "c.yaml:9: routes[2].cors.credentials: expected true or false, got 'yes please'",
         'c.yaml:9: routes[2].cors.methods[0]: expected an upper-case HTTP method like "GET", got "GE T"',
         'c.yaml:9: routes[2].cors.headers[0]: expected a header name like "X-Api-Version", got "X Bad"',
@@ -36,7 +36,11 @@ def test_credentials_with_any_origin_and_no_origins_are_refused():
 
 
 def test_a_star_stands_for_subdomain_labels_only():
-    policy = parse_config(cors('{origins: ["https://*.example.com", "http://localhost:3000"]}'), "t.yaml") \
+    assert config_errors(cors('{origins: ["https://*example.com", "https://a.*.example.com"]}')) == [
+        f'c.yaml:9: routes[2].cors.origins[{i}]: expected an origin like "https://app.example.com" or '
+        f'"https://*.example.com" (scheme and host, no path; "*." only before the domain), or "*", got "{origin}"'
+        for i, origin in enumerate(("https://*example.com", "https://a.*.example.com"))]
+    policy = parse_config(cors('{origins: ["https://*.Example.com", "http://LocalHost:3000"]}'), "t.yaml") \
         .routes[2].policies["cors"]
     assert [policy.allows(o) for o in (b"https://a.example.com", b"https://a.b.example.com",
                                        b"http://localhost:3000")] == [True, True, True]

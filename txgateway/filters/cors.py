@@ -26,7 +26,7 @@ from txgateway.filters.headerconfig import header_names
 __all__ = ["CORS", "CorsFilter", "CorsPolicy"]
 
 _KEYS = {"origins": "", "methods": "", "headers": "", "expose_headers": "", "credentials": "", "max_age": ""}
-_ORIGIN = re.compile(r"^(https?)://([A-Za-z0-9.*-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?$")
+_ORIGIN = re.compile(r"(https?)://([A-Za-z0-9.*-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?")
 _DECIDED = frozenset({b"access-control-allow-origin", b"access-control-allow-credentials",
                       b"access-control-expose-headers", b"access-control-allow-methods",
                       b"access-control-allow-headers", b"access-control-max-age"})
@@ -50,23 +50,23 @@ class CorsPolicy:
     max_age: int                               # seconds
 
     def allows(self, origin: bytes) -> bool:
-        return self.any_origin or origin in self.exact or any(p.match(origin) for p in self.patterns)
+        return self.any_origin or origin in self.exact or any(p.fullmatch(origin) for p in self.patterns)
 
 
 def _origin(r: Reader, node: yaml.Node, path: str) -> str:
     text = r.string(node, path)
     if text == "*":
         return text
-    if not _ORIGIN.match(text) or "*" in text.split("://", 1)[0] or text.count("*") > 1 or "**" in text:
+    if not _ORIGIN.fullmatch(text) or ("*" in text and (text.count("*") > 1 or "://*." not in text)):
         raise r.fail(node, path, f'expected an origin like "https://app.example.com" or "https://*.example.com" '
-                                 f'(scheme and host, no path), or "*", got "{text}"')
-    return text
+                                 f'(scheme and host, no path; "*." only before the domain), or "*", got "{text}"')
+    return text.lower()                # as browsers send it
 
 
 def _pattern(origin: str) -> re.Pattern[bytes]:
     """`https://*.example.com`: any subdomain of example.com, over https, on the default port."""
     before, after = origin.split("*")
-    return re.compile(f"^{re.escape(before)}{_LABELS}{re.escape(after)}$".encode())
+    return re.compile(f"{re.escape(before)}{_LABELS}{re.escape(after)}".encode())
 
 
 def parse_route(r: Reader, fields: dict[str, yaml.Node], path: str, scope: Scope) -> CorsPolicy | None:
