@@ -9,15 +9,20 @@ import yaml
 from txgateway.config.contract import Resources, Scope, TerminalKind
 from txgateway.config.reader import Reader
 
-__all__ = ["PROXY", "proxy_for"]
+__all__ = ["PROXY", "proxy_for", "upstream_name"]
+
+
+def upstream_name(r: Reader, node: yaml.Node, path: str, scope: Scope) -> str:
+    """The name of one of the config's upstreams (a route's, or an auth service's)."""
+    upstream = r.string(node, path)
+    if upstream not in scope.upstreams and upstream not in scope.declared:
+        known = ", ".join(sorted(scope.declared)) or "none defined"
+        raise r.fail(node, path, f'no upstream named "{upstream}" (defined: {known})')
+    return upstream
 
 
 def _parse_route(r: Reader, fields: dict[str, yaml.Node], path: str, scope: Scope) -> str:
-    upstream = r.string(fields["upstream"], f"{path}.upstream")
-    if upstream not in scope.upstreams and upstream not in scope.declared:
-        known = ", ".join(sorted(scope.declared)) or "none defined"
-        raise r.fail(fields["upstream"], f"{path}.upstream", f'no upstream named "{upstream}" (defined: {known})')
-    return upstream
+    return upstream_name(r, fields["upstream"], f"{path}.upstream", scope)
 
 
 def proxy_for(resources: Resources) -> Any:

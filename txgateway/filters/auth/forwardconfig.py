@@ -15,6 +15,7 @@ from txgateway.config.contract import Scope
 from txgateway.config.reader import Reader
 from txgateway.config.units import parse_duration
 from txgateway.filters.headerconfig import header_names
+from txgateway.upstream.config import upstream_name
 
 __all__ = ["ForwardAuthConfig", "parse_forward"]
 
@@ -35,10 +36,7 @@ def parse_forward(r: Reader, node: yaml.Node, path: str, scope: Scope) -> Forwar
     f = r.mapping(node, path, _KEYS)
     if "upstream" not in f:
         raise r.fail(node, f"{path}.upstream", "missing (required): the upstream that runs the auth service")
-    upstream = r.string(f["upstream"], f"{path}.upstream")
-    if upstream not in scope.upstreams and upstream not in scope.declared:
-        known = ", ".join(sorted(scope.declared)) or "none defined"
-        r.fail(f["upstream"], f"{path}.upstream", f'no upstream named "{upstream}" (defined: {known})')
+    upstream = r.attempt(lambda: upstream_name(r, f["upstream"], f"{path}.upstream", scope), "")
     values: dict[str, Any] = {}
     if "path" in f:
         where = r.string(f["path"], f"{path}.path")
