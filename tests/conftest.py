@@ -306,7 +306,9 @@ def parse_responses(data: bytes) -> list[Response]:
         if status == 100:
             data = rest
             continue
-        if length is not None:
+        if status in (204, 304):                 # never a body (RFC 9110 6.4.1)
+            data = rest
+        elif length is not None:
             resp.body, data = rest[:int(length)], rest[int(length):]
         elif (resp.header("transfer-encoding") or "").lower() == "chunked":
             body = b""

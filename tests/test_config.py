@@ -48,11 +48,11 @@ REDIS_KEYS = "password_env, pool_size, sentinel, timeout, url"
 DURATION = 'expected a duration like "250ms", "5s" or "1m", got'
 RATE = 'expected "N/second|minute|hour|day", got'
 RATE_ZERO = 'expected "N/second|minute|hour|day" with N above zero, got'
-TOP_KEYS = ("access_log, admin, auth, drain_timeout, limits, listen, manhole, rate_limits, "
+TOP_KEYS = ("access_log, admin, auth, drain_timeout, ip_rules, limits, listen, manhole, rate_limits, "
             "redirect_to_https, redis, routes, trusted_proxies, underscores_in_headers, upstreams")
-ROUTE_KEYS = ("auth, cache, case_insensitive, connect_timeout, escaped_slashes, host, max_body_size, methods, prefix, "
-              "rate_limit, request_headers, respond, response_headers, rewrite_prefix, roles, security_headers, split, "
-              "timeout, upstream, websocket")
+ROUTE_KEYS = ("auth, cache, case_insensitive, connect_timeout, cors, escaped_slashes, host, ip_allow, ip_deny, max_body_size, "
+              "methods, prefix, rate_limit, request_headers, respond, response_headers, rewrite_prefix, roles, "
+              "security_headers, split, timeout, upstream, websocket")
 UPSTREAM_KEYS = ("balance, circuit_breaker, connect_timeout, health_check, max_connections, "
                  "passive_health, preserve_host, retries, targets, timeout, tls")
 
@@ -962,7 +962,7 @@ def test_the_example_config_loads():
     config = load_config(str(EXAMPLE))
     assert config.file == str(EXAMPLE)
     assert config.listen == (Listener("tcp:8080:interface=0.0.0.0"),)
-    assert set(config.upstreams) == {"users", "orders", "orders-v2", "search"}
+    assert set(config.upstreams) == {"users", "orders", "orders-v2", "search", "sessions"}
     assert [r.prefix for r in config.routes][:3] == ["/api/users", "/api/search", "/api/orders"]
     assert [r.upstream for r in config.routes][:3] == ["users", "search", "orders"]
     assert config.limits == Limits(10 * 2**20, 16 * 2**10, 10.0, 60.0)
@@ -1112,6 +1112,7 @@ def test_the_example_config_protects_users_and_orders():
         "/api/orders": ("required", frozenset({"admin"})),
         "/api/users/avatars": ("required", None),
         "/api/orders-legacy": ("required", frozenset({"admin"})),
+        "/api/reports": ("forward", None),
         "/api/v0": ("none", None),
     }
     jwt_config = config.auth.jwt

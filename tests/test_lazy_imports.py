@@ -67,6 +67,12 @@ def test_a_plain_proxy_imports_no_optional_library(tmp_path):
     assert loaded_after_start(tmp_path, PLAIN) == []
 
 
+def test_ip_rules_and_cors_import_no_optional_library(tmp_path):
+    assert loaded_after_start(tmp_path, PLAIN.replace("routes:", 'ip_rules: {ip_deny: ["192.0.2.0/24"]}\nroutes:') + """\
+  - {prefix: /api/web, upstream: users, ip_allow: ["10.0.0.0/8"], cors: {origins: ["https://app.example.com"]}}
+""") == []
+
+
 def self_signed(tmp_path: Path) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])

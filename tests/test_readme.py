@@ -58,7 +58,8 @@ SNIPPETS = [(line, heading, text) for line, heading, text in code_blocks() if is
 
 def test_the_readme_has_the_snippets_this_test_checks():
     assert [heading for _, heading, _ in SNIPPETS] == [
-        "Authentication", "Rate limiting", "Shared limits: `backend: redis` or `hybrid`", "Local answers (`respond:`)", "TLS",
+        "Authentication", "Forward auth (`auth: {forward: ...}`)", "Rate limiting", "Shared limits: `backend: redis` or `hybrid`", "Local answers (`respond:`)",
+        "Client addresses (`ip_allow`, `ip_deny`)", "CORS (`cors:`)", "TLS",
         "Client certificates (mTLS)", "WebSocket",
         "Upstream resilience: breakers, balancing, health, retries", "Per-route limits",
         "Weighted targets and canary routing (`split:`)", "Running under systemd",

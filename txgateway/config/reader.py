@@ -7,7 +7,9 @@ one, so `check-config` reports all of them in one run.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -17,6 +19,8 @@ import yaml
 from txgateway.transport.endpoints import endpoint_problem
 
 T = TypeVar("T")
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_METHOD = re.compile(r"^[A-Z]+$")
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,29 @@ class Reader:
         if value not in choices:
             raise self.fail(node, path, f"expected one of {', '.join(choices)}, got {value!r}")
         return str(value)
+
+    def methods(self, node: yaml.Node, path: str) -> tuple[bytes, ...]:
+        """A list of HTTP methods, in the order written."""
+        methods = []
+        for item_path, item in self.sequence(node, path):
+            method = self.string(item, item_path)
+            if not _METHOD.match(method):
+                raise self.fail(item, item_path, f'expected an upper-case HTTP method like "GET", got "{method}"')
+            methods.append(method.encode())
+        return tuple(methods)
+
+    def networks(self, node: yaml.Node, path: str) -> tuple[IPNetwork, ...]:
+        """A list of addresses or CIDRs (IPv4 and IPv6); a bare address is its /32 or /128."""
+        out = []
+        for item_path, item in self.sequence(node, path):
+            text = self.attempt(lambda: self.string(item, item_path), None)
+            if text is None:
+                continue
+            try:
+                out.append(ipaddress.ip_network(text, strict=False))
+            except ValueError:
+                self.fail(item, item_path, f'expected an address or CIDR like "10.0.0.0/8", got "{text}"')
+        return tuple(out)
 
     def parsed(self, node: yaml.Node, path: str, parse: Callable[[Any], T]) -> T:
         """A scalar run through a unit parser (durations, sizes, rates)."""

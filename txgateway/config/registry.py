@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from txgateway.config.contract import FilterKind, TerminalKind
 from txgateway.filters.auth.config import AUTH
+from txgateway.filters.cors import CORS
 from txgateway.filters.headerconfig import HEADER_RULES
+from txgateway.filters.iprules import IP_RULES
 from txgateway.filters.ratelimit.config import RATE_LIMIT
 from txgateway.filters.split import SPLIT
 from txgateway.filters.websocket import WEBSOCKET
@@ -17,9 +19,10 @@ from txgateway.upstream.config import PROXY
 
 __all__ = ["FILTERS", "TERMINALS", "route_keys"]
 
-# Chain order: identify (401/403) before limiting (429), a tunnel counted only once both
-# let it through, then the split (it may sticky-hash the user id), header rules last.
-FILTERS: tuple[FilterKind, ...] = (AUTH, RATE_LIMIT, WEBSOCKET, SPLIT, HEADER_RULES)
+# Chain order: refuse by address, then answer CORS preflights (a browser sends them without
+# credentials), before identifying (401/403); identify before limiting (429); a tunnel counted
+# only once both let it through; then the split (it may sticky-hash the user id); header rules last.
+FILTERS: tuple[FilterKind, ...] = (IP_RULES, CORS, AUTH, RATE_LIMIT, WEBSOCKET, SPLIT, HEADER_RULES)
 TERMINALS: tuple[TerminalKind, ...] = (PROXY, RESPOND)
 
 

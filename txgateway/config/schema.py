@@ -19,7 +19,7 @@ import yaml
 
 from txgateway.config import registry
 from txgateway.config.contract import Scope
-from txgateway.config.reader import ConfigError, ConfigProblem, Reader, _Invalid, cannot_write, compose
+from txgateway.config.reader import ConfigError, ConfigProblem, IPNetwork, Reader, _Invalid, cannot_write, compose
 from txgateway.config.units import parse_duration, parse_size
 from txgateway.core.route import Route
 from txgateway.filters.auth.config import AuthConfig
@@ -46,7 +46,6 @@ __all__ = [
 
 # Keys that later versions implement (the response cache): accepted by name, refused with this reason.
 _NOT_YET = "not supported yet in this version of txgateway; remove it or upgrade"
-_METHOD = re.compile(r"^[A-Z]+$")
 _HOST = re.compile(r"^(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*$|^\[[0-9a-f:.]+\]$")
 
 
@@ -195,7 +194,9 @@ def _config(r: Reader, root: yaml.Node, environ: Mapping[str, str] | None) -> Co
     underscores = r.attempt(lambda: r.boolean(top["underscores_in_headers"], "underscores_in_headers"), False) \
         if "underscores_in_headers" in top else False
     limits, routes = _route_body_limits(limits, routes)
-    proxies = r.attempt(lambda: _networks(r, top["trusted_proxies"], "trusted_proxies"), ()) if "trusted_proxies" in top else ()
+    no_networks: tuple[IPNetwork, ...] = ()
+    proxies = r.attempt(lambda: r.networks(top["trusted_proxies"], "trusted_proxies"), no_networks) \
+        if "trusted_proxies" in top else no_networks
     access_log = r.attempt(lambda: _access_log(r, top["access_log"]), "-") if "access_log" in top else "-"
     drain = r.attempt(lambda: r.parsed(top["drain_timeout"], "drain_timeout", parse_duration), 10.0) if "drain_timeout" in top else 10.0
     return Config(file=r.file, listen=listen, upstreams=MappingProxyType(upstreams), routes=routes, limits=limits,
@@ -284,19 +285,6 @@ def _route_body_limits(limits: Limits, routes: tuple[Route, ...]) -> tuple[Limit
     routes = tuple(r if r.max_body_size is not None else replace(r, max_body_size=limits.max_body_size)
                    for r in routes)
     return replace(limits, largest_body=largest), routes
-
-
-def _networks(r: Reader, node: yaml.Node, path: str) -> tuple[Any, ...]:
-    out = []
-    for item_path, item in r.sequence(node, path):
-        text = r.attempt(lambda: r.string(item, item_path), None)
-        if text is None:
-            continue
-        try:
-            out.append(ipaddress.ip_network(text, strict=False))
-        except ValueError:
-            r.fail(item, item_path, f'expected an address or CIDR like "10.0.0.0/8", got "{text}"')
-    return tuple(out)
 
 
 _UPSTREAM_KEYS = {
@@ -437,7 +425,7 @@ def _route(r: Reader, path: str, node: yaml.Node, scope: Scope, index: int) -> R
     if "rewrite_prefix" in fields:
         values["rewrite_prefix"] = r.attempt(lambda: _path_prefix(r, fields["rewrite_prefix"], f"{path}.rewrite_prefix"), None)
     if "methods" in fields:
-        values["methods"] = r.attempt(lambda: _methods(r, fields["methods"], f"{path}.methods"), None)
+        values["methods"] = r.attempt(lambda: frozenset(r.methods(fields["methods"], f"{path}.methods")), None)
     if "host" in fields:
         values["host"] = r.attempt(lambda: _host(r, fields["host"], f"{path}.host"), None)
     if "escaped_slashes" in fields:
@@ -461,16 +449,6 @@ def _route(r: Reader, path: str, node: yaml.Node, scope: Scope, index: int) -> R
         raise _Invalid()  # an invalid upstream reports its own problems
     return Route(prefix=prefix, upstream=answer if terminal.name == "proxy" else None, terminal=terminal.name,
                  answer=answer, policies=MappingProxyType(policies), index=index, **values)
-
-
-def _methods(r: Reader, node: yaml.Node, path: str) -> frozenset[bytes]:
-    methods = []
-    for item_path, item in r.sequence(node, path):
-        method = r.string(item, item_path)
-        if not _METHOD.match(method):
-            raise r.fail(item, item_path, f'expected an upper-case HTTP method like "GET", got "{method}"')
-        methods.append(method.encode())
-    return frozenset(methods)
 
 
 def _host(r: Reader, node: yaml.Node, path: str) -> str:

@@ -57,6 +57,12 @@ def header_name(r: Reader, node: yaml.Node, path: str, glob: bool = False) -> by
     return name.encode()
 
 
+def header_names(r: Reader, node: yaml.Node, path: str) -> tuple[bytes, ...]:
+    """A list of header names as written; each bad one is reported and left out."""
+    return tuple(name for name in (r.attempt(lambda: header_name(r, item, item_path), None)
+                                   for item_path, item in r.sequence(node, path)) if name is not None)
+
+
 def header_value(r: Reader, node: yaml.Node, path: str) -> bytes:
     value = r.scalar(node, path)
     text = value if isinstance(value, str) else ("" if value is None else str(value).lower() if isinstance(value, bool) else str(value))

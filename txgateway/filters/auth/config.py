@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from txgateway.config.reader import ConfigError, Reader, _Invalid, compose
 from txgateway.config.units import parse_duration
+from txgateway.filters.auth.forwardconfig import ForwardAuthConfig, parse_forward
 
 __all__ = [
     "ASYMMETRIC",
@@ -386,16 +387,29 @@ class RouteAuth:
 
     required: bool
     roles: frozenset[str] | None = None
+    forward: ForwardAuthConfig | None = None      # auth: {forward: ...}: an auth service decides
 
     @property
     def mode(self) -> str:
-        return "required" if self.required else "optional"
+        return "forward" if self.forward is not None else "required" if self.required else "optional"
+
+
+def _route_mode(r: Reader, node: yaml.Node, path: str, scope: Any) -> str | ForwardAuthConfig:
+    if isinstance(node, yaml.MappingNode):
+        f = r.mapping(node, path, {"forward": ""})
+        if "forward" not in f:
+            raise r.fail(node, path, "expected none, optional, required or {forward: {...}}")
+        return parse_forward(r, f["forward"], f"{path}.forward", scope)
+    return r.choice(node, path, ("none", "optional", "required"))
 
 
 def parse_route_auth(r: Reader, fields: dict[str, yaml.Node], path: str, scope: Any) -> RouteAuth | None:
-    """`auth: none | optional | required` and `roles`; None for a route without auth."""
-    mode = r.attempt(lambda: r.choice(fields["auth"], f"{path}.auth", ("none", "optional", "required")), "none") \
+    """`auth: none | optional | required | {forward: ...}` and `roles`; None for a route without auth."""
+    none: str | ForwardAuthConfig = "none"
+    chosen = r.attempt(lambda: _route_mode(r, fields["auth"], f"{path}.auth", scope), none) \
         if "auth" in fields else None
+    forward = chosen if isinstance(chosen, ForwardAuthConfig) else None
+    mode = "required" if forward is not None else chosen
     roles = None
     if "roles" in fields:
         roles = frozenset(r.string(n, p) for p, n in r.sequence(fields["roles"], f"{path}.roles"))
@@ -406,10 +420,10 @@ def parse_route_auth(r: Reader, fields: dict[str, yaml.Node], path: str, scope: 
         mode = "required"
     if mode in (None, "none"):
         return None
-    if "auth" not in scope.sections:
+    if forward is None and "auth" not in scope.sections:
         key = "auth" if "auth" in fields else "roles"
         r.fail(fields[key], f"{path}.{key}", "this route needs credentials but the config has no auth: section")
-    return RouteAuth(mode == "required", roles)
+    return RouteAuth(mode == "required", roles, forward)
 
 
 def _parse_section(r: Reader, node: yaml.Node, top: dict[str, yaml.Node], environ: Mapping[str, str] | None) -> AuthConfig:
@@ -443,6 +457,9 @@ def _reload(running: AuthConfig | None, new: AuthConfig | None) -> tuple[AuthCon
 
 
 def _build(resources: Any, policy: RouteAuth, route: Any) -> Any:
+    if policy.forward is not None:
+        from txgateway.filters.auth.forward import build_forward_auth  # the upstream client: only with forward
+        return build_forward_auth(resources, policy, policy.forward)
     from txgateway.filters.auth.filter import (  # PyJWT, cryptography's key types: only with auth:
         Authenticator,
         AuthFilter,
