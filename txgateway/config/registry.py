@@ -10,6 +10,7 @@ from txgateway.config.contract import FilterKind, TerminalKind
 from txgateway.filters.auth.config import AUTH
 from txgateway.filters.headerconfig import HEADER_RULES
 from txgateway.filters.ratelimit.config import RATE_LIMIT
+from txgateway.terminals.compose.config import COMPOSE
 from txgateway.terminals.respond import RESPOND
 from txgateway.upstream.config import PROXY
 
@@ -17,7 +18,7 @@ __all__ = ["FILTERS", "TERMINALS", "route_keys"]
 
 # Chain order: identify (401/403) before limiting (429), header rules last.
 FILTERS: tuple[FilterKind, ...] = (AUTH, RATE_LIMIT, HEADER_RULES)
-TERMINALS: tuple[TerminalKind, ...] = (PROXY, RESPOND)
+TERMINALS: tuple[TerminalKind, ...] = (PROXY, RESPOND, COMPOSE)
 
 
 def route_keys() -> dict[str, str]:

@@ -9,7 +9,7 @@ import yaml
 from txgateway.config.contract import Resources, Scope, TerminalKind
 from txgateway.config.reader import Reader
 
-__all__ = ["PROXY"]
+__all__ = ["PROXY", "shared_proxy"]
 
 
 def _parse_route(r: Reader, fields: dict[str, yaml.Node], path: str, scope: Scope) -> str:
@@ -20,17 +20,19 @@ def _parse_route(r: Reader, fields: dict[str, yaml.Node], path: str, scope: Scop
     return upstream
 
 
-def _build(resources: Resources, config: Any) -> Any:
+def shared_proxy(resources: Resources, config: Any) -> Any:
     """One proxy for the whole request path: it holds the upstream groups (pools, breakers,
-    health), which routes naming the same upstream share."""
-    from txgateway.upstream.proxy import Proxy
-    return Proxy(resources.reactor, resources.clock, config.upstreams, resources.deadlines,
-                 config.limits.idle_timeout, resources.keep)
+    health), which routes naming the same upstream share, and so do composed routes' calls."""
+    def make() -> Any:
+        from txgateway.upstream.proxy import Proxy
+        return Proxy(resources.reactor, resources.clock, config.upstreams, resources.deadlines,
+                     config.limits.idle_timeout, resources.keep)
+    return resources.shared("proxy", make)
 
 
 def _make(proxy: Any, upstream: str, route: Any) -> Any:
     return proxy
 
 
-PROXY = TerminalKind(name="proxy", route_key="upstream", parse_route=_parse_route, build=_build, make=_make,
+PROXY = TerminalKind(name="proxy", route_key="upstream", parse_route=_parse_route, build=shared_proxy, make=_make,
                      answers_later=True)
