@@ -50,7 +50,7 @@ RATE = 'expected "N/second|minute|hour|day", got'
 RATE_ZERO = 'expected "N/second|minute|hour|day" with N above zero, got'
 TOP_KEYS = ("access_log, admin, auth, drain_timeout, limits, listen, manhole, rate_limits, "
             "redirect_to_https, redis, routes, trusted_proxies, upstreams")
-ROUTE_KEYS = ("auth, cache, host, methods, prefix, rate_limit, request_headers, respond, response_headers, "
+ROUTE_KEYS = ("auth, cache, compose, host, methods, prefix, rate_limit, request_headers, respond, response_headers, "
               "rewrite_prefix, roles, security_headers, upstream")
 UPSTREAM_KEYS = ("balance, circuit_breaker, connect_timeout, health_check, max_connections, "
                  "passive_health, preserve_host, retries, targets, timeout, tls")
@@ -1099,6 +1099,7 @@ def test_the_example_config_protects_users_and_orders():
         "/api/search": ("none", None),
         "/api/orders": ("required", frozenset({"admin"})),
         "/api/orders-legacy": ("required", frozenset({"admin"})),
+        "/api/profile": ("required", None),
         "/api/v0": ("none", None),
     }
     jwt_config = config.auth.jwt

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest_twisted
 from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 

@@ -24,7 +24,7 @@ from txgateway.terminals.compose.config import Call, ComposeSettings
 from txgateway.terminals.compose.template import BadValue, Token
 from txgateway.upstream.proxy import Proxy
 
-__all__ = ["Composer", "ComposeTerminal", "Composition"]
+__all__ = ["ComposeTerminal", "Composer", "Composition"]
 
 _log = Logger(namespace="txgateway.terminals.compose")
 _FORWARDED = (b"x-user-", b"x-forwarded-")
@@ -90,8 +90,8 @@ class ComposeTerminal:
 class _CallSink:
     """The `Downstream` of one call: keeps its JSON answer, bounded, and reports the outcome."""
 
-    tls = None
-    hsts = None
+    tls: str | None = None
+    hsts: bytes | None = None
 
     def __init__(self, run: _CallRun) -> None:
         self.run = run
@@ -121,7 +121,8 @@ class _CallSink:
     def _too_large(self) -> None:
         run = self.run
         self.chunks = []
-        run.composition.composer.calls.cancel(run.ctx)
+        if run.ctx is not None:
+            run.composition.composer.calls.cancel(run.ctx)
         run.failed("answer larger than max_body_size")
 
     def finish(self, ctx: RequestContext) -> None:

@@ -177,7 +177,7 @@ def _check_cycles(r: Reader, calls: list[Call], after_nodes: dict[str, yaml.Node
 
     def visit(name: str, trail: list[str]) -> list[str] | None:
         if name in trail:
-            return trail[trail.index(name):] + [name]
+            return [*trail[trail.index(name):], name]
         if name in done:
             return None
         for other in waits.get(name, ()):
