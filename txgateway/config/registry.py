@@ -10,6 +10,7 @@ from txgateway.config.contract import FilterKind, TerminalKind
 from txgateway.filters.auth.config import AUTH
 from txgateway.filters.headerconfig import HEADER_RULES
 from txgateway.filters.ratelimit.config import RATE_LIMIT
+from txgateway.filters.transform import TRANSFORM
 from txgateway.filters.upstreamerrors import UPSTREAM_ERRORS
 from txgateway.terminals.compose.config import COMPOSE
 from txgateway.terminals.respond import RESPOND
@@ -22,6 +23,8 @@ FILTERS: tuple[FilterKind, ...] = (AUTH, RATE_LIMIT, HEADER_RULES)
 # Last: on the way back its head hook runs first, so the header rules also apply to the
 # envelope it puts in place of an upstream's error page.
 FILTERS += (UPSTREAM_ERRORS,)
+# After the limits: no request body is read for a refused request.
+FILTERS += (TRANSFORM,)
 TERMINALS: tuple[TerminalKind, ...] = (PROXY, RESPOND, COMPOSE)
 
 

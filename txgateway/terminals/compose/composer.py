@@ -132,6 +132,9 @@ class _CallSink:
             return
         try:
             value = loads(b"".join(self.chunks))
+            reshape = run.call.transform
+            if reshape is not None:
+                value = reshape.apply(value)
         except BadJSON as e:
             run.failed(str(e))
             return

@@ -25,12 +25,13 @@ from txgateway.config.contract import Scope, TerminalKind
 from txgateway.config.reader import Reader, _Invalid
 from txgateway.config.units import parse_duration, parse_size
 from txgateway.filters.headerconfig import header_name, header_value
+from txgateway.filters.reshape import RESHAPE_KEYS, Reshape, parse_reshape
 from txgateway.terminals.compose.template import PathPattern, Template, parse_template
 
 __all__ = ["COMPOSE", "Call", "ComposeSettings"]
 
 _CALL_KEYS = {"upstream": "", "path": "", "method": "", "headers": "", "after": "", "group": "", "required": "",
-              "fallback": ""}
+              "fallback": "", "transform": ""}
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 _RESERVED = frozenset({"query", "user_id", "user_role", "user_tier"})
 _HOP = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection", b"keep-alive", b"upgrade", b"te",
@@ -51,6 +52,7 @@ class Call:
     required: bool = True
     fallback: Any = None
     has_fallback: bool = False
+    transform: Reshape | None = None    # applied to the call's answer before it is merged
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,9 @@ def _call(r: Reader, name: str, node: yaml.Node, path: str, scope: Scope, params
         values["group"] = r.attempt(lambda: r.string(f["group"], f"{path}.group"), None)
     if "required" in f:
         values["required"] = r.attempt(lambda: r.boolean(f["required"], f"{path}.required"), True)
+    if "transform" in f:
+        values["transform"] = r.attempt(lambda: parse_reshape(
+            r, r.mapping(f["transform"], f"{path}.transform", RESHAPE_KEYS), f"{path}.transform"), None)
     if "fallback" in f:
         values["fallback"] = yaml.safe_load(yaml.serialize(f["fallback"]))
         values["has_fallback"] = True
