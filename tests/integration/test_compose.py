@@ -280,8 +280,8 @@ async def test_a_dot_segment_or_absent_value_from_the_request_is_refused_400(gat
 
 
 @pytest_twisted.ensureDeferred
-async def test_identity_and_forwarding_headers_go_on_every_call_each_a_child_span(gateway, upstreams, secret_file):
-    up = await upstreams({"/users/7": js({"id": 7}), "/orders/7": js([])})
+async def test_identity_values_and_forwarding_headers_go_on_every_call_each_a_child_span(gateway, upstreams, secret_file):
+    up = await upstreams({"/users/7": js({"id": 7}), "/orders/7?by=alice&tier=pro": js([])})
     gw = await gateway(f"""
     auth:
       jwt: {{algorithms: [HS256], secret_file: {secret_file}, issuer: "https://auth.test", audience: api}}
@@ -294,7 +294,8 @@ async def test_identity_and_forwarding_headers_go_on_every_call_each_a_child_spa
           path: /{{id}}
           calls:
             user: {{upstream: a, path: "/users/{{id}}"}}
-            orders: {{upstream: a, path: "/orders/{{id}}", group: orders, headers: {{X-Api-Version: "2"}}}}
+            orders: {{upstream: a, path: "/orders/{{id}}?by={{user_id}}&tier={{user_tier}}", group: orders,
+                     headers: {{X-Api-Version: "2"}}}}
     """)
     trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     resp = await get(gw.port, "/api/profile/7", f"Authorization: Bearer {mint_token()}\r\n"

@@ -22,7 +22,7 @@ import yaml
 
 from txgateway.config.reader import Reader, _Invalid
 
-__all__ = ["NO_PATH", "RESHAPE_KEYS", "Reshape", "dotted_path", "parents", "parse_reshape"]
+__all__ = ["IDENTITY_ATTRIBUTES", "NO_PATH", "RESHAPE_KEYS", "Reshape", "dotted_path", "identity_value", "parents", "parse_reshape"]
 
 RESHAPE_KEYS = {"target": "", "allow": "", "deny": "", "pick": "", "rename": "", "add": ""}
 Tree = dict[str, Any]           # a path tree: key -> subtree, or None for "the whole value"
@@ -55,6 +55,16 @@ class Reshape:
         return value
 
 
+def identity_value(identity: Any, name: str) -> str | None:
+    """`user_id`, `user_role` or `user_tier` of the request's identity (auth's Identity), or
+    None (no identity, or no such claim): the values templates may stamp into bodies and paths."""
+    if identity is None:
+        return None
+    value: str | None = getattr(identity, IDENTITY_ATTRIBUTES[name])
+    return value
+
+
+IDENTITY_ATTRIBUTES = {"user_id": "user_id", "user_role": "role", "user_tier": "tier"}
 _MISSING = object()
 NO_PATH: tuple[str, ...] = ()
 

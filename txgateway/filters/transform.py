@@ -39,7 +39,15 @@ from txgateway.core.pipeline import (
     ResponseHead,
     error_response,
 )
-from txgateway.filters.reshape import NO_PATH, RESHAPE_KEYS, Reshape, dotted_path, parents, parse_reshape
+from txgateway.filters.reshape import (
+    NO_PATH,
+    RESHAPE_KEYS,
+    Reshape,
+    dotted_path,
+    identity_value,
+    parents,
+    parse_reshape,
+)
 
 __all__ = ["TRANSFORM", "BodyEdit", "Transform", "TransformPolicy"]
 
@@ -77,13 +85,9 @@ def _stamped(value: Any, identity: Any) -> Any:
     if not isinstance(value, str) or "{" not in value:
         return value
     whole = _IDENTITY_VALUE.fullmatch(value)
-
-    def lookup(name: str) -> str | None:
-        return None if identity is None else getattr(identity, name[len("user_"):])
-
     if whole is not None:
-        return lookup(whole.group(1))
-    return _IDENTITY_VALUE.sub(lambda m: lookup(m.group(1)) or "", value)
+        return identity_value(identity, whole.group(1))
+    return _IDENTITY_VALUE.sub(lambda m: identity_value(identity, m.group(1)) or "", value)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from txgateway.core.ids import traceparent
 from txgateway.core.jsonbody import BadJSON, dumps, is_json, loads
 from txgateway.core.pipeline import Chain, LocalResponse, Pipeline, RequestContext, ResponseHead, error_response
 from txgateway.core.route import Route
+from txgateway.filters.reshape import identity_value
 from txgateway.terminals.compose.config import Call, ComposeSettings
 from txgateway.terminals.compose.template import BadValue, Token
 from txgateway.upstream.proxy import Proxy
@@ -284,10 +285,7 @@ class Composition:
         if source == "query":
             return self.query.get(token.name)
         if source == "identity":
-            identity = self.ctx.identity
-            if identity is None:
-                return None
-            return getattr(identity, token.name[len("user_"):])
+            return identity_value(self.ctx.identity, token.name)
         value = self.by_name[token.name].value
         for key in token.path:
             if isinstance(value, dict):

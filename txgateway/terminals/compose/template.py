@@ -15,9 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
+from txgateway.filters.reshape import IDENTITY_ATTRIBUTES
+
 __all__ = ["IDENTITY_FIELDS", "BadValue", "PathPattern", "Template", "Token", "parse_template"]
 
-IDENTITY_FIELDS = ("user_id", "user_role", "user_tier")
+IDENTITY_FIELDS = tuple(IDENTITY_ATTRIBUTES)
 _TOKEN = re.compile(r"\{([^{}]*)\}")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 _LITERAL_PATH = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=:@/%-]*$")
