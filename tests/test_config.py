@@ -51,7 +51,7 @@ RATE_ZERO = 'expected "N/second|minute|hour|day" with N above zero, got'
 TOP_KEYS = ("access_log, admin, auth, drain_timeout, limits, listen, manhole, rate_limits, "
             "redirect_to_https, redis, routes, trusted_proxies, upstreams")
 ROUTE_KEYS = ("auth, cache, compose, host, methods, prefix, rate_limit, request_headers, respond, response_headers, "
-              "rewrite_prefix, roles, security_headers, upstream, upstream_errors")
+              "rewrite_prefix, roles, security_headers, transform, upstream, upstream_errors")
 UPSTREAM_KEYS = ("balance, circuit_breaker, connect_timeout, health_check, max_connections, "
                  "passive_health, preserve_host, retries, targets, timeout, tls")
 

@@ -59,7 +59,7 @@ SNIPPETS = [(line, heading, text) for line, heading, text in code_blocks() if is
 def test_the_readme_has_the_snippets_this_test_checks():
     assert [heading for _, heading, _ in SNIPPETS] == [
         "Authentication", "Rate limiting", "Shared limits: `backend: redis` or `hybrid`", "Local answers (`respond:`)",
-        "Composed endpoints (`compose:`)", "TLS",
+        "Composed endpoints (`compose:`)", "Reshaping JSON (`transform:`)", "TLS",
         "Upstream resilience: breakers, balancing, health, retries",
         "Upstream errors in the gateway's envelope (`upstream_errors:`)", "Running under systemd",
         "Operating it: admin endpoint, metrics, status page, Manhole"]
