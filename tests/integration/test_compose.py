@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.protocol import Protocol
@@ -178,30 +179,23 @@ async def test_json_nested_ten_thousand_levels_fails_its_call_cleanly(gateway, u
     assert gw.log[0]["detail"] == "orders: JSON nested too deeply"
 
 
+def streamed_50_mib(request: Any) -> Any:
+    request.setHeader(b"content-type", b"application/json")
+    request.write(b"[" + b"1," * (1 << 20))     # 2 MiB of 50, then nothing: the gateway must not wait
+    return NOT_DONE_YET
+
+
+def announced_50_mib(request: Any) -> Any:
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"content-length", b"%d" % (50 << 20))
+    request.write(b"[1")                        # the head says it all: the call fails there
+    return NOT_DONE_YET
+
+
+@pytest.mark.parametrize("huge", [streamed_50_mib, announced_50_mib])
 @pytest_twisted.ensureDeferred
-async def test_a_50_mib_json_answer_fails_its_call_without_being_read(gateway, upstreams):
-    sent: list[int] = []
-
-    def huge(request: Any) -> Any:
-        request.setHeader(b"content-type", b"application/json")
-        request.write(b"[" + b"1," * (1 << 20))    # 2 MiB of 50 MiB, then nothing: the gateway must not wait
-        sent.append(1)
-        return NOT_DONE_YET
-
+async def test_a_50_mib_json_answer_fails_its_call_without_being_read(gateway, upstreams, huge):
     resp, gw = await failing_orders(gateway, upstreams, huge)
-    assert_envelope(resp, 502, "BAD_GATEWAY")
-    assert gw.log[0]["detail"] == "orders: answer larger than max_body_size"
-
-
-@pytest_twisted.ensureDeferred
-async def test_an_announced_length_over_the_bound_fails_the_call_at_its_head(gateway, upstreams):
-    def announced(request: Any) -> Any:
-        request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"content-length", b"%d" % (50 << 20))
-        request.write(b"[1")
-        return NOT_DONE_YET
-
-    resp, gw = await failing_orders(gateway, upstreams, announced)
     assert_envelope(resp, 502, "BAD_GATEWAY")
     assert gw.log[0]["detail"] == "orders: answer larger than max_body_size"
 
@@ -217,18 +211,24 @@ async def test_an_absent_field_of_an_earlier_answer_fails_the_call_that_needs_it
     assert orders.requests == []
 
 
-def search_config(up: Upstream) -> str:
+def composed(up: Upstream, calls: dict[str, str], head: str = "", timeout: str = "2s") -> str:
+    """One upstream `a`, and /api/c composing `calls` (name -> the call's flow mapping)."""
+    lines = "".join(f"            {name}: {{upstream: a, {call}}}\n" for name, call in calls.items())
     return f"""
     upstreams:
-      a: {{targets: ["{up.url}"], timeout: 2s}}
+      a: {{targets: ["{up.url}"], timeout: {timeout}}}
     routes:
-      - prefix: /api/find
+      - prefix: /api/c
         compose:
           path: /{{id}}
+          {head}
           calls:
-            item: {{upstream: a, path: "/items/{{id}}", group: item}}
-            hits: {{upstream: a, path: "/search/{{query.q}}?near={{id}}", group: hits}}
-    """
+""" + lines
+
+
+def search_config(up: Upstream) -> str:
+    return composed(up, {"item": 'path: "/items/{id}", group: item',
+                         "hits": 'path: "/search/{query.q}?near={id}", group: hits'})
 
 
 @pytest_twisted.ensureDeferred
@@ -243,16 +243,16 @@ async def test_template_values_are_single_encoded_segments(gateway, upstreams):
     up = await upstreams({})
     up.listening.factory.resource.answers = _Any(record)
     gw = await gateway(search_config(up))
-    for target in ("/api/find/a%2fb?q=x%2F..%2F..%2Fadmin", "/api/find/7?q=a%0d%0aHost:%20evil",
-                   "/api/find/7?q=x%3Fadmin%3D1"):
+    for target in ("/api/c/a%2fb?q=x%2F..%2F..%2Fadmin", "/api/c/7?q=a%0d%0aHost:%20evil",
+                   "/api/c/7?q=x%3Fadmin%3D1"):
         seen.clear()
         resp = await get(gw.port, target)
         assert resp.status == 200, resp.body
         assert resp.header("x-gateway-completed") == "true"
         assert sorted(seen) == sorted({
-            "/api/find/a%2fb?q=x%2F..%2F..%2Fadmin": [b"/items/a%2Fb", b"/search/x%2F..%2F..%2Fadmin?near=a%2Fb"],
-            "/api/find/7?q=a%0d%0aHost:%20evil": [b"/items/7", b"/search/a%0D%0AHost%3A%20evil?near=7"],
-            "/api/find/7?q=x%3Fadmin%3D1": [b"/items/7", b"/search/x%3Fadmin%3D1?near=7"],
+            "/api/c/a%2fb?q=x%2F..%2F..%2Fadmin": [b"/items/a%2Fb", b"/search/x%2F..%2F..%2Fadmin?near=a%2Fb"],
+            "/api/c/7?q=a%0d%0aHost:%20evil": [b"/items/7", b"/search/a%0D%0AHost%3A%20evil?near=7"],
+            "/api/c/7?q=x%3Fadmin%3D1": [b"/items/7", b"/search/x%3Fadmin%3D1?near=7"],
         }[target])
 
 
@@ -271,11 +271,11 @@ class _Any(dict):
 async def test_a_dot_segment_or_absent_value_from_the_request_is_refused_400(gateway, upstreams):
     up = await upstreams({})
     gw = await gateway(search_config(up))
-    for target in ("/api/find/7?q=..", "/api/find/7?q=%2e", "/api/find/7", "/api/find/7?q="):
+    for target in ("/api/c/7?q=..", "/api/c/7?q=%2e", "/api/c/7", "/api/c/7?q="):
         resp = await get(gw.port, target)
         assert_envelope(resp, 400, "BAD_PARAMETER")
     assert up.requests == []
-    resp = await get(gw.port, "/api/find/7/extra?q=x")
+    resp = await get(gw.port, "/api/c/7/extra?q=x")
     assert_envelope(resp, 404, "NO_ROUTE")
 
 
@@ -336,20 +336,11 @@ async def test_calls_timing_out_together_end_at_the_route_deadline_with_504(gate
     held = Held()
     up = await upstreams({"/a/1": held, "/b/1": held, "/c/1": held})
     clock = Clock()
-    gw = await gateway(f"""
-    upstreams:
-      a: {{targets: ["{up.url}"], timeout: 30s}}
-    routes:
-      - prefix: /api/slow
-        compose:
-          path: /{{id}}
-          deadline: 2s
-          calls:
-            a: {{upstream: a, path: "/a/{{id}}", group: a}}
-            b: {{upstream: a, path: "/b/{{id}}", group: b, required: false}}
-            c: {{upstream: a, path: "/c/{{id}}", group: c, required: false}}
-    """, clock=clock)
-    pending = ensureDeferred(get(gw.port, "/api/slow/1"))
+    gw = await gateway(composed(up, {"a": 'path: "/a/{id}", group: a',
+                                     "b": 'path: "/b/{id}", group: b, required: false',
+                                     "c": 'path: "/c/{id}", group: c, required: false'},
+                                head="deadline: 2s", timeout="30s"), clock=clock)
+    pending = ensureDeferred(get(gw.port, "/api/c/1"))
     await held.arrived(3)
     clock.advance(1.0)
     assert not pending.called
@@ -381,20 +372,11 @@ async def test_a_client_leaving_mid_composition_cancels_every_call(gateway, upst
     from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
     held = Held()
     up = await upstreams({"/a/1": held, "/b/1": held})
-    gw = await gateway(f"""
-    upstreams:
-      a: {{targets: ["{up.url}"], timeout: 30s}}
-    routes:
-      - prefix: /api/slow
-        compose:
-          path: /{{id}}
-          calls:
-            a: {{upstream: a, path: "/a/{{id}}", group: a}}
-            b: {{upstream: a, path: "/b/{{id}}", group: b}}
-    """)
+    gw = await gateway(composed(up, {"a": 'path: "/a/{id}", group: a', "b": 'path: "/b/{id}", group: b'},
+                                timeout="30s"))
     client = Protocol()
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", gw.port), client)
-    client.transport.write(b"GET /api/slow/1 HTTP/1.1\r\nHost: a\r\n\r\n")
+    client.transport.write(b"GET /api/c/1 HTTP/1.1\r\nHost: a\r\n\r\n")
     await held.arrived(2)
     client.transport.loseConnection()
     await held_closed(held, 2)

@@ -22,7 +22,7 @@ import yaml
 
 from txgateway.config.reader import Reader, _Invalid
 
-__all__ = ["IDENTITY_ATTRIBUTES", "NO_PATH", "RESHAPE_KEYS", "Reshape", "dotted_path", "identity_value", "parents", "parse_reshape"]
+__all__ = ["IDENTITY_ATTRIBUTES", "NO_PATH", "RESHAPE_KEYS", "Reshape", "dotted_path", "get_path", "identity_value", "parents", "parse_reshape"]
 
 RESHAPE_KEYS = {"target": "", "allow": "", "deny": "", "pick": "", "rename": "", "add": ""}
 Tree = dict[str, Any]           # a path tree: key -> subtree, or None for "the whole value"
@@ -40,7 +40,7 @@ class Reshape:
     def apply(self, value: Any) -> Any:
         """The reshaped value; `value` may be changed in place (the caller parsed it)."""
         if self.target is not None:
-            value = _get(value, self.target)
+            value = get_path(value, self.target)
         if self.allow is not None:
             value = _allow(value, self.allow)
         if self.deny is not None:
@@ -69,7 +69,8 @@ _MISSING = object()
 NO_PATH: tuple[str, ...] = ()
 
 
-def _get(value: Any, path: tuple[str, ...]) -> Any:
+def get_path(value: Any, path: tuple[str, ...]) -> Any:
+    """The value at a dotted path (a digit indexes a list), or None."""
     for key in path:
         if isinstance(value, dict):
             value = value.get(key)
@@ -130,7 +131,7 @@ def _pick(value: Any, where: tuple[str, ...], field: tuple[str, ...]) -> None:
     for parent in parents(value, where):
         items = parent.get(where[-1])
         if isinstance(items, list):
-            parent[where[-1]] = [_get(e, field) for e in items]
+            parent[where[-1]] = [get_path(e, field) for e in items]
 
 
 def _rename(value: Any, old: tuple[str, ...], new: str) -> None:

@@ -20,7 +20,7 @@ from txgateway.core.ids import traceparent
 from txgateway.core.jsonbody import BadJSON, dumps, is_json, loads
 from txgateway.core.pipeline import Chain, LocalResponse, Pipeline, RequestContext, ResponseHead, error_response
 from txgateway.core.route import Route
-from txgateway.filters.reshape import identity_value
+from txgateway.filters.reshape import get_path, identity_value
 from txgateway.terminals.compose.config import Call, ComposeSettings
 from txgateway.terminals.compose.template import BadValue, Token
 from txgateway.upstream.proxy import Proxy
@@ -286,15 +286,7 @@ class Composition:
             return self.query.get(token.name)
         if source == "identity":
             return identity_value(self.ctx.identity, token.name)
-        value = self.by_name[token.name].value
-        for key in token.path:
-            if isinstance(value, dict):
-                value = value.get(key)
-            elif isinstance(value, list) and key.isdigit() and int(key) < len(value):
-                value = value[int(key)]
-            else:
-                return None
-        return value
+        return get_path(self.by_name[token.name].value, token.path)
 
     def _launch(self, run: _CallRun, target: bytes) -> None:
         ctx = self.ctx
