@@ -273,7 +273,7 @@ async def test_a_dot_segment_or_absent_value_from_the_request_is_refused_400(gat
     gw = await gateway(search_config(up))
     for target in ("/api/c/7?q=..", "/api/c/7?q=%2e", "/api/c/7", "/api/c/7?q="):
         resp = await get(gw.port, target)
-        assert_envelope(resp, 400, "BAD_PARAMETER")
+        assert_envelope(resp, 400, "BAD_REQUEST")
     assert up.requests == []
     resp = await get(gw.port, "/api/c/7/extra?q=x")
     assert_envelope(resp, 404, "NO_ROUTE")

@@ -370,7 +370,7 @@ class Composition:
         """A value from the request cannot be put in a call's path: 400, no call goes on."""
         self.cancel()
         self.ctx.forwarding = None
-        self.refused = error_response(self.ctx, 400, "BAD_PARAMETER", message)
+        self.refused = error_response(self.ctx, 400, "BAD_REQUEST", message)
         if any(run.ctx is not None for run in self.runs):      # calls ran: the answer is not at hand
             self.composer.pipeline.respond_local(self.ctx, self.refused)
             self.refused = None
