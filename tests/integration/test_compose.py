@@ -52,6 +52,7 @@ async def test_two_calls_merge_into_one_answer_with_the_second_using_the_first(g
     assert [(c["call"], c["upstream"], c["status"]) for c in record["calls"]] == [
         ("user", "users", 200), ("orders", "orders", 200)]
     assert all(c["ms"] >= 0 for c in record["calls"])
+    assert "completed" not in record                  # noted only for partial answers
 
 
 class Held:

@@ -415,7 +415,8 @@ class Composition:
             self.composer.pipeline.respond_local(ctx, error_response(
                 ctx, 502, "BAD_GATEWAY", "the composed answer could not be written"))
             return
-        ctx.note("completed", complete)
+        if not complete:
+            ctx.note("completed", False)      # only then: a note costs the access log a JSON encoding
         headers = [(b"content-type", b"application/json"),
                    (b"x-gateway-completed", b"true" if complete else b"false")]
         self.composer.pipeline.respond_local(ctx, LocalResponse(200, headers, body))
