@@ -10,13 +10,13 @@ bounds the whole composition; a client that leaves cancels every call still runn
 
 from __future__ import annotations
 
+import os
 from typing import Any
 from urllib.parse import parse_qsl
 
 from twisted.logger import Logger
 
 from txgateway.config.contract import Resources
-from txgateway.core.ids import traceparent
 from txgateway.core.jsonbody import BadJSON, dumps, is_json, loads
 from txgateway.core.pipeline import Chain, LocalResponse, Pipeline, RequestContext, ResponseHead, error_response
 from txgateway.core.route import Route
@@ -231,6 +231,8 @@ class Composition:
         self.advancing = False
         self.again = False
         self.refused: LocalResponse | None = None     # a client value no path may hold (400)
+        self.forwarded: list[tuple[bytes, bytes]] | None = None   # the headers every call carries
+        self.trace: bytes | None = None
 
     def start(self) -> LocalResponse | None:
         """Start the calls that wait for nothing; a LocalResponse if the request cannot be
@@ -307,14 +309,17 @@ class Composition:
         self.composer.calls.forward(sub)
 
     def _headers(self, call: Call) -> list[tuple[bytes, bytes]]:
-        """Identity and forwarding headers of the request, a child span of its trace, and the
-        call's own headers."""
-        out = []
-        for name, value in self.ctx.headers:
-            if name.startswith(_FORWARDED) or name in _FORWARDED_NAMES:
-                out.append((name, value))
-            elif name == b"traceparent":
-                out.append((name, traceparent(value)))
+        """Identity and forwarding headers of the request, a child span of its trace (the
+        edge set a well-formed `traceparent`: only its span id changes), and the call's own."""
+        shared = self.forwarded
+        if shared is None:
+            shared = self.forwarded = [(name, value) for name, value in self.ctx.headers
+                                       if name.startswith(_FORWARDED) or name in _FORWARDED_NAMES]
+            self.trace = self.ctx.header(b"traceparent")
+        out = list(shared)
+        trace = self.trace
+        if trace is not None:
+            out.append((b"traceparent", trace[:36] + os.urandom(8).hex().encode() + trace[52:]))
         if call.headers:
             own = {name for name, _ in call.headers}
             out = [h for h in out if h[0] not in own]

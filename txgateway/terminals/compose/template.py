@@ -21,6 +21,7 @@ __all__ = ["IDENTITY_FIELDS", "BadValue", "PathPattern", "Template", "Token", "p
 
 IDENTITY_FIELDS = tuple(IDENTITY_ATTRIBUTES)
 _TOKEN = re.compile(r"\{([^{}]*)\}")
+_UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]+\Z")    # what quote() leaves as it is
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 _LITERAL_PATH = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=:@/%-]*$")
 _LITERAL_QUERY = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=:@/?%-]*$")
@@ -88,7 +89,7 @@ def _segment(token: Token, value: object) -> str:
         raise BadValue(f"{token.text} is not a single value", from_request)
     if text in ("", ".", ".."):
         raise BadValue(f"{token.text} may not be {text!r}", from_request)
-    return quote(text, safe="")
+    return text if _UNRESERVED.match(text) else quote(text, safe="")
 
 
 def parse_template(text: str, params: tuple[str, ...], calls: tuple[str, ...]) -> Template:
