@@ -126,3 +126,42 @@ async def test_compose_applies_each_calls_transform_and_the_routes_to_the_merged
     """)
     (resp,) = await send(gw.port, get("/api/profile/7", close=True))
     assert resp.json() == {"id": 7, "name": "Ann", "orders": [{"id": 1, "sku": "a"}], "version": 2}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_body_that_stops_arriving_is_answered_408_at_the_idle_timeout(gateway, upstreams, reactor):
+    from twisted.internet.defer import Deferred
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+    from twisted.internet.protocol import Protocol
+    from twisted.internet.task import Clock, deferLater
+
+    class Client(Protocol):
+        def __init__(self) -> None:
+            self.data = b""
+            self.closed: Deferred[None] = Deferred()
+            self.closed.addTimeout(5, reactor)
+
+        def dataReceived(self, data: bytes) -> None:
+            self.data += data
+
+        def connectionLost(self, reason: Any = None) -> None:
+            self.closed.callback(None)
+
+    up = await upstreams({"/api/users/7": echo_body})
+    clock = Clock()
+    gw = await gateway(config(up, "{request: {remove: [is_admin]}}", top="limits: {idle_timeout: 10s}"), clock=clock)
+    client = Client()
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", gw.port), client)
+    client.transport.write(b"POST /api/users/7 HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: 40\r\nConnection: close\r\n\r\n{\"is_admin\": ")
+    for _ in range(250):                                  # the request reached the filter (bounded wait)
+        if gw.gateway.stats.started:
+            break
+        await deferLater(reactor, 0.02, lambda: None)
+    clock.advance(9)
+    assert client.data == b""
+    clock.advance(2)
+    await client.closed
+    (resp,) = parse_responses(client.data)
+    assert resp.status == 408 and resp.json()["error"]["code"] == "REQUEST_TIMEOUT"
+    assert up.requests == []
