@@ -383,3 +383,34 @@ async def test_a_client_leaving_mid_composition_cancels_every_call(gateway, upst
     await held_closed(held, 2)
     assert gw.log[0]["status"] == 499
     assert [c["error"] for c in gw.log[0]["calls"]] == ["cancelled", "cancelled"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_required_call_answers_at_once_and_cancels_the_others(gateway, upstreams):
+    held = Held()
+    up = await upstreams({"/slow/1": held, "/broken/1": (503, b"text/plain", b"down")})
+    gw = await gateway(composed(up, {"slow": 'path: "/slow/{id}", group: slow',
+                                     "broken": 'path: "/broken/{id}", group: broken'}, timeout="30s"))
+    resp = await get(gw.port, "/api/c/1")                 # does not wait for the slow call
+    assert_envelope(resp, 502, "BAD_GATEWAY")
+    await held_closed(held, 1)
+    calls = gw.log[0]["calls"]
+    assert (calls[0]["error"], calls[1]["error"]) == ("cancelled: broken failed", "answered 503")
+    assert gw.log[0]["detail"] == "broken: answered 503"
+
+
+@pytest_twisted.ensureDeferred
+async def test_optional_calls_late_at_the_deadline_leave_a_partial_answer(gateway, upstreams):
+    from twisted.internet.task import Clock
+    held = Held()
+    up = await upstreams({"/a/1": js({"a": 1}), "/b/1": held})
+    clock = Clock()
+    gw = await gateway(composed(up, {"a": 'path: "/a/{id}"', "b": 'path: "/b/{id}", group: b, required: false, after: a'},
+                                head="deadline: 1s", timeout="30s"), clock=clock)
+    pending = ensureDeferred(get(gw.port, "/api/c/1"))
+    await held.arrived(1)                                  # b starts once a has answered
+    clock.advance(1.2)
+    resp = await pending
+    assert resp.status == 200 and resp.json() == {"a": 1}
+    assert resp.header("x-gateway-completed") == "false"
+    assert gw.log[0]["calls"][1]["error"] == "composition deadline"

@@ -104,7 +104,8 @@ class _CallSink:
         run = self.run
         run.status = head.status
         if ctx.error_code is not None:       # the proxy's own error (breaker, timeout, refused)
-            self.problem = ctx.error_code
+            notes = ctx.notes or {}
+            self.problem = notes.get("upstream_error") or ("breaker open" if "breaker" in notes else ctx.error_code)
         elif not 200 <= head.status < 300:
             self.problem = f"answered {head.status}"
         elif not is_json(_header(head.headers, b"content-type")):
@@ -231,6 +232,7 @@ class Composition:
         self.advancing = False
         self.again = False
         self.refused: LocalResponse | None = None     # a client value no path may hold (400)
+        self.failure: _CallRun | None = None           # the required call whose failure is the answer
         self.forwarded: list[tuple[bytes, bytes]] | None = None   # the headers every call carries
         self.trace: bytes | None = None
 
@@ -334,29 +336,40 @@ class Composition:
         stats = self.composer.stats
         if stats is not None and sub is not None and sub.upstream_ms is not None:
             stats.observe_upstream(run.call.upstream, sub.upstream_ms / 1000.0)
-        if run.state == _FAILED and sub is not None:
+        if run.state == _FAILED:
             _log.warn("composed call {call} to {upstream} failed for {correlation_id}: {reason}",
                       call=run.call.name, upstream=run.call.upstream, correlation_id=self.ctx.correlation_id,
                       reason=run.reason)
+            if run.call.required and self.failure is None:
+                self._give_up(run, f"cancelled: {run.call.name} failed")
         self.advance()
 
-    def expired(self) -> None:
-        """The whole-route deadline passed: every call still running or waiting fails."""
-        if self.done:
-            return
+    def _give_up(self, failure: _CallRun, reason: str) -> None:
+        """A required call failed (or the deadline passed): the answer is the envelope now, so
+        every call still running is cancelled and none still waiting starts."""
+        self.failure = failure
         for run in self.runs:
             if run.state == _RUNNING:
                 self.composer.calls.cancel(run.ctx)      # type: ignore[arg-type]
-                self._time_out(run)
-            elif run.state == _WAITING:
-                self._time_out(run)
-        self.advance()
+            if run.state in (_RUNNING, _WAITING):
+                run.state = _FAILED
+                run.reason = reason
 
-    @staticmethod
-    def _time_out(run: _CallRun) -> None:
-        run.state = _FAILED
-        run.reason = "composition deadline"
-        run.code = "GATEWAY_TIMEOUT"
+    def expired(self) -> None:
+        """The whole-route deadline passed: every call still running or waiting fails; the
+        first required one among them decides the answer (504)."""
+        if self.done:
+            return
+        late = [run for run in self.runs if run.state in (_RUNNING, _WAITING)]
+        if not late:
+            return
+        for run in late:
+            run.code = "GATEWAY_TIMEOUT"
+        required = [run for run in late if run.call.required]
+        self._give_up(required[0] if required else late[0], "composition deadline")
+        if not required:
+            self.failure = None         # only optional calls were late: a partial answer
+        self.advance()
 
     def cancel(self) -> None:
         """The client left (or a filter failed): stop every call, answer nobody."""
@@ -390,14 +403,14 @@ class Composition:
         ctx = self.ctx
         ctx.forwarding = None
         self._note()
+        if self.failure is not None:
+            self._fail(self.failure)
+            return
         result: dict[str, Any] = {}
         complete = True
         for run in self.runs:
             call = run.call
             if run.state == _FAILED:
-                if call.required:
-                    self._fail(run)
-                    return
                 complete = False
                 if not call.has_fallback:
                     continue
