@@ -416,3 +416,17 @@ async def test_optional_calls_late_at_the_deadline_leave_a_partial_answer(gatewa
     assert resp.status == 200 and resp.json() == {"a": 1}
     assert resp.header("x-gateway-completed") == "false"
     assert gw.log[0]["calls"][1]["error"] == "composition deadline"
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_bench_config_answers_what_the_peer_harness_checks(gateway, upstreams):
+    from pathlib import Path
+    up = await upstreams({"/users/1": js({"ok": True}), "/orders/1": js({"orders": [{"id": 1, "total": 42}]}),
+                          "/search/1": js({"hits": 3})})
+    text = (Path(__file__).resolve().parents[2] / "bench" / "anchors-compose.yaml").read_text()
+    text = "\n".join(line for line in text.splitlines()
+                     if not line.startswith(("listen:", "  - endpoint:", "access_log:")))
+    gw = await gateway(text.replace("http://127.0.0.1:9001", up.url))
+    resp = await get(gw.port, "/api/composite/1")
+    assert resp.status == 200
+    assert b'"ok":true' in resp.body and b'"total":42' in resp.body and b'"hits":3' in resp.body
