@@ -57,6 +57,9 @@ async def test_a_json_response_is_reshaped_its_etag_dropped_and_the_next_request
                           "/api/users/page": tagged(200, b"text/html", b"<p>hi</p>")})
     gw = await gateway(config(up, "{allow: [id, name, orders.*.id], rename: {name: full_name}}"))
     shaped, page = await send(gw.port, get("/api/users/7"), get("/api/users/page", close=True))
+    (headed,) = await send(gw.port, b"HEAD /api/users/7 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    assert headed.status == 200 and headed.header("etag") == '"abc"'          # HEAD: nothing to reshape
+    assert "transform" not in gw.log[2]
     assert shaped.status == 200 and shaped.json() == {"id": 7, "full_name": "Ann", "orders": [{"id": 1}]}
     assert shaped.header("etag") is None
     assert page.body == b"<p>hi</p>" and page.header("etag") == '"abc"'          # not JSON: untouched

@@ -167,7 +167,8 @@ class Transform:
     # -- response body ---------------------------------------------------------------
 
     def _hold(self, ctx: RequestContext, head: ResponseHead) -> None:
-        if not 200 <= head.status < 300 or head.status == 204 or (head.length is not None and head.length > self.limit):
+        if (not 200 <= head.status < 300 or head.status == 204 or ctx.method == b"HEAD"
+                or (head.length is not None and head.length > self.limit)):
             return
         content_type = encoding = None
         for name, value in head.headers:
