@@ -28,6 +28,7 @@ COMPILED = [
     "txgateway/core/timeouts.py",
     "txgateway/filters/auth/tokens.py",
     "txgateway/upstream/pool.py",
+    "txgateway/terminals/compose/composer.py",
 ]
 
 

@@ -8,6 +8,7 @@ tens of percent between runs: use it to compare two versions of the code.
 
     .venv/bin/python bench/macro.py                    # plain proxy route (bench/anchors-gateway.yaml)
     .venv/bin/python bench/macro.py --jwt              # + JWT + per-user limit (anchors-gateway-jwt.yaml)
+    .venv/bin/python bench/macro.py --compose          # three upstream calls merged (anchors-compose.yaml)
     .venv/bin/python bench/macro.py -n 3000 --conns 16
 """
 
@@ -98,6 +99,7 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=3000, help="requests counted (after a warm-up)")
     parser.add_argument("--conns", type=int, default=16)
     parser.add_argument("--jwt", action="store_true", help="JWT + per-user rate limit (anchors-gateway-jwt.yaml)")
+    parser.add_argument("--compose", action="store_true", help="a composed route of 3 calls (anchors-compose.yaml)")
     args = parser.parse_args()
     upstream = subprocess.Popen([sys.executable, "-c", UPSTREAM % RESPONSE], stdout=subprocess.PIPE, text=True)
     work = Path(tempfile.mkdtemp(prefix="txgw-macro-"))
@@ -105,13 +107,15 @@ def main() -> None:
     try:
         upstream_port = int(upstream.stdout.readline())
         port = free_port()
-        source = ROOT / "bench" / ("anchors-gateway-jwt.yaml" if args.jwt else "anchors-gateway.yaml")
+        name = "anchors-compose.yaml" if args.compose else "anchors-gateway-jwt.yaml" if args.jwt else "anchors-gateway.yaml"
+        source = ROOT / "bench" / name
         config = source.read_text()
         config = re.sub(r'tcp:\d+:interface', f"tcp:{port}:interface", config)
         config = config.replace("http://127.0.0.1:9001", f"http://127.0.0.1:{upstream_port}")
         config = re.sub(r"access_log: \S+", f"access_log: {work / 'access.log'}", config)
         (work / "gateway.yaml").write_text(config)
-        request = b"GET /api/users/1 HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: macro\r\nAccept: */*\r\n"
+        path = b"/api/composite/1" if args.compose else b"/api/users/1"
+        request = b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: macro\r\nAccept: */*\r\n"
         env = dict(os.environ)
         if args.jwt:
             import jwt
@@ -140,7 +144,7 @@ def main() -> None:
         dumps = sorted(work.glob(f"cg.{gateway.pid}.*"))
         totals = re.search(r"^(?:summary|totals): (\d+)", dumps[-1].read_text(), re.M)
         print(f"{int(totals.group(1)) // args.n} instructions per request (real daemon, user space, "
-              f"{args.conns} connections, {'JWT + limit' if args.jwt else 'plain proxy'})")
+              f"{args.conns} connections, {'composed, 3 calls' if args.compose else 'JWT + limit' if args.jwt else 'plain proxy'})")
     finally:
         if gateway is not None:
             gateway.terminate()

@@ -15,11 +15,13 @@ from typing import Any
 import jwt
 import pytest
 import pytest_twisted
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent
+from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from tests.redisproc import RedisServer, SentinelSetup, start_sentinel_setup
@@ -109,6 +111,59 @@ async def echo(reactor: Any) -> Any:
     port = await listen(reactor, site)
     yield Upstream(port.getHost().port, port, seen)
     await port.stopListening()
+
+
+Answer = tuple[int, bytes, bytes]        # status, content type, body
+
+
+class Scripted(Resource):
+    """An upstream answering by path (the path with its query); records each request."""
+
+    isLeaf = True
+
+    def __init__(self, answers: dict[str, Answer | Callable[[Any], Any]], seen: list[Any]) -> None:
+        super().__init__()
+        self.answers = answers
+        self.seen = seen
+
+    def render(self, request: Any) -> Any:
+        self.seen.append(request)
+        answer = self.answers.get(request.uri.decode("latin-1"))
+        if answer is None:
+            request.setResponseCode(404)
+            return b'{"error": "not found"}'
+        if callable(answer):
+            return answer(request)
+        status, kind, body = answer
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", kind)
+        return body
+
+
+def js(value: Any, status: int = 200) -> Answer:
+    return status, b"application/json", json.dumps(value).encode()
+
+
+async def _scripted(reactor: Any, answers: dict[str, Any], ports: list[Any]) -> Upstream:
+    seen: list[Any] = []
+    site = Site(Scripted(answers, seen))
+    site.log = lambda request: None
+    port = await listen(reactor, site)
+    ports.append(port)
+    return Upstream(port.getHost().port, port, seen)
+
+
+@pytest_twisted.async_yield_fixture()
+async def upstreams(reactor: Any) -> Any:
+    """Factory fixture: `await upstreams(answers)` -> a scripted JSON upstream."""
+    ports: list[Any] = []
+
+    async def start(answers: dict[str, Any]) -> Upstream:
+        return await _scripted(reactor, answers, ports)
+
+    yield start
+    for port in ports:
+        await maybeDeferred(port.stopListening)
 
 
 class RawServer(Protocol):

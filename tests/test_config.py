@@ -50,9 +50,9 @@ RATE = 'expected "N/second|minute|hour|day", got'
 RATE_ZERO = 'expected "N/second|minute|hour|day" with N above zero, got'
 TOP_KEYS = ("access_log, admin, auth, drain_timeout, ip_rules, limits, listen, manhole, rate_limits, "
             "redirect_to_https, redis, routes, trusted_proxies, underscores_in_headers, upstreams")
-ROUTE_KEYS = ("auth, cache, case_insensitive, connect_timeout, cors, escaped_slashes, host, ip_allow, ip_deny, max_body_size, "
-              "methods, prefix, rate_limit, request_headers, respond, response_headers, rewrite_prefix, roles, "
-              "security_headers, split, timeout, upstream, websocket")
+ROUTE_KEYS = ("auth, cache, case_insensitive, compose, connect_timeout, cors, escaped_slashes, host, ip_allow, ip_deny, "
+              "max_body_size, methods, prefix, rate_limit, request_headers, respond, response_headers, rewrite_prefix, "
+              "roles, security_headers, split, timeout, transform, upstream, upstream_errors, websocket")
 UPSTREAM_KEYS = ("balance, circuit_breaker, connect_timeout, health_check, max_connections, "
                  "passive_health, preserve_host, retries, targets, timeout, tls")
 
@@ -1113,6 +1113,7 @@ def test_the_example_config_protects_users_and_orders():
         "/api/users/avatars": ("required", None),
         "/api/orders-legacy": ("required", frozenset({"admin"})),
         "/api/reports": ("forward", None),
+        "/api/profile": ("required", None),
         "/api/v0": ("none", None),
     }
     jwt_config = config.auth.jwt

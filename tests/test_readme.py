@@ -59,9 +59,11 @@ SNIPPETS = [(line, heading, text) for line, heading, text in code_blocks() if is
 def test_the_readme_has_the_snippets_this_test_checks():
     assert [heading for _, heading, _ in SNIPPETS] == [
         "Authentication", "Forward auth (`auth: {forward: ...}`)", "Rate limiting", "Shared limits: `backend: redis` or `hybrid`", "Local answers (`respond:`)",
-        "Client addresses (`ip_allow`, `ip_deny`)", "CORS (`cors:`)", "TLS",
+        "Client addresses (`ip_allow`, `ip_deny`)", "CORS (`cors:`)",
+        "Composed endpoints (`compose:`)", "Reshaping JSON (`transform:`)", "TLS",
         "Client certificates (mTLS)", "WebSocket",
-        "Upstream resilience: breakers, balancing, health, retries", "Per-route limits",
+        "Upstream resilience: breakers, balancing, health, retries",
+        "Upstream errors in the gateway's envelope (`upstream_errors:`)", "Per-route limits",
         "Weighted targets and canary routing (`split:`)", "Running under systemd",
         "Operating it: admin endpoint, metrics, status page, Manhole"]
 

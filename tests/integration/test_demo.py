@@ -51,6 +51,7 @@ def test_the_demo_prints_its_banner_and_serves_the_admin_listener_it_names(tmp_p
 \t  curl -s localhost:{g}/api/users/7 -H "Authorization: Bearer $TOKEN"
 \t  curl -si localhost:{g}/api/orders/1 -H "Authorization: Bearer $TOKEN" -H 'Cookie: dropped=1'
 \t  curl -si localhost:{g}/api/orders/1 -H "Authorization: Bearer $(.venv/bin/txgateway token --demo --sub bob)"  # 403
+\t  curl -s localhost:{g}/api/profile/7                     # users and orders, one JSON answer
 \t  curl -si localhost:{g}/nowhere
 \t  for i in 1 2 3; do curl -s -o /dev/null -w '%{{http_code}} ' 'localhost:{g}/api/search?fail=1'; done
 \t  curl -si 'localhost:{g}/api/search?q=x'                 # 503: the breaker is open for 10s
@@ -60,6 +61,11 @@ def test_the_demo_prints_its_banner_and_serves_the_admin_listener_it_names(tmp_p
 
         status, _, body = get(g, "/api/search?q=x")
         assert status == 200 and json.loads(body)["service"] == "search"
+        status, headers, body = get(g, "/api/profile/7")
+        profile = json.loads(body)
+        assert status == 200 and headers["x-gateway-completed"] == "true", (status, body)
+        assert (profile["user"]["path"], profile["orders"]["path"], profile["orders"]["query"]) == (
+            "/users/7", "/orders", "user=7")
         status, headers, body = get(a, "/metrics")
         assert status == 200 and headers["content-type"].startswith("text/plain"), headers
         assert 'txgateway_requests_total{method="GET",route="/api/search",status="200"} 1.0' in body.decode()

@@ -528,3 +528,33 @@ async def test_buckets_stay_with_their_route_when_a_route_is_inserted_before_it(
     assert gw.gateway.reload() == []
     got = {p: (await fetch(gw.port, p)).status for p in ("/api/a/1", "/api/new/1")}
     assert got == {"/api/a/1": 429, "/api/new/1": 200}
+
+
+def composed_config(url: str, deadline: str) -> str:
+    return f"""\
+        upstreams:
+          users: {{targets: ["{url}"], timeout: 5s, circuit_breaker: {{consecutive_failures: 5, open_for: 1m}}}}
+        routes:
+          - {{prefix: /api/users, upstream: users}}
+          - prefix: /api/both
+            compose:
+              path: /{{id}}
+              deadline: {deadline}
+              calls:
+                a: {{upstream: users, path: "/users/{{id}}", group: a}}
+                b: {{upstream: users, path: "/users/{{id}}/more", group: b}}
+        """
+
+
+@pytest_twisted.ensureDeferred
+async def test_composed_calls_share_the_kept_upstream_groups_across_a_reload(file_gateway, echo):
+    gw = await file_gateway(composed_config(echo.url, "5s"))
+    resp = await fetch(gw.port, "/api/both/1")
+    assert resp.status == 200 and resp.json()["b"]["path"] == "/users/1/more"
+    gw.gateway.breakers.trip("users", "test")
+    gw.write(composed_config(echo.url, "4s"))
+    assert gw.gateway.reload() == []
+    resp = await fetch(gw.port, "/api/both/1")
+    assert resp.status == 503 and resp.json()["error"]["code"] == "UPSTREAM_UNAVAILABLE"   # the same breaker
+    gw.gateway.breakers.reset("users")
+    assert (await fetch(gw.port, "/api/both/2")).json()["a"]["path"] == "/users/2"

@@ -13,7 +13,10 @@ from txgateway.filters.headerconfig import HEADER_RULES
 from txgateway.filters.iprules import IP_RULES
 from txgateway.filters.ratelimit.config import RATE_LIMIT
 from txgateway.filters.split import SPLIT
+from txgateway.filters.transform import TRANSFORM
+from txgateway.filters.upstreamerrors import UPSTREAM_ERRORS
 from txgateway.filters.websocket import WEBSOCKET
+from txgateway.terminals.compose.config import COMPOSE
 from txgateway.terminals.respond import RESPOND
 from txgateway.upstream.config import PROXY
 
@@ -21,9 +24,13 @@ __all__ = ["FILTERS", "TERMINALS", "route_keys"]
 
 # Chain order: refuse by address, then answer CORS preflights (a browser sends them without
 # credentials), before identifying (401/403); identify before limiting (429); a tunnel counted
-# only once both let it through; then the split (it may sticky-hash the user id); header rules last.
-FILTERS: tuple[FilterKind, ...] = (IP_RULES, CORS, AUTH, RATE_LIMIT, WEBSOCKET, SPLIT, HEADER_RULES)
-TERMINALS: tuple[TerminalKind, ...] = (PROXY, RESPOND)
+# only once both let it through; then the split (it may sticky-hash the user id); header rules.
+# upstream_errors after them: on the way back its head hook runs before theirs, so the header
+# rules also apply to the envelope it puts in place of an upstream's error page. transform
+# last: no request body is read for a refused request.
+FILTERS: tuple[FilterKind, ...] = (IP_RULES, CORS, AUTH, RATE_LIMIT, WEBSOCKET, SPLIT, HEADER_RULES,
+                                   UPSTREAM_ERRORS, TRANSFORM)
+TERMINALS: tuple[TerminalKind, ...] = (PROXY, RESPOND, COMPOSE)
 
 
 def route_keys() -> dict[str, str]:

@@ -79,12 +79,16 @@ class Stats:
             histogram = self.durations[route] = _Histogram()
         histogram.observe(now - ctx.start)
         if ctx.upstream_ms is not None and ctx.upstream is not None:
-            histogram = self.upstream_durations.get(ctx.upstream)
-            if histogram is None:
-                histogram = self.upstream_durations[ctx.upstream] = _Histogram()
-            histogram.observe(ctx.upstream_ms / 1000.0)
+            self.observe_upstream(ctx.upstream, ctx.upstream_ms / 1000.0)
         if ctx.status == 429 and ctx.error_code == "RATE_LIMITED":
             self.rejected[route] = self.rejected.get(route, 0) + 1
+
+    def observe_upstream(self, upstream: str, seconds: float) -> None:
+        """An upstream's time to its response head (a proxied request's, a composed call's)."""
+        histogram = self.upstream_durations.get(upstream)
+        if histogram is None:
+            histogram = self.upstream_durations[upstream] = _Histogram()
+        histogram.observe(seconds)
 
     def by_status_class(self) -> dict[str, int]:
         out: dict[str, int] = {}

@@ -92,6 +92,12 @@ routes:
     roles: [admin]
     request_headers: {set: {X-Api-Version: "2"}, remove: [Cookie]}
     response_headers: {remove: [X-Db-Query-Count, X-Powered-By]}
+  - prefix: /api/profile
+    compose:
+      path: /{id}
+      calls:
+        user: {upstream: users, path: "/users/{id}", group: user}
+        orders: {upstream: orders, path: "/orders?user={id}", group: orders, required: false, fallback: []}
 """)
 
 BANNER = """txgateway demo on http://127.0.0.1:{p.gateway} - try:
@@ -101,6 +107,7 @@ BANNER = """txgateway demo on http://127.0.0.1:{p.gateway} - try:
   curl -s localhost:{p.gateway}/api/users/7 -H "Authorization: Bearer $TOKEN"
   curl -si localhost:{p.gateway}/api/orders/1 -H "Authorization: Bearer $TOKEN" -H 'Cookie: dropped=1'
   curl -si localhost:{p.gateway}/api/orders/1 -H "Authorization: Bearer $(.venv/bin/txgateway token --demo --sub bob)"  # 403
+  curl -s localhost:{p.gateway}/api/profile/7                     # users and orders, one JSON answer
   curl -si localhost:{p.gateway}/nowhere
   for i in 1 2 3; do curl -s -o /dev/null -w '%{{http_code}} ' 'localhost:{p.gateway}/api/search?fail=1'; done
   curl -si 'localhost:{p.gateway}/api/search?q=x'                 # 503: the breaker is open for 10s

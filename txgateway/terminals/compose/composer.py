@@ -1,0 +1,454 @@
+"""The `compose:` terminal at work: one request, several upstream calls, one JSON answer.
+
+Each call is an ordinary proxied request on a context of its own, run by a `Proxy` over the
+request path's upstream groups: it gets its upstream's pool, balancer, breaker, passive
+health, retries and timeouts exactly as a proxied route does. What the proxy would send a
+client goes to a `_CallSink` instead, which keeps at most `max_body_size` bytes of a JSON
+answer. Calls start as soon as the calls they wait for (`after:`) have answered; a deadline
+bounds the whole composition; a client that leaves cancels every call still running.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+from urllib.parse import parse_qsl
+
+from twisted.logger import Logger
+
+from txgateway.config.contract import Resources
+from txgateway.core.jsonbody import BadJSON, dumps, is_json, loads
+from txgateway.core.pipeline import Chain, LocalResponse, Pipeline, RequestContext, ResponseHead, error_response
+from txgateway.core.route import Route
+from txgateway.filters.reshape import get_path, identity_value
+from txgateway.terminals.compose.config import Call, ComposeSettings
+from txgateway.terminals.compose.template import BadValue, Token
+from txgateway.upstream.proxy import Proxy
+
+__all__ = ["ComposeTerminal", "Composer", "Composition"]
+
+_log = Logger(namespace="txgateway.terminals.compose")
+_FORWARDED = (b"x-user-", b"x-forwarded-")
+_FORWARDED_NAMES = frozenset({b"x-correlation-id", b"tracestate", b"forwarded"})
+_WAITING, _RUNNING, _OK, _FAILED = range(4)
+
+
+class Composer:
+    """What all composed routes of one request path share: a proxy for their calls over the
+    request path's upstream groups, whose answers go to call sinks, not to a client."""
+
+    def __init__(self, proxy: Proxy, resources: Resources) -> None:
+        config = resources.config
+        self.clock = resources.clock
+        self.deadlines = resources.deadlines
+        self.stats = resources.parts.get("stats")
+        self.calls = Proxy(resources.reactor, resources.clock, config.upstreams, resources.deadlines,
+                           config.limits.idle_timeout, proxy.groups)
+        self.calls.pipeline = Pipeline(Chain("(composed calls)", (), (), None), (), None, resources.clock)
+        self.call_chain = self.calls.pipeline.edge
+        self.pipeline: Pipeline        # the request path's, set when it is built
+
+    def terminal(self, settings: ComposeSettings, route: Route) -> ComposeTerminal:
+        return ComposeTerminal(self, settings, route)
+
+
+class ComposeTerminal:
+    """One composed route's terminal."""
+
+    def __init__(self, composer: Composer, settings: ComposeSettings, route: Route) -> None:
+        self.composer = composer
+        self.settings = settings
+        self.prefix = route.prefix.rstrip("/").encode()
+        self.uses_query = any(t.source == "query" for c in settings.calls for t in c.template.tokens)
+
+    def forward(self, ctx: RequestContext) -> LocalResponse | None:
+        params: dict[str, str] = {}
+        pattern = self.settings.pattern
+        if pattern is not None:
+            matched = pattern.match(ctx.path[len(self.prefix):])
+            if matched is None:
+                return error_response(ctx, 404, "NO_ROUTE", "no route matches this request")
+            params = matched
+        query: dict[str, str] = {}
+        if self.uses_query and len(ctx.query) > 1:
+            try:
+                for key, value in parse_qsl(ctx.query[1:].decode("latin-1"), keep_blank_values=True,
+                                            errors="strict"):
+                    query.setdefault(key, value)
+            except UnicodeDecodeError:
+                return error_response(ctx, 400, "BAD_REQUEST", "the query is not valid UTF-8")
+        composition = Composition(self.composer, self.settings, ctx, params, query)
+        ctx.forwarding = composition
+        return composition.start()
+
+    def cancel(self, ctx: RequestContext) -> None:
+        composition = ctx.forwarding
+        if composition is not None:
+            ctx.forwarding = None
+            composition.cancel()
+
+
+class _CallSink:
+    """The `Downstream` of one call: keeps its JSON answer, bounded, and reports the outcome."""
+
+    tls: str | None = None
+    hsts: bytes | None = None
+
+    def __init__(self, run: _CallRun) -> None:
+        self.run = run
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.problem: str | None = None     # set: the call has failed, whatever follows
+
+    def send_head(self, ctx: RequestContext, head: ResponseHead) -> None:
+        run = self.run
+        run.status = head.status
+        if ctx.error_code is not None:       # the proxy's own error (breaker, timeout, refused)
+            notes = ctx.notes or {}
+            self.problem = notes.get("upstream_error") or ("breaker open" if "breaker" in notes else ctx.error_code)
+        elif not 200 <= head.status < 300:
+            self.problem = f"answered {head.status}"
+        elif not is_json(_header(head.headers, b"content-type")):
+            self.problem = "answer is not application/json"
+        if head.length is not None and head.length > run.composition.settings.max_body_size:
+            self._too_large()
+
+    def send_body(self, ctx: RequestContext, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.run.composition.settings.max_body_size:
+            self._too_large()
+        elif self.problem is None:
+            self.chunks.append(data)
+
+    def _too_large(self) -> None:
+        run = self.run
+        self.chunks = []
+        if run.ctx is not None:
+            run.composition.composer.calls.cancel(run.ctx)
+        run.failed("answer larger than max_body_size")
+
+    def finish(self, ctx: RequestContext) -> None:
+        run = self.run
+        if self.problem is not None:
+            run.failed(self.problem)
+            return
+        try:
+            value = loads(b"".join(self.chunks))
+            reshape = run.call.transform
+            if reshape is not None:
+                value = reshape.apply(value)
+        except BadJSON as e:
+            run.failed(str(e))
+            return
+        finally:
+            self.chunks = []
+        run.answered(value)
+
+    def abort(self, ctx: RequestContext) -> None:
+        self.run.failed("upstream failed mid-answer")
+
+    def flush(self, ctx: RequestContext) -> None:
+        pass
+
+    def register_producer(self, ctx: RequestContext, producer: Any) -> None:
+        pass                    # nothing to pause for: the sink never waits
+
+    def unregister_producer(self, ctx: RequestContext) -> None:
+        pass
+
+    def read_body(self, ctx: RequestContext, sink: Any) -> None:
+        sink.body_end()         # calls carry no body
+
+    def pause_body(self, ctx: RequestContext) -> None:
+        pass
+
+    def resume_body(self, ctx: RequestContext) -> None:
+        pass
+
+    def start_tunnel(self, ctx: RequestContext, upstream: Any) -> Any:
+        raise RuntimeError("a composed call never upgrades")
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
+class _CallRun:
+    """One call of one composition: its state, its context, its access-log record."""
+
+    __slots__ = ("composition", "call", "state", "ctx", "status", "reason", "code", "value", "started")
+
+    def __init__(self, composition: Composition, call: Call) -> None:
+        self.composition = composition
+        self.call = call
+        self.state = _WAITING
+        self.ctx: RequestContext | None = None
+        self.status: int | None = None
+        self.reason: str | None = None
+        self.code: str | None = None       # the proxy's error code when it answered for the upstream
+        self.value: Any = None
+        self.started = 0.0
+
+    def answered(self, value: Any) -> None:
+        if self.state == _RUNNING:
+            self.state = _OK
+            self.value = value
+            self.composition.settled(self)
+
+    def failed(self, reason: str) -> None:
+        if self.state in (_WAITING, _RUNNING):
+            ctx = self.ctx
+            if ctx is not None and ctx.error_code is not None:
+                self.code = ctx.error_code
+            self.state = _FAILED
+            self.reason = reason
+            self.composition.settled(self)
+
+    def record(self, now: float) -> dict[str, Any]:
+        ms = round((now - self.started) * 1000.0, 3) if self.ctx is not None else None
+        out: dict[str, Any] = {"call": self.call.name, "upstream": self.call.upstream, "status": self.status, "ms": ms}
+        if self.reason is not None:
+            out["error"] = self.reason
+        return out
+
+
+class Composition:
+    """One request's calls, from the first start to the one answer (or the cancel)."""
+
+    def __init__(self, composer: Composer, settings: ComposeSettings, ctx: RequestContext,
+                 params: dict[str, str], query: dict[str, str]) -> None:
+        self.composer = composer
+        self.settings = settings
+        self.ctx = ctx
+        self.params = params
+        self.query = query
+        self.runs = [_CallRun(self, call) for call in settings.calls]
+        self.by_name = {run.call.name: run for run in self.runs}
+        self.deadline = 0.0
+        self.done = False
+        self.advancing = False
+        self.again = False
+        self.refused: LocalResponse | None = None     # a client value no path may hold (400)
+        self.failure: _CallRun | None = None           # the required call whose failure is the answer
+        self.forwarded: list[tuple[bytes, bytes]] | None = None   # the headers every call carries
+        self.trace: bytes | None = None
+
+    def start(self) -> LocalResponse | None:
+        """Start the calls that wait for nothing; a LocalResponse if the request cannot be
+        composed at all (an answer given before any call, without going through `settled`)."""
+        self.deadline = self.composer.deadlines.now + self.settings.deadline
+        self.composer.deadlines.add(self)
+        self.advance()
+        if self.refused is not None:
+            return self.refused
+        return None
+
+    def advance(self) -> None:
+        """Start every call whose `after:` calls have answered; answer once all have settled.
+        Re-entrant: a call can settle while it is being started (an open breaker)."""
+        if self.advancing:
+            self.again = True
+            return
+        self.advancing = True
+        try:
+            self.again = True
+            while self.again and not self.done:
+                self.again = False
+                for run in self.runs:
+                    if run.state == _WAITING and not self.done:
+                        self._maybe_start(run)
+        finally:
+            self.advancing = False
+        if not self.done and all(run.state in (_OK, _FAILED) for run in self.runs):
+            self._answer()
+
+    def _maybe_start(self, run: _CallRun) -> None:
+        waits = [self.by_name[name] for name in run.call.after]
+        if any(w.state == _FAILED for w in waits):
+            run.failed("a call it waits for failed")
+            return
+        if not all(w.state == _OK for w in waits):
+            return
+        try:
+            target = run.call.template.render(self._value)
+        except BadValue as e:
+            if e.from_request:
+                self._refuse(str(e))
+            else:
+                run.failed(str(e))
+            return
+        self._launch(run, target)
+
+    def _value(self, token: Token) -> object:
+        source = token.source
+        if source == "param":
+            return self.params.get(token.name)
+        if source == "query":
+            return self.query.get(token.name)
+        if source == "identity":
+            return identity_value(self.ctx.identity, token.name)
+        return get_path(self.by_name[token.name].value, token.path)
+
+    def _launch(self, run: _CallRun, target: bytes) -> None:
+        ctx = self.ctx
+        call = run.call
+        path, _, query = target.partition(b"?")
+        sub = RequestContext(call.method, target, path, b"?" + query if query else b"", b"HTTP/1.1",
+                             self._headers(call), ctx.host, ctx.scheme, ctx.peer_ip, _CallSink(run),
+                             self.composer.clock.seconds())
+        if call.method not in (b"GET", b"HEAD", b"DELETE", b"OPTIONS"):
+            sub.content_length = 0
+        sub.correlation_id = ctx.correlation_id
+        sub.identity = ctx.identity
+        sub.upstream = call.upstream
+        sub.chain = self.composer.call_chain
+        run.ctx = sub
+        run.state = _RUNNING
+        run.started = sub.start
+        self.composer.calls.forward(sub)
+
+    def _headers(self, call: Call) -> list[tuple[bytes, bytes]]:
+        """Identity and forwarding headers of the request, a child span of its trace (the
+        edge set a well-formed `traceparent`: only its span id changes), and the call's own."""
+        shared = self.forwarded
+        if shared is None:
+            shared = self.forwarded = [(name, value) for name, value in self.ctx.headers
+                                       if name.startswith(_FORWARDED) or name in _FORWARDED_NAMES]
+            self.trace = self.ctx.header(b"traceparent")
+        out = list(shared)
+        trace = self.trace
+        if trace is not None:
+            out.append((b"traceparent", trace[:36] + os.urandom(8).hex().encode() + trace[52:]))
+        if call.headers:
+            own = {name for name, _ in call.headers}
+            out = [h for h in out if h[0] not in own]
+            out.extend(call.headers)
+        out.append((b"accept", b"application/json"))
+        return out
+
+    def settled(self, run: _CallRun) -> None:
+        if self.done:
+            return
+        sub = run.ctx
+        stats = self.composer.stats
+        if stats is not None and sub is not None and sub.upstream_ms is not None:
+            stats.observe_upstream(run.call.upstream, sub.upstream_ms / 1000.0)
+        if run.state == _FAILED:
+            _log.warn("composed call {call} to {upstream} failed for {correlation_id}: {reason}",
+                      call=run.call.name, upstream=run.call.upstream, correlation_id=self.ctx.correlation_id,
+                      reason=run.reason)
+            if run.call.required and self.failure is None:
+                self._give_up(run, f"cancelled: {run.call.name} failed")
+        self.advance()
+
+    def _give_up(self, failure: _CallRun, reason: str) -> None:
+        """A required call failed (or the deadline passed): the answer is the envelope now, so
+        every call still running is cancelled and none still waiting starts."""
+        self.failure = failure
+        for run in self.runs:
+            if run.state == _RUNNING:
+                self.composer.calls.cancel(run.ctx)      # type: ignore[arg-type]
+            if run.state in (_RUNNING, _WAITING):
+                run.state = _FAILED
+                run.reason = reason
+
+    def expired(self) -> None:
+        """The whole-route deadline passed: every call still running or waiting fails; the
+        first required one among them decides the answer (504)."""
+        if self.done:
+            return
+        late = [run for run in self.runs if run.state in (_RUNNING, _WAITING)]
+        if not late:
+            return
+        for run in late:
+            run.code = "GATEWAY_TIMEOUT"
+        required = [run for run in late if run.call.required]
+        self._give_up(required[0] if required else late[0], "composition deadline")
+        if not required:
+            self.failure = None         # only optional calls were late: a partial answer
+        self.advance()
+
+    def cancel(self) -> None:
+        """The client left (or a filter failed): stop every call, answer nobody."""
+        if self.done:
+            return
+        self.done = True
+        self.composer.deadlines.discard(self)
+        for run in self.runs:
+            if run.state == _RUNNING:
+                self.composer.calls.cancel(run.ctx)      # type: ignore[arg-type]
+                run.state = _FAILED
+                run.reason = "cancelled"
+        self._note()
+
+    def _refuse(self, message: str) -> None:
+        """A value from the request cannot be put in a call's path: 400, no call goes on."""
+        self.cancel()
+        self.ctx.forwarding = None
+        self.refused = error_response(self.ctx, 400, "BAD_REQUEST", message)
+        if any(run.ctx is not None for run in self.runs):      # calls ran: the answer is not at hand
+            self.composer.pipeline.respond_local(self.ctx, self.refused)
+            self.refused = None
+
+    def _note(self) -> None:
+        now = self.composer.clock.seconds()
+        self.ctx.note("calls", [run.record(now) for run in self.runs])
+
+    def _answer(self) -> None:
+        self.done = True
+        self.composer.deadlines.discard(self)
+        ctx = self.ctx
+        ctx.forwarding = None
+        self._note()
+        if self.failure is not None:
+            self._fail(self.failure)
+            return
+        result: dict[str, Any] = {}
+        complete = True
+        for run in self.runs:
+            call = run.call
+            if run.state == _FAILED:
+                complete = False
+                if not call.has_fallback:
+                    continue
+                value = call.fallback
+            else:
+                value = run.value
+            if call.group is not None:
+                result[call.group] = value
+            elif isinstance(value, dict):
+                result.update(value)
+            else:
+                if call.required:
+                    run.reason = "answer is not an object (give the call a group)"
+                    self._fail(run)
+                    return
+                complete = False
+        try:
+            body = dumps(result)
+        except BadJSON:
+            self.composer.pipeline.respond_local(ctx, error_response(
+                ctx, 502, "BAD_GATEWAY", "the composed answer could not be written"))
+            return
+        if not complete:
+            ctx.note("completed", False)      # only then: a note costs the access log a JSON encoding
+        headers = [(b"content-type", b"application/json"),
+                   (b"x-gateway-completed", b"true" if complete else b"false")]
+        self.composer.pipeline.respond_local(ctx, LocalResponse(200, headers, body))
+
+    def _fail(self, run: _CallRun) -> None:
+        """A required call failed: the envelope a proxied request would have got."""
+        ctx = self.ctx
+        ctx.note("completed", False)
+        code = run.code
+        if code == "GATEWAY_TIMEOUT":
+            status, message = 504, f"the {run.call.name} call did not answer in time"
+        elif code == "UPSTREAM_UNAVAILABLE":
+            status, message = 503, f"the {run.call.name} call's upstream is unavailable"
+        else:
+            status, code, message = 502, "BAD_GATEWAY", f"the {run.call.name} call failed"
+        ctx.note("upstream_error", f"{run.call.name}: {run.reason}")
+        self.composer.pipeline.respond_local(ctx, error_response(ctx, status, code, message))
