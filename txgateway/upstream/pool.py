@@ -4,11 +4,18 @@ A `TargetPool` per target keeps idle keep-alive connections (LIFO, so the warmes
 reused) and caps the total; requests beyond the cap wait in FIFO order. A connection goes
 back to the pool only after its response ended cleanly and both sides allow reuse.
 The pool knows nothing of clients: it talks to an `UpstreamUser` (the proxy's exchange).
+
+A response is handed over as complete only once the read that ended it is parsed: bytes after
+it in that read (a second response, a body on a 204/304 or HEAD answer) mean the upstream and
+the gateway disagree on framing, so the connection is closed instead of answering the next
+request, perhaps another client's, with them.
 """
 
 from __future__ import annotations
 
+import re
 from collections import deque
+from http import HTTPStatus
 from typing import Any, Protocol
 
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpResponseParser
@@ -29,6 +36,11 @@ __all__ = ["TargetPool", "UpstreamConnection", "UpstreamUser"]
 
 _log = Logger(namespace="txgateway.upstream.pool")
 _DONE = Failure(ConnectionDone())
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")   # no business in a reason phrase sent to a client
+
+
+class _Leftover(Exception):
+    """Raised in a parser callback: a message began after the response was complete."""
 
 
 class UpstreamUser(Protocol):
@@ -52,7 +64,7 @@ class UpstreamConnection(TwistedProtocol):
 
     __slots__ = ("pool", "user", "factory", "transport", "connected", "write", "flush_writes", "parser", "reused",
                  "open", "upgrade", "tunnel", "no_body", "_reason", "_headers", "_framing", "_tokens", "_interim",
-                 "_started", "_until_close")  # attribute access on the hot path (see http1.HTTP1Connection)
+                 "_started", "_until_close", "_ended", "_extra")  # attribute access on the hot path (see http1.HTTP1Connection)
 
     transport: Any
 
@@ -75,6 +87,8 @@ class UpstreamConnection(TwistedProtocol):
         self._interim = False
         self._started = False      # response head delivered for the current exchange
         self._until_close = False  # body delimited by the connection closing
+        self._ended = False        # the response completed in the read being parsed
+        self._extra = False        # bytes the response's framing does not account for
 
     def connectionMade(self) -> None:
         self.open = True
@@ -87,6 +101,7 @@ class UpstreamConnection(TwistedProtocol):
     def send(self, user: UpstreamUser, head: bytes, no_body: bool, upgrade: bool = False) -> None:
         self.user = user
         self.no_body = no_body
+        self._extra = False
         self.upgrade = upgrade
         self._started = False
         self.write(head)
@@ -109,12 +124,21 @@ class UpstreamConnection(TwistedProtocol):
                 self._fail("upstream switched protocols unexpectedly")
             return
         except HttpParserCallbackError as e:
+            if isinstance(e.__context__, _Leftover):
+                self._end(False)
+                return
             # Our own code raised inside a parser callback: a bug, not a bad upstream.
             _log.failure("bug while relaying a response", Failure(e.__context__))
             self._fail("gateway error while relaying the response")
             return
         except HttpParserError as e:
-            self._fail(f"invalid response from upstream: {e}")
+            if self._ended:        # garbage after a complete response: it stands, the connection goes
+                self._end(False)
+            else:
+                self._fail(f"invalid response from upstream: {e}")
+            return
+        if self._ended:
+            self._end(self._reusable())
             return
         user = self.user
         if user is not None and self._started:
@@ -127,6 +151,8 @@ class UpstreamConnection(TwistedProtocol):
                 user.read_done()
 
     def on_message_begin(self) -> None:
+        if self._ended:
+            raise _Leftover()
         self._headers = []
         self._framing = {}
         self._tokens = []
@@ -162,14 +188,24 @@ class UpstreamConnection(TwistedProtocol):
             length = int(framing[b"content-length"])
         if status in (204, 304):
             self.no_body = True
+        coding = framing.get(b"transfer-encoding")
+        if coding is not None and coding.strip().lower() != b"chunked":
+            # gzip, or chunked under another coding: the gateway would relay bytes it cannot frame.
+            self._fail("upstream sent an unsupported transfer-coding: " + coding.decode("latin-1"))
+            return
+        reason = self._reason
+        if _CONTROL.search(reason) is not None:
+            reason = _standard_reason(status)
         self._until_close = (length is None and b"transfer-encoding" not in framing and not self.no_body)
         self._started = True
         user = self.user
         if user is not None:
-            user.response_head(status, self._reason, headers, length)
+            user.response_head(status, reason, headers, length)
 
     def on_body(self, data: bytes) -> None:
-        if self.user is not None and not self.no_body:
+        if self.no_body:
+            self._extra = True     # a body on a HEAD answer: framing the upstream got wrong
+        elif self.user is not None:
             self.user.response_body(data)
 
     def on_message_complete(self) -> None:
@@ -179,10 +215,16 @@ class UpstreamConnection(TwistedProtocol):
         if self.upgrade and self.parser.get_status_code() == 101:
             return                 # the handshake's end: HttpParserUpgrade follows (tunnel)
         if self.user is not None:
-            self._complete(self._reusable())
+            self._ended = True     # handed over once the rest of this read is known (dataReceived)
+
+    def _end(self, reusable: bool) -> None:
+        self._ended = False
+        self._complete(reusable)
+        if not reusable:
+            self.close()           # whatever the parser holds of the extra bytes goes with it
 
     def _reusable(self) -> bool:
-        if self._until_close or b"close" in self._tokens:
+        if self._until_close or self._extra or b"close" in self._tokens:
             return False
         return self.parser.get_http_version() == "1.1" or b"keep-alive" in self._tokens
 
@@ -224,6 +266,14 @@ class UpstreamConnection(TwistedProtocol):
         self.user = None
         if self.open:
             self.transport.abortConnection()
+
+
+def _standard_reason(status: int) -> bytes:
+    """The RFC reason phrase for `status` (an upstream's own one had control bytes)."""
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
 
 
 def _tls_reason(error: Exception) -> str:
