@@ -277,6 +277,17 @@ async def raw(port: int, data: bytes | list[bytes], **kw: Any) -> bytes:
     return await deferToThread(raw_request, port, data, **kw)
 
 
+async def until(reactor: Any, condition: Callable[[], Any], bound: float = 5.0) -> None:
+    """Wait (at most `bound` seconds) for a state the gateway reaches on its own, such as
+    bytes from a client socket having arrived before a test clock is advanced."""
+    from twisted.internet.task import deferLater
+    for _ in range(int(bound / 0.01)):
+        if condition():
+            return
+        await deferLater(reactor, 0.01)
+    raise AssertionError("condition not reached in time")
+
+
 @dataclass
 class Response:
     status: int

@@ -12,9 +12,8 @@ from __future__ import annotations
 import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
 
-from tests.conftest import assert_envelope, parse_responses, raw, simple_config
+from tests.conftest import assert_envelope, parse_responses, raw, simple_config, until
 
 SMUGGLED = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED"
 FIRST_ANSWERS = {
@@ -22,15 +21,6 @@ FIRST_ANSWERS = {
     "a body on a 204": (b"GET", b"HTTP/1.1 204 No Content\r\n\r\n" + SMUGGLED),
     "a body on an answer to HEAD": (b"HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n" + SMUGGLED),
 }
-
-
-async def until(reactor, condition, bound: float = 5.0) -> None:
-    """Wait (bounded) for a condition the gateway reaches on its own."""
-    for _ in range(int(bound / 0.01)):
-        if condition():
-            return
-        await deferLater(reactor, 0.01)
-    raise AssertionError("condition not reached in time")
 
 
 @pytest.mark.parametrize("case", sorted(FIRST_ANSWERS))

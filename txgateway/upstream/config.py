@@ -25,7 +25,7 @@ def _build(resources: Resources, config: Any) -> Any:
     health), which routes naming the same upstream share."""
     from txgateway.upstream.proxy import Proxy
     return Proxy(resources.reactor, resources.clock, config.upstreams, resources.deadlines,
-                 config.limits.idle_timeout, resources.keep)
+                 config.limits, resources.keep)
 
 
 def _make(proxy: Any, upstream: str, route: Any) -> Any:

@@ -329,10 +329,12 @@ class TargetPool:
         else:
             self.waiting.append(user)
 
-    def forget(self, user: UpstreamUser) -> None:
-        """`user` no longer wants a connection (cancelled or timed out)."""
+    def forget(self, user: UpstreamUser) -> bool:
+        """`user` no longer wants a connection (cancelled or timed out). True: it was still
+        waiting for a free slot (no connection was being made for it)."""
         try:
             self.waiting.remove(user)
+            return True
         except ValueError:
             pass
         for factory, connector in list(self._pending.items()):
@@ -341,6 +343,7 @@ class TargetPool:
                 del self._pending[factory]
                 self.total -= 1
                 connector.disconnect()
+        return False
 
     def connect_new(self, user: UpstreamUser) -> None:
         """A fresh connection for `user`, bypassing idle ones (retry after a stale one)."""
