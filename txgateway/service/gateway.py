@@ -23,7 +23,6 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
 from txgateway.config.contract import ReloadRefused, Resources
@@ -39,6 +38,7 @@ from txgateway.service.reload import keep_restart_only_settings
 from txgateway.service.requestpath import build_request_path, redirect_path
 from txgateway.transport.endpoints import ListenerError, cannot_listen
 from txgateway.transport.http1 import HTTP1Factory
+from txgateway.transport.peerlimit import PeerLimit, PeerLimitedTLSFactory
 from txgateway.transport.tls import RedirectToHttps, ServerTLS
 from txgateway.upstream.breaker import Breakers
 from txgateway.upstream.proxy import Proxy, UpstreamGroup
@@ -162,7 +162,8 @@ class Gateway(MultiService):
         self.redis, self.limiter, self.local_buckets = self._limit_stores(config)
         self.access_log = AccessLog(self.log_writer)
         self.switch = Switch(self._request_path(config, {}))
-        self.factory = HTTP1Factory(self.switch, self.clock, self.deadlines)
+        self.peers = PeerLimit(lambda: self.switch.pipeline.limits.max_connections_per_ip)
+        self.factory = HTTP1Factory(self.switch, self.clock, self.deadlines, peers=self.peers)
         for component in self._components():     # children before the listeners: started first
             component.setServiceParent(self)
         self.factories = [self.factory]          # every HTTP/1.1 factory: plain, TLS, redirecting
@@ -226,12 +227,12 @@ class Gateway(MultiService):
             if "h2" in listener.tls.alpn:
                 from txgateway.transport.h2 import ALPNFactory  # twisted.web + h2: only listeners offering h2
                 wrapped = ALPNFactory(http, config.limits.idle_timeout + longest)
-            return TLSMemoryBIOFactory(tls.options, False, wrapped)  # type: ignore[arg-type]  # zope interfaces
+            return PeerLimitedTLSFactory(tls.options, wrapped, self.peers)
         if config.redirect_to_https:
             first_tls = next(i for i, x in enumerate(config.listen) if x.tls is not None)
             redirect = redirect_path(config, self._resources(config, {}), [self.stats, self.access_log],
                                      RedirectToHttps(lambda: self._bound_port(first_tls)))
-            factory = HTTP1Factory(Switch(redirect), self.clock, self.deadlines)   # a reload leaves it alone
+            factory = HTTP1Factory(Switch(redirect), self.clock, self.deadlines, peers=self.peers)  # a reload leaves it alone
             self.factories.append(factory)
             return factory
         return self.factory

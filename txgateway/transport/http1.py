@@ -23,6 +23,7 @@ from txgateway.core.fastwrite import writer_for
 from txgateway.core.hopbyhop import REQUEST_CONSUMED
 from txgateway.core.pipeline import Pipeline, RequestContext, ResponseHead, Switch
 from txgateway.core.timeouts import Deadlines
+from txgateway.transport.peerlimit import PeerLimit
 from txgateway.transport.tls import tls_description
 from txgateway.transport.tunnel import Tunnel
 
@@ -116,6 +117,8 @@ class HTTP1Connection(Protocol):
     def connectionLost(self, reason: Any = None) -> None:
         self._gone = True
         self.factory.connections.discard(self)
+        if self.factory.peers is not None:
+            self.factory.peers.release(self._peer_ip)
         self._deadlines.discard(self)
         if self._tunnel is not None:
             self._tunnel.client_lost()
@@ -494,8 +497,9 @@ class HTTP1Factory(Factory):
     noisy = False
 
     def __init__(self, switch: Switch, clock: Any, deadlines: Deadlines,
-                 scheme: bytes = b"http", hsts: bytes | None = None) -> None:
+                 scheme: bytes = b"http", hsts: bytes | None = None, peers: PeerLimit | None = None) -> None:
         self.switch = switch      # the current request path (a reload replaces it)
+        self.peers = peers        # plain listeners: connections per address (TLS ones count outside)
         self.clock = clock
         self.deadlines = deadlines
         self.scheme = scheme
@@ -511,5 +515,7 @@ class HTTP1Factory(Factory):
     def limits(self) -> Limits:
         return self.switch.pipeline.limits  # type: ignore[no-any-return]
 
-    def buildProtocol(self, addr: Any) -> HTTP1Connection:
+    def buildProtocol(self, addr: Any) -> HTTP1Connection | None:
+        if self.peers is not None and self.peers.admit(addr) is None:
+            return None           # over limits.max_connections_per_ip: Twisted closes the socket
         return HTTP1Connection(self)

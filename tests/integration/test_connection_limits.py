@@ -1,0 +1,74 @@
+"""Connection-level limits: open connections per client address, on all listeners together."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+
+import pytest_twisted
+from twisted.internet.threads import deferToThread
+
+from tests.conftest import parse_responses, raw, until
+from tests.test_tls_config import CertAuthority, pair
+
+GET = b"GET /api/users/1 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+
+
+def refused(port: int, tls: ssl.SSLContext | None = None) -> bool:
+    """Whether the gateway closes a new connection without answering a request on it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        try:
+            sock = tls.wrap_socket(s, server_hostname="a.test") if tls is not None else s
+            sock.sendall(GET)
+            return sock.recv(65536) == b""
+        except (ConnectionResetError, BrokenPipeError, ssl.SSLError):
+            return True
+
+
+def tls_get(port: int, tls: ssl.SSLContext) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s, \
+            tls.wrap_socket(s, server_hostname="a.test") as sock:
+        sock.sendall(GET)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+@pytest_twisted.ensureDeferred
+async def test_connections_over_the_per_address_cap_are_closed_on_every_listener(reactor, echo, gateway, tmp_path):
+    ca = CertAuthority()
+    issued = ca.issue(tmp_path, "a", "a.test", ("a.test",))
+    tls = ssl.create_default_context(cafile=ca.write(tmp_path / "ca.pem"))
+    gw = await gateway(f"""
+        listen:
+          - endpoint: "tcp:0:interface=127.0.0.1"
+          - endpoint: "tcp:0:interface=127.0.0.1"
+            tls: {{certificates: [{pair(issued)}], alpn: [h2, http/1.1]}}
+        access_log: "off"
+        limits: {{max_connections_per_ip: 3}}
+        upstreams:
+          users: {{targets: ["{echo.url}"]}}
+        routes:
+          - {{prefix: /api/users, upstream: users}}
+        """)
+    plain = gw.port
+    secure = (await gw.gateway.listeners[1]._waitingForPort).getHost().port
+    peers = gw.gateway.peers
+    held = [socket.create_connection(("127.0.0.1", plain)) for _ in range(3)]   # idle keep-alives
+    await until(reactor, lambda: peers.open.get("127.0.0.1") == 3)
+    assert await deferToThread(refused, plain)
+    assert await deferToThread(refused, secure, tls)          # the cap counts all listeners
+    held.pop().close()
+    await until(reactor, lambda: peers.open.get("127.0.0.1") == 2)
+    (resp,) = parse_responses(await deferToThread(tls_get, secure, tls))
+    assert resp.status == 200
+    held.append(await deferToThread(   # the handshake needs the reactor: not in its thread
+        lambda: tls.wrap_socket(socket.create_connection(("127.0.0.1", secure), timeout=5), server_hostname="a.test")))
+    await until(reactor, lambda: peers.open.get("127.0.0.1") == 3)
+    assert await deferToThread(refused, plain)                 # a TLS connection counts too
+    for s in held:
+        s.close()
+    await until(reactor, lambda: "127.0.0.1" not in peers.open)
+    (resp,) = parse_responses(await raw(plain, GET))
+    assert resp.status == 200
