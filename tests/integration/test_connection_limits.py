@@ -72,3 +72,51 @@ async def test_connections_over_the_per_address_cap_are_closed_on_every_listener
     await until(reactor, lambda: "127.0.0.1" not in peers.open)
     (resp,) = parse_responses(await raw(plain, GET))
     assert resp.status == 200
+
+
+PIPELINED = 15
+BODY = 200 * 1024
+
+
+def pipeline_behind_a_slow_request(port: int) -> bytes:
+    """A request to an upstream that does not answer yet, then 15 more with 200KiB bodies
+    sent at once; then every answer, until the gateway closes after the last."""
+    requests = [b"GET /api/slow HTTP/1.1\r\nHost: a\r\n\r\n"]
+    for i in range(PIPELINED):
+        close = b"Connection: close\r\n" if i == PIPELINED - 1 else b""
+        requests.append(b"POST /api/users/%d HTTP/1.1\r\nHost: a\r\n%sContent-Length: %d\r\n\r\n" % (i, close, BODY)
+                        + b"x" * BODY)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"".join(requests))
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+@pytest_twisted.ensureDeferred
+async def test_bytes_pipelined_behind_a_waiting_request_are_bounded(reactor, echo, raw_upstream, gateway):
+    held = []
+    slow = await raw_upstream(lambda server, data: held.append(server) if b"\r\n\r\n" in server.buffer else None)
+    gw = await gateway(f"""
+        upstreams:
+          users: {{targets: ["{echo.url}"]}}
+          slow: {{targets: ["{slow.url}"]}}
+        routes:
+          - {{prefix: /api/users, upstream: users}}
+          - {{prefix: /api/slow, upstream: slow}}
+        """)
+    client = deferToThread(pipeline_behind_a_slow_request, gw.port)
+    await until(reactor, lambda: held and gw.gateway.factory.connections)
+    (conn,) = gw.gateway.factory.connections
+
+    def buffered() -> int:
+        return sum(incoming.buffered for incoming in conn._queue)
+
+    # The gateway stops reading (the rest waits in the client's socket), well short of the 3MiB sent.
+    await until(reactor, lambda: conn._paused or buffered() > 192 * 1024)
+    assert conn._paused and buffered() <= 192 * 1024
+    held[0].transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nslow")
+    responses = parse_responses(await client)
+    assert [r.status for r in responses] == [200] * (PIPELINED + 1)
+    assert responses[0].body == b"slow" and all(b'"body_bytes": %d' % BODY in r.body for r in responses[1:])

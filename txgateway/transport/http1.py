@@ -4,7 +4,10 @@ Why not twisted.web: it buffers whole request bodies, answers `100 Continue` bef
 check, and costs 5-10x the CPU per request (docs/architecture.md). This adapter only does
 HTTP/1.1 framing: it turns bytes into a RequestContext for the pipeline and implements
 `Downstream` so the pipeline and proxy can answer. Requests are answered strictly in
-order; pipelined requests wait in `_queue` with their bodies buffered (bounded).
+order; pipelined requests wait in `_queue` with their bodies buffered (bounded): once
+`_MAX_PIPELINED` bytes arrived behind a request that is waiting for its answer, the
+connection stops reading until that answer is out, so a client cannot make the gateway hold
+more than that while its upstream is slow.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ _log = Logger(namespace="txgateway.transport.http1")
 _MAX_QUEUED = 16             # pipelined requests waiting behind the active one
 _MAX_HELD = 1 << 20          # bytes a client may send after a WebSocket handshake, before the 101
 _MAX_BUFFERED = 256 * 1024   # request body bytes held while waiting; reading pauses above
+_MAX_PIPELINED = 64 * 1024   # bytes read behind a request waiting for its answer; reading pauses above
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0", "0.9": b"0.9", "2.0": b"2.0"}   # all llhttp accepts, as bytes
 
@@ -67,7 +71,7 @@ class HTTP1Connection(Protocol):
                  "tls", "parser", "deadline", "_queue", "_parsing", "_url", "_headers", "_header_bytes",
                  "_raw_header_bytes", "_framing", "_connection_tokens", "_tunnel", "_upgrading", "_held", "_broken",
                  "_close_after", "_chunked_out", "_no_body_out", "_cork", "_paused", "_gone", "_peer_ip", "_write",
-                 "_flush_writes")
+                 "_flush_writes", "_pipelined")
 
     transport: Any  # a TCP (or TLS) transport: producer/consumer, setTcpNoDelay, abortConnection
 
@@ -102,6 +106,7 @@ class HTTP1Connection(Protocol):
         self._peer_ip = ""
         self._write: Any = None       # fastwrite: held until the end of the reactor turn
         self._flush_writes: Any = None
+        self._pipelined = 0           # bytes received since the active request was read whole
 
     # -- connection lifecycle ---------------------------------------------------------
 
@@ -190,6 +195,13 @@ class HTTP1Connection(Protocol):
         if self._upgrading:
             self._hold(data)
             return
+        queue = self._queue
+        if queue and queue[0].complete:
+            # The active request is read and waits for its answer: this is the client running ahead.
+            self._pipelined += len(data)
+            if self._pipelined > _MAX_PIPELINED and not self._paused:
+                self._paused = True
+                self.transport.pauseProducing()
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as upgrade:
@@ -420,6 +432,7 @@ class HTTP1Connection(Protocol):
             self._broken = True
             self.close()
             return
+        self._pipelined = 0
         self._resume()
         if self._queue:
             nxt = self._queue[0]
@@ -465,7 +478,7 @@ class HTTP1Connection(Protocol):
         self._resume()
 
     def _resume(self) -> None:
-        if self._paused and not self._gone:
+        if self._paused and not self._gone and self._pipelined <= _MAX_PIPELINED:
             self._paused = False
             self.transport.resumeProducing()
 
