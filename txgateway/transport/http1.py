@@ -262,6 +262,8 @@ class HTTP1Connection(Protocol):
                 self._connection_tokens.extend(t.strip().lower() for t in value.split(b","))
             elif name == b"host" and b"host" in self._framing:
                 raise _Reject(400, "BAD_REQUEST", "more than one Host header")
+            elif name == b"transfer-encoding" and name in self._framing:
+                value = self._framing[name] + b"," + value     # one list, checked whole below
             self._framing[name] = value
             return
         self._headers.append((name, value))
@@ -290,7 +292,12 @@ class HTTP1Connection(Protocol):
         if b"upgrade" in self._connection_tokens and framing.get(b"upgrade", b"").lower() == b"websocket":
             ctx.upgrade = b"websocket"
             ctx.keep_alive = False           # after the answer: a tunnel, or a closed connection
-        ctx.chunked = b"transfer-encoding" in framing
+        coding = framing.get(b"transfer-encoding")
+        if coding is not None:
+            if coding.strip().lower() != b"chunked":
+                # gzip, chunked under another coding...: the upstream would get bytes framed anew without them.
+                raise _Reject(400, "BAD_REQUEST", "unsupported transfer-coding")
+            ctx.chunked = True
         length = framing.get(b"content-length")
         if length is not None:
             ctx.content_length = int(length)
