@@ -272,6 +272,18 @@ def raw_request(port: int, data: bytes | list[bytes], read_timeout: float = 3.0,
         return b"".join(chunks)
 
 
+def read_to_end(sock: Any) -> bytes:
+    """Everything a (blocking) socket receives until the peer closes, resets or goes quiet; closes it."""
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except (TimeoutError, ConnectionResetError):
+        pass
+    sock.close()
+    return b"".join(chunks)
+
+
 async def raw(port: int, data: bytes | list[bytes], **kw: Any) -> bytes:
     """`raw_request` in a thread, so the reactor keeps running meanwhile."""
     return await deferToThread(raw_request, port, data, **kw)

@@ -8,7 +8,7 @@ import ssl
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
-from tests.conftest import parse_responses, raw, until
+from tests.conftest import parse_responses, raw, read_to_end, until
 from tests.test_tls_config import CertAuthority, pair
 
 GET = b"GET /api/users/1 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
@@ -26,13 +26,9 @@ def refused(port: int, tls: ssl.SSLContext | None = None) -> bool:
 
 
 def tls_get(port: int, tls: ssl.SSLContext) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s, \
-            tls.wrap_socket(s, server_hostname="a.test") as sock:
-        sock.sendall(GET)
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-        return b"".join(chunks)
+    sock = tls.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=5), server_hostname="a.test")
+    sock.sendall(GET)
+    return read_to_end(sock)
 
 
 @pytest_twisted.ensureDeferred
@@ -86,12 +82,9 @@ def pipeline_behind_a_slow_request(port: int) -> bytes:
         close = b"Connection: close\r\n" if i == PIPELINED - 1 else b""
         requests.append(b"POST /api/users/%d HTTP/1.1\r\nHost: a\r\n%sContent-Length: %d\r\n\r\n" % (i, close, BODY)
                         + b"x" * BODY)
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(b"".join(requests))
-        chunks = []
-        while chunk := s.recv(65536):
-            chunks.append(chunk)
-        return b"".join(chunks)
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"".join(requests))
+    return read_to_end(s)
 
 
 @pytest_twisted.ensureDeferred

@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 
-from tests.conftest import assert_envelope, parse_responses, raw, until
+from tests.conftest import assert_envelope, parse_responses, raw, read_to_end, until
 
 CONFIG = """
 limits: {{body_timeout: 10s, min_body_rate: 1KiB, idle_timeout: 30s, buffer_request_body: {buffer}}}
@@ -37,17 +37,6 @@ def slow_client(port: int, length: int) -> socket.socket:
     s = socket.create_connection(("127.0.0.1", port), timeout=5)
     s.sendall(b"POST /api/users/up HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\nx" % length)
     return s
-
-
-def read_all(s: socket.socket) -> bytes:
-    chunks = []
-    try:
-        while chunk := s.recv(65536):
-            chunks.append(chunk)
-    except (TimeoutError, ConnectionResetError):
-        pass
-    s.close()
-    return b"".join(chunks)
 
 
 def active_contexts(gw):
@@ -72,7 +61,7 @@ async def test_many_slow_small_bodies_take_no_pooled_connection(reactor, echo, g
         assert resp.status == 200
     clock.advance(10.5)           # past body_timeout: 1 byte of 1000 is far behind 1KiB/s
     for s in slow:
-        (resp,) = parse_responses(await deferToThread(read_all, s))
+        (resp,) = parse_responses(await deferToThread(read_to_end, s))
         assert_envelope(resp, 408, "REQUEST_TIMEOUT")
     assert gw.log[-1]["detail"] == "client request body too slow" and not echo.requests[5:]
     upstream_untouched(gw)
@@ -102,7 +91,7 @@ async def test_a_trickle_cannot_extend_its_body_deadline_nor_blame_the_upstream(
         await until(reactor, lambda: ctx.bytes_in == sent)
         clock.advance(2)
     assert ctx.done and clock.seconds() <= 12        # body_timeout + 1 s per 1KiB, not idle_timeout per byte
-    (resp,) = parse_responses(await deferToThread(read_all, s))
+    (resp,) = parse_responses(await deferToThread(read_to_end, s))
     assert_envelope(resp, 408, "REQUEST_TIMEOUT")
     upstream_untouched(gw)
     (resp,) = parse_responses(await raw(gw.port, GET))

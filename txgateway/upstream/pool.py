@@ -194,7 +194,7 @@ class UpstreamConnection(TwistedProtocol):
             self._fail("upstream sent an unsupported transfer-coding: " + coding.decode("latin-1"))
             return
         reason = self._reason
-        if _CONTROL.search(reason) is not None:
+        if reason != b"OK" and _CONTROL.search(reason) is not None:    # "OK": most answers, no search
             reason = _standard_reason(status)
         self._until_close = (length is None and b"transfer-encoding" not in framing and not self.no_body)
         self._started = True
