@@ -47,6 +47,8 @@ class UpstreamUser(Protocol):
     """The side of an exchange that the pool and the connection report to."""
 
     def connected(self, conn: UpstreamConnection) -> None: ...
+    def connecting(self) -> None:
+        """It waited for a free slot; a connection is being made for it from now on."""
     def connect_failed(self, reason: Failure) -> None: ...
     def response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
                       length: int | None) -> None: ...
@@ -404,7 +406,9 @@ class TargetPool:
 
     def _serve_waiting(self) -> None:
         while self.waiting and self.total < self.max_connections:
-            self._connect(self.waiting.popleft())
+            user = self.waiting.popleft()
+            user.connecting()
+            self._connect(user)
 
     def retire(self) -> None:
         """A reload dropped this target: close idle connections now; connects in progress and

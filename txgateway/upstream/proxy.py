@@ -221,6 +221,10 @@ class Exchange:
             conn.transport.registerProducer(self.body_producer, True)
             ctx.downstream.read_body(ctx, self)
 
+    def connecting(self) -> None:
+        """Its wait for a free slot is over: the connect gets the whole `connect_timeout`."""
+        self.deadline = self.proxy.deadlines.now + self.pool.connect_timeout
+
     def connect_failed(self, reason: Failure) -> None:
         if self.phase != _CONNECTING:
             return
