@@ -96,3 +96,47 @@ async def test_a_trickle_cannot_extend_its_body_deadline_nor_blame_the_upstream(
     upstream_untouched(gw)
     (resp,) = parse_responses(await raw(gw.port, GET))
     assert resp.status == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_buffered_body_is_resent_when_a_pooled_connection_turns_out_closed(reactor, raw_upstream, gateway):
+    def script(server, data):
+        if not server.buffer.endswith(b"hello"):
+            return
+        server.buffer = b""
+        server.answered = getattr(server, "answered", 0) + 1
+        if server.answered == 2:       # the upstream closed its idle keep-alive just as it was reused
+            server.transport.loseConnection()
+        else:
+            server.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    up = await raw_upstream(script)
+    gw = await gateway(f"""
+        upstreams:
+          users: {{targets: ["{up.url}"]}}
+        routes:
+          - {{prefix: /api/users, upstream: users}}
+        """)
+    put = b"PUT /api/users/1 HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
+    for _ in range(2):
+        (resp,) = parse_responses(await raw(gw.port, put))
+        assert (resp.status, resp.body) == (200, b"ok")
+    assert b"".join(up.requests).count(b"hello") == 3          # the second PUT went out twice, whole
+    (member,) = gw.gateway.proxy.groups["users"].balancer.members
+    assert member.failures == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upstream_silent_after_a_buffered_body_is_a_504_not_the_clients_408(reactor, raw_upstream, gateway):
+    up = await raw_upstream(lambda server, data: None)        # reads everything, never answers
+    clock = Clock()
+    config = CONFIG.format(url=up.url, buffer="64KiB", conns=1).replace("connect_timeout: 1s", "timeout: 2s")
+    gw = await gateway(config, clock=clock)
+    s = socket.create_connection(("127.0.0.1", gw.port), timeout=5)
+    s.sendall(b"POST /api/users/up HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")
+    await until(reactor, lambda: b"".join(up.requests).endswith(b"hello"))
+    clock.advance(2.5)
+    (resp,) = parse_responses(await deferToThread(read_to_end, s))
+    assert_envelope(resp, 504, "GATEWAY_TIMEOUT")
+    (member,) = gw.gateway.proxy.groups["users"].balancer.members
+    assert member.failures == 1 and gw.log[-1]["detail"] == "response timeout"

@@ -213,7 +213,11 @@ class Exchange:
         now = self.proxy.deadlines.now
         self.deadline = self.proxy.body_deadline(now, 0) if has_body else now + self.pool.timeout
         head = self.proxy.request_head(ctx, self.pool)
-        conn.send(self, head if body is None else head + body, ctx.method == b"HEAD", ctx.upgrade is not None)
+        if body is None:
+            conn.send(self, head, ctx.method == b"HEAD", ctx.upgrade is not None)
+        else:
+            conn.send(self, head + body, ctx.method == b"HEAD", ctx.upgrade is not None)
+            self.body_sent = True
         if has_body:
             self.body_read = True
             self.body_started = now
