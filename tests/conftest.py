@@ -327,9 +327,32 @@ def raw_request(port: int, data: bytes | list[bytes], read_timeout: float = 3.0,
         return b"".join(chunks)
 
 
+def read_to_end(sock: Any) -> bytes:
+    """Everything a (blocking) socket receives until the peer closes, resets or goes quiet; closes it."""
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except (TimeoutError, ConnectionResetError):
+        pass
+    sock.close()
+    return b"".join(chunks)
+
+
 async def raw(port: int, data: bytes | list[bytes], **kw: Any) -> bytes:
     """`raw_request` in a thread, so the reactor keeps running meanwhile."""
     return await deferToThread(raw_request, port, data, **kw)
+
+
+async def until(reactor: Any, condition: Callable[[], Any], bound: float = 5.0) -> None:
+    """Wait (at most `bound` seconds) for a state the gateway reaches on its own, such as
+    bytes from a client socket having arrived before a test clock is advanced."""
+    from twisted.internet.task import deferLater
+    for _ in range(int(bound / 0.01)):
+        if condition():
+            return
+        await deferLater(reactor, 0.01)
+    raise AssertionError("condition not reached in time")
 
 
 @dataclass

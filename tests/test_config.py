@@ -101,8 +101,8 @@ def test_unknown_key_in_limits_and_upstream():
     text = BASE.replace('users: {targets:', 'users: {target: x, targets:') + "limits: {max_body: 1MiB}\n"
     assert errors(text) == [
         f"c.yaml:4: upstreams.users.target: unknown key (expected one of: {UPSTREAM_KEYS})",
-        ("c.yaml:9: limits.max_body: unknown key (expected one of: header_timeout, idle_timeout, "
-         "max_body_size, max_header_bytes)"),
+        ("c.yaml:9: limits.max_body: unknown key (expected one of: body_timeout, buffer_request_body, "
+         "header_timeout, idle_timeout, max_body_size, max_connections_per_ip, max_header_bytes, min_body_rate)"),
     ]
 
 
@@ -202,6 +202,23 @@ def test_bad_sizes():
         'c.yaml:10: limits.max_body_size: expected a size like "512", "16KiB" or "10MiB", got "10 MB"',
         'c.yaml:11: limits.max_header_bytes: expected a size like "512", "16KiB" or "10MiB", got "1.5KiB"',
     ]
+
+
+def test_bad_slow_client_limits():
+    text = BASE + ("limits:\n  buffer_request_body: lots\n  body_timeout: 10\n  min_body_rate: 1KiB/s\n"
+                   "  max_connections_per_ip: -1\n")
+    assert errors(text) == [
+        'c.yaml:10: limits.buffer_request_body: expected a size like "512", "16KiB" or "10MiB", got "lots"',
+        'c.yaml:11: limits.body_timeout: expected a duration like "250ms", "5s" or "1m", got "10"',
+        'c.yaml:12: limits.min_body_rate: expected a size like "512", "16KiB" or "10MiB", got "1KiB/s"',
+        "c.yaml:13: limits.max_connections_per_ip: expected an integer >= 0, got -1",
+    ]
+    config = parse_config(BASE + "limits: {buffer_request_body: 0, body_timeout: 1m, min_body_rate: 512, "
+                                 "max_connections_per_ip: 100}\n", "c.yaml")
+    assert (config.limits.buffer_request_body, config.limits.body_timeout, config.limits.min_body_rate,
+            config.limits.max_connections_per_ip) == (0, 60.0, 512, 100)
+    assert Limits() == Limits(buffer_request_body=65536, body_timeout=10.0, min_body_rate=1024,
+                              max_connections_per_ip=0)
 
 
 def test_header_limit_below_1kib():

@@ -67,7 +67,7 @@ routes:
   - {prefix: /api/other, upstream: orders, split: {upstream: orders-v2, percent: 5}}
 """, "t.yaml")
     reactor = MemoryReactorClock()
-    proxy = Proxy(reactor, reactor, config.upstreams, Deadlines(reactor), 60.0)
+    proxy = Proxy(reactor, reactor, config.upstreams, Deadlines(reactor), config.limits)
     timed, plain = (PROXY.make(proxy, route.answer, route) for route in config.routes)
     assert timed.by_upstream == {"orders": (45.0, 120.0), "orders-v2": (45.0, 120.0)}
     assert plain is proxy

@@ -36,8 +36,13 @@ async def wait_for(reactor, predicate, timeout=5.0):
     (b"GET /api/users HTTP/1.1\r\n\r\n", "BAD_REQUEST"),
     (b"GET /api/users HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "BAD_REQUEST"),
     (b"GET api/users HTTP/1.1\r\nHost: a\r\n\r\n", "BAD_REQUEST"),
+    (b"GET /api/users HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n", "BAD_REQUEST"),
+    (b"POST /api/users HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+     "BAD_REQUEST"),
+    (b"POST /api/users HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"3\r\nabc\r\n0\r\n\r\n", "BAD_REQUEST"),
 ], ids=["request-line", "cl-and-te", "two-content-lengths", "cr-in-value", "lf-in-value", "unknown-te",
-        "no-host", "two-hosts", "relative-target"])
+        "no-host", "two-hosts", "relative-target", "xchunked-te", "coding-under-chunked", "te-split-in-two"])
 @pytest_twisted.ensureDeferred
 async def test_malformed_requests_get_400_and_the_connection_closes(reactor, echo, gateway, request_bytes, code):
     gw = await gateway(simple_config(echo.url))

@@ -61,6 +61,10 @@ class Limits:
     max_header_bytes: int = 16 * 2**10
     header_timeout: float = 10.0
     idle_timeout: float = 60.0
+    buffer_request_body: int = 64 * 2**10   # bodies up to this size are read whole before an upstream connection is taken
+    body_timeout: float = 10.0              # a request body gets this long, plus 1 s per min_body_rate bytes it delivered
+    min_body_rate: int = 1024               # bytes per second; 0: no rate (idle_timeout between reads only)
+    max_connections_per_ip: int = 0         # 0: no cap
     # max_body_size, or a route's larger one: what the transports let in before routing
     # (derived from the routes, not a key of limits:)
     largest_body: int = field(default=10 * 2**20, compare=False)
@@ -262,15 +266,19 @@ def _listeners(r: Reader, node: yaml.Node) -> tuple[Listener, ...]:
 
 
 def _limits(r: Reader, node: yaml.Node) -> Limits:
-    keys = {"max_body_size": "", "max_header_bytes": "", "header_timeout": "", "idle_timeout": ""}
+    keys = {"max_body_size": "", "max_header_bytes": "", "header_timeout": "", "idle_timeout": "",
+            "buffer_request_body": "", "body_timeout": "", "min_body_rate": "", "max_connections_per_ip": ""}
     fields = r.mapping(node, "limits", keys)
     values: dict[str, Any] = {}
-    for key in ("max_body_size", "max_header_bytes"):
+    for key in ("max_body_size", "max_header_bytes", "buffer_request_body", "min_body_rate"):
         if key in fields:
             values[key] = r.attempt(lambda: r.parsed(fields[key], f"limits.{key}", parse_size), getattr(Limits, key))
-    for key in ("header_timeout", "idle_timeout"):
+    for key in ("header_timeout", "idle_timeout", "body_timeout"):
         if key in fields:
             values[key] = r.attempt(lambda: r.parsed(fields[key], f"limits.{key}", parse_duration), getattr(Limits, key))
+    if "max_connections_per_ip" in fields:
+        values["max_connections_per_ip"] = r.attempt(
+            lambda: r.integer(fields["max_connections_per_ip"], "limits.max_connections_per_ip"), 0)
     if values.get("max_header_bytes", Limits.max_header_bytes) < 1024:
         r.fail(fields.get("max_header_bytes"), "limits.max_header_bytes", "expected at least 1KiB")
     return Limits(**values)

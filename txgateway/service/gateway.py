@@ -40,7 +40,8 @@ from txgateway.service.requestpath import build_request_path, redirect_path
 from txgateway.transport.clientcert import ClientCerts
 from txgateway.transport.endpoints import ListenerError, cannot_listen
 from txgateway.transport.http1 import HTTP1Factory
-from txgateway.transport.tls import TICKET_KEY_LIFETIME, RedirectToHttps, ServerTLS, TLSFactory
+from txgateway.transport.peerlimit import PeerLimit, PeerLimitedTLSFactory
+from txgateway.transport.tls import TICKET_KEY_LIFETIME, RedirectToHttps, ServerTLS
 from txgateway.upstream.breaker import Breakers
 from txgateway.upstream.proxy import Proxy, UpstreamGroup
 
@@ -163,7 +164,8 @@ class Gateway(MultiService):
         self.redis, self.limiter, self.local_buckets = self._limit_stores(config)
         self.access_log = AccessLog(self.log_writer)
         self.switch = Switch(self._request_path(config, {}))
-        self.factory = HTTP1Factory(self.switch, self.clock, self.deadlines)
+        self.peers = PeerLimit(lambda: self.switch.pipeline.limits.max_connections_per_ip)
+        self.factory = HTTP1Factory(self.switch, self.clock, self.deadlines, peers=self.peers)
         for component in self._components():     # children before the listeners: started first
             component.setServiceParent(self)
         self.factories = [self.factory]          # every HTTP/1.1 factory: plain, TLS, redirecting
@@ -236,12 +238,12 @@ class Gateway(MultiService):
             if "h2" in listener.tls.alpn:
                 from txgateway.transport.h2 import ALPNFactory  # the h2 library: only listeners offering h2
                 wrapped = ALPNFactory(http)
-            return TLSFactory(tls, False, wrapped)  # type: ignore[arg-type]  # zope interfaces
+            return PeerLimitedTLSFactory(tls, wrapped, self.peers)
         if config.redirect_to_https:
             first_tls = next(i for i, x in enumerate(config.listen) if x.tls is not None)
             redirect = redirect_path(config, self._resources(config, {}), [self.stats, self.access_log],
                                      RedirectToHttps(lambda: self._bound_port(first_tls)))
-            factory = HTTP1Factory(Switch(redirect), self.clock, self.deadlines)   # a reload leaves it alone
+            factory = HTTP1Factory(Switch(redirect), self.clock, self.deadlines, peers=self.peers)  # a reload leaves it alone
             self.factories.append(factory)
             return factory
         return self.factory

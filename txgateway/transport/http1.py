@@ -4,7 +4,10 @@ Why not twisted.web: it buffers whole request bodies, answers `100 Continue` bef
 check, and costs 5-10x the CPU per request (docs/architecture.md). This adapter only does
 HTTP/1.1 framing: it turns bytes into a RequestContext for the pipeline and implements
 `Downstream` so the pipeline and proxy can answer. Requests are answered strictly in
-order; pipelined requests wait in `_queue` with their bodies buffered (bounded).
+order; pipelined requests wait in `_queue` with their bodies buffered (bounded): once
+`_MAX_PIPELINED` bytes arrived behind a request that is waiting for its answer, the
+connection stops reading until that answer is out, so a client cannot make the gateway hold
+more than that while its upstream is slow.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from txgateway.core.hopbyhop import REQUEST_CONSUMED
 from txgateway.core.pipeline import Pipeline, RequestContext, ResponseHead, Switch
 from txgateway.core.timeouts import Deadlines
 from txgateway.transport.clientcert import ClientCerts
+from txgateway.transport.peerlimit import PeerLimit
 from txgateway.transport.tls import tls_description
 from txgateway.transport.tunnel import Tunnel, handshake_problem
 
@@ -33,6 +37,7 @@ _log = Logger(namespace="txgateway.transport.http1")
 
 _MAX_QUEUED = 16             # pipelined requests waiting behind the active one
 _MAX_BUFFERED = 256 * 1024   # request body bytes held while waiting; reading pauses above
+_MAX_PIPELINED = 64 * 1024   # bytes read behind a request waiting for its answer; reading pauses above
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0", "0.9": b"0.9", "2.0": b"2.0"}   # all llhttp accepts, as bytes
 
@@ -66,7 +71,7 @@ class HTTP1Connection(Protocol):
                  "tls", "parser", "deadline", "_queue", "_parsing", "_url", "_headers", "_header_bytes",
                  "_raw_header_bytes", "_framing", "_connection_tokens", "_tunnel", "_upgrading", "_upgrade_body", "_broken",
                  "_close_after", "_chunked_out", "_no_body_out", "_cork", "_paused", "_gone", "_peer_ip", "_write",
-                 "_flush_writes", "_client_certs")
+                 "_flush_writes", "_client_certs", "_pipelined")
 
     transport: Any  # a TCP (or TLS) transport: producer/consumer, setTcpNoDelay, abortConnection
 
@@ -102,6 +107,7 @@ class HTTP1Connection(Protocol):
         self._peer_ip = ""
         self._write: Any = None       # fastwrite: held until the end of the reactor turn
         self._flush_writes: Any = None
+        self._pipelined = 0           # bytes received since the active request was read whole
 
     # -- connection lifecycle ---------------------------------------------------------
 
@@ -117,6 +123,8 @@ class HTTP1Connection(Protocol):
     def connectionLost(self, reason: Any = None) -> None:
         self._gone = True
         self.factory.connections.discard(self)
+        if self.factory.peers is not None:
+            self.factory.peers.release(self._peer_ip)
         self._deadlines.discard(self)
         if self._tunnel is not None:
             self._tunnel.client_lost()
@@ -189,6 +197,13 @@ class HTTP1Connection(Protocol):
         if self._upgrading:
             self._early(data)
             return
+        queue = self._queue
+        if queue and queue[0].complete:
+            # The active request is read and waits for its answer: this is the client running ahead.
+            self._pipelined += len(data)
+            if self._pipelined > _MAX_PIPELINED and not self._paused:
+                self._paused = True
+                self.transport.pauseProducing()
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as upgrade:
@@ -267,6 +282,8 @@ class HTTP1Connection(Protocol):
                 self._connection_tokens.extend(t.strip().lower() for t in value.split(b","))
             elif name == b"host" and b"host" in self._framing:
                 raise _Reject(400, "BAD_REQUEST", "more than one Host header")
+            elif name == b"transfer-encoding" and name in self._framing:
+                value = self._framing[name] + b"," + value     # one list, checked whole below
             self._framing[name] = value
             return
         self._headers.append((name, value))
@@ -297,7 +314,12 @@ class HTTP1Connection(Protocol):
             # What follows is a tunnel's bytes, never a request: answered (405), then closed.
             self._broken = True
             ctx.keep_alive = False
-        ctx.chunked = b"transfer-encoding" in framing
+        coding = framing.get(b"transfer-encoding")
+        if coding is not None:
+            if coding.strip().lower() != b"chunked":
+                # gzip, chunked under another coding...: the upstream would get bytes framed anew without them.
+                raise _Reject(400, "BAD_REQUEST", "unsupported transfer-coding")
+            ctx.chunked = True
         length = framing.get(b"content-length")
         if length is not None:
             ctx.content_length = int(length)
@@ -455,6 +477,7 @@ class HTTP1Connection(Protocol):
             self._broken = True
             self.close()
             return
+        self._pipelined = 0
         self._resume()
         if self._queue:
             nxt = self._queue[0]
@@ -500,7 +523,7 @@ class HTTP1Connection(Protocol):
         self._resume()
 
     def _resume(self) -> None:
-        if self._paused and not self._gone:
+        if self._paused and not self._gone and self._pipelined <= _MAX_PIPELINED:
             self._paused = False
             self.transport.resumeProducing()
 
@@ -565,9 +588,11 @@ class HTTP1Factory(Factory):
     noisy = False
 
     def __init__(self, switch: Switch, clock: Any, deadlines: Deadlines,
-                 scheme: bytes = b"http", hsts: bytes | None = None, client_certs: ClientCerts | None = None) -> None:
+                 scheme: bytes = b"http", hsts: bytes | None = None, client_certs: ClientCerts | None = None,
+                 peers: PeerLimit | None = None) -> None:
         self.switch = switch      # the current request path (a reload replaces it)
         self.client_certs = client_certs   # a listener verifying client certificates (mTLS)
+        self.peers = peers        # plain listeners: connections per address (TLS ones count outside)
         self.clock = clock
         self.deadlines = deadlines
         self.scheme = scheme
@@ -583,5 +608,7 @@ class HTTP1Factory(Factory):
     def limits(self) -> Limits:
         return self.switch.pipeline.limits  # type: ignore[no-any-return]
 
-    def buildProtocol(self, addr: Any) -> HTTP1Connection:
+    def buildProtocol(self, addr: Any) -> HTTP1Connection | None:
+        if self.peers is not None and self.peers.admit(addr) is None:
+            return None           # over limits.max_connections_per_ip: Twisted closes the socket
         return HTTP1Connection(self)

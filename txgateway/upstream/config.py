@@ -34,7 +34,7 @@ def proxy_for(resources: Resources) -> Any:
         from txgateway.upstream.proxy import Proxy
         config = resources.config
         return Proxy(resources.reactor, resources.clock, config.upstreams, resources.deadlines,
-                     config.limits.idle_timeout, resources.keep)
+                     config.limits, resources.keep)
     return resources.shared("proxy", make)
 
 

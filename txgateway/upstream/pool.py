@@ -4,11 +4,18 @@ A `TargetPool` per target keeps idle keep-alive connections (LIFO, so the warmes
 reused) and caps the total; requests beyond the cap wait in FIFO order. A connection goes
 back to the pool only after its response ended cleanly and both sides allow reuse.
 The pool knows nothing of clients: it talks to an `UpstreamUser` (the proxy's exchange).
+
+A response is handed over as complete only once the read that ended it is parsed: bytes after
+it in that read (a second response, a body on a 204/304 or HEAD answer) mean the upstream and
+the gateway disagree on framing, so the connection is closed instead of answering the next
+request, perhaps another client's, with them.
 """
 
 from __future__ import annotations
 
+import re
 from collections import deque
+from http import HTTPStatus
 from typing import Any, Protocol
 
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpResponseParser
@@ -29,6 +36,11 @@ __all__ = ["TargetPool", "UpstreamConnection", "UpstreamUser"]
 
 _log = Logger(namespace="txgateway.upstream.pool")
 _DONE = Failure(ConnectionDone())
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")   # no business in a reason phrase sent to a client
+
+
+class _Leftover(Exception):
+    """Raised in a parser callback: a message began after the response was complete."""
 
 
 class UpstreamUser(Protocol):
@@ -37,6 +49,8 @@ class UpstreamUser(Protocol):
     connect_timeout: float          # the upstream's, or the route's own (its connect attempts' backstop)
 
     def connected(self, conn: UpstreamConnection) -> None: ...
+    def connecting(self) -> None:
+        """It waited for a free slot; a connection is being made for it from now on."""
     def connect_failed(self, reason: Failure) -> None: ...
     def response_head(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]],
                       length: int | None) -> None: ...
@@ -54,7 +68,7 @@ class UpstreamConnection(TwistedProtocol):
 
     __slots__ = ("pool", "user", "factory", "transport", "connected", "write", "flush_writes", "parser", "reused",
                  "open", "upgrade", "tunnel", "no_body", "_reason", "_headers", "_framing", "_tokens", "_interim",
-                 "_started", "_until_close")  # attribute access on the hot path (see http1.HTTP1Connection)
+                 "_started", "_until_close", "_ended", "_extra")  # attribute access on the hot path (see http1.HTTP1Connection)
 
     transport: Any
 
@@ -77,6 +91,8 @@ class UpstreamConnection(TwistedProtocol):
         self._interim = False
         self._started = False      # response head delivered for the current exchange
         self._until_close = False  # body delimited by the connection closing
+        self._ended = False        # the response completed in the read being parsed
+        self._extra = False        # bytes the response's framing does not account for
 
     def connectionMade(self) -> None:
         self.open = True
@@ -89,6 +105,7 @@ class UpstreamConnection(TwistedProtocol):
     def send(self, user: UpstreamUser, head: bytes, no_body: bool, upgrade: bytes = b"") -> None:
         self.user = user
         self.no_body = no_body
+        self._extra = False
         self.upgrade = upgrade
         self._started = False
         self.write(head)
@@ -111,12 +128,21 @@ class UpstreamConnection(TwistedProtocol):
                 self._fail("upstream switched protocols unexpectedly")
             return
         except HttpParserCallbackError as e:
+            if isinstance(e.__context__, _Leftover):
+                self._end(False)
+                return
             # Our own code raised inside a parser callback: a bug, not a bad upstream.
             _log.failure("bug while relaying a response", Failure(e.__context__))
             self._fail("gateway error while relaying the response")
             return
         except HttpParserError as e:
-            self._fail(f"invalid response from upstream: {e}")
+            if self._ended:        # garbage after a complete response: it stands, the connection goes
+                self._end(False)
+            else:
+                self._fail(f"invalid response from upstream: {e}")
+            return
+        if self._ended:
+            self._end(self._reusable())
             return
         user = self.user
         if user is not None and self._started:
@@ -129,6 +155,8 @@ class UpstreamConnection(TwistedProtocol):
                 user.read_done()
 
     def on_message_begin(self) -> None:
+        if self._ended:
+            raise _Leftover()
         self._headers = []
         self._framing = {}
         self._tokens = []
@@ -168,14 +196,24 @@ class UpstreamConnection(TwistedProtocol):
             length = int(framing[b"content-length"])
         if status in (204, 304):
             self.no_body = True
+        coding = framing.get(b"transfer-encoding")
+        if coding is not None and coding.strip().lower() != b"chunked":
+            # gzip, or chunked under another coding: the gateway would relay bytes it cannot frame.
+            self._fail("upstream sent an unsupported transfer-coding: " + coding.decode("latin-1"))
+            return
+        reason = self._reason
+        if reason != b"OK" and _CONTROL.search(reason) is not None:    # "OK": most answers, no search
+            reason = _standard_reason(status)
         self._until_close = (length is None and b"transfer-encoding" not in framing and not self.no_body)
         self._started = True
         user = self.user
         if user is not None:
-            user.response_head(status, self._reason, headers, length)
+            user.response_head(status, reason, headers, length)
 
     def on_body(self, data: bytes) -> None:
-        if self.user is not None and not self.no_body:
+        if self.no_body:
+            self._extra = True     # a body on a HEAD answer: framing the upstream got wrong
+        elif self.user is not None:
             self.user.response_body(data)
 
     def on_message_complete(self) -> None:
@@ -185,10 +223,16 @@ class UpstreamConnection(TwistedProtocol):
         if self.upgrade and self.parser.get_status_code() == 101:
             return                 # the handshake's end: HttpParserUpgrade follows (tunnel)
         if self.user is not None:
-            self._complete(self._reusable())
+            self._ended = True     # handed over once the rest of this read is known (dataReceived)
+
+    def _end(self, reusable: bool) -> None:
+        self._ended = False
+        self._complete(reusable)
+        if not reusable:
+            self.close()           # whatever the parser holds of the extra bytes goes with it
 
     def _reusable(self) -> bool:
-        if self._until_close or b"close" in self._tokens:
+        if self._until_close or self._extra or b"close" in self._tokens:
             return False
         return self.parser.get_http_version() == "1.1" or b"keep-alive" in self._tokens
 
@@ -230,6 +274,14 @@ class UpstreamConnection(TwistedProtocol):
         self.user = None
         if self.open:
             self.transport.abortConnection()
+
+
+def _standard_reason(status: int) -> bytes:
+    """The RFC reason phrase for `status` (an upstream's own one had control bytes)."""
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
 
 
 def _tls_reason(error: Exception) -> str:
@@ -285,10 +337,12 @@ class TargetPool:
         else:
             self.waiting.append(user)
 
-    def forget(self, user: UpstreamUser) -> None:
-        """`user` no longer wants a connection (cancelled or timed out)."""
+    def forget(self, user: UpstreamUser) -> bool:
+        """`user` no longer wants a connection (cancelled or timed out). True: it was still
+        waiting for a free slot (no connection was being made for it)."""
         try:
             self.waiting.remove(user)
+            return True
         except ValueError:
             pass
         for factory, connector in list(self._pending.items()):
@@ -297,6 +351,7 @@ class TargetPool:
                 del self._pending[factory]
                 self.total -= 1
                 connector.disconnect()
+        return False
 
     def connect_new(self, user: UpstreamUser) -> None:
         """A fresh connection for `user`, bypassing idle ones (retry after a stale one)."""
@@ -359,7 +414,9 @@ class TargetPool:
 
     def _serve_waiting(self) -> None:
         while self.waiting and self.total < self.max_connections:
-            self._connect(self.waiting.popleft())
+            user = self.waiting.popleft()
+            user.connecting()
+            self._connect(user)
 
     def retire(self) -> None:
         """A reload dropped this target: close idle connections now; connects in progress and

@@ -14,6 +14,12 @@ idempotent methods, only on another target, only before any byte of a response e
 only while the request body is still unread or absent, and never while the breaker is open.
 So one dead target among several is ejected without opening the breaker (its requests are
 retried elsewhere), while an upstream whose requests fail after their retries trips it.
+
+A client's pace is never held against the upstream: a body of up to `buffer_request_body`
+bytes (with a Content-Length) is read whole before a connection is taken (`BufferedBody`),
+so slow uploaders do not fill the pool; a body must keep up `min_body_rate` after
+`body_timeout` (a trickle cannot push its deadline on), and a request that found every
+connection busy until its deadline gets a 503 with no verdict on the upstream.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from txgateway.config.schema import Upstream
+from txgateway.config.schema import Limits, Upstream
 from txgateway.core.logtext import printable
 from txgateway.core.pipeline import RequestContext, ResponseHead, error_response
 from txgateway.core.timeouts import Deadlines
@@ -103,14 +109,64 @@ class _RequestBodyProducer:
         pass
 
 
+class BufferedBody:
+    """Reads a small request body whole before the request goes upstream (the `BodySink`)."""
+
+    __slots__ = ("proxy", "ctx", "timeouts", "chunks", "received", "started", "deadline", "done")
+
+    def __init__(self, proxy: Proxy, ctx: RequestContext, timeouts: tuple[float, float] | None) -> None:
+        self.proxy = proxy
+        self.ctx = ctx
+        self.timeouts = timeouts     # the route's own, passed on to `forward`
+        self.chunks: list[bytes] = []
+        self.received = 0
+        self.started = proxy.deadlines.now
+        self.deadline = 0.0
+        self.done = False
+
+    def start(self) -> None:
+        self.deadline = self.proxy.body_deadline(self.started, 0)
+        self.proxy.deadlines.add(self)
+        self.ctx.downstream.read_body(self.ctx, self)
+
+    def body_chunk(self, data: bytes) -> None:
+        if self.done:
+            return
+        self.chunks.append(data)
+        self.received += len(data)
+        self.deadline = self.proxy.body_deadline(self.started, self.received)
+
+    def body_end(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.proxy.deadlines.discard(self)
+        ctx = self.ctx
+        ctx.forwarding = None
+        self.proxy.forward(ctx, self.timeouts, b"".join(self.chunks))
+
+    def expired(self) -> None:
+        self.done = True
+        ctx = self.ctx
+        ctx.forwarding = None
+        ctx.note("upstream_error", self.proxy.body_late(self.started, self.received))
+        self.proxy.pipeline.respond_local(ctx, error_response(
+            ctx, 408, "REQUEST_TIMEOUT", "the request body did not arrive in time"))
+
+    def cancel(self) -> None:
+        self.done = True
+        self.proxy.deadlines.discard(self)
+
+
 class Exchange:
     """One request forwarded to one upstream connection (the pool's `UpstreamUser`)."""
 
     __slots__ = ("proxy", "ctx", "group", "member", "pool", "ticket", "judged", "settled", "tried", "conn", "phase",
                  "deadline", "body_sent", "body_read", "body_producer", "retried", "producing", "connect_timeout",
-                 "timeout")
+                 "timeout", "body", "body_started", "body_received")
 
-    def __init__(self, proxy: Proxy, ctx: RequestContext, group: UpstreamGroup, member: Member, ticket: int) -> None:
+    def __init__(self, proxy: Proxy, ctx: RequestContext, group: UpstreamGroup, member: Member, ticket: int,
+                 body: bytes | None = None) -> None:
         self.proxy = proxy
         self.ctx = ctx
         self.group = group
@@ -130,6 +186,9 @@ class Exchange:
         self.body_producer: _RequestBodyProducer | None = None
         self.retried = False
         self.producing = False  # upstream transport registered as the client's producer
+        self.body = body        # read whole beforehand (BufferedBody): sent with the head
+        self.body_started = 0.0
+        self.body_received = 0
 
     def start(self) -> None:
         ctx = self.ctx
@@ -153,15 +212,27 @@ class Exchange:
         self.phase = _WAITING
         # `timeout` (until the response head) starts once the request is sent; while a body
         # streams in, the client's pace is bounded by idle_timeout instead.
-        has_body = ctx.has_body
-        self.deadline = self.proxy.deadlines.now + (self.proxy.idle_timeout if has_body else self.timeout)
-        conn.send(self, self.proxy.request_head(ctx, self.pool), ctx.method == b"HEAD",
-                  ctx.get_state("websocket_accept") if ctx.upgrade is not None else b"")
+        body = self.body
+        has_body = ctx.has_body and body is None
+        now = self.proxy.deadlines.now
+        self.deadline = self.proxy.body_deadline(now, 0) if has_body else now + self.timeout
+        head = self.proxy.request_head(ctx, self.pool)
+        accept = ctx.get_state("websocket_accept") if ctx.upgrade is not None else b""
+        if body is None:
+            conn.send(self, head, ctx.method == b"HEAD", accept)
+        else:
+            conn.send(self, head + body, ctx.method == b"HEAD", accept)
+            self.body_sent = True
         if has_body:
             self.body_read = True
+            self.body_started = now
             self.body_producer = _RequestBodyProducer(ctx)
             conn.transport.registerProducer(self.body_producer, True)
             ctx.downstream.read_body(ctx, self)
+
+    def connecting(self) -> None:
+        """Its wait for a free slot is over: the connect gets the whole `connect_timeout`."""
+        self.deadline = self.proxy.deadlines.now + self.connect_timeout
 
     def connect_failed(self, reason: Failure) -> None:
         if self.phase != _CONNECTING:
@@ -180,7 +251,8 @@ class Exchange:
         if conn is None or self.phase == _DONE:
             return
         if self.phase == _WAITING:
-            self.deadline = self.proxy.deadlines.now + self.proxy.idle_timeout
+            self.body_received += len(data)
+            self.deadline = self.proxy.body_deadline(self.body_started, self.body_received)
         if self.ctx.chunked:
             conn.write(b"%x\r\n%s\r\n" % (len(data), data))
         else:
@@ -288,7 +360,7 @@ class Exchange:
         ctx = self.ctx
         conn = self.conn
         if (not response_started and conn is not None and conn.reused and not self.retried
-                and ctx.method in _IDEMPOTENT and not ctx.has_body):
+                and ctx.method in _IDEMPOTENT and (not ctx.has_body or self.body is not None)):
             # A pooled connection the upstream had already closed: try once on a fresh one.
             self.retried = True
             self.conn = None
@@ -305,15 +377,20 @@ class Exchange:
 
     def expired(self) -> None:
         if self.phase == _CONNECTING:
-            self.pool.forget(self)
+            if self.pool.forget(self):
+                # Every connection was busy the whole time: the gateway's limit, not the upstream's failure.
+                self._no_verdict()
+                ctx = self._failed("no connection to the upstream became free")
+                self.proxy.pipeline.respond_local(ctx, error_response(
+                    ctx, 503, "UPSTREAM_UNAVAILABLE", "all connections to the upstream are busy",
+                    [(b"retry-after", b"1")]))
+                return
             self._fail_before_response(504, "GATEWAY_TIMEOUT", "the upstream did not accept the connection in time",
                                        "connect timeout")
         elif self.phase == _WAITING and not self.body_sent and not (self.body_producer and self.body_producer.paused):
-            # The client stopped sending its body: not the upstream's failure (no verdict).
-            if self.group.breaker is not None and not self.settled:
-                self.group.breaker.release(self.ticket)
-            self.judged = self.settled = True
-            ctx = self._failed("client request body idle timeout")
+            # The client stopped sending its body, or sends it too slowly: not the upstream's failure.
+            self._no_verdict()
+            ctx = self._failed(self.proxy.body_late(self.body_started, self.body_received))
             self.proxy.pipeline.respond_local(ctx, error_response(
                 ctx, 408, "REQUEST_TIMEOUT", "the request body did not arrive in time"))
         elif self.phase == _WAITING:
@@ -328,10 +405,14 @@ class Exchange:
             return
         if self.phase == _CONNECTING:
             self.pool.forget(self)
-        if not self.settled and self.group.breaker is not None:
-            self.group.breaker.release(self.ticket)      # no verdict on the upstream
-        self.judged = self.settled = True
+        self._no_verdict()
         self._close_upstream()
+
+    def _no_verdict(self) -> None:
+        """This request says nothing about the upstream: neither passive health nor the breaker hear of it."""
+        if not self.settled and self.group.breaker is not None:
+            self.group.breaker.release(self.ticket)
+        self.judged = self.settled = True
 
     # -- verdicts and retries ----------------------------------------------------------
 
@@ -414,10 +495,13 @@ class Proxy:
     """The pipeline's terminal: picks a target and runs an Exchange."""
 
     def __init__(self, reactor: Any, clock: Any, upstreams: Mapping[str, Upstream], deadlines: Deadlines,
-                 idle_timeout: float, keep: Mapping[str, UpstreamGroup] | None = None) -> None:
+                 limits: Limits, keep: Mapping[str, UpstreamGroup] | None = None) -> None:
         self.clock = clock
         self.deadlines = deadlines
-        self.idle_timeout = idle_timeout
+        self.idle_timeout = limits.idle_timeout
+        self.buffer_body = limits.buffer_request_body
+        self.body_timeout = limits.body_timeout
+        self.body_rate = float(limits.min_body_rate) or 0.0
         keep = keep or {}
         self.groups = {name: keep.get(name) or UpstreamGroup(reactor, clock, u) for name, u in upstreams.items()}
         self.pipeline: Pipeline  # set by the gateway once the pipeline exists
@@ -426,8 +510,32 @@ class Proxy:
         for group in self.groups.values():
             group.start()
 
-    def forward(self, ctx: RequestContext, timeouts: tuple[float, float] | None = None) -> None:
-        """`timeouts`: a route's own (connect_timeout, timeout) for this upstream."""
+    def body_deadline(self, started: float, received: int) -> float:
+        """When the rest of a request body that began at `started` and delivered `received`
+        bytes so far is due: after `idle_timeout` without a byte, or when it falls behind
+        `body_timeout` plus a second per `min_body_rate` bytes (bytes a trickle does not send
+        buy it no time)."""
+        idle = self.deadlines.now + self.idle_timeout
+        rate = self.body_rate
+        return min(idle, started + self.body_timeout + received / rate) if rate else idle
+
+    def body_late(self, started: float, received: int) -> str:
+        """Why a request body's deadline passed (`body_deadline`), for the access log."""
+        rate = self.body_rate
+        if rate and self.deadlines.now >= started + self.body_timeout + received / rate:
+            return "client request body too slow"
+        return "client request body idle timeout"
+
+    def forward(self, ctx: RequestContext, timeouts: tuple[float, float] | None = None,
+                body: bytes | None = None) -> None:
+        """Send `ctx` upstream. `timeouts`: a route's own (connect_timeout, timeout) for this
+        upstream; `body`: its body, read whole already."""
+        length = ctx.content_length
+        if body is None and length and length <= self.buffer_body:
+            buffered = BufferedBody(self, ctx, timeouts)
+            ctx.forwarding = buffered
+            buffered.start()
+            return
         group = self.groups[ctx.upstream]  # type: ignore[index]
         breaker = group.breaker
         ticket = 0
@@ -449,7 +557,7 @@ class Proxy:
                 ctx, 503, "UPSTREAM_UNAVAILABLE", "no healthy target for this upstream",
                 [(b"retry-after", b"%d" % group.balancer.retry_after())]))
             return
-        exchange = Exchange(self, ctx, group, member, ticket)
+        exchange = Exchange(self, ctx, group, member, ticket, body)
         if timeouts is not None:
             exchange.connect_timeout, exchange.timeout = timeouts
         ctx.forwarding = exchange

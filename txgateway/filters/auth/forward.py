@@ -136,6 +136,10 @@ class AuthCall:
         self.deadline = self.filter.deadlines.now + self.pool.timeout
         conn.send(self, self.filter.request_head(self.ctx, self.pool.target.netloc), self.ctx.method == b"HEAD")
 
+    def connecting(self) -> None:
+        # Its wait for a free slot is over: the connect gets the whole connect_timeout.
+        self.deadline = self.filter.deadlines.now + self.connect_timeout
+
     def connect_failed(self, reason: Failure) -> None:
         self._fail(f"connect failed: {reason.getErrorMessage()}")
 

@@ -43,7 +43,7 @@ class Composer:
         self.deadlines = resources.deadlines
         self.stats = resources.parts.get("stats")
         self.calls = Proxy(resources.reactor, resources.clock, config.upstreams, resources.deadlines,
-                           config.limits.idle_timeout, proxy.groups)
+                           config.limits, proxy.groups)
         self.calls.pipeline = Pipeline(Chain("(composed calls)", (), (), None), (), None, resources.clock)
         self.call_chain = self.calls.pipeline.edge
         self.pipeline: Pipeline        # the request path's, set when it is built
