@@ -16,6 +16,8 @@ from txgateway.upstream.pool import TargetPool
 class User:
     """An UpstreamUser recording what the pool tells it."""
 
+    connect_timeout = 5.0            # the backstop of its connect attempts
+
     def __init__(self) -> None:
         self.calls: list[str] = []
 
