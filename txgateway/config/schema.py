@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
@@ -109,6 +109,7 @@ class Config:
     manhole: ManholeConfig | None = None
     redirect_to_https: bool = False
     underscores_in_headers: bool = False   # forward header names with `_` (else dropped)
+    source: str = field(default="", repr=False, compare=False)   # the text it was read from (GET /config)
 
     @property
     def auth(self) -> AuthConfig | None:
@@ -144,7 +145,7 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
     if reader.problems or config is None:
         # In line order; a file the config names (API keys) after the config's own lines.
         raise ConfigError(sorted(reader.problems, key=lambda p: (p.file != file, p.file, p.line or 0)))
-    return config
+    return replace(config, source=text)
 
 
 _TOP_KEYS = {

@@ -11,6 +11,7 @@ stops the other children in reverse: the access-log writer last.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from txgateway.ops.accesslog import AccessLog, JsonLinesWriter, TextStream
 from txgateway.ops.stats import Stats
 from txgateway.service.reload import keep_restart_only_settings
 from txgateway.service.requestpath import build_request_path, redirect_path
+from txgateway.service.workers import WORKERS_PARENT
 from txgateway.transport.endpoints import ListenerError, cannot_listen
 from txgateway.transport.http1 import HTTP1Factory
 from txgateway.transport.tls import TICKET_KEY_LIFETIME, RedirectToHttps, ServerTLS, TLSFactory
@@ -325,6 +327,16 @@ class Gateway(MultiService):
         _log.info("reload: {file} applied: {routes} routes, {upstreams} upstreams ({kept} kept as they were)",
                   file=config.file, routes=len(config.routes), upstreams=len(config.upstreams), kept=len(keep))
         return []
+
+    def reload_everywhere(self) -> list[str]:
+        """`reload()` here and, under `--workers`, in every worker: once this one has applied the
+        file, SIGHUP to the parent, which forwards it to each worker (this one reads the same
+        file again: no change). Returns this process's problems (empty: applied)."""
+        problems = self.reload()
+        parent = os.environ.get(WORKERS_PARENT)
+        if not problems and parent:
+            os.kill(int(parent), signal.SIGHUP)
+        return problems
 
     def _limit_stores(self, config: Config) -> tuple[RedisLink | None, RateLimitStore, LocalStore]:
         """(Redis link, the configured store, in-process buckets: the store itself for
