@@ -4,15 +4,19 @@ real sockets on both listeners."""
 
 from __future__ import annotations
 
+import http.client
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
 
-from tests.conftest import running_gateways
+from tests.conftest import free_port, running_gateways
 from tests.integration.test_admin import TOKEN, TOKEN_ENV, call
+from tests.integration.test_lifecycle import write_config
+from tests.integration.test_workers import Supervised, connect, get, upstream
 from txgateway.config.reader import ConfigError
 from txgateway.config.schema import load_config, parse_config
 
@@ -178,3 +182,38 @@ async def test_without_config_api_put_is_refused(from_file, echo, tmp_path):
     assert r.status == 405 and r.header("allow") == "GET, HEAD"
     assert (await call(admin, "/config", token=TOKEN)).status == 404
     assert await path_of(port, "/api/users/1") == "/users/1"
+
+
+def test_with_two_workers_every_worker_applies_a_put(tmp_path, monkeypatch):
+    """`--workers 2`: the admin listener lives in worker 0; after it applied the body it sends
+    SIGHUP to the parent, which has every worker reload the file just written."""
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)          # the daemon inherits the environment
+    admin_port = free_port()
+    admin = f'admin: {{endpoint: "tcp:{admin_port}:interface=127.0.0.1", token_env: {TOKEN_ENV}, config_api: true}}\n'
+    with upstream() as up:
+        port = free_port()
+        config = write_config(tmp_path, port, up.url, admin)
+        daemon = Supervised(tmp_path, config, "--workers", "2")
+        try:
+            workers = daemon.wait_ready(port)
+            daemon.wait_for_port(admin_port)
+            new = config.read_text().replace(
+                "routes:\n", "routes:\n  - {prefix: /api/added, upstream: users, rewrite_prefix: /users}\n")
+            conn = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=10)
+            conn.request("PUT", "/config", body=new.encode(), headers={"Authorization": f"Bearer {TOKEN}"})
+            response = conn.getresponse()
+            assert response.status == 200, response.read()
+            conn.close()
+            # worker 0 reloads itself, then once more on the forwarded SIGHUP; worker 1 once
+            daemon.wait_until("3 reloads", lambda: len(re.findall(r"reload: .* applied", daemon.output)) >= 3,
+                              timeout=10)
+            for _ in range(20):                    # whichever worker takes the connection serves it
+                c = connect(port)
+                try:
+                    assert get(c, "/api/added/1") == 200
+                finally:
+                    c.close()
+            assert config.read_text() == new and daemon.workers() == workers
+            assert "Traceback" not in daemon.output, daemon.output
+        finally:
+            daemon.kill()
