@@ -172,12 +172,14 @@ class AdminResource(Resource):
             return self._unauthorized(request)
         if path == b"/status":
             return _json(request, 200, status(self.gateway))
+        if path == b"/status/history":
+            return _json(request, 200, self.gateway.history.snapshot())
         if path == b"/config" and self.config_api:
             return _json(request, 200, running(self.gateway))
         if path == b"/metrics":
             request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
             return generate_latest(self.registry)
-        return _json(request, 404, {"error": "not found", "paths": ["/healthz", "/readyz", "/status", "/metrics", "/"]})
+        return _json(request, 404, {"error": "not found", "paths": ["/healthz", "/readyz", "/status", "/status/history", "/metrics", "/"]})
 
     render_HEAD = render_GET
 

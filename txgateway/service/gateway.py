@@ -188,6 +188,9 @@ class Gateway(MultiService):
         self.admin: StreamServerEndpointService | None = None
         if config.admin is not None and operations:
             from txgateway.ops.admin import admin_site  # prometheus_client, twisted.web: admin only
+            from txgateway.ops.history import History
+            self.history = History(self, self.clock)  # the status page's charts: sampled with an admin only
+            Component("history", self.history.start, self.history.stop).setServiceParent(self)
             self.admin = StreamServerEndpointService(serverFromString(reactor, config.admin.endpoint), admin_site(self))
             self.admin._raiseSynchronously = True
             self.admin.setServiceParent(self)
