@@ -2,7 +2,7 @@
 
 Every EVERY seconds of the injected clock the sampler reads the counters the request path
 already keeps (ops/stats.py: requests by route and status, duration histograms by route and
-by upstream) and stores what changed since the last sample: requests per second by status
+by upstream) and stores what changed since the last sample: requests (and per second) by status
 class, p50/p95/p99 latency (interpolated in the histogram's buckets, as Prometheus's
 histogram_quantile does) and the error rate (5xx / all), for the whole gateway, each route
 and each upstream (an upstream's requests: those of the routes to it). It also notes breaker
@@ -45,9 +45,9 @@ def quantile(q: float, counts: list[int]) -> float | None:
     return BUCKETS[-1]
 
 
-def _series(classes: dict[str, int], counts: list[int] | None) -> dict[str, Any]:
+def _series(classes: dict[str, int], counts: list[int] | None, seconds: float) -> dict[str, Any]:
     total = sum(classes.values())
-    out: dict[str, Any] = {"rps": {k: round(v / EVERY, 3) for k, v in sorted(classes.items())},
+    out: dict[str, Any] = {"rps": {k: round(v / seconds, 3) for k, v in sorted(classes.items())},
                            "requests": total,
                            "error_rate": round(classes.get("5xx", 0) / total, 4) if total else None}
     for name, q in QUANTILES:
@@ -70,10 +70,12 @@ class History:
         self._upstream_durations: dict[str, list[int]] = {}
         self._breakers: dict[str, str] = {}
         self._ejected: set[str] = set()
+        self._last = clock.seconds()
         self._periodic = Periodic(clock, EVERY, self.sample)
         self._observe_upstreams(record=False)
 
     def start(self) -> None:
+        self._last = self.clock.seconds()
         self._periodic.start()
 
     def stop(self) -> None:
@@ -83,6 +85,8 @@ class History:
         """One sample: what changed since the previous one."""
         stats = self.gateway.stats
         now = self.clock.seconds()
+        seconds = max(now - self._last, 0.001)      # EVERY, unless the reactor was late
+        self._last = now
         upstream_of = {r.prefix: r.upstream for r in self.gateway.config.routes}
         classes: dict[str, dict[str, int]] = {"gateway": {}}
         current = dict(stats.requests)
@@ -102,11 +106,12 @@ class History:
         route_counts = _deltas(stats.durations, self._durations)
         upstream_counts = _deltas(stats.upstream_durations, self._upstream_durations)
         everything = [sum(c) for c in zip(*route_counts.values(), strict=True)] if route_counts else None
-        series = {"gateway": _series(classes["gateway"], everything)}
+        series = {"gateway": _series(classes["gateway"], everything, seconds)}
         for route in sorted(set(upstream_of) | {k[6:] for k in classes if k.startswith("route ")}):
-            series[f"route {route}"] = _series(classes.get(f"route {route}", {}), route_counts.get(route))
+            series[f"route {route}"] = _series(classes.get(f"route {route}", {}), route_counts.get(route), seconds)
         for name in sorted(self.gateway.proxy.groups):
-            series[f"upstream {name}"] = _series(classes.get(f"upstream {name}", {}), upstream_counts.get(name))
+            series[f"upstream {name}"] = _series(classes.get(f"upstream {name}", {}),
+                                                   upstream_counts.get(name), seconds)
         self.samples.append({"t": round(now, 3), "series": series})
         self._observe_upstreams(record=True)
 

@@ -32,7 +32,7 @@ STATUS_PAGE = b"""<!doctype html>
 </style></head><body>
 <h1>txgateway</h1><div id="meta">loading /status ...</div><div id="error"></div><div id="hint"></div>
 <h2>Requests</h2><table id="requests"></table>
-<h2>Last 15 minutes</h2><div id="charts">waiting for the first samples ...</div>
+<h2>Last 15 minutes <small class="when">(sampled every 2 s; dashed lines: breaker changes, ejections)</small></h2><div id="charts">waiting for the first samples ...</div>
 <h2>Upstreams</h2><table id="upstreams"></table>
 <h2>Breaker changes and ejections</h2><table id="events"></table>
 <h2>Rate limiter</h2><table id="limiter"></table>
@@ -66,8 +66,8 @@ async function get(path){
   document.getElementById("hint").textContent = "";
   return r.json();
 }
-function chart(scope, name, title, unit, lines, events, now, every){
-  const W = 380, H = 130, L = 46, B = 16, span = 900;
+function chart(scope, name, title, unit, lines, events, now, every, span){
+  const W = 380, H = 130, L = 46, B = 16;
   let max = 0;
   for (const l of lines) for (const [, v] of l.values) if (v !== null && v > max) max = v;
   max = max > 0 ? max * 1.15 : 1;
@@ -77,8 +77,11 @@ function chart(scope, name, title, unit, lines, events, now, every){
   svg += '<line x1="' + L + '" y1="' + (H - B) + '" x2="' + W + '" y2="' + (H - B) + '" stroke="#bbb"/>';
   svg += '<text x="' + (L - 4) + '" y="12" font-size="10" text-anchor="end" fill="#555">' + esc(+max.toPrecision(3)) + "</text>";
   svg += '<text x="' + (L - 4) + '" y="' + (H - B) + '" font-size="10" text-anchor="end" fill="#555">0 ' + esc(unit) + "</text>";
-  for (const m of [15, 10, 5, 0]) svg += '<text x="' + x(now - m * 60) + '" y="' + (H - 3) + '" font-size="10" text-anchor="middle" fill="#777">'
-    + (m ? "-" + m + " min" : "now") + "</text>";
+  for (const f of [1, 2 / 3, 1 / 3, 0]) {
+    const back = span * f, label = !back ? "now" : (span >= 180 ? "-" + +(back / 60).toFixed(1) + " min" : "-" + Math.round(back) + " s");
+    svg += '<text x="' + x(now - back) + '" y="' + (H - 3) + '" font-size="10" text-anchor="' + (f === 1 ? "start" : (f ? "middle" : "end"))
+      + '" fill="#777">' + label + "</text>";
+  }
   for (const e of events) {
     if (now - e.t > span) continue;
     const color = e.kind === "breaker" ? MARKS[e.to] : MARKS.ejected;
@@ -88,14 +91,18 @@ function chart(scope, name, title, unit, lines, events, now, every){
   }
   let legend = L + 4;
   for (const l of lines) {
-    let path = "", pen = false, prev = null;
-    for (const [t, v] of l.values) {
-      if (v === null || (prev !== null && t - prev > every * 1.5)) pen = false;
-      if (v !== null) { path += (pen ? "L" : "M") + x(t) + "," + y(v); pen = true; }
+    let path = "", dots = "", prev = null;
+    const v = l.values, joined = i => i >= 0 && i < v.length && v[i][1] !== null;
+    for (let i = 0; i < v.length; i++) {
+      const [t, value] = v[i], pen = prev !== null && t - prev <= every * 1.5 && joined(i - 1);
       prev = t;
+      if (value === null) continue;
+      path += (pen ? "L" : "M") + x(t) + "," + y(value);
+      const next = joined(i + 1) && v[i + 1][0] - t <= every * 1.5;
+      if (!pen && !next) dots += '<circle cx="' + x(t) + '" cy="' + y(value) + '" r="2" fill="' + l.color + '"/>';   // a lone point
     }
     svg += '<path d="' + (path || "M0,0") + '" fill="none" stroke-width="1.6" stroke="' + l.color + '" data-series="' + esc(l.name)
-      + '" data-values="' + esc(JSON.stringify(l.values)) + '"/>';
+      + '" data-values="' + esc(JSON.stringify(l.values)) + '"/>' + dots;
     svg += '<text x="' + legend + '" y="14" font-size="10" fill="' + l.color + '">' + esc(l.name) + "</text>";
     legend += 8 + 6 * l.name.length;
   }
@@ -104,6 +111,8 @@ function chart(scope, name, title, unit, lines, events, now, every){
 function charts(h){
   const samples = h.samples, scopes = samples.length ? Object.keys(samples[samples.length - 1].series) : [];
   if (!scopes.length) return;
+  // 15 minutes once the gateway has run that long; until then the time it has run (>= 1 min).
+  const span = Math.min(900, Math.max(60, h.now - samples[0].t + h.every_s));
   let html = "";
   for (const scope of scopes) {
     const points = f => samples.filter(s => s.series[scope]).map(s => [s.t, f(s.series[scope])]);
@@ -111,12 +120,12 @@ function charts(h){
     const marks = h.events.filter(e => scope === "gateway" || scope === "upstream " + e.upstream);
     html += "<h3>" + esc(scope === "gateway" ? "whole gateway" : scope) + '</h3><div class="charts">'
       + chart(scope, "rps", scope + ": requests per second by status class", "req/s",
-              classes.map(c => ({name: c, color: COLORS[c] || "#444", values: points(s => s.rps[c] ?? 0)})), marks, h.now, h.every_s)
+              classes.map(c => ({name: c, color: COLORS[c] || "#444", values: points(s => s.rps[c] ?? 0)})), marks, h.now, h.every_s, span)
       + chart(scope, "latency", scope + ": latency percentiles", "ms",
-              ["p50", "p95", "p99"].map(q => ({name: q, color: COLORS[q], values: points(s => s[q])})), marks, h.now, h.every_s)
+              ["p50", "p95", "p99"].map(q => ({name: q, color: COLORS[q], values: points(s => s[q])})), marks, h.now, h.every_s, span)
       + chart(scope, "errors", scope + ": error rate (5xx share)", "%",
               [{name: "5xx %", color: COLORS.errors, values: points(s => s.error_rate === null ? null : +(100 * s.error_rate).toFixed(2))}],
-              marks, h.now, h.every_s)
+              marks, h.now, h.every_s, span)
       + "</div>";
   }
   document.getElementById("charts").innerHTML = html;
