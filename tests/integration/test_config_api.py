@@ -146,6 +146,21 @@ async def test_a_refused_reload_restores_the_file(from_file, echo, tmp_path):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_file_that_cannot_be_written_changes_nothing(from_file, echo, tmp_path):
+    """The previous version cannot be kept (here `<file>.prev` is a directory; a read-only
+    /etc/txgateway fails the same way): 500, the file and the running config unchanged."""
+    file = tmp_path / "gateway.yaml"
+    old = gateway_yaml(echo.url)
+    _, port, admin = await from_file(old)
+    Path(f"{file}.prev").mkdir()
+    r = await call(admin, "/config", "PUT", token=TOKEN, body=gateway_yaml(echo.url, WITH_ORDERS).encode())
+    assert r.status == 500 and r.json()["error"].endswith("; nothing was applied"), r.body
+    assert file.read_text() == old and not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    assert (await call(port, "/api/orders/1")).status == 404
+    assert await path_of(port, "/api/users/2") == "/users/2"
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_token_is_required_and_secrets_are_redacted(from_file, echo, tmp_path):
     file = tmp_path / "gateway.yaml"
     old = gateway_yaml(echo.url).replace(

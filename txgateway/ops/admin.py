@@ -141,6 +141,8 @@ class AdminResource(Resource):
             return _json(request, 200, apply(self.gateway, body))
         except ConfigError as e:
             return _json(request, 422, problems_body(e.problems))
+        except OSError as e:        # the file or its directory is not writable (a read-only /etc)
+            return _json(request, 500, {"error": f"cannot write {e.filename}: {e.strerror}; nothing was applied"})
 
     def _host_allowed(self, host: bytes) -> bool:
         """Loopback names, IP addresses (a DNS-rebinding page always sends its own name) and
