@@ -292,9 +292,10 @@ def namespace(gateway: Any) -> dict[str, Any]:
         print(_table(("bucket", "tokens now"), rows) if rows else f"no in-process bucket matches {key!r}")
 
     def reload() -> None:
-        """Re-read the config file, as SIGHUP does; prints the problems if it is refused."""
+        """Re-read the config file, as SIGHUP does (in every worker under --workers); prints the
+        problems if it is refused."""
         _log.warn("manhole: reload requested")
-        problems = gateway.reload()
+        problems = gateway.reload_everywhere()
         print("\n".join(problems) if problems else f"reloaded {gateway.config.file}")
 
     return {"gateway": gateway, "status": status, "breakers": breakers, "trip": trip, "reset": reset,
