@@ -179,6 +179,7 @@ async def test_the_token_is_required_and_secrets_are_redacted(from_file, echo, t
     assert r.json()["config"]["admin"]["token_env"] == TOKEN_ENV            # a variable's name is no secret
     r = await call(admin, "/config/check", token=TOKEN)
     assert r.status == 405 and r.header("allow") == "POST"
+    assert (await call(admin, "/nope", token=TOKEN)).json()["paths"][-2:] == ["/config", "/config/check"]
     assert await path_of(port, "/api/users/1") == "/users/1"
 
 

@@ -181,7 +181,8 @@ class AdminResource(Resource):
         if path == b"/metrics":
             request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
             return generate_latest(self.registry)
-        return _json(request, 404, {"error": "not found", "paths": ["/healthz", "/readyz", "/status", "/status/history", "/metrics", "/"]})
+        paths = ["/healthz", "/readyz", "/status", "/status/history", "/metrics", "/"]
+        return _json(request, 404, {"error": "not found", "paths": paths + (["/config", "/config/check"] if self.config_api else [])})
 
     render_HEAD = render_GET
 
