@@ -106,7 +106,7 @@ def test_check_config_reports_every_error_with_file_line_and_path(tmp_path):
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr.splitlines() == [
-        f"{path}:3: admin.token: unknown key (expected one of: allowed_hosts, endpoint, token_env)",
+        f"{path}:3: admin.token: unknown key (expected one of: allowed_hosts, config_api, endpoint, token_env)",
         f'{path}:5: upstreams.users.timeout: expected a duration like "250ms", "5s" or "1m", got "5"',
         f"{path}:9: routes[1].upstream: missing (required; or respond: to answer from the gateway)",
         (f"{path}:10: routes[1].upstrem: unknown key (expected one of: auth, cache, host, methods, prefix, "
@@ -180,7 +180,7 @@ def test_main_in_process(tmp_path, capsys):
     path.write_text(BROKEN)
     assert main(["check-config", str(path)]) == 1
     err = capsys.readouterr().err
-    assert f"{path}:3: admin.token: unknown key (expected one of: allowed_hosts, endpoint, token_env)\n" in err
+    assert f"{path}:3: admin.token: unknown key (expected one of: allowed_hosts, config_api, endpoint, token_env)\n" in err
     assert "s3cret" not in err
 
 

@@ -20,7 +20,7 @@ from txgateway.service.cli import main
 # BASE (tests.configcheck) is lines 1-8; the section under test starts at line 9, its first key
 # (block style) at line 10.
 TOKEN = "adm1n-t0ken-0123456789abcdef"     # tests only, never a real secret
-ADMIN_KEYS = "allowed_hosts, endpoint, token_env"
+ADMIN_KEYS = "allowed_hosts, config_api, endpoint, token_env"
 MANHOLE_KEYS = "authorized_keys, endpoint, host_key"
 MISSING_KEYS = "c.yaml:9: manhole.authorized_keys: missing (required): a file path"
 MISSING_HOST_KEY = "c.yaml:9: manhole.host_key: missing (required): a file path"

@@ -306,7 +306,7 @@ async def test_token_guards_status_and_metrics_but_not_probes_or_the_page(reacto
     page = await call(port, "/")
     assert page.status == 200 and page.header("content-type") == "text/html; charset=utf-8"
     html = page.body.decode()
-    assert "<title>txgateway status</title>" in html and 'fetch("/status"' in html
+    assert "<title>txgateway status</title>" in html and 'get("/status")' in html and 'get("/status/history")' in html
     for data in (echo.url, str(echo.port), "/api/users", "/api/limited", "users", TOKEN, "test.yaml"):
         assert data not in html, data
 
@@ -344,7 +344,7 @@ async def test_status_page_in_headless_chromium_shows_the_tripped_breaker(reacto
     assert upstream_row is not None, dom
     breaker, target, health = upstream_row.groups()
     assert breaker.startswith('<span class="open">open</span> (retry in ')
-    assert target == echo.url and health == '<span class="up">up</span>'
+    assert target == echo.url and health == '<span class="open">up, but breaker open</span>'   # not a plain "up"
     assert "<td>/api/users</td><td>users</td>" in dom and "<td>/api/limited</td><td>users</td>" in dom
     assert "ready - config test.yaml" in dom
     # Requests: total 7, by class, 1 rate limited.

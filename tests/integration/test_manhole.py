@@ -17,7 +17,6 @@ the `gateway` fixture's check, scoped to `txgateway` and `log_failure`, would no
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import pty
 import re
@@ -378,12 +377,10 @@ def table(text: str) -> dict[str, list[str]]:
     return {row[0]: row[1:] for row in rows}
 
 
-def json_block(text: str) -> Any:
-    """The JSON document status() printed (indented: it starts and ends at column 0)."""
-    lines = text.splitlines()
-    first = lines.index("{")
-    last = len(lines) - 1 - lines[::-1].index("}")
-    return json.loads("\n".join(lines[first:last + 1]))
+def tables(text: str) -> list[list[list[str]]]:
+    """status()'s tables (separated by blank lines), each a list of rows of cells."""
+    blocks = [b for b in re.split(r"\n\s*\n", text.strip()) if b.strip()]
+    return [[re.split(r"\s{2,}", line.strip()) for line in b.splitlines()] for b in blocks]
 
 
 @pytest_twisted.ensureDeferred
@@ -394,23 +391,29 @@ async def test_operator_inspects_trips_and_resets_a_breaker(reactor, echo, gatew
     console = await ssh.console(mh.port, keys.admin)
 
     rows = table(await console.run("breakers()"))
-    assert rows["upstream"][:2] == ["state", "trips"], rows
-    assert rows["users"][:2] == ["closed", "0"], rows
+    assert rows["upstream"] == ["state", "trips", "consecutive failures", "retry after s"], rows
+    assert rows["users"] == ["closed", "0", "0", "-"], rows          # no "retry after" while closed
 
-    status = json_block(await console.run("status()"))
-    assert [r["prefix"] for r in status["routes"]] == ["/api/users"], status
-    assert status["upstreams"]["users"]["breaker"]["state"] == "closed"
+    text = await console.run("status()")
+    assert "{" not in text and "'" not in text, text                     # tables, not dicts
+    gateway_rows, routes, targets, breaker_rows = tables(text)
+    assert dict((r[0], r[1:]) for r in gateway_rows)["ready"] == ["True"], gateway_rows
+    assert [r[0] for r in routes] == ["route", "/api/users"], routes
+    assert targets[0][:3] == ["upstream", "target", "state"] and targets[1][:3] == ["users", echo.url, "up"], targets
+    assert breaker_rows[1][:2] == ["users", "closed"], breaker_rows
 
-    tripped = await console.run('trip("users")')
-    assert "'state': 'open'" in tripped, tripped
+    tripped = table(await console.run('trip("users")'))
+    assert tripped["users"][:2] == ["open", "1"] and int(tripped["users"][3]) >= 1, tripped   # seconds (30 s, jittered)
     assert table(await console.run("breakers()"))["users"][:2] == ["open", "1"]
+    targets = tables(await console.run("status()"))[2]
+    assert targets[1][2] == "up, breaker open", targets                  # not a plain "up"
 
     seen = len(echo.requests)
     err = assert_envelope(await one(mh.running.port, get(b"/api/users/7")), 503, "UPSTREAM_UNAVAILABLE")
     assert "breaker" in err["message"]
     assert len(echo.requests) == seen, "the request went to the upstream despite the open breaker"
 
-    assert "'state': 'closed'" in await console.run('reset("users")')
+    assert table(await console.run('reset("users")'))["users"] == ["closed", "1", "0", "-"]
     r = await one(mh.running.port, get(b"/api/users/8"))
     assert r.status == 200 and r.json()["path"] == "/users/8", r.body
     assert table(await console.run("breakers()"))["users"][0] == "closed"
@@ -419,6 +422,21 @@ async def test_operator_inspects_trips_and_resets_a_breaker(reactor, echo, gatew
     await mh.all_closed(reactor)
     assert [m for m in events.messages() if "by hand" in m] == [
         "manhole: breaker users tripped by hand", "manhole: breaker users reset by hand"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_trip_of_an_unknown_upstream_writes_no_audit_line(reactor, echo, gateway, keys, ssh, events):
+    """trip("nope") and reset("nope") say which names exist, log nothing and change nothing."""
+    mh = await start(reactor, gateway, echo.url, keys)
+    console = await ssh.console(mh.port, keys.admin)
+    out = await console.run('trip("nope")')
+    assert "no breaker named 'nope'; upstreams with a breaker: users" in out, out
+    assert "Traceback" not in out and "KeyError" not in out, out
+    assert "no breaker named 'nope'" in await console.run('reset("nope")')
+    assert table(await console.run("breakers()"))["users"][:2] == ["closed", "0"]
+    await console.close()
+    await mh.all_closed(reactor)
+    assert not [m for m in events.messages() if "by hand" in m], events.messages()
 
 
 @pytest_twisted.ensureDeferred

@@ -116,6 +116,7 @@ class Config:
     manhole: ManholeConfig | None = None
     redirect_to_https: bool = False
     underscores_in_headers: bool = False   # forward header names with `_` (else dropped)
+    source: str = field(default="", repr=False, compare=False)   # the text it was read from (GET /config)
 
     @property
     def auth(self) -> AuthConfig | None:
@@ -151,7 +152,7 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
     if reader.problems or config is None:
         # In line order; a file the config names (API keys) after the config's own lines.
         raise ConfigError(sorted(reader.problems, key=lambda p: (p.file != file, p.file, p.line or 0)))
-    return config
+    return replace(config, source=text)
 
 
 _TOP_KEYS = {

@@ -4,7 +4,8 @@ It runs on twisted.web (admin traffic is a few requests a second; the data path 
 through here) on its own endpoint, loopback by default. With `admin.token_env` set, /status,
 /metrics and the page's data need `Authorization: Bearer <token>`; /healthz and /readyz stay
 open for probes, and the page's HTML holds no data (it asks for the token, kept in the URL
-fragment, which browsers never send).
+fragment, which browsers never send). With `admin.config_api`, /config reads and replaces the
+configuration (ops/configapi.py).
 
 Hardened as a listener a browser can reach: it answers only requests whose `Host` is
 loopback, an IP address or one of `admin.allowed_hosts` (403 otherwise: a web page cannot
@@ -28,14 +29,17 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from txgateway import __version__
+from txgateway.config.reader import ConfigError
 from txgateway.filters.headerconfig import DEFAULT_SECURITY_HEADERS
 from txgateway.ops.admission import Admission
+from txgateway.ops.configapi import MAX_BODY, apply, check, problems_body, running
 from txgateway.ops.stats import MetricsCollector
 from txgateway.ops.statuspage import STATUS_PAGE, STATUS_PAGE_CSP
 
@@ -84,6 +88,8 @@ def status(gateway: Any) -> dict[str, Any]:
 
 MAX_CONNECTIONS = 32          # at once on the admin listener (Prometheus and a few people)
 _CSP = b"default-src 'none'; frame-ancestors 'none'"     # JSON and metrics: nothing to run or frame
+_CONFIG_METHODS = {b"/config": (b"GET", b"HEAD", b"PUT"), b"/config/check": (b"POST",)}   # with admin.config_api
+_log = Logger(namespace="txgateway.ops.admin")
 
 
 class AdminResource(Resource):
@@ -95,6 +101,7 @@ class AdminResource(Resource):
         admin = gateway.config.admin
         self.token = admin.token if admin is not None else None
         self.hosts = frozenset(["localhost", *(admin.allowed_hosts if admin is not None else ())])
+        self.config_api = admin is not None and admin.config_api
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(MetricsCollector(gateway))
         ProcessCollector(registry=self.registry)
@@ -111,10 +118,31 @@ class AdminResource(Resource):
         if host is not None and not self._host_allowed(host):
             return _json(request, 403, {"error": "this Host is not one the admin listener answers to "
                                                  "(loopback, an IP address or admin.allowed_hosts)"})
-        if request.method not in (b"GET", b"HEAD"):
-            request.setHeader(b"allow", b"GET, HEAD")
-            return _json(request, 405, {"error": "method not allowed (GET, HEAD)"})
+        allowed = _CONFIG_METHODS.get(request.path, (b"GET", b"HEAD")) if self.config_api else (b"GET", b"HEAD")
+        if request.method not in allowed:
+            request.setHeader(b"allow", b", ".join(allowed))
+            return _json(request, 405, {"error": f"method not allowed ({', '.join(m.decode() for m in allowed)})"})
+        if request.method in (b"PUT", b"POST"):
+            return self._change_config(request)
         return super().render(request)  # type: ignore[no-any-return]
+
+    def _change_config(self, request: Any) -> bytes:
+        """PUT /config (validate, write, reload) and POST /config/check (validate only)."""
+        if not self._authorized(request):
+            return self._unauthorized(request)
+        body = request.content.read(MAX_BODY + 1)
+        if len(body) > MAX_BODY:
+            return _json(request, 413, {"error": f"a configuration is at most {MAX_BODY} bytes"})
+        try:
+            if request.path == b"/config/check":
+                check(self.gateway, body)
+                return _json(request, 200, {"valid": True, "file": self.gateway.config.file})
+            _log.warn("admin: PUT /config from {client}", client=request.getClientAddress().host)
+            return _json(request, 200, apply(self.gateway, body))
+        except ConfigError as e:
+            return _json(request, 422, problems_body(e.problems))
+        except OSError as e:        # the file or its directory is not writable (a read-only /etc)
+            return _json(request, 500, {"error": f"cannot write {e.filename}: {e.strerror}; nothing was applied"})
 
     def _host_allowed(self, host: bytes) -> bool:
         """Loopback names, IP addresses (a DNS-rebinding page always sends its own name) and
@@ -143,16 +171,24 @@ class AdminResource(Resource):
             request.setHeader(b"content-security-policy", STATUS_PAGE_CSP)
             return STATUS_PAGE
         if not self._authorized(request):
-            request.setHeader(b"www-authenticate", b'Bearer realm="txgateway-admin"')
-            return _json(request, 401, {"error": "admin token required (Authorization: Bearer ...)"})
+            return self._unauthorized(request)
         if path == b"/status":
             return _json(request, 200, status(self.gateway))
+        if path == b"/status/history":
+            return _json(request, 200, self.gateway.history.snapshot())
+        if path == b"/config" and self.config_api:
+            return _json(request, 200, running(self.gateway))
         if path == b"/metrics":
             request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
             return generate_latest(self.registry)
-        return _json(request, 404, {"error": "not found", "paths": ["/healthz", "/readyz", "/status", "/metrics", "/"]})
+        paths = ["/healthz", "/readyz", "/status", "/status/history", "/metrics", "/"]
+        return _json(request, 404, {"error": "not found", "paths": paths + (["/config", "/config/check"] if self.config_api else [])})
 
     render_HEAD = render_GET
+
+    def _unauthorized(self, request: Any) -> bytes:
+        request.setHeader(b"www-authenticate", b'Bearer realm="txgateway-admin"')
+        return _json(request, 401, {"error": "admin token required (Authorization: Bearer ...)"})
 
     def _authorized(self, request: Any) -> bool:
         if self.token is None:

@@ -27,6 +27,7 @@ class AdminConfig:
     endpoint: str = "tcp:9901:interface=127.0.0.1"
     token: str | None = field(default=None, repr=False)   # bearer token for all but /healthz and /readyz
     allowed_hosts: tuple[str, ...] = ()    # Host names answered besides localhost and IP addresses
+    config_api: bool = False               # PUT /config and POST /config/check (ops/configapi.py)
 
 
 def _loopback_only(endpoint: str) -> bool:
@@ -44,9 +45,10 @@ def _loopback_only(endpoint: str) -> bool:
 
 def parse_admin(r: Reader, node: yaml.Node, environ: Mapping[str, str] | None) -> AdminConfig:
     """`admin.endpoint` off loopback needs `token_env`: /status and /metrics would be open to
-    every host that can reach it."""
+    every host that can reach it. `config_api` needs it anywhere: on loopback too, any local
+    user could otherwise rewrite what the gateway runs."""
     path = "admin"
-    f = r.mapping(node, path, {"endpoint": "", "token_env": "", "allowed_hosts": ""})
+    f = r.mapping(node, path, {"endpoint": "", "token_env": "", "allowed_hosts": "", "config_api": ""})
     before = len(r.problems)
     values: dict[str, Any] = {}
     if "endpoint" in f:
@@ -65,6 +67,11 @@ def parse_admin(r: Reader, node: yaml.Node, environ: Mapping[str, str] | None) -
                    f"environment variable {name} must hold a token of at least 16 characters"
                    + (" (it is not set)" if not token else ""))
         values["token"] = token
+    if "config_api" in f:
+        values["config_api"] = r.attempt(lambda: r.boolean(f["config_api"], f"{path}.config_api"), False)
+        if values["config_api"] and "token_env" not in f:
+            r.fail(f["config_api"], f"{path}.config_api",
+                   "PUT /config rewrites the running configuration: it needs admin.token_env (a bearer token)")
     endpoint = values.get("endpoint", AdminConfig.endpoint)
     if "token_env" not in f and not _loopback_only(endpoint):
         r.fail(f.get("endpoint", node), f"{path}.endpoint",

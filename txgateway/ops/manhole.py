@@ -17,7 +17,6 @@ only means fixed Diffie-Hellman groups, which OpenSSH clients never need: they u
 
 from __future__ import annotations
 
-import json
 import os
 from collections import deque
 from typing import Any, cast
@@ -262,23 +261,29 @@ def namespace(gateway: Any) -> dict[str, Any]:
 
     def status() -> None:
         """Routes, upstreams, breakers, limiter and request counts, as /status has them."""
-        print(json.dumps(gateway_status(gateway), indent=2, default=str))
+        print(_status_text(gateway_status(gateway)))
 
     def breakers() -> None:
-        """One line per circuit breaker."""
-        rows = [(name, b.state, b.trips, b.snapshot().get("consecutive_failures"), b.retry_after())
-                for name, b in gateway.breakers.items()]
-        print(_table(("upstream", "state", "trips", "consecutive failures", "retry after s"), rows))
+        """One line per circuit breaker ("retry after" only for an open one)."""
+        print(_breaker_table([b.snapshot() for b in gateway.breakers.values()]))
+
+    def _known(name: str) -> bool:
+        if name in gateway.breakers:
+            return True
+        print(f"no breaker named {name!r}; upstreams with a breaker: {', '.join(sorted(gateway.breakers)) or 'none'}")
+        return False
 
     def trip(name: str) -> None:
         """Open the breaker of upstream `name` (503 until it half-opens or is reset)."""
-        _log.warn("manhole: breaker {name} tripped by hand", name=name)
-        print(gateway.breakers.trip(name, "manual trip (manhole)"))
+        if _known(name):
+            _log.warn("manhole: breaker {name} tripped by hand", name=name)
+            print(_breaker_table([gateway.breakers.trip(name, "manual trip (manhole)")]))
 
     def reset(name: str) -> None:
         """Close the breaker of upstream `name`."""
-        _log.warn("manhole: breaker {name} reset by hand", name=name)
-        print(gateway.breakers.reset(name, "manual reset (manhole)"))
+        if _known(name):
+            _log.warn("manhole: breaker {name} reset by hand", name=name)
+            print(_breaker_table([gateway.breakers.reset(name, "manual reset (manhole)")]))
 
     def bucket(key: str) -> None:
         """Tokens in the in-process buckets whose key contains `key` (e.g. 'ip:10.0.0.7')."""
@@ -287,9 +292,10 @@ def namespace(gateway: Any) -> dict[str, Any]:
         print(_table(("bucket", "tokens now"), rows) if rows else f"no in-process bucket matches {key!r}")
 
     def reload() -> None:
-        """Re-read the config file, as SIGHUP does; prints the problems if it is refused."""
+        """Re-read the config file, as SIGHUP does (in every worker under --workers); prints the
+        problems if it is refused."""
         _log.warn("manhole: reload requested")
-        problems = gateway.reload()
+        problems = gateway.reload_everywhere()
         print("\n".join(problems) if problems else f"reloaded {gateway.config.file}")
 
     return {"gateway": gateway, "status": status, "breakers": breakers, "trip": trip, "reset": reset,
@@ -298,9 +304,49 @@ def namespace(gateway: Any) -> dict[str, Any]:
 
 
 def _table(head: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
-    cells = [tuple(str(c) for c in head)] + [tuple(str(c) for c in row) for row in rows]
+    """Columns aligned on the widest cell, two spaces apart; an empty cell shows as "-"."""
+    cells = [tuple(str(c) for c in head)] + [tuple("-" if c is None or c == "" else str(c) for c in row)
+                                               for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells)
+
+
+def _breaker_table(snapshots: list[dict[str, Any]]) -> str:
+    rows = [(b["name"], b["state"], b["trips"], b["consecutive_failures"], b["retry_after"]) for b in snapshots]
+    return _table(("upstream", "state", "trips", "consecutive failures", "retry after s"), rows)
+
+
+def _target_state(target: dict[str, Any], breaker: dict[str, Any] | None) -> str:
+    """What an operator should believe of a target: an open breaker or an ejection beats "up"."""
+    if target["down"]:
+        return "down"
+    if target["ejected_for"] > 0:
+        return f"ejected, back in {target['ejected_for']:.0f} s"
+    if breaker is not None and breaker["state"] != "closed":
+        return f"up, breaker {breaker['state'].replace('_', '-')}"
+    return "up"
+
+
+def _status_text(st: dict[str, Any]) -> str:
+    """/status as a few aligned tables: the gateway, its requests, routes, upstream targets, limiter."""
+    req, lim = st["requests"], st["limiter"]
+    by_class = "  ".join(f"{k}: {v}" for k, v in sorted(req["by_class"].items())) or "none yet"
+    head = _table(("gateway", ""), [
+        ("version", st["version"]), ("uptime", f"{st['uptime_s']:.0f} s"), ("config", st["config"]),
+        ("ready", st["ready"]), ("draining", st["draining"]), ("listeners", ", ".join(st["listeners"])),
+        ("requests", f"{req['total']} done, {req['in_flight']} in flight, {req['rate_limited']} rate-limited"),
+        ("by class", by_class),
+        ("limiter", f"{lim['backend'] or 'none'}, {lim['local_buckets']} local bucket(s)"
+                    + (f", redis {lim['redis']}" if lim["redis"] is not None else "")),
+    ])
+    routes = _table(("route", "methods", "host", "upstream", "auth", "rate limit", "filters"), [
+        (r["prefix"], ",".join(r["methods"]) or "any", r["host"] or "any", r["upstream"] or r["terminal"],
+         r["auth"], r["rate_limit"], ",".join(r["filters"])) for r in st["routes"]])
+    targets = _table(("upstream", "target", "state", "in flight", "requests", "failures", "last error"), [
+        (name, t["url"], _target_state(t, u["breaker"]), t["in_flight"], t["requests"], t["failures"], t["last_error"])
+        for name, u in st["upstreams"].items() for t in u["targets"]])
+    return "\n\n".join((head, routes, targets, _breaker_table([u["breaker"] for u in st["upstreams"].values()
+                                                                  if u["breaker"] is not None])))
 
 
 def manhole_service(gateway: Any, config: ManholeConfig, reactor: Any) -> StreamServerEndpointService:

@@ -11,6 +11,7 @@ stops the other children in reverse: the access-log writer last.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from txgateway.ops.accesslog import AccessLog, JsonLinesWriter, TextStream
 from txgateway.ops.stats import Stats
 from txgateway.service.reload import keep_restart_only_settings
 from txgateway.service.requestpath import build_request_path, redirect_path
+from txgateway.service.workers import WORKERS_PARENT
 from txgateway.transport.clientcert import ClientCerts
 from txgateway.transport.endpoints import ListenerError, cannot_listen
 from txgateway.transport.http1 import HTTP1Factory
@@ -189,6 +191,9 @@ class Gateway(MultiService):
         self.admin: StreamServerEndpointService | None = None
         if config.admin is not None and operations:
             from txgateway.ops.admin import admin_site  # prometheus_client, twisted.web: admin only
+            from txgateway.ops.history import History
+            self.history = History(self, self.clock)  # the status page's charts: sampled with an admin only
+            Component("history", self.history.start, self.history.stop).setServiceParent(self)
             self.admin = StreamServerEndpointService(serverFromString(reactor, config.admin.endpoint), admin_site(self))
             self.admin._raiseSynchronously = True
             self.admin.setServiceParent(self)
@@ -330,6 +335,16 @@ class Gateway(MultiService):
         _log.info("reload: {file} applied: {routes} routes, {upstreams} upstreams ({kept} kept as they were)",
                   file=config.file, routes=len(config.routes), upstreams=len(config.upstreams), kept=len(keep))
         return []
+
+    def reload_everywhere(self) -> list[str]:
+        """`reload()` here and, under `--workers`, in every worker: once this one has applied the
+        file, SIGHUP to the parent, which forwards it to each worker (this one reads the same
+        file again: no change). Returns this process's problems (empty: applied)."""
+        problems = self.reload()
+        parent = os.environ.get(WORKERS_PARENT)
+        if not problems and parent:
+            os.kill(int(parent), signal.SIGHUP)
+        return problems
 
     def _limit_stores(self, config: Config) -> tuple[RedisLink | None, RateLimitStore, LocalStore]:
         """(Redis link, the configured store, in-process buckets: the store itself for
