@@ -14,6 +14,7 @@ from twisted.python import usage
 
 from tests.configcheck import route_auth
 from tests.installed import TWISTD, TXGATEWAY
+from tests.test_config import ROUTE_KEYS
 from tests.test_tls_config import CertAuthority
 from txgateway.config.schema import Config
 
@@ -43,7 +44,7 @@ def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]
 def test_check_config_accepts_the_example():
     result = run("check-config", str(EXAMPLE))
     assert result.returncode == 0, result.stderr
-    assert result.stdout == f"{EXAMPLE}: OK (5 routes, 3 upstreams, 1 listeners)\n"
+    assert result.stdout == f"{EXAMPLE}: OK (8 routes, 5 upstreams, 1 listeners)\n"
     assert result.stderr == ""
 
 
@@ -52,7 +53,7 @@ def test_check_config_accepts_the_example_with_no_environment():
     result = subprocess.run([str(TXGATEWAY), "check-config", str(EXAMPLE)], capture_output=True, text=True,
                             timeout=60, env={}, check=False)
     assert result.returncode == 0, result.stderr
-    assert result.stdout == f"{EXAMPLE}: OK (5 routes, 3 upstreams, 1 listeners)\n"
+    assert result.stdout == f"{EXAMPLE}: OK (8 routes, 5 upstreams, 1 listeners)\n"
     assert result.stderr == ""
 
 
@@ -109,8 +110,7 @@ def test_check_config_reports_every_error_with_file_line_and_path(tmp_path):
         f"{path}:3: admin.token: unknown key (expected one of: allowed_hosts, config_api, endpoint, token_env)",
         f'{path}:5: upstreams.users.timeout: expected a duration like "250ms", "5s" or "1m", got "5"',
         f"{path}:9: routes[1].upstream: missing (required; or respond: to answer from the gateway)",
-        (f"{path}:10: routes[1].upstrem: unknown key (expected one of: auth, cache, host, methods, prefix, "
-         "rate_limit, request_headers, respond, response_headers, rewrite_prefix, roles, security_headers, upstream, websocket)"),
+        f"{path}:10: routes[1].upstrem: unknown key (expected one of: {ROUTE_KEYS})",
         f'{path}:12: routes[2].upstream: no upstream named "search" (defined: users)',
         f"{path}: 5 error(s), configuration rejected",
     ]
@@ -258,7 +258,7 @@ def test_check_config_accepts_the_example_with_no_environment_at_all():
     result = subprocess.run([str(TXGATEWAY), "check-config", str(EXAMPLE)], capture_output=True, text=True,
                             timeout=60, env={}, check=False)
     assert result.returncode == 0, result.stderr
-    assert result.stdout == f"{EXAMPLE}: OK (5 routes, 3 upstreams, 1 listeners)\n"
+    assert result.stdout == f"{EXAMPLE}: OK (8 routes, 5 upstreams, 1 listeners)\n"
 
 
 def test_check_config_reports_auth_problems_with_file_line_and_path(tmp_path):
@@ -477,6 +477,6 @@ def test_the_demo_protects_users_and_orders():
     config = demo_config()
     policies = {r.prefix: route_auth(r) for r in config.routes}
     assert policies == {"/api/users": ("required", None), "/api/search": ("none", None),
-                        "/api/orders": ("required", frozenset({"admin"}))}
+                        "/api/orders": ("required", frozenset({"admin"})), "/api/profile": ("required", None)}
     assert config.auth.jwt.algorithms == ("HS256",)
     assert "txgateway token --demo" in BANNER

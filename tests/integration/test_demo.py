@@ -29,8 +29,8 @@ class Demo(Daemon):
                                      env={**os.environ, **env})
 
 
-def get(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
-    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+def get(port: int, path: str, headers: str = "") -> tuple[int, dict[str, str], bytes]:
+    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}Connection: close\r\n\r\n".encode()
     (r,) = parse_responses(raw_request(port, request, read_timeout=5))
     return r.status, {k.lower(): v for k, v in r.headers}, r.body
 
@@ -51,7 +51,7 @@ def test_the_demo_prints_its_banner_and_serves_the_admin_listener_it_names(tmp_p
 \t  curl -s localhost:{g}/api/users/7 -H "Authorization: Bearer $TOKEN"
 \t  curl -si localhost:{g}/api/orders/1 -H "Authorization: Bearer $TOKEN" -H 'Cookie: dropped=1'
 \t  curl -si localhost:{g}/api/orders/1 -H "Authorization: Bearer $(.venv/bin/txgateway token --demo --sub bob)"  # 403
-\t  curl -s localhost:{g}/api/profile/7                     # users and orders, one JSON answer
+\t  curl -s localhost:{g}/api/profile/7 -H "Authorization: Bearer $TOKEN"   # users and orders, one JSON answer
 \t  curl -si localhost:{g}/nowhere
 \t  for i in 1 2 3; do curl -s -o /dev/null -w '%{{http_code}} ' 'localhost:{g}/api/search?fail=1'; done
 \t  curl -si 'localhost:{g}/api/search?q=x'                 # 503: the breaker is open for 10s
@@ -61,7 +61,11 @@ def test_the_demo_prints_its_banner_and_serves_the_admin_listener_it_names(tmp_p
 
         status, _, body = get(g, "/api/search?q=x")
         assert status == 200 and json.loads(body)["service"] == "search"
-        status, headers, body = get(g, "/api/profile/7")
+        status, _, _ = get(g, "/api/profile/7")
+        assert status == 401                 # the users upstream's data: as protected as /api/users
+        token = subprocess.run([str(TWISTD.parent / "txgateway"), "token", "--demo", "--sub", "alice"],
+                               capture_output=True, text=True, check=True).stdout.strip()   # as the banner says
+        status, headers, body = get(g, "/api/profile/7", f"Authorization: Bearer {token}\r\n")
         profile = json.loads(body)
         assert status == 200 and headers["x-gateway-completed"] == "true", (status, body)
         assert (profile["user"]["path"], profile["orders"]["path"], profile["orders"]["query"]) == (

@@ -93,6 +93,7 @@ routes:
     request_headers: {set: {X-Api-Version: "2"}, remove: [Cookie]}
     response_headers: {remove: [X-Db-Query-Count, X-Powered-By]}
   - prefix: /api/profile
+    auth: required            # it answers with the users upstream's data: protected as /api/users is
     compose:
       path: /{id}
       calls:
@@ -107,7 +108,7 @@ BANNER = """txgateway demo on http://127.0.0.1:{p.gateway} - try:
   curl -s localhost:{p.gateway}/api/users/7 -H "Authorization: Bearer $TOKEN"
   curl -si localhost:{p.gateway}/api/orders/1 -H "Authorization: Bearer $TOKEN" -H 'Cookie: dropped=1'
   curl -si localhost:{p.gateway}/api/orders/1 -H "Authorization: Bearer $(.venv/bin/txgateway token --demo --sub bob)"  # 403
-  curl -s localhost:{p.gateway}/api/profile/7                     # users and orders, one JSON answer
+  curl -s localhost:{p.gateway}/api/profile/7 -H "Authorization: Bearer $TOKEN"   # users and orders, one JSON answer
   curl -si localhost:{p.gateway}/nowhere
   for i in 1 2 3; do curl -s -o /dev/null -w '%{{http_code}} ' 'localhost:{p.gateway}/api/search?fail=1'; done
   curl -si 'localhost:{p.gateway}/api/search?q=x'                 # 503: the breaker is open for 10s
