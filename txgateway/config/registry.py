@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from txgateway.config.contract import FilterKind, TerminalKind
 from txgateway.filters.auth.config import AUTH
+from txgateway.filters.cache.config import CACHE
 from txgateway.filters.headerconfig import HEADER_RULES
 from txgateway.filters.ratelimit.config import RATE_LIMIT
 from txgateway.terminals.respond import RESPOND
@@ -15,8 +16,11 @@ from txgateway.upstream.config import PROXY
 
 __all__ = ["FILTERS", "TERMINALS", "route_keys"]
 
-# Chain order: identify (401/403) before limiting (429), header rules last.
-FILTERS: tuple[FilterKind, ...] = (AUTH, RATE_LIMIT, HEADER_RULES)
+# Chain order: identify (401/403) before limiting (429), header rules, then the cache: a hit
+# is answered only to requests the filters before it let through, and the cache stores the
+# upstream's own headers (its head hook runs first on the way back).
+FILTERS: tuple[FilterKind, ...] = (AUTH, RATE_LIMIT, HEADER_RULES,
+                                   CACHE)
 TERMINALS: tuple[TerminalKind, ...] = (PROXY, RESPOND)
 
 

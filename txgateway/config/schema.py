@@ -43,8 +43,6 @@ __all__ = [
     "Route", "Target", "Upstream", "load_config", "parse_config",
 ]
 
-# Keys that later versions implement (the response cache): accepted by name, refused with this reason.
-_NOT_YET = "not supported yet in this version of txgateway; remove it or upgrade"
 _METHOD = re.compile(r"^[A-Z]+$")
 _HOST = re.compile(r"^(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*$|^\[[0-9a-f:.]+\]$")
 
@@ -352,7 +350,7 @@ def _target(r: Reader, path: str, node: yaml.Node) -> Target:
     return Target(url=url, host=parts.hostname, port=port or (443 if https else 80), https=https)
 
 
-_ROUTE_KEYS = {"prefix": "", "rewrite_prefix": "", "methods": "", "host": "", "cache": ""}
+_ROUTE_KEYS = {"prefix": "", "rewrite_prefix": "", "methods": "", "host": ""}
 
 
 def _routes(r: Reader, node: yaml.Node, scope: Scope) -> tuple[Route, ...]:
@@ -379,8 +377,6 @@ def _routes(r: Reader, node: yaml.Node, scope: Scope) -> tuple[Route, ...]:
 def _route(r: Reader, path: str, node: yaml.Node, scope: Scope, index: int) -> Route:
     fields = r.mapping(node, path, {**_ROUTE_KEYS, **registry.route_keys()})
     before = len(r.problems)
-    if "cache" in fields:
-        r.fail(fields["cache"], f"{path}.cache", _NOT_YET)
     policies: dict[str, Any] = {}
     for kind in registry.FILTERS:
         owned = {key: fields[key] for key in kind.route_keys if key in fields}
