@@ -7,7 +7,8 @@
 #   make cache-tests            # or: bash bench/cache-tests.sh
 #
 # Environment: WORK (install dir, default $TMPDIR/http-cache-tests), ORIGIN_PORT (8000, the
-# suite's origin), GW_PORT (8089), OUT (per-test results JSON). Needs node and npm.
+# suite's origin), GW_PORT (8089), OUT (per-test results JSON), ID (run only that test, with
+# the suite's dump of each request and response). Needs node and npm.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 WORK="${WORK:-${TMPDIR:-/tmp}/http-cache-tests}"
@@ -30,7 +31,7 @@ PIDS+=($!)
 cat >"$WORK/gateway.yaml" <<YAML
 listen: [{endpoint: "tcp:$GW_PORT:interface=127.0.0.1"}]
 access_log: "off"
-cache: {max_memory: 64MiB, credentials: true}
+cache: {max_memory: 64MiB, credentials: true, store_set_cookie: true}
 upstreams:
   # the suite's origin fails some requests on purpose: its only target is never ejected for that
   origin: {targets: ["http://127.0.0.1:$ORIGIN_PORT"], preserve_host: true, passive_health: {consecutive_failures: 1000000}}
@@ -39,9 +40,14 @@ routes:
     upstream: origin
     cache: {}
 YAML
+rm -f "$WORK/gateway.log"
 "$TWISTD" -n --pidfile= --logfile="$WORK/gateway.log" txgateway -c "$WORK/gateway.yaml" &
 PIDS+=($!)
 wait_port "$ORIGIN_PORT" && wait_port "$GW_PORT" || { echo "cache-tests: origin or gateway did not start" >&2; exit 1; }
+if [[ -n "${ID:-}" ]]; then
+  (cd "$PKG" && npm run --silent cli --base="http://127.0.0.1:$GW_PORT" --id="$ID")
+  exit 0
+fi
 (cd "$PKG" && npm run --silent cli --base="http://127.0.0.1:$GW_PORT" >"$OUT")
 cd "$PKG"
 node --input-type=module - "$OUT" <<'JS'

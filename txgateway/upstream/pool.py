@@ -162,7 +162,11 @@ class UpstreamConnection(TwistedProtocol):
             length = int(framing[b"content-length"])
         if status in (204, 304):
             self.no_body = True
-        self._until_close = (length is None and b"transfer-encoding" not in framing and not self.no_body)
+        # RFC 9112 §6.3: without Content-Length, and unless chunked is the final coding, a
+        # response's body ends when the upstream closes the connection.
+        coding = framing.get(b"transfer-encoding")
+        self._until_close = (length is None and not self.no_body
+                             and (coding is None or not coding.rstrip().lower().endswith(b"chunked")))
         self._started = True
         user = self.user
         if user is not None:

@@ -28,6 +28,7 @@ class CacheSettings:
     max_object_size: int = 8 * 2**20    # larger responses pass through uncached, never held
     credentials: bool = False           # store answers to requests with credentials (RFC 9111 §3.5)
     lock_timeout: float = 5.0           # how long concurrent misses wait for the first one
+    store_set_cookie: bool = False      # keep Set-Cookie in stored responses (sent to every client)
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class RouteCache:
 
 _ROUTE = {"ttl": "", "methods": "", "key": "", "serve_stale": ""}
 _KEY = {"query": "", "headers": "", "identity": ""}
-_SECTION = {"max_memory": "", "max_object_size": "", "credentials": "", "lock_timeout": ""}
+_SECTION = {"max_memory": "", "max_object_size": "", "credentials": "", "lock_timeout": "", "store_set_cookie": ""}
 
 
 def _duration(r: Reader, node: yaml.Node, path: str) -> float:
@@ -100,8 +101,9 @@ def parse_section(r: Reader, node: yaml.Node, top: dict[str, yaml.Node],
             if size <= 0:
                 raise r.fail(f[key], f"cache.{key}", f"expected a size above zero, got {size}")
             args[key] = size
-    if "credentials" in f:
-        args["credentials"] = r.boolean(f["credentials"], "cache.credentials")
+    for key in ("credentials", "store_set_cookie"):
+        if key in f:
+            args[key] = r.boolean(f[key], f"cache.{key}")
     if "lock_timeout" in f:
         args["lock_timeout"] = _duration(r, f["lock_timeout"], "cache.lock_timeout")
     settings = CacheSettings(**args)

@@ -25,6 +25,7 @@ from txgateway.core.pipeline import REASONS, LocalResponse, RequestContext, Resp
 from txgateway.filters.cache.config import CacheSettings, RouteCache
 from txgateway.filters.cache.rules import (
     DEFAULT_CACHEABLE,
+    MAX_DELTA,
     Directives,
     directives,
     field_values,
@@ -38,9 +39,10 @@ __all__ = ["CacheFilter", "build_filter"]
 NAME = "cache"
 MAX_VARY = 32                 # a response varying on more request headers is not stored
 _SAFE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
-_NOT_STORED = frozenset({b"age", b"set-cookie", b"set-cookie2"})
+_COOKIES = frozenset({b"set-cookie", b"set-cookie2"})
+# RFC 9111 §3.2: a 304 updates the stored fields, except those describing the stored content.
 _NOT_UPDATED = frozenset({b"content-length", b"content-encoding", b"transfer-encoding", b"content-range",
-                          b"age", b"set-cookie", b"set-cookie2"})
+                          b"content-md5", b"etag", b"age"})
 _CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since"})
 
 
@@ -85,8 +87,15 @@ class _Invalidate:
 
 
 def _request_value(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
-    values = [v.strip() for k, v in headers if k == name]
-    return b", ".join(values) if values else None
+    """A request field's value as the key and Vary compare it: whitespace-insensitive, and
+    case- and order-insensitive for Accept-Language."""
+    values = [v for k, v in headers if k == name]
+    if not values:
+        return None
+    members = [b"".join(m.split()) for v in values for m in v.split(b",")]
+    if name == b"accept-language":
+        members = sorted(m.lower() for m in members)
+    return b",".join(members)
 
 
 def _etag_matches(condition: bytes, etag: bytes | None) -> bool:
@@ -110,6 +119,8 @@ class CacheFilter:
         self.clock = clock
         self.counts = store.counts(route)
         self.inflight = store.inflight
+        # Set-Cookie is never stored (so never sent to another client) unless the section says so.
+        self.not_stored = frozenset({b"age"}) if settings.store_set_cookie else frozenset({b"age"}) | _COOKIES
 
     # -- keys ----------------------------------------------------------------------------
 
@@ -237,10 +248,11 @@ class CacheFilter:
         """The client's own conditional, answered from the entry (RFC 9110 §13.2.2)."""
         if entry.status != 200:
             return False
-        inm = _request_value(headers, b"if-none-match")
+        fields = dict(headers)
+        inm = fields.get(b"if-none-match")
         if inm is not None:
             return _etag_matches(inm, entry.etag)
-        ims = parse_http_date(_request_value(headers, b"if-modified-since"))
+        ims = parse_http_date(fields.get(b"if-modified-since"))
         if ims is None:
             return False
         modified = parse_http_date(entry.last_modified)
@@ -338,6 +350,7 @@ class CacheFilter:
         updates = {k for k, _ in head.headers if k not in _NOT_UPDATED}
         headers = [(k, v) for k, v in entry.headers if k not in updates]
         headers += [(k, v) for k, v in head.headers if k in updates]
+        cookies = [(k, v) for k, v in head.headers if k in _COOKIES]   # this client's, stored or not
         fresh = self._entry(entry.status, headers, entry.body, state, now, dict(head.headers).get(b"age"))
         if fresh is None:
             self._release(state)
@@ -347,7 +360,8 @@ class CacheFilter:
         self._release(state)
         self.counts.revalidated += 1
         ctx.note(NAME, "REVALIDATED")
-        head.headers = [*fresh.headers, (b"age", b"%d" % int(fresh.age(now))),
+        head.headers = [*fresh.headers, *(c for c in cookies if c not in fresh.headers),
+                        (b"age", b"%d" % int(fresh.age(now))),
                         (b"cache-status", b"txgateway; fwd=%s; fwd-status=304" % state.fwd),
                         (b"x-cache", b"REVALIDATED")]
         if state.conditional and self._not_modified(state.conditional, fresh):
@@ -400,7 +414,7 @@ class CacheFilter:
         if b"no-store" in resp or b"private" in resp:
             return False
         names = {k for k, _ in head.headers}
-        if b"content-range" in names:
+        if b"must-understand" in resp and status not in REASONS:
             return False
         if (ctx.identity is not None or ctx.header(b"authorization") is not None) and not self.policy.identity \
                 and not (b"public" in resp or b"s-maxage" in resp or b"must-revalidate" in resp):
@@ -446,8 +460,13 @@ class CacheFilter:
     def _entry(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, state: _Forward,
                now: float, age_header: bytes | None) -> Entry | None:
         """An entry with its freshness lifetime and corrected initial age (§4.2.1, §4.2.3)."""
-        age_value = parse_delta(age_header if age_header is not None else dict(headers).get(b"age")) or 0
-        kept = [(k, v) for k, v in headers if k not in _NOT_STORED]
+        ages = [age_header] if age_header is not None else [v for k, v in headers if k == b"age"]
+        # An Age that is not one valid delta-seconds makes the response stale (taken as very old).
+        age_value = 0 if not ages else parse_delta(ages[0]) if len(ages) == 1 else None
+        if age_value is None:
+            age_value = MAX_DELTA
+        not_stored = self.not_stored
+        kept = [(k, v) for k, v in headers if k not in not_stored]
         resp = directives(kept)
         date = parse_http_date(dict(kept).get(b"date"))
         date_value = date if date is not None else now
