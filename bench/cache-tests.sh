@@ -7,14 +7,15 @@
 #   make cache-tests            # or: bash bench/cache-tests.sh
 #
 # Environment: WORK (install dir, default $TMPDIR/http-cache-tests), ORIGIN_PORT (8000, the
-# suite's origin), GW_PORT (8089), OUT (per-test results JSON), ID (run only that test, with
+# suite's origin), GW_PORT (8089), RUN (this run's files, default WORK), OUT (per-test results JSON), ID (run only that test, with
 # the suite's dump of each request and response). Needs node and npm.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 WORK="${WORK:-${TMPDIR:-/tmp}/http-cache-tests}"
 ORIGIN_PORT="${ORIGIN_PORT:-8000}"
 GW_PORT="${GW_PORT:-8089}"
-OUT="${OUT:-$WORK/result.json}"
+RUN="${RUN:-$WORK}"                 # this run's files: gateway config and logs, results
+OUT="${OUT:-$RUN/result.json}"
 TWISTD="${TWISTD:-$ROOT/.venv/bin/twistd}"
 PKG="$WORK/node_modules/http-cache-tests"
 command -v node >/dev/null && command -v npm >/dev/null || { echo "cache-tests: node and npm are needed" >&2; exit 2; }
@@ -26,9 +27,9 @@ wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/n
 PIDS=()
 trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done' EXIT
 (cd "$PKG" && npm_package_config_port="$ORIGIN_PORT" npm_package_config_protocol=http \
-  npm_package_config_pidfile="$WORK/origin.pid" exec node server/server.mjs >"$WORK/origin.log" 2>&1) &
+  npm_package_config_pidfile="$RUN/origin.pid" exec node server/server.mjs >"$RUN/origin.log" 2>&1) &
 PIDS+=($!)
-cat >"$WORK/gateway.yaml" <<YAML
+cat >"$RUN/gateway.yaml" <<YAML
 listen: [{endpoint: "tcp:$GW_PORT:interface=127.0.0.1"}]
 access_log: "off"
 cache: {max_memory: 64MiB, credentials: true, store_set_cookie: true}
@@ -40,8 +41,8 @@ routes:
     upstream: origin
     cache: {}
 YAML
-rm -f "$WORK/gateway.log"
-"$TWISTD" -n --pidfile= --logfile="$WORK/gateway.log" txgateway -c "$WORK/gateway.yaml" &
+rm -f "$RUN/gateway.log"
+"$TWISTD" -n --pidfile= --logfile="$RUN/gateway.log" txgateway -c "$RUN/gateway.yaml" &
 PIDS+=($!)
 wait_port "$ORIGIN_PORT" && wait_port "$GW_PORT" || { echo "cache-tests: origin or gateway did not start" >&2; exit 1; }
 if [[ -n "${ID:-}" ]]; then

@@ -281,3 +281,86 @@ async def test_a_body_over_max_object_size_passes_through_and_is_not_stored(gate
     gw = await gateway(config(url, top="cache: {max_memory: 1MiB, max_object_size: 4KiB}"), clock=Clock())
     assert len((await fetch(gw, "/big")).body) == 5000
     assert (await fetch(gw, "/big")).header("x-cache") == "MISS"
+
+
+@pytest_twisted.ensureDeferred
+async def test_set_cookie_is_stored_and_replayed_only_when_the_section_says_so(gateway, origin):
+    res, url = origin
+    res.answers[b"/c"] = (200, [(b"Cache-Control", b"max-age=60"), (b"Set-Cookie", b"a=b")], b"x")
+    gw = await gateway(config(url, top="cache: {store_set_cookie: true}"), clock=Clock())
+    await fetch(gw, "/c")
+    hit = await fetch(gw, "/c")
+    assert (hit.header("x-cache"), hit.header("set-cookie")) == ("HIT", "a=b")
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_age_that_is_not_one_valid_number_makes_the_response_stale(gateway, origin):
+    res, url = origin
+    for i, ages in enumerate([[b"old"], [b"-5"], [b"0", b"0"], [b"1.5"]]):
+        res.answers[b"/age%d" % i] = (200, [(b"Cache-Control", b"max-age=3600")] + [(b"Age", a) for a in ages], b"x")
+    res.answers[b"/age-ok"] = (200, [(b"Cache-Control", b"max-age=3600"), (b"Age", b"100")], b"x")
+    gw = await gateway(config(url), clock=Clock())
+    for i in range(4):
+        await fetch(gw, f"/age{i}")
+        assert (await fetch(gw, f"/age{i}")).header("x-cache") == "MISS"
+    await fetch(gw, "/age-ok")
+    hit = await fetch(gw, "/age-ok")
+    assert (hit.header("x-cache"), hit.header("age")) == ("HIT", "100")
+
+
+@pytest_twisted.ensureDeferred
+async def test_vary_ignores_whitespace_and_accept_language_order_and_case(gateway, origin):
+    res, url = origin
+    res.answers[b"/l"] = (200, [(b"Cache-Control", b"max-age=60"), (b"Vary", b"Accept-Language, X-Thing")], b"x")
+    gw = await gateway(config(url), clock=Clock())
+    await fetch(gw, "/l", "Accept-Language: en, fr", "X-Thing: a,b")
+    again = await fetch(gw, "/l", "Accept-Language: FR,en", "X-Thing: a, b")
+    assert again.header("x-cache") == "HIT"
+    assert (await fetch(gw, "/l", "Accept-Language: de", "X-Thing: a,b")).header("x-cache") == "MISS"
+
+
+@pytest_twisted.ensureDeferred
+async def test_stale_while_revalidate_answers_at_once_and_refreshes_in_the_background(gateway, origin):
+    res, url = origin
+    res.answers[b"/w"] = lambda r: (200, [(b"Cache-Control", b"max-age=10, stale-while-revalidate=60"),
+                                          (b"ETag", b'"v%d"' % len(res.seen))], b"v%d" % len(res.seen))
+    clock = Clock()
+    gw = await gateway(config(url), clock=clock)
+    assert (await fetch(gw, "/w")).body == b"v1"
+    clock.advance(15)
+    stale = await fetch(gw, "/w")
+    assert (stale.body, stale.header("x-cache")) == (b"v1", "STALE")
+    for _ in range(100):
+        if res.count(b"/w") == 2 and not gw.gateway.durable["cache"].inflight:
+            break
+        await pause(0.01)
+    assert res.seen[-1].getHeader(b"if-none-match") == b'"v1"'
+    fresh = await fetch(gw, "/w")
+    assert (fresh.body, fresh.header("x-cache")) == (b"v2", "HIT")
+    assert res.count(b"/w") == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_short_body_is_never_stored(gateway, raw_upstream):
+    def script(server, data):
+        server.transport.write(b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 100\r\n\r\nshort")
+        server.transport.loseConnection()
+    up = await raw_upstream(script)
+    gw = await gateway(config(up.url), clock=Clock())
+    for _ in range(2):
+        [cut] = parse_responses(await raw(gw.port, get("/t")))
+        assert cut.header("x-cache") == "MISS" and cut.body.endswith(b"<RESET>")   # the client sees the cut
+    assert len(up.requests) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_flood_of_unique_query_strings_stays_under_max_memory(gateway, origin):
+    res, url = origin
+    res.answers[b"/q"] = (200, [(b"Cache-Control", b"max-age=600")], b"x" * 1000)
+    gw = await gateway(config(url, top="cache: {max_memory: 64KiB, max_object_size: 8KiB}"), clock=Clock())
+    store = gw.gateway.durable["cache"]
+    for i in range(300):
+        await fetch(gw, f"/q?n={i}")
+        assert store.bytes <= 64 * 1024
+    assert store.evictions > 200
+    assert (await fetch(gw, "/q?n=299")).header("x-cache") == "HIT"
