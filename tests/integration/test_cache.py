@@ -364,3 +364,58 @@ async def test_a_flood_of_unique_query_strings_stays_under_max_memory(gateway, o
         assert store.bytes <= 64 * 1024
     assert store.evictions > 200
     assert (await fetch(gw, "/q?n=299")).header("x-cache") == "HIT"
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_status_and_token_protected_purge_on_the_admin_listener(gateway, origin, monkeypatch):
+    from tests.integration.test_admin import ADMIN_WITH_TOKEN, TOKEN, TOKEN_ENV, admin_port, call, labels, named, scrape
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    res, url = origin
+    res.answers[b"/p/1"] = res.answers[b"/p/2"] = res.answers[b"/other"] = (
+        200, [(b"Cache-Control", b"max-age=60")], b"x")
+    gw = await gateway(config(url, top=ADMIN_WITH_TOKEN), clock=Clock())
+    for path in ("/p/1", "/p/2", "/other", "/p/1"):
+        await fetch(gw, path)
+    port = admin_port(gw)
+    metrics = await scrape(port, token=TOKEN)
+    assert named(metrics, "txgateway_cache_hits_total") == {labels(route="/"): 1.0}
+    assert named(metrics, "txgateway_cache_misses_total") == {labels(route="/"): 3.0}
+    assert named(metrics, "txgateway_cache_stored_bytes")[labels(route="/")] > 0
+    cache = (await call(port, "/status", token=TOKEN)).json()["cache"]
+    assert cache["routes"]["/"]["entries"] == 3 and cache["routes"]["/"]["hit_ratio"] == 0.25
+    refused = await call(port, "/cache/purge?prefix=/p", method="POST")
+    assert refused.status == 401
+    bad = await call(port, "/cache/purge", method="POST", token=TOKEN)
+    assert bad.status == 400
+    purged = await call(port, "/cache/purge?prefix=/p", method="POST", token=TOKEN)
+    assert (purged.status, purged.json()) == (200, {"purged": 2})
+    exact = await call(port, "/cache/purge?path=/other", method="POST", token=TOKEN)
+    assert exact.json() == {"purged": 1}
+    assert (await fetch(gw, "/p/1")).header("x-cache") == "MISS"
+    from txgateway.ops.manhole import namespace
+    namespace(gw.gateway)["purge"]("/p")                 # the Manhole's purge(prefix)
+    assert (await fetch(gw, "/p/1")).header("x-cache") == "MISS"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reload_keeps_the_cache_of_unchanged_routes(gateway, origin, tmp_path):
+    res, url = origin
+    res.answers[b"/k"] = (200, [(b"Cache-Control", b"max-age=60")], b"x")
+    gw = await gateway(config(url) + """
+  - prefix: /changed
+    upstream: origin
+    cache: {ttl: 5s}
+""", clock=Clock())
+    await fetch(gw, "/k")
+    await fetch(gw, "/changed/k")
+    path = tmp_path / "gw.yaml"
+    path.write_text('listen: [{endpoint: "tcp:0:interface=127.0.0.1"}]\naccess_log: "off"\n' + config(url) + """
+  - prefix: /changed
+    upstream: origin
+    cache: {ttl: 9s}
+""")
+    import dataclasses
+    gw.gateway.config = dataclasses.replace(gw.gateway.config, file=str(path))
+    assert gw.gateway.reload() == []
+    assert (await fetch(gw, "/k")).header("x-cache") == "HIT"
+    assert (await fetch(gw, "/changed/k")).header("x-cache") == "MISS"

@@ -43,6 +43,7 @@ def status(gateway: Any) -> dict[str, Any]:
             "health_check": group.config.health_check.path.decode() if group.config.health_check else None,
         }
     limits = config.rate_limits
+    cache = gateway.durable.get("cache")
     return {
         "version": __version__,
         "uptime_s": round(now - stats.started_at, 3),
@@ -65,6 +66,7 @@ def status(gateway: Any) -> dict[str, Any]:
         },
         "requests": {"total": stats.finished, "in_flight": stats.in_flight, "by_class": stats.by_status_class(),
                      "rate_limited": sum(stats.rejected.values())},
+        "cache": cache.snapshot() if cache is not None else None,
     }
 
 
@@ -103,6 +105,24 @@ class AdminResource(Resource):
         return _json(request, 404, {"error": "not found", "paths": ["/healthz", "/readyz", "/status", "/metrics", "/"]})
 
     render_HEAD = render_GET
+
+    def render_POST(self, request: Any) -> bytes:
+        """`POST /cache/purge?prefix=/api/items` (or `?path=/api/items/7?x=1`, that URL only):
+        drops stored responses on every route and host; answers how many."""
+        request.setHeader(b"cache-control", b"no-store")
+        if request.path != b"/cache/purge":
+            return _json(request, 404, {"error": "not found", "paths": ["/cache/purge"]})
+        if not self._authorized(request):
+            request.setHeader(b"www-authenticate", b'Bearer realm="txgateway-admin"')
+            return _json(request, 401, {"error": "admin token required (Authorization: Bearer ...)"})
+        store = self.gateway.durable.get("cache")
+        prefix, path = request.args.get(b"prefix"), request.args.get(b"path")
+        if (prefix is None) == (path is None) or not (prefix or path)[0].startswith(b"/"):
+            return _json(request, 400, {"error": "give one of ?prefix=/path or ?path=/path?query"})
+        if store is None:
+            return _json(request, 200, {"purged": 0})
+        purged = store.purge_path(prefix[0]) if prefix is not None else store.purge_path(path[0], exact=True)
+        return _json(request, 200, {"purged": purged})
 
     def _authorized(self, request: Any) -> bool:
         if self.token is None:

@@ -131,5 +131,24 @@ class Store:
         """Remove every key `match(key)` accepts; the number of responses removed."""
         return sum(self.remove(key) for key in [k for k in self._lru if match(k)])
 
+    def purge_path(self, path: bytes, exact: bool = False) -> int:
+        """The admin's and the Manhole's purge: the responses stored for `path` (with its query
+        when `exact`, else every path that starts with it), on every route and host."""
+        if exact:
+            bare, mark, query = path.partition(b"?")
+            return self.purge(lambda key: key[2] == bare and key[3] == mark + query)
+        return self.purge(lambda key: (key[2] + key[3]).startswith(path))
+
+    def snapshot(self) -> dict[str, Any]:
+        """What /status shows: size and hit ratio per route."""
+        routes = {}
+        for route, c in sorted(self.routes.items()):
+            served = c.hits + c.stale + c.revalidated
+            asked = served + c.misses
+            routes[route] = {"entries": c.entries, "bytes": c.bytes, "hits": c.hits, "misses": c.misses,
+                             "stale": c.stale, "revalidated": c.revalidated,
+                             "hit_ratio": round(served / asked, 4) if asked else None}
+        return {"bytes": self.bytes, "max_memory": self.max_memory, "evictions": self.evictions, "routes": routes}
+
     def keys(self) -> Iterator[tuple[Any, ...]]:
         return iter(self._lru)
