@@ -59,7 +59,7 @@ SNIPPETS = [(line, heading, text) for line, heading, text in code_blocks() if is
 def test_the_readme_has_the_snippets_this_test_checks():
     assert [heading for _, heading, _ in SNIPPETS] == [
         "Authentication", "Rate limiting", "Shared limits: `backend: redis` or `hybrid`", "Local answers (`respond:`)", "TLS",
-        "Upstream resilience: breakers, balancing, health, retries", "Running under systemd",
+        "Response cache", "Upstream resilience: breakers, balancing, health, retries", "Running under systemd",
         "Operating it: admin endpoint, metrics, status page, Manhole"]
 
 
