@@ -21,6 +21,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 
+from txgateway.core.nowhere import Nowhere
 from txgateway.core.pipeline import REASONS, LocalResponse, RequestContext, ResponseHead, error_response
 from txgateway.filters.cache.config import CacheSettings, RouteCache
 from txgateway.filters.cache.rules import (
@@ -539,7 +540,7 @@ class CacheFilter:
         if terminal is None or pipeline is None:
             return
         bg = RequestContext(b"GET", ctx.target, ctx.path, ctx.query, b"1.1", list(ctx.headers), ctx.host, ctx.scheme,
-                            ctx.peer_ip, _Nowhere(self, key), self.clock.seconds())
+                            ctx.peer_ip, _Refresh(self), self.clock.seconds())
         bg.correlation_id = ctx.correlation_id + "-refresh"
         bg.client_ip, bg.route, bg.chain = ctx.client_ip, ctx.route, chain
         bg.upstream, bg.upstream_path, bg.identity = ctx.upstream, ctx.upstream_path, ctx.identity
@@ -553,54 +554,17 @@ class CacheFilter:
         terminal.forward(bg)
 
 
-class _Nowhere:
+class _Refresh(Nowhere):
     """The client side of a background refresh: the answer only updates the store."""
 
-    tls: str | None = None
-    hsts: bytes | None = None
-
-    def __init__(self, cache: CacheFilter, key: tuple[Any, ...]) -> None:
+    def __init__(self, cache: CacheFilter) -> None:
         self.cache = cache
-        self.key = key
 
-    def _done(self, ctx: RequestContext) -> None:
+    def ended(self, ctx: RequestContext) -> None:
         ctx.done = True
         state = ctx.get_state(NAME)
         if isinstance(state, _Forward):
             self.cache._release(state)
-
-    def send_head(self, ctx: RequestContext, head: ResponseHead) -> None:
-        pass
-
-    def send_body(self, ctx: RequestContext, data: bytes) -> None:
-        pass
-
-    def flush(self, ctx: RequestContext) -> None:
-        pass
-
-    def finish(self, ctx: RequestContext) -> None:
-        self._done(ctx)
-
-    def abort(self, ctx: RequestContext) -> None:
-        self._done(ctx)
-
-    def read_body(self, ctx: RequestContext, sink: Any) -> None:
-        sink.body_end()
-
-    def pause_body(self, ctx: RequestContext) -> None:
-        pass
-
-    def resume_body(self, ctx: RequestContext) -> None:
-        pass
-
-    def register_producer(self, ctx: RequestContext, producer: Any) -> None:
-        pass
-
-    def unregister_producer(self, ctx: RequestContext) -> None:
-        pass
-
-    def start_tunnel(self, ctx: RequestContext, upstream: Any) -> Any:
-        raise RuntimeError("a background refresh never upgrades")
 
 
 def build_filter(resources: Any, policy: RouteCache, route: Any) -> CacheFilter:
