@@ -45,6 +45,11 @@ _COOKIES = frozenset({b"set-cookie", b"set-cookie2"})
 _NOT_UPDATED = frozenset({b"content-length", b"content-encoding", b"transfer-encoding", b"content-range",
                           b"content-md5", b"etag", b"age"})
 _CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since"})
+# The request fields the cache looks at, as bits of one pass over the headers.
+_RANGE, _AUTHORIZATION, _CACHE_CONTROL, _PRAGMA, _CONDITIONAL = 1, 2, 4, 8, 16
+_WATCHED = {b"range": _RANGE, b"authorization": _AUTHORIZATION, b"cache-control": _CACHE_CONTROL,
+            b"pragma": _PRAGMA, b"if-none-match": _CONDITIONAL, b"if-modified-since": _CONDITIONAL}
+_NO_DIRECTIVES = Directives({})
 
 
 class _Forward:
@@ -152,33 +157,39 @@ class CacheFilter:
             else:
                 ctx.set_state(NAME, _Bypass(b"method"))
             return None
-        if ctx.header(b"range") is not None:
+        seen = 0          # one pass over the headers: which of the fields the cache cares about are there
+        for name, _ in ctx.headers:
+            bit = _WATCHED.get(name)
+            if bit is not None:
+                seen |= bit
+        if seen & _RANGE:
             ctx.set_state(NAME, _Bypass(b"partial"))
             return None
-        if not self.policy.identity and not self.settings.credentials and (
-                ctx.identity is not None or ctx.header(b"authorization") is not None):
+        if (seen & _AUTHORIZATION or ctx.identity is not None) and not self.policy.identity \
+                and not self.settings.credentials:
             ctx.set_state(NAME, _Bypass(b"request"))
             return None
-        return self._lookup(ctx, True)
+        return self._lookup(ctx, True, seen)
 
-    def _lookup(self, ctx: RequestContext, may_wait: bool) -> LocalResponse | Deferred[Any] | None:
+    def _lookup(self, ctx: RequestContext, may_wait: bool, seen: int) -> LocalResponse | Deferred[Any] | None:
         key = self.key(ctx)
-        req = directives(ctx.headers)
+        req = directives(ctx.headers) if seen & _CACHE_CONTROL else _NO_DIRECTIVES
         now = self.clock.seconds()
         entry = self._select(self.store.variants(key), ctx.headers)
-        no_cache = b"no-cache" in req or (not req.d and b"no-cache" in field_values(ctx.headers, b"pragma"))
+        no_cache = b"no-cache" in req or (
+            seen & _PRAGMA != 0 and not req.d and b"no-cache" in field_values(ctx.headers, b"pragma"))
         fwd = b"uri-miss"
         if entry is not None:
             age = entry.age(now)
             if not no_cache:
                 stale = self._usable(entry, req, age)
                 if stale is not None:
-                    return self._hit(ctx, entry, age, b"STALE" if stale else b"HIT")
+                    return self._hit(ctx, entry, age, b"STALE" if stale else b"HIT", seen & _CONDITIONAL != 0)
                 swr = entry.directives.delta(b"stale-while-revalidate")
                 if (swr is not None and age - entry.lifetime <= swr and b"must-revalidate" not in entry.directives
                         and req.delta(b"max-age") is None and b"min-fresh" not in req):
                     self._refresh(ctx, key, entry)
-                    return self._hit(ctx, entry, age, b"STALE")
+                    return self._hit(ctx, entry, age, b"STALE", seen & _CONDITIONAL != 0)
             fwd = b"request" if no_cache else b"stale"
         elif self.store.variants(key):
             fwd = b"vary-miss"
@@ -188,7 +199,7 @@ class CacheFilter:
         if may_wait and entry is None and not no_cache:
             waiters = self.inflight.get(key)
             if waiters is not None:
-                return self._wait(ctx, waiters)
+                return self._wait(ctx, waiters, seen)
         state = _Forward(key, entry, now, req, fwd, ctx.headers)
         if key not in self.inflight:
             self.inflight[key] = []
@@ -231,7 +242,7 @@ class CacheFilter:
             return None
         return True
 
-    def _hit(self, ctx: RequestContext, entry: Entry, age: float, verdict: bytes) -> LocalResponse:
+    def _hit(self, ctx: RequestContext, entry: Entry, age: float, verdict: bytes, conditional: bool) -> LocalResponse:
         ctx.set_state(NAME, _HIT)
         ctx.note(NAME, verdict.decode())
         if verdict == b"HIT":
@@ -241,7 +252,7 @@ class CacheFilter:
         ttl = int(entry.lifetime - age)
         headers = [*entry.headers, (b"age", b"%d" % int(age)),
                    (b"cache-status", b"txgateway; hit; ttl=%d" % ttl), (b"x-cache", verdict)]
-        if self._not_modified(ctx.headers, entry):
+        if conditional and self._not_modified(ctx.headers, entry):
             return LocalResponse(304, headers, b"")
         return LocalResponse(entry.status, headers, entry.body)
 
@@ -274,7 +285,7 @@ class CacheFilter:
 
     # -- collapsed forwarding ------------------------------------------------------------
 
-    def _wait(self, ctx: RequestContext, waiters: list[Deferred[Any]]) -> Deferred[Any]:
+    def _wait(self, ctx: RequestContext, waiters: list[Deferred[Any]], seen: int) -> Deferred[Any]:
         def cancel(d: Deferred[Any]) -> None:
             if d in waiters:
                 waiters.remove(d)
@@ -294,7 +305,7 @@ class CacheFilter:
         def resume(_: Any) -> LocalResponse | Deferred[Any] | None:
             if timer.active():
                 timer.cancel()
-            found = self._lookup(ctx, False)
+            found = self._lookup(ctx, False, seen)
             state = ctx.get_state(NAME)
             if state is _HIT:
                 ctx.note(NAME, "HIT")
