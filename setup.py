@@ -28,6 +28,9 @@ COMPILED = [
     "txgateway/core/timeouts.py",
     "txgateway/filters/auth/tokens.py",
     "txgateway/upstream/pool.py",
+    "txgateway/filters/cache/filter.py",
+    "txgateway/filters/cache/rules.py",
+    "txgateway/filters/cache/store.py",
 ]
 
 
