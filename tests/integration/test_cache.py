@@ -419,3 +419,28 @@ async def test_a_reload_keeps_the_cache_of_unchanged_routes(gateway, origin, tmp
     assert gw.gateway.reload() == []
     assert (await fetch(gw, "/k")).header("x-cache") == "HIT"
     assert (await fetch(gw, "/changed/k")).header("x-cache") == "MISS"
+
+
+@pytest_twisted.ensureDeferred
+async def test_serve_stale_when_the_upstream_is_down_and_then_out_of_rotation(gateway, reactor):
+    res = Origin()
+    res.answers[b"/d"] = (200, [(b"Cache-Control", b"max-age=1"), (b"Connection", b"close")], b"kept")
+    site = Site(res)
+    site.log = lambda request: None
+    port = await listen(reactor, site)
+    url = f"http://127.0.0.1:{port.getHost().port}"
+    clock = Clock()
+    gw = await gateway(config(url, "{serve_stale: 10m}", ", passive_health: {consecutive_failures: 1, eject_for: 1m}"),
+                       clock=clock)
+    assert (await fetch(gw, "/d")).body == b"kept"
+    await port.stopListening()
+    clock.advance(5)
+    refused = await fetch(gw, "/d")
+    assert (refused.status, refused.body, refused.header("x-cache")) == (200, b"kept", "STALE")
+    assert refused.header("cache-status").endswith("fwd-status=502; detail=upstream-error")
+    ejected = await fetch(gw, "/d")
+    assert (ejected.status, ejected.body) == (200, b"kept")
+    assert ejected.header("cache-status").endswith("fwd-status=503; detail=no-target")
+    assert [r["cache"] for r in gw.log][-2:] == ["STALE", "STALE"]
+    clock.advance(601)              # past serve_stale (and the ejection): the upstream's error goes through
+    assert_envelope(await fetch(gw, "/d"), 502, "BAD_GATEWAY")

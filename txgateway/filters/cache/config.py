@@ -106,6 +106,8 @@ def parse_section(r: Reader, node: yaml.Node, top: dict[str, yaml.Node],
             args[key] = r.boolean(f[key], f"cache.{key}")
     if "lock_timeout" in f:
         args["lock_timeout"] = _duration(r, f["lock_timeout"], "cache.lock_timeout")
+    if "max_object_size" not in args and "max_memory" in args:
+        args["max_object_size"] = min(CacheSettings.max_object_size, args["max_memory"])
     settings = CacheSettings(**args)
     if settings.max_object_size > settings.max_memory:
         raise r.fail(f.get("max_object_size", node), "cache.max_object_size",
