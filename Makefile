@@ -27,7 +27,7 @@ EXT_SUFFIX := $(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_config
 BUILT   = txgateway__mypyc$(EXT_SUFFIX)
 export TXGATEWAY_PURE
 
-.PHONY: demo test test-suite test-wheel test-all-pythons install compile system-deps lint bench dev-clean dev-cert
+.PHONY: demo test test-suite test-wheel test-all-pythons install compile system-deps lint bench cache-tests dev-clean dev-cert
 
 $(STAMP): setup.cfg setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -63,7 +63,7 @@ compile: $(BUILT)
 system-deps:
 	@missing=""; \
 	for tool in redis-server:redis-server redis-sentinel:redis-sentinel curl:curl openssl:openssl chromium:chromium \
-	            ssh:openssh-client ssh-keyscan:openssh-client systemd-analyze:systemd; do \
+	            ssh:openssh-client ssh-keyscan:openssh-client systemd-analyze:systemd node:nodejs npm:npm; do \
 	  command -v $${tool%%:*} >/dev/null || missing="$$missing $${tool##*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -135,3 +135,8 @@ lint: install
 
 bench: install
 	bash bench/run.sh
+
+# The public HTTP cache conformance suite (npm http-cache-tests) against a gateway it starts:
+# pass counts by kind beside nginx, Squid, Apache, Varnish... (docs/cache.md).
+cache-tests: install system-deps
+	bash bench/cache-tests.sh

@@ -29,6 +29,9 @@ COMPILED = [
     "txgateway/filters/auth/tokens.py",
     "txgateway/upstream/pool.py",
     "txgateway/terminals/compose/composer.py",
+    "txgateway/filters/cache/filter.py",
+    "txgateway/filters/cache/rules.py",
+    "txgateway/filters/cache/store.py",
 ]
 
 

@@ -9,6 +9,7 @@ tens of percent between runs: use it to compare two versions of the code.
     .venv/bin/python bench/macro.py                    # plain proxy route (bench/anchors-gateway.yaml)
     .venv/bin/python bench/macro.py --jwt              # + JWT + per-user limit (anchors-gateway-jwt.yaml)
     .venv/bin/python bench/macro.py --compose          # three upstream calls merged (anchors-compose.yaml)
+    .venv/bin/python bench/macro.py --cache            # the route cached: every counted request a hit
     .venv/bin/python bench/macro.py -n 3000 --conns 16
 """
 
@@ -100,8 +101,13 @@ def main() -> None:
     parser.add_argument("--conns", type=int, default=16)
     parser.add_argument("--jwt", action="store_true", help="JWT + per-user rate limit (anchors-gateway-jwt.yaml)")
     parser.add_argument("--compose", action="store_true", help="a composed route of 3 calls (anchors-compose.yaml)")
+    parser.add_argument("--cache", action="store_true", help="the route with cache: {ttl: 1h} (hits after the first)")
     args = parser.parse_args()
-    upstream = subprocess.Popen([sys.executable, "-c", UPSTREAM % RESPONSE], stdout=subprocess.PIPE, text=True)
+    response = RESPONSE
+    if args.cache:     # a current Date: the ttl heuristic then keeps the response fresh (an old one is stale)
+        from email.utils import formatdate
+        response = RESPONSE.replace(b"Sun, 29 Nov 2026 12:30:29 GMT", formatdate(usegmt=True).encode())
+    upstream = subprocess.Popen([sys.executable, "-c", UPSTREAM % response], stdout=subprocess.PIPE, text=True)
     work = Path(tempfile.mkdtemp(prefix="txgw-macro-"))
     gateway = None
     try:
@@ -113,6 +119,8 @@ def main() -> None:
         config = re.sub(r'tcp:\d+:interface', f"tcp:{port}:interface", config)
         config = config.replace("http://127.0.0.1:9001", f"http://127.0.0.1:{upstream_port}")
         config = re.sub(r"access_log: \S+", f"access_log: {work / 'access.log'}", config)
+        if args.cache:
+            config = config.rstrip("\n") + "\n    cache: {ttl: 1h}\n"
         (work / "gateway.yaml").write_text(config)
         path = b"/api/composite/1" if args.compose else b"/api/users/1"
         request = b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: macro\r\nAccept: */*\r\n"
@@ -144,7 +152,8 @@ def main() -> None:
         dumps = sorted(work.glob(f"cg.{gateway.pid}.*"))
         totals = re.search(r"^(?:summary|totals): (\d+)", dumps[-1].read_text(), re.M)
         print(f"{int(totals.group(1)) // args.n} instructions per request (real daemon, user space, "
-              f"{args.conns} connections, {'composed, 3 calls' if args.compose else 'JWT + limit' if args.jwt else 'plain proxy'})")
+              f"{args.conns} connections, {'composed, 3 calls' if args.compose else 'JWT + limit' if args.jwt else 'plain proxy'}"
+              f"{', cached' if args.cache else ''})")
     finally:
         if gateway is not None:
             gateway.terminate()

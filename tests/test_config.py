@@ -41,14 +41,13 @@ from txgateway.upstream.breaker import BreakerSettings
 from txgateway.upstream.resilienceconfig import HealthCheck, PassiveHealth
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "etc" / "txgateway.yaml"
-NOT_YET = "not supported yet in this version of txgateway; remove it or upgrade"
 TIERS = "  tiers: {free: {rate: 100/hour}}\n"
 REDIS_URL = 'expected a URL like "redis://127.0.0.1:6379/0" or "redis://:PASSWORD@host:6379/0", got'
 REDIS_KEYS = "password_env, pool_size, sentinel, timeout, url"
 DURATION = 'expected a duration like "250ms", "5s" or "1m", got'
 RATE = 'expected "N/second|minute|hour|day", got'
 RATE_ZERO = 'expected "N/second|minute|hour|day" with N above zero, got'
-TOP_KEYS = ("access_log, admin, auth, drain_timeout, ip_rules, limits, listen, manhole, rate_limits, "
+TOP_KEYS = ("access_log, admin, auth, cache, drain_timeout, ip_rules, limits, listen, manhole, rate_limits, "
             "redirect_to_https, redis, routes, trusted_proxies, underscores_in_headers, upstreams")
 ROUTE_KEYS = ("auth, cache, case_insensitive, compose, connect_timeout, cors, escaped_slashes, host, ip_allow, ip_deny, "
               "max_body_size, methods, prefix, rate_limit, request_headers, respond, response_headers, rewrite_prefix, "
@@ -580,12 +579,21 @@ def test_route_auth_and_roles_bad_values():
     ]
 
 
-# --- later versions -----------------------------------------------------------------------
+# --- the response cache -------------------------------------------------------------------
 
 @pytest.mark.parametrize(("edit", "line", "path", "message"), [
-    (lambda t: t.replace("upstream: orders}", "upstream: orders, cache: {ttl: 30s}}"), 8, "routes[1].cache", NOT_YET),
+    (lambda t: t.replace("upstream: orders}", "upstream: orders, cache: {ttl: soon}}"), 8, "routes[1].cache.ttl",
+     'expected a duration like "250ms", "5s" or "1m", got "soon"'),
+    (lambda t: t.replace("upstream: orders}", "upstream: orders, cache: {methods: [POST]}}"), 8,
+     "routes[1].cache.methods[0]", "expected one of GET, HEAD, got 'POST'"),
+    (lambda t: t.replace("upstream: orders}", "upstream: orders, cache: {key: {query: maybe}}}"), 8,
+     "routes[1].cache.key.query", "expected true or false, got 'maybe'"),
+    (lambda t: t.replace("upstream: orders}", "upstream: orders, cache: {tll: 5s}}"), 8,
+     "routes[1].cache.tll", "unknown key (expected one of: key, methods, serve_stale, ttl)"),
+    (lambda t: t + "cache: {max_memory: 1KiB, max_object_size: 1MiB}\n", 9, "cache.max_object_size",
+     "expected at most max_memory (1024 bytes), got 1048576"),
 ])
-def test_sections_of_later_versions_are_refused_by_key_path(edit, line, path, message):
+def test_cache_keys_are_checked_by_key_path(edit, line, path, message):
     assert errors(edit(BASE)) == [f"c.yaml:{line}: {path}: {message}"]
 
 
@@ -935,7 +943,7 @@ def test_every_error_is_reported_in_one_config_error():
         routes:
           - prefix: /api/users
             upstream: users
-            cache: {ttl: 30s}
+            cache: {ttl: 30 seconds}
           - prefix: /api/users
             upstream: users
           - prefix: /api/search
@@ -950,7 +958,7 @@ def test_every_error_is_reported_in_one_config_error():
         (5, "limits.max_body_size"),
         (7, "upstreams.users.timeout"),
         (8, "upstreams.orders.targets[0]"),
-        (12, "routes[0].cache"),
+        (12, "routes[0].cache.ttl"),
         (16, "routes[2].upstream"),
         (17, "routes[2].upstrem"),
     ]
@@ -960,7 +968,7 @@ def test_every_error_is_reported_in_one_config_error():
         'c.yaml:5: limits.max_body_size: expected a size like "512", "16KiB" or "10MiB", got "lots"',
         'c.yaml:7: upstreams.users.timeout: expected a duration like "250ms", "5s" or "1m", got "forever"',
         f'c.yaml:8: upstreams.orders.targets[0]: {TARGET_URL} "10.0.0.21:3003"',
-        f"c.yaml:12: routes[0].cache: {NOT_YET}",
+        'c.yaml:12: routes[0].cache.ttl: expected a duration like "250ms", "5s" or "1m", got "30 seconds"',
         'c.yaml:16: routes[2].upstream: no upstream named "search" (defined: orders, users)',
         f"c.yaml:17: routes[2].upstrem: unknown key (expected one of: {ROUTE_KEYS})",
     ]
@@ -1056,10 +1064,12 @@ def test_the_example_shows_every_supported_key():
                       "its first failure before any success ejects it again, for twice as long each time, up to "
                       "max_eject_for", "a success resets that backoff", "It always comes back"):
         assert explained in prose, explained
-    for later in ("tls:", "cache:", "https://search"):
-        assert later in commented, later
-        assert later not in live, later
-    assert "later version" in text.lower()
+    for needs_files in ("tls:", "https://search"):
+        assert needs_files in commented, needs_files
+        assert needs_files not in live, needs_files
+    for cache_key in ("cache:", "ttl:", "serve_stale:", "max_memory:", "max_object_size:", "credentials:",
+                      "lock_timeout:", "store_set_cookie:", "key: {query: true"):
+        assert cache_key in live, cache_key
     # The admin token and the manhole need a secret or files the example cannot assume: shown, explained,
     # commented; the admin endpoints are explained next to the live section.
     for ops_key in ("token_env: TXGATEWAY_ADMIN_TOKEN", "manhole:", 'endpoint: "tcp:2222:interface=127.0.0.1"',

@@ -11,7 +11,6 @@ from txgateway.config.schema import ConfigError, parse_config
 from txgateway.config.units import Rate
 from txgateway.filters.ratelimit.config import LimitsConfig, RouteLimit, Tier
 
-NOT_YET = "not supported yet in this version of txgateway; remove it or upgrade"
 RATE = 'expected "N/second|minute|hour|day", got'
 RATE_ZERO = 'expected "N/second|minute|hour|day" with N above zero, got'
 

@@ -61,7 +61,7 @@ def test_the_readme_has_the_snippets_this_test_checks():
         "Authentication", "Forward auth (`auth: {forward: ...}`)", "Rate limiting", "Shared limits: `backend: redis` or `hybrid`", "Local answers (`respond:`)",
         "Client addresses (`ip_allow`, `ip_deny`)", "CORS (`cors:`)",
         "Composed endpoints (`compose:`)", "Reshaping JSON (`transform:`)", "TLS",
-        "Client certificates (mTLS)", "WebSocket",
+        "Client certificates (mTLS)", "WebSocket", "Response cache",
         "Upstream resilience: breakers, balancing, health, retries",
         "Upstream errors in the gateway's envelope (`upstream_errors:`)", "Per-route limits",
         "Weighted targets and canary routing (`split:`)", "Running under systemd",

@@ -26,6 +26,7 @@ from twisted.test import iosim
 from txgateway.config import registry
 from txgateway.config.contract import Resources
 from txgateway.config.schema import Config, Route
+from txgateway.core.nowhere import Nowhere
 from txgateway.core.pipeline import Chain, LocalResponse, Pipeline, RequestContext, ResponseHead
 
 __all__ = [
@@ -34,11 +35,8 @@ __all__ = [
 ]
 
 
-class RecordingDownstream:
+class RecordingDownstream(Nowhere):
     """A `pipeline.Downstream` that keeps what the pipeline sent: the head, the body, the end."""
-
-    tls: str | None = None
-    hsts: bytes | None = None
 
     def __init__(self) -> None:
         self.head: ResponseHead | None = None
@@ -54,9 +52,6 @@ class RecordingDownstream:
         ctx.bytes_out += len(data)
         self.body += data
 
-    def flush(self, ctx: RequestContext) -> None:
-        pass
-
     def finish(self, ctx: RequestContext) -> None:
         self.finished = True
 
@@ -67,21 +62,6 @@ class RecordingDownstream:
         for chunk in self.request_body:
             sink.body_chunk(chunk)
         sink.body_end()
-
-    def pause_body(self, ctx: RequestContext) -> None:
-        pass
-
-    def resume_body(self, ctx: RequestContext) -> None:
-        pass
-
-    def register_producer(self, ctx: RequestContext, producer: Any) -> None:
-        pass
-
-    def unregister_producer(self, ctx: RequestContext) -> None:
-        pass
-
-    def start_tunnel(self, ctx: RequestContext, upstream: Any) -> Any:
-        raise NotImplementedError("no tunnels in memory")
 
     @property
     def status(self) -> int | None:

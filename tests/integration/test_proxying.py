@@ -96,6 +96,19 @@ async def test_close_delimited_response_is_rechunked_for_http11_clients(reactor,
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_response_whose_transfer_coding_is_not_chunked_is_read_until_close(reactor, raw_upstream, gateway):
+    """RFC 9112 §6.3: Transfer-Encoding without chunked last delimits the body by the close."""
+    def script(server, data):
+        server.transport.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: x-unknown\r\n\r\nbody until close")
+        server.transport.loseConnection()
+    up = await raw_upstream(script)
+    gw = await gateway(simple_config(up.url))
+    resp = await raw(gw.port, b"GET /api/users HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    (r,) = parse_responses(resp)
+    assert (r.status, r.body) == (200, b"body until close")
+
+
+@pytest_twisted.ensureDeferred
 async def test_http10_client_gets_close_delimited_body(reactor, raw_upstream, gateway):
     def script(server, data):
         server.transport.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")

@@ -3,8 +3,9 @@
 Bytes after a complete response (a second response in the same packet, a body on a 204 or on
 an answer to HEAD) mean the upstream and the gateway disagree on where a response ends: the
 connection is closed, never reused, and the next request (here another client's, waiting for
-the only pooled connection) gets its own answer. A transfer-coding the gateway cannot frame
-is a 502; control bytes in a reason phrase never reach a client.
+the only pooled connection) gets its own answer. A response under a transfer-coding other than
+chunked is framed as RFC 9112 section 6.3 says (read until the upstream closes), never cut;
+control bytes in a reason phrase never reach a client.
 """
 
 from __future__ import annotations
@@ -59,7 +60,10 @@ async def test_extra_bytes_after_a_response_never_answer_another_client(reactor,
 
 
 @pytest_twisted.ensureDeferred
-async def test_an_unsupported_transfer_coding_from_the_upstream_is_a_502(reactor, raw_upstream, gateway):
+async def test_a_transfer_coding_other_than_chunked_is_read_until_close_never_cut(reactor, raw_upstream, gateway):
+    """RFC 9112 6.3: without chunked as the final coding, the body ends when the upstream closes
+    (the HTTP cache test suite's required headers-store-Transfer-Encoding depends on it). Before,
+    such an answer reached the client as a chunked body cut by a reset."""
     def script(server, data):
         if b"/gzip" in data:
             server.transport.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n\x1f\x8b\x08\x00compressed")
@@ -71,12 +75,10 @@ async def test_an_unsupported_transfer_coding_from_the_upstream_is_a_502(reactor
 
     up = await raw_upstream(script)
     gw = await gateway(simple_config(up.url))
-    for path in (b"/api/users/gzip", b"/api/users/layered"):
+    for path, body in ((b"/api/users/gzip", b"\x1f\x8b\x08\x00compressed"), (b"/api/users/layered", b"abc"),
+                       (b"/api/users/ok", b"ok")):
         (resp,) = parse_responses(await raw(gw.port, b"GET %s HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n" % path))
-        assert_envelope(resp, 502, "BAD_GATEWAY")
-        assert "unsupported transfer-coding" in gw.log[-1]["detail"]
-    (good,) = parse_responses(await raw(gw.port, b"GET /api/users/ok HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"))
-    assert (good.status, good.body) == (200, b"ok")
+        assert (resp.status, resp.body) == (200, body)
 
 
 @pytest_twisted.ensureDeferred

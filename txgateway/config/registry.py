@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from txgateway.config.contract import FilterKind, TerminalKind
 from txgateway.filters.auth.config import AUTH
+from txgateway.filters.cache.config import CACHE
 from txgateway.filters.cors import CORS
 from txgateway.filters.headerconfig import HEADER_RULES
 from txgateway.filters.iprules import IP_RULES
@@ -26,10 +27,12 @@ __all__ = ["FILTERS", "TERMINALS", "route_keys"]
 # credentials), before identifying (401/403); identify before limiting (429); a tunnel counted
 # only once both let it through; then the split (it may sticky-hash the user id); header rules.
 # upstream_errors after them: on the way back its head hook runs before theirs, so the header
-# rules also apply to the envelope it puts in place of an upstream's error page. transform
-# last: no request body is read for a refused request.
+# rules also apply to the envelope it puts in place of an upstream's error page. transform: no
+# request body is read for a refused request. The cache last: a hit is answered only to
+# requests every filter before it let through (and goes back through their response hooks as
+# a miss does), and it stores the upstream's own answer (its head hook runs first on the way back).
 FILTERS: tuple[FilterKind, ...] = (IP_RULES, CORS, AUTH, RATE_LIMIT, WEBSOCKET, SPLIT, HEADER_RULES,
-                                   UPSTREAM_ERRORS, TRANSFORM)
+                                   UPSTREAM_ERRORS, TRANSFORM, CACHE)
 TERMINALS: tuple[TerminalKind, ...] = (PROXY, RESPOND, COMPOSE)
 
 

@@ -44,8 +44,6 @@ __all__ = [
     "Route", "Target", "Upstream", "load_config", "parse_config",
 ]
 
-# Keys that later versions implement (the response cache): accepted by name, refused with this reason.
-_NOT_YET = "not supported yet in this version of txgateway; remove it or upgrade"
 _HOST = re.compile(r"^(\*\.)?[a-z0-9_-]+(\.[a-z0-9_-]+)*$|^\[[0-9a-f:.]+\]$")
 
 
@@ -382,7 +380,7 @@ def _target(r: Reader, path: str, node: yaml.Node) -> Target:
 
 
 _ROUTE_KEYS = {"prefix": "", "rewrite_prefix": "", "methods": "", "host": "", "escaped_slashes": "",
-               "case_insensitive": "", "cache": "", "max_body_size": "", "timeout": "", "connect_timeout": ""}
+               "case_insensitive": "", "max_body_size": "", "timeout": "", "connect_timeout": ""}
 
 
 def _routes(r: Reader, node: yaml.Node, scope: Scope) -> tuple[Route, ...]:
@@ -409,8 +407,6 @@ def _routes(r: Reader, node: yaml.Node, scope: Scope) -> tuple[Route, ...]:
 def _route(r: Reader, path: str, node: yaml.Node, scope: Scope, index: int) -> Route:
     fields = r.mapping(node, path, {**_ROUTE_KEYS, **registry.route_keys()})
     before = len(r.problems)
-    if "cache" in fields:
-        r.fail(fields["cache"], f"{path}.cache", _NOT_YET)
     policies: dict[str, Any] = {}
     for kind in registry.FILTERS:
         owned = {key: fields[key] for key in kind.route_keys if key in fields}

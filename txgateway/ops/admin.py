@@ -61,6 +61,7 @@ def status(gateway: Any) -> dict[str, Any]:
             "health_check": group.config.health_check.path.decode() if group.config.health_check else None,
         }
     limits = config.rate_limits
+    cache = gateway.durable.get("cache")
     return {
         "version": __version__,
         "uptime_s": round(now - stats.started_at, 3),
@@ -83,12 +84,14 @@ def status(gateway: Any) -> dict[str, Any]:
         },
         "requests": {"total": stats.finished, "in_flight": stats.in_flight, "by_class": stats.by_status_class(),
                      "rate_limited": sum(stats.rejected.values())},
+        "cache": cache.snapshot() if cache is not None else None,
     }
 
 
 MAX_CONNECTIONS = 32          # at once on the admin listener (Prometheus and a few people)
 _CSP = b"default-src 'none'; frame-ancestors 'none'"     # JSON and metrics: nothing to run or frame
 _CONFIG_METHODS = {b"/config": (b"GET", b"HEAD", b"PUT"), b"/config/check": (b"POST",)}   # with admin.config_api
+_PURGE = b"/cache/purge"
 _log = Logger(namespace="txgateway.ops.admin")
 
 
@@ -118,10 +121,15 @@ class AdminResource(Resource):
         if host is not None and not self._host_allowed(host):
             return _json(request, 403, {"error": "this Host is not one the admin listener answers to "
                                                  "(loopback, an IP address or admin.allowed_hosts)"})
-        allowed = _CONFIG_METHODS.get(request.path, (b"GET", b"HEAD")) if self.config_api else (b"GET", b"HEAD")
+        if request.path == _PURGE:
+            allowed: tuple[bytes, ...] = (b"POST",)
+        else:
+            allowed = _CONFIG_METHODS.get(request.path, (b"GET", b"HEAD")) if self.config_api else (b"GET", b"HEAD")
         if request.method not in allowed:
             request.setHeader(b"allow", b", ".join(allowed))
             return _json(request, 405, {"error": f"method not allowed ({', '.join(m.decode() for m in allowed)})"})
+        if request.path == _PURGE:
+            return self._purge(request)
         if request.method in (b"PUT", b"POST"):
             return self._change_config(request)
         return super().render(request)  # type: ignore[no-any-return]
@@ -189,6 +197,20 @@ class AdminResource(Resource):
     def _unauthorized(self, request: Any) -> bytes:
         request.setHeader(b"www-authenticate", b'Bearer realm="txgateway-admin"')
         return _json(request, 401, {"error": "admin token required (Authorization: Bearer ...)"})
+
+    def _purge(self, request: Any) -> bytes:
+        """`POST /cache/purge?prefix=/api/items` (or `?path=/api/items/7?x=1`, that URL only):
+        drops stored responses on every route and host; answers how many."""
+        if not self._authorized(request):
+            return self._unauthorized(request)
+        store = self.gateway.durable.get("cache")
+        prefix, path = request.args.get(b"prefix"), request.args.get(b"path")
+        if (prefix is None) == (path is None) or not (prefix or path)[0].startswith(b"/"):
+            return _json(request, 400, {"error": "give one of ?prefix=/path or ?path=/path?query"})
+        if store is None:
+            return _json(request, 200, {"purged": 0})
+        purged = store.purge_path(prefix[0]) if prefix is not None else store.purge_path(path[0], exact=True)
+        return _json(request, 200, {"purged": purged})
 
     def _authorized(self, request: Any) -> bool:
         if self.token is None:

@@ -298,8 +298,15 @@ def namespace(gateway: Any) -> dict[str, Any]:
         problems = gateway.reload_everywhere()
         print("\n".join(problems) if problems else f"reloaded {gateway.config.file}")
 
+    def purge(prefix: str) -> None:
+        """Drop the cached responses whose path (and query) starts with `prefix`, on every route."""
+        store = gateway.durable.get("cache")
+        purged = store.purge_path(prefix.encode()) if store is not None else 0
+        _log.warn("manhole: cache purge {prefix!r}: {purged} responses", prefix=prefix, purged=purged)
+        print(f"purged {purged} cached responses")
+
     return {"gateway": gateway, "status": status, "breakers": breakers, "trip": trip, "reset": reset,
-            "bucket": bucket, "reload": reload, "reactor": gateway.reactor, "deferLater": deferLater,
+            "bucket": bucket, "reload": reload, "purge": purge, "reactor": gateway.reactor, "deferLater": deferLater,
             "deferToThread": deferToThread, "__name__": "__manhole__"}
 
 

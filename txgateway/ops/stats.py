@@ -148,6 +148,27 @@ class MetricsCollector:
             for member in group.balancer.members:
                 healthy.add_metric([name, member.url], 0 if member.down or member.ejected_until > now else 1)
         yield healthy
+        yield from _cache_metrics(self.gateway.durable.get("cache"))
+
+
+def _cache_metrics(store: Any) -> Iterator[Any]:
+    """The response cache's counters per route (filters/cache/store.py), when a route caches."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    if store is None:
+        return
+    families = {name: CounterMetricFamily(f"txgateway_cache_{name}", doc, labels=["route"]) for name, doc in (
+        ("hits", "Responses served fresh from the cache"), ("misses", "Cacheable requests sent upstream"),
+        ("stale", "Stale responses served (stale-while-revalidate, stale-if-error, serve_stale, max-stale)"),
+        ("revalidated", "Stored responses the upstream confirmed with a 304"))}
+    stored = GaugeMetricFamily("txgateway_cache_stored_bytes", "Bytes the cache holds, by route", labels=["route"])
+    for route, counts in sorted(store.routes.items()):
+        for name, family in families.items():
+            family.add_metric([route], getattr(counts, name))
+        stored.add_metric([route], counts.bytes)
+    yield from families.values()
+    yield stored
+    yield CounterMetricFamily("txgateway_cache_evictions", "Stored responses evicted to stay under max_memory",
+                              value=store.evictions)
 
 
 def _histograms(name: str, documentation: str, label: str, histograms: dict[str, _Histogram]) -> HistogramMetricFamily:

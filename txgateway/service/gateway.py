@@ -163,6 +163,7 @@ class Gateway(MultiService):
         self.draining = False
         self.log_writer = JsonLinesWriter.open(config.access_log, self.clock, stdout or sys.stdout)
         self.jwks = self._remote_jwks(config)
+        self.durable: dict[str, Any] = {}   # what filters keep across reloads (the response cache's store)
         self.redis, self.limiter, self.local_buckets = self._limit_stores(config)
         self.access_log = AccessLog(self.log_writer)
         self.switch = Switch(self._request_path(config, {}))
@@ -255,7 +256,8 @@ class Gateway(MultiService):
 
     def _resources(self, config: Config, keep: dict[str, UpstreamGroup]) -> Resources:
         return Resources(config, self.clock, reactor=self.reactor, deadlines=self.deadlines, stats=self.stats,
-                         jwks=self.jwks, limiter=self.limiter, local_buckets=self.local_buckets, keep=keep)
+                         jwks=self.jwks, limiter=self.limiter, local_buckets=self.local_buckets, keep=keep,
+                         durable=self.durable)
 
     def _request_path(self, config: Config, keep: dict[str, UpstreamGroup]) -> Pipeline:
         """Everything a config decides about the path of a request (requestpath.py); upstream

@@ -196,15 +196,14 @@ class UpstreamConnection(TwistedProtocol):
             length = int(framing[b"content-length"])
         if status in (204, 304):
             self.no_body = True
+        # RFC 9112 §6.3: without Content-Length, and unless chunked is the final coding, a
+        # response's body ends when the upstream closes the connection.
         coding = framing.get(b"transfer-encoding")
-        if coding is not None and coding.strip().lower() != b"chunked":
-            # gzip, or chunked under another coding: the gateway would relay bytes it cannot frame.
-            self._fail("upstream sent an unsupported transfer-coding: " + coding.decode("latin-1"))
-            return
+        self._until_close = (length is None and not self.no_body
+                             and (coding is None or not coding.rstrip().lower().endswith(b"chunked")))
         reason = self._reason
         if reason != b"OK" and _CONTROL.search(reason) is not None:    # "OK": most answers, no search
             reason = _standard_reason(status)
-        self._until_close = (length is None and b"transfer-encoding" not in framing and not self.no_body)
         self._started = True
         user = self.user
         if user is not None:

@@ -1,0 +1,84 @@
+"""The response cache's pieces in memory: RFC 9111 arithmetic, the store's bounds, the config."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.configcheck import BASE, config_errors
+from txgateway.config.schema import parse_config
+from txgateway.filters.cache.config import CacheSettings, RouteCache
+from txgateway.filters.cache.rules import MAX_DELTA, directives, field_values, parse_delta, parse_http_date
+from txgateway.filters.cache.store import Entry, Store
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    (b"60", 60), (b'"60"', 60), (b"0", 0), (b"18446744073709551616", MAX_DELTA),
+    (b"-1", None), (b"soon", None), (b"1.5", None), (b"", None), (None, None),
+])
+def test_delta_seconds_are_clamped_or_invalid(text, value):
+    assert parse_delta(text) == value
+
+
+def test_directives_are_case_insensitive_and_a_repeated_lifetime_is_invalid():
+    d = directives([(b"cache-control", b"Max-Age=10, public"), (b"cache-control", b"max-age=20, no-cache")])
+    assert b"public" in d and b"no-cache" in d and d.delta(b"max-age") is None
+    assert directives([(b"cache-control", b'max-age="30"')]).delta(b"max-age") == 30
+    assert field_values([(b"vary", b"A, b"), (b"vary", b" ,c")], b"vary") == [b"A", b"b", b"c"]
+
+
+def test_http_dates_in_the_three_formats_and_garbage():
+    assert parse_http_date(b"Sun, 06 Nov 1994 08:49:37 GMT") == 784111777.0
+    assert parse_http_date(b"Sunday, 06-Nov-94 08:49:37 GMT") == 784111777.0
+    assert parse_http_date(b"Sun Nov  6 08:49:37 1994") == 784111777.0
+    assert parse_http_date(b"yesterday") is None and parse_http_date(b"0") is None
+
+
+def entry(size: int, vary: tuple = ()) -> Entry:
+    return Entry(200, [(b"content-type", b"text/plain")], b"x" * size, 0.0, 0.0, 0.0, 60.0, vary, directives([]), 0.0)
+
+
+def test_the_store_evicts_least_recently_used_to_stay_under_max_memory():
+    store = Store(max_memory=3 * entry(1000).size)
+    for i in range(3):
+        store.put(("/", b"h", b"/%d" % i, b"", None, ()), entry(1000))
+    store.variants(("/", b"h", b"/0", b"", None, ()))           # used: the oldest is now /1
+    store.put(("/", b"h", b"/3", b"", None, ()), entry(1000))
+    assert [k[2] for k in store.keys()] == [b"/2", b"/0", b"/3"]
+    assert store.bytes <= store.max_memory and store.evictions == 1
+    assert store.counts("/").entries == 3 and store.counts("/").bytes == store.bytes
+
+
+def test_variants_replace_their_own_vary_values_and_are_bounded():
+    store = Store(max_memory=2**20)
+    key = ("/", b"h", b"/v", b"", None, ())
+    for i in range(12):
+        store.put(key, entry(10, ((b"accept", b"%d" % (i % 10)),)))
+    assert len(store.variants(key)) == 8
+
+
+def test_purge_by_prefix_or_exact_url_and_a_changed_route_loses_its_entries():
+    store = Store(max_memory=2**20)
+    for path, query in ((b"/a/1", b""), (b"/a/1", b"?x=1"), (b"/b", b"")):
+        store.put(("/", b"h", path, query, None, ()), entry(10))
+    assert store.purge_path(b"/a/1?x=1", exact=True) == 1
+    assert store.purge_path(b"/a") == 1
+    store.adopt("/", RouteCache(ttl=1.0))
+    store.adopt("/", RouteCache(ttl=1.0))
+    assert store.bytes > 0
+    store.adopt("/", RouteCache(ttl=2.0))
+    assert store.bytes == 0 and list(store.keys()) == []
+
+
+def test_route_and_section_defaults():
+    config = parse_config(BASE.replace("upstream: orders}", "upstream: orders, cache: {}}"), "c.yaml")
+    assert config.routes[1].policies["cache"] == RouteCache()
+    assert config.sections.get("cache") is None
+    with_section = parse_config(BASE + "cache: {max_memory: 1MiB, credentials: true}\n", "c.yaml")
+    assert with_section.sections["cache"] == CacheSettings(max_memory=2**20, max_object_size=2**20, credentials=True)
+
+
+def test_key_settings_are_checked():
+    assert config_errors(BASE.replace("upstream: orders}", "upstream: orders, cache: {key: {headers: [a b]}}}")) == [
+        'c.yaml:8: routes[1].cache.key.headers[0]: expected a header name like "X-Api-Version", got "a b"']
+    assert config_errors(BASE + "cache: {max_memory: 0}\n") == [
+        "c.yaml:9: cache.max_memory: expected a size above zero, got 0"]

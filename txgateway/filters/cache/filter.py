@@ -1,0 +1,590 @@
+"""The cache filter: answers hits in its request hook, stores misses as they stream past.
+
+A hit is a `LocalResponse` from the request hook: the upstream is never asked and the chain's
+other response hooks (header rules, the limiter's headers) run on it as on any answer. A miss
+goes upstream; the head hook decides whether the response may be stored (RFC 9111 §3), and
+the body hook keeps a copy of each chunk as it passes to the client (never store-then-send),
+dropping the copy once it outgrows `max_object_size`. Only a body that reached its end is
+stored, so a truncated response never is. A stale entry is revalidated with its validators;
+a 304 refreshes it (§4.3.4). When the upstream fails, times out, answers 5xx, or the proxy
+refuses for an open breaker or no target in rotation, a stale entry allowed by
+`stale-if-error` or the route's `serve_stale` is sent instead of the error.
+
+Concurrent misses for one key wait for the first (collapsed forwarding, bounded by
+`lock_timeout`); `stale-while-revalidate` answers at once while one background request,
+through the route's own terminal, refreshes the entry.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+
+from txgateway.core.nowhere import Nowhere
+from txgateway.core.pipeline import REASONS, LocalResponse, RequestContext, ResponseHead, error_response
+from txgateway.filters.cache.config import CacheSettings, RouteCache
+from txgateway.filters.cache.rules import (
+    DEFAULT_CACHEABLE,
+    MAX_DELTA,
+    Directives,
+    directives,
+    field_values,
+    parse_delta,
+    parse_http_date,
+)
+from txgateway.filters.cache.store import Entry, Store
+
+__all__ = ["CacheFilter", "build_filter"]
+
+NAME = "cache"
+MAX_VARY = 32                 # a response varying on more request headers is not stored
+_SAFE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
+_COOKIES = frozenset({b"set-cookie", b"set-cookie2"})
+# RFC 9111 §3.2: a 304 updates the stored fields, except those describing the stored content.
+_NOT_UPDATED = frozenset({b"content-length", b"content-encoding", b"transfer-encoding", b"content-range",
+                          b"content-md5", b"etag", b"age"})
+_CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since"})
+# The request fields the cache looks at, as bits of one pass over the headers.
+_RANGE, _AUTHORIZATION, _CACHE_CONTROL, _PRAGMA, _CONDITIONAL = 1, 2, 4, 8, 16
+_WATCHED = {b"range": _RANGE, b"authorization": _AUTHORIZATION, b"cache-control": _CACHE_CONTROL,
+            b"pragma": _PRAGMA, b"if-none-match": _CONDITIONAL, b"if-modified-since": _CONDITIONAL}
+_NO_DIRECTIVES = Directives({})
+
+
+class _Forward:
+    """A request the cache sent upstream: what the head and body hooks need to store it."""
+
+    __slots__ = ("key", "entry", "request_time", "req", "fwd", "vary_source", "record", "size", "replace",
+                 "leader", "conditional", "background", "head")
+
+    def __init__(self, key: tuple[Any, ...], entry: Entry | None, request_time: float, req: Directives,
+                 fwd: bytes, vary_source: list[tuple[bytes, bytes]]) -> None:
+        self.key = key
+        self.entry = entry                 # a stored response this request may refresh or fall back on
+        self.request_time = request_time
+        self.req = req                     # the request's Cache-Control
+        self.fwd = fwd                     # why it went upstream (Cache-Status fwd=)
+        self.vary_source = vary_source     # the request's headers, for the entry's Vary values
+        self.record: list[bytes] | None = None   # the body so far, while it may still be stored
+        self.size = 0
+        self.replace: bytes | None = None  # the body sent instead of the upstream's (304, stale)
+        self.leader = False                # other requests for the key wait for this one
+        self.conditional: list[tuple[bytes, bytes]] | None = None   # the client's, kept aside
+        self.background = False
+        self.head: tuple[int, list[tuple[bytes, bytes]], int | None] = (0, [], None)   # as recorded
+
+
+_HIT = "hit"            # answered from the store (state of a request that needs no response work)
+
+
+class _Bypass:
+    __slots__ = ("why",)
+
+    def __init__(self, why: bytes) -> None:
+        self.why = why
+
+
+class _Invalidate:
+    __slots__ = ("key",)
+
+    def __init__(self, key: tuple[Any, ...]) -> None:
+        self.key = key
+
+
+def _request_value(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """A request field's value as the key and Vary compare it: whitespace-insensitive, and
+    case- and order-insensitive for Accept-Language."""
+    values = [v for k, v in headers if k == name]
+    if not values:
+        return None
+    members = [b"".join(m.split()) for v in values for m in v.split(b",")]
+    if name == b"accept-language":
+        members = sorted(m.lower() for m in members)
+    return b",".join(members)
+
+
+def _etag_matches(condition: bytes, etag: bytes | None) -> bool:
+    """If-None-Match's weak comparison (RFC 9110 §13.1.2)."""
+    if etag is None:
+        return False
+    if condition.strip() == b"*":
+        return True
+    mine = etag.strip().removeprefix(b"W/")
+    return any(tag.strip().removeprefix(b"W/") == mine for tag in condition.split(b","))
+
+
+class CacheFilter:
+    name = NAME
+
+    def __init__(self, store: Store, settings: CacheSettings, policy: RouteCache, route: str, clock: Any) -> None:
+        self.store = store
+        self.settings = settings
+        self.policy = policy
+        self.route = route
+        self.clock = clock
+        self.counts = store.counts(route)
+        self.inflight = store.inflight
+        # Set-Cookie is never stored (so never sent to another client) unless the section says so.
+        self.not_stored = frozenset({b"age"}) if settings.store_set_cookie else frozenset({b"age"}) | _COOKIES
+
+    # -- keys ----------------------------------------------------------------------------
+
+    def key(self, ctx: RequestContext) -> tuple[Any, ...]:
+        """Route, host as routed, path and the query the route keys on, identity and the
+        request headers named in `key.headers`: nothing a client can vary outside it."""
+        query: bytes = ctx.query
+        keep = self.policy.query
+        if keep is False:
+            query = b""
+        elif keep is not True and query:
+            wanted = [p for p in query[1:].split(b"&") if p.partition(b"=")[0] in keep]  # type: ignore[operator]
+            query = b"?" + b"&".join(sorted(wanted)) if wanted else b""
+        host = (ctx.host or b"").lower()
+        identity = None
+        if self.policy.identity and ctx.identity is not None:
+            identity = ctx.identity.user_id
+        extra = tuple(_request_value(ctx.headers, name) for name in self.policy.headers)
+        return (self.route, host, ctx.path, query, identity, extra)
+
+    # -- request -------------------------------------------------------------------------
+
+    def on_request(self, ctx: RequestContext) -> LocalResponse | Deferred[Any] | None:
+        method = ctx.method
+        if method not in self.policy.methods:
+            if method not in _SAFE:
+                ctx.set_state(NAME, _Invalidate(self.key(ctx)))
+            else:
+                ctx.set_state(NAME, _Bypass(b"method"))
+            return None
+        seen = 0          # one pass over the headers: which of the fields the cache cares about are there
+        for name, _ in ctx.headers:
+            bit = _WATCHED.get(name)
+            if bit is not None:
+                seen |= bit
+        if seen & _RANGE:
+            ctx.set_state(NAME, _Bypass(b"partial"))
+            return None
+        if (seen & _AUTHORIZATION or ctx.identity is not None) and not self.policy.identity \
+                and not self.settings.credentials:
+            ctx.set_state(NAME, _Bypass(b"request"))
+            return None
+        return self._lookup(ctx, True, seen)
+
+    def _lookup(self, ctx: RequestContext, may_wait: bool, seen: int) -> LocalResponse | Deferred[Any] | None:
+        key = self.key(ctx)
+        req = directives(ctx.headers) if seen & _CACHE_CONTROL else _NO_DIRECTIVES
+        now = self.clock.seconds()
+        entry = self._select(self.store.variants(key), ctx.headers)
+        no_cache = b"no-cache" in req or (
+            seen & _PRAGMA != 0 and not req.d and b"no-cache" in field_values(ctx.headers, b"pragma"))
+        fwd = b"uri-miss"
+        if entry is not None:
+            age = entry.age(now)
+            if not no_cache:
+                stale = self._usable(entry, req, age)
+                if stale is not None:
+                    return self._hit(ctx, entry, age, b"STALE" if stale else b"HIT", seen & _CONDITIONAL != 0)
+                swr = entry.directives.delta(b"stale-while-revalidate")
+                if (swr is not None and age - entry.lifetime <= swr and b"must-revalidate" not in entry.directives
+                        and req.delta(b"max-age") is None and b"min-fresh" not in req):
+                    self._refresh(ctx, key, entry)
+                    return self._hit(ctx, entry, age, b"STALE", seen & _CONDITIONAL != 0)
+            fwd = b"request" if no_cache else b"stale"
+        elif self.store.variants(key):
+            fwd = b"vary-miss"
+        if b"only-if-cached" in req:
+            ctx.note(NAME, "MISS")
+            return error_response(ctx, 504, "NOT_CACHED", "only-if-cached: no stored response can answer this request")
+        if may_wait and entry is None and not no_cache:
+            waiters = self.inflight.get(key)
+            if waiters is not None:
+                return self._wait(ctx, waiters, seen)
+        state = _Forward(key, entry, now, req, fwd, ctx.headers)
+        if key not in self.inflight:
+            self.inflight[key] = []
+            state.leader = True
+        if entry is not None:
+            self._ask_validation(ctx, state, entry)
+        ctx.set_state(NAME, state)
+        return None
+
+    def _select(self, variants: list[Entry] | None, headers: list[tuple[bytes, bytes]]) -> Entry | None:
+        if not variants:
+            return None
+        for entry in reversed(variants):
+            if all(_request_value(headers, name) == value for name, value in entry.vary):
+                return entry
+        return None
+
+    def _usable(self, entry: Entry, req: Directives, age: float) -> bool | None:
+        """None: must go upstream; False: fresh enough for this request; True: stale but the
+        request accepts it (max-stale)."""
+        stored = entry.directives
+        if b"no-cache" in stored:
+            return None
+        if b"max-age" in req:
+            limit = req.delta(b"max-age")
+            if limit is None or age > limit:
+                return None
+        lifetime = entry.lifetime
+        if b"min-fresh" in req:
+            min_fresh = req.delta(b"min-fresh")
+            if min_fresh is None or lifetime - age < min_fresh:
+                return None
+        if lifetime > age:
+            return False
+        if b"max-stale" not in req or b"must-revalidate" in stored or b"proxy-revalidate" in stored \
+                or b"s-maxage" in stored:
+            return None
+        limit = req.delta(b"max-stale")
+        if req.d[b"max-stale"] is not None and (limit is None or age - lifetime > limit):
+            return None
+        return True
+
+    def _hit(self, ctx: RequestContext, entry: Entry, age: float, verdict: bytes, conditional: bool) -> LocalResponse:
+        ctx.set_state(NAME, _HIT)
+        ctx.note(NAME, verdict.decode())
+        if verdict == b"HIT":
+            self.counts.hits += 1
+        else:
+            self.counts.stale += 1
+        ttl = int(entry.lifetime - age)
+        headers = [*entry.headers, (b"age", b"%d" % int(age)),
+                   (b"cache-status", b"txgateway; hit; ttl=%d" % ttl), (b"x-cache", verdict)]
+        if conditional and self._not_modified(ctx.headers, entry):
+            return LocalResponse(304, headers, b"")
+        return LocalResponse(entry.status, headers, entry.body)
+
+    def _not_modified(self, headers: list[tuple[bytes, bytes]], entry: Entry) -> bool:
+        """The client's own conditional, answered from the entry (RFC 9110 §13.2.2)."""
+        if entry.status != 200:
+            return False
+        fields = dict(headers)
+        inm = fields.get(b"if-none-match")
+        if inm is not None:
+            return _etag_matches(inm, entry.etag)
+        ims = parse_http_date(fields.get(b"if-modified-since"))
+        if ims is None:
+            return False
+        modified = parse_http_date(entry.last_modified)
+        return (modified if modified is not None else entry.date) <= ims
+
+    def _ask_validation(self, ctx: RequestContext, state: _Forward, entry: Entry) -> None:
+        """Replace the client's conditionals by the entry's validators (§4.3.1); the client's
+        are answered from the refreshed entry."""
+        if entry.etag is None and entry.last_modified is None:
+            return
+        state.conditional = [(k, v) for k, v in ctx.headers if k in _CONDITIONALS]
+        headers = [(k, v) for k, v in ctx.headers if k not in _CONDITIONALS]
+        if entry.etag is not None:
+            headers.append((b"if-none-match", entry.etag))
+        if entry.last_modified is not None:
+            headers.append((b"if-modified-since", entry.last_modified))
+        ctx.headers = headers
+
+    # -- collapsed forwarding ------------------------------------------------------------
+
+    def _wait(self, ctx: RequestContext, waiters: list[Deferred[Any]], seen: int) -> Deferred[Any]:
+        def cancel(d: Deferred[Any]) -> None:
+            if d in waiters:
+                waiters.remove(d)
+            if timer.active():
+                timer.cancel()
+
+        d: Deferred[Any] = Deferred(cancel)
+        waiters.append(d)
+
+        def expire() -> None:
+            if d in waiters:
+                waiters.remove(d)
+                d.callback(None)
+
+        timer = self.clock.callLater(self.settings.lock_timeout, expire)
+
+        def resume(_: Any) -> LocalResponse | Deferred[Any] | None:
+            if timer.active():
+                timer.cancel()
+            found = self._lookup(ctx, False, seen)
+            state = ctx.get_state(NAME)
+            if state is _HIT:
+                ctx.note(NAME, "HIT")
+            elif isinstance(state, _Forward):
+                state.fwd = b"uri-miss; collapsed"
+            return found
+
+        d.addCallback(resume)
+        return d
+
+    def _release(self, state: _Forward) -> None:
+        if state.leader:
+            state.leader = False
+            for d in self.inflight.pop(state.key, ()):
+                d.callback(None)
+
+    # -- response ------------------------------------------------------------------------
+
+    def on_response_head(self, ctx: RequestContext, head: ResponseHead) -> None:
+        state = ctx.get_state(NAME)
+        if state is None or state is _HIT:
+            return
+        if isinstance(state, _Invalidate):
+            if 200 <= head.status < 400:
+                self._invalidate(ctx, state.key, head)
+            return
+        if isinstance(state, _Bypass):
+            ctx.note(NAME, "BYPASS")
+            head.headers += [(b"cache-status", b"txgateway; fwd=" + state.why), (b"x-cache", b"BYPASS")]
+            return
+        self._forwarded(ctx, state, head)
+
+    def _forwarded(self, ctx: RequestContext, state: _Forward, head: ResponseHead) -> None:
+        status = head.status
+        now = self.clock.seconds()
+        entry = state.entry
+        if status == 304 and entry is not None and state.conditional is not None:
+            self._revalidated(ctx, state, head, entry, now)
+            return
+        if status >= 500 and entry is not None and self._stale_allowed(state, entry, now):
+            self._serve_stale(ctx, state, head, entry, now)
+            return
+        stored = self._start_recording(ctx, state, head, now)
+        if not stored:
+            self._release(state)
+        self.counts.misses += 1
+        ctx.note(NAME, "MISS")
+        head.headers += [(b"cache-status", b"txgateway; fwd=%s; fwd-status=%d%s"
+                          % (state.fwd, status, b"; stored" if stored else b"")), (b"x-cache", b"MISS")]
+
+    def _revalidated(self, ctx: RequestContext, state: _Forward, head: ResponseHead, entry: Entry,
+                     now: float) -> None:
+        """A 304 for the entry's validators: its headers update the entry (§4.3.4), which answers."""
+        updates = {k for k, _ in head.headers if k not in _NOT_UPDATED}
+        headers = [(k, v) for k, v in entry.headers if k not in updates]
+        headers += [(k, v) for k, v in head.headers if k in updates]
+        cookies = [(k, v) for k, v in head.headers if k in _COOKIES]   # this client's, stored or not
+        fresh = self._entry(entry.status, headers, entry.body, state, now, dict(head.headers).get(b"age"))
+        if fresh is None:
+            self._release(state)
+            self.store.remove(state.key)
+            return
+        self.store.put(state.key, fresh)
+        self._release(state)
+        self.counts.revalidated += 1
+        ctx.note(NAME, "REVALIDATED")
+        head.headers = [*fresh.headers, *(c for c in cookies if c not in fresh.headers),
+                        (b"age", b"%d" % int(fresh.age(now))),
+                        (b"cache-status", b"txgateway; fwd=%s; fwd-status=304" % state.fwd),
+                        (b"x-cache", b"REVALIDATED")]
+        if state.conditional and self._not_modified(state.conditional, fresh):
+            return                                  # the client's own conditional: still a 304
+        head.status = fresh.status
+        head.reason = REASONS.get(fresh.status, b"Unknown")
+        head.length = len(fresh.body)
+        state.replace = fresh.body
+
+    def _stale_allowed(self, state: _Forward, entry: Entry, now: float) -> bool:
+        stored = entry.directives
+        if b"must-revalidate" in stored or b"proxy-revalidate" in stored or b"no-cache" in stored:
+            return False
+        staleness = entry.age(now) - entry.lifetime
+        window = max(self.policy.serve_stale, stored.delta(b"stale-if-error") or 0,
+                     state.req.delta(b"stale-if-error") or 0)
+        return staleness <= window
+
+    def _serve_stale(self, ctx: RequestContext, state: _Forward, head: ResponseHead, entry: Entry,
+                     now: float) -> None:
+        notes = ctx.notes or {}
+        if notes.get("breaker") == "open":
+            why = b"breaker-open"
+        elif notes.get("upstream_error") == "no healthy target":
+            why = b"no-target"
+        elif head.status == 504:
+            why = b"upstream-timeout"
+        else:
+            why = b"upstream-error"
+        self._release(state)
+        self.counts.stale += 1
+        ctx.note(NAME, "STALE")
+        ctx.error_code = None
+        head.headers = [*entry.headers, (b"age", b"%d" % int(entry.age(now))),
+                        (b"cache-status", b"txgateway; hit; fwd=stale; fwd-status=%d; detail=%s" % (head.status, why)),
+                        (b"x-cache", b"STALE")]
+        head.status = entry.status
+        head.reason = REASONS.get(entry.status, b"Unknown")
+        head.length = len(entry.body)
+        state.replace = entry.body
+
+    def _start_recording(self, ctx: RequestContext, state: _Forward, head: ResponseHead, now: float) -> bool:
+        """Whether this response may be stored (RFC 9111 §3); if so its body is recorded."""
+        status = head.status
+        if ctx.method != b"GET" or status < 200 or status in (206, 304) or b"no-store" in state.req:
+            return False
+        if head.length is not None and head.length > self.settings.max_object_size:
+            return False
+        resp = directives(head.headers)
+        if b"no-store" in resp or b"private" in resp:
+            return False
+        names = {k for k, _ in head.headers}
+        if b"must-understand" in resp and status not in REASONS:
+            return False
+        if (ctx.identity is not None or ctx.header(b"authorization") is not None) and not self.policy.identity \
+                and not (b"public" in resp or b"s-maxage" in resp or b"must-revalidate" in resp):
+            return False
+        explicit = b"max-age" in resp or b"s-maxage" in resp or b"expires" in names
+        if not (explicit or b"public" in resp or status in DEFAULT_CACHEABLE):
+            return False
+        vary = [v.lower() for v in field_values(head.headers, b"vary")]
+        if b"*" in vary or len(vary) > MAX_VARY:
+            return False
+        state.record = []
+        state.head = (status, list(head.headers), head.length)
+        return True
+
+    def on_response_body(self, ctx: RequestContext, chunk: bytes, end: bool) -> bytes:
+        state = ctx.get_state(NAME)
+        if state is None or state.__class__ is not _Forward:
+            return chunk
+        if state.replace is not None:
+            return state.replace if end else b""
+        record = state.record
+        if record is not None:
+            if chunk:
+                state.size += len(chunk)
+                if state.size > self.settings.max_object_size:
+                    state.record = None
+                    self._release(state)
+                    return chunk
+                record.append(chunk)
+            if end:
+                state.record = None
+                self._store(ctx, state, b"".join(record))
+        return chunk
+
+    def _store(self, ctx: RequestContext, state: _Forward, body: bytes) -> None:
+        status, headers, length = state.head
+        if length is None or length == len(body):
+            entry = self._entry(status, headers, body, state, self.clock.seconds(), None)
+            if entry is not None:
+                self.store.put(state.key, entry)
+        self._release(state)
+
+    def _entry(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, state: _Forward,
+               now: float, age_header: bytes | None) -> Entry | None:
+        """An entry with its freshness lifetime and corrected initial age (§4.2.1, §4.2.3)."""
+        ages = [age_header] if age_header is not None else [v for k, v in headers if k == b"age"]
+        # An Age that is not one valid delta-seconds makes the response stale (taken as very old).
+        age_value = 0 if not ages else parse_delta(ages[0]) if len(ages) == 1 else None
+        if age_value is None:
+            age_value = MAX_DELTA
+        not_stored = self.not_stored
+        kept = [(k, v) for k, v in headers if k not in not_stored]
+        resp = directives(kept)
+        date = parse_http_date(dict(kept).get(b"date"))
+        date_value = date if date is not None else now
+        apparent_age = max(0.0, now - date_value)
+        corrected_age = max(apparent_age, age_value + (now - state.request_time))
+        lifetime = self._lifetime(status, kept, resp, date_value)
+        vary = tuple((name, _request_value(state.vary_source, name))
+                     for name in sorted({v.lower() for v in field_values(kept, b"vary")}))
+        if any(name == b"*" for name, _ in vary):
+            return None
+        return Entry(status, kept, body, state.request_time, now, corrected_age, lifetime, vary, resp, date_value)
+
+    def _lifetime(self, status: int, headers: list[tuple[bytes, bytes]], resp: Directives, date: float) -> float:
+        for name in (b"s-maxage", b"max-age"):
+            if name in resp:
+                value = resp.delta(name)
+                return float(value) if value is not None else 0.0
+        expires = [v for k, v in headers if k == b"expires"]
+        if expires:
+            when = parse_http_date(expires[0])
+            return max(0.0, when - date) if when is not None and len(expires) == 1 else 0.0
+        if status not in DEFAULT_CACHEABLE and b"public" not in resp:
+            return 0.0
+        if self.policy.ttl:
+            return self.policy.ttl
+        modified = parse_http_date(dict(headers).get(b"last-modified"))
+        if modified is not None and modified < date:
+            return (date - modified) / 10.0     # RFC 9111 §4.2.2's suggested heuristic
+        return 0.0
+
+    # -- invalidation (§4.4) --------------------------------------------------------------
+
+    def _invalidate(self, ctx: RequestContext, key: tuple[Any, ...], head: ResponseHead) -> None:
+        self.store.remove(key)
+        host = key[1]
+        for name in (b"location", b"content-location"):
+            for k, v in head.headers:
+                if k != name:
+                    continue
+                target = v
+                for scheme in (b"http://", b"https://"):
+                    if target.startswith(scheme):
+                        rest = target[len(scheme):]
+                        authority, slash, path = rest.partition(b"/")
+                        if authority.lower() != host:
+                            target = b""
+                        else:
+                            target = slash + path
+                if target.startswith(b"/"):
+                    path, mark, query = target.partition(b"?")
+                    self.store.remove((key[0], host, path, mark + query, *key[4:]))
+
+    # -- end -----------------------------------------------------------------------------
+
+    def on_finished(self, ctx: RequestContext) -> None:
+        """A leader that ended without storing (client gone, upstream cut) lets its waiters go."""
+        state = ctx.get_state(NAME)
+        if state is not None and state.__class__ is _Forward and state.leader:
+            self._release(state)
+
+    # -- background refresh (stale-while-revalidate) ---------------------------------------
+
+    def _refresh(self, ctx: RequestContext, key: tuple[Any, ...], entry: Entry) -> None:
+        """One request upstream, through the route's terminal, whose answer refreshes `entry`."""
+        if key in self.inflight:
+            return
+        chain = ctx.chain
+        terminal = chain.terminal if chain is not None else None
+        pipeline = getattr(terminal, "pipeline", None)
+        if terminal is None or pipeline is None:
+            return
+        bg = RequestContext(b"GET", ctx.target, ctx.path, ctx.query, b"1.1", list(ctx.headers), ctx.host, ctx.scheme,
+                            ctx.peer_ip, _Refresh(self), self.clock.seconds())
+        bg.correlation_id = ctx.correlation_id + "-refresh"
+        bg.client_ip, bg.route, bg.chain = ctx.client_ip, ctx.route, chain
+        bg.upstream, bg.upstream_path, bg.identity = ctx.upstream, ctx.upstream_path, ctx.identity
+        state = _Forward(key, entry, bg.start, directives(bg.headers), b"stale", bg.headers)
+        state.leader = True
+        state.background = True
+        self.inflight[key] = []
+        self._ask_validation(bg, state, entry)
+        state.conditional = []
+        bg.set_state(NAME, state)
+        terminal.forward(bg)
+
+
+class _Refresh(Nowhere):
+    """The client side of a background refresh: the answer only updates the store."""
+
+    def __init__(self, cache: CacheFilter) -> None:
+        self.cache = cache
+
+    def ended(self, ctx: RequestContext) -> None:
+        ctx.done = True
+        state = ctx.get_state(NAME)
+        if isinstance(state, _Forward):
+            self.cache._release(state)
+
+
+def build_filter(resources: Any, policy: RouteCache, route: Any) -> CacheFilter:
+    settings = resources.config.sections.get(NAME) or CacheSettings()
+    durable = resources.parts.get("durable")
+    holder: dict[str, Any] = durable if durable is not None else resources.shared("durable", dict)
+    store = holder.get(NAME)
+    if store is None:
+        store = holder[NAME] = Store(settings.max_memory)
+    store.max_memory = settings.max_memory
+    store.adopt(route.prefix, policy)
+    return CacheFilter(store, settings, policy, route.prefix, resources.clock)

@@ -1,0 +1,154 @@
+"""The cache's memory: stored responses by key, least recently used evicted beyond `max_memory`.
+
+One store serves every cached route (the bound is the gateway's), and it outlives reloads:
+the gateway keeps it, so a reload drops only the entries of routes whose `cache:` changed.
+A key holds up to `MAX_VARIANTS` responses that differ by their `Vary`ed request headers.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Any
+
+__all__ = ["Entry", "RouteCounts", "Store"]
+
+MAX_VARIANTS = 8
+_OVERHEAD = 256            # bookkeeping per entry, counted against max_memory
+
+
+class Entry:
+    """One stored response, with what RFC 9111 §4.2.3 needs to compute its age."""
+
+    __slots__ = ("status", "headers", "body", "request_time", "response_time", "corrected_age", "lifetime",
+                 "vary", "size", "directives", "etag", "last_modified", "date")
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, request_time: float,
+                 response_time: float, corrected_age: float, lifetime: float, vary: tuple[tuple[bytes, bytes | None], ...],
+                 directives: Any, date: float) -> None:
+        self.status = status
+        self.headers = headers            # end-to-end, lower-case names, Age and Set-Cookie left out
+        self.body = body
+        self.request_time = request_time
+        self.response_time = response_time
+        self.corrected_age = corrected_age
+        self.lifetime = lifetime
+        self.vary = vary                  # (name, the request's value) for each Vary'ed header
+        self.directives = directives
+        self.date = date
+        self.etag: bytes | None = None
+        self.last_modified: bytes | None = None
+        for name, value in headers:
+            if name == b"etag":
+                self.etag = value
+            elif name == b"last-modified":
+                self.last_modified = value
+        self.size = len(body) + sum(len(k) + len(v) for k, v in headers) + _OVERHEAD
+
+    def age(self, now: float) -> float:
+        return self.corrected_age + max(0.0, now - self.response_time)
+
+
+class RouteCounts:
+    """What /metrics and /status show for one cached route."""
+
+    __slots__ = ("hits", "misses", "stale", "revalidated", "bytes", "entries")
+
+    def __init__(self) -> None:
+        self.hits = self.misses = self.stale = self.revalidated = 0
+        self.bytes = 0
+        self.entries = 0
+
+
+class Store:
+    def __init__(self, max_memory: int) -> None:
+        self.max_memory = max_memory
+        self.bytes = 0
+        self.evictions = 0
+        self._lru: OrderedDict[tuple[Any, ...], list[Entry]] = OrderedDict()
+        self.routes: dict[str, RouteCounts] = {}        # by route prefix
+        self.policies: dict[str, Any] = {}              # the cache policy each route was built with
+        self.inflight: dict[tuple[Any, ...], list[Any]] = {}   # keys being fetched: their waiters
+
+    def counts(self, route: str) -> RouteCounts:
+        counts = self.routes.get(route)
+        if counts is None:
+            counts = self.routes[route] = RouteCounts()
+        return counts
+
+    def adopt(self, route: str, policy: Any) -> None:
+        """A route (re)built: keep its entries if its policy is unchanged, else drop them."""
+        if route in self.policies and self.policies[route] != policy:
+            self.purge(lambda key: key[0] == route)
+        self.policies[route] = policy
+
+    def variants(self, key: tuple[Any, ...]) -> list[Entry] | None:
+        found = self._lru.get(key)
+        if found is not None:
+            self._lru.move_to_end(key)
+        return found
+
+    def put(self, key: tuple[Any, ...], entry: Entry) -> None:
+        if entry.size > self.max_memory:
+            return
+        found = self._lru.get(key)
+        counts = self.counts(key[0])
+        if found is None:
+            found = self._lru[key] = []
+        else:
+            self._lru.move_to_end(key)
+        for old in [e for e in found if e.vary == entry.vary]:
+            self._drop(found, old, counts)
+        if len(found) >= MAX_VARIANTS:
+            self._drop(found, found[0], counts)
+        found.append(entry)
+        self.bytes += entry.size
+        counts.bytes += entry.size
+        counts.entries += 1
+        while self.bytes > self.max_memory and self._lru:
+            oldest, variants = next(iter(self._lru.items()))
+            self.evictions += len(variants)
+            self.remove(oldest)
+
+    def _drop(self, variants: list[Entry], entry: Entry, counts: RouteCounts) -> None:
+        variants.remove(entry)
+        self.bytes -= entry.size
+        counts.bytes -= entry.size
+        counts.entries -= 1
+
+    def remove(self, key: tuple[Any, ...]) -> int:
+        variants = self._lru.pop(key, None)
+        if not variants:
+            return 0
+        counts = self.counts(key[0])
+        for entry in variants:
+            self.bytes -= entry.size
+            counts.bytes -= entry.size
+            counts.entries -= 1
+        return len(variants)
+
+    def purge(self, match: Any) -> int:
+        """Remove every key `match(key)` accepts; the number of responses removed."""
+        return sum(self.remove(key) for key in [k for k in self._lru if match(k)])
+
+    def purge_path(self, path: bytes, exact: bool = False) -> int:
+        """The admin's and the Manhole's purge: the responses stored for `path` (with its query
+        when `exact`, else every path that starts with it), on every route and host."""
+        if exact:
+            bare, mark, query = path.partition(b"?")
+            return self.purge(lambda key: key[2] == bare and key[3] == mark + query)
+        return self.purge(lambda key: (key[2] + key[3]).startswith(path))
+
+    def snapshot(self) -> dict[str, Any]:
+        """What /status shows: size and hit ratio per route."""
+        routes = {}
+        for route, c in sorted(self.routes.items()):
+            served = c.hits + c.stale + c.revalidated
+            asked = served + c.misses
+            routes[route] = {"entries": c.entries, "bytes": c.bytes, "hits": c.hits, "misses": c.misses,
+                             "stale": c.stale, "revalidated": c.revalidated,
+                             "hit_ratio": round(served / asked, 4) if asked else None}
+        return {"bytes": self.bytes, "max_memory": self.max_memory, "evictions": self.evictions, "routes": routes}
+
+    def keys(self) -> Iterator[tuple[Any, ...]]:
+        return iter(self._lru)
