@@ -14,7 +14,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
 
-from tests.conftest import assert_envelope, parse_responses, raw, simple_config, until
+from tests.conftest import parse_responses, raw, simple_config, until
 
 SMUGGLED = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED"
 FIRST_ANSWERS = {
