@@ -48,7 +48,7 @@ REDIS_KEYS = "password_env, pool_size, sentinel, timeout, url"
 DURATION = 'expected a duration like "250ms", "5s" or "1m", got'
 RATE = 'expected "N/second|minute|hour|day", got'
 RATE_ZERO = 'expected "N/second|minute|hour|day" with N above zero, got'
-TOP_KEYS = ("access_log, admin, auth, drain_timeout, limits, listen, manhole, rate_limits, "
+TOP_KEYS = ("access_log, access_log_fields, access_log_redact, admin, auth, drain_timeout, limits, listen, manhole, rate_limits, "
             "redirect_to_https, redis, routes, trusted_proxies, underscores_in_headers, upstreams")
 ROUTE_KEYS = ("auth, cache, case_insensitive, escaped_slashes, host, methods, prefix, rate_limit, request_headers, respond, response_headers, "
               "rewrite_prefix, roles, security_headers, upstream")

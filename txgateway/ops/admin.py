@@ -24,6 +24,7 @@ from twisted.web.server import Site
 from txgateway import __version__
 from txgateway.ops.stats import MetricsCollector
 from txgateway.ops.statuspage import STATUS_PAGE
+from txgateway.ops.workerstats import whole_gateway
 
 __all__ = ["AdminResource", "admin_site", "status"]
 
@@ -31,7 +32,7 @@ __all__ = ["AdminResource", "admin_site", "status"]
 def status(gateway: Any) -> dict[str, Any]:
     """Everything /status shows (and the Manhole's status()): what runs, and how it is doing."""
     now = gateway.clock.seconds()
-    stats = gateway.stats
+    stats, _, workers = whole_gateway(gateway)
     config = gateway.config
     upstreams = {}
     for name, group in gateway.proxy.groups.items():
@@ -65,6 +66,7 @@ def status(gateway: Any) -> dict[str, Any]:
         },
         "requests": {"total": stats.finished, "in_flight": stats.in_flight, "by_class": stats.by_status_class(),
                      "rate_limited": sum(stats.rejected.values())},
+        **({"workers": workers} if workers is not None else {}),
     }
 
 
@@ -76,7 +78,7 @@ class AdminResource(Resource):
         self.gateway = gateway
         self.token = gateway.config.admin.token if gateway.config.admin is not None else None
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(MetricsCollector(gateway))
+        self.registry.register(MetricsCollector(lambda: whole_gateway(gateway)[:2]))
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)

@@ -9,7 +9,7 @@ families when `/metrics` is scraped. Names and labels are those README.md lists 
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
     from txgateway.core.pipeline import RequestContext
 
-__all__ = ["MetricsCollector", "Stats"]
+__all__ = ["MetricsCollector", "Stats", "gauges"]
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"TRACE", b"CONNECT"})
@@ -34,6 +34,11 @@ class _Histogram:
     def observe(self, seconds: float) -> None:
         self.counts[bisect_left(BUCKETS, seconds)] += 1
         self.total += seconds
+
+    def add(self, counts: list[int], total: float) -> None:
+        for i, count in enumerate(counts):
+            self.counts[i] += count
+        self.total += total
 
     def cumulative(self) -> list[tuple[str, float]]:
         out: list[tuple[str, float]] = []
@@ -86,6 +91,35 @@ class Stats:
         if ctx.status == 429 and ctx.error_code == "RATE_LIMITED":
             self.rejected[route] = self.rejected.get(route, 0) + 1
 
+    def snapshot(self) -> dict[str, Any]:
+        """The counters as JSON-able data, for another process to `add` (--workers)."""
+        return {
+            "started": self.started, "finished": self.finished,
+            "requests": [[route, method.decode("latin-1"), status, count]
+                         for (route, method, status), count in self.requests.items()],
+            "durations": {k: [h.counts, h.total] for k, h in self.durations.items()},
+            "upstream_durations": {k: [h.counts, h.total] for k, h in self.upstream_durations.items()},
+            "rejected": self.rejected,
+        }
+
+    def add(self, snapshot: dict[str, Any]) -> None:
+        """Count what another Stats' `snapshot` counted on top of these counters."""
+        self.started += snapshot["started"]
+        self.finished += snapshot["finished"]
+        requests = self.requests
+        for route, method, status, count in snapshot["requests"]:
+            key = (route, method.encode("latin-1"), status)
+            requests[key] = requests.get(key, 0) + count
+        for mine, theirs in ((self.durations, snapshot["durations"]),
+                             (self.upstream_durations, snapshot["upstream_durations"])):
+            for name, (counts, total) in theirs.items():
+                histogram = mine.get(name)
+                if histogram is None:
+                    histogram = mine[name] = _Histogram()
+                histogram.add(counts, total)
+        for route, count in snapshot["rejected"].items():
+            self.rejected[route] = self.rejected.get(route, 0) + count
+
     def by_status_class(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for (_, _, status), count in self.requests.items():
@@ -94,17 +128,36 @@ class Stats:
         return out
 
 
-class MetricsCollector:
-    """A prometheus_client collector over one gateway's Stats, breakers and Redis link."""
+def gauges(gateway: Any) -> dict[str, Any]:
+    """What one process reports as it is now (JSON-able): in-flight requests, breakers, targets
+    in rotation, Redis. With --workers each worker's are shown with a `worker` label, as are
+    the breaker trips and Redis errors these objects count (a restarted worker starts them at 0)."""
+    now = gateway.clock.seconds()
+    redis = gateway.redis
+    return {
+        "in_flight": gateway.stats.in_flight,
+        "breakers": [[name, breaker.state, breaker.trips] for name, breaker in sorted(gateway.breakers.items())],
+        "targets": [[name, member.url, 0 if member.down or member.ejected_until > now else 1]
+                    for name, group in sorted(gateway.proxy.groups.items()) for member in group.balancer.members],
+        "redis_up": 0 if redis is not None and not redis.up else 1,
+        "redis_errors": redis.errors if redis is not None else 0,
+    }
 
-    def __init__(self, gateway: Any) -> None:
-        self.gateway = gateway
+
+class MetricsCollector:
+    """A prometheus_client collector over the gateway's counters (`Stats`, summed over the
+    workers with --workers) and each process's `gauges`.
+
+    `source()` gives (the Stats to export, [(worker label or None, gauges)])."""
+
+    def __init__(self, source: Callable[[], tuple[Stats, list[tuple[str | None, dict[str, Any]]]]]) -> None:
+        self.source = source
 
     def collect(self) -> Iterator[Any]:
         # Imported on scrape: only configs with an admin listener pay for prometheus_client (memory).
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        stats = self.gateway.stats
+        stats, processes = self.source()
         requests = CounterMetricFamily("txgateway_requests", "Requests answered, by route, method and status",
                                        labels=["route", "method", "status"])
         counts: dict[tuple[str, str, str], int] = {}
@@ -123,27 +176,28 @@ class MetricsCollector:
         for route, count in sorted(stats.rejected.items()):
             rejected.add_metric([route], count)
         yield rejected
+        worker = ["worker"] if processes and processes[0][0] is not None else []
         circuit = GaugeMetricFamily("txgateway_circuit_state", "Circuit breaker state: 0 closed, 1 open, 2 half_open",
-                                    labels=["upstream"])
-        trips = CounterMetricFamily("txgateway_circuit_trips", "Times the breaker opened", labels=["upstream"])
-        for name, breaker in sorted(self.gateway.breakers.items()):
-            circuit.add_metric([name], _STATES[breaker.state])
-            trips.add_metric([name], breaker.trips)
-        yield circuit
-        yield trips
-        redis = self.gateway.redis
-        yield CounterMetricFamily("txgateway_redis_errors", "Redis calls that failed or timed out",
-                                  value=redis.errors if redis is not None else 0)
-        yield GaugeMetricFamily("txgateway_redis_up", "1 when Redis answers (or is not used), 0 while it is down",
-                                value=0 if redis is not None and not redis.up else 1)
-        yield GaugeMetricFamily("txgateway_inflight_requests", "Requests in the pipeline now", value=stats.in_flight)
+                                    labels=["upstream", *worker])
+        trips = CounterMetricFamily("txgateway_circuit_trips", "Times the breaker opened", labels=["upstream", *worker])
+        redis_errors = CounterMetricFamily("txgateway_redis_errors", "Redis calls that failed or timed out",
+                                           labels=worker)
+        redis_up = GaugeMetricFamily("txgateway_redis_up", "1 when Redis answers (or is not used), 0 while it is down",
+                                     labels=worker)
+        in_flight = GaugeMetricFamily("txgateway_inflight_requests", "Requests in the pipeline now", labels=worker)
         healthy = GaugeMetricFamily("txgateway_upstream_target_up", "1 when a target is in rotation",
-                                    labels=["upstream", "target"])
-        now = self.gateway.clock.seconds()
-        for name, group in sorted(self.gateway.proxy.groups.items()):
-            for member in group.balancer.members:
-                healthy.add_metric([name, member.url], 0 if member.down or member.ejected_until > now else 1)
-        yield healthy
+                                    labels=["upstream", "target", *worker])
+        for label, now in processes:
+            w = [label] if label is not None else []
+            for name, state, count in now["breakers"]:
+                circuit.add_metric([name, *w], _STATES[state])
+                trips.add_metric([name, *w], count)
+            redis_errors.add_metric(w, now["redis_errors"])
+            redis_up.add_metric(w, now["redis_up"])
+            in_flight.add_metric(w, now["in_flight"])
+            for name, url, up in now["targets"]:
+                healthy.add_metric([name, url, *w], up)
+        yield from (circuit, trips, redis_errors, redis_up, in_flight, healthy)
 
 
 def _histograms(name: str, documentation: str, label: str, histograms: dict[str, _Histogram]) -> HistogramMetricFamily:
