@@ -105,7 +105,7 @@ class RequestContext:
         "correlation_id", "route", "upstream_path", "downstream", "pending", "status", "error_code",
         "upstream", "target_url", "upstream_start", "upstream_ms", "bytes_in", "bytes_out",
         "response_started", "done", "identity", "notes", "forwarding", "state", "upgrade", "chain", "end",
-        "error_detail", "upstream_status", "upstream_addr", "retries",
+        "error_detail", "upstream_status", "upstream_addr", "retries", "traceparent",
     )
 
     def __init__(self, method: bytes, target: bytes, path: bytes, query: bytes, version: bytes,
@@ -143,6 +143,7 @@ class RequestContext:
         self.upstream_status = 0               # the upstream's status, once its head arrived
         self.upstream_addr: str | None = None  # "ip:port" of the upstream connection last used
         self.retries = 0                       # attempts after the first (upstream/proxy.py)
+        self.traceparent: bytes | None = None  # the one sent upstream: metrics' exemplars name its trace
         self.bytes_in = 0
         self.bytes_out = 0
         self.response_started = False

@@ -16,6 +16,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.gc_collector import GCCollector
+from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from twisted.web.resource import Resource
@@ -78,7 +79,7 @@ class AdminResource(Resource):
         self.gateway = gateway
         self.token = gateway.config.admin.token if gateway.config.admin is not None else None
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(MetricsCollector(lambda: whole_gateway(gateway)[:2]))
+        self.registry.register(MetricsCollector(lambda: whole_gateway(gateway)[:2], gateway.clock))
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
@@ -100,6 +101,10 @@ class AdminResource(Resource):
         if path == b"/status":
             return _json(request, 200, status(self.gateway))
         if path == b"/metrics":
+            # OpenMetrics (with exemplars: trace ids on txgateway_request_duration_seconds) when asked for
+            if b"application/openmetrics-text" in (request.getHeader(b"accept") or b""):
+                request.setHeader(b"content-type", openmetrics.CONTENT_TYPE_LATEST.encode())
+                return openmetrics.generate_latest(self.registry)  # type: ignore[no-any-return]
             request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
             return generate_latest(self.registry)
         return _json(request, 404, {"error": "not found", "paths": ["/healthz", "/readyz", "/status", "/metrics", "/"]})

@@ -164,6 +164,8 @@ class Gateway(MultiService):
         if self.worker_stats is not None:
             self.worker_stats.restore()
         self.draining = False
+        self.reloads = {"success": 0, "failure": 0}        # SIGHUP reloads (metrics)
+        self.last_reload_success = self.clock.seconds()   # the load at start counts
         self.log_writer = JsonLinesWriter.open(config.access_log, self.clock, stdout or sys.stdout)
         self.jwks = self._remote_jwks(config)
         self.redis, self.limiter, self.local_buckets = self._limit_stores(config)
@@ -285,6 +287,16 @@ class Gateway(MultiService):
         _log.info("access log {path} reopened", path=writer.path)
 
     def reload(self) -> list[str]:
+        """`_reload`, counted for /metrics."""
+        problems = self._reload()
+        if problems:
+            self.reloads["failure"] += 1
+        else:
+            self.reloads["success"] += 1
+            self.last_reload_success = self.clock.seconds()
+        return problems
+
+    def _reload(self) -> list[str]:
         """Read the config file again and, if it is valid, serve new requests with it.
 
         In-flight requests finish on the old pipeline; upstreams whose settings did not change
