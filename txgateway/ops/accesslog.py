@@ -11,12 +11,15 @@ from __future__ import annotations
 import json
 import time
 from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import unquote_to_bytes
 
 from twisted.logger import LogLevel
 
 from txgateway.core.periodic import Periodic
+
+if TYPE_CHECKING:
+    from txgateway.core.pipeline import RequestContext
 
 __all__ = ["DEFAULT_REDACT", "FIELDS", "AccessLog", "JsonLinesWriter", "Layout", "TextStream", "redact_query"]
 
@@ -83,37 +86,40 @@ def _append(path: str) -> TextStream:
 
 
 # Every field a line can hold, in the default order (`access_log_fields:` picks and orders
-# them). One a line: AccessRecord.rendered and AccessLog.on_finished follow this order.
-FIELDS: tuple[str, ...] = (
-    "time",
-    "correlation_id",
-    "request_id",
-    "client_ip",
-    "method",
-    "host",
-    "path",
-    "query",
-    "http_version",
-    "route",
-    "upstream",
-    "target",
-    "upstream_addr",
-    "status",
-    "upstream_status",
-    "duration_ms",
-    "upstream_ms",
-    "retries",
-    "bytes_in",
-    "bytes_out",
-    "user_id",
-    "user_agent",
-    "referer",
-    "rate_limit",
-    "breaker",
-    "error",
-    "detail",
-    "tls",
-)
+# them), with how its value goes into the line: `%s` takes JSON text AccessRecord.values
+# made (escaped, or null), the others take the raw value (never null, needing no escape).
+# One a line: AccessRecord.values and AccessLog.on_finished follow this order.
+_SPECS = {
+    "time": '"%s"',
+    "correlation_id": '"%s"',      # a validated charset or a UUID
+    "request_id": '"%s"',
+    "client_ip": "%s",
+    "method": '"%s"',              # an llhttp-validated token
+    "host": "%s",
+    "path": "%s",
+    "query": "%s",
+    "http_version": '"%s"',
+    "route": "%s",
+    "upstream": "%s",
+    "target": "%s",
+    "upstream_addr": "%s",
+    "status": "%d",
+    "upstream_status": "%s",
+    "duration_ms": "%.3f",
+    "upstream_ms": "%s",
+    "retries": "%d",
+    "bytes_in": "%d",
+    "bytes_out": "%d",
+    "user_id": "%s",
+    "user_agent": "%s",
+    "referer": "%s",
+    "rate_limit": "%s",
+    "breaker": "%s",
+    "error": "%s",
+    "detail": "%s",
+    "tls": "%s",
+}
+FIELDS: tuple[str, ...] = tuple(_SPECS)
 # Notes with fields of their own above; any other note a filter adds follows the fields.
 _NOTED = frozenset({"rate_limit", "breaker", "upstream_error"})
 # Query parameters whose values the log shows as REDACTED unless `access_log_redact:` says otherwise.
@@ -126,7 +132,7 @@ class Layout:
     __slots__ = ("template", "picks", "headers", "redact")
 
     def __init__(self, fields: tuple[str, ...] = FIELDS, redact: tuple[str, ...] = DEFAULT_REDACT) -> None:
-        self.template = "{" + ",".join('"%s":%%s' % name for name in fields)
+        self.template = "{" + ",".join('"%s":%s' % (name, _SPECS[name]) for name in fields)
         # None: every field in FIELDS order, the rendered tuple as it is
         self.picks: tuple[int, ...] | None = None if fields == FIELDS else tuple(FIELDS.index(f) for f in fields)
         self.headers = "user_agent" in fields or "referer" in fields  # only then are the headers searched
@@ -178,37 +184,35 @@ class AccessRecord:
             out.update(self.extra)
         return out
 
-    def rendered(self) -> tuple[str, ...]:
-        """The JSON text of every field, in FIELDS order."""
+    def values(self) -> tuple[Any, ...]:
+        """What the layout's template takes for every field, in FIELDS order."""
         (stamp, cid, request_id, client, method, host, path, query, version, route, upstream, target,
          upstream_addr, status, upstream_status, duration, upstream_ms, retries, bytes_in, bytes_out, user_id,
          user_agent, referer, rate_limit, breaker, error, detail, tls) = self.fields
         j = _json
         esc = encode_basestring_ascii
         config = _CONFIG_STRINGS.get
-        # correlation_id (validated charset or a UUID) and method (an llhttp-validated token)
-        # need no escaping; every other string is escaped.
         return (
-            '"%s"' % stamp,
-            '"%s"' % cid,
-            '"%s"' % request_id,
+            stamp,
+            cid,
+            request_id,
             esc(client),
-            '"%s"' % method,
+            method,
             "null" if host is None else esc(host),
             esc(path),
             "null" if query is None else esc(query),
-            '"%s"' % version,
+            version,
             config(route) or _config_string(route),
             config(upstream) or _config_string(upstream),
             config(target) or _config_string(target),
             "null" if upstream_addr is None else esc(upstream_addr),
-            "%d" % status,
-            "null" if upstream_status is None else "%d" % upstream_status,
-            "%.3f" % duration,
+            status,
+            "null" if upstream_status is None else str(upstream_status),
+            duration,
             "null" if upstream_ms is None else "%.3f" % upstream_ms,
-            "%d" % retries,
-            "%d" % bytes_in,
-            "%d" % bytes_out,
+            retries,
+            bytes_in,
+            bytes_out,
             "null" if user_id is None else j(user_id),
             "null" if user_agent is None else esc(user_agent),
             "null" if referer is None else esc(referer),
@@ -221,15 +225,16 @@ class AccessRecord:
 
     def json_line(self) -> str:
         layout = self.layout
-        rendered = self.rendered()
+        values = self.values()
         picks = layout.picks
-        line = layout.template % (rendered if picks is None else tuple([rendered[i] for i in picks]))
+        line = layout.template % (values if picks is None else tuple([values[i] for i in picks]))
         if self.extra:
             line += "".join(",%s:%s" % (_json(k), _json(v)) for k, v in self.extra.items())
         return line + "}\n"
 
 
 _DEFAULT = Layout()
+_VERSIONS = {b"1.1": "1.1", b"1.0": "1.0", b"2": "2"}
 
 
 class AccessLog:
@@ -259,7 +264,7 @@ class AccessLog:
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         return "%s.%03dZ" % (self._stamp, (wall - second) * 1000)
 
-    def on_finished(self, ctx: Any) -> None:
+    def on_finished(self, ctx: RequestContext) -> None:
         if self.observer is None:
             return
         layout = self.layout
@@ -271,9 +276,9 @@ class AccessLog:
         referer: bytes | None = None
         if layout.headers:
             for name, value in ctx.headers:
-                if name == b"user-agent":
+                if name[0] == 117 and name == b"user-agent":     # 117: "u"
                     user_agent = value
-                elif name == b"referer":
+                elif name[0] == 114 and name == b"referer":    # 114: "r"
                     referer = value
         detail = notes.get("upstream_error") if notes else None
         upstream_status = ctx.upstream_status
@@ -289,7 +294,7 @@ class AccessLog:
             None if host is None else host.decode("latin-1"),
             ctx.path.decode("latin-1"),
             redact_query(ctx.query, layout.redact) if ctx.query else None,
-            ctx.version.decode("latin-1"),
+            _VERSIONS.get(ctx.version) or ctx.version.decode("latin-1"),
             route.prefix if route is not None else None,
             ctx.upstream,
             ctx.target_url,

@@ -31,7 +31,7 @@ class _Histogram:
         self.counts = [0] * (len(BUCKETS) + 1)   # the last one is +Inf
         self.total = 0.0
         # per bucket, the last request's (traceparent, seconds, time): OpenMetrics exemplars
-        self.exemplars: list[tuple[str, float, float] | None] | None = [None] * len(self.counts) if exemplars else None
+        self.exemplars: list[tuple[bytes, float, float] | None] | None = [None] * len(self.counts) if exemplars else None
 
     def observe(self, seconds: float) -> None:
         self.counts[bisect_left(BUCKETS, seconds)] += 1
@@ -42,7 +42,7 @@ class _Histogram:
         self.counts[index] += 1
         self.total += seconds
         if trace is not None and self.exemplars is not None:
-            self.exemplars[index] = (trace.decode("latin-1"), seconds, now)
+            self.exemplars[index] = (trace, seconds, now)
 
     def add(self, counts: list[int], total: float, exemplars: list[Any] | None = None) -> None:
         for i, count in enumerate(counts):
@@ -52,10 +52,13 @@ class _Histogram:
             for i, exemplar in enumerate(exemplars):
                 mine = self.exemplars[i]
                 if exemplar is not None and (mine is None or exemplar[2] > mine[2]):
-                    self.exemplars[i] = (exemplar[0], exemplar[1], exemplar[2])
+                    self.exemplars[i] = (exemplar[0].encode("latin-1"), exemplar[1], exemplar[2])
 
     def dump(self) -> list[Any]:
-        return [self.counts, self.total, self.exemplars]
+        """JSON-able, for `add` in another process."""
+        exemplars = None if self.exemplars is None else [
+            None if e is None else [e[0].decode("latin-1"), e[1], e[2]] for e in self.exemplars]
+        return [self.counts, self.total, exemplars]
 
     def cumulative(self) -> list[tuple[str, float]]:
         out: list[tuple[str, float]] = []
@@ -378,7 +381,7 @@ def _histograms(name: str, documentation: str, labels: list[str],
     for values, histogram in sorted(histograms.items()):
         buckets: list[Any] = histogram.cumulative()
         if histogram.exemplars is not None:
-            buckets = [(bound, count, Exemplar({"trace_id": e[0][3:35]}, e[1], e[2])) if e is not None else (bound, count)
+            buckets = [(bound, count, Exemplar({"trace_id": e[0][3:35].decode("latin-1")}, e[1], e[2])) if e is not None else (bound, count)
                        for (bound, count), e in zip(buckets, histogram.exemplars, strict=True)]
         family.add_metric(list(values), buckets, histogram.total)
     return family
