@@ -35,6 +35,7 @@ from txgateway.config.schema import (
 from txgateway.filters.auth.config import hash_api_key
 from txgateway.filters.ratelimit.config import LimitsConfig
 from txgateway.filters.ratelimit.redisconfig import RedisConfig
+from txgateway.ops.accesslog import FIELDS
 from txgateway.ops.config import AdminConfig, ManholeConfig
 from txgateway.transport.tlsconfig import UpstreamTLS
 from txgateway.upstream.breaker import BreakerSettings
@@ -47,7 +48,8 @@ REDIS_KEYS = "password_env, pool_size, sentinel, timeout, url"
 DURATION = 'expected a duration like "250ms", "5s" or "1m", got'
 RATE = 'expected "N/second|minute|hour|day", got'
 RATE_ZERO = 'expected "N/second|minute|hour|day" with N above zero, got'
-TOP_KEYS = ("access_log, admin, auth, cache, drain_timeout, ip_rules, limits, listen, manhole, rate_limits, "
+TOP_KEYS = ("access_log, access_log_fields, access_log_redact, admin, auth, cache, drain_timeout, ip_rules, limits, "
+            "listen, manhole, rate_limits, "
             "redirect_to_https, redis, routes, trusted_proxies, underscores_in_headers, upstreams")
 ROUTE_KEYS = ("auth, cache, case_insensitive, compose, connect_timeout, cors, escaped_slashes, host, ip_allow, ip_deny, "
               "max_body_size, methods, prefix, rate_limit, request_headers, respond, response_headers, rewrite_prefix, "
@@ -1410,6 +1412,29 @@ def test_an_access_log_file_that_cannot_be_written(tmp_path):
 
 def test_an_empty_access_log_path(tmp_path):
     assert config_errors(BASE + 'access_log: ""\n') == ["c.yaml:9: access_log: expected a file path, got an empty string"]
+
+
+def test_access_log_fields_and_redact_are_read_in_order():
+    config = parse_config(BASE + "access_log_fields: [status, path]\naccess_log_redact: []\n", "c.yaml")
+    assert (config.access_log_fields, config.access_log_redact) == (("status", "path"), ())
+    default = parse_config(BASE, "c.yaml")
+    assert default.access_log_fields == FIELDS and "token" in default.access_log_redact
+
+
+@pytest.mark.parametrize(("value", "problem"), [
+    ("[status, bogus]", "c.yaml:9: access_log_fields[1]: expected one of " + ", ".join(FIELDS) + ", got 'bogus'"),
+    ("[status, status]", "c.yaml:9: access_log_fields[1]: 'status' is listed twice"),
+    ("[]", "c.yaml:9: access_log_fields: expected at least one field"),
+    ("status", "c.yaml:9: access_log_fields: expected a list, got 'status'"),
+    ("[[status]]", "c.yaml:9: access_log_fields[0]: expected a single value, got a list"),
+])
+def test_bad_access_log_fields(value, problem):
+    assert config_errors(BASE + f"access_log_fields: {value}\n") == [problem]
+
+
+def test_bad_access_log_redact():
+    assert config_errors(BASE + "access_log_redact: [token, 3]\n") == [
+        "c.yaml:9: access_log_redact[1]: expected a string, got 3"]
 
 
 # --- problems in line order ---------------------------------------------------------------

@@ -53,7 +53,7 @@ async def test_two_calls_merge_into_one_answer_with_the_second_using_the_first(g
         ("user", "users", 200), ("orders", "orders", 200)]
     assert all(c["ms"] >= 0 for c in record["calls"])
     assert "completed" not in record                  # noted only for partial answers
-    durations = gw.gateway.stats.upstream_durations     # each call counts in its upstream's metrics
+    durations = gw.gateway.stats.upstream_durations()   # each call counts in its upstream's metrics
     assert sum(durations["users"].counts) == sum(durations["orders"].counts) == 1
 
 

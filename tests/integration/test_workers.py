@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import http.client
+import json
 import os
 import re
 import signal
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import free_port
 from tests.installed import TWISTD
@@ -87,12 +89,13 @@ class TwoWorkers(NamedTuple):
 
 
 @contextlib.contextmanager
-def two_workers(tmp_path: Path) -> Iterator[TwoWorkers]:
+def two_workers(tmp_path: Path, extra: str = "") -> Iterator[TwoWorkers]:
     """An upstream, and `twistd ... --workers 2` proxying /api/users to it on a free port
-    (write_config's config). The daemon is killed at the end regardless; nothing waits for it."""
+    (write_config's config, then `extra`). The daemon is killed at the end regardless; nothing
+    waits for it."""
     with upstream() as up:
         port = free_port()
-        config = write_config(tmp_path, port, up.url)
+        config = write_config(tmp_path, port, up.url, extra)
         daemon = Supervised(tmp_path, config, "--workers", "2")
         try:
             yield TwoWorkers(up, daemon, port, config)
@@ -275,6 +278,58 @@ def test_both_workers_serve(tmp_path):
         print(f"\n{len(statuses)} requests over {sum(map(len, held.values()))} connections: "
               + ", ".join(f"worker pid {pid} holds {len(ports)}" for pid, ports in sorted(held.items())))
         assert "Traceback" not in daemon.output and "died" not in daemon.output, daemon.output
+
+
+# --- /metrics and /status count every worker ---------------------------------------------------
+
+def scrape(admin: int) -> tuple[float, dict[str, Any]] | None:
+    """(txgateway_requests_total summed over its series, /status) from worker 0's admin
+    listener; None while nothing listens there (worker 0 restarting)."""
+    try:
+        conn = http.client.HTTPConnection(HOST, admin, timeout=WAIT)
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+        conn.request("GET", "/status")
+        status = json.loads(conn.getresponse().read())
+        conn.close()
+    except OSError:
+        return None
+    total = sum(sample.value for family in text_string_to_metric_families(text) if family.name == "txgateway_requests"
+                for sample in family.samples if sample.name == "txgateway_requests_total")
+    return total, status
+
+
+def test_metrics_and_status_count_the_requests_of_every_worker_and_survive_a_restart(tmp_path):
+    admin = free_port()
+    with two_workers(tmp_path, f'admin: {{endpoint: "tcp:{admin}:interface=127.0.0.1"}}\n') as (_, daemon, port, _):
+        workers = daemon.wait_ready(port)
+        _, first = both_serve(port, workers, daemon.proc.pid)   # both workers hold connections and serve
+
+        def load(_: int) -> list[int]:
+            conn = connect(port)
+            try:
+                return [get(conn) for _ in range(100)]
+            finally:
+                conn.close()
+
+        with ThreadPoolExecutor(max_workers=10) as pool:
+            statuses = [s for got in pool.map(load, range(10)) for s in got]
+        assert statuses == [200] * 1000
+        sent = len(first) + 1000
+        total, status = daemon.wait_until("every request counted", lambda: (got := scrape(admin)) and got[0] == sent and got)
+        assert status["requests"]["total"] == sent
+        assert [w["worker"] for w in status["workers"]] == [0, 1]
+        assert all(w["upstreams"]["users"]["targets"] for w in status["workers"])
+        served = [sum(t["requests"] for t in w["upstreams"]["users"]["targets"]) for w in status["workers"]]
+        assert sum(served) == sent and all(served), served     # the count came from both
+
+        index = {i: pid for pid, i in daemon.worker_index().items()}
+        os.kill(index[0], signal.SIGKILL)                     # the worker with the admin listener
+        daemon.wait_until("worker 0 restarted", lambda: daemon.output.count("worker 0 started") == 2)
+        again = daemon.wait_until("the admin listener back", lambda: scrape(admin))
+        assert again[0] == total                               # counted on from its last file, not from 0
+        assert get(connect(port)) == 200
+        daemon.wait_until("the next request counted", lambda: (got := scrape(admin)) and got[0] == total + 1)
 
 
 # --- 2. SIGKILL one worker under load ----------------------------------------------------------

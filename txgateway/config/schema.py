@@ -27,6 +27,7 @@ from txgateway.filters.headerconfig import DEFAULT_SECURITY_HEADERS, HeaderRules
 from txgateway.filters.ratelimit.config import LimitsConfig
 from txgateway.filters.ratelimit.redisconfig import RedisConfig, parse_redis
 from txgateway.filters.routing import BadPath, canonical_path
+from txgateway.ops.accesslog import DEFAULT_REDACT, FIELDS
 from txgateway.ops.config import AdminConfig, ManholeConfig, parse_admin, parse_manhole
 from txgateway.transport.endpoints import endpoint_problem, overlapping
 from txgateway.transport.tlsconfig import ListenerTLS, UpstreamTLS, parse_listener_tls, parse_upstream_tls
@@ -107,6 +108,8 @@ class Config:
     limits: Limits = Limits()
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     access_log: str = "-"
+    access_log_fields: tuple[str, ...] = FIELDS       # which fields a line holds, in order
+    access_log_redact: tuple[str, ...] = DEFAULT_REDACT   # query parameters logged as REDACTED
     drain_timeout: float = 10.0
     sections: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))  # filters' sections, by key
     redis: RedisConfig | None = None
@@ -156,6 +159,7 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
 _TOP_KEYS = {
     "listen": "listeners", "redirect_to_https": "", "admin": "", "manhole": "", "redis": "",
     "trusted_proxies": "", "underscores_in_headers": "", "limits": "", "drain_timeout": "", "upstreams": "", "routes": "", "access_log": "",
+    "access_log_fields": "", "access_log_redact": "",
 }
 
 
@@ -201,9 +205,14 @@ def _config(r: Reader, root: yaml.Node, environ: Mapping[str, str] | None) -> Co
     proxies = r.attempt(lambda: r.networks(top["trusted_proxies"], "trusted_proxies"), no_networks) \
         if "trusted_proxies" in top else no_networks
     access_log = r.attempt(lambda: _access_log(r, top["access_log"]), "-") if "access_log" in top else "-"
+    fields = r.attempt(lambda: _names(r, top["access_log_fields"], "access_log_fields", FIELDS), FIELDS) \
+        if "access_log_fields" in top else FIELDS
+    redact = r.attempt(lambda: _names(r, top["access_log_redact"], "access_log_redact", None), DEFAULT_REDACT) \
+        if "access_log_redact" in top else DEFAULT_REDACT
     drain = r.attempt(lambda: r.parsed(top["drain_timeout"], "drain_timeout", parse_duration), 10.0) if "drain_timeout" in top else 10.0
     return Config(file=r.file, listen=listen, upstreams=MappingProxyType(upstreams), routes=routes, limits=limits,
-                  trusted_proxies=proxies, access_log=access_log, drain_timeout=drain,
+                  trusted_proxies=proxies, access_log=access_log, access_log_fields=fields,
+                  access_log_redact=redact, drain_timeout=drain,
                   sections=MappingProxyType(sections), redis=redis, admin=admin, manhole=manhole,
                   redirect_to_https=redirect, underscores_in_headers=underscores)
 
@@ -217,6 +226,22 @@ def _access_log(r: Reader, node: yaml.Node) -> str:
     if problem is not None:
         raise r.fail(node, "access_log", f"cannot write {file}: {problem}")
     return file
+
+
+def _names(r: Reader, node: yaml.Node, path: str, allowed: tuple[str, ...] | None) -> tuple[str, ...]:
+    """A list of distinct names (each one of `allowed` unless that is None); empty only for
+    access_log_redact (no parameter redacted), not for the fields of a line."""
+    names: list[str] = []
+    for item_path, item in r.sequence(node, path):
+        name = r.string(item, item_path)
+        if allowed is not None and name not in allowed:
+            raise r.fail(item, item_path, f"expected one of {', '.join(allowed)}, got {name!r}")
+        if name in names:
+            raise r.fail(item, item_path, f"{name!r} is listed twice")
+        names.append(name)
+    if allowed is not None and not names:
+        raise r.fail(node, path, "expected at least one field")
+    return tuple(names)
 
 
 def _shared_ports(r: Reader, top: dict[str, yaml.Node], admin: AdminConfig | None, manhole: ManholeConfig | None) -> None:

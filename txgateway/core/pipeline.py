@@ -87,6 +87,7 @@ def error_response(ctx: RequestContext, status: int, code: str, message: str,
     if headers:
         out.extend(headers)
     ctx.error_code = code
+    ctx.error_detail = message
     return LocalResponse(status, out, body)
 
 
@@ -105,6 +106,7 @@ class RequestContext:
         "correlation_id", "route", "upstream_path", "downstream", "pending", "status", "error_code",
         "upstream", "target_url", "upstream_start", "upstream_ms", "bytes_in", "bytes_out",
         "response_started", "done", "identity", "notes", "forwarding", "state", "upgrade", "chain", "end",
+        "error_detail", "upstream_status", "upstream_addr", "retries", "traceparent",
     )
 
     def __init__(self, method: bytes, target: bytes, path: bytes, query: bytes, version: bytes,
@@ -134,10 +136,15 @@ class RequestContext:
         self.pending: Deferred[Any] | None = None
         self.status = 0
         self.error_code: str | None = None
+        self.error_detail: str | None = None   # the message of the gateway's own error answer
         self.upstream: str | None = None
         self.target_url: str | None = None
         self.upstream_start = 0.0
         self.upstream_ms: float | None = None
+        self.upstream_status = 0               # the upstream's status, once its head arrived
+        self.upstream_addr: str | None = None  # "ip:port" of the upstream connection last used
+        self.retries = 0                       # attempts after the first (upstream/proxy.py)
+        self.traceparent: bytes | None = None  # the one sent upstream: metrics' exemplars name its trace
         self.bytes_in = 0
         self.bytes_out = 0
         self.response_started = False

@@ -126,7 +126,8 @@ class ForwardingHeaders:
             ctx.client_ip = self.trusted.client_ip(peer, xff)
         peer_bytes = peer.encode()
         kept.append((b"x-correlation-id", cid.encode()))
-        kept.append((b"traceparent", traceparent(incoming_trace, random)))
+        kept.append((b"traceparent", trace := traceparent(incoming_trace, random)))
+        ctx.traceparent = trace
         kept.append((b"x-forwarded-for", xff + b", " + peer_bytes if trusted and xff else peer_bytes))
         kept.append((b"x-forwarded-proto", xfp if trusted and xfp else ctx.scheme))
         ctx.headers = kept

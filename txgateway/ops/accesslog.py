@@ -11,13 +11,17 @@ from __future__ import annotations
 import json
 import time
 from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import unquote_to_bytes
 
 from twisted.logger import LogLevel
 
 from txgateway.core.periodic import Periodic
 
-__all__ = ["AccessLog", "JsonLinesWriter", "TextStream"]
+if TYPE_CHECKING:
+    from txgateway.core.pipeline import RequestContext
+
+__all__ = ["DEFAULT_REDACT", "FIELDS", "AccessLog", "JsonLinesWriter", "Layout", "TextStream", "redact_query"]
 
 
 class TextStream(Protocol):
@@ -81,16 +85,69 @@ def _append(path: str) -> TextStream:
     return open(path, "a", encoding="utf-8", buffering=1 << 16)
 
 
-_FIELDS = ("time", "correlation_id", "client_ip", "method", "path", "route", "upstream", "target",
-           "status", "duration_ms", "upstream_ms", "bytes_in", "bytes_out", "user_id", "rate_limit",
-           "breaker", "error", "detail", "tls")
-# correlation_id (validated charset or a UUID) and method (an llhttp-validated token) need
-# no escaping; every other string is escaped.
-_LINE = ('{"time":"%s","correlation_id":"%s","client_ip":%s,"method":"%s","path":%s,"route":%s,'
-         '"upstream":%s,"target":%s,"status":%d,"duration_ms":%.3f,"upstream_ms":%s,"bytes_in":%d,'
-         '"bytes_out":%d,"user_id":%s,"rate_limit":%s,"breaker":%s,"error":%s,"detail":%s,"tls":%s%s}\n')
-# Notes with fields of their own above; any other note a filter adds follows "tls".
+# Every field a line can hold, in the default order (`access_log_fields:` picks and orders
+# them), and whether the line puts quotes around its value (True: a string that needs no
+# escaping and is never null) or takes the JSON text AccessRecord.values made (escaped, a
+# number, or null).
+# One a line: AccessRecord.values and AccessLog.on_finished follow this order.
+_QUOTED = {
+    "time": True,
+    "correlation_id": True,      # a validated charset or a UUID
+    "request_id": True,
+    "client_ip": False,
+    "method": True,              # an llhttp-validated token
+    "host": False,
+    "path": False,
+    "query": False,
+    "http_version": True,
+    "route": False,
+    "upstream": False,
+    "target": False,
+    "upstream_addr": False,
+    "status": False,
+    "upstream_status": False,
+    "duration_ms": False,
+    "upstream_ms": False,
+    "retries": False,
+    "bytes_in": False,
+    "bytes_out": False,
+    "user_id": False,
+    "user_agent": False,
+    "referer": False,
+    "rate_limit": False,
+    "breaker": False,
+    "error": False,
+    "detail": False,
+    "tls": False,
+}
+FIELDS: tuple[str, ...] = tuple(_QUOTED)
+# Notes with fields of their own above; any other note a filter adds follows the fields.
 _NOTED = frozenset({"rate_limit", "breaker", "upstream_error"})
+# Query parameters whose values the log shows as REDACTED unless `access_log_redact:` says otherwise.
+DEFAULT_REDACT: tuple[str, ...] = ("access_token", "api_key", "apikey", "password", "secret", "token")
+
+
+class Layout:
+    """Which fields a line holds, in which order: the constant text around their values,
+    made once (at start-up). A line is one `"".join` (a %-format of as many fields costs
+    several times more)."""
+
+    __slots__ = ("pieces", "tail", "end", "picks", "headers", "redact")
+
+    def __init__(self, fields: tuple[str, ...] = FIELDS, redact: tuple[str, ...] = DEFAULT_REDACT) -> None:
+        pieces = []
+        after = ""
+        for i, name in enumerate(fields):
+            quoted = _QUOTED[name]
+            pieces.append('%s%s"%s":%s' % (after, "," if i else "{", name, '"' if quoted else ""))
+            after = '"' if quoted else ""
+        self.pieces = tuple(pieces)       # the text before each field's value
+        self.tail = after                 # after the last value
+        self.end = after + "}\n"          # ... when no filter added fields
+        # None: every field in FIELDS order, AccessRecord.values as they are
+        self.picks: tuple[int, ...] | None = None if fields == FIELDS else tuple(FIELDS.index(f) for f in fields)
+        self.headers = "user_agent" in fields or "referer" in fields  # only then are the headers searched
+        self.redact = frozenset(name.lower().encode("latin-1") for name in redact)
 
 
 _CONFIG_STRINGS: dict[Any, str] = {None: "null"}  # route prefixes, upstream names, target URLs
@@ -115,41 +172,91 @@ def _json(value: Any) -> str:
 
 
 class AccessRecord:
-    """One request's access-log fields (in `_FIELDS` order); renders itself as one JSON line.
+    """One request's access-log fields (in `FIELDS` order); renders itself as one JSON line.
 
-    A fixed template with escaped strings costs a third of `json.dumps` on a dict, which
+    A template with escaped strings costs a third of `json.dumps` on a dict, which
     matters at the gateway's request rates. `as_dict()` gives the same data as a mapping.
     """
 
-    __slots__ = ("fields", "extra")
+    __slots__ = ("fields", "extra", "layout")
 
-    def __init__(self, fields: tuple[Any, ...], extra: dict[str, Any] | None = None) -> None:
+    def __init__(self, fields: tuple[Any, ...], extra: dict[str, Any] | None = None,
+                 layout: Layout | None = None) -> None:
         self.fields = fields
         self.extra = extra              # fields filters added (ctx.note) beyond the fixed ones
+        self.layout = layout if layout is not None else _DEFAULT
 
     def as_dict(self) -> dict[str, Any]:
-        out = dict(zip(_FIELDS, self.fields, strict=True))
+        """The fields the layout picks, in its order, then the filters' notes."""
+        every = dict(zip(FIELDS, self.fields, strict=True))
+        picks = self.layout.picks
+        out = every if picks is None else {FIELDS[i]: self.fields[i] for i in picks}
         if self.extra:
             out.update(self.extra)
         return out
 
-    def json_line(self) -> str:
-        (stamp, cid, client, method, path, route, upstream, target, status, duration, upstream_ms,
-         bytes_in, bytes_out, user_id, rate_limit, breaker, error, detail, tls) = self.fields
+    def values(self) -> tuple[str, ...]:
+        """The JSON text of every field (without the quotes the layout adds), in FIELDS order."""
+        (stamp, cid, request_id, client, method, host, path, query, version, route, upstream, target,
+         upstream_addr, status, upstream_status, duration, upstream_ms, retries, bytes_in, bytes_out, user_id,
+         user_agent, referer, rate_limit, breaker, error, detail, tls) = self.fields
         j = _json
         esc = encode_basestring_ascii
         config = _CONFIG_STRINGS.get
-        return _LINE % (stamp, cid, esc(client), method, esc(path),
-                        config(route) or _config_string(route), config(upstream) or _config_string(upstream),
-                        config(target) or _config_string(target), status, duration,
-                        "null" if upstream_ms is None else "%.3f" % upstream_ms, bytes_in, bytes_out,
-                        "null" if user_id is None else j(user_id),
-                        "null" if rate_limit is None else j(rate_limit),
-                        "null" if breaker is None else j(breaker),
-                        "null" if error is None else j(error),
-                        "null" if detail is None else j(detail),
-                        config(tls) or _config_string(tls),
-                        "".join(",%s:%s" % (j(k), j(v)) for k, v in self.extra.items()) if self.extra else "")
+        return (
+            stamp,
+            cid,
+            request_id,
+            esc(client),
+            method,
+            "null" if host is None else esc(host),
+            esc(path),
+            "null" if query is None else esc(query),
+            version,
+            config(route) or _config_string(route),
+            config(upstream) or _config_string(upstream),
+            config(target) or _config_string(target),
+            "null" if upstream_addr is None else esc(upstream_addr),
+            str(status),
+            "null" if upstream_status is None else str(upstream_status),
+            "%.3f" % duration,
+            "null" if upstream_ms is None else "%.3f" % upstream_ms,
+            str(retries),
+            str(bytes_in),
+            str(bytes_out),
+            "null" if user_id is None else j(user_id),
+            "null" if user_agent is None else esc(user_agent),
+            "null" if referer is None else esc(referer),
+            "null" if rate_limit is None else j(rate_limit),
+            "null" if breaker is None else j(breaker),
+            "null" if error is None else j(error),
+            "null" if detail is None else j(detail),
+            config(tls) or _config_string(tls),
+        )
+
+    def json_line(self) -> str:
+        layout = self.layout
+        values = self.values()
+        picks = layout.picks
+        if picks is not None:
+            values = tuple([values[i] for i in picks])
+        pieces = layout.pieces
+        parts: list[str] = []
+        for i in range(len(pieces)):
+            parts.append(pieces[i])
+            parts.append(values[i])
+        if self.extra:
+            parts.append(layout.tail)
+            for k, v in self.extra.items():
+                parts.append(",%s:%s" % (_json(k), _json(v)))
+            parts.append("}\n")
+        else:
+            parts.append(layout.end)
+        return "".join(parts)
+
+
+_DEFAULT = Layout()
+_VERSIONS = {b"1.1": "1.1", b"1.0": "1.0", b"2": "2"}
 
 
 class AccessLog:
@@ -166,8 +273,9 @@ class AccessLog:
     on_response_head = None
     on_response_body = None
 
-    def __init__(self, observer: Any | None) -> None:
+    def __init__(self, observer: Any | None, layout: Layout | None = None) -> None:
         self.observer = observer
+        self.layout = layout if layout is not None else _DEFAULT
         self._second = -1
         self._stamp = ""
 
@@ -178,25 +286,68 @@ class AccessLog:
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         return "%s.%03dZ" % (self._stamp, (wall - second) * 1000)
 
-    def on_finished(self, ctx: Any) -> None:
+    def on_finished(self, ctx: RequestContext) -> None:
         if self.observer is None:
             return
+        layout = self.layout
         now = ctx.end
         route = ctx.route
         notes = ctx.notes
         wall = time.time()
-        upstream_ms = ctx.upstream_ms
+        user_agent: bytes | None = None
+        referer: bytes | None = None
+        if layout.headers:
+            for name, value in ctx.headers:
+                if name[0] == 117 and name == b"user-agent":     # 117: "u"
+                    user_agent = value
+                elif name[0] == 114 and name == b"referer":    # 114: "r"
+                    referer = value
+        detail = notes.get("upstream_error") if notes else None
+        upstream_status = ctx.upstream_status
+        status = ctx.status
+        host = ctx.host
         self.observer({"log_namespace": self.namespace, "log_level": LogLevel.info, "log_time": wall,
                        "log_format": None, "access": AccessRecord((
-            self._timestamp(wall), ctx.correlation_id, ctx.client_ip, ctx.method.decode("latin-1"),
-            ctx.path.decode("latin-1"), route.prefix if route is not None else None, ctx.upstream,
-            ctx.target_url, ctx.status, (now - ctx.start) * 1000.0,
-            upstream_ms, ctx.bytes_in, ctx.bytes_out,
+            self._timestamp(wall),
+            ctx.correlation_id,
+            ctx.correlation_id,
+            ctx.client_ip,
+            ctx.method.decode("latin-1"),
+            None if host is None else host.decode("latin-1"),
+            ctx.path.decode("latin-1"),
+            redact_query(ctx.query, layout.redact) if ctx.query else None,
+            _VERSIONS.get(ctx.version) or ctx.version.decode("latin-1"),
+            route.prefix if route is not None else None,
+            ctx.upstream,
+            ctx.target_url,
+            ctx.upstream_addr,
+            status,
+            upstream_status if upstream_status and upstream_status != status else None,
+            (now - ctx.start) * 1000.0,
+            ctx.upstream_ms,
+            ctx.retries,
+            ctx.bytes_in,
+            ctx.bytes_out,
             ctx.identity.user_id if ctx.identity is not None else None,
+            None if user_agent is None else user_agent.decode("latin-1"),
+            None if referer is None else referer.decode("latin-1"),
             notes.get("rate_limit") if notes else None,
-            notes.get("breaker") if notes else None, ctx.error_code,
-            notes.get("upstream_error") if notes else None,
-            ctx.downstream.tls), _extra(notes) if notes else None)})
+            notes.get("breaker") if notes else None,
+            ctx.error_code,
+            detail if detail is not None else ctx.error_detail,
+            ctx.downstream.tls), _extra(notes) if notes else None, layout)})
+
+
+def redact_query(query: bytes, names: frozenset[bytes]) -> str:
+    """The query string without its `?`, each parameter named in `names` (lower case, after
+    percent-decoding) with its value shown as REDACTED."""
+    parts = query[1:].split(b"&")
+    if names:
+        for i, part in enumerate(parts):
+            name, equals, _ = part.partition(b"=")
+            if equals and (unquote_to_bytes(name) if 37 in name else name).lower() in names:   # 37: "%"
+                parts[i] = name + b"=REDACTED"
+    return b"&".join(parts).decode("latin-1")
 
 
 def _extra(notes: dict[str, Any]) -> dict[str, Any] | None:

@@ -26,6 +26,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.gc_collector import GCCollector
+from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from twisted.internet.protocol import connectionDone
@@ -42,6 +43,7 @@ from txgateway.ops.admission import Admission
 from txgateway.ops.configapi import MAX_BODY, apply, check, problems_body, running
 from txgateway.ops.stats import MetricsCollector
 from txgateway.ops.statuspage import STATUS_PAGE, STATUS_PAGE_CSP
+from txgateway.ops.workerstats import whole_gateway
 
 __all__ = ["AdminResource", "admin_site", "status"]
 
@@ -49,7 +51,7 @@ __all__ = ["AdminResource", "admin_site", "status"]
 def status(gateway: Any) -> dict[str, Any]:
     """Everything /status shows (and the Manhole's status()): what runs, and how it is doing."""
     now = gateway.clock.seconds()
-    stats = gateway.stats
+    stats, _, workers = whole_gateway(gateway)
     config = gateway.config
     upstreams = {}
     for name, group in gateway.proxy.groups.items():
@@ -85,6 +87,7 @@ def status(gateway: Any) -> dict[str, Any]:
         "requests": {"total": stats.finished, "in_flight": stats.in_flight, "by_class": stats.by_status_class(),
                      "rate_limited": sum(stats.rejected.values())},
         "cache": cache.snapshot() if cache is not None else None,
+        **({"workers": workers} if workers is not None else {}),
     }
 
 
@@ -106,7 +109,8 @@ class AdminResource(Resource):
         self.hosts = frozenset(["localhost", *(admin.allowed_hosts if admin is not None else ())])
         self.config_api = admin is not None and admin.config_api
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(MetricsCollector(gateway))
+        self.registry.register(MetricsCollector(lambda: whole_gateway(gateway)[:2], gateway.clock,
+                                                lambda: gateway.durable.get("cache")))
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
@@ -187,6 +191,10 @@ class AdminResource(Resource):
         if path == b"/config" and self.config_api:
             return _json(request, 200, running(self.gateway))
         if path == b"/metrics":
+            # OpenMetrics (with exemplars: trace ids on txgateway_request_duration_seconds) when asked for
+            if b"application/openmetrics-text" in (request.getHeader(b"accept") or b""):
+                request.setHeader(b"content-type", openmetrics.CONTENT_TYPE_LATEST.encode())
+                return openmetrics.generate_latest(self.registry)  # type: ignore[no-any-return]
             request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
             return generate_latest(self.registry)
         paths = ["/healthz", "/readyz", "/status", "/status/history", "/metrics", "/"]

@@ -104,7 +104,7 @@ class History:
                 by_class[name] = by_class.get(name, 0) + delta
         self._requests = current
         route_counts = _deltas(stats.durations, self._durations)
-        upstream_counts = _deltas(stats.upstream_durations, self._upstream_durations)
+        upstream_counts = _deltas(stats.upstream_durations(), self._upstream_durations)
         everything = [sum(c) for c in zip(*route_counts.values(), strict=True)] if route_counts else None
         series = {"gateway": _series(classes["gateway"], everything, seconds)}
         for route in sorted(set(upstream_of) | {k[6:] for k in classes if k.startswith("route ")}):

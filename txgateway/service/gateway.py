@@ -34,8 +34,9 @@ from txgateway.core.pipeline import Pipeline, Switch
 from txgateway.core.timeouts import Deadlines
 from txgateway.filters.ratelimit.filter import LocalStore, RateLimitStore
 from txgateway.filters.routing import RouteTable
-from txgateway.ops.accesslog import AccessLog, JsonLinesWriter, TextStream
+from txgateway.ops.accesslog import AccessLog, JsonLinesWriter, Layout, TextStream
 from txgateway.ops.stats import Stats
+from txgateway.ops.workerstats import WorkerStats
 from txgateway.service.reload import keep_restart_only_settings
 from txgateway.service.requestpath import build_request_path, redirect_path
 from txgateway.service.workers import WORKERS_PARENT
@@ -150,9 +151,12 @@ class Gateway(MultiService):
     """A configured gateway: build with a Config, a reactor and a clock (IReactorTime)."""
 
     def __init__(self, config: Config, reactor: Any, clock: Any = None, inherited_fds: list[int] | None = None,
-                 operations: bool = True, stdout: TextStream | None = None) -> None:
+                 operations: bool = True, stdout: TextStream | None = None, workers_state: str | None = None,
+                 worker: int = 0) -> None:
         """`inherited_fds`: listening sockets a --workers parent bound, one per listener, in
         order; `operations`: whether this process runs the admin listener and the Manhole;
+        `workers_state`: the --workers parent's directory for the workers' counters, where this
+        process is worker number `worker` (ops/workerstats.py);
         `stdout`: where `access_log: "-"` writes (sys.stdout unless told)."""
         super().__init__()
         self.config = config
@@ -160,12 +164,17 @@ class Gateway(MultiService):
         self.clock = clock if clock is not None else reactor
         self.deadlines = Deadlines(self.clock)
         self.stats = Stats(self.clock)
+        self.worker_stats = WorkerStats(workers_state, worker, self) if workers_state else None
+        if self.worker_stats is not None:
+            self.worker_stats.restore()
         self.draining = False
+        self.reloads = {"success": 0, "failure": 0}        # SIGHUP reloads (metrics)
+        self.last_reload_success = self.clock.seconds()   # the load at start counts
         self.log_writer = JsonLinesWriter.open(config.access_log, self.clock, stdout or sys.stdout)
         self.jwks = self._remote_jwks(config)
         self.durable: dict[str, Any] = {}   # what filters keep across reloads (the response cache's store)
         self.redis, self.limiter, self.local_buckets = self._limit_stores(config)
-        self.access_log = AccessLog(self.log_writer)
+        self.access_log = AccessLog(self.log_writer, Layout(config.access_log_fields, config.access_log_redact))
         self.switch = Switch(self._request_path(config, {}))
         self.peers = PeerLimit(lambda: self.switch.pipeline.limits.max_connections_per_ip)
         self.factory = HTTP1Factory(self.switch, self.clock, self.deadlines, peers=self.peers)
@@ -224,6 +233,8 @@ class Gateway(MultiService):
         if any(listener.tls is not None for listener in self.config.listen):
             tickets = Periodic(self.clock, TICKET_KEY_LIFETIME, self._rotate_ticket_keys)
             out.append(Component("tls-ticket-keys", tickets.start, tickets.stop))
+        if self.worker_stats is not None:   # after the upstreams: stopped first, it writes its last file before they close
+            out.append(Component("worker-stats", self.worker_stats.start, self.worker_stats.stop))
         return out
 
     def _rotate_ticket_keys(self) -> None:
@@ -295,6 +306,16 @@ class Gateway(MultiService):
         _log.info("access log {path} reopened", path=writer.path)
 
     def reload(self) -> list[str]:
+        """`_reload`, counted for /metrics."""
+        problems = self._reload()
+        if problems:
+            self.reloads["failure"] += 1
+        else:
+            self.reloads["success"] += 1
+            self.last_reload_success = self.clock.seconds()
+        return problems
+
+    def _reload(self) -> list[str]:
         """Read the config file again and, if it is valid, serve new requests with it.
 
         In-flight requests finish on the old pipeline; upstreams whose settings did not change

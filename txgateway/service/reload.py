@@ -18,7 +18,8 @@ from txgateway.config.schema import Config
 
 __all__ = ["ReloadRefused", "keep_restart_only_settings"]
 
-_RESTART_ONLY = ("listen", "admin", "manhole", "redis", "access_log", "drain_timeout")
+_RESTART_ONLY = ("listen", "admin", "manhole", "redis", "access_log", "access_log_fields", "access_log_redact",
+                 "drain_timeout")
 
 
 def keep_restart_only_settings(running: Config, new: Config) -> tuple[Config, list[str]]:

@@ -141,13 +141,15 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
             reactor.addSystemEventTrigger("after", "startup", notify_systemd, "READY=1")
             reactor.addSystemEventTrigger("before", "shutdown", notify_systemd, "STOPPING=1")
         return top
+    from txgateway.ops.workerstats import STATE_DIR
     from txgateway.service.gateway import Gateway  # not in a --workers parent: it serves nothing
     if options["worker"] is not None:
         _exit_with_parent()
     inherited = [int(fd) for fd in options["inherit-fds"].split(",")] if options["inherit-fds"] else None
     try:
         gateway = Gateway(config, reactor, inherited_fds=inherited, operations=options["worker"] in (None, "0"),
-                          stdout=log.stdout_stream())
+                          stdout=log.stdout_stream(), workers_state=os.environ.get(STATE_DIR) if options["worker"] is not None else None,
+                          worker=int(options["worker"] or 0))
     except ListenerError as e:
         raise SystemExit(f"txgateway: {e}") from None
     gateway.setServiceParent(top)

@@ -10,17 +10,20 @@ stdout, each line tagged with the worker's number.
 
 State is per worker except what lives in Redis: use `backend: redis` or `hybrid` for limits
 that hold across workers (with `local`, N workers admit up to N times the rate). The admin
-listener and the Manhole run in worker 0 only (their ports cannot be shared), so /metrics and
-/status show that worker's view.
+listener and the Manhole run in worker 0 only (their ports cannot be shared); /metrics and
+/status there count every worker, from the files the workers write in a directory the parent
+makes and removes (ops/workerstats.py).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from typing import Any
 
 from twisted.application.service import Service
@@ -31,6 +34,7 @@ from twisted.logger import Logger
 
 from txgateway.config.schema import Config
 from txgateway.ops.logs import on_signal
+from txgateway.ops.workerstats import STATE_DIR
 from txgateway.transport.endpoints import ListenerError, cannot_listen
 
 __all__ = ["WorkerSupervisor", "bind_listener", "check_shareable"]
@@ -104,6 +108,7 @@ class WorkerSupervisor(Service):
         self.restarts: dict[int, int] = {}
         self._started_at: dict[int, float] = {}
         self._stopping = False
+        self.state_dir: str | None = None        # the workers' counters (ops/workerstats.py)
 
     def privilegedStartService(self) -> None:
         # Bind before dropping privileges (twistd --uid), like any listener.
@@ -119,6 +124,7 @@ class WorkerSupervisor(Service):
         if not self.sockets:
             self.privilegedStartService()
         self._forward_signals()          # before the workers exist: an early SIGHUP must not kill us
+        self.state_dir = tempfile.mkdtemp(prefix="txgateway-workers-")
         for index in range(self.count):
             self._spawn(index)
 
@@ -138,6 +144,8 @@ class WorkerSupervisor(Service):
         self._started_at[index] = self.reactor.seconds()
         env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}   # the parent notifies systemd
         env[WORKERS_PARENT] = str(os.getpid())
+        if self.state_dir is not None:
+            env[STATE_DIR] = self.state_dir
         transport = self.reactor.spawnProcess(protocol, sys.executable, self._argv(index), env=env,
                                               childFDs=child_fds)
         self.workers[index] = transport
@@ -189,6 +197,8 @@ class WorkerSupervisor(Service):
         def finished(result: Any) -> Any:
             if kill.active():
                 kill.cancel()
+            if self.state_dir is not None:
+                shutil.rmtree(self.state_dir, ignore_errors=True)
             return result
 
         return done.addBoth(finished)

@@ -33,7 +33,7 @@ class Member:
     """One target as the balancer sees it: its pool, load and health."""
 
     __slots__ = ("pool", "in_flight", "failures", "ejected_until", "ejections", "down", "last_error", "requests",
-                 "weight", "current")
+                 "weight", "current", "checks_passed", "checks_failed")
 
     def __init__(self, pool: TargetPool) -> None:
         self.pool = pool
@@ -46,6 +46,8 @@ class Member:
         self.ejections = 0             # in a row, without a success: the backoff exponent
         self.down = False              # the active health check says so
         self.last_error: str | None = None
+        self.checks_passed = 0         # active health checks, ever (metrics)
+        self.checks_failed = 0
 
     @property
     def url(self) -> str:

@@ -94,6 +94,7 @@ class HealthChecker:
         self._pending.discard(d)
 
     def _passed(self, member: Member) -> None:
+        member.checks_passed += 1
         self.fails[member] = 0
         self.passes[member] += 1
         if member.down and self.passes[member] >= self.check.healthy_threshold:
@@ -102,6 +103,7 @@ class HealthChecker:
             self.balancer.set_down(member, False, "health check passed")
 
     def _record_failure(self, member: Member, reason: str) -> None:
+        member.checks_failed += 1
         self.passes[member] = 0
         self.fails[member] += 1
         member.last_error = f"health check: {reason}"

@@ -81,6 +81,7 @@ class UpstreamConnection(TwistedProtocol):
         self.parser = HttpResponseParser(self)
         self.reused = False
         self.open = False
+        self.peer: str | None = None  # "ip:port" the connection reached (the access log's upstream_addr)
         self.upgrade = b""         # a WebSocket handshake in flight: the Sec-WebSocket-Accept it needs
         self.tunnel: Any = None    # after its 101: the tunnel.Tunnel that owns the bytes
         self.no_body = False       # set per request: HEAD responses carry no body
@@ -96,6 +97,9 @@ class UpstreamConnection(TwistedProtocol):
 
     def connectionMade(self) -> None:
         self.open = True
+        peer = self.transport.getPeer()
+        if hasattr(peer, "port"):
+            self.peer = f"[{peer.host}]:{peer.port}" if ":" in peer.host else f"{peer.host}:{peer.port}"
         self.write, self.flush_writes = writer_for(self.transport)
         self.transport.setTcpNoDelay(True)
         user, self.user = self.user, None

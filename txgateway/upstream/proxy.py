@@ -209,6 +209,7 @@ class Exchange:
             return
         self.conn = conn
         ctx = self.ctx
+        ctx.upstream_addr = conn.peer
         self.phase = _WAITING
         # `timeout` (until the response head) starts once the request is sent; while a body
         # streams in, the client's pace is bounded by idle_timeout instead.
@@ -283,6 +284,7 @@ class Exchange:
         ctx = self.ctx
         now = self.proxy.clock.seconds()
         ctx.upstream_ms = (now - ctx.upstream_start) * 1000.0
+        ctx.upstream_status = status
         if status in self.group.failure_statuses:
             self._judge(f"status {status}")
         elif status == 101:
@@ -452,6 +454,7 @@ class Exchange:
                   method=printable(ctx.method), path=printable(ctx.path),
                   correlation_id=ctx.correlation_id, target=member.url, reason=reason)
         ctx.note("upstream_error", f"retried after: {reason}")
+        ctx.retries += 1
         ctx.forwarding = self
         self.member, self.pool, self.judged = member, member.pool, False
         self.retried = False

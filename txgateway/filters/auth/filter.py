@@ -151,8 +151,8 @@ class AuthFilter:
                failure: str) -> LocalResponse | None:
         if identity is None:
             return unauthorized(ctx, "invalid_token", failure)
+        ctx.identity = identity        # verified: the access log names it, on a 403 too
         if roles is not None and identity.role not in roles:
             return error_response(ctx, 403, "FORBIDDEN", "this identity lacks the role this route requires")
-        ctx.identity = identity
         ctx.headers.extend(identity.headers)
         return None

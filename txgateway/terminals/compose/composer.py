@@ -334,8 +334,8 @@ class Composition:
             return
         sub = run.ctx
         stats = self.composer.stats
-        if stats is not None and sub is not None and sub.upstream_ms is not None:
-            stats.observe_upstream(run.call.upstream, sub.upstream_ms / 1000.0)
+        if stats is not None and sub is not None and sub.upstream is not None and sub.target_url is not None:
+            stats.observe_upstream(sub)
         if run.state == _FAILED:
             _log.warn("composed call {call} to {upstream} failed for {correlation_id}: {reason}",
                       call=run.call.name, upstream=run.call.upstream, correlation_id=self.ctx.correlation_id,
