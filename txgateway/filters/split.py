@@ -24,6 +24,7 @@ from txgateway.config.reader import Reader, _Invalid
 from txgateway.core.pipeline import RequestContext
 from txgateway.core.route import Route
 from txgateway.filters.headerconfig import header_name
+from txgateway.upstream.config import upstream_name
 
 __all__ = ["SPLIT", "Split", "SplitFilter"]
 
@@ -90,10 +91,8 @@ def _parse_route(r: Reader, fields: dict[str, yaml.Node], path: str, scope: Scop
     for key in ("upstream", "percent"):
         if key not in f:
             r.fail(node, f"{path}.{key}", "missing (required)")
-    upstream = r.attempt(lambda: r.string(f["upstream"], f"{path}.upstream"), None) if "upstream" in f else None
-    if upstream is not None and upstream not in scope.upstreams and upstream not in scope.declared:
-        known = ", ".join(sorted(scope.declared)) or "none defined"
-        r.fail(f["upstream"], f"{path}.upstream", f'no upstream named "{upstream}" (defined: {known})')
+    upstream = r.attempt(lambda: upstream_name(r, f["upstream"], f"{path}.upstream", scope), None) \
+        if "upstream" in f else None
     percent = r.attempt(lambda: r.number(f["percent"], f"{path}.percent", 0, 100), None) if "percent" in f else None
     sticky = r.attempt(lambda: r.choice(f["sticky"], f"{path}.sticky", ("user", "client_ip")), None) \
         if "sticky" in f else None

@@ -27,6 +27,7 @@ from txgateway.config.units import parse_duration, parse_size
 from txgateway.filters.headerconfig import header_name, header_value
 from txgateway.filters.reshape import RESHAPE_KEYS, Reshape, parse_reshape
 from txgateway.terminals.compose.template import PathPattern, Template, parse_template
+from txgateway.upstream.config import upstream_name
 
 __all__ = ["COMPOSE", "Call", "ComposeSettings"]
 
@@ -108,10 +109,8 @@ def _call(r: Reader, name: str, node: yaml.Node, path: str, scope: Scope, params
     for key in ("upstream", "path"):
         if key not in f:
             r.fail(node, f"{path}.{key}", "missing (required)")
-    upstream = r.attempt(lambda: r.string(f["upstream"], f"{path}.upstream"), None) if "upstream" in f else None
-    if upstream is not None and upstream not in scope.upstreams and upstream not in scope.declared:
-        known = ", ".join(sorted(scope.declared)) or "none defined"
-        r.fail(f["upstream"], f"{path}.upstream", f'no upstream named "{upstream}" (defined: {known})')
+    upstream = r.attempt(lambda: upstream_name(r, f["upstream"], f"{path}.upstream", scope), None) \
+        if "upstream" in f else None
     after: tuple[str, ...] = ()
     if "after" in f:
         after_nodes[name] = f["after"]
