@@ -36,6 +36,16 @@ def test_the_build_environment_holds_every_runtime_dependency() -> None:
     assert {"mypy", "types-pyyaml"} <= build
 
 
+def test_the_wheel_lists_every_package_of_the_checkout() -> None:
+    """setup.cfg names its packages one by one: a new subpackage left out installs a wheel
+    whose first import fails (the checkout, on sys.path, never notices)."""
+    setup_cfg = configparser.ConfigParser()
+    setup_cfg.read(ROOT / "setup.cfg")
+    listed = {line.strip() for line in setup_cfg["options"]["packages"].splitlines() if line.strip()}
+    found = {".".join(init.parent.relative_to(ROOT).parts) for init in (ROOT / "txgateway").rglob("__init__.py")}
+    assert found - listed == set(), "setup.cfg [options] packages lacks these"
+
+
 def test_a_build_that_cannot_see_a_dependency_fails_instead_of_compiling_other_code() -> None:
     """mypy run as the build runs it, but blind to installed packages (as an isolated build
     environment without them would be): it must stop on the unresolved imports."""
