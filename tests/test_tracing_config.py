@@ -29,12 +29,12 @@ def test_no_section_means_no_tracing():
 
 def test_defaults_and_every_value():
     assert config(f'tracing: {{otlp_endpoint: "{URL}"}}\n').tracing == TracingConfig(URL)
-    c = config(f"""\
+    c = config("""\
         tracing:
           otlp_endpoint: "https://otel.example.com/v1/traces"
           service_name: edge
           sample_ratio: 0.01
-          headers: {{x-api-key: s3cret, X-Tenant: 7}}
+          headers: {x-api-key: s3cret, X-Tenant: 7}
         """).tracing
     assert (c.otlp_endpoint, c.service_name, c.sample_ratio) == ("https://otel.example.com/v1/traces", "edge", 0.01)
     assert dict(c.headers) == {"x-api-key": "s3cret", "X-Tenant": "7"}
