@@ -23,6 +23,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from tests.conftest import free_port
 from tests.integration.test_admin import admin_port, call, labels, named, scrape
+from tests.integration.test_auth import jwks_config, jwks_server, now_clock, rs, rsa_keys, wait_for  # noqa: F401
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
@@ -202,3 +203,54 @@ async def test_spans_a_collector_refuses_are_counted_as_dropped(reactor, echo, g
         assert (await call(gw.port, "/api/live/2")).status == 200          # still serving
     finally:
         refusing.close()
+
+
+def tracing_section(endpoint: str) -> str:
+    return f'\n    tracing: {{otlp_endpoint: "{endpoint}"}}'
+
+
+def only_trace(receiver: Receiver) -> tuple[Span, list[Span]]:
+    """The one server span exported and the other spans of its trace, in start order."""
+    (server,) = [span for _, span in receiver.spans if span.kind == Span.SPAN_KIND_SERVER]
+    others = sorted((span for _, span in receiver.spans if span is not server), key=lambda s: s.start_time_unix_nano)
+    assert all(span.trace_id == server.trace_id and span.parent_span_id == server.span_id for span in others)
+    return server, others
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_redis_rate_limit_decision_is_a_span_of_the_request(reactor, echo, receiver, gateway, redis_server):
+    gw = await gateway(tracing_section(receiver.url) + f"""
+    redis: {{url: "{redis_server.url}", timeout: 5s}}
+    rate_limits: {{backend: redis, on_redis_error: deny, tiers: {{free: {{rate: 100/hour}}}}}}
+    upstreams:
+      u: {{targets: ["{echo.url}"]}}
+    routes:
+      - {{prefix: /api, upstream: u, rate_limit: {{rate: 100/hour}}}}
+    """)
+    assert (await call(gw.port, "/api/1")).status == 200
+    flush(gw)
+    server, (decision, attempt) = only_trace(receiver)
+    assert (decision.name, decision.kind) == ("EVALSHA", Span.SPAN_KIND_CLIENT)
+    assert attributes(decision.attributes) == {"db.system.name": "redis", "db.operation.name": "EVALSHA"}
+    assert decision.end_time_unix_nano <= attempt.start_time_unix_nano    # decided before it went upstream
+    assert attempt.name == "GET" and server.name == "GET /api"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_jwks_refetch_for_an_unknown_kid_is_a_span_of_the_request(
+        reactor, echo, receiver, gateway, secret_file, rsa_keys, jwks_server):  # noqa: F811
+    server_jwks, _, url = await jwks_server("k1")
+    clock = now_clock()
+    gw = await gateway(tracing_section(receiver.url) + jwks_config(echo.url, url, secret_file), clock=clock)
+    await wait_for(reactor, lambda: gw.gateway.jwks.fetched_at is not None)
+    clock.advance(31)                                   # past the refetch cooldown
+    server_jwks.serve("k1", "k2")                       # the provider rotated; the gateway has not seen it
+    r = await call(gw.port, "/api/users/1", token=rs(rsa_keys, "k2", clock))
+    assert r.status == 200
+    flush(gw)
+    server, (fetch, attempt) = only_trace(receiver)
+    assert (fetch.name, fetch.kind) == ("GET", Span.SPAN_KIND_CLIENT)
+    assert attributes(fetch.attributes) == {"http.request.method": "GET", "url.full": url,
+                                            "txgateway.jwks": "refetch for an unknown kid"}
+    assert fetch.end_time_unix_nano <= attempt.start_time_unix_nano
+    assert attributes(server.attributes)["http.response.status_code"] == 200

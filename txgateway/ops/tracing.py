@@ -22,9 +22,10 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-from opentelemetry.trace import Span, SpanKind, StatusCode, set_span_in_context
+from opentelemetry.trace import Span, SpanKind, StatusCode, Tracer, set_span_in_context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 from txgateway import __version__
 from txgateway.core.logtext import printable
@@ -69,6 +70,35 @@ class _CountingExporter(SpanExporter):
 def _method(ctx: RequestContext) -> str:
     method = ctx.method.decode("latin-1")
     return method if method in _METHODS else "_OTHER"
+
+
+class RequestSpans:
+    """One request's spans, kept in its state under "tracing". Filters that wait on a call of
+    their own (a Redis script, a JWKS fetch) find it there and time that call with `around`."""
+
+    __slots__ = ("tracer", "server", "client", "status_before")
+
+    def __init__(self, tracer: Tracer, server: Span) -> None:
+        self.tracer = tracer
+        self.server = server
+        self.client: Span | None = None   # the upstream attempt under way
+        self.status_before = 0             # ctx.upstream_status when that attempt began
+
+    def child(self, name: str, kind: SpanKind, attributes: dict[str, Any] | None = None) -> Span:
+        return self.tracer.start_span(name, context=set_span_in_context(self.server), kind=kind, attributes=attributes)
+
+    def around(self, d: Deferred[Any], name: str, attributes: dict[str, Any]) -> None:
+        """A client span, child of the server span, from now until `d` settles (its result untouched)."""
+        span = self.child(name, SpanKind.CLIENT, attributes)
+
+        def settled(result: Any) -> Any:
+            if isinstance(result, Failure):
+                span.set_attribute("error.type", result.type.__name__)
+                span.set_status(StatusCode.ERROR, result.getErrorMessage())
+            span.end()
+            return result
+
+        d.addBoth(settled)
 
 
 class Tracing:
@@ -123,26 +153,26 @@ class Tracing:
         if "tracestate" in carrier:
             others.append((b"tracestate", carrier["tracestate"].encode("latin-1")))
         ctx.headers = others
-        ctx.set_state(self.name, [span, None, 0])   # server span, current client span, status before it
+        ctx.set_state(self.name, RequestSpans(self.tracer, span))
         return None
 
     def attempt(self, ctx: RequestContext) -> None:
         """An upstream attempt starts (the proxy's `on_attempt`): end the one before (it failed:
         a retry follows), open its client span, and send its id in the `traceparent`."""
-        state = ctx.get_state(self.name)
-        if state is None:
+        spans: RequestSpans | None = ctx.get_state(self.name)
+        if spans is None:
             return
-        if state[1] is not None:
-            self._end_attempt(ctx, state, retried=True)
+        if spans.client is not None:
+            self._end_attempt(ctx, spans, retried=True)
         method = _method(ctx)
-        span = self.tracer.start_span(method, context=set_span_in_context(state[0]), kind=SpanKind.CLIENT)
+        span = spans.child(method, SpanKind.CLIENT)
         if span.is_recording():
             span.set_attributes({"http.request.method": method, "url.full": f"{ctx.target_url}{printable(ctx.upstream_path)}",
                                  "txgateway.upstream": ctx.upstream or ""})
             if ctx.retries:
                 span.set_attribute("http.request.resend_count", ctx.retries)
-        state[1] = span
-        state[2] = ctx.upstream_status
+        spans.client = span
+        spans.status_before = ctx.upstream_status
         trace = ctx.traceparent = _traceparent(span)
         headers = ctx.headers
         for i, (name, _) in enumerate(headers):
@@ -150,12 +180,12 @@ class Tracing:
                 headers[i] = (name, trace)
 
     def on_finished(self, ctx: RequestContext) -> None:
-        state = ctx.get_state(self.name)
-        if state is None:
+        spans: RequestSpans | None = ctx.get_state(self.name)
+        if spans is None:
             return
-        if state[1] is not None:
-            self._end_attempt(ctx, state, retried=False)
-        span: Span = state[0]
+        if spans.client is not None:
+            self._end_attempt(ctx, spans, retried=False)
+        span = spans.server
         if span.is_recording():
             route = ctx.route.prefix if ctx.route is not None else None
             if route is not None:
@@ -171,24 +201,25 @@ class Tracing:
                 span.set_attribute("txgateway.error", ctx.error_code)
         span.end()
 
-    def _end_attempt(self, ctx: RequestContext, state: list[Any], retried: bool) -> None:
-        span: Span = state[1]
-        state[1] = None
-        if span.is_recording():
+    def _end_attempt(self, ctx: RequestContext, spans: RequestSpans, retried: bool) -> None:
+        span = spans.client
+        spans.client = None
+        if span is not None and span.is_recording():
             if ctx.upstream_addr:
                 address, _, port = ctx.upstream_addr.rpartition(":")
                 span.set_attribute("server.address", address)
                 if port.isdigit():
                     span.set_attribute("server.port", int(port))
             status = ctx.upstream_status
-            if status and (status != state[2] or not retried):   # this attempt's own answer
+            if status and (status != spans.status_before or not retried):   # this attempt's own answer
                 span.set_attribute("http.response.status_code", status)
             notes = ctx.notes or {}
             failure = notes.get("upstream_error") if retried or ctx.error_code else None
             if failure is not None or status >= 500:
                 span.set_attribute("error.type", str(failure or status))
                 span.set_status(StatusCode.ERROR, failure)
-        span.end()
+        if span is not None:
+            span.end()
 
     # -- lifecycle and metrics -----------------------------------------------------------
 
