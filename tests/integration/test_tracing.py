@@ -168,9 +168,11 @@ async def test_unsampled_callers_and_ratio_zero_export_nothing_but_still_propaga
     assert (await call(gw.port, "/api/live/1", headers=[("traceparent", f"00-{TRACE}-{CALLER_SPAN}-00")])).status == 200
     assert (await call(gw.port, "/api/live/2")).status == 200                # a trace the gateway starts: ratio 0
     assert (await call(gw.port, "/api/live/3", headers=[("traceparent", f"00-{TRACE}-{CALLER_SPAN}-01")])).status == 200
-    first, second, third = (request.getHeader("traceparent") for request in echo.requests)
+    assert (await call(gw.port, "/api/live/4", headers=[("traceparent", f"00-{TRACE}-{'0' * 16}-01")])).status == 200
+    first, second, third, fourth = (request.getHeader("traceparent") for request in echo.requests)
     assert first.startswith(f"00-{TRACE}-") and not sampled(first) and CALLER_SPAN not in first
     assert TRACE not in second and not sampled(second)
+    assert TRACE not in fourth and not sampled(fourth)                     # malformed (zero span id): a new trace
     assert third.startswith(f"00-{TRACE}-") and sampled(third)             # the caller sampled it: parent-based
     flush(gw)
     spans = [span for _, span in receiver.spans]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 
-__all__ = ["correlation_id", "new_uuid4", "traceparent"]
+__all__ = ["correlation_id", "new_uuid4", "trace_flags", "traceparent"]
 
 _CORRELATION_ID = re.compile(rb"^[A-Za-z0-9._-]{1,128}$")
 _TRACEPARENT = re.compile(rb"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
@@ -32,7 +32,20 @@ def traceparent(value: bytes | None, random: bytes | None = None) -> bytes:
     random = random or os.urandom(24)
     span = random[16:24].hex().encode()
     if value is not None:
-        match = _TRACEPARENT.match(value.strip())
-        if match and match.group(1) != b"ff" and match.group(2) != b"0" * 32 and match.group(3) != b"0" * 16:
+        match = _continued(value)
+        if match is not None:
             return b"00-" + match.group(2) + b"-" + span + b"-" + match.group(4)
     return b"00-" + random[:16].hex().encode() + b"-" + span + b"-01"
+
+
+def trace_flags(value: bytes) -> int | None:
+    """The flags of a `traceparent` that `traceparent` would continue; None for one it replaces."""
+    match = _continued(value)
+    return None if match is None else int(match.group(4), 16)
+
+
+def _continued(value: bytes) -> re.Match[bytes] | None:
+    match = _TRACEPARENT.match(value.strip())
+    if match and match.group(1) != b"ff" and match.group(2) != b"0" * 32 and match.group(3) != b"0" * 16:
+        return match
+    return None

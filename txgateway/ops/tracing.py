@@ -13,6 +13,8 @@ has `tracing:` (the SDK is several MiB of code a gateway without it never needs)
 
 from __future__ import annotations
 
+import os
+import random
 import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -21,13 +23,14 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 from opentelemetry.trace import Span, SpanKind, StatusCode, Tracer, set_span_in_context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from txgateway import __version__
+from txgateway.core.ids import trace_flags
 from txgateway.core.logtext import printable
 
 if TYPE_CHECKING:
@@ -115,7 +118,10 @@ class Tracing:
                                                            timeout=_EXPORT_TIMEOUT))
         self.processor = BatchSpanProcessor(self.exporter, schedule_delay_millis=schedule_delay * 1000.0)
         # Not at exit: the gateway stops it (`stop`) within its drain, off the reactor thread.
-        self.provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(config.sample_ratio)),
+        self.ratio = config.sample_ratio
+        self.random = random.random
+        # The decision is on_request's; the SDK records what reaches it (its sampler agrees).
+        self.provider = TracerProvider(sampler=ParentBased(ALWAYS_ON),
                                        resource=Resource.create({"service.name": config.service_name}),
                                        shutdown_on_exit=False)
         self.provider.add_span_processor(self.processor)
@@ -125,6 +131,18 @@ class Tracing:
     # -- the filter ----------------------------------------------------------------------
 
     def on_request(self, ctx: RequestContext) -> None:
+        # Sampling is decided here, before the SDK is asked for anything: a request not sampled
+        # costs a header scan and nothing else (no span object, no context, no state).
+        incoming = None
+        for name, value in ctx.headers:
+            if name == b"traceparent":
+                incoming = value            # the last one, as the forwarding filter reads it
+        flags = trace_flags(incoming) if incoming is not None else None
+        if not (flags & 1 if flags is not None else self.random() < self.ratio):
+            if flags is None:   # a trace nobody records: the upstream is told so (flags 00)
+                ids = os.urandom(24).hex().encode()
+                ctx.headers.append((b"traceparent", b"00-%s-%s-00" % (ids[:32], ids[32:])))
+            return None
         carrier = {}
         others = []
         for name, value in ctx.headers:
@@ -132,7 +150,7 @@ class Tracing:
                 carrier[name.decode()] = value.decode("latin-1")
             else:
                 others.append((name, value))
-        parent = self.propagator.extract(carrier) if carrier else None
+        parent = self.propagator.extract(carrier) if flags is not None else None
         method = _method(ctx)
         span = self.tracer.start_span(method, context=parent, kind=SpanKind.SERVER)
         if span.is_recording():
