@@ -24,8 +24,9 @@ def correlation_id(value: bytes | None, random: bytes | None = None) -> str:
     return new_uuid4(random or os.urandom(16))
 
 
-def traceparent(value: bytes | None, random: bytes | None = None) -> bytes:
-    """W3C trace context: continue the caller's trace with a new span id, or start one.
+def traceparent(value: bytes | None, random: bytes | None = None, new_flags: bytes = b"01") -> bytes:
+    """W3C trace context: continue the caller's trace with a new span id, or start one with
+    `new_flags` (sampled, unless a tracer that records the traces it samples says otherwise).
 
     `random` supplies 24 random bytes (trace id, span id) so a request needs one getrandom.
     """
@@ -35,7 +36,7 @@ def traceparent(value: bytes | None, random: bytes | None = None) -> bytes:
         match = _continued(value)
         if match is not None:
             return b"00-" + match.group(2) + b"-" + span + b"-" + match.group(4)
-    return b"00-" + random[:16].hex().encode() + b"-" + span + b"-01"
+    return b"00-" + random[:16].hex().encode() + b"-" + span + b"-" + new_flags
 
 
 def trace_flags(value: bytes) -> int | None:

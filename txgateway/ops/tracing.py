@@ -13,7 +13,6 @@ has `tracing:` (the SDK is several MiB of code a gateway without it never needs)
 
 from __future__ import annotations
 
-import os
 import random
 import threading
 from collections.abc import Sequence
@@ -139,10 +138,7 @@ class Tracing:
                 incoming = value            # the last one, as the forwarding filter reads it
         flags = trace_flags(incoming) if incoming is not None else None
         if not (flags & 1 if flags is not None else self.random() < self.ratio):
-            if flags is None:   # a trace nobody records: the upstream is told so (flags 00)
-                ids = os.urandom(24).hex().encode()
-                ctx.headers.append((b"traceparent", b"00-%s-%s-00" % (ids[:32], ids[32:])))
-            return None
+            return None     # the forwarding filter starts a trace nobody records as not sampled (00)
         carrier = {}
         others = []
         for name, value in ctx.headers:

@@ -25,7 +25,8 @@ def build_request_path(config: Config, resources: Resources, observers: list[Any
     span first on the edge, ends it last, and hears of each upstream attempt."""
     if tracing is not None:
         observers = [*observers, tracing]
-    forwarding = ForwardingHeaders(TrustedProxies(config.trusted_proxies), config.underscores_in_headers)
+    forwarding = ForwardingHeaders(TrustedProxies(config.trusted_proxies), config.underscores_in_headers,
+                                   b"01" if tracing is None else b"00")
     shared = {kind.name: kind.build(resources, config) for kind in registry.TERMINALS}
     terminals = {kind.name: kind for kind in registry.TERMINALS}
     chains = []
