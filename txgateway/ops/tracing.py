@@ -40,6 +40,7 @@ __all__ = ["Tracing"]
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"})
 _EXPORT_TIMEOUT = 10.0   # seconds one export may take (the batch thread's, never the reactor's)
+_SCHEDULE_DELAY = 5.0    # seconds between exports (sooner when 512 spans are queued)
 _STOP_WAIT = 3.0         # seconds a stopping gateway waits for the last export
 
 
@@ -111,15 +112,14 @@ class Tracing:
     on_response_head = None
     on_response_body = None
 
-    def __init__(self, config: TracingConfig, schedule_delay: float = 5.0) -> None:
-        """`schedule_delay`: seconds between exports (tests shorten it)."""
+    def __init__(self, config: TracingConfig) -> None:
         self.exporter = _CountingExporter(OTLPSpanExporter(endpoint=config.otlp_endpoint, headers=dict(config.headers),
                                                            timeout=_EXPORT_TIMEOUT))
-        self.processor = BatchSpanProcessor(self.exporter, schedule_delay_millis=schedule_delay * 1000.0)
-        # Not at exit: the gateway stops it (`stop`) within its drain, off the reactor thread.
+        self.processor = BatchSpanProcessor(self.exporter, schedule_delay_millis=_SCHEDULE_DELAY * 1000.0)
         self.ratio = config.sample_ratio
         self.random = random.random
         # The decision is on_request's; the SDK records what reaches it (its sampler agrees).
+        # Not shut down at exit: the gateway stops it (`stop`) within its drain, off the reactor thread.
         self.provider = TracerProvider(sampler=ParentBased(ALWAYS_ON),
                                        resource=Resource.create({"service.name": config.service_name}),
                                        shutdown_on_exit=False)
