@@ -10,6 +10,7 @@ tens of percent between runs: use it to compare two versions of the code.
     .venv/bin/python bench/macro.py --jwt              # + JWT + per-user limit (anchors-gateway-jwt.yaml)
     .venv/bin/python bench/macro.py --compose          # three upstream calls merged (anchors-compose.yaml)
     .venv/bin/python bench/macro.py --cache            # the route cached: every counted request a hit
+    .venv/bin/python bench/macro.py --trace 0.01       # tracing: on, sample_ratio 0.01, a local OTLP sink
     .venv/bin/python bench/macro.py -n 3000 --conns 16
 """
 
@@ -48,6 +49,20 @@ while True:
         if not data:
             sel.unregister(key.fileobj); key.fileobj.close(); continue
         key.fileobj.sendall(%r * data.count(b"\\r\\n\\r\\n"))
+"""
+
+# An OTLP/HTTP collector that takes every batch and answers 200 (what it costs is not counted).
+COLLECTOR = """
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class Sink(BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200); self.send_header("Content-Length", "0"); self.end_headers()
+    def log_message(self, *args):
+        pass
+server = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+print(server.server_address[1], flush=True)
+server.serve_forever()
 """
 
 
@@ -102,12 +117,17 @@ def main() -> None:
     parser.add_argument("--jwt", action="store_true", help="JWT + per-user rate limit (anchors-gateway-jwt.yaml)")
     parser.add_argument("--compose", action="store_true", help="a composed route of 3 calls (anchors-compose.yaml)")
     parser.add_argument("--cache", action="store_true", help="the route with cache: {ttl: 1h} (hits after the first)")
+    parser.add_argument("--trace", type=float, metavar="RATIO",
+                        help="tracing: on at this sample_ratio, exporting to a local OTLP/HTTP sink (the export "
+                             "thread's instructions are counted too)")
     args = parser.parse_args()
     response = RESPONSE
     if args.cache:     # a current Date: the ttl heuristic then keeps the response fresh (an old one is stale)
         from email.utils import formatdate
         response = RESPONSE.replace(b"Sun, 29 Nov 2026 12:30:29 GMT", formatdate(usegmt=True).encode())
     upstream = subprocess.Popen([sys.executable, "-c", UPSTREAM % response], stdout=subprocess.PIPE, text=True)
+    collector = subprocess.Popen([sys.executable, "-c", COLLECTOR], stdout=subprocess.PIPE, text=True) \
+        if args.trace is not None else None
     work = Path(tempfile.mkdtemp(prefix="txgw-macro-"))
     gateway = None
     try:
@@ -121,6 +141,9 @@ def main() -> None:
         config = re.sub(r"access_log: \S+", f"access_log: {work / 'access.log'}", config)
         if args.cache:
             config = config.rstrip("\n") + "\n    cache: {ttl: 1h}\n"
+        if collector is not None:
+            sink = f"http://127.0.0.1:{int(collector.stdout.readline())}/v1/traces"
+            config += f'tracing: {{otlp_endpoint: "{sink}", sample_ratio: {args.trace}}}\n'
         (work / "gateway.yaml").write_text(config)
         path = b"/api/composite/1" if args.compose else b"/api/users/1"
         request = b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: macro\r\nAccept: */*\r\n"
@@ -153,12 +176,15 @@ def main() -> None:
         totals = re.search(r"^(?:summary|totals): (\d+)", dumps[-1].read_text(), re.M)
         print(f"{int(totals.group(1)) // args.n} instructions per request (real daemon, user space, "
               f"{args.conns} connections, {'composed, 3 calls' if args.compose else 'JWT + limit' if args.jwt else 'plain proxy'}"
-              f"{', cached' if args.cache else ''})")
+              f"{', cached' if args.cache else ''}"
+              f"{f', traced at sample_ratio {args.trace}' if args.trace is not None else ''})")
     finally:
         if gateway is not None:
             gateway.terminate()
             gateway.wait(60)
         upstream.kill()
+        if collector is not None:
+            collector.kill()
         subprocess.run(["rm", "-rf", str(work)])
 
 

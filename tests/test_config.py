@@ -50,7 +50,7 @@ RATE = 'expected "N/second|minute|hour|day", got'
 RATE_ZERO = 'expected "N/second|minute|hour|day" with N above zero, got'
 TOP_KEYS = ("access_log, access_log_fields, access_log_redact, admin, auth, cache, drain_timeout, ip_rules, limits, "
             "listen, manhole, rate_limits, "
-            "redirect_to_https, redis, routes, trusted_proxies, underscores_in_headers, upstreams")
+            "redirect_to_https, redis, routes, tracing, trusted_proxies, underscores_in_headers, upstreams")
 ROUTE_KEYS = ("auth, cache, case_insensitive, compose, connect_timeout, cors, escaped_slashes, host, ip_allow, ip_deny, "
               "max_body_size, methods, prefix, rate_limit, request_headers, respond, response_headers, rewrite_prefix, "
               "roles, security_headers, split, timeout, transform, upstream, upstream_errors, websocket")

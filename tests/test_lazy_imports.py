@@ -2,9 +2,9 @@
 
 The gateway's resident memory is mostly imported code: prometheus_client (admin /metrics),
 twisted.web + h2 (HTTP/2, the admin site), PyJWT (auth), txredisapi (Redis limiter), treq
-(health checks, JWKS) and twisted.conch (Manhole) cost a plain proxy several MiB it never
-uses. Each case builds and starts the service in a fresh interpreter, as twistd would, and
-looks at what got imported.
+(health checks, JWKS), twisted.conch (Manhole) and the OpenTelemetry SDK (tracing) cost a plain
+proxy several MiB it never uses. Each case builds and starts the service in a fresh interpreter,
+as twistd would, and looks at what got imported.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from cryptography.x509.oid import NameOID
 import txgateway
 
 OPTIONAL = ("prometheus_client", "twisted.web.server", "twisted.web.http", "h2", "jwt", "txredisapi", "treq",
-            "twisted.conch")
+            "twisted.conch", "opentelemetry")
 
 # Builds the service from a config file and starts it (listeners bind, pools, checks and the
 # Redis link start; the reactor never runs), then prints which OPTIONAL modules are loaded.
@@ -109,6 +109,7 @@ def test_each_feature_imports_its_library_when_configured(tmp_path):
           jwt: {{algorithms: [HS256], secret_file: {tmp_path / "jwt_secret"}}}
         redis: {{url: "redis://127.0.0.1:9/0"}}
         rate_limits: {{backend: redis, on_redis_error: allow, tiers: {{free: {{rate: 100/hour}}}}}}
+        tracing: {{otlp_endpoint: "http://127.0.0.1:9/v1/traces"}}
         upstreams:
           users:
             targets: ["http://127.0.0.1:9"]

@@ -64,7 +64,7 @@ def test_the_readme_has_the_snippets_this_test_checks():
         "Client certificates (mTLS)", "WebSocket", "Response cache",
         "Upstream resilience: breakers, balancing, health, retries",
         "Upstream errors in the gateway's envelope (`upstream_errors:`)", "Per-route limits",
-        "Weighted targets and canary routing (`split:`)", "Running under systemd",
+        "Weighted targets and canary routing (`split:`)", "Tracing (OpenTelemetry)", "Running under systemd",
         "Operating it: admin endpoint, metrics, status page, Manhole"]
 
 

@@ -29,6 +29,7 @@ from txgateway.filters.ratelimit.redisconfig import RedisConfig, parse_redis
 from txgateway.filters.routing import BadPath, canonical_path
 from txgateway.ops.accesslog import DEFAULT_REDACT, FIELDS
 from txgateway.ops.config import AdminConfig, ManholeConfig, parse_admin, parse_manhole
+from txgateway.ops.tracingconfig import TracingConfig, parse_tracing
 from txgateway.transport.endpoints import endpoint_problem, overlapping
 from txgateway.transport.tlsconfig import ListenerTLS, UpstreamTLS, parse_listener_tls, parse_upstream_tls
 from txgateway.upstream.breaker import BreakerSettings
@@ -115,6 +116,7 @@ class Config:
     redis: RedisConfig | None = None
     admin: AdminConfig | None = None
     manhole: ManholeConfig | None = None
+    tracing: TracingConfig | None = None   # OpenTelemetry spans (ops/tracing.py); read at start only
     redirect_to_https: bool = False
     underscores_in_headers: bool = False   # forward header names with `_` (else dropped)
     source: str = field(default="", repr=False, compare=False)   # the text it was read from (GET /config)
@@ -159,7 +161,7 @@ def parse_config(text: str, file: str = "<config>", environ: Mapping[str, str] |
 _TOP_KEYS = {
     "listen": "listeners", "redirect_to_https": "", "admin": "", "manhole": "", "redis": "",
     "trusted_proxies": "", "underscores_in_headers": "", "limits": "", "drain_timeout": "", "upstreams": "", "routes": "", "access_log": "",
-    "access_log_fields": "", "access_log_redact": "",
+    "access_log_fields": "", "access_log_redact": "", "tracing": "",
 }
 
 
@@ -185,6 +187,7 @@ def _config(r: Reader, root: yaml.Node, environ: Mapping[str, str] | None) -> Co
             if value is not None:
                 sections[kind.section] = value
     redis = r.attempt(lambda: parse_redis(r, top["redis"], environ), None) if "redis" in top else None
+    tracing = r.attempt(lambda: parse_tracing(r, top["tracing"]), None) if "tracing" in top else None
     scope = Scope(frozenset(top), upstreams, frozenset(declared))
     routes = r.attempt(lambda: _routes(r, top["routes"], scope), no_routes) if "routes" in top else no_routes
     redirect = r.attempt(lambda: r.boolean(top["redirect_to_https"], "redirect_to_https"), False) \
@@ -214,7 +217,7 @@ def _config(r: Reader, root: yaml.Node, environ: Mapping[str, str] | None) -> Co
                   trusted_proxies=proxies, access_log=access_log, access_log_fields=fields,
                   access_log_redact=redact, drain_timeout=drain,
                   sections=MappingProxyType(sections), redis=redis, admin=admin, manhole=manhole,
-                  redirect_to_https=redirect, underscores_in_headers=underscores)
+                  tracing=tracing, redirect_to_https=redirect, underscores_in_headers=underscores)
 
 
 def _access_log(r: Reader, node: yaml.Node) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 
-__all__ = ["correlation_id", "new_uuid4", "traceparent"]
+__all__ = ["correlation_id", "new_uuid4", "trace_flags", "traceparent"]
 
 _CORRELATION_ID = re.compile(rb"^[A-Za-z0-9._-]{1,128}$")
 _TRACEPARENT = re.compile(rb"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
@@ -24,15 +24,29 @@ def correlation_id(value: bytes | None, random: bytes | None = None) -> str:
     return new_uuid4(random or os.urandom(16))
 
 
-def traceparent(value: bytes | None, random: bytes | None = None) -> bytes:
-    """W3C trace context: continue the caller's trace with a new span id, or start one.
+def traceparent(value: bytes | None, random: bytes | None = None, new_flags: bytes = b"01") -> bytes:
+    """W3C trace context: continue the caller's trace with a new span id, or start one with
+    `new_flags` (sampled, unless a tracer that records the traces it samples says otherwise).
 
     `random` supplies 24 random bytes (trace id, span id) so a request needs one getrandom.
     """
     random = random or os.urandom(24)
     span = random[16:24].hex().encode()
     if value is not None:
-        match = _TRACEPARENT.match(value.strip())
-        if match and match.group(1) != b"ff" and match.group(2) != b"0" * 32 and match.group(3) != b"0" * 16:
+        match = _continued(value)
+        if match is not None:
             return b"00-" + match.group(2) + b"-" + span + b"-" + match.group(4)
-    return b"00-" + random[:16].hex().encode() + b"-" + span + b"-01"
+    return b"00-" + random[:16].hex().encode() + b"-" + span + b"-" + new_flags
+
+
+def trace_flags(value: bytes) -> int | None:
+    """The flags of a `traceparent` that `traceparent` would continue; None for one it replaces."""
+    match = _continued(value)
+    return None if match is None else int(match.group(4), 16)
+
+
+def _continued(value: bytes) -> re.Match[bytes] | None:
+    match = _TRACEPARENT.match(value.strip())
+    if match and match.group(1) != b"ff" and match.group(2) != b"0" * 32 and match.group(3) != b"0" * 16:
+        return match
+    return None

@@ -79,9 +79,12 @@ class ForwardingHeaders:
     on_response_body = None
     on_finished = None
 
-    def __init__(self, trusted: TrustedProxies, underscores: bool = False) -> None:
+    def __init__(self, trusted: TrustedProxies, underscores: bool = False, new_trace_flags: bytes = b"01") -> None:
         self.trusted = trusted
         self.underscores = underscores
+        # A trace it starts is sampled unless tracing is on: then the tracer hands over the
+        # ones it records (ops/tracing.py), and any other goes upstream as not sampled.
+        self.new_trace_flags = new_trace_flags
         self._entropy = b""
         self._used = 0
         self._hosts: set[bytes] = set()     # Host values found valid (bounded)
@@ -126,7 +129,7 @@ class ForwardingHeaders:
             ctx.client_ip = self.trusted.client_ip(peer, xff)
         peer_bytes = peer.encode()
         kept.append((b"x-correlation-id", cid.encode()))
-        kept.append((b"traceparent", trace := traceparent(incoming_trace, random)))
+        kept.append((b"traceparent", trace := traceparent(incoming_trace, random, self.new_trace_flags)))
         ctx.traceparent = trace
         kept.append((b"x-forwarded-for", xff + b", " + peer_bytes if trusted and xff else peer_bytes))
         kept.append((b"x-forwarded-proto", xfp if trusted and xfp else ctx.scheme))

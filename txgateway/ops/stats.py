@@ -240,6 +240,7 @@ def gauges(gateway: Any) -> dict[str, Any]:
         "certificates": [[gateway.config.listen[index].endpoint, certificate.cert, certificate.not_after.timestamp()]
                          for index, tls in sorted(gateway.server_tls.items()) for certificate in tls.config.certificates],
         "jwks": [len(jwks.keys), jwks.fetched_at] if jwks is not None else None,
+        "tracing": gateway.tracing.counts if gateway.tracing is not None else None,
     }
 
 
@@ -349,6 +350,8 @@ class MetricsCollector:
         jwks_fetch = GaugeMetricFamily("txgateway_jwks_last_success_timestamp_seconds",
                                        "When the JWKS was last fetched successfully (Unix time)", labels=worker)
         jwks_keys = GaugeMetricFamily("txgateway_jwks_keys", "Keys in the JWKS last fetched", labels=worker)
+        spans = CounterMetricFamily("txgateway_tracing_spans", "Spans handed to the OTLP collector, by result "
+                                    "(exported; dropped: the collector did not take them)", labels=["result", *worker])
         now = self.clock.seconds()
         for label, current in processes:
             w = [label] if label is not None else []
@@ -375,8 +378,12 @@ class MetricsCollector:
                 jwks_keys.add_metric(w, keys)
                 if fetched_at is not None:
                     jwks_fetch.add_metric(w, fetched_at)
+            if current.get("tracing") is not None:
+                exported, dropped = current["tracing"]
+                spans.add_metric(["exported", *w], exported)
+                spans.add_metric(["dropped", *w], dropped)
         yield from (circuit, trips, redis_errors, redis_up, in_flight, healthy, state, checks, reloads, last_reload,
-                    expiry, jwks_fetch, jwks_keys)
+                    expiry, jwks_fetch, jwks_keys, spans)
         cache = self.cache()
         if cache is not None:
             yield from _cache_metrics(cache)

@@ -175,6 +175,7 @@ class Gateway(MultiService):
         self.durable: dict[str, Any] = {}   # what filters keep across reloads (the response cache's store)
         self.redis, self.limiter, self.local_buckets = self._limit_stores(config)
         self.access_log = AccessLog(self.log_writer, Layout(config.access_log_fields, config.access_log_redact))
+        self.tracing = self._tracing(config)
         self.switch = Switch(self._request_path(config, {}))
         self.peers = PeerLimit(lambda: self.switch.pipeline.limits.max_connections_per_ip)
         self.factory = HTTP1Factory(self.switch, self.clock, self.deadlines, peers=self.peers)
@@ -229,6 +230,8 @@ class Gateway(MultiService):
         out.append(Component("limiter", self.limiter.start, self.limiter.stop))
         if self.jwks is not None:
             out.append(Component("jwks", self.jwks.start, self.jwks.stop))
+        if self.tracing is not None:   # stopped after the upstreams: the drained requests' spans are ended
+            out.append(Component("tracing", lambda: None, lambda: self.tracing.stop(self.reactor)))
         out.append(Component("upstreams", lambda: self.proxy.start(), lambda: self.proxy.close()))
         if any(listener.tls is not None for listener in self.config.listen):
             tickets = Periodic(self.clock, TICKET_KEY_LIFETIME, self._rotate_ticket_keys)
@@ -273,7 +276,15 @@ class Gateway(MultiService):
     def _request_path(self, config: Config, keep: dict[str, UpstreamGroup]) -> Pipeline:
         """Everything a config decides about the path of a request (requestpath.py); upstream
         groups in `keep` carry over with their pools, breakers and health."""
-        return build_request_path(config, self._resources(config, keep), [self.stats, self.access_log])
+        return build_request_path(config, self._resources(config, keep), [self.stats, self.access_log], self.tracing)
+
+    @staticmethod
+    def _tracing(config: Config) -> Any:
+        """The OpenTelemetry tracer (ops/tracing.py) when `tracing:` is set; read at start only."""
+        if config.tracing is None:
+            return None
+        from txgateway.ops.tracing import Tracing  # the OpenTelemetry SDK: only configs that trace
+        return Tracing(config.tracing)
 
     @property
     def pipeline(self) -> Pipeline:

@@ -19,7 +19,7 @@ from txgateway.config.schema import Config
 __all__ = ["ReloadRefused", "keep_restart_only_settings"]
 
 _RESTART_ONLY = ("listen", "admin", "manhole", "redis", "access_log", "access_log_fields", "access_log_redact",
-                 "drain_timeout")
+                 "drain_timeout", "tracing")
 
 
 def keep_restart_only_settings(running: Config, new: Config) -> tuple[Config, list[str]]:

@@ -18,11 +18,15 @@ from txgateway.filters.routing import RouteTable, RoutingFilter
 __all__ = ["build_request_path", "redirect_path"]
 
 
-def build_request_path(config: Config, resources: Resources, observers: list[Any]) -> Pipeline:
+def build_request_path(config: Config, resources: Resources, observers: list[Any], tracing: Any = None) -> Pipeline:
     """Every route's chain (its filters from the registry, in registry order), its terminal,
     and the edge every request starts on (sanitise, route). `observers` (the counters, the
-    access log) finish every request."""
-    forwarding = ForwardingHeaders(TrustedProxies(config.trusted_proxies), config.underscores_in_headers)
+    access log) finish every request; `tracing` (ops/tracing.py), if on, opens each request's
+    span first on the edge, ends it last, and hears of each upstream attempt."""
+    if tracing is not None:
+        observers = [*observers, tracing]
+    forwarding = ForwardingHeaders(TrustedProxies(config.trusted_proxies), config.underscores_in_headers,
+                                   b"01" if tracing is None else b"00")
     shared = {kind.name: kind.build(resources, config) for kind in registry.TERMINALS}
     terminals = {kind.name: kind for kind in registry.TERMINALS}
     chains = []
@@ -33,13 +37,15 @@ def build_request_path(config: Config, resources: Resources, observers: list[Any
         terminal = kind.make(shared[kind.name], route.answer, route)
         chains.append(Chain(route.prefix, filters, [*observers, forwarding, *filters], terminal))
     table = RouteTable(config.routes)
-    edge = Chain("(no route)", [forwarding, RoutingFilter(table, chains)],
+    edge = Chain("(no route)", [*([tracing] if tracing is not None else []), forwarding, RoutingFilter(table, chains)],
                  [*observers, forwarding, HeaderRulesFilter()], None)
     pipeline = Pipeline(edge, chains, table, resources.clock, resources.stats, config.limits,
                         {name: part for name, part in shared.items() if part is not None})
     for kind in registry.TERMINALS:
         if kind.answers_later and shared[kind.name] is not None:
             shared[kind.name].pipeline = pipeline
+    if tracing is not None and "proxy" in pipeline.terminals:
+        pipeline.terminals["proxy"].on_attempt = tracing.attempt
     return pipeline
 
 

@@ -24,7 +24,7 @@ connection busy until its deadline gets a 503 with no verdict on the upstream.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
@@ -196,6 +196,9 @@ class Exchange:
         self.member.requests += 1
         ctx.target_url = self.pool.target.url
         ctx.upstream_start = self.proxy.clock.seconds()
+        on_attempt = self.proxy.on_attempt
+        if on_attempt is not None:
+            on_attempt(ctx)
         self.phase = _CONNECTING
         self.deadline = self.proxy.deadlines.now + self.connect_timeout
         self.proxy.deadlines.add(self)
@@ -508,6 +511,8 @@ class Proxy:
         keep = keep or {}
         self.groups = {name: keep.get(name) or UpstreamGroup(reactor, clock, u) for name, u in upstreams.items()}
         self.pipeline: Pipeline  # set by the gateway once the pipeline exists
+        # Called as each attempt starts, before its request head is made (ops/tracing.py's client spans)
+        self.on_attempt: Callable[[RequestContext], None] | None = None
 
     def start(self) -> None:
         for group in self.groups.values():

@@ -130,6 +130,10 @@ class AuthFilter:
             # One JWKS refetch (shared, at most once per cooldown), then verify once more.
             refetch = self.remote.refetch_for_unknown_kid() if retry and self.remote is not None else None
             if refetch is not None:
+                spans = ctx.get_state("tracing")
+                if spans is not None and self.remote is not None:   # tracing: on (ops/tracing.py): a span of the request
+                    spans.around(refetch, "GET", {"http.request.method": "GET", "url.full": self.remote.url,
+                                                  "txgateway.jwks": "refetch for an unknown kid"})
                 return refetch.addCallback(lambda _: self._verify(ctx, token, roles, retry=False))
             if isinstance(missing, UnknownKey):
                 return unauthorized(ctx, "invalid_token", "the token's key is unknown")

@@ -36,6 +36,9 @@ _OWN_HEADERS = frozenset({b"x-ratelimit-limit", b"x-ratelimit-remaining", b"x-ra
 # 0.9999999999999999 tokens); decisions and whole seconds are taken with this much slack.
 _SLACK = 1e-9
 
+# The attributes of a Redis decision's span (the limiter's Lua script, sent with EVALSHA).
+_REDIS_SPAN = {"db.system.name": "redis", "db.operation.name": "EVALSHA"}
+
 
 def route_scope(route: Route) -> str:
     """A route's own bucket scope, named by what the route matches (not its position in the
@@ -211,6 +214,9 @@ class RateLimitFilter:
         except RedisUnavailable:
             decision = self._redis_error(key, per_second, burst)
         if isinstance(decision, Deferred):
+            spans = ctx.get_state("tracing")
+            if spans is not None:       # tracing: on (ops/tracing.py): the Redis call is a span of the request
+                spans.around(decision, "EVALSHA", _REDIS_SPAN)
             decision.addErrback(self._redis_failed, key, per_second, burst)
             return decision.addCallback(self._decided, ctx, name, count, window)
         return self._decided(decision, ctx, name, count, window)
