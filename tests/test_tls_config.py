@@ -431,7 +431,7 @@ def ctx(host: bytes | None, target: bytes) -> Any:
     (443, b"other.test", b"http://other.test/abs?x=1", b"https://other.test/abs?x=1"),
 ])
 def test_redirect_location(https_port, host, target, location):
-    local = RedirectToHttps(lambda: https_port).on_request(ctx(host, target))
+    local = RedirectToHttps(lambda: https_port, lambda name: True).on_request(ctx(host, target))   # any name covered
     assert local.status == 308
     assert dict(local.headers)[b"location"] == location
     assert local.body == b"use " + location + b"\n"

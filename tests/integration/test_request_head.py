@@ -152,14 +152,16 @@ async def test_connect_gets_405_and_the_tunnel_bytes_are_not_a_request(reactor, 
 async def test_the_https_redirect_goes_only_to_a_validated_host(reactor, echo, gateway, cert):  # noqa: F811
     gw = await gateway(listeners(cert, None) + simple_config(echo.url, top="redirect_to_https: true\n"))
     tls_port = await port_of(gw, 1)
-    for host in (b"evil.example/x?", b"a@evil.example", b"gw.test evil.example"):
+    # Not an authority, or a name no certificate of the https listener is for (an open redirect).
+    for host in (b"evil.example/x?", b"a@evil.example", b"gw.test evil.example", b"evil.example", b"evil.example:80",
+                 b"10.0.0.1", b"[::1]:80"):
         (r,) = parse_responses(await raw(gw.port, get(host=host)))
         assert_envelope(r, 400, "BAD_REQUEST")
         assert r.header("location") is None
     (r,) = parse_responses(await raw(gw.port, b"GET /api/users/1 HTTP/1.0\r\n\r\n"))
     assert_envelope(r, 400, "BAD_REQUEST")
-    (r,) = parse_responses(await raw(gw.port, get(host=b"gw.test:80")))
-    assert (r.status, r.header("location")) == (308, f"https://gw.test:{tls_port}/api/users/1")
+    (r,) = parse_responses(await raw(gw.port, get(host=b"localhost:80")))       # the certificate's name
+    assert (r.status, r.header("location")) == (308, f"https://localhost:{tls_port}/api/users/1")
     assert echo.requests == []
 
 

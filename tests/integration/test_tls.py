@@ -358,14 +358,15 @@ async def test_a_plain_listener_redirects_to_the_tls_port_with_308(events, echo,
     tls_port = free_port()
     gw = await gateway(config(plain_listener() + tls_listener(certs.a, endpoint=f"tcp:{tls_port}:interface=127.0.0.1"),
                               echo.url, top="redirect_to_https: true\n"))
-    (r,) = parse_responses(await raw(gw.port, one_request("/api/users/7?a=1&b=%20", host=f"api.test:{gw.port}")))
+    # To a name the https listener's certificate is for (a.test): never to any name a Host says.
+    (r,) = parse_responses(await raw(gw.port, one_request("/api/users/7?a=1&b=%20", host=f"a.test:{gw.port}")))
     assert r.status == 308
-    assert r.header("location") == f"https://api.test:{tls_port}/api/users/7?a=1&b=%20"
+    assert r.header("location") == f"https://a.test:{tls_port}/api/users/7?a=1&b=%20"
     assert not echo.requests, "a redirect is not proxied"
     # Any path, any method: the same URL over https (308 keeps the method and the body).
-    post = b"POST /other HTTP/1.1\r\nHost: api.test\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi"
+    post = b"POST /other HTTP/1.1\r\nHost: a.test\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi"
     (r,) = parse_responses(await raw(gw.port, post))
-    assert (r.status, r.header("location")) == (308, f"https://api.test:{tls_port}/other")
+    assert (r.status, r.header("location")) == (308, f"https://a.test:{tls_port}/other")
     # The https side serves.
     await serves_over_tls(tls_port, certs)
     assert len(echo.requests) == 1
@@ -562,7 +563,7 @@ async def test_bug_hsts_max_age_change_applies_on_reload(events, echo, gateway, 
 def _open_after_308(port):
     import socket
     s = socket.create_connection(("127.0.0.1", port), timeout=5)
-    s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    s.sendall(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
     assert s.recv(65536).startswith(b"HTTP/1.1 308")
     return s
 
@@ -594,8 +595,8 @@ async def test_bug_redirect_location_port_for_keyword_and_ephemeral_endpoints(ev
     gw = await gateway(config(plain_listener() + tls_listener(certs.a, endpoint=endpoint),
                               echo.url, top="redirect_to_https: true\n"))
     tls_port = (await gw.gateway.listeners[1]._waitingForPort).getHost().port
-    (r,) = parse_responses(await raw(gw.port, one_request("/x", host="api.test")))
-    assert r.header("location") == f"https://api.test:{tls_port}/x"
+    (r,) = parse_responses(await raw(gw.port, one_request("/x", host="a.test")))
+    assert r.header("location") == f"https://a.test:{tls_port}/x"
 
 
 def test_bug_unquoted_min_version_is_refused_with_a_nonsense_message(tmp_path):
@@ -628,7 +629,7 @@ def test_bug_upstream_client_certificate_and_ca_are_not_checked_at_load(tmp_path
 def _open_after_any(port):
     import socket
     s = socket.create_connection(("127.0.0.1", port), timeout=5)
-    s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    s.sendall(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
     assert s.recv(65536).startswith(b"HTTP/1.1 ")
     return s
 

@@ -262,7 +262,8 @@ class Gateway(MultiService):
         if config.redirect_to_https:
             first_tls = next(i for i, x in enumerate(config.listen) if x.tls is not None)
             redirect = redirect_path(config, self._resources(config, {}), [self.stats, self.access_log],
-                                     RedirectToHttps(lambda: self._bound_port(first_tls)))
+                                     RedirectToHttps(lambda: self._bound_port(first_tls),
+                                                     lambda name: self.server_tls[first_tls].covers(name)))
             factory = HTTP1Factory(Switch(redirect), self.clock, self.deadlines, peers=self.peers)  # a reload leaves it alone
             self.factories.append(factory)
             return factory

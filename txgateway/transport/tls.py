@@ -139,6 +139,14 @@ class ServerTLS:
         if config.client_auth is not None:
             verify_clients(context, config.client_auth)
 
+    def covers(self, name: bytes) -> bool:
+        """Whether a certificate of the listener is for `name` (exactly, or by `*.domain`):
+        the https redirect goes to such names only, never to whatever a Host says."""
+        name = name.lower().rstrip(b".")
+        if name in self.by_name:
+            return True
+        return b"." in name and b"*." + name.split(b".", 1)[1] in self.by_name
+
     def _select(self, name: bytes | None) -> SSL.Context | None:
         if not name:
             return self.default
@@ -202,22 +210,27 @@ def tls_description(transport: Any, default_protocol: str) -> str:
 class RedirectToHttps:
     """The only filter of plain listeners when `redirect_to_https` is on: 308 to the same
     URL over https (the port of the first TLS listener unless it is 443). The host is the
-    request's, which `ForwardingHeaders` has checked is an authority before; without one
-    there is nothing to redirect to (400)."""
+    request's, which `ForwardingHeaders` has checked is an authority before, and only when a
+    certificate of that listener is for it (else an open redirect to any name a client
+    writes): without one, or for another name, there is nothing to redirect to (400)."""
 
     name = "redirect_to_https"
     on_response_head = None
     on_response_body = None
     on_finished = None
 
-    def __init__(self, https_port: Callable[[], int | None]) -> None:
+    def __init__(self, https_port: Callable[[], int | None], covers: Callable[[bytes], bool]) -> None:
         self.https_port = https_port     # asked per request: the TLS listener may bind port 0
+        self.covers = covers             # ServerTLS.covers of that listener (reloads included)
 
     def on_request(self, ctx: RequestContext) -> LocalResponse:
         host = ctx.host
         if not host:
             return error_response(ctx, 400, "BAD_REQUEST", "a redirect to https needs a Host header")
         host = host[:host.index(b"]") + 1] if host.startswith(b"[") and b"]" in host else host.split(b":", 1)[0]
+        if not self.covers(host):
+            return error_response(ctx, 400, "BAD_REQUEST",
+                                  "no certificate of the https listener is for this Host: nothing to redirect to")
         target = ctx.target if ctx.target.startswith(b"/") else ctx.path + ctx.query
         port = self.https_port()
         location = b"https://" + host + (b"" if port in (None, 443) else b":%d" % port) + target
