@@ -90,6 +90,13 @@ async def listen(reactor: Any, factory: Any) -> Any:
     return await serverFromString(reactor, "tcp:0:interface=127.0.0.1").listen(factory)
 
 
+def quiet_site(resource: Resource) -> Site:
+    """A twisted.web Site for a test's own server, without its per-request log lines."""
+    site = Site(resource)
+    site.log = lambda request: None  # type: ignore[method-assign]
+    return site
+
+
 class RecordingEcho(EchoResource):
     """The demo echo upstream, also recording each request for assertions."""
 
@@ -342,6 +349,12 @@ def read_to_end(sock: Any) -> bytes:
 async def raw(port: int, data: bytes | list[bytes], **kw: Any) -> bytes:
     """`raw_request` in a thread, so the reactor keeps running meanwhile."""
     return await deferToThread(raw_request, port, data, **kw)
+
+
+async def get_closing(port: int, path: bytes) -> Response:
+    """One `GET path` on a connection the client closes after it: its one response."""
+    (response,) = parse_responses(await raw(port, b"GET %s HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n" % path))
+    return response
 
 
 async def until(reactor: Any, condition: Callable[[], Any], bound: float = 5.0) -> None:

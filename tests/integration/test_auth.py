@@ -23,7 +23,6 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import Clock, deferLater
 from twisted.web.resource import Resource
-from twisted.web.server import Site
 
 from tests.conftest import (
     ALICE_KEY,
@@ -37,6 +36,7 @@ from tests.conftest import (
     listen,
     mint_token,
     parse_responses,
+    quiet_site,
     raw,
 )
 from txgateway.filters.auth.config import hash_api_key
@@ -429,8 +429,7 @@ async def jwks_server(reactor, rsa_keys):
 
     async def start(*kids: str, port: int = 0) -> tuple[JwksServer, Any, str]:
         resource = JwksServer(rsa_keys, kids)
-        site = Site(resource)
-        site.log = lambda request: None
+        site = quiet_site(resource)
         listening = (await listen(reactor, site) if port == 0 else
                      await serverFromString(reactor, f"tcp:{port}:interface=127.0.0.1").listen(site))
         started.append(listening)

@@ -23,9 +23,9 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import Clock, deferLater
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.server import NOT_DONE_YET
 
-from tests.conftest import TIMEOUT, assert_envelope, listen, parse_responses, raw
+from tests.conftest import TIMEOUT, assert_envelope, listen, parse_responses, quiet_site, raw
 
 
 class TargetResource(Resource):
@@ -79,8 +79,7 @@ async def targets(reactor: Any) -> Any:
     started = []
     for name in "abc":
         target = Target(name)
-        site = Site(TargetResource(target, reactor))
-        site.log = lambda request: None
+        site = quiet_site(TargetResource(target, reactor))
         target.listening = await listen(reactor, site)
         target.port = target.listening.getHost().port
         started.append(target)

@@ -8,9 +8,9 @@ import pytest_twisted
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import Clock, deferLater
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.server import NOT_DONE_YET
 
-from tests.conftest import Upstream, assert_envelope, listen, parse_responses, raw
+from tests.conftest import Upstream, assert_envelope, listen, parse_responses, quiet_site, raw
 
 
 class Origin(Resource):
@@ -45,8 +45,7 @@ class Origin(Resource):
 @pytest_twisted.async_yield_fixture()
 async def origin(reactor: Any) -> Any:
     resource = Origin()
-    site = Site(resource)
-    site.log = lambda request: None
+    site = quiet_site(resource)
     port = await listen(reactor, site)
     up = Upstream(port.getHost().port, port)
     up.resource = resource  # type: ignore[attr-defined]
@@ -425,8 +424,7 @@ async def test_a_reload_keeps_the_cache_of_unchanged_routes(gateway, origin, tmp
 async def test_serve_stale_when_the_upstream_is_down_and_then_out_of_rotation(gateway, reactor):
     res = Origin()
     res.answers[b"/d"] = (200, [(b"Cache-Control", b"max-age=1"), (b"Connection", b"close")], b"kept")
-    site = Site(res)
-    site.log = lambda request: None
+    site = quiet_site(res)
     port = await listen(reactor, site)
     url = f"http://127.0.0.1:{port.getHost().port}"
     clock = Clock()

@@ -13,9 +13,8 @@ import pytest
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 from twisted.web.resource import Resource
-from twisted.web.server import Site
 
-from tests.conftest import assert_envelope, listen, mint_token, parse_responses, raw
+from tests.conftest import assert_envelope, listen, mint_token, parse_responses, quiet_site, raw
 
 APP = "https://app.example.com"
 
@@ -176,8 +175,7 @@ def chromium(url: str, profile: Path) -> subprocess.CompletedProcess[str]:
 @pytest_twisted.ensureDeferred
 async def test_a_page_on_another_origin_reads_allowed_routes_and_is_refused_the_others(reactor, gateway, echo,
                                                                                       secret_file, tmp_path):
-    site = Site(Page(""))
-    site.log = lambda request: None
+    site = quiet_site(Page(""))
     page_port = await listen(reactor, site)
     origin = f"http://127.0.0.1:{page_port.getHost().port}"
     try:

@@ -13,9 +13,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.web.resource import Resource
-from twisted.web.server import Site
 
-from tests.conftest import assert_envelope, free_port, listen, parse_responses, raw, raw_request
+from tests.conftest import assert_envelope, free_port, listen, parse_responses, quiet_site, raw, raw_request
 
 # Authorization value -> (status, response headers) of the auth service.
 ANSWERS: dict[str, tuple[int, dict[str, str]]] = {
@@ -54,8 +53,7 @@ class AuthService(Resource):
 @pytest_twisted.async_yield_fixture()
 async def auth_service(reactor: Any) -> Any:
     service = AuthService()
-    site = Site(service)
-    site.log = lambda request: None
+    site = quiet_site(service)
     port = await listen(reactor, site)
     service.url = f"http://127.0.0.1:{port.getHost().port}"
     yield service

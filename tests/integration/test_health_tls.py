@@ -20,9 +20,8 @@ import pytest_twisted
 from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet.ssl import PrivateCertificate
 from twisted.internet.task import Clock, deferLater
-from twisted.web.server import Site
 
-from tests.conftest import RecordingEcho, parse_responses, raw
+from tests.conftest import RecordingEcho, parse_responses, quiet_site, raw
 from tests.test_tls_config import CertAuthority
 
 WAIT = 10.0
@@ -44,8 +43,7 @@ async def private_https_echo(reactor: Any, tmp_path: Path) -> Any:
     with open(issued.cert, "rb") as c, open(issued.key, "rb") as k:
         identity = PrivateCertificate.loadPEM(c.read() + k.read())
     seen: list[Any] = []
-    site = Site(RecordingEcho("secure", seen))
-    site.log = lambda request: None  # type: ignore[method-assign]
+    site = quiet_site(RecordingEcho("secure", seen))
     port = await SSL4ServerEndpoint(reactor, 0, identity.options(), interface="127.0.0.1").listen(site)
     yield port.getHost().port, seen, ca.write(tmp_path / "ca.pem")
     await port.stopListening()

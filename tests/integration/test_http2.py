@@ -42,7 +42,7 @@ from h2.errors import ErrorCodes
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.server import NOT_DONE_YET
 
 from tests.conftest import (
     ISSUER,
@@ -52,6 +52,7 @@ from tests.conftest import (
     listen,
     mint_token,
     parse_responses,
+    quiet_site,
     raw,
 )
 
@@ -436,8 +437,7 @@ class Streaming(Resource):
 @pytest_twisted.async_yield_fixture()
 async def streaming(reactor: Any) -> Any:
     resource = Streaming(reactor)
-    site = Site(resource)
-    site.log = lambda request: None  # type: ignore[method-assign]
+    site = quiet_site(resource)
     port = await listen(reactor, site)
     resource.url = f"http://127.0.0.1:{port.getHost().port}"  # type: ignore[attr-defined]
     yield resource

@@ -23,9 +23,9 @@ import pytest_twisted
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.server import NOT_DONE_YET
 
-from tests.conftest import free_port, listen, parse_responses, raw, raw_request
+from tests.conftest import free_port, listen, parse_responses, quiet_site, raw, raw_request
 from tests.installed import TWISTD
 
 START_TIMEOUT = 20.0
@@ -178,8 +178,7 @@ class SlowResource(Resource):
 @pytest_twisted.ensureDeferred
 async def test_sigterm_drains_the_request_in_flight(reactor, tmp_path):
     arrived: list[float] = []
-    site = Site(SlowResource(reactor, 1.0, arrived))
-    site.log = lambda request: None
+    site = quiet_site(SlowResource(reactor, 1.0, arrived))
     upstream = await listen(reactor, site)
     port = free_port()
     config = write_config(tmp_path, port, f"http://127.0.0.1:{upstream.getHost().port}")

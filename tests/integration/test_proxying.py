@@ -6,7 +6,7 @@ import pytest_twisted
 import treq
 from twisted.web.client import HTTPConnectionPool
 
-from tests.conftest import TIMEOUT, parse_responses, raw, simple_config
+from tests.conftest import TIMEOUT, get_closing, parse_responses, raw, simple_config
 
 
 @pytest_twisted.ensureDeferred
@@ -26,8 +26,7 @@ async def test_get_is_rewritten_and_query_kept(reactor, echo, gateway):
 @pytest_twisted.ensureDeferred
 async def test_prefix_matches_only_on_segment_boundary(reactor, echo, gateway):
     gw = await gateway(simple_config(echo.url))
-    resp = await raw(gw.port, b"GET /api/usersx HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-    (r,) = parse_responses(resp)
+    r = await get_closing(gw.port, b"/api/usersx")
     assert r.status == 404
     assert echo.requests == []
 
@@ -89,8 +88,7 @@ async def test_close_delimited_response_is_rechunked_for_http11_clients(reactor,
         server.transport.loseConnection()
     up = await raw_upstream(script)
     gw = await gateway(simple_config(up.url))
-    resp = await raw(gw.port, b"GET /api/users HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-    (r,) = parse_responses(resp)
+    r = await get_closing(gw.port, b"/api/users")
     assert r.header("transfer-encoding") == "chunked"
     assert r.body == b"streamed until close"
 
@@ -103,8 +101,7 @@ async def test_a_response_whose_transfer_coding_is_not_chunked_is_read_until_clo
         server.transport.loseConnection()
     up = await raw_upstream(script)
     gw = await gateway(simple_config(up.url))
-    resp = await raw(gw.port, b"GET /api/users HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-    (r,) = parse_responses(resp)
+    r = await get_closing(gw.port, b"/api/users")
     assert (r.status, r.body) == (200, b"body until close")
 
 

@@ -26,9 +26,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.server import NOT_DONE_YET
 
-from tests.conftest import listen, parse_responses, raw, running_gateways, with_defaults
+from tests.conftest import listen, parse_responses, quiet_site, raw, running_gateways, with_defaults
 from tests.integration.test_lifecycle import Daemon, assert_clean_shutdown, assert_port_free, free_port
 from txgateway.config.schema import load_config
 from txgateway.service.gateway import Gateway
@@ -220,8 +220,7 @@ def two_requests_on_one_connection(port: int, first_done: threading.Event) -> li
 async def test_a_request_in_flight_finishes_on_the_old_pipeline_and_its_connection_then_takes_the_new_one(
         reactor, file_gateway):
     held = HeldResource()
-    site = Site(held)
-    site.log = lambda request: None
+    site = quiet_site(held)
     upstream = await listen(reactor, site)
     try:
         url = f"http://127.0.0.1:{upstream.getHost().port}"

@@ -25,7 +25,6 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.protocols.policies import WrappingFactory
-from twisted.web.server import Site
 
 from tests.conftest import (
     TIMEOUT,
@@ -34,6 +33,7 @@ from tests.conftest import (
     assert_envelope,
     free_port,
     parse_responses,
+    quiet_site,
     raw,
     raw_request,
 )
@@ -131,8 +131,7 @@ async def echo_on(reactor: Any) -> Any:
 
     async def start(port: int = 0) -> tuple[Any, CountingFactory, list[Any]]:
         seen: list[Any] = []
-        site = Site(RecordingEcho("echo", seen))
-        site.log = lambda request: None
+        site = quiet_site(RecordingEcho("echo", seen))
         factory = CountingFactory(site)
         listening = await serverFromString(reactor, f"tcp:{port}:interface=127.0.0.1").listen(factory)
         started.append((listening, factory))

@@ -32,9 +32,8 @@ from twisted.internet.ssl import Certificate, PrivateCertificate
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
-from twisted.web.server import Site
 
-from tests.conftest import RecordingEcho, free_port, listen, parse_responses, raw, simple_config
+from tests.conftest import RecordingEcho, free_port, listen, parse_responses, quiet_site, raw, simple_config
 from tests.test_tls_config import CertAuthority, Issued, listener_text, pair
 from txgateway.config.schema import ConfigError, parse_config
 from txgateway.service.gateway import Gateway
@@ -240,8 +239,7 @@ async def https_upstream(reactor: Any) -> Any:
             identity = PrivateCertificate.loadPEM(c.read() + k.read())
         options = identity.options(Certificate.loadPEM(client_ca.pem)) if client_ca else identity.options()
         seen: list[Any] = []
-        site = Site(RecordingEcho("secure", seen))
-        site.log = lambda request: None  # type: ignore[method-assign]
+        site = quiet_site(RecordingEcho("secure", seen))
         port = await SSL4ServerEndpoint(reactor, 0, options, interface="127.0.0.1").listen(site)
         ports.append(port)
         return HttpsUpstream(port.getHost().port, seen)

@@ -14,7 +14,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
 
-from tests.conftest import parse_responses, raw, simple_config, until
+from tests.conftest import get_closing, parse_responses, raw, simple_config, until
 
 SMUGGLED = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED"
 FIRST_ANSWERS = {
@@ -77,7 +77,7 @@ async def test_a_transfer_coding_other_than_chunked_is_read_until_close_never_cu
     gw = await gateway(simple_config(up.url))
     for path, body in ((b"/api/users/gzip", b"\x1f\x8b\x08\x00compressed"), (b"/api/users/layered", b"abc"),
                        (b"/api/users/ok", b"ok")):
-        (resp,) = parse_responses(await raw(gw.port, b"GET %s HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n" % path))
+        resp = await get_closing(gw.port, path)
         assert (resp.status, resp.body) == (200, body)
 
 

@@ -25,12 +25,11 @@ from twisted.internet.task import deferLater
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.web.pages import notFound
 from twisted.web.resource import Resource
-from twisted.web.server import Site
 from twisted.web.static import Data
 from twisted.web.websocket import ConnectionRejected, WebSocketClientEndpoint, WebSocketResource
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
-from tests.conftest import ISSUER, assert_envelope, listen, mint_token, parse_responses, raw
+from tests.conftest import ISSUER, assert_envelope, listen, mint_token, parse_responses, quiet_site, raw
 
 TIMEOUT = 10.0
 MiB = 1 << 20
@@ -170,8 +169,7 @@ class Upstream:
         root = Root()
         root.putChild(b"ws", ws)
         root.putChild(b"plain", Data(b"plain ok", "text/plain"))
-        site = Site(root)
-        site.log = lambda request: None
+        site = quiet_site(root)
         self.taps = TapFactory(site)
 
     def buildProtocol(self, request: Any) -> Peer:

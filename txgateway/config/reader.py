@@ -70,6 +70,12 @@ class Reader:
         except _Invalid:
             return default
 
+    def require(self, node: yaml.Node, fields: dict[str, yaml.Node], path: str, keys: tuple[str, ...]) -> None:
+        """Record "missing (required)" for each of `keys` that the mapping `fields` lacks."""
+        for key in keys:
+            if key not in fields:
+                self.fail(node, f"{path}.{key}", "missing (required)")
+
     def mapping(self, node: yaml.Node, path: str, allowed: dict[str, str]) -> dict[str, yaml.Node]:
         """A mapping whose keys must be in `allowed` (key -> short description for typos)."""
         if not isinstance(node, yaml.MappingNode):

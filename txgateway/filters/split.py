@@ -88,9 +88,7 @@ def _parse_route(r: Reader, fields: dict[str, yaml.Node], path: str, scope: Scop
     path = f"{path}.split"
     f = r.mapping(node, path, {"upstream": "", "percent": "", "sticky": "", "header": ""})
     before = len(r.problems)
-    for key in ("upstream", "percent"):
-        if key not in f:
-            r.fail(node, f"{path}.{key}", "missing (required)")
+    r.require(node, f, path, ("upstream", "percent"))
     upstream = r.attempt(lambda: upstream_name(r, f["upstream"], f"{path}.upstream", scope), None) \
         if "upstream" in f else None
     percent = r.attempt(lambda: r.number(f["percent"], f"{path}.percent", 0, 100), None) if "percent" in f else None

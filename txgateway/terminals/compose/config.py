@@ -106,9 +106,7 @@ def _call(r: Reader, name: str, node: yaml.Node, path: str, scope: Scope, params
           names: tuple[str, ...], after_nodes: dict[str, yaml.Node]) -> Call:
     f = r.mapping(node, path, _CALL_KEYS)
     before = len(r.problems)
-    for key in ("upstream", "path"):
-        if key not in f:
-            r.fail(node, f"{path}.{key}", "missing (required)")
+    r.require(node, f, path, ("upstream", "path"))
     upstream = r.attempt(lambda: upstream_name(r, f["upstream"], f"{path}.upstream", scope), None) \
         if "upstream" in f else None
     after: tuple[str, ...] = ()
