@@ -34,11 +34,13 @@ if TYPE_CHECKING:
     from txgateway.core.route import Route
 
 __all__ = [
-    "Chain", "Downstream", "Filter", "LocalResponse", "Pipeline", "RequestContext", "ResponseHead", "Switch",
+    "KEEP", "Chain", "Downstream", "Filter", "LocalResponse", "Pipeline", "RequestContext", "ResponseHead", "Switch",
     "Terminal", "error_response",
 ]
 
 _log = Logger(namespace="txgateway.core.pipeline")
+
+KEEP = "keep"       # the state of a filter that may carry a response on once its client left (cancel)
 
 REASONS = {
     200: b"OK", 201: b"Created", 202: b"Accepted", 204: b"No Content", 301: b"Moved Permanently", 302: b"Found",
@@ -466,11 +468,15 @@ class Pipeline:
     # -- end -----------------------------------------------------------------------------
 
     def cancel(self, ctx: RequestContext) -> None:
-        """The client went away: stop whatever is still working for it."""
+        """The client went away: stop whatever is still working for it, unless the filter in
+        its `KEEP` state takes the rest of the response over (`keep(ctx)` returns True: the
+        response cache finishing an entry other clients wait for)."""
         if ctx.pending is not None:
             ctx.pending.cancel()
         elif ctx.chain is not None and ctx.chain.terminal is not None:
-            ctx.chain.terminal.cancel(ctx)
+            keeper = ctx.get_state(KEEP)
+            if keeper is None or not keeper.keep(ctx):
+                ctx.chain.terminal.cancel(ctx)
 
     def finished(self, ctx: RequestContext) -> None:
         """Called once per request by the transport when the exchange is over: the finish

@@ -22,7 +22,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 
 from txgateway.core.nowhere import Nowhere
-from txgateway.core.pipeline import REASONS, LocalResponse, RequestContext, ResponseHead, error_response
+from txgateway.core.pipeline import KEEP, REASONS, LocalResponse, RequestContext, ResponseHead, error_response
 from txgateway.filters.cache.config import CacheSettings, RouteCache
 from txgateway.filters.cache.rules import (
     DEFAULT_CACHEABLE,
@@ -50,13 +50,15 @@ _RANGE, _AUTHORIZATION, _CACHE_CONTROL, _PRAGMA, _CONDITIONAL = 1, 2, 4, 8, 16
 _WATCHED = {b"range": _RANGE, b"authorization": _AUTHORIZATION, b"cache-control": _CACHE_CONTROL,
             b"pragma": _PRAGMA, b"if-none-match": _CONDITIONAL, b"if-modified-since": _CONDITIONAL}
 _NO_DIRECTIVES = Directives({})
+# RFC 9211 on the cache's own 504: neither `hit` (nothing stored answered) nor `fwd` (not forwarded).
+_NOT_CACHED = [(b"cache-status", b"txgateway; detail=only-if-cached"), (b"x-cache", b"MISS")]
 
 
 class _Forward:
     """A request the cache sent upstream: what the head and body hooks need to store it."""
 
     __slots__ = ("key", "entry", "request_time", "req", "fwd", "vary_source", "record", "size", "replace",
-                 "leader", "conditional", "background", "head")
+                 "leader", "conditional", "background", "head", "as_head", "resp", "vary")
 
     def __init__(self, key: tuple[Any, ...], entry: Entry | None, request_time: float, req: Directives,
                  fwd: bytes, vary_source: list[tuple[bytes, bytes]]) -> None:
@@ -71,8 +73,11 @@ class _Forward:
         self.replace: bytes | None = None  # the body sent instead of the upstream's (304, stale)
         self.leader = False                # other requests for the key wait for this one
         self.conditional: list[tuple[bytes, bytes]] | None = None   # the client's, kept aside
-        self.background = False
+        self.background = False            # no client: a refresh, or a fill its client left
         self.head: tuple[int, list[tuple[bytes, bytes]], int | None] = (0, [], None)   # as recorded
+        self.as_head = False               # a HEAD request sent upstream as GET, so its answer is stored
+        self.resp = _NO_DIRECTIVES         # the recorded response's Cache-Control
+        self.vary: list[bytes] = []        # and its Vary, lower case
 
 
 _HIT = "hit"            # answered from the store (state of a request that needs no response work)
@@ -175,7 +180,8 @@ class CacheFilter:
         key = self.key(ctx)
         req = directives(ctx.headers) if seen & _CACHE_CONTROL else _NO_DIRECTIVES
         now = self.clock.seconds()
-        entry = self._select(self.store.variants(key), ctx.headers)
+        variants = self.store.variants(key)
+        entry = self._select(variants, ctx.headers)
         no_cache = b"no-cache" in req or (
             seen & _PRAGMA != 0 and not req.d and b"no-cache" in field_values(ctx.headers, b"pragma"))
         fwd = b"uri-miss"
@@ -191,11 +197,12 @@ class CacheFilter:
                     self._refresh(ctx, key, entry)
                     return self._hit(ctx, entry, age, b"STALE", seen & _CONDITIONAL != 0)
             fwd = b"request" if no_cache else b"stale"
-        elif self.store.variants(key):
+        elif variants:
             fwd = b"vary-miss"
         if b"only-if-cached" in req:
             ctx.note(NAME, "MISS")
-            return error_response(ctx, 504, "NOT_CACHED", "only-if-cached: no stored response can answer this request")
+            return error_response(ctx, 504, "NOT_CACHED", "only-if-cached: no stored response can answer this request",
+                                  _NOT_CACHED)
         if may_wait and entry is None and not no_cache:
             waiters = self.inflight.get(key)
             if waiters is not None:
@@ -206,7 +213,13 @@ class CacheFilter:
             state.leader = True
         if entry is not None:
             self._ask_validation(ctx, state, entry)
+        if ctx.method == b"HEAD":
+            # As nginx does: a HEAD goes upstream as a GET, whose answer is stored for the HEADs
+            # and GETs that follow; the client gets the head (the transports send no body to a HEAD).
+            ctx.method = b"GET"
+            state.as_head = True
         ctx.set_state(NAME, state)
+        ctx.set_state(KEEP, self)
         return None
 
     def _select(self, variants: list[Entry] | None, headers: list[tuple[bytes, bytes]]) -> Entry | None:
@@ -331,11 +344,14 @@ class CacheFilter:
         if isinstance(state, _Invalidate):
             if 200 <= head.status < 400:
                 self._invalidate(ctx, state.key, head)
+            head.headers += [(b"cache-status", b"txgateway; fwd=method"), (b"x-cache", b"BYPASS")]
             return
         if isinstance(state, _Bypass):
             ctx.note(NAME, "BYPASS")
             head.headers += [(b"cache-status", b"txgateway; fwd=" + state.why), (b"x-cache", b"BYPASS")]
             return
+        if state.as_head:
+            ctx.method = b"HEAD"
         self._forwarded(ctx, state, head)
 
     def _forwarded(self, ctx: RequestContext, state: _Forward, head: ResponseHead) -> None:
@@ -351,6 +367,8 @@ class CacheFilter:
         stored = self._start_recording(ctx, state, head, now)
         if not stored:
             self._release(state)
+            if state.background:
+                self._give_up(ctx)
         self.counts.misses += 1
         ctx.note(NAME, "MISS")
         head.headers += [(b"cache-status", b"txgateway; fwd=%s; fwd-status=%d%s"
@@ -418,20 +436,19 @@ class CacheFilter:
     def _start_recording(self, ctx: RequestContext, state: _Forward, head: ResponseHead, now: float) -> bool:
         """Whether this response may be stored (RFC 9111 §3); if so its body is recorded."""
         status = head.status
-        if ctx.method != b"GET" or status < 200 or status in (206, 304) or b"no-store" in state.req:
+        if status < 200 or status in (206, 304) or b"no-store" in state.req:
             return False
         if head.length is not None and head.length > self.settings.max_object_size:
             return False
         resp = directives(head.headers)
         if b"no-store" in resp or b"private" in resp:
             return False
-        names = {k for k, _ in head.headers}
         if b"must-understand" in resp and status not in REASONS:
             return False
-        if (ctx.identity is not None or ctx.header(b"authorization") is not None) and not self.policy.identity \
-                and not (b"public" in resp or b"s-maxage" in resp or b"must-revalidate" in resp):
+        if not self.policy.identity and not (b"public" in resp or b"s-maxage" in resp or b"must-revalidate" in resp) \
+                and (ctx.identity is not None or ctx.header(b"authorization") is not None):
             return False
-        explicit = b"max-age" in resp or b"s-maxage" in resp or b"expires" in names
+        explicit = b"max-age" in resp or b"s-maxage" in resp or any(k == b"expires" for k, _ in head.headers)
         if not (explicit or b"public" in resp or status in DEFAULT_CACHEABLE):
             return False
         vary = [v.lower() for v in field_values(head.headers, b"vary")]
@@ -439,6 +456,7 @@ class CacheFilter:
             return False
         state.record = []
         state.head = (status, list(head.headers), head.length)
+        state.resp, state.vary = resp, vary
         return True
 
     def on_response_body(self, ctx: RequestContext, chunk: bytes, end: bool) -> bytes:
@@ -454,6 +472,8 @@ class CacheFilter:
                 if state.size > self.settings.max_object_size:
                     state.record = None
                     self._release(state)
+                    if state.background:
+                        self._give_up(ctx)
                     return chunk
                 record.append(chunk)
             if end:
@@ -464,29 +484,44 @@ class CacheFilter:
     def _store(self, ctx: RequestContext, state: _Forward, body: bytes) -> None:
         status, headers, length = state.head
         if length is None or length == len(body):
-            entry = self._entry(status, headers, body, state, self.clock.seconds(), None)
+            entry = self._entry(status, headers, body, state, self.clock.seconds(), None, state.resp, state.vary)
             if entry is not None:
                 self.store.put(state.key, entry)
         self._release(state)
 
     def _entry(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, state: _Forward,
-               now: float, age_header: bytes | None) -> Entry | None:
-        """An entry with its freshness lifetime and corrected initial age (§4.2.1, §4.2.3)."""
-        ages = [age_header] if age_header is not None else [v for k, v in headers if k == b"age"]
+               now: float, age_header: bytes | None, resp: Directives | None = None,
+               vary_values: list[bytes] | None = None) -> Entry | None:
+        """An entry with its freshness lifetime and corrected initial age (§4.2.1, §4.2.3).
+        `resp` and `vary_values`: the headers' Cache-Control and Vary, when already parsed."""
+        not_stored = self.not_stored
+        ages: list[bytes] = []
+        date_field: bytes | None = None
+        dropped = False
+        for k, v in headers:            # one pass: what is not stored, Age, Date (the last one)
+            if k in not_stored:
+                dropped = True
+                if k == b"age":
+                    ages.append(v)
+            elif k == b"date":
+                date_field = v
+        if age_header is not None:
+            ages = [age_header]
         # An Age that is not one valid delta-seconds makes the response stale (taken as very old).
         age_value = 0 if not ages else parse_delta(ages[0]) if len(ages) == 1 else None
         if age_value is None:
             age_value = MAX_DELTA
-        not_stored = self.not_stored
-        kept = [(k, v) for k, v in headers if k not in not_stored]
-        resp = directives(kept)
-        date = parse_http_date(dict(kept).get(b"date"))
+        kept = [(k, v) for k, v in headers if k not in not_stored] if dropped else headers
+        if resp is None:
+            resp = directives(kept)
+        if vary_values is None:
+            vary_values = [v.lower() for v in field_values(kept, b"vary")]
+        date = parse_http_date(date_field)
         date_value = date if date is not None else now
         apparent_age = max(0.0, now - date_value)
         corrected_age = max(apparent_age, age_value + (now - state.request_time))
         lifetime = self._lifetime(status, kept, resp, date_value)
-        vary = tuple((name, _request_value(state.vary_source, name))
-                     for name in sorted({v.lower() for v in field_values(kept, b"vary")}))
+        vary = tuple((name, _request_value(state.vary_source, name)) for name in sorted(set(vary_values)))
         if any(name == b"*" for name, _ in vary):
             return None
         return Entry(status, kept, body, state.request_time, now, corrected_age, lifetime, vary, resp, date_value)
@@ -534,10 +569,51 @@ class CacheFilter:
     # -- end -----------------------------------------------------------------------------
 
     def on_finished(self, ctx: RequestContext) -> None:
-        """A leader that ended without storing (client gone, upstream cut) lets its waiters go."""
+        """A leader that ended without storing (upstream cut, client gone before its fill could
+        be kept) lets its waiters go."""
         state = ctx.get_state(NAME)
         if state is not None and state.__class__ is _Forward and state.leader:
             self._release(state)
+
+    # -- the client left: the fill goes on -------------------------------------------------
+
+    def keep(self, ctx: RequestContext) -> bool:
+        """Pipeline.cancel, its client gone: a response being stored, or one that others wait
+        for, is read on to its end by a request of the cache's own (bounded like any fill: by
+        `max_object_size` and the upstream's timeouts). False: the pipeline drops it."""
+        state = ctx.get_state(NAME)
+        if state is None or state.__class__ is not _Forward or state.background:
+            return False
+        if state.record is None and (ctx.response_started or not state.leader):
+            return False            # nothing to store, nobody waiting
+        hand_over = getattr(ctx.forwarding, "hand_over", None)
+        if hand_over is None:
+            return False
+        fill = self._own_request(ctx, ctx.method, ctx.headers, "-fill")
+        fill.response_started, fill.status = ctx.response_started, ctx.status
+        state.background = True
+        fill.set_state(NAME, state)
+        ctx.set_state(NAME, None)   # its finish hooks must not release the waiters: the fill will
+        if state.as_head:
+            ctx.method = b"HEAD"
+        hand_over(fill)
+        return True
+
+    def _give_up(self, ctx: RequestContext) -> None:
+        """A request without a client whose answer will not be stored: stop reading it."""
+        chain = ctx.chain
+        if chain is not None and chain.terminal is not None:
+            chain.terminal.cancel(ctx)
+
+    def _own_request(self, ctx: RequestContext, method: bytes, headers: list[tuple[bytes, bytes]],
+                     suffix: str) -> RequestContext:
+        """A request of the cache's own on `ctx`'s route and upstream, with no client (`_Refresh`)."""
+        own = RequestContext(method, ctx.target, ctx.path, ctx.query, b"1.1", headers, ctx.host, ctx.scheme,
+                             ctx.peer_ip, _Refresh(self), self.clock.seconds())
+        own.correlation_id = ctx.correlation_id + suffix
+        own.client_ip, own.route, own.chain = ctx.client_ip, ctx.route, ctx.chain
+        own.upstream, own.upstream_path, own.identity = ctx.upstream, ctx.upstream_path, ctx.identity
+        return own
 
     # -- background refresh (stale-while-revalidate) ---------------------------------------
 
@@ -550,11 +626,7 @@ class CacheFilter:
         pipeline = getattr(terminal, "pipeline", None)
         if terminal is None or pipeline is None:
             return
-        bg = RequestContext(b"GET", ctx.target, ctx.path, ctx.query, b"1.1", list(ctx.headers), ctx.host, ctx.scheme,
-                            ctx.peer_ip, _Refresh(self), self.clock.seconds())
-        bg.correlation_id = ctx.correlation_id + "-refresh"
-        bg.client_ip, bg.route, bg.chain = ctx.client_ip, ctx.route, chain
-        bg.upstream, bg.upstream_path, bg.identity = ctx.upstream, ctx.upstream_path, ctx.identity
+        bg = self._own_request(ctx, b"GET", list(ctx.headers), "-refresh")
         state = _Forward(key, entry, bg.start, directives(bg.headers), b"stale", bg.headers)
         state.leader = True
         state.background = True
@@ -566,7 +638,8 @@ class CacheFilter:
 
 
 class _Refresh(Nowhere):
-    """The client side of a background refresh: the answer only updates the store."""
+    """The client side of the cache's own requests (a background refresh, a fill whose client
+    left): the answer only updates the store."""
 
     def __init__(self, cache: CacheFilter) -> None:
         self.cache = cache

@@ -40,9 +40,24 @@ def parse_delta(value: bytes | None) -> int | None:
     return MAX_DELTA if n > MAX_DELTA else n
 
 
+_DATES: dict[bytes, float | None] = {}   # parse_http_date's memory: values seen lately
+_DATES_KEPT = 64
+
+
 def parse_http_date(value: bytes | None) -> float | None:
+    """Seconds since the epoch, None if not a date. Remembered: parsing costs a miss more than
+    all the rest of its storing, and every response of one second carries the same `Date`."""
     if value is None:
         return None
+    if value in _DATES:
+        return _DATES[value]
+    if len(_DATES) >= _DATES_KEPT:
+        _DATES.clear()
+    when = _DATES[value] = _parse_http_date(value)
+    return when
+
+
+def _parse_http_date(value: bytes) -> float | None:
     try:
         parts = parsedate_tz(value.decode("latin-1"))
     except (ValueError, IndexError, TypeError):
