@@ -34,14 +34,11 @@ if TYPE_CHECKING:
     from txgateway.core.route import Route
 
 __all__ = [
-    "KEEP", "Chain", "Downstream", "Filter", "LocalResponse", "Pipeline", "RequestContext", "ResponseHead", "Switch",
+    "Chain", "Downstream", "Filter", "LocalResponse", "Pipeline", "RequestContext", "ResponseHead", "Switch",
     "Terminal", "error_response",
 ]
 
 _log = Logger(namespace="txgateway.core.pipeline")
-
-KEEP = "keep"       # the state of a filter that may carry a response on once its client left (cancel)
-
 REASONS = {
     200: b"OK", 201: b"Created", 202: b"Accepted", 204: b"No Content", 301: b"Moved Permanently", 302: b"Found",
     303: b"See Other", 304: b"Not Modified", 307: b"Temporary Redirect", 308: b"Permanent Redirect",
@@ -178,6 +175,15 @@ class RequestContext:
 
     def set_state(self, name: str, value: Any) -> None:
         self.state = _put(self.state, name, value)
+
+
+def _kept(ctx: RequestContext) -> bool:
+    """Whether a filter's state takes over the response of a request whose client left."""
+    for state in (ctx.state or {}).values():
+        keep = getattr(state, "keep", None)
+        if keep is not None and keep(ctx):
+            return True
+    return False
 
 
 def _put(mapping: dict[str, Any] | None, key: str, value: Any) -> dict[str, Any]:
@@ -468,15 +474,13 @@ class Pipeline:
     # -- end -----------------------------------------------------------------------------
 
     def cancel(self, ctx: RequestContext) -> None:
-        """The client went away: stop whatever is still working for it, unless the filter in
-        its `KEEP` state takes the rest of the response over (`keep(ctx)` returns True: the
-        response cache finishing an entry other clients wait for)."""
+        """The client went away: stop whatever is still working for it, unless a filter's
+        state for the request takes the rest of the response over: one with `keep(ctx)` that
+        returns True (the response cache finishing an entry other clients wait for)."""
         if ctx.pending is not None:
             ctx.pending.cancel()
-        elif ctx.chain is not None and ctx.chain.terminal is not None:
-            keeper = ctx.get_state(KEEP)
-            if keeper is None or not keeper.keep(ctx):
-                ctx.chain.terminal.cancel(ctx)
+        elif ctx.chain is not None and ctx.chain.terminal is not None and not _kept(ctx):
+            ctx.chain.terminal.cancel(ctx)
 
     def finished(self, ctx: RequestContext) -> None:
         """Called once per request by the transport when the exchange is over: the finish

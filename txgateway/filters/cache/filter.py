@@ -17,12 +17,12 @@ through the route's own terminal, refreshes the entry.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from twisted.internet.defer import Deferred
 
 from txgateway.core.nowhere import Nowhere
-from txgateway.core.pipeline import KEEP, REASONS, LocalResponse, RequestContext, ResponseHead, error_response
+from txgateway.core.pipeline import REASONS, LocalResponse, RequestContext, ResponseHead, error_response
 from txgateway.filters.cache.config import CacheSettings, RouteCache
 from txgateway.filters.cache.rules import (
     DEFAULT_CACHEABLE,
@@ -37,31 +37,39 @@ from txgateway.filters.cache.store import Entry, Store
 
 __all__ = ["CacheFilter", "build_filter"]
 
-NAME = "cache"
-MAX_VARY = 32                 # a response varying on more request headers is not stored
-_SAFE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
-_COOKIES = frozenset({b"set-cookie", b"set-cookie2"})
+# Final: mypyc reads these as C statics, not from the module's dict (a miss reads many).
+NAME: Final = "cache"
+MAX_VARY: Final = 32          # a response varying on more request headers is not stored
+_SAFE: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
+_COOKIES: Final = frozenset({b"set-cookie", b"set-cookie2"})
 # RFC 9111 §3.2: a 304 updates the stored fields, except those describing the stored content.
-_NOT_UPDATED = frozenset({b"content-length", b"content-encoding", b"transfer-encoding", b"content-range",
-                          b"content-md5", b"etag", b"age"})
-_CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since"})
+_NOT_UPDATED: Final = frozenset({b"content-length", b"content-encoding", b"transfer-encoding", b"content-range",
+                                 b"content-md5", b"etag", b"age"})
+_CONDITIONALS: Final = frozenset({b"if-none-match", b"if-modified-since"})
 # The request fields the cache looks at, as bits of one pass over the headers.
-_RANGE, _AUTHORIZATION, _CACHE_CONTROL, _PRAGMA, _CONDITIONAL = 1, 2, 4, 8, 16
-_WATCHED = {b"range": _RANGE, b"authorization": _AUTHORIZATION, b"cache-control": _CACHE_CONTROL,
-            b"pragma": _PRAGMA, b"if-none-match": _CONDITIONAL, b"if-modified-since": _CONDITIONAL}
-_NO_DIRECTIVES = Directives({})
+_RANGE: Final = 1
+_AUTHORIZATION: Final = 2
+_CACHE_CONTROL: Final = 4
+_PRAGMA: Final = 8
+_CONDITIONAL: Final = 16
+_WATCHED: Final = {b"range": _RANGE, b"authorization": _AUTHORIZATION, b"cache-control": _CACHE_CONTROL,
+                   b"pragma": _PRAGMA, b"if-none-match": _CONDITIONAL, b"if-modified-since": _CONDITIONAL}
+_NO_DIRECTIVES: Final = Directives({})
 # RFC 9211 on the cache's own 504: neither `hit` (nothing stored answered) nor `fwd` (not forwarded).
-_NOT_CACHED = [(b"cache-status", b"txgateway; detail=only-if-cached"), (b"x-cache", b"MISS")]
+_NOT_CACHED: Final = [(b"cache-status", b"txgateway; detail=only-if-cached"), (b"x-cache", b"MISS")]
+# A miss's Cache-Status by (fwd, upstream status, stored): formatting one costs more than finding it.
+_MISS_STATUS: Final[dict[tuple[bytes, int, bool], bytes]] = {}
 
 
 class _Forward:
     """A request the cache sent upstream: what the head and body hooks need to store it."""
 
     __slots__ = ("key", "entry", "request_time", "req", "fwd", "vary_source", "record", "size", "replace",
-                 "leader", "conditional", "background", "head", "as_head", "resp", "vary")
+                 "leader", "conditional", "background", "head", "as_head", "resp", "vary", "cache")
 
-    def __init__(self, key: tuple[Any, ...], entry: Entry | None, request_time: float, req: Directives,
-                 fwd: bytes, vary_source: list[tuple[bytes, bytes]]) -> None:
+    def __init__(self, cache: CacheFilter, key: tuple[Any, ...], entry: Entry | None, request_time: float,
+                 req: Directives, fwd: bytes, vary_source: list[tuple[bytes, bytes]]) -> None:
+        self.cache = cache
         self.key = key
         self.entry = entry                 # a stored response this request may refresh or fall back on
         self.request_time = request_time
@@ -79,8 +87,12 @@ class _Forward:
         self.resp = _NO_DIRECTIVES         # the recorded response's Cache-Control
         self.vary: list[bytes] = []        # and its Vary, lower case
 
+    def keep(self, ctx: RequestContext) -> bool:
+        """Pipeline.cancel asks the states of a request whose client left (see CacheFilter.keep)."""
+        return self.cache.keep(ctx, self)
 
-_HIT = "hit"            # answered from the store (state of a request that needs no response work)
+
+_HIT: Final = "hit"     # answered from the store (state of a request that needs no response work)
 
 
 class _Bypass:
@@ -126,6 +138,14 @@ class CacheFilter:
         self.store = store
         self.settings = settings
         self.policy = policy
+        # What every request reads, as native attributes (the policy and settings are plain dataclasses).
+        self.methods: frozenset[bytes] = policy.methods
+        self.by_identity: bool = policy.identity
+        self.credentials: bool = policy.identity or settings.credentials
+        self.key_query: bool | tuple[bytes, ...] = policy.query
+        self.key_headers: tuple[bytes, ...] = policy.headers
+        self.max_object_size: int = settings.max_object_size
+        self.ttl: float = policy.ttl
         self.route = route
         self.clock = clock
         self.counts = store.counts(route)
@@ -139,7 +159,7 @@ class CacheFilter:
         """Route, host as routed, path and the query the route keys on, identity and the
         request headers named in `key.headers`: nothing a client can vary outside it."""
         query: bytes = ctx.query
-        keep = self.policy.query
+        keep = self.key_query
         if keep is False:
             query = b""
         elif keep is not True and query:
@@ -147,16 +167,16 @@ class CacheFilter:
             query = b"?" + b"&".join(sorted(wanted)) if wanted else b""
         host = (ctx.host or b"").lower()
         identity = None
-        if self.policy.identity and ctx.identity is not None:
+        if self.by_identity and ctx.identity is not None:
             identity = ctx.identity.user_id
-        extra = tuple(_request_value(ctx.headers, name) for name in self.policy.headers)
+        extra = tuple(_request_value(ctx.headers, name) for name in self.key_headers) if self.key_headers else ()
         return (self.route, host, ctx.path, query, identity, extra)
 
     # -- request -------------------------------------------------------------------------
 
     def on_request(self, ctx: RequestContext) -> LocalResponse | Deferred[Any] | None:
         method = ctx.method
-        if method not in self.policy.methods:
+        if method not in self.methods:
             if method not in _SAFE:
                 ctx.set_state(NAME, _Invalidate(self.key(ctx)))
             else:
@@ -170,8 +190,7 @@ class CacheFilter:
         if seen & _RANGE:
             ctx.set_state(NAME, _Bypass(b"partial"))
             return None
-        if (seen & _AUTHORIZATION or ctx.identity is not None) and not self.policy.identity \
-                and not self.settings.credentials:
+        if (seen & _AUTHORIZATION or ctx.identity is not None) and not self.credentials:
             ctx.set_state(NAME, _Bypass(b"request"))
             return None
         return self._lookup(ctx, True, seen)
@@ -207,7 +226,7 @@ class CacheFilter:
             waiters = self.inflight.get(key)
             if waiters is not None:
                 return self._wait(ctx, waiters, seen)
-        state = _Forward(key, entry, now, req, fwd, ctx.headers)
+        state = _Forward(self, key, entry, now, req, fwd, ctx.headers)
         if key not in self.inflight:
             self.inflight[key] = []
             state.leader = True
@@ -219,7 +238,6 @@ class CacheFilter:
             ctx.method = b"GET"
             state.as_head = True
         ctx.set_state(NAME, state)
-        ctx.set_state(KEEP, self)
         return None
 
     def _select(self, variants: list[Entry] | None, headers: list[tuple[bytes, bytes]]) -> Entry | None:
@@ -356,23 +374,28 @@ class CacheFilter:
 
     def _forwarded(self, ctx: RequestContext, state: _Forward, head: ResponseHead) -> None:
         status = head.status
-        now = self.clock.seconds()
         entry = state.entry
-        if status == 304 and entry is not None and state.conditional is not None:
-            self._revalidated(ctx, state, head, entry, now)
-            return
-        if status >= 500 and entry is not None and self._stale_allowed(state, entry, now):
-            self._serve_stale(ctx, state, head, entry, now)
-            return
-        stored = self._start_recording(ctx, state, head, now)
+        if entry is not None:
+            now = self.clock.seconds()
+            if status == 304 and state.conditional is not None:
+                self._revalidated(ctx, state, head, entry, now)
+                return
+            if status >= 500 and self._stale_allowed(state, entry, now):
+                self._serve_stale(ctx, state, head, entry, now)
+                return
+        stored = self._start_recording(ctx, state, head)
         if not stored:
             self._release(state)
             if state.background:
                 self._give_up(ctx)
         self.counts.misses += 1
         ctx.note(NAME, "MISS")
-        head.headers += [(b"cache-status", b"txgateway; fwd=%s; fwd-status=%d%s"
-                          % (state.fwd, status, b"; stored" if stored else b"")), (b"x-cache", b"MISS")]
+        line = _MISS_STATUS.get((state.fwd, status, stored))
+        if line is None:
+            line = b"txgateway; fwd=%s; fwd-status=%d%s" % (state.fwd, status, b"; stored" if stored else b"")
+            if len(_MISS_STATUS) < 1024:
+                _MISS_STATUS[(state.fwd, status, stored)] = line
+        head.headers += [(b"cache-status", line), (b"x-cache", b"MISS")]
 
     def _revalidated(self, ctx: RequestContext, state: _Forward, head: ResponseHead, entry: Entry,
                      now: float) -> None:
@@ -433,19 +456,19 @@ class CacheFilter:
         head.length = len(entry.body)
         state.replace = entry.body
 
-    def _start_recording(self, ctx: RequestContext, state: _Forward, head: ResponseHead, now: float) -> bool:
+    def _start_recording(self, ctx: RequestContext, state: _Forward, head: ResponseHead) -> bool:
         """Whether this response may be stored (RFC 9111 §3); if so its body is recorded."""
         status = head.status
         if status < 200 or status in (206, 304) or b"no-store" in state.req:
             return False
-        if head.length is not None and head.length > self.settings.max_object_size:
+        if head.length is not None and head.length > self.max_object_size:
             return False
         resp = directives(head.headers)
         if b"no-store" in resp or b"private" in resp:
             return False
         if b"must-understand" in resp and status not in REASONS:
             return False
-        if not self.policy.identity and not (b"public" in resp or b"s-maxage" in resp or b"must-revalidate" in resp) \
+        if not self.by_identity and not (b"public" in resp or b"s-maxage" in resp or b"must-revalidate" in resp) \
                 and (ctx.identity is not None or ctx.header(b"authorization") is not None):
             return False
         explicit = b"max-age" in resp or b"s-maxage" in resp or any(k == b"expires" for k, _ in head.headers)
@@ -469,7 +492,7 @@ class CacheFilter:
         if record is not None:
             if chunk:
                 state.size += len(chunk)
-                if state.size > self.settings.max_object_size:
+                if state.size > self.max_object_size:
                     state.record = None
                     self._release(state)
                     if state.background:
@@ -537,8 +560,8 @@ class CacheFilter:
             return max(0.0, when - date) if when is not None and len(expires) == 1 else 0.0
         if status not in DEFAULT_CACHEABLE and b"public" not in resp:
             return 0.0
-        if self.policy.ttl:
-            return self.policy.ttl
+        if self.ttl:
+            return self.ttl
         modified = parse_http_date(dict(headers).get(b"last-modified"))
         if modified is not None and modified < date:
             return (date - modified) / 10.0     # RFC 9111 §4.2.2's suggested heuristic
@@ -577,12 +600,11 @@ class CacheFilter:
 
     # -- the client left: the fill goes on -------------------------------------------------
 
-    def keep(self, ctx: RequestContext) -> bool:
+    def keep(self, ctx: RequestContext, state: _Forward) -> bool:
         """Pipeline.cancel, its client gone: a response being stored, or one that others wait
         for, is read on to its end by a request of the cache's own (bounded like any fill: by
         `max_object_size` and the upstream's timeouts). False: the pipeline drops it."""
-        state = ctx.get_state(NAME)
-        if state is None or state.__class__ is not _Forward or state.background:
+        if state.background or ctx.get_state(NAME) is not state:
             return False
         if state.record is None and (ctx.response_started or not state.leader):
             return False            # nothing to store, nobody waiting
@@ -627,7 +649,7 @@ class CacheFilter:
         if terminal is None or pipeline is None:
             return
         bg = self._own_request(ctx, b"GET", list(ctx.headers), "-refresh")
-        state = _Forward(key, entry, bg.start, directives(bg.headers), b"stale", bg.headers)
+        state = _Forward(self, key, entry, bg.start, directives(bg.headers), b"stale", bg.headers)
         state.leader = True
         state.background = True
         self.inflight[key] = []

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import calendar
 from email.utils import formatdate, parsedate_tz
+from typing import Final
 
 __all__ = [
     "DEFAULT_CACHEABLE", "MAX_DELTA", "Directives", "directives", "field_values", "http_date",
     "parse_delta", "parse_http_date",
 ]
 
-MAX_DELTA = 2**31          # RFC 9111 §1.2.2: larger delta-seconds are taken as this
+MAX_DELTA: Final = 2**31   # RFC 9111 §1.2.2: larger delta-seconds are taken as this
 # RFC 9110 §15.1: statuses cacheable by default (206 is left out: ranges pass through).
-DEFAULT_CACHEABLE = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501})
+DEFAULT_CACHEABLE: Final = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501})
 
 
 def field_values(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
@@ -40,8 +41,8 @@ def parse_delta(value: bytes | None) -> int | None:
     return MAX_DELTA if n > MAX_DELTA else n
 
 
-_DATES: dict[bytes, float | None] = {}   # parse_http_date's memory: values seen lately
-_DATES_KEPT = 64
+_DATES: Final[dict[bytes, float | None]] = {}   # parse_http_date's memory: values seen lately
+_DATES_KEPT: Final = 64
 
 
 def parse_http_date(value: bytes | None) -> float | None:
