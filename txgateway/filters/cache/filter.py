@@ -222,13 +222,13 @@ class CacheFilter:
             ctx.note(NAME, "MISS")
             return error_response(ctx, 504, "NOT_CACHED", "only-if-cached: no stored response can answer this request",
                                   _NOT_CACHED)
-        if may_wait and entry is None and not no_cache:
-            waiters = self.inflight.get(key)
-            if waiters is not None:
-                return self._wait(ctx, waiters, seen)
+        inflight = self.inflight
+        waiters = inflight.get(key)
+        if waiters is not None and may_wait and entry is None and not no_cache:
+            return self._wait(ctx, waiters, seen)
         state = _Forward(self, key, entry, now, req, fwd, ctx.headers)
-        if key not in self.inflight:
-            self.inflight[key] = []
+        if waiters is None:
+            inflight[key] = []
             state.leader = True
         if entry is not None:
             self._ask_validation(ctx, state, entry)
@@ -544,9 +544,11 @@ class CacheFilter:
         apparent_age = max(0.0, now - date_value)
         corrected_age = max(apparent_age, age_value + (now - state.request_time))
         lifetime = self._lifetime(status, kept, resp, date_value)
-        vary = tuple((name, _request_value(state.vary_source, name)) for name in sorted(set(vary_values)))
-        if any(name == b"*" for name, _ in vary):
-            return None
+        vary: tuple[tuple[bytes, bytes | None], ...] = ()
+        if vary_values:
+            if b"*" in vary_values:
+                return None
+            vary = tuple((name, _request_value(state.vary_source, name)) for name in sorted(set(vary_values)))
         return Entry(status, kept, body, state.request_time, now, corrected_age, lifetime, vary, resp, date_value)
 
     def _lifetime(self, status: int, headers: list[tuple[bytes, bytes]], resp: Directives, date: float) -> float:
