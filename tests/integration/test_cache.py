@@ -465,6 +465,22 @@ async def test_a_head_miss_is_fetched_as_a_get_whose_answer_serves_the_heads_and
     assert res.count(b"/hd") == 1
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_head_with_a_stale_entry_goes_upstream_as_a_head_whose_304_refreshes_it(gateway, origin):
+    res, url = origin
+    res.answers[b"/hs"] = lambda r: ((304, [(b"Cache-Control", b"max-age=60")], b"") if r.getHeader(b"if-none-match")
+                                     else (200, [(b"Cache-Control", b"max-age=1"), (b"ETag", b'"v1"')], b"hello"))
+    clock = Clock()
+    gw = await gateway(config(url), clock=clock)
+    await fetch(gw, "/hs")
+    clock.advance(5)
+    head = await fetch(gw, "/hs", method="HEAD")
+    assert (head.status, head.body, head.header("x-cache"), head.header("content-length")) == (200, b"", "REVALIDATED", "5")
+    assert [r.method for r in res.seen] == [b"GET", b"HEAD"]
+    got = await fetch(gw, "/hs")
+    assert (got.body, got.header("x-cache")) == (b"hello", "HIT")
+
+
 async def ask(reactor: Any, gw: Any, res: Origin, path: str) -> tuple[socket.socket, Any]:
     """A client's request for `path`, held by the origin: (the client's socket, the origin's request)."""
     client = socket.create_connection(("127.0.0.1", gw.port), timeout=3)

@@ -30,7 +30,9 @@ from txgateway.filters.cache.rules import (
     Directives,
     directives,
     field_values,
+    members,
     parse_delta,
+    parse_directives,
     parse_http_date,
 )
 from txgateway.filters.cache.store import Entry, Store
@@ -232,9 +234,10 @@ class CacheFilter:
             state.leader = True
         if entry is not None:
             self._ask_validation(ctx, state, entry)
-        if ctx.method == b"HEAD":
-            # As nginx does: a HEAD goes upstream as a GET, whose answer is stored for the HEADs
-            # and GETs that follow; the client gets the head (the transports send no body to a HEAD).
+        if ctx.method == b"HEAD" and entry is None:
+            # As nginx does: a HEAD miss goes upstream as a GET, whose answer is stored for the
+            # HEADs and GETs that follow; the client gets the head (the transports send no body
+            # to a HEAD). With a stored entry it stays a HEAD: a 304 to it refreshes the entry.
             ctx.method = b"GET"
             state.as_head = True
         ctx.set_state(NAME, state)
@@ -459,11 +462,21 @@ class CacheFilter:
     def _start_recording(self, ctx: RequestContext, state: _Forward, head: ResponseHead) -> bool:
         """Whether this response may be stored (RFC 9111 §3); if so its body is recorded."""
         status = head.status
-        if status < 200 or status in (206, 304) or b"no-store" in state.req:
+        if status < 200 or status in (206, 304) or b"no-store" in state.req or (ctx.method == b"HEAD" and not state.as_head):
             return False
         if head.length is not None and head.length > self.max_object_size:
             return False
-        resp = directives(head.headers)
+        controls: list[bytes] = []    # one pass over the headers for the fields that decide
+        varies: list[bytes] = []
+        expires = False
+        for name, value in head.headers:
+            if name == b"cache-control":
+                controls.append(value)
+            elif name == b"vary":
+                varies.append(value)
+            elif name == b"expires":
+                expires = True
+        resp = parse_directives(controls) if controls else _NO_DIRECTIVES
         if b"no-store" in resp or b"private" in resp:
             return False
         if b"must-understand" in resp and status not in REASONS:
@@ -471,10 +484,10 @@ class CacheFilter:
         if not self.by_identity and not (b"public" in resp or b"s-maxage" in resp or b"must-revalidate" in resp) \
                 and (ctx.identity is not None or ctx.header(b"authorization") is not None):
             return False
-        explicit = b"max-age" in resp or b"s-maxage" in resp or any(k == b"expires" for k, _ in head.headers)
+        explicit = b"max-age" in resp or b"s-maxage" in resp or expires
         if not (explicit or b"public" in resp or status in DEFAULT_CACHEABLE):
             return False
-        vary = [v.lower() for v in field_values(head.headers, b"vary")]
+        vary = [v.lower() for v in members(varies)]
         if b"*" in vary or len(vary) > MAX_VARY:
             return False
         state.record = []

@@ -13,7 +13,7 @@ from typing import Final
 
 __all__ = [
     "DEFAULT_CACHEABLE", "MAX_DELTA", "Directives", "directives", "field_values", "http_date",
-    "parse_delta", "parse_http_date",
+    "members", "parse_delta", "parse_directives", "parse_http_date",
 ]
 
 MAX_DELTA: Final = 2**31   # RFC 9111 §1.2.2: larger delta-seconds are taken as this
@@ -23,10 +23,14 @@ DEFAULT_CACHEABLE: Final = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 41
 
 def field_values(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
     """The comma-separated members of every `name` field, stripped, empty ones dropped."""
+    return members([value for key, value in headers if key == name])
+
+
+def members(values: list[bytes]) -> list[bytes]:
+    """The comma-separated members of these field values, stripped, empty ones dropped."""
     out: list[bytes] = []
-    for key, value in headers:
-        if key == name:
-            out.extend(p.strip() for p in value.split(b",") if p.strip())
+    for value in values:
+        out.extend(p.strip() for p in value.split(b",") if p.strip())
     return out
 
 
@@ -96,9 +100,14 @@ class Directives:
 
 
 def directives(headers: list[tuple[bytes, bytes]]) -> Directives:
+    return parse_directives([v for k, v in headers if k == b"cache-control"])
+
+
+def parse_directives(values: list[bytes]) -> Directives:
+    """The directives of these Cache-Control field values."""
     d: dict[bytes, bytes | None] = {}
     seen: set[bytes] = set()
-    for item in field_values(headers, b"cache-control"):
+    for item in members(values):
         name, eq, value = item.partition(b"=")
         name = name.strip().lower()
         v = value.strip() if eq else None
