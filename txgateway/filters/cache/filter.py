@@ -12,7 +12,8 @@ refuses for an open breaker or no target in rotation, a stale entry allowed by
 
 Concurrent misses for one key wait for the first (collapsed forwarding, bounded by
 `lock_timeout`); `stale-while-revalidate` answers at once while one background request,
-through the route's own terminal, refreshes the entry.
+through the route's own terminal, refreshes the entry. When the client of a fill goes away,
+the fill goes on without it (`keep`). A HEAD miss is fetched as a GET, so it is stored.
 """
 
 from __future__ import annotations
