@@ -2,7 +2,8 @@
 
 One server span per request, continuing the caller's `traceparent` (parent-based sampling: a
 caller's sampled flag decides; a trace the gateway starts is kept at `sample_ratio`), and a
-client span per upstream attempt, so retries show. The `traceparent` sent upstream carries the
+client span per upstream attempt, so retries show; a composed route's calls (terminals/compose/)
+are client spans of the same server span, one per attempt of each call. The `traceparent` sent upstream carries the
 attempt's own span id, and `ctx.traceparent` (metrics' exemplars) its trace id.
 
 Ended spans go to the SDK's BatchSpanProcessor, which exports from its own thread: the reactor
@@ -86,6 +87,16 @@ class RequestSpans:
         self.server = server
         self.client: Span | None = None   # the upstream attempt under way
         self.status_before = 0             # ctx.upstream_status when that attempt began
+
+    def call(self) -> RequestSpans:
+        """The spans of one composed call (terminals/compose/): its attempts are children of the
+        request's server span, with an attempt slot of their own (calls run side by side)."""
+        return RequestSpans(self.tracer, self.server)
+
+    def end_call(self, ctx: RequestContext, cancelled: str | None) -> None:
+        """A composed call settled (`ctx` its own context), or was `cancelled` for this reason."""
+        if self.client is not None:
+            _end_attempt(ctx, self, retried=False, cancelled=cancelled)
 
     def child(self, name: str, kind: SpanKind, attributes: dict[str, Any] | None = None) -> Span:
         return self.tracer.start_span(name, context=set_span_in_context(self.server), kind=kind, attributes=attributes)
@@ -177,7 +188,7 @@ class Tracing:
         if spans is None:
             return
         if spans.client is not None:
-            self._end_attempt(ctx, spans, retried=True)
+            _end_attempt(ctx, spans, retried=True)
         method = _method(ctx)
         span = spans.child(method, SpanKind.CLIENT)
         if span.is_recording():
@@ -198,7 +209,7 @@ class Tracing:
         if spans is None:
             return
         if spans.client is not None:
-            self._end_attempt(ctx, spans, retried=False)
+            _end_attempt(ctx, spans, retried=False)
         span = spans.server
         if span.is_recording():
             route = ctx.route.prefix if ctx.route is not None else None
@@ -214,26 +225,6 @@ class Tracing:
             elif ctx.error_code is not None:
                 span.set_attribute("txgateway.error", ctx.error_code)
         span.end()
-
-    def _end_attempt(self, ctx: RequestContext, spans: RequestSpans, retried: bool) -> None:
-        span = spans.client
-        spans.client = None
-        if span is not None and span.is_recording():
-            if ctx.upstream_addr:
-                address, _, port = ctx.upstream_addr.rpartition(":")
-                span.set_attribute("server.address", address)
-                if port.isdigit():
-                    span.set_attribute("server.port", int(port))
-            status = ctx.upstream_status
-            if status and (status != spans.status_before or not retried):   # this attempt's own answer
-                span.set_attribute("http.response.status_code", status)
-            notes = ctx.notes or {}
-            failure = notes.get("upstream_error") if retried or ctx.error_code else None
-            if failure is not None or status >= 500:
-                span.set_attribute("error.type", str(failure or status))
-                span.set_status(StatusCode.ERROR, failure)
-        if span is not None:
-            span.end()
 
     # -- lifecycle and metrics -----------------------------------------------------------
 
@@ -271,3 +262,26 @@ class Tracing:
 def _traceparent(span: Span) -> bytes:
     context = span.get_span_context()
     return b"00-%032x-%016x-%02x" % (context.trace_id, context.span_id, context.trace_flags)
+
+
+def _end_attempt(ctx: RequestContext, spans: RequestSpans, retried: bool, cancelled: str | None = None) -> None:
+    """End the attempt under way: its target, its answer, and why it failed (a retry followed,
+    the proxy gave up, or its composition `cancelled` it)."""
+    span = spans.client
+    spans.client = None
+    if span is not None and span.is_recording():
+        if ctx.upstream_addr:
+            address, _, port = ctx.upstream_addr.rpartition(":")
+            span.set_attribute("server.address", address)
+            if port.isdigit():
+                span.set_attribute("server.port", int(port))
+        status = ctx.upstream_status
+        if status and (status != spans.status_before or not retried):   # this attempt's own answer
+            span.set_attribute("http.response.status_code", status)
+        notes = ctx.notes or {}
+        failure = cancelled or (notes.get("upstream_error") if retried or ctx.error_code else None)
+        if failure is not None or status >= 500:
+            span.set_attribute("error.type", str(failure or status))
+            span.set_status(StatusCode.ERROR, failure)
+    if span is not None:
+        span.end()

@@ -46,6 +46,8 @@ def build_request_path(config: Config, resources: Resources, observers: list[Any
             shared[kind.name].pipeline = pipeline
     if tracing is not None and "proxy" in pipeline.terminals:
         pipeline.terminals["proxy"].on_attempt = tracing.attempt
+    if tracing is not None and "compose" in pipeline.terminals:    # a composed call's attempts are spans too
+        pipeline.terminals["compose"].calls.on_attempt = tracing.attempt
     return pipeline
 
 
