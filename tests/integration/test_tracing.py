@@ -166,6 +166,14 @@ async def test_server_and_client_spans_with_their_parents_reach_the_collector(re
 @pytest_twisted.ensureDeferred
 async def test_unsampled_callers_and_ratio_zero_export_nothing_but_still_propagate(reactor, echo, receiver, gateway):
     gw = await gateway(config(echo.url, f"http://127.0.0.1:{free_port()}", receiver.url, ratio=0.0))
+    tracing, started = gw.gateway.tracing, []
+    record = tracing.start
+
+    def start(ctx: Any, continued: bool) -> None:
+        started.append(continued)
+        record(ctx, continued)
+
+    tracing.start = start
     assert (await call(gw.port, "/api/live/1", headers=[("traceparent", f"00-{TRACE}-{CALLER_SPAN}-00")])).status == 200
     assert (await call(gw.port, "/api/live/2")).status == 200                # a trace the gateway starts: ratio 0
     assert (await call(gw.port, "/api/live/3", headers=[("traceparent", f"00-{TRACE}-{CALLER_SPAN}-01")])).status == 200
@@ -175,6 +183,7 @@ async def test_unsampled_callers_and_ratio_zero_export_nothing_but_still_propaga
     assert TRACE not in second and not sampled(second)
     assert TRACE not in fourth and not sampled(fourth)                     # malformed (zero span id): a new trace
     assert third.startswith(f"00-{TRACE}-") and sampled(third)             # the caller sampled it: parent-based
+    assert started == [True]      # the SDK heard of the third request only (ops/sampling.py decides)
     flush(gw)
     spans = [span for _, span in receiver.spans]
     assert {s.trace_id.hex() for s in spans} == {TRACE} and len(spans) == 2   # only the third: server + client

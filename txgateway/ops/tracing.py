@@ -14,7 +14,6 @@ has `tracing:` (the SDK is several MiB of code a gateway without it never needs)
 
 from __future__ import annotations
 
-import random
 import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -30,8 +29,8 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from txgateway import __version__
-from txgateway.core.ids import trace_flags
 from txgateway.core.logtext import printable
+from txgateway.ops.sampling import TraceGate
 
 if TYPE_CHECKING:
     from txgateway.core.pipeline import RequestContext
@@ -116,20 +115,14 @@ class RequestSpans:
 
 
 class Tracing:
-    """The tracer, and a filter: `on_request` (first on the edge) opens the server span,
-    `attempt` (the proxy's hook) a client span per upstream attempt, `on_finished` ends them."""
-
-    name = "tracing"
-    on_response_head = None
-    on_response_body = None
+    """The tracer: records the requests its gate (ops/sampling.py) samples. `start` opens the
+    server span, `attempt` a client span per upstream attempt, `finish` ends them."""
 
     def __init__(self, config: TracingConfig) -> None:
         self.exporter = _CountingExporter(OTLPSpanExporter(endpoint=config.otlp_endpoint, headers=dict(config.headers),
                                                            timeout=_EXPORT_TIMEOUT))
         self.processor = BatchSpanProcessor(self.exporter, schedule_delay_millis=_SCHEDULE_DELAY * 1000.0)
-        self.ratio = config.sample_ratio
-        self.random = random.random
-        # The decision is on_request's; the SDK records what reaches it (its sampler agrees).
+        # The decision is the gate's; the SDK records what reaches it (its sampler agrees).
         # Not shut down at exit: the gateway stops it (`stop`) within its drain, off the reactor thread.
         self.provider = TracerProvider(sampler=ParentBased(ALWAYS_ON),
                                        resource=Resource.create({"service.name": config.service_name}),
@@ -137,19 +130,13 @@ class Tracing:
         self.provider.add_span_processor(self.processor)
         self.tracer = self.provider.get_tracer("txgateway", __version__)
         self.propagator = TraceContextTextMapPropagator()
+        # The edge's filter, finish hook and proxies' attempt hook (service/requestpath.py)
+        self.gate = TraceGate(self, config.sample_ratio)
 
-    # -- the filter ----------------------------------------------------------------------
+    # -- the sampled requests ------------------------------------------------------------
 
-    def on_request(self, ctx: RequestContext) -> None:
-        # Sampling is decided here, before the SDK is asked for anything: a request not sampled
-        # costs a header scan and nothing else (no span object, no context, no state).
-        incoming = None
-        for name, value in ctx.headers:
-            if name == b"traceparent":
-                incoming = value            # the last one, as the forwarding filter reads it
-        flags = trace_flags(incoming) if incoming is not None else None
-        if not (flags & 1 if flags is not None else self.random() < self.ratio):
-            return None     # the forwarding filter starts a trace nobody records as not sampled (00)
+    def start(self, ctx: RequestContext, continued: bool) -> None:
+        """A sampled request: its server span, child of the caller's span when `continued`."""
         carrier = {}
         others = []
         for name, value in ctx.headers:
@@ -157,7 +144,7 @@ class Tracing:
                 carrier[name.decode()] = value.decode("latin-1")
             else:
                 others.append((name, value))
-        parent = self.propagator.extract(carrier) if flags is not None else None
+        parent = self.propagator.extract(carrier) if continued else None
         method = _method(ctx)
         span = self.tracer.start_span(method, context=parent, kind=SpanKind.SERVER)
         if span.is_recording():
@@ -178,15 +165,11 @@ class Tracing:
         if "tracestate" in carrier:
             others.append((b"tracestate", carrier["tracestate"].encode("latin-1")))
         ctx.headers = others
-        ctx.set_state(self.name, RequestSpans(self.tracer, span))
-        return None
+        ctx.set_state(self.gate.name, RequestSpans(self.tracer, span))
 
-    def attempt(self, ctx: RequestContext) -> None:
-        """An upstream attempt starts (the proxy's `on_attempt`): end the one before (it failed:
-        a retry follows), open its client span, and send its id in the `traceparent`."""
-        spans: RequestSpans | None = ctx.get_state(self.name)
-        if spans is None:
-            return
+    def attempt(self, ctx: RequestContext, spans: RequestSpans) -> None:
+        """An upstream attempt starts: end the one before (it failed: a retry follows), open
+        its client span, and send its id in the `traceparent`."""
         if spans.client is not None:
             _end_attempt(ctx, spans, retried=True)
         method = _method(ctx)
@@ -204,10 +187,7 @@ class Tracing:
             if name == b"traceparent":
                 headers[i] = (name, trace)
 
-    def on_finished(self, ctx: RequestContext) -> None:
-        spans: RequestSpans | None = ctx.get_state(self.name)
-        if spans is None:
-            return
+    def finish(self, ctx: RequestContext, spans: RequestSpans) -> None:
         if spans.client is not None:
             _end_attempt(ctx, spans, retried=False)
         span = spans.server
