@@ -132,7 +132,7 @@ class Layout:
     made once (at start-up). A line is one `"".join` (a %-format of as many fields costs
     several times more)."""
 
-    __slots__ = ("pieces", "tail", "end", "picks", "headers", "redact")
+    __slots__ = ("tail", "template", "picks", "headers", "redact")
 
     def __init__(self, fields: tuple[str, ...] = FIELDS, redact: tuple[str, ...] = DEFAULT_REDACT) -> None:
         pieces = []
@@ -141,9 +141,11 @@ class Layout:
             quoted = _QUOTED[name]
             pieces.append('%s%s"%s":%s' % (after, "," if i else "{", name, '"' if quoted else ""))
             after = '"' if quoted else ""
-        self.pieces = tuple(pieces)       # the text before each field's value
         self.tail = after                 # after the last value
-        self.end = after + "}\n"          # ... when no filter added fields
+        # The line as a list: the text before each field's value, a place for the value, and
+        # the end when no filter added fields. A line copies it and fills the places with one
+        # slice assignment (not two appends a field).
+        self.template: list[str] = [text for piece in pieces for text in (piece, "")] + [after + "}\n"]
         # None: every field in FIELDS order, AccessRecord.values as they are
         self.picks: tuple[int, ...] | None = None if fields == FIELDS else tuple(FIELDS.index(f) for f in fields)
         self.headers = "user_agent" in fields or "referer" in fields  # only then are the headers searched
@@ -252,18 +254,13 @@ class AccessRecord:
         picks = layout.picks
         if picks is not None:
             values = tuple([values[i] for i in picks])
-        pieces = layout.pieces
-        parts: list[str] = []
-        for i in range(len(pieces)):
-            parts.append(pieces[i])
-            parts.append(values[i])
+        parts = layout.template[:]
+        parts[1:-1:2] = values
         if self.extra:
-            parts.append(layout.tail)
+            parts[-1] = layout.tail
             for k, v in self.extra.items():
                 parts.append(",%s:%s" % (_json(k), _json(v)))
             parts.append("}\n")
-        else:
-            parts.append(layout.end)
         return "".join(parts)
 
 
