@@ -179,14 +179,14 @@ def main() -> None:
              f"--callgrind-out-file={work}/cg.%p", twistd, "-n", "--pidfile=",
              "txgateway", "--config", str(work / "gateway.yaml")],
             env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=open(work / "valgrind.log", "w"))
-        deadline = time.time() + 120
+        deadline = time.time() + 300     # callgrind on a busy machine (--cache-sim more so) starts slowly
         while True:
             try:
                 socket.create_connection(("127.0.0.1", port)).close()
                 break
             except OSError:
                 if time.time() > deadline or gateway.poll() is not None:
-                    raise SystemExit(f"the gateway did not start: see {work}/valgrind.log")
+                    raise SystemExit(f"the gateway did not start: see {work}/valgrind.log") from None
                 time.sleep(0.5)
         socks = connect(port, args.conns)
         drive(socks, max(500, 2 * args.conns), request)             # warm-up: every connection used
@@ -206,7 +206,7 @@ def main() -> None:
             s.close()
         if args.cache_sim:
             names = re.search(r"^events: (.+)$", dump, re.M).group(1).split()
-            counts = dict(zip(names, map(int, re.search(r"^summary: (.+)$", dump, re.M).group(1).split())))
+            counts = dict(zip(names, map(int, re.search(r"^summary: (.+)$", dump, re.M).group(1).split()), strict=True))
             caches = "; ".join(re.findall(r"^desc: ((?:D1|LL) cache: .+)$", dump, re.M))
             print(f"  per request: {(counts['D1mr'] + counts['D1mw']) / args.n:.0f} L1 data misses, "
                   f"{(counts['DLmr'] + counts['DLmw']) / args.n:.0f} L2 data misses (simulated {caches})")
