@@ -73,6 +73,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_listening(port: int, process: subprocess.Popen, seconds: float, hint: str) -> None:
+    """Until the gateway `process` accepts connections on `port` (SystemExit if it dies or is late)."""
+    deadline = time.time() + seconds
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port)).close()
+            return
+        except OSError:
+            if time.time() > deadline or process.poll() is not None:
+                raise SystemExit(f"the gateway did not start: {hint}") from None
+            time.sleep(0.3)
+
+
 def connect(port: int, conns: int) -> list[socket.socket]:
     """`conns` keep-alive connections, kept from the warm-up into the counted run: the count is
     then of requests alone, not of accepting connections (256 of them over 3000 requests
@@ -179,15 +192,8 @@ def main() -> None:
              f"--callgrind-out-file={work}/cg.%p", twistd, "-n", "--pidfile=",
              "txgateway", "--config", str(work / "gateway.yaml")],
             env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=open(work / "valgrind.log", "w"))
-        deadline = time.time() + 300     # callgrind on a busy machine (--cache-sim more so) starts slowly
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port)).close()
-                break
-            except OSError:
-                if time.time() > deadline or gateway.poll() is not None:
-                    raise SystemExit(f"the gateway did not start: see {work}/valgrind.log") from None
-                time.sleep(0.5)
+        # callgrind on a busy machine (--cache-sim more so) starts slowly
+        wait_listening(port, gateway, 300, f"see {work}/valgrind.log")
         socks = connect(port, args.conns)
         drive(socks, max(500, 2 * args.conns), request)             # warm-up: every connection used
         subprocess.run(["callgrind_control", "-z", str(gateway.pid)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,15 +43,7 @@ def main() -> None:
         gateway = subprocess.Popen([str(Path(sys.executable).parent / "twistd"), "-n", "--pidfile=", "txgateway",
                                     "--config", str(work / "gateway.yaml")],
                                    cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port)).close()
-                break
-            except OSError:
-                if time.time() > deadline or gateway.poll() is not None:
-                    raise SystemExit("the gateway did not start") from None
-                time.sleep(0.2)
+        macro.wait_listening(port, gateway, 60, "run it by hand to see why")
         request = b"GET /api/users/1 HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: macro\r\nAccept: */*\r\n\r\n"
         socks = macro.connect(port, conns)
         macro.drive(socks, max(2000, 2 * conns), request)          # warm-up: every connection used
