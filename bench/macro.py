@@ -14,7 +14,7 @@ tens of percent between runs: use it to compare two versions of the code.
     .venv/bin/python bench/macro.py --unique           # plain route, each request a new query (compare --cache-miss)
     .venv/bin/python bench/macro.py --trace 0.01       # tracing: on, sample_ratio 0.01, a local OTLP sink
     .venv/bin/python bench/macro.py -n 3000 --conns 16
-    .venv/bin/python bench/macro.py --cache-miss --profile miss.cg; callgrind_annotate miss.cg | head -60
+    .venv/bin/python bench/macro.py --keep /tmp/cg.out     # then: callgrind_annotate --inclusive=yes /tmp/cg.out
 """
 
 from __future__ import annotations
@@ -79,9 +79,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def drive(port: int, total: int, conns: int, request: bytes, unique: bool = False) -> None:
-    """`total` requests over `conns` keep-alive connections, one outstanding per connection;
-    `unique`: each with a query of its own (`?n=...`), so a cached route never has it stored."""
+def wait_listening(port: int, process: subprocess.Popen, seconds: float, hint: str) -> None:
+    """Until the gateway `process` accepts connections on `port` (SystemExit if it dies or is late)."""
+    deadline = time.time() + seconds
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port)).close()
+            return
+        except OSError:
+            if time.time() > deadline or process.poll() is not None:
+                raise SystemExit(f"the gateway did not start: {hint}") from None
+            time.sleep(0.3)
+
+
+def connect(port: int, conns: int) -> list[socket.socket]:
+    """`conns` keep-alive connections, kept from the warm-up into the counted run: the count is
+    then of requests alone, not of accepting connections (256 of them over 3000 requests
+    would add ~5k a request)."""
+    socks = []
+    for _ in range(conns):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.setblocking(False)
+        socks.append(s)
+    return socks
+
+
+def drive(socks: list[socket.socket], total: int, request: bytes, unique: bool = False) -> None:
+    """`total` requests over `socks`, one outstanding per connection; `unique`: each with a query
+    of its own (`?n=...`), so a cached route never has it stored."""
     template = request.replace(b" HTTP/1.1", b"?n=%d HTTP/1.1", 1) if unique else request
 
     def send(s: socket.socket) -> None:
@@ -89,9 +114,7 @@ def drive(port: int, total: int, conns: int, request: bytes, unique: bool = Fals
 
     sel = selectors.DefaultSelector()
     pending = {}
-    for _ in range(conns):
-        s = socket.create_connection(("127.0.0.1", port))
-        s.setblocking(False)
+    for s in socks:
         sel.register(s, selectors.EVENT_READ)
         pending[s] = b""
     sent = done = 0
@@ -119,22 +142,23 @@ def drive(port: int, total: int, conns: int, request: bytes, unique: bool = Fals
                     send(s)
                     sent += 1
             pending[s] = buf
-    for s in pending:
-        s.close()
+    sel.close()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-n", type=int, default=3000, help="requests counted (after a warm-up)")
     parser.add_argument("--conns", type=int, default=16)
+    parser.add_argument("--cache-sim", action="store_true",
+                        help="also simulate the caches: data-cache misses per request (memory touched per request; "
+                             "what grows with --conns when instructions do not)")
+    parser.add_argument("--keep", metavar="FILE", help="copy the callgrind dump here (for callgrind_annotate)")
     parser.add_argument("--jwt", action="store_true", help="JWT + per-user rate limit (anchors-gateway-jwt.yaml)")
     parser.add_argument("--compose", action="store_true", help="a composed route of 3 calls (anchors-compose.yaml)")
     parser.add_argument("--cache", action="store_true", help="the route with cache: {ttl: 1h} (hits after the first)")
     parser.add_argument("--cache-miss", action="store_true",
                         help="the route cached, every request a new query: each one a miss that stores its response")
     parser.add_argument("--unique", action="store_true", help="every request a new query (implied by --cache-miss)")
-    parser.add_argument("--profile", metavar="FILE", help="keep the counted part's callgrind dump here "
-                        "(read it with callgrind_annotate)")
     parser.add_argument("--trace", type=float, metavar="RATIO",
                         help="tracing: on at this sample_ratio, exporting to a local OTLP/HTTP sink (the export "
                              "thread's instructions are counted too)")
@@ -158,6 +182,9 @@ def main() -> None:
         config = source.read_text()
         config = re.sub(r'tcp:\d+:interface', f"tcp:{port}:interface", config)
         config = config.replace("http://127.0.0.1:9001", f"http://127.0.0.1:{upstream_port}")
+        # Under callgrind the daemon runs ~50x slower: the default 1 s to connect is 20 ms of its
+        # time, too short for --conns 256 opening 256 upstream connections in one turn (504s).
+        config = config.replace("    timeout: 30s\n", "    timeout: 30s\n    connect_timeout: 60s\n")
         config = re.sub(r"access_log: \S+", f"access_log: {work / 'access.log'}", config)
         if args.cache:
             config = config.rstrip("\n") + "\n    cache: {ttl: 1h}\n"
@@ -176,31 +203,37 @@ def main() -> None:
         request += b"\r\n"
         twistd = str(Path(sys.executable).parent / "twistd")
         gateway = subprocess.Popen(
-            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={work}/cg.%p", twistd, "-n", "--pidfile=",
+            # --cache-sim: L1 as valgrind finds it, the last level as this VM's per-core L2 (1 MiB,
+            # lscpu): what a bigger working set per request misses first.
+            ["valgrind", "--tool=callgrind", *(["--cache-sim=yes", "--LL=1048576,16,64"] if args.cache_sim else []),
+             f"--callgrind-out-file={work}/cg.%p", twistd, "-n", "--pidfile=",
              "txgateway", "--config", str(work / "gateway.yaml")],
             env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=open(work / "valgrind.log", "w"))
-        deadline = time.time() + 120
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port)).close()
-                break
-            except OSError:
-                if time.time() > deadline or gateway.poll() is not None:
-                    raise SystemExit(f"the gateway did not start: see {work}/valgrind.log")
-                time.sleep(0.5)
-        drive(port, 500, args.conns, request, args.unique)          # warm-up
+        # callgrind on a busy machine (--cache-sim more so) starts slowly
+        wait_listening(port, gateway, 300, f"see {work}/valgrind.log")
+        socks = connect(port, args.conns)
+        drive(socks, max(500, 2 * args.conns), request, args.unique)             # warm-up: every connection used
         subprocess.run(["callgrind_control", "-z", str(gateway.pid)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        drive(port, args.n, args.conns, request, args.unique)
+        drive(socks, args.n, request, args.unique)
         subprocess.run(["callgrind_control", "-d", str(gateway.pid)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         dumps = sorted(work.glob(f"cg.{gateway.pid}.*"))
-        if args.profile:
-            subprocess.run(["cp", str(dumps[-1]), args.profile], check=True)
-        totals = re.search(r"^(?:summary|totals): (\d+)", dumps[-1].read_text(), re.M)
+        dump = dumps[-1].read_text()
+        totals = re.search(r"^(?:summary|totals): (\d+)", dump, re.M)
+        if args.keep:
+            subprocess.run(["cp", str(dumps[-1]), args.keep], check=True)
         print(f"{int(totals.group(1)) // args.n} instructions per request (real daemon, user space, "
               f"{args.conns} connections, {'composed, 3 calls' if args.compose else 'JWT + limit' if args.jwt else 'plain proxy'}"
               f"{', cached, every request a miss' if args.cache_miss else ', cached' if args.cache else ''}"
               f"{', unique queries' if args.unique and not args.cache_miss else ''}"
               f"{f', traced at sample_ratio {args.trace}' if args.trace is not None else ''})")
+        for s in socks:
+            s.close()
+        if args.cache_sim:
+            names = re.search(r"^events: (.+)$", dump, re.M).group(1).split()
+            counts = dict(zip(names, map(int, re.search(r"^summary: (.+)$", dump, re.M).group(1).split()), strict=True))
+            caches = "; ".join(re.findall(r"^desc: ((?:D1|LL) cache: .+)$", dump, re.M))
+            print(f"  per request: {(counts['D1mr'] + counts['D1mw']) / args.n:.0f} L1 data misses, "
+                  f"{(counts['DLmr'] + counts['DLmw']) / args.n:.0f} L2 data misses (simulated {caches})")
     finally:
         if gateway is not None:
             gateway.terminate()

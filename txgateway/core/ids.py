@@ -30,13 +30,12 @@ def traceparent(value: bytes | None, random: bytes | None = None, new_flags: byt
 
     `random` supplies 24 random bytes (trace id, span id) so a request needs one getrandom.
     """
-    random = random or os.urandom(24)
-    span = random[16:24].hex().encode()
+    ids = (random or os.urandom(24))[:24].hex().encode()    # trace id, span id: one hex for both
     if value is not None:
         match = _continued(value)
         if match is not None:
-            return b"00-" + match.group(2) + b"-" + span + b"-" + match.group(4)
-    return b"00-" + random[:16].hex().encode() + b"-" + span + b"-" + new_flags
+            return b"".join((b"00-", match.group(2), b"-", ids[32:], b"-", match.group(4)))
+    return b"".join((b"00-", ids[:32], b"-", ids[32:], b"-", new_flags))
 
 
 def trace_flags(value: bytes) -> int | None:

@@ -413,8 +413,12 @@ class HTTP1Connection(Protocol):
         if self._gone or not self._queue or self._queue[0].ctx is not ctx:
             return
         status = head.status
-        parts = [b"HTTP/1.1 %d %s\r\n" % (status, head.reason)]
-        parts += [b"%s: %s\r\n" % header for header in head.headers]
+        parts = [_status_line(status, head.reason)]
+        for name, value in head.headers:      # pieces joined once: no %-format per header
+            parts.append(name)
+            parts.append(b": ")
+            parts.append(value)
+            parts.append(b"\r\n")
         if status == 101 and ctx.upgrade is not None:
             # Switching protocols: no framing; start_tunnel sends it.
             parts.append(b"connection: upgrade\r\nupgrade: %s\r\n\r\n" % ctx.upgrade)
@@ -429,7 +433,9 @@ class HTTP1Connection(Protocol):
         if status in (204, 304) or status < 200:
             pass
         elif head.length is not None:
-            parts.append(b"content-length: %d\r\n" % head.length)
+            parts.append(b"content-length: ")
+            parts.append(str(head.length).encode())
+            parts.append(b"\r\n")
         elif ctx.method == b"HEAD":
             pass
         elif ctx.version == b"1.1":
@@ -571,6 +577,20 @@ class _BodyAfterUpgrade:
 
 # What `_parsing` points to between requests: bytes parsed with no request in progress land here.
 _placeholder = _Incoming(RequestContext(b"", b"", b"", b"", b"", [], None, b"", "", cast(Any, None), 0.0))
+
+
+_STATUS_LINES: dict[int, tuple[bytes, bytes]] = {}   # status -> (reason, its status line): most answers reuse one
+
+
+def _status_line(status: int, reason: bytes) -> bytes:
+    """`HTTP/1.1 <status> <reason>\\r\\n`, made once per status and reason phrase."""
+    known = _STATUS_LINES.get(status)
+    if known is not None and known[0] == reason:
+        return known[1]
+    line = b"HTTP/1.1 " + str(status).encode() + b" " + reason + b"\r\n"
+    if len(_STATUS_LINES) < 1000:     # statuses are 100-999: bounded whatever upstreams send
+        _STATUS_LINES[status] = (reason, line)
+    return line
 
 
 def _absolute_form(target: bytes, host: bytes | None) -> tuple[bytes, bytes | None]:

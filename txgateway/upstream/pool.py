@@ -68,7 +68,7 @@ class UpstreamConnection(TwistedProtocol):
 
     __slots__ = ("pool", "user", "factory", "transport", "connected", "write", "flush_writes", "parser", "reused",
                  "open", "upgrade", "tunnel", "no_body", "_reason", "_headers", "_framing", "_tokens", "_interim",
-                 "_started", "_until_close", "_ended", "_extra")  # attribute access on the hot path (see http1.HTTP1Connection)
+                 "_started", "_until_close", "_ended", "_extra", "_alive")  # attribute access on the hot path (see http1.HTTP1Connection)
 
     transport: Any
 
@@ -94,6 +94,7 @@ class UpstreamConnection(TwistedProtocol):
         self._until_close = False  # body delimited by the connection closing
         self._ended = False        # the response completed in the read being parsed
         self._extra = False        # bytes the response's framing does not account for
+        self._alive = False        # llhttp's keep-alive verdict on the head (its flags are gone once complete)
 
     def connectionMade(self) -> None:
         self.open = True
@@ -216,6 +217,7 @@ class UpstreamConnection(TwistedProtocol):
         coding = framing.get(b"transfer-encoding")
         self._until_close = (length is None and not self.no_body
                              and (coding is None or not coding.rstrip().lower().endswith(b"chunked")))
+        self._alive = self.parser.should_keep_alive()
         reason = self._reason
         if reason != b"OK" and _CONTROL.search(reason) is not None:    # "OK": most answers, no search
             reason = _standard_reason(status)
@@ -248,7 +250,8 @@ class UpstreamConnection(TwistedProtocol):
     def _reusable(self) -> bool:
         if self._until_close or self._extra or b"close" in self._tokens:
             return False
-        return self.parser.get_http_version() == "1.1" or b"keep-alive" in self._tokens
+        # llhttp said keep-alive (HTTP/1.1, or 1.0 with keep-alive): no version string to make.
+        return self._alive or self.parser.get_http_version() == "1.1" or b"keep-alive" in self._tokens
 
     def _complete(self, reusable: bool) -> None:
         user, self.user = self.user, None
@@ -330,6 +333,7 @@ class TargetPool:
         self.connect_timeout = upstream.connect_timeout
         self.timeout = upstream.timeout
         self.preserve_host = upstream.preserve_host
+        self.netloc = target.netloc   # the Host sent upstream: made once, not per request
         self.tls = client_creator(target, upstream.tls) if target.https else None
         self.idle: list[UpstreamConnection] = []
         self.total = 0

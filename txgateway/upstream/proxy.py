@@ -588,10 +588,13 @@ class Proxy:
 
     def request_head(self, ctx: RequestContext, pool: TargetPool) -> bytes:
         """Request line and headers for the upstream, framing included."""
-        upstream = pool.target
-        host = ctx.host if pool.preserve_host and ctx.host else upstream.netloc
-        parts = [b"%s %s%s HTTP/1.1\r\nhost: %s\r\n" % (ctx.method, ctx.upstream_path, ctx.query, host)]
-        parts += [b"%s: %s\r\n" % header for header in ctx.headers]
+        host = ctx.host if pool.preserve_host and ctx.host else pool.netloc
+        parts = [ctx.method, b" ", ctx.upstream_path, ctx.query, b" HTTP/1.1\r\nhost: ", host, b"\r\n"]
+        for name, value in ctx.headers:       # pieces joined once: no %-format per header
+            parts.append(name)
+            parts.append(b": ")
+            parts.append(value)
+            parts.append(b"\r\n")
         if ctx.upgrade is not None:
             parts.append(b"connection: upgrade\r\nupgrade: %s\r\n" % ctx.upgrade)
         if ctx.chunked:

@@ -270,15 +270,17 @@ class RateLimitFilter:
         decision, (label, limit_header, policy_header) = limited
         if decision.fallback is not None and decision.fallback != "local":
             return                          # unlimited (allow) or not decided (deny): no numbers to tell
-        remaining = max(0, int(decision.remaining + _SLACK))   # a shared bucket in debt shows 0
-        reset = decision.reset
-        if any(name in _OWN_HEADERS for name, _ in head.headers):
-            # An upstream's own limit headers: ours replace them, never two conflicting values.
-            head.headers = [h for h in head.headers if h[0] not in _OWN_HEADERS]
-        head.headers += (
-            limit_header,
-            (b"x-ratelimit-remaining", b"%d" % remaining),
-            (b"x-ratelimit-reset", b"%d" % reset),
-            policy_header,
-            (b"ratelimit", b'"%s";r=%d;t=%d' % (label, remaining, reset)),
-        )
+        # Numbers as str(int).encode() and pieces joined: a bytes %-format costs several times more.
+        remaining = str(max(0, int(decision.remaining + _SLACK))).encode()   # a shared bucket in debt shows 0
+        reset = str(decision.reset).encode()
+        headers = head.headers
+        for name, _ in headers:
+            if name in _OWN_HEADERS:
+                # An upstream's own limit headers: ours replace them, never two conflicting values.
+                headers = head.headers = [h for h in headers if h[0] not in _OWN_HEADERS]
+                break
+        headers.append(limit_header)
+        headers.append((b"x-ratelimit-remaining", remaining))
+        headers.append((b"x-ratelimit-reset", reset))
+        headers.append(policy_header)
+        headers.append((b"ratelimit", b"".join((b'"', label, b'";r=', remaining, b";t=", reset))))
