@@ -48,6 +48,7 @@ from twisted.internet.protocol import Protocol
 from txgateway.core.hopbyhop import HOP_BY_HOP, consumed_by_transport
 from txgateway.core.pipeline import RequestContext, ResponseHead
 from txgateway.filters.ratelimit.filter import take
+from txgateway.transport.h2headers import ResponseEncoder
 from txgateway.transport.tls import tls_description
 
 __all__ = ["ALPNFactory", "H2Server", "H2Stream", "ProtocolByALPN", "ResetBudget", "close_h2"]
@@ -59,6 +60,10 @@ _HIGH_WATER = 64 * 1024       # response bytes queued on a stream before its ups
 # whose upstream is slow to take its body holds up its own window, not the others' uploads.
 _CONNECTION_WINDOW = 16 * 65535
 _CLOSE_GRACE = 1.0            # seconds a closing connection may take to flush before it is aborted
+# Headers as bytes; what we send is built by us and normalised by ResponseEncoder, so h2's
+# outbound normalisation and validation (a chain of generators per header) are skipped.
+_CONFIG = H2Configuration(client_side=False, header_encoding=None, normalize_outbound_headers=False,
+                          validate_outbound_headers=False)
 _PREFACE = 24                 # b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _HEADERS, _PUSH_PROMISE, _CONTINUATION = 1, 5, 9
 _END_HEADERS = 0x4
@@ -256,7 +261,8 @@ class H2Server(Protocol):
 
     def connectionMade(self) -> None:
         limits = self.http.limits
-        conn = self.conn = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        conn = self.conn = H2Connection(_CONFIG)
+        conn.encoder = ResponseEncoder()
         _settings(conn, limits.max_header_bytes)
         conn.initiate_connection()
         conn.increment_flow_control_window(_CONNECTION_WINDOW - 65535)
