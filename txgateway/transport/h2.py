@@ -262,7 +262,7 @@ class H2Server(Protocol):
     def connectionMade(self) -> None:
         limits = self.http.limits
         conn = self.conn = H2Connection(_CONFIG)
-        conn.encoder = ResponseEncoder()
+        conn.encoder = ResponseEncoder()       # type: ignore[assignment]   # what h2 uses of it
         _settings(conn, limits.max_header_bytes)
         conn.initiate_connection()
         conn.increment_flow_control_window(_CONNECTION_WINDOW - 65535)

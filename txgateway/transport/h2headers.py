@@ -34,9 +34,9 @@ _SENSITIVE = frozenset({b"authorization", b"cookie", b"set-cookie", b"proxy-auth
 _huffman = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH)
 _static_names: dict[bytes, int] = {}
 _static_statuses: dict[bytes, bytes] = {}
-for _index, (_name, _value) in enumerate(HeaderTable.STATIC_TABLE, 1):
-    _static_names.setdefault(_name, _index)
-    if _name == b":status":
+for _index, (_static, _value) in enumerate(HeaderTable.STATIC_TABLE, 1):
+    _static_names.setdefault(_static, _index)
+    if _static == b":status":
         _static_statuses[_value] = bytes((0x80 | _index,))     # indexed header field
 _names: dict[bytes, bytes] = {}     # name as given -> its representation up to the value; b"": left out
 
