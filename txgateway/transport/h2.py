@@ -143,7 +143,7 @@ class H2Stream:
     """`pipeline.Downstream` for one HTTP/2 stream."""
 
     __slots__ = ("server", "stream_id", "ctx", "tls", "sink", "chunks", "unacked", "received", "complete",
-                 "body_paused", "out", "out_bytes", "out_end", "producer", "producer_paused", "gone")
+                 "body_paused", "head", "out", "out_bytes", "out_end", "producer", "producer_paused", "gone")
 
     def __init__(self, server: H2Server, stream_id: int, tls: str | None) -> None:
         self.server = server
@@ -156,6 +156,7 @@ class H2Stream:
         self.received = 0
         self.complete = False             # the client ended its side
         self.body_paused = False          # the upstream is not taking the body: windows stay shut
+        self.head: list[tuple[bytes, bytes]] | None = None    # response headers corked until flush/finish
         self.out: list[bytes] = []        # response bytes waiting for the peer's window
         self.out_bytes = 0
         self.out_end = False              # END_STREAM once `out` is sent
@@ -168,6 +169,9 @@ class H2Stream:
         return self.server.http.hsts  # type: ignore[no-any-return]
 
     # -- response ---------------------------------------------------------------------
+    # Corked like HTTP/1.1's head: the head and the body wait for `flush` (the end of an upstream
+    # read that did not end the response) or `finish`, so a response read at once leaves as
+    # HEADERS + one DATA with END_STREAM (or a HEADERS with END_STREAM), in one write.
 
     def send_head(self, ctx: RequestContext, head: ResponseHead) -> None:
         if self.gone:
@@ -176,7 +180,7 @@ class H2Stream:
         headers += [(name, value) for name, value in head.headers if name not in _NOT_IN_H2]
         if head.length is not None and head.status not in (204, 304) and head.status >= 200:
             headers.append((b"content-length", b"%d" % head.length))
-        self.server.send_headers(self, headers)
+        self.head = headers
 
     def send_body(self, ctx: RequestContext, data: bytes) -> None:
         if self.gone or ctx.method == b"HEAD":
@@ -184,10 +188,9 @@ class H2Stream:
         ctx.bytes_out += len(data)
         self.out.append(data)
         self.out_bytes += len(data)
-        self.server.send_queued(self)
 
     def flush(self, ctx: RequestContext) -> None:
-        pass                               # every write goes out at once
+        self.server.send_queued(self)
 
     def finish(self, ctx: RequestContext) -> None:
         if not self.gone:
@@ -549,26 +552,39 @@ class H2Server(Protocol):
         self._send()
 
     def send_queued(self, stream: H2Stream) -> None:
-        """Send what the windows allow of a stream's response; END_STREAM once all is out."""
+        """Send a stream's corked head, then what the windows allow of its body; END_STREAM
+        with the last of it (on the HEADERS frame when there is no body)."""
         conn = self.conn
         if conn is None or stream.gone:
             return
         stream_id = stream.stream_id
+        out = stream.out
+        ended = False                     # END_STREAM went with a HEADERS or DATA frame
+        if stream.head is not None:
+            headers, stream.head = stream.head, None
+            ended = stream.out_end and not out
+            try:
+                conn.send_headers(stream_id, headers, ended)
+            except ProtocolError:
+                self.reset(stream, ErrorCodes.INTERNAL_ERROR)
+                return
         try:
-            while stream.out:
+            while out:
                 room = min(conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size)
                 if room <= 0:
                     break
-                data = stream.out[0]
+                data = out[0]
                 if len(data) > room:
-                    stream.out[0] = data[room:]
+                    out[0] = data[room:]
                     data = data[:room]
                 else:
-                    stream.out.pop(0)
+                    out.pop(0)
                 stream.out_bytes -= len(data)
-                conn.send_data(stream_id, data)
-            if stream.out_end and not stream.out:
-                conn.end_stream(stream_id)
+                ended = stream.out_end and not out
+                conn.send_data(stream_id, data, ended)
+            if stream.out_end and not out:
+                if not ended:
+                    conn.end_stream(stream_id)
                 stream.gone = True
                 self._maybe_done(stream)
         except ProtocolError:       # the stream was closed meanwhile (a reset crossed our data)
