@@ -48,7 +48,7 @@ from twisted.internet.protocol import Protocol
 from txgateway.core.hopbyhop import HOP_BY_HOP, consumed_by_transport
 from txgateway.core.pipeline import RequestContext, ResponseHead
 from txgateway.filters.ratelimit.filter import take
-from txgateway.transport.h2headers import ResponseEncoder
+from txgateway.transport.h2headers import ResponseEncoder, request_block_problem
 from txgateway.transport.tls import tls_description
 
 __all__ = ["ALPNFactory", "H2Server", "H2Stream", "ProtocolByALPN", "ResetBudget", "close_h2"]
@@ -60,10 +60,12 @@ _HIGH_WATER = 64 * 1024       # response bytes queued on a stream before its ups
 # whose upstream is slow to take its body holds up its own window, not the others' uploads.
 _CONNECTION_WINDOW = 16 * 65535
 _CLOSE_GRACE = 1.0            # seconds a closing connection may take to flush before it is aborted
-# Headers as bytes; what we send is built by us and normalised by ResponseEncoder, so h2's
-# outbound normalisation and validation (a chain of generators per header) are skipped.
+# Headers as bytes, without h2's normalisation and validation (a chain of generators per
+# header): what we receive is checked by request_block_problem (cookies joined in _request),
+# what we send is built by us and normalised by ResponseEncoder.
 _CONFIG = H2Configuration(client_side=False, header_encoding=None, normalize_outbound_headers=False,
-                          validate_outbound_headers=False)
+                          validate_outbound_headers=False, normalize_inbound_headers=False,
+                          validate_inbound_headers=False)
 _PREFACE = 24                 # b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _HEADERS, _PUSH_PROMISE, _CONTINUATION = 1, 5, 9
 _END_HEADERS = 0x4
@@ -434,6 +436,10 @@ class H2Server(Protocol):
     # -- incoming events ----------------------------------------------------------------
 
     def _request(self, event: Any) -> None:
+        problem = request_block_problem(event.headers)
+        if problem is not None:
+            self.fail(ErrorCodes.PROTOCOL_ERROR, problem)
+            return
         stream_id = event.stream_id
         stream = H2Stream(self, stream_id, self.tls)
         self.streams[stream_id] = stream

@@ -1,4 +1,11 @@
-"""HPACK for our HTTP/2 responses without the dynamic table: each header's bytes are fixed.
+"""HTTP/2 header blocks: what makes a request's malformed, and HPACK for our responses.
+
+`request_block_problem` does, in one pass over the decoded headers, the checks of RFC 9113
+8.2-8.3 that h2's inbound validation did with a chain of seven generators per header (h2's
+config turns that off): the request is forwarded over HTTP/1.1, where a CR or LF in a value
+would be request smuggling.
+
+HPACK for our responses does without the dynamic table, so each header's bytes are fixed.
 
 hpack's `Encoder` searches and updates the dynamic table for every header of every response
 (with a Huffman pass per literal, in Python): a third of the instructions of one HTTP/2
@@ -17,6 +24,7 @@ trimmed, connection-specific headers left out (h2's config turns that pass off).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from hpack.hpack import encode_integer
@@ -26,7 +34,14 @@ from hpack.table import HeaderTable
 
 from txgateway.core.hopbyhop import HOP_BY_HOP
 
-__all__ = ["ResponseEncoder"]
+__all__ = ["ResponseEncoder", "request_block_problem"]
+
+# Bytes of a regular field name: visible ASCII but upper case letters and ":" (RFC 9113 8.2.1).
+_NAME_BYTES = bytes(c for c in range(0x21, 0x7F) if not 0x41 <= c <= 0x5A and c != 0x3A)
+_BAD_VALUE = re.compile(rb"[\0\r\n]|\A[ \t]|[ \t]\Z")     # NUL, CR, LF; surrounding whitespace
+_REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path", b":protocol"})
+_CONNECTION_SPECIFIC = frozenset({b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding",
+                                  b"upgrade"})
 
 _DEFAULT_TABLE_SIZE = 4096      # the decoder's table size until the client says otherwise
 _MAX_NAMES = 1024               # names kept; an upstream inventing names cannot grow it further
@@ -39,6 +54,52 @@ for _index, (_static, _value) in enumerate(HeaderTable.STATIC_TABLE, 1):
     if _static == b":status":
         _static_statuses[_value] = bytes((0x80 | _index,))     # indexed header field
 _names: dict[bytes, bytes] = {}     # name as given -> its representation up to the value; b"": left out
+
+
+def request_block_problem(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """Why a request's header block is malformed (RFC 9113 8.2, 8.3), else None."""
+    seen: list[bytes] = []          # pseudo-header fields, in order
+    regular = False
+    method = authority = host = None
+    for name, value in headers:
+        if name[:1] == b":":
+            if regular:
+                return f"pseudo-header field {name!r} after a regular field"
+            if name not in _REQUEST_PSEUDO or name in seen:
+                return f"unknown or repeated pseudo-header field {name!r}"
+            seen.append(name)
+            if name == b":method":
+                method = value
+            elif name == b":authority":
+                authority = value
+            elif name == b":path" and not value:
+                return "empty :path"
+        else:
+            regular = True
+            if not name or name.translate(None, _NAME_BYTES):
+                return f"invalid header name {name!r}"
+            if name in _CONNECTION_SPECIFIC or (name == b"te" and value.lower() != b"trailers"):
+                return f"connection-specific header field {name!r}"
+            if name == b"host":
+                if host is not None:
+                    return "more than one host header"
+                host = value
+        if value and _BAD_VALUE.search(value):
+            return f"invalid value of {name!r}"
+    if method is None:
+        return "no :method"
+    if method == b"CONNECT" and b":protocol" not in seen:
+        if b":scheme" in seen or b":path" in seen:
+            return "CONNECT with :scheme or :path"
+    elif b":scheme" not in seen or b":path" not in seen:
+        return "no :scheme or no :path"
+    elif b":protocol" in seen and method != b"CONNECT":
+        return ":protocol without CONNECT"
+    if authority is None and host is None:
+        return "neither :authority nor host"
+    if authority is not None and host is not None and authority != host:
+        return ":authority and host differ"
+    return None
 
 
 def _string(data: bytes) -> bytes:
