@@ -23,6 +23,11 @@ gave up on, and nothing in it bounds a header block before it is stored. Here:
 - `:method` and `:path` are checked before anything is forwarded (400), CONNECT is a 405;
 - a closed connection drops its references (h2's state machine holds itself in a cycle), so it is
   freed at once even with `gc.freeze` and raised GC thresholds.
+
+What h2 does per header in Python is done here once per block (h2headers.py): request blocks are
+checked in one pass, responses are encoded without HPACK's dynamic table. A response is corked
+until the upstream read ends (`flush`) or the response does (`finish`), so one read at once
+leaves as HEADERS + DATA with END_STREAM. Compiled with mypyc like http1.py (setup.py).
 """
 
 from __future__ import annotations
