@@ -14,6 +14,7 @@ tens of percent between runs: use it to compare two versions of the code.
     .venv/bin/python bench/macro.py --tls              # HTTP/1.1 over TLS (ALPN h2 + http/1.1 listener)
     .venv/bin/python bench/macro.py --h2 --streams 10  # HTTP/2 over the same listener, 10 streams a connection
     .venv/bin/python bench/macro.py --h2 --conns 1 --streams 100
+    .venv/bin/python bench/macro.py --h2 --keep /tmp/h2.cg   # then: callgrind_annotate /tmp/h2.cg
     .venv/bin/python bench/macro.py -n 3000 --conns 16
 """
 
