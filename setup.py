@@ -18,6 +18,8 @@ COMPILED = [
     "txgateway/core/fastwrite.py",
     "txgateway/filters/headers.py",
     "txgateway/transport/http1.py",
+    "txgateway/transport/h2.py",
+    "txgateway/transport/h2headers.py",
     "txgateway/core/ids.py",
     "txgateway/core/pipeline.py",
     "txgateway/upstream/proxy.py",

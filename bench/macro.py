@@ -13,6 +13,10 @@ tens of percent between runs: use it to compare two versions of the code.
     .venv/bin/python bench/macro.py --cache-miss       # the route cached, each request a new key: every one a miss
     .venv/bin/python bench/macro.py --unique           # plain route, each request a new query (compare --cache-miss)
     .venv/bin/python bench/macro.py --trace 0.01       # tracing: on, sample_ratio 0.01, a local OTLP sink
+    .venv/bin/python bench/macro.py --tls              # HTTP/1.1 over TLS (ALPN h2 + http/1.1 listener)
+    .venv/bin/python bench/macro.py --h2 --streams 10  # HTTP/2 over the same listener, 10 streams a connection
+    .venv/bin/python bench/macro.py --h2 --conns 1 --streams 100
+    .venv/bin/python bench/macro.py --h2 --keep /tmp/h2.cg   # then: callgrind_annotate /tmp/h2.cg
     .venv/bin/python bench/macro.py -n 3000 --conns 16
     .venv/bin/python bench/macro.py --keep /tmp/cg.out     # then: callgrind_annotate --inclusive=yes /tmp/cg.out
 """
@@ -25,6 +29,7 @@ import os
 import re
 import selectors
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -92,16 +97,40 @@ def wait_listening(port: int, process: subprocess.Popen, seconds: float, hint: s
             time.sleep(0.3)
 
 
-def connect(port: int, conns: int) -> list[socket.socket]:
+def connect_one(port: int, alpn: str | None) -> socket.socket:
+    """A connection to the gateway: plain, or TLS offering `alpn` (handshake done, non-blocking)."""
+    s = socket.create_connection(("127.0.0.1", port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if alpn is not None:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        context.set_alpn_protocols([alpn])
+        s = context.wrap_socket(s, server_hostname="localhost")
+        if s.selected_alpn_protocol() != alpn:
+            raise SystemExit(f"the gateway did not choose ALPN {alpn}")
+    s.setblocking(False)
+    return s
+
+
+def receive(s: socket.socket) -> bytes:
+    """What arrived (all TLS records already read: select would not see what ssl buffered)."""
+    try:
+        data = s.recv(65536)
+    except ssl.SSLWantReadError:
+        return b""
+    if not data:
+        raise SystemExit("the gateway closed a connection")
+    while isinstance(s, ssl.SSLSocket) and s.pending():
+        data += s.recv(65536)
+    return data
+
+
+def connect(port: int, conns: int, alpn: str | None = None) -> list[socket.socket]:
     """`conns` keep-alive connections, kept from the warm-up into the counted run: the count is
     then of requests alone, not of accepting connections (256 of them over 3000 requests
     would add ~5k a request)."""
-    socks = []
-    for _ in range(conns):
-        s = socket.create_connection(("127.0.0.1", port))
-        s.setblocking(False)
-        socks.append(s)
-    return socks
+    return [connect_one(port, alpn) for _ in range(conns)]
 
 
 def drive(socks: list[socket.socket], total: int, request: bytes, unique: bool = False) -> None:
@@ -125,10 +154,7 @@ def drive(socks: list[socket.socket], total: int, request: bytes, unique: bool =
     while done < total:
         for key, _ in sel.select(60):
             s = key.fileobj
-            data = s.recv(65536)
-            if not data:
-                raise SystemExit("the gateway closed a connection")
-            buf = pending[s] + data
+            buf = pending[s] + receive(s)
             while b"\r\n\r\n" in buf:
                 head, _, rest = buf.partition(b"\r\n\r\n")
                 length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
@@ -143,6 +169,58 @@ def drive(socks: list[socket.socket], total: int, request: bytes, unique: bool =
                     sent += 1
             pending[s] = buf
     sel.close()
+
+
+def drive_h2(port: int, total: int, conns: int, streams: int, path: bytes) -> None:
+    """`total` requests over `conns` HTTP/2 connections (TLS, ALPN h2), `streams` outstanding on
+    each: a new stream opens as soon as one ends, like h2load -m."""
+    from h2.config import H2Configuration
+    from h2.connection import H2Connection
+    from h2.events import DataReceived, ResponseReceived, StreamEnded, StreamReset
+
+    headers = [(b":method", b"GET"), (b":path", path), (b":scheme", b"https"), (b":authority", b"127.0.0.1"),
+               (b"user-agent", b"macro"), (b"accept", b"*/*")]
+    sel = selectors.DefaultSelector()
+    clients = {}
+    for _ in range(conns):
+        s = connect_one(port, "h2")
+        conn = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        conn.initiate_connection()
+        sel.register(s, selectors.EVENT_READ)
+        clients[s] = conn
+    sent = done = 0
+
+    def open_stream(conn: H2Connection) -> None:
+        nonlocal sent
+        conn.send_headers(conn.get_next_available_stream_id(), headers, end_stream=True)
+        sent += 1
+
+    for s, conn in clients.items():
+        for _ in range(streams):
+            if sent < total:
+                open_stream(conn)
+        s.sendall(conn.data_to_send())
+    while done < total:
+        for key, _ in sel.select(60):
+            s = key.fileobj
+            conn = clients[s]
+            for event in conn.receive_data(receive(s)):
+                if isinstance(event, ResponseReceived):
+                    if dict(event.headers)[b":status"] != b"200":
+                        raise SystemExit(f"unexpected answer: {event.headers!r}")
+                elif isinstance(event, DataReceived):
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, StreamEnded):
+                    done += 1
+                    if sent < total:
+                        open_stream(conn)
+                elif isinstance(event, StreamReset):
+                    raise SystemExit(f"the gateway reset a stream: {event!r}")
+            out = conn.data_to_send()
+            if out:
+                s.sendall(out)
+    for s in clients:
+        s.close()
 
 
 def main() -> None:
@@ -162,9 +240,14 @@ def main() -> None:
     parser.add_argument("--trace", type=float, metavar="RATIO",
                         help="tracing: on at this sample_ratio, exporting to a local OTLP/HTTP sink (the export "
                              "thread's instructions are counted too)")
+    parser.add_argument("--tls", action="store_true",
+                        help="HTTP/1.1 over TLS (ECDSA P-256, a listener with ALPN h2 + http/1.1)")
+    parser.add_argument("--h2", action="store_true", help="HTTP/2 over TLS, the same listener as --tls")
+    parser.add_argument("--streams", type=int, default=10, help="--h2: concurrent streams per connection")
     args = parser.parse_args()
     args.unique = args.unique or args.cache_miss
     args.cache = args.cache or args.cache_miss
+    tls = args.tls or args.h2
     response = RESPONSE
     if args.cache:     # a current Date: the ttl heuristic then keeps the response fresh (an old one is stale)
         from email.utils import formatdate
@@ -186,6 +269,15 @@ def main() -> None:
         # time, too short for --conns 256 opening 256 upstream connections in one turn (504s).
         config = config.replace("    timeout: 30s\n", "    timeout: 30s\n    connect_timeout: 60s\n")
         config = re.sub(r"access_log: \S+", f"access_log: {work / 'access.log'}", config)
+        if tls:
+            cert, key = work / "cert.pem", work / "key.pem"
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                            "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
+                            "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            config = re.sub(r'(  - endpoint: "tcp:\d+:interface=[^"]*")',
+                            rf'\1\n    tls: {{certificates: [{{cert: {cert}, key: {key}}}], alpn: [h2, http/1.1]}}',
+                            config)
         if args.cache:
             config = config.rstrip("\n") + "\n    cache: {ttl: 1h}\n"
         if collector is not None:
@@ -211,10 +303,16 @@ def main() -> None:
             env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=open(work / "valgrind.log", "w"))
         # callgrind on a busy machine (--cache-sim more so) starts slowly
         wait_listening(port, gateway, 300, f"see {work}/valgrind.log")
-        socks = connect(port, args.conns)
-        drive(socks, max(500, 2 * args.conns), request, args.unique)             # warm-up: every connection used
+        socks = [] if args.h2 else connect(port, args.conns, "http/1.1" if tls else None)
+
+        def run(total: int) -> None:
+            if args.h2:
+                drive_h2(port, total, args.conns, args.streams, path)
+            else:
+                drive(socks, total, request, args.unique)
+        run(max(500, 2 * args.conns))                                # warm-up: every connection used
         subprocess.run(["callgrind_control", "-z", str(gateway.pid)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        drive(socks, args.n, request, args.unique)
+        run(args.n)
         subprocess.run(["callgrind_control", "-d", str(gateway.pid)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         dumps = sorted(work.glob(f"cg.{gateway.pid}.*"))
         dump = dumps[-1].read_text()
@@ -225,6 +323,7 @@ def main() -> None:
               f"{args.conns} connections, {'composed, 3 calls' if args.compose else 'JWT + limit' if args.jwt else 'plain proxy'}"
               f"{', cached, every request a miss' if args.cache_miss else ', cached' if args.cache else ''}"
               f"{', unique queries' if args.unique and not args.cache_miss else ''}"
+              f"{f', HTTP/2 over TLS, {args.streams} streams each' if args.h2 else ', HTTP/1.1 over TLS' if args.tls else ''}"
               f"{f', traced at sample_ratio {args.trace}' if args.trace is not None else ''})")
         for s in socks:
             s.close()

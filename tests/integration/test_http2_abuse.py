@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 import h2.events
+import h2.settings
 import pytest_twisted
 from h2.config import H2Configuration
 from h2.connection import H2Connection
@@ -459,3 +460,75 @@ async def test_an_upload_to_an_upstream_that_does_not_read_is_held_by_flow_contr
             sock.close()
     finally:
         await port_up.stopListening()
+
+
+# --- malformed header blocks -------------------------------------------------------------------
+
+MALFORMED = {
+    "upper case name": [*REQUEST, ("X-Up", "1")],
+    "CR in a value": [*REQUEST, ("x-a", "a\rb")],
+    "LF in a value": [*REQUEST, ("x-a", "a\nx-injected: 1")],
+    "NUL in a value": [*REQUEST, ("x-a", "a\0b")],
+    "value with surrounding space": [*REQUEST, ("x-a", " a")],
+    "colon inside a name": [*REQUEST, ("x:a", "1")],
+    "space in a name": [*REQUEST, ("x a", "1")],
+    "connection header": [*REQUEST, ("connection", "keep-alive")],
+    "transfer-encoding": [*REQUEST, ("transfer-encoding", "chunked")],
+    "te other than trailers": [*REQUEST, ("te", "gzip")],
+    "pseudo-header after a regular one": [*REQUEST[:3], ("x-a", "1"), REQUEST[3]],
+    "unknown pseudo-header": [*REQUEST, (":foo", "1")],
+    "repeated pseudo-header": [*REQUEST, (":path", "/api/users/2")],
+    ":status in a request": [*REQUEST, (":status", "200")],
+    "no :scheme": REQUEST[:3],
+    "no :method": REQUEST[1:],
+    "empty :path": [REQUEST[0], (":path", ""), *REQUEST[2:]],
+    ":authority and host differ": [*REQUEST, ("host", "elsewhere")],
+    "two hosts": [*REQUEST[:2], REQUEST[3], ("host", "localhost"), ("host", "localhost")],
+}
+
+
+def send_block(port: int, cafile: str, headers: list[tuple[str, str]]) -> tuple[bool, int | None]:
+    """One request with `headers` as they are (no client-side checks): (closed, GOAWAY code)."""
+    sock, conn = h2_socket(port, cafile)
+    with sock:
+        conn.send_headers(1, headers, end_stream=True)
+        sock.sendall(conn.data_to_send())
+        closed, received = read_until_closed(sock, WAIT)
+        return closed, goaway_code(received)
+
+
+@pytest_twisted.ensureDeferred
+async def test_malformed_header_blocks_end_the_connection_and_are_never_forwarded(reactor, echo, gateway, cert):
+    """What h2's inbound validation refused is refused by our own single pass (h2.py turns
+    h2's off): GOAWAY PROTOCOL_ERROR, nothing reaches the upstream."""
+    gw = await gateway(listeners(cert, "[h2, http/1.1]") + routes(echo.url))
+    port = await port_of(gw, 1)
+
+    def run() -> tuple[dict[str, tuple[bool, int | None]], H2Result]:
+        outcomes = {why: send_block(port, cert.cert, headers) for why, headers in MALFORMED.items()}
+        return outcomes, get_one(port, cert.cert, "/api/users/fine")
+
+    outcomes, good = await deferToThread(run)
+    assert {why: o for why, o in outcomes.items() if o != (True, ErrorCodes.PROTOCOL_ERROR)} == {}
+    assert good.status == 200
+    assert [r.uri for r in echo.requests] == [b"/users/fine"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_shrinks_its_header_table_still_decodes_every_response(reactor, echo, gateway, cert):
+    """Responses are encoded without the dynamic table (h2headers.ResponseEncoder), but a
+    client lowering SETTINGS_HEADER_TABLE_SIZE must still be told (RFC 7541 4.2): h2's decoder
+    refuses the next block otherwise."""
+    gw = await gateway(listeners(cert, "[h2, http/1.1]") + routes(echo.url))
+    port = await port_of(gw, 1)
+
+    def run() -> list[H2Result]:
+        with H2Client(port, cert.cert) as client:
+            first = client.get("/api/users/1")
+            client.conn.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: 0})
+            client._send()
+            return [first] + [client.get(f"/api/users/{i}") for i in range(2, 5)]
+
+    answers = await deferToThread(run)
+    assert [r.status for r in answers] == [200] * 4
+    assert all(dict(r.headers)["content-type"] for r in answers)

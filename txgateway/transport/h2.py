@@ -23,6 +23,11 @@ gave up on, and nothing in it bounds a header block before it is stored. Here:
 - `:method` and `:path` are checked before anything is forwarded (400), CONNECT is a 405;
 - a closed connection drops its references (h2's state machine holds itself in a cycle), so it is
   freed at once even with `gc.freeze` and raised GC thresholds.
+
+What h2 does per header in Python is done here once per block (h2headers.py): request blocks are
+checked in one pass, responses are encoded without HPACK's dynamic table. A response is corked
+until the upstream read ends (`flush`) or the response does (`finish`), so one read at once
+leaves as HEADERS + DATA with END_STREAM. Compiled with mypyc like http1.py (setup.py).
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from twisted.internet.protocol import Protocol
 from txgateway.core.hopbyhop import HOP_BY_HOP, consumed_by_transport
 from txgateway.core.pipeline import RequestContext, ResponseHead
 from txgateway.filters.ratelimit.filter import take
+from txgateway.transport.h2headers import ResponseEncoder, request_block_problem
 from txgateway.transport.tls import tls_description
 
 __all__ = ["ALPNFactory", "H2Server", "H2Stream", "ProtocolByALPN", "ResetBudget", "close_h2"]
@@ -59,6 +65,12 @@ _HIGH_WATER = 64 * 1024       # response bytes queued on a stream before its ups
 # whose upstream is slow to take its body holds up its own window, not the others' uploads.
 _CONNECTION_WINDOW = 16 * 65535
 _CLOSE_GRACE = 1.0            # seconds a closing connection may take to flush before it is aborted
+# Headers as bytes, without h2's normalisation and validation (a chain of generators per
+# header): what we receive is checked by request_block_problem (cookies joined in _request),
+# what we send is built by us and normalised by ResponseEncoder.
+_CONFIG = H2Configuration(client_side=False, header_encoding=None, normalize_outbound_headers=False,
+                          validate_outbound_headers=False, normalize_inbound_headers=False,
+                          validate_inbound_headers=False)
 _PREFACE = 24                 # b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _HEADERS, _PUSH_PROMISE, _CONTINUATION = 1, 5, 9
 _END_HEADERS = 0x4
@@ -138,7 +150,7 @@ class H2Stream:
     """`pipeline.Downstream` for one HTTP/2 stream."""
 
     __slots__ = ("server", "stream_id", "ctx", "tls", "sink", "chunks", "unacked", "received", "complete",
-                 "body_paused", "out", "out_bytes", "out_end", "producer", "producer_paused", "gone")
+                 "body_paused", "head", "out", "out_bytes", "out_end", "producer", "producer_paused", "gone")
 
     def __init__(self, server: H2Server, stream_id: int, tls: str | None) -> None:
         self.server = server
@@ -151,6 +163,7 @@ class H2Stream:
         self.received = 0
         self.complete = False             # the client ended its side
         self.body_paused = False          # the upstream is not taking the body: windows stay shut
+        self.head: list[tuple[bytes, bytes]] | None = None    # response headers corked until flush/finish
         self.out: list[bytes] = []        # response bytes waiting for the peer's window
         self.out_bytes = 0
         self.out_end = False              # END_STREAM once `out` is sent
@@ -163,6 +176,9 @@ class H2Stream:
         return self.server.http.hsts  # type: ignore[no-any-return]
 
     # -- response ---------------------------------------------------------------------
+    # Corked like HTTP/1.1's head: the head and the body wait for `flush` (the end of an upstream
+    # read that did not end the response) or `finish`, so a response read at once leaves as
+    # HEADERS + one DATA with END_STREAM (or a HEADERS with END_STREAM), in one write.
 
     def send_head(self, ctx: RequestContext, head: ResponseHead) -> None:
         if self.gone:
@@ -171,7 +187,7 @@ class H2Stream:
         headers += [(name, value) for name, value in head.headers if name not in _NOT_IN_H2]
         if head.length is not None and head.status not in (204, 304) and head.status >= 200:
             headers.append((b"content-length", b"%d" % head.length))
-        self.server.send_headers(self, headers)
+        self.head = headers
 
     def send_body(self, ctx: RequestContext, data: bytes) -> None:
         if self.gone or ctx.method == b"HEAD":
@@ -179,10 +195,9 @@ class H2Stream:
         ctx.bytes_out += len(data)
         self.out.append(data)
         self.out_bytes += len(data)
-        self.server.send_queued(self)
 
     def flush(self, ctx: RequestContext) -> None:
-        pass                               # every write goes out at once
+        self.server.send_queued(self)
 
     def finish(self, ctx: RequestContext) -> None:
         if not self.gone:
@@ -256,7 +271,8 @@ class H2Server(Protocol):
 
     def connectionMade(self) -> None:
         limits = self.http.limits
-        conn = self.conn = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        conn = self.conn = H2Connection(_CONFIG)
+        conn.encoder = ResponseEncoder()       # type: ignore[assignment]   # what h2 uses of it
         _settings(conn, limits.max_header_bytes)
         conn.initiate_connection()
         conn.increment_flow_control_window(_CONNECTION_WINDOW - 65535)
@@ -425,6 +441,10 @@ class H2Server(Protocol):
     # -- incoming events ----------------------------------------------------------------
 
     def _request(self, event: Any) -> None:
+        problem = request_block_problem(event.headers)
+        if problem is not None:
+            self.fail(ErrorCodes.PROTOCOL_ERROR, problem)
+            return
         stream_id = event.stream_id
         stream = H2Stream(self, stream_id, self.tls)
         self.streams[stream_id] = stream
@@ -543,26 +563,39 @@ class H2Server(Protocol):
         self._send()
 
     def send_queued(self, stream: H2Stream) -> None:
-        """Send what the windows allow of a stream's response; END_STREAM once all is out."""
+        """Send a stream's corked head, then what the windows allow of its body; END_STREAM
+        with the last of it (on the HEADERS frame when there is no body)."""
         conn = self.conn
         if conn is None or stream.gone:
             return
         stream_id = stream.stream_id
+        out = stream.out
+        ended = False                     # END_STREAM went with a HEADERS or DATA frame
+        if stream.head is not None:
+            headers, stream.head = stream.head, None
+            ended = stream.out_end and not out
+            try:
+                conn.send_headers(stream_id, headers, ended)
+            except ProtocolError:
+                self.reset(stream, ErrorCodes.INTERNAL_ERROR)
+                return
         try:
-            while stream.out:
+            while out:
                 room = min(conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size)
                 if room <= 0:
                     break
-                data = stream.out[0]
+                data = out[0]
                 if len(data) > room:
-                    stream.out[0] = data[room:]
+                    out[0] = data[room:]
                     data = data[:room]
                 else:
-                    stream.out.pop(0)
+                    out.pop(0)
                 stream.out_bytes -= len(data)
-                conn.send_data(stream_id, data)
-            if stream.out_end and not stream.out:
-                conn.end_stream(stream_id)
+                ended = stream.out_end and not out
+                conn.send_data(stream_id, data, ended)
+            if stream.out_end and not out:
+                if not ended:
+                    conn.end_stream(stream_id)
                 stream.gone = True
                 self._maybe_done(stream)
         except ProtocolError:       # the stream was closed meanwhile (a reset crossed our data)
