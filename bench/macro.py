@@ -10,13 +10,17 @@ tens of percent between runs: use it to compare two versions of the code.
     .venv/bin/python bench/macro.py --jwt              # + JWT + per-user limit (anchors-gateway-jwt.yaml)
     .venv/bin/python bench/macro.py --compose          # three upstream calls merged (anchors-compose.yaml)
     .venv/bin/python bench/macro.py --cache            # the route cached: every counted request a hit
+    .venv/bin/python bench/macro.py --json             # plain route, a 2 KiB JSON answer (--transform's baseline)
+    .venv/bin/python bench/macro.py --transform        # the same with transform: allow + rename + add
     .venv/bin/python bench/macro.py --trace 0.01       # tracing: on, sample_ratio 0.01, a local OTLP sink
     .venv/bin/python bench/macro.py -n 3000 --conns 16
+    .venv/bin/python bench/macro.py --compose --keep /tmp/cg.out   # then: callgrind_annotate /tmp/cg.out
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import selectors
@@ -30,6 +34,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sun, 29 Nov 2026 12:30:29 GMT\r\n"
             b"Content-Type: application/json\r\nContent-Length: 11\r\nConnection: keep-alive\r\n\r\n{\"ok\":true}")
+# --json / --transform: a typical API answer of about 2 KiB (a user with a list of orders).
+JSON_BODY = json.dumps({
+    "id": 1, "name": "Ada Lovelace", "email": "ada@example.com", "password_hash": "x" * 60,
+    "address": {"street": "12 St James's Square", "city": "London", "zip": "SW1Y 4JH", "country": "GB"},
+    "orders": [{"id": 1000 + i, "total": 19.5 * i, "currency": "GBP", "status": "shipped",
+                "internal_note": "warehouse 7, shelf %d" % i} for i in range(18)],
+}, separators=(",", ":")).encode()
+TRANSFORM = """    transform:
+      allow: [id, name, email, address, orders.*.id, orders.*.total, orders.*.status]
+      rename: {name: full_name, address.zip: postcode}
+      add: {api_version: 2}
+"""
 UPSTREAM = """
 import socket, selectors
 sel = selectors.DefaultSelector()
@@ -95,7 +111,14 @@ def drive(port: int, total: int, conns: int, request: bytes) -> None:
             buf = pending[s] + data
             while b"\r\n\r\n" in buf:
                 head, _, rest = buf.partition(b"\r\n\r\n")
-                length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+                framed = re.search(rb"(?i)content-length: *(\d+)", head)
+                if framed is not None:
+                    length = int(framed.group(1))
+                else:               # chunked (a transformed answer): up to the last chunk
+                    end = rest.find(b"0\r\n\r\n")
+                    while end > 0 and rest[end - 2:end] != b"\r\n":
+                        end = rest.find(b"0\r\n\r\n", end + 1)
+                    length = end + 5 if end >= 0 else len(rest) + 1
                 if len(rest) < length:
                     break
                 if not head.startswith(b"HTTP/1.1 200"):
@@ -117,11 +140,18 @@ def main() -> None:
     parser.add_argument("--jwt", action="store_true", help="JWT + per-user rate limit (anchors-gateway-jwt.yaml)")
     parser.add_argument("--compose", action="store_true", help="a composed route of 3 calls (anchors-compose.yaml)")
     parser.add_argument("--cache", action="store_true", help="the route with cache: {ttl: 1h} (hits after the first)")
+    parser.add_argument("--json", action="store_true", help="the plain route answering a 2 KiB JSON object")
+    parser.add_argument("--transform", action="store_true",
+                        help="--json with transform: allow + rename + add on the route")
+    parser.add_argument("--keep", metavar="FILE", help="keep the callgrind output there (for callgrind_annotate)")
     parser.add_argument("--trace", type=float, metavar="RATIO",
                         help="tracing: on at this sample_ratio, exporting to a local OTLP/HTTP sink (the export "
                              "thread's instructions are counted too)")
     args = parser.parse_args()
     response = RESPONSE
+    if args.json or args.transform:
+        response = RESPONSE.replace(b"Content-Length: 11", b"Content-Length: %d" % len(JSON_BODY)) \
+            .replace(b'{"ok":true}', JSON_BODY)
     if args.cache:     # a current Date: the ttl heuristic then keeps the response fresh (an old one is stale)
         from email.utils import formatdate
         response = RESPONSE.replace(b"Sun, 29 Nov 2026 12:30:29 GMT", formatdate(usegmt=True).encode())
@@ -141,6 +171,8 @@ def main() -> None:
         config = re.sub(r"access_log: \S+", f"access_log: {work / 'access.log'}", config)
         if args.cache:
             config = config.rstrip("\n") + "\n    cache: {ttl: 1h}\n"
+        if args.transform:
+            config = config.rstrip("\n") + "\n" + TRANSFORM
         if collector is not None:
             sink = f"http://127.0.0.1:{int(collector.stdout.readline())}/v1/traces"
             config += f'tracing: {{otlp_endpoint: "{sink}", sample_ratio: {args.trace}}}\n'
@@ -174,9 +206,12 @@ def main() -> None:
         subprocess.run(["callgrind_control", "-d", str(gateway.pid)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         dumps = sorted(work.glob(f"cg.{gateway.pid}.*"))
         totals = re.search(r"^(?:summary|totals): (\d+)", dumps[-1].read_text(), re.M)
+        if args.keep:
+            subprocess.run(["cp", str(dumps[-1]), args.keep], check=True)
         print(f"{int(totals.group(1)) // args.n} instructions per request (real daemon, user space, "
               f"{args.conns} connections, {'composed, 3 calls' if args.compose else 'JWT + limit' if args.jwt else 'plain proxy'}"
               f"{', cached' if args.cache else ''}"
+              f"{', 2 KiB JSON' if args.json or args.transform else ''}{', transformed' if args.transform else ''}"
               f"{f', traced at sample_ratio {args.trace}' if args.trace is not None else ''})")
     finally:
         if gateway is not None:
