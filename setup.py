@@ -29,6 +29,8 @@ COMPILED = [
     "txgateway/filters/auth/tokens.py",
     "txgateway/upstream/pool.py",
     "txgateway/terminals/compose/composer.py",
+    "txgateway/terminals/compose/template.py",
+    "txgateway/filters/reshape.py",
     "txgateway/filters/cache/filter.py",
     "txgateway/filters/cache/rules.py",
     "txgateway/filters/cache/store.py",

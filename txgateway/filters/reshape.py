@@ -83,16 +83,24 @@ def get_path(value: Any, path: tuple[str, ...]) -> Any:
 
 def _allow(value: Any, tree: Tree) -> Any:
     if isinstance(value, dict):
-        out = {}
+        out: dict[str, Any] = {}
         for key, sub in tree.items():
-            if key in value:
-                kept = value[key] if sub is None else _allow(value[key], sub)
-                if kept is not _MISSING:
-                    out[key] = kept
+            kept = value.get(key, _MISSING)
+            if kept is not _MISSING and sub is not None:
+                kept = _allow(kept, sub)
+            if kept is not _MISSING:
+                out[key] = kept
         return out
     if isinstance(value, list) and "*" in tree:
         sub = tree["*"]
-        return value if sub is None else [v for v in (_allow(e, sub) for e in value) if v is not _MISSING]
+        if sub is None:
+            return value
+        kept_elements = []
+        for element in value:
+            kept = _allow(element, sub)
+            if kept is not _MISSING:
+                kept_elements.append(kept)
+        return kept_elements
     return _MISSING
 
 
@@ -183,8 +191,11 @@ def parse_reshape(r: Reader, f: dict[str, yaml.Node], path: str) -> Reshape | No
         if key in f:
             values[key] = r.attempt(lambda: _tree(r, f[key], f"{path}.{key}"), None)
     if "pick" in f:
-        values["pick"] = tuple((tuple(name.split(".")), r.attempt(lambda: dotted_path(r, v, f"{path}.pick.{name}"), NO_PATH))
-                               for name, _, v in _pairs(r, f["pick"], f"{path}.pick"))
+        picks = []
+        # A loop, not a generator: compiled, a lambda in one misses the generator's names.
+        for name, _, v in _pairs(r, f["pick"], f"{path}.pick"):
+            picks.append((tuple(name.split(".")), r.attempt(lambda: dotted_path(r, v, f"{path}.pick.{name}"), NO_PATH)))
+        values["pick"] = tuple(picks)
     if "rename" in f:
         renames = []
         for name, key_node, v in _pairs(r, f["rename"], f"{path}.rename"):
