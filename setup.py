@@ -30,6 +30,7 @@ COMPILED = [
     "txgateway/upstream/pool.py",
     "txgateway/terminals/compose/composer.py",
     "txgateway/terminals/compose/template.py",
+    "txgateway/core/jsonbody.py",
     "txgateway/filters/reshape.py",
     "txgateway/filters/cache/filter.py",
     "txgateway/filters/cache/rules.py",

@@ -82,21 +82,26 @@ def get_path(value: Any, path: tuple[str, ...]) -> Any:
 
 
 def _allow(value: Any, tree: Tree) -> Any:
+    # Typed locals: compiled, dict and list operations on them skip Python's method lookup.
     if isinstance(value, dict):
+        source: dict[str, Any] = value
         out: dict[str, Any] = {}
         for key, sub in tree.items():
-            kept = value.get(key, _MISSING)
-            if kept is not _MISSING and sub is not None:
-                kept = _allow(kept, sub)
-            if kept is not _MISSING:
+            if key in source:
+                kept = source[key]
+                if sub is not None:
+                    kept = _allow(kept, sub)
+                    if kept is _MISSING:
+                        continue
                 out[key] = kept
         return out
     if isinstance(value, list) and "*" in tree:
         sub = tree["*"]
         if sub is None:
             return value
+        elements: list[Any] = value
         kept_elements = []
-        for element in value:
+        for element in elements:
             kept = _allow(element, sub)
             if kept is not _MISSING:
                 kept_elements.append(kept)
@@ -106,23 +111,27 @@ def _allow(value: Any, tree: Tree) -> Any:
 
 def _deny(value: Any, tree: Tree) -> None:
     if isinstance(value, dict):
+        source: dict[str, Any] = value
         for key, sub in tree.items():
-            if key in value:
+            if key in source:
                 if sub is None:
-                    del value[key]
+                    del source[key]
                 else:
-                    _deny(value[key], sub)
+                    _deny(source[key], sub)
     elif isinstance(value, list) and "*" in tree:
+        elements: list[Any] = value
         sub = tree["*"]
         if sub is None:
-            value.clear()
+            elements.clear()
         else:
-            for element in value:
+            for element in elements:
                 _deny(element, sub)
 
 
 def parents(value: Any, path: tuple[str, ...]) -> list[dict[str, Any]]:
     """The objects holding the last key of `path` (several through a `*`)."""
+    if len(path) == 1:
+        return [value] if isinstance(value, dict) else []
     level = [value]
     for key in path[:-1]:
         nxt: list[Any] = []

@@ -89,6 +89,8 @@ def _segment(token: Token, value: object) -> str:
         raise BadValue(f"{token.text} is not a single value", from_request)
     if text in ("", ".", ".."):
         raise BadValue(f"{token.text} may not be {text!r}", from_request)
+    if text.isalnum() and text.isascii():       # most values (ids): no regex needed
+        return text
     return text if _UNRESERVED.match(text) else quote(text, safe="")
 
 
