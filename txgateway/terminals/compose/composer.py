@@ -414,33 +414,45 @@ class Composition:
                 self.composer.calls.cancel(run.ctx)      # type: ignore[arg-type]
                 run.state = _FAILED
                 run.reason = "cancelled"
-        self._note()
+        self._close()
 
     def _refuse(self, message: str) -> None:
         """A value from the request cannot be put in a call's path: 400, no call goes on."""
+        launched = any(run.ctx is not None for run in self.runs)
         self.cancel()
         self.ctx.forwarding = None
         self.refused = error_response(self.ctx, 400, "BAD_REQUEST", message)
-        if any(run.ctx is not None for run in self.runs):      # calls ran: the answer is not at hand
+        if launched:      # calls ran: the answer is not at hand
             self.composer.pipeline.respond_local(self.ctx, self.refused)
             self.refused = None
 
-    def _note(self) -> None:
+    def _close(self) -> list[_CallRun]:
+        """The calls' access-log record; then the references back to the composition (its
+        runs) and to each run (its call's context) are let go, and the runs returned: so
+        reference counting frees a finished composition at once, where the cycles left it
+        to the cyclic GC (about 7% of a composed request's instructions)."""
         now = self.composer.clock.seconds()
-        self.ctx.note("calls", [run.record(now) for run in self.runs])
+        runs = self.runs
+        self.ctx.note("calls", [run.record(now) for run in runs])
+        self.runs = []
+        self.failure = None
+        for run in runs:
+            run.ctx = None
+        return runs
 
     def _answer(self) -> None:
         self.done = True
         self.composer.deadlines.discard(self)
         ctx = self.ctx
         ctx.forwarding = None
-        self._note()
-        if self.failure is not None:
-            self._fail(self.failure)
+        failure = self.failure
+        runs = self._close()
+        if failure is not None:
+            self._fail(failure)
             return
         result: dict[str, Any] = {}
         complete = True
-        for run in self.runs:
+        for run in runs:
             plan = run.plan
             if run.state == _FAILED:
                 complete = False

@@ -171,7 +171,8 @@ class PathPattern:
         if segments[0] != b"" or len(segments) - 1 != len(self.segments):
             return None
         values: dict[str, str] = {}
-        for raw, (name, literal) in zip(segments[1:], self.segments, strict=True):
+        for i, (name, literal) in enumerate(self.segments):
+            raw = segments[i + 1]
             try:
                 text = unquote(raw.decode("latin-1"), errors="strict") if b"%" in raw else raw.decode("latin-1")
             except UnicodeDecodeError:
