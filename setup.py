@@ -32,6 +32,7 @@ COMPILED = [
     "txgateway/terminals/compose/template.py",
     "txgateway/core/jsonbody.py",
     "txgateway/filters/reshape.py",
+    "txgateway/filters/transform.py",
     "txgateway/filters/cache/filter.py",
     "txgateway/filters/cache/rules.py",
     "txgateway/filters/cache/store.py",

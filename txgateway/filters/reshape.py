@@ -16,7 +16,7 @@ no deeper than the config wrote; the JSON itself was parsed within core/jsonbody
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import yaml
 
@@ -65,7 +65,7 @@ def identity_value(identity: Any, name: str) -> str | None:
 
 
 IDENTITY_ATTRIBUTES = {"user_id": "user_id", "user_role": "role", "user_tier": "tier"}
-_MISSING = object()
+_MISSING: Final = object()      # Final: compiled, a static, not a module-dict lookup per use
 NO_PATH: tuple[str, ...] = ()
 
 
@@ -87,12 +87,10 @@ def _allow(value: Any, tree: Tree) -> Any:
         source: dict[str, Any] = value
         out: dict[str, Any] = {}
         for key, sub in tree.items():
-            if key in source:
-                kept = source[key]
-                if sub is not None:
-                    kept = _allow(kept, sub)
-                    if kept is _MISSING:
-                        continue
+            kept = source.get(key, _MISSING)
+            if kept is not _MISSING and sub is not None:
+                kept = _allow(kept, sub)
+            if kept is not _MISSING:
                 out[key] = kept
         return out
     if isinstance(value, list) and "*" in tree:
