@@ -36,6 +36,7 @@ COMPILED = [
     "txgateway/filters/cache/filter.py",
     "txgateway/filters/cache/rules.py",
     "txgateway/filters/cache/store.py",
+    "txgateway/ops/sampling.py",
 ]
 
 

@@ -10,16 +10,19 @@ tens of percent between runs: use it to compare two versions of the code.
     .venv/bin/python bench/macro.py --jwt              # + JWT + per-user limit (anchors-gateway-jwt.yaml)
     .venv/bin/python bench/macro.py --compose          # three upstream calls merged (anchors-compose.yaml)
     .venv/bin/python bench/macro.py --cache            # the route cached: every counted request a hit
+    .venv/bin/python bench/macro.py --cache-miss       # the route cached, each request a new key: every one a miss
+    .venv/bin/python bench/macro.py --unique           # plain route, each request a new query (compare --cache-miss)
     .venv/bin/python bench/macro.py --json             # plain route, a 2 KiB JSON answer (--transform's baseline)
     .venv/bin/python bench/macro.py --transform        # the same with transform: allow + rename + add
     .venv/bin/python bench/macro.py --trace 0.01       # tracing: on, sample_ratio 0.01, a local OTLP sink
     .venv/bin/python bench/macro.py -n 3000 --conns 16
-    .venv/bin/python bench/macro.py --compose --keep /tmp/cg.out   # then: callgrind_annotate /tmp/cg.out
+    .venv/bin/python bench/macro.py --cache-miss --profile miss.cg; callgrind_annotate miss.cg | head -60
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -82,14 +85,23 @@ server.serve_forever()
 """
 
 
+_serial = itertools.count(1)       # drive(unique=True)'s `?n=`: never repeated in one run
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def drive(port: int, total: int, conns: int, request: bytes) -> None:
-    """`total` requests over `conns` keep-alive connections, one outstanding per connection."""
+def drive(port: int, total: int, conns: int, request: bytes, unique: bool = False) -> None:
+    """`total` requests over `conns` keep-alive connections, one outstanding per connection;
+    `unique`: each with a query of its own (`?n=...`), so a cached route never has it stored."""
+    template = request.replace(b" HTTP/1.1", b"?n=%d HTTP/1.1", 1) if unique else request
+
+    def send(s: socket.socket) -> None:
+        s.sendall(template % next(_serial) if unique else template)
+
     sel = selectors.DefaultSelector()
     pending = {}
     for _ in range(conns):
@@ -100,7 +112,7 @@ def drive(port: int, total: int, conns: int, request: bytes) -> None:
     sent = done = 0
     for s in pending:
         if sent < total:
-            s.sendall(request)
+            send(s)
             sent += 1
     while done < total:
         for key, _ in sel.select(60):
@@ -126,7 +138,7 @@ def drive(port: int, total: int, conns: int, request: bytes) -> None:
                 buf = rest[length:]
                 done += 1
                 if sent < total:
-                    s.sendall(request)
+                    send(s)
                     sent += 1
             pending[s] = buf
     for s in pending:
@@ -140,14 +152,20 @@ def main() -> None:
     parser.add_argument("--jwt", action="store_true", help="JWT + per-user rate limit (anchors-gateway-jwt.yaml)")
     parser.add_argument("--compose", action="store_true", help="a composed route of 3 calls (anchors-compose.yaml)")
     parser.add_argument("--cache", action="store_true", help="the route with cache: {ttl: 1h} (hits after the first)")
+    parser.add_argument("--cache-miss", action="store_true",
+                        help="the route cached, every request a new query: each one a miss that stores its response")
+    parser.add_argument("--unique", action="store_true", help="every request a new query (implied by --cache-miss)")
     parser.add_argument("--json", action="store_true", help="the plain route answering a 2 KiB JSON object")
     parser.add_argument("--transform", action="store_true",
                         help="--json with transform: allow + rename + add on the route")
-    parser.add_argument("--keep", metavar="FILE", help="keep the callgrind output there (for callgrind_annotate)")
+    parser.add_argument("--profile", metavar="FILE", help="keep the counted part's callgrind dump here "
+                        "(read it with callgrind_annotate)")
     parser.add_argument("--trace", type=float, metavar="RATIO",
                         help="tracing: on at this sample_ratio, exporting to a local OTLP/HTTP sink (the export "
                              "thread's instructions are counted too)")
     args = parser.parse_args()
+    args.unique = args.unique or args.cache_miss
+    args.cache = args.cache or args.cache_miss
     response = RESPONSE
     if args.json or args.transform:
         response = RESPONSE.replace(b"Content-Length: 11", b"Content-Length: %d" % len(JSON_BODY)) \
@@ -200,17 +218,18 @@ def main() -> None:
                 if time.time() > deadline or gateway.poll() is not None:
                     raise SystemExit(f"the gateway did not start: see {work}/valgrind.log")
                 time.sleep(0.5)
-        drive(port, 500, args.conns, request)                       # warm-up
+        drive(port, 500, args.conns, request, args.unique)          # warm-up
         subprocess.run(["callgrind_control", "-z", str(gateway.pid)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        drive(port, args.n, args.conns, request)
+        drive(port, args.n, args.conns, request, args.unique)
         subprocess.run(["callgrind_control", "-d", str(gateway.pid)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         dumps = sorted(work.glob(f"cg.{gateway.pid}.*"))
+        if args.profile:
+            subprocess.run(["cp", str(dumps[-1]), args.profile], check=True)
         totals = re.search(r"^(?:summary|totals): (\d+)", dumps[-1].read_text(), re.M)
-        if args.keep:
-            subprocess.run(["cp", str(dumps[-1]), args.keep], check=True)
         print(f"{int(totals.group(1)) // args.n} instructions per request (real daemon, user space, "
               f"{args.conns} connections, {'composed, 3 calls' if args.compose else 'JWT + limit' if args.jwt else 'plain proxy'}"
-              f"{', cached' if args.cache else ''}"
+              f"{', cached, every request a miss' if args.cache_miss else ', cached' if args.cache else ''}"
+              f"{', unique queries' if args.unique and not args.cache_miss else ''}"
               f"{', 2 KiB JSON' if args.json or args.transform else ''}{', transformed' if args.transform else ''}"
               f"{f', traced at sample_ratio {args.trace}' if args.trace is not None else ''})")
     finally:

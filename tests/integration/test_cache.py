@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import pytest_twisted
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import Clock, deferLater
+from twisted.internet.threads import deferToThread
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from tests.conftest import Upstream, assert_envelope, listen, parse_responses, quiet_site, raw
+from tests.conftest import Upstream, assert_envelope, listen, parse_responses, quiet_site, raw, until
 
 
 class Origin(Resource):
@@ -180,7 +182,8 @@ async def test_an_unsafe_method_that_succeeds_invalidates_the_uri(gateway, origi
     gw = await gateway(config(url), clock=Clock())
     await fetch(gw, "/i")
     assert (await fetch(gw, "/i")).header("x-cache") == "HIT"
-    await fetch(gw, "/i", "Content-Length: 0", method="POST")
+    posted = await fetch(gw, "/i", "Content-Length: 0", method="POST")
+    assert (posted.header("cache-status"), posted.header("x-cache")) == ("txgateway; fwd=method", "BYPASS")
     assert (await fetch(gw, "/i")).header("x-cache") == "MISS"
 
 
@@ -192,6 +195,7 @@ async def test_request_directives_no_cache_max_age_and_only_if_cached(gateway, o
     gw = await gateway(config(url), clock=clock)
     missing = await fetch(gw, "/d", "Cache-Control: only-if-cached")
     assert_envelope(missing, 504, "NOT_CACHED")
+    assert (missing.header("cache-status"), missing.header("x-cache")) == ("txgateway; detail=only-if-cached", "MISS")
     await fetch(gw, "/d")
     clock.advance(5)
     assert (await fetch(gw, "/d", "Cache-Control: no-cache")).header("x-cache") == "MISS"
@@ -442,3 +446,124 @@ async def test_serve_stale_when_the_upstream_is_down_and_then_out_of_rotation(ga
     assert [r["cache"] for r in gw.log][-2:] == ["STALE", "STALE"]
     clock.advance(601)              # past serve_stale (and the ejection): the upstream's error goes through
     assert_envelope(await fetch(gw, "/d"), 502, "BAD_GATEWAY")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_head_miss_is_fetched_as_a_get_whose_answer_serves_the_heads_and_gets_that_follow(gateway, origin):
+    res, url = origin
+    res.answers[b"/hd"] = (200, [(b"Cache-Control", b"max-age=60")], b"hello")
+    gw = await gateway(config(url), clock=Clock())
+    first = await fetch(gw, "/hd", method="HEAD")
+    assert (first.status, first.body, first.header("content-length"), first.header("x-cache")) == (200, b"", "5", "MISS")
+    assert first.header("cache-status") == "txgateway; fwd=uri-miss; fwd-status=200; stored"
+    assert [r.method for r in res.seen] == [b"GET"]
+    assert gw.log[-1]["method"] == "HEAD"
+    again = await fetch(gw, "/hd", method="HEAD")
+    assert (again.body, again.header("content-length"), again.header("x-cache")) == (b"", "5", "HIT")
+    got = await fetch(gw, "/hd")
+    assert (got.body, got.header("x-cache")) == (b"hello", "HIT")
+    assert res.count(b"/hd") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_head_with_a_stale_entry_goes_upstream_as_a_head_whose_304_refreshes_it(gateway, origin):
+    res, url = origin
+    res.answers[b"/hs"] = lambda r: ((304, [(b"Cache-Control", b"max-age=60")], b"") if r.getHeader(b"if-none-match")
+                                     else (200, [(b"Cache-Control", b"max-age=1"), (b"ETag", b'"v1"')], b"hello"))
+    clock = Clock()
+    gw = await gateway(config(url), clock=clock)
+    await fetch(gw, "/hs")
+    clock.advance(5)
+    head = await fetch(gw, "/hs", method="HEAD")
+    assert (head.status, head.body, head.header("x-cache"), head.header("content-length")) == (200, b"", "REVALIDATED", "5")
+    assert [r.method for r in res.seen] == [b"GET", b"HEAD"]
+    got = await fetch(gw, "/hs")
+    assert (got.body, got.header("x-cache")) == (b"hello", "HIT")
+
+
+async def ask(reactor: Any, gw: Any, res: Origin, path: str) -> tuple[socket.socket, Any]:
+    """A client's request for `path`, held by the origin: (the client's socket, the origin's request)."""
+    client = socket.create_connection(("127.0.0.1", gw.port), timeout=3)
+    client.sendall(get(path).replace(b"Connection: close\r\n", b""))
+    await until(reactor, lambda: res.held)
+    return client, res.held.pop()
+
+
+async def leave_mid_body(reactor: Any, gw: Any, client: socket.socket, request: Any, first: bytes) -> None:
+    """The origin sends the head and `first`; once they reached the client, it closes its connection."""
+    request.setHeader(b"cache-control", b"max-age=60")
+    request.write(first)
+    received = b""
+    while first not in received:
+        received += await deferToThread(client.recv, 65536)
+    client.close()
+    await until(reactor, lambda: gw.log)          # the gateway saw the client go (its access-log line)
+
+
+def lost(request: Any) -> list[Any]:
+    """Filled when the connection of the origin's `request` is lost before it finished."""
+    seen: list[Any] = []
+    request.notifyFinish().addErrback(seen.append)
+    return seen
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_leaves_mid_body_does_not_lose_the_entry_for_the_others(gateway, origin, reactor):
+    res, url = origin
+    res.answers[b"/fill"] = "hold"
+    gw = await gateway(config(url), clock=Clock())
+    inflight = gw.gateway.durable["cache"].inflight
+    client, request = await ask(reactor, gw, res, "/fill")
+    waiter = ensureDeferred(raw(gw.port, get("/fill")))
+    await until(reactor, lambda: len(inflight.get(KEY_FILL, ())) == 1)   # the waiter collapsed on the client's miss
+    await leave_mid_body(reactor, gw, client, request, b"first half, ")
+    request.write(b"second half")
+    request.finish()
+    [answer] = parse_responses(await waiter)
+    assert (answer.body, answer.header("x-cache")) == (b"first half, second half", "HIT")
+    assert (await fetch(gw, "/fill")).header("x-cache") == "HIT"
+    assert res.count(b"/fill") == 1
+
+
+KEY_FILL = ("/", b"a.example", b"/fill", b"", None, ())
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_fill_without_its_client_gives_up_beyond_max_object_size(gateway, origin, reactor):
+    res, url = origin
+    res.answers[b"/fill"] = "hold"
+    gw = await gateway(config(url, top="cache: {max_object_size: 1KiB}"), clock=Clock())
+    client, request = await ask(reactor, gw, res, "/fill")
+    gone = lost(request)
+    await leave_mid_body(reactor, gw, client, request, b"x" * 600)
+    request.write(b"y" * 600)                     # over max_object_size: not worth reading for nobody
+    await until(reactor, lambda: gone)
+    assert gw.gateway.durable["cache"].variants(KEY_FILL) is None and not gw.gateway.durable["cache"].inflight
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_fill_without_its_client_gives_up_when_the_upstream_stalls(gateway, origin, reactor):
+    res, url = origin
+    res.answers[b"/fill"] = "hold"
+    clock = Clock()
+    gw = await gateway(config(url, top="cache: {lock_timeout: 2m}"), clock=clock)
+    inflight = gw.gateway.durable["cache"].inflight
+    client, request = await ask(reactor, gw, res, "/fill")
+    gone = lost(request)
+    waiter = ensureDeferred(raw(gw.port, get("/fill")))
+    await until(reactor, lambda: len(inflight.get(KEY_FILL, ())) == 1)
+    await leave_mid_body(reactor, gw, client, request, b"partial")
+    for _ in range(595):                         # not yet the body's idle timeout (60 s, swept every 0.1 s)
+        clock.advance(0.1)
+    assert len(inflight[KEY_FILL]) == 1 and not gone
+    for _ in range(10):
+        clock.advance(0.1)
+    await until(reactor, lambda: gone and res.held)   # the fill gave up; the waiter went upstream itself
+    assert gw.gateway.durable["cache"].variants(KEY_FILL) is None
+    retry = res.held.pop()
+    retry.setHeader(b"cache-control", b"max-age=60")
+    retry.write(b"whole")
+    retry.finish()
+    [answer] = parse_responses(await waiter)
+    assert (answer.body, answer.header("x-cache")) == (b"whole", "MISS")
+    assert res.count(b"/fill") == 2

@@ -21,9 +21,10 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-from tests.conftest import free_port
+from tests.conftest import free_port, js
 from tests.integration.test_admin import admin_port, call, labels, named, scrape
 from tests.integration.test_auth import jwks_config, jwks_server, now_clock, rs, rsa_keys, wait_for  # noqa: F401
+from tests.integration.test_compose import Held, composed, held_closed
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
@@ -165,6 +166,14 @@ async def test_server_and_client_spans_with_their_parents_reach_the_collector(re
 @pytest_twisted.ensureDeferred
 async def test_unsampled_callers_and_ratio_zero_export_nothing_but_still_propagate(reactor, echo, receiver, gateway):
     gw = await gateway(config(echo.url, f"http://127.0.0.1:{free_port()}", receiver.url, ratio=0.0))
+    tracing, started = gw.gateway.tracing, []
+    record = tracing.start
+
+    def start(ctx: Any, continued: bool) -> None:
+        started.append(continued)
+        record(ctx, continued)
+
+    tracing.start = start
     assert (await call(gw.port, "/api/live/1", headers=[("traceparent", f"00-{TRACE}-{CALLER_SPAN}-00")])).status == 200
     assert (await call(gw.port, "/api/live/2")).status == 200                # a trace the gateway starts: ratio 0
     assert (await call(gw.port, "/api/live/3", headers=[("traceparent", f"00-{TRACE}-{CALLER_SPAN}-01")])).status == 200
@@ -174,6 +183,7 @@ async def test_unsampled_callers_and_ratio_zero_export_nothing_but_still_propaga
     assert TRACE not in second and not sampled(second)
     assert TRACE not in fourth and not sampled(fourth)                     # malformed (zero span id): a new trace
     assert third.startswith(f"00-{TRACE}-") and sampled(third)             # the caller sampled it: parent-based
+    assert started == [True]      # the SDK heard of the third request only (ops/sampling.py decides)
     flush(gw)
     spans = [span for _, span in receiver.spans]
     assert {s.trace_id.hex() for s in spans} == {TRACE} and len(spans) == 2   # only the third: server + client
@@ -256,3 +266,61 @@ async def test_a_jwks_refetch_for_an_unknown_kid_is_a_span_of_the_request(
                                             "txgateway.jwks": "refetch for an unknown kid"}
     assert fetch.end_time_unix_nano <= attempt.start_time_unix_nano
     assert attributes(server.attributes)["http.response.status_code"] == 200
+
+
+def composed_section(endpoint: str, up: Any, ratio: float = 1.0) -> str:
+    """/api/c/{id}: a user call, then an orders call using its answer, traced at `ratio`."""
+    return f'\n    tracing: {{otlp_endpoint: "{endpoint}", sample_ratio: {ratio}}}' + composed(
+        up, {"user": 'path: "/users/{id}"', "orders": 'path: "/orders/{user.customer_id}", after: user, group: orders'})
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_composed_call_is_a_client_span_of_the_request_and_sends_its_id(reactor, receiver, gateway, upstreams):
+    up = await upstreams({"/users/7": js({"id": 7, "customer_id": "c-9"}), "/orders/c-9": js([{"id": 1}])})
+    gw = await gateway(composed_section(receiver.url, up))
+    r = await call(gw.port, "/api/c/7", headers=[("traceparent", f"00-{TRACE}-{CALLER_SPAN}-01")])
+    assert r.status == 200
+    flush(gw)
+    server, (user, orders) = only_trace(receiver)
+    assert server.parent_span_id.hex() == CALLER_SPAN and server.name == "GET /api/c"
+    assert attributes(server.attributes)["http.response.status_code"] == 200
+    for span, request, path in ((user, up.requests[0], "/users/7"), (orders, up.requests[1], "/orders/c-9")):
+        assert (span.name, span.kind, span.status.code) == ("GET", Span.SPAN_KIND_CLIENT, Status.STATUS_CODE_UNSET)
+        assert attributes(span.attributes) == {
+            "http.request.method": "GET", "url.full": f"{up.url}{path}", "txgateway.upstream": "a",
+            "server.address": "127.0.0.1", "server.port": up.port, "http.response.status_code": 200}
+        # the upstream got the call's own span id
+        assert request.getHeader("traceparent") == f"00-{TRACE}-{span.span_id.hex()}-01"
+    assert user.end_time_unix_nano <= orders.start_time_unix_nano        # orders waited for user
+
+
+@pytest_twisted.ensureDeferred
+async def test_composed_calls_of_an_unsampled_request_make_no_spans_but_carry_its_trace(
+        reactor, receiver, gateway, upstreams):
+    up = await upstreams({"/users/7": js({"id": 7, "customer_id": "c-9"}), "/orders/c-9": js([])})
+    gw = await gateway(composed_section(receiver.url, up, ratio=0.0))
+    assert (await call(gw.port, "/api/c/7", headers=[("traceparent", f"00-{TRACE}-{CALLER_SPAN}-00")])).status == 200
+    flush(gw)
+    assert receiver.spans == []
+    sent = [request.getHeader("traceparent") for request in up.requests]
+    assert all(t.startswith(f"00-{TRACE}-") and t.endswith("-00") and CALLER_SPAN not in t for t in sent)
+    assert len(set(sent)) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_composed_call_and_the_one_it_cancels_end_as_error_spans(reactor, receiver, gateway, upstreams):
+    held = Held()
+    up = await upstreams({"/slow/1": held, "/broken/1": (503, b"text/plain", b"down")})
+    gw = await gateway(tracing_section(receiver.url) + composed(
+        up, {"slow": 'path: "/slow/{id}", group: slow', "broken": 'path: "/broken/{id}", group: broken'}, timeout="30s"))
+    assert (await call(gw.port, "/api/c/1")).status == 502
+    await held_closed(held, 1)
+    flush(gw)
+    server, calls = only_trace(receiver)
+    slow, broken = sorted(calls, key=lambda s: attributes(s.attributes)["url.full"], reverse=True)
+    assert attributes(broken.attributes)["http.response.status_code"] == 503
+    assert (attributes(broken.attributes)["error.type"], broken.status.code) == ("503", Status.STATUS_CODE_ERROR)
+    assert (attributes(slow.attributes)["error.type"], slow.status.code) == ("cancelled: broken failed",
+                                                                              Status.STATUS_CODE_ERROR)
+    assert "http.response.status_code" not in attributes(slow.attributes)
+    assert server.status.code == Status.STATUS_CODE_ERROR

@@ -299,6 +299,18 @@ def scrape(admin: int) -> tuple[float, dict[str, Any]] | None:
     return total, status
 
 
+def history(admin: int) -> int | None:
+    """The requests the status page's charts (/status/history) counted, all samples summed."""
+    try:
+        conn = http.client.HTTPConnection(HOST, admin, timeout=WAIT)
+        conn.request("GET", "/status/history")
+        samples = json.loads(conn.getresponse().read())["samples"]
+        conn.close()
+    except OSError:
+        return None
+    return sum(sample["series"]["gateway"]["requests"] for sample in samples)
+
+
 def test_metrics_and_status_count_the_requests_of_every_worker_and_survive_a_restart(tmp_path):
     admin = free_port()
     with two_workers(tmp_path, f'admin: {{endpoint: "tcp:{admin}:interface=127.0.0.1"}}\n') as (_, daemon, port, _):
@@ -322,6 +334,9 @@ def test_metrics_and_status_count_the_requests_of_every_worker_and_survive_a_res
         assert all(w["upstreams"]["users"]["targets"] for w in status["workers"])
         served = [sum(t["requests"] for t in w["upstreams"]["users"]["targets"]) for w in status["workers"]]
         assert sum(served) == sent and all(served), served     # the count came from both
+        charted = daemon.wait_until("every request in the status page's charts", lambda: (
+            got := history(admin)) is not None and got == sent and got)
+        assert charted == sent
 
         index = {i: pid for pid, i in daemon.worker_index().items()}
         os.kill(index[0], signal.SIGKILL)                     # the worker with the admin listener

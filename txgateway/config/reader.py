@@ -57,6 +57,9 @@ class Reader:
 
     file: str
     problems: list[ConfigProblem] = field(default_factory=list)
+    # Read first from the top level: names of request headers with `_` are refused without it,
+    # since such headers are dropped before anything reads them (filters/headerconfig.py).
+    underscores_in_headers: bool = False
 
     def fail(self, node: yaml.Node | None, path: str, message: str) -> _Invalid:
         line = node.start_mark.line + 1 if node is not None else None

@@ -179,6 +179,9 @@ def _config(r: Reader, root: yaml.Node, environ: Mapping[str, str] | None) -> Co
     upstreams = r.attempt(lambda: _upstreams(r, top["upstreams"]), no_upstreams) if "upstreams" in top else no_upstreams
     declared = ({k.value for k, _ in top["upstreams"].value if isinstance(k, yaml.ScalarNode)}
                 if isinstance(top.get("upstreams"), yaml.MappingNode) else set())
+    underscores = r.attempt(lambda: r.boolean(top["underscores_in_headers"], "underscores_in_headers"), False) \
+        if "underscores_in_headers" in top else False
+    r.underscores_in_headers = underscores      # before the sections and routes that name headers
     sections = {}
     for kind in registry.FILTERS:
         if kind.section in top and kind.parse_section is not None:
@@ -201,8 +204,6 @@ def _config(r: Reader, root: yaml.Node, environ: Mapping[str, str] | None) -> Co
         r.fail(top["redirect_to_https"], "redirect_to_https", "needs a listener with tls: to redirect to")
     _shared_ports(r, top, admin, manhole)
     limits = r.attempt(lambda: _limits(r, top["limits"]), Limits()) if "limits" in top else Limits()
-    underscores = r.attempt(lambda: r.boolean(top["underscores_in_headers"], "underscores_in_headers"), False) \
-        if "underscores_in_headers" in top else False
     limits, routes = _route_body_limits(limits, routes)
     no_networks: tuple[IPNetwork, ...] = ()
     proxies = r.attempt(lambda: r.networks(top["trusted_proxies"], "trusted_proxies"), no_networks) \

@@ -39,7 +39,6 @@ __all__ = [
 ]
 
 _log = Logger(namespace="txgateway.core.pipeline")
-
 REASONS = {
     200: b"OK", 201: b"Created", 202: b"Accepted", 204: b"No Content", 301: b"Moved Permanently", 302: b"Found",
     303: b"See Other", 304: b"Not Modified", 307: b"Temporary Redirect", 308: b"Permanent Redirect",
@@ -176,6 +175,15 @@ class RequestContext:
 
     def set_state(self, name: str, value: Any) -> None:
         self.state = _put(self.state, name, value)
+
+
+def _kept(ctx: RequestContext) -> bool:
+    """Whether a filter's state takes over the response of a request whose client left."""
+    for state in (ctx.state or {}).values():
+        keep = getattr(state, "keep", None)
+        if keep is not None and keep(ctx):
+            return True
+    return False
 
 
 def _put(mapping: dict[str, Any] | None, key: str, value: Any) -> dict[str, Any]:
@@ -466,10 +474,12 @@ class Pipeline:
     # -- end -----------------------------------------------------------------------------
 
     def cancel(self, ctx: RequestContext) -> None:
-        """The client went away: stop whatever is still working for it."""
+        """The client went away: stop whatever is still working for it, unless a filter's
+        state for the request takes the rest of the response over: one with `keep(ctx)` that
+        returns True (the response cache finishing an entry other clients wait for)."""
         if ctx.pending is not None:
             ctx.pending.cancel()
-        elif ctx.chain is not None and ctx.chain.terminal is not None:
+        elif ctx.chain is not None and ctx.chain.terminal is not None and not _kept(ctx):
             ctx.chain.terminal.cancel(ctx)
 
     def finished(self, ctx: RequestContext) -> None:

@@ -91,7 +91,7 @@ def parse_route(r: Reader, fields: dict[str, yaml.Node], path: str, scope: Scope
     no_methods: tuple[bytes, ...] = ()
     methods = r.attempt(lambda: r.methods(f["methods"], f"{path}.methods"), no_methods) if "methods" in f \
         else (b"GET", b"HEAD", b"POST")
-    headers = header_names(r, f["headers"], f"{path}.headers") if "headers" in f else ()
+    headers = header_names(r, f["headers"], f"{path}.headers", from_clients=True) if "headers" in f else ()
     expose = header_names(r, f["expose_headers"], f"{path}.expose_headers") if "expose_headers" in f else ()
     max_age = r.attempt(lambda: r.parsed(f["max_age"], f"{path}.max_age", parse_duration), 600.0) \
         if "max_age" in f else 600.0

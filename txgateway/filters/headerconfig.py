@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from txgateway.core.pipeline import Filter
     from txgateway.core.route import Route
 
-__all__ = ["DEFAULT_SECURITY_HEADERS", "HEADER_RULES", "HeaderRules", "RouteHeaders", "header_name", "header_value"]
+__all__ = ["DEFAULT_SECURITY_HEADERS", "HEADER_RULES", "HeaderRules", "RouteHeaders", "header_name", "header_value", "refuse_dropped"]
 
 _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _HEADER_GLOB = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -49,17 +49,28 @@ class RouteHeaders:
     security: tuple[tuple[bytes, bytes], ...] = DEFAULT_SECURITY_HEADERS
 
 
-def header_name(r: Reader, node: yaml.Node, path: str, glob: bool = False) -> bytes:
+def header_name(r: Reader, node: yaml.Node, path: str, glob: bool = False, from_clients: bool = False) -> bytes:
+    """A header name as written. `from_clients`: a header the gateway reads from requests, so one
+    with `_` is refused unless underscores_in_headers is on (it is dropped before any filter)."""
     name = r.string(node, path)
     valid = _HEADER_GLOB.match(name) if glob else _TOKEN.match(name.encode())
     if not valid:
         raise r.fail(node, path, f'expected a header name like "X-Api-Version", got "{name}"')
+    if from_clients:
+        refuse_dropped(r, node, path, name)
     return name.encode()
 
 
-def header_names(r: Reader, node: yaml.Node, path: str) -> tuple[bytes, ...]:
+def refuse_dropped(r: Reader, node: yaml.Node, path: str, name: str) -> None:
+    """Fail on a request header name with `_` while such headers are dropped at the edge."""
+    if "_" in name and not r.underscores_in_headers:
+        raise r.fail(node, path, f'"{name}" has a "_": request headers with one are dropped unless '
+                                 "underscores_in_headers: true, so it would never be seen")
+
+
+def header_names(r: Reader, node: yaml.Node, path: str, from_clients: bool = False) -> tuple[bytes, ...]:
     """A list of header names as written; each bad one is reported and left out."""
-    return tuple(name for name in (r.attempt(lambda: header_name(r, item, item_path), None)
+    return tuple(name for name in (r.attempt(lambda: header_name(r, item, item_path, from_clients=from_clients), None)
                                    for item_path, item in r.sequence(node, path)) if name is not None)
 
 

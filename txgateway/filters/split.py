@@ -94,7 +94,7 @@ def _parse_route(r: Reader, fields: dict[str, yaml.Node], path: str, scope: Scop
     percent = r.attempt(lambda: r.number(f["percent"], f"{path}.percent", 0, 100), None) if "percent" in f else None
     sticky = r.attempt(lambda: r.choice(f["sticky"], f"{path}.sticky", ("user", "client_ip")), None) \
         if "sticky" in f else None
-    header = r.attempt(lambda: header_name(r, f["header"], f"{path}.header").lower(), None) if "header" in f else None
+    header = r.attempt(lambda: header_name(r, f["header"], f"{path}.header", from_clients=True).lower(), None) if "header" in f else None
     if len(r.problems) != before or upstream is None or percent is None or upstream not in scope.upstreams:
         raise _Invalid()
     return Split(upstream, round(percent * 100), sticky, header)

@@ -1,7 +1,7 @@
 """The last 15 minutes, sampled every 2 s, for the status page's charts (GET /status/history).
 
 Every EVERY seconds of the injected clock the sampler reads the counters the request path
-already keeps (ops/stats.py: requests by route and status, duration histograms by route and
+already keeps, every worker's with --workers (ops/workerstats.py; ops/stats.py: requests by route and status, duration histograms by route and
 by upstream) and stores what changed since the last sample: requests (and per second) by status
 class, p50/p95/p99 latency (interpolated in the histogram's buckets, as Prometheus's
 histogram_quantile does) and the error rate (5xx / all), for the whole gateway, each route
@@ -18,6 +18,7 @@ from typing import Any
 
 from txgateway.core.periodic import Periodic
 from txgateway.ops.stats import BUCKETS
+from txgateway.ops.workerstats import whole_gateway
 
 __all__ = ["EVERY", "KEEP", "History", "quantile"]
 
@@ -82,8 +83,9 @@ class History:
         self._periodic.stop()
 
     def sample(self) -> None:
-        """One sample: what changed since the previous one."""
-        stats = self.gateway.stats
+        """One sample: what changed since the previous one, over every worker under --workers
+        (their counters summed, as /metrics has them)."""
+        stats = whole_gateway(self.gateway)[0]
         now = self.clock.seconds()
         seconds = max(now - self._last, 0.001)      # EVERY, unless the reactor was late
         self._last = now

@@ -2,7 +2,8 @@
 
 One server span per request, continuing the caller's `traceparent` (parent-based sampling: a
 caller's sampled flag decides; a trace the gateway starts is kept at `sample_ratio`), and a
-client span per upstream attempt, so retries show. The `traceparent` sent upstream carries the
+client span per upstream attempt, so retries show; a composed route's calls (terminals/compose/)
+are client spans of the same server span, one per attempt of each call. The `traceparent` sent upstream carries the
 attempt's own span id, and `ctx.traceparent` (metrics' exemplars) its trace id.
 
 Ended spans go to the SDK's BatchSpanProcessor, which exports from its own thread: the reactor
@@ -13,7 +14,6 @@ has `tracing:` (the SDK is several MiB of code a gateway without it never needs)
 
 from __future__ import annotations
 
-import random
 import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -29,8 +29,8 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from txgateway import __version__
-from txgateway.core.ids import trace_flags
 from txgateway.core.logtext import printable
+from txgateway.ops.sampling import TraceGate
 
 if TYPE_CHECKING:
     from txgateway.core.pipeline import RequestContext
@@ -87,6 +87,16 @@ class RequestSpans:
         self.client: Span | None = None   # the upstream attempt under way
         self.status_before = 0             # ctx.upstream_status when that attempt began
 
+    def call(self) -> RequestSpans:
+        """The spans of one composed call (terminals/compose/): its attempts are children of the
+        request's server span, with an attempt slot of their own (calls run side by side)."""
+        return RequestSpans(self.tracer, self.server)
+
+    def end_call(self, ctx: RequestContext, cancelled: str | None) -> None:
+        """A composed call settled (`ctx` its own context), or was `cancelled` for this reason."""
+        if self.client is not None:
+            _end_attempt(ctx, self, retried=False, cancelled=cancelled)
+
     def child(self, name: str, kind: SpanKind, attributes: dict[str, Any] | None = None) -> Span:
         return self.tracer.start_span(name, context=set_span_in_context(self.server), kind=kind, attributes=attributes)
 
@@ -105,20 +115,14 @@ class RequestSpans:
 
 
 class Tracing:
-    """The tracer, and a filter: `on_request` (first on the edge) opens the server span,
-    `attempt` (the proxy's hook) a client span per upstream attempt, `on_finished` ends them."""
-
-    name = "tracing"
-    on_response_head = None
-    on_response_body = None
+    """The tracer: records the requests its gate (ops/sampling.py) samples. `start` opens the
+    server span, `attempt` a client span per upstream attempt, `finish` ends them."""
 
     def __init__(self, config: TracingConfig) -> None:
         self.exporter = _CountingExporter(OTLPSpanExporter(endpoint=config.otlp_endpoint, headers=dict(config.headers),
                                                            timeout=_EXPORT_TIMEOUT))
         self.processor = BatchSpanProcessor(self.exporter, schedule_delay_millis=_SCHEDULE_DELAY * 1000.0)
-        self.ratio = config.sample_ratio
-        self.random = random.random
-        # The decision is on_request's; the SDK records what reaches it (its sampler agrees).
+        # The decision is the gate's; the SDK records what reaches it (its sampler agrees).
         # Not shut down at exit: the gateway stops it (`stop`) within its drain, off the reactor thread.
         self.provider = TracerProvider(sampler=ParentBased(ALWAYS_ON),
                                        resource=Resource.create({"service.name": config.service_name}),
@@ -126,19 +130,13 @@ class Tracing:
         self.provider.add_span_processor(self.processor)
         self.tracer = self.provider.get_tracer("txgateway", __version__)
         self.propagator = TraceContextTextMapPropagator()
+        # The edge's filter, finish hook and proxies' attempt hook (service/requestpath.py)
+        self.gate = TraceGate(self, config.sample_ratio)
 
-    # -- the filter ----------------------------------------------------------------------
+    # -- the sampled requests ------------------------------------------------------------
 
-    def on_request(self, ctx: RequestContext) -> None:
-        # Sampling is decided here, before the SDK is asked for anything: a request not sampled
-        # costs a header scan and nothing else (no span object, no context, no state).
-        incoming = None
-        for name, value in ctx.headers:
-            if name == b"traceparent":
-                incoming = value            # the last one, as the forwarding filter reads it
-        flags = trace_flags(incoming) if incoming is not None else None
-        if not (flags & 1 if flags is not None else self.random() < self.ratio):
-            return None     # the forwarding filter starts a trace nobody records as not sampled (00)
+    def start(self, ctx: RequestContext, continued: bool) -> None:
+        """A sampled request: its server span, child of the caller's span when `continued`."""
         carrier = {}
         others = []
         for name, value in ctx.headers:
@@ -146,7 +144,7 @@ class Tracing:
                 carrier[name.decode()] = value.decode("latin-1")
             else:
                 others.append((name, value))
-        parent = self.propagator.extract(carrier) if flags is not None else None
+        parent = self.propagator.extract(carrier) if continued else None
         method = _method(ctx)
         span = self.tracer.start_span(method, context=parent, kind=SpanKind.SERVER)
         if span.is_recording():
@@ -167,17 +165,13 @@ class Tracing:
         if "tracestate" in carrier:
             others.append((b"tracestate", carrier["tracestate"].encode("latin-1")))
         ctx.headers = others
-        ctx.set_state(self.name, RequestSpans(self.tracer, span))
-        return None
+        ctx.set_state(self.gate.name, RequestSpans(self.tracer, span))
 
-    def attempt(self, ctx: RequestContext) -> None:
-        """An upstream attempt starts (the proxy's `on_attempt`): end the one before (it failed:
-        a retry follows), open its client span, and send its id in the `traceparent`."""
-        spans: RequestSpans | None = ctx.get_state(self.name)
-        if spans is None:
-            return
+    def attempt(self, ctx: RequestContext, spans: RequestSpans) -> None:
+        """An upstream attempt starts: end the one before (it failed: a retry follows), open
+        its client span, and send its id in the `traceparent`."""
         if spans.client is not None:
-            self._end_attempt(ctx, spans, retried=True)
+            _end_attempt(ctx, spans, retried=True)
         method = _method(ctx)
         span = spans.child(method, SpanKind.CLIENT)
         if span.is_recording():
@@ -193,12 +187,9 @@ class Tracing:
             if name == b"traceparent":
                 headers[i] = (name, trace)
 
-    def on_finished(self, ctx: RequestContext) -> None:
-        spans: RequestSpans | None = ctx.get_state(self.name)
-        if spans is None:
-            return
+    def finish(self, ctx: RequestContext, spans: RequestSpans) -> None:
         if spans.client is not None:
-            self._end_attempt(ctx, spans, retried=False)
+            _end_attempt(ctx, spans, retried=False)
         span = spans.server
         if span.is_recording():
             route = ctx.route.prefix if ctx.route is not None else None
@@ -214,26 +205,6 @@ class Tracing:
             elif ctx.error_code is not None:
                 span.set_attribute("txgateway.error", ctx.error_code)
         span.end()
-
-    def _end_attempt(self, ctx: RequestContext, spans: RequestSpans, retried: bool) -> None:
-        span = spans.client
-        spans.client = None
-        if span is not None and span.is_recording():
-            if ctx.upstream_addr:
-                address, _, port = ctx.upstream_addr.rpartition(":")
-                span.set_attribute("server.address", address)
-                if port.isdigit():
-                    span.set_attribute("server.port", int(port))
-            status = ctx.upstream_status
-            if status and (status != spans.status_before or not retried):   # this attempt's own answer
-                span.set_attribute("http.response.status_code", status)
-            notes = ctx.notes or {}
-            failure = notes.get("upstream_error") if retried or ctx.error_code else None
-            if failure is not None or status >= 500:
-                span.set_attribute("error.type", str(failure or status))
-                span.set_status(StatusCode.ERROR, failure)
-        if span is not None:
-            span.end()
 
     # -- lifecycle and metrics -----------------------------------------------------------
 
@@ -271,3 +242,26 @@ class Tracing:
 def _traceparent(span: Span) -> bytes:
     context = span.get_span_context()
     return b"00-%032x-%016x-%02x" % (context.trace_id, context.span_id, context.trace_flags)
+
+
+def _end_attempt(ctx: RequestContext, spans: RequestSpans, retried: bool, cancelled: str | None = None) -> None:
+    """End the attempt under way: its target, its answer, and why it failed (a retry followed,
+    the proxy gave up, or its composition `cancelled` it)."""
+    span = spans.client
+    spans.client = None
+    if span is not None and span.is_recording():
+        if ctx.upstream_addr:
+            address, _, port = ctx.upstream_addr.rpartition(":")
+            span.set_attribute("server.address", address)
+            if port.isdigit():
+                span.set_attribute("server.port", int(port))
+        status = ctx.upstream_status
+        if status and (status != spans.status_before or not retried):   # this attempt's own answer
+            span.set_attribute("http.response.status_code", status)
+        notes = ctx.notes or {}
+        failure = cancelled or (notes.get("upstream_error") if retried or ctx.error_code else None)
+        if failure is not None or status >= 500:
+            span.set_attribute("error.type", str(failure or status))
+            span.set_status(StatusCode.ERROR, failure)
+    if span is not None:
+        span.end()

@@ -106,6 +106,17 @@ class UpstreamConnection(TwistedProtocol):
         self.pool.connection_made(self, user, self.factory)
         self.factory = None
 
+    # The producer a slow client pauses (proxy.Exchange.read_done registers it).
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        """The client's connection was lost: not this connection's end. Pipeline.cancel, which
+        follows, closes it through the exchange, or lets the response cache read it to the end."""
+
     def send(self, user: UpstreamUser, head: bytes, no_body: bool, upgrade: bytes = b"") -> None:
         self.user = user
         self.no_body = no_body

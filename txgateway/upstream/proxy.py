@@ -332,7 +332,7 @@ class Exchange:
             ctx.downstream.flush(ctx)
             if not self.producing and self.conn is not None:
                 self.producing = True
-                ctx.downstream.register_producer(ctx, self.conn.transport)
+                ctx.downstream.register_producer(ctx, self.conn)
 
     def response_complete(self, reusable: bool) -> None:
         if self.phase != _STREAMING:
@@ -403,6 +403,15 @@ class Exchange:
                                        "response timeout")
         elif self.phase == _STREAMING:
             self._abort("upstream body idle timeout")
+
+    def hand_over(self, ctx: RequestContext) -> None:
+        """The client is gone and `ctx` (the cache's own, with no client) takes the rest of
+        the response: same connection, same deadlines, same verdicts."""
+        self.ctx.forwarding = None
+        ctx.forwarding = self
+        self.ctx = ctx
+        if self.producing and self.conn is not None:
+            self.conn.transport.resumeProducing()     # the gone client may have paused it
 
     def cancel(self) -> None:
         """The client is gone: drop the upstream side without answering anyone."""

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from txgateway.config.reader import ConfigError, Reader, _Invalid, compose
 from txgateway.config.units import parse_duration
 from txgateway.filters.auth.forwardconfig import ForwardAuthConfig, parse_forward
+from txgateway.filters.headerconfig import header_name
 
 __all__ = [
     "ASYMMETRIC",
@@ -279,7 +280,7 @@ def _jwks_file(r: Reader, node: yaml.Node, path: str) -> tuple[Jwk, ...]:
 def _api_keys(r: Reader, node: yaml.Node) -> ApiKeysConfig:
     path = "auth.api_keys"
     f = r.mapping(node, path, {"header": "", "file": ""})
-    header = r.string(f["header"], f"{path}.header") if "header" in f else "X-API-Key"
+    header = header_name(r, f["header"], f"{path}.header", from_clients=True).decode() if "header" in f else "X-API-Key"
     if "file" not in f:
         raise r.fail(node, f"{path}.file", "missing (required): the keys file (entries: {hash, id, role, tier})")
     file, root, fr = _entries_file(r, f["file"], f"{path}.file")

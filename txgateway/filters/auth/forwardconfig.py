@@ -45,7 +45,8 @@ def parse_forward(r: Reader, node: yaml.Node, path: str, scope: Scope) -> Forwar
         values["path"] = where.encode("latin-1", "replace")
     for key in ("headers_to_send", "headers_from_response"):
         if key in f:
-            values[key] = tuple(name.lower() for name in header_names(r, f[key], f"{path}.{key}"))
+            values[key] = tuple(name.lower() for name in header_names(r, f[key], f"{path}.{key}",
+                                                                       from_clients=key == "headers_to_send"))
     if "cache_ttl" in f:
         values["cache_ttl"] = r.attempt(lambda: r.parsed(f["cache_ttl"], f"{path}.cache_ttl", parse_duration), 0.0)
     if "cache_size" in f:

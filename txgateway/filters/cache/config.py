@@ -62,7 +62,7 @@ def _parse_key(r: Reader, node: yaml.Node, path: str) -> dict[str, Any]:
         else:
             out["query"] = r.boolean(q, f"{path}.query")
     if "headers" in f:
-        out["headers"] = tuple(header_name(r, n, p).lower() for p, n in r.sequence(f["headers"], f"{path}.headers"))
+        out["headers"] = tuple(header_name(r, n, p, from_clients=True).lower() for p, n in r.sequence(f["headers"], f"{path}.headers"))
     if "identity" in f:
         out["identity"] = r.boolean(f["identity"], f"{path}.identity")
     return out

@@ -12,12 +12,13 @@ refuses for an open breaker or no target in rotation, a stale entry allowed by
 
 Concurrent misses for one key wait for the first (collapsed forwarding, bounded by
 `lock_timeout`); `stale-while-revalidate` answers at once while one background request,
-through the route's own terminal, refreshes the entry.
+through the route's own terminal, refreshes the entry. When the client of a fill goes away,
+the fill goes on without it (`keep`). A HEAD miss is fetched as a GET, so it is stored.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from twisted.internet.defer import Deferred
 
@@ -30,36 +31,48 @@ from txgateway.filters.cache.rules import (
     Directives,
     directives,
     field_values,
+    members,
     parse_delta,
+    parse_directives,
     parse_http_date,
 )
 from txgateway.filters.cache.store import Entry, Store
 
 __all__ = ["CacheFilter", "build_filter"]
 
-NAME = "cache"
-MAX_VARY = 32                 # a response varying on more request headers is not stored
-_SAFE = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
-_COOKIES = frozenset({b"set-cookie", b"set-cookie2"})
+# Final: mypyc reads these as C statics, not from the module's dict (a miss reads many).
+NAME: Final = "cache"
+MAX_VARY: Final = 32          # a response varying on more request headers is not stored
+_SAFE: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE"})
+_COOKIES: Final = frozenset({b"set-cookie", b"set-cookie2"})
 # RFC 9111 §3.2: a 304 updates the stored fields, except those describing the stored content.
-_NOT_UPDATED = frozenset({b"content-length", b"content-encoding", b"transfer-encoding", b"content-range",
-                          b"content-md5", b"etag", b"age"})
-_CONDITIONALS = frozenset({b"if-none-match", b"if-modified-since"})
+_NOT_UPDATED: Final = frozenset({b"content-length", b"content-encoding", b"transfer-encoding", b"content-range",
+                                 b"content-md5", b"etag", b"age"})
+_CONDITIONALS: Final = frozenset({b"if-none-match", b"if-modified-since"})
 # The request fields the cache looks at, as bits of one pass over the headers.
-_RANGE, _AUTHORIZATION, _CACHE_CONTROL, _PRAGMA, _CONDITIONAL = 1, 2, 4, 8, 16
-_WATCHED = {b"range": _RANGE, b"authorization": _AUTHORIZATION, b"cache-control": _CACHE_CONTROL,
-            b"pragma": _PRAGMA, b"if-none-match": _CONDITIONAL, b"if-modified-since": _CONDITIONAL}
-_NO_DIRECTIVES = Directives({})
+_RANGE: Final = 1
+_AUTHORIZATION: Final = 2
+_CACHE_CONTROL: Final = 4
+_PRAGMA: Final = 8
+_CONDITIONAL: Final = 16
+_WATCHED: Final = {b"range": _RANGE, b"authorization": _AUTHORIZATION, b"cache-control": _CACHE_CONTROL,
+                   b"pragma": _PRAGMA, b"if-none-match": _CONDITIONAL, b"if-modified-since": _CONDITIONAL}
+_NO_DIRECTIVES: Final = Directives({})
+# RFC 9211 on the cache's own 504: neither `hit` (nothing stored answered) nor `fwd` (not forwarded).
+_NOT_CACHED: Final = [(b"cache-status", b"txgateway; detail=only-if-cached"), (b"x-cache", b"MISS")]
+# A miss's Cache-Status by (fwd, upstream status, stored): formatting one costs more than finding it.
+_MISS_STATUS: Final[dict[tuple[bytes, int, bool], bytes]] = {}
 
 
 class _Forward:
     """A request the cache sent upstream: what the head and body hooks need to store it."""
 
     __slots__ = ("key", "entry", "request_time", "req", "fwd", "vary_source", "record", "size", "replace",
-                 "leader", "conditional", "background", "head")
+                 "leader", "conditional", "background", "head", "as_head", "resp", "vary", "cache")
 
-    def __init__(self, key: tuple[Any, ...], entry: Entry | None, request_time: float, req: Directives,
-                 fwd: bytes, vary_source: list[tuple[bytes, bytes]]) -> None:
+    def __init__(self, cache: CacheFilter, key: tuple[Any, ...], entry: Entry | None, request_time: float,
+                 req: Directives, fwd: bytes, vary_source: list[tuple[bytes, bytes]]) -> None:
+        self.cache = cache
         self.key = key
         self.entry = entry                 # a stored response this request may refresh or fall back on
         self.request_time = request_time
@@ -71,11 +84,18 @@ class _Forward:
         self.replace: bytes | None = None  # the body sent instead of the upstream's (304, stale)
         self.leader = False                # other requests for the key wait for this one
         self.conditional: list[tuple[bytes, bytes]] | None = None   # the client's, kept aside
-        self.background = False
+        self.background = False            # no client: a refresh, or a fill its client left
         self.head: tuple[int, list[tuple[bytes, bytes]], int | None] = (0, [], None)   # as recorded
+        self.as_head = False               # a HEAD request sent upstream as GET, so its answer is stored
+        self.resp = _NO_DIRECTIVES         # the recorded response's Cache-Control
+        self.vary: list[bytes] = []        # and its Vary, lower case
+
+    def keep(self, ctx: RequestContext) -> bool:
+        """Pipeline.cancel asks the states of a request whose client left (see CacheFilter.keep)."""
+        return self.cache.keep(ctx, self)
 
 
-_HIT = "hit"            # answered from the store (state of a request that needs no response work)
+_HIT: Final = "hit"     # answered from the store (state of a request that needs no response work)
 
 
 class _Bypass:
@@ -121,6 +141,14 @@ class CacheFilter:
         self.store = store
         self.settings = settings
         self.policy = policy
+        # What every request reads, as native attributes (the policy and settings are plain dataclasses).
+        self.methods: frozenset[bytes] = policy.methods
+        self.by_identity: bool = policy.identity
+        self.credentials: bool = policy.identity or settings.credentials
+        self.key_query: bool | tuple[bytes, ...] = policy.query
+        self.key_headers: tuple[bytes, ...] = policy.headers
+        self.max_object_size: int = settings.max_object_size
+        self.ttl: float = policy.ttl
         self.route = route
         self.clock = clock
         self.counts = store.counts(route)
@@ -134,7 +162,7 @@ class CacheFilter:
         """Route, host as routed, path and the query the route keys on, identity and the
         request headers named in `key.headers`: nothing a client can vary outside it."""
         query: bytes = ctx.query
-        keep = self.policy.query
+        keep = self.key_query
         if keep is False:
             query = b""
         elif keep is not True and query:
@@ -142,16 +170,16 @@ class CacheFilter:
             query = b"?" + b"&".join(sorted(wanted)) if wanted else b""
         host = (ctx.host or b"").lower()
         identity = None
-        if self.policy.identity and ctx.identity is not None:
+        if self.by_identity and ctx.identity is not None:
             identity = ctx.identity.user_id
-        extra = tuple(_request_value(ctx.headers, name) for name in self.policy.headers)
+        extra = tuple(_request_value(ctx.headers, name) for name in self.key_headers) if self.key_headers else ()
         return (self.route, host, ctx.path, query, identity, extra)
 
     # -- request -------------------------------------------------------------------------
 
     def on_request(self, ctx: RequestContext) -> LocalResponse | Deferred[Any] | None:
         method = ctx.method
-        if method not in self.policy.methods:
+        if method not in self.methods:
             if method not in _SAFE:
                 ctx.set_state(NAME, _Invalidate(self.key(ctx)))
             else:
@@ -165,8 +193,7 @@ class CacheFilter:
         if seen & _RANGE:
             ctx.set_state(NAME, _Bypass(b"partial"))
             return None
-        if (seen & _AUTHORIZATION or ctx.identity is not None) and not self.policy.identity \
-                and not self.settings.credentials:
+        if (seen & _AUTHORIZATION or ctx.identity is not None) and not self.credentials:
             ctx.set_state(NAME, _Bypass(b"request"))
             return None
         return self._lookup(ctx, True, seen)
@@ -175,7 +202,8 @@ class CacheFilter:
         key = self.key(ctx)
         req = directives(ctx.headers) if seen & _CACHE_CONTROL else _NO_DIRECTIVES
         now = self.clock.seconds()
-        entry = self._select(self.store.variants(key), ctx.headers)
+        variants = self.store.variants(key)
+        entry = self._select(variants, ctx.headers)
         no_cache = b"no-cache" in req or (
             seen & _PRAGMA != 0 and not req.d and b"no-cache" in field_values(ctx.headers, b"pragma"))
         fwd = b"uri-miss"
@@ -191,21 +219,28 @@ class CacheFilter:
                     self._refresh(ctx, key, entry)
                     return self._hit(ctx, entry, age, b"STALE", seen & _CONDITIONAL != 0)
             fwd = b"request" if no_cache else b"stale"
-        elif self.store.variants(key):
+        elif variants:
             fwd = b"vary-miss"
         if b"only-if-cached" in req:
             ctx.note(NAME, "MISS")
-            return error_response(ctx, 504, "NOT_CACHED", "only-if-cached: no stored response can answer this request")
-        if may_wait and entry is None and not no_cache:
-            waiters = self.inflight.get(key)
-            if waiters is not None:
-                return self._wait(ctx, waiters, seen)
-        state = _Forward(key, entry, now, req, fwd, ctx.headers)
-        if key not in self.inflight:
-            self.inflight[key] = []
+            return error_response(ctx, 504, "NOT_CACHED", "only-if-cached: no stored response can answer this request",
+                                  _NOT_CACHED)
+        inflight = self.inflight
+        waiters = inflight.get(key)
+        if waiters is not None and may_wait and entry is None and not no_cache:
+            return self._wait(ctx, waiters, seen)
+        state = _Forward(self, key, entry, now, req, fwd, ctx.headers)
+        if waiters is None:
+            inflight[key] = []
             state.leader = True
         if entry is not None:
             self._ask_validation(ctx, state, entry)
+        if ctx.method == b"HEAD" and entry is None:
+            # As nginx does: a HEAD miss goes upstream as a GET, whose answer is stored for the
+            # HEADs and GETs that follow; the client gets the head (the transports send no body
+            # to a HEAD). With a stored entry it stays a HEAD: a 304 to it refreshes the entry.
+            ctx.method = b"GET"
+            state.as_head = True
         ctx.set_state(NAME, state)
         return None
 
@@ -331,30 +366,40 @@ class CacheFilter:
         if isinstance(state, _Invalidate):
             if 200 <= head.status < 400:
                 self._invalidate(ctx, state.key, head)
+            head.headers += [(b"cache-status", b"txgateway; fwd=method"), (b"x-cache", b"BYPASS")]
             return
         if isinstance(state, _Bypass):
             ctx.note(NAME, "BYPASS")
             head.headers += [(b"cache-status", b"txgateway; fwd=" + state.why), (b"x-cache", b"BYPASS")]
             return
+        if state.as_head:
+            ctx.method = b"HEAD"
         self._forwarded(ctx, state, head)
 
     def _forwarded(self, ctx: RequestContext, state: _Forward, head: ResponseHead) -> None:
         status = head.status
-        now = self.clock.seconds()
         entry = state.entry
-        if status == 304 and entry is not None and state.conditional is not None:
-            self._revalidated(ctx, state, head, entry, now)
-            return
-        if status >= 500 and entry is not None and self._stale_allowed(state, entry, now):
-            self._serve_stale(ctx, state, head, entry, now)
-            return
-        stored = self._start_recording(ctx, state, head, now)
+        if entry is not None:
+            now = self.clock.seconds()
+            if status == 304 and state.conditional is not None:
+                self._revalidated(ctx, state, head, entry, now)
+                return
+            if status >= 500 and self._stale_allowed(state, entry, now):
+                self._serve_stale(ctx, state, head, entry, now)
+                return
+        stored = self._start_recording(ctx, state, head)
         if not stored:
             self._release(state)
+            if state.background:
+                self._give_up(ctx)
         self.counts.misses += 1
         ctx.note(NAME, "MISS")
-        head.headers += [(b"cache-status", b"txgateway; fwd=%s; fwd-status=%d%s"
-                          % (state.fwd, status, b"; stored" if stored else b"")), (b"x-cache", b"MISS")]
+        line = _MISS_STATUS.get((state.fwd, status, stored))
+        if line is None:
+            line = b"txgateway; fwd=%s; fwd-status=%d%s" % (state.fwd, status, b"; stored" if stored else b"")
+            if len(_MISS_STATUS) < 1024:
+                _MISS_STATUS[(state.fwd, status, stored)] = line
+        head.headers += [(b"cache-status", line), (b"x-cache", b"MISS")]
 
     def _revalidated(self, ctx: RequestContext, state: _Forward, head: ResponseHead, entry: Entry,
                      now: float) -> None:
@@ -415,30 +460,40 @@ class CacheFilter:
         head.length = len(entry.body)
         state.replace = entry.body
 
-    def _start_recording(self, ctx: RequestContext, state: _Forward, head: ResponseHead, now: float) -> bool:
+    def _start_recording(self, ctx: RequestContext, state: _Forward, head: ResponseHead) -> bool:
         """Whether this response may be stored (RFC 9111 §3); if so its body is recorded."""
         status = head.status
-        if ctx.method != b"GET" or status < 200 or status in (206, 304) or b"no-store" in state.req:
+        if status < 200 or status in (206, 304) or b"no-store" in state.req or (ctx.method == b"HEAD" and not state.as_head):
             return False
-        if head.length is not None and head.length > self.settings.max_object_size:
+        if head.length is not None and head.length > self.max_object_size:
             return False
-        resp = directives(head.headers)
+        controls: list[bytes] = []    # one pass over the headers for the fields that decide
+        varies: list[bytes] = []
+        expires = False
+        for name, value in head.headers:
+            if name == b"cache-control":
+                controls.append(value)
+            elif name == b"vary":
+                varies.append(value)
+            elif name == b"expires":
+                expires = True
+        resp = parse_directives(controls) if controls else _NO_DIRECTIVES
         if b"no-store" in resp or b"private" in resp:
             return False
-        names = {k for k, _ in head.headers}
         if b"must-understand" in resp and status not in REASONS:
             return False
-        if (ctx.identity is not None or ctx.header(b"authorization") is not None) and not self.policy.identity \
-                and not (b"public" in resp or b"s-maxage" in resp or b"must-revalidate" in resp):
+        if not self.by_identity and not (b"public" in resp or b"s-maxage" in resp or b"must-revalidate" in resp) \
+                and (ctx.identity is not None or ctx.header(b"authorization") is not None):
             return False
-        explicit = b"max-age" in resp or b"s-maxage" in resp or b"expires" in names
+        explicit = b"max-age" in resp or b"s-maxage" in resp or expires
         if not (explicit or b"public" in resp or status in DEFAULT_CACHEABLE):
             return False
-        vary = [v.lower() for v in field_values(head.headers, b"vary")]
+        vary = [v.lower() for v in members(varies)]
         if b"*" in vary or len(vary) > MAX_VARY:
             return False
         state.record = []
         state.head = (status, list(head.headers), head.length)
+        state.resp, state.vary = resp, vary
         return True
 
     def on_response_body(self, ctx: RequestContext, chunk: bytes, end: bool) -> bytes:
@@ -451,9 +506,11 @@ class CacheFilter:
         if record is not None:
             if chunk:
                 state.size += len(chunk)
-                if state.size > self.settings.max_object_size:
+                if state.size > self.max_object_size:
                     state.record = None
                     self._release(state)
+                    if state.background:
+                        self._give_up(ctx)
                     return chunk
                 record.append(chunk)
             if end:
@@ -464,31 +521,48 @@ class CacheFilter:
     def _store(self, ctx: RequestContext, state: _Forward, body: bytes) -> None:
         status, headers, length = state.head
         if length is None or length == len(body):
-            entry = self._entry(status, headers, body, state, self.clock.seconds(), None)
+            entry = self._entry(status, headers, body, state, self.clock.seconds(), None, state.resp, state.vary)
             if entry is not None:
                 self.store.put(state.key, entry)
         self._release(state)
 
     def _entry(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, state: _Forward,
-               now: float, age_header: bytes | None) -> Entry | None:
-        """An entry with its freshness lifetime and corrected initial age (§4.2.1, §4.2.3)."""
-        ages = [age_header] if age_header is not None else [v for k, v in headers if k == b"age"]
+               now: float, age_header: bytes | None, resp: Directives | None = None,
+               vary_values: list[bytes] | None = None) -> Entry | None:
+        """An entry with its freshness lifetime and corrected initial age (§4.2.1, §4.2.3).
+        `resp` and `vary_values`: the headers' Cache-Control and Vary, when already parsed."""
+        not_stored = self.not_stored
+        ages: list[bytes] = []
+        date_field: bytes | None = None
+        dropped = False
+        for k, v in headers:            # one pass: what is not stored, Age, Date (the last one)
+            if k in not_stored:
+                dropped = True
+                if k == b"age":
+                    ages.append(v)
+            elif k == b"date":
+                date_field = v
+        if age_header is not None:
+            ages = [age_header]
         # An Age that is not one valid delta-seconds makes the response stale (taken as very old).
         age_value = 0 if not ages else parse_delta(ages[0]) if len(ages) == 1 else None
         if age_value is None:
             age_value = MAX_DELTA
-        not_stored = self.not_stored
-        kept = [(k, v) for k, v in headers if k not in not_stored]
-        resp = directives(kept)
-        date = parse_http_date(dict(kept).get(b"date"))
+        kept = [(k, v) for k, v in headers if k not in not_stored] if dropped else headers
+        if resp is None:
+            resp = directives(kept)
+        if vary_values is None:
+            vary_values = [v.lower() for v in field_values(kept, b"vary")]
+        date = parse_http_date(date_field)
         date_value = date if date is not None else now
         apparent_age = max(0.0, now - date_value)
         corrected_age = max(apparent_age, age_value + (now - state.request_time))
         lifetime = self._lifetime(status, kept, resp, date_value)
-        vary = tuple((name, _request_value(state.vary_source, name))
-                     for name in sorted({v.lower() for v in field_values(kept, b"vary")}))
-        if any(name == b"*" for name, _ in vary):
-            return None
+        vary: tuple[tuple[bytes, bytes | None], ...] = ()
+        if vary_values:
+            if b"*" in vary_values:
+                return None
+            vary = tuple((name, _request_value(state.vary_source, name)) for name in sorted(set(vary_values)))
         return Entry(status, kept, body, state.request_time, now, corrected_age, lifetime, vary, resp, date_value)
 
     def _lifetime(self, status: int, headers: list[tuple[bytes, bytes]], resp: Directives, date: float) -> float:
@@ -502,8 +576,8 @@ class CacheFilter:
             return max(0.0, when - date) if when is not None and len(expires) == 1 else 0.0
         if status not in DEFAULT_CACHEABLE and b"public" not in resp:
             return 0.0
-        if self.policy.ttl:
-            return self.policy.ttl
+        if self.ttl:
+            return self.ttl
         modified = parse_http_date(dict(headers).get(b"last-modified"))
         if modified is not None and modified < date:
             return (date - modified) / 10.0     # RFC 9111 §4.2.2's suggested heuristic
@@ -534,10 +608,50 @@ class CacheFilter:
     # -- end -----------------------------------------------------------------------------
 
     def on_finished(self, ctx: RequestContext) -> None:
-        """A leader that ended without storing (client gone, upstream cut) lets its waiters go."""
+        """A leader that ended without storing (upstream cut, client gone before its fill could
+        be kept) lets its waiters go."""
         state = ctx.get_state(NAME)
         if state is not None and state.__class__ is _Forward and state.leader:
             self._release(state)
+
+    # -- the client left: the fill goes on -------------------------------------------------
+
+    def keep(self, ctx: RequestContext, state: _Forward) -> bool:
+        """Pipeline.cancel, its client gone: a response being stored, or one that others wait
+        for, is read on to its end by a request of the cache's own (bounded like any fill: by
+        `max_object_size` and the upstream's timeouts). False: the pipeline drops it."""
+        if state.background or ctx.get_state(NAME) is not state:
+            return False
+        if state.record is None and (ctx.response_started or not state.leader):
+            return False            # nothing to store, nobody waiting
+        hand_over = getattr(ctx.forwarding, "hand_over", None)
+        if hand_over is None:
+            return False
+        fill = self._own_request(ctx, ctx.method, ctx.headers, "-fill")
+        fill.response_started, fill.status = ctx.response_started, ctx.status
+        state.background = True
+        fill.set_state(NAME, state)
+        ctx.set_state(NAME, None)   # its finish hooks must not release the waiters: the fill will
+        if state.as_head:
+            ctx.method = b"HEAD"
+        hand_over(fill)
+        return True
+
+    def _give_up(self, ctx: RequestContext) -> None:
+        """A request without a client whose answer will not be stored: stop reading it."""
+        chain = ctx.chain
+        if chain is not None and chain.terminal is not None:
+            chain.terminal.cancel(ctx)
+
+    def _own_request(self, ctx: RequestContext, method: bytes, headers: list[tuple[bytes, bytes]],
+                     suffix: str) -> RequestContext:
+        """A request of the cache's own on `ctx`'s route and upstream, with no client (`_Refresh`)."""
+        own = RequestContext(method, ctx.target, ctx.path, ctx.query, b"1.1", headers, ctx.host, ctx.scheme,
+                             ctx.peer_ip, _Refresh(self), self.clock.seconds())
+        own.correlation_id = ctx.correlation_id + suffix
+        own.client_ip, own.route, own.chain = ctx.client_ip, ctx.route, ctx.chain
+        own.upstream, own.upstream_path, own.identity = ctx.upstream, ctx.upstream_path, ctx.identity
+        return own
 
     # -- background refresh (stale-while-revalidate) ---------------------------------------
 
@@ -550,12 +664,8 @@ class CacheFilter:
         pipeline = getattr(terminal, "pipeline", None)
         if terminal is None or pipeline is None:
             return
-        bg = RequestContext(b"GET", ctx.target, ctx.path, ctx.query, b"1.1", list(ctx.headers), ctx.host, ctx.scheme,
-                            ctx.peer_ip, _Refresh(self), self.clock.seconds())
-        bg.correlation_id = ctx.correlation_id + "-refresh"
-        bg.client_ip, bg.route, bg.chain = ctx.client_ip, ctx.route, chain
-        bg.upstream, bg.upstream_path, bg.identity = ctx.upstream, ctx.upstream_path, ctx.identity
-        state = _Forward(key, entry, bg.start, directives(bg.headers), b"stale", bg.headers)
+        bg = self._own_request(ctx, b"GET", list(ctx.headers), "-refresh")
+        state = _Forward(self, key, entry, bg.start, directives(bg.headers), b"stale", bg.headers)
         state.leader = True
         state.background = True
         self.inflight[key] = []
@@ -566,7 +676,8 @@ class CacheFilter:
 
 
 class _Refresh(Nowhere):
-    """The client side of a background refresh: the answer only updates the store."""
+    """The client side of the cache's own requests (a background refresh, a fill whose client
+    left): the answer only updates the store."""
 
     def __init__(self, cache: CacheFilter) -> None:
         self.cache = cache

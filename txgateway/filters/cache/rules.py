@@ -9,23 +9,28 @@ from __future__ import annotations
 
 import calendar
 from email.utils import formatdate, parsedate_tz
+from typing import Final
 
 __all__ = [
     "DEFAULT_CACHEABLE", "MAX_DELTA", "Directives", "directives", "field_values", "http_date",
-    "parse_delta", "parse_http_date",
+    "members", "parse_delta", "parse_directives", "parse_http_date",
 ]
 
-MAX_DELTA = 2**31          # RFC 9111 §1.2.2: larger delta-seconds are taken as this
+MAX_DELTA: Final = 2**31   # RFC 9111 §1.2.2: larger delta-seconds are taken as this
 # RFC 9110 §15.1: statuses cacheable by default (206 is left out: ranges pass through).
-DEFAULT_CACHEABLE = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501})
+DEFAULT_CACHEABLE: Final = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501})
 
 
 def field_values(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
     """The comma-separated members of every `name` field, stripped, empty ones dropped."""
+    return members([value for key, value in headers if key == name])
+
+
+def members(values: list[bytes]) -> list[bytes]:
+    """The comma-separated members of these field values, stripped, empty ones dropped."""
     out: list[bytes] = []
-    for key, value in headers:
-        if key == name:
-            out.extend(p.strip() for p in value.split(b",") if p.strip())
+    for value in values:
+        out.extend(p.strip() for p in value.split(b",") if p.strip())
     return out
 
 
@@ -40,9 +45,24 @@ def parse_delta(value: bytes | None) -> int | None:
     return MAX_DELTA if n > MAX_DELTA else n
 
 
+_DATES: Final[dict[bytes, float | None]] = {}   # parse_http_date's memory: values seen lately
+_DATES_KEPT: Final = 64
+
+
 def parse_http_date(value: bytes | None) -> float | None:
+    """Seconds since the epoch, None if not a date. Remembered: parsing costs a miss more than
+    all the rest of its storing, and every response of one second carries the same `Date`."""
     if value is None:
         return None
+    if value in _DATES:
+        return _DATES[value]
+    if len(_DATES) >= _DATES_KEPT:
+        _DATES.clear()
+    when = _DATES[value] = _parse_http_date(value)
+    return when
+
+
+def _parse_http_date(value: bytes) -> float | None:
     try:
         parts = parsedate_tz(value.decode("latin-1"))
     except (ValueError, IndexError, TypeError):
@@ -80,9 +100,14 @@ class Directives:
 
 
 def directives(headers: list[tuple[bytes, bytes]]) -> Directives:
+    return parse_directives([v for k, v in headers if k == b"cache-control"])
+
+
+def parse_directives(values: list[bytes]) -> Directives:
+    """The directives of these Cache-Control field values."""
     d: dict[bytes, bytes | None] = {}
     seen: set[bytes] = set()
-    for item in field_values(headers, b"cache-control"):
+    for item in members(values):
         name, eq, value = item.partition(b"=")
         name = name.strip().lower()
         v = value.strip() if eq else None

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Final
 
 __all__ = ["Entry", "RouteCounts", "Store"]
 
-MAX_VARIANTS = 8
-_OVERHEAD = 256            # bookkeeping per entry, counted against max_memory
+MAX_VARIANTS: Final = 8
+_OVERHEAD: Final = 256            # bookkeeping per entry, counted against max_memory
 
 
 class Entry:
@@ -38,12 +38,14 @@ class Entry:
         self.date = date
         self.etag: bytes | None = None
         self.last_modified: bytes | None = None
+        size = len(body) + _OVERHEAD
         for name, value in headers:
+            size += len(name) + len(value)
             if name == b"etag":
                 self.etag = value
             elif name == b"last-modified":
                 self.last_modified = value
-        self.size = len(body) + sum(len(k) + len(v) for k, v in headers) + _OVERHEAD
+        self.size = size
 
     def age(self, now: float) -> float:
         return self.corrected_age + max(0.0, now - self.response_time)

@@ -13,6 +13,7 @@ import yaml
 from txgateway.config.reader import Reader, _Invalid
 from txgateway.config.units import Rate, parse_duration
 from txgateway.core.hopbyhop import consumed_by_transport
+from txgateway.filters.headerconfig import refuse_dropped
 
 __all__ = ["RATE_LIMIT", "LimitsConfig", "RouteLimit", "Tier", "parse_rate_limits", "parse_route_limit"]
 
@@ -117,6 +118,7 @@ def _route_key(r: Reader, f: dict[str, yaml.Node], path: str) -> tuple[str, byte
         name = key_text[len("header:"):]
         if not _HEADER.match(name):
             raise r.fail(f["key"], f"{path}.key", f'expected header:NAME with a header name, got "{key_text}"')
+        refuse_dropped(r, f["key"], f"{path}.key", name)
         low = name.lower()
         if low != "host" and consumed_by_transport(low.encode()):
             raise r.fail(f["key"], f"{path}.key", f"{name} is consumed by the HTTP layer and never reaches "

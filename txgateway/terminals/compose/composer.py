@@ -239,6 +239,13 @@ def _milliseconds(seconds: float) -> float:
     return (int(scaled + 0.5) if scaled >= 0.0 else -int(0.5 - scaled)) / 1000.0
 
 
+def _end_span(sub: RequestContext, cancelled: str | None) -> None:
+    """A call's client span ends with the call (ops/tracing.py), if its request is traced."""
+    spans = sub.get_state("tracing")
+    if spans is not None:
+        spans.end_call(sub, cancelled)
+
+
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     for key, value in headers:
         if key == name:
@@ -337,6 +344,9 @@ class Composition:
         sub.identity = ctx.identity
         sub.upstream = plan.upstream
         sub.chain = self.composer.call_chain
+        spans = ctx.get_state("tracing")
+        if spans is not None:       # a traced request (ops/tracing.py): the call's attempts are its client spans
+            sub.set_state("tracing", spans.call())
         run.ctx = sub
         run.state = _RUNNING
         run.started = sub.start
@@ -368,6 +378,8 @@ class Composition:
         stats = self.composer.stats
         if stats is not None and sub is not None and sub.upstream is not None and sub.target_url is not None:
             stats.observe_upstream(sub)
+        if sub is not None:
+            _end_span(sub, None)
         if run.state == _FAILED:
             _log.warn("composed call {call} to {upstream} failed for {correlation_id}: {reason}",
                       call=run.plan.name, upstream=run.plan.upstream, correlation_id=self.ctx.correlation_id,
@@ -383,6 +395,7 @@ class Composition:
         for run in self.runs:
             if run.state == _RUNNING:
                 self.composer.calls.cancel(run.ctx)      # type: ignore[arg-type]
+                _end_span(run.ctx, reason)               # type: ignore[arg-type]
             if run.state in (_RUNNING, _WAITING):
                 run.state = _FAILED
                 run.reason = reason
@@ -412,6 +425,7 @@ class Composition:
         for run in self.runs:
             if run.state == _RUNNING:
                 self.composer.calls.cancel(run.ctx)      # type: ignore[arg-type]
+                _end_span(run.ctx, "cancelled")          # type: ignore[arg-type]
                 run.state = _FAILED
                 run.reason = "cancelled"
         self._close()
