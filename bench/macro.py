@@ -12,6 +12,8 @@ tens of percent between runs: use it to compare two versions of the code.
     .venv/bin/python bench/macro.py --cache            # the route cached: every counted request a hit
     .venv/bin/python bench/macro.py --cache-miss       # the route cached, each request a new key: every one a miss
     .venv/bin/python bench/macro.py --unique           # plain route, each request a new query (compare --cache-miss)
+    .venv/bin/python bench/macro.py --json             # plain route, a 2 KiB JSON answer (--transform's baseline)
+    .venv/bin/python bench/macro.py --transform        # the same with transform: allow + rename + add
     .venv/bin/python bench/macro.py --trace 0.01       # tracing: on, sample_ratio 0.01, a local OTLP sink
     .venv/bin/python bench/macro.py --tls              # HTTP/1.1 over TLS (ALPN h2 + http/1.1 listener)
     .venv/bin/python bench/macro.py --h2 --streams 10  # HTTP/2 over the same listener, 10 streams a connection
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import re
 import selectors
@@ -39,6 +42,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sun, 29 Nov 2026 12:30:29 GMT\r\n"
             b"Content-Type: application/json\r\nContent-Length: 11\r\nConnection: keep-alive\r\n\r\n{\"ok\":true}")
+# --json / --transform: a typical API answer of about 2 KiB (a user with a list of orders).
+JSON_BODY = json.dumps({
+    "id": 1, "name": "Ada Lovelace", "email": "ada@example.com", "password_hash": "x" * 60,
+    "address": {"street": "12 St James's Square", "city": "London", "zip": "SW1Y 4JH", "country": "GB"},
+    "orders": [{"id": 1000 + i, "total": 19.5 * i, "currency": "GBP", "status": "shipped",
+                "internal_note": "warehouse 7, shelf %d" % i} for i in range(18)],
+}, separators=(",", ":")).encode()
+TRANSFORM = """    transform:
+      allow: [id, name, email, address, orders.*.id, orders.*.total, orders.*.status]
+      rename: {name: full_name, address.zip: postcode}
+      add: {api_version: 2}
+"""
 UPSTREAM = """
 import socket, selectors
 sel = selectors.DefaultSelector()
@@ -157,7 +172,14 @@ def drive(socks: list[socket.socket], total: int, request: bytes, unique: bool =
             buf = pending[s] + receive(s)
             while b"\r\n\r\n" in buf:
                 head, _, rest = buf.partition(b"\r\n\r\n")
-                length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+                framed = re.search(rb"(?i)content-length: *(\d+)", head)
+                if framed is not None:
+                    length = int(framed.group(1))
+                else:               # chunked (a transformed answer): up to the last chunk
+                    end = rest.find(b"0\r\n\r\n")
+                    while end > 0 and rest[end - 2:end] != b"\r\n":
+                        end = rest.find(b"0\r\n\r\n", end + 1)
+                    length = end + 5 if end >= 0 else len(rest) + 1
                 if len(rest) < length:
                     break
                 if not head.startswith(b"HTTP/1.1 200"):
@@ -237,6 +259,9 @@ def main() -> None:
     parser.add_argument("--cache-miss", action="store_true",
                         help="the route cached, every request a new query: each one a miss that stores its response")
     parser.add_argument("--unique", action="store_true", help="every request a new query (implied by --cache-miss)")
+    parser.add_argument("--json", action="store_true", help="the plain route answering a 2 KiB JSON object")
+    parser.add_argument("--transform", action="store_true",
+                        help="--json with transform: allow + rename + add on the route")
     parser.add_argument("--trace", type=float, metavar="RATIO",
                         help="tracing: on at this sample_ratio, exporting to a local OTLP/HTTP sink (the export "
                              "thread's instructions are counted too)")
@@ -249,6 +274,9 @@ def main() -> None:
     args.cache = args.cache or args.cache_miss
     tls = args.tls or args.h2
     response = RESPONSE
+    if args.json or args.transform:
+        response = RESPONSE.replace(b"Content-Length: 11", b"Content-Length: %d" % len(JSON_BODY)) \
+            .replace(b'{"ok":true}', JSON_BODY)
     if args.cache:     # a current Date: the ttl heuristic then keeps the response fresh (an old one is stale)
         from email.utils import formatdate
         response = RESPONSE.replace(b"Sun, 29 Nov 2026 12:30:29 GMT", formatdate(usegmt=True).encode())
@@ -280,6 +308,8 @@ def main() -> None:
                             config)
         if args.cache:
             config = config.rstrip("\n") + "\n    cache: {ttl: 1h}\n"
+        if args.transform:
+            config = config.rstrip("\n") + "\n" + TRANSFORM
         if collector is not None:
             sink = f"http://127.0.0.1:{int(collector.stdout.readline())}/v1/traces"
             config += f'tracing: {{otlp_endpoint: "{sink}", sample_ratio: {args.trace}}}\n'
@@ -324,6 +354,7 @@ def main() -> None:
               f"{', cached, every request a miss' if args.cache_miss else ', cached' if args.cache else ''}"
               f"{', unique queries' if args.unique and not args.cache_miss else ''}"
               f"{f', HTTP/2 over TLS, {args.streams} streams each' if args.h2 else ', HTTP/1.1 over TLS' if args.tls else ''}"
+              f"{', 2 KiB JSON' if args.json or args.transform else ''}{', transformed' if args.transform else ''}"
               f"{f', traced at sample_ratio {args.trace}' if args.trace is not None else ''})")
         for s in socks:
             s.close()

@@ -16,7 +16,7 @@ no deeper than the config wrote; the JSON itself was parsed within core/jsonbody
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import yaml
 
@@ -65,7 +65,7 @@ def identity_value(identity: Any, name: str) -> str | None:
 
 
 IDENTITY_ATTRIBUTES = {"user_id": "user_id", "user_role": "role", "user_tier": "tier"}
-_MISSING = object()
+_MISSING: Final = object()      # Final: compiled, a static, not a module-dict lookup per use
 NO_PATH: tuple[str, ...] = ()
 
 
@@ -82,39 +82,54 @@ def get_path(value: Any, path: tuple[str, ...]) -> Any:
 
 
 def _allow(value: Any, tree: Tree) -> Any:
+    # Typed locals: compiled, dict and list operations on them skip Python's method lookup.
     if isinstance(value, dict):
-        out = {}
+        source: dict[str, Any] = value
+        out: dict[str, Any] = {}
         for key, sub in tree.items():
-            if key in value:
-                kept = value[key] if sub is None else _allow(value[key], sub)
-                if kept is not _MISSING:
-                    out[key] = kept
+            kept = source.get(key, _MISSING)
+            if kept is not _MISSING and sub is not None:
+                kept = _allow(kept, sub)
+            if kept is not _MISSING:
+                out[key] = kept
         return out
     if isinstance(value, list) and "*" in tree:
         sub = tree["*"]
-        return value if sub is None else [v for v in (_allow(e, sub) for e in value) if v is not _MISSING]
+        if sub is None:
+            return value
+        elements: list[Any] = value
+        kept_elements = []
+        for element in elements:
+            kept = _allow(element, sub)
+            if kept is not _MISSING:
+                kept_elements.append(kept)
+        return kept_elements
     return _MISSING
 
 
 def _deny(value: Any, tree: Tree) -> None:
     if isinstance(value, dict):
+        source: dict[str, Any] = value
         for key, sub in tree.items():
-            if key in value:
+            if key in source:
                 if sub is None:
-                    del value[key]
+                    del source[key]
                 else:
-                    _deny(value[key], sub)
+                    _deny(source[key], sub)
     elif isinstance(value, list) and "*" in tree:
+        elements: list[Any] = value
         sub = tree["*"]
         if sub is None:
-            value.clear()
+            elements.clear()
         else:
-            for element in value:
+            for element in elements:
                 _deny(element, sub)
 
 
 def parents(value: Any, path: tuple[str, ...]) -> list[dict[str, Any]]:
     """The objects holding the last key of `path` (several through a `*`)."""
+    if len(path) == 1:
+        return [value] if isinstance(value, dict) else []
     level = [value]
     for key in path[:-1]:
         nxt: list[Any] = []
@@ -183,8 +198,11 @@ def parse_reshape(r: Reader, f: dict[str, yaml.Node], path: str) -> Reshape | No
         if key in f:
             values[key] = r.attempt(lambda: _tree(r, f[key], f"{path}.{key}"), None)
     if "pick" in f:
-        values["pick"] = tuple((tuple(name.split(".")), r.attempt(lambda: dotted_path(r, v, f"{path}.pick.{name}"), NO_PATH))
-                               for name, _, v in _pairs(r, f["pick"], f"{path}.pick"))
+        picks = []
+        # A loop, not a generator: compiled, a lambda in one misses the generator's names.
+        for name, _, v in _pairs(r, f["pick"], f"{path}.pick"):
+            picks.append((tuple(name.split(".")), r.attempt(lambda: dotted_path(r, v, f"{path}.pick.{name}"), NO_PATH)))
+        values["pick"] = tuple(picks)
     if "rename" in f:
         renames = []
         for name, key_node, v in _pairs(r, f["rename"], f"{path}.rename"):

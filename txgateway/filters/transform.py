@@ -195,7 +195,8 @@ class Transform:
             return out
         if not end:
             return b""
-        body = b"".join(held.chunks)
+        chunks = held.chunks
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         held.chunks = []
         try:
             return dumps(self.reshape.apply(loads(body)))    # type: ignore[union-attr]

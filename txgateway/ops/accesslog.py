@@ -14,6 +14,7 @@ from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import unquote_to_bytes
 
+import orjson
 from twisted.logger import LogLevel
 
 from txgateway.core.periodic import Periodic
@@ -175,6 +176,10 @@ def _decimal3(value: float) -> str:
     return "%.3f" % value
 
 
+# What orjson would write its own way goes to `default=str`, as with json.dumps.
+_AS_JSON_DOES = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_SUBCLASS
+
+
 def _json(value: Any) -> str:
     if value is None:
         return "null"
@@ -182,6 +187,16 @@ def _json(value: Any) -> str:
         return encode_basestring_ascii(value)
     if value.__class__ is float:
         return "%.3f" % value
+    if value.__class__ is list or value.__class__ is dict:
+        # A filter's structured note (compose's `calls`): orjson writes it in a tenth of the
+        # json module's instructions. Its output is kept only when it is what json.dumps
+        # would write too: ASCII (json escapes the rest), no type orjson writes its own way.
+        try:
+            text = orjson.dumps(value, default=str, option=_AS_JSON_DOES)
+            if text.isascii():
+                return text.decode("ascii")
+        except orjson.JSONEncodeError:      # keys that are not strings, integers past 64 bits
+            pass
     return json.dumps(value, separators=(",", ":"), default=str)
 
 

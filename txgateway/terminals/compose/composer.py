@@ -11,7 +11,7 @@ bounds the whole composition; a client that leaves cancels every call still runn
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Final
 from urllib.parse import parse_qsl
 
 from twisted.logger import Logger
@@ -28,9 +28,11 @@ from txgateway.upstream.proxy import Proxy
 __all__ = ["ComposeTerminal", "Composer", "Composition"]
 
 _log = Logger(namespace="txgateway.terminals.compose")
-_FORWARDED = (b"x-user-", b"x-forwarded-")
-_FORWARDED_NAMES = frozenset({b"x-correlation-id", b"tracestate", b"forwarded"})
-_WAITING, _RUNNING, _OK, _FAILED = range(4)
+_FORWARDED_NAMES: Final = frozenset({b"x-correlation-id", b"tracestate", b"forwarded"})   # and x-user-*, x-forwarded-*
+_WAITING: Final = 0
+_RUNNING: Final = 1
+_OK: Final = 2
+_FAILED: Final = 3
 
 
 class Composer:
@@ -52,6 +54,29 @@ class Composer:
         return ComposeTerminal(self, settings, route)
 
 
+class _Plan:
+    """One call as the composer runs it, prepared once at config load: what `Call` says, with
+    its `after:` calls as positions and its fixed headers (its own, then `accept`) ready."""
+
+    __slots__ = ("name", "upstream", "template", "method", "after", "group", "required", "fallback",
+                 "has_fallback", "transform", "own", "fixed", "empty_body")
+
+    def __init__(self, call: Call, position: dict[str, int]) -> None:
+        self.name = call.name
+        self.upstream = call.upstream
+        self.template = call.template
+        self.method = call.method
+        self.after = tuple(position[name] for name in call.after)
+        self.group = call.group
+        self.required = call.required
+        self.fallback = call.fallback
+        self.has_fallback = call.has_fallback
+        self.transform = call.transform
+        self.own = frozenset(name for name, _ in call.headers)
+        self.fixed: list[tuple[bytes, bytes]] = [*call.headers, (b"accept", b"application/json")]
+        self.empty_body = call.method not in (b"GET", b"HEAD", b"DELETE", b"OPTIONS")   # sent with length 0
+
+
 class ComposeTerminal:
     """One composed route's terminal."""
 
@@ -60,6 +85,10 @@ class ComposeTerminal:
         self.settings = settings
         self.prefix = route.prefix.rstrip("/").encode()
         self.uses_query = any(t.source == "query" for c in settings.calls for t in c.template.tokens)
+        self.position = {call.name: i for i, call in enumerate(settings.calls)}
+        self.plans = [_Plan(call, self.position) for call in settings.calls]
+        self.deadline = settings.deadline
+        self.max_body_size = settings.max_body_size
 
     def forward(self, ctx: RequestContext) -> LocalResponse | None:
         params: dict[str, str] = {}
@@ -77,7 +106,7 @@ class ComposeTerminal:
                     query.setdefault(key, value)
             except UnicodeDecodeError:
                 return error_response(ctx, 400, "BAD_REQUEST", "the query is not valid UTF-8")
-        composition = Composition(self.composer, self.settings, ctx, params, query)
+        composition = Composition(self.composer, self, ctx, params, query)
         ctx.forwarding = composition
         return composition.start()
 
@@ -88,21 +117,58 @@ class ComposeTerminal:
             composition.cancel()
 
 
-class _CallSink:
-    """The `Downstream` of one call: keeps its JSON answer, bounded, and reports the outcome."""
+class _CallRun:
+    """One call of one composition: its state, its context, its access-log record; and the
+    `Downstream` its proxied exchange answers to, keeping its JSON answer, bounded."""
 
-    tls: str | None = None
-    hsts: bytes | None = None
+    __slots__ = ("composition", "plan", "state", "ctx", "status", "reason", "code", "value", "started", "chunks",
+                 "size", "problem", "tls", "hsts")
 
-    def __init__(self, run: _CallRun) -> None:
-        self.run = run
+    def __init__(self, composition: Composition, plan: _Plan) -> None:
+        self.composition = composition
+        self.plan = plan
+        self.state = _WAITING
+        self.ctx: RequestContext | None = None
+        self.status: int | None = None
+        self.reason: str | None = None
+        self.code: str | None = None       # the proxy's error code when it answered for the upstream
+        self.value: Any = None
+        self.started = 0.0
         self.chunks: list[bytes] = []
         self.size = 0
         self.problem: str | None = None     # set: the call has failed, whatever follows
+        self.tls: str | None = None
+        self.hsts: bytes | None = None
+
+    # -- its state -------------------------------------------------------------------
+
+    def answered(self, value: Any) -> None:
+        if self.state == _RUNNING:
+            self.state = _OK
+            self.value = value
+            self.composition.settled(self)
+
+    def failed(self, reason: str) -> None:
+        if self.state == _WAITING or self.state == _RUNNING:
+            ctx = self.ctx
+            if ctx is not None and ctx.error_code is not None:
+                self.code = ctx.error_code
+            self.state = _FAILED
+            self.reason = reason
+            self.composition.settled(self)
+
+    def record(self, now: float) -> dict[str, Any]:
+        ms = _milliseconds(now - self.started) if self.ctx is not None else None
+        out: dict[str, Any] = {"call": self.plan.name, "upstream": self.plan.upstream, "status": self.status,
+                               "ms": ms}
+        if self.reason is not None:
+            out["error"] = self.reason
+        return out
+
+    # -- the Downstream of its exchange ----------------------------------------------
 
     def send_head(self, ctx: RequestContext, head: ResponseHead) -> None:
-        run = self.run
-        run.status = head.status
+        self.status = head.status
         if ctx.error_code is not None:       # the proxy's own error (breaker, timeout, refused)
             notes = ctx.notes or {}
             self.problem = notes.get("upstream_error") or ("breaker open" if "breaker" in notes else ctx.error_code)
@@ -110,42 +176,40 @@ class _CallSink:
             self.problem = f"answered {head.status}"
         elif not is_json(_header(head.headers, b"content-type")):
             self.problem = "answer is not application/json"
-        if head.length is not None and head.length > run.composition.settings.max_body_size:
+        if head.length is not None and head.length > self.composition.terminal.max_body_size:
             self._too_large()
 
     def send_body(self, ctx: RequestContext, data: bytes) -> None:
         self.size += len(data)
-        if self.size > self.run.composition.settings.max_body_size:
+        if self.size > self.composition.terminal.max_body_size:
             self._too_large()
         elif self.problem is None:
             self.chunks.append(data)
 
     def _too_large(self) -> None:
-        run = self.run
         self.chunks = []
-        if run.ctx is not None:
-            run.composition.composer.calls.cancel(run.ctx)
-        run.failed("answer larger than max_body_size")
+        if self.ctx is not None:
+            self.composition.composer.calls.cancel(self.ctx)
+        self.failed("answer larger than max_body_size")
 
     def finish(self, ctx: RequestContext) -> None:
-        run = self.run
         if self.problem is not None:
-            run.failed(self.problem)
+            self.failed(self.problem)
             return
+        chunks = self.chunks
+        self.chunks = []
         try:
-            value = loads(b"".join(self.chunks))
-            reshape = run.call.transform
+            value = loads(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            reshape = self.plan.transform
             if reshape is not None:
                 value = reshape.apply(value)
         except BadJSON as e:
-            run.failed(str(e))
+            self.failed(str(e))
             return
-        finally:
-            self.chunks = []
-        run.answered(value)
+        self.answered(value)
 
     def abort(self, ctx: RequestContext) -> None:
-        self.run.failed("upstream failed mid-answer")
+        self.failed("upstream failed mid-answer")
 
     def flush(self, ctx: RequestContext) -> None:
         pass
@@ -169,6 +233,12 @@ class _CallSink:
         raise RuntimeError("a composed call never upgrades")
 
 
+def _milliseconds(seconds: float) -> float:
+    """`round(seconds * 1000, 3)`, without the generic call `round` is when compiled."""
+    scaled = seconds * 1e6
+    return (int(scaled + 0.5) if scaled >= 0.0 else -int(0.5 - scaled)) / 1000.0
+
+
 def _end_span(sub: RequestContext, cancelled: str | None) -> None:
     """A call's client span ends with the call (ops/tracing.py), if its request is traced."""
     spans = sub.get_state("tracing")
@@ -183,57 +253,17 @@ def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     return None
 
 
-class _CallRun:
-    """One call of one composition: its state, its context, its access-log record."""
-
-    __slots__ = ("composition", "call", "state", "ctx", "status", "reason", "code", "value", "started")
-
-    def __init__(self, composition: Composition, call: Call) -> None:
-        self.composition = composition
-        self.call = call
-        self.state = _WAITING
-        self.ctx: RequestContext | None = None
-        self.status: int | None = None
-        self.reason: str | None = None
-        self.code: str | None = None       # the proxy's error code when it answered for the upstream
-        self.value: Any = None
-        self.started = 0.0
-
-    def answered(self, value: Any) -> None:
-        if self.state == _RUNNING:
-            self.state = _OK
-            self.value = value
-            self.composition.settled(self)
-
-    def failed(self, reason: str) -> None:
-        if self.state in (_WAITING, _RUNNING):
-            ctx = self.ctx
-            if ctx is not None and ctx.error_code is not None:
-                self.code = ctx.error_code
-            self.state = _FAILED
-            self.reason = reason
-            self.composition.settled(self)
-
-    def record(self, now: float) -> dict[str, Any]:
-        ms = round((now - self.started) * 1000.0, 3) if self.ctx is not None else None
-        out: dict[str, Any] = {"call": self.call.name, "upstream": self.call.upstream, "status": self.status, "ms": ms}
-        if self.reason is not None:
-            out["error"] = self.reason
-        return out
-
-
 class Composition:
     """One request's calls, from the first start to the one answer (or the cancel)."""
 
-    def __init__(self, composer: Composer, settings: ComposeSettings, ctx: RequestContext,
+    def __init__(self, composer: Composer, terminal: ComposeTerminal, ctx: RequestContext,
                  params: dict[str, str], query: dict[str, str]) -> None:
         self.composer = composer
-        self.settings = settings
+        self.terminal = terminal
         self.ctx = ctx
         self.params = params
         self.query = query
-        self.runs = [_CallRun(self, call) for call in settings.calls]
-        self.by_name = {run.call.name: run for run in self.runs}
+        self.runs = [_CallRun(self, plan) for plan in terminal.plans]
         self.deadline = 0.0
         self.done = False
         self.advancing = False
@@ -246,7 +276,7 @@ class Composition:
     def start(self) -> LocalResponse | None:
         """Start the calls that wait for nothing; a LocalResponse if the request cannot be
         composed at all (an answer given before any call, without going through `settled`)."""
-        self.deadline = self.composer.deadlines.now + self.settings.deadline
+        self.deadline = self.composer.deadlines.now + self.terminal.deadline
         self.composer.deadlines.add(self)
         self.advance()
         if self.refused is not None:
@@ -273,14 +303,16 @@ class Composition:
             self._answer()
 
     def _maybe_start(self, run: _CallRun) -> None:
-        waits = [self.by_name[name] for name in run.call.after]
-        if any(w.state == _FAILED for w in waits):
-            run.failed("a call it waits for failed")
-            return
-        if not all(w.state == _OK for w in waits):
-            return
+        runs = self.runs
+        for i in run.plan.after:
+            state = runs[i].state
+            if state == _FAILED:
+                run.failed("a call it waits for failed")
+                return
+            if state != _OK:
+                return
         try:
-            target = run.call.template.render(self._value)
+            target = run.plan.template.render(self._value)
         except BadValue as e:
             if e.from_request:
                 self._refuse(str(e))
@@ -297,20 +329,20 @@ class Composition:
             return self.query.get(token.name)
         if source == "identity":
             return identity_value(self.ctx.identity, token.name)
-        return get_path(self.by_name[token.name].value, token.path)
+        return get_path(self.runs[self.terminal.position[token.name]].value, token.path)
 
     def _launch(self, run: _CallRun, target: bytes) -> None:
         ctx = self.ctx
-        call = run.call
-        path, _, query = target.partition(b"?")
-        sub = RequestContext(call.method, target, path, b"?" + query if query else b"", b"HTTP/1.1",
-                             self._headers(call), ctx.host, ctx.scheme, ctx.peer_ip, _CallSink(run),
+        plan = run.plan
+        path, mark, query = target.partition(b"?")
+        sub = RequestContext(plan.method, target, path, mark + query if query else b"", b"HTTP/1.1",
+                             self._headers(plan), ctx.host, ctx.scheme, ctx.peer_ip, run,
                              self.composer.clock.seconds())
-        if call.method not in (b"GET", b"HEAD", b"DELETE", b"OPTIONS"):
+        if plan.empty_body:
             sub.content_length = 0
         sub.correlation_id = ctx.correlation_id
         sub.identity = ctx.identity
-        sub.upstream = call.upstream
+        sub.upstream = plan.upstream
         sub.chain = self.composer.call_chain
         spans = ctx.get_state("tracing")
         if spans is not None:       # a traced request (ops/tracing.py): the call's attempts are its client spans
@@ -320,23 +352,23 @@ class Composition:
         run.started = sub.start
         self.composer.calls.forward(sub)
 
-    def _headers(self, call: Call) -> list[tuple[bytes, bytes]]:
+    def _headers(self, plan: _Plan) -> list[tuple[bytes, bytes]]:
         """Identity and forwarding headers of the request, a child span of its trace (the
         edge set a well-formed `traceparent`: only its span id changes), and the call's own."""
         shared = self.forwarded
         if shared is None:
-            shared = self.forwarded = [(name, value) for name, value in self.ctx.headers
-                                       if name.startswith(_FORWARDED) or name in _FORWARDED_NAMES]
+            shared = self.forwarded = [header for header in self.ctx.headers
+                                       if header[0][:7] == b"x-user-" or header[0][:12] == b"x-forwarded-"
+                                       or header[0] in _FORWARDED_NAMES]
             self.trace = self.ctx.header(b"traceparent")
         out = list(shared)
         trace = self.trace
         if trace is not None:
             out.append((b"traceparent", trace[:36] + os.urandom(8).hex().encode() + trace[52:]))
-        if call.headers:
-            own = {name for name, _ in call.headers}
+        own = plan.own
+        if own:
             out = [h for h in out if h[0] not in own]
-            out.extend(call.headers)
-        out.append((b"accept", b"application/json"))
+        out.extend(plan.fixed)
         return out
 
     def settled(self, run: _CallRun) -> None:
@@ -350,10 +382,10 @@ class Composition:
             _end_span(sub, None)
         if run.state == _FAILED:
             _log.warn("composed call {call} to {upstream} failed for {correlation_id}: {reason}",
-                      call=run.call.name, upstream=run.call.upstream, correlation_id=self.ctx.correlation_id,
+                      call=run.plan.name, upstream=run.plan.upstream, correlation_id=self.ctx.correlation_id,
                       reason=run.reason)
-            if run.call.required and self.failure is None:
-                self._give_up(run, f"cancelled: {run.call.name} failed")
+            if run.plan.required and self.failure is None:
+                self._give_up(run, f"cancelled: {run.plan.name} failed")
         self.advance()
 
     def _give_up(self, failure: _CallRun, reason: str) -> None:
@@ -378,7 +410,7 @@ class Composition:
             return
         for run in late:
             run.code = "GATEWAY_TIMEOUT"
-        required = [run for run in late if run.call.required]
+        required = [run for run in late if run.plan.required]
         self._give_up(required[0] if required else late[0], "composition deadline")
         if not required:
             self.failure = None         # only optional calls were late: a partial answer
@@ -396,47 +428,59 @@ class Composition:
                 _end_span(run.ctx, "cancelled")          # type: ignore[arg-type]
                 run.state = _FAILED
                 run.reason = "cancelled"
-        self._note()
+        self._close()
 
     def _refuse(self, message: str) -> None:
         """A value from the request cannot be put in a call's path: 400, no call goes on."""
+        launched = any(run.ctx is not None for run in self.runs)
         self.cancel()
         self.ctx.forwarding = None
         self.refused = error_response(self.ctx, 400, "BAD_REQUEST", message)
-        if any(run.ctx is not None for run in self.runs):      # calls ran: the answer is not at hand
+        if launched:      # calls ran: the answer is not at hand
             self.composer.pipeline.respond_local(self.ctx, self.refused)
             self.refused = None
 
-    def _note(self) -> None:
+    def _close(self) -> list[_CallRun]:
+        """The calls' access-log record; then the references back to the composition (its
+        runs) and to each run (its call's context) are let go, and the runs returned: so
+        reference counting frees a finished composition at once, where the cycles left it
+        to the cyclic GC (about 7% of a composed request's instructions)."""
         now = self.composer.clock.seconds()
-        self.ctx.note("calls", [run.record(now) for run in self.runs])
+        runs = self.runs
+        self.ctx.note("calls", [run.record(now) for run in runs])
+        self.runs = []
+        self.failure = None
+        for run in runs:
+            run.ctx = None
+        return runs
 
     def _answer(self) -> None:
         self.done = True
         self.composer.deadlines.discard(self)
         ctx = self.ctx
         ctx.forwarding = None
-        self._note()
-        if self.failure is not None:
-            self._fail(self.failure)
+        failure = self.failure
+        runs = self._close()
+        if failure is not None:
+            self._fail(failure)
             return
         result: dict[str, Any] = {}
         complete = True
-        for run in self.runs:
-            call = run.call
+        for run in runs:
+            plan = run.plan
             if run.state == _FAILED:
                 complete = False
-                if not call.has_fallback:
+                if not plan.has_fallback:
                     continue
-                value = call.fallback
+                value = plan.fallback
             else:
                 value = run.value
-            if call.group is not None:
-                result[call.group] = value
+            if plan.group is not None:
+                result[plan.group] = value
             elif isinstance(value, dict):
                 result.update(value)
             else:
-                if call.required:
+                if plan.required:
                     run.reason = "answer is not an object (give the call a group)"
                     self._fail(run)
                     return
@@ -459,10 +503,10 @@ class Composition:
         ctx.note("completed", False)
         code = run.code
         if code == "GATEWAY_TIMEOUT":
-            status, message = 504, f"the {run.call.name} call did not answer in time"
+            status, message = 504, f"the {run.plan.name} call did not answer in time"
         elif code == "UPSTREAM_UNAVAILABLE":
-            status, message = 503, f"the {run.call.name} call's upstream is unavailable"
+            status, message = 503, f"the {run.plan.name} call's upstream is unavailable"
         else:
-            status, code, message = 502, "BAD_GATEWAY", f"the {run.call.name} call failed"
-        ctx.note("upstream_error", f"{run.call.name}: {run.reason}")
+            status, code, message = 502, "BAD_GATEWAY", f"the {run.plan.name} call failed"
+        ctx.note("upstream_error", f"{run.plan.name}: {run.reason}")
         self.composer.pipeline.respond_local(ctx, error_response(ctx, status, code, message))

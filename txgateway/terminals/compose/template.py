@@ -89,6 +89,8 @@ def _segment(token: Token, value: object) -> str:
         raise BadValue(f"{token.text} is not a single value", from_request)
     if text in ("", ".", ".."):
         raise BadValue(f"{token.text} may not be {text!r}", from_request)
+    if text.isalnum() and text.isascii():       # most values (ids): no regex needed
+        return text
     return text if _UNRESERVED.match(text) else quote(text, safe="")
 
 
@@ -169,7 +171,8 @@ class PathPattern:
         if segments[0] != b"" or len(segments) - 1 != len(self.segments):
             return None
         values: dict[str, str] = {}
-        for raw, (name, literal) in zip(segments[1:], self.segments, strict=True):
+        for i, (name, literal) in enumerate(self.segments):
+            raw = segments[i + 1]
             try:
                 text = unquote(raw.decode("latin-1"), errors="strict") if b"%" in raw else raw.decode("latin-1")
             except UnicodeDecodeError:
