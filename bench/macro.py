@@ -11,6 +11,11 @@ tens of percent between runs: use it to compare two versions of the code.
     .venv/bin/python bench/macro.py --compose          # three upstream calls merged (anchors-compose.yaml)
     .venv/bin/python bench/macro.py --cache            # the route cached: every counted request a hit
     .venv/bin/python bench/macro.py --trace 0.01       # tracing: on, sample_ratio 0.01, a local OTLP sink
+    .venv/bin/python bench/macro.py --tls              # the route over a TLS listener (HTTPS/1.1 keep-alive)
+    .venv/bin/python bench/macro.py --tls --handshake  # a new connection (full handshake) per request
+    .venv/bin/python bench/macro.py --tls --resume     # a new connection per request, the session resumed
+    .venv/bin/python bench/macro.py --tls --key rsa    # an RSA 2048 certificate (default: ECDSA P-256)
+    .venv/bin/python bench/macro.py --tls --rss        # no callgrind: the daemon's RSS after the run
     .venv/bin/python bench/macro.py -n 3000 --conns 16
 """
 
@@ -21,6 +26,7 @@ import os
 import re
 import selectors
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -72,12 +78,73 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def drive(port: int, total: int, conns: int, request: bytes) -> None:
+def make_cert(work: Path, kind: str) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost: ECDSA P-256 or RSA 2048."""
+    cert, key = work / "localhost.pem", work / "localhost.key"
+    new_key = ["-newkey", "rsa:2048"] if kind == "rsa" else ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]
+    subprocess.run(["openssl", "req", "-x509", *new_key, "-nodes", "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def client_context(tls: bool) -> ssl.SSLContext | None:
+    if not tls:
+        return None
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def open_connection(port: int, context: ssl.SSLContext | None, session: ssl.SSLSession | None = None) -> socket.socket:
+    """A connection to the gateway, its TLS handshake done (blocking) when `context` is given."""
+    s = socket.create_connection(("127.0.0.1", port))
+    if context is not None:
+        s = context.wrap_socket(s, server_hostname="localhost", session=session)
+    return s
+
+
+def read_answer(buf: bytes) -> tuple[bool, bytes]:
+    """(whether `buf` holds one whole 200 answer, what follows it)."""
+    if b"\r\n\r\n" not in buf:
+        return False, buf
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+    if len(rest) < length:
+        return False, buf
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise SystemExit(f"unexpected answer: {head[:80]!r}")
+    return True, rest[length:]
+
+
+def drive_new_connections(port: int, total: int, request: bytes, context: ssl.SSLContext, resume: bool) -> None:
+    """`total` requests, one at a time, each on a new TLS connection: a full handshake each, or
+    (`resume`) an abbreviated one on the session of the connection before."""
+    session = None
+    for _ in range(total):
+        s = open_connection(port, context, session if resume else None)
+        s.sendall(request)
+        buf = b""
+        done = False
+        while not done:
+            data = s.recv(65536)
+            if not data:
+                raise SystemExit("the gateway closed a connection")
+            done, buf = read_answer(buf + data)
+        assert isinstance(s, ssl.SSLSocket)
+        if resume and session is not None and not s.session_reused:
+            raise SystemExit("the TLS session was not resumed")
+        session = s.session
+        s.close()
+
+
+def drive(port: int, total: int, conns: int, request: bytes, context: ssl.SSLContext | None = None) -> None:
     """`total` requests over `conns` keep-alive connections, one outstanding per connection."""
     sel = selectors.DefaultSelector()
     pending = {}
     for _ in range(conns):
-        s = socket.create_connection(("127.0.0.1", port))
+        s = open_connection(port, context)
         s.setblocking(False)
         sel.register(s, selectors.EVENT_READ)
         pending[s] = b""
@@ -89,18 +156,19 @@ def drive(port: int, total: int, conns: int, request: bytes) -> None:
     while done < total:
         for key, _ in sel.select(60):
             s = key.fileobj
-            data = s.recv(65536)
+            try:
+                data = s.recv(65536)
+            except ssl.SSLWantReadError:     # a TLS record not whole yet (or a ticket alone)
+                continue
             if not data:
                 raise SystemExit("the gateway closed a connection")
+            while isinstance(s, ssl.SSLSocket) and s.pending():   # decrypted already: no read event comes
+                data += s.recv(65536)
             buf = pending[s] + data
-            while b"\r\n\r\n" in buf:
-                head, _, rest = buf.partition(b"\r\n\r\n")
-                length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
-                if len(rest) < length:
+            while True:
+                whole, buf = read_answer(buf)
+                if not whole:
                     break
-                if not head.startswith(b"HTTP/1.1 200"):
-                    raise SystemExit(f"unexpected answer: {head[:80]!r}")
-                buf = rest[length:]
                 done += 1
                 if sent < total:
                     s.sendall(request)
@@ -120,7 +188,14 @@ def main() -> None:
     parser.add_argument("--trace", type=float, metavar="RATIO",
                         help="tracing: on at this sample_ratio, exporting to a local OTLP/HTTP sink (the export "
                              "thread's instructions are counted too)")
+    parser.add_argument("--tls", action="store_true", help="the listener with tls: (HTTPS/1.1, Python's ssl clients)")
+    parser.add_argument("--key", choices=("ec", "rsa"), default="ec", help="with --tls: ECDSA P-256 or RSA 2048")
+    parser.add_argument("--handshake", action="store_true", help="with --tls: a new connection (full handshake) per request")
+    parser.add_argument("--resume", action="store_true", help="with --tls: a new connection per request, session resumed")
+    parser.add_argument("--rss", action="store_true", help="run the daemon without callgrind; print its RSS after the run")
     args = parser.parse_args()
+    if (args.handshake or args.resume) and not args.tls:
+        parser.error("--handshake and --resume need --tls")
     response = RESPONSE
     if args.cache:     # a current Date: the ttl heuristic then keeps the response fresh (an old one is stale)
         from email.utils import formatdate
@@ -141,6 +216,11 @@ def main() -> None:
         config = re.sub(r"access_log: \S+", f"access_log: {work / 'access.log'}", config)
         if args.cache:
             config = config.rstrip("\n") + "\n    cache: {ttl: 1h}\n"
+        if args.tls:
+            cert, key = make_cert(work, args.key)
+            listen = f'  - endpoint: "tcp:{port}:interface=127.0.0.1:backlog=4096"'
+            config = re.sub(r'  - endpoint: "tcp:\d+:interface=127\.0\.0\.1:backlog=4096"',
+                            f'{listen}\n    tls: {{certificates: [{{cert: "{cert}", key: "{key}"}}]}}', config, count=1)
         if collector is not None:
             sink = f"http://127.0.0.1:{int(collector.stdout.readline())}/v1/traces"
             config += f'tracing: {{otlp_endpoint: "{sink}", sample_ratio: {args.trace}}}\n'
@@ -155,9 +235,9 @@ def main() -> None:
             request += b"Authorization: Bearer " + token.encode() + b"\r\n"
         request += b"\r\n"
         twistd = str(Path(sys.executable).parent / "twistd")
+        valgrind = [] if args.rss else ["valgrind", "--tool=callgrind", f"--callgrind-out-file={work}/cg.%p"]
         gateway = subprocess.Popen(
-            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={work}/cg.%p", twistd, "-n", "--pidfile=",
-             "txgateway", "--config", str(work / "gateway.yaml")],
+            [*valgrind, twistd, "-n", "--pidfile=", "txgateway", "--config", str(work / "gateway.yaml")],
             env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=open(work / "valgrind.log", "w"))
         deadline = time.time() + 120
         while True:
@@ -168,15 +248,30 @@ def main() -> None:
                 if time.time() > deadline or gateway.poll() is not None:
                     raise SystemExit(f"the gateway did not start: see {work}/valgrind.log")
                 time.sleep(0.5)
-        drive(port, 500, args.conns, request)                       # warm-up
+        context = client_context(args.tls)
+
+        def run(total: int) -> None:
+            if args.handshake or args.resume:
+                drive_new_connections(port, total, request, context, args.resume)  # type: ignore[arg-type]
+            else:
+                drive(port, total, args.conns, request, context)
+
+        run(100 if args.handshake or args.resume else 500)          # warm-up
+        if args.rss:
+            run(args.n)
+            rss = re.search(r"^VmRSS:\s+(\d+) kB", Path(f"/proc/{gateway.pid}/status").read_text(), re.M)
+            print(f"daemon RSS after {args.n} requests: {int(rss.group(1)) / 1024:.1f} MiB")
+            return
         subprocess.run(["callgrind_control", "-z", str(gateway.pid)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        drive(port, args.n, args.conns, request)
+        run(args.n)
         subprocess.run(["callgrind_control", "-d", str(gateway.pid)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         dumps = sorted(work.glob(f"cg.{gateway.pid}.*"))
         totals = re.search(r"^(?:summary|totals): (\d+)", dumps[-1].read_text(), re.M)
         print(f"{int(totals.group(1)) // args.n} instructions per request (real daemon, user space, "
               f"{args.conns} connections, {'composed, 3 calls' if args.compose else 'JWT + limit' if args.jwt else 'plain proxy'}"
               f"{', cached' if args.cache else ''}"
+              f"{f', TLS {args.key}' if args.tls else ''}"
+              f"{', a full handshake each' if args.handshake else ', a resumed handshake each' if args.resume else ''}"
               f"{f', traced at sample_ratio {args.trace}' if args.trace is not None else ''})")
     finally:
         if gateway is not None:
