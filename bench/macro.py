@@ -193,6 +193,7 @@ def main() -> None:
     parser.add_argument("--handshake", action="store_true", help="with --tls: a new connection (full handshake) per request")
     parser.add_argument("--resume", action="store_true", help="with --tls: a new connection per request, session resumed")
     parser.add_argument("--rss", action="store_true", help="run the daemon without callgrind; print its RSS after the run")
+    parser.add_argument("--keep", metavar="FILE", help="keep the callgrind output there (for callgrind_annotate)")
     args = parser.parse_args()
     if (args.handshake or args.resume) and not args.tls:
         parser.error("--handshake and --resume need --tls")
@@ -267,6 +268,8 @@ def main() -> None:
         subprocess.run(["callgrind_control", "-d", str(gateway.pid)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         dumps = sorted(work.glob(f"cg.{gateway.pid}.*"))
         totals = re.search(r"^(?:summary|totals): (\d+)", dumps[-1].read_text(), re.M)
+        if args.keep:
+            subprocess.run(["cp", str(dumps[-1]), args.keep], check=True)
         print(f"{int(totals.group(1)) // args.n} instructions per request (real daemon, user space, "
               f"{args.conns} connections, {'composed, 3 calls' if args.compose else 'JWT + limit' if args.jwt else 'plain proxy'}"
               f"{', cached' if args.cache else ''}"

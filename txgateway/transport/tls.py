@@ -26,6 +26,7 @@ from typing import Any
 
 from OpenSSL import SSL
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.internet.protocol import connectionDone
 from twisted.internet.ssl import (
     AcceptableCiphers,
     Certificate,
@@ -38,7 +39,6 @@ from twisted.internet.ssl import (
     trustRootFromCertificates,
 )
 from twisted.logger import Logger
-from twisted.internet.protocol import connectionDone
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
