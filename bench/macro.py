@@ -139,13 +139,20 @@ def drive_new_connections(port: int, total: int, request: bytes, context: ssl.SS
         s.close()
 
 
-def drive(port: int, total: int, conns: int, request: bytes, context: ssl.SSLContext | None = None) -> None:
-    """`total` requests over `conns` keep-alive connections, one outstanding per connection."""
-    sel = selectors.DefaultSelector()
-    pending = {}
-    for _ in range(conns):
-        s = open_connection(port, context)
+def open_connections(port: int, conns: int, context: ssl.SSLContext | None) -> list[socket.socket]:
+    """The keep-alive connections, opened once: the warm-up and the counted run share them (so
+    no TLS handshake is counted with the requests)."""
+    sockets = [open_connection(port, context) for _ in range(conns)]
+    for s in sockets:
         s.setblocking(False)
+    return sockets
+
+
+def drive(sockets: list[socket.socket], total: int, request: bytes) -> None:
+    """`total` requests over keep-alive connections, one outstanding per connection."""
+    sel = selectors.DefaultSelector()
+    pending: dict[socket.socket, bytes] = {}
+    for s in sockets:
         sel.register(s, selectors.EVENT_READ)
         pending[s] = b""
     sent = done = 0
@@ -174,8 +181,7 @@ def drive(port: int, total: int, conns: int, request: bytes, context: ssl.SSLCon
                     s.sendall(request)
                     sent += 1
             pending[s] = buf
-    for s in pending:
-        s.close()
+    sel.close()
 
 
 def main() -> None:
@@ -251,11 +257,13 @@ def main() -> None:
                 time.sleep(0.5)
         context = client_context(args.tls)
 
+        sockets = [] if args.handshake or args.resume else open_connections(port, args.conns, context)
+
         def run(total: int) -> None:
             if args.handshake or args.resume:
                 drive_new_connections(port, total, request, context, args.resume)  # type: ignore[arg-type]
             else:
-                drive(port, total, args.conns, request, context)
+                drive(sockets, total, request)
 
         run(100 if args.handshake or args.resume else 500)          # warm-up
         if args.rss:
