@@ -214,6 +214,29 @@ class _TLSProtocol(TLSMemoryBIOProtocol):
         if self.disconnecting or self._lostTLSConnection:
             self._send_now()
 
+    def dataReceived(self, data: bytes) -> None:
+        if not self._handshakeDone or self._appSendBuffer:
+            super().dataReceived(data)          # the handshake, or writes it held back
+            return
+        tlsbio.feed(self._tlsConnection, data)
+        self._flushReceiveBIO()
+
+    def write(self, data: bytes) -> None:
+        if len(data) > _RECORD or not self._handshakeDone or self._appSendBuffer:
+            super().write(data)                 # a record at a time, or behind held writes
+            return
+        if (self.disconnecting and self._producer is None) or self._lostTLSConnection:
+            return
+        try:
+            tlsbio.write(self._tlsConnection, data)
+        except SSL.WantReadError:
+            self._bufferedWrite(data)
+            return
+        except SSL.Error:
+            self._tlsShutdownFinished(Failure())
+            return
+        self._flushSendBIO()
+
     def _flushReceiveBIO(self) -> None:
         if not self._lean_reads:
             super()._flushReceiveBIO()
@@ -221,7 +244,7 @@ class _TLSProtocol(TLSMemoryBIOProtocol):
         connection = self._tlsConnection
         while not self._lostTLSConnection:
             try:
-                data = connection.recv(_RECORD)
+                data = tlsbio.read(connection)
             except SSL.WantReadError:
                 break
             except SSL.ZeroReturnError:
@@ -230,6 +253,8 @@ class _TLSProtocol(TLSMemoryBIOProtocol):
             except SSL.Error:
                 self._tlsShutdownFinished(Failure())
             else:
+                if not data:                    # not expected: OpenSSL said neither data nor error
+                    break
                 if not self._aborted:
                     self.wrappedProtocol.dataReceived(data)
                 if not tlsbio.readable(connection):
