@@ -228,14 +228,16 @@ class _TLSProtocol(TLSMemoryBIOProtocol):
         if (self.disconnecting and self._producer is None) or self._lostTLSConnection:
             return
         try:
-            tlsbio.write(self._tlsConnection, data)
+            out = tlsbio.encrypt(self._tlsConnection, data)
         except SSL.WantReadError:
             self._bufferedWrite(data)
             return
         except SSL.Error:
             self._tlsShutdownFinished(Failure())
             return
-        self._flushSendBIO()
+        self._send(out)
+        if self.disconnecting:
+            self._send_now()                    # see _flushSendBIO
 
     def _flushReceiveBIO(self) -> None:
         if not self._lean_reads:

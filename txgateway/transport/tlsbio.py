@@ -18,7 +18,7 @@ from typing import Any
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 
-__all__ = ["feed", "outgoing", "read", "readable", "write"]
+__all__ = ["encrypt", "feed", "outgoing", "read", "readable"]
 
 _SIZE = 1 << 16
 _buffer: Any = _ffi.new("char[]", _SIZE)     # what a read or a BIO drain copies out of, at once
@@ -41,12 +41,14 @@ def read(connection: Any) -> bytes:
     return _ffi.buffer(_buffer, size)[:]
 
 
-def write(connection: Any, data: bytes) -> None:
-    """Encrypt `data` (at most what one record holds); pyOpenSSL's exception if OpenSSL refuses."""
+def encrypt(connection: Any, data: bytes) -> bytes:
+    """`data` (at most what one record holds) encrypted, with whatever else OpenSSL had to send;
+    pyOpenSSL's exception if OpenSSL refuses."""
     ssl = connection._ssl
     size = _lib.SSL_write(ssl, data, len(data))
     if size <= 0:
         connection._raise_ssl_error(ssl, size)
+    return outgoing(connection)
 
 
 def outgoing(connection: Any) -> bytes:
