@@ -196,6 +196,7 @@ class _TLSProtocol(TLSMemoryBIOProtocol):
     gc.freeze and the raised thresholds make rare. Dropping the failure's traceback breaks
     the cycle (tests/integration/test_http2_abuse.py counts what a closed connection leaves)."""
 
+    wrappedProtocol: Any         # HTTP/1.1, or what ALPN chose (h2.py puts it in place)
     _send: Callable[[bytes], None]
     _send_now: Callable[[], None]
     _lean_reads = True           # False from connectionLost on: OpenSSL must be asked until it reports EOF
