@@ -16,6 +16,7 @@ COMPILED = [
     "txgateway/ops/accesslog.py",
     "txgateway/filters/auth/filter.py",
     "txgateway/core/fastwrite.py",
+    "txgateway/transport/tlsbio.py",
     "txgateway/filters/headers.py",
     "txgateway/transport/http1.py",
     "txgateway/transport/h2.py",

@@ -19,6 +19,10 @@ tens of percent between runs: use it to compare two versions of the code.
     .venv/bin/python bench/macro.py --h2 --streams 10  # HTTP/2 over the same listener, 10 streams a connection
     .venv/bin/python bench/macro.py --h2 --conns 1 --streams 100
     .venv/bin/python bench/macro.py --h2 --keep /tmp/h2.cg   # then: callgrind_annotate /tmp/h2.cg
+    .venv/bin/python bench/macro.py --tls --handshake  # a new connection (full handshake) per request
+    .venv/bin/python bench/macro.py --tls --resume     # a new connection per request, the session resumed
+    .venv/bin/python bench/macro.py --tls --key rsa    # an RSA 2048 certificate (default: ECDSA P-256)
+    .venv/bin/python bench/macro.py --tls --rss        # no callgrind: the daemon's RSS after the run
     .venv/bin/python bench/macro.py -n 3000 --conns 16
     .venv/bin/python bench/macro.py --keep /tmp/cg.out     # then: callgrind_annotate --inclusive=yes /tmp/cg.out
 """
@@ -110,6 +114,42 @@ def wait_listening(port: int, process: subprocess.Popen, seconds: float, hint: s
             if time.time() > deadline or process.poll() is not None:
                 raise SystemExit(f"the gateway did not start: {hint}") from None
             time.sleep(0.3)
+
+
+def make_cert(work: Path, kind: str) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost: ECDSA P-256 or RSA 2048."""
+    cert, key = work / "localhost.pem", work / "localhost.key"
+    new_key = ["-newkey", "rsa:2048"] if kind == "rsa" else ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"]
+    subprocess.run(["openssl", "req", "-x509", *new_key, "-nodes", "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def drive_new_connections(port: int, total: int, request: bytes, resume: bool) -> None:
+    """`total` requests, one at a time, each on a new TLS connection: a full handshake each, or
+    (`resume`) an abbreviated one on the session of the connection before."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    session = None
+    for _ in range(total):
+        s = context.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="localhost",
+                                session=session if resume else None)
+        s.sendall(request)
+        buf = b""
+        while b"\r\n\r\n" not in buf or len(buf.partition(b"\r\n\r\n")[2]) < int(
+                re.search(rb"(?i)content-length: *(\d+)", buf).group(1)):
+            data = s.recv(65536)
+            if not data:
+                raise SystemExit("the gateway closed a connection")
+            buf += data
+        if not buf.startswith(b"HTTP/1.1 200"):
+            raise SystemExit(f"unexpected answer: {buf[:80]!r}")
+        if resume and session is not None and not s.session_reused:
+            raise SystemExit("the TLS session was not resumed")
+        session = s.session
+        s.close()
 
 
 def connect_one(port: int, alpn: str | None) -> socket.socket:
@@ -269,10 +309,17 @@ def main() -> None:
                         help="HTTP/1.1 over TLS (ECDSA P-256, a listener with ALPN h2 + http/1.1)")
     parser.add_argument("--h2", action="store_true", help="HTTP/2 over TLS, the same listener as --tls")
     parser.add_argument("--streams", type=int, default=10, help="--h2: concurrent streams per connection")
+    parser.add_argument("--key", choices=("ec", "rsa"), default="ec", help="with --tls/--h2: ECDSA P-256 or RSA 2048")
+    parser.add_argument("--handshake", action="store_true", help="with --tls: a new connection (full handshake) per request")
+    parser.add_argument("--resume", action="store_true", help="with --tls: a new connection per request, session resumed")
+    parser.add_argument("--rss", action="store_true", help="run the daemon without callgrind; print its RSS after the run")
     args = parser.parse_args()
     args.unique = args.unique or args.cache_miss
     args.cache = args.cache or args.cache_miss
     tls = args.tls or args.h2
+    if (args.handshake or args.resume) and not args.tls:
+        parser.error("--handshake and --resume need --tls")
+    new_connections = args.handshake or args.resume
     response = RESPONSE
     if args.json or args.transform:
         response = RESPONSE.replace(b"Content-Length: 11", b"Content-Length: %d" % len(JSON_BODY)) \
@@ -298,11 +345,7 @@ def main() -> None:
         config = config.replace("    timeout: 30s\n", "    timeout: 30s\n    connect_timeout: 60s\n")
         config = re.sub(r"access_log: \S+", f"access_log: {work / 'access.log'}", config)
         if tls:
-            cert, key = work / "cert.pem", work / "key.pem"
-            subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                            "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
-                            "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            cert, key = make_cert(work, args.key)
             config = re.sub(r'(  - endpoint: "tcp:\d+:interface=[^"]*")',
                             rf'\1\n    tls: {{certificates: [{{cert: {cert}, key: {key}}}], alpn: [h2, http/1.1]}}',
                             config)
@@ -327,20 +370,28 @@ def main() -> None:
         gateway = subprocess.Popen(
             # --cache-sim: L1 as valgrind finds it, the last level as this VM's per-core L2 (1 MiB,
             # lscpu): what a bigger working set per request misses first.
-            ["valgrind", "--tool=callgrind", *(["--cache-sim=yes", "--LL=1048576,16,64"] if args.cache_sim else []),
-             f"--callgrind-out-file={work}/cg.%p", twistd, "-n", "--pidfile=",
-             "txgateway", "--config", str(work / "gateway.yaml")],
+            [*([] if args.rss else ["valgrind", "--tool=callgrind",
+                                    *(["--cache-sim=yes", "--LL=1048576,16,64"] if args.cache_sim else []),
+                                    f"--callgrind-out-file={work}/cg.%p"]),
+             twistd, "-n", "--pidfile=", "txgateway", "--config", str(work / "gateway.yaml")],
             env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=open(work / "valgrind.log", "w"))
         # callgrind on a busy machine (--cache-sim more so) starts slowly
         wait_listening(port, gateway, 300, f"see {work}/valgrind.log")
-        socks = [] if args.h2 else connect(port, args.conns, "http/1.1" if tls else None)
+        socks = [] if args.h2 or new_connections else connect(port, args.conns, "http/1.1" if tls else None)
 
         def run(total: int) -> None:
             if args.h2:
                 drive_h2(port, total, args.conns, args.streams, path)
+            elif new_connections:
+                drive_new_connections(port, total, request, args.resume)
             else:
                 drive(socks, total, request, args.unique)
-        run(max(500, 2 * args.conns))                                # warm-up: every connection used
+        run(100 if new_connections else max(500, 2 * args.conns))   # warm-up: every connection used
+        if args.rss:
+            run(args.n)
+            rss = re.search(r"^VmRSS:\s+(\d+) kB", Path(f"/proc/{gateway.pid}/status").read_text(), re.M)
+            print(f"daemon RSS after {args.n} requests: {int(rss.group(1)) / 1024:.1f} MiB")
+            return
         subprocess.run(["callgrind_control", "-z", str(gateway.pid)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         run(args.n)
         subprocess.run(["callgrind_control", "-d", str(gateway.pid)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -354,6 +405,8 @@ def main() -> None:
               f"{', cached, every request a miss' if args.cache_miss else ', cached' if args.cache else ''}"
               f"{', unique queries' if args.unique and not args.cache_miss else ''}"
               f"{f', HTTP/2 over TLS, {args.streams} streams each' if args.h2 else ', HTTP/1.1 over TLS' if args.tls else ''}"
+              f"{f' ({args.key})' if tls else ''}"
+              f"{', a full handshake each' if args.handshake else ', a resumed handshake each' if args.resume else ''}"
               f"{', 2 KiB JSON' if args.json or args.transform else ''}{', transformed' if args.transform else ''}"
               f"{f', traced at sample_ratio {args.trace}' if args.trace is not None else ''})")
         for s in socks:

@@ -1,4 +1,4 @@
-"""The two places that lean on Twisted internals: pinned, so an upgrade fails loudly here."""
+"""The places that lean on Twisted and pyOpenSSL internals: pinned, so an upgrade fails loudly here."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import inspect
 import socket
 
 import pytest_twisted
+from OpenSSL import SSL
 from twisted.internet import abstract, epollreactor, posixbase, tcp
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
+from twisted.protocols import tls
 
 from tests.conftest import listen
 from txgateway.core.fastwrite import writer_for
@@ -26,6 +28,15 @@ PINNED = {
     tcp.Connection._dataReceived: "7ed147aeca0c7f8a",
     abstract.FileDescriptor.write: "3e46c97fc173bc7e",
     abstract.FileDescriptor.doWrite: "a986d7b1b1054e43",
+    # transport/tls.py overrides these two and relies on the rest calling them.
+    tls.TLSMemoryBIOProtocol._flushSendBIO: "c034168e4f0faf2c",
+    tls.TLSMemoryBIOProtocol._flushReceiveBIO: "b45e129f60c44862",
+    tls.TLSMemoryBIOProtocol.dataReceived: "0c9326eac628dc89",
+    tls.TLSMemoryBIOProtocol.connectionLost: "db44a0b303d81d19",
+    # transport/tlsbio.py reads the memory BIOs pyOpenSSL makes here and reads with these.
+    SSL.Connection.__init__: "3161e88318ab2413",
+    SSL.Connection.bio_read: "bc83763ed40fc664",
+    SSL.Connection.recv: "84b0e9671ae37797",
 }
 
 

@@ -639,3 +639,61 @@ async def test_control_plain_connections_are_closed_at_stop(reactor, events, ech
     gw.gateway.config = dataclasses.replace(gw.gateway.config, drain_timeout=0.0)
     await gw.gateway.stopService()
     assert await deferToThread(_closed_within, s, 3.0)
+
+
+# --- the lean TLS transport (tls._TLSProtocol) ------------------------------------------------
+
+def records_in_one_write(port: int, cafile: str, requests: list[bytes]) -> bytes:
+    """Each request encrypted as its own TLS record, all records sent in one `sendall` (so the
+    gateway reads them in one piece), then everything the gateway sends until it closes."""
+    context = client_context(cafile)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="a.test")
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as s:
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                s.sendall(outgoing.read())
+                incoming.write(s.recv(65536))
+        s.sendall(outgoing.read())
+        for request in requests:
+            tls.write(request)                 # a record each
+        s.sendall(outgoing.read())
+        received = b""
+        while True:
+            data = s.recv(65536)
+            if not data:
+                incoming.write_eof()
+            else:
+                incoming.write(data)
+            try:
+                while chunk := tls.read(65536):
+                    received += chunk
+            except ssl.SSLWantReadError:
+                continue
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                pass
+            return received             # the server's close_notify, or its EOF
+
+
+@pytest_twisted.ensureDeferred
+async def test_records_that_arrive_together_are_all_read(events, echo, gateway, certs):
+    # One read from the socket holds three records: each must reach HTTP/1.1, not only the first.
+    gw = await gateway(config(tls_listener(certs.a), echo.url))
+    requests = [f"GET /api/users/{n} HTTP/1.1\r\nHost: a.test\r\n\r\n".encode() for n in (1, 2)] + [one_request("/api/users/3")]
+    answers = parse_responses(await deferToThread(records_in_one_write, gw.port, certs.ca_file, requests))
+    assert [a.status for a in answers] == [200, 200, 200]
+    assert [r.uri for r in echo.requests] == [b"/users/1", b"/users/2", b"/users/3"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_response_larger_than_a_record_arrives_whole(events, raw_upstream, gateway, certs):
+    body = bytes(range(256)) * 1200       # 300 KiB: many records, more than a socket takes at once
+    upstream = await raw_upstream(lambda peer, data: peer.transport.write(
+        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)) if b"\r\n\r\n" in data else None)
+    gw = await gateway(config(tls_listener(certs.a), upstream.url))
+    result = await deferToThread(https_get, gw.port, "/api/users/big", "a.test", certs.ca_file)
+    assert result.status == 200
+    assert result.body == body

@@ -26,6 +26,7 @@ from typing import Any
 
 from OpenSSL import SSL
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.internet.protocol import connectionDone
 from twisted.internet.ssl import (
     AcceptableCiphers,
     Certificate,
@@ -38,12 +39,14 @@ from twisted.internet.ssl import (
     trustRootFromCertificates,
 )
 from twisted.logger import Logger
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txgateway.config.schema import Target
+from txgateway.core.fastwrite import writer_for
 from txgateway.core.pipeline import LocalResponse, RequestContext, error_response
+from txgateway.transport import tlsbio
 from txgateway.transport.clientcert import verify_clients
 from txgateway.transport.tlsconfig import ListenerTLS, UpstreamTLS
 
@@ -59,6 +62,7 @@ INTERMEDIATE_CIPHERS = ("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA2
                         "ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305")
 TICKET_KEY_LIFETIME = 3600.0      # seconds a session ticket key encrypts new tickets (see rotate)
 _SESSION_TIMEOUT = 7200           # seconds a session (cached or in a ticket) may be resumed
+_RECORD = 1 << 14                 # the most plaintext one TLS record carries
 
 
 def _pem_chain(path: str) -> list[bytes]:
@@ -174,8 +178,17 @@ def _staple(context: SSL.Context, response: str) -> None:
     context.set_ocsp_server_callback(lambda connection, data: der)
 
 
-class _TLSProtocol(BufferingTLSTransport):
-    """Twisted's TLS protocol without a reference cycle on unclean closes.
+class _TLSProtocol(TLSMemoryBIOProtocol):
+    """Twisted's TLS protocol on the project's fast path, without a reference cycle on unclean closes.
+
+    Twisted's `BufferingTLSTransport` holds each write for a `callLater(0)`, then hands the
+    ciphertext to `transport.write` (an epoll_ctl pair and a send on a later iteration), and
+    every read asks OpenSSL once more than it has data for (a `WantReadError` raised through
+    pyOpenSSL, twice: the receive and the send memory BIOs). Here a write is encrypted at once
+    (HTTP/1.1 writes a response in one write, HTTP/2 a turn's frames) and its ciphertext joins
+    the turn's batched send (core/fastwrite.py) like a plain connection's; a read stops when
+    OpenSSL holds nothing more (tlsbio.py asks it). The handshake, closes, errors and
+    producers stay Twisted's.
 
     A client that leaves without TLS close_notify (most do, and every aborted connection)
     makes `_flushReceiveBIO` build a `Failure()` in a frame its own traceback holds: the
@@ -183,12 +196,84 @@ class _TLSProtocol(BufferingTLSTransport):
     gc.freeze and the raised thresholds make rare. Dropping the failure's traceback breaks
     the cycle (tests/integration/test_http2_abuse.py counts what a closed connection leaves)."""
 
+    wrappedProtocol: Any         # HTTP/1.1, or what ALPN chose (h2.py puts it in place)
+    _send: Callable[[bytes], None]
+    _send_now: Callable[[], None]
+    _lean_reads = True           # False from connectionLost on: OpenSSL must be asked until it reports EOF
+
+    def makeConnection(self, transport: Any) -> None:
+        self._send, self._send_now = writer_for(transport)   # before the handshake writes its first flight
+        super().makeConnection(transport)
+
+    def _flushSendBIO(self) -> None:
+        """The ciphertext OpenSSL produced, onto the turn's send (none: nothing to ask for).
+        Once closing, at once: the TCP connection may be closed next (by Twisted's TLS code, or
+        by HTTP/2's `fail`), and a close from a timed call would beat the turn's flush."""
+        out = tlsbio.outgoing(self._tlsConnection)
+        if out:
+            self._send(out)
+        if self.disconnecting or self._lostTLSConnection:
+            self._send_now()
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._handshakeDone or self._appSendBuffer:
+            super().dataReceived(data)          # the handshake, or writes it held back
+            return
+        tlsbio.feed(self._tlsConnection, data)
+        self._flushReceiveBIO()
+
+    def write(self, data: bytes) -> None:
+        if len(data) > _RECORD or not self._handshakeDone or self._appSendBuffer:
+            super().write(data)                 # a record at a time, or behind held writes
+            return
+        if (self.disconnecting and self._producer is None) or self._lostTLSConnection:
+            return
+        try:
+            out = tlsbio.encrypt(self._tlsConnection, data)
+        except SSL.WantReadError:
+            self._bufferedWrite(data)
+            return
+        except SSL.Error:
+            self._tlsShutdownFinished(Failure())
+            return
+        self._send(out)
+        if self.disconnecting:
+            self._send_now()                    # see _flushSendBIO
+
+    def _flushReceiveBIO(self) -> None:
+        if not self._lean_reads:
+            super()._flushReceiveBIO()
+            return
+        connection = self._tlsConnection
+        while not self._lostTLSConnection:
+            try:
+                data = tlsbio.read(connection)
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:
+                self._shutdownTLS()
+                self._tlsShutdownFinished(None)
+            except SSL.Error:
+                self._tlsShutdownFinished(Failure())
+            else:
+                if not data:                    # not expected: OpenSSL said neither data nor error
+                    break
+                if not self._aborted:
+                    self.wrappedProtocol.dataReceived(data)
+                if not tlsbio.readable(connection):
+                    break
+        self._flushSendBIO()
+
     def _tlsShutdownFinished(self, reason: Failure | None) -> None:
         if reason is not None:
             # The part of Failure.cleanFailure that matters here (pytest-twisted stubs it out).
             reason.tb = None
             reason.value.__traceback__ = None
         super()._tlsShutdownFinished(reason)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._lean_reads = False
+        super().connectionLost(reason)
 
 
 class TLSFactory(TLSMemoryBIOFactory):
