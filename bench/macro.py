@@ -79,19 +79,6 @@ while True:
         key.fileobj.sendall(%r * data.count(b"\\r\\n\\r\\n"))
 """
 
-# An OTLP/HTTP collector that takes every batch and answers 200 (what it costs is not counted).
-COLLECTOR = """
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-class Sink(BaseHTTPRequestHandler):
-    def do_POST(self):
-        self.rfile.read(int(self.headers["Content-Length"]))
-        self.send_response(200); self.send_header("Content-Length", "0"); self.end_headers()
-    def log_message(self, *args):
-        pass
-server = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
-print(server.server_address[1], flush=True)
-server.serve_forever()
-"""
 
 
 _serial = itertools.count(1)       # drive(unique=True)'s `?n=`: never repeated in one run
@@ -328,7 +315,7 @@ def main() -> None:
         from email.utils import formatdate
         response = RESPONSE.replace(b"Sun, 29 Nov 2026 12:30:29 GMT", formatdate(usegmt=True).encode())
     upstream = subprocess.Popen([sys.executable, "-c", UPSTREAM % response], stdout=subprocess.PIPE, text=True)
-    collector = subprocess.Popen([sys.executable, "-c", COLLECTOR], stdout=subprocess.PIPE, text=True) \
+    collector = subprocess.Popen([sys.executable, str(ROOT / "bench" / "otlp-sink.py"), "0"], stdout=subprocess.PIPE, text=True) \
         if args.trace is not None else None
     work = Path(tempfile.mkdtemp(prefix="txgw-macro-"))
     gateway = None
