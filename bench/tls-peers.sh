@@ -54,25 +54,17 @@ $common client_body_temp_path $WORK/ng/tmp; proxy_temp_path $WORK/ng/proxy_tmp;
   server { listen 127.0.0.1:${NG[2]} ssl backlog=4096; ssl_certificate $WORK/rsa.pem; ssl_certificate_key $WORK/rsa.key;
     location /api/users/ { proxy_pass http://api/users/; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
 CONF
-cat > gateway.yaml <<CONF
+# The peer harness's txgw route (bench/anchors-gateway.yaml) behind these listeners.
+{ cat <<CONF
 listen:
   - endpoint: "tcp:${GW[0]}:interface=127.0.0.1:backlog=4096"
   - endpoint: "tcp:${GW[1]}:interface=127.0.0.1:backlog=4096"
     tls: {certificates: [{cert: $WORK/ecdsa.pem, key: $WORK/ecdsa.key}], alpn: [h2, http/1.1]}
   - endpoint: "tcp:${GW[2]}:interface=127.0.0.1:backlog=4096"
     tls: {certificates: [{cert: $WORK/rsa.pem, key: $WORK/rsa.key}]}
-trusted_proxies: [127.0.0.1/32]
-access_log: $WORK/access.log
-drain_timeout: 2s
-upstreams:
-  users: {targets: ["http://127.0.0.1:$UP"], timeout: 30s}
-routes:
-  - prefix: /api/users
-    upstream: users
-    rewrite_prefix: /users
-    request_headers: {set: {X-Api-Version: "2"}}
-    response_headers: {remove: [X-Upstream-Debug]}
 CONF
+  sed -n '/^trusted_proxies:/,$p' "$ROOT/bench/anchors-gateway.yaml" \
+    | sed -e "s|127.0.0.1:9001|127.0.0.1:$UP|" -e "s|^access_log: .*|access_log: $WORK/access.log|"; } > gateway.yaml
 taskset -c 0 nginx -p "$WORK/up/" -c "$WORK/up/nginx.conf" -g 'daemon off;' & UPID=$!
 trap 'kill $UPID 2>/dev/null || true' EXIT
 sleep 1
