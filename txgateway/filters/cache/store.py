@@ -96,14 +96,14 @@ class Store:
         found = self._lru.get(key)
         counts = self.counts(key[0])
         if found is None:
-            found = self._lru[key] = []
+            self._lru[key] = [entry]            # a new key (a miss's usual case): nothing to replace
         else:
             self._lru.move_to_end(key)
-        for old in [e for e in found if e.vary == entry.vary]:
-            self._drop(found, old, counts)
-        if len(found) >= MAX_VARIANTS:
-            self._drop(found, found[0], counts)
-        found.append(entry)
+            for old in [e for e in found if e.vary == entry.vary]:
+                self._drop(found, old, counts)
+            if len(found) >= MAX_VARIANTS:
+                self._drop(found, found[0], counts)
+            found.append(entry)
         self.bytes += entry.size
         counts.bytes += entry.size
         counts.entries += 1
