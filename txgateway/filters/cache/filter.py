@@ -153,6 +153,7 @@ class CacheFilter:
         self.ttl: float = policy.ttl
         self.route = route
         self.clock = clock
+        self.host_seen = self.host_lower = b""
         self.counts = store.counts(route)
         self.inflight = store.inflight
         # Set-Cookie is never stored (so never sent to another client) unless the section says so.
@@ -170,7 +171,12 @@ class CacheFilter:
         elif keep is not True and query:
             wanted = [p for p in query[1:].split(b"&") if p.partition(b"=")[0] in keep]  # type: ignore[operator]
             query = b"?" + b"&".join(sorted(wanted)) if wanted else b""
-        host = (ctx.host or b"").lower()
+        host = ctx.host or b""
+        if host == self.host_seen:       # one host, as a route usually has: its lower case remembered
+            host = self.host_lower
+        else:
+            self.host_seen = host
+            host = self.host_lower = host.lower()
         identity = None
         if self.by_identity and ctx.identity is not None:
             identity = ctx.identity.user_id
@@ -356,8 +362,12 @@ class CacheFilter:
     def _release(self, state: _Forward) -> None:
         if state.leader:
             state.leader = False
-            for d in self.inflight.pop(state.key, ()):
-                d.callback(None)
+            inflight = self.inflight
+            waiters = inflight.get(state.key)     # get and del: dict.pop is a method call
+            if waiters is not None:
+                del inflight[state.key]
+                for d in waiters:
+                    d.callback(None)
 
     # -- response ------------------------------------------------------------------------
 
