@@ -36,7 +36,7 @@ from txgateway.filters.cache.rules import (
     parse_directives,
     parse_http_date,
 )
-from txgateway.filters.cache.store import Entry, Store
+from txgateway.filters.cache.store import Entry, Key, Store
 
 __all__ = ["CacheFilter", "build_filter"]
 
@@ -71,7 +71,7 @@ class _Forward:
     __slots__ = ("key", "entry", "request_time", "req", "fwd", "vary_source", "record", "size", "replace",
                  "leader", "conditional", "background", "head", "as_head", "resp", "vary", "expires", "cache")
 
-    def __init__(self, cache: CacheFilter, key: tuple[Any, ...], entry: Entry | None, request_time: float,
+    def __init__(self, cache: CacheFilter, key: Key, entry: Entry | None, request_time: float,
                  req: Directives, fwd: bytes, vary_source: list[tuple[bytes, bytes]]) -> None:
         self.cache = cache
         self.key = key
@@ -110,7 +110,7 @@ class _Bypass:
 class _Invalidate:
     __slots__ = ("key",)
 
-    def __init__(self, key: tuple[Any, ...]) -> None:
+    def __init__(self, key: Key) -> None:
         self.key = key
 
 
@@ -161,7 +161,7 @@ class CacheFilter:
 
     # -- keys ----------------------------------------------------------------------------
 
-    def key(self, ctx: RequestContext) -> tuple[Any, ...]:
+    def key(self, ctx: RequestContext) -> Key:
         """Route, host as routed, path and the query the route keys on, identity and the
         request headers named in `key.headers`: nothing a client can vary outside it."""
         query: bytes = ctx.query
@@ -181,7 +181,7 @@ class CacheFilter:
         if self.by_identity and ctx.identity is not None:
             identity = ctx.identity.user_id
         extra = tuple(_request_value(ctx.headers, name) for name in self.key_headers) if self.key_headers else ()
-        return (self.route, host, ctx.path, query, identity, extra)
+        return Key((self.route, host, ctx.path, query, identity, extra))
 
     # -- request -------------------------------------------------------------------------
 
@@ -612,7 +612,7 @@ class CacheFilter:
 
     # -- invalidation (§4.4) --------------------------------------------------------------
 
-    def _invalidate(self, ctx: RequestContext, key: tuple[Any, ...], head: ResponseHead) -> None:
+    def _invalidate(self, ctx: RequestContext, key: Key, head: ResponseHead) -> None:
         self.store.remove(key)
         host = key[1]
         for name in (b"location", b"content-location"):
@@ -682,7 +682,7 @@ class CacheFilter:
 
     # -- background refresh (stale-while-revalidate) ---------------------------------------
 
-    def _refresh(self, ctx: RequestContext, key: tuple[Any, ...], entry: Entry) -> None:
+    def _refresh(self, ctx: RequestContext, key: Key, entry: Entry) -> None:
         """One request upstream, through the route's terminal, whose answer refreshes `entry`."""
         if key in self.inflight:
             return
