@@ -36,7 +36,7 @@ from txgateway.filters.cache.rules import (
     parse_directives,
     parse_http_date,
 )
-from txgateway.filters.cache.store import Entry, Store
+from txgateway.filters.cache.store import Entry, Key, Store
 
 __all__ = ["CacheFilter", "build_filter"]
 
@@ -60,17 +60,18 @@ _WATCHED: Final = {b"range": _RANGE, b"authorization": _AUTHORIZATION, b"cache-c
 _NO_DIRECTIVES: Final = Directives({})
 # RFC 9211 on the cache's own 504: neither `hit` (nothing stored answered) nor `fwd` (not forwarded).
 _NOT_CACHED: Final = [(b"cache-status", b"txgateway; detail=only-if-cached"), (b"x-cache", b"MISS")]
-# A miss's Cache-Status by (fwd, upstream status, stored): formatting one costs more than finding it.
-_MISS_STATUS: Final[dict[tuple[bytes, int, bool], bytes]] = {}
+# A miss's Cache-Status by stored, fwd and upstream status: formatting one costs more than finding
+# it (and nested dicts, keyed by constants and ints, more than a tuple key built and hashed each time).
+_MISS_STATUS: Final[tuple[dict[bytes, dict[int, bytes]], dict[bytes, dict[int, bytes]]]] = ({}, {})
 
 
 class _Forward:
     """A request the cache sent upstream: what the head and body hooks need to store it."""
 
     __slots__ = ("key", "entry", "request_time", "req", "fwd", "vary_source", "record", "size", "replace",
-                 "leader", "conditional", "background", "head", "as_head", "resp", "vary", "cache")
+                 "leader", "conditional", "background", "head", "as_head", "resp", "vary", "expires", "cache")
 
-    def __init__(self, cache: CacheFilter, key: tuple[Any, ...], entry: Entry | None, request_time: float,
+    def __init__(self, cache: CacheFilter, key: Key, entry: Entry | None, request_time: float,
                  req: Directives, fwd: bytes, vary_source: list[tuple[bytes, bytes]]) -> None:
         self.cache = cache
         self.key = key
@@ -89,6 +90,7 @@ class _Forward:
         self.as_head = False               # a HEAD request sent upstream as GET, so its answer is stored
         self.resp = _NO_DIRECTIVES         # the recorded response's Cache-Control
         self.vary: list[bytes] = []        # and its Vary, lower case
+        self.expires = True                # whether it has Expires (True: not known, look)
 
     def keep(self, ctx: RequestContext) -> bool:
         """Pipeline.cancel asks the states of a request whose client left (see CacheFilter.keep)."""
@@ -108,7 +110,7 @@ class _Bypass:
 class _Invalidate:
     __slots__ = ("key",)
 
-    def __init__(self, key: tuple[Any, ...]) -> None:
+    def __init__(self, key: Key) -> None:
         self.key = key
 
 
@@ -151,6 +153,7 @@ class CacheFilter:
         self.ttl: float = policy.ttl
         self.route = route
         self.clock = clock
+        self.host_seen = self.host_lower = b""
         self.counts = store.counts(route)
         self.inflight = store.inflight
         # Set-Cookie is never stored (so never sent to another client) unless the section says so.
@@ -158,7 +161,7 @@ class CacheFilter:
 
     # -- keys ----------------------------------------------------------------------------
 
-    def key(self, ctx: RequestContext) -> tuple[Any, ...]:
+    def key(self, ctx: RequestContext) -> Key:
         """Route, host as routed, path and the query the route keys on, identity and the
         request headers named in `key.headers`: nothing a client can vary outside it."""
         query: bytes = ctx.query
@@ -168,12 +171,17 @@ class CacheFilter:
         elif keep is not True and query:
             wanted = [p for p in query[1:].split(b"&") if p.partition(b"=")[0] in keep]  # type: ignore[operator]
             query = b"?" + b"&".join(sorted(wanted)) if wanted else b""
-        host = (ctx.host or b"").lower()
+        host = ctx.host or b""
+        if host == self.host_seen:       # one host, as a route usually has: its lower case remembered
+            host = self.host_lower
+        else:
+            self.host_seen = host
+            host = self.host_lower = host.lower()
         identity = None
         if self.by_identity and ctx.identity is not None:
             identity = ctx.identity.user_id
         extra = tuple(_request_value(ctx.headers, name) for name in self.key_headers) if self.key_headers else ()
-        return (self.route, host, ctx.path, query, identity, extra)
+        return Key((self.route, host, ctx.path, query, identity, extra))
 
     # -- request -------------------------------------------------------------------------
 
@@ -204,7 +212,7 @@ class CacheFilter:
         now = self.clock.seconds()
         variants = self.store.variants(key)
         entry = self._select(variants, ctx.headers)
-        no_cache = b"no-cache" in req or (
+        no_cache = b"no-cache" in req.d or (
             seen & _PRAGMA != 0 and not req.d and b"no-cache" in field_values(ctx.headers, b"pragma"))
         fwd = b"uri-miss"
         if entry is not None:
@@ -221,7 +229,7 @@ class CacheFilter:
             fwd = b"request" if no_cache else b"stale"
         elif variants:
             fwd = b"vary-miss"
-        if b"only-if-cached" in req:
+        if b"only-if-cached" in req.d:
             ctx.note(NAME, "MISS")
             return error_response(ctx, 504, "NOT_CACHED", "only-if-cached: no stored response can answer this request",
                                   _NOT_CACHED)
@@ -354,8 +362,12 @@ class CacheFilter:
     def _release(self, state: _Forward) -> None:
         if state.leader:
             state.leader = False
-            for d in self.inflight.pop(state.key, ()):
-                d.callback(None)
+            inflight = self.inflight
+            waiters = inflight.get(state.key)     # get and del: dict.pop is a method call
+            if waiters is not None:
+                del inflight[state.key]
+                for d in waiters:
+                    d.callback(None)
 
     # -- response ------------------------------------------------------------------------
 
@@ -394,11 +406,14 @@ class CacheFilter:
                 self._give_up(ctx)
         self.counts.misses += 1
         ctx.note(NAME, "MISS")
-        line = _MISS_STATUS.get((state.fwd, status, stored))
+        lines = _MISS_STATUS[stored].get(state.fwd)
+        if lines is None:
+            lines = _MISS_STATUS[stored][state.fwd] = {}
+        line = lines.get(status)
         if line is None:
             line = b"txgateway; fwd=%s; fwd-status=%d%s" % (state.fwd, status, b"; stored" if stored else b"")
-            if len(_MISS_STATUS) < 1024:
-                _MISS_STATUS[(state.fwd, status, stored)] = line
+            if len(lines) < 1024:
+                lines[status] = line
         head.headers += [(b"cache-status", line), (b"x-cache", b"MISS")]
 
     def _revalidated(self, ctx: RequestContext, state: _Forward, head: ResponseHead, entry: Entry,
@@ -463,7 +478,7 @@ class CacheFilter:
     def _start_recording(self, ctx: RequestContext, state: _Forward, head: ResponseHead) -> bool:
         """Whether this response may be stored (RFC 9111 §3); if so its body is recorded."""
         status = head.status
-        if status < 200 or status in (206, 304) or b"no-store" in state.req or (ctx.method == b"HEAD" and not state.as_head):
+        if status < 200 or status in (206, 304) or b"no-store" in state.req.d or (ctx.method == b"HEAD" and not state.as_head):
             return False
         if head.length is not None and head.length > self.max_object_size:
             return False
@@ -478,22 +493,29 @@ class CacheFilter:
             elif name == b"expires":
                 expires = True
         resp = parse_directives(controls) if controls else _NO_DIRECTIVES
-        if b"no-store" in resp or b"private" in resp:
-            return False
-        if b"must-understand" in resp and status not in REASONS:
-            return False
-        if not self.by_identity and not (b"public" in resp or b"s-maxage" in resp or b"must-revalidate" in resp) \
+        d = resp.d          # its dict, read directly: each `in resp` is a call through the class's slot
+        if d:
+            if b"no-store" in d or b"private" in d:
+                return False
+            if b"must-understand" in d and status not in REASONS:
+                return False
+            public = b"public" in d
+            explicit = b"max-age" in d or b"s-maxage" in d or expires
+            shared = public or b"s-maxage" in d or b"must-revalidate" in d
+        else:
+            public = shared = False
+            explicit = expires
+        if not self.by_identity and not shared \
                 and (ctx.identity is not None or ctx.header(b"authorization") is not None):
             return False
-        explicit = b"max-age" in resp or b"s-maxage" in resp or expires
-        if not (explicit or b"public" in resp or status in DEFAULT_CACHEABLE):
+        if not (explicit or public or status in DEFAULT_CACHEABLE):
             return False
         vary = [v.lower() for v in members(varies)]
         if b"*" in vary or len(vary) > MAX_VARY:
             return False
         state.record = []
         state.head = (status, list(head.headers), head.length)
-        state.resp, state.vary = resp, vary
+        state.resp, state.vary, state.expires = resp, vary, expires
         return True
 
     def on_response_body(self, ctx: RequestContext, chunk: bytes, end: bool) -> bytes:
@@ -521,16 +543,17 @@ class CacheFilter:
     def _store(self, ctx: RequestContext, state: _Forward, body: bytes) -> None:
         status, headers, length = state.head
         if length is None or length == len(body):
-            entry = self._entry(status, headers, body, state, self.clock.seconds(), None, state.resp, state.vary)
+            entry = self._entry(status, headers, body, state, self.clock.seconds(), None, state.resp, state.vary,
+                                state.expires)
             if entry is not None:
                 self.store.put(state.key, entry)
         self._release(state)
 
     def _entry(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, state: _Forward,
                now: float, age_header: bytes | None, resp: Directives | None = None,
-               vary_values: list[bytes] | None = None) -> Entry | None:
+               vary_values: list[bytes] | None = None, has_expires: bool = True) -> Entry | None:
         """An entry with its freshness lifetime and corrected initial age (§4.2.1, §4.2.3).
-        `resp` and `vary_values`: the headers' Cache-Control and Vary, when already parsed."""
+        `resp`, `vary_values` and `has_expires`: what the head hook's pass found, when it ran."""
         not_stored = self.not_stored
         ages: list[bytes] = []
         date_field: bytes | None = None
@@ -557,7 +580,7 @@ class CacheFilter:
         date_value = date if date is not None else now
         apparent_age = max(0.0, now - date_value)
         corrected_age = max(apparent_age, age_value + (now - state.request_time))
-        lifetime = self._lifetime(status, kept, resp, date_value)
+        lifetime = self._lifetime(status, kept, resp, date_value, has_expires)
         vary: tuple[tuple[bytes, bytes | None], ...] = ()
         if vary_values:
             if b"*" in vary_values:
@@ -565,16 +588,20 @@ class CacheFilter:
             vary = tuple((name, _request_value(state.vary_source, name)) for name in sorted(set(vary_values)))
         return Entry(status, kept, body, state.request_time, now, corrected_age, lifetime, vary, resp, date_value)
 
-    def _lifetime(self, status: int, headers: list[tuple[bytes, bytes]], resp: Directives, date: float) -> float:
-        for name in (b"s-maxage", b"max-age"):
-            if name in resp:
-                value = resp.delta(name)
-                return float(value) if value is not None else 0.0
-        expires = [v for k, v in headers if k == b"expires"]
+    def _lifetime(self, status: int, headers: list[tuple[bytes, bytes]], resp: Directives, date: float,
+                  has_expires: bool) -> float:
+        """`has_expires` False: the head hook's pass found no Expires (no need to look)."""
+        d = resp.d
+        if d:
+            for name in (b"s-maxage", b"max-age"):
+                if name in d:
+                    value = resp.delta(name)
+                    return float(value) if value is not None else 0.0
+        expires = [v for k, v in headers if k == b"expires"] if has_expires else None
         if expires:
             when = parse_http_date(expires[0])
             return max(0.0, when - date) if when is not None and len(expires) == 1 else 0.0
-        if status not in DEFAULT_CACHEABLE and b"public" not in resp:
+        if status not in DEFAULT_CACHEABLE and b"public" not in d:
             return 0.0
         if self.ttl:
             return self.ttl
@@ -585,7 +612,7 @@ class CacheFilter:
 
     # -- invalidation (§4.4) --------------------------------------------------------------
 
-    def _invalidate(self, ctx: RequestContext, key: tuple[Any, ...], head: ResponseHead) -> None:
+    def _invalidate(self, ctx: RequestContext, key: Key, head: ResponseHead) -> None:
         self.store.remove(key)
         host = key[1]
         for name in (b"location", b"content-location"):
@@ -655,7 +682,7 @@ class CacheFilter:
 
     # -- background refresh (stale-while-revalidate) ---------------------------------------
 
-    def _refresh(self, ctx: RequestContext, key: tuple[Any, ...], entry: Entry) -> None:
+    def _refresh(self, ctx: RequestContext, key: Key, entry: Entry) -> None:
         """One request upstream, through the route's terminal, whose answer refreshes `entry`."""
         if key in self.inflight:
             return

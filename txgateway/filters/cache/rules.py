@@ -49,16 +49,34 @@ _DATES: Final[dict[bytes, float | None]] = {}   # parse_http_date's memory: valu
 _DATES_KEPT: Final = 64
 
 
+class _LastDate:
+    """The value parse_http_date saw last: comparing with it costs less than hashing a new one."""
+
+    __slots__ = ("value", "when")
+
+    def __init__(self) -> None:
+        self.value = b""
+        self.when: float | None = None
+
+
+_LAST: Final = _LastDate()
+
+
 def parse_http_date(value: bytes | None) -> float | None:
     """Seconds since the epoch, None if not a date. Remembered: parsing costs a miss more than
     all the rest of its storing, and every response of one second carries the same `Date`."""
     if value is None:
         return None
+    last = _LAST
+    if value == last.value:
+        return last.when
     if value in _DATES:
-        return _DATES[value]
-    if len(_DATES) >= _DATES_KEPT:
-        _DATES.clear()
-    when = _DATES[value] = _parse_http_date(value)
+        when = _DATES[value]
+    else:
+        if len(_DATES) >= _DATES_KEPT:
+            _DATES.clear()
+        when = _DATES[value] = _parse_http_date(value)
+    last.value, last.when = value, when
     return when
 
 

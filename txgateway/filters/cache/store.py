@@ -11,10 +11,36 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any, Final
 
-__all__ = ["Entry", "RouteCounts", "Store"]
+__all__ = ["Entry", "Key", "RouteCounts", "Store"]
 
 MAX_VARIANTS: Final = 8
 _OVERHEAD: Final = 256            # bookkeeping per entry, counted against max_memory
+
+
+class Key:
+    """A stored response's key, a tuple (route, host, path, query, identity, request headers)
+    that keeps its hash: a miss looks it up six times (store and in-flight table), and a
+    tuple is hashed again each time. Equal to the plain tuple, so either finds an entry."""
+
+    __slots__ = ("parts", "hash")
+
+    def __init__(self, parts: tuple[Any, ...]) -> None:
+        self.parts = parts
+        self.hash = hash(parts)
+
+    def __hash__(self) -> int:
+        return self.hash
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Key):
+            return self.hash == other.hash and self.parts == other.parts
+        return self.parts == other
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.parts[index]
+
+
+AnyKey = Key | tuple[Any, ...]     # the filter's keys are Keys; a plain tuple finds the same entry
 
 
 class Entry:
@@ -67,10 +93,10 @@ class Store:
         self.max_memory = max_memory
         self.bytes = 0
         self.evictions = 0
-        self._lru: OrderedDict[tuple[Any, ...], list[Entry]] = OrderedDict()
+        self._lru: OrderedDict[AnyKey, list[Entry]] = OrderedDict()
         self.routes: dict[str, RouteCounts] = {}        # by route prefix
         self.policies: dict[str, Any] = {}              # the cache policy each route was built with
-        self.inflight: dict[tuple[Any, ...], list[Any]] = {}   # keys being fetched: their waiters
+        self.inflight: dict[AnyKey, list[Any]] = {}   # keys being fetched: their waiters
 
     def counts(self, route: str) -> RouteCounts:
         counts = self.routes.get(route)
@@ -84,26 +110,26 @@ class Store:
             self.purge(lambda key: key[0] == route)
         self.policies[route] = policy
 
-    def variants(self, key: tuple[Any, ...]) -> list[Entry] | None:
+    def variants(self, key: AnyKey) -> list[Entry] | None:
         found = self._lru.get(key)
         if found is not None:
             self._lru.move_to_end(key)
         return found
 
-    def put(self, key: tuple[Any, ...], entry: Entry) -> None:
+    def put(self, key: AnyKey, entry: Entry) -> None:
         if entry.size > self.max_memory:
             return
         found = self._lru.get(key)
         counts = self.counts(key[0])
         if found is None:
-            found = self._lru[key] = []
+            self._lru[key] = [entry]            # a new key (a miss's usual case): nothing to replace
         else:
             self._lru.move_to_end(key)
-        for old in [e for e in found if e.vary == entry.vary]:
-            self._drop(found, old, counts)
-        if len(found) >= MAX_VARIANTS:
-            self._drop(found, found[0], counts)
-        found.append(entry)
+            for old in [e for e in found if e.vary == entry.vary]:
+                self._drop(found, old, counts)
+            if len(found) >= MAX_VARIANTS:
+                self._drop(found, found[0], counts)
+            found.append(entry)
         self.bytes += entry.size
         counts.bytes += entry.size
         counts.entries += 1
@@ -118,7 +144,7 @@ class Store:
         counts.bytes -= entry.size
         counts.entries -= 1
 
-    def remove(self, key: tuple[Any, ...]) -> int:
+    def remove(self, key: AnyKey) -> int:
         variants = self._lru.pop(key, None)
         if not variants:
             return 0
@@ -152,5 +178,5 @@ class Store:
                              "hit_ratio": round(served / asked, 4) if asked else None}
         return {"bytes": self.bytes, "max_memory": self.max_memory, "evictions": self.evictions, "routes": routes}
 
-    def keys(self) -> Iterator[tuple[Any, ...]]:
+    def keys(self) -> Iterator[AnyKey]:
         return iter(self._lru)
