@@ -45,6 +45,8 @@ JSON_PATH = "/users/json"
 CACHE = "    cache: {ttl: 1h}\n"
 # The store's bound for the cached rows (the cache: section's max_memory); empty: the default.
 MAX_MEMORY = bench._env("CACHE_MAX_MEMORY", "")
+# other% (CPU time on the gateways' core not theirs) above which a run was disturbed.
+NOISY_OTHER_PCT = 10.0
 # (ratio name, row, row it is divided by, target): the issues' req/s targets.
 RATIOS = (("cache-miss / plain-unique", "cache-miss", "plain-unique", 0.90),
           ("cache-hit / plain", "cache-hit", "plain", 1.5),
@@ -245,6 +247,11 @@ def report(summary: dict) -> str:
                    f"(first counted in c={evicted[0]['conns']} run {evicted[0]['run']}; runs before it measured "
                    "misses that only stored)" if evicted
                    else "  no eviction in this run: the store never reached max_memory (a full-length run fills it)")
+    busy = max((s.get("gw_core_other_pct") or 0.0 for level in r.get("levels", {}).values()
+                for name, s in level.items() if name != "ratios"), default=0.0)
+    if busy > NOISY_OTHER_PCT:
+        out.append(f"!! CPU {bench.GATEWAY_CPU} was up to {busy:.0f} % busy with other processes during a run "
+                   "(other%): these ratios are noise; rerun on a quiet machine")
     out.append("shutdown on SIGTERM: " + "; ".join(f"{k} {v}" for k, v in r.get("shutdown", {}).items()))
     for name, alive in r.get("alive_at_end", {}).items():
         if not alive:
