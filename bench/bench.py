@@ -261,7 +261,7 @@ http {{
             add_header X-Upstream-Debug "1" always;
             return 200 '{{"ok":true}}';
         }}
-        location = /users/echo-headers {{
+{locations}        location = /users/echo-headers {{
             return 200 '{{"x_api_version":"$http_x_api_version","x_forwarded_for":"$http_x_forwarded_for"}}';
         }}
         location /files/ {{
@@ -303,10 +303,13 @@ routes:
 
 
 class Upstream:
-    def __init__(self, port: int = UPSTREAM_PORT, name: str = "nginx") -> None:
+    """The upstream nginx; `locations` (nginx config text) adds locations of a scenario's own."""
+
+    def __init__(self, port: int = UPSTREAM_PORT, name: str = "nginx", locations: str = "") -> None:
         self.dir = os.path.join(RUN_DIR, name)
         self.files = os.path.join(OUT, "files")
         self.port = port
+        self.locations = locations
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -315,7 +318,8 @@ class Upstream:
         os.makedirs(self.files, exist_ok=True)
         conf = os.path.join(self.dir, "nginx.conf")
         with open(conf, "w") as f:
-            f.write(NGINX_CONF.format(cpu=CLIENT_CPU, dir=self.dir, port=self.port, files=self.files))
+            f.write(NGINX_CONF.format(cpu=CLIENT_CPU, dir=self.dir, port=self.port, files=self.files,
+                                      locations=self.locations))
         if port_busy(self.port):
             raise SystemExit(f"port {self.port} is already in use (set UPSTREAM_PORT)")
         logfile = os.path.join(self.dir, "stderr.log")
@@ -464,12 +468,21 @@ def functional_checks(gw: Gateway, up: Upstream) -> dict[str, str]:
 # wrk
 # --------------------------------------------------------------------------------------------
 
+# Access-log fields counted by value after each measured run, besides `status`: the cache's
+# verdict (HIT, MISS...) and the response's size (a transformed answer is smaller).
+TALLIED_FIELDS = ("cache", "bytes_out")
+
+
 def wrk_run(name: str, url: str, conns: int, duration: int, kind: str, run: int,
-            gw: Gateway | None, up: Upstream, headers: dict[str, str] | None = None) -> dict:
+            gw: Gateway | None, up: Upstream, headers: dict[str, str] | None = None, script: str = LUA) -> dict:
+    """One wrk run. A `script` other than report.lua gets a label of this run after `--`
+    (row-c<conns>-<kind><run>, unique in a bench run: unique.lua puts it in its queries)."""
     cmd = ["taskset", "-c", CLIENT_CPU, "wrk", "-t", WRK_THREADS, "-c", str(conns), "-d", f"{duration}s",
-           "--latency", "-s", LUA, "-H", f"X-Forwarded-For: {FORWARDED_FOR}", url]
+           "--latency", "-s", script, "-H", f"X-Forwarded-For: {FORWARDED_FOR}", url]
+    if script != LUA:
+        cmd += ["--", f"{name}-c{conns}-{kind}{run}"]
     for key, value in (headers or {}).items():
-        cmd[-1:-1] = ["-H", f"{key}: {value}"]
+        cmd[cmd.index(url):cmd.index(url)] = ["-H", f"{key}: {value}"]
     if kind == "measured":
         wait_quiet()
     if gw is not None:
@@ -525,11 +538,17 @@ def wrk_run(name: str, url: str, conns: int, duration: int, kind: str, run: int,
             time.sleep(0.7)   # let the access log flush
             lines = access_log_lines(gw.access_log)
             statuses: dict[str, int] = {}
+            tallies: dict[str, dict[str, int]] = {}
             for entry in lines:
                 key = str(entry.get("status"))
                 statuses[key] = statuses.get(key, 0) + 1
+                for field in TALLIED_FIELDS:
+                    if field in entry:
+                        counts = tallies.setdefault(field, {})
+                        counts[str(entry[field])] = counts.get(str(entry[field]), 0) + 1
             row["access_log_lines"] = len(lines)
             row["access_log_statuses"] = statuses
+            row["access_log_tallies"] = tallies
     RESULTS.append(row)
     steal = max(c["steal"] for c in cores.values())
     extra = ""
@@ -565,11 +584,17 @@ def summarize_level(rows: list[dict]) -> dict:
     s["non2xx"] = sum(r["errors"]["status"] for r in ok)
     if "access_log_lines" in ok[0]:
         statuses: dict[str, int] = {}
+        tallies: dict[str, dict[str, int]] = {}
         for r in ok:
             for k, v in r["access_log_statuses"].items():
                 statuses[k] = statuses.get(k, 0) + v
+            for field, counts in r["access_log_tallies"].items():
+                into = tallies.setdefault(field, {})
+                for k, v in counts.items():
+                    into[k] = into.get(k, 0) + v
         s["access_log_lines"] = sum(r["access_log_lines"] for r in ok)
         s["access_log_statuses"] = statuses
+        s["access_log_tallies"] = tallies
         s["wrk_responses"] = sum(r["requests"] for r in ok)
     if "gw_cpu_pct" in ok[0]:
         s["gw_cpu_pct"] = median([r["gw_cpu_pct"] for r in ok])
@@ -581,23 +606,31 @@ def summarize_level(rows: list[dict]) -> dict:
 
 
 def compare_rows(rows: list[tuple[str, Gateway | None, str | None]], up: Upstream,
-                 headers: dict[str, dict[str, str]] | None = None) -> dict:
-    """wrk on each row (a gateway's /api/users/1, or a direct url) at every CONNS level, rows
-    interleaved run by run; medians per row and the ratio to the row named "proxy"."""
+                 headers: dict[str, dict[str, str]] | None = None, scripts: dict[str, str] | None = None,
+                 base: str = "proxy", after_run: Callable[[str, dict], None] | None = None) -> dict:
+    """wrk on each row (a url, or else a gateway's /api/users/1; a direct row has no gateway) at
+    every CONNS level, rows interleaved run by run, each gateway row warmed up first; `headers`
+    and `scripts` (wrk -s, default report.lua) by row name; medians per row and the ratio to
+    the row named `base`. `after_run(row name, result)` follows each measured run."""
     headers = headers or {}
+    scripts = scripts or {}
+    targets = {name: url or f"http://127.0.0.1:{gw.port}/api/users/1"  # type: ignore[union-attr]
+               for name, gw, url in rows}
     levels: dict = {}
     for c in CONNS:
         log(f"-- {c} connections: {RUNS} x {DURATION}s per row, rows interleaved")
         results: dict[str, list[dict]] = {name: [] for name, _, _ in rows}
         for name, gw, _ in rows:
             if gw is not None and WARMUP > 0:
-                wrk_run(name, f"http://127.0.0.1:{gw.port}/api/users/1", c, WARMUP, "warmup", 0, gw, up, headers.get(name))
+                wrk_run(name, targets[name], c, WARMUP, "warmup", 0, gw, up, headers.get(name), scripts.get(name, LUA))
         for i in range(1, RUNS + 1):
-            for name, gw, url in rows:
-                target = url or f"http://127.0.0.1:{gw.port}/api/users/1"  # type: ignore[union-attr]
-                results[name].append(wrk_run(name, target, c, DURATION, "measured", i, gw, up, headers.get(name)))
+            for name, gw, _ in rows:
+                results[name].append(wrk_run(name, targets[name], c, DURATION, "measured", i, gw, up,
+                                             headers.get(name), scripts.get(name, LUA)))
+                if after_run is not None:
+                    after_run(name, results[name][-1])
         level = {name: summarize_level(r) for name, r in results.items()}
-        plain = level["proxy"].get("rps")
+        plain = level[base].get("rps")
         for name in level:
             rps = level[name].get("rps")
             level[name]["ratio_to_proxy"] = round(rps / plain, 3) if rps and plain else None
@@ -606,10 +639,11 @@ def compare_rows(rows: list[tuple[str, Gateway | None, str | None]], up: Upstrea
 
 
 def run_scenarios(prefix: str, argv: list[str], scenarios: dict, services: list,
-                  report: Callable[[dict], str]) -> int:
+                  report: Callable[[dict], str], failed: Callable[[dict], bool] | None = None) -> int:
     """The main() of a bench script: start `services` (objects with start/stop), run the
     scenarios named in argv (all by default; each a function of no argument returning its
-    summary part), stop everything, save and print the report."""
+    summary part), stop everything, save and print the report. Exit status 1 if `failed`
+    says the summary shows a failure."""
     names = argv or list(scenarios)
     unknown = [n for n in names if n not in scenarios]
     if unknown:
@@ -626,7 +660,7 @@ def run_scenarios(prefix: str, argv: list[str], scenarios: dict, services: list,
     finally:
         stop_all()
     save_summary(prefix, summary, report(summary))
-    return 0
+    return 1 if failed is not None and failed(summary) else 0
 
 
 def save_summary(prefix: str, summary: dict, text: str) -> None:

@@ -12,10 +12,12 @@
 #   bench/run.sh failover         # one of 2 targets killed during a 10 s load: what failed
 #   bench/run.sh tls              # HTTPS vs HTTP through the gateway; new handshakes per second
 #   bench/run.sh workers          # --workers 2 (both CPUs) vs one process (CPU 1): req/s ratio
+#   bench/run.sh routes           # cache miss/hit and transform vs the plain route (issues 14, 15)
 #
 # Knobs (environment): DURATION=10 RUNS=3 WARMUP=2 CONNS="32 256" WRK_THREADS=1
 #   CLIENT_CPU=0 GATEWAY_CPU=1 UPSTREAM_PORT=19001 GATEWAY_PORT=19080 QUIET_WAIT=20
 #   STREAM_SIZE=1G STREAM_RATES="100 0" (MiB/s the stream client reads at; 0 = unpaced)
+#   CACHE_MAX_MEMORY= (routes: the cached rows' max_memory; empty = the gateway's default)
 #   ANCHORS_DIR=/tmp/anchors ANCHORS_ONLY=direct,fastify-plain,fastify-seed,twisted-agent,nginx-1w,txgw,txgw-jwt
 #   SHARED_BENCH=../shared/bench (the peer harness to copy)
 set -euo pipefail
@@ -34,18 +36,18 @@ die() { log "ERROR: $*"; exit 1; }
 SCENARIOS=()
 # Scenarios of the other bench scripts: scenario -> script (bench/<script>.py).
 declare -A SCRIPT_OF=([limits]=limits [shared]=limits [balance]=resilience [failover]=resilience
-                      [workers]=workers [tls]=tls)
+                      [workers]=workers [tls]=tls [routes]=routes)
 declare -A BY_SCRIPT=()
 ANCHORS=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     proxy|stream) SCENARIOS+=("$1") ;;
-    limits|shared|balance|failover|workers|tls) BY_SCRIPT[${SCRIPT_OF[$1]}]+=" $1" ;;
+    limits|shared|balance|failover|workers|tls|routes) BY_SCRIPT[${SCRIPT_OF[$1]}]+=" $1" ;;
     all) SCENARIOS+=(proxy stream) ;;
     anchors) ANCHORS=2 ;;
     --anchors) ANCHORS=1 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
-    *) die "unknown argument: $1 (proxy, stream, all, limits, shared, balance, failover, workers, tls, anchors, --anchors)" ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    *) die "unknown argument: $1 (proxy, stream, all, limits, shared, balance, failover, workers, tls, routes, anchors, --anchors)" ;;
   esac
   shift
 done
@@ -78,7 +80,7 @@ rc=0
 if [[ ${#SCENARIOS[@]} -gt 0 ]]; then
   "$VENV/bin/python" "$ROOT/bench/bench.py" "${SCENARIOS[@]}" || rc=$?
 fi
-for script in limits resilience workers tls; do
+for script in limits resilience workers tls routes; do
   if [[ -n "${BY_SCRIPT[$script]:-}" ]]; then
     # shellcheck disable=SC2086  # the scenario names are words
     "$VENV/bin/python" "$ROOT/bench/$script.py" ${BY_SCRIPT[$script]} || rc=$?
