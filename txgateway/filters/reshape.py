@@ -9,18 +9,24 @@ allow/deny/mapping/target/flatmap): pure functions on parsed JSON, and their par
       rename: {name: full_name, address.zip: postcode}
       add: {api_version: 2}          # static fields at the top level
 
-Applied in that order. Paths come from the config and are short, so walking them recurses
-no deeper than the config wrote; the JSON itself was parsed within core/jsonbody's bounds.
+Applied in that order; `allow` keeps the kept fields in the body's order. Paths come from the
+config and are short, so walking them recurses no deeper than the config wrote; the JSON
+itself was parsed within core/jsonbody's bounds. A response with `allow` (and no `target`) is
+decoded by filters/allowdecode.py, which never builds what allow drops; the general path
+(orjson, then these functions) answers whatever that decoder does not.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Final
 
 import yaml
 
 from txgateway.config.reader import Reader, _Invalid
+from txgateway.core.jsonbody import dumps, loads
+from txgateway.filters.allowdecode import allow_decoder
 
 __all__ = ["IDENTITY_ATTRIBUTES", "NO_PATH", "RESHAPE_KEYS", "Reshape", "dotted_path", "get_path", "identity_value", "parents", "parse_reshape"]
 
@@ -36,6 +42,23 @@ class Reshape:
     pick: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = ()
     rename: tuple[tuple[tuple[str, ...], str], ...] = ()
     add: tuple[tuple[str, Any], ...] = ()
+    # allowdecode's decoder for `allow` without `target` (made from `allow`: not compared).
+    decoder: Any = dataclasses.field(default=None, compare=False, repr=False)
+
+    def rewrite(self, body: bytes) -> bytes:
+        """`dumps(apply(loads(body)))`, BadJSON when the body is not usable JSON; through the
+        allow decoder when there is one. Whatever it refuses (a shape allow does not name,
+        an integer orjson reads as a float, nesting past its depth) takes the general path,
+        so both give the same bytes."""
+        decoder = self.decoder
+        if decoder is not None:
+            try:
+                if not body.isascii():
+                    body.decode()       # orjson refuses invalid UTF-8 anywhere; msgspec skips it
+                return dumps(self._after_allow(decoder.decode(body)))
+            except (ValueError, RecursionError):
+                pass
+        return dumps(self.apply(loads(body)))
 
     def apply(self, value: Any) -> Any:
         """The reshaped value; `value` may be changed in place (the caller parsed it)."""
@@ -43,6 +66,9 @@ class Reshape:
             value = get_path(value, self.target)
         if self.allow is not None:
             value = _allow(value, self.allow)
+        return self._after_allow(value)
+
+    def _after_allow(self, value: Any) -> Any:
         if self.deny is not None:
             _deny(value, self.deny)
         for where, field in self.pick:
@@ -86,9 +112,11 @@ def _allow(value: Any, tree: Tree) -> Any:
     if isinstance(value, dict):
         source: dict[str, Any] = value
         out: dict[str, Any] = {}
-        for key, sub in tree.items():
-            kept = source.get(key, _MISSING)
-            if kept is not _MISSING and sub is not None:
+        for key, kept in source.items():       # the body's order, as allowdecode's dicts have it
+            sub = tree.get(key, _MISSING)
+            if sub is _MISSING:
+                continue
+            if sub is not None:
                 kept = _allow(kept, sub)
             if kept is not _MISSING:
                 out[key] = kept
@@ -217,4 +245,6 @@ def parse_reshape(r: Reader, f: dict[str, yaml.Node], path: str) -> Reshape | No
         values["add"] = tuple((name, yaml.safe_load(yaml.serialize(v))) for name, _, v in _pairs(r, f["add"], f"{path}.add"))
     if len(r.problems) != before:
         raise _Invalid()
+    if values.get("allow") is not None and "target" not in values:
+        values["decoder"] = allow_decoder(values["allow"])
     return Reshape(**values)

@@ -199,7 +199,7 @@ class Transform:
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         held.chunks = []
         try:
-            return dumps(self.reshape.apply(loads(body)))    # type: ignore[union-attr]
+            return self.reshape.rewrite(body)    # type: ignore[union-attr]
         except BadJSON:
             ctx.note("transform", "response left as it was: not valid JSON")
             return body
