@@ -62,6 +62,8 @@ async def test_a_json_response_is_reshaped_its_etag_dropped_and_the_next_request
     assert "transform" not in gw.log[2]
     assert shaped.status == 200 and shaped.json() == {"id": 7, "full_name": "Ann", "orders": [{"id": 1}]}
     assert shaped.header("etag") is None
+    # Held whole, head included: it leaves with the new body's length, not chunked.
+    assert shaped.header("content-length") == str(len(shaped.body)) and shaped.header("transfer-encoding") is None
     assert page.body == b"<p>hi</p>" and page.header("etag") == '"abc"'          # not JSON: untouched
     assert page.header("content-length") == "9"
 
@@ -84,6 +86,7 @@ async def test_json_over_the_bound_or_invalid_passes_untouched(gateway, upstream
                                              get("/api/users/bad"), get("/api/users/err", close=True))
     assert announced.body == big and announced.header("content-length") == str(len(big))
     assert stream.body == b'{"items": [' + b"1," * 1000 + b"1]}"
+    assert stream.header("transfer-encoding") == "chunked"           # released past the bound: streamed
     assert bad.body == b'{"id": 1,'
     assert err.status == 500 and err.json() == {"password_hash": "y"}       # only 2xx answers are reshaped
     assert gw.log[2]["transform"] == "response left as it was: not valid JSON"
@@ -129,6 +132,7 @@ async def test_compose_applies_each_calls_transform_and_the_routes_to_the_merged
     """)
     (resp,) = await send(gw.port, get("/api/profile/7", close=True))
     assert resp.json() == {"id": 7, "name": "Ann", "orders": [{"id": 1, "sku": "a"}], "version": 2}
+    assert resp.header("content-length") == str(len(resp.body))
 
 
 @pytest_twisted.ensureDeferred

@@ -10,9 +10,9 @@ and request bodies (`request: {set, remove}`).
 
 Only JSON bodies (`application/json`, `+json`, not content-encoded) within `max_body_size`
 (default 1 MiB) are transformed; anything else streams through untouched. A response is
-held until its end (so its `Content-Length` is dropped and it goes out chunked; its `ETag`,
-which named the upstream's bytes, is dropped); one whose size is not announced is held only
-up to the bound and released as it is past it. A request body with a `Content-Length` is
+held until its end, its head too (it goes out with the new body's `Content-Length`; its
+`ETag`, which named the upstream's bytes, is dropped); one whose size is not announced is
+held only up to the bound and released as it is past it (then chunked). A request body with a `Content-Length` is
 read before it goes upstream, edited and sent with its new length; a chunked one passes as
 it streams. On a composed route the response transform applies to the merged answer.
 """
@@ -180,6 +180,7 @@ class Transform:
             return
         head.headers = [h for h in head.headers if h[0] not in _STALE]
         head.length = None
+        ctx.held_head = head
         ctx.set_state(self.name, _Held())
 
     def _release(self, ctx: RequestContext, chunk: bytes, end: bool) -> bytes:
