@@ -184,7 +184,7 @@ class Transform:
         ctx.set_state(self.name, _Held())
 
     def _release(self, ctx: RequestContext, chunk: bytes, end: bool) -> bytes:
-        held = ctx.get_state(self.name)
+        held: _Held | None = ctx.get_state(self.name)      # typed: compiled, native attribute access
         if held is None or held.released:
             return chunk
         held.chunks.append(chunk)
