@@ -178,6 +178,12 @@ def _pick(value: Any, where: tuple[str, ...], field: tuple[str, ...]) -> None:
 
 
 def _rename(value: Any, old: tuple[str, ...], new: str) -> None:
+    if len(old) == 1:           # a top-level field (the usual case): no list of parents to make
+        if isinstance(value, dict):
+            top: dict[str, Any] = value
+            if old[0] in top:
+                top[new] = top.pop(old[0])
+        return
     for parent in parents(value, old):
         if old[-1] in parent:
             parent[new] = parent.pop(old[-1])
