@@ -24,8 +24,11 @@ SPECS = [
     "{allow: [a.b.c, a.d, orders.*.*.id, orders.count], deny: [a.d], pick: {orders: id}}",
     "{allow: [id, meta], deny: [meta.secret], rename: {id: ident, meta.x: y}}",
     "{allow: []}",
+    "{target: data, allow: [id, orders.*.total], rename: {id: ident}}",
+    "{target: a.b}",
+    "{target: orders, deny: [x]}",
 ]
-KEYS = ["id", "name", "email", "address", "orders", "city", "zip", "total", "status", "*", "a", "b", "c", "d",
+KEYS = ["data", "id", "name", "email", "address", "orders", "city", "zip", "total", "status", "*", "a", "b", "c", "d",
         "first", "meta", "secret", "x", "count", "é", "日本"]
 
 

@@ -8,8 +8,9 @@ an object or a list of objects with `id`, a path's end (`address`) any value.
 
 It answers the shape allow expects; anything else (a scalar or `null` where the tree goes on,
 a non-object element of a listed array, a non-object root) raises `msgspec.ValidationError`,
-and the caller then takes the general path, which decides what such a value becomes. Built
-once per route at config load; msgspec is imported only by configs with an `allow`.
+and the caller then takes the general path, which decides what such a value becomes. A `target`
+is the same thing: its path as objects down to the allow tree (reshape._decoded_tree). Built
+once per route at config load; msgspec is imported only by configs with `allow` or `target`.
 """
 
 from __future__ import annotations

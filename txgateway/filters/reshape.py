@@ -11,8 +11,8 @@ allow/deny/mapping/target/flatmap): pure functions on parsed JSON, and their par
 
 Applied in that order; `allow` keeps the kept fields in the body's order. Paths come from the
 config and are short, so walking them recurses no deeper than the config wrote; the JSON
-itself was parsed within core/jsonbody's bounds. A response with `allow` (and no `target`) is
-decoded by filters/allowdecode.py, which never builds what allow drops; the general path
+itself was parsed within core/jsonbody's bounds. A response with `allow` or `target` is
+decoded by filters/allowdecode.py, which never builds what they drop; the general path
 (orjson, then these functions) answers whatever that decoder does not.
 """
 
@@ -42,20 +42,25 @@ class Reshape:
     pick: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = ()
     rename: tuple[tuple[tuple[str, ...], str], ...] = ()
     add: tuple[tuple[str, Any], ...] = ()
-    # allowdecode's decoder for `allow` without `target` (made from `allow`: not compared).
+    # allowdecode's decoder for `target` and `allow` (made from them: not compared).
     decoder: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     def rewrite(self, body: bytes) -> bytes:
         """`dumps(apply(loads(body)))`, BadJSON when the body is not usable JSON; through the
-        allow decoder when there is one. Whatever it refuses (a shape allow does not name,
-        an integer orjson reads as a float, nesting past its depth) takes the general path,
-        so both give the same bytes."""
+        decoder when there is one. Whatever it refuses (a shape allow does not name, an
+        absent target, an integer orjson reads as a float, nesting past its depth) takes the
+        general path, so both give the same bytes."""
         decoder = self.decoder
         if decoder is not None:
             try:
                 if not body.isascii():
                     body.decode()       # orjson refuses invalid UTF-8 anywhere; msgspec skips it
-                return dumps(self._after_allow(decoder.decode(body)))
+                value = decoder.decode(body)
+                if self.target is not None:
+                    for key in self.target:      # objects all the way (the decoder's types)
+                        value = value.get(key, _MISSING) if isinstance(value, dict) else _MISSING
+                if value is not _MISSING:
+                    return dumps(self._after_allow(value))
             except (ValueError, RecursionError):
                 pass
         return dumps(self.apply(loads(body)))
@@ -214,6 +219,20 @@ def _tree(r: Reader, node: yaml.Node, path: str) -> Tree:
     return tree
 
 
+def _decoded_tree(target: tuple[str, ...] | None, allow: Tree | None) -> Tree | None:
+    """What allowdecode's decoder builds for `target` then `allow`: the target's path as
+    objects down to the allow tree (or to any value), or None when there is nothing to skip or
+    the target may index a list (a digit) or name a `*` key."""
+    if target is None:
+        return allow
+    if any(key.isdigit() or key == "*" for key in target):
+        return None
+    tree: Tree | None = allow
+    for key in reversed(target):
+        tree = {key: tree}
+    return tree
+
+
 def _pairs(r: Reader, node: yaml.Node, path: str) -> list[tuple[str, yaml.Node, yaml.Node]]:
     """A free mapping's entries, or none after a recorded problem."""
     none: list[tuple[str, yaml.Node, yaml.Node]] = []
@@ -251,6 +270,7 @@ def parse_reshape(r: Reader, f: dict[str, yaml.Node], path: str) -> Reshape | No
         values["add"] = tuple((name, yaml.safe_load(yaml.serialize(v))) for name, _, v in _pairs(r, f["add"], f"{path}.add"))
     if len(r.problems) != before:
         raise _Invalid()
-    if values.get("allow") is not None and "target" not in values:
-        values["decoder"] = allow_decoder(values["allow"])
+    decoded = _decoded_tree(values.get("target"), values.get("allow"))
+    if decoded is not None:
+        values["decoder"] = allow_decoder(decoded)
     return Reshape(**values)
