@@ -2,7 +2,8 @@
 
 The gateway's resident memory is mostly imported code: prometheus_client (admin /metrics),
 twisted.web + h2 (HTTP/2, the admin site), PyJWT (auth), txredisapi (Redis limiter), treq
-(health checks, JWKS), twisted.conch (Manhole) and the OpenTelemetry SDK (tracing) cost a plain
+(health checks, JWKS), twisted.conch (Manhole), the OpenTelemetry SDK (tracing) and msgspec
+(`transform: {allow}`) cost a plain
 proxy several MiB it never uses. Each case builds and starts the service in a fresh interpreter,
 as twistd would, and looks at what got imported.
 """
@@ -25,7 +26,7 @@ from cryptography.x509.oid import NameOID
 import txgateway
 
 OPTIONAL = ("prometheus_client", "twisted.web.server", "twisted.web.http", "h2", "jwt", "txredisapi", "treq",
-            "twisted.conch", "opentelemetry")
+            "twisted.conch", "opentelemetry", "msgspec")
 
 # Builds the service from a config file and starts it (listeners bind, pools, checks and the
 # Redis link start; the reactor never runs), then prints which OPTIONAL modules are loaded.
@@ -116,5 +117,6 @@ def test_each_feature_imports_its_library_when_configured(tmp_path):
             timeout: 5s
             health_check: {{path: /healthz, interval: 60s}}
         routes:
-          - {{prefix: /api/users, upstream: users, auth: required, rate_limit: {{key: ip, rate: 10/second}}}}
+          - {{prefix: /api/users, upstream: users, auth: required, rate_limit: {{key: ip, rate: 10/second}},
+              transform: {{allow: [id]}}}}
         """) == list(OPTIONAL)

@@ -305,7 +305,8 @@ async def test_identity_values_and_forwarding_headers_go_on_every_call_each_a_ch
     """)
     trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     resp = await get(gw.port, "/api/profile/7", f"Authorization: Bearer {mint_token()}\r\n"
-                     f"X-Correlation-ID: abc-123\r\ntraceparent: {trace}\r\nX-User-Id: forged\r\n")
+                     f"X-Correlation-ID: abc-123\r\ntraceparent: {trace}\r\ntracestate: k=v\r\nX-User-Id: forged\r\n"
+                     f"X-Internal-Note: not for calls\r\n")
     assert resp.status == 200, resp.body
     spans = set()
     for request in up.requests:
@@ -315,6 +316,7 @@ async def test_identity_values_and_forwarding_headers_go_on_every_call_each_a_ch
         assert h.getRawHeaders(b"x-correlation-id") == [b"abc-123"]
         assert h.getRawHeaders(b"x-forwarded-for") == [b"127.0.0.1"]
         assert h.getRawHeaders(b"authorization") is None
+        assert h.getRawHeaders(b"tracestate") == [b"k=v"] and h.getRawHeaders(b"x-internal-note") is None
         (parent,) = h.getRawHeaders(b"traceparent")
         assert parent.split(b"-")[1] == b"0af7651916cd43dd8448eb211c80319c"
         spans.add(parent.split(b"-")[2])

@@ -62,6 +62,8 @@ async def test_a_json_response_is_reshaped_its_etag_dropped_and_the_next_request
     assert "transform" not in gw.log[2]
     assert shaped.status == 200 and shaped.json() == {"id": 7, "full_name": "Ann", "orders": [{"id": 1}]}
     assert shaped.header("etag") is None
+    # Held whole, head included: it leaves with the new body's length, not chunked.
+    assert shaped.header("content-length") == str(len(shaped.body)) and shaped.header("transfer-encoding") is None
     assert page.body == b"<p>hi</p>" and page.header("etag") == '"abc"'          # not JSON: untouched
     assert page.header("content-length") == "9"
 
@@ -84,6 +86,7 @@ async def test_json_over_the_bound_or_invalid_passes_untouched(gateway, upstream
                                              get("/api/users/bad"), get("/api/users/err", close=True))
     assert announced.body == big and announced.header("content-length") == str(len(big))
     assert stream.body == b'{"items": [' + b"1," * 1000 + b"1]}"
+    assert stream.header("transfer-encoding") == "chunked"           # released past the bound: streamed
     assert bad.body == b'{"id": 1,'
     assert err.status == 500 and err.json() == {"password_hash": "y"}       # only 2xx answers are reshaped
     assert gw.log[2]["transform"] == "response left as it was: not valid JSON"
@@ -129,6 +132,7 @@ async def test_compose_applies_each_calls_transform_and_the_routes_to_the_merged
     """)
     (resp,) = await send(gw.port, get("/api/profile/7", close=True))
     assert resp.json() == {"id": 7, "name": "Ann", "orders": [{"id": 1, "sku": "a"}], "version": 2}
+    assert resp.header("content-length") == str(len(resp.body))
 
 
 @pytest_twisted.ensureDeferred
@@ -168,3 +172,24 @@ async def test_a_request_body_that_stops_arriving_is_answered_408_at_the_idle_ti
     (resp,) = parse_responses(client.data)
     assert resp.status == 408 and resp.json()["error"]["code"] == "REQUEST_TIMEOUT"
     assert up.requests == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_allow_decodes_valid_bodies_and_leaves_bad_ones_as_they_came(gateway, upstreams):
+    """allow's decoder (filters/allowdecode.py) and the general path it falls back to, through
+    the filter: wrong shapes reshaped as allow says, deep nesting and bad UTF-8 untouched."""
+    nested = b'{"id": 1, "x": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"
+    bad_utf8 = b'{"id": 1, "x": "\xff"}'
+    up = await upstreams({"/api/users/7": tagged(200, b"application/json", json.dumps(USER).encode()),
+                          "/api/users/odd": tagged(200, b"application/json", b'{"id": 2, "orders": [{"id": 3}, 4]}'),
+                          "/api/users/deep": tagged(200, b"application/json", nested),
+                          "/api/users/utf8": tagged(200, b"application/json", bad_utf8)})
+    gw = await gateway(config(up, "{allow: [orders.*.id, id], rename: {id: ident}}"))
+    shaped, odd, deep, utf8 = await send(gw.port, get("/api/users/7"), get("/api/users/odd"),
+                                         get("/api/users/deep"), get("/api/users/utf8", close=True))
+    assert shaped.body == b'{"orders":[{"id":1}],"ident":7}'          # the body's order, then rename's move
+    assert odd.body == b'{"orders":[{"id":3}],"ident":2}'            # a non-object element is dropped
+    assert deep.status == 200 and deep.body == nested and deep.header("content-length") == str(len(nested))
+    assert utf8.body == bad_utf8
+    assert [line.get("transform") for line in gw.log[:4]] == [None, None, "response left as it was: not valid JSON",
+                                                            "response left as it was: not valid JSON"]

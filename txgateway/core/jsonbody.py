@@ -21,6 +21,8 @@ def is_json(content_type: bytes | None) -> bool:
     """`application/json` or a `+json` type, parameters ignored."""
     if content_type is None:
         return False
+    if content_type == b"application/json":     # the usual one: no split, strip and lower to make
+        return True
     kind = content_type.split(b";", 1)[0].strip().lower()
     return kind == b"application/json" or (kind.startswith(b"application/") and kind.endswith(b"+json"))
 

@@ -55,6 +55,9 @@ class ResponseHead:
     Header names are lower case (as in HTTP/2), whatever the upstream sent. Response-head
     hooks replace or edit `headers`; framing headers are the transport's business. A body
     hook that changes the body's length sets `length` to None (the transport then streams it).
+    A head hook whose body hook holds the whole body and passes it on at its end (transform:)
+    puts the head in `ctx.held_head`: it then leaves with the first bytes the body hooks pass
+    on, with a `Content-Length` when those are the whole body (no chunked framing).
     """
 
     __slots__ = ("status", "reason", "headers", "length")
@@ -105,7 +108,7 @@ class RequestContext:
         "correlation_id", "route", "upstream_path", "downstream", "pending", "status", "error_code",
         "upstream", "target_url", "upstream_start", "upstream_ms", "bytes_in", "bytes_out",
         "response_started", "done", "identity", "notes", "forwarding", "state", "upgrade", "chain", "end",
-        "error_detail", "upstream_status", "upstream_addr", "retries", "traceparent",
+        "error_detail", "upstream_status", "upstream_addr", "retries", "traceparent", "held_head",
     )
 
     def __init__(self, method: bytes, target: bytes, path: bytes, query: bytes, version: bytes,
@@ -153,6 +156,7 @@ class RequestContext:
         self.state: dict[str, Any] | None = None   # per-filter state, by filter name
         self.forwarding: Any = None  # the terminal's per-request state (the proxy's Exchange)
         self.upgrade: bytes | None = None  # b"websocket" for a WebSocket handshake (transport/tunnel.py)
+        self.held_head: ResponseHead | None = None   # a head waiting for its body (ResponseHead)
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of a request header (name in lower case)."""
@@ -426,7 +430,8 @@ class Pipeline:
             return
         ctx.status = head.status
         ctx.response_started = True
-        ctx.downstream.send_head(ctx, head)
+        if ctx.held_head is None:
+            ctx.downstream.send_head(ctx, head)
 
     def body(self, ctx: RequestContext, data: bytes, end: bool) -> None:
         """A chunk of the response body (end: the last, possibly empty) through the body
@@ -442,6 +447,12 @@ class Pipeline:
             except Exception:
                 self._contain(ctx, chain.body_names[i], "response body")  # type: ignore[union-attr]
                 return
+            held = ctx.held_head
+            if held is not None and (data or end):
+                ctx.held_head = None
+                if end:
+                    held.length = len(data)
+                ctx.downstream.send_head(ctx, held)
         if data:
             ctx.downstream.send_body(ctx, data)
         if end:

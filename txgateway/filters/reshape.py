@@ -9,18 +9,24 @@ allow/deny/mapping/target/flatmap): pure functions on parsed JSON, and their par
       rename: {name: full_name, address.zip: postcode}
       add: {api_version: 2}          # static fields at the top level
 
-Applied in that order. Paths come from the config and are short, so walking them recurses
-no deeper than the config wrote; the JSON itself was parsed within core/jsonbody's bounds.
+Applied in that order; `allow` keeps the kept fields in the body's order. Paths come from the
+config and are short, so walking them recurses no deeper than the config wrote; the JSON
+itself was parsed within core/jsonbody's bounds. A response with `allow` or `target` is
+decoded by filters/allowdecode.py, which never builds what they drop; the general path
+(orjson, then these functions) answers whatever that decoder does not.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Final
 
 import yaml
 
 from txgateway.config.reader import Reader, _Invalid
+from txgateway.core.jsonbody import dumps, loads
+from txgateway.filters.allowdecode import allow_decoder
 
 __all__ = ["IDENTITY_ATTRIBUTES", "NO_PATH", "RESHAPE_KEYS", "Reshape", "dotted_path", "get_path", "identity_value", "parents", "parse_reshape"]
 
@@ -36,6 +42,28 @@ class Reshape:
     pick: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = ()
     rename: tuple[tuple[tuple[str, ...], str], ...] = ()
     add: tuple[tuple[str, Any], ...] = ()
+    # allowdecode's decoder for `target` and `allow` (made from them: not compared).
+    decoder: Any = dataclasses.field(default=None, compare=False, repr=False)
+
+    def rewrite(self, body: bytes) -> bytes:
+        """`dumps(apply(loads(body)))`, BadJSON when the body is not usable JSON; through the
+        decoder when there is one. Whatever it refuses (a shape allow does not name, an
+        absent target, an integer orjson reads as a float, nesting past its depth) takes the
+        general path, so both give the same bytes."""
+        decoder = self.decoder
+        if decoder is not None:
+            try:
+                if not body.isascii():
+                    body.decode()       # orjson refuses invalid UTF-8 anywhere; msgspec skips it
+                value = decoder.decode(body)
+                if self.target is not None:
+                    for key in self.target:      # objects all the way (the decoder's types)
+                        value = value.get(key, _MISSING) if isinstance(value, dict) else _MISSING
+                if value is not _MISSING:
+                    return dumps(self._after_allow(value))
+            except (ValueError, RecursionError):
+                pass
+        return dumps(self.apply(loads(body)))
 
     def apply(self, value: Any) -> Any:
         """The reshaped value; `value` may be changed in place (the caller parsed it)."""
@@ -43,6 +71,9 @@ class Reshape:
             value = get_path(value, self.target)
         if self.allow is not None:
             value = _allow(value, self.allow)
+        return self._after_allow(value)
+
+    def _after_allow(self, value: Any) -> Any:
         if self.deny is not None:
             _deny(value, self.deny)
         for where, field in self.pick:
@@ -86,9 +117,11 @@ def _allow(value: Any, tree: Tree) -> Any:
     if isinstance(value, dict):
         source: dict[str, Any] = value
         out: dict[str, Any] = {}
-        for key, sub in tree.items():
-            kept = source.get(key, _MISSING)
-            if kept is not _MISSING and sub is not None:
+        for key, kept in source.items():       # the body's order, as allowdecode's dicts have it
+            sub = tree.get(key, _MISSING)
+            if sub is _MISSING:
+                continue
+            if sub is not None:
                 kept = _allow(kept, sub)
             if kept is not _MISSING:
                 out[key] = kept
@@ -150,6 +183,12 @@ def _pick(value: Any, where: tuple[str, ...], field: tuple[str, ...]) -> None:
 
 
 def _rename(value: Any, old: tuple[str, ...], new: str) -> None:
+    if len(old) == 1:           # a top-level field (the usual case): no list of parents to make
+        if isinstance(value, dict):
+            top: dict[str, Any] = value
+            if old[0] in top:
+                top[new] = top.pop(old[0])
+        return
     for parent in parents(value, old):
         if old[-1] in parent:
             parent[new] = parent.pop(old[-1])
@@ -177,6 +216,20 @@ def _tree(r: Reader, node: yaml.Node, path: str) -> Tree:
             level = sub
         else:
             level[parts[-1]] = None
+    return tree
+
+
+def _decoded_tree(target: tuple[str, ...] | None, allow: Tree | None) -> Tree | None:
+    """What allowdecode's decoder builds for `target` then `allow`: the target's path as
+    objects down to the allow tree (or to any value), or None when there is nothing to skip or
+    the target may index a list (a digit) or name a `*` key."""
+    if target is None:
+        return allow
+    if any(key.isdigit() or key == "*" for key in target):
+        return None
+    tree: Tree | None = allow
+    for key in reversed(target):
+        tree = {key: tree}
     return tree
 
 
@@ -217,4 +270,7 @@ def parse_reshape(r: Reader, f: dict[str, yaml.Node], path: str) -> Reshape | No
         values["add"] = tuple((name, yaml.safe_load(yaml.serialize(v))) for name, _, v in _pairs(r, f["add"], f"{path}.add"))
     if len(r.problems) != before:
         raise _Invalid()
+    decoded = _decoded_tree(values.get("target"), values.get("allow"))
+    if decoded is not None:
+        values["decoder"] = allow_decoder(decoded)
     return Reshape(**values)

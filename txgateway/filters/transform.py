@@ -10,9 +10,9 @@ and request bodies (`request: {set, remove}`).
 
 Only JSON bodies (`application/json`, `+json`, not content-encoded) within `max_body_size`
 (default 1 MiB) are transformed; anything else streams through untouched. A response is
-held until its end (so its `Content-Length` is dropped and it goes out chunked; its `ETag`,
-which named the upstream's bytes, is dropped); one whose size is not announced is held only
-up to the bound and released as it is past it. A request body with a `Content-Length` is
+held until its end, its head too (it goes out with the new body's `Content-Length`; its
+`ETag`, which named the upstream's bytes, is dropped); one whose size is not announced is
+held only up to the bound and released as it is past it (then chunked). A request body with a `Content-Length` is
 read before it goes upstream, edited and sent with its new length; a chunked one passes as
 it streams. On a composed route the response transform applies to the merged answer.
 """
@@ -180,10 +180,11 @@ class Transform:
             return
         head.headers = [h for h in head.headers if h[0] not in _STALE]
         head.length = None
+        ctx.held_head = head
         ctx.set_state(self.name, _Held())
 
     def _release(self, ctx: RequestContext, chunk: bytes, end: bool) -> bytes:
-        held = ctx.get_state(self.name)
+        held: _Held | None = ctx.get_state(self.name)      # typed: compiled, native attribute access
         if held is None or held.released:
             return chunk
         held.chunks.append(chunk)
@@ -199,7 +200,7 @@ class Transform:
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         held.chunks = []
         try:
-            return dumps(self.reshape.apply(loads(body)))    # type: ignore[union-attr]
+            return self.reshape.rewrite(body)    # type: ignore[union-attr]
         except BadJSON:
             ctx.note("transform", "response left as it was: not valid JSON")
             return body
