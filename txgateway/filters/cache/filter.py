@@ -23,7 +23,7 @@ from typing import Any, Final
 from twisted.internet.defer import Deferred
 
 from txgateway.core.nowhere import Nowhere
-from txgateway.core.pipeline import REASONS, LocalResponse, RequestContext, ResponseHead, error_response
+from txgateway.core.pipeline import REASONS, LocalResponse, PreparedFields, RequestContext, ResponseHead, error_response
 from txgateway.filters.cache.config import CacheSettings, RouteCache
 from txgateway.filters.cache.rules import (
     DEFAULT_CACHEABLE,
@@ -37,6 +37,7 @@ from txgateway.filters.cache.rules import (
     parse_http_date,
 )
 from txgateway.filters.cache.store import Entry, Key, Store
+from txgateway.filters.headers import HeaderRulesFilter
 
 __all__ = ["CacheFilter", "build_filter"]
 
@@ -60,9 +61,11 @@ _WATCHED: Final = {b"range": _RANGE, b"authorization": _AUTHORIZATION, b"cache-c
 _NO_DIRECTIVES: Final = Directives({})
 # RFC 9211 on the cache's own 504: neither `hit` (nothing stored answered) nor `fwd` (not forwarded).
 _NOT_CACHED: Final = [(b"cache-status", b"txgateway; detail=only-if-cached"), (b"x-cache", b"MISS")]
-# A miss's Cache-Status by stored, fwd and upstream status: formatting one costs more than finding
-# it (and nested dicts, keyed by constants and ints, more than a tuple key built and hashed each time).
-_MISS_STATUS: Final[tuple[dict[bytes, dict[int, bytes]], dict[bytes, dict[int, bytes]]]] = ({}, {})
+# A miss's Cache-Status and X-Cache by stored, fwd and upstream status: formatting them costs more
+# than finding them (and nested dicts, keyed by constants and ints, more than a tuple key built and
+# hashed each time).
+_MISS_FIELDS: Final[tuple[dict[bytes, dict[int, PreparedFields]], dict[bytes, dict[int, PreparedFields]]]] = ({}, {})
+_MISS_PROBE: Final = ((b"cache-status", b"txgateway"), (b"x-cache", b"MISS"))
 
 
 class _Forward:
@@ -139,8 +142,12 @@ def _etag_matches(condition: bytes, etag: bytes | None) -> bool:
 class CacheFilter:
     name = NAME
 
-    def __init__(self, store: Store, settings: CacheSettings, policy: RouteCache, route: str, clock: Any) -> None:
+    def __init__(self, store: Store, settings: CacheSettings, policy: RouteCache, route: str, clock: Any,
+                 prepared: bool = False) -> None:
         self.store = store
+        # A miss's Cache-Status and X-Cache as the head's PreparedFields, past every other head
+        # hook: only when the route's header rules leave them alone (`rules_leave`).
+        self.prepared = prepared
         self.settings = settings
         self.policy = policy
         # What every request reads, as native attributes (the policy and settings are plain dataclasses).
@@ -406,15 +413,19 @@ class CacheFilter:
                 self._give_up(ctx)
         self.counts.misses += 1
         ctx.note(NAME, "MISS")
-        lines = _MISS_STATUS[stored].get(state.fwd)
-        if lines is None:
-            lines = _MISS_STATUS[stored][state.fwd] = {}
-        line = lines.get(status)
-        if line is None:
+        by_status = _MISS_FIELDS[stored].get(state.fwd)
+        if by_status is None:
+            by_status = _MISS_FIELDS[stored][state.fwd] = {}
+        fields = by_status.get(status)
+        if fields is None:
             line = b"txgateway; fwd=%s; fwd-status=%d%s" % (state.fwd, status, b"; stored" if stored else b"")
-            if len(lines) < 1024:
-                lines[status] = line
-        head.headers += [(b"cache-status", line), (b"x-cache", b"MISS")]
+            fields = PreparedFields(((b"cache-status", line), (b"x-cache", b"MISS")))
+            if len(by_status) < 1024:
+                by_status[status] = fields
+        if self.prepared:
+            head.prepared = fields
+        else:
+            head.headers += fields.pairs
 
     def _revalidated(self, ctx: RequestContext, state: _Forward, head: ResponseHead, entry: Entry,
                      now: float) -> None:
@@ -725,4 +736,14 @@ def build_filter(resources: Any, policy: RouteCache, route: Any) -> CacheFilter:
         store = holder[NAME] = Store(settings.max_memory)
     store.max_memory = settings.max_memory
     store.adopt(route.prefix, policy)
-    return CacheFilter(store, settings, policy, route.prefix, resources.clock)
+    header_rules = route.policies.get("header_rules")
+    prepared = header_rules is None or rules_leave(HeaderRulesFilter(header_rules), _MISS_PROBE)
+    return CacheFilter(store, settings, policy, route.prefix, resources.clock, prepared)
+
+
+def rules_leave(rules: HeaderRulesFilter, fields: tuple[tuple[bytes, bytes], ...]) -> bool:
+    """Whether a route's response header rules leave `fields` as they are: they neither remove
+    nor set them, nor add fields of those names (the security headers included)."""
+    names = {name for name, _ in fields}
+    return ([h for h in rules.response_fields(fields) if h[0] in names] == list(fields)
+            and not any(h[0] in names for h in rules.response_fields(())))
