@@ -58,6 +58,9 @@ _PRAGMA: Final = 8
 _CONDITIONAL: Final = 16
 _WATCHED: Final = {b"range": _RANGE, b"authorization": _AUTHORIZATION, b"cache-control": _CACHE_CONTROL,
                    b"pragma": _PRAGMA, b"if-none-match": _CONDITIONAL, b"if-modified-since": _CONDITIONAL}
+# Non-zero at the first byte of a watched name: most request fields (host, user-agent, x-...)
+# are passed over by one index, not hashed for a dict lookup (each name is a new bytes object).
+_WATCHED_FIRST: Final = bytes(1 if i in {name[0] for name in _WATCHED} else 0 for i in range(256))
 _NO_DIRECTIVES: Final = Directives({})
 # RFC 9211 on the cache's own 504: neither `hit` (nothing stored answered) nor `fwd` (not forwarded).
 _NOT_CACHED: Final = [(b"cache-status", b"txgateway; detail=only-if-cached"), (b"x-cache", b"MISS")]
@@ -72,7 +75,7 @@ class _Forward:
     """A request the cache sent upstream: what the head and body hooks need to store it."""
 
     __slots__ = ("key", "entry", "request_time", "req", "fwd", "vary_source", "record", "size", "replace",
-                 "leader", "conditional", "background", "head", "as_head", "resp", "vary", "expires", "cache")
+                 "leader", "conditional", "background", "as_head", "fill", "length", "cache")
 
     def __init__(self, cache: CacheFilter, key: Key, entry: Entry | None, request_time: float,
                  req: Directives, fwd: bytes, vary_source: list[tuple[bytes, bytes]]) -> None:
@@ -89,11 +92,9 @@ class _Forward:
         self.leader = False                # other requests for the key wait for this one
         self.conditional: list[tuple[bytes, bytes]] | None = None   # the client's, kept aside
         self.background = False            # no client: a refresh, or a fill its client left
-        self.head: tuple[int, list[tuple[bytes, bytes]], int | None] = (0, [], None)   # as recorded
         self.as_head = False               # a HEAD request sent upstream as GET, so its answer is stored
-        self.resp = _NO_DIRECTIVES         # the recorded response's Cache-Control
-        self.vary: list[bytes] = []        # and its Vary, lower case
-        self.expires = True                # whether it has Expires (True: not known, look)
+        self.fill: Entry | None = None     # the entry being recorded, made from its head: the body comes last
+        self.length: int | None = None     # the length its head announced
 
     def keep(self, ctx: RequestContext) -> bool:
         """Pipeline.cancel asks the states of a request whose client left (see CacheFilter.keep)."""
@@ -202,9 +203,10 @@ class CacheFilter:
             return None
         seen = 0          # one pass over the headers: which of the fields the cache cares about are there
         for name, _ in ctx.headers:
-            bit = _WATCHED.get(name)
-            if bit is not None:
-                seen |= bit
+            if name and _WATCHED_FIRST[name[0]]:
+                bit = _WATCHED.get(name)
+                if bit is not None:
+                    seen |= bit
         if seen & _RANGE:
             ctx.set_state(NAME, _Bypass(b"partial"))
             return None
@@ -516,17 +518,20 @@ class CacheFilter:
         else:
             public = shared = False
             explicit = expires
+        # Without `credentials`, a request with Authorization was bypassed (on_request): no need to look.
         if not self.by_identity and not shared \
-                and (ctx.identity is not None or ctx.header(b"authorization") is not None):
+                and (ctx.identity is not None or (self.credentials and ctx.header(b"authorization") is not None)):
             return False
         if not (explicit or public or status in DEFAULT_CACHEABLE):
             return False
         vary = [v.lower() for v in members(varies)]
         if b"*" in vary or len(vary) > MAX_VARY:
             return False
+        fill = self._entry(status, list(head.headers), b"", state, self.clock.seconds(), None, resp, vary, expires)
+        if fill is None:
+            return False
         state.record = []
-        state.head = (status, list(head.headers), head.length)
-        state.resp, state.vary, state.expires = resp, vary, expires
+        state.fill, state.length = fill, head.length
         return True
 
     def on_response_body(self, ctx: RequestContext, chunk: bytes, end: bool) -> bytes:
@@ -552,12 +557,10 @@ class CacheFilter:
         return chunk
 
     def _store(self, ctx: RequestContext, state: _Forward, body: bytes) -> None:
-        status, headers, length = state.head
-        if length is None or length == len(body):
-            entry = self._entry(status, headers, body, state, self.clock.seconds(), None, state.resp, state.vary,
-                                state.expires)
-            if entry is not None:
-                self.store.put(state.key, entry)
+        fill = state.fill
+        if fill is not None and (state.length is None or state.length == len(body)):
+            fill.filled(body)
+            self.store.put(state.key, fill, self.counts)
         self._release(state)
 
     def _entry(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, state: _Forward,

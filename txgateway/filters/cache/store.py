@@ -73,6 +73,11 @@ class Entry:
                 self.last_modified = value
         self.size = size
 
+    def filled(self, body: bytes) -> None:
+        """The body, once all of it arrived: a miss's entry is made from its head."""
+        self.body = body
+        self.size += len(body)
+
     def age(self, now: float) -> float:
         return self.corrected_age + max(0.0, now - self.response_time)
 
@@ -116,11 +121,13 @@ class Store:
             self._lru.move_to_end(key)
         return found
 
-    def put(self, key: AnyKey, entry: Entry) -> None:
+    def put(self, key: AnyKey, entry: Entry, counts: RouteCounts | None = None) -> None:
+        """`counts`: the key's route's, when the caller has them (a miss's filter does)."""
         if entry.size > self.max_memory:
             return
         found = self._lru.get(key)
-        counts = self.counts(key[0])
+        if counts is None:
+            counts = self.counts(key[0])
         if found is None:
             self._lru[key] = [entry]            # a new key (a miss's usual case): nothing to replace
         else:
