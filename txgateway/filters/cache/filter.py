@@ -569,20 +569,20 @@ class CacheFilter:
         """An entry with its freshness lifetime and corrected initial age (§4.2.1, §4.2.3).
         `resp`, `vary_values` and `has_expires`: what the head hook's pass found, when it ran."""
         not_stored = self.not_stored
-        ages: list[bytes] = []
+        age_field = age_header
+        ages = 0 if age_header is None else 1
         date_field: bytes | None = None
         dropped = False
         for k, v in headers:            # one pass: what is not stored, Age, Date (the last one)
             if k in not_stored:
                 dropped = True
-                if k == b"age":
-                    ages.append(v)
+                if k == b"age" and age_header is None:
+                    age_field = v
+                    ages += 1
             elif k == b"date":
                 date_field = v
-        if age_header is not None:
-            ages = [age_header]
         # An Age that is not one valid delta-seconds makes the response stale (taken as very old).
-        age_value = 0 if not ages else parse_delta(ages[0]) if len(ages) == 1 else None
+        age_value = 0 if not ages else parse_delta(age_field) if ages == 1 else None
         if age_value is None:
             age_value = MAX_DELTA
         kept = [(k, v) for k, v in headers if k not in not_stored] if dropped else headers
@@ -592,8 +592,12 @@ class CacheFilter:
             vary_values = [v.lower() for v in field_values(kept, b"vary")]
         date = parse_http_date(date_field)
         date_value = date if date is not None else now
-        apparent_age = max(0.0, now - date_value)
-        corrected_age = max(apparent_age, age_value + (now - state.request_time))
+        apparent_age = now - date_value           # comparisons, not max(): a call each
+        if apparent_age < 0.0:
+            apparent_age = 0.0
+        corrected_age = age_value + (now - state.request_time)
+        if corrected_age < apparent_age:
+            corrected_age = apparent_age
         lifetime = self._lifetime(status, kept, resp, date_value, has_expires)
         vary: tuple[tuple[bytes, bytes | None], ...] = ()
         if vary_values:
