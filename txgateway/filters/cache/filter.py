@@ -131,6 +131,11 @@ def _request_value(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | N
     return b",".join(members)
 
 
+def _vary_matches(entry: Entry, headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether the request has the values of the fields the entry's response varies on."""
+    return all(_request_value(headers, name) == value for name, value in entry.vary)
+
+
 def _etag_matches(condition: bytes, etag: bytes | None) -> bool:
     """If-None-Match's weak comparison (RFC 9110 §13.1.2)."""
     if etag is None:
@@ -223,7 +228,7 @@ class CacheFilter:
         key = self.key(ctx)
         req = directives(ctx.headers) if seen & _CACHE_CONTROL else _NO_DIRECTIVES
         now = self.now()
-        variants = self.store.variants(key)
+        variants = self.store.find(key)
         entry = self._select(variants, ctx.headers)
         d = req.d            # mostly empty: tested before each `in` (a call even on an empty dict)
         no_cache = (b"no-cache" in d) if d else (
@@ -241,7 +246,7 @@ class CacheFilter:
                     self._refresh(ctx, key, entry)
                     return self._hit(ctx, entry, age, b"STALE", seen & _CONDITIONAL != 0)
             fwd = b"request" if no_cache else b"stale"
-        elif variants:
+        elif variants is not None:
             fwd = b"vary-miss"
         if d and b"only-if-cached" in d:
             ctx.note(NAME, "MISS")
@@ -266,11 +271,13 @@ class CacheFilter:
         ctx.set_state(NAME, state)
         return None
 
-    def _select(self, variants: list[Entry] | None, headers: list[tuple[bytes, bytes]]) -> Entry | None:
-        if not variants:
+    def _select(self, variants: Entry | list[Entry] | None, headers: list[tuple[bytes, bytes]]) -> Entry | None:
+        if variants is None:
             return None
+        if isinstance(variants, Entry):
+            return variants if _vary_matches(variants, headers) else None
         for entry in reversed(variants):
-            if all(_request_value(headers, name) == value for name, value in entry.vary):
+            if _vary_matches(entry, headers):
                 return entry
         return None
 
