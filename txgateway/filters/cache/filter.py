@@ -405,9 +405,10 @@ class CacheFilter:
             ctx.note(NAME, "BYPASS")
             head.headers += [(b"cache-status", b"txgateway; fwd=" + state.why), (b"x-cache", b"BYPASS")]
             return
-        if state.as_head:
+        forward: _Forward = state      # typed: native attribute reads, not getattr on Any
+        if forward.as_head:
             ctx.method = b"HEAD"
-        self._forwarded(ctx, state, head)
+        self._forwarded(ctx, forward, head)
 
     def _forwarded(self, ctx: RequestContext, state: _Forward, head: ResponseHead) -> None:
         status = head.status
@@ -503,21 +504,29 @@ class CacheFilter:
     def _start_recording(self, ctx: RequestContext, state: _Forward, head: ResponseHead) -> bool:
         """Whether this response may be stored (RFC 9111 §3); if so its body is recorded."""
         status = head.status
-        if status < 200 or status in (206, 304) or b"no-store" in state.req.d or (ctx.method == b"HEAD" and not state.as_head):
+        req = state.req.d
+        if status < 200 or status in (206, 304) or (req and b"no-store" in req) \
+                or (ctx.method == b"HEAD" and not state.as_head):
             return False
         if head.length is not None and head.length > self.max_object_size:
             return False
-        controls: list[bytes] = []    # one pass over the headers for the fields that decide
-        varies: list[bytes] = []
+        controls: list[bytes] | None = None    # one pass over the headers for the fields that decide
+        varies: list[bytes] | None = None      # (lists made only for fields that are there)
         expires = False
         for name, value in head.headers:
             if name == b"cache-control":
-                controls.append(value)
+                if controls is None:
+                    controls = [value]
+                else:
+                    controls.append(value)
             elif name == b"vary":
-                varies.append(value)
+                if varies is None:
+                    varies = [value]
+                else:
+                    varies.append(value)
             elif name == b"expires":
                 expires = True
-        resp = parse_directives(controls) if controls else _NO_DIRECTIVES
+        resp = parse_directives(controls) if controls is not None else _NO_DIRECTIVES
         d = resp.d          # its dict, read directly: each `in resp` is a call through the class's slot
         if d:
             if b"no-store" in d or b"private" in d:
@@ -536,7 +545,7 @@ class CacheFilter:
             return False
         if not (explicit or public or status in DEFAULT_CACHEABLE):
             return False
-        vary = [v.lower() for v in members(varies)]
+        vary = [v.lower() for v in members(varies)] if varies is not None else []
         if b"*" in vary or len(vary) > MAX_VARY:
             return False
         fill = self._entry(status, list(head.headers), b"", state, self.now(), None, resp, vary, expires)
@@ -547,14 +556,15 @@ class CacheFilter:
         return True
 
     def on_response_body(self, ctx: RequestContext, chunk: bytes, end: bool) -> bytes:
-        state = ctx.get_state(NAME)
-        if state is None or state.__class__ is not _Forward:
+        found = ctx.get_state(NAME)
+        if found is None or found.__class__ is not _Forward:
             return chunk
+        state: _Forward = found        # typed: native attribute reads, not getattr on Any
         if state.replace is not None:
             return state.replace if end else b""
         record = state.record
         if record is not None:
-            if chunk:
+            if len(chunk) != 0:
                 state.size += len(chunk)
                 if state.size > self.max_object_size:
                     state.record = None
@@ -668,8 +678,10 @@ class CacheFilter:
         """A leader that ended without storing (upstream cut, client gone before its fill could
         be kept) lets its waiters go."""
         state = ctx.get_state(NAME)
-        if state is not None and state.__class__ is _Forward and state.leader:
-            self._release(state)
+        if state is not None and state.__class__ is _Forward:
+            forward: _Forward = state
+            if forward.leader:
+                self._release(forward)
 
     # -- the client left: the fill goes on -------------------------------------------------
 
