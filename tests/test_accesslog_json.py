@@ -1,5 +1,6 @@
 """A filter's structured note (compose's `calls`) is written with orjson when that gives the
-text json.dumps would write, and by json.dumps otherwise: either way the same line."""
+text json.dumps would write, and by json.dumps otherwise: either way the same line. A string
+note's piece is remembered (the cache notes HIT or MISS on every request): the same text."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from txgateway.ops.accesslog import _json
+from txgateway.ops.accesslog import FIELDS, AccessRecord, _extra, _json
 
 
 @dataclass
@@ -34,3 +35,19 @@ def test_a_structured_note_is_written_as_json_dumps_writes_it(note: Any) -> None
     text = _json(note)       # how AccessRecord.json_line writes a note's value
     assert text == json.dumps(note, separators=(",", ":"), default=str)
     assert text.isascii()
+
+
+@pytest.mark.parametrize("notes", [
+    {"cache": "MISS"}, {"cache": "MISS"},                   # the second from the remembered piece
+    {"cache": "HIT", "calls": [1, "a\"b"]}, {"cache": "Zo\u00eb \"\\"},
+    {"breaker": "open"}, {"breaker": "open", "cache": "STALE"}, {"rate_limit": "x", "upstream_error": "y"},
+])
+def test_the_notes_follow_the_fields_as_json_writes_them(notes: dict[str, Any]) -> None:
+    fields: tuple[Any, ...] = ("2026-12-06T15:00:00.000Z", "c", "c", "127.0.0.1", "GET", None, "/p", None, "1.1",
+                               *[None] * 4, 200, None, 1.5, None, 0, 0, 0, *[None] * 8)
+    line = AccessRecord(fields, _extra(notes)).json_line()
+    assert line.isascii() and line.endswith("}\n")
+    written = json.loads(line)
+    assert list(written)[:len(FIELDS)] == list(FIELDS)
+    assert {k: v for k, v in written.items() if k not in FIELDS} == \
+        {k: v for k, v in notes.items() if k not in ("breaker", "rate_limit", "upstream_error")}

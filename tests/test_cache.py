@@ -56,6 +56,29 @@ def test_variants_replace_their_own_vary_values_and_are_bounded():
     assert len(store.variants(key)) == 8
 
 
+def test_a_key_goes_from_one_response_to_variants_and_back_with_its_bytes_counted():
+    # A key's one response is kept alone (one object fewer for the garbage collector), its
+    # variants in a list.
+    store = Store(max_memory=2**20)
+    key = ("/", b"h", b"/v", b"", None, ())
+    a, b, a2 = entry(10, ((b"accept", b"a"),)), entry(20, ((b"accept", b"b"),)), entry(30, ((b"accept", b"a"),))
+    store.put(key, a)
+    assert store.variants(key) == [a] and store.find(key) is a     # one response: kept alone
+    store.put(key, b)
+    assert store.variants(key) == [a, b]
+    store.put(key, a2)                                            # same Vary values as a: replaces it
+    assert store.variants(key) == [b, a2]
+    assert store.counts("/").entries == 2 and store.bytes == store.counts("/").bytes == b.size + a2.size
+    store.put(key, entry(1, ((b"accept", b"a"),)))
+    store.put(key, entry(1, ((b"accept", b"b"),)))
+    assert len(store.variants(key)) == 2
+    assert store.remove(key) == 2 and store.bytes == 0 and store.counts("/").entries == 0
+    assert store.variants(key) is None and store.remove(key) == 0
+    store.put(key, a)
+    store.put(key, a2)                                            # replaced: alone again
+    assert store.find(key) is a2 and store.bytes == a2.size
+
+
 def test_purge_by_prefix_or_exact_url_and_a_changed_route_loses_its_entries():
     store = Store(max_memory=2**20)
     for path, query in ((b"/a/1", b""), (b"/a/1", b"?x=1"), (b"/b", b"")):

@@ -567,3 +567,33 @@ async def test_a_fill_without_its_client_gives_up_when_the_upstream_stalls(gatew
     [answer] = parse_responses(await waiter)
     assert (answer.body, answer.header("x-cache")) == (b"whole", "MISS")
     assert res.count(b"/fill") == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_routes_header_rules_apply_to_the_cache_fields(gateway, origin):
+    # A miss sends its fields after the header rules ran, unless the rules name them: then
+    # they go through the rules as a hit's do.
+    res, url = origin
+    res.answers[b"/r"] = (200, [(b"Cache-Control", b"max-age=60")], b"x")
+    rules = config(url) + """  - prefix: /ruled
+    upstream: origin
+    rewrite_prefix: /r
+    cache: {}
+    response_headers: {remove: [X-Cache], set: {Cache-Status: hidden}}
+  - prefix: /secured
+    upstream: origin
+    rewrite_prefix: /r
+    cache: {}
+    security_headers: {X-Cache: "from the security headers"}
+"""
+    gw = await gateway(rules, clock=Clock())
+    for verdict in ("MISS", "HIT"):
+        plain = await fetch(gw, "/r")
+        assert [v for k, v in plain.headers if k.lower() == "x-cache"] == [verdict]
+        assert len([v for k, v in plain.headers if k.lower() == "cache-status"]) == 1
+        ruled = await fetch(gw, "/ruled")
+        assert ruled.header("x-cache") is None
+        assert [v for k, v in ruled.headers if k.lower() == "cache-status"] == ["hidden"]
+        secured = await fetch(gw, "/secured")
+        assert [v for k, v in secured.headers if k.lower() == "x-cache"] == [verdict]   # a default: not added
+    assert [r.get("cache") for r in gw.log] == ["MISS", "MISS", "MISS", "HIT", "HIT", "HIT"]

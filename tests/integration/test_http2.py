@@ -775,3 +775,22 @@ async def test_h2_request_waiting_for_its_upstream_outlives_idle_timeout(reactor
     assert (h1.status, h1.body) == (200, b"done")
     (r,) = await h2_requests(port, cert.cert, {"path": "/api/users/pause"})
     assert (r.status, r.body) == (200, b"done")
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_cache_fields_of_a_miss_and_a_hit_over_h2(reactor, echo, gateway, cert):
+    # A miss's Cache-Status and X-Cache go after the other fields (PreparedFields): once each, on h2 too.
+    gw = await gateway(listeners(cert, "[h2, http/1.1]") + routes(echo.url, """  - prefix: /api/cached
+    upstream: users
+    cache: {ttl: 1m}
+"""))
+    h2_port = await port_of(gw, 1)
+    miss, hit = await h2_requests(h2_port, cert.cert, {"path": "/api/cached/1"}, {"path": "/api/cached/1"})
+    for answer, verdict, status in ((miss, "MISS", "txgateway; fwd=uri-miss; fwd-status=200; stored"),
+                                    (hit, "HIT", "txgateway; hit; ttl=")):
+        r = answer.as_response()
+        assert r.status == 200
+        assert [v for k, v in r.headers if k.lower() == "x-cache"] == [verdict]
+        [line] = [v for k, v in r.headers if k.lower() == "cache-status"]
+        assert line.startswith(status), line
+        assert r.header("x-content-type-options") == "nosniff"

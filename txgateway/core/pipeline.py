@@ -34,8 +34,8 @@ if TYPE_CHECKING:
     from txgateway.core.route import Route
 
 __all__ = [
-    "Chain", "Downstream", "Filter", "LocalResponse", "Pipeline", "RequestContext", "ResponseHead", "Switch",
-    "Terminal", "error_response",
+    "Chain", "Downstream", "Filter", "LocalResponse", "Pipeline", "PreparedFields", "RequestContext", "ResponseHead",
+    "Switch", "Terminal", "error_response",
 ]
 
 _log = Logger(namespace="txgateway.core.pipeline")
@@ -49,6 +49,19 @@ REASONS = {
 }
 
 
+class PreparedFields:
+    """Response fields made once and sent as they are after `ResponseHead.headers`: a filter's
+    own fields that no later head hook edits (the cache's Cache-Status and X-Cache on a miss,
+    when the route's header rules do not name them). Each of them in `headers` would cost a
+    pass of every later hook and of the transport; these cost one piece of the head."""
+
+    __slots__ = ("pairs", "wire")
+
+    def __init__(self, pairs: tuple[tuple[bytes, bytes], ...]) -> None:
+        self.pairs = pairs            # lower-case names, for HTTP/2
+        self.wire = b"".join(b"%s: %s\r\n" % pair for pair in pairs)   # as HTTP/1.1 writes them
+
+
 class ResponseHead:
     """Status line and end-to-end headers of a response on its way to the client.
 
@@ -58,15 +71,17 @@ class ResponseHead:
     A head hook whose body hook holds the whole body and passes it on at its end (transform:)
     puts the head in `ctx.held_head`: it then leaves with the first bytes the body hooks pass
     on, with a `Content-Length` when those are the whole body (no chunked framing).
+    `prepared`: fields the transport sends after `headers` (PreparedFields), None mostly.
     """
 
-    __slots__ = ("status", "reason", "headers", "length")
+    __slots__ = ("status", "reason", "headers", "length", "prepared")
 
     def __init__(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], length: int | None) -> None:
         self.status = status
         self.reason = reason
         self.headers = headers
         self.length = length  # body length when known, else None (streamed)
+        self.prepared: PreparedFields | None = None
 
 
 class LocalResponse:

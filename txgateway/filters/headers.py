@@ -231,6 +231,11 @@ class HeaderRulesFilter:
         if rules is not None:
             ctx.headers = rules.apply(ctx.headers)
 
+    def response_fields(self, fields: tuple[tuple[bytes, bytes], ...]) -> list[tuple[bytes, bytes]]:
+        """What the response rules make of `fields` alone (HSTS aside): a filter that would
+        add its fields after them asks whether they leave those fields as they are."""
+        return self._response.apply(list(fields))
+
     def on_response_head(self, ctx: RequestContext, head: ResponseHead) -> None:
         head.headers = self._response.apply(head.headers)
         if ctx.scheme == b"https":

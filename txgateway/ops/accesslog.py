@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 from urllib.parse import unquote_to_bytes
 
 import orjson
@@ -274,7 +274,7 @@ class AccessRecord:
         if self.extra:
             parts[-1] = layout.tail
             for k, v in self.extra.items():
-                parts.append(",%s:%s" % (_json(k), _json(v)))
+                parts.append(_note_piece(k, v))
             parts.append("}\n")
         return "".join(parts)
 
@@ -376,7 +376,35 @@ def redact_query(query: bytes, names: frozenset[bytes]) -> str:
 
 
 def _extra(notes: dict[str, Any]) -> dict[str, Any] | None:
+    """The notes without a field of their own: `notes` itself when none has one (a finished
+    request's notes no longer change), else a copy without them."""
+    mine = 0
     for key in notes:
-        if key not in _NOTED:
-            return {k: v for k, v in notes.items() if k not in _NOTED}
-    return None
+        if key in _NOTED:
+            mine += 1
+    if not mine:
+        return notes
+    if mine == len(notes):
+        return None
+    return {k: v for k, v in notes.items() if k not in _NOTED}
+
+
+# A string note's `,"field":"value"` piece, by field and value: most notes repeat a few values
+# (the cache's HIT and MISS on every request of a cached route), and formatting one costs
+# two JSON escapes and a %-format.
+_PIECES: Final[dict[str, dict[str, str]]] = {}
+_PIECES_PER_FIELD: Final = 256          # values remembered per field (a note may be a message)
+
+
+def _note_piece(field: str, value: Any) -> str:
+    if value.__class__ is not str:
+        return ",%s:%s" % (_json(field), _json(value))
+    pieces = _PIECES.get(field)
+    if pieces is None:
+        pieces = _PIECES[field] = {}
+    piece = pieces.get(value)
+    if piece is None:
+        piece = ",%s:%s" % (_json(field), _json(value))
+        if len(pieces) < _PIECES_PER_FIELD:
+            pieces[value] = piece
+    return piece

@@ -185,6 +185,8 @@ class H2Stream:
             return
         headers = [(b":status", b"%d" % head.status)]
         headers += [(name, value) for name, value in head.headers if name not in _NOT_IN_H2]
+        if head.prepared is not None:
+            headers += head.prepared.pairs
         if head.length is not None and head.status not in (204, 304) and head.status >= 200:
             headers.append((b"content-length", b"%d" % head.length))
         self.head = headers

@@ -419,6 +419,9 @@ class HTTP1Connection(Protocol):
             parts.append(b": ")
             parts.append(value)
             parts.append(b"\r\n")
+        prepared = head.prepared
+        if prepared is not None:
+            parts.append(prepared.wire)
         if status == 101 and ctx.upgrade is not None:
             # Switching protocols: no framing; start_tunnel sends it.
             parts.append(b"connection: upgrade\r\nupgrade: %s\r\n\r\n" % ctx.upgrade)

@@ -18,12 +18,13 @@ the fill goes on without it (`keep`). A HEAD miss is fetched as a GET, so it is 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Final
 
 from twisted.internet.defer import Deferred
 
 from txgateway.core.nowhere import Nowhere
-from txgateway.core.pipeline import REASONS, LocalResponse, RequestContext, ResponseHead, error_response
+from txgateway.core.pipeline import REASONS, LocalResponse, PreparedFields, RequestContext, ResponseHead, error_response
 from txgateway.filters.cache.config import CacheSettings, RouteCache
 from txgateway.filters.cache.rules import (
     DEFAULT_CACHEABLE,
@@ -37,6 +38,7 @@ from txgateway.filters.cache.rules import (
     parse_http_date,
 )
 from txgateway.filters.cache.store import Entry, Key, Store
+from txgateway.filters.headers import HeaderRulesFilter
 
 __all__ = ["CacheFilter", "build_filter"]
 
@@ -57,19 +59,24 @@ _PRAGMA: Final = 8
 _CONDITIONAL: Final = 16
 _WATCHED: Final = {b"range": _RANGE, b"authorization": _AUTHORIZATION, b"cache-control": _CACHE_CONTROL,
                    b"pragma": _PRAGMA, b"if-none-match": _CONDITIONAL, b"if-modified-since": _CONDITIONAL}
+# Non-zero at the first byte of a watched name: most request fields (host, user-agent, x-...)
+# are passed over by one index, not hashed for a dict lookup (each name is a new bytes object).
+_WATCHED_FIRST: Final = bytes(1 if i in {name[0] for name in _WATCHED} else 0 for i in range(256))
 _NO_DIRECTIVES: Final = Directives({})
 # RFC 9211 on the cache's own 504: neither `hit` (nothing stored answered) nor `fwd` (not forwarded).
 _NOT_CACHED: Final = [(b"cache-status", b"txgateway; detail=only-if-cached"), (b"x-cache", b"MISS")]
-# A miss's Cache-Status by stored, fwd and upstream status: formatting one costs more than finding
-# it (and nested dicts, keyed by constants and ints, more than a tuple key built and hashed each time).
-_MISS_STATUS: Final[tuple[dict[bytes, dict[int, bytes]], dict[bytes, dict[int, bytes]]]] = ({}, {})
+# A miss's Cache-Status and X-Cache by stored, fwd and upstream status: formatting them costs more
+# than finding them (and nested dicts, keyed by constants and ints, more than a tuple key built and
+# hashed each time).
+_MISS_FIELDS: Final[tuple[dict[bytes, dict[int, PreparedFields]], dict[bytes, dict[int, PreparedFields]]]] = ({}, {})
+_MISS_PROBE: Final = ((b"cache-status", b"txgateway"), (b"x-cache", b"MISS"))
 
 
 class _Forward:
     """A request the cache sent upstream: what the head and body hooks need to store it."""
 
     __slots__ = ("key", "entry", "request_time", "req", "fwd", "vary_source", "record", "size", "replace",
-                 "leader", "conditional", "background", "head", "as_head", "resp", "vary", "expires", "cache")
+                 "leader", "conditional", "background", "as_head", "fill", "length", "cache")
 
     def __init__(self, cache: CacheFilter, key: Key, entry: Entry | None, request_time: float,
                  req: Directives, fwd: bytes, vary_source: list[tuple[bytes, bytes]]) -> None:
@@ -86,11 +93,9 @@ class _Forward:
         self.leader = False                # other requests for the key wait for this one
         self.conditional: list[tuple[bytes, bytes]] | None = None   # the client's, kept aside
         self.background = False            # no client: a refresh, or a fill its client left
-        self.head: tuple[int, list[tuple[bytes, bytes]], int | None] = (0, [], None)   # as recorded
         self.as_head = False               # a HEAD request sent upstream as GET, so its answer is stored
-        self.resp = _NO_DIRECTIVES         # the recorded response's Cache-Control
-        self.vary: list[bytes] = []        # and its Vary, lower case
-        self.expires = True                # whether it has Expires (True: not known, look)
+        self.fill: Entry | None = None     # the entry being recorded, made from its head: the body comes last
+        self.length: int | None = None     # the length its head announced
 
     def keep(self, ctx: RequestContext) -> bool:
         """Pipeline.cancel asks the states of a request whose client left (see CacheFilter.keep)."""
@@ -126,6 +131,11 @@ def _request_value(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | N
     return b",".join(members)
 
 
+def _vary_matches(entry: Entry, headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether the request has the values of the fields the entry's response varies on."""
+    return all(_request_value(headers, name) == value for name, value in entry.vary)
+
+
 def _etag_matches(condition: bytes, etag: bytes | None) -> bool:
     """If-None-Match's weak comparison (RFC 9110 §13.1.2)."""
     if etag is None:
@@ -139,8 +149,12 @@ def _etag_matches(condition: bytes, etag: bytes | None) -> bool:
 class CacheFilter:
     name = NAME
 
-    def __init__(self, store: Store, settings: CacheSettings, policy: RouteCache, route: str, clock: Any) -> None:
+    def __init__(self, store: Store, settings: CacheSettings, policy: RouteCache, route: str, clock: Any,
+                 prepared: bool = False) -> None:
         self.store = store
+        # A miss's Cache-Status and X-Cache as the head's PreparedFields, past every other head
+        # hook: only when the route's header rules leave them alone (`rules_leave`).
+        self.prepared = prepared
         self.settings = settings
         self.policy = policy
         # What every request reads, as native attributes (the policy and settings are plain dataclasses).
@@ -153,6 +167,8 @@ class CacheFilter:
         self.ttl: float = policy.ttl
         self.route = route
         self.clock = clock
+        self.now: Callable[[], float] = clock.seconds     # found once: a method lookup on the reactor each time cost ~250
+        self.gets: bool = b"GET" in policy.methods
         self.host_seen = self.host_lower = b""
         self.counts = store.counts(route)
         self.inflight = store.inflight
@@ -187,7 +203,8 @@ class CacheFilter:
 
     def on_request(self, ctx: RequestContext) -> LocalResponse | Deferred[Any] | None:
         method = ctx.method
-        if method not in self.methods:
+        # GET compared first: `in` hashes the method, a new bytes object each request.
+        if not (self.gets if method == b"GET" else method in self.methods):
             if method not in _SAFE:
                 ctx.set_state(NAME, _Invalidate(self.key(ctx)))
             else:
@@ -195,9 +212,10 @@ class CacheFilter:
             return None
         seen = 0          # one pass over the headers: which of the fields the cache cares about are there
         for name, _ in ctx.headers:
-            bit = _WATCHED.get(name)
-            if bit is not None:
-                seen |= bit
+            if len(name) != 0 and _WATCHED_FIRST[name[0]]:      # len: no generic truth test
+                bit = _WATCHED.get(name)
+                if bit is not None:
+                    seen |= bit
         if seen & _RANGE:
             ctx.set_state(NAME, _Bypass(b"partial"))
             return None
@@ -209,11 +227,12 @@ class CacheFilter:
     def _lookup(self, ctx: RequestContext, may_wait: bool, seen: int) -> LocalResponse | Deferred[Any] | None:
         key = self.key(ctx)
         req = directives(ctx.headers) if seen & _CACHE_CONTROL else _NO_DIRECTIVES
-        now = self.clock.seconds()
-        variants = self.store.variants(key)
+        now = self.now()
+        variants = self.store.find(key)
         entry = self._select(variants, ctx.headers)
-        no_cache = b"no-cache" in req.d or (
-            seen & _PRAGMA != 0 and not req.d and b"no-cache" in field_values(ctx.headers, b"pragma"))
+        d = req.d            # mostly empty: tested before each `in` (a call even on an empty dict)
+        no_cache = (b"no-cache" in d) if d else (
+            seen & _PRAGMA != 0 and b"no-cache" in field_values(ctx.headers, b"pragma"))
         fwd = b"uri-miss"
         if entry is not None:
             age = entry.age(now)
@@ -227,9 +246,9 @@ class CacheFilter:
                     self._refresh(ctx, key, entry)
                     return self._hit(ctx, entry, age, b"STALE", seen & _CONDITIONAL != 0)
             fwd = b"request" if no_cache else b"stale"
-        elif variants:
+        elif variants is not None:
             fwd = b"vary-miss"
-        if b"only-if-cached" in req.d:
+        if d and b"only-if-cached" in d:
             ctx.note(NAME, "MISS")
             return error_response(ctx, 504, "NOT_CACHED", "only-if-cached: no stored response can answer this request",
                                   _NOT_CACHED)
@@ -252,11 +271,13 @@ class CacheFilter:
         ctx.set_state(NAME, state)
         return None
 
-    def _select(self, variants: list[Entry] | None, headers: list[tuple[bytes, bytes]]) -> Entry | None:
-        if not variants:
+    def _select(self, variants: Entry | list[Entry] | None, headers: list[tuple[bytes, bytes]]) -> Entry | None:
+        if variants is None:
             return None
+        if isinstance(variants, Entry):
+            return variants if _vary_matches(variants, headers) else None
         for entry in reversed(variants):
-            if all(_request_value(headers, name) == value for name, value in entry.vary):
+            if _vary_matches(entry, headers):
                 return entry
         return None
 
@@ -384,15 +405,16 @@ class CacheFilter:
             ctx.note(NAME, "BYPASS")
             head.headers += [(b"cache-status", b"txgateway; fwd=" + state.why), (b"x-cache", b"BYPASS")]
             return
-        if state.as_head:
+        forward: _Forward = state      # typed: native attribute reads, not getattr on Any
+        if forward.as_head:
             ctx.method = b"HEAD"
-        self._forwarded(ctx, state, head)
+        self._forwarded(ctx, forward, head)
 
     def _forwarded(self, ctx: RequestContext, state: _Forward, head: ResponseHead) -> None:
         status = head.status
         entry = state.entry
         if entry is not None:
-            now = self.clock.seconds()
+            now = self.now()
             if status == 304 and state.conditional is not None:
                 self._revalidated(ctx, state, head, entry, now)
                 return
@@ -406,15 +428,19 @@ class CacheFilter:
                 self._give_up(ctx)
         self.counts.misses += 1
         ctx.note(NAME, "MISS")
-        lines = _MISS_STATUS[stored].get(state.fwd)
-        if lines is None:
-            lines = _MISS_STATUS[stored][state.fwd] = {}
-        line = lines.get(status)
-        if line is None:
+        by_status = _MISS_FIELDS[stored].get(state.fwd)
+        if by_status is None:
+            by_status = _MISS_FIELDS[stored][state.fwd] = {}
+        fields = by_status.get(status)
+        if fields is None:
             line = b"txgateway; fwd=%s; fwd-status=%d%s" % (state.fwd, status, b"; stored" if stored else b"")
-            if len(lines) < 1024:
-                lines[status] = line
-        head.headers += [(b"cache-status", line), (b"x-cache", b"MISS")]
+            fields = PreparedFields(((b"cache-status", line), (b"x-cache", b"MISS")))
+            if len(by_status) < 1024:
+                by_status[status] = fields
+        if self.prepared:
+            head.prepared = fields
+        else:
+            head.headers += fields.pairs
 
     def _revalidated(self, ctx: RequestContext, state: _Forward, head: ResponseHead, entry: Entry,
                      now: float) -> None:
@@ -478,21 +504,29 @@ class CacheFilter:
     def _start_recording(self, ctx: RequestContext, state: _Forward, head: ResponseHead) -> bool:
         """Whether this response may be stored (RFC 9111 §3); if so its body is recorded."""
         status = head.status
-        if status < 200 or status in (206, 304) or b"no-store" in state.req.d or (ctx.method == b"HEAD" and not state.as_head):
+        req = state.req.d
+        if status < 200 or status in (206, 304) or (req and b"no-store" in req) \
+                or (ctx.method == b"HEAD" and not state.as_head):
             return False
         if head.length is not None and head.length > self.max_object_size:
             return False
-        controls: list[bytes] = []    # one pass over the headers for the fields that decide
-        varies: list[bytes] = []
+        controls: list[bytes] | None = None    # one pass over the headers for the fields that decide
+        varies: list[bytes] | None = None      # (lists made only for fields that are there)
         expires = False
         for name, value in head.headers:
             if name == b"cache-control":
-                controls.append(value)
+                if controls is None:
+                    controls = [value]
+                else:
+                    controls.append(value)
             elif name == b"vary":
-                varies.append(value)
+                if varies is None:
+                    varies = [value]
+                else:
+                    varies.append(value)
             elif name == b"expires":
                 expires = True
-        resp = parse_directives(controls) if controls else _NO_DIRECTIVES
+        resp = parse_directives(controls) if controls is not None else _NO_DIRECTIVES
         d = resp.d          # its dict, read directly: each `in resp` is a call through the class's slot
         if d:
             if b"no-store" in d or b"private" in d:
@@ -505,28 +539,32 @@ class CacheFilter:
         else:
             public = shared = False
             explicit = expires
+        # Without `credentials`, a request with Authorization was bypassed (on_request): no need to look.
         if not self.by_identity and not shared \
-                and (ctx.identity is not None or ctx.header(b"authorization") is not None):
+                and (ctx.identity is not None or (self.credentials and ctx.header(b"authorization") is not None)):
             return False
         if not (explicit or public or status in DEFAULT_CACHEABLE):
             return False
-        vary = [v.lower() for v in members(varies)]
+        vary = [v.lower() for v in members(varies)] if varies is not None else []
         if b"*" in vary or len(vary) > MAX_VARY:
             return False
+        fill = self._entry(status, list(head.headers), b"", state, self.now(), None, resp, vary, expires)
+        if fill is None:
+            return False
         state.record = []
-        state.head = (status, list(head.headers), head.length)
-        state.resp, state.vary, state.expires = resp, vary, expires
+        state.fill, state.length = fill, head.length
         return True
 
     def on_response_body(self, ctx: RequestContext, chunk: bytes, end: bool) -> bytes:
-        state = ctx.get_state(NAME)
-        if state is None or state.__class__ is not _Forward:
+        found = ctx.get_state(NAME)
+        if found is None or found.__class__ is not _Forward:
             return chunk
+        state: _Forward = found        # typed: native attribute reads, not getattr on Any
         if state.replace is not None:
             return state.replace if end else b""
         record = state.record
         if record is not None:
-            if chunk:
+            if len(chunk) != 0:
                 state.size += len(chunk)
                 if state.size > self.max_object_size:
                     state.record = None
@@ -541,12 +579,10 @@ class CacheFilter:
         return chunk
 
     def _store(self, ctx: RequestContext, state: _Forward, body: bytes) -> None:
-        status, headers, length = state.head
-        if length is None or length == len(body):
-            entry = self._entry(status, headers, body, state, self.clock.seconds(), None, state.resp, state.vary,
-                                state.expires)
-            if entry is not None:
-                self.store.put(state.key, entry)
+        fill = state.fill
+        if fill is not None and (state.length is None or state.length == len(body)):
+            fill.filled(body)
+            self.store.put(state.key, fill, self.counts)
         self._release(state)
 
     def _entry(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, state: _Forward,
@@ -555,20 +591,20 @@ class CacheFilter:
         """An entry with its freshness lifetime and corrected initial age (§4.2.1, §4.2.3).
         `resp`, `vary_values` and `has_expires`: what the head hook's pass found, when it ran."""
         not_stored = self.not_stored
-        ages: list[bytes] = []
+        age_field = age_header
+        ages = 0 if age_header is None else 1
         date_field: bytes | None = None
         dropped = False
         for k, v in headers:            # one pass: what is not stored, Age, Date (the last one)
             if k in not_stored:
                 dropped = True
-                if k == b"age":
-                    ages.append(v)
+                if k == b"age" and age_header is None:
+                    age_field = v
+                    ages += 1
             elif k == b"date":
                 date_field = v
-        if age_header is not None:
-            ages = [age_header]
         # An Age that is not one valid delta-seconds makes the response stale (taken as very old).
-        age_value = 0 if not ages else parse_delta(ages[0]) if len(ages) == 1 else None
+        age_value = 0 if not ages else parse_delta(age_field) if ages == 1 else None
         if age_value is None:
             age_value = MAX_DELTA
         kept = [(k, v) for k, v in headers if k not in not_stored] if dropped else headers
@@ -578,8 +614,12 @@ class CacheFilter:
             vary_values = [v.lower() for v in field_values(kept, b"vary")]
         date = parse_http_date(date_field)
         date_value = date if date is not None else now
-        apparent_age = max(0.0, now - date_value)
-        corrected_age = max(apparent_age, age_value + (now - state.request_time))
+        apparent_age = now - date_value           # comparisons, not max(): a call each
+        if apparent_age < 0.0:
+            apparent_age = 0.0
+        corrected_age = age_value + (now - state.request_time)
+        if corrected_age < apparent_age:
+            corrected_age = apparent_age
         lifetime = self._lifetime(status, kept, resp, date_value, has_expires)
         vary: tuple[tuple[bytes, bytes | None], ...] = ()
         if vary_values:
@@ -638,8 +678,10 @@ class CacheFilter:
         """A leader that ended without storing (upstream cut, client gone before its fill could
         be kept) lets its waiters go."""
         state = ctx.get_state(NAME)
-        if state is not None and state.__class__ is _Forward and state.leader:
-            self._release(state)
+        if state is not None and state.__class__ is _Forward:
+            forward: _Forward = state
+            if forward.leader:
+                self._release(forward)
 
     # -- the client left: the fill goes on -------------------------------------------------
 
@@ -674,7 +716,7 @@ class CacheFilter:
                      suffix: str) -> RequestContext:
         """A request of the cache's own on `ctx`'s route and upstream, with no client (`_Refresh`)."""
         own = RequestContext(method, ctx.target, ctx.path, ctx.query, b"1.1", headers, ctx.host, ctx.scheme,
-                             ctx.peer_ip, _Refresh(self), self.clock.seconds())
+                             ctx.peer_ip, _Refresh(self), self.now())
         own.correlation_id = ctx.correlation_id + suffix
         own.client_ip, own.route, own.chain = ctx.client_ip, ctx.route, ctx.chain
         own.upstream, own.upstream_path, own.identity = ctx.upstream, ctx.upstream_path, ctx.identity
@@ -725,4 +767,14 @@ def build_filter(resources: Any, policy: RouteCache, route: Any) -> CacheFilter:
         store = holder[NAME] = Store(settings.max_memory)
     store.max_memory = settings.max_memory
     store.adopt(route.prefix, policy)
-    return CacheFilter(store, settings, policy, route.prefix, resources.clock)
+    header_rules = route.policies.get("header_rules")
+    prepared = header_rules is None or rules_leave(HeaderRulesFilter(header_rules), _MISS_PROBE)
+    return CacheFilter(store, settings, policy, route.prefix, resources.clock, prepared)
+
+
+def rules_leave(rules: HeaderRulesFilter, fields: tuple[tuple[bytes, bytes], ...]) -> bool:
+    """Whether a route's response header rules leave `fields` as they are: they neither remove
+    nor set them, nor add fields of those names (the security headers included)."""
+    names = {name for name, _ in fields}
+    return ([h for h in rules.response_fields(fields) if h[0] in names] == list(fields)
+            and not any(h[0] in names for h in rules.response_fields(())))

@@ -73,6 +73,11 @@ class Entry:
                 self.last_modified = value
         self.size = size
 
+    def filled(self, body: bytes) -> None:
+        """The body, once all of it arrived: a miss's entry is made from its head."""
+        self.body = body
+        self.size += len(body)
+
     def age(self, now: float) -> float:
         return self.corrected_age + max(0.0, now - self.response_time)
 
@@ -93,7 +98,9 @@ class Store:
         self.max_memory = max_memory
         self.bytes = 0
         self.evictions = 0
-        self._lru: OrderedDict[AnyKey, list[Entry]] = OrderedDict()
+        # A key's one response, or its variants (a list) once Vary made several: one object
+        # fewer per stored response for the garbage collector to count and scan (~0.3k a miss).
+        self._lru: OrderedDict[AnyKey, Entry | list[Entry]] = OrderedDict()
         self.routes: dict[str, RouteCounts] = {}        # by route prefix
         self.policies: dict[str, Any] = {}              # the cache policy each route was built with
         self.inflight: dict[AnyKey, list[Any]] = {}   # keys being fetched: their waiters
@@ -110,32 +117,41 @@ class Store:
             self.purge(lambda key: key[0] == route)
         self.policies[route] = policy
 
-    def variants(self, key: AnyKey) -> list[Entry] | None:
+    def find(self, key: AnyKey) -> Entry | list[Entry] | None:
+        """The key's response or its variants, now the most recently used."""
         found = self._lru.get(key)
         if found is not None:
             self._lru.move_to_end(key)
         return found
 
-    def put(self, key: AnyKey, entry: Entry) -> None:
+    def variants(self, key: AnyKey) -> list[Entry] | None:
+        found = self.find(key)
+        return None if found is None else _listed(found)
+
+    def put(self, key: AnyKey, entry: Entry, counts: RouteCounts | None = None) -> None:
+        """`counts`: the key's route's, when the caller has them (a miss's filter does)."""
         if entry.size > self.max_memory:
             return
         found = self._lru.get(key)
-        counts = self.counts(key[0])
+        if counts is None:
+            counts = self.counts(key[0])
         if found is None:
-            self._lru[key] = [entry]            # a new key (a miss's usual case): nothing to replace
+            self._lru[key] = entry              # a new key (a miss's usual case): nothing to replace
         else:
             self._lru.move_to_end(key)
-            for old in [e for e in found if e.vary == entry.vary]:
-                self._drop(found, old, counts)
-            if len(found) >= MAX_VARIANTS:
-                self._drop(found, found[0], counts)
-            found.append(entry)
+            variants = _listed(found)
+            for old in [e for e in variants if e.vary == entry.vary]:
+                self._drop(variants, old, counts)
+            if len(variants) >= MAX_VARIANTS:
+                self._drop(variants, variants[0], counts)
+            variants.append(entry)
+            self._lru[key] = variants[0] if len(variants) == 1 else variants
         self.bytes += entry.size
         counts.bytes += entry.size
         counts.entries += 1
         while self.bytes > self.max_memory and self._lru:
-            oldest, variants = next(iter(self._lru.items()))
-            self.evictions += len(variants)
+            oldest, found = next(iter(self._lru.items()))
+            self.evictions += len(_listed(found))
             self.remove(oldest)
 
     def _drop(self, variants: list[Entry], entry: Entry, counts: RouteCounts) -> None:
@@ -145,9 +161,10 @@ class Store:
         counts.entries -= 1
 
     def remove(self, key: AnyKey) -> int:
-        variants = self._lru.pop(key, None)
-        if not variants:
+        found = self._lru.pop(key, None)
+        if found is None:
             return 0
+        variants = _listed(found)
         counts = self.counts(key[0])
         for entry in variants:
             self.bytes -= entry.size
@@ -180,3 +197,7 @@ class Store:
 
     def keys(self) -> Iterator[AnyKey]:
         return iter(self._lru)
+
+
+def _listed(found: Entry | list[Entry]) -> list[Entry]:
+    return found if isinstance(found, list) else [found]
