@@ -697,3 +697,31 @@ async def test_a_response_larger_than_a_record_arrives_whole(events, raw_upstrea
     result = await deferToThread(https_get, gw.port, "/api/users/big", "a.test", certs.ca_file)
     assert result.status == 200
     assert result.body == body
+
+
+def keep_alive_then_close_notify(port: int, cafile: str, paths: list[str], alpn: list[str]) -> tuple[list[int], bytes]:
+    """Requests on one connection offering `alpn`, then the client's close_notify: the statuses,
+    and what the socket gives after the gateway's close_notify (b"": its TCP close)."""
+    context = client_context(cafile)
+    context.set_alpn_protocols(alpn)
+    conn = http.client.HTTPSConnection("a.test", port, context=context, timeout=WAIT)
+    conn.sock = context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=WAIT), server_hostname="a.test")
+    statuses = [exchange(conn, path).status for path in paths]
+    plain = conn.sock.unwrap()        # sends close_notify, returns once the gateway's came back
+    try:
+        return statuses, plain.recv(100)
+    finally:
+        plain.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_keep_alive_after_alpn_then_close_notify_is_answered_and_closed(events, echo, gateway, certs):
+    # After the handshake the compiled data path (tlsbio.DataPath) carries the requests, to the
+    # HTTP/1.1 protocol ALPN put in place after the first one; the client's close_notify goes
+    # back to Twisted's TLS code, which answers it and closes.
+    gw = await gateway(config(tls_listener(certs.a, settings=", alpn: [h2, http/1.1]"), echo.url))
+    paths = [f"/api/users/{n}" for n in (1, 2, 3)]
+    statuses, after = await deferToThread(keep_alive_then_close_notify, gw.port, certs.ca_file, paths, ["http/1.1"])
+    assert statuses == [200, 200, 200]
+    assert [r.uri for r in echo.requests] == [b"/users/1", b"/users/2", b"/users/3"]
+    assert after == b""
