@@ -163,10 +163,13 @@ class ServerTLS:
 def _resumption(context: SSL.Context, session_id: bytes) -> None:
     """Abbreviated handshakes: a server-side session cache and session tickets (enabled by the
     options), under one session id context for all of a listener's contexts (CertificateOptions
-    draws one per context, and the SNI callback switches between them)."""
+    draws one per context, and the SNI callback switches between them). And no TLS 1.2
+    renegotiation: a handshake in the middle of a connection would need the data path
+    (tlsbio.py) to send what OpenSSL answers while it reads; nginx refuses it too."""
     context.set_session_id(session_id)
     context.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
     context.set_timeout(_SESSION_TIMEOUT)
+    context.set_options(SSL.OP_NO_RENEGOTIATION)
 
 
 def _staple(context: SSL.Context, response: str) -> None:

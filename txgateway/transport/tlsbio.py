@@ -45,17 +45,23 @@ _SSL_pending: Final[Any] = _lib.SSL_pending
 
 def outgoing(connection: Any) -> bytes:
     """The ciphertext waiting in `connection`'s send BIO (b"" when there is none)."""
-    return _drain(connection._from_ssl, connection)
+    return _drain(connection._from_ssl)
 
 
-def _drain(bio: Any, connection: Any) -> bytes:
-    size: int = _BIO_get_mem_data(bio, _NULL)    # the bytes a memory BIO holds
-    if not size:
+def _drain(bio: Any) -> bytes:
+    """All a memory BIO holds, read in one call when it fits the buffer (asking its size first
+    would be a second call)."""
+    size: int = _BIO_read(bio, _buffer, _SIZE)
+    if size <= 0:
         return b""
-    if size > _SIZE:
-        return connection.bio_read(size)      # pyOpenSSL's own buffer: a rare large flight
-    _BIO_read(bio, _buffer, size)
-    return _unpack(_buffer, size)
+    if size < _SIZE:
+        return _unpack(_buffer, size)
+    chunks = [_unpack(_buffer, size)]
+    while size == _SIZE:
+        size = _BIO_read(bio, _buffer, _SIZE)
+        if size > 0:
+            chunks.append(_unpack(_buffer, size))
+    return b"".join(chunks)
 
 
 class DataPath:
@@ -76,6 +82,7 @@ class DataPath:
         self.into: Any = None
         self.out: Any = None
         self.ready = False           # the handshake is done and nothing unusual happened since
+        self.clean = True            # the receive BIO was left empty by the last read
 
     def connect(self, send: Callable[[bytes], None], send_now: Callable[[], None]) -> None:
         """The TCP transport's batched writer (core/fastwrite.py)."""
@@ -88,34 +95,41 @@ class DataPath:
         self.ssl = connection._ssl
         self.into = connection._into_ssl
         self.out = connection._from_ssl
+        self.clean = False           # not known: the first read asks OpenSSL
         self.ready = True
 
     def received(self, data: bytes) -> None:
-        """Ciphertext from the socket: its plaintext to the app, what OpenSSL answers sent."""
+        """Ciphertext from the socket: its plaintext to the app.
+
+        What OpenSSL writes while reading (a KeyUpdate's answer) waits in the send BIO for the
+        next write, which RFC 8446 4.6.3 allows; renegotiation is off (tls.py), and a close or
+        an error is Twisted's, which sends at once."""
         if not self.ready:
             self.tls.twisted_received(data)      # the handshake, a close, held writes: Twisted's
             return
         size = len(data)
+        # Exactly one whole record after an empty receive BIO (the usual request): once
+        # SSL_read returned its plaintext, there is nothing more to ask OpenSSL for.
+        whole = self.clean and size > 5 and size == 5 + (data[3] << 8 | data[4])
         if _BIO_write(self.into, data, size) != size:
             self.connection.bio_write(data)      # never expected: pyOpenSSL raises what went wrong
         ssl = self.ssl
         while True:
             size = _SSL_read(ssl, _buffer, _SIZE)
             if size <= 0:
+                self.clean = False               # part of a record may wait in the BIO
                 self.tls.read_failed(size)       # nothing more, close_notify, or an error
-                break
+                return
             self.app.dataReceived(_unpack(_buffer, size))
             if not self.ready:
                 # The app closed, aborted or had a write held back: Twisted reads on.
                 self.tls._flushReceiveBIO()
                 return
+            if whole:
+                return
             if not _BIO_get_mem_data(self.into, _NULL) and not _SSL_pending(ssl):
-                break
-        out = _drain(self.out, self.connection)
-        if out:
-            self.send(out)
-        if not self.ready:
-            self.send_now()                      # closing: the TCP close may come next
+                self.clean = True
+                return
 
     def write(self, data: bytes) -> None:
         """Plaintext from the app: encrypted now, the ciphertext into the turn's send."""
@@ -131,13 +145,13 @@ class DataPath:
             chunk = data if size <= _RECORD else data[offset:offset + _RECORD]
             written: int = _SSL_write(ssl, chunk, len(chunk))
             if written <= 0:
-                out = _drain(self.out, self.connection)
+                out = _drain(self.out)
                 if out:
                     self.send(out)
                 self.tls.write_failed(data[offset:], written)
                 return
             offset += written
-        out = _drain(self.out, self.connection)
+        out = _drain(self.out)
         if out:
             self.send(out)
 
