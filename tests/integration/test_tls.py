@@ -725,3 +725,23 @@ async def test_keep_alive_after_alpn_then_close_notify_is_answered_and_closed(ev
     assert statuses == [200, 200, 200]
     assert [r.uri for r in echo.requests] == [b"/users/1", b"/users/2", b"/users/3"]
     assert after == b""
+
+
+def renegotiate_tls12(port: int, cafile: str) -> tuple[str, float]:
+    """`openssl s_client -tls1_2` asking to renegotiate (its `R` command) on an established
+    connection: its output, and the seconds until it ended."""
+    started = time.monotonic()
+    proc = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-tls1_2", "-servername", "a.test",
+                           "-CAfile", cafile], input=b"R\n", capture_output=True, timeout=WAIT, check=False)
+    return proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace"), time.monotonic() - started
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tls12_renegotiation_is_refused_at_once(events, echo, gateway, certs):
+    # Refused (OP_NO_RENEGOTIATION) and said at once: the refusal OpenSSL writes while the data
+    # path reads is sent then, not left for a response that never comes.
+    gw = await gateway(config(tls_listener(certs.a), echo.url))
+    out, seconds = await deferToThread(renegotiate_tls12, gw.port, certs.ca_file)
+    assert "RENEGOTIATING" in out
+    assert "no renegotiation" in out
+    assert seconds < WAIT / 2

@@ -83,6 +83,7 @@ class DataPath:
         self.out: Any = None
         self.ready = False           # the handshake is done and nothing unusual happened since
         self.clean = True            # the receive BIO was left empty by the last read
+        self.tls12 = False           # TLS 1.2: what OpenSSL writes while reading is sent at once
 
     def connect(self, send: Callable[[bytes], None], send_now: Callable[[], None]) -> None:
         """The TCP transport's batched writer (core/fastwrite.py)."""
@@ -96,14 +97,15 @@ class DataPath:
         self.into = connection._into_ssl
         self.out = connection._from_ssl
         self.clean = False           # not known: the first read asks OpenSSL
+        self.tls12 = connection.get_protocol_version_name() != "TLSv1.3"
         self.ready = True
 
     def received(self, data: bytes) -> None:
         """Ciphertext from the socket: its plaintext to the app.
 
-        What OpenSSL writes while reading (a KeyUpdate's answer) waits in the send BIO for the
-        next write, which RFC 8446 4.6.3 allows; renegotiation is off (tls.py), and a close or
-        an error is Twisted's, which sends at once."""
+        On TLS 1.3, what OpenSSL writes while reading (a KeyUpdate's answer) waits in the send
+        BIO for the next write, as RFC 8446 4.6.3 allows; on TLS 1.2 it is sent at once (the
+        refusal of a renegotiation, tls.py). A close or an error is Twisted's, which sends at once."""
         if not self.ready:
             self.tls.twisted_received(data)      # the handshake, a close, held writes: Twisted's
             return
@@ -119,17 +121,21 @@ class DataPath:
             if size <= 0:
                 self.clean = False               # part of a record may wait in the BIO
                 self.tls.read_failed(size)       # nothing more, close_notify, or an error
-                return
+                break
             self.app.dataReceived(_unpack(_buffer, size))
             if not self.ready:
                 # The app closed, aborted or had a write held back: Twisted reads on.
                 self.tls._flushReceiveBIO()
                 return
             if whole:
-                return
+                break
             if not _BIO_get_mem_data(self.into, _NULL) and not _SSL_pending(ssl):
                 self.clean = True
-                return
+                break
+        if self.tls12 and self.ready:
+            out = _drain(self.out)
+            if out:
+                self.send(out)
 
     def write(self, data: bytes) -> None:
         """Plaintext from the app: encrypted now, the ciphertext into the turn's send."""
