@@ -117,8 +117,9 @@ def make_cert(work: Path, kind: str) -> tuple[Path, Path]:
 def drive_new_connections(port: int, total: int, request: bytes, resume: bool, tls12: bool) -> None:
     """`total` requests, one at a time, each on a new TLS connection: a full handshake each, or
     (`resume`) an abbreviated one on the session of the connection before. `tls12`: TLS 1.2
-    without session tickets, as a client that resumes by session id only (the sessions the
-    server's cache keeps)."""
+    without session tickets, so each session is one the server's cache would keep (Python's
+    client does not resume them here: with `--resume` this stops; `openssl s_client
+    -no_ticket` does, tests/integration/test_tls_defaults.py)."""
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
@@ -321,7 +322,7 @@ def main() -> None:
     parser.add_argument("--handshake", action="store_true", help="with --tls: a new connection (full handshake) per request")
     parser.add_argument("--resume", action="store_true", help="with --tls: a new connection per request, session resumed")
     parser.add_argument("--tls12", action="store_true",
-                        help="with --handshake/--resume: TLS 1.2 without tickets (resumption by session id)")
+                        help="with --handshake: TLS 1.2 without tickets (sessions only the server's cache could resume)")
     parser.add_argument("--rss", action="store_true", help="run the daemon without callgrind; print its RSS after the run")
     args = parser.parse_args()
     args.unique = args.unique or args.cache_miss
