@@ -193,8 +193,8 @@ class _TLSProtocol(TLSMemoryBIOProtocol):
     and the wrapped protocol writes through it (`batched_writers`, for core/fastwrite.py's
     `writer_for`): once the handshake is done, reads decrypt straight into the wrapped protocol
     and writes are encrypted at once, their ciphertext in the turn's batched send. The path
-    stops for good at the first event Twisted must handle (a close, an abort, a write held
-    back, a TLS error): Twisted's methods then run, unchanged, until its dataReceived leaves the
+    steps aside at the first event Twisted must handle (a close, an abort, a write held back,
+    a TLS error): Twisted's methods then run, unchanged, until its dataReceived leaves the
     connection established with nothing pending again.
 
     A client that leaves without TLS close_notify (most do, and every aborted connection)
