@@ -23,6 +23,7 @@ tens of percent between runs: use it to compare two versions of the code.
     .venv/bin/python bench/macro.py --tls --resume     # a new connection per request, the session resumed
     .venv/bin/python bench/macro.py --tls --key rsa    # an RSA 2048 certificate (default: ECDSA P-256)
     .venv/bin/python bench/macro.py --tls --rss        # no callgrind: the daemon's RSS after the run
+    .venv/bin/python bench/macro.py --tls --handshake --tls12 --rss -n 20000   # TLS 1.2 without tickets
     .venv/bin/python bench/macro.py -n 3000 --conns 16
     .venv/bin/python bench/macro.py --keep /tmp/cg.out     # then: callgrind_annotate --inclusive=yes /tmp/cg.out
 """
@@ -113,12 +114,18 @@ def make_cert(work: Path, kind: str) -> tuple[Path, Path]:
     return cert, key
 
 
-def drive_new_connections(port: int, total: int, request: bytes, resume: bool) -> None:
+def drive_new_connections(port: int, total: int, request: bytes, resume: bool, tls12: bool) -> None:
     """`total` requests, one at a time, each on a new TLS connection: a full handshake each, or
-    (`resume`) an abbreviated one on the session of the connection before."""
+    (`resume`) an abbreviated one on the session of the connection before. `tls12`: TLS 1.2
+    without session tickets, so each session is one the server's cache would keep (Python's
+    client does not resume them here: with `--resume` this stops; `openssl s_client
+    -no_ticket` does, tests/integration/test_tls_defaults.py)."""
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
+    if tls12:
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+        context.options |= ssl.OP_NO_TICKET
     session = None
     for _ in range(total):
         s = context.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="localhost",
@@ -137,6 +144,21 @@ def drive_new_connections(port: int, total: int, request: bytes, resume: bool) -
             raise SystemExit("the TLS session was not resumed")
         session = s.session
         s.close()
+
+
+def rss_parts(pid: int) -> str:
+    """Where the RSS is, from /proc/PID/smaps: malloc's heap, anonymous mappings (Python's
+    arenas, large mallocs, thread stacks), mapped files (code)."""
+    parts = {"heap": 0, "anon": 0, "files": 0}
+    kind = "anon"
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split()
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            name = fields[5] if len(fields) > 5 else ""
+            kind = "heap" if name == "[heap]" else "files" if name.startswith("/") else "anon"
+        elif fields[0] == "Rss:":
+            parts[kind] += int(fields[1])
+    return ", ".join(f"{k} {v / 1024:.1f}" for k, v in parts.items())
 
 
 def connect_one(port: int, alpn: str | None) -> socket.socket:
@@ -299,6 +321,8 @@ def main() -> None:
     parser.add_argument("--key", choices=("ec", "rsa"), default="ec", help="with --tls/--h2: ECDSA P-256 or RSA 2048")
     parser.add_argument("--handshake", action="store_true", help="with --tls: a new connection (full handshake) per request")
     parser.add_argument("--resume", action="store_true", help="with --tls: a new connection per request, session resumed")
+    parser.add_argument("--tls12", action="store_true",
+                        help="with --handshake: TLS 1.2 without tickets (sessions only the server's cache could resume)")
     parser.add_argument("--rss", action="store_true", help="run the daemon without callgrind; print its RSS after the run")
     args = parser.parse_args()
     args.unique = args.unique or args.cache_miss
@@ -370,14 +394,15 @@ def main() -> None:
             if args.h2:
                 drive_h2(port, total, args.conns, args.streams, path)
             elif new_connections:
-                drive_new_connections(port, total, request, args.resume)
+                drive_new_connections(port, total, request, args.resume, args.tls12)
             else:
                 drive(socks, total, request, args.unique)
         run(100 if new_connections else max(500, 2 * args.conns))   # warm-up: every connection used
         if args.rss:
             run(args.n)
             rss = re.search(r"^VmRSS:\s+(\d+) kB", Path(f"/proc/{gateway.pid}/status").read_text(), re.M)
-            print(f"daemon RSS after {args.n} requests: {int(rss.group(1)) / 1024:.1f} MiB")
+            print(f"daemon RSS after {args.n} requests: {int(rss.group(1)) / 1024:.1f} MiB "
+                  f"({rss_parts(gateway.pid)})")
             return
         subprocess.run(["callgrind_control", "-z", str(gateway.pid)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         run(args.n)

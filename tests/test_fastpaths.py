@@ -13,7 +13,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.protocols import tls
+from twisted.protocols import policies, tls
 
 from tests.conftest import listen
 from txgateway.core.fastwrite import writer_for
@@ -28,15 +28,30 @@ PINNED = {
     tcp.Connection._dataReceived: "7ed147aeca0c7f8a",
     abstract.FileDescriptor.write: "3e46c97fc173bc7e",
     abstract.FileDescriptor.doWrite: "a986d7b1b1054e43",
-    # transport/tls.py overrides these two and relies on the rest calling them.
+    # transport/tls.py overrides or calls these, and reads the flags they set (_handshakeDone,
+    # _appSendBuffer, disconnecting, _lostTLSConnection, _aborted) to know when its compiled
+    # data path (tlsbio.DataPath) may run; wrappedProtocol is a property there.
     tls.TLSMemoryBIOProtocol._flushSendBIO: "c034168e4f0faf2c",
     tls.TLSMemoryBIOProtocol._flushReceiveBIO: "b45e129f60c44862",
     tls.TLSMemoryBIOProtocol.dataReceived: "0c9326eac628dc89",
     tls.TLSMemoryBIOProtocol.connectionLost: "db44a0b303d81d19",
-    # transport/tlsbio.py reads the memory BIOs pyOpenSSL makes here and reads with these.
+    tls.TLSMemoryBIOProtocol.makeConnection: "c83b193e6cb07f9f",
+    tls.TLSMemoryBIOProtocol._checkHandshakeStatus: "3902da2549f56145",
+    tls.TLSMemoryBIOProtocol.write: "e029bcaebbb754c2",
+    tls.TLSMemoryBIOProtocol._write: "b795cc8e83620d7d",
+    tls.TLSMemoryBIOProtocol._bufferedWrite: "88a1032b1e8fa054",
+    tls.TLSMemoryBIOProtocol._unbufferPendingWrites: "c2b342c0a2c72978",
+    tls.TLSMemoryBIOProtocol._shutdownTLS: "f72004ba90a03215",
+    tls.TLSMemoryBIOProtocol._tlsShutdownFinished: "e78b042366fe0af0",
+    tls.TLSMemoryBIOProtocol.loseConnection: "5681a9bd1bd76930",
+    tls.TLSMemoryBIOProtocol.abortConnection: "3b083442ea198088",
+    policies.ProtocolWrapper.__init__: "ba28d8c44e706b36",
+    # transport/tlsbio.py reads the SSL object and memory BIOs pyOpenSSL makes here, reads
+    # like these, and hands a failed call's result to _raise_ssl_error (transport/tls.py).
     SSL.Connection.__init__: "3161e88318ab2413",
     SSL.Connection.bio_read: "bc83763ed40fc664",
     SSL.Connection.recv: "84b0e9671ae37797",
+    SSL.Connection._raise_ssl_error: "04b0d7964c73ea9e",
 }
 
 

@@ -697,3 +697,51 @@ async def test_a_response_larger_than_a_record_arrives_whole(events, raw_upstrea
     result = await deferToThread(https_get, gw.port, "/api/users/big", "a.test", certs.ca_file)
     assert result.status == 200
     assert result.body == body
+
+
+def keep_alive_then_close_notify(port: int, cafile: str, paths: list[str], alpn: list[str]) -> tuple[list[int], bytes]:
+    """Requests on one connection offering `alpn`, then the client's close_notify: the statuses,
+    and what the socket gives after the gateway's close_notify (b"": its TCP close)."""
+    context = client_context(cafile)
+    context.set_alpn_protocols(alpn)
+    conn = http.client.HTTPSConnection("a.test", port, context=context, timeout=WAIT)
+    conn.sock = context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=WAIT), server_hostname="a.test")
+    statuses = [exchange(conn, path).status for path in paths]
+    plain = conn.sock.unwrap()        # sends close_notify, returns once the gateway's came back
+    try:
+        return statuses, plain.recv(100)
+    finally:
+        plain.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_keep_alive_after_alpn_then_close_notify_is_answered_and_closed(events, echo, gateway, certs):
+    # After the handshake the compiled data path (tlsbio.DataPath) carries the requests, to the
+    # HTTP/1.1 protocol ALPN put in place after the first one; the client's close_notify goes
+    # back to Twisted's TLS code, which answers it and closes.
+    gw = await gateway(config(tls_listener(certs.a, settings=", alpn: [h2, http/1.1]"), echo.url))
+    paths = [f"/api/users/{n}" for n in (1, 2, 3)]
+    statuses, after = await deferToThread(keep_alive_then_close_notify, gw.port, certs.ca_file, paths, ["http/1.1"])
+    assert statuses == [200, 200, 200]
+    assert [r.uri for r in echo.requests] == [b"/users/1", b"/users/2", b"/users/3"]
+    assert after == b""
+
+
+def renegotiate_tls12(port: int, cafile: str) -> tuple[str, float]:
+    """`openssl s_client -tls1_2` asking to renegotiate (its `R` command) on an established
+    connection: its output, and the seconds until it ended."""
+    started = time.monotonic()
+    proc = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-tls1_2", "-servername", "a.test",
+                           "-CAfile", cafile], input=b"R\n", capture_output=True, timeout=WAIT, check=False)
+    return proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace"), time.monotonic() - started
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tls12_renegotiation_is_refused_at_once(events, echo, gateway, certs):
+    # Refused (OP_NO_RENEGOTIATION) and said at once: the refusal OpenSSL writes while the data
+    # path reads is sent then, not left for a response that never comes.
+    gw = await gateway(config(tls_listener(certs.a), echo.url))
+    out, seconds = await deferToThread(renegotiate_tls12, gw.port, certs.ca_file)
+    assert "RENEGOTIATING" in out
+    assert "no renegotiation" in out
+    assert seconds < WAIT / 2

@@ -8,8 +8,9 @@ was a quarter of the gateway's CPU. So a turn's writes are held per transport an
 together just before the reactor's next poll (by the lean loop of reactor.py, else by one
 `callLater(0)`): the peers wake once per turn instead of once per write (kernel time per request 22-25 us -> 9-16 us,
 docs/performance.md). Whatever the kernel does not take goes through `transport.write`,
-so ordering, backpressure (producers) and error handling stay Twisted's. TLS and other
-transports always use `transport.write`. `tests/test_fastpaths.py` fails loudly if the
+so ordering, backpressure (producers) and error handling stay Twisted's. A transport that
+batches its own way says so with `batched_writers()` (the listeners' TLS, transport/tls.py:
+its ciphertext joins this batch); other transports use `transport.write`. `tests/test_fastpaths.py` fails loudly if the
 Twisted internals this relies on change.
 """
 
@@ -109,8 +110,12 @@ class BatchedWriter:
 
 
 def writer_for(transport: Any) -> tuple[Callable[[bytes], None], Callable[[], None]]:
-    """`(write, flush)` for `transport`: batched per turn for plain TCP, else Twisted's own."""
+    """`(write, flush)` for `transport`: batched per turn for plain TCP, the transport's own
+    `batched_writers()` where it has them, else Twisted's write."""
     if type(transport) not in _PLAIN_TCP or not hasattr(transport, "_tempDataBuffer"):
+        own = getattr(transport, "batched_writers", None)   # a transport with a batched path of its own
+        if own is not None:
+            return own()                                     # type: ignore[no-any-return]
         return transport.write, _nothing
     writer = BatchedWriter(transport)
     return writer.write, writer.flush

@@ -62,7 +62,6 @@ INTERMEDIATE_CIPHERS = ("ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA2
                         "ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305")
 TICKET_KEY_LIFETIME = 3600.0      # seconds a session ticket key encrypts new tickets (see rotate)
 _SESSION_TIMEOUT = 7200           # seconds a session (cached or in a ticket) may be resumed
-_RECORD = 1 << 14                 # the most plaintext one TLS record carries
 
 
 def _pem_chain(path: str) -> list[bytes]:
@@ -164,10 +163,13 @@ class ServerTLS:
 def _resumption(context: SSL.Context, session_id: bytes) -> None:
     """Abbreviated handshakes: a server-side session cache and session tickets (enabled by the
     options), under one session id context for all of a listener's contexts (CertificateOptions
-    draws one per context, and the SNI callback switches between them)."""
+    draws one per context, and the SNI callback switches between them). And no TLS 1.2
+    renegotiation: a handshake in the middle of a connection would need the data path
+    (tlsbio.py) to send what OpenSSL answers while it reads; nginx refuses it too."""
     context.set_session_id(session_id)
     context.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
     context.set_timeout(_SESSION_TIMEOUT)
+    context.set_options(SSL.OP_NO_RENEGOTIATION)
 
 
 def _staple(context: SSL.Context, response: str) -> None:
@@ -179,16 +181,21 @@ def _staple(context: SSL.Context, response: str) -> None:
 
 
 class _TLSProtocol(TLSMemoryBIOProtocol):
-    """Twisted's TLS protocol on the project's fast path, without a reference cycle on unclean closes.
+    """Twisted's TLS protocol for the handshake and everything unusual; the data path of an
+    established connection compiled (tlsbio.DataPath), without a reference cycle on unclean closes.
 
     Twisted's `BufferingTLSTransport` holds each write for a `callLater(0)`, then hands the
     ciphertext to `transport.write` (an epoll_ctl pair and a send on a later iteration), and
-    every read asks OpenSSL once more than it has data for (a `WantReadError` raised through
-    pyOpenSSL, twice: the receive and the send memory BIOs). Here a write is encrypted at once
-    (HTTP/1.1 writes a response in one write, HTTP/2 a turn's frames) and its ciphertext joins
-    the turn's batched send (core/fastwrite.py) like a plain connection's; a read stops when
-    OpenSSL holds nothing more (tlsbio.py asks it). The handshake, closes, errors and
-    producers stay Twisted's.
+    its four interpreted frames per request (dataReceived, _flushReceiveBIO, write,
+    _flushSendBIO) with pyOpenSSL's wrappers were a quarter of an HTTPS request's instructions.
+    Here the reactor hands the ciphertext to the connection's `DataPath` (`dataReceived` is
+    its `received`, set on the instance as Twisted's own `BufferingTLSTransport` sets `write`),
+    and the wrapped protocol writes through it (`batched_writers`, for core/fastwrite.py's
+    `writer_for`): once the handshake is done, reads decrypt straight into the wrapped protocol
+    and writes are encrypted at once, their ciphertext in the turn's batched send. The path
+    steps aside at the first event Twisted must handle (a close, an abort, a write held back,
+    a TLS error): Twisted's methods then run, unchanged, until its dataReceived leaves the
+    connection established with nothing pending again.
 
     A client that leaves without TLS close_notify (most do, and every aborted connection)
     makes `_flushReceiveBIO` build a `Failure()` in a frame its own traceback holds: the
@@ -196,14 +203,77 @@ class _TLSProtocol(TLSMemoryBIOProtocol):
     gc.freeze and the raised thresholds make rare. Dropping the failure's traceback breaks
     the cycle (tests/integration/test_http2_abuse.py counts what a closed connection leaves)."""
 
-    wrappedProtocol: Any         # HTTP/1.1, or what ALPN chose (h2.py puts it in place)
+    _app: Any = None
+    _path: tlsbio.DataPath
     _send: Callable[[bytes], None]
     _send_now: Callable[[], None]
-    _lean_reads = True           # False from connectionLost on: OpenSSL must be asked until it reports EOF
+    twisted_write = TLSMemoryBIOProtocol.write
+
+    @property
+    def wrappedProtocol(self) -> Any:
+        """HTTP/1.1, or what ALPN chose (h2.py puts it in place after the handshake): the
+        data path delivers to whichever is here now."""
+        return self._app
+
+    @wrappedProtocol.setter
+    def wrappedProtocol(self, protocol: Any) -> None:
+        self._app = protocol
+        self._path.app = protocol
+
+    def __init__(self, factory: Any, wrappedProtocol: Any, _connectWrapped: bool = True) -> None:
+        self._path = tlsbio.DataPath(self)
+        super().__init__(factory, wrappedProtocol, _connectWrapped)
 
     def makeConnection(self, transport: Any) -> None:
-        self._send, self._send_now = writer_for(transport)   # before the handshake writes its first flight
+        # Before the handshake writes its first flight, and before the wrapped protocol asks
+        # for its writers (its connectionMade, in super().makeConnection).
+        self._send, self._send_now = writer_for(transport)
+        self._path.connect(self._send, self._send_now)
+        self.dataReceived = self._path.received  # type: ignore[method-assign]  # the reactor calls it directly
         super().makeConnection(transport)
+
+    def batched_writers(self) -> tuple[Callable[[bytes], None], Callable[[], None]]:
+        """`(write, flush)` for the wrapped protocol (core/fastwrite.py's writer_for asks)."""
+        return self._path.write, self._path.flush
+
+    def twisted_received(self, data: bytes) -> None:
+        """Twisted's dataReceived (the handshake, or the path stopped); the data path takes
+        over once the handshake is done and nothing is pending."""
+        TLSMemoryBIOProtocol.dataReceived(self, data)
+        if (self._handshakeDone and not self._appSendBuffer and not self.disconnecting
+                and not self._lostTLSConnection and not self._aborted and not self._path.ready):
+            self._path.start(self._tlsConnection)
+
+    def read_failed(self, result: int) -> None:
+        """The data path's SSL_read returned `result` <= 0: what Twisted's _flushReceiveBIO
+        does with pyOpenSSL's exception for it."""
+        connection = self._tlsConnection
+        try:
+            connection._raise_ssl_error(connection._ssl, result)
+        except SSL.WantReadError:
+            pass
+        except SSL.ZeroReturnError:
+            self._shutdownTLS()
+            self._tlsShutdownFinished(None)
+        except SSL.Error:
+            self._tlsShutdownFinished(Failure())
+
+    def write_failed(self, rest: bytes, result: int) -> None:
+        """The data path's SSL_write returned `result` <= 0: what Twisted's _write does."""
+        connection = self._tlsConnection
+        try:
+            connection._raise_ssl_error(connection._ssl, result)
+        except SSL.WantReadError:
+            self._bufferedWrite(rest)
+        except SSL.Error:
+            self._tlsShutdownFinished(Failure())
+
+    def write(self, data: bytes) -> None:
+        """For callers that hold the transport (HTTP/2, tunnels): the same path."""
+        self._path.write(data)
+
+    def _leave_data_path(self) -> None:
+        self._path.ready = False
 
     def _flushSendBIO(self) -> None:
         """The ciphertext OpenSSL produced, onto the turn's send (none: nothing to ask for).
@@ -215,56 +285,24 @@ class _TLSProtocol(TLSMemoryBIOProtocol):
         if self.disconnecting or self._lostTLSConnection:
             self._send_now()
 
-    def dataReceived(self, data: bytes) -> None:
-        if not self._handshakeDone or self._appSendBuffer:
-            super().dataReceived(data)          # the handshake, or writes it held back
-            return
-        tlsbio.feed(self._tlsConnection, data)
-        self._flushReceiveBIO()
+    def _bufferedWrite(self, octets: bytes) -> None:
+        self._leave_data_path()
+        super()._bufferedWrite(octets)
 
-    def write(self, data: bytes) -> None:
-        if len(data) > _RECORD or not self._handshakeDone or self._appSendBuffer:
-            super().write(data)                 # a record at a time, or behind held writes
-            return
-        if (self.disconnecting and self._producer is None) or self._lostTLSConnection:
-            return
-        try:
-            out = tlsbio.encrypt(self._tlsConnection, data)
-        except SSL.WantReadError:
-            self._bufferedWrite(data)
-            return
-        except SSL.Error:
-            self._tlsShutdownFinished(Failure())
-            return
-        self._send(out)
-        if self.disconnecting:
-            self._send_now()                    # see _flushSendBIO
+    def _shutdownTLS(self) -> None:
+        self._leave_data_path()
+        super()._shutdownTLS()
 
-    def _flushReceiveBIO(self) -> None:
-        if not self._lean_reads:
-            super()._flushReceiveBIO()
-            return
-        connection = self._tlsConnection
-        while not self._lostTLSConnection:
-            try:
-                data = tlsbio.read(connection)
-            except SSL.WantReadError:
-                break
-            except SSL.ZeroReturnError:
-                self._shutdownTLS()
-                self._tlsShutdownFinished(None)
-            except SSL.Error:
-                self._tlsShutdownFinished(Failure())
-            else:
-                if not data:                    # not expected: OpenSSL said neither data nor error
-                    break
-                if not self._aborted:
-                    self.wrappedProtocol.dataReceived(data)
-                if not tlsbio.readable(connection):
-                    break
-        self._flushSendBIO()
+    def loseConnection(self) -> None:
+        self._leave_data_path()
+        super().loseConnection()
+
+    def abortConnection(self) -> None:
+        self._leave_data_path()
+        super().abortConnection()
 
     def _tlsShutdownFinished(self, reason: Failure | None) -> None:
+        self._leave_data_path()
         if reason is not None:
             # The part of Failure.cleanFailure that matters here (pytest-twisted stubs it out).
             reason.tb = None
@@ -272,8 +310,10 @@ class _TLSProtocol(TLSMemoryBIOProtocol):
         super()._tlsShutdownFinished(reason)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._lean_reads = False
+        self._leave_data_path()
+        self.__dict__.pop("dataReceived", None)
         super().connectionLost(reason)
+        self._path.release()      # what it held, let go: no cycle through this protocol
 
 
 class TLSFactory(TLSMemoryBIOFactory):
