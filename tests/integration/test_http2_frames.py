@@ -208,3 +208,29 @@ async def test_a_huffman_coded_request_with_indexed_headers_is_decoded(reactor, 
     assert [r.status for r in answers] == [200] * 3
     assert [r.uri for r in echo.requests] == [b"/users/0", b"/users/1", b"/users/2"]
     assert [r.getHeader(b"x-custom-header") for r in echo.requests] == [extra[0][1].encode()] * 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_block_split_over_continuation_frames_and_trailers_are_read(reactor, streaming, gateway, cert):
+    """27 KiB of headers (max_header_bytes 64KiB) come as HEADERS + CONTINUATION (the client's
+    frames hold 16 KiB; answered by the gateway: the upstreams take 16 KiB of headers at most);
+    a body ended by trailers (a HEADERS frame with END_STREAM)."""
+    gw = await gateway(listeners(cert, "[h2, http/1.1]") + routes(
+        streaming.url, top="limits: {max_header_bytes: 64KiB}\n",
+        extra_routes="  - {prefix: /local, respond: {status: 204}}\n"))
+    port = await port_of(gw, 1)
+    large = [(f"x-large-{i}", "v" * 9 * 1024) for i in range(3)]
+
+    def run() -> tuple[H2Result, H2Result]:
+        with H2Client(port, cert.cert) as client:
+            split = client.get("/local", headers=large)
+            stream_id = client.request("/api/users/body", method="POST", body=b"before trailers", end=False)
+            client.wait(until=lambda: stream_id not in client.outgoing)
+            client.conn.send_headers(stream_id, [("x-checksum", "none")], end_stream=True)
+            client._send()
+            return split, client.wait(stream_id)[0]
+
+    split, trailed = await deferToThread(run)
+    assert split.status == 204
+    assert trailed.status == 200 and trailed.body == b"before trailers"
+    assert streaming.bodies == [b"before trailers"]
