@@ -24,7 +24,7 @@ trimmed, connection-specific headers left out (h2's config turns that pass off).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from typing import Final
 
 from hpack.hpack import encode_integer
 from hpack.huffman import HuffmanEncoder
@@ -36,24 +36,24 @@ from txgateway.core.hopbyhop import HOP_BY_HOP
 __all__ = ["ResponseEncoder", "request_block_problem"]
 
 # Bytes of a regular field name: visible ASCII but upper case letters and ":" (RFC 9113 8.2.1).
-_NAME_BYTES = bytes(c for c in range(0x21, 0x7F) if not 0x41 <= c <= 0x5A and c != 0x3A)
-_REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path", b":protocol"})
-_CONNECTION_SPECIFIC = frozenset({b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding",
+_NAME_BYTES: Final = bytes(c for c in range(0x21, 0x7F) if not 0x41 <= c <= 0x5A and c != 0x3A)
+_REQUEST_PSEUDO: Final = frozenset({b":method", b":scheme", b":authority", b":path", b":protocol"})
+_CONNECTION_SPECIFIC: Final = frozenset({b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding",
                                   b"upgrade"})
 
 _DEFAULT_TABLE_SIZE = 4096      # the decoder's table size until the client says otherwise
 _MAX_NAMES = 1024               # names kept; an upstream inventing names cannot grow it further
-_SENSITIVE = frozenset({b"authorization", b"cookie", b"set-cookie", b"proxy-authorization"})
+_SENSITIVE: Final = frozenset({b"authorization", b"cookie", b"set-cookie", b"proxy-authorization"})
 _huffman = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH)
-_static_names: dict[bytes, int] = {}
-_static_statuses: dict[bytes, bytes] = {}
+_static_names: Final[dict[bytes, int]] = {}
+_static_statuses: Final[dict[bytes, bytes]] = {}
 for _index, (_static, _value) in enumerate(HeaderTable.STATIC_TABLE, 1):
     _static_names.setdefault(_static, _index)
     if _static == b":status":
         _static_statuses[_value] = bytes((0x80 | _index,))     # indexed header field
-_LENGTHS = [bytes((size,)) for size in range(127)]    # a short literal's length, without Huffman
-_SPACE = b" \t"
-_names: dict[bytes, bytes] = {}     # name as given -> its representation up to the value; b"": left out
+_LENGTHS: Final = [bytes((size,)) for size in range(127)]    # a short literal's length, without Huffman
+_SPACE: Final = b" \t"
+_names: Final[dict[bytes, bytes]] = {}     # name as given -> its representation up to the value; b"": left out
 
 
 def request_block_problem(headers: list[tuple[bytes, bytes]]) -> str | None:
@@ -169,7 +169,7 @@ class ResponseEncoder:
         if value < self.header_table_size:
             self._pending = value
 
-    def encode(self, headers: Iterable[tuple[bytes, bytes]], huffman: bool = True) -> bytes:
+    def encode(self, headers: list[tuple[bytes, bytes]], huffman: bool = True) -> bytes:
         out: list[bytes] = []
         if self._pending >= 0:
             out.append(_size_update(self._pending))

@@ -12,14 +12,16 @@ over cannot make us build a large list.
 
 from __future__ import annotations
 
+from typing import Final
+
 from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
 from hpack.table import HeaderTable
 
 __all__ = ["Decoder", "HPACKError"]
 
-_STATIC: list[tuple[bytes, bytes]] = [(name, value) for name, value in HeaderTable.STATIC_TABLE]
-_STATIC_COUNT = len(_STATIC)
-_ENTRY_OVERHEAD = 32
+_STATIC: Final[list[tuple[bytes, bytes]]] = [(name, value) for name, value in HeaderTable.STATIC_TABLE]
+_STATIC_COUNT: Final = len(_STATIC)
+_ENTRY_OVERHEAD: Final = 32
 
 
 class HPACKError(Exception):
@@ -79,7 +81,7 @@ def _huffman_table() -> list[int]:
     return table
 
 
-_HUFFMAN = _huffman_table()
+_HUFFMAN: Final = _huffman_table()
 
 
 def huffman_decode(data: bytes) -> bytes:
