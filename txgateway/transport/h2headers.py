@@ -1,9 +1,8 @@
 """HTTP/2 header blocks: what makes a request's malformed, and HPACK for our responses.
 
 `request_block_problem` does, in one pass over the decoded headers, the checks of RFC 9113
-8.2-8.3 that h2's inbound validation did with a chain of seven generators per header (h2's
-config turns that off): the request is forwarded over HTTP/1.1, where a CR or LF in a value
-would be request smuggling.
+8.2-8.3 that h2's inbound validation did with a chain of seven generators per header: the
+request is forwarded over HTTP/1.1, where a CR or LF in a value would be request smuggling.
 
 HPACK for our responses does without the dynamic table, so each header's bytes are fixed.
 
@@ -15,11 +14,10 @@ nothing but the name, so it is computed once and kept; the value follows as a pl
 What is lost is compression of repeated headers across responses (a few hundred bytes of a
 response head, sent once per response either way).
 
-`ResponseEncoder` takes the place of `H2Connection.encoder`: h2 calls `encode(headers)` and
-sets `header_table_size` when the client's SETTINGS_HEADER_TABLE_SIZE changes; a size below
-what the client's decoder holds is signalled at the start of the next block (RFC 7541 4.2).
-It also does what h2's outbound normalisation did for us: names are lower-cased, values
-trimmed, connection-specific headers left out (h2's config turns that pass off).
+The frame layer (h2frames.py) calls `encode(headers)` and sets `header_table_size` when the
+client's SETTINGS_HEADER_TABLE_SIZE changes; a size below what the client's decoder holds is
+signalled at the start of the next block (RFC 7541 4.2). `encode` also normalises: names are
+lower-cased, values trimmed, connection-specific headers left out.
 """
 
 from __future__ import annotations
@@ -152,7 +150,7 @@ def _size_update(size: int) -> bytes:
 
 
 class ResponseEncoder:
-    """h2's header encoder for one connection, never using the dynamic table."""
+    """The response header encoder of one connection, never using the dynamic table."""
 
     __slots__ = ("_announced", "_pending")
 
