@@ -18,7 +18,7 @@ from hyperframe.frame import DataFrame, HeadersFrame
 from twisted.internet.threads import deferToThread
 
 from tests.integration.test_http2 import BIG, H2Client, H2Result, cert, listeners, port_of, routes, streaming
-from tests.integration.test_http2_abuse import get_one, goaway_code, h2_socket, read_until_closed
+from tests.integration.test_http2_abuse import REQUEST, get_one, goaway_code, h2_socket, read_until_closed, send_block
 
 __all__ = ["cert", "streaming"]     # fixtures
 
@@ -234,3 +234,20 @@ async def test_a_block_split_over_continuation_frames_and_trailers_are_read(reac
     assert split.status == 204
     assert trailed.status == 200 and trailed.body == b"before trailers"
     assert streaming.bodies == [b"before trailers"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_small_block_that_decodes_past_max_header_bytes_ends_the_connection(reactor, echo, gateway, cert):
+    """h2's encoder indexes the first 3 KiB header and refers to it after: the block is a few
+    KiB, its header list (RFC 9113 6.5.2's accounting) over the default 16 KiB."""
+    gw = await gateway(listeners(cert, "[h2, http/1.1]") + routes(echo.url))
+    port = await port_of(gw, 1)
+    repeated = [*REQUEST, *[("x-big", "b" * 3 * 1024)] * 8]
+
+    def run() -> tuple[tuple[bool, int | None], H2Result]:
+        return send_block(port, cert.cert, repeated), get_one(port, cert.cert, "/api/users/fine")
+
+    outcome, good = await deferToThread(run)
+    assert outcome == (True, ErrorCodes.ENHANCE_YOUR_CALM)
+    assert good.status == 200
+    assert [r.uri for r in echo.requests] == [b"/users/fine"]

@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Final
 
 from txgateway.transport.h2headers import ResponseEncoder
-from txgateway.transport.hpackdecode import Decoder, HPACKError
+from txgateway.transport.hpackdecode import Decoder, HeaderListTooLarge, HPACKError
 
 __all__ = ["ABORTED", "DATA", "ENDED", "GOAWAY", "REQUEST", "RESET", "WINDOW", "Event", "H2Error", "H2Frames"]
 
@@ -435,8 +435,9 @@ class H2Frames:
         self._block_stream = 0
         try:
             headers = self.decoder.decode(block)
-        except HPACKError as e:
-            raise self._fail(COMPRESSION_ERROR, str(e)) from None
+        except HPACKError as e:     # one clause: mypyc types `e` by the first of two
+            code = ENHANCE_YOUR_CALM if isinstance(e, HeaderListTooLarge) else COMPRESSION_ERROR
+            raise self._fail(code, str(e)) from None
         ended = self._block_ended
         stream = self.streams.get(stream_id)
         if stream is not None:                          # trailers

@@ -17,7 +17,7 @@ from typing import Final
 from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
 from hpack.table import HeaderTable
 
-__all__ = ["Decoder", "HPACKError"]
+__all__ = ["Decoder", "HPACKError", "HeaderListTooLarge"]
 
 _STATIC: Final[list[tuple[bytes, bytes]]] = [(name, value) for name, value in HeaderTable.STATIC_TABLE]
 _STATIC_COUNT: Final = len(_STATIC)
@@ -26,6 +26,10 @@ _ENTRY_OVERHEAD: Final = 32
 
 class HPACKError(Exception):
     """A header block that cannot be decoded: a connection error COMPRESSION_ERROR."""
+
+
+class HeaderListTooLarge(HPACKError):
+    """A header block that decodes to more than `max_list_size`: ENHANCE_YOUR_CALM."""
 
 
 def _huffman_table() -> list[int]:
@@ -153,7 +157,7 @@ class Decoder:
             first = False
             listed += len(name) + len(value) + _ENTRY_OVERHEAD
             if listed > self.max_list_size:
-                raise HPACKError("header list larger than max_header_bytes")
+                raise HeaderListTooLarge("header list larger than max_header_bytes")
             headers.append((name, value))
         return headers
 
