@@ -21,6 +21,8 @@ COMPILED = [
     "txgateway/transport/http1.py",
     "txgateway/transport/h2.py",
     "txgateway/transport/h2headers.py",
+    "txgateway/transport/h2frames.py",
+    "txgateway/transport/hpackdecode.py",
     "txgateway/core/ids.py",
     "txgateway/core/pipeline.py",
     "txgateway/upstream/proxy.py",

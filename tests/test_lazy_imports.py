@@ -1,7 +1,7 @@
 """Optional features import their libraries only when the config uses them.
 
 The gateway's resident memory is mostly imported code: prometheus_client (admin /metrics),
-twisted.web + h2 (HTTP/2, the admin site), PyJWT (auth), txredisapi (Redis limiter), treq
+twisted.web (the admin site), hpack (HTTP/2), PyJWT (auth), txredisapi (Redis limiter), treq
 (health checks, JWKS), twisted.conch (Manhole), the OpenTelemetry SDK (tracing) and msgspec
 (`transform: {allow}`) cost a plain
 proxy several MiB it never uses. Each case builds and starts the service in a fresh interpreter,
@@ -25,7 +25,7 @@ from cryptography.x509.oid import NameOID
 
 import txgateway
 
-OPTIONAL = ("prometheus_client", "twisted.web.server", "twisted.web.http", "h2", "jwt", "txredisapi", "treq",
+OPTIONAL = ("prometheus_client", "twisted.web.server", "twisted.web.http", "hpack", "jwt", "txredisapi", "treq",
             "twisted.conch", "opentelemetry", "msgspec")
 
 # Builds the service from a config file and starts it (listeners bind, pools, checks and the

@@ -311,7 +311,7 @@ def test_h2_without_its_packages_is_refused(tmp_path, ca, monkeypatch):
     monkeypatch.setattr("txgateway.transport.tlsconfig._h2_available", lambda: False)
     good = ca.issue(tmp_path, "good", "good.test", ("good.test",))
     assert errors(listener_text(f"certificates: [{pair(good)}]\nalpn: [http/1.1, h2]\n")) == [
-        "c.yaml:5: listen[0].tls.alpn[1]: h2 needs the h2 package (pip install 'twisted[http2]')"]
+        "c.yaml:5: listen[0].tls.alpn[1]: h2 needs the hpack package (pip install 'twisted[http2]')"]
 
 
 def test_errors_in_certificates_and_settings_come_together(tmp_path, ca):

@@ -1,8 +1,8 @@
-"""HTTP/2 on TLS listeners that list `h2` in `alpn`: the `h2` library driven by our pipeline.
+"""HTTP/2 on TLS listeners that list `h2` in `alpn`: our frame layer driven by our pipeline.
 
 After the handshake `ProtocolByALPN` looks at what ALPN chose: `http/1.1` goes to our own
-HTTP/1.1 transport (http1.py), `h2` to `H2Server`, which drives one `h2.connection.H2Connection`
-(the frame state machine) and hands every stream to the pipeline as a `RequestContext` whose
+HTTP/1.1 transport (http1.py), `h2` to `H2Server`, which drives one `h2frames.H2Frames`
+(the frame and stream states, compiled) and hands every stream to the pipeline as a `RequestContext` whose
 `H2Stream` is its `Downstream`: auth, limits, breakers, header rules, metrics and the access log
 apply to HTTP/2 as to HTTP/1.1; upstreams are spoken to in HTTP/1.1.
 
@@ -12,20 +12,20 @@ gave up on, and nothing in it bounds a header block before it is stored. Here:
 - the request filters run on HEADERS; the body streams to the upstream as it arrives, under
   HTTP/2 flow control (a window is opened only for what the upstream took), and `max_body_size`
   is enforced per stream as DATA arrives;
-- frame headers are scanned before the bytes reach `h2`: a header block (HEADERS + CONTINUATION)
-  larger than `max_header_bytes` or split into more than `_MAX_BLOCK_FRAMES` frames ends the
-  connection before it is stored (the CONTINUATION flood, CVE-2024-27316), and a block left
-  half-sent is cut after `header_timeout`;
+- a header block (HEADERS + CONTINUATION) larger than `max_header_bytes` or split into more
+  than `MAX_BLOCK_FRAMES` frames ends the connection before it is stored (h2frames.py; the
+  CONTINUATION flood, CVE-2024-27316), and a block left half-sent is cut after `header_timeout`;
 - a protocol error sends GOAWAY, stops reading and closes the TCP connection (no waiting for
   the peer's TLS close_notify); a client that does not read what it is sent is not read either;
 - stream resets by the client are budgeted per client address across its connections
   (`ResetBudget`, the "rapid reset" flood with reconnects);
 - `:method` and `:path` are checked before anything is forwarded (400), CONNECT is a 405;
-- a closed connection drops its references (h2's state machine holds itself in a cycle), so it is
-  freed at once even with `gc.freeze` and raised GC thresholds.
+- a closed connection drops its references, so it is freed at once even with `gc.freeze` and
+  raised GC thresholds.
 
-What h2 does per header in Python is done here once per block (h2headers.py): request blocks are
-checked in one pass, responses are encoded without HPACK's dynamic table. A response is corked
+Request blocks are decoded by hpackdecode.py and checked in one pass (h2headers.py); responses
+are encoded without HPACK's dynamic table. The `h2` library (interpreted) was most of the
+instructions of an HTTP/2 request; it is now only the tests' client. A response is corked
 until the upstream read ends (`flush`) or the response does (`finish`), so one read at once
 leaves as HEADERS + DATA with END_STREAM. Compiled with mypyc like http1.py (setup.py).
 """
@@ -35,45 +35,39 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import quote_from_bytes
 
-from h2.config import H2Configuration
-from h2.connection import H2Connection
-from h2.errors import ErrorCodes
-from h2.events import (
-    ConnectionTerminated,
-    DataReceived,
-    RequestReceived,
-    StreamEnded,
-    StreamReset,
-    WindowUpdated,
-)
-from h2.exceptions import ProtocolError
-from h2.settings import SettingCodes
 from twisted.internet.protocol import Protocol
 
 from txgateway.core.hopbyhop import HOP_BY_HOP, consumed_by_transport
 from txgateway.core.pipeline import RequestContext, ResponseHead
 from txgateway.filters.ratelimit.filter import take
+from txgateway.transport.h2frames import (
+    ABORTED,
+    CANCEL,
+    DATA,
+    ENDED,
+    ENHANCE_YOUR_CALM,
+    GOAWAY,
+    INTERNAL_ERROR,
+    NO_ERROR,
+    PROTOCOL_ERROR,
+    REQUEST,
+    RESET,
+    WINDOW,
+    Event,
+    H2Error,
+    H2Frames,
+)
 from txgateway.transport.h2headers import ResponseEncoder, request_block_problem
 from txgateway.transport.tls import tls_description
 
 __all__ = ["ALPNFactory", "H2Server", "H2Stream", "ProtocolByALPN", "ResetBudget", "close_h2"]
 
 _MAX_STREAMS = 100            # concurrent streams per connection (SETTINGS_MAX_CONCURRENT_STREAMS)
-_MAX_BLOCK_FRAMES = 32        # HEADERS + CONTINUATION frames of one header block
 _HIGH_WATER = 64 * 1024       # response bytes queued on a stream before its upstream is paused
 # The connection's receive window: 16 streams' worth (each has the default 64 KiB), so a stream
 # whose upstream is slow to take its body holds up its own window, not the others' uploads.
 _CONNECTION_WINDOW = 16 * 65535
 _CLOSE_GRACE = 1.0            # seconds a closing connection may take to flush before it is aborted
-# Headers as bytes, without h2's normalisation and validation (a chain of generators per
-# header): what we receive is checked by request_block_problem (cookies joined in _request),
-# what we send is built by us and normalised by ResponseEncoder.
-_CONFIG = H2Configuration(client_side=False, header_encoding=None, normalize_outbound_headers=False,
-                          validate_outbound_headers=False, normalize_inbound_headers=False,
-                          validate_inbound_headers=False)
-_PREFACE = 24                 # b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-_HEADERS, _PUSH_PROMISE, _CONTINUATION = 1, 5, 9
-_END_HEADERS = 0x4
 # Response headers HTTP/2 forbids (RFC 9113 8.2.2); the upstream side takes most out already.
 _NOT_IN_H2 = HOP_BY_HOP | {b"content-length"}
 # Bytes allowed in a :path (visible ASCII) and a :method (RFC 9110 token characters).
@@ -209,7 +203,7 @@ class H2Stream:
 
     def abort(self, ctx: RequestContext) -> None:
         """A response that cannot be completed: reset the stream, never fake its end."""
-        self.server.reset(self, ErrorCodes.INTERNAL_ERROR)
+        self.server.reset(self, INTERNAL_ERROR)
         self.server.pipeline.finished(ctx)
 
     # -- request body -----------------------------------------------------------------
@@ -245,7 +239,7 @@ class H2Stream:
 
 
 class H2Server(Protocol):
-    """One HTTP/2 connection: h2's state machine, our streams, the connection's deadline."""
+    """One HTTP/2 connection: its frame layer, our streams, the connection's deadline."""
 
     transport: Any    # the TLSMemoryBIOProtocol
 
@@ -254,30 +248,21 @@ class H2Server(Protocol):
         self.http = factory.http            # the listener's HTTP/1.1 factory: its settings
         self.pipeline = factory.http.pipeline
         self.peer_ip = peer_ip
-        self.conn: Any = None               # h2's H2Connection; None once closed
+        self.conn: H2Frames | None = None   # None once closed
         self.streams: dict[int, H2Stream] = {}
         self.tls: str | None = None
         self.deadline = 0.0
         self.closing = False
         self.goaway = False                 # the client said it opens no more streams
         self.write_paused = False
-        # Frame scanner (see _scan): bytes of the current frame still to skip, a partial frame
-        # header, the open header block's size and frames (-1: no block open).
-        self._preface = _PREFACE
-        self._skip = 0
-        self._head = b""
-        self._block = -1
-        self._block_frames = 0
+        self._block = False                 # a header block is open: header_timeout runs
 
     # -- connection lifecycle ---------------------------------------------------------
 
     def connectionMade(self) -> None:
         limits = self.http.limits
-        conn = self.conn = H2Connection(_CONFIG)
-        conn.encoder = ResponseEncoder()       # type: ignore[assignment]   # what h2 uses of it
-        _settings(conn, limits.max_header_bytes)
-        conn.initiate_connection()
-        conn.increment_flow_control_window(_CONNECTION_WINDOW - 65535)
+        conn = self.conn = H2Frames(ResponseEncoder(), _MAX_STREAMS, limits.max_header_bytes, _CONNECTION_WINDOW)
+        conn.initiate()
         self.tls = tls_description(self.transport, "h2")
         if hasattr(self.transport, "setTcpNoDelay"):       # small frames (WINDOW_UPDATE...) go at once
             self.transport.setTcpNoDelay(True)
@@ -289,32 +274,34 @@ class H2Server(Protocol):
         conn = self.conn
         if conn is None or self.closing:
             return
-        problem = self._scan(data)
-        if problem is not None:
-            self.fail(ErrorCodes.ENHANCE_YOUR_CALM, problem)
-            return
         try:
-            events = conn.receive_data(data)
-        except ProtocolError as e:
-            self.fail(None, str(e))         # h2 queued its GOAWAY
+            events = conn.receive(data)
+        except H2Error as e:
+            self.fail(None, str(e))         # the frame layer queued its GOAWAY
             return
         for event in events:
             if self.conn is None or self.closing:
                 return
-            kind = type(event)
-            if kind is DataReceived:
+            kind = event.kind
+            if kind == DATA:
                 self._data(event)
-            elif kind is RequestReceived:
+            elif kind == REQUEST:
                 self._request(event)
-            elif kind is StreamEnded:
+            elif kind == ENDED:
                 self._ended(event.stream_id)
-            elif kind is WindowUpdated:
+            elif kind == WINDOW:
                 self._window(event.stream_id)
-            elif kind is StreamReset:
+            elif kind == RESET:
                 self._reset_by_client(event.stream_id)
-            elif kind is ConnectionTerminated:
+            elif kind == ABORTED:
+                self._aborted(event.stream_id)
+            elif kind == GOAWAY:
                 self._terminated(event)
         if self.conn is not None:
+            if conn.block_open != self._block and not self.closing:
+                self._block = not self._block
+                if self._block:             # CONTINUATION frames do not extend it
+                    self._wait(self.http.limits.header_timeout)
             self._arm()
             self._send()
 
@@ -324,20 +311,17 @@ class H2Server(Protocol):
         for stream in streams.values():
             self._lost(stream)
             stream.ctx = None
-        # Drop what points back at us: h2's connection holds itself in cycles (its frame
-        # dispatch table of bound methods), the TLS transport holds us as its wrapped protocol.
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            conn.__dict__.clear()
+        # Drop what points back at us: the TLS transport holds us as its wrapped protocol.
+        self.conn = None
         self.transport = None
 
     def stop(self) -> None:
         """The gateway is stopping: GOAWAY, open streams cut (499), then the connection closes."""
         if self.conn is None or self.closing:
             return
-        self.conn.close_connection()
+        self.conn.close()
         for stream in list(self.streams.values()):
-            self._drop(stream, ErrorCodes.CANCEL)
+            self._drop(stream, CANCEL)
             self._lost(stream)
             self._forget(stream)
         self._send()
@@ -350,25 +334,22 @@ class H2Server(Protocol):
             return
         if self.closing:
             self.transport.abortConnection()
-        elif self._block >= 0 or not self.streams:
-            if self._block >= 0:
-                self.fail(ErrorCodes.PROTOCOL_ERROR, "header block not completed within header_timeout")
+        elif self._block or not self.streams:
+            if self._block:
+                self.fail(PROTOCOL_ERROR, "header block not completed within header_timeout")
             else:
-                self.conn.close_connection()
+                self.conn.close()
                 self._send()
                 self._close()
 
-    def fail(self, code: Any, why: str) -> None:
+    def fail(self, code: int | None, why: str) -> None:
         """A protocol error or abuse: GOAWAY, read nothing more, and close the TCP connection
         once the GOAWAY left, without waiting for the peer's TLS close_notify as a TLS close
         does (reading on meanwhile); aborted if even that takes longer than _CLOSE_GRACE."""
         if self.conn is None or self.closing:
             return
         if code is not None:
-            try:
-                self.conn.close_connection(error_code=code, additional_data=why.encode()[:128])
-            except ProtocolError:
-                pass
+            self.conn.close(code, why.encode()[:128])
         self._send()
         tls = self.transport
         tls.pauseProducing()
@@ -389,63 +370,19 @@ class H2Server(Protocol):
     def _arm(self) -> None:
         """The deadline after a read: none while streams are open, header_timeout for a block
         left open (set when it opened: CONTINUATION frames do not extend it), else idle."""
-        if self._block >= 0:
+        if self._block:
             return
         if self.streams:
             self.http.deadlines.discard(self)
         else:
             self._wait(self.http.limits.idle_timeout)
 
-    # -- the frame scanner --------------------------------------------------------------
-
-    def _scan(self, data: bytes) -> str | None:
-        """Follow frame boundaries in `data` before h2 stores anything: a header block that
-        grows past max_header_bytes or _MAX_BLOCK_FRAMES is refused while it is still small."""
-        i = 0
-        n = len(data)
-        if self._preface:
-            i = min(self._preface, n)
-            self._preface -= i
-        while i < n:
-            if self._skip:
-                step = min(self._skip, n - i)
-                self._skip -= step
-                i += step
-                continue
-            need = 9 - len(self._head)
-            self._head += data[i:i + need]
-            i += need
-            head = self._head
-            if len(head) < 9:
-                break
-            self._head = b""
-            length = int.from_bytes(head[:3], "big")
-            kind = head[3]
-            self._skip = length
-            if kind == _HEADERS or kind == _PUSH_PROMISE:
-                if self._block < 0:
-                    self._wait(self.http.limits.header_timeout)
-                self._block = length
-                self._block_frames = 1
-            elif kind == _CONTINUATION:
-                self._block += length
-                self._block_frames += 1
-            else:
-                continue
-            if self._block > self.http.limits.max_header_bytes:
-                return "header block larger than max_header_bytes"
-            if self._block_frames > _MAX_BLOCK_FRAMES:
-                return "header block split into too many CONTINUATION frames"
-            if head[4] & _END_HEADERS:
-                self._block = -1
-        return None
-
     # -- incoming events ----------------------------------------------------------------
 
-    def _request(self, event: Any) -> None:
+    def _request(self, event: Event) -> None:
         problem = request_block_problem(event.headers)
         if problem is not None:
-            self.fail(ErrorCodes.PROTOCOL_ERROR, problem)
+            self.fail(PROTOCOL_ERROR, problem)
             return
         stream_id = event.stream_id
         stream = H2Stream(self, stream_id, self.tls)
@@ -480,7 +417,7 @@ class H2Server(Protocol):
                                           self.http.scheme, self.peer_ip, stream, self.http.clock.seconds())
         if self.http.client_certs is not None:    # after hop-by-hop removal: a client cannot name ours
             self.http.client_certs.apply(ctx, self.transport)
-        ended = event.stream_ended is not None
+        ended = event.ended
         stream.complete = ended
         ctx.expect_continue = expect and not ended
         if not ended:
@@ -499,11 +436,13 @@ class H2Server(Protocol):
         else:
             pipeline.handle(ctx)            # filters run now, before any of the body arrives
 
-    def _data(self, event: Any) -> None:
+    def _data(self, event: Event) -> None:
         stream = self.streams.get(event.stream_id)
-        size = event.flow_controlled_length
+        size = event.size
+        conn = self.conn
+        assert conn is not None
         if stream is None or stream.ctx is None or stream.ctx.done:
-            self.conn.acknowledge_received_data(size, event.stream_id)   # answered: only the window matters
+            conn.acknowledge(size, event.stream_id)   # answered: only the window matters
             return
         ctx = stream.ctx
         data = event.data
@@ -536,12 +475,19 @@ class H2Server(Protocol):
             self._lost(stream)
             self._forget(stream)
         if not self.factory.resets.spend(self.peer_ip):
-            self.fail(ErrorCodes.ENHANCE_YOUR_CALM, "too many stream resets")
+            self.fail(ENHANCE_YOUR_CALM, "too many stream resets")
 
-    def _terminated(self, event: Any) -> None:
+    def _aborted(self, stream_id: int) -> None:
+        """The frame layer reset a stream for a stream error."""
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            self._lost(stream)
+            self._forget(stream)
+
+    def _terminated(self, event: Event) -> None:
         """The client sent GOAWAY: on an error, cut everything; else finish open streams first."""
         self.goaway = True
-        if event.error_code != ErrorCodes.NO_ERROR:
+        if event.error_code != NO_ERROR:
             self.fail(None, "client GOAWAY")
         elif not self.streams:
             self._close()
@@ -557,10 +503,8 @@ class H2Server(Protocol):
     def send_headers(self, stream: H2Stream, headers: list[tuple[bytes, bytes]]) -> None:
         if self.conn is None:
             return
-        try:
-            self.conn.send_headers(stream.stream_id, headers)
-        except ProtocolError:
-            self.reset(stream, ErrorCodes.INTERNAL_ERROR)
+        if not self.conn.send_headers(stream.stream_id, headers):
+            self.reset(stream, INTERNAL_ERROR)
             return
         self._send()
 
@@ -576,31 +520,31 @@ class H2Server(Protocol):
         if stream.head is not None:
             headers, stream.head = stream.head, None
             ended = stream.out_end and not out
-            try:
-                conn.send_headers(stream_id, headers, ended)
-            except ProtocolError:
-                self.reset(stream, ErrorCodes.INTERNAL_ERROR)
+            if not conn.send_headers(stream_id, headers, ended):
+                self.reset(stream, INTERNAL_ERROR)
                 return
-        try:
-            while out:
-                room = min(conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size)
-                if room <= 0:
-                    break
-                data = out[0]
-                if len(data) > room:
-                    out[0] = data[room:]
-                    data = data[:room]
-                else:
-                    out.pop(0)
-                stream.out_bytes -= len(data)
-                ended = stream.out_end and not out
-                conn.send_data(stream_id, data, ended)
-            if stream.out_end and not out:
-                if not ended:
-                    conn.end_stream(stream_id)
-                stream.gone = True
-                self._maybe_done(stream)
-        except ProtocolError:       # the stream was closed meanwhile (a reset crossed our data)
+        sent = True                 # False: the stream was closed meanwhile (a reset crossed our data)
+        while out:
+            room = min(conn.window(stream_id), conn.max_frame_size)
+            if room <= 0:
+                break
+            data = out[0]
+            if len(data) > room:
+                out[0] = data[room:]
+                data = data[:room]
+            else:
+                out.pop(0)
+            stream.out_bytes -= len(data)
+            ended = stream.out_end and not out
+            sent = conn.send_data(stream_id, data, ended)
+            if not sent:
+                break
+        if not sent:
+            stream.gone = True
+            self._maybe_done(stream)
+        elif stream.out_end and not out:
+            if not ended:
+                conn.send_data(stream_id, b"", True)
             stream.gone = True
             self._maybe_done(stream)
         self.update_producer(stream)
@@ -623,10 +567,10 @@ class H2Server(Protocol):
         """Give back the window of body bytes the upstream took (unless it paused us)."""
         if stream.unacked and not stream.body_paused and self.conn is not None and stream.sink is not None:
             size, stream.unacked = stream.unacked, 0
-            self.conn.acknowledge_received_data(size, stream.stream_id)
+            self.conn.acknowledge(size, stream.stream_id)
             self._send()
 
-    def reset(self, stream: H2Stream, code: Any) -> None:
+    def reset(self, stream: H2Stream, code: int) -> None:
         if not stream.gone:
             self._drop(stream, code)
             self._send()
@@ -646,13 +590,11 @@ class H2Server(Protocol):
         else:
             pipeline.reject(ctx, status, code, message)
 
-    def _drop(self, stream: H2Stream, code: Any) -> None:
+    def _drop(self, stream: H2Stream, code: int) -> None:
         """RST_STREAM if the stream is still open on the wire."""
         stream.gone = True
-        try:
+        if self.conn is not None:
             self.conn.reset_stream(stream.stream_id, code)
-        except ProtocolError:
-            pass
 
     def _forget(self, stream: H2Stream) -> None:
         """The stream is over for us: give back the connection window of the body bytes it
@@ -662,12 +604,12 @@ class H2Server(Protocol):
             return
         stream.ctx = None
         if stream.unacked and self.conn is not None:
-            self.conn.acknowledge_received_data(stream.unacked, stream.stream_id)
+            self.conn.acknowledge(stream.unacked, stream.stream_id)
             stream.unacked = 0
         if not self.streams and self.conn is not None and not self.closing:
             if self.goaway:
                 self._close()
-            elif self._block < 0:
+            elif not self._block:
                 self._wait(self.http.limits.idle_timeout)
 
     def _maybe_done(self, stream: H2Stream) -> None:
@@ -675,11 +617,8 @@ class H2Server(Protocol):
         (RST_STREAM NO_ERROR, RFC 9113 8.1) rather than read for nothing."""
         if not stream.gone or self.streams.get(stream.stream_id) is not stream:
             return
-        if not stream.complete:
-            try:
-                self.conn.reset_stream(stream.stream_id, ErrorCodes.NO_ERROR)
-            except ProtocolError:
-                pass
+        if not stream.complete and self.conn is not None:
+            self.conn.reset_stream(stream.stream_id, NO_ERROR)
         self._forget(stream)
 
     def _lost(self, stream: H2Stream) -> None:
@@ -724,14 +663,6 @@ class H2Server(Protocol):
 
     def stopProducing(self) -> None:
         pass
-
-
-def _settings(conn: Any, max_header_bytes: int) -> None:
-    """Our SETTINGS (sent by initiate_connection): the stream limit, and the header list size
-    we accept (h2 enforces it on decoding once the peer acknowledged it)."""
-    settings = conn.local_settings
-    settings[SettingCodes.MAX_CONCURRENT_STREAMS] = _MAX_STREAMS
-    settings[SettingCodes.MAX_HEADER_LIST_SIZE] = max_header_bytes
 
 
 class ProtocolByALPN(Protocol):

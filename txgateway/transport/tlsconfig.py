@@ -23,12 +23,12 @@ from txgateway.transport.clientcert import ClientAuth, client_auth_keys, parse_c
 
 __all__ = ["Certificate", "ListenerTLS", "UpstreamTLS", "parse_listener_tls", "parse_upstream_tls"]
 
-_NO_H2 = "h2 needs the h2 package (pip install 'twisted[http2]')"
+_NO_H2 = "h2 needs the hpack package (pip install 'twisted[http2]')"
 
 
 def _h2_available() -> bool:
     try:
-        import h2  # noqa: F401
+        import hpack  # noqa: F401   # HPACK's code tables (transport/hpackdecode.py, h2headers.py)
     except ImportError:
         return False
     return True
