@@ -310,7 +310,8 @@ class HTTP1Connection(Protocol):
                              self._headers, host, self._scheme, self._peer_ip, self, self._seconds())
         incoming = _Incoming(ctx)
         self._parsing = incoming
-        if self._connection_tokens:
+        # `Connection: keep-alive` or `close` names headers taken out already: no filtering pass.
+        if self._connection_tokens and not REQUEST_CONSUMED.issuperset(self._connection_tokens):
             tokens = frozenset(self._connection_tokens)
             ctx.headers = [(n, v) for n, v in ctx.headers if n not in tokens]
         ctx.keep_alive = parser.should_keep_alive()

@@ -204,7 +204,8 @@ class UpstreamConnection(TwistedProtocol):
             self._interim = True   # 100 Continue and friends: the real response follows
             return
         headers = self._headers
-        if self._tokens:
+        # `Connection: keep-alive` or `close` names headers taken out already: no filtering pass.
+        if self._tokens and not RESPONSE_CONSUMED.issuperset(self._tokens):
             tokens = frozenset(self._tokens)
             headers = [(n, v) for n, v in headers if n not in tokens]
         framing = self._framing
