@@ -13,7 +13,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from txgateway.core.ids import correlation_id, traceparent
 from txgateway.core.pipeline import LocalResponse, RequestContext, ResponseHead, error_response
@@ -99,17 +99,19 @@ class ForwardingHeaders:
 
     def on_request(self, ctx: RequestContext) -> LocalResponse | None:
         incoming_cid = incoming_trace = xff = xfp = xfh = None
-        kept = []
+        kept: list[Any] = []
         single = 0
-        for name, value in ctx.headers:
+        for h in cast("list[Any]", ctx.headers):    # see _CompiledRules.apply: kept as they are
+            name: bytes = h[0]
             if name in _SINGLE:
                 single += 1
-                kept.append((name, value))
+                kept.append(h)
                 continue
             if _UNDERSCORE in name and not self._underscore_allowed(name):
                 continue
             # Both forbidden prefixes start with "x": other names skip the (generic) startswith call.
             if name in _REPLACED or (name[:1] == b"x" and name.startswith(_CLIENT_FORBIDDEN_PREFIXES)):
+                value: bytes = h[1]
                 if name == b"x-correlation-id":
                     incoming_cid = incoming_cid or value
                 elif name == b"traceparent":
@@ -121,7 +123,7 @@ class ForwardingHeaders:
                 elif name == b"x-forwarded-host":
                     xfh = value
                 continue
-            kept.append((name, value))
+            kept.append(h)
         random = self._random40()
         ctx.correlation_id = cid = correlation_id(incoming_cid, random[24:])
         peer = ctx.peer_ip
@@ -162,6 +164,10 @@ class ForwardingHeaders:
         head.headers.append((b"x-correlation-id", ctx.correlation_id.encode()))
 
 
+_DROP: Final = 1        # _CompiledRules.marks: a name removed
+_DEFAULT: Final = 2     # a default's name (added only when absent)
+
+
 class _CompiledRules:
     """One direction's header rules, pre-digested: every name is compared in lower case.
 
@@ -169,7 +175,8 @@ class _CompiledRules:
     on parsing), so applying rules costs one pass and no per-name case folding.
     """
 
-    __slots__ = ("drop", "prefixes", "starts", "regex", "extra", "extra_names", "defaults", "default_names")
+    __slots__ = ("drop", "prefixes", "starts", "regex", "extra", "extra_names", "defaults", "default_names", "marks",
+                 "filters")
 
     def __init__(self, rules: HeaderRules, defaults: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         exact = {n.lower() for n, _ in rules.set}
@@ -194,29 +201,34 @@ class _CompiledRules:
         self.extra_names = frozenset(n for n, _ in self.extra)
         self.defaults = tuple((n.lower(), v) for n, v in defaults)  # added only when absent
         self.default_names = frozenset(n for n, _ in self.defaults)
+        # One dict lookup a header instead of a set lookup for each kind (removal wins).
+        self.marks = {**{n: _DEFAULT for n in self.default_names}, **{n: _DROP for n in self.drop}}
+        self.filters = bool(self.marks) or self.prefixes is not None or self.regex is not None
 
     def apply(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         """`headers` without the removed ones, with the set/added ones, then the defaults that
         are absent: one pass over the list (no set of every name built for the defaults)."""
-        drop, prefixes, starts, regex = self.drop, self.prefixes, self.starts, self.regex
-        default_names = self.default_names
+        marks, prefixes, starts, regex = self.marks, self.prefixes, self.starts, self.regex
         present: set[bytes] | None = None        # default names the response has
-        if drop or prefixes is not None or regex is not None or default_names:
-            kept = []
-            for h in headers:
-                name = h[0]
-                if (name in drop or (prefixes is not None and name and name[0] in starts and name.startswith(prefixes))
+        if self.filters:
+            kept: list[Any] = []
+            # Items read as objects: compiled, a `tuple[bytes, bytes]` loop variable is unboxed
+            # and appending it boxes a new tuple per header.
+            for h in cast("list[Any]", headers):
+                name: bytes = h[0]
+                mark = marks.get(name, 0)
+                if (mark == _DROP or (prefixes is not None and name and name[0] in starts and name.startswith(prefixes))
                         or (regex is not None and regex.match(name))):
                     continue
                 kept.append(h)
-                if name in default_names:
+                if mark == _DEFAULT:
                     if present is None:
                         present = set()
                     present.add(name)
             headers = kept
         if self.extra:
             headers.extend(self.extra)
-        if default_names:
+        if self.default_names:
             extra_names = self.extra_names
             for default in self.defaults:   # a loop, not a generator: one object fewer per response
                 name = default[0]
