@@ -303,7 +303,14 @@ class HTTP1Connection(Protocol):
         method = parser.get_method()
         if path[:1] != b"/" and method != b"CONNECT":
             path, host = _absolute_form(path, host)
-        version = _VERSIONS[parser.get_http_version()]
+        keep_alive = parser.should_keep_alive()
+        # llhttp keeps an HTTP/1.1 connection alive unless `close`, any other version only on a
+        # `keep-alive` token (of Connection or Proxy-Connection): kept alive without one is 1.1,
+        # known without the version string httptools formats per call (~2.3k instructions).
+        if keep_alive and b"keep-alive" not in self._connection_tokens and b"proxy-connection" not in framing:
+            version = b"1.1"
+        else:
+            version = _VERSIONS[parser.get_http_version()]
         if self.tls is None and self._scheme == b"https":
             self.tls = tls_description(self.transport, "http/1.1")
         ctx = RequestContext(method, target, path, b"?" + query if query else b"", version,
@@ -314,7 +321,7 @@ class HTTP1Connection(Protocol):
         if self._connection_tokens and not REQUEST_CONSUMED.issuperset(self._connection_tokens):
             tokens = frozenset(self._connection_tokens)
             ctx.headers = [(n, v) for n, v in ctx.headers if n not in tokens]
-        ctx.keep_alive = parser.should_keep_alive()
+        ctx.keep_alive = keep_alive
         if method == b"CONNECT":
             # What follows is a tunnel's bytes, never a request: answered (405), then closed.
             self._broken = True
