@@ -24,7 +24,7 @@ __all__ = ["ForwardingHeaders", "HeaderRulesFilter", "TrustedProxies"]
 # Never accepted from a client: the gateway alone sets these, and upstreams trust them.
 _CLIENT_FORBIDDEN_PREFIXES: Final[tuple[bytes, ...]] = (b"x-user-", b"x-gateway-")
 _REPLACED: Final = frozenset({b"x-correlation-id", b"traceparent", b"x-forwarded-for", b"x-forwarded-proto",
-                       b"x-forwarded-host", b"x-user-id", b"x-user-role", b"x-user-tier"})
+                              b"x-forwarded-host", b"x-user-id", b"x-user-role", b"x-user-tier"})
 # Looked at in the same pass (one set lookup per header): at most one is accepted.
 _SINGLE: Final = frozenset({b"authorization"})
 # RFC 3986 3.2.2/3.2.3 without userinfo: a DNS-style name or a bracketed IP literal, a port.

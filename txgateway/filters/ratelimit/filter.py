@@ -31,7 +31,7 @@ __all__ = ["Decision", "Limiter", "LocalStore", "RateLimitFilter", "RateLimitSto
 
 _PLAIN_KEY: Final = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 _OWN_HEADERS: Final = frozenset({b"x-ratelimit-limit", b"x-ratelimit-remaining", b"x-ratelimit-reset",
-                          b"ratelimit-policy", b"ratelimit"})
+                                 b"ratelimit-policy", b"ratelimit"})
 # Float refill sums land a few ulps off exact values (18 s at 3/minute from 0.1 tokens gives
 # 0.9999999999999999 tokens); decisions and whole seconds are taken with this much slack.
 _SLACK: Final = 1e-9
