@@ -42,6 +42,8 @@ COMPILED = [
     "txgateway/filters/cache/rules.py",
     "txgateway/filters/cache/store.py",
     "txgateway/ops/sampling.py",
+    "txgateway/core/route.py",
+    "txgateway/core/hopbyhop.py",
 ]
 
 

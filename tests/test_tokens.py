@@ -487,6 +487,16 @@ def test_cache_is_bounded_and_can_be_off(decodes):
     assert len(decodes) == 6
 
 
+
+def test_cache_is_keyed_by_the_raw_token(decodes):
+    v = verifier()
+    token = mint()
+    assert v.verify_raw(token.encode()).user_id == "alice"
+    assert v.verify(token).user_id == "alice"          # the same bytes: the same entry
+    assert len(decodes) == 1
+    assert rejected(v, token + "\u20ac") == "the token is malformed"   # no latin-1 form: never decoded
+
+
 # --- remote (JWKS URL) keys ------------------------------------------------------------------
 
 def test_remote_keys_unknown_kid_and_never_fetched(keys):

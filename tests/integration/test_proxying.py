@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import pytest_twisted
 import treq
 from twisted.web.client import HTTPConnectionPool
@@ -114,6 +115,20 @@ async def test_http10_client_gets_close_delimited_body(reactor, raw_upstream, ga
     resp = await raw(gw.port, b"GET /api/users HTTP/1.0\r\n\r\n")
     head, _, body = resp.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200")
+    assert b"connection: close" in head.lower() and b"transfer-encoding" not in head.lower()
+    assert body == b"abc"
+
+
+@pytest.mark.parametrize("header", [b"Connection: keep-alive", b"Proxy-Connection: keep-alive"])
+@pytest_twisted.ensureDeferred
+async def test_http10_keep_alive_client_is_still_answered_as_http10(reactor, raw_upstream, gateway, header):
+    # llhttp keeps this connection alive: the version is read from the request, not guessed as 1.1.
+    def script(server, data):
+        server.transport.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+    up = await raw_upstream(script)
+    gw = await gateway(simple_config(up.url))
+    resp = await raw(gw.port, b"GET /api/users HTTP/1.0\r\n" + header + b"\r\n\r\n")
+    head, _, body = resp.partition(b"\r\n\r\n")
     assert b"connection: close" in head.lower() and b"transfer-encoding" not in head.lower()
     assert body == b"abc"
 

@@ -8,14 +8,16 @@ which it turns into context fields), and the upstream side takes them out of a r
 
 from __future__ import annotations
 
+from typing import Final
+
 __all__ = ["HOP_BY_HOP", "REQUEST_CONSUMED", "RESPONSE_CONSUMED", "consumed_by_transport"]
 
-HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade",
-                        b"proxy-connection", b"proxy-authenticate", b"proxy-authorization"})
+HOP_BY_HOP: Final = frozenset({b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade",
+                               b"proxy-connection", b"proxy-authenticate", b"proxy-authorization"})
 # Taken out of a request by the transport: filters never see them.
-REQUEST_CONSUMED = HOP_BY_HOP | {b"content-length", b"host", b"expect"}
+REQUEST_CONSUMED: Final = HOP_BY_HOP | {b"content-length", b"host", b"expect"}
 # Taken out of an upstream's response before the response hooks.
-RESPONSE_CONSUMED = HOP_BY_HOP | {b"content-length"}
+RESPONSE_CONSUMED: Final = HOP_BY_HOP | {b"content-length"}
 
 
 def consumed_by_transport(name: bytes) -> bool:

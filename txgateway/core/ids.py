@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Final
 
 __all__ = ["correlation_id", "new_uuid4", "trace_flags", "traceparent"]
 
-_CORRELATION_ID = re.compile(rb"^[A-Za-z0-9._-]{1,128}$")
-_TRACEPARENT = re.compile(rb"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+_CORRELATION_ID: Final = re.compile(rb"^[A-Za-z0-9._-]{1,128}$")
+_TRACEPARENT: Final = re.compile(rb"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 
 
 def new_uuid4(random: bytes) -> str:

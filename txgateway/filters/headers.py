@@ -13,7 +13,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final, cast
 
 from txgateway.core.ids import correlation_id, traceparent
 from txgateway.core.pipeline import LocalResponse, RequestContext, ResponseHead, error_response
@@ -22,15 +22,15 @@ from txgateway.filters.headerconfig import DEFAULT_SECURITY_HEADERS, HeaderRules
 __all__ = ["ForwardingHeaders", "HeaderRulesFilter", "TrustedProxies"]
 
 # Never accepted from a client: the gateway alone sets these, and upstreams trust them.
-_CLIENT_FORBIDDEN_PREFIXES = (b"x-user-", b"x-gateway-")
-_REPLACED = frozenset({b"x-correlation-id", b"traceparent", b"x-forwarded-for", b"x-forwarded-proto",
-                       b"x-forwarded-host", b"x-user-id", b"x-user-role", b"x-user-tier"})
+_CLIENT_FORBIDDEN_PREFIXES: Final[tuple[bytes, ...]] = (b"x-user-", b"x-gateway-")
+_REPLACED: Final = frozenset({b"x-correlation-id", b"traceparent", b"x-forwarded-for", b"x-forwarded-proto",
+                              b"x-forwarded-host", b"x-user-id", b"x-user-role", b"x-user-tier"})
 # Looked at in the same pass (one set lookup per header): at most one is accepted.
-_SINGLE = frozenset({b"authorization"})
+_SINGLE: Final = frozenset({b"authorization"})
 # RFC 3986 3.2.2/3.2.3 without userinfo: a DNS-style name or a bracketed IP literal, a port.
-_AUTHORITY = re.compile(rb"(?:[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?\Z")
-_KNOWN_HOSTS = 4096
-_UNDERSCORE = 0x5F   # an int: `int in bytes` is a memchr, `bytes in bytes` costs an exception first
+_AUTHORITY: Final = re.compile(rb"(?:[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?\Z")
+_KNOWN_HOSTS: Final = 4096
+_UNDERSCORE: Final = 0x5F   # an int: `int in bytes` is a memchr, `bytes in bytes` costs an exception first
 
 
 class TrustedProxies:
@@ -63,7 +63,7 @@ class TrustedProxies:
         return peer_ip
 
 
-_ENTROPY_BLOCK = 40 * 512  # random bytes per getrandom call: 40 per request (ids and trace)
+_ENTROPY_BLOCK: Final = 40 * 512  # random bytes per getrandom call: 40 per request (ids and trace)
 
 
 class ForwardingHeaders:
@@ -99,16 +99,19 @@ class ForwardingHeaders:
 
     def on_request(self, ctx: RequestContext) -> LocalResponse | None:
         incoming_cid = incoming_trace = xff = xfp = xfh = None
-        kept = []
+        kept: list[Any] = []
         single = 0
-        for name, value in ctx.headers:
+        for h in cast("list[Any]", ctx.headers):    # see _CompiledRules.apply: kept as they are
+            name: bytes = h[0]
             if name in _SINGLE:
                 single += 1
-                kept.append((name, value))
+                kept.append(h)
                 continue
             if _UNDERSCORE in name and not self._underscore_allowed(name):
                 continue
-            if name in _REPLACED or name.startswith(_CLIENT_FORBIDDEN_PREFIXES):
+            # Both forbidden prefixes start with "x": other names skip the (generic) startswith call.
+            if name in _REPLACED or (name[:1] == b"x" and name.startswith(_CLIENT_FORBIDDEN_PREFIXES)):
+                value: bytes = h[1]
                 if name == b"x-correlation-id":
                     incoming_cid = incoming_cid or value
                 elif name == b"traceparent":
@@ -120,7 +123,7 @@ class ForwardingHeaders:
                 elif name == b"x-forwarded-host":
                     xfh = value
                 continue
-            kept.append((name, value))
+            kept.append(h)
         random = self._random40()
         ctx.correlation_id = cid = correlation_id(incoming_cid, random[24:])
         peer = ctx.peer_ip
@@ -161,6 +164,10 @@ class ForwardingHeaders:
         head.headers.append((b"x-correlation-id", ctx.correlation_id.encode()))
 
 
+_DROP: Final = 1        # _CompiledRules.marks: a name removed
+_DEFAULT: Final = 2     # a default's name (added only when absent)
+
+
 class _CompiledRules:
     """One direction's header rules, pre-digested: every name is compared in lower case.
 
@@ -168,7 +175,8 @@ class _CompiledRules:
     on parsing), so applying rules costs one pass and no per-name case folding.
     """
 
-    __slots__ = ("drop", "prefixes", "regex", "extra", "defaults")
+    __slots__ = ("drop", "prefixes", "starts", "regex", "extra", "extra_names", "defaults", "default_names", "marks",
+                 "filters")
 
     def __init__(self, rules: HeaderRules, defaults: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         exact = {n.lower() for n, _ in rules.set}
@@ -182,30 +190,55 @@ class _CompiledRules:
             else:
                 patterns.append(re.escape(pattern).replace(b"\\*", b".*"))
         self.drop = frozenset(exact)
-        self.prefixes = tuple(prefixes) or None
+        self.prefixes: tuple[bytes, ...] | None = tuple(prefixes) or None
+        # First bytes of the prefixes: most names are told apart by one set lookup, without
+        # the (generic) startswith call. An empty prefix matches every name.
+        self.starts = frozenset(p[0] for p in prefixes if p)
+        if b"" in prefixes:
+            self.starts = frozenset(range(256))
         self.regex = re.compile(b"^(?:" + b"|".join(patterns) + b")$") if patterns else None
         self.extra = [(n.lower(), v) for n, v in rules.set + rules.add]
+        self.extra_names = frozenset(n for n, _ in self.extra)
         self.defaults = tuple((n.lower(), v) for n, v in defaults)  # added only when absent
+        self.default_names = frozenset(n for n, _ in self.defaults)
+        # One dict lookup a header instead of a set lookup for each kind (removal wins).
+        self.marks = {**{n: _DEFAULT for n in self.default_names}, **{n: _DROP for n in self.drop}}
+        self.filters = bool(self.marks) or self.prefixes is not None or self.regex is not None
 
     def apply(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-        drop, prefixes, regex = self.drop, self.prefixes, self.regex
-        if drop or prefixes or regex:
-            headers = [h for h in headers
-                       if not (h[0] in drop or (prefixes and h[0].startswith(prefixes))
-                               or (regex and regex.match(h[0])))]
+        """`headers` without the removed ones, with the set/added ones, then the defaults that
+        are absent: one pass over the list (no set of every name built for the defaults)."""
+        marks, prefixes, starts, regex = self.marks, self.prefixes, self.starts, self.regex
+        present: set[bytes] | None = None        # default names the response has
+        if self.filters:
+            kept: list[Any] = []
+            # Items read as objects: compiled, a `tuple[bytes, bytes]` loop variable is unboxed
+            # and appending it boxes a new tuple per header.
+            for h in cast("list[Any]", headers):
+                name: bytes = h[0]
+                mark = marks.get(name, 0)
+                if (mark == _DROP or (prefixes is not None and name and name[0] in starts and name.startswith(prefixes))
+                        or (regex is not None and regex.match(name))):
+                    continue
+                kept.append(h)
+                if mark == _DEFAULT:
+                    if present is None:
+                        present = set()
+                    present.add(name)
+            headers = kept
         if self.extra:
             headers.extend(self.extra)
-        defaults = self.defaults
-        if defaults:
-            names = {h[0] for h in headers}
-            for default in defaults:        # a loop, not a generator: one object fewer per response
-                if default[0] not in names:
+        if self.default_names:
+            extra_names = self.extra_names
+            for default in self.defaults:   # a loop, not a generator: one object fewer per response
+                name = default[0]
+                if (present is None or name not in present) and name not in extra_names:
                     headers.append(default)
         return headers
 
 
-_INTERNAL = (b"x-internal-*",)
-_DEFAULT_RESPONSE = _CompiledRules(HeaderRules(remove=_INTERNAL), DEFAULT_SECURITY_HEADERS)
+_INTERNAL: Final[tuple[bytes, ...]] = (b"x-internal-*",)
+_DEFAULT_RESPONSE: Final = _CompiledRules(HeaderRules(remove=_INTERNAL), DEFAULT_SECURITY_HEADERS)
 
 
 class HeaderRulesFilter:

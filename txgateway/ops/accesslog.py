@@ -52,7 +52,7 @@ class JsonLinesWriter:
 
     def __call__(self, event: dict[str, Any]) -> None:
         record = event.get("access")
-        if record is not None:
+        if isinstance(record, AccessRecord):     # compiled: a native call, not a method lookup
             self.stream.write(record.json_line())
 
     def start(self) -> None:
@@ -123,7 +123,7 @@ _QUOTED = {
 }
 FIELDS: tuple[str, ...] = tuple(_QUOTED)
 # Notes with fields of their own above; any other note a filter adds follows the fields.
-_NOTED = frozenset({"rate_limit", "breaker", "upstream_error"})
+_NOTED: Final = frozenset({"rate_limit", "breaker", "upstream_error"})
 # Query parameters whose values the log shows as REDACTED unless `access_log_redact:` says otherwise.
 DEFAULT_REDACT: tuple[str, ...] = ("access_token", "api_key", "apikey", "password", "secret", "token")
 
@@ -153,7 +153,7 @@ class Layout:
         self.redact = frozenset(name.lower().encode("latin-1") for name in redact)
 
 
-_CONFIG_STRINGS: dict[Any, str] = {None: "null"}  # route prefixes, upstream names, target URLs
+_CONFIG_STRINGS: Final[dict[Any, str]] = {None: "null"}  # route prefixes, upstream names, target URLs
 
 
 def _config_string(value: Any) -> str:
@@ -164,7 +164,17 @@ def _config_string(value: Any) -> str:
     return text
 
 
-_THOUSANDTHS = tuple(".%03d" % i for i in range(1000))   # ".000" ... ".999"
+_THOUSANDTHS: Final[tuple[str, ...]] = tuple(".%03d" % i for i in range(1000))   # ".000" ... ".999"
+
+
+_INTS: Final[tuple[str, ...]] = tuple(str(i) for i in range(1024))   # statuses, retries, small sizes
+
+
+def _int_text(value: int) -> str:
+    """`str(value)`, from a table below 1024: status, retries and most byte counts."""
+    if 0 <= value < 1024:
+        return _INTS[value]
+    return str(value)
 
 
 def _decimal3(value: float) -> str:
@@ -177,7 +187,7 @@ def _decimal3(value: float) -> str:
 
 
 # What orjson would write its own way goes to `default=str`, as with json.dumps.
-_AS_JSON_DOES = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_SUBCLASS
+_AS_JSON_DOES: Final = orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_SUBCLASS
 
 
 def _json(value: Any) -> str:
@@ -229,9 +239,10 @@ class AccessRecord:
         (stamp, cid, request_id, client, method, host, path, query, version, route, upstream, target,
          upstream_addr, status, upstream_status, duration, upstream_ms, retries, bytes_in, bytes_out, user_id,
          user_agent, referer, rate_limit, breaker, error, detail, tls) = self.fields
-        j = _json
+        # Module names called directly (compiled: native calls and dict primitives, where
+        # local aliases of them would be generic calls).
         esc = encode_basestring_ascii
-        config = _CONFIG_STRINGS.get
+        config = _CONFIG_STRINGS
         return (
             stamp,
             cid,
@@ -242,25 +253,25 @@ class AccessRecord:
             esc(path),
             "null" if query is None else esc(query),
             version,
-            config(route) or _config_string(route),
-            config(upstream) or _config_string(upstream),
-            config(target) or _config_string(target),
+            config.get(route) or _config_string(route),
+            config.get(upstream) or _config_string(upstream),
+            config.get(target) or _config_string(target),
             "null" if upstream_addr is None else esc(upstream_addr),
-            str(status),
-            "null" if upstream_status is None else str(upstream_status),
+            _int_text(status),
+            "null" if upstream_status is None else _int_text(upstream_status),
             _decimal3(duration),
             "null" if upstream_ms is None else _decimal3(upstream_ms),
-            str(retries),
-            str(bytes_in),
-            str(bytes_out),
-            "null" if user_id is None else j(user_id),
+            _int_text(retries),
+            _int_text(bytes_in),
+            _int_text(bytes_out),
+            "null" if user_id is None else _json(user_id),
             "null" if user_agent is None else esc(user_agent),
             "null" if referer is None else esc(referer),
-            "null" if rate_limit is None else j(rate_limit),
-            "null" if breaker is None else j(breaker),
-            "null" if error is None else j(error),
-            "null" if detail is None else j(detail),
-            config(tls) or _config_string(tls),
+            "null" if rate_limit is None else _json(rate_limit),
+            "null" if breaker is None else _json(breaker),
+            "null" if error is None else _json(error),
+            "null" if detail is None else _json(detail),
+            config.get(tls) or _config_string(tls),
         )
 
     def json_line(self) -> str:
@@ -279,9 +290,9 @@ class AccessRecord:
         return "".join(parts)
 
 
-_DEFAULT = Layout()
-_MILLIS = tuple(".%03dZ" % i for i in range(1000))   # a timestamp's end, ".000Z" ... ".999Z"
-_VERSIONS = {b"1.1": "1.1", b"1.0": "1.0", b"2": "2"}
+_DEFAULT: Final = Layout()
+_MILLIS: Final[tuple[str, ...]] = tuple(".%03dZ" % i for i in range(1000))   # a timestamp's end, ".000Z" ... ".999Z"
+_VERSIONS: Final = {b"1.1": "1.1", b"1.0": "1.0", b"2": "2"}
 
 
 class AccessLog:

@@ -9,7 +9,7 @@ families when `/metrics` is scraped. Names and labels are those README.md lists 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     from prometheus_client.core import HistogramMetricFamily
@@ -19,8 +19,8 @@ if TYPE_CHECKING:
 __all__ = ["MetricsCollector", "Stats", "gauges"]
 
 BUCKETS: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"TRACE", b"CONNECT"})
-_STATES = {"closed": 0, "open": 1, "half_open": 2}
+_METHODS: Final = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"TRACE", b"CONNECT"})
+_STATES: Final = {"closed": 0, "open": 1, "half_open": 2}
 
 
 def _bucket(seconds: float) -> int:

@@ -13,7 +13,7 @@ more than that while its upstream is slow.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, cast
+from typing import Any, Final, cast
 from weakref import WeakSet
 
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser
@@ -33,13 +33,13 @@ from txgateway.transport.tunnel import Tunnel, handshake_problem
 
 __all__ = ["HTTP1Connection", "HTTP1Factory"]
 
-_log = Logger(namespace="txgateway.transport.http1")
+_log: Final = Logger(namespace="txgateway.transport.http1")
 
-_MAX_QUEUED = 16             # pipelined requests waiting behind the active one
-_MAX_BUFFERED = 256 * 1024   # request body bytes held while waiting; reading pauses above
-_MAX_PIPELINED = 64 * 1024   # bytes read behind a request waiting for its answer; reading pauses above
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_VERSIONS = {"1.1": b"1.1", "1.0": b"1.0", "0.9": b"0.9", "2.0": b"2.0"}   # all llhttp accepts, as bytes
+_MAX_QUEUED: Final = 16             # pipelined requests waiting behind the active one
+_MAX_BUFFERED: Final = 256 * 1024   # request body bytes held while waiting; reading pauses above
+_MAX_PIPELINED: Final = 64 * 1024   # bytes read behind a request waiting for its answer; reading pauses above
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+_VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0", "0.9": b"0.9", "2.0": b"2.0"}   # all llhttp accepts, as bytes
 
 
 class _Reject(Exception):
@@ -71,7 +71,7 @@ class HTTP1Connection(Protocol):
                  "tls", "parser", "deadline", "_queue", "_parsing", "_url", "_headers", "_header_bytes",
                  "_raw_header_bytes", "_framing", "_connection_tokens", "_tunnel", "_upgrading", "_upgrade_body", "_broken",
                  "_close_after", "_chunked_out", "_no_body_out", "_cork", "_paused", "_gone", "_peer_ip", "_write",
-                 "_flush_writes", "_client_certs", "_pipelined")
+                 "_flush_writes", "_client_certs", "_pipelined", "_header_limit")
 
     transport: Any  # a TCP (or TLS) transport: producer/consumer, setTcpNoDelay, abortConnection
 
@@ -108,6 +108,7 @@ class HTTP1Connection(Protocol):
         self._write: Any = None       # fastwrite: held until the end of the reactor turn
         self._flush_writes: Any = None
         self._pipelined = 0           # bytes received since the active request was read whole
+        self._header_limit: int = self.limits.max_header_bytes   # the parsed request's (read once per request)
 
     # -- connection lifecycle ---------------------------------------------------------
 
@@ -246,7 +247,7 @@ class HTTP1Connection(Protocol):
             return
         if self._parsing is not None and self._header_bytes >= 0:
             self._raw_header_bytes += len(data)
-            if self._raw_header_bytes > self.limits.max_header_bytes:
+            if self._raw_header_bytes > self._header_limit:
                 self._reject(_Reject(431, "HEADERS_TOO_LARGE", "request headers are too large"))
 
     def on_message_begin(self) -> None:
@@ -256,13 +257,15 @@ class HTTP1Connection(Protocol):
         self._raw_header_bytes = 0
         self._framing = {}
         self._connection_tokens = []
-        self._wait(self.limits.header_timeout)
+        limits = self.limits
+        self._header_limit = limits.max_header_bytes
+        self._wait(limits.header_timeout)
         self._parsing = _placeholder
 
     def on_url(self, url: bytes) -> None:
         self._url += url
         self._header_bytes += len(url)
-        if self._header_bytes > self.limits.max_header_bytes:
+        if self._header_bytes > self._header_limit:
             raise _Reject(431, "HEADERS_TOO_LARGE", "request headers are too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -270,14 +273,15 @@ class HTTP1Connection(Protocol):
             # A chunked body's trailer: never a header (it would arrive after the checks and
             # could carry credentials). Counted against max_header_bytes, then dropped.
             self._raw_header_bytes += len(name) + len(value) + 4
-            if self._raw_header_bytes > self.limits.max_header_bytes:
+            if self._raw_header_bytes > self._header_limit:
                 raise _Reject(431, "HEADERS_TOO_LARGE", "request trailers are too large")
             return
         self._header_bytes += len(name) + len(value) + 4
-        if self._header_bytes > self.limits.max_header_bytes:
+        if self._header_bytes > self._header_limit:
             raise _Reject(431, "HEADERS_TOO_LARGE", "request headers are too large")
         name = name.lower()
-        if name in REQUEST_CONSUMED or name.startswith(b"proxy-"):
+        # 0x70: "p", so that most names skip the (generic) startswith call
+        if name in REQUEST_CONSUMED or (name[0] == 0x70 and name.startswith(b"proxy-")):
             if name == b"connection":
                 self._connection_tokens.extend(t.strip().lower() for t in value.split(b","))
             elif name == b"host" and b"host" in self._framing:
@@ -299,17 +303,25 @@ class HTTP1Connection(Protocol):
         method = parser.get_method()
         if path[:1] != b"/" and method != b"CONNECT":
             path, host = _absolute_form(path, host)
-        version = _VERSIONS[parser.get_http_version()]
+        keep_alive = parser.should_keep_alive()
+        # llhttp keeps an HTTP/1.1 connection alive unless `close`, any other version only on a
+        # `keep-alive` token (of Connection or Proxy-Connection): kept alive without one is 1.1,
+        # known without the version string httptools formats per call (~2.3k instructions).
+        if keep_alive and b"keep-alive" not in self._connection_tokens and b"proxy-connection" not in framing:
+            version = b"1.1"
+        else:
+            version = _VERSIONS[parser.get_http_version()]
         if self.tls is None and self._scheme == b"https":
             self.tls = tls_description(self.transport, "http/1.1")
         ctx = RequestContext(method, target, path, b"?" + query if query else b"", version,
                              self._headers, host, self._scheme, self._peer_ip, self, self._seconds())
         incoming = _Incoming(ctx)
         self._parsing = incoming
-        if self._connection_tokens:
+        # `Connection: keep-alive` or `close` names headers taken out already: no filtering pass.
+        if self._connection_tokens and not REQUEST_CONSUMED.issuperset(self._connection_tokens):
             tokens = frozenset(self._connection_tokens)
             ctx.headers = [(n, v) for n, v in ctx.headers if n not in tokens]
-        ctx.keep_alive = parser.should_keep_alive()
+        ctx.keep_alive = keep_alive
         if method == b"CONNECT":
             # What follows is a tunnel's bytes, never a request: answered (405), then closed.
             self._broken = True
@@ -579,10 +591,10 @@ class _BodyAfterUpgrade:
 
 
 # What `_parsing` points to between requests: bytes parsed with no request in progress land here.
-_placeholder = _Incoming(RequestContext(b"", b"", b"", b"", b"", [], None, b"", "", cast(Any, None), 0.0))
+_placeholder: Final = _Incoming(RequestContext(b"", b"", b"", b"", b"", [], None, b"", "", cast(Any, None), 0.0))
 
 
-_STATUS_LINES: dict[int, tuple[bytes, bytes]] = {}   # status -> (reason, its status line): most answers reuse one
+_STATUS_LINES: Final[dict[int, tuple[bytes, bytes]]] = {}   # status -> (reason, its status line): most answers reuse one
 
 
 def _status_line(status: int, reason: bytes) -> bytes:

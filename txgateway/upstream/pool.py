@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from collections import deque
 from http import HTTPStatus
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpResponseParser
 from OpenSSL.SSL import Error as SSLError
@@ -34,9 +34,9 @@ from txgateway.transport.tls import client_creator
 
 __all__ = ["TargetPool", "UpstreamConnection", "UpstreamUser"]
 
-_log = Logger(namespace="txgateway.upstream.pool")
-_DONE = Failure(ConnectionDone())
-_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")   # no business in a reason phrase sent to a client
+_log: Final = Logger(namespace="txgateway.upstream.pool")
+_DONE: Final = Failure(ConnectionDone())
+_CONTROL: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")   # no business in a reason phrase sent to a client
 
 
 class _Leftover(Exception):
@@ -183,7 +183,8 @@ class UpstreamConnection(TwistedProtocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         low = name.lower()
-        if low in RESPONSE_CONSUMED or low.startswith(b"proxy-"):
+        # 0x70: "p", so that most names skip the (generic) startswith call
+        if low in RESPONSE_CONSUMED or (low[0] == 0x70 and low.startswith(b"proxy-")):
             if low == b"connection":
                 self._tokens.extend(t.strip().lower() for t in value.split(b","))
             self._framing[low] = value
@@ -203,7 +204,8 @@ class UpstreamConnection(TwistedProtocol):
             self._interim = True   # 100 Continue and friends: the real response follows
             return
         headers = self._headers
-        if self._tokens:
+        # `Connection: keep-alive` or `close` names headers taken out already: no filtering pass.
+        if self._tokens and not RESPONSE_CONSUMED.issuperset(self._tokens):
             tokens = frozenset(self._tokens)
             headers = [(n, v) for n, v in headers if n not in tokens]
         framing = self._framing

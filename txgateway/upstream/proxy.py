@@ -25,7 +25,7 @@ connection busy until its deadline gets a 503 with no verdict on the upstream.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.logger import Logger
@@ -45,14 +45,17 @@ if TYPE_CHECKING:
 
 __all__ = ["Proxy", "RouteTimeouts", "UpstreamGroup"]
 
-_log = Logger(namespace="txgateway.upstream.proxy")
-_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+_log: Final = Logger(namespace="txgateway.upstream.proxy")
+_IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 # Exchange phases
-_CONNECTING, _WAITING, _STREAMING, _DONE = range(4)
+_CONNECTING: Final = 0
+_WAITING: Final = 1
+_STREAMING: Final = 2
+_DONE: Final = 3
 
 
-_DEFAULT_FAILURE_STATUSES = frozenset({502, 503, 504})
+_DEFAULT_FAILURE_STATUSES: Final = frozenset({502, 503, 504})
 
 
 class UpstreamGroup:

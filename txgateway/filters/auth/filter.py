@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 from twisted.internet.defer import Deferred
 
@@ -23,7 +23,7 @@ from txgateway.filters.auth.tokens import Identity, InvalidToken, KeysUnavailabl
 
 __all__ = ["AuthFilter", "Authenticator", "CertIdentities"]
 
-_MAX_TOKEN = 8192
+_MAX_TOKEN: Final = 8192
 
 
 def _challenge(error: str, description: str) -> list[tuple[bytes, bytes]]:
@@ -118,12 +118,12 @@ class AuthFilter:
             return unauthorized(ctx, "invalid_request", "the bearer token is empty")
         if len(token) > _MAX_TOKEN:
             return unauthorized(ctx, "invalid_token", "the token is too long")
-        return self._verify(ctx, token.decode("latin-1"), roles, retry=True)
+        return self._verify(ctx, token, roles, retry=True)
 
-    def _verify(self, ctx: RequestContext, token: str, roles: frozenset[str] | None,
+    def _verify(self, ctx: RequestContext, token: bytes, roles: frozenset[str] | None,
                 retry: bool) -> LocalResponse | Deferred[LocalResponse | None] | None:
         try:
-            identity = self.verifier.verify(token)  # type: ignore[union-attr]
+            identity = self.verifier.verify_raw(token)  # type: ignore[union-attr]
         except InvalidToken as e:
             return unauthorized(ctx, "invalid_token", str(e))
         except (KeysUnavailable, UnknownKey) as missing:

@@ -115,21 +115,33 @@ class TokenVerifier:
         self._allowed = frozenset(config.algorithms)
         self._static_by_kid = {k.kid: k for k in config.jwks if k.kid}
         self._static_anonymous = [Jwk(None, None, k) for k in config.public_keys] + [k for k in config.jwks if not k.kid]
-        self._cache: dict[str, tuple[Identity, float, float]] = {}
+        # The raw token bytes -> (identity, exp, nbf): bounded by cache_size (the oldest entry
+        # goes first), re-checked against the clock on every use (an expired token is dropped
+        # and refused), failures never stored.
+        self._cache: dict[bytes, tuple[Identity, float, float]] = {}
         self._options = {"verify_exp": False, "verify_nbf": False, "verify_iat": False,
                          "verify_aud": config.audience is not None, "verify_iss": config.issuer is not None,
                          "require": ["exp"]}
 
     def verify(self, token: str) -> Identity:
+        try:
+            raw = token.encode("latin-1")
+        except UnicodeEncodeError:
+            raise InvalidToken("the token is malformed") from None
+        return self.verify_raw(raw)
+
+    def verify_raw(self, raw: bytes) -> Identity:
+        """`verify` of the token as the request carried it: a cached token costs no decoding."""
         now = self.clock.seconds()
         leeway = self.config.leeway
-        cached = self._cache.get(token)
+        cached = self._cache.get(raw)
         if cached is not None:
             identity, cached_exp, cached_nbf = cached
             if cached_nbf - leeway <= now < cached_exp + leeway:
                 return identity
-            del self._cache[token]
+            del self._cache[raw]
             raise InvalidToken("the token has expired" if now >= cached_exp + leeway else "the token is not valid yet")
+        token = raw.decode("latin-1")
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -161,7 +173,7 @@ class TokenVerifier:
         if self.config.cache_size > 0:  # cache_size: 0 turns the cache off
             if len(cache) >= self.config.cache_size:
                 del cache[next(iter(cache))]
-            cache[token] = (identity, exp, nbf)
+            cache[raw] = (identity, exp, nbf)
         return identity
 
     def _decode(self, token: str, algorithm: str, kid: Any) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import hashlib
 import math
 import re
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Final, Protocol, cast
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
@@ -29,15 +29,15 @@ from txgateway.filters.ratelimit.redislink import RedisUnavailable
 
 __all__ = ["Decision", "Limiter", "LocalStore", "RateLimitFilter", "RateLimitStore", "take"]
 
-_PLAIN_KEY = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
-_OWN_HEADERS = frozenset({b"x-ratelimit-limit", b"x-ratelimit-remaining", b"x-ratelimit-reset",
-                          b"ratelimit-policy", b"ratelimit"})
+_PLAIN_KEY: Final = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+_OWN_HEADERS: Final = frozenset({b"x-ratelimit-limit", b"x-ratelimit-remaining", b"x-ratelimit-reset",
+                                 b"ratelimit-policy", b"ratelimit"})
 # Float refill sums land a few ulps off exact values (18 s at 3/minute from 0.1 tokens gives
 # 0.9999999999999999 tokens); decisions and whole seconds are taken with this much slack.
-_SLACK = 1e-9
+_SLACK: Final = 1e-9
 
 # The attributes of a Redis decision's span (the limiter's Lua script, sent with EVALSHA).
-_REDIS_SPAN = {"db.system.name": "redis", "db.operation.name": "EVALSHA"}
+_REDIS_SPAN: Final = {"db.system.name": "redis", "db.operation.name": "EVALSHA"}
 
 
 def route_scope(route: Route) -> str:
@@ -94,6 +94,10 @@ class Decision:
     def retry_after(self) -> int:
         """Whole seconds (>= 1) until one token is back."""
         return max(1, math.ceil((1.0 - self.remaining) / self.per_second - _SLACK))
+
+
+# A limited request's state: its decision and the fixed parts of its headers (Limiter.fixed).
+_Limited = tuple[Decision, tuple[bytes, tuple[bytes, bytes], tuple[bytes, bytes]]]
 
 
 class RateLimitStore(Protocol):
@@ -213,7 +217,7 @@ class RateLimitFilter:
             decision = self.store.take(key, per_second, burst)
         except RedisUnavailable:
             decision = self._redis_error(key, per_second, burst)
-        if isinstance(decision, Deferred):
+        if not isinstance(decision, Decision):     # a Deferred (Redis); a native type check, not Deferred's
             spans = ctx.get_state("tracing")
             if spans is not None:       # tracing: on (ops/tracing.py): the Redis call is a span of the request
                 spans.around(decision, "EVALSHA", _REDIS_SPAN)
@@ -267,7 +271,8 @@ class RateLimitFilter:
         limited = ctx.get_state("rate_limit")
         if limited is None:
             return
-        decision, (label, limit_header, policy_header) = limited
+        # Typed (checked once): compiled, the decision's attributes are then native reads.
+        decision, (label, limit_header, policy_header) = cast(_Limited, limited)
         if decision.fallback is not None and decision.fallback != "local":
             return                          # unlimited (allow) or not decided (deny): no numbers to tell
         # Numbers as str(int).encode() and pieces joined: a bytes %-format costs several times more.
