@@ -40,6 +40,7 @@ COMPILED = [
     "txgateway/filters/cache/rules.py",
     "txgateway/filters/cache/store.py",
     "txgateway/ops/sampling.py",
+    "txgateway/ops/spans.py",
 ]
 
 
