@@ -133,3 +133,20 @@ async def test_the_gateway_exports_its_spans_on_its_clock(reactor, echo, receive
     clock.advance(5)
     await exported(tracing, clock)
     assert len(receiver.spans) == 6 and tracing.counts == [6, 0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopping_exports_what_is_left_and_waits_at_most_3_s(reactor, receiver):  # noqa: F811
+    tracing, _, _ = tracer(reactor, receiver.url)
+    record(tracing, 3)
+    await tracing.stop(Clock())                      # the last spans go at once, not after the delay
+    assert len(receiver.spans) == 3 and tracing.counts == [3, 0]
+
+    down, _, _ = tracer(reactor, f"http://127.0.0.1:{free_port()}/v1/traces")
+    record(down, 3)
+    exit_clock = Clock()
+    stopping = down.stop(exit_clock)
+    await wait_for(reactor, lambda: down.sending is not None and bool(down.clock.getDelayedCalls()))   # refused: a retry waits
+    assert not stopping.called
+    exit_clock.advance(3)                            # the gateway's exit is not held up any longer
+    await stopping

@@ -49,12 +49,12 @@ _QUEUE_LIMIT = 2048      # spans waiting at most; more are dropped (the SDK's)
 _SLICE = 64              # spans encoded per reactor turn (~1 ms): requests interleave with the encoding
 _EXPORT_TIMEOUT = 10.0   # seconds one export may take, retries included (the SDK exporter's)
 _RETRYABLE = frozenset({429, 502, 503, 504})   # statuses the SDK exporter retries, as connection errors
-_log = Logger(namespace="txgateway.ops.tracing")
 _STOP_WAIT = 3.0         # seconds a stopping gateway waits for the last export
 _VARIED = frozenset({"url.path", "url.query", "url.full"})   # attributes whose values rarely recur
 _KNOWN_LIMIT = 4096      # attribute encodings kept at most
 # OTLP's span flags: "has is_remote" always, "is remote" when the parent is the caller's.
 _LOCAL_PARENT, _REMOTE_PARENT = 0x100, 0x300
+_log = Logger(namespace="txgateway.ops.tracing")
 
 
 class Encoder:
