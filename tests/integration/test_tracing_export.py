@@ -15,7 +15,8 @@ from tests.conftest import free_port
 from tests.integration.test_admin import call
 from tests.integration.test_auth import now_clock, wait_for
 from tests.integration.test_tracing import Receiver, receiver  # noqa: F401
-from txgateway.ops.spans import SERVER, SpanRecord
+from txgateway.core.logtext import printable
+from txgateway.ops.spans import SERVER, SpanRecord, _text
 from txgateway.ops.tracing import Tracing
 from txgateway.ops.tracingconfig import TracingConfig
 
@@ -150,3 +151,10 @@ async def test_stopping_exports_what_is_left_and_waits_at_most_3_s(reactor, rece
     assert not stopping.called
     exit_clock.advance(3)                            # the gateway's exit is not held up any longer
     await stopping
+
+
+def test_recorded_text_is_escaped_as_the_process_log_escapes_it():
+    """ops/spans.py skips printable's regex for plain ASCII; anything else goes through it."""
+    for value in (b"/api/users/1", b"ua 1.0 (x; y)", b"/a\\b", b"/a\x01b", b"\x7f", b"/caf\xc3\xa9", b"\xff", b""):
+        assert _text(value) == printable(value)
+    assert _text(b"/a\x1bb") == "/a\\x1bb"

@@ -174,16 +174,16 @@ class SpanRecorder:
                 others.append((name, value))
         method = _method(ctx)
         attributes: dict[str, Any] = {
-            "http.request.method": method, "url.path": printable(ctx.path), "url.scheme": ctx.scheme.decode(),
+            "http.request.method": method, "url.path": _text(ctx.path), "url.scheme": ctx.scheme.decode(),
             "network.protocol.version": ctx.version.decode("latin-1"), "network.peer.address": ctx.peer_ip,
         }
         if ctx.query:
-            attributes["url.query"] = printable(ctx.query[1:] if ctx.query[:1] == b"?" else ctx.query)
+            attributes["url.query"] = _text(ctx.query[1:] if ctx.query[:1] == b"?" else ctx.query)
         if ctx.host:
-            attributes["server.address"] = printable(ctx.host)
+            attributes["server.address"] = _text(ctx.host)
         agent = ctx.header(b"user-agent")
         if agent is not None:
-            attributes["user_agent.original"] = printable(agent)
+            attributes["user_agent.original"] = _text(agent)
         if continued and parent is not None:
             ids = parent.strip()         # "00-<32 hex trace id>-<16 hex span id>-<flags>", checked by the gate
             trace_state = state.decode("latin-1") if state is not None else ""
@@ -204,7 +204,7 @@ class SpanRecorder:
             spans.end_attempt(ctx, True)
         method = _method(ctx)
         attributes: dict[str, Any] = {"http.request.method": method,
-                                      "url.full": f"{ctx.target_url}{printable(ctx.upstream_path)}",
+                                      "url.full": f"{ctx.target_url}{_text(ctx.upstream_path)}",
                                       "txgateway.upstream": ctx.upstream or ""}
         if ctx.retries:
             attributes["http.request.resend_count"] = ctx.retries
@@ -238,6 +238,16 @@ class SpanRecorder:
 def _method(ctx: RequestContext) -> str:
     method = ctx.method.decode("latin-1")
     return method if method in _METHODS else "_OTHER"
+
+
+def _text(value: bytes) -> str:
+    """`printable(value)`, without its regex for the usual value: ASCII with no control
+    character and no backslash, which it would return unchanged (a third of `start`'s cost)."""
+    if value.isascii():
+        text = value.decode("ascii")
+        if text.isprintable() and "\\" not in text:
+            return text
+    return printable(value)
 
 
 def _new_id(bits: int) -> int:
