@@ -44,6 +44,7 @@ COMPILED = [
     "txgateway/ops/sampling.py",
     "txgateway/core/route.py",
     "txgateway/core/hopbyhop.py",
+    "txgateway/ops/spans.py",
 ]
 
 

@@ -8,6 +8,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class Sink(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"     # keep-alive, as the OpenTelemetry Collector does
+
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers["Content-Length"]))
         self.send_response(200)

@@ -1,8 +1,8 @@
 """OpenTelemetry spans exported to a real OTLP/HTTP receiver (issue 17, part 2).
 
-The receiver is a stdlib HTTP server on 127.0.0.1 in its own thread (the SDK's batch thread
-posts to it while the reactor runs the test), decoding each POST /v1/traces with
-opentelemetry-proto. Exports are forced with `force_flush` rather than waited for.
+The receiver is a stdlib HTTP server on 127.0.0.1 in its own thread (the gateway posts to it
+from the reactor the test runs on), decoding each POST /v1/traces with opentelemetry-proto.
+Exports are forced with `flush` rather than waited for, or timed with an injected clock.
 """
 
 from __future__ import annotations
@@ -102,9 +102,9 @@ def config(echo_url: str, dead_url: str, endpoint: str, ratio: float = 1.0) -> s
     """
 
 
-def flush(gw: Any) -> None:
-    """Export every ended span now (the batch thread's work, done here once)."""
-    assert gw.gateway.tracing.force_flush()
+async def flush(gw: Any) -> None:
+    """Export every ended span now (what the export timer would do later)."""
+    await gw.gateway.tracing.flush()
 
 
 def sampled(traceparent: str) -> bool:
@@ -124,7 +124,7 @@ async def test_server_and_client_spans_with_their_parents_reach_the_collector(re
                                                                ("User-Agent", "tracing-test/1.0")])
         assert r.status == 200
     sent = [request.getHeader("traceparent") for request in echo.requests]
-    flush(gw)
+    await flush(gw)
 
     assert {resource["service.name"] for resource, _ in receiver.spans} == {"edge-test"}
     assert receiver.headers[0]["x-api-key"] == "s3cret"
@@ -166,14 +166,23 @@ async def test_server_and_client_spans_with_their_parents_reach_the_collector(re
 @pytest_twisted.ensureDeferred
 async def test_unsampled_callers_and_ratio_zero_export_nothing_but_still_propagate(reactor, echo, receiver, gateway):
     gw = await gateway(config(echo.url, f"http://127.0.0.1:{free_port()}", receiver.url, ratio=0.0))
-    tracing, started = gw.gateway.tracing, []
-    record = tracing.start
+    gate, started = gw.gateway.tracing.gate, []
 
-    def start(ctx: Any, continued: bool) -> None:
-        started.append(continued)
-        record(ctx, continued)
+    class Recorder:             # the gate's recorder, noting which requests reach it
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
 
-    tracing.start = start
+        def start(self, ctx: Any, continued: bool) -> None:
+            started.append(continued)
+            self.inner.start(ctx, continued)
+
+        def attempt(self, ctx: Any, spans: Any) -> None:
+            self.inner.attempt(ctx, spans)
+
+        def finish(self, ctx: Any, spans: Any) -> None:
+            self.inner.finish(ctx, spans)
+
+    gate.recorder = Recorder(gate.recorder)
     assert (await call(gw.port, "/api/live/1", headers=[("traceparent", f"00-{TRACE}-{CALLER_SPAN}-00")])).status == 200
     assert (await call(gw.port, "/api/live/2")).status == 200                # a trace the gateway starts: ratio 0
     assert (await call(gw.port, "/api/live/3", headers=[("traceparent", f"00-{TRACE}-{CALLER_SPAN}-01")])).status == 200
@@ -183,8 +192,8 @@ async def test_unsampled_callers_and_ratio_zero_export_nothing_but_still_propaga
     assert TRACE not in second and not sampled(second)
     assert TRACE not in fourth and not sampled(fourth)                     # malformed (zero span id): a new trace
     assert third.startswith(f"00-{TRACE}-") and sampled(third)             # the caller sampled it: parent-based
-    assert started == [True]      # the SDK heard of the third request only (ops/sampling.py decides)
-    flush(gw)
+    assert started == [True]      # the recorder heard of the third request only (ops/sampling.py decides)
+    await flush(gw)
     spans = [span for _, span in receiver.spans]
     assert {s.trace_id.hex() for s in spans} == {TRACE} and len(spans) == 2   # only the third: server + client
     client = next(s for s in spans if s.kind == Span.SPAN_KIND_CLIENT)
@@ -198,7 +207,7 @@ async def test_a_collector_that_is_down_costs_requests_nothing(reactor, echo, ga
     statuses = [(await call(gw.port, f"/api/live/{i}")).status for i in range(20)]
     assert statuses == [200] * 20
     assert time.monotonic() - began < 5.0           # nothing waited for the collector (its export timeout is 10 s)
-    assert gw.gateway.tracing.counts == [0, 0]      # the spans are queued for the batch thread, not sent inline
+    assert gw.gateway.tracing.counts == [0, 0]      # the spans are queued for a later export, not sent inline
 
 
 @pytest_twisted.ensureDeferred
@@ -207,7 +216,7 @@ async def test_spans_a_collector_refuses_are_counted_as_dropped(reactor, echo, g
     try:
         gw = await gateway(config(echo.url, f"http://127.0.0.1:{free_port()}", refusing.url))
         assert (await call(gw.port, "/api/live/1")).status == 200
-        flush(gw)
+        await flush(gw)
         assert len(refusing.headers) == 1
         m = await scrape(admin_port(gw))
         assert named(m, "txgateway_tracing_spans_total") == {labels(result="exported"): 0.0,
@@ -240,7 +249,7 @@ async def test_a_redis_rate_limit_decision_is_a_span_of_the_request(reactor, ech
       - {{prefix: /api, upstream: u, rate_limit: {{rate: 100/hour}}}}
     """)
     assert (await call(gw.port, "/api/1")).status == 200
-    flush(gw)
+    await flush(gw)
     server, (decision, attempt) = only_trace(receiver)
     assert (decision.name, decision.kind) == ("EVALSHA", Span.SPAN_KIND_CLIENT)
     assert attributes(decision.attributes) == {"db.system.name": "redis", "db.operation.name": "EVALSHA"}
@@ -259,7 +268,7 @@ async def test_a_jwks_refetch_for_an_unknown_kid_is_a_span_of_the_request(
     server_jwks.serve("k1", "k2")                       # the provider rotated; the gateway has not seen it
     r = await call(gw.port, "/api/users/1", token=rs(rsa_keys, "k2", clock))
     assert r.status == 200
-    flush(gw)
+    await flush(gw)
     server, (fetch, attempt) = only_trace(receiver)
     assert (fetch.name, fetch.kind) == ("GET", Span.SPAN_KIND_CLIENT)
     assert attributes(fetch.attributes) == {"http.request.method": "GET", "url.full": url,
@@ -280,7 +289,7 @@ async def test_each_composed_call_is_a_client_span_of_the_request_and_sends_its_
     gw = await gateway(composed_section(receiver.url, up))
     r = await call(gw.port, "/api/c/7", headers=[("traceparent", f"00-{TRACE}-{CALLER_SPAN}-01")])
     assert r.status == 200
-    flush(gw)
+    await flush(gw)
     server, (user, orders) = only_trace(receiver)
     assert server.parent_span_id.hex() == CALLER_SPAN and server.name == "GET /api/c"
     assert attributes(server.attributes)["http.response.status_code"] == 200
@@ -300,7 +309,7 @@ async def test_composed_calls_of_an_unsampled_request_make_no_spans_but_carry_it
     up = await upstreams({"/users/7": js({"id": 7, "customer_id": "c-9"}), "/orders/c-9": js([])})
     gw = await gateway(composed_section(receiver.url, up, ratio=0.0))
     assert (await call(gw.port, "/api/c/7", headers=[("traceparent", f"00-{TRACE}-{CALLER_SPAN}-00")])).status == 200
-    flush(gw)
+    await flush(gw)
     assert receiver.spans == []
     sent = [request.getHeader("traceparent") for request in up.requests]
     assert all(t.startswith(f"00-{TRACE}-") and t.endswith("-00") and CALLER_SPAN not in t for t in sent)
@@ -315,7 +324,7 @@ async def test_a_failed_composed_call_and_the_one_it_cancels_end_as_error_spans(
         up, {"slow": 'path: "/slow/{id}", group: slow', "broken": 'path: "/broken/{id}", group: broken'}, timeout="30s"))
     assert (await call(gw.port, "/api/c/1")).status == 502
     await held_closed(held, 1)
-    flush(gw)
+    await flush(gw)
     server, calls = only_trace(receiver)
     slow, broken = sorted(calls, key=lambda s: attributes(s.attributes)["url.full"], reverse=True)
     assert attributes(broken.attributes)["http.response.status_code"] == 503

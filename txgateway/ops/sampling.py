@@ -1,10 +1,9 @@
-"""Which requests are traced, decided in compiled code before the OpenTelemetry SDK is asked anything.
+"""Which requests are traced, decided in compiled code before any span is made.
 
-With `tracing:` on, every request passes here; only the sampled ones reach ops/tracing.py (the
-SDK, interpreted Python, several thousand instructions a call). A request not sampled costs a
-scan of its headers and a random draw, its upstream attempts and its end a state lookup each:
-no span object, no context, no attribute. Kept apart from ops/tracing.py so that it compiles
-(mypyc, setup.py) and imports no part of the SDK.
+With `tracing:` on, every request passes here; only the sampled ones reach the recorder
+(ops/spans.py). A request not sampled costs a scan of its headers and a random draw, its
+upstream attempts and its end a state lookup each: no span record, no attribute. Kept apart
+from ops/tracing.py so that it compiles (mypyc, setup.py) and imports no part of the SDK.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ __all__ = ["Recorder", "TraceGate"]
 
 
 class Recorder(Protocol):
-    """What records the sampled requests' spans (ops/tracing.py's Tracing); `spans` is what
+    """What records the sampled requests' spans (ops/spans.py's SpanRecorder); `spans` is what
     `start` put in the request's state under the gate's name."""
 
     def start(self, ctx: RequestContext, continued: bool) -> None: ...

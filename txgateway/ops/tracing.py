@@ -3,265 +3,347 @@
 One server span per request, continuing the caller's `traceparent` (parent-based sampling: a
 caller's sampled flag decides; a trace the gateway starts is kept at `sample_ratio`), and a
 client span per upstream attempt, so retries show; a composed route's calls (terminals/compose/)
-are client spans of the same server span, one per attempt of each call. The `traceparent` sent upstream carries the
-attempt's own span id, and `ctx.traceparent` (metrics' exemplars) its trace id.
+are client spans of the same server span, one per attempt of each call. The `traceparent` sent
+upstream carries the attempt's own span id, and `ctx.traceparent` (metrics' exemplars) its trace id.
 
-Ended spans go to the SDK's BatchSpanProcessor, which exports from its own thread: the reactor
-only appends to a queue, so a slow or absent collector costs requests nothing. Spans a
-collector did not take are counted (`dropped`) for /metrics. Imported only when the config
-has `tracing:` (the SDK is several MiB of code a gateway without it never needs).
+Recording is ops/spans.py's (compiled): plain records in a bounded queue. Exporting is here, on
+the reactor and never in the way of a request: every `_SCHEDULE_DELAY` seconds (sooner when
+`_BATCH` spans wait) a batch is encoded into opentelemetry-proto's messages `_SLICE` spans per
+reactor turn, then posted with Twisted's Agent (the SDK exporter's headers, a timeout, its retries on
+429/502/503/504 and connection errors). There is no export thread: the SDK's
+BatchSpanProcessor held the GIL for whole batches while it encoded and posted, and the reactor
+waited. Spans a collector did not take, or that found the queue full, are counted (`dropped`)
+for /metrics. Imported only when the config has `tracing:`.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.exporter.otlp.proto.http import _OTLP_HTTP_HEADERS
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource as ResourceMessage
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
-from opentelemetry.trace import Span, SpanKind, StatusCode, Tracer, set_span_in_context
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.client import Agent
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer
+from zope.interface import implementer
 
 from txgateway import __version__
-from txgateway.core.logtext import printable
+from txgateway.core.fetch import quiet_pool
 from txgateway.ops.sampling import TraceGate
-
-if TYPE_CHECKING:
-    from txgateway.core.pipeline import RequestContext
-    from txgateway.ops.tracingconfig import TracingConfig
+from txgateway.ops.spans import SpanQueue, SpanRecord, SpanRecorder
+from txgateway.ops.tracingconfig import TracingConfig
 
 __all__ = ["Tracing"]
 
-_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"})
-_EXPORT_TIMEOUT = 10.0   # seconds one export may take (the batch thread's, never the reactor's)
-_SCHEDULE_DELAY = 5.0    # seconds between exports (sooner when 512 spans are queued)
+_SCHEDULE_DELAY = 5.0    # seconds between exports (the SDK's BatchSpanProcessor's default)
+_BATCH = 512             # spans per export, and how many waiting make one due at once (the SDK's)
+_QUEUE_LIMIT = 2048      # spans waiting at most; more are dropped (the SDK's)
+_SLICE = 64              # spans encoded per reactor turn (~1 ms): requests interleave with the encoding
+_EXPORT_TIMEOUT = 10.0   # seconds one export may take, retries included (the SDK exporter's)
+_RETRYABLE = frozenset({429, 502, 503, 504})   # statuses the SDK exporter retries, as connection errors
 _STOP_WAIT = 3.0         # seconds a stopping gateway waits for the last export
+_VARIED = frozenset({"url.path", "url.query", "url.full"})   # attributes whose values rarely recur
+_KNOWN_LIMIT = 4096      # attribute encodings kept at most
+# OTLP's span flags: "has is_remote" always, "is remote" when the parent is the caller's.
+_LOCAL_PARENT, _REMOTE_PARENT = 0x100, 0x300
+_log = Logger(namespace="txgateway.ops.tracing")
 
 
-class _CountingExporter(SpanExporter):
-    """The OTLP exporter, counting the spans each batch delivered or lost (for /metrics)."""
+class Encoder:
+    """Batches of SpanRecords as an OTLP ExportTraceServiceRequest of opentelemetry-proto's
+    messages. The SDK's encoder built each span, attribute and value with keyword constructors
+    that upb then copied (~40 % of its ~300k instructions a span). Here a span's scalars go in
+    its `add()`; an attribute whose value recurs (a method, a route, a status: most of them) is
+    serialized once, as a Span holding only that attribute, by protobuf itself, and a span's
+    recurring attributes are merged in with one `MergeFromString` of those encodings joined
+    (protobuf's own rule: concatenated encodings merge, repeated fields append). Values unique
+    to a request (`_VARIED`) are set directly."""
 
-    def __init__(self, inner: SpanExporter) -> None:
-        self.inner = inner
-        self.exported = 0
-        self.dropped = 0
+    def __init__(self, resource: Resource) -> None:
+        self.resource = ResourceMessage()
+        for key, value in resource.attributes.items():
+            kv = self.resource.attributes.add()
+            kv.key = key
+            _set_value(kv.value, value)
+        self.scope = InstrumentationScope(name="txgateway", version=__version__)
+        self.known: dict[tuple[str, Any], bytes] = {}   # (key, value) -> a Span with that attribute, encoded
 
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        try:
-            result = self.inner.export(spans)
-        except Exception:
-            result = SpanExportResult.FAILURE
-        if result is SpanExportResult.SUCCESS:
-            self.exported += len(spans)
-        else:
-            self.dropped += len(spans)
-        return result
+    def start(self) -> tuple[ExportTraceServiceRequest, Any]:
+        """An empty request (this gateway's resource and scope) and its repeated spans field."""
+        request = ExportTraceServiceRequest()
+        resource_spans = request.resource_spans.add()
+        resource_spans.resource.CopyFrom(self.resource)
+        scope_spans = resource_spans.scope_spans.add()
+        scope_spans.scope.CopyFrom(self.scope)
+        return request, scope_spans.spans
 
-    def shutdown(self) -> None:
-        self.inner.shutdown()
+    def add(self, spans: Any, records: list[SpanRecord]) -> None:
+        known = self.known
+        for record in records:
+            span = spans.add(trace_id=record.trace_id.to_bytes(16, "big"), span_id=record.span_id.to_bytes(8, "big"),
+                             flags=_REMOTE_PARENT if record.remote_parent else _LOCAL_PARENT,
+                             name=record.name, kind=record.kind,
+                             start_time_unix_nano=record.start, end_time_unix_nano=record.end)
+            if record.parent_id:
+                span.parent_span_id = record.parent_id.to_bytes(8, "big")
+            if record.trace_state:
+                span.trace_state = record.trace_state
+            parts = []
+            for key, value in record.attributes.items():
+                if key in _VARIED or (type(value) is not str and type(value) is not int):   # not True == 1
+                    kv = span.attributes.add()
+                    kv.key = key
+                    _set_value(kv.value, value)
+                else:
+                    part = known.get((key, value))
+                    if part is None:
+                        part = self._remember(key, value)
+                    parts.append(part)
+            span.MergeFromString(b"".join(parts))
+            if record.status:
+                span.status.code = record.status
+                if record.message:
+                    span.status.message = record.message
 
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self.inner.force_flush(timeout_millis)
+    def _remember(self, key: str, value: Any) -> bytes:
+        if len(self.known) >= _KNOWN_LIMIT:       # bounded: values that turn out to vary start it over
+            self.known.clear()
+        one = Span()
+        kv = one.attributes.add()
+        kv.key = key
+        _set_value(kv.value, value)
+        part = self.known[key, value] = one.SerializeToString()
+        return part
 
 
-def _method(ctx: RequestContext) -> str:
-    method = ctx.method.decode("latin-1")
-    return method if method in _METHODS else "_OTHER"
+def _set_value(out: AnyValue, value: Any) -> None:
+    if isinstance(value, str):
+        out.string_value = value
+    elif isinstance(value, bool):
+        out.bool_value = value
+    elif isinstance(value, int):
+        out.int_value = value
+    elif isinstance(value, float):
+        out.double_value = value
+    else:       # the SDK's resource may hold a sequence (from OTEL_RESOURCE_ATTRIBUTES: strings only)
+        out.string_value = str(value)
 
 
-class RequestSpans:
-    """One request's spans, kept in its state under "tracing". Filters that wait on a call of
-    their own (a Redis script, a JWKS fetch) find it there and time that call with `around`."""
+@implementer(IBodyProducer)
+class _Body:
+    """An encoded batch as a request body, written in one go (Twisted's FileBodyProducer, which
+    treq uses, reads it back from a file object a cooperator's task at a time)."""
 
-    __slots__ = ("tracer", "server", "client", "status_before")
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.length = len(data)
 
-    def __init__(self, tracer: Tracer, server: Span) -> None:
-        self.tracer = tracer
-        self.server = server
-        self.client: Span | None = None   # the upstream attempt under way
-        self.status_before = 0             # ctx.upstream_status when that attempt began
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        consumer.write(self.data)
+        return succeed(None)
 
-    def call(self) -> RequestSpans:
-        """The spans of one composed call (terminals/compose/): its attempts are children of the
-        request's server span, with an attempt slot of their own (calls run side by side)."""
-        return RequestSpans(self.tracer, self.server)
+    def pauseProducing(self) -> None:
+        pass
 
-    def end_call(self, ctx: RequestContext, cancelled: str | None) -> None:
-        """A composed call settled (`ctx` its own context), or was `cancelled` for this reason."""
-        if self.client is not None:
-            _end_attempt(ctx, self, retried=False, cancelled=cancelled)
+    def resumeProducing(self) -> None:
+        pass
 
-    def child(self, name: str, kind: SpanKind, attributes: dict[str, Any] | None = None) -> Span:
-        return self.tracer.start_span(name, context=set_span_in_context(self.server), kind=kind, attributes=attributes)
+    def stopProducing(self) -> None:
+        pass
 
-    def around(self, d: Deferred[Any], name: str, attributes: dict[str, Any]) -> None:
-        """A client span, child of the server span, from now until `d` settles (its result untouched)."""
-        span = self.child(name, SpanKind.CLIENT, attributes)
 
-        def settled(result: Any) -> Any:
-            if isinstance(result, Failure):
-                span.set_attribute("error.type", result.type.__name__)
-                span.set_status(StatusCode.ERROR, result.getErrorMessage())
-            span.end()
-            return result
+class _Drain(Protocol):
+    """Reads an answer's body to its end (the connection is then reused), firing its status."""
 
-        d.addBoth(settled)
+    def __init__(self, done: Deferred[int], status: int) -> None:
+        self.done = done
+        self.status = status
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.done.callback(self.status)     # cut short or not, the collector answered `status`
+
+
+def _status(response: Any) -> Deferred[int]:
+    done: Deferred[int] = Deferred()
+    response.deliverBody(_Drain(done, response.code))
+    return done
+
+
+class Poster:
+    """POSTs encoded batches to the collector from the reactor (Twisted's Agent, one kept-alive connection),
+    retrying as the SDK exporter does: 429/502/503/504 and connection errors after 1, 2, 4 s
+    (a connection error once at once first), within `_EXPORT_TIMEOUT` in all. Its Deferred
+    fires True (taken) or False (dropped); it never fails."""
+
+    def __init__(self, reactor: Any, clock: Any, url: str, headers: dict[str, str]) -> None:
+        pool = quiet_pool(reactor)
+        pool.persistent = True               # one connection kept to the collector between exports
+        pool.maxPersistentPerHost = 1
+        self.agent = Agent(reactor, pool=pool)
+        self.pool = pool
+        self.clock = clock
+        self.url = url
+        self.uri = url.encode("ascii")
+        # the SDK exporter's Content-Type and User-Agent, then the configured ones
+        self.headers = Headers({name: [value] for name, value in {**_OTLP_HTTP_HEADERS, **headers}.items()})
+
+    def post(self, body: bytes) -> Deferred[bool]:
+        done: Deferred[bool] = Deferred()
+        deadline = self.clock.seconds() + _EXPORT_TIMEOUT
+
+        def attempt(retry: int, again: bool) -> None:
+            producer: Any = _Body(body)         # an IBodyProducer (mypy has no zope plugin here)
+            d = self.agent.request(b"POST", self.uri, self.headers, producer)
+            d.addCallback(_status)
+            d.addTimeout(max(deadline - self.clock.seconds(), 0.0), self.clock)
+            d.addBoth(answered, retry, again)
+
+        def answered(result: int | Failure, retry: int, again: bool) -> None:
+            if isinstance(result, int) and 200 <= result < 400:
+                done.callback(True)
+                return
+            if isinstance(result, Failure) and again:
+                # As the SDK exporter: a connection error is retried once at once (a kept-alive
+                # connection the collector closed meanwhile; Twisted keeps HTTP/1.0 ones too).
+                attempt(retry, False)
+                return
+            backoff = float(2 ** retry)
+            retryable = isinstance(result, Failure) or result in _RETRYABLE
+            if not retryable or self.clock.seconds() + backoff >= deadline:
+                reason = result.getErrorMessage() if isinstance(result, Failure) else f"HTTP {result}"
+                _log.warn("tracing: an export to {url} failed ({reason}); its spans are dropped",
+                          url=self.url, reason=reason)
+                done.callback(False)
+                return
+            self.clock.callLater(backoff, attempt, retry + 1, True)
+
+        attempt(0, True)
+        return done
 
 
 class Tracing:
-    """The tracer: records the requests its gate (ops/sampling.py) samples. `start` opens the
-    server span, `attempt` a client span per upstream attempt, `finish` ends them."""
+    """The tracer: its gate (ops/sampling.py) decides, its recorder (ops/spans.py) records, and
+    it exports the queued spans in batches (`clock` times the exports and the retries; the
+    encoding's slices go a reactor turn apart)."""
 
-    def __init__(self, config: TracingConfig) -> None:
-        self.exporter = _CountingExporter(OTLPSpanExporter(endpoint=config.otlp_endpoint, headers=dict(config.headers),
-                                                           timeout=_EXPORT_TIMEOUT))
-        self.processor = BatchSpanProcessor(self.exporter, schedule_delay_millis=_SCHEDULE_DELAY * 1000.0)
-        # The decision is the gate's; the SDK records what reaches it (its sampler agrees).
-        # Not shut down at exit: the gateway stops it (`stop`) within its drain, off the reactor thread.
-        self.provider = TracerProvider(sampler=ParentBased(ALWAYS_ON),
-                                       resource=Resource.create({"service.name": config.service_name}),
-                                       shutdown_on_exit=False)
-        self.provider.add_span_processor(self.processor)
-        self.tracer = self.provider.get_tracer("txgateway", __version__)
-        self.propagator = TraceContextTextMapPropagator()
+    def __init__(self, config: TracingConfig, reactor: Any, clock: Any = None) -> None:
+        self.reactor = reactor
+        self.clock = clock if clock is not None else reactor
+        self.queue = SpanQueue(_QUEUE_LIMIT, _BATCH, self._ready)
+        self.recorder = SpanRecorder(self.queue)
         # The edge's filter, finish hook and proxies' attempt hook (service/requestpath.py)
-        self.gate = TraceGate(self, config.sample_ratio)
+        self.gate = TraceGate(self.recorder, config.sample_ratio)
+        self.encoder = Encoder(Resource.create({"service.name": config.service_name}))
+        self.poster = Poster(reactor, self.clock, config.otlp_endpoint, dict(config.headers))
+        self.exported = 0
+        self.failed = 0                          # spans of exports the collector did not take
+        self.timer: Any = None                   # the next export, while spans wait
+        self.sending: Deferred[None] | None = None   # the export under way (one at a time)
+        self.stopped = False
 
-    # -- the sampled requests ------------------------------------------------------------
+    def _ready(self, waiting: int) -> None:
+        """The queue's signal: the first span arrived (export in `_SCHEDULE_DELAY`) or a batch is full (now)."""
+        if self.sending is not None:
+            return                               # the export under way schedules the next
+        if waiting >= _BATCH:
+            self._schedule(0.0)
+        elif self.timer is None:
+            self._schedule(_SCHEDULE_DELAY)
 
-    def start(self, ctx: RequestContext, continued: bool) -> None:
-        """A sampled request: its server span, child of the caller's span when `continued`."""
-        carrier = {}
-        others = []
-        for name, value in ctx.headers:
-            if name == b"traceparent" or name == b"tracestate":
-                carrier[name.decode()] = value.decode("latin-1")
+    def _schedule(self, delay: float) -> None:
+        if self.timer is not None and self.timer.active():
+            if delay:
+                return
+            self.timer.cancel()
+        self.timer = self.clock.callLater(delay, self._due)
+
+    def _due(self) -> None:
+        self.timer = None
+        if self.sending is None and self.queue.records:
+            self._export(sliced=True)
+
+    def _export(self, sliced: bool) -> Deferred[None]:
+        """Encode and post the oldest batch (`_SLICE` spans per reactor turn if `sliced`, else
+        in one go); then schedule the next if spans wait."""
+        records = self.queue.take(_BATCH)
+        encoded = self._encode(records, _SLICE if sliced else len(records))
+        self.sending = d = encoded.addCallback(self.poster.post).addBoth(self._settled, len(records))
+        return d
+
+    def _encode(self, records: list[SpanRecord], size: int) -> Deferred[bytes]:
+        """`size` spans now, the next `size` at the next reactor turn, and so on."""
+        request, spans = self.encoder.start()
+        done: Deferred[bytes] = Deferred()
+
+        def part(start: int) -> None:
+            try:
+                self.encoder.add(spans, records[start:start + size])
+            except Exception:
+                done.errback()
+                return
+            if start + size < len(records):
+                self.reactor.callLater(0, part, start + size)    # the next turn: requests go first
             else:
-                others.append((name, value))
-        parent = self.propagator.extract(carrier) if continued else None
-        method = _method(ctx)
-        span = self.tracer.start_span(method, context=parent, kind=SpanKind.SERVER)
-        if span.is_recording():
-            span.set_attributes({
-                "http.request.method": method, "url.path": printable(ctx.path), "url.scheme": ctx.scheme.decode(),
-                "network.protocol.version": ctx.version.decode("latin-1"),
-                "network.peer.address": ctx.peer_ip,
-            })
-            if ctx.query:
-                span.set_attribute("url.query", printable(ctx.query[1:] if ctx.query[:1] == b"?" else ctx.query))
-            if ctx.host:
-                span.set_attribute("server.address", printable(ctx.host))
-            agent = ctx.header(b"user-agent")
-            if agent is not None:
-                span.set_attribute("user_agent.original", printable(agent))
-        # The forwarding filter continues this trace: the server span is the upstream's parent.
-        others.append((b"traceparent", _traceparent(span)))
-        if "tracestate" in carrier:
-            others.append((b"tracestate", carrier["tracestate"].encode("latin-1")))
-        ctx.headers = others
-        ctx.set_state(self.gate.name, RequestSpans(self.tracer, span))
+                done.callback(request.SerializeToString())
 
-    def attempt(self, ctx: RequestContext, spans: RequestSpans) -> None:
-        """An upstream attempt starts: end the one before (it failed: a retry follows), open
-        its client span, and send its id in the `traceparent`."""
-        if spans.client is not None:
-            _end_attempt(ctx, spans, retried=True)
-        method = _method(ctx)
-        span = spans.child(method, SpanKind.CLIENT)
-        if span.is_recording():
-            span.set_attributes({"http.request.method": method, "url.full": f"{ctx.target_url}{printable(ctx.upstream_path)}",
-                                 "txgateway.upstream": ctx.upstream or ""})
-            if ctx.retries:
-                span.set_attribute("http.request.resend_count", ctx.retries)
-        spans.client = span
-        spans.status_before = ctx.upstream_status
-        trace = ctx.traceparent = _traceparent(span)
-        headers = ctx.headers
-        for i, (name, _) in enumerate(headers):
-            if name == b"traceparent":
-                headers[i] = (name, trace)
+        part(0)
+        return done
 
-    def finish(self, ctx: RequestContext, spans: RequestSpans) -> None:
-        if spans.client is not None:
-            _end_attempt(ctx, spans, retried=False)
-        span = spans.server
-        if span.is_recording():
-            route = ctx.route.prefix if ctx.route is not None else None
-            if route is not None:
-                span.set_attribute("http.route", route)
-                span.update_name(f"{_method(ctx)} {route}")
-            span.set_attribute("client.address", ctx.client_ip)
-            if ctx.status:
-                span.set_attribute("http.response.status_code", ctx.status)
-            if ctx.status >= 500 or not ctx.status:
-                span.set_attribute("error.type", ctx.error_code or str(ctx.status or "aborted"))
-                span.set_status(StatusCode.ERROR, ctx.error_detail)
-            elif ctx.error_code is not None:
-                span.set_attribute("txgateway.error", ctx.error_code)
-        span.end()
+    def _settled(self, taken: bool | Failure, count: int) -> None:
+        if taken is True:
+            self.exported += count
+        else:
+            if isinstance(taken, Failure):          # not encodable: a bug, said once per batch
+                _log.failure("tracing: a batch of spans could not be encoded; dropped", taken)
+            self.failed += count
+        self.sending = None
+        if self.queue.records and not self.stopped:
+            self._schedule(0.0 if len(self.queue.records) >= _BATCH else _SCHEDULE_DELAY)
 
     # -- lifecycle and metrics -----------------------------------------------------------
 
-    def force_flush(self) -> bool:
-        """Export what is queued now (blocks: tests, and the batch thread's own work)."""
-        return self.processor.force_flush()
+    def flush(self) -> Deferred[None]:
+        """Export everything queued now, batch after batch, encoded in one go (tests, and `stop`)."""
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        before = self.sending if self.sending is not None else succeed(None)
+        waited: Deferred[None] = Deferred()
+        before.addBoth(waited.callback)       # `sending` itself stays the export's own chain
+
+        def next_batch(_: Any) -> Any:
+            if self.queue.records:
+                return self._export(sliced=False).addCallback(next_batch)
+            return None
+
+        return waited.addCallback(next_batch)
 
     def stop(self, reactor: Any) -> Deferred[None]:
-        """Export what is left from a thread of its own, waited for at most `_STOP_WAIT` seconds:
-        a collector that is down must not hold up the gateway's exit (the thread is a daemon)."""
+        """Export what is left, waited for at most `_STOP_WAIT` seconds: a collector that is
+        down must not hold up the gateway's exit."""
+        self.stopped = True
         done: Deferred[None] = Deferred()
 
-        def release() -> None:
+        def release(_: Any = None) -> None:
             if not done.called:
                 if timer.active():
                     timer.cancel()
                 done.callback(None)
 
-        def shutdown() -> None:
-            try:
-                self.provider.shutdown()
-            finally:
-                reactor.callFromThread(release)
-
         timer = reactor.callLater(_STOP_WAIT, release)
-        threading.Thread(target=shutdown, name="txgateway-tracing-stop", daemon=True).start()
-        return done
+        self.flush().addBoth(release)
+        return done.addCallback(lambda _: self.poster.pool.closeCachedConnections())
 
     @property
     def counts(self) -> list[int]:
-        """[spans exported, spans dropped], for /metrics."""
-        return [self.exporter.exported, self.exporter.dropped]
+        """[spans exported, spans dropped (refused, failed, or the queue was full)], for /metrics."""
+        return [self.exported, self.failed + self.queue.dropped]
 
-
-def _traceparent(span: Span) -> bytes:
-    context = span.get_span_context()
-    return b"00-%032x-%016x-%02x" % (context.trace_id, context.span_id, context.trace_flags)
-
-
-def _end_attempt(ctx: RequestContext, spans: RequestSpans, retried: bool, cancelled: str | None = None) -> None:
-    """End the attempt under way: its target, its answer, and why it failed (a retry followed,
-    the proxy gave up, or its composition `cancelled` it)."""
-    span = spans.client
-    spans.client = None
-    if span is not None and span.is_recording():
-        if ctx.upstream_addr:
-            address, _, port = ctx.upstream_addr.rpartition(":")
-            span.set_attribute("server.address", address)
-            if port.isdigit():
-                span.set_attribute("server.port", int(port))
-        status = ctx.upstream_status
-        if status and (status != spans.status_before or not retried):   # this attempt's own answer
-            span.set_attribute("http.response.status_code", status)
-        notes = ctx.notes or {}
-        failure = cancelled or (notes.get("upstream_error") if retried or ctx.error_code else None)
-        if failure is not None or status >= 500:
-            span.set_attribute("error.type", str(failure or status))
-            span.set_status(StatusCode.ERROR, failure)
-    if span is not None:
-        span.end()

@@ -175,7 +175,7 @@ class Gateway(MultiService):
         self.durable: dict[str, Any] = {}   # what filters keep across reloads (the response cache's store)
         self.redis, self.limiter, self.local_buckets = self._limit_stores(config)
         self.access_log = AccessLog(self.log_writer, Layout(config.access_log_fields, config.access_log_redact))
-        self.tracing = self._tracing(config)
+        self.tracing = self._tracing(config, reactor, self.clock)
         self.switch = Switch(self._request_path(config, {}))
         self.peers = PeerLimit(lambda: self.switch.pipeline.limits.max_connections_per_ip)
         self.factory = HTTP1Factory(self.switch, self.clock, self.deadlines, peers=self.peers)
@@ -280,12 +280,12 @@ class Gateway(MultiService):
         return build_request_path(config, self._resources(config, keep), [self.stats, self.access_log], self.tracing)
 
     @staticmethod
-    def _tracing(config: Config) -> Any:
+    def _tracing(config: Config, reactor: Any, clock: Any) -> Any:
         """The OpenTelemetry tracer (ops/tracing.py) when `tracing:` is set; read at start only."""
         if config.tracing is None:
             return None
         from txgateway.ops.tracing import Tracing  # the OpenTelemetry SDK: only configs that trace
-        return Tracing(config.tracing)
+        return Tracing(config.tracing, reactor, clock)
 
     @property
     def pipeline(self) -> Pipeline:

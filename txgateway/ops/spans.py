@@ -1,0 +1,258 @@
+"""The sampled requests' spans, recorded in compiled code as plain records.
+
+The SDK's `start_span`/`set_attribute`/`end` cost ~470k instructions per recorded request
+(interpreted contexts, span objects, attribute cleaning) for what OTLP carries: a name, ids,
+two times and a few attributes. Here a span is a `SpanRecord` with exactly those fields, made
+with the SDK's semantics (parent-based sampling as decided by ops/sampling.py, ids from
+`random.getrandbits` and never zero, times from `time.time_ns`, a parent's `tracestate` kept),
+and an ended span waits in a `SpanQueue` until ops/tracing.py encodes a batch of them into
+opentelemetry-proto's messages, off the request. No part of the SDK is imported here, so the
+module compiles (setup.py) and a config without `tracing:` never loads this.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+from txgateway.core.logtext import printable
+from txgateway.core.pipeline import RequestContext
+
+__all__ = ["CLIENT", "ERROR", "SERVER", "RequestSpans", "SpanQueue", "SpanRecord", "SpanRecorder"]
+
+SERVER = 2   # OTLP's Span.SpanKind (opentelemetry-proto's trace.proto)
+CLIENT = 3
+ERROR = 2    # OTLP's Status.StatusCode; 0 is unset
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"})
+
+
+class SpanRecord:
+    """One span as OTLP has it. `parent_id` 0: a root span; `remote_parent`: its parent is the
+    caller's (OTLP's span flags say so). `end` is 0 until the span ends."""
+
+    def __init__(self, name: str, kind: int, trace_id: int, parent_id: int, remote_parent: bool,
+                 trace_state: str, attributes: dict[str, Any]) -> None:
+        self.name = name
+        self.kind = kind
+        self.trace_id = trace_id
+        self.span_id = _new_id(64)
+        self.parent_id = parent_id
+        self.remote_parent = remote_parent
+        self.trace_state = trace_state
+        self.attributes = attributes
+        self.start = time.time_ns()
+        self.end = 0
+        self.status = 0
+        self.message: str | None = None
+
+    def fail(self, error_type: str, message: str | None) -> None:
+        self.attributes["error.type"] = error_type
+        self.status = ERROR
+        self.message = message
+
+    def traceparent(self) -> bytes:
+        """The W3C `traceparent` naming this span (always sampled: only sampled spans are recorded)."""
+        return b"00-%032x-%016x-01" % (self.trace_id, self.span_id)
+
+
+class SpanQueue:
+    """Ended spans waiting for their export, at most `limit` of them (more are dropped and
+    counted). `ready` hears the count when the first span arrives in an empty queue (an export
+    is due in a while) and when `batch` are waiting (one is due now)."""
+
+    def __init__(self, limit: int, batch: int, ready: Callable[[int], None]) -> None:
+        self.limit = limit
+        self.batch = batch
+        self.ready = ready
+        self.records: list[SpanRecord] = []
+        self.dropped = 0
+
+    def add(self, record: SpanRecord) -> None:
+        records = self.records
+        n = len(records)
+        if n >= self.limit:
+            self.dropped += 1
+            return
+        record.end = time.time_ns()
+        records.append(record)
+        if n == 0 or n + 1 == self.batch:
+            self.ready(n + 1)
+
+    def take(self, n: int) -> list[SpanRecord]:
+        """The oldest `n` spans, out of the queue."""
+        taken = self.records[:n]
+        del self.records[:n]
+        return taken
+
+
+class RequestSpans:
+    """One request's spans, kept in its state under "tracing". Filters that wait on a call of
+    their own (a Redis script, a JWKS fetch) find it there and time that call with `around`."""
+
+    def __init__(self, queue: SpanQueue, server: SpanRecord) -> None:
+        self.queue = queue
+        self.server = server
+        self.client: SpanRecord | None = None   # the upstream attempt under way
+        self.status_before = 0                  # ctx.upstream_status when that attempt began
+
+    def call(self) -> RequestSpans:
+        """The spans of one composed call (terminals/compose/): its attempts are children of the
+        request's server span, with an attempt slot of their own (calls run side by side)."""
+        return RequestSpans(self.queue, self.server)
+
+    def end_call(self, ctx: RequestContext, cancelled: str | None) -> None:
+        """A composed call settled (`ctx` its own context), or was `cancelled` for this reason."""
+        if self.client is not None:
+            self.end_attempt(ctx, False, cancelled)
+
+    def child(self, name: str, attributes: dict[str, Any]) -> SpanRecord:
+        """A client span, child of the server span."""
+        server = self.server
+        return SpanRecord(name, CLIENT, server.trace_id, server.span_id, False, server.trace_state, attributes)
+
+    def around(self, d: Deferred[Any], name: str, attributes: dict[str, Any]) -> None:
+        """A client span from now until `d` settles (its result untouched)."""
+        span = self.child(name, dict(attributes))
+        queue = self.queue
+
+        def settled(result: Any) -> Any:
+            if isinstance(result, Failure):
+                span.fail(result.type.__name__, result.getErrorMessage())
+            queue.add(span)
+            return result
+
+        d.addBoth(settled)
+
+    def end_attempt(self, ctx: RequestContext, retried: bool, cancelled: str | None = None) -> None:
+        """End the attempt under way: its target, its answer, and why it failed (a retry followed,
+        the proxy gave up, or its composition `cancelled` it)."""
+        span = self.client
+        if span is None:
+            return
+        self.client = None
+        attributes = span.attributes
+        if ctx.upstream_addr:
+            address, _, port = ctx.upstream_addr.rpartition(":")
+            attributes["server.address"] = address
+            if port.isdigit():
+                attributes["server.port"] = int(port)
+        status = ctx.upstream_status
+        if status and (status != self.status_before or not retried):   # this attempt's own answer
+            attributes["http.response.status_code"] = status
+        notes = ctx.notes or {}
+        failure = cancelled or (notes.get("upstream_error") if retried or ctx.error_code else None)
+        if failure is not None or status >= 500:
+            span.fail(str(failure or status), failure)
+        self.queue.add(span)
+
+
+class SpanRecorder:
+    """Records the requests ops/sampling.py's gate samples: `start` opens the server span,
+    `attempt` a client span per upstream attempt, `finish` ends them (the gate's Recorder)."""
+
+    def __init__(self, queue: SpanQueue) -> None:
+        self.queue = queue
+
+    def start(self, ctx: RequestContext, continued: bool) -> None:
+        """A sampled request: its server span, child of the caller's span when `continued`
+        (the gate found a well-formed, sampled `traceparent`)."""
+        parent: bytes | None = None
+        state: bytes | None = None
+        others = []
+        for name, value in ctx.headers:
+            if name == b"traceparent":
+                parent = value
+            elif name == b"tracestate":
+                state = value
+            else:
+                others.append((name, value))
+        method = _method(ctx)
+        attributes: dict[str, Any] = {
+            "http.request.method": method, "url.path": _text(ctx.path), "url.scheme": ctx.scheme.decode(),
+            "network.protocol.version": ctx.version.decode("latin-1"), "network.peer.address": ctx.peer_ip,
+        }
+        if ctx.query:
+            attributes["url.query"] = _text(ctx.query[1:] if ctx.query[:1] == b"?" else ctx.query)
+        if ctx.host:
+            attributes["server.address"] = _text(ctx.host)
+        agent = ctx.header(b"user-agent")
+        if agent is not None:
+            attributes["user_agent.original"] = _text(agent)
+        if continued and parent is not None:
+            ids = parent.strip()         # "00-<32 hex trace id>-<16 hex span id>-<flags>", checked by the gate
+            trace_state = state.decode("latin-1") if state is not None else ""
+            span = SpanRecord(method, SERVER, int(ids[3:35], 16), int(ids[36:52], 16), True, trace_state, attributes)
+        else:
+            span = SpanRecord(method, SERVER, _new_id(128), 0, False, "", attributes)
+        # The forwarding filter continues this trace: the server span is the upstream's parent.
+        others.append((b"traceparent", span.traceparent()))
+        if span.trace_state:
+            others.append((b"tracestate", span.trace_state.encode("latin-1")))
+        ctx.headers = others
+        ctx.set_state("tracing", RequestSpans(self.queue, span))
+
+    def attempt(self, ctx: RequestContext, spans: RequestSpans) -> None:
+        """An upstream attempt starts: end the one before (it failed: a retry follows), open
+        its client span, and send its id in the `traceparent`."""
+        if spans.client is not None:
+            spans.end_attempt(ctx, True)
+        method = _method(ctx)
+        attributes: dict[str, Any] = {"http.request.method": method,
+                                      "url.full": f"{ctx.target_url}{_text(ctx.upstream_path)}",
+                                      "txgateway.upstream": ctx.upstream or ""}
+        if ctx.retries:
+            attributes["http.request.resend_count"] = ctx.retries
+        span = spans.client = spans.child(method, attributes)
+        spans.status_before = ctx.upstream_status
+        trace = ctx.traceparent = span.traceparent()
+        headers = ctx.headers
+        for i, (name, _) in enumerate(headers):
+            if name == b"traceparent":
+                headers[i] = (name, trace)
+
+    def finish(self, ctx: RequestContext, spans: RequestSpans) -> None:
+        if spans.client is not None:
+            spans.end_attempt(ctx, False)
+        span = spans.server
+        attributes = span.attributes
+        route = ctx.route.prefix if ctx.route is not None else None
+        if route is not None:
+            attributes["http.route"] = route
+            span.name = f"{_method(ctx)} {route}"
+        attributes["client.address"] = ctx.client_ip
+        if ctx.status:
+            attributes["http.response.status_code"] = ctx.status
+        if ctx.status >= 500 or not ctx.status:
+            span.fail(ctx.error_code or str(ctx.status or "aborted"), ctx.error_detail)
+        elif ctx.error_code is not None:
+            attributes["txgateway.error"] = ctx.error_code
+        self.queue.add(span)
+
+
+def _method(ctx: RequestContext) -> str:
+    method = ctx.method.decode("latin-1")
+    return method if method in _METHODS else "_OTHER"
+
+
+def _text(value: bytes) -> str:
+    """`printable(value)`, without its regex for the usual value: ASCII with no control
+    character and no backslash, which it would return unchanged (a third of `start`'s cost)."""
+    if value.isascii():
+        text = value.decode("ascii")
+        if text.isprintable() and "\\" not in text:
+            return text
+    return printable(value)
+
+
+def _new_id(bits: int) -> int:
+    """A random trace (128 bits) or span (64 bits) id, never 0 (the SDK's RandomIdGenerator)."""
+    value = random.getrandbits(bits)
+    while not value:
+        value = random.getrandbits(bits)
+    return value
