@@ -146,6 +146,11 @@ def drive_new_connections(port: int, total: int, request: bytes, resume: bool, t
         s.close()
 
 
+def rss_mib(pid: int) -> float:
+    rss = re.search(r"^VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M)
+    return int(rss.group(1)) / 1024
+
+
 def rss_parts(pid: int) -> str:
     """Where the RSS is, from /proc/PID/smaps: malloc's heap, anonymous mappings (Python's
     arenas, large mallocs, thread stacks), mapped files (code)."""
@@ -307,6 +312,8 @@ def main() -> None:
     parser.add_argument("--cache", action="store_true", help="the route with cache: {ttl: 1h} (hits after the first)")
     parser.add_argument("--cache-miss", action="store_true",
                         help="the route cached, every request a new query: each one a miss that stores its response")
+    parser.add_argument("--max-memory", metavar="SIZE",
+                        help="with --cache/--cache-miss: the cache section's max_memory (e.g. 16MiB; default the gateway's)")
     parser.add_argument("--unique", action="store_true", help="every request a new query (implied by --cache-miss)")
     parser.add_argument("--json", action="store_true", help="the plain route answering a 2 KiB JSON object")
     parser.add_argument("--transform", action="store_true",
@@ -362,6 +369,8 @@ def main() -> None:
                             config)
         if args.cache:
             config = config.rstrip("\n") + "\n    cache: {ttl: 1h}\n"
+            if args.max_memory:
+                config += f"cache: {{max_memory: {args.max_memory}}}\n"
         if args.transform:
             config = config.rstrip("\n") + "\n" + TRANSFORM
         if collector is not None:
@@ -399,9 +408,9 @@ def main() -> None:
                 drive(socks, total, request, args.unique)
         run(100 if new_connections else max(500, 2 * args.conns))   # warm-up: every connection used
         if args.rss:
+            warm = rss_mib(gateway.pid)
             run(args.n)
-            rss = re.search(r"^VmRSS:\s+(\d+) kB", Path(f"/proc/{gateway.pid}/status").read_text(), re.M)
-            print(f"daemon RSS after {args.n} requests: {int(rss.group(1)) / 1024:.1f} MiB "
+            print(f"daemon RSS after {args.n} requests: {rss_mib(gateway.pid):.1f} MiB, {warm:.1f} after the warm-up "
                   f"({rss_parts(gateway.pid)})")
             return
         subprocess.run(["callgrind_control", "-z", str(gateway.pid)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -33,8 +33,23 @@ def test_http_dates_in_the_three_formats_and_garbage():
     assert parse_http_date(b"yesterday") is None and parse_http_date(b"0") is None
 
 
-def entry(size: int, vary: tuple = ()) -> Entry:
-    return Entry(200, [(b"content-type", b"text/plain")], b"x" * size, 0.0, 0.0, 0.0, 60.0, vary, directives([]), 0.0)
+def entry(size: int, vary: tuple = (), key: tuple = ("/", b"h", b"/", b"", None, ())) -> Entry:
+    return Entry(200, [(b"content-type", b"text/plain")], b"x" * size, 0.0, 0.0, 0.0, 60.0, vary, directives([]), 0.0,
+                 key)
+
+
+def test_an_entry_counts_the_objects_it_holds_and_its_key_not_only_its_body():
+    plain = entry(0)
+    assert plain.size > 300                         # the objects around an empty body and one field
+    assert entry(0, key=("/", b"h", b"/", b"?q=" + b"x" * 1000, None, ())).size >= plain.size + 1000
+    assert entry(0, key=("/", b"h", b"/", b"", "alice", (b"en", None))).size > plain.size + 5 + 2
+    fields = Entry(200, [(b"content-type", b"text/plain")] * 11, b"", 0.0, 0.0, 0.0, 60.0, (), directives([]), 0.0,
+                   ("/", b"h", b"/", b"", None, ()))
+    assert fields.size - plain.size > 10 * (12 + 10 + 64)    # a field's tuple and objects, not only its bytes
+    controlled = [(b"cache-control", b"max-age=60, public")]
+    parsed = Entry(200, controlled, b"", 0.0, 0.0, 0.0, 60.0, (), directives(controlled), 0.0, ("/", b"h", b"/", b"", None, ()))
+    unparsed = Entry(200, controlled, b"", 0.0, 0.0, 0.0, 60.0, (), directives([]), 0.0, ("/", b"h", b"/", b"", None, ()))
+    assert parsed.size > unparsed.size + 2 * 64              # the parsed directives: their own objects
 
 
 def test_the_store_evicts_least_recently_used_to_stay_under_max_memory():

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
+import http.client
 import socket
+import tracemalloc
 from typing import Any
 
 import pytest_twisted
@@ -367,6 +370,52 @@ async def test_a_flood_of_unique_query_strings_stays_under_max_memory(gateway, o
         assert store.bytes <= 64 * 1024
     assert store.evictions > 200
     assert (await fetch(gw, "/q?n=299")).header("x-cache") == "HIT"
+
+
+def misses(port: int, first: int, count: int) -> None:
+    """`count` GETs of `/s?n=<a number of its own>` over one keep-alive connection (in a thread)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    for n in range(first, first + count):
+        conn.request("GET", f"/s?n={n}", headers={"Host": "a.example"})
+        response = conn.getresponse()
+        assert response.status == 200 and response.read() == b"{}" and response.getheader("x-cache") == "MISS"
+    conn.close()
+
+
+def held_bytes() -> int:
+    """What the process's Python objects hold, each allocation rounded up as pymalloc does
+    (16-byte blocks up to 512 bytes): closer to the memory used than the sizes asked for."""
+    gc.collect()
+    return sum((t.size + 15) & ~15 if t.size <= 512 else t.size for t in tracemalloc.take_snapshot().traces)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_flood_of_small_unique_answers_keeps_the_memory_the_store_holds_within_max_memory(gateway, origin):
+    # Issue 14: a store counting only the bytes of bodies and fields held 2-4x max_memory with
+    # small answers (the key, the tuples, the objects around them were not counted).
+    res, url = origin
+    res.answers[b"/s"] = (200, [(b"Cache-Control", b"max-age=600, public"), (b"Content-Type", b"application/json")],
+                          b"{}")
+    bound = 256 * 1024
+    gw = await gateway(config(url, top="cache: {max_memory: 256KiB}"), clock=Clock())
+    store = gw.gateway.durable["cache"]
+    await deferToThread(misses, gw.port, 0, 50)        # warm: pools, threads, the gateway's own caches
+    tracemalloc.start()
+    try:
+        res.seen.clear()
+        gw.log.clear()
+        before = held_bytes()
+        await deferToThread(misses, gw.port, 50, 1500)
+        res.seen.clear()
+        gw.log.clear()
+        grown = held_bytes() - before
+    finally:
+        tracemalloc.stop()
+    assert store.evictions > 200 and not store.inflight
+    entries = store.counts("/").entries
+    print(f"{entries} entries, {store.bytes} counted, {grown} held: {grown / entries:.0f} a stored answer")
+    # Within max_memory, and not far below it: the count is honest, not a guess on the safe side.
+    assert 0.7 * bound <= grown <= bound + 16 * 1024
 
 
 @pytest_twisted.ensureDeferred

@@ -24,7 +24,7 @@ __all__ = ["CACHE", "CacheSettings", "RouteCache"]
 class CacheSettings:
     """The global `cache:` section: one store for every cached route."""
 
-    max_memory: int = 64 * 2**20        # bodies and headers of every stored response, LRU beyond
+    max_memory: int = 64 * 2**20        # the memory every stored response holds (store.Entry.size), LRU beyond
     max_object_size: int = 8 * 2**20    # larger responses pass through uncached, never held
     credentials: bool = False           # store answers to requests with credentials (RFC 9111 §3.5)
     lock_timeout: float = 5.0           # how long concurrent misses wait for the first one

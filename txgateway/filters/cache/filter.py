@@ -626,7 +626,8 @@ class CacheFilter:
             if b"*" in vary_values:
                 return None
             vary = tuple((name, _request_value(state.vary_source, name)) for name in sorted(set(vary_values)))
-        return Entry(status, kept, body, state.request_time, now, corrected_age, lifetime, vary, resp, date_value)
+        return Entry(status, kept, body, state.request_time, now, corrected_age, lifetime, vary, resp, date_value,
+                     state.key.parts)
 
     def _lifetime(self, status: int, headers: list[tuple[bytes, bytes]], resp: Directives, date: float,
                   has_expires: bool) -> float:

@@ -11,10 +11,22 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any, Final
 
+from txgateway.filters.cache.rules import Directives
+
 __all__ = ["Entry", "Key", "RouteCounts", "Store"]
 
 MAX_VARIANTS: Final = 8
-_OVERHEAD: Final = 256            # bookkeeping per entry, counted against max_memory
+# What a stored response costs beyond the bytes of its body, fields and key: CPython's objects
+# around them. Measured, not guessed (bench/cache_footprint.py: tracemalloc over 20,000
+# entries made as a miss makes them, sizes rounded up to pymalloc's 16-byte blocks; the
+# daemon's RSS under a flood agrees, docs/cache.md); tests/integration/test_cache.py fails
+# when the memory a flood leaves outgrows max_memory.
+_PER_ENTRY: Final = 800      # the Entry, its list of fields, its body object and times, the Key
+                            # (its tuple, hash, path and query objects), the store's slot
+_PER_FIELD: Final = 152      # a field: its (name, value) tuple, two bytes objects, a list slot
+_PER_DIRECTIVES: Final = 216  # a parsed Cache-Control: the Directives and its dict
+_PER_DIRECTIVE: Final = 96  # a directive: its name and value objects, a dict slot
+_PER_OBJECT: Final = 48     # a str, bytes or tuple beyond its length (identity, key.headers)
 
 
 class Key:
@@ -40,6 +52,22 @@ class Key:
         return self.parts[index]
 
 
+def key_size(parts: tuple[Any, ...]) -> int:
+    """A key's own bytes (route, host, path, query, identity, key.headers values): its
+    objects' fixed part is in _PER_ENTRY, except for the parts most keys do not have."""
+    size = len(parts[1]) + len(parts[2]) + len(parts[3])
+    identity = parts[4]
+    if identity is not None:
+        size += _PER_OBJECT + len(identity)
+    extra = parts[5]
+    if len(extra) != 0:
+        size += _PER_OBJECT + 8 * len(extra)
+        for value in extra:
+            if value is not None:
+                size += _PER_OBJECT + len(value)
+    return size
+
+
 AnyKey = Key | tuple[Any, ...]     # the filter's keys are Keys; a plain tuple finds the same entry
 
 
@@ -51,7 +79,7 @@ class Entry:
 
     def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, request_time: float,
                  response_time: float, corrected_age: float, lifetime: float, vary: tuple[tuple[bytes, bytes | None], ...],
-                 directives: Any, date: float) -> None:
+                 directives: Directives, date: float, key: tuple[Any, ...]) -> None:
         self.status = status
         self.headers = headers            # end-to-end, lower-case names, Age and Set-Cookie left out
         self.body = body
@@ -64,13 +92,25 @@ class Entry:
         self.date = date
         self.etag: bytes | None = None
         self.last_modified: bytes | None = None
-        size = len(body) + _OVERHEAD
+        # What storing it costs (max_memory's unit): the objects, not only their bytes, and
+        # its key's (each variant of a key counts the key: at most 8, a small overcount).
+        size = len(body) + _PER_ENTRY + key_size(key)
         for name, value in headers:
-            size += len(name) + len(value)
+            size += len(name) + len(value) + _PER_FIELD
             if name == b"etag":
                 self.etag = value
             elif name == b"last-modified":
                 self.last_modified = value
+        d = directives.d
+        if len(d) != 0:      # copies of Cache-Control's parts: at most its length again
+            size += _PER_DIRECTIVES + _PER_DIRECTIVE * len(d)
+            for name, value in headers:
+                if name == b"cache-control":
+                    size += len(value)
+        if len(vary) != 0:   # (name, the request's value) pairs: tuples and objects as fields
+            size += _PER_OBJECT + 8 * len(vary)
+            for name, wanted in vary:
+                size += _PER_FIELD + len(name) + (len(wanted) if wanted is not None else 0)
         self.size = size
 
     def filled(self, body: bytes) -> None:
