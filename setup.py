@@ -33,6 +33,7 @@ COMPILED = [
     "txgateway/core/timeouts.py",
     "txgateway/filters/auth/tokens.py",
     "txgateway/upstream/pool.py",
+    "txgateway/upstream/balance.py",
     "txgateway/terminals/compose/composer.py",
     "txgateway/terminals/compose/template.py",
     "txgateway/core/jsonbody.py",

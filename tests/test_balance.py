@@ -1,7 +1,7 @@
 """The balancer (load balancing, passive health) on `task.Clock`, with `random` injected.
 
-Members are built over fake pools that only have `.target.url`: the balancer never touches
-a connection. `Values(...)` is a `random` that returns the given numbers in turn, so the two
+Members are built over real pools that never connect (no reactor): the balancer never
+touches a connection, and compiled, it takes nothing but a `TargetPool`. `Values(...)` is a `random` that returns the given numbers in turn, so the two
 samples of least_request's power of two choices are chosen by the test.
 """
 
@@ -10,14 +10,15 @@ from __future__ import annotations
 import random
 from collections import Counter
 from itertools import cycle, pairwise
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 
+from txgateway.config.schema import Target, Upstream
 from txgateway.upstream.balance import Balancer, Member
+from txgateway.upstream.pool import TargetPool
 from txgateway.upstream.resilienceconfig import PassiveHealth
 
 URLS = ("http://10.0.0.1:80", "http://10.0.0.2:80", "http://10.0.0.3:80")
@@ -36,8 +37,9 @@ class Values:
         return next(self._values)
 
 
-def pool(url: str, weight: int = 1) -> Any:
-    return SimpleNamespace(target=SimpleNamespace(url=url, weight=weight))
+def pool(url: str, weight: int = 1) -> TargetPool:
+    target = Target(url, url.split("//")[1].split(":")[0], 80, weight=weight)
+    return TargetPool(None, target, Upstream("users", (target,)))
 
 
 def balancer(policy: str = "round_robin", n: int = 3, clock: Clock | None = None, rnd: Any = None,
@@ -471,7 +473,7 @@ def weighted(policy: str, rnd: Any = None) -> Balancer:
     """A balancer over the targets (and weights) of a real config."""
     from txgateway.config.schema import parse_config
     upstream = parse_config(WEIGHTED % policy, "t.yaml").upstreams["users"]
-    return Balancer("users", [SimpleNamespace(target=t) for t in upstream.targets], policy, PASSIVE, Clock(),  # type: ignore[misc]
+    return Balancer("users", [TargetPool(None, t, upstream) for t in upstream.targets], policy, PASSIVE, Clock(),
                     random=rnd or random.Random(7).random)
 
 
