@@ -435,3 +435,44 @@ async def test_the_bench_config_answers_what_the_peer_harness_checks(gateway, up
     resp = await get(gw.port, "/api/composite/1")
     assert resp.status == 200
     assert b'"ok":true' in resp.body and b'"total":42' in resp.body and b'"hits":3' in resp.body
+
+
+def answer_every_head(server: Any, data: bytes) -> None:
+    """A raw upstream answering `{}` to each request head it has read whole."""
+    while b"\r\n\r\n" in server.buffer:
+        _, _, server.buffer = server.buffer.partition(b"\r\n\r\n")
+        server.transport.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_call_sends_one_exact_head_its_own_headers_replacing_forwarded_ones(gateway, raw_upstream):
+    # The GET's head is made of blocks rendered once (composer._CallProxy); the POST's own
+    # x-correlation-id replaces the forwarded one (the generic head): both must say the same.
+    up = await raw_upstream(answer_every_head)
+    gw = await gateway(f"""
+    upstreams:
+      a: {{targets: ["http://127.0.0.1:{up.port}"], timeout: 2s}}
+    routes:
+      - prefix: /api/profile
+        compose:
+          path: /{{id}}
+          calls:
+            plain: {{upstream: a, path: "/users/{{id}}?full=1", group: plain}}
+            own: {{upstream: a, path: "/orders/{{id}}", method: POST, group: own, headers: {{X-Correlation-ID: mine}}}}
+    """)
+    trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    resp = await get(gw.port, "/api/profile/7", f"X-Correlation-ID: abc-123\r\ntraceparent: {trace}\r\n"
+                     f"tracestate: k=v\r\nX-Internal-Note: not for calls\r\n")
+    assert resp.status == 200 and resp.json() == {"plain": {}, "own": {}}, resp.body
+    heads = {head.split(b" ", 1)[0]: head.split(b"\r\n") for head in b"".join(up.requests).split(b"\r\n\r\n") if head}
+    plain, own = heads[b"GET"], heads[b"POST"]
+    assert plain[:2] == [b"GET /users/7?full=1 HTTP/1.1", b"host: 127.0.0.1:%d" % up.port]
+    assert own[:2] == [b"POST /orders/7 HTTP/1.1", b"host: 127.0.0.1:%d" % up.port]
+    assert plain[-1] == b"accept: application/json"
+    assert own[-3:] == [b"x-correlation-id: mine", b"accept: application/json", b"content-length: 0"]
+    assert b"x-correlation-id: abc-123" in plain and b"x-correlation-id: abc-123" not in own
+    assert b"tracestate: k=v" in plain and not any(line.startswith(b"x-internal-note") for line in plain)
+    spans = {line.split(b"-")[2] for line in plain + own if line.startswith(b"traceparent: 00-0af7651916cd43dd")}
+    assert len(spans) == 2 and b"b7ad6b7169203331" not in spans
+    forwarded = [line for line in plain[2:-1] if not line.startswith((b"traceparent", b"x-correlation-id"))]
+    assert forwarded and forwarded == [line for line in own[2:-3] if not line.startswith(b"traceparent")]

@@ -11,7 +11,7 @@ bounds the whole composition; a client that leaves cancels every call still runn
 from __future__ import annotations
 
 import os
-from typing import Any, Final
+from typing import Any, Final, cast
 from urllib.parse import parse_qsl
 
 from twisted.logger import Logger
@@ -21,8 +21,10 @@ from txgateway.core.jsonbody import BadJSON, dumps, is_json, loads
 from txgateway.core.pipeline import Chain, LocalResponse, Pipeline, RequestContext, ResponseHead, error_response
 from txgateway.core.route import Route
 from txgateway.filters.reshape import get_path, identity_value
+from txgateway.ops.stats import Stats
 from txgateway.terminals.compose.config import Call, ComposeSettings
 from txgateway.terminals.compose.template import BadValue, Token
+from txgateway.upstream.pool import TargetPool
 from txgateway.upstream.proxy import Proxy
 
 __all__ = ["ComposeTerminal", "Composer", "Composition"]
@@ -43,9 +45,9 @@ class Composer:
         config = resources.config
         self.clock = resources.clock
         self.deadlines = resources.deadlines
-        self.stats = resources.parts.get("stats")
-        self.calls = Proxy(resources.reactor, resources.clock, config.upstreams, resources.deadlines,
-                           config.limits, proxy.groups)
+        self.stats: Stats | None = resources.parts.get("stats")   # typed: a native call per settled call
+        self.calls = _CallProxy(resources.reactor, resources.clock, config.upstreams, resources.deadlines,
+                                config.limits, proxy.groups)
         self.calls.pipeline = Pipeline(Chain("(composed calls)", (), (), None), (), None, resources.clock)
         self.call_chain = self.calls.pipeline.edge
         self.pipeline: Pipeline        # the request path's, set when it is built
@@ -66,12 +68,42 @@ class Composer:
         return ComposeTerminal(self, settings, route)
 
 
+class _CallProxy(Proxy):
+    """The proxy of composed calls. A call's request head is made of blocks rendered once: the
+    client's forwarded headers once per composition, the call's fixed ones at config load;
+    `Proxy.request_head` would join four pieces per header, per call. A traced call (its
+    attempt rewrote the `traceparent` in its headers) or one whose own headers replace
+    forwarded ones gets the generic head."""
+
+    def request_head(self, ctx: RequestContext, pool: TargetPool) -> bytes:
+        run = cast(_CallRun, ctx.downstream)
+        plan = run.plan
+        if ctx.traceparent is not None or plan.own:
+            return super().request_head(ctx, pool)
+        host = ctx.host if pool.preserve_host and ctx.host else pool.netloc
+        trace = run.trace
+        return b"".join((ctx.method, b" ", ctx.upstream_path, ctx.query, b" HTTP/1.1\r\nhost: ", host, b"\r\n",
+                         run.composition.block, b"" if trace is None else b"traceparent: " + trace + b"\r\n",
+                         plan.tail))
+
+
+def _rendered(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """Header lines as a request head holds them."""
+    parts: list[bytes] = []
+    for name, value in headers:
+        parts.append(name)
+        parts.append(b": ")
+        parts.append(value)
+        parts.append(b"\r\n")
+    return b"".join(parts)
+
+
 class _Plan:
     """One call as the composer runs it, prepared once at config load: what `Call` says, with
     its `after:` calls as positions and its fixed headers (its own, then `accept`) ready."""
 
     __slots__ = ("name", "upstream", "template", "method", "after", "group", "required", "fallback",
-                 "has_fallback", "transform", "own", "fixed", "empty_body")
+                 "has_fallback", "transform", "own", "fixed", "empty_body", "tail")
 
     def __init__(self, call: Call, position: dict[str, int]) -> None:
         self.name = call.name
@@ -87,6 +119,8 @@ class _Plan:
         self.own = frozenset(name for name, _ in call.headers)
         self.fixed: list[tuple[bytes, bytes]] = [*call.headers, (b"accept", b"application/json")]
         self.empty_body = call.method not in (b"GET", b"HEAD", b"DELETE", b"OPTIONS")   # sent with length 0
+        # The end of its request head (_CallProxy): its fixed headers, its framing, the blank line.
+        self.tail = _rendered(self.fixed) + (b"content-length: 0\r\n\r\n" if self.empty_body else b"\r\n")
 
 
 class ComposeTerminal:
@@ -134,7 +168,7 @@ class _CallRun:
     `Downstream` its proxied exchange answers to, keeping its JSON answer, bounded."""
 
     __slots__ = ("composition", "plan", "state", "ctx", "status", "reason", "code", "value", "started", "chunks",
-                 "size", "problem", "tls", "hsts")
+                 "size", "problem", "tls", "hsts", "trace")
 
     def __init__(self, composition: Composition, plan: _Plan) -> None:
         self.composition = composition
@@ -151,6 +185,7 @@ class _CallRun:
         self.problem: str | None = None     # set: the call has failed, whatever follows
         self.tls: str | None = None
         self.hsts: bytes | None = None
+        self.trace: bytes | None = None    # the traceparent its request carries (a child span id)
 
     # -- its state -------------------------------------------------------------------
 
@@ -283,6 +318,7 @@ class Composition:
         self.refused: LocalResponse | None = None     # a client value no path may hold (400)
         self.failure: _CallRun | None = None           # the required call whose failure is the answer
         self.forwarded: list[tuple[bytes, bytes]] | None = None   # the headers every call carries
+        self.block = b""                   # ... as a request head holds them (_CallProxy)
         self.trace: bytes | None = None
 
     def start(self) -> LocalResponse | None:
@@ -348,7 +384,7 @@ class Composition:
         plan = run.plan
         path, mark, query = target.partition(b"?")
         sub = RequestContext(plan.method, target, path, mark + query if query else b"", b"HTTP/1.1",
-                             self._headers(plan), ctx.host, ctx.scheme, ctx.peer_ip, run,
+                             self._headers(run), ctx.host, ctx.scheme, ctx.peer_ip, run,
                              self.composer.clock.seconds())
         if plan.empty_body:
             sub.content_length = 0
@@ -364,7 +400,7 @@ class Composition:
         run.started = sub.start
         self.composer.calls.forward(sub)
 
-    def _headers(self, plan: _Plan) -> list[tuple[bytes, bytes]]:
+    def _headers(self, run: _CallRun) -> list[tuple[bytes, bytes]]:
         """Identity and forwarding headers of the request, a child span of its trace (the
         edge set a well-formed `traceparent`: only its span id changes), and the call's own."""
         shared = self.forwarded
@@ -377,11 +413,14 @@ class Composition:
                         shared.append(header)
                 elif name == b"tracestate" or name == b"forwarded":
                     shared.append(header)
+            self.block = _rendered(shared)
             self.trace = self.ctx.header(b"traceparent")
         out = list(shared)
         trace = self.trace
         if trace is not None:
-            out.append((b"traceparent", trace[:36] + self.composer.span_id() + trace[52:]))
+            run.trace = trace[:36] + self.composer.span_id() + trace[52:]
+            out.append((b"traceparent", run.trace))
+        plan = run.plan
         own = plan.own
         if own:
             out = [h for h in out if h[0] not in own]
