@@ -23,7 +23,7 @@ from txgateway.core.route import Route
 from txgateway.filters.reshape import get_path, identity_value
 from txgateway.ops.stats import Stats
 from txgateway.terminals.compose.config import Call, ComposeSettings
-from txgateway.terminals.compose.template import BadValue, Token
+from txgateway.terminals.compose.template import BadValue, Token, Values
 from txgateway.upstream.pool import TargetPool
 from txgateway.upstream.proxy import Proxy
 
@@ -300,8 +300,9 @@ def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     return None
 
 
-class Composition:
-    """One request's calls, from the first start to the one answer (or the cancel)."""
+class Composition(Values):
+    """One request's calls, from the first start to the one answer (or the cancel); the
+    values its calls' templates take."""
 
     def __init__(self, composer: Composer, terminal: ComposeTerminal, ctx: RequestContext,
                  params: dict[str, str], query: dict[str, str]) -> None:
@@ -347,8 +348,15 @@ class Composition:
                         self._maybe_start(run)
         finally:
             self.advancing = False
-        if not self.done and all(run.state in (_OK, _FAILED) for run in self.runs):
+        if not self.done and self._all_settled():
             self._answer()
+
+    def _all_settled(self) -> bool:
+        """Every call answered or failed (a loop: compiled, `all()` of a generator builds one)."""
+        for run in self.runs:
+            if run.state == _WAITING or run.state == _RUNNING:
+                return False
+        return True
 
     def _maybe_start(self, run: _CallRun) -> None:
         runs = self.runs
@@ -360,7 +368,7 @@ class Composition:
             if state != _OK:
                 return
         try:
-            target = run.plan.template.render(self._value)
+            target = run.plan.template.render(self)
         except BadValue as e:
             if e.from_request:
                 self._refuse(str(e))
@@ -369,7 +377,7 @@ class Composition:
             return
         self._launch(run, target)
 
-    def _value(self, token: Token) -> object:
+    def value(self, token: Token) -> object:
         source = token.source
         if source == "param":
             return self.params.get(token.name)
