@@ -16,6 +16,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from tests.conftest import Upstream, assert_envelope, listen, parse_responses, quiet_site, raw, until
+from txgateway.filters.cache.store import cache_key
 
 
 class Origin(Resource):
@@ -251,7 +252,7 @@ async def test_concurrent_misses_send_one_request_upstream(gateway, origin):
     assert res.count(b"/slow") == 1
 
 
-KEY_SLOW = ("/", b"a.example", b"/slow", b"", None, ())
+KEY_SLOW = cache_key(b"/", b"a.example", b"/slow", b"")
 
 
 def pause(seconds: float) -> Any:
@@ -574,7 +575,7 @@ async def test_a_client_that_leaves_mid_body_does_not_lose_the_entry_for_the_oth
     assert res.count(b"/fill") == 1
 
 
-KEY_FILL = ("/", b"a.example", b"/fill", b"", None, ())
+KEY_FILL = cache_key(b"/", b"a.example", b"/fill", b"")
 
 
 @pytest_twisted.ensureDeferred
