@@ -72,6 +72,20 @@ _MISS_FIELDS: Final[tuple[dict[bytes, dict[int, PreparedFields]], dict[bytes, di
 _MISS_PROBE: Final = ((b"cache-status", b"txgateway"), (b"x-cache", b"MISS"))
 
 
+def _miss_fields(stored: bool, fwd: bytes, status: int) -> PreparedFields:
+    """A miss's Cache-Status and X-Cache, made once per kind (formatting costs more than finding)."""
+    by_status = _MISS_FIELDS[stored].get(fwd)
+    if by_status is None:
+        by_status = _MISS_FIELDS[stored][fwd] = {}
+    fields = by_status.get(status)
+    if fields is None:
+        line = b"txgateway; fwd=%s; fwd-status=%d%s" % (fwd, status, b"; stored" if stored else b"")
+        fields = PreparedFields(((b"cache-status", line), (b"x-cache", b"MISS")))
+        if len(by_status) < 1024:
+            by_status[status] = fields
+    return fields
+
+
 class _Forward:
     """A request the cache sent upstream: what the head and body hooks need to store it."""
 
@@ -103,7 +117,8 @@ class _Forward:
         return self.cache.keep(ctx, self)
 
 
-_HIT: Final = "hit"     # answered from the store (state of a request that needs no response work)
+_X_HIT: Final = (b"x-cache", b"HIT")
+_X_STALE: Final = (b"x-cache", b"STALE")
 
 
 class _Bypass:
@@ -173,6 +188,14 @@ class CacheFilter:
         self.gets: bool = b"GET" in policy.methods
         self.host_seen = self.host_lower = b""
         self.counts = store.counts(route)
+        # A hit's Age and Cache-Status fields, kept for the next hit with the same values.
+        self.hit_age = self.hit_ttl = -1
+        self.hit_age_field = self.hit_status_field = (b"", b"")
+        # A miss's Cache-Status and X-Cache, kept for the next miss of the same kind (_forwarded).
+        self.miss_stored = False
+        self.miss_fwd = b""
+        self.miss_status = 0
+        self.miss_fields = PreparedFields(())
         self.inflight = store.inflight
         # Set-Cookie is never stored (so never sent to another client) unless the section says so.
         self.not_stored = frozenset({b"age"}) if settings.store_set_cookie else frozenset({b"age"}) | _COOKIES
@@ -309,16 +332,26 @@ class CacheFilter:
         return True
 
     def _hit(self, ctx: RequestContext, entry: Entry, age: float, verdict: bytes, conditional: bool) -> LocalResponse:
-        ctx.set_state(NAME, _HIT)
+        # No state: the response hooks have nothing to do for a hit (they find none).
         if verdict == b"HIT":
             ctx.note(NAME, "HIT")       # a constant: no str decoded for each hit
             self.counts.hits += 1
+            x_cache = _X_HIT
         else:
             ctx.note(NAME, "STALE")
             self.counts.stale += 1
+            x_cache = _X_STALE
+        # Age and Cache-Status as the last hit made them when they are the same (hits in one
+        # second of one response mostly are): formatting them cost ~1k a hit.
+        seconds = int(age)
+        if seconds != self.hit_age:
+            self.hit_age = seconds
+            self.hit_age_field = (b"age", b"%d" % seconds)
         ttl = int(entry.lifetime - age)
-        headers = [*entry.headers, (b"age", b"%d" % int(age)),
-                   (b"cache-status", b"txgateway; hit; ttl=%d" % ttl), (b"x-cache", verdict)]
+        if ttl != self.hit_ttl:
+            self.hit_ttl = ttl
+            self.hit_status_field = (b"cache-status", b"txgateway; hit; ttl=%d" % ttl)
+        headers = [*entry.headers, self.hit_age_field, self.hit_status_field, x_cache]
         if conditional and self._not_modified(ctx.headers, entry):
             return LocalResponse(304, headers, b"")
         return LocalResponse(entry.status, headers, entry.body)
@@ -374,7 +407,7 @@ class CacheFilter:
                 timer.cancel()
             found = self._lookup(ctx, False, seen)
             state = ctx.get_state(NAME)
-            if state is _HIT:
+            if isinstance(found, LocalResponse):    # a hit (an only-if-cached 504 does not wait)
                 ctx.note(NAME, "HIT")
             elif isinstance(state, _Forward):
                 state.fwd = b"uri-miss; collapsed"
@@ -397,7 +430,7 @@ class CacheFilter:
 
     def on_response_head(self, ctx: RequestContext, head: ResponseHead) -> None:
         state = ctx.get_state(NAME)
-        if state is None or state is _HIT:
+        if state is None:           # a hit, or a request the cache did not look at
             return
         if isinstance(state, _Invalidate):
             if 200 <= head.status < 400:
@@ -431,15 +464,12 @@ class CacheFilter:
                 self._give_up(ctx)
         self.counts.misses += 1
         ctx.note(NAME, "MISS")
-        by_status = _MISS_FIELDS[stored].get(state.fwd)
-        if by_status is None:
-            by_status = _MISS_FIELDS[stored][state.fwd] = {}
-        fields = by_status.get(status)
-        if fields is None:
-            line = b"txgateway; fwd=%s; fwd-status=%d%s" % (state.fwd, status, b"; stored" if stored else b"")
-            fields = PreparedFields(((b"cache-status", line), (b"x-cache", b"MISS")))
-            if len(by_status) < 1024:
-                by_status[status] = fields
+        fwd = state.fwd
+        if status == self.miss_status and stored == self.miss_stored and fwd is self.miss_fwd:
+            fields = self.miss_fields       # as the last miss's: no dict to look in
+        else:
+            fields = _miss_fields(stored, fwd, status)
+            self.miss_stored, self.miss_fwd, self.miss_status, self.miss_fields = stored, fwd, status, fields
         if self.prepared:
             head.prepared = fields
         else:
