@@ -21,7 +21,7 @@ MAX_VARIANTS: Final = 8
 # entries made as a miss makes them, sizes rounded up to pymalloc's 16-byte blocks; the
 # daemon's RSS under a flood agrees, docs/cache.md); tests/integration/test_cache.py fails
 # when the memory a flood leaves outgrows max_memory.
-_PER_ENTRY: Final = 800      # the Entry, its list of fields, its body object and times, the key's
+_PER_ENTRY: Final = 640      # the Entry, its list of fields, its body object and times, the key's
                             # object, the store's slot
 _PER_FIELD: Final = 152      # a field: its (name, value) tuple, two bytes objects, a list slot
 _PER_DIRECTIVES: Final = 216  # a parsed Cache-Control: the Directives and its dict
