@@ -361,6 +361,25 @@ async def test_a_short_body_is_never_stored(gateway, raw_upstream):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_body_in_several_reads_is_stored_whole_with_or_without_its_length(gateway, raw_upstream, reactor):
+    # The body hook stores on the chunk that completes Content-Length, else at the end: both
+    # must store every piece, in order.
+    def script(server, data):
+        framing, pieces = ((b"Content-Length: 9", [b"abc", b"def", b"ghi"]) if b"/length" in data else
+                           (b"Transfer-Encoding: chunked", [b"3\r\nabc\r\n", b"3\r\ndef\r\n", b"3\r\nghi\r\n0\r\n\r\n"]))
+        server.transport.write(b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\n%s\r\n\r\n" % framing)
+        for i, piece in enumerate(pieces):
+            reactor.callLater(0.05 * (i + 1), server.transport.write, piece)
+    up = await raw_upstream(script)
+    gw = await gateway(config(up.url), clock=Clock())
+    for path in ("/length", "/chunked"):
+        miss, hit = await fetch(gw, path), await fetch(gw, path)
+        assert (miss.body, miss.header("x-cache")) == (b"abcdefghi", "MISS")
+        assert (hit.body, hit.header("x-cache")) == (b"abcdefghi", "HIT")
+    assert len(up.requests) == 2
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_flood_of_unique_query_strings_stays_under_max_memory(gateway, origin):
     res, url = origin
     res.answers[b"/q"] = (200, [(b"Cache-Control", b"max-age=600")], b"x" * 1000)
