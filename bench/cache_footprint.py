@@ -2,7 +2,7 @@
 """What a stored response really holds in memory, against what the store counts for it
 (`Entry.size`, max_memory's unit): the source of store.py's `_PER_*` constants.
 
-Makes `--entries` responses as a miss makes them (a Key of fresh path and query objects, the
+Makes `--entries` responses as a miss makes them (a key built from fresh path and query objects, the
 upstream parser's fresh field tuples, parsed Cache-Control, the entry's times) and puts them
 in a Store, then twice as many more, each evicting the oldest (the store's table under
 churn holds its deleted slots until it resizes); tracemalloc's allocations, each rounded up as pymalloc does
@@ -21,7 +21,7 @@ import time
 import tracemalloc
 
 from txgateway.filters.cache.rules import Directives, parse_directives
-from txgateway.filters.cache.store import Entry, Key, Store
+from txgateway.filters.cache.store import Entry, Store, cache_key
 
 _NONE = Directives({})
 
@@ -31,17 +31,17 @@ def fresh(value: bytes) -> bytes:
     return bytes(bytearray(value))
 
 
-def make(i: int, extra_fields: int, cache_control: bool, body: int) -> tuple[Key, Entry]:
+def make(i: int, extra_fields: int, cache_control: bool, body: int) -> tuple[bytes, Entry]:
     fields = [(b"date", b"Sun, 06 Dec 2026 19:30:00 GMT"), (b"server", b"nginx/1.22.1"),
               (b"content-type", b"application/json")]
     fields += [(b"x-extra-%d" % n, b"value %d" % n) for n in range(extra_fields)]
     if cache_control:
         fields.append((b"cache-control", b"max-age=600, public"))
     parsed = [(fresh(k), fresh(v)) for k, v in fields]
-    key = Key(("/api", b"a.example", fresh(b"/api/users/1"), b"?n=%d" % i, None, ()))
+    key = cache_key(b"/api", b"a.example", fresh(b"/api/users/1"), b"?n=%d" % i)
     resp = parse_directives([v for k, v in parsed if k == b"cache-control"]) if cache_control else _NONE
     now = time.time() + i
-    entry = Entry(200, list(parsed), b"", now - 0.001, now, float(i % 7), 3600.0, (), resp, 1.0e9, key.parts)
+    entry = Entry(200, list(parsed), b"", now - 0.001, now, float(i % 7), 3600.0, (), resp, 1.0e9, key)
     entry.filled(b'{"ok":%d}' % i if body else b"")
     return key, entry
 

@@ -16,6 +16,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from tests.conftest import Upstream, assert_envelope, listen, parse_responses, quiet_site, raw, until
+from txgateway.filters.cache.store import cache_key
 
 
 class Origin(Resource):
@@ -251,7 +252,7 @@ async def test_concurrent_misses_send_one_request_upstream(gateway, origin):
     assert res.count(b"/slow") == 1
 
 
-KEY_SLOW = ("/", b"a.example", b"/slow", b"", None, ())
+KEY_SLOW = cache_key(b"/", b"a.example", b"/slow", b"")
 
 
 def pause(seconds: float) -> Any:
@@ -356,6 +357,25 @@ async def test_a_short_body_is_never_stored(gateway, raw_upstream):
     for _ in range(2):
         [cut] = parse_responses(await raw(gw.port, get("/t")))
         assert cut.header("x-cache") == "MISS" and cut.body.endswith(b"<RESET>")   # the client sees the cut
+    assert len(up.requests) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_in_several_reads_is_stored_whole_with_or_without_its_length(gateway, raw_upstream, reactor):
+    # The body hook stores on the chunk that completes Content-Length, else at the end: both
+    # must store every piece, in order.
+    def script(server, data):
+        framing, pieces = ((b"Content-Length: 9", [b"abc", b"def", b"ghi"]) if b"/length" in data else
+                           (b"Transfer-Encoding: chunked", [b"3\r\nabc\r\n", b"3\r\ndef\r\n", b"3\r\nghi\r\n0\r\n\r\n"]))
+        server.transport.write(b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\n%s\r\n\r\n" % framing)
+        for i, piece in enumerate(pieces):
+            reactor.callLater(0.05 * (i + 1), server.transport.write, piece)
+    up = await raw_upstream(script)
+    gw = await gateway(config(up.url), clock=Clock())
+    for path in ("/length", "/chunked"):
+        miss, hit = await fetch(gw, path), await fetch(gw, path)
+        assert (miss.body, miss.header("x-cache")) == (b"abcdefghi", "MISS")
+        assert (hit.body, hit.header("x-cache")) == (b"abcdefghi", "HIT")
     assert len(up.requests) == 2
 
 
@@ -574,7 +594,7 @@ async def test_a_client_that_leaves_mid_body_does_not_lose_the_entry_for_the_oth
     assert res.count(b"/fill") == 1
 
 
-KEY_FILL = ("/", b"a.example", b"/fill", b"", None, ())
+KEY_FILL = cache_key(b"/", b"a.example", b"/fill", b"")
 
 
 @pytest_twisted.ensureDeferred

@@ -408,7 +408,7 @@ _PIECES_PER_FIELD: Final = 256          # values remembered per field (a note ma
 
 
 def _note_piece(field: str, value: Any) -> str:
-    if value.__class__ is not str:
+    if not isinstance(value, str):      # a type check; `.__class__` is an attribute lookup
         return ",%s:%s" % (_json(field), _json(value))
     pieces = _PIECES.get(field)
     if pieces is None:

@@ -37,7 +37,7 @@ from txgateway.filters.cache.rules import (
     parse_directives,
     parse_http_date,
 )
-from txgateway.filters.cache.store import Entry, Key, Store
+from txgateway.filters.cache.store import Entry, Store, cache_key, key_parts
 from txgateway.filters.headers import HeaderRulesFilter
 
 __all__ = ["CacheFilter", "build_filter"]
@@ -72,13 +72,27 @@ _MISS_FIELDS: Final[tuple[dict[bytes, dict[int, PreparedFields]], dict[bytes, di
 _MISS_PROBE: Final = ((b"cache-status", b"txgateway"), (b"x-cache", b"MISS"))
 
 
+def _miss_fields(stored: bool, fwd: bytes, status: int) -> PreparedFields:
+    """A miss's Cache-Status and X-Cache, made once per kind (formatting costs more than finding)."""
+    by_status = _MISS_FIELDS[stored].get(fwd)
+    if by_status is None:
+        by_status = _MISS_FIELDS[stored][fwd] = {}
+    fields = by_status.get(status)
+    if fields is None:
+        line = b"txgateway; fwd=%s; fwd-status=%d%s" % (fwd, status, b"; stored" if stored else b"")
+        fields = PreparedFields(((b"cache-status", line), (b"x-cache", b"MISS")))
+        if len(by_status) < 1024:
+            by_status[status] = fields
+    return fields
+
+
 class _Forward:
     """A request the cache sent upstream: what the head and body hooks need to store it."""
 
     __slots__ = ("key", "entry", "request_time", "req", "fwd", "vary_source", "record", "size", "replace",
                  "leader", "conditional", "background", "as_head", "fill", "length", "cache")
 
-    def __init__(self, cache: CacheFilter, key: Key, entry: Entry | None, request_time: float,
+    def __init__(self, cache: CacheFilter, key: bytes, entry: Entry | None, request_time: float,
                  req: Directives, fwd: bytes, vary_source: list[tuple[bytes, bytes]]) -> None:
         self.cache = cache
         self.key = key
@@ -87,7 +101,7 @@ class _Forward:
         self.req = req                     # the request's Cache-Control
         self.fwd = fwd                     # why it went upstream (Cache-Status fwd=)
         self.vary_source = vary_source     # the request's headers, for the entry's Vary values
-        self.record: list[bytes] | None = None   # the body so far, while it may still be stored
+        self.record: list[bytes] | None = None   # the body's chunks so far, when it comes in several
         self.size = 0
         self.replace: bytes | None = None  # the body sent instead of the upstream's (304, stale)
         self.leader = False                # other requests for the key wait for this one
@@ -95,6 +109,7 @@ class _Forward:
         self.background = False            # no client: a refresh, or a fill its client left
         self.as_head = False               # a HEAD request sent upstream as GET, so its answer is stored
         self.fill: Entry | None = None     # the entry being recorded, made from its head: the body comes last
+                                           # (None: nothing to store, or stored already)
         self.length: int | None = None     # the length its head announced
 
     def keep(self, ctx: RequestContext) -> bool:
@@ -102,7 +117,8 @@ class _Forward:
         return self.cache.keep(ctx, self)
 
 
-_HIT: Final = "hit"     # answered from the store (state of a request that needs no response work)
+_X_HIT: Final = (b"x-cache", b"HIT")
+_X_STALE: Final = (b"x-cache", b"STALE")
 
 
 class _Bypass:
@@ -115,7 +131,7 @@ class _Bypass:
 class _Invalidate:
     __slots__ = ("key",)
 
-    def __init__(self, key: Key) -> None:
+    def __init__(self, key: bytes) -> None:
         self.key = key
 
 
@@ -166,18 +182,27 @@ class CacheFilter:
         self.max_object_size: int = settings.max_object_size
         self.ttl: float = policy.ttl
         self.route = route
+        self.route_key = route.encode()     # the keys' first part
         self.clock = clock
         self.now: Callable[[], float] = clock.seconds     # found once: a method lookup on the reactor each time cost ~250
         self.gets: bool = b"GET" in policy.methods
         self.host_seen = self.host_lower = b""
         self.counts = store.counts(route)
+        # A hit's Age and Cache-Status fields, kept for the next hit with the same values.
+        self.hit_age = self.hit_ttl = -1
+        self.hit_age_field = self.hit_status_field = (b"", b"")
+        # A miss's Cache-Status and X-Cache, kept for the next miss of the same kind (_forwarded).
+        self.miss_stored = False
+        self.miss_fwd = b""
+        self.miss_status = 0
+        self.miss_fields = PreparedFields(())
         self.inflight = store.inflight
         # Set-Cookie is never stored (so never sent to another client) unless the section says so.
         self.not_stored = frozenset({b"age"}) if settings.store_set_cookie else frozenset({b"age"}) | _COOKIES
 
     # -- keys ----------------------------------------------------------------------------
 
-    def key(self, ctx: RequestContext) -> Key:
+    def key(self, ctx: RequestContext) -> bytes:
         """Route, host as routed, path and the query the route keys on, identity and the
         request headers named in `key.headers`: nothing a client can vary outside it."""
         query: bytes = ctx.query
@@ -197,7 +222,7 @@ class CacheFilter:
         if self.by_identity and ctx.identity is not None:
             identity = ctx.identity.user_id
         extra = tuple(_request_value(ctx.headers, name) for name in self.key_headers) if self.key_headers else ()
-        return Key((self.route, host, ctx.path, query, identity, extra))
+        return cache_key(self.route_key, host, ctx.path, query, identity, extra)
 
     # -- request -------------------------------------------------------------------------
 
@@ -274,8 +299,8 @@ class CacheFilter:
     def _select(self, variants: Entry | list[Entry] | None, headers: list[tuple[bytes, bytes]]) -> Entry | None:
         if variants is None:
             return None
-        if isinstance(variants, Entry):
-            return variants if _vary_matches(variants, headers) else None
+        if isinstance(variants, Entry):     # a key's one response, mostly without Vary
+            return variants if len(variants.vary) == 0 or _vary_matches(variants, headers) else None
         for entry in reversed(variants):
             if _vary_matches(entry, headers):
                 return entry
@@ -307,15 +332,26 @@ class CacheFilter:
         return True
 
     def _hit(self, ctx: RequestContext, entry: Entry, age: float, verdict: bytes, conditional: bool) -> LocalResponse:
-        ctx.set_state(NAME, _HIT)
-        ctx.note(NAME, verdict.decode())
+        # No state: the response hooks have nothing to do for a hit (they find none).
         if verdict == b"HIT":
+            ctx.note(NAME, "HIT")       # a constant: no str decoded for each hit
             self.counts.hits += 1
+            x_cache = _X_HIT
         else:
+            ctx.note(NAME, "STALE")
             self.counts.stale += 1
+            x_cache = _X_STALE
+        # Age and Cache-Status as the last hit made them when they are the same (hits in one
+        # second of one response mostly are): formatting them cost ~1k a hit.
+        seconds = int(age)
+        if seconds != self.hit_age:
+            self.hit_age = seconds
+            self.hit_age_field = (b"age", b"%d" % seconds)
         ttl = int(entry.lifetime - age)
-        headers = [*entry.headers, (b"age", b"%d" % int(age)),
-                   (b"cache-status", b"txgateway; hit; ttl=%d" % ttl), (b"x-cache", verdict)]
+        if ttl != self.hit_ttl:
+            self.hit_ttl = ttl
+            self.hit_status_field = (b"cache-status", b"txgateway; hit; ttl=%d" % ttl)
+        headers = [*entry.headers, self.hit_age_field, self.hit_status_field, x_cache]
         if conditional and self._not_modified(ctx.headers, entry):
             return LocalResponse(304, headers, b"")
         return LocalResponse(entry.status, headers, entry.body)
@@ -371,7 +407,7 @@ class CacheFilter:
                 timer.cancel()
             found = self._lookup(ctx, False, seen)
             state = ctx.get_state(NAME)
-            if state is _HIT:
+            if isinstance(found, LocalResponse):    # a hit (an only-if-cached 504 does not wait)
                 ctx.note(NAME, "HIT")
             elif isinstance(state, _Forward):
                 state.fwd = b"uri-miss; collapsed"
@@ -394,7 +430,7 @@ class CacheFilter:
 
     def on_response_head(self, ctx: RequestContext, head: ResponseHead) -> None:
         state = ctx.get_state(NAME)
-        if state is None or state is _HIT:
+        if state is None:           # a hit, or a request the cache did not look at
             return
         if isinstance(state, _Invalidate):
             if 200 <= head.status < 400:
@@ -428,15 +464,12 @@ class CacheFilter:
                 self._give_up(ctx)
         self.counts.misses += 1
         ctx.note(NAME, "MISS")
-        by_status = _MISS_FIELDS[stored].get(state.fwd)
-        if by_status is None:
-            by_status = _MISS_FIELDS[stored][state.fwd] = {}
-        fields = by_status.get(status)
-        if fields is None:
-            line = b"txgateway; fwd=%s; fwd-status=%d%s" % (state.fwd, status, b"; stored" if stored else b"")
-            fields = PreparedFields(((b"cache-status", line), (b"x-cache", b"MISS")))
-            if len(by_status) < 1024:
-                by_status[status] = fields
+        fwd = state.fwd
+        if status == self.miss_status and stored == self.miss_stored and fwd is self.miss_fwd:
+            fields = self.miss_fields       # as the last miss's: no dict to look in
+        else:
+            fields = _miss_fields(stored, fwd, status)
+            self.miss_stored, self.miss_fwd, self.miss_status, self.miss_fields = stored, fwd, status, fields
         if self.prepared:
             head.prepared = fields
         else:
@@ -551,36 +584,50 @@ class CacheFilter:
         fill = self._entry(status, list(head.headers), b"", state, self.now(), None, resp, vary, expires)
         if fill is None:
             return False
-        state.record = []
         state.fill, state.length = fill, head.length
         return True
 
     def on_response_body(self, ctx: RequestContext, chunk: bytes, end: bool) -> bytes:
         found = ctx.get_state(NAME)
-        if found is None or found.__class__ is not _Forward:
+        if not isinstance(found, _Forward):     # a type check; `.__class__` is an attribute lookup
             return chunk
         state: _Forward = found        # typed: native attribute reads, not getattr on Any
         if state.replace is not None:
             return state.replace if end else b""
+        fill = state.fill
+        if fill is None:
+            return chunk
+        if len(chunk) != 0:
+            size = state.size + len(chunk)
+            if size > self.max_object_size:
+                state.fill = state.record = None
+                self._release(state)
+                if state.background:
+                    self._give_up(ctx)
+                return chunk
+            state.size = size
+            # All the length its head announced is here (mostly in the head's own read): stored
+            # now, without a list of chunks to join. Otherwise the chunk is kept until the end.
+            if not end and size != state.length:
+                record = state.record
+                if record is None:
+                    state.record = [chunk]
+                else:
+                    record.append(chunk)
+                return chunk
+        elif not end:
+            return chunk
         record = state.record
+        state.fill = state.record = None
         if record is not None:
-            if len(chunk) != 0:
-                state.size += len(chunk)
-                if state.size > self.max_object_size:
-                    state.record = None
-                    self._release(state)
-                    if state.background:
-                        self._give_up(ctx)
-                    return chunk
-                record.append(chunk)
-            if end:
-                state.record = None
-                self._store(ctx, state, b"".join(record))
+            record.append(chunk)
+            self._store(state, fill, b"".join(record))
+        else:
+            self._store(state, fill, chunk)
         return chunk
 
-    def _store(self, ctx: RequestContext, state: _Forward, body: bytes) -> None:
-        fill = state.fill
-        if fill is not None and (state.length is None or state.length == len(body)):
+    def _store(self, state: _Forward, fill: Entry, body: bytes) -> None:
+        if state.length is None or state.length == len(body):
             fill.filled(body)
             self.store.put(state.key, fill, self.counts)
         self._release(state)
@@ -627,7 +674,7 @@ class CacheFilter:
                 return None
             vary = tuple((name, _request_value(state.vary_source, name)) for name in sorted(set(vary_values)))
         return Entry(status, kept, body, state.request_time, now, corrected_age, lifetime, vary, resp, date_value,
-                     state.key.parts)
+                     state.key)
 
     def _lifetime(self, status: int, headers: list[tuple[bytes, bytes]], resp: Directives, date: float,
                   has_expires: bool) -> float:
@@ -653,9 +700,10 @@ class CacheFilter:
 
     # -- invalidation (§4.4) --------------------------------------------------------------
 
-    def _invalidate(self, ctx: RequestContext, key: Key, head: ResponseHead) -> None:
+    def _invalidate(self, ctx: RequestContext, key: bytes, head: ResponseHead) -> None:
         self.store.remove(key)
-        host = key[1]
+        parts = key_parts(key)
+        host = parts[1]
         for name in (b"location", b"content-location"):
             for k, v in head.headers:
                 if k != name:
@@ -671,7 +719,7 @@ class CacheFilter:
                             target = slash + path
                 if target.startswith(b"/"):
                     path, mark, query = target.partition(b"?")
-                    self.store.remove((key[0], host, path, mark + query, *key[4:]))
+                    self.store.remove(b"\x00".join([parts[0], host, path, mark + query, *parts[4:]]))
 
     # -- end -----------------------------------------------------------------------------
 
@@ -679,10 +727,8 @@ class CacheFilter:
         """A leader that ended without storing (upstream cut, client gone before its fill could
         be kept) lets its waiters go."""
         state = ctx.get_state(NAME)
-        if state is not None and state.__class__ is _Forward:
-            forward: _Forward = state
-            if forward.leader:
-                self._release(forward)
+        if isinstance(state, _Forward) and state.leader:
+            self._release(state)
 
     # -- the client left: the fill goes on -------------------------------------------------
 
@@ -692,7 +738,7 @@ class CacheFilter:
         `max_object_size` and the upstream's timeouts). False: the pipeline drops it."""
         if state.background or ctx.get_state(NAME) is not state:
             return False
-        if state.record is None and (ctx.response_started or not state.leader):
+        if state.fill is None and (ctx.response_started or not state.leader):
             return False            # nothing to store, nobody waiting
         hand_over = getattr(ctx.forwarding, "hand_over", None)
         if hand_over is None:
@@ -725,7 +771,7 @@ class CacheFilter:
 
     # -- background refresh (stale-while-revalidate) ---------------------------------------
 
-    def _refresh(self, ctx: RequestContext, key: Key, entry: Entry) -> None:
+    def _refresh(self, ctx: RequestContext, key: bytes, entry: Entry) -> None:
         """One request upstream, through the route's terminal, whose answer refreshes `entry`."""
         if key in self.inflight:
             return

@@ -13,7 +13,7 @@ from typing import Any, Final
 
 from txgateway.filters.cache.rules import Directives
 
-__all__ = ["Entry", "Key", "RouteCounts", "Store"]
+__all__ = ["Entry", "RouteCounts", "Store", "cache_key", "key_parts"]
 
 MAX_VARIANTS: Final = 8
 # What a stored response costs beyond the bytes of its body, fields and key: CPython's objects
@@ -21,54 +21,43 @@ MAX_VARIANTS: Final = 8
 # entries made as a miss makes them, sizes rounded up to pymalloc's 16-byte blocks; the
 # daemon's RSS under a flood agrees, docs/cache.md); tests/integration/test_cache.py fails
 # when the memory a flood leaves outgrows max_memory.
-_PER_ENTRY: Final = 800      # the Entry, its list of fields, its body object and times, the Key
-                            # (its tuple, hash, path and query objects), the store's slot
+_PER_ENTRY: Final = 640      # the Entry, its list of fields, its body object and times, the key's
+                            # object, the store's slot
 _PER_FIELD: Final = 152      # a field: its (name, value) tuple, two bytes objects, a list slot
 _PER_DIRECTIVES: Final = 216  # a parsed Cache-Control: the Directives and its dict
 _PER_DIRECTIVE: Final = 96  # a directive: its name and value objects, a dict slot
-_PER_OBJECT: Final = 48     # a str, bytes or tuple beyond its length (identity, key.headers)
+_PER_OBJECT: Final = 48     # a tuple beyond its length (Vary'ed values)
 
 
-class Key:
-    """A stored response's key, a tuple (route, host, path, query, identity, request headers)
-    that keeps its hash: a miss looks it up six times (store and in-flight table), and a
-    tuple is hashed again each time. Equal to the plain tuple, so either finds an entry."""
-
-    __slots__ = ("parts", "hash")
-
-    def __init__(self, parts: tuple[Any, ...]) -> None:
-        self.parts = parts
-        self.hash = hash(parts)
-
-    def __hash__(self) -> int:
-        return self.hash
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, Key):
-            return self.hash == other.hash and self.parts == other.parts
-        return self.parts == other
-
-    def __getitem__(self, index: Any) -> Any:
-        return self.parts[index]
-
-
-def key_size(parts: tuple[Any, ...]) -> int:
-    """A key's own bytes (route, host, path, query, identity, key.headers values): its
-    objects' fixed part is in _PER_ENTRY, except for the parts most keys do not have."""
-    size = len(parts[1]) + len(parts[2]) + len(parts[3])
-    identity = parts[4]
+def cache_key(route: bytes, host: bytes, path: bytes, query: bytes, identity: str | None = None,
+              extra: tuple[bytes | None, ...] = ()) -> bytes:
+    """A stored response's key: route (its prefix), host as routed, path, the query the route
+    keys on, then the identity and the `key.headers` values when there are any. One bytes
+    string: it keeps its hash (a tuple is hashed again at each of a miss's six dict
+    operations) and is no object for the garbage collector to track. NUL separates the parts:
+    no host, path or query can hold one (the parsers refuse it); the identity and the values
+    that follow carry their lengths."""
+    key = b"%s\x00%s\x00%s\x00%s" % (route, host, path, query)
+    if identity is None and len(extra) == 0:
+        return key
+    tail = [key, b"\x00"]
     if identity is not None:
-        size += _PER_OBJECT + len(identity)
-    extra = parts[5]
+        user = identity.encode()
+        tail.append(b"u%d:%s" % (len(user), user))
     if len(extra) != 0:
-        size += _PER_OBJECT + 8 * len(extra)
+        tail.append(b"h")
         for value in extra:
-            if value is not None:
-                size += _PER_OBJECT + len(value)
-    return size
+            tail.append(b"-" if value is None else b"%d:%s" % (len(value), value))
+    return b"".join(tail)
 
 
-AnyKey = Key | tuple[Any, ...]     # the filter's keys are Keys; a plain tuple finds the same entry
+def key_parts(key: bytes) -> list[bytes]:
+    """route, host, path, query, and the identity and values' encoding when the key has them."""
+    return key.split(b"\x00", 4)
+
+
+def key_route(key: bytes) -> str:
+    return key[:key.index(0)].decode()
 
 
 class Entry:
@@ -79,7 +68,7 @@ class Entry:
 
     def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, request_time: float,
                  response_time: float, corrected_age: float, lifetime: float, vary: tuple[tuple[bytes, bytes | None], ...],
-                 directives: Directives, date: float, key: tuple[Any, ...]) -> None:
+                 directives: Directives, date: float, key: bytes) -> None:
         self.status = status
         self.headers = headers            # end-to-end, lower-case names, Age and Set-Cookie left out
         self.body = body
@@ -94,7 +83,7 @@ class Entry:
         self.last_modified: bytes | None = None
         # What storing it costs (max_memory's unit): the objects, not only their bytes, and
         # its key's (each variant of a key counts the key: at most 8, a small overcount).
-        size = len(body) + _PER_ENTRY + key_size(key)
+        size = len(body) + _PER_ENTRY + len(key)
         for name, value in headers:
             size += len(name) + len(value) + _PER_FIELD
             if name == b"etag":
@@ -140,10 +129,13 @@ class Store:
         self.evictions = 0
         # A key's one response, or its variants (a list) once Vary made several: one object
         # fewer per stored response for the garbage collector to count and scan (~0.3k a miss).
-        self._lru: OrderedDict[AnyKey, Entry | list[Entry]] = OrderedDict()
+        self._lru: OrderedDict[bytes, Entry | list[Entry]] = OrderedDict()
         self.routes: dict[str, RouteCounts] = {}        # by route prefix
         self.policies: dict[str, Any] = {}              # the cache policy each route was built with
-        self.inflight: dict[AnyKey, list[Any]] = {}   # keys being fetched: their waiters
+        self.inflight: dict[bytes, list[Any]] = {}   # keys being fetched: their waiters
+        # What the store's last slot holds: a hit on it (a hot key asked again and again) needs
+        # no move to the end, the OrderedDict's `move_to_end` (~1.1k a hit). Exact LRU order still.
+        self._newest: Entry | list[Entry] | None = None
 
     def counts(self, route: str) -> RouteCounts:
         counts = self.routes.get(route)
@@ -154,29 +146,31 @@ class Store:
     def adopt(self, route: str, policy: Any) -> None:
         """A route (re)built: keep its entries if its policy is unchanged, else drop them."""
         if route in self.policies and self.policies[route] != policy:
-            self.purge(lambda key: key[0] == route)
+            prefix = route.encode() + b"\x00"
+            self.purge(lambda key: key.startswith(prefix))
         self.policies[route] = policy
 
-    def find(self, key: AnyKey) -> Entry | list[Entry] | None:
+    def find(self, key: bytes) -> Entry | list[Entry] | None:
         """The key's response or its variants, now the most recently used."""
         found = self._lru.get(key)
-        if found is not None:
+        if found is not None and found is not self._newest:
             self._lru.move_to_end(key)
+            self._newest = found
         return found
 
-    def variants(self, key: AnyKey) -> list[Entry] | None:
+    def variants(self, key: bytes) -> list[Entry] | None:
         found = self.find(key)
         return None if found is None else _listed(found)
 
-    def put(self, key: AnyKey, entry: Entry, counts: RouteCounts | None = None) -> None:
+    def put(self, key: bytes, entry: Entry, counts: RouteCounts | None = None) -> None:
         """`counts`: the key's route's, when the caller has them (a miss's filter does)."""
         if entry.size > self.max_memory:
             return
         found = self._lru.get(key)
         if counts is None:
-            counts = self.counts(key[0])
+            counts = self.counts(key_route(key))
         if found is None:
-            self._lru[key] = entry              # a new key (a miss's usual case): nothing to replace
+            self._lru[key] = self._newest = entry   # a new key (a miss's usual case): nothing to replace
         else:
             self._lru.move_to_end(key)
             variants = _listed(found)
@@ -185,7 +179,7 @@ class Store:
             if len(variants) >= MAX_VARIANTS:
                 self._drop(variants, variants[0], counts)
             variants.append(entry)
-            self._lru[key] = variants[0] if len(variants) == 1 else variants
+            self._lru[key] = self._newest = variants[0] if len(variants) == 1 else variants
         self.bytes += entry.size
         counts.bytes += entry.size
         counts.entries += 1
@@ -200,12 +194,14 @@ class Store:
         counts.bytes -= entry.size
         counts.entries -= 1
 
-    def remove(self, key: AnyKey) -> int:
+    def remove(self, key: bytes) -> int:
         found = self._lru.pop(key, None)
         if found is None:
             return 0
+        if found is self._newest:
+            self._newest = None
         variants = _listed(found)
-        counts = self.counts(key[0])
+        counts = self.counts(key_route(key))
         for entry in variants:
             self.bytes -= entry.size
             counts.bytes -= entry.size
@@ -221,8 +217,8 @@ class Store:
         when `exact`, else every path that starts with it), on every route and host."""
         if exact:
             bare, mark, query = path.partition(b"?")
-            return self.purge(lambda key: key[2] == bare and key[3] == mark + query)
-        return self.purge(lambda key: (key[2] + key[3]).startswith(path))
+            return self.purge(lambda key: key_parts(key)[2:4] == [bare, mark + query])
+        return self.purge(lambda key: b"".join(key_parts(key)[2:4]).startswith(path))
 
     def snapshot(self) -> dict[str, Any]:
         """What /status shows: size and hit ratio per route."""
@@ -235,7 +231,7 @@ class Store:
                              "hit_ratio": round(served / asked, 4) if asked else None}
         return {"bytes": self.bytes, "max_memory": self.max_memory, "evictions": self.evictions, "routes": routes}
 
-    def keys(self) -> Iterator[AnyKey]:
+    def keys(self) -> Iterator[bytes]:
         return iter(self._lru)
 
 
