@@ -111,6 +111,7 @@ class TokenVerifier:
                  ) -> None:
         self.config = config
         self.clock = clock
+        self._seconds: Callable[[], float] = clock.seconds    # called bound: a method call on Any is generic
         self._remote_keys = remote_keys
         self._allowed = frozenset(config.algorithms)
         self._static_by_kid = {k.kid: k for k in config.jwks if k.kid}
@@ -138,7 +139,7 @@ class TokenVerifier:
         if cached is None:
             return None
         identity, not_before, expires = cached
-        now: float = self.clock.seconds()
+        now = self._seconds()
         if not_before <= now < expires:
             return identity
         del self._cache[key]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final, Protocol, cast
 
 from twisted.internet.defer import Deferred
@@ -148,6 +148,7 @@ class LocalStore:
 
     def __init__(self, clock: Any, max_buckets: int = 100_000, sweep_every: float = 10.0) -> None:
         self.clock = clock
+        self._seconds: Callable[[], float] = clock.seconds    # called bound: a method call on Any is generic
         self.max_buckets = max_buckets
         self.buckets: dict[str, list[float]] = {}   # key -> [tokens, updated, per_second, burst]
         self._sweeper = Periodic(clock, sweep_every, self.sweep)
@@ -159,7 +160,7 @@ class LocalStore:
         self._sweeper.stop()
 
     def take(self, key: str, per_second: float, burst: int) -> Decision:
-        now = self.clock.seconds()
+        now = self._seconds()
         buckets = self.buckets
         bucket = buckets.pop(key, None)
         if bucket is None:
