@@ -268,6 +268,29 @@ async def test_a_401_keeps_the_connection_and_the_same_token_works_again(reactor
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_cached_token_is_remembered_under_its_whole_authorization_value(reactor, echo, gateway, secret_file):
+    """The verified-token cache is keyed by the Authorization value as sent: once a token passed
+    as `Bearer`, the same token under another scheme is still refused, and when it expires
+    while cached it is refused at once."""
+    gw = await gateway(hs_config(echo.url, secret_file))
+    expires = int(time.time()) + 2
+    token = mint_token(sub="dora", exp=expires)
+    r = await get(gw, token=token)
+    assert (r.status, seen_identity(r)["X-User-Id"]) == (200, "dora")
+    for value in (f"Basic {token}", f"Token {token}"):
+        r = await get(gw, headers=[("Authorization", value)])
+        assert (r.status, r.header("www-authenticate")) == (
+            401, challenge("invalid_request", "expected Authorization: Bearer <token>")), value
+    r = await get(gw, headers=[("Authorization", f"bearer {token}")])    # the scheme is case-insensitive
+    assert (r.status, seen_identity(r)["X-User-Id"]) == (200, "dora")
+    assert (await get(gw, token=token)).status == 200           # from the cache
+    await wait_for(reactor, lambda: time.time() >= expires, timeout=4.0)
+    r = await get(gw, token=token)
+    assert (r.status, r.header("www-authenticate")) == (401, challenge("invalid_token", "the token has expired"))
+    assert gw.log[-1]["user_id"] is None
+
+
+@pytest_twisted.ensureDeferred
 async def test_expect_100_continue_is_answered_only_after_auth(reactor, echo, gateway, secret_file):
     gw = await gateway(hs_config(echo.url, secret_file))
     head = "POST /api/users/1 HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\n"

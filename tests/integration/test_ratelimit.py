@@ -236,6 +236,20 @@ async def test_tiers_from_the_jwt_tier_claim_else_the_default_tier(reactor, echo
 
 
 @pytest_twisted.ensureDeferred
+async def test_one_user_under_two_tiers_has_a_bucket_in_each(reactor, echo, gateway, secret_file):
+    """A user's bucket key is kept per policy: the same sub with another tier claim is another bucket."""
+    clock = now_clock()
+    gw = await gateway(routes_config(echo.url, "  - {prefix: /api, upstream: u, auth: optional, rate_limit: {key: user}}",
+                                     TIERS, auth_section(secret_file)), clock=clock)
+    pro, free = token(clock, "alice", "pro"), token(clock, "alice", None)
+    assert await statuses(gw, "/api", 6, token=pro) == [200] * 5 + [429]
+    r = await get(gw, "/api", token=free)
+    assert r.status == 200 and limits(r) == expected("free", 2, 60, 1, 30)
+    assert await statuses(gw, "/api", 2, token=free) == [200, 429]
+    assert (await get(gw, "/api", token=pro)).status == 429
+
+
+@pytest_twisted.ensureDeferred
 async def test_key_user_falls_back_to_the_client_ip_when_anonymous(reactor, echo, gateway, secret_file):
     clock = now_clock()
     gw = await gateway(routes_config(echo.url, "  - {prefix: /api, upstream: u, auth: optional, rate_limit: {key: user}}",

@@ -110,20 +110,28 @@ class AuthFilter:
             if required:
                 return unauthorized(ctx, "invalid_request", "credentials are required")
             return None
+        verifier = self.verifier
+        if verifier is not None:
+            try:
+                identity = verifier.cached(authorization)     # a token seen before: no parsing
+            except InvalidToken as e:
+                return unauthorized(ctx, "invalid_token", str(e))
+            if identity is not None:
+                return self._admit(ctx, identity, roles, "")
         scheme, _, token = authorization.partition(b" ")
         token = token.strip()
-        if scheme.lower() != b"bearer" or self.verifier is None:
+        if scheme.lower() != b"bearer" or verifier is None:
             return unauthorized(ctx, "invalid_request", "expected Authorization: Bearer <token>")
         if not token:
             return unauthorized(ctx, "invalid_request", "the bearer token is empty")
         if len(token) > _MAX_TOKEN:
             return unauthorized(ctx, "invalid_token", "the token is too long")
-        return self._verify(ctx, token, roles, retry=True)
+        return self._verify(ctx, token, authorization, roles, retry=True)
 
-    def _verify(self, ctx: RequestContext, token: bytes, roles: frozenset[str] | None,
+    def _verify(self, ctx: RequestContext, token: bytes, authorization: bytes, roles: frozenset[str] | None,
                 retry: bool) -> LocalResponse | Deferred[LocalResponse | None] | None:
         try:
-            identity = self.verifier.verify_raw(token)  # type: ignore[union-attr]
+            identity = self.verifier.verify_raw(token, authorization)  # type: ignore[union-attr]
         except InvalidToken as e:
             return unauthorized(ctx, "invalid_token", str(e))
         except (KeysUnavailable, UnknownKey) as missing:
@@ -134,7 +142,7 @@ class AuthFilter:
                 if spans is not None and self.remote is not None:   # tracing: on (ops/tracing.py): a span of the request
                     spans.around(refetch, "GET", {"http.request.method": "GET", "url.full": self.remote.url,
                                                   "txgateway.jwks": "refetch for an unknown kid"})
-                return refetch.addCallback(lambda _: self._verify(ctx, token, roles, retry=False))
+                return refetch.addCallback(lambda _: self._verify(ctx, token, authorization, roles, retry=False))
             if isinstance(missing, UnknownKey):
                 return unauthorized(ctx, "invalid_token", "the token's key is unknown")
             return error_response(ctx, 503, "UPSTREAM_UNAVAILABLE", "the identity provider's keys are not available",

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
@@ -35,16 +34,17 @@ class Identity:
     role: str | None = None
     tier: str | None = None
     source: str = "jwt"       # jwt | api_key | client_cert
+    # Built once per identity: cached tokens reuse it on every request. A field set in
+    # __post_init__, not a cached_property: compiled by mypyc, that is a property run per read.
+    headers: tuple[tuple[bytes, bytes], ...] = field(init=False, repr=False, compare=False)
 
-    @cached_property
-    def headers(self) -> tuple[tuple[bytes, bytes], ...]:
-        """Built once per identity: cached tokens reuse it on every request."""
+    def __post_init__(self) -> None:
         out = [(b"x-user-id", self.user_id.encode("latin-1"))]
         if self.role is not None:
             out.append((b"x-user-role", self.role.encode("latin-1")))
         if self.tier is not None:
             out.append((b"x-user-tier", self.tier.encode("latin-1")))
-        return tuple(out)
+        object.__setattr__(self, "headers", tuple(out))
 
 
 class InvalidToken(Exception):
@@ -111,13 +111,14 @@ class TokenVerifier:
                  ) -> None:
         self.config = config
         self.clock = clock
+        self._seconds: Callable[[], float] = clock.seconds    # called bound: a method call on Any is generic
         self._remote_keys = remote_keys
         self._allowed = frozenset(config.algorithms)
         self._static_by_kid = {k.kid: k for k in config.jwks if k.kid}
         self._static_anonymous = [Jwk(None, None, k) for k in config.public_keys] + [k for k in config.jwks if not k.kid]
-        # The raw token bytes -> (identity, exp, nbf): bounded by cache_size (the oldest entry
-        # goes first), re-checked against the clock on every use (an expired token is dropped
-        # and refused), failures never stored.
+        # The Authorization value as the request carried it -> (identity, nbf - leeway, exp +
+        # leeway): bounded by cache_size (the oldest entry goes first), re-checked against the
+        # clock on every use (an expired token is dropped and refused), failures never stored.
         self._cache: dict[bytes, tuple[Identity, float, float]] = {}
         self._options = {"verify_exp": False, "verify_nbf": False, "verify_iat": False,
                          "verify_aud": config.audience is not None, "verify_iss": config.issuer is not None,
@@ -130,17 +131,30 @@ class TokenVerifier:
             raise InvalidToken("the token is malformed") from None
         return self.verify_raw(raw)
 
-    def verify_raw(self, raw: bytes) -> Identity:
-        """`verify` of the token as the request carried it: a cached token costs no decoding."""
+    def cached(self, key: bytes) -> Identity | None:
+        """The identity of a token verified before under `key`, None if there is none; raises
+        InvalidToken when the token is no longer (or not yet) valid. A request's whole
+        Authorization value is the key: a token seen before costs no parsing at all."""
+        cached = self._cache.get(key)
+        if cached is None:
+            return None
+        identity, not_before, expires = cached
+        now = self._seconds()
+        if not_before <= now < expires:
+            return identity
+        del self._cache[key]
+        raise InvalidToken("the token has expired" if now >= expires else "the token is not valid yet")
+
+    def verify_raw(self, raw: bytes, key: bytes | None = None) -> Identity:
+        """`verify` of the token as the request carried it, remembered under `key` (the token
+        itself unless given): a cached token costs no decoding."""
+        if key is None:
+            key = raw
+        identity = self.cached(key)
+        if identity is not None:
+            return identity
         now = self.clock.seconds()
         leeway = self.config.leeway
-        cached = self._cache.get(raw)
-        if cached is not None:
-            identity, cached_exp, cached_nbf = cached
-            if cached_nbf - leeway <= now < cached_exp + leeway:
-                return identity
-            del self._cache[raw]
-            raise InvalidToken("the token has expired" if now >= cached_exp + leeway else "the token is not valid yet")
         token = raw.decode("latin-1")
         try:
             header = jwt.get_unverified_header(token)
@@ -173,7 +187,7 @@ class TokenVerifier:
         if self.config.cache_size > 0:  # cache_size: 0 turns the cache off
             if len(cache) >= self.config.cache_size:
                 del cache[next(iter(cache))]
-            cache[raw] = (identity, exp, nbf)
+            cache[key] = (identity, nbf - leeway, exp + leeway)
         return identity
 
     def _decode(self, token: str, algorithm: str, kid: Any) -> dict[str, Any]:

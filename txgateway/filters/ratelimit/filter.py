@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final, Protocol, cast
 
 from twisted.internet.defer import Deferred
@@ -96,8 +96,39 @@ class Decision:
         return max(1, math.ceil((1.0 - self.remaining) / self.per_second - _SLACK))
 
 
-# A limited request's state: its decision and the fixed parts of its headers (Limiter.fixed).
-_Limited = tuple[Decision, tuple[bytes, tuple[bytes, bytes], tuple[bytes, bytes]]]
+class PolicyHeaders:
+    """One policy's limit headers. The parts that never change (label, limit, policy) are made
+    once; the rest again only when the numbers change: a bucket that stays full or nearly so
+    gives the same numbers request after request."""
+
+    __slots__ = ("label", "limit", "policy", "_remaining", "_reset", "_headers")
+
+    def __init__(self, name: str, count: int, window: int) -> None:
+        self.label = _sf_string(name)
+        self.limit = (b"x-ratelimit-limit", b"%d" % count)
+        self.policy = (b"ratelimit-policy", b'"%s";q=%d;w=%d' % (self.label, count, window))
+        self._remaining = -1
+        self._reset = -1
+        self._headers: tuple[tuple[bytes, bytes], ...] = ()
+
+    def headers(self, remaining: int, reset: int) -> tuple[tuple[bytes, bytes], ...]:
+        if remaining != self._remaining or reset != self._reset:
+            # Numbers as str(int).encode() and pieces joined: a bytes %-format costs several times more.
+            left = str(remaining).encode()
+            seconds = str(reset).encode()
+            self._headers = (self.limit, (b"x-ratelimit-remaining", left), (b"x-ratelimit-reset", seconds), self.policy,
+                             (b"ratelimit", b"".join((b'"', self.label, b'";r=', left, b";t=", seconds))))
+            self._remaining = remaining
+            self._reset = reset
+        return self._headers
+
+
+# A limited request's state: its decision and its policy's headers.
+_Limited = tuple[Decision, PolicyHeaders]
+# What a route applies: bucket name, per_second, burst, the policy's headers, and its buckets'
+# keys by user id for `key: user` (made once per user: a key's string and its hash are kept).
+_Policy = tuple[str, float, int, PolicyHeaders, dict[str, str]]
+_MAX_USER_KEYS: Final = 10_000      # per route and policy; beyond, keys are made per request
 
 
 class RateLimitStore(Protocol):
@@ -117,6 +148,7 @@ class LocalStore:
 
     def __init__(self, clock: Any, max_buckets: int = 100_000, sweep_every: float = 10.0) -> None:
         self.clock = clock
+        self._seconds: Callable[[], float] = clock.seconds    # called bound: a method call on Any is generic
         self.max_buckets = max_buckets
         self.buckets: dict[str, list[float]] = {}   # key -> [tokens, updated, per_second, burst]
         self._sweeper = Periodic(clock, sweep_every, self.sweep)
@@ -128,7 +160,7 @@ class LocalStore:
         self._sweeper.stop()
 
     def take(self, key: str, per_second: float, burst: int) -> Decision:
-        now = self.clock.seconds()
+        now = self._seconds()
         buckets = self.buckets
         bucket = buckets.pop(key, None)
         if bucket is None:
@@ -163,8 +195,8 @@ class LocalStore:
 
 
 class Limiter:
-    """What every limited route's filter shares: the stores, the tiers and the fixed parts of
-    the limit headers."""
+    """What every limited route's filter shares: the stores, the tiers and each policy's limit
+    headers."""
 
     def __init__(self, config: LimitsConfig | None, own_rates: Sequence[tuple[str, int, int]], store: RateLimitStore,
                  local_buckets: LocalStore | None = None) -> None:
@@ -175,12 +207,10 @@ class Limiter:
         self.instances = config.instances if config is not None else 1
         self.tiers = ({name: (name, t.rate.per_second, t.burst, t.rate.count, t.rate.window)
                        for name, t in config.tiers.items()} if config is not None else {})
-        # Per policy, the parts of the headers that never change: label, limit, policy. Keyed by
-        # count and window too: a route's scope may be named like a tier, or shared by routes
-        # with different rates.
-        self.fixed = {
-            (name, count, window): (_sf_string(name), (b"x-ratelimit-limit", b"%d" % count),
-                                    (b"ratelimit-policy", b'"%s";q=%d;w=%d' % (_sf_string(name), count, window)))
+        # Per policy, its headers. Keyed by count and window too: a route's scope may be named
+        # like a tier, or shared by routes with different rates.
+        self.headers = {
+            (name, count, window): PolicyHeaders(name, count, window)
             for name, count, window in [*((n, c, w) for n, _, _, c, w in self.tiers.values()), *own_rates]
         }
 
@@ -195,38 +225,55 @@ class RateLimitFilter:
     def __init__(self, limiter: Limiter, limit: RouteLimit, route: Route) -> None:
         self.limiter = limiter
         self.store = limiter.store
-        self.tiers = limiter.tiers
+        # The in-process store called natively (a Protocol-typed call is a generic one).
+        self.local_store = limiter.store if isinstance(limiter.store, LocalStore) else None
+        headers = limiter.headers
+        self.tiers: dict[str, _Policy] = {tier: (name, per_second, burst, headers[name, count, window], {})
+                                          for tier, (name, per_second, burst, count, window) in limiter.tiers.items()}
         self.default_tier = limiter.config.default_tier if limiter.config is not None else ""
         self.key = limit.key
         self.header = limit.header
         self.scope = limit.scope or route_scope(route)
-        self.own: tuple[str, float, int, int, int] | None = None   # name, per_second, burst, count, window
+        self.own: _Policy | None = None
         if limit.rate is not None:
-            self.own = (limit.scope or route.prefix, limit.rate.per_second, limit.burst or limit.rate.count,
-                        limit.rate.count, limit.rate.window)
+            name = limit.scope or route.prefix
+            self.own = (name, limit.rate.per_second, limit.burst or limit.rate.count,
+                        headers[name, limit.rate.count, limit.rate.window], {})
 
     def on_request(self, ctx: RequestContext) -> LocalResponse | Deferred[LocalResponse | None] | None:
         identity = ctx.identity
-        if self.own is not None:
-            name, per_second, burst, count, window = self.own
-        else:
+        policy = self.own
+        if policy is None:
             tier = identity.tier if identity is not None and identity.tier in self.tiers else None
-            name, per_second, burst, count, window = self.tiers[tier or self.default_tier]
-        key = f"{self.scope}|{name}|{self._key(ctx)}"
-        try:
-            decision = self.store.take(key, per_second, burst)
-        except RedisUnavailable:
-            decision = self._redis_error(key, per_second, burst)
+            policy = self.tiers[tier or self.default_tier]
+        name, per_second, burst, headers, user_keys = policy
+        if self.key == "user" and identity is not None:
+            user_id = identity.user_id
+            key = user_keys.get(user_id)
+            if key is None:
+                key = f"{self.scope}|{name}|user:{user_id}"
+                if len(user_keys) < _MAX_USER_KEYS:
+                    user_keys[user_id] = key
+        else:
+            key = f"{self.scope}|{name}|{self._key(ctx)}"
+        local_store = self.local_store
+        if local_store is not None:
+            decision: Decision | Deferred[Decision] = local_store.take(key, per_second, burst)
+        else:
+            try:
+                decision = self.store.take(key, per_second, burst)
+            except RedisUnavailable:
+                decision = self._redis_error(key, per_second, burst)
         if not isinstance(decision, Decision):     # a Deferred (Redis); a native type check, not Deferred's
             spans = ctx.get_state("tracing")
             if spans is not None:       # tracing: on (ops/tracing.py): the Redis call is a span of the request
                 spans.around(decision, "EVALSHA", _REDIS_SPAN)
             decision.addErrback(self._redis_failed, key, per_second, burst)
-            return decision.addCallback(self._decided, ctx, name, count, window)
-        return self._decided(decision, ctx, name, count, window)
+            return decision.addCallback(self._decided, ctx, headers)
+        return self._decided(decision, ctx, headers)
 
-    def _decided(self, decision: Decision, ctx: RequestContext, name: str, count: int, window: int) -> LocalResponse | None:
-        ctx.set_state("rate_limit", (decision, self.limiter.fixed[name, count, window]))
+    def _decided(self, decision: Decision, ctx: RequestContext, headers: PolicyHeaders) -> LocalResponse | None:
+        ctx.set_state("rate_limit", (decision, headers))
         ctx.note("rate_limit", decision.outcome)
         if decision.allowed:
             return None
@@ -252,10 +299,9 @@ class RateLimitFilter:
         return Decision(policy != "deny", 0.0, per_second, burst, policy)
 
     def _key(self, ctx: RequestContext) -> str:
+        """Whose bucket, when it is not a known user's (on_request keeps those)."""
         identity = ctx.identity
         kind = self.key
-        if kind == "user" and identity is not None:
-            return "user:" + identity.user_id
         if kind == "api_key" and identity is not None and identity.source == "api_key":
             return "key:" + identity.user_id
         if kind == "header":
@@ -272,20 +318,15 @@ class RateLimitFilter:
         if limited is None:
             return
         # Typed (checked once): compiled, the decision's attributes are then native reads.
-        decision, (label, limit_header, policy_header) = cast(_Limited, limited)
+        decision, policy = cast(_Limited, limited)
         if decision.fallback is not None and decision.fallback != "local":
             return                          # unlimited (allow) or not decided (deny): no numbers to tell
-        # Numbers as str(int).encode() and pieces joined: a bytes %-format costs several times more.
-        remaining = str(max(0, int(decision.remaining + _SLACK))).encode()   # a shared bucket in debt shows 0
-        reset = str(decision.reset).encode()
+        ours = policy.headers(max(0, int(decision.remaining + _SLACK)), decision.reset)   # a shared bucket in debt shows 0
         headers = head.headers
         for name, _ in headers:
-            if name in _OWN_HEADERS:
+            if name and (name[0] == 120 or name[0] == 114) and name in _OWN_HEADERS:    # 120: "x", 114: "r"
                 # An upstream's own limit headers: ours replace them, never two conflicting values.
                 headers = head.headers = [h for h in headers if h[0] not in _OWN_HEADERS]
                 break
-        headers.append(limit_header)
-        headers.append((b"x-ratelimit-remaining", remaining))
-        headers.append((b"x-ratelimit-reset", reset))
-        headers.append(policy_header)
-        headers.append((b"ratelimit", b"".join((b'"', label, b'";r=', remaining, b";t=", reset))))
+        headers.extend(ours)
+
