@@ -137,6 +137,34 @@ def _set_value(out: AnyValue, value: Any) -> None:
         out.string_value = str(value)
 
 
+class _Encoding:
+    """One batch encoded `size` spans per reactor turn into a request, whose serialization `done`
+    fires with. A method schedules the next slice, not a closure naming itself: that closure
+    was a reference cycle holding the batch's records and protobuf message, which the daemon's
+    GC (service/tap.py: frozen, thresholds raised) freed only every few hundred thousand requests."""
+
+    def __init__(self, encoder: Encoder, reactor: Any, records: list[SpanRecord], size: int) -> None:
+        self.encoder = encoder
+        self.reactor = reactor
+        self.records = records
+        self.size = size
+        self.request, self.spans = encoder.start()
+        self.done: Deferred[bytes] = Deferred()
+        self.part(0)
+
+    def part(self, start: int) -> None:
+        end = start + self.size
+        try:
+            self.encoder.add(self.spans, self.records[start:end])
+        except Exception:
+            self.done.errback()
+            return
+        if end < len(self.records):
+            self.reactor.callLater(0, self.part, end)      # the next turn: requests go first
+        else:
+            self.done.callback(self.request.SerializeToString())
+
+
 @implementer(IBodyProducer)
 class _Body:
     """An encoded batch as a request body, written in one go (Twisted's FileBodyProducer, which
@@ -196,37 +224,48 @@ class Poster:
         self.headers = Headers({name: [value] for name, value in {**_OTLP_HTTP_HEADERS, **headers}.items()})
 
     def post(self, body: bytes) -> Deferred[bool]:
-        done: Deferred[bool] = Deferred()
-        deadline = self.clock.seconds() + _EXPORT_TIMEOUT
+        return _Post(self, body).done
 
-        def attempt(retry: int, again: bool) -> None:
-            producer: Any = _Body(body)         # an IBodyProducer (mypy has no zope plugin here)
-            d = self.agent.request(b"POST", self.uri, self.headers, producer)
-            d.addCallback(_status)
-            d.addTimeout(max(deadline - self.clock.seconds(), 0.0), self.clock)
-            d.addBoth(answered, retry, again)
 
-        def answered(result: int | Failure, retry: int, again: bool) -> None:
-            if isinstance(result, int) and 200 <= result < 400:
-                done.callback(True)
-                return
-            if isinstance(result, Failure) and again:
-                # As the SDK exporter: a connection error is retried once at once (a kept-alive
-                # connection the collector closed meanwhile; Twisted keeps HTTP/1.0 ones too).
-                attempt(retry, False)
-                return
-            backoff = float(2 ** retry)
-            retryable = isinstance(result, Failure) or result in _RETRYABLE
-            if not retryable or self.clock.seconds() + backoff >= deadline:
-                reason = result.getErrorMessage() if isinstance(result, Failure) else f"HTTP {result}"
-                _log.warn("tracing: an export to {url} failed ({reason}); its spans are dropped",
-                          url=self.url, reason=reason)
-                done.callback(False)
-                return
-            self.clock.callLater(backoff, attempt, retry + 1, True)
+class _Post:
+    """One batch's POST and its retries (Poster's policy). Its steps are methods, not closures
+    that name each other: such closures are a reference cycle holding the body, which the daemon's
+    GC (service/tap.py: frozen, thresholds raised) would free only long after the export."""
 
-        attempt(0, True)
-        return done
+    def __init__(self, poster: Poster, body: bytes) -> None:
+        self.poster = poster
+        self.body = body
+        self.done: Deferred[bool] = Deferred()
+        self.deadline = poster.clock.seconds() + _EXPORT_TIMEOUT
+        self.attempt(0, True)
+
+    def attempt(self, retry: int, again: bool) -> None:
+        poster = self.poster
+        producer: Any = _Body(self.body)         # an IBodyProducer (mypy has no zope plugin here)
+        d = poster.agent.request(b"POST", poster.uri, poster.headers, producer)
+        d.addCallback(_status)
+        d.addTimeout(max(self.deadline - poster.clock.seconds(), 0.0), poster.clock)
+        d.addBoth(self.answered, retry, again)
+
+    def answered(self, result: int | Failure, retry: int, again: bool) -> None:
+        if isinstance(result, int) and 200 <= result < 400:
+            self.done.callback(True)
+            return
+        if isinstance(result, Failure) and again:
+            # As the SDK exporter: a connection error is retried once at once (a kept-alive
+            # connection the collector closed meanwhile; Twisted keeps HTTP/1.0 ones too).
+            self.attempt(retry, False)
+            return
+        clock = self.poster.clock
+        backoff = float(2 ** retry)
+        retryable = isinstance(result, Failure) or result in _RETRYABLE
+        if not retryable or clock.seconds() + backoff >= self.deadline:
+            reason = result.getErrorMessage() if isinstance(result, Failure) else f"HTTP {result}"
+            _log.warn("tracing: an export to {url} failed ({reason}); its spans are dropped",
+                      url=self.poster.url, reason=reason)
+            self.done.callback(False)
+            return
+        clock.callLater(backoff, self.attempt, retry + 1, True)
 
 
 class Tracing:
@@ -280,22 +319,7 @@ class Tracing:
 
     def _encode(self, records: list[SpanRecord], size: int) -> Deferred[bytes]:
         """`size` spans now, the next `size` at the next reactor turn, and so on."""
-        request, spans = self.encoder.start()
-        done: Deferred[bytes] = Deferred()
-
-        def part(start: int) -> None:
-            try:
-                self.encoder.add(spans, records[start:start + size])
-            except Exception:
-                done.errback()
-                return
-            if start + size < len(records):
-                self.reactor.callLater(0, part, start + size)    # the next turn: requests go first
-            else:
-                done.callback(request.SerializeToString())
-
-        part(0)
-        return done
+        return _Encoding(self.encoder, self.reactor, records, size).done
 
     def _settled(self, taken: bool | Failure, count: int) -> None:
         if taken is True:
