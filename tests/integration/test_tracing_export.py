@@ -18,24 +18,35 @@ from tests.integration.test_admin import call
 from tests.integration.test_auth import now_clock, wait_for
 from tests.integration.test_tracing import Receiver, receiver  # noqa: F401
 from txgateway.core.logtext import printable
+from txgateway.ops.otlp import Encoder
 from txgateway.ops.spans import SERVER, SpanRecord, _text
 from txgateway.ops.tracing import Tracing
 from txgateway.ops.tracingconfig import TracingConfig
+
+
+class CountingEncoder:
+    """The tracer's encoder, noting the size of each slice it encodes (the compiled Encoder's
+    methods cannot be replaced on it)."""
+
+    def __init__(self, encoder: Encoder) -> None:
+        self.encoder = encoder
+        self.slices: list[int] = []
+
+    def start(self) -> Any:
+        return self.encoder.start()
+
+    def add(self, spans: Any, records: list[SpanRecord]) -> None:
+        self.slices.append(len(records))
+        self.encoder.add(spans, records)
 
 
 def tracer(reactor: Any, url: str) -> tuple[Tracing, Clock, list[int]]:
     """A tracer exporting to `url` on a fake clock, and the size of each slice it encodes."""
     clock = now_clock()
     tracing = Tracing(TracingConfig(url), reactor, clock)
-    slices: list[int] = []
-    add = tracing.encoder.add
-
-    def counted(spans: Any, records: list[SpanRecord]) -> None:
-        slices.append(len(records))
-        add(spans, records)
-
-    tracing.encoder.add = counted  # type: ignore[method-assign]
-    return tracing, clock, slices
+    counting = CountingEncoder(tracing.encoder)
+    tracing.encoder = counting  # type: ignore[assignment]
+    return tracing, clock, counting.slices
 
 
 def record(tracing: Tracing, n: int) -> None:
