@@ -46,6 +46,7 @@ COMPILED = [
     "txgateway/core/route.py",
     "txgateway/core/hopbyhop.py",
     "txgateway/ops/spans.py",
+    "txgateway/ops/otlp.py",
 ]
 
 

@@ -5,8 +5,8 @@ The SDK's `start_span`/`set_attribute`/`end` cost ~470k instructions per recorde
 two times and a few attributes. Here a span is a `SpanRecord` with exactly those fields, made
 with the SDK's semantics (parent-based sampling as decided by ops/sampling.py, ids from
 `random.getrandbits` and never zero, times from `time.time_ns`, a parent's `tracestate` kept),
-and an ended span waits in a `SpanQueue` until ops/tracing.py encodes a batch of them into
-opentelemetry-proto's messages, off the request. No part of the SDK is imported here, so the
+and an ended span waits in a `SpanQueue` until ops/tracing.py has a batch of them encoded into
+opentelemetry-proto's messages (ops/otlp.py), off the request. No part of the SDK is imported here, so the
 module compiles (setup.py) and a config without `tracing:` never loads this.
 """
 

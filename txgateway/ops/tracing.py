@@ -8,12 +8,12 @@ upstream carries the attempt's own span id, and `ctx.traceparent` (metrics' exem
 
 Recording is ops/spans.py's (compiled): plain records in a bounded queue. Exporting is here, on
 the reactor and never in the way of a request: every `_SCHEDULE_DELAY` seconds (sooner when
-`_BATCH` spans wait) a batch is encoded into opentelemetry-proto's messages `_SLICE` spans per
-reactor turn, then posted with Twisted's Agent (the SDK exporter's headers, a timeout, its retries on
-429/502/503/504 and connection errors). There is no export thread: the SDK's
-BatchSpanProcessor held the GIL for whole batches while it encoded and posted, and the reactor
-waited. Spans a collector did not take, or that found the queue full, are counted (`dropped`)
-for /metrics. Imported only when the config has `tracing:`.
+`_BATCH` spans wait) a batch is encoded into opentelemetry-proto's messages (ops/otlp.py,
+compiled) `_SLICE` spans per reactor turn, then posted with Twisted's Agent (the SDK exporter's
+headers, a timeout, its retries on 429/502/503/504 and connection errors). There is no export
+thread: the SDK's BatchSpanProcessor held the GIL for whole batches while it encoded and posted,
+and the reactor waited. Spans a collector did not take, or that found the queue full, are
+counted (`dropped`) for /metrics. Imported only when the config has `tracing:`.
 """
 
 from __future__ import annotations
@@ -21,10 +21,6 @@ from __future__ import annotations
 from typing import Any
 
 from opentelemetry.exporter.otlp.proto.http import _OTLP_HTTP_HEADERS
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope
-from opentelemetry.proto.resource.v1.resource_pb2 import Resource as ResourceMessage
-from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from opentelemetry.sdk.resources import Resource
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Protocol, connectionDone
@@ -35,8 +31,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
-from txgateway import __version__
 from txgateway.core.fetch import quiet_pool
+from txgateway.ops.otlp import Encoder
 from txgateway.ops.sampling import TraceGate
 from txgateway.ops.spans import SpanQueue, SpanRecord, SpanRecorder
 from txgateway.ops.tracingconfig import TracingConfig
@@ -50,91 +46,35 @@ _SLICE = 64              # spans encoded per reactor turn (~1 ms): requests inte
 _EXPORT_TIMEOUT = 10.0   # seconds one export may take, retries included (the SDK exporter's)
 _RETRYABLE = frozenset({429, 502, 503, 504})   # statuses the SDK exporter retries, as connection errors
 _STOP_WAIT = 3.0         # seconds a stopping gateway waits for the last export
-_VARIED = frozenset({"url.path", "url.query", "url.full"})   # attributes whose values rarely recur
-_KNOWN_LIMIT = 4096      # attribute encodings kept at most
-# OTLP's span flags: "has is_remote" always, "is remote" when the parent is the caller's.
-_LOCAL_PARENT, _REMOTE_PARENT = 0x100, 0x300
 _log = Logger(namespace="txgateway.ops.tracing")
 
 
-class Encoder:
-    """Batches of SpanRecords as an OTLP ExportTraceServiceRequest of opentelemetry-proto's
-    messages. The SDK's encoder built each span, attribute and value with keyword constructors
-    that upb then copied (~40 % of its ~300k instructions a span). Here a span's scalars go in
-    its `add()`; an attribute whose value recurs (a method, a route, a status: most of them) is
-    serialized once, as a Span holding only that attribute, by protobuf itself, and a span's
-    recurring attributes are merged in with one `MergeFromString` of those encodings joined
-    (protobuf's own rule: concatenated encodings merge, repeated fields append). Values unique
-    to a request (`_VARIED`) are set directly."""
+class _Encoding:
+    """One batch encoded `size` spans per reactor turn into a request, whose serialization `done`
+    fires with. A method schedules the next slice, not a closure naming itself: that closure
+    was a reference cycle holding the batch's records and protobuf message, which the daemon's
+    GC (service/tap.py: frozen, thresholds raised) freed only every few hundred thousand requests."""
 
-    def __init__(self, resource: Resource) -> None:
-        self.resource = ResourceMessage()
-        for key, value in resource.attributes.items():
-            kv = self.resource.attributes.add()
-            kv.key = key
-            _set_value(kv.value, value)
-        self.scope = InstrumentationScope(name="txgateway", version=__version__)
-        self.known: dict[tuple[str, Any], bytes] = {}   # (key, value) -> a Span with that attribute, encoded
+    def __init__(self, encoder: Encoder, reactor: Any, records: list[SpanRecord], size: int) -> None:
+        self.encoder = encoder
+        self.reactor = reactor
+        self.records = records
+        self.size = size
+        self.request, self.spans = encoder.start()
+        self.done: Deferred[bytes] = Deferred()
+        self.part(0)
 
-    def start(self) -> tuple[ExportTraceServiceRequest, Any]:
-        """An empty request (this gateway's resource and scope) and its repeated spans field."""
-        request = ExportTraceServiceRequest()
-        resource_spans = request.resource_spans.add()
-        resource_spans.resource.CopyFrom(self.resource)
-        scope_spans = resource_spans.scope_spans.add()
-        scope_spans.scope.CopyFrom(self.scope)
-        return request, scope_spans.spans
-
-    def add(self, spans: Any, records: list[SpanRecord]) -> None:
-        known = self.known
-        for record in records:
-            span = spans.add(trace_id=record.trace_id.to_bytes(16, "big"), span_id=record.span_id.to_bytes(8, "big"),
-                             flags=_REMOTE_PARENT if record.remote_parent else _LOCAL_PARENT,
-                             name=record.name, kind=record.kind,
-                             start_time_unix_nano=record.start, end_time_unix_nano=record.end)
-            if record.parent_id:
-                span.parent_span_id = record.parent_id.to_bytes(8, "big")
-            if record.trace_state:
-                span.trace_state = record.trace_state
-            parts = []
-            for key, value in record.attributes.items():
-                if key in _VARIED or (type(value) is not str and type(value) is not int):   # not True == 1
-                    kv = span.attributes.add()
-                    kv.key = key
-                    _set_value(kv.value, value)
-                else:
-                    part = known.get((key, value))
-                    if part is None:
-                        part = self._remember(key, value)
-                    parts.append(part)
-            span.MergeFromString(b"".join(parts))
-            if record.status:
-                span.status.code = record.status
-                if record.message:
-                    span.status.message = record.message
-
-    def _remember(self, key: str, value: Any) -> bytes:
-        if len(self.known) >= _KNOWN_LIMIT:       # bounded: values that turn out to vary start it over
-            self.known.clear()
-        one = Span()
-        kv = one.attributes.add()
-        kv.key = key
-        _set_value(kv.value, value)
-        part = self.known[key, value] = one.SerializeToString()
-        return part
-
-
-def _set_value(out: AnyValue, value: Any) -> None:
-    if isinstance(value, str):
-        out.string_value = value
-    elif isinstance(value, bool):
-        out.bool_value = value
-    elif isinstance(value, int):
-        out.int_value = value
-    elif isinstance(value, float):
-        out.double_value = value
-    else:       # the SDK's resource may hold a sequence (from OTEL_RESOURCE_ATTRIBUTES: strings only)
-        out.string_value = str(value)
+    def part(self, start: int) -> None:
+        end = start + self.size
+        try:
+            self.encoder.add(self.spans, self.records[start:end])
+        except Exception:
+            self.done.errback()
+            return
+        if end < len(self.records):
+            self.reactor.callLater(0, self.part, end)      # the next turn: requests go first
+        else:
+            self.done.callback(self.request.SerializeToString())
 
 
 @implementer(IBodyProducer)
@@ -196,37 +136,48 @@ class Poster:
         self.headers = Headers({name: [value] for name, value in {**_OTLP_HTTP_HEADERS, **headers}.items()})
 
     def post(self, body: bytes) -> Deferred[bool]:
-        done: Deferred[bool] = Deferred()
-        deadline = self.clock.seconds() + _EXPORT_TIMEOUT
+        return _Post(self, body).done
 
-        def attempt(retry: int, again: bool) -> None:
-            producer: Any = _Body(body)         # an IBodyProducer (mypy has no zope plugin here)
-            d = self.agent.request(b"POST", self.uri, self.headers, producer)
-            d.addCallback(_status)
-            d.addTimeout(max(deadline - self.clock.seconds(), 0.0), self.clock)
-            d.addBoth(answered, retry, again)
 
-        def answered(result: int | Failure, retry: int, again: bool) -> None:
-            if isinstance(result, int) and 200 <= result < 400:
-                done.callback(True)
-                return
-            if isinstance(result, Failure) and again:
-                # As the SDK exporter: a connection error is retried once at once (a kept-alive
-                # connection the collector closed meanwhile; Twisted keeps HTTP/1.0 ones too).
-                attempt(retry, False)
-                return
-            backoff = float(2 ** retry)
-            retryable = isinstance(result, Failure) or result in _RETRYABLE
-            if not retryable or self.clock.seconds() + backoff >= deadline:
-                reason = result.getErrorMessage() if isinstance(result, Failure) else f"HTTP {result}"
-                _log.warn("tracing: an export to {url} failed ({reason}); its spans are dropped",
-                          url=self.url, reason=reason)
-                done.callback(False)
-                return
-            self.clock.callLater(backoff, attempt, retry + 1, True)
+class _Post:
+    """One batch's POST and its retries (Poster's policy). Its steps are methods, not closures
+    that name each other: such closures are a reference cycle holding the body, which the daemon's
+    GC (service/tap.py: frozen, thresholds raised) would free only long after the export."""
 
-        attempt(0, True)
-        return done
+    def __init__(self, poster: Poster, body: bytes) -> None:
+        self.poster = poster
+        self.body = body
+        self.done: Deferred[bool] = Deferred()
+        self.deadline = poster.clock.seconds() + _EXPORT_TIMEOUT
+        self.attempt(0, True)
+
+    def attempt(self, retry: int, again: bool) -> None:
+        poster = self.poster
+        producer: Any = _Body(self.body)         # an IBodyProducer (mypy has no zope plugin here)
+        d = poster.agent.request(b"POST", poster.uri, poster.headers, producer)
+        d.addCallback(_status)
+        d.addTimeout(max(self.deadline - poster.clock.seconds(), 0.0), poster.clock)
+        d.addBoth(self.answered, retry, again)
+
+    def answered(self, result: int | Failure, retry: int, again: bool) -> None:
+        if isinstance(result, int) and 200 <= result < 400:
+            self.done.callback(True)
+            return
+        if isinstance(result, Failure) and again:
+            # As the SDK exporter: a connection error is retried once at once (a kept-alive
+            # connection the collector closed meanwhile; Twisted keeps HTTP/1.0 ones too).
+            self.attempt(retry, False)
+            return
+        clock = self.poster.clock
+        backoff = float(2 ** retry)
+        retryable = isinstance(result, Failure) or result in _RETRYABLE
+        if not retryable or clock.seconds() + backoff >= self.deadline:
+            reason = result.getErrorMessage() if isinstance(result, Failure) else f"HTTP {result}"
+            _log.warn("tracing: an export to {url} failed ({reason}); its spans are dropped",
+                      url=self.poster.url, reason=reason)
+            self.done.callback(False)
+            return
+        clock.callLater(backoff, self.attempt, retry + 1, True)
 
 
 class Tracing:
@@ -241,7 +192,7 @@ class Tracing:
         self.recorder = SpanRecorder(self.queue)
         # The edge's filter, finish hook and proxies' attempt hook (service/requestpath.py)
         self.gate = TraceGate(self.recorder, config.sample_ratio)
-        self.encoder = Encoder(Resource.create({"service.name": config.service_name}))
+        self.encoder = Encoder(Resource.create({"service.name": config.service_name}).attributes)
         self.poster = Poster(reactor, self.clock, config.otlp_endpoint, dict(config.headers))
         self.exported = 0
         self.failed = 0                          # spans of exports the collector did not take
@@ -280,22 +231,7 @@ class Tracing:
 
     def _encode(self, records: list[SpanRecord], size: int) -> Deferred[bytes]:
         """`size` spans now, the next `size` at the next reactor turn, and so on."""
-        request, spans = self.encoder.start()
-        done: Deferred[bytes] = Deferred()
-
-        def part(start: int) -> None:
-            try:
-                self.encoder.add(spans, records[start:start + size])
-            except Exception:
-                done.errback()
-                return
-            if start + size < len(records):
-                self.reactor.callLater(0, part, start + size)    # the next turn: requests go first
-            else:
-                done.callback(request.SerializeToString())
-
-        part(0)
-        return done
+        return _Encoding(self.encoder, self.reactor, records, size).done
 
     def _settled(self, taken: bool | Failure, count: int) -> None:
         if taken is True:
