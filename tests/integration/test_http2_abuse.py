@@ -90,6 +90,13 @@ def goaway_code(received: bytes) -> int | None:
     return None
 
 
+def assert_only_the_good_request_arrived(good: Any, echo: Any) -> None:
+    """After the bad input: the next good request (`/api/users/fine`) is served, and it is the
+    only one the upstream saw."""
+    assert good.status == 200
+    assert [r.uri for r in echo.requests] == [b"/users/fine"]
+
+
 def get_one(port: int, cafile: str, path: str) -> H2Result:
     with H2Client(port, cafile) as client:
         return client.get(path)
@@ -271,8 +278,7 @@ async def test_invalid_method_or_path_is_400_and_never_forwarded(reactor, echo, 
     *answers, good = await deferToThread(run)
     for (method, path), r in zip(bad, answers, strict=True):
         assert r.status == 400 and r.json()["error"]["code"] == "BAD_REQUEST", (method, path, r)
-    assert good.status == 200
-    assert [r.uri for r in echo.requests] == [b"/users/fine"]
+    assert_only_the_good_request_arrived(good, echo)
 
 
 @pytest_twisted.ensureDeferred
@@ -505,8 +511,7 @@ async def test_malformed_header_blocks_end_the_connection_and_are_never_forwarde
 
     outcomes, good = await deferToThread(run)
     assert {why: o for why, o in outcomes.items() if o != (True, ErrorCodes.PROTOCOL_ERROR)} == {}
-    assert good.status == 200
-    assert [r.uri for r in echo.requests] == [b"/users/fine"]
+    assert_only_the_good_request_arrived(good, echo)
 
 
 @pytest_twisted.ensureDeferred
