@@ -666,3 +666,46 @@ async def test_the_routes_header_rules_apply_to_the_cache_fields(gateway, origin
         secured = await fetch(gw, "/secured")
         assert [v for k, v in secured.headers if k.lower() == "x-cache"] == [verdict]   # a default: not added
     assert [r.get("cache") for r in gw.log] == ["MISS", "MISS", "MISS", "HIT", "HIT", "HIT"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hit_sends_the_fields_a_miss_sends_whichever_head_hooks_its_route_has(gateway, origin):
+    # A hit's stored fields go out in one prepared piece only where no head hook would edit
+    # them (/p); where the route's rules name one (/f: a removed field, a security header the
+    # upstream sent) or another filter has a head hook (/cors), they go through the hooks.
+    res, url = origin
+    stored = [(b"Cache-Control", b"max-age=60"), (b"Vary", b"Accept"), (b"ETag", b'"v1"')]
+    res.answers[b"/p"] = (200, stored, b"x")
+    res.answers[b"/f"] = (200, [*stored, (b"X-Upstream-Debug", b"1"), (b"X-Frame-Options", b"SAMEORIGIN")], b"x")
+    routes = config(url) + """    response_headers: {remove: [X-Upstream-Debug]}
+  - prefix: /cors
+    upstream: origin
+    rewrite_prefix: /
+    cache: {}
+    cors: {origins: ["https://app.example"]}
+"""
+    gw = await gateway(routes, clock=Clock())
+    varying = ("age", "cache-status", "x-cache", "x-correlation-id")
+
+    def fields(resp: Any) -> list[tuple[str, str]]:
+        return sorted((k.lower(), v) for k, v in resp.headers if k.lower() not in varying)
+
+    for path in ("/p", "/f", "/cors/p", "/cors/f"):
+        miss = await fetch(gw, path, "Origin: https://app.example")
+        hit = await fetch(gw, path, "Origin: https://app.example")
+        assert (miss.header("x-cache"), hit.header("x-cache")) == ("MISS", "HIT")
+        assert fields(hit) == fields(miss)
+        assert len([k for k, _ in hit.headers if k.lower() == "x-correlation-id"]) == 1
+        assert [v for k, v in hit.headers if k.lower() == "x-content-type-options"] == ["nosniff"]
+    f = await fetch(gw, "/f")
+    assert f.header("x-upstream-debug") is None
+    assert [v for k, v in f.headers if k.lower() == "x-frame-options"] == ["SAMEORIGIN"]   # the default not added
+    cors = await fetch(gw, "/cors/p", "Origin: https://app.example")
+    assert (cors.header("vary"), cors.header("access-control-allow-origin")) == ("Accept, Origin", "https://app.example")
+    conditional = await fetch(gw, "/p", 'If-None-Match: "v1"')
+    assert (conditional.status, conditional.header("x-cache"), conditional.header("etag")) == (304, "HIT", '"v1"')
+    store = gw.gateway.durable["cache"]
+    prepared = {path: getattr(store.find(cache_key(route, b"a.example", path, b"")).hit_head, "ok", None)
+                for route, path in ((b"/", b"/p"), (b"/", b"/f"), (b"/cors", b"/cors/p"))}
+    assert prepared == {b"/p": True, b"/f": False, b"/cors/p": None}   # None: the CORS route never makes one
+    assert (res.count(b"/p"), res.count(b"/f")) == (2, 2)

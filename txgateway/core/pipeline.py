@@ -52,14 +52,16 @@ REASONS: Final = {
 class PreparedFields:
     """Response fields made once and sent as they are after `ResponseHead.headers`: a filter's
     own fields that no later head hook edits (the cache's Cache-Status and X-Cache on a miss,
-    when the route's header rules do not name them). Each of them in `headers` would cost a
-    pass of every later hook and of the transport; these cost one piece of the head."""
+    when the route's header rules do not name them; a hit's stored fields). Each of them in
+    `headers` would cost a pass of every later hook and of the transport; these cost one piece
+    of the head. `wire`: the pairs as HTTP/1.1 writes them, when the caller has them already."""
 
     __slots__ = ("pairs", "wire")
 
-    def __init__(self, pairs: tuple[tuple[bytes, bytes], ...]) -> None:
+    def __init__(self, pairs: tuple[tuple[bytes, bytes], ...], wire: bytes | None = None) -> None:
         self.pairs = pairs            # lower-case names, for HTTP/2
-        self.wire = b"".join(b"%s: %s\r\n" % pair for pair in pairs)   # as HTTP/1.1 writes them
+        # as HTTP/1.1 writes them
+        self.wire = wire if wire is not None else b"".join(b"%s: %s\r\n" % pair for pair in pairs)
 
 
 class ResponseHead:
@@ -85,14 +87,18 @@ class ResponseHead:
 
 
 class LocalResponse:
-    """An answer produced by the gateway itself (errors, short-circuits, local routes)."""
+    """An answer produced by the gateway itself (errors, short-circuits, local routes).
+    `prepared`: fields sent after `headers`, which the head hooks do not see (a cache hit's
+    stored fields, when its route's head hooks would leave them as they are)."""
 
-    __slots__ = ("status", "headers", "body")
+    __slots__ = ("status", "headers", "body", "prepared")
 
-    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes,
+                 prepared: PreparedFields | None = None) -> None:
         self.status = status
         self.headers = headers
         self.body = body
+        self.prepared = prepared
 
 
 def error_response(ctx: RequestContext, status: int, code: str, message: str,
@@ -486,6 +492,7 @@ class Pipeline:
         failed) the envelope goes out as it is."""
         body = b"" if ctx.method == b"HEAD" else local.body
         head = ResponseHead(local.status, REASONS.get(local.status, b"Unknown"), list(local.headers), len(local.body))
+        head.prepared = local.prepared
         if not hooks:
             head.headers.append((b"x-correlation-id", ctx.correlation_id.encode()))
             ctx.status = head.status

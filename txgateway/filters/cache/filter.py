@@ -38,7 +38,7 @@ from txgateway.filters.cache.rules import (
     parse_http_date,
 )
 from txgateway.filters.cache.store import Entry, Store, cache_key, key_parts
-from txgateway.filters.headers import HeaderRulesFilter
+from txgateway.filters.headers import ForwardingHeaders, HeaderRulesFilter
 
 __all__ = ["CacheFilter", "build_filter"]
 
@@ -119,6 +119,22 @@ class _Forward:
 
 _X_HIT: Final = (b"x-cache", b"HIT")
 _X_STALE: Final = (b"x-cache", b"STALE")
+# The names of a hit's own fields, for the header rules' check (_HitHead).
+_HIT_PROBE: Final = ((b"age", b"0"), (b"cache-status", b"txgateway; hit"), (b"x-cache", b"HIT"))
+
+
+class _HitHead:
+    """A stored response's fields as HTTP/1.1 writes them, made by its first hit (Entry.hit_head,
+    counted in its size), and whether the route's head hooks leave them as they are: then a hit
+    sends them in one piece (`LocalResponse.prepared`), past every head hook and the transport's
+    loop over fields. `cache`: the filter that decided (a reload's new one decides again)."""
+
+    __slots__ = ("wire", "cache", "ok")
+
+    def __init__(self, wire: bytes) -> None:
+        self.wire = wire
+        self.cache: CacheFilter | None = None
+        self.ok = False
 
 
 class _Bypass:
@@ -191,6 +207,14 @@ class CacheFilter:
         # A hit's Age and Cache-Status fields, kept for the next hit with the same values.
         self.hit_age = self.hit_ttl = -1
         self.hit_age_field = self.hit_status_field = (b"", b"")
+        # The route's header rules, when they are the only head hooks that could edit a hit's
+        # fields (None: another filter's could; found from the chain at the first hit).
+        self.hit_rules: list[HeaderRulesFilter] | None = None
+        self.hit_chain_seen = False
+        # The last prepared hit's fields, for the next hit of the same entry, Age and verdict.
+        self.hit_entry: Entry | None = None
+        self.hit_stale = False
+        self.hit_prepared = PreparedFields(())
         # A miss's Cache-Status and X-Cache, kept for the next miss of the same kind (_forwarded).
         self.miss_stored = False
         self.miss_fwd = b""
@@ -343,18 +367,57 @@ class CacheFilter:
             x_cache = _X_STALE
         # Age and Cache-Status as the last hit made them when they are the same (hits in one
         # second of one response mostly are): formatting them cost ~1k a hit.
+        same = True
         seconds = int(age)
         if seconds != self.hit_age:
             self.hit_age = seconds
             self.hit_age_field = (b"age", b"%d" % seconds)
+            same = False
         ttl = int(entry.lifetime - age)
         if ttl != self.hit_ttl:
             self.hit_ttl = ttl
             self.hit_status_field = (b"cache-status", b"txgateway; hit; ttl=%d" % ttl)
-        headers = [*entry.headers, self.hit_age_field, self.hit_status_field, x_cache]
+            same = False
+        stale = verdict != b"HIT"
+        if same and entry is self.hit_entry and stale == self.hit_stale:
+            prepared: PreparedFields | None = self.hit_prepared      # as the last hit's: nothing to make
+        else:
+            prepared = self._prepare(ctx, entry, x_cache)
+            if prepared is not None:
+                self.hit_entry, self.hit_stale, self.hit_prepared = entry, stale, prepared
+            else:
+                self.hit_entry = None
+        if prepared is not None:
+            headers: list[tuple[bytes, bytes]] = []
+        else:
+            headers = [*entry.headers, self.hit_age_field, self.hit_status_field, x_cache]
         if conditional and self._not_modified(ctx.headers, entry):
-            return LocalResponse(304, headers, b"")
-        return LocalResponse(entry.status, headers, entry.body)
+            return LocalResponse(304, headers, b"", prepared)
+        return LocalResponse(entry.status, headers, entry.body, prepared)
+
+    def _prepare(self, ctx: RequestContext, entry: Entry, x_cache: tuple[bytes, bytes]) -> PreparedFields | None:
+        """A hit's fields in one piece (the entry's, Age, Cache-Status, X-Cache), or None when a
+        head hook of the route could edit them: they then go in the head's headers."""
+        if not self.hit_chain_seen:
+            self.hit_chain_seen = True
+            self.hit_rules = _rules_only(ctx.chain, self)
+        rules = self.hit_rules
+        if rules is None:
+            return None
+        head: _HitHead | None = entry.hit_head
+        if head is None:
+            head = entry.hit_head = _HitHead(b"".join([b"%s: %s\r\n" % field for field in entry.headers]))
+        if head.cache is not self:
+            head.cache = self
+            fields = (*entry.headers, *_HIT_PROBE)
+            # HSTS: the rules add theirs on TLS listeners unless the response has one.
+            head.ok = (all(rules_leave(r, fields) for r in rules)
+                       and not any(name == b"strict-transport-security" for name, _ in entry.headers))
+        if not head.ok:
+            return None
+        age_field, status_field = self.hit_age_field, self.hit_status_field
+        return PreparedFields((*entry.headers, age_field, status_field, x_cache),
+                              b"%s%s: %s\r\n%s: %s\r\n%s: %s\r\n" % (head.wire, *age_field, *status_field, *x_cache))
 
     def _not_modified(self, headers: list[tuple[bytes, bytes]], entry: Entry) -> bool:
         """The client's own conditional, answered from the entry (RFC 9110 §13.2.2)."""
@@ -817,6 +880,22 @@ def build_filter(resources: Any, policy: RouteCache, route: Any) -> CacheFilter:
     header_rules = route.policies.get("header_rules")
     prepared = header_rules is None or rules_leave(HeaderRulesFilter(header_rules), _MISS_PROBE)
     return CacheFilter(store, settings, policy, route.prefix, resources.clock, prepared)
+
+
+def _rules_only(chain: Any, cache: CacheFilter) -> list[HeaderRulesFilter] | None:
+    """The header rules of `chain`, when they are its only head hooks besides the cache's own
+    and the correlation id's echo (which adds a field of its own and edits none); None when any
+    other filter has a head hook (it may read or edit the fields it finds)."""
+    if chain is None:
+        return None
+    rules = []
+    for f in chain.response_filters:
+        if getattr(f, "on_response_head", None) is None or f is cache or isinstance(f, ForwardingHeaders):
+            continue
+        if not isinstance(f, HeaderRulesFilter):
+            return None
+        rules.append(f)
+    return rules
 
 
 def rules_leave(rules: HeaderRulesFilter, fields: tuple[tuple[bytes, bytes], ...]) -> bool:

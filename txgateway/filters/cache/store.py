@@ -21,9 +21,11 @@ MAX_VARIANTS: Final = 8
 # entries made as a miss makes them, sizes rounded up to pymalloc's 16-byte blocks; the
 # daemon's RSS under a flood agrees, docs/cache.md); tests/integration/test_cache.py fails
 # when the memory a flood leaves outgrows max_memory.
-_PER_ENTRY: Final = 640      # the Entry, its list of fields, its body object and times, the key's
-                            # object, the store's slot
-_PER_FIELD: Final = 152      # a field: its (name, value) tuple, two bytes objects, a list slot
+_PER_ENTRY: Final = 640 + 112   # the Entry, its list of fields, its body object and times, the key's
+                                # object, the store's slot; + its first hit's `hit_head` (filter.py's
+                                # _HitHead and its bytes object, the slot)
+_PER_FIELD: Final = 152 + 4      # a field: its (name, value) tuple, two bytes objects, a list slot;
+                                # + its `: ` and CRLF in `hit_head`
 _PER_DIRECTIVES: Final = 216  # a parsed Cache-Control: the Directives and its dict
 _PER_DIRECTIVE: Final = 96  # a directive: its name and value objects, a dict slot
 _PER_OBJECT: Final = 48     # a tuple beyond its length (Vary'ed values)
@@ -64,7 +66,7 @@ class Entry:
     """One stored response, with what RFC 9111 §4.2.3 needs to compute its age."""
 
     __slots__ = ("status", "headers", "body", "request_time", "response_time", "corrected_age", "lifetime",
-                 "vary", "size", "directives", "etag", "last_modified", "date")
+                 "vary", "size", "directives", "etag", "last_modified", "date", "hit_head")
 
     def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, request_time: float,
                  response_time: float, corrected_age: float, lifetime: float, vary: tuple[tuple[bytes, bytes | None], ...],
@@ -81,6 +83,9 @@ class Entry:
         self.date = date
         self.etag: bytes | None = None
         self.last_modified: bytes | None = None
+        # The fields as HTTP/1.1 writes them, made by the first hit (filter.py's _HitHead):
+        # counted in `size` from the start, so a hit never grows the store past max_memory.
+        self.hit_head: Any = None
         # What storing it costs (max_memory's unit): the objects, not only their bytes, and
         # its key's (each variant of a key counts the key: at most 8, a small overcount).
         size = len(body) + _PER_ENTRY + len(key)
