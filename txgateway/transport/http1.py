@@ -448,9 +448,7 @@ class HTTP1Connection(Protocol):
         if status in (204, 304) or status < 200:
             pass
         elif head.length is not None:
-            parts.append(b"content-length: ")
-            parts.append(str(head.length).encode())
-            parts.append(b"\r\n")
+            parts.append(_length_field(head.length))
         elif ctx.method == b"HEAD":
             pass
         elif ctx.version == b"1.1":
@@ -606,6 +604,21 @@ def _status_line(status: int, reason: bytes) -> bytes:
     if len(_STATUS_LINES) < 1000:     # statuses are 100-999: bounded whatever upstreams send
         _STATUS_LINES[status] = (reason, line)
     return line
+
+
+_LENGTH_FIELDS: Final[dict[int, bytes]] = {}    # length -> its Content-Length field: many answers repeat a few
+
+
+def _length_field(length: int) -> bytes:
+    """`content-length: <length>\\r\\n`, the first 1,024 lengths seen remembered (a str() and an
+    encode a response otherwise)."""
+    known = _LENGTH_FIELDS.get(length)
+    if known is not None:
+        return known
+    field = b"content-length: %d\r\n" % length
+    if len(_LENGTH_FIELDS) < 1024:
+        _LENGTH_FIELDS[length] = field
+    return field
 
 
 def _absolute_form(target: bytes, host: bytes | None) -> tuple[bytes, bytes | None]:

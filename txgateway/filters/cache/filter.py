@@ -203,6 +203,8 @@ class CacheFilter:
         self.now: Callable[[], float] = clock.seconds     # found once: a method lookup on the reactor each time cost ~250
         self.gets: bool = b"GET" in policy.methods
         self.host_seen = self.host_lower = b""
+        # The last key made without identity or key.headers, and its parts (`key`).
+        self.key_path = self.key_query_seen = self.key_host = self.key_last = b""
         self.counts = store.counts(route)
         # A hit's Age and Cache-Status fields, kept for the next hit with the same values.
         self.hit_age = self.hit_ttl = -1
@@ -245,6 +247,15 @@ class CacheFilter:
         identity = None
         if self.by_identity and ctx.identity is not None:
             identity = ctx.identity.user_id
+        if identity is None and not self.key_headers:
+            # The last key again when its parts are (a hot URL): no formatting, and the store's
+            # lookup finds its hash made.
+            path = ctx.path
+            if path == self.key_path and query == self.key_query_seen and host is self.key_host:
+                return self.key_last
+            key = cache_key(self.route_key, host, path, query)
+            self.key_path, self.key_query_seen, self.key_host, self.key_last = path, query, host, key
+            return key
         extra = tuple(_request_value(ctx.headers, name) for name in self.key_headers) if self.key_headers else ()
         return cache_key(self.route_key, host, ctx.path, query, identity, extra)
 
@@ -334,6 +345,8 @@ class CacheFilter:
         """None: must go upstream; False: fresh enough for this request; True: stale but the
         request accepts it (max-stale)."""
         stored = entry.directives
+        if len(req.d) == 0:     # no request directives (most requests): the entry's alone decide
+            return None if b"no-cache" in stored.d or entry.lifetime <= age else False
         if b"no-cache" in stored:
             return None
         if b"max-age" in req:
