@@ -5,6 +5,7 @@ e.g. whether anything per request grows from 32 to 256 connections:
 
     .venv/bin/python bench/syscalls.py 32
     .venv/bin/python bench/syscalls.py 256 20000
+    .venv/bin/python bench/syscalls.py --cache 32     # the route cached: every counted request a hit
 
 It drives the daemon as fast as one Python client can: on the shared machine it is short
 (seconds), and its figures are counts, not speed.
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from email.utils import formatdate
 from pathlib import Path
 
 import macro
@@ -26,9 +28,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def main() -> None:
-    conns = int(sys.argv[1]) if len(sys.argv) > 1 else 32
-    total = int(sys.argv[2]) if len(sys.argv) > 2 else 10000
-    upstream = subprocess.Popen([sys.executable, "-c", macro.UPSTREAM % macro.RESPONSE], stdout=subprocess.PIPE,
+    cache = "--cache" in sys.argv
+    args = [a for a in sys.argv[1:] if a != "--cache"]
+    conns = int(args[0]) if len(args) > 0 else 32
+    total = int(args[1]) if len(args) > 1 else 10000
+    response = macro.RESPONSE
+    if cache:       # a current Date, as macro.py --cache: the route's ttl then keeps it fresh
+        response = response.replace(b"Sun, 29 Nov 2026 12:30:29 GMT", formatdate(usegmt=True).encode())
+    upstream = subprocess.Popen([sys.executable, "-c", macro.UPSTREAM % response], stdout=subprocess.PIPE,
                                 text=True)
     work = Path(tempfile.mkdtemp(prefix="txgw-syscalls-"))
     gateway = None
@@ -39,6 +46,8 @@ def main() -> None:
         config = re.sub(r"tcp:\d+:interface", f"tcp:{port}:interface", config)
         config = config.replace("http://127.0.0.1:9001", f"http://127.0.0.1:{upstream_port}")
         config = re.sub(r"access_log: \S+", f"access_log: {work / 'access.log'}", config)
+        if cache:
+            config = config.rstrip("\n") + "\n    cache: {ttl: 1h}\n"
         (work / "gateway.yaml").write_text(config)
         gateway = subprocess.Popen([str(Path(sys.executable).parent / "twistd"), "-n", "--pidfile=", "txgateway",
                                     "--config", str(work / "gateway.yaml")],
@@ -55,7 +64,7 @@ def main() -> None:
         strace.wait()
         for s in socks:
             s.close()
-        print(f"syscalls per request ({conns} connections, {total} requests):")
+        print(f"syscalls per request ({conns} connections, {total} requests{', cached: hits' if cache else ''}):")
         for line in (work / "strace.txt").read_text().splitlines():
             m = re.match(r"\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)$", line)
             if m:
