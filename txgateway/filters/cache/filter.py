@@ -213,8 +213,9 @@ class CacheFilter:
         # fields (None: another filter's could; found from the chain at the first hit).
         self.hit_rules: list[HeaderRulesFilter] | None = None
         self.hit_chain_seen = False
-        # The last prepared hit's fields, for the next hit of the same entry, Age and verdict.
-        self.hit_entry: Entry | None = None
+        # The last prepared hit's fields, for the next hit of the same entry (known by its
+        # _HitHead: holding the entry would keep its body after the store dropped it), Age and verdict.
+        self.hit_last: _HitHead | None = None
         self.hit_stale = False
         self.hit_prepared = PreparedFields(())
         # A miss's Cache-Status and X-Cache, kept for the next miss of the same kind (_forwarded).
@@ -392,14 +393,15 @@ class CacheFilter:
             self.hit_status_field = (b"cache-status", b"txgateway; hit; ttl=%d" % ttl)
             same = False
         stale = verdict != b"HIT"
-        if same and entry is self.hit_entry and stale == self.hit_stale:
+        last = self.hit_last
+        if same and last is not None and entry.hit_head is last and stale == self.hit_stale:
             prepared: PreparedFields | None = self.hit_prepared      # as the last hit's: nothing to make
         else:
             prepared = self._prepare(ctx, entry, x_cache)
             if prepared is not None:
-                self.hit_entry, self.hit_stale, self.hit_prepared = entry, stale, prepared
+                self.hit_last, self.hit_stale, self.hit_prepared = entry.hit_head, stale, prepared
             else:
-                self.hit_entry = None
+                self.hit_last = None
         if prepared is not None:
             headers: list[tuple[bytes, bytes]] = []
         else:
