@@ -10,6 +10,7 @@ churn holds its deleted slots until it resizes); tracemalloc's allocations, each
 differences give the cost of a field and of a directive:
 
     .venv/bin/python bench/cache_footprint.py                  # compiled (after make compile)
+    .venv/bin/python bench/cache_footprint.py --hit            # each entry also as its first hit leaves it
     TXGATEWAY_PURE=1 make install && .venv/bin/python bench/cache_footprint.py
 """
 
@@ -20,6 +21,7 @@ import gc
 import time
 import tracemalloc
 
+from txgateway.filters.cache.filter import _HitHead
 from txgateway.filters.cache.rules import Directives, parse_directives
 from txgateway.filters.cache.store import Entry, Store, cache_key
 
@@ -31,7 +33,7 @@ def fresh(value: bytes) -> bytes:
     return bytes(bytearray(value))
 
 
-def make(i: int, extra_fields: int, cache_control: bool, body: int) -> tuple[bytes, Entry]:
+def make(i: int, extra_fields: int, cache_control: bool, body: int, hit: bool) -> tuple[bytes, Entry]:
     fields = [(b"date", b"Sun, 06 Dec 2026 19:30:00 GMT"), (b"server", b"nginx/1.22.1"),
               (b"content-type", b"application/json")]
     fields += [(b"x-extra-%d" % n, b"value %d" % n) for n in range(extra_fields)]
@@ -43,6 +45,8 @@ def make(i: int, extra_fields: int, cache_control: bool, body: int) -> tuple[byt
     now = time.time() + i
     entry = Entry(200, list(parsed), b"", now - 0.001, now, float(i % 7), 3600.0, (), resp, 1.0e9, key)
     entry.filled(b'{"ok":%d}' % i if body else b"")
+    if hit:         # what its first hit keeps (filter.py's _prepare)
+        entry.hit_head = _HitHead(b"".join([b"%s: %s\r\n" % field for field in entry.headers]))
     return key, entry
 
 
@@ -51,7 +55,7 @@ def held() -> int:
     return sum((t.size + 15) & ~15 if t.size <= 512 else t.size for t in tracemalloc.take_snapshot().traces)
 
 
-def measure(entries: int, extra_fields: int, cache_control: bool, body: int) -> tuple[float, float]:
+def measure(entries: int, extra_fields: int, cache_control: bool, body: int, hit: bool) -> tuple[float, float]:
     """(bytes held, bytes counted) per entry."""
     store = Store(max_memory=2**40)
     counts = store.counts("/api")
@@ -59,7 +63,7 @@ def measure(entries: int, extra_fields: int, cache_control: bool, body: int) -> 
     try:
         before = held()
         for i in range(3 * entries):
-            key, entry = make(i, extra_fields, cache_control, body)
+            key, entry = make(i, extra_fields, cache_control, body, hit)
             store.put(key, entry, counts)
             if i >= entries:
                 store.remove(next(store.keys()))
@@ -72,9 +76,10 @@ def measure(entries: int, extra_fields: int, cache_control: bool, body: int) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--entries", type=int, default=20000)
+    parser.add_argument("--hit", action="store_true", help="each entry also with what its first hit keeps (hit_head)")
     args = parser.parse_args()
     for extra, cc in ((0, False), (8, False), (0, True)):
-        real, counted = measure(args.entries, extra, cc, 1)
+        real, counted = measure(args.entries, extra, cc, 1, args.hit)
         print(f"3 + {extra} fields{', Cache-Control (2 directives)' if cc else ''}: "
               f"{real:.0f} bytes held per entry, {counted:.0f} counted ({counted / real:.2f})")
 

@@ -90,7 +90,7 @@ class Entry:
         # its key's (each variant of a key counts the key: at most 8, a small overcount).
         size = len(body) + _PER_ENTRY + len(key)
         for name, value in headers:
-            size += len(name) + len(value) + _PER_FIELD
+            size += 2 * (len(name) + len(value)) + _PER_FIELD    # twice: once more in `hit_head`
             if name == b"etag":
                 self.etag = value
             elif name == b"last-modified":
