@@ -34,7 +34,7 @@ def test_http_dates_in_the_three_formats_and_garbage():
 
 
 def entry(size: int, vary: tuple = (), key: bytes = cache_key(b"/", b"h", b"/", b"")) -> Entry:
-    return Entry(200, [(b"content-type", b"text/plain")], b"x" * size, 0.0, 0.0, 0.0, 60.0, vary, directives([]), 0.0,
+    return Entry(200, [(b"content-type", b"text/plain")], b"x" * size, 0.0, 0.0, 60.0, vary, directives([]), 0.0,
                  key)
 
 
@@ -43,12 +43,12 @@ def test_an_entry_counts_the_objects_it_holds_and_its_key_not_only_its_body():
     assert plain.size > 300                         # the objects around an empty body and one field
     assert entry(0, key=cache_key(b"/", b"h", b"/", b"?q=" + b"x" * 1000)).size >= plain.size + 1000
     assert entry(0, key=cache_key(b"/", b"h", b"/", b"", "alice", (b"en", None))).size > plain.size + 5 + 2
-    fields = Entry(200, [(b"content-type", b"text/plain")] * 11, b"", 0.0, 0.0, 0.0, 60.0, (), directives([]), 0.0,
+    fields = Entry(200, [(b"content-type", b"text/plain")] * 11, b"", 0.0, 0.0, 60.0, (), directives([]), 0.0,
                    cache_key(b"/", b"h", b"/", b""))
     assert fields.size - plain.size > 10 * (12 + 10 + 64)    # a field's tuple and objects, not only its bytes
     controlled = [(b"cache-control", b"max-age=60, public")]
-    parsed = Entry(200, controlled, b"", 0.0, 0.0, 0.0, 60.0, (), directives(controlled), 0.0, cache_key(b"/", b"h", b"/", b""))
-    unparsed = Entry(200, controlled, b"", 0.0, 0.0, 0.0, 60.0, (), directives([]), 0.0, cache_key(b"/", b"h", b"/", b""))
+    parsed = Entry(200, controlled, b"", 0.0, 0.0, 60.0, (), directives(controlled), 0.0, cache_key(b"/", b"h", b"/", b""))
+    unparsed = Entry(200, controlled, b"", 0.0, 0.0, 60.0, (), directives([]), 0.0, cache_key(b"/", b"h", b"/", b""))
     assert parsed.size > unparsed.size + 2 * 64              # the parsed directives: their own objects
 
 

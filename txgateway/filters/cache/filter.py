@@ -197,6 +197,8 @@ class CacheFilter:
         self.miss_status = 0
         self.miss_fields = PreparedFields(())
         self.inflight = store.inflight
+        # The fields of the last entry made: the next one shares the objects of those it repeats (Entry).
+        self.last_fields: list[tuple[bytes, bytes]] = []
         # Set-Cookie is never stored (so never sent to another client) unless the section says so.
         self.not_stored = frozenset({b"age"}) if settings.store_set_cookie else frozenset({b"age"}) | _COOKIES
 
@@ -673,8 +675,10 @@ class CacheFilter:
             if b"*" in vary_values:
                 return None
             vary = tuple((name, _request_value(state.vary_source, name)) for name in sorted(set(vary_values)))
-        return Entry(status, kept, body, state.request_time, now, corrected_age, lifetime, vary, resp, date_value,
-                     state.key)
+        entry = Entry(status, kept, body, now, corrected_age, lifetime, vary, resp, date_value, state.key,
+                      self.last_fields)
+        self.last_fields = kept
+        return entry
 
     def _lifetime(self, status: int, headers: list[tuple[bytes, bytes]], resp: Directives, date: float,
                   has_expires: bool) -> float:
