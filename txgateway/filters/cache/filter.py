@@ -201,6 +201,7 @@ class CacheFilter:
         self.last_fields: list[tuple[bytes, bytes]] = []
         # Set-Cookie is never stored (so never sent to another client) unless the section says so.
         self.not_stored = frozenset({b"age"}) if settings.store_set_cookie else frozenset({b"age"}) | _COOKIES
+        self.drop_cookies: bool = not settings.store_set_cookie
 
     # -- keys ----------------------------------------------------------------------------
 
@@ -644,14 +645,19 @@ class CacheFilter:
         ages = 0 if age_header is None else 1
         date_field: bytes | None = None
         dropped = False
-        for k, v in headers:            # one pass: what is not stored, Age, Date (the last one)
-            if k in not_stored:
+        drop_cookies = self.drop_cookies
+        # One pass: what is not stored, Age, Date (the last one). Names compared, not hashed for
+        # `in not_stored` (each is a new bytes object: ~130 a field).
+        for k, v in headers:
+            if k == b"age":
                 dropped = True
-                if k == b"age" and age_header is None:
+                if age_header is None:
                     age_field = v
                     ages += 1
             elif k == b"date":
                 date_field = v
+            elif drop_cookies and (k == b"set-cookie" or k == b"set-cookie2"):
+                dropped = True
         # An Age that is not one valid delta-seconds makes the response stale (taken as very old).
         age_value = 0 if not ages else parse_delta(age_field) if ages == 1 else None
         if age_value is None:
