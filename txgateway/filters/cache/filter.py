@@ -63,6 +63,7 @@ _WATCHED: Final = {b"range": _RANGE, b"authorization": _AUTHORIZATION, b"cache-c
 # are passed over by one index, not hashed for a dict lookup (each name is a new bytes object).
 _WATCHED_FIRST: Final = bytes(1 if i in {name[0] for name in _WATCHED} else 0 for i in range(256))
 _NO_DIRECTIVES: Final = Directives({})
+_NO_VARY: Final[list[bytes]] = []     # a response without Vary (most): no list made for it; never changed
 # RFC 9211 on the cache's own 504: neither `hit` (nothing stored answered) nor `fwd` (not forwarded).
 _NOT_CACHED: Final = [(b"cache-status", b"txgateway; detail=only-if-cached"), (b"x-cache", b"MISS")]
 # A miss's Cache-Status and X-Cache by stored, fwd and upstream status: formatting them costs more
@@ -581,7 +582,7 @@ class CacheFilter:
             return False
         if not (explicit or public or status in DEFAULT_CACHEABLE):
             return False
-        vary = [v.lower() for v in members(varies)] if varies is not None else []
+        vary = [v.lower() for v in members(varies)] if varies is not None else _NO_VARY
         if b"*" in vary or len(vary) > MAX_VARY:
             return False
         fill = self._entry(status, list(head.headers), b"", state, self.now(), None, resp, vary, expires)
