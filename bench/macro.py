@@ -12,6 +12,8 @@ tens of percent between runs: use it to compare two versions of the code.
     .venv/bin/python bench/macro.py --cache            # the route cached: every counted request a hit
     .venv/bin/python bench/macro.py --cache-miss       # the route cached, each request a new key: every one a miss
     .venv/bin/python bench/macro.py --unique           # plain route, each request a new query (compare --cache-miss)
+    .venv/bin/python bench/macro.py --cache-miss --full --max-memory 8MiB --cache-sim
+                                                       # the same on a full store: each counted miss also evicts
     .venv/bin/python bench/macro.py --json             # plain route, a 2 KiB JSON answer (--transform's baseline)
     .venv/bin/python bench/macro.py --transform        # the same with transform: allow + rename + add
     .venv/bin/python bench/macro.py --trace 0.01       # tracing: on, sample_ratio 0.01, a local OTLP sink
@@ -31,6 +33,7 @@ tens of percent between runs: use it to compare two versions of the code.
 from __future__ import annotations
 
 import argparse
+import http.client
 import itertools
 import json
 import os
@@ -144,6 +147,15 @@ def drive_new_connections(port: int, total: int, request: bytes, resume: bool, t
             raise SystemExit("the TLS session was not resumed")
         session = s.session
         s.close()
+
+
+def metric(admin: int, name: str) -> float:
+    """A counter of the gateway's /metrics (summed over its labels)."""
+    conn = http.client.HTTPConnection("127.0.0.1", admin, timeout=60)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 
 def rss_mib(pid: int) -> float:
@@ -314,6 +326,9 @@ def main() -> None:
                         help="the route cached, every request a new query: each one a miss that stores its response")
     parser.add_argument("--max-memory", metavar="SIZE",
                         help="with --cache/--cache-miss: the cache section's max_memory (e.g. 16MiB; default the gateway's)")
+    parser.add_argument("--full", action="store_true",
+                        help="with --cache-miss: fill the store to max_memory first (not counted, callgrind's "
+                             "instrumentation off), so every counted miss also evicts the oldest entry")
     parser.add_argument("--unique", action="store_true", help="every request a new query (implied by --cache-miss)")
     parser.add_argument("--json", action="store_true", help="the plain route answering a 2 KiB JSON object")
     parser.add_argument("--transform", action="store_true",
@@ -335,6 +350,8 @@ def main() -> None:
     args.unique = args.unique or args.cache_miss
     args.cache = args.cache or args.cache_miss
     tls = args.tls or args.h2
+    if args.full and not args.cache_miss:
+        parser.error("--full needs --cache-miss")
     if (args.handshake or args.resume) and not args.tls:
         parser.error("--handshake and --resume need --tls")
     new_connections = args.handshake or args.resume
@@ -371,6 +388,9 @@ def main() -> None:
             config = config.rstrip("\n") + "\n    cache: {ttl: 1h}\n"
             if args.max_memory:
                 config += f"cache: {{max_memory: {args.max_memory}}}\n"
+        admin = free_port() if args.full else None
+        if admin is not None:       # /metrics: the store's evictions
+            config += f'admin: {{endpoint: "tcp:{admin}:interface=127.0.0.1"}}\n'
         if args.transform:
             config = config.rstrip("\n") + "\n" + TRANSFORM
         if collector is not None:
@@ -391,6 +411,7 @@ def main() -> None:
             # --cache-sim: L1 as valgrind finds it, the last level as this VM's per-core L2 (1 MiB,
             # lscpu): what a bigger working set per request misses first.
             [*([] if args.rss else ["valgrind", "--tool=callgrind",
+                                    *(["--instr-atstart=no"] if args.full and not args.rss else []),
                                     *(["--cache-sim=yes", "--LL=1048576,16,64"] if args.cache_sim else []),
                                     f"--callgrind-out-file={work}/cg.%p"]),
              twistd, "-n", "--pidfile=", "txgateway", "--config", str(work / "gateway.yaml")],
@@ -406,7 +427,15 @@ def main() -> None:
                 drive_new_connections(port, total, request, args.resume, args.tls12)
             else:
                 drive(socks, total, request, args.unique)
+        if admin is not None:
+            # Uninstrumented (~10x faster under valgrind), until the store evicts: then it is full.
+            while metric(admin, "txgateway_cache_evictions_total") == 0:
+                run(2000)
+            if not args.rss:
+                subprocess.run(["callgrind_control", "-i", "on", str(gateway.pid)], check=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         run(100 if new_connections else max(500, 2 * args.conns))   # warm-up: every connection used
+        evicted = metric(admin, "txgateway_cache_evictions_total") if admin is not None else 0.0
         if args.rss:
             warm = rss_mib(gateway.pid)
             run(args.n)
@@ -432,6 +461,10 @@ def main() -> None:
               f"{f', traced at sample_ratio {args.trace}' if args.trace is not None else ''})")
         for s in socks:
             s.close()
+        if admin is not None:
+            evictions = metric(admin, "txgateway_cache_evictions_total") - evicted
+            print(f"  on a full store: {evictions / args.n:.2f} evictions per request, "
+                  f"{metric(admin, 'txgateway_cache_stored_bytes') / 2**20:.1f} MiB stored")
         if args.cache_sim:
             names = re.search(r"^events: (.+)$", dump, re.M).group(1).split()
             counts = dict(zip(names, map(int, re.search(r"^summary: (.+)$", dump, re.M).group(1).split()), strict=True))

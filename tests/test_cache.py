@@ -8,7 +8,7 @@ from tests.configcheck import BASE, config_errors
 from txgateway.config.schema import parse_config
 from txgateway.filters.cache.config import CacheSettings, RouteCache
 from txgateway.filters.cache.rules import MAX_DELTA, directives, field_values, parse_delta, parse_http_date
-from txgateway.filters.cache.store import Entry, Store, cache_key, key_parts
+from txgateway.filters.cache.store import _PER_FIELD, _PER_SHARED_FIELD, Entry, Store, cache_key, key_parts
 
 
 @pytest.mark.parametrize(("text", "value"), [
@@ -34,7 +34,7 @@ def test_http_dates_in_the_three_formats_and_garbage():
 
 
 def entry(size: int, vary: tuple = (), key: bytes = cache_key(b"/", b"h", b"/", b"")) -> Entry:
-    return Entry(200, [(b"content-type", b"text/plain")], b"x" * size, 0.0, 0.0, 0.0, 60.0, vary, directives([]), 0.0,
+    return Entry(200, [(b"content-type", b"text/plain")], b"x" * size, 0.0, 0.0, 60.0, vary, directives([]), 0.0,
                  key)
 
 
@@ -43,13 +43,28 @@ def test_an_entry_counts_the_objects_it_holds_and_its_key_not_only_its_body():
     assert plain.size > 300                         # the objects around an empty body and one field
     assert entry(0, key=cache_key(b"/", b"h", b"/", b"?q=" + b"x" * 1000)).size >= plain.size + 1000
     assert entry(0, key=cache_key(b"/", b"h", b"/", b"", "alice", (b"en", None))).size > plain.size + 5 + 2
-    fields = Entry(200, [(b"content-type", b"text/plain")] * 11, b"", 0.0, 0.0, 0.0, 60.0, (), directives([]), 0.0,
+    fields = Entry(200, [(b"content-type", b"text/plain")] * 11, b"", 0.0, 0.0, 60.0, (), directives([]), 0.0,
                    cache_key(b"/", b"h", b"/", b""))
     assert fields.size - plain.size > 10 * (12 + 10 + 64)    # a field's tuple and objects, not only its bytes
     controlled = [(b"cache-control", b"max-age=60, public")]
-    parsed = Entry(200, controlled, b"", 0.0, 0.0, 0.0, 60.0, (), directives(controlled), 0.0, cache_key(b"/", b"h", b"/", b""))
-    unparsed = Entry(200, controlled, b"", 0.0, 0.0, 0.0, 60.0, (), directives([]), 0.0, cache_key(b"/", b"h", b"/", b""))
+    parsed = Entry(200, controlled, b"", 0.0, 0.0, 60.0, (), directives(controlled), 0.0, cache_key(b"/", b"h", b"/", b""))
+    unparsed = Entry(200, controlled, b"", 0.0, 0.0, 60.0, (), directives([]), 0.0, cache_key(b"/", b"h", b"/", b""))
     assert parsed.size > unparsed.size + 2 * 64              # the parsed directives: their own objects
+
+
+def test_an_entry_shares_the_fields_it_repeats_from_the_one_before_and_counts_them_as_slots():
+    # A route's misses mostly repeat their fields (Server, Content-Type, Date within a second):
+    # one copy of their objects serves all, counted by the entry that made it.
+    key = cache_key(b"/", b"h", b"/", b"")
+    first = Entry(200, [(b"server", b"s"), (b"date", b"d1"), (b"etag", b'"a"')], b"", 0.0, 0.0, 60.0, (),
+                  directives([]), 0.0, key)
+    fields = [(b"server", b"s"), (b"date", b"d2"), (b"etag", b'"a"'), (b"content-type", b"text/plain")]
+    second = Entry(200, list(fields), b"", 0.0, 0.0, 60.0, (), directives([]), 0.0, key, first.headers)
+    alone = Entry(200, list(fields), b"", 0.0, 0.0, 60.0, (), directives([]), 0.0, key)
+    assert second.headers == fields and second.etag == b'"a"'
+    assert [second.headers[i] is first.headers[i] for i in range(3)] == [True, False, True]
+    assert second.size == alone.size - (len(b"server") + len(b"s") + len(b"etag") + len(b'"a"')
+                                        + 2 * (_PER_FIELD - _PER_SHARED_FIELD))
 
 
 def test_the_store_evicts_least_recently_used_to_stay_under_max_memory():

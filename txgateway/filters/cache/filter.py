@@ -63,6 +63,7 @@ _WATCHED: Final = {b"range": _RANGE, b"authorization": _AUTHORIZATION, b"cache-c
 # are passed over by one index, not hashed for a dict lookup (each name is a new bytes object).
 _WATCHED_FIRST: Final = bytes(1 if i in {name[0] for name in _WATCHED} else 0 for i in range(256))
 _NO_DIRECTIVES: Final = Directives({})
+_NO_VARY: Final[list[bytes]] = []     # a response without Vary (most): no list made for it; never changed
 # RFC 9211 on the cache's own 504: neither `hit` (nothing stored answered) nor `fwd` (not forwarded).
 _NOT_CACHED: Final = [(b"cache-status", b"txgateway; detail=only-if-cached"), (b"x-cache", b"MISS")]
 # A miss's Cache-Status and X-Cache by stored, fwd and upstream status: formatting them costs more
@@ -224,8 +225,11 @@ class CacheFilter:
         self.miss_status = 0
         self.miss_fields = PreparedFields(())
         self.inflight = store.inflight
+        # The fields of the last entry made: the next one shares the objects of those it repeats (Entry).
+        self.last_fields: list[tuple[bytes, bytes]] = []
         # Set-Cookie is never stored (so never sent to another client) unless the section says so.
         self.not_stored = frozenset({b"age"}) if settings.store_set_cookie else frozenset({b"age"}) | _COOKIES
+        self.drop_cookies: bool = not settings.store_set_cookie
 
     # -- keys ----------------------------------------------------------------------------
 
@@ -656,7 +660,7 @@ class CacheFilter:
             return False
         if not (explicit or public or status in DEFAULT_CACHEABLE):
             return False
-        vary = [v.lower() for v in members(varies)] if varies is not None else []
+        vary = [v.lower() for v in members(varies)] if varies is not None else _NO_VARY
         if b"*" in vary or len(vary) > MAX_VARY:
             return False
         fill = self._entry(status, list(head.headers), b"", state, self.now(), None, resp, vary, expires)
@@ -720,14 +724,19 @@ class CacheFilter:
         ages = 0 if age_header is None else 1
         date_field: bytes | None = None
         dropped = False
-        for k, v in headers:            # one pass: what is not stored, Age, Date (the last one)
-            if k in not_stored:
+        drop_cookies = self.drop_cookies
+        # One pass: what is not stored, Age, Date (the last one). Names compared, not hashed for
+        # `in not_stored` (each is a new bytes object: ~130 a field).
+        for k, v in headers:
+            if k == b"age":
                 dropped = True
-                if k == b"age" and age_header is None:
+                if age_header is None:
                     age_field = v
                     ages += 1
             elif k == b"date":
                 date_field = v
+            elif drop_cookies and (k == b"set-cookie" or k == b"set-cookie2"):
+                dropped = True
         # An Age that is not one valid delta-seconds makes the response stale (taken as very old).
         age_value = 0 if not ages else parse_delta(age_field) if ages == 1 else None
         if age_value is None:
@@ -751,8 +760,10 @@ class CacheFilter:
             if b"*" in vary_values:
                 return None
             vary = tuple((name, _request_value(state.vary_source, name)) for name in sorted(set(vary_values)))
-        return Entry(status, kept, body, state.request_time, now, corrected_age, lifetime, vary, resp, date_value,
-                     state.key)
+        entry = Entry(status, kept, body, now, corrected_age, lifetime, vary, resp, date_value, state.key,
+                      self.last_fields)
+        self.last_fields = kept
+        return entry
 
     def _lifetime(self, status: int, headers: list[tuple[bytes, bytes]], resp: Directives, date: float,
                   has_expires: bool) -> float:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterator
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from txgateway.filters.cache.rules import Directives
 
@@ -26,9 +26,12 @@ _PER_ENTRY: Final = 640 + 112   # the Entry, its list of fields, its body object
                                 # _HitHead and its bytes object, the slot)
 _PER_FIELD: Final = 152 + 4      # a field: its (name, value) tuple, two bytes objects, a list slot;
                                 # + its `: ` and CRLF in `hit_head`
+_PER_SHARED_FIELD: Final = 8 + 4  # a field whose objects an earlier entry holds: its list slot;
+                                  # + its `: ` and CRLF in `hit_head`
 _PER_DIRECTIVES: Final = 216  # a parsed Cache-Control: the Directives and its dict
 _PER_DIRECTIVE: Final = 96  # a directive: its name and value objects, a dict slot
 _PER_OBJECT: Final = 48     # a tuple beyond its length (Vary'ed values)
+_NO_FIELDS: Final[list[tuple[bytes, bytes]]] = []
 
 
 def cache_key(route: bytes, host: bytes, path: bytes, query: bytes, identity: str | None = None,
@@ -65,16 +68,17 @@ def key_route(key: bytes) -> str:
 class Entry:
     """One stored response, with what RFC 9111 §4.2.3 needs to compute its age."""
 
-    __slots__ = ("status", "headers", "body", "request_time", "response_time", "corrected_age", "lifetime",
+    __slots__ = ("status", "headers", "body", "counts", "response_time", "corrected_age", "lifetime",
                  "vary", "size", "directives", "etag", "last_modified", "date", "hit_head")
 
-    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, request_time: float,
-                 response_time: float, corrected_age: float, lifetime: float, vary: tuple[tuple[bytes, bytes | None], ...],
-                 directives: Directives, date: float, key: bytes) -> None:
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, response_time: float,
+                 corrected_age: float, lifetime: float, vary: tuple[tuple[bytes, bytes | None], ...],
+                 directives: Directives, date: float, key: bytes,
+                 like: list[tuple[bytes, bytes]] | None = None) -> None:
         self.status = status
         self.headers = headers            # end-to-end, lower-case names, Age and Set-Cookie left out
         self.body = body
-        self.request_time = request_time
+        self.counts: RouteCounts | None = None   # its route's, once stored: an eviction needs no key parsing
         self.response_time = response_time
         self.corrected_age = corrected_age
         self.lifetime = lifetime
@@ -89,8 +93,27 @@ class Entry:
         # What storing it costs (max_memory's unit): the objects, not only their bytes, and
         # its key's (each variant of a key counts the key: at most 8, a small overcount).
         size = len(body) + _PER_ENTRY + len(key)
-        for name, value in headers:
-            size += 2 * (len(name) + len(value)) + _PER_FIELD    # twice: once more in `hit_head`
+        # `like`: the fields of the route's previous entry. A field equal to the one at its place
+        # there (Server, Content-Type, Date within a second...) takes that one's tuple: one copy
+        # of its three objects for both, counted by the entry that made it, here as a list slot.
+        # Every field's text counts once more for `hit_head`, shared or not.
+        last = like if like is not None else _NO_FIELDS
+        shared = len(last)
+        # The lists again as lists of objects: mypyc reads a tuple[bytes, bytes] item as two
+        # pointers and would box it anew (a new tuple) when stored back.
+        mine, theirs = cast(list[object], headers), cast(list[object], last)
+        for i, field in enumerate(headers):
+            name, value = field
+            text = len(name) + len(value)
+            if i < shared:
+                old = last[i]
+                if old[1] == value and old[0] == name:     # the value first: it differs more often
+                    mine[i] = theirs[i]
+                    size += text + _PER_SHARED_FIELD
+                else:
+                    size += 2 * text + _PER_FIELD
+            else:
+                size += 2 * text + _PER_FIELD
             if name == b"etag":
                 self.etag = value
             elif name == b"last-modified":
@@ -171,33 +194,46 @@ class Store:
         """`counts`: the key's route's, when the caller has them (a miss's filter does)."""
         if entry.size > self.max_memory:
             return
-        found = self._lru.get(key)
+        lru = self._lru
+        found = lru.get(key)
         if counts is None:
             counts = self.counts(key_route(key))
+        entry.counts = counts
         if found is None:
-            self._lru[key] = self._newest = entry   # a new key (a miss's usual case): nothing to replace
+            lru[key] = self._newest = entry   # a new key (a miss's usual case): nothing to replace
         else:
-            self._lru.move_to_end(key)
+            lru.move_to_end(key)
             variants = _listed(found)
             for old in [e for e in variants if e.vary == entry.vary]:
-                self._drop(variants, old, counts)
+                variants.remove(old)
+                self._forget(old)
             if len(variants) >= MAX_VARIANTS:
-                self._drop(variants, variants[0], counts)
+                self._forget(variants.pop(0))
             variants.append(entry)
-            self._lru[key] = self._newest = variants[0] if len(variants) == 1 else variants
+            lru[key] = self._newest = variants[0] if len(variants) == 1 else variants
         self.bytes += entry.size
         counts.bytes += entry.size
         counts.entries += 1
-        while self.bytes > self.max_memory and self._lru:
-            oldest, found = next(iter(self._lru.items()))
-            self.evictions += len(_listed(found))
-            self.remove(oldest)
+        while self.bytes > self.max_memory and len(lru) != 0:
+            # The oldest slot, taken in one call (no items view and iterator, no second lookup).
+            oldest = lru.popitem(False)[1]
+            if oldest is self._newest:
+                self._newest = None
+            if isinstance(oldest, Entry):
+                self.evictions += 1
+                self._forget(oldest)
+            else:
+                self.evictions += len(oldest)
+                for old in oldest:
+                    self._forget(old)
 
-    def _drop(self, variants: list[Entry], entry: Entry, counts: RouteCounts) -> None:
-        variants.remove(entry)
+    def _forget(self, entry: Entry) -> None:
+        """Its bytes, no longer the store's or its route's."""
         self.bytes -= entry.size
-        counts.bytes -= entry.size
-        counts.entries -= 1
+        counts = entry.counts
+        if counts is not None:
+            counts.bytes -= entry.size
+            counts.entries -= 1
 
     def remove(self, key: bytes) -> int:
         found = self._lru.pop(key, None)
@@ -205,13 +241,12 @@ class Store:
             return 0
         if found is self._newest:
             self._newest = None
-        variants = _listed(found)
-        counts = self.counts(key_route(key))
-        for entry in variants:
-            self.bytes -= entry.size
-            counts.bytes -= entry.size
-            counts.entries -= 1
-        return len(variants)
+        if isinstance(found, Entry):
+            self._forget(found)
+            return 1
+        for entry in found:
+            self._forget(entry)
+        return len(found)
 
     def purge(self, match: Any) -> int:
         """Remove every key `match(key)` accepts; the number of responses removed."""
