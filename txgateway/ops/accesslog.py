@@ -168,20 +168,27 @@ def _config_string(value: Any) -> str:
     return text
 
 
-# Client and upstream addresses and Host values: a connection's requests repeat them (its
-# addresses are the same string objects, their hashes kept), and escaping one costs several
-# times a lookup. Bounded: the Host is the client's choice; past the bound, escaped per line.
-_ADDRESSES: Final[dict[str, str]] = {}
-_ADDRESSES_MAX: Final = 4096
+# Strings lines repeat: client and upstream addresses (a connection's are the same objects,
+# their hashes kept), Host values, user ids, rate-limit outcomes. Escaping one costs several
+# times a lookup. Bounded (most are the client's choice): past it, escaped per line.
+_REPEATED: Final[dict[str, str]] = {}
+_REPEATED_MAX: Final = 4096
 
 
-def _address_string(value: str) -> str:
-    text = _ADDRESSES.get(value)
+def _repeated_string(value: str) -> str:
+    text = _REPEATED.get(value)
     if text is None:
         text = encode_basestring_ascii(value)
-        if len(_ADDRESSES) < _ADDRESSES_MAX:
-            _ADDRESSES[value] = text
+        if len(_REPEATED) < _REPEATED_MAX:
+            _REPEATED[value] = text
     return text
+
+
+def _repeated_json(value: Any) -> str:
+    """`_json(value)`; a string through `_repeated_string`."""
+    if isinstance(value, str):
+        return _repeated_string(value)
+    return _json(value)
 
 
 _THOUSANDTHS: Final[tuple[str, ...]] = tuple(".%03d" % i for i in range(1000))   # ".000" ... ".999"
@@ -267,16 +274,16 @@ class AccessRecord:
             stamp,
             cid,
             request_id,
-            _address_string(client),
+            _repeated_string(client),
             method,
-            "null" if host is None else _address_string(host),
+            "null" if host is None else _repeated_string(host),
             esc(path),
             "null" if query is None else esc(query),
             version,
             config.get(route) or _config_string(route),
             config.get(upstream) or _config_string(upstream),
             config.get(target) or _config_string(target),
-            "null" if upstream_addr is None else _address_string(upstream_addr),
+            "null" if upstream_addr is None else _repeated_string(upstream_addr),
             _int_text(status),
             "null" if upstream_status is None else _int_text(upstream_status),
             _decimal3(duration),
@@ -284,10 +291,10 @@ class AccessRecord:
             _int_text(retries),
             _int_text(bytes_in),
             _int_text(bytes_out),
-            "null" if user_id is None else _json(user_id),
+            "null" if user_id is None else _repeated_json(user_id),
             "null" if user_agent is None else esc(user_agent),
             "null" if referer is None else esc(referer),
-            "null" if rate_limit is None else _json(rate_limit),
+            "null" if rate_limit is None else _repeated_json(rate_limit),
             "null" if breaker is None else _json(breaker),
             "null" if error is None else _json(error),
             "null" if detail is None else _json(detail),

@@ -283,7 +283,10 @@ class HTTP1Connection(Protocol):
         # 0x70: "p", so that most names skip the (generic) startswith call
         if name in REQUEST_CONSUMED or (name[0] == 0x70 and name.startswith(b"proxy-")):
             if name == b"connection":
-                self._connection_tokens.extend(t.strip().lower() for t in value.split(b","))
+                if value == b"keep-alive" or value == b"close":     # most clients' one token: no split
+                    self._connection_tokens.append(value)
+                else:
+                    self._connection_tokens.extend(t.strip().lower() for t in value.split(b","))
             elif name == b"host" and b"host" in self._framing:
                 raise _Reject(400, "BAD_REQUEST", "more than one Host header")
             elif name == b"transfer-encoding" and name in self._framing:
@@ -448,9 +451,8 @@ class HTTP1Connection(Protocol):
         if status in (204, 304) or status < 200:
             pass
         elif head.length is not None:
-            parts.append(b"content-length: ")
-            parts.append(str(head.length).encode())
-            parts.append(b"\r\n")
+            length = head.length
+            parts.append(_LENGTHS[length] if 0 <= length < 1024 else b"content-length: %d\r\n" % length)
         elif ctx.method == b"HEAD":
             pass
         elif ctx.version == b"1.1":
@@ -594,6 +596,8 @@ class _BodyAfterUpgrade:
 _placeholder: Final = _Incoming(RequestContext(b"", b"", b"", b"", b"", [], None, b"", "", cast(Any, None), 0.0))
 
 
+# Small bodies' framing line, made once (a line per response was 3 pieces and a str() of the length).
+_LENGTHS: Final[tuple[bytes, ...]] = tuple(b"content-length: %d\r\n" % n for n in range(1024))
 _STATUS_LINES: Final[dict[int, tuple[bytes, bytes]]] = {}   # status -> (reason, its status line): most answers reuse one
 
 

@@ -186,7 +186,10 @@ class UpstreamConnection(TwistedProtocol):
         # 0x70: "p", so that most names skip the (generic) startswith call
         if low in RESPONSE_CONSUMED or (low[0] == 0x70 and low.startswith(b"proxy-")):
             if low == b"connection":
-                self._tokens.extend(t.strip().lower() for t in value.split(b","))
+                if value == b"keep-alive" or value == b"close":     # nginx's every answer: one token, no split
+                    self._tokens.append(value)
+                else:
+                    self._tokens.extend(t.strip().lower() for t in value.split(b","))
             self._framing[low] = value
             return
         self._headers.append((low, value))
