@@ -179,7 +179,7 @@ class UpstreamConnection(TwistedProtocol):
         self._reason = b""
 
     def on_status(self, status: bytes) -> None:
-        self._reason += status
+        self._reason = self._reason + status if self._reason else status   # one piece mostly: no generic add
 
     def on_header(self, name: bytes, value: bytes) -> None:
         low = name.lower()
