@@ -209,7 +209,7 @@ def _decimal3(value: float) -> str:
     of a float cost more than the rest of the field's text."""
     if 0.0 <= value < 1e12:
         n = int(value * 1000.0 + 0.5)
-        return str(n // 1000) + _THOUSANDTHS[n % 1000]
+        return _int_text(n // 1000) + _THOUSANDTHS[n % 1000]
     return "%.3f" % value
 
 
@@ -321,6 +321,7 @@ _DEFAULT: Final = Layout()
 _MILLIS: Final[tuple[str, ...]] = tuple(".%03dZ" % i for i in range(1000))   # a timestamp's end, ".000Z" ... ".999Z"
 _VERSIONS: Final = {b"1.1": "1.1", b"1.0": "1.0", b"2": "2"}
 _INFO: Final = LogLevel.info
+_METHODS: Final = {m: m.decode() for m in (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS")}
 
 
 class AccessLog:
@@ -376,7 +377,7 @@ class AccessLog:
             ctx.correlation_id,
             ctx.correlation_id,
             ctx.client_ip,
-            ctx.method.decode("latin-1"),
+            _METHODS.get(ctx.method) or ctx.method.decode("latin-1"),
             None if host is None else host.decode("latin-1"),
             ctx.path.decode("latin-1"),
             redact_query(ctx.query, layout.redact) if ctx.query else None,
