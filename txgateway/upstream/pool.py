@@ -339,6 +339,7 @@ class TargetPool:
         self.timeout = upstream.timeout
         self.preserve_host = upstream.preserve_host
         self.netloc = target.netloc   # the Host sent upstream: made once, not per request
+        self.line_end = b" HTTP/1.1\r\nhost: " + self.netloc + b"\r\n"   # the request line's end and that Host
         self.tls = client_creator(target, upstream.tls) if target.https else None
         self.idle: list[UpstreamConnection] = []
         self.total = 0

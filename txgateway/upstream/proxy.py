@@ -592,8 +592,10 @@ class Proxy:
 
     def request_head(self, ctx: RequestContext, pool: TargetPool) -> bytes:
         """Request line and headers for the upstream, framing included."""
-        host = ctx.host if pool.preserve_host and ctx.host else pool.netloc
-        parts = [ctx.method, b" ", ctx.upstream_path, ctx.query, b" HTTP/1.1\r\nhost: ", host, b"\r\n"]
+        if pool.preserve_host and ctx.host:
+            parts = [ctx.method, b" ", ctx.upstream_path, ctx.query, b" HTTP/1.1\r\nhost: ", ctx.host, b"\r\n"]
+        else:
+            parts = [ctx.method, b" ", ctx.upstream_path, ctx.query, pool.line_end]    # two pieces fewer to join
         for name, value in ctx.headers:       # pieces joined once: no %-format per header
             parts.append(name)
             parts.append(b": ")
