@@ -137,7 +137,7 @@ class Layout:
     made once (at start-up). A line is one `"".join` (a %-format of as many fields costs
     several times more)."""
 
-    __slots__ = ("tail", "template", "picks", "headers", "redact")
+    __slots__ = ("tail", "template", "line", "picks", "headers", "redact")
 
     def __init__(self, fields: tuple[str, ...] = FIELDS, redact: tuple[str, ...] = DEFAULT_REDACT) -> None:
         pieces = []
@@ -151,6 +151,9 @@ class Layout:
         # the end when no filter added fields. A line copies it and fills the places with one
         # slice assignment (not two appends a field).
         self.template: list[str] = [text for piece in pieces for text in (piece, "")] + [after + "}\n"]
+        # The template's working copy for lines without filters' fields: its places are
+        # refilled line after line (made one at a time), so no list is copied and freed a line.
+        self.line = self.template[:]
         # None: every field in FIELDS order, AccessRecord.values as they are
         self.picks: tuple[int, ...] | None = None if fields == FIELDS else tuple(FIELDS.index(f) for f in fields)
         self.headers = "user_agent" in fields or "referer" in fields  # only then are the headers searched
@@ -307,13 +310,16 @@ class AccessRecord:
         picks = layout.picks
         if picks is not None:
             values = tuple([values[i] for i in picks])
+        if not self.extra:
+            line = layout.line
+            line[1:-1:2] = values
+            return "".join(line)
         parts = layout.template[:]
         parts[1:-1:2] = values
-        if self.extra:
-            parts[-1] = layout.tail
-            for k, v in self.extra.items():
-                parts.append(_note_piece(k, v))
-            parts.append("}\n")
+        parts[-1] = layout.tail
+        for k, v in self.extra.items():
+            parts.append(_note_piece(k, v))
+        parts.append("}\n")
         return "".join(parts)
 
 
