@@ -345,6 +345,7 @@ class Pipeline:
         self.chains = tuple(chains)            # by route index
         self.table = table                     # the route table (filters/routing.py's RouteTable), or None
         self.clock = clock
+        self._seconds: Callable[[], float] = clock.seconds   # called bound: a method call on Any is generic
         self.stats = stats                     # counts requests started (finish hooks count the end)
         self.limits = limits                   # config/schema.py's Limits: body and header sizes, timeouts
         self.terminals = terminals or {}       # by terminal name: what its routes share (the proxy)
@@ -523,7 +524,7 @@ class Pipeline:
         if ctx.done:
             return
         ctx.done = True
-        ctx.end = self.clock.seconds()
+        ctx.end = self._seconds()
         chain = ctx.chain or self.edge
         hooks = chain.finished
         i = 0

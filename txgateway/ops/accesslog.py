@@ -55,6 +55,10 @@ class JsonLinesWriter:
         if isinstance(record, AccessRecord):     # compiled: a native call, not a method lookup
             self.stream.write(record.json_line())
 
+    def write(self, record: AccessRecord) -> None:
+        """One record's line: what `__call__` does with an event, for AccessLog's direct call."""
+        self.stream.write(record.json_line())
+
     def start(self) -> None:
         self._flusher.start()
 
@@ -133,7 +137,7 @@ class Layout:
     made once (at start-up). A line is one `"".join` (a %-format of as many fields costs
     several times more)."""
 
-    __slots__ = ("tail", "template", "picks", "headers", "redact")
+    __slots__ = ("tail", "template", "line", "picks", "headers", "redact")
 
     def __init__(self, fields: tuple[str, ...] = FIELDS, redact: tuple[str, ...] = DEFAULT_REDACT) -> None:
         pieces = []
@@ -147,6 +151,9 @@ class Layout:
         # the end when no filter added fields. A line copies it and fills the places with one
         # slice assignment (not two appends a field).
         self.template: list[str] = [text for piece in pieces for text in (piece, "")] + [after + "}\n"]
+        # The template's working copy for lines without filters' fields: its places are
+        # refilled line after line (made one at a time), so no list is copied and freed a line.
+        self.line = self.template[:]
         # None: every field in FIELDS order, AccessRecord.values as they are
         self.picks: tuple[int, ...] | None = None if fields == FIELDS else tuple(FIELDS.index(f) for f in fields)
         self.headers = "user_agent" in fields or "referer" in fields  # only then are the headers searched
@@ -162,6 +169,29 @@ def _config_string(value: Any) -> str:
     if text is None:
         text = _CONFIG_STRINGS[value] = encode_basestring_ascii(value)
     return text
+
+
+# Strings lines repeat: client and upstream addresses (a connection's are the same objects,
+# their hashes kept), Host values, user ids, rate-limit outcomes. Escaping one costs several
+# times a lookup. Bounded (most are the client's choice): past it, escaped per line.
+_REPEATED: Final[dict[str, str]] = {}
+_REPEATED_MAX: Final = 4096
+
+
+def _repeated_string(value: str) -> str:
+    text = _REPEATED.get(value)
+    if text is None:
+        text = encode_basestring_ascii(value)
+        if len(_REPEATED) < _REPEATED_MAX:
+            _REPEATED[value] = text
+    return text
+
+
+def _repeated_json(value: Any) -> str:
+    """`_json(value)`; a string through `_repeated_string`."""
+    if isinstance(value, str):
+        return _repeated_string(value)
+    return _json(value)
 
 
 _THOUSANDTHS: Final[tuple[str, ...]] = tuple(".%03d" % i for i in range(1000))   # ".000" ... ".999"
@@ -182,7 +212,7 @@ def _decimal3(value: float) -> str:
     of a float cost more than the rest of the field's text."""
     if 0.0 <= value < 1e12:
         n = int(value * 1000.0 + 0.5)
-        return str(n // 1000) + _THOUSANDTHS[n % 1000]
+        return _int_text(n // 1000) + _THOUSANDTHS[n % 1000]
     return "%.3f" % value
 
 
@@ -247,16 +277,16 @@ class AccessRecord:
             stamp,
             cid,
             request_id,
-            esc(client),
+            _repeated_string(client),
             method,
-            "null" if host is None else esc(host),
+            "null" if host is None else _repeated_string(host),
             esc(path),
             "null" if query is None else esc(query),
             version,
             config.get(route) or _config_string(route),
             config.get(upstream) or _config_string(upstream),
             config.get(target) or _config_string(target),
-            "null" if upstream_addr is None else esc(upstream_addr),
+            "null" if upstream_addr is None else _repeated_string(upstream_addr),
             _int_text(status),
             "null" if upstream_status is None else _int_text(upstream_status),
             _decimal3(duration),
@@ -264,10 +294,10 @@ class AccessRecord:
             _int_text(retries),
             _int_text(bytes_in),
             _int_text(bytes_out),
-            "null" if user_id is None else _json(user_id),
+            "null" if user_id is None else _repeated_json(user_id),
             "null" if user_agent is None else esc(user_agent),
             "null" if referer is None else esc(referer),
-            "null" if rate_limit is None else _json(rate_limit),
+            "null" if rate_limit is None else _repeated_json(rate_limit),
             "null" if breaker is None else _json(breaker),
             "null" if error is None else _json(error),
             "null" if detail is None else _json(detail),
@@ -280,19 +310,24 @@ class AccessRecord:
         picks = layout.picks
         if picks is not None:
             values = tuple([values[i] for i in picks])
+        if not self.extra:
+            line = layout.line
+            line[1:-1:2] = values
+            return "".join(line)
         parts = layout.template[:]
         parts[1:-1:2] = values
-        if self.extra:
-            parts[-1] = layout.tail
-            for k, v in self.extra.items():
-                parts.append(_note_piece(k, v))
-            parts.append("}\n")
+        parts[-1] = layout.tail
+        for k, v in self.extra.items():
+            parts.append(_note_piece(k, v))
+        parts.append("}\n")
         return "".join(parts)
 
 
 _DEFAULT: Final = Layout()
 _MILLIS: Final[tuple[str, ...]] = tuple(".%03dZ" % i for i in range(1000))   # a timestamp's end, ".000Z" ... ".999Z"
 _VERSIONS: Final = {b"1.1": "1.1", b"1.0": "1.0", b"2": "2"}
+_INFO: Final = LogLevel.info
+_METHODS: Final = {m: m.decode() for m in (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS")}
 
 
 class AccessLog:
@@ -301,6 +336,7 @@ class AccessLog:
     Each record is a twisted.logger event (namespace `txgateway.access`, level info, the
     AccessRecord under `access`) handed straight to the observer: `Logger.emit`'s generic
     checks cost more than the rest of the log line at tens of thousands of requests per second.
+    The gateway's own JsonLinesWriter is handed the AccessRecord alone (`write`), the same line.
     """
 
     namespace = "txgateway.access"
@@ -342,13 +378,12 @@ class AccessLog:
         upstream_status = ctx.upstream_status
         status = ctx.status
         host = ctx.host
-        self.observer({"log_namespace": self.namespace, "log_level": LogLevel.info, "log_time": wall,
-                       "log_format": None, "access": AccessRecord((
+        record = AccessRecord((
             self._timestamp(wall),
             ctx.correlation_id,
             ctx.correlation_id,
             ctx.client_ip,
-            ctx.method.decode("latin-1"),
+            _METHODS.get(ctx.method) or ctx.method.decode("latin-1"),
             None if host is None else host.decode("latin-1"),
             ctx.path.decode("latin-1"),
             redact_query(ctx.query, layout.redact) if ctx.query else None,
@@ -371,7 +406,15 @@ class AccessLog:
             notes.get("breaker") if notes else None,
             ctx.error_code,
             detail if detail is not None else ctx.error_detail,
-            ctx.downstream.tls), _extra(notes) if notes else None, layout)})
+            ctx.downstream.tls), _extra(notes) if notes else None, layout)
+        observer = self.observer
+        if isinstance(observer, JsonLinesWriter):
+            # The gateway's own writer, called natively: no event dict, which only other
+            # twisted.logger observers (tests' captures) read.
+            observer.write(record)
+        else:
+            observer({"log_namespace": self.namespace, "log_level": _INFO, "log_time": wall, "log_format": None,
+                      "access": record})
 
 
 def redact_query(query: bytes, names: frozenset[bytes]) -> str:

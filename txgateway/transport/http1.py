@@ -263,7 +263,8 @@ class HTTP1Connection(Protocol):
         self._parsing = _placeholder
 
     def on_url(self, url: bytes) -> None:
-        self._url += url
+        # Most requests' target comes in one piece: kept as it is (a `+=` on b"" is a generic add).
+        self._url = self._url + url if self._url else url
         self._header_bytes += len(url)
         if self._header_bytes > self._header_limit:
             raise _Reject(431, "HEADERS_TOO_LARGE", "request headers are too large")
@@ -283,7 +284,10 @@ class HTTP1Connection(Protocol):
         # 0x70: "p", so that most names skip the (generic) startswith call
         if name in REQUEST_CONSUMED or (name[0] == 0x70 and name.startswith(b"proxy-")):
             if name == b"connection":
-                self._connection_tokens.extend(t.strip().lower() for t in value.split(b","))
+                if value == b"keep-alive" or value == b"close":     # most clients' one token: no split
+                    self._connection_tokens.append(value)
+                else:
+                    self._connection_tokens.extend(t.strip().lower() for t in value.split(b","))
             elif name == b"host" and b"host" in self._framing:
                 raise _Reject(400, "BAD_REQUEST", "more than one Host header")
             elif name == b"transfer-encoding" and name in self._framing:
@@ -357,9 +361,11 @@ class HTTP1Connection(Protocol):
         elif ctx.content_length is not None and ctx.content_length > self.limits.largest_body:
             self._fail_request(incoming, 413, "PAYLOAD_TOO_LARGE", "request body is larger than max_body_size")
         elif len(self._queue) == 1:
-            self.pipeline = self.factory.pipeline      # nothing else in flight: take a reloaded one
-            self.limits = self.factory.limits
-            self.pipeline.handle(ctx)
+            # Nothing else in flight: take a reloaded one. Read from the Switch (native reads):
+            # the factory's properties are generic calls.
+            pipeline = self.pipeline = self.factory.switch.pipeline
+            self.limits = pipeline.limits
+            pipeline.handle(ctx)
 
     def on_body(self, data: bytes) -> None:
         incoming = self._parsing
@@ -497,16 +503,17 @@ class HTTP1Connection(Protocol):
             self.close()
             return
         self._pipelined = 0
-        self._resume()
+        if self._paused:             # a method call of this (non-native) class is a generic one
+            self._resume()
         if self._queue:
             nxt = self._queue[0]
             reject = nxt.ctx.get_state("reject")
-            self.pipeline = self.factory.pipeline      # the previous request is done: see above
-            self.limits = self.factory.limits
+            pipeline = self.pipeline = self.factory.switch.pipeline    # the previous request is done: see above
+            self.limits = pipeline.limits
             if reject:
-                self.pipeline.reject(nxt.ctx, *reject)
+                pipeline.reject(nxt.ctx, *reject)
             else:
-                self.pipeline.handle(nxt.ctx)
+                pipeline.handle(nxt.ctx)
         elif self._parsing is None:
             self._wait(self.limits.idle_timeout)
 

@@ -179,14 +179,17 @@ class UpstreamConnection(TwistedProtocol):
         self._reason = b""
 
     def on_status(self, status: bytes) -> None:
-        self._reason += status
+        self._reason = self._reason + status if self._reason else status   # one piece mostly: no generic add
 
     def on_header(self, name: bytes, value: bytes) -> None:
         low = name.lower()
         # 0x70: "p", so that most names skip the (generic) startswith call
         if low in RESPONSE_CONSUMED or (low[0] == 0x70 and low.startswith(b"proxy-")):
             if low == b"connection":
-                self._tokens.extend(t.strip().lower() for t in value.split(b","))
+                if value == b"keep-alive" or value == b"close":     # nginx's every answer: one token, no split
+                    self._tokens.append(value)
+                else:
+                    self._tokens.extend(t.strip().lower() for t in value.split(b","))
             self._framing[low] = value
             return
         self._headers.append((low, value))
@@ -336,6 +339,7 @@ class TargetPool:
         self.timeout = upstream.timeout
         self.preserve_host = upstream.preserve_host
         self.netloc = target.netloc   # the Host sent upstream: made once, not per request
+        self.line_end = b" HTTP/1.1\r\nhost: " + self.netloc + b"\r\n"   # the request line's end and that Host
         self.tls = client_creator(target, upstream.tls) if target.https else None
         self.idle: list[UpstreamConnection] = []
         self.total = 0

@@ -198,7 +198,7 @@ class Exchange:
         self.member.in_flight += 1
         self.member.requests += 1
         ctx.target_url = self.pool.target.url
-        ctx.upstream_start = self.proxy.clock.seconds()
+        ctx.upstream_start = self.proxy.seconds()
         on_attempt = self.proxy.on_attempt
         if on_attempt is not None:
             on_attempt(ctx)
@@ -288,7 +288,7 @@ class Exchange:
         if self.phase != _WAITING:
             return
         ctx = self.ctx
-        now = self.proxy.clock.seconds()
+        now = self.proxy.seconds()
         ctx.upstream_ms = (now - ctx.upstream_start) * 1000.0
         ctx.upstream_status = status
         if status in self.group.failure_statuses:
@@ -515,6 +515,7 @@ class Proxy:
     def __init__(self, reactor: Any, clock: Any, upstreams: Mapping[str, Upstream], deadlines: Deadlines,
                  limits: Limits, keep: Mapping[str, UpstreamGroup] | None = None) -> None:
         self.clock = clock
+        self.seconds: Callable[[], float] = clock.seconds   # called bound: a method call on Any is generic
         self.deadlines = deadlines
         self.idle_timeout = limits.idle_timeout
         self.buffer_body = limits.buffer_request_body
@@ -591,8 +592,10 @@ class Proxy:
 
     def request_head(self, ctx: RequestContext, pool: TargetPool) -> bytes:
         """Request line and headers for the upstream, framing included."""
-        host = ctx.host if pool.preserve_host and ctx.host else pool.netloc
-        parts = [ctx.method, b" ", ctx.upstream_path, ctx.query, b" HTTP/1.1\r\nhost: ", host, b"\r\n"]
+        if pool.preserve_host and ctx.host:
+            parts = [ctx.method, b" ", ctx.upstream_path, ctx.query, b" HTTP/1.1\r\nhost: ", ctx.host, b"\r\n"]
+        else:
+            parts = [ctx.method, b" ", ctx.upstream_path, ctx.query, pool.line_end]    # two pieces fewer to join
         for name, value in ctx.headers:       # pieces joined once: no %-format per header
             parts.append(name)
             parts.append(b": ")
