@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import re
 import socket
 import subprocess
 import sys
@@ -19,6 +18,8 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from macro import metric, rss_mib  # bench/ is the script's own folder on sys.path
 
 
 def free_port() -> int:
@@ -45,18 +46,6 @@ def upstream(body: bytes) -> ThreadingHTTPServer:
     server = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
-
-
-def metric(admin: int, name: str) -> float:
-    conn = http.client.HTTPConnection("127.0.0.1", admin, timeout=10)
-    conn.request("GET", "/metrics")
-    text = conn.getresponse().read().decode()
-    conn.close()
-    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
-
-
-def rss_mib(pid: int) -> float:
-    return int(re.search(r"^VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text(), re.M).group(1)) / 1024
 
 
 def main() -> None:
