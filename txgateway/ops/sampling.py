@@ -43,7 +43,6 @@ class TraceGate:
 
     def __init__(self, recorder: Recorder, ratio: float) -> None:
         self.recorder = recorder
-        self.ratio = ratio
         bound = round(ratio * _ID_SPACE)
         # The bound as 16 lower-case hex digits, as a traceparent writes ids (digit by digit,
         # their byte order is their numeric order); "g" sorts after every hex digit: ratio 1, all.

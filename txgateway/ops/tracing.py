@@ -124,8 +124,7 @@ class _Collector:
     """The collector's endpoint, made once at start (TCP, or TLS verified as Agent verifies).
     Agent makes a HostnameEndpoint for every request: each runs the host through IDNA and
     each connection resolves it in a thread (getaddrinfo), so the first export imported the
-    `idna` package and the `idna` codec (~3M instructions, and thousands of objects that brought
-    a young GC collection forward) and started the reactor's thread pool in the middle of
+    `idna` codec (~3M instructions) and started the reactor's thread pool in the middle of
     serving. An address (the usual local collector, 127.0.0.1:4318) needs no resolving."""
 
     def __init__(self, reactor: Any, url: bytes) -> None:
