@@ -7,6 +7,7 @@ Exports are forced with `flush` rather than waited for, or timed with an injecte
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -333,3 +334,33 @@ async def test_a_failed_composed_call_and_the_one_it_cancels_end_as_error_spans(
                                                                               Status.STATUS_CODE_ERROR)
     assert "http.response.status_code" not in attributes(slow.attributes)
     assert server.status.code == Status.STATUS_CODE_ERROR
+
+
+def test_a_trace_the_gateway_starts_is_sampled_as_the_sdks_trace_id_ratio_sampler_decides():
+    """The gate decides a new trace on the trace id the forwarding filter made, as the SDK's
+    TraceIdRatioBased does (the id's low 64 bits below ratio * 2**64), bounds included."""
+    from opentelemetry.sdk.trace.sampling import Decision, TraceIdRatioBased
+
+    from txgateway.core.pipeline import RequestContext
+    from txgateway.ops.sampling import TraceGate
+
+    class Noting:               # the gate's recorder, noting the requests it hears of
+        def __init__(self) -> None:
+            self.started: list[Any] = []
+
+        def start(self, ctx: Any, continued: bool) -> None:
+            self.started.append(ctx)
+
+    edges = ["7fffffffffffffff", "8000000000000000", "1999999999999999", "199999999999999a",
+             "0000000000000000", "ffffffffffffffff"]   # either side of the bounds of 0.5 and 0.1
+    ids = [os.urandom(16).hex() for _ in range(2000)] + [os.urandom(8).hex() + low for low in edges]
+    for ratio in (0.0, 0.1, 0.5, 0.9, 1.0):
+        recorder, sampler, expected = Noting(), TraceIdRatioBased(ratio), []
+        gate = TraceGate(recorder, ratio)   # type: ignore[arg-type]
+        for trace_id in ids:
+            ctx = RequestContext(b"GET", b"/", b"/", b"", b"1.1", [], None, b"http", "127.0.0.1", object(), 0.0)  # type: ignore[arg-type]
+            trace = f"00-{trace_id}-{CALLER_SPAN}-00".encode()
+            assert gate.decide(ctx, trace, None) == trace
+            if sampler.should_sample(None, int(trace_id, 16), "GET").decision is Decision.RECORD_AND_SAMPLE:
+                expected.append(ctx)
+        assert recorder.started == expected, ratio

@@ -18,6 +18,7 @@ from typing import Any, Final, cast
 from txgateway.core.ids import correlation_id, traceparent
 from txgateway.core.pipeline import LocalResponse, RequestContext, ResponseHead, error_response
 from txgateway.filters.headerconfig import DEFAULT_SECURITY_HEADERS, HeaderRules, RouteHeaders
+from txgateway.ops.sampling import TraceGate
 
 __all__ = ["ForwardingHeaders", "HeaderRulesFilter", "TrustedProxies"]
 
@@ -79,12 +80,14 @@ class ForwardingHeaders:
     on_response_body = None
     on_finished = None
 
-    def __init__(self, trusted: TrustedProxies, underscores: bool = False, new_trace_flags: bytes = b"01") -> None:
+    def __init__(self, trusted: TrustedProxies, underscores: bool = False, gate: TraceGate | None = None) -> None:
         self.trusted = trusted
         self.underscores = underscores
-        # A trace it starts is sampled unless tracing is on: then the tracer hands over the
-        # ones it records (ops/tracing.py), and any other goes upstream as not sampled.
-        self.new_trace_flags = new_trace_flags
+        # A trace it starts is sampled unless tracing is on: then `gate` (ops/sampling.py)
+        # decides from the traceparent made here, the ones it records go upstream as their
+        # spans', and any other as not sampled.
+        self.gate = gate
+        self.new_trace_flags = b"01" if gate is None else b"00"
         self._entropy = b""
         self._used = 0
         self._hosts: set[bytes] = set()     # Host values found valid (bounded)
@@ -132,7 +135,11 @@ class ForwardingHeaders:
             ctx.client_ip = self.trusted.client_ip(peer, xff)
         peer_bytes = peer.encode()
         kept.append((b"x-correlation-id", cid.encode()))
-        kept.append((b"traceparent", trace := traceparent(incoming_trace, random, self.new_trace_flags)))
+        trace = traceparent(incoming_trace, random, self.new_trace_flags)
+        gate = self.gate
+        if gate is not None:          # ctx.headers are still the client's: a sampled request's recorder reads them
+            trace = gate.decide(ctx, trace, incoming_trace)
+        kept.append((b"traceparent", trace))
         ctx.traceparent = trace
         kept.append((b"x-forwarded-for", xff + b", " + peer_bytes if trusted and xff else peer_bytes))
         kept.append((b"x-forwarded-proto", xfp if trusted and xfp else ctx.scheme))

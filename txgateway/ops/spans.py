@@ -3,8 +3,9 @@
 The SDK's `start_span`/`set_attribute`/`end` cost ~470k instructions per recorded request
 (interpreted contexts, span objects, attribute cleaning) for what OTLP carries: a name, ids,
 two times and a few attributes. Here a span is a `SpanRecord` with exactly those fields, made
-with the SDK's semantics (parent-based sampling as decided by ops/sampling.py, ids from
-`random.getrandbits` and never zero, times from `time.time_ns`, a parent's `tracestate` kept),
+with the SDK's semantics (parent-based sampling as decided by ops/sampling.py, the trace id
+of the `traceparent` the forwarding filter made, span ids from `random.getrandbits` and never
+zero, times from `time.time_ns`, a parent's `tracestate` kept),
 and an ended span waits in a `SpanQueue` until ops/tracing.py has a batch of them encoded into
 opentelemetry-proto's messages (ops/otlp.py), off the request. No part of the SDK is imported here, so the
 module compiles (setup.py) and a config without `tracing:` never loads this.
@@ -160,18 +161,19 @@ class SpanRecorder:
         self.queue = queue
 
     def start(self, ctx: RequestContext, continued: bool) -> None:
-        """A sampled request: its server span, child of the caller's span when `continued`
-        (the gate found a well-formed, sampled `traceparent`)."""
+        """A sampled request: its server span in the trace of `ctx.traceparent` (the one the
+        forwarding filter made), child of the caller's span when `continued` (the gate found
+        a well-formed, sampled `traceparent` among `ctx.headers`, still the client's)."""
         parent: bytes | None = None
         state: bytes | None = None
-        others = []
+        agent: bytes | None = None
         for name, value in ctx.headers:
             if name == b"traceparent":
-                parent = value
+                parent = value           # the last one, as the forwarding filter reads it
             elif name == b"tracestate":
                 state = value
-            else:
-                others.append((name, value))
+            elif name == b"user-agent" and agent is None:
+                agent = value
         method = _method(ctx)
         attributes: dict[str, Any] = {
             "http.request.method": method, "url.path": _text(ctx.path), "url.scheme": ctx.scheme.decode(),
@@ -181,20 +183,18 @@ class SpanRecorder:
             attributes["url.query"] = _text(ctx.query[1:] if ctx.query[:1] == b"?" else ctx.query)
         if ctx.host:
             attributes["server.address"] = _text(ctx.host)
-        agent = ctx.header(b"user-agent")
         if agent is not None:
             attributes["user_agent.original"] = _text(agent)
+        trace = ctx.traceparent or b""   # "00-<32 hex trace id>-<16 hex span id>-<flags>"
         if continued and parent is not None:
-            ids = parent.strip()         # "00-<32 hex trace id>-<16 hex span id>-<flags>", checked by the gate
             trace_state = state.decode("latin-1") if state is not None else ""
-            span = SpanRecord(method, SERVER, int(ids[3:35], 16), int(ids[36:52], 16), True, trace_state, attributes)
+            span = SpanRecord(method, SERVER, int(trace[3:35], 16), int(parent.strip()[36:52], 16), True,
+                              trace_state, attributes)
         else:
-            span = SpanRecord(method, SERVER, _new_id(128), 0, False, "", attributes)
-        # The forwarding filter continues this trace: the server span is the upstream's parent.
-        others.append((b"traceparent", span.traceparent()))
-        if span.trace_state:
-            others.append((b"tracestate", span.trace_state.encode("latin-1")))
-        ctx.headers = others
+            span = SpanRecord(method, SERVER, int(trace[3:35], 16), 0, False, "", attributes)
+        # The forwarding filter sends this: the server span is the upstream's parent (the
+        # client's `tracestate` goes on as it came).
+        ctx.traceparent = span.traceparent()
         ctx.set_state("tracing", RequestSpans(self.queue, span))
 
     def attempt(self, ctx: RequestContext, spans: RequestSpans) -> None:

@@ -22,13 +22,15 @@ from typing import Any
 
 from opentelemetry.exporter.otlp.proto.http import _OTLP_HTTP_HEADERS
 from opentelemetry.sdk.resources import Resource
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent
+from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
 from txgateway.core.fetch import quiet_pool
@@ -117,6 +119,28 @@ def _status(response: Any) -> Deferred[int]:
     return done
 
 
+@implementer(IAgentEndpointFactory)
+class _Collector:
+    """The collector's endpoint, made once at start (TCP, or TLS verified as Agent verifies).
+    Agent makes a HostnameEndpoint for every request: each runs the host through IDNA and
+    each connection resolves it in a thread (getaddrinfo), so the first export imported the
+    `idna` codec (~3M instructions) and started the reactor's thread pool in the middle of
+    serving. An address (the usual local collector, 127.0.0.1:4318) needs no resolving."""
+
+    def __init__(self, reactor: Any, url: bytes) -> None:
+        uri = URI.fromBytes(url)
+        host = uri.host.decode("ascii")
+        endpoint: Any = TCP4ClientEndpoint(reactor, host, uri.port) if isIPAddress(host) else \
+            TCP6ClientEndpoint(reactor, host, uri.port) if isIPv6Address(host) else \
+            HostnameEndpoint(reactor, host, uri.port)
+        if uri.scheme == b"https":
+            endpoint = wrapClientTLS(BrowserLikePolicyForHTTPS().creatorForNetloc(uri.host, uri.port), endpoint)
+        self.endpoint = endpoint
+
+    def endpointForURI(self, uri: URI) -> Any:
+        return self.endpoint
+
+
 class Poster:
     """POSTs encoded batches to the collector from the reactor (Twisted's Agent, one kept-alive connection),
     retrying as the SDK exporter does: 429/502/503/504 and connection errors after 1, 2, 4 s
@@ -127,11 +151,11 @@ class Poster:
         pool = quiet_pool(reactor)
         pool.persistent = True               # one connection kept to the collector between exports
         pool.maxPersistentPerHost = 1
-        self.agent = Agent(reactor, pool=pool)
+        self.uri = url.encode("ascii")
+        self.agent = Agent.usingEndpointFactory(reactor, _Collector(reactor, self.uri), pool=pool)
         self.pool = pool
         self.clock = clock
         self.url = url
-        self.uri = url.encode("ascii")
         # the SDK exporter's Content-Type and User-Agent, then the configured ones
         self.headers = Headers({name: [value] for name, value in {**_OTLP_HTTP_HEADERS, **headers}.items()})
 
@@ -254,28 +278,24 @@ class Tracing:
         before = self.sending if self.sending is not None else succeed(None)
         waited: Deferred[None] = Deferred()
         before.addBoth(waited.callback)       # `sending` itself stays the export's own chain
+        return waited.addCallback(self._next_batch)
 
-        def next_batch(_: Any) -> Any:
-            if self.queue.records:
-                return self._export(sliced=False).addCallback(next_batch)
-            return None
-
-        return waited.addCallback(next_batch)
+    def _next_batch(self, _: Any) -> Any:
+        """A method, not a closure naming itself: that would be a cycle left for the cyclic GC,
+        which the daemon seldom runs (service/tap.py)."""
+        if self.queue.records:
+            return self._export(sliced=False).addCallback(self._next_batch)
+        return None
 
     def stop(self, reactor: Any) -> Deferred[None]:
         """Export what is left, waited for at most `_STOP_WAIT` seconds: a collector that is
         down must not hold up the gateway's exit."""
         self.stopped = True
         done: Deferred[None] = Deferred()
-
-        def release(_: Any = None) -> None:
-            if not done.called:
-                if timer.active():
-                    timer.cancel()
-                done.callback(None)
-
-        timer = reactor.callLater(_STOP_WAIT, release)
-        self.flush().addBoth(release)
+        # No closure naming the timer that calls it: a fired DelayedCall keeps its function,
+        # and the two would be a cycle left for the seldom-run cyclic GC.
+        timer = reactor.callLater(_STOP_WAIT, _settle, done, None)
+        self.flush().addBoth(lambda _: _settle(done, timer))
         return done.addCallback(lambda _: self.poster.pool.closeCachedConnections())
 
     @property
@@ -283,3 +303,10 @@ class Tracing:
         """[spans exported, spans dropped (refused, failed, or the queue was full)], for /metrics."""
         return [self.exported, self.failed + self.queue.dropped]
 
+
+def _settle(done: Deferred[None], timer: Any) -> None:
+    """Fire `stop`'s Deferred once: when the last export ends or `_STOP_WAIT` passed, the first."""
+    if not done.called:
+        if timer is not None and timer.active():
+            timer.cancel()
+        done.callback(None)

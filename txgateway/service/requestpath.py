@@ -22,12 +22,11 @@ def build_request_path(config: Config, resources: Resources, observers: list[Any
     """Every route's chain (its filters from the registry, in registry order), its terminal,
     and the edge every request starts on (sanitise, route). `observers` (the counters, the
     access log) finish every request; `tracing` (ops/tracing.py), if on, opens each request's
-    span first on the edge, ends it last, and hears of each upstream attempt."""
+    span in the edge's forwarding filter, ends it last, and hears of each upstream attempt."""
     gate = tracing.gate if tracing is not None else None    # ops/sampling.py: what every request passes
     if gate is not None:
         observers = [*observers, gate]
-    forwarding = ForwardingHeaders(TrustedProxies(config.trusted_proxies), config.underscores_in_headers,
-                                   b"01" if tracing is None else b"00")
+    forwarding = ForwardingHeaders(TrustedProxies(config.trusted_proxies), config.underscores_in_headers, gate)
     shared = {kind.name: kind.build(resources, config) for kind in registry.TERMINALS}
     terminals = {kind.name: kind for kind in registry.TERMINALS}
     chains = []
@@ -38,7 +37,7 @@ def build_request_path(config: Config, resources: Resources, observers: list[Any
         terminal = kind.make(shared[kind.name], route.answer, route)
         chains.append(Chain(route.prefix, filters, [*observers, forwarding, *filters], terminal))
     table = RouteTable(config.routes)
-    edge = Chain("(no route)", [*([gate] if gate is not None else []), forwarding, RoutingFilter(table, chains)],
+    edge = Chain("(no route)", [forwarding, RoutingFilter(table, chains)],
                  [*observers, forwarding, HeaderRulesFilter()], None)
     pipeline = Pipeline(edge, chains, table, resources.clock, resources.stats, config.limits,
                         {name: part for name, part in shared.items() if part is not None})
@@ -46,9 +45,9 @@ def build_request_path(config: Config, resources: Resources, observers: list[Any
         if kind.answers_later and shared[kind.name] is not None:
             shared[kind.name].pipeline = pipeline
     if gate is not None and "proxy" in pipeline.terminals:
-        pipeline.terminals["proxy"].on_attempt = gate.attempt
+        pipeline.terminals["proxy"].tracing = gate
     if gate is not None and "compose" in pipeline.terminals:    # a composed call's attempts are spans too
-        pipeline.terminals["compose"].calls.on_attempt = gate.attempt
+        pipeline.terminals["compose"].calls.tracing = gate
     return pipeline
 
 

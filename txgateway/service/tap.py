@@ -81,8 +81,13 @@ def _tune_for_throughput(reactor: Any) -> None:
     """Process-wide settings for the real daemon (tests keep the stock reactor)."""
     from txgateway.core.reactor import make_lean
     make_lean(reactor)
+    import gc
     tune_gc()
     reactor.addSystemEventTrigger("after", "startup", _stop_cleanly_on_sigterm, reactor)
+    # Frozen again once the services are up: the config's pipelines and pools and, with
+    # tracing:, the OpenTelemetry and protobuf modules are made after the first freeze, and
+    # the first young collection while serving walked them all (docs/performance.md, trace4).
+    reactor.addSystemEventTrigger("after", "startup", gc.freeze)
 
 
 def _stop_cleanly_on_sigterm(reactor: Any) -> None:

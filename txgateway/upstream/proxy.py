@@ -35,6 +35,7 @@ from txgateway.config.schema import Limits, Upstream
 from txgateway.core.logtext import printable
 from txgateway.core.pipeline import RequestContext, ResponseHead, error_response
 from txgateway.core.timeouts import Deadlines
+from txgateway.ops.sampling import TraceGate
 from txgateway.upstream.balance import Balancer, Member
 from txgateway.upstream.breaker import OPEN, CircuitBreaker
 from txgateway.upstream.pool import TargetPool, UpstreamConnection
@@ -199,9 +200,9 @@ class Exchange:
         self.member.requests += 1
         ctx.target_url = self.pool.target.url
         ctx.upstream_start = self.proxy.seconds()
-        on_attempt = self.proxy.on_attempt
-        if on_attempt is not None:
-            on_attempt(ctx)
+        tracing = self.proxy.tracing
+        if tracing is not None:
+            tracing.attempt(ctx)
         self.phase = _CONNECTING
         self.deadline = self.proxy.deadlines.now + self.connect_timeout
         self.proxy.deadlines.add(self)
@@ -524,8 +525,9 @@ class Proxy:
         keep = keep or {}
         self.groups = {name: keep.get(name) or UpstreamGroup(reactor, clock, u) for name, u in upstreams.items()}
         self.pipeline: Pipeline  # set by the gateway once the pipeline exists
-        # Called as each attempt starts, before its request head is made (ops/tracing.py's client spans)
-        self.on_attempt: Callable[[RequestContext], None] | None = None
+        # With tracing: on, hears of each attempt as it starts, before its request head is made
+        # (ops/tracing.py's client spans); called natively, as it is on every attempt
+        self.tracing: TraceGate | None = None
 
     def start(self) -> None:
         for group in self.groups.values():
