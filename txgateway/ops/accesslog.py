@@ -137,7 +137,7 @@ class Layout:
     made once (at start-up). A line is one `"".join` (a %-format of as many fields costs
     several times more)."""
 
-    __slots__ = ("tail", "template", "line", "picks", "headers", "redact")
+    __slots__ = ("tail", "template", "line", "end", "ends", "picks", "headers", "redact")
 
     def __init__(self, fields: tuple[str, ...] = FIELDS, redact: tuple[str, ...] = DEFAULT_REDACT) -> None:
         pieces = []
@@ -154,12 +154,26 @@ class Layout:
         # The template's working copy for lines without filters' fields: its places are
         # refilled line after line (made one at a time), so no list is copied and freed a line.
         self.line = self.template[:]
+        self.end = self.template[-1]
+        # A line with one filter's field (a cached route's `cache`) fills `line` too, its end
+        # then the field's piece and the line's end: by piece, made once (`note_end`).
+        self.ends: dict[str, str] = {}
         # None: every field in FIELDS order, AccessRecord.values as they are
         self.picks: tuple[int, ...] | None = None if fields == FIELDS else tuple(FIELDS.index(f) for f in fields)
         self.headers = "user_agent" in fields or "referer" in fields  # only then are the headers searched
         self.redact = frozenset(name.lower().encode("latin-1") for name in redact)
 
+    def note_end(self, piece: str) -> str:
+        """The end of a line whose one filter's field is `piece`."""
+        end = self.ends.get(piece)
+        if end is None:
+            end = self.tail + piece + "}\n"
+            if len(self.ends) < _ENDS_MAX:
+                self.ends[piece] = end
+        return end
 
+
+_ENDS_MAX: Final = 1024       # Layout.ends: the pieces of lines with one field added (notes repeat a few)
 _CONFIG_STRINGS: Final[dict[Any, str]] = {None: "null"}  # route prefixes, upstream names, target URLs
 
 
@@ -310,14 +324,25 @@ class AccessRecord:
         picks = layout.picks
         if picks is not None:
             values = tuple([values[i] for i in picks])
-        if not self.extra:
+        extra = self.extra
+        if not extra:
             line = layout.line
             line[1:-1:2] = values
             return "".join(line)
+        if len(extra) == 1:         # one filter's field (a cached route's): the working list too
+            end = ""
+            for k, v in extra.items():
+                end = layout.note_end(_note_piece(k, v))
+            line = layout.line
+            line[1:-1:2] = values
+            line[-1] = end
+            text = "".join(line)
+            line[-1] = layout.end
+            return text
         parts = layout.template[:]
         parts[1:-1:2] = values
         parts[-1] = layout.tail
-        for k, v in self.extra.items():
+        for k, v in extra.items():
             parts.append(_note_piece(k, v))
         parts.append("}\n")
         return "".join(parts)
