@@ -399,7 +399,11 @@ class AccessLog:
                     user_agent = value
                 elif name[0] == 114 and name == b"referer":    # 114: "r"
                     referer = value
-        detail = notes.get("upstream_error") if notes else None
+        extra = _extra(notes) if notes else None
+        # Notes with fields of their own are looked for only when there are some: `_extra`
+        # hands back the notes themselves when none has (a cached route's `cache` alone).
+        own = notes if notes and extra is not notes else None
+        detail = own.get("upstream_error") if own else None
         upstream_status = ctx.upstream_status
         status = ctx.status
         host = ctx.host
@@ -427,11 +431,11 @@ class AccessLog:
             ctx.identity.user_id if ctx.identity is not None else None,
             None if user_agent is None else user_agent.decode("latin-1"),
             None if referer is None else referer.decode("latin-1"),
-            notes.get("rate_limit") if notes else None,
-            notes.get("breaker") if notes else None,
+            own.get("rate_limit") if own else None,
+            own.get("breaker") if own else None,
             ctx.error_code,
             detail if detail is not None else ctx.error_detail,
-            ctx.downstream.tls), _extra(notes) if notes else None, layout)
+            ctx.downstream.tls), extra, layout)
         observer = self.observer
         if isinstance(observer, JsonLinesWriter):
             # The gateway's own writer, called natively: no event dict, which only other

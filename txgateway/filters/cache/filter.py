@@ -64,6 +64,8 @@ _WATCHED: Final = {b"range": _RANGE, b"authorization": _AUTHORIZATION, b"cache-c
 _WATCHED_FIRST: Final = bytes(1 if i in {name[0] for name in _WATCHED} else 0 for i in range(256))
 _NO_DIRECTIVES: Final = Directives({})
 _NO_VARY: Final[list[bytes]] = []     # a response without Vary (most): no list made for it; never changed
+# A leader's waiters until one comes (most misses have none): no list made per miss; never changed.
+_NO_WAITERS: Final[list[Deferred[Any]]] = []
 # RFC 9211 on the cache's own 504: neither `hit` (nothing stored answered) nor `fwd` (not forwarded).
 _NOT_CACHED: Final = [(b"cache-status", b"txgateway; detail=only-if-cached"), (b"x-cache", b"MISS")]
 # A miss's Cache-Status and X-Cache by stored, fwd and upstream status: formatting them costs more
@@ -320,10 +322,12 @@ class CacheFilter:
         inflight = self.inflight
         waiters = inflight.get(key)
         if waiters is not None and may_wait and entry is None and not no_cache:
+            if waiters is _NO_WAITERS:
+                waiters = inflight[key] = []
             return self._wait(ctx, waiters, seen)
         state = _Forward(self, key, entry, now, req, fwd, ctx.headers)
         if waiters is None:
-            inflight[key] = []
+            inflight[key] = _NO_WAITERS
             state.leader = True
         if entry is not None:
             self._ask_validation(ctx, state, entry)
@@ -873,7 +877,7 @@ class CacheFilter:
         state = _Forward(self, key, entry, bg.start, directives(bg.headers), b"stale", bg.headers)
         state.leader = True
         state.background = True
-        self.inflight[key] = []
+        self.inflight[key] = _NO_WAITERS
         self._ask_validation(bg, state, entry)
         state.conditional = []
         bg.set_state(NAME, state)
