@@ -137,7 +137,8 @@ class Layout:
     made once (at start-up). A line is one `"".join` (a %-format of as many fields costs
     several times more)."""
 
-    __slots__ = ("tail", "template", "line", "end", "ends", "picks", "headers", "redact")
+    __slots__ = ("tail", "template", "line", "end", "noted_field", "noted_value", "noted_end", "picks", "headers",
+                 "redact")
 
     def __init__(self, fields: tuple[str, ...] = FIELDS, redact: tuple[str, ...] = DEFAULT_REDACT) -> None:
         pieces = []
@@ -156,24 +157,26 @@ class Layout:
         self.line = self.template[:]
         self.end = self.template[-1]
         # A line with one filter's field (a cached route's `cache`) fills `line` too, its end
-        # then the field's piece and the line's end: by piece, made once (`note_end`).
-        self.ends: dict[str, str] = {}
+        # then the field's piece and the line's end (`note_end`): the last such line's note and end.
+        self.noted_field = ""
+        self.noted_value: Any = None
+        self.noted_end = ""
         # None: every field in FIELDS order, AccessRecord.values as they are
         self.picks: tuple[int, ...] | None = None if fields == FIELDS else tuple(FIELDS.index(f) for f in fields)
         self.headers = "user_agent" in fields or "referer" in fields  # only then are the headers searched
         self.redact = frozenset(name.lower().encode("latin-1") for name in redact)
 
-    def note_end(self, piece: str) -> str:
-        """The end of a line whose one filter's field is `piece`."""
-        end = self.ends.get(piece)
-        if end is None:
-            end = self.tail + piece + "}\n"
-            if len(self.ends) < _ENDS_MAX:
-                self.ends[piece] = end
+    def note_end(self, field: str, value: Any) -> str:
+        """The end of a line whose one filter's field is `field`: `value`, made again only when
+        the note is not the last line's (a route's lines mostly repeat one: MISS, MISS...)."""
+        if value is self.noted_value and field == self.noted_field:
+            return self.noted_end
+        end = self.tail + _note_piece(field, value) + "}\n"
+        if isinstance(value, str):      # an object that cannot change since
+            self.noted_field, self.noted_value, self.noted_end = field, value, end
         return end
 
 
-_ENDS_MAX: Final = 1024       # Layout.ends: the pieces of lines with one field added (notes repeat a few)
 _CONFIG_STRINGS: Final[dict[Any, str]] = {None: "null"}  # route prefixes, upstream names, target URLs
 
 
@@ -332,7 +335,7 @@ class AccessRecord:
         if len(extra) == 1:         # one filter's field (a cached route's): the working list too
             end = ""
             for k, v in extra.items():
-                end = layout.note_end(_note_piece(k, v))
+                end = layout.note_end(k, v)
             line = layout.line
             line[1:-1:2] = values
             line[-1] = end

@@ -633,17 +633,20 @@ class CacheFilter:
         varies: list[bytes] | None = None      # (lists made only for fields that are there)
         expires = False
         for name, value in head.headers:
-            if name == b"cache-control":
+            # By the first byte first: most fields (server, date, content-type) are compared
+            # once at most, not with each name.
+            first = name[0] if len(name) != 0 else 0
+            if first == 99 and name == b"cache-control":        # 99: "c"
                 if controls is None:
                     controls = [value]
                 else:
                     controls.append(value)
-            elif name == b"vary":
+            elif first == 118 and name == b"vary":              # 118: "v"
                 if varies is None:
                     varies = [value]
                 else:
                     varies.append(value)
-            elif name == b"expires":
+            elif first == 101 and name == b"expires":           # 101: "e"
                 expires = True
         resp = parse_directives(controls) if controls is not None else _NO_DIRECTIVES
         d = resp.d          # its dict, read directly: each `in resp` is a call through the class's slot
@@ -667,7 +670,7 @@ class CacheFilter:
         vary = [v.lower() for v in members(varies)] if varies is not None else _NO_VARY
         if b"*" in vary or len(vary) > MAX_VARY:
             return False
-        fill = self._entry(status, list(head.headers), b"", state, self.now(), None, resp, vary, expires)
+        fill = self._entry(status, head.headers[:], b"", state, self.now(), None, resp, vary, expires)
         if fill is None:
             return False
         state.fill, state.length = fill, head.length
@@ -732,14 +735,15 @@ class CacheFilter:
         # One pass: what is not stored, Age, Date (the last one). Names compared, not hashed for
         # `in not_stored` (each is a new bytes object: ~130 a field).
         for k, v in headers:
-            if k == b"age":
+            first = k[0] if len(k) != 0 else 0       # as in _start_recording: by the first byte first
+            if first == 97 and k == b"age":                     # 97: "a"
                 dropped = True
                 if age_header is None:
                     age_field = v
                     ages += 1
-            elif k == b"date":
+            elif first == 100 and k == b"date":                 # 100: "d"
                 date_field = v
-            elif drop_cookies and (k == b"set-cookie" or k == b"set-cookie2"):
+            elif first == 115 and drop_cookies and (k == b"set-cookie" or k == b"set-cookie2"):   # 115: "s"
                 dropped = True
         # An Age that is not one valid delta-seconds makes the response stale (taken as very old).
         age_value = 0 if not ages else parse_delta(age_field) if ages == 1 else None
