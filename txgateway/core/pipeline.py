@@ -128,7 +128,7 @@ class RequestContext:
         "client_ip", "content_length", "chunked", "keep_alive", "expect_continue", "start",
         "correlation_id", "route", "upstream_path", "downstream", "pending", "status", "error_code",
         "upstream", "target_url", "upstream_start", "upstream_ms", "bytes_in", "bytes_out",
-        "response_started", "done", "identity", "notes", "forwarding", "state_name", "state_first", "state", "upgrade",
+        "response_started", "done", "identity", "notes", "log_field", "log_value", "forwarding", "state_name", "state_first", "state", "upgrade",
         "chain", "end",
         "error_detail", "upstream_status", "upstream_addr", "retries", "traceparent", "held_head",
     )
@@ -175,6 +175,9 @@ class RequestContext:
         self.done = False
         self.identity: Any = None
         self.notes: dict[str, Any] | None = None   # access-log fields added by filters (`note`)
+        # A field for the log alone (`log_note`), when it came before any note: no dict for it.
+        self.log_field = ""
+        self.log_value: Any = None
         # Per-filter state, by filter name: the first filter's in two slots (most requests have
         # one stateful filter at most: no dict to make, search and free), the others' in `state`.
         self.state_name = ""
@@ -198,6 +201,17 @@ class RequestContext:
     def note(self, field: str, value: Any) -> None:
         """Add an access-log field (`breaker`, `upstream_error`, a filter's own)."""
         self.notes = _put(self.notes, field, value)
+
+    def log_note(self, field: str, value: Any) -> None:
+        """An access-log field that only the log reads (the cache's verdict, on every request
+        of a cached route): the first note of a request goes in two slots, not a dict. The
+        log writes it before `notes`, the order `note` keeps."""
+        if field == self.log_field:
+            self.log_value = value
+        elif self.notes is None and not self.log_field:
+            self.log_field, self.log_value = field, value
+        else:
+            self.note(field, value)
 
     def get_state(self, name: str) -> Any:
         if name == self.state_name:

@@ -166,6 +166,15 @@ class Layout:
         self.headers = "user_agent" in fields or "referer" in fields  # only then are the headers searched
         self.redact = frozenset(name.lower().encode("latin-1") for name in redact)
 
+    def noted_line(self, values: tuple[str, ...], field: str, value: Any) -> str:
+        """A line with one filter's field: `line` filled, its end the field's and the line's."""
+        line = self.line
+        line[1:-1:2] = values
+        line[-1] = self.note_end(field, value)
+        text = "".join(line)
+        line[-1] = self.end
+        return text
+
     def note_end(self, field: str, value: Any) -> str:
         """The end of a line whose one filter's field is `field`: `value`, made again only when
         the note is not the last line's (a route's lines mostly repeat one: MISS, MISS...)."""
@@ -264,19 +273,23 @@ class AccessRecord:
     matters at the gateway's request rates. `as_dict()` gives the same data as a mapping.
     """
 
-    __slots__ = ("fields", "extra", "layout")
+    __slots__ = ("fields", "extra", "layout", "log_field", "log_value")
 
     def __init__(self, fields: tuple[Any, ...], extra: dict[str, Any] | None = None,
-                 layout: Layout | None = None) -> None:
+                 layout: Layout | None = None, log_field: str = "", log_value: Any = None) -> None:
         self.fields = fields
         self.extra = extra              # fields filters added (ctx.note) beyond the fixed ones
         self.layout = layout if layout is not None else _DEFAULT
+        self.log_field = log_field      # ctx.log_note's field, before `extra` ("": none)
+        self.log_value = log_value
 
     def as_dict(self) -> dict[str, Any]:
         """The fields the layout picks, in its order, then the filters' notes."""
         every = dict(zip(FIELDS, self.fields, strict=True))
         picks = self.layout.picks
         out = every if picks is None else {FIELDS[i]: self.fields[i] for i in picks}
+        if self.log_field:
+            out[self.log_field] = self.log_value
         if self.extra:
             out.update(self.extra)
         return out
@@ -328,23 +341,21 @@ class AccessRecord:
         if picks is not None:
             values = tuple([values[i] for i in picks])
         extra = self.extra
+        field = self.log_field
         if not extra:
+            if field:               # one filter's field (a cached route's): the working list too
+                return layout.noted_line(values, field, self.log_value)
             line = layout.line
             line[1:-1:2] = values
             return "".join(line)
-        if len(extra) == 1:         # one filter's field (a cached route's): the working list too
-            end = ""
+        if len(extra) == 1 and not field:
             for k, v in extra.items():
-                end = layout.note_end(k, v)
-            line = layout.line
-            line[1:-1:2] = values
-            line[-1] = end
-            text = "".join(line)
-            line[-1] = layout.end
-            return text
+                return layout.noted_line(values, k, v)
         parts = layout.template[:]
         parts[1:-1:2] = values
         parts[-1] = layout.tail
+        if field:
+            parts.append(_note_piece(field, self.log_value))
         for k, v in extra.items():
             parts.append(_note_piece(k, v))
         parts.append("}\n")
@@ -438,7 +449,7 @@ class AccessLog:
             own.get("breaker") if own else None,
             ctx.error_code,
             detail if detail is not None else ctx.error_detail,
-            ctx.downstream.tls), extra, layout)
+            ctx.downstream.tls), extra, layout, ctx.log_field, ctx.log_value)
         observer = self.observer
         if isinstance(observer, JsonLinesWriter):
             # The gateway's own writer, called natively: no event dict, which only other

@@ -316,7 +316,7 @@ class CacheFilter:
         elif variants is not None:
             fwd = b"vary-miss"
         if d and b"only-if-cached" in d:
-            ctx.note(NAME, "MISS")
+            ctx.log_note(NAME, "MISS")
             return error_response(ctx, 504, "NOT_CACHED", "only-if-cached: no stored response can answer this request",
                                   _NOT_CACHED)
         inflight = self.inflight
@@ -380,11 +380,11 @@ class CacheFilter:
     def _hit(self, ctx: RequestContext, entry: Entry, age: float, verdict: bytes, conditional: bool) -> LocalResponse:
         # No state: the response hooks have nothing to do for a hit (they find none).
         if verdict == b"HIT":
-            ctx.note(NAME, "HIT")       # a constant: no str decoded for each hit
+            ctx.log_note(NAME, "HIT")       # a constant: no str decoded for each hit
             self.counts.hits += 1
             x_cache = _X_HIT
         else:
-            ctx.note(NAME, "STALE")
+            ctx.log_note(NAME, "STALE")
             self.counts.stale += 1
             x_cache = _X_STALE
         # Age and Cache-Status as the last hit made them when they are the same (hits in one
@@ -494,7 +494,7 @@ class CacheFilter:
             found = self._lookup(ctx, False, seen)
             state = ctx.get_state(NAME)
             if isinstance(found, LocalResponse):    # a hit (an only-if-cached 504 does not wait)
-                ctx.note(NAME, "HIT")
+                ctx.log_note(NAME, "HIT")
             elif isinstance(state, _Forward):
                 state.fwd = b"uri-miss; collapsed"
             return found
@@ -524,7 +524,7 @@ class CacheFilter:
             head.headers += [(b"cache-status", b"txgateway; fwd=method"), (b"x-cache", b"BYPASS")]
             return
         if isinstance(state, _Bypass):
-            ctx.note(NAME, "BYPASS")
+            ctx.log_note(NAME, "BYPASS")
             head.headers += [(b"cache-status", b"txgateway; fwd=" + state.why), (b"x-cache", b"BYPASS")]
             return
         forward: _Forward = state      # typed: native attribute reads, not getattr on Any
@@ -549,7 +549,7 @@ class CacheFilter:
             if state.background:
                 self._give_up(ctx)
         self.counts.misses += 1
-        ctx.note(NAME, "MISS")
+        ctx.log_note(NAME, "MISS")
         fwd = state.fwd
         if status == self.miss_status and stored == self.miss_stored and fwd is self.miss_fwd:
             fields = self.miss_fields       # as the last miss's: no dict to look in
@@ -576,7 +576,7 @@ class CacheFilter:
         self.store.put(state.key, fresh)
         self._release(state)
         self.counts.revalidated += 1
-        ctx.note(NAME, "REVALIDATED")
+        ctx.log_note(NAME, "REVALIDATED")
         head.headers = [*fresh.headers, *(c for c in cookies if c not in fresh.headers),
                         (b"age", b"%d" % int(fresh.age(now))),
                         (b"cache-status", b"txgateway; fwd=%s; fwd-status=304" % state.fwd),
@@ -610,7 +610,7 @@ class CacheFilter:
             why = b"upstream-error"
         self._release(state)
         self.counts.stale += 1
-        ctx.note(NAME, "STALE")
+        ctx.log_note(NAME, "STALE")
         ctx.error_code = None
         head.headers = [*entry.headers, (b"age", b"%d" % int(entry.age(now))),
                         (b"cache-status", b"txgateway; hit; fwd=stale; fwd-status=%d; detail=%s" % (head.status, why)),
