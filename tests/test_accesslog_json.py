@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from txgateway.ops.accesslog import FIELDS, AccessRecord, _extra, _json
+from txgateway.testing import make_ctx
 
 
 @dataclass
@@ -37,15 +38,38 @@ def test_a_structured_note_is_written_as_json_dumps_writes_it(note: Any) -> None
     assert text.isascii()
 
 
+FIELDS_OF_A_LINE: tuple[Any, ...] = ("2026-12-06T15:00:00.000Z", "c", "c", "127.0.0.1", "GET", None, "/p", None,
+                                     "1.1", *[None] * 4, 200, None, 1.5, None, 0, 0, 0, *[None] * 8)
+
+
+@pytest.mark.parametrize("calls", [
+    [("cache", "MISS")], [("cache", "MISS")],                    # the second from the last line's end
+    [("cache", "HIT")], [("cache", "MISS"), ("cache", "HIT")],
+    [("cache", "MISS"), ("filter_error", "x (response head)")], [("cors", "preflight"), ("cache", "MISS")],
+    [("cache", "STALE"), ("breaker", "open")], [("breaker", "open"), ("cache", "STALE")],
+    [("auth_service", "cached"), ("cache", "MISS"), ("cache", "HIT")], [("cache", "MISS"), ("calls", [1, "a"])],
+])
+def test_a_log_note_makes_the_line_and_record_a_note_makes(calls: list[tuple[str, Any]]) -> None:
+    """The cache's verdict in RequestContext's two slots (log_note) when it is the first note:
+    the line and the record as when every field is a note, in the order they were noted."""
+    slots, noted = make_ctx(), make_ctx()
+    for field, value in calls:
+        (slots.log_note if field == "cache" else slots.note)(field, value)
+        noted.note(field, value)
+    mine = AccessRecord(FIELDS_OF_A_LINE, _extra(slots.notes) if slots.notes else None, None, slots.log_field,
+                        slots.log_value)
+    theirs = AccessRecord(FIELDS_OF_A_LINE, _extra(noted.notes) if noted.notes else None)
+    assert mine.json_line() == theirs.json_line()
+    assert list(mine.as_dict().items()) == list(theirs.as_dict().items())
+
+
 @pytest.mark.parametrize("notes", [
     {"cache": "MISS"}, {"cache": "MISS"},                   # the second from the remembered piece
     {"cache": "HIT", "calls": [1, "a\"b"]}, {"cache": "Zo\u00eb \"\\"},
     {"breaker": "open"}, {"breaker": "open", "cache": "STALE"}, {"rate_limit": "x", "upstream_error": "y"},
 ])
 def test_the_notes_follow_the_fields_as_json_writes_them(notes: dict[str, Any]) -> None:
-    fields: tuple[Any, ...] = ("2026-12-06T15:00:00.000Z", "c", "c", "127.0.0.1", "GET", None, "/p", None, "1.1",
-                               *[None] * 4, 200, None, 1.5, None, 0, 0, 0, *[None] * 8)
-    line = AccessRecord(fields, _extra(notes)).json_line()
+    line = AccessRecord(FIELDS_OF_A_LINE, _extra(notes)).json_line()
     assert line.isascii() and line.endswith("}\n")
     written = json.loads(line)
     assert list(written)[:len(FIELDS)] == list(FIELDS)

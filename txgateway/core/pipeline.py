@@ -119,7 +119,7 @@ class RequestContext:
 
     `headers` holds the end-to-end request headers with lower-case names; the transport
     has already taken out framing and hop-by-hop headers. A filter keeps its own per-request
-    state under its name (`state`, like Kong's `kong.ctx.plugin`) and adds access-log fields
+    state under its name (`set_state`, like Kong's `kong.ctx.plugin`) and adds access-log fields
     with `note` (never replacing another filter's).
     """
 
@@ -128,7 +128,8 @@ class RequestContext:
         "client_ip", "content_length", "chunked", "keep_alive", "expect_continue", "start",
         "correlation_id", "route", "upstream_path", "downstream", "pending", "status", "error_code",
         "upstream", "target_url", "upstream_start", "upstream_ms", "bytes_in", "bytes_out",
-        "response_started", "done", "identity", "notes", "forwarding", "state", "upgrade", "chain", "end",
+        "response_started", "done", "identity", "notes", "log_field", "log_value", "forwarding", "state_name", "state_first", "state", "upgrade",
+        "chain", "end",
         "error_detail", "upstream_status", "upstream_addr", "retries", "traceparent", "held_head",
     )
 
@@ -174,7 +175,14 @@ class RequestContext:
         self.done = False
         self.identity: Any = None
         self.notes: dict[str, Any] | None = None   # access-log fields added by filters (`note`)
-        self.state: dict[str, Any] | None = None   # per-filter state, by filter name
+        # A field for the log alone (`log_note`), when it came before any note: no dict for it.
+        self.log_field = ""
+        self.log_value: Any = None
+        # Per-filter state, by filter name: the first filter's in two slots (most requests have
+        # one stateful filter at most: no dict to make, search and free), the others' in `state`.
+        self.state_name = ""
+        self.state_first: Any = None
+        self.state: dict[str, Any] | None = None
         self.forwarding: Any = None  # the terminal's per-request state (the proxy's Exchange)
         self.upgrade: bytes | None = None  # b"websocket" for a WebSocket handshake (transport/tunnel.py)
         self.held_head: ResponseHead | None = None   # a head waiting for its body (ResponseHead)
@@ -194,17 +202,35 @@ class RequestContext:
         """Add an access-log field (`breaker`, `upstream_error`, a filter's own)."""
         self.notes = _put(self.notes, field, value)
 
+    def log_note(self, field: str, value: Any) -> None:
+        """An access-log field that only the log reads (the cache's verdict, on every request
+        of a cached route): the first note of a request goes in two slots, not a dict. The
+        log writes it before `notes`, the order `note` keeps."""
+        if field == self.log_field:
+            self.log_value = value
+        elif self.notes is None and not self.log_field:
+            self.log_field, self.log_value = field, value
+        else:
+            self.note(field, value)
+
     def get_state(self, name: str) -> Any:
+        if name == self.state_name:
+            return self.state_first
         state = self.state
         return None if state is None else state.get(name)
 
     def set_state(self, name: str, value: Any) -> None:
-        self.state = _put(self.state, name, value)
+        if name == self.state_name or not self.state_name:
+            self.state_name, self.state_first = name, value
+        else:
+            self.state = _put(self.state, name, value)
 
 
 def _kept(ctx: RequestContext) -> bool:
     """Whether a filter's state takes over the response of a request whose client left."""
-    for state in (ctx.state or {}).values():
+    if not ctx.state_name:
+        return False
+    for state in (ctx.state_first, *(ctx.state or {}).values()):
         keep = getattr(state, "keep", None)
         if keep is not None and keep(ctx):
             return True

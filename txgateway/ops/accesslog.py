@@ -137,7 +137,8 @@ class Layout:
     made once (at start-up). A line is one `"".join` (a %-format of as many fields costs
     several times more)."""
 
-    __slots__ = ("tail", "template", "line", "picks", "headers", "redact")
+    __slots__ = ("tail", "template", "line", "end", "noted_field", "noted_value", "noted_end", "picks", "headers",
+                 "redact")
 
     def __init__(self, fields: tuple[str, ...] = FIELDS, redact: tuple[str, ...] = DEFAULT_REDACT) -> None:
         pieces = []
@@ -154,10 +155,35 @@ class Layout:
         # The template's working copy for lines without filters' fields: its places are
         # refilled line after line (made one at a time), so no list is copied and freed a line.
         self.line = self.template[:]
+        self.end = self.template[-1]
+        # A line with one filter's field (a cached route's `cache`) fills `line` too, its end
+        # then the field's piece and the line's end (`note_end`): the last such line's note and end.
+        self.noted_field = ""
+        self.noted_value: Any = None
+        self.noted_end = ""
         # None: every field in FIELDS order, AccessRecord.values as they are
         self.picks: tuple[int, ...] | None = None if fields == FIELDS else tuple(FIELDS.index(f) for f in fields)
         self.headers = "user_agent" in fields or "referer" in fields  # only then are the headers searched
         self.redact = frozenset(name.lower().encode("latin-1") for name in redact)
+
+    def noted_line(self, values: tuple[str, ...], field: str, value: Any) -> str:
+        """A line with one filter's field: `line` filled, its end the field's and the line's."""
+        line = self.line
+        line[1:-1:2] = values
+        line[-1] = self.note_end(field, value)
+        text = "".join(line)
+        line[-1] = self.end
+        return text
+
+    def note_end(self, field: str, value: Any) -> str:
+        """The end of a line whose one filter's field is `field`: `value`, made again only when
+        the note is not the last line's (a route's lines mostly repeat one: MISS, MISS...)."""
+        if value is self.noted_value and field == self.noted_field:
+            return self.noted_end
+        end = self.tail + _note_piece(field, value) + "}\n"
+        if isinstance(value, str):      # an object that cannot change since
+            self.noted_field, self.noted_value, self.noted_end = field, value, end
+        return end
 
 
 _CONFIG_STRINGS: Final[dict[Any, str]] = {None: "null"}  # route prefixes, upstream names, target URLs
@@ -247,19 +273,23 @@ class AccessRecord:
     matters at the gateway's request rates. `as_dict()` gives the same data as a mapping.
     """
 
-    __slots__ = ("fields", "extra", "layout")
+    __slots__ = ("fields", "extra", "layout", "log_field", "log_value")
 
     def __init__(self, fields: tuple[Any, ...], extra: dict[str, Any] | None = None,
-                 layout: Layout | None = None) -> None:
+                 layout: Layout | None = None, log_field: str = "", log_value: Any = None) -> None:
         self.fields = fields
         self.extra = extra              # fields filters added (ctx.note) beyond the fixed ones
         self.layout = layout if layout is not None else _DEFAULT
+        self.log_field = log_field      # ctx.log_note's field, before `extra` ("": none)
+        self.log_value = log_value
 
     def as_dict(self) -> dict[str, Any]:
         """The fields the layout picks, in its order, then the filters' notes."""
         every = dict(zip(FIELDS, self.fields, strict=True))
         picks = self.layout.picks
         out = every if picks is None else {FIELDS[i]: self.fields[i] for i in picks}
+        if self.log_field:
+            out[self.log_field] = self.log_value
         if self.extra:
             out.update(self.extra)
         return out
@@ -310,14 +340,23 @@ class AccessRecord:
         picks = layout.picks
         if picks is not None:
             values = tuple([values[i] for i in picks])
-        if not self.extra:
+        extra = self.extra
+        field = self.log_field
+        if not extra:
+            if field:               # one filter's field (a cached route's): the working list too
+                return layout.noted_line(values, field, self.log_value)
             line = layout.line
             line[1:-1:2] = values
             return "".join(line)
+        if len(extra) == 1 and not field:
+            for k, v in extra.items():
+                return layout.noted_line(values, k, v)
         parts = layout.template[:]
         parts[1:-1:2] = values
         parts[-1] = layout.tail
-        for k, v in self.extra.items():
+        if field:
+            parts.append(_note_piece(field, self.log_value))
+        for k, v in extra.items():
             parts.append(_note_piece(k, v))
         parts.append("}\n")
         return "".join(parts)
@@ -374,7 +413,11 @@ class AccessLog:
                     user_agent = value
                 elif name[0] == 114 and name == b"referer":    # 114: "r"
                     referer = value
-        detail = notes.get("upstream_error") if notes else None
+        extra = _extra(notes) if notes else None
+        # Notes with fields of their own are looked for only when there are some: `_extra`
+        # hands back the notes themselves when none has (a cached route's `cache` alone).
+        own = notes if notes and extra is not notes else None
+        detail = own.get("upstream_error") if own else None
         upstream_status = ctx.upstream_status
         status = ctx.status
         host = ctx.host
@@ -402,11 +445,11 @@ class AccessLog:
             ctx.identity.user_id if ctx.identity is not None else None,
             None if user_agent is None else user_agent.decode("latin-1"),
             None if referer is None else referer.decode("latin-1"),
-            notes.get("rate_limit") if notes else None,
-            notes.get("breaker") if notes else None,
+            own.get("rate_limit") if own else None,
+            own.get("breaker") if own else None,
             ctx.error_code,
             detail if detail is not None else ctx.error_detail,
-            ctx.downstream.tls), _extra(notes) if notes else None, layout)
+            ctx.downstream.tls), extra, layout, ctx.log_field, ctx.log_value)
         observer = self.observer
         if isinstance(observer, JsonLinesWriter):
             # The gateway's own writer, called natively: no event dict, which only other

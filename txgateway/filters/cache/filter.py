@@ -64,6 +64,8 @@ _WATCHED: Final = {b"range": _RANGE, b"authorization": _AUTHORIZATION, b"cache-c
 _WATCHED_FIRST: Final = bytes(1 if i in {name[0] for name in _WATCHED} else 0 for i in range(256))
 _NO_DIRECTIVES: Final = Directives({})
 _NO_VARY: Final[list[bytes]] = []     # a response without Vary (most): no list made for it; never changed
+# A leader's waiters until one comes (most misses have none): no list made per miss; never changed.
+_NO_WAITERS: Final[list[Deferred[Any]]] = []
 # RFC 9211 on the cache's own 504: neither `hit` (nothing stored answered) nor `fwd` (not forwarded).
 _NOT_CACHED: Final = [(b"cache-status", b"txgateway; detail=only-if-cached"), (b"x-cache", b"MISS")]
 # A miss's Cache-Status and X-Cache by stored, fwd and upstream status: formatting them costs more
@@ -314,16 +316,18 @@ class CacheFilter:
         elif variants is not None:
             fwd = b"vary-miss"
         if d and b"only-if-cached" in d:
-            ctx.note(NAME, "MISS")
+            ctx.log_note(NAME, "MISS")
             return error_response(ctx, 504, "NOT_CACHED", "only-if-cached: no stored response can answer this request",
                                   _NOT_CACHED)
         inflight = self.inflight
         waiters = inflight.get(key)
         if waiters is not None and may_wait and entry is None and not no_cache:
+            if waiters is _NO_WAITERS:
+                waiters = inflight[key] = []
             return self._wait(ctx, waiters, seen)
         state = _Forward(self, key, entry, now, req, fwd, ctx.headers)
         if waiters is None:
-            inflight[key] = []
+            inflight[key] = _NO_WAITERS
             state.leader = True
         if entry is not None:
             self._ask_validation(ctx, state, entry)
@@ -376,11 +380,11 @@ class CacheFilter:
     def _hit(self, ctx: RequestContext, entry: Entry, age: float, verdict: bytes, conditional: bool) -> LocalResponse:
         # No state: the response hooks have nothing to do for a hit (they find none).
         if verdict == b"HIT":
-            ctx.note(NAME, "HIT")       # a constant: no str decoded for each hit
+            ctx.log_note(NAME, "HIT")       # a constant: no str decoded for each hit
             self.counts.hits += 1
             x_cache = _X_HIT
         else:
-            ctx.note(NAME, "STALE")
+            ctx.log_note(NAME, "STALE")
             self.counts.stale += 1
             x_cache = _X_STALE
         # Age and Cache-Status as the last hit made them when they are the same (hits in one
@@ -490,7 +494,7 @@ class CacheFilter:
             found = self._lookup(ctx, False, seen)
             state = ctx.get_state(NAME)
             if isinstance(found, LocalResponse):    # a hit (an only-if-cached 504 does not wait)
-                ctx.note(NAME, "HIT")
+                ctx.log_note(NAME, "HIT")
             elif isinstance(state, _Forward):
                 state.fwd = b"uri-miss; collapsed"
             return found
@@ -520,7 +524,7 @@ class CacheFilter:
             head.headers += [(b"cache-status", b"txgateway; fwd=method"), (b"x-cache", b"BYPASS")]
             return
         if isinstance(state, _Bypass):
-            ctx.note(NAME, "BYPASS")
+            ctx.log_note(NAME, "BYPASS")
             head.headers += [(b"cache-status", b"txgateway; fwd=" + state.why), (b"x-cache", b"BYPASS")]
             return
         forward: _Forward = state      # typed: native attribute reads, not getattr on Any
@@ -545,7 +549,7 @@ class CacheFilter:
             if state.background:
                 self._give_up(ctx)
         self.counts.misses += 1
-        ctx.note(NAME, "MISS")
+        ctx.log_note(NAME, "MISS")
         fwd = state.fwd
         if status == self.miss_status and stored == self.miss_stored and fwd is self.miss_fwd:
             fields = self.miss_fields       # as the last miss's: no dict to look in
@@ -572,7 +576,7 @@ class CacheFilter:
         self.store.put(state.key, fresh)
         self._release(state)
         self.counts.revalidated += 1
-        ctx.note(NAME, "REVALIDATED")
+        ctx.log_note(NAME, "REVALIDATED")
         head.headers = [*fresh.headers, *(c for c in cookies if c not in fresh.headers),
                         (b"age", b"%d" % int(fresh.age(now))),
                         (b"cache-status", b"txgateway; fwd=%s; fwd-status=304" % state.fwd),
@@ -606,7 +610,7 @@ class CacheFilter:
             why = b"upstream-error"
         self._release(state)
         self.counts.stale += 1
-        ctx.note(NAME, "STALE")
+        ctx.log_note(NAME, "STALE")
         ctx.error_code = None
         head.headers = [*entry.headers, (b"age", b"%d" % int(entry.age(now))),
                         (b"cache-status", b"txgateway; hit; fwd=stale; fwd-status=%d; detail=%s" % (head.status, why)),
@@ -629,17 +633,20 @@ class CacheFilter:
         varies: list[bytes] | None = None      # (lists made only for fields that are there)
         expires = False
         for name, value in head.headers:
-            if name == b"cache-control":
+            # By the first byte first: most fields (server, date, content-type) are compared
+            # once at most, not with each name.
+            first = name[0] if len(name) != 0 else 0
+            if first == 99 and name == b"cache-control":        # 99: "c"
                 if controls is None:
                     controls = [value]
                 else:
                     controls.append(value)
-            elif name == b"vary":
+            elif first == 118 and name == b"vary":              # 118: "v"
                 if varies is None:
                     varies = [value]
                 else:
                     varies.append(value)
-            elif name == b"expires":
+            elif first == 101 and name == b"expires":           # 101: "e"
                 expires = True
         resp = parse_directives(controls) if controls is not None else _NO_DIRECTIVES
         d = resp.d          # its dict, read directly: each `in resp` is a call through the class's slot
@@ -663,7 +670,7 @@ class CacheFilter:
         vary = [v.lower() for v in members(varies)] if varies is not None else _NO_VARY
         if b"*" in vary or len(vary) > MAX_VARY:
             return False
-        fill = self._entry(status, list(head.headers), b"", state, self.now(), None, resp, vary, expires)
+        fill = self._entry(status, head.headers[:], b"", state, self.now(), None, resp, vary, expires)
         if fill is None:
             return False
         state.fill, state.length = fill, head.length
@@ -728,14 +735,15 @@ class CacheFilter:
         # One pass: what is not stored, Age, Date (the last one). Names compared, not hashed for
         # `in not_stored` (each is a new bytes object: ~130 a field).
         for k, v in headers:
-            if k == b"age":
+            first = k[0] if len(k) != 0 else 0       # as in _start_recording: by the first byte first
+            if first == 97 and k == b"age":                     # 97: "a"
                 dropped = True
                 if age_header is None:
                     age_field = v
                     ages += 1
-            elif k == b"date":
+            elif first == 100 and k == b"date":                 # 100: "d"
                 date_field = v
-            elif drop_cookies and (k == b"set-cookie" or k == b"set-cookie2"):
+            elif first == 115 and drop_cookies and (k == b"set-cookie" or k == b"set-cookie2"):   # 115: "s"
                 dropped = True
         # An Age that is not one valid delta-seconds makes the response stale (taken as very old).
         age_value = 0 if not ages else parse_delta(age_field) if ages == 1 else None
@@ -873,7 +881,7 @@ class CacheFilter:
         state = _Forward(self, key, entry, bg.start, directives(bg.headers), b"stale", bg.headers)
         state.leader = True
         state.background = True
-        self.inflight[key] = []
+        self.inflight[key] = _NO_WAITERS
         self._ask_validation(bg, state, entry)
         state.conditional = []
         bg.set_state(NAME, state)

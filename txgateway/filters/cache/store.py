@@ -114,9 +114,10 @@ class Entry:
                     size += 2 * text + _PER_FIELD
             else:
                 size += 2 * text + _PER_FIELD
-            if name == b"etag":
+            first = name[0] if len(name) != 0 else 0     # by the first byte first: most are neither
+            if first == 101 and name == b"etag":                 # 101: "e"
                 self.etag = value
-            elif name == b"last-modified":
+            elif first == 108 and name == b"last-modified":      # 108: "l"
                 self.last_modified = value
         d = directives.d
         if len(d) != 0:      # copies of Cache-Control's parts: at most its length again
