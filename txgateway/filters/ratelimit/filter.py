@@ -24,7 +24,6 @@ from twisted.python.failure import Failure
 from txgateway.core.periodic import Periodic
 from txgateway.core.pipeline import LocalResponse, PreparedFields, RequestContext, ResponseHead, error_response
 from txgateway.core.route import Route
-from txgateway.filters.auth.tokens import Identity
 from txgateway.filters.ratelimit.config import LimitsConfig, RouteLimit
 from txgateway.filters.ratelimit.redislink import RedisUnavailable
 
@@ -306,12 +305,14 @@ class RateLimitFilter:
                               headers[name, limit.rate.count, limit.rate.window])
         # `key: user`: the last identity's policy and bucket key. A cached token's identity is
         # the same object request after request: one identity check instead of the lookups.
-        self.last_identity: Identity | None = None
+        # (An object here: typing it Identity would import PyJWT with this module, on routes
+        # without auth too.)
+        self.last_identity: object = None
         self.last_policy: Policy | None = None
         self.last_key = ""
 
     def on_request(self, ctx: RequestContext) -> LocalResponse | Deferred[LocalResponse | None] | None:
-        identity: Identity | None = ctx.identity       # typed: its fields are then native reads
+        identity = ctx.identity
         policy = self.last_policy
         if identity is None or identity is not self.last_identity or policy is None:
             policy = self.own
