@@ -488,6 +488,23 @@ def test_cache_is_bounded_and_can_be_off(decodes):
 
 
 
+def test_the_last_token_seen_expires_after_the_bound_dropped_it(decodes):
+    """The verifier remembers the last cached token apart from the bounded cache: once the
+    bound dropped its entry it is still refused at its exp, and then fully checked again."""
+    clock = at(NOW)
+    v = verifier(clock, cache_size=1)
+    first, second = mint(exp=NOW + 60), mint(sub="bob", exp=NOW + 60)
+    v.verify(first)
+    assert v.verify(first).user_id == "alice"          # a cache hit: now the last one seen
+    v.verify(second)                                   # takes the cache's one place
+    assert v.verify(first).user_id == "alice"
+    clock.advance(60)
+    assert rejected(v, first) == "the token has expired"
+    assert len(decodes) == 2
+    assert rejected(v, first) == "the token has expired"
+    assert len(decodes) == 3
+
+
 def test_cache_is_keyed_by_the_raw_token(decodes):
     v = verifier()
     token = mint()

@@ -112,11 +112,13 @@ def run_filter(filter: Any, ctx: RequestContext) -> LocalResponse | None:
 
 def respond(filter: Any, ctx: RequestContext, status: int = 200,
             headers: Iterable[tuple[bytes, bytes]] = ()) -> dict[str, str]:
-    """The response head a filter's head hook leaves, as a dict of text headers."""
+    """The response head a filter's head hook leaves (its prepared fields included), as a dict
+    of text headers."""
     head = ResponseHead(status, b"OK", list(headers), 0)
     if filter is not None and filter.on_response_head is not None:
         filter.on_response_head(ctx, head)
-    return {k.decode(): v.decode() for k, v in head.headers}
+    prepared = head.prepared.pairs if head.prepared is not None else ()
+    return {k.decode(): v.decode() for k, v in (*head.headers, *prepared)}
 
 
 class RouteFilters:

@@ -16,22 +16,22 @@ import hashlib
 import math
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, Final, Protocol, cast
+from typing import Any, Final, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from txgateway.core.periodic import Periodic
-from txgateway.core.pipeline import LocalResponse, RequestContext, ResponseHead, error_response
+from txgateway.core.pipeline import LocalResponse, PreparedFields, RequestContext, ResponseHead, error_response
 from txgateway.core.route import Route
 from txgateway.filters.ratelimit.config import LimitsConfig, RouteLimit
 from txgateway.filters.ratelimit.redislink import RedisUnavailable
 
-__all__ = ["Decision", "Limiter", "LocalStore", "RateLimitFilter", "RateLimitStore", "take"]
+__all__ = ["Bucket", "Decision", "Limiter", "LocalStore", "RateLimitFilter", "RateLimitStore", "take"]
 
 _PLAIN_KEY: Final = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 _OWN_HEADERS: Final = frozenset({b"x-ratelimit-limit", b"x-ratelimit-remaining", b"x-ratelimit-reset",
-                                 b"ratelimit-policy", b"ratelimit"})
+                                 b"ratelimit-policy", b"ratelimit"})      # 17, 21, 17, 16 and 9 bytes
 # Float refill sums land a few ulps off exact values (18 s at 3/minute from 0.1 tokens gives
 # 0.9999999999999999 tokens); decisions and whole seconds are taken with this much slack.
 _SLACK: Final = 1e-9
@@ -75,59 +75,94 @@ class Decision:
 
     @property
     def outcome(self) -> str:
-        """For the access log: allowed | rejected, or local:allowed / local:rejected / allow / deny
-        when Redis was down and on_redis_error decided."""
-        verdict = "allowed" if self.allowed else "rejected"
-        if self.fallback is None:
-            return verdict
-        return f"local:{verdict}" if self.fallback == "local" else self.fallback
+        return outcome(self.allowed, self.fallback)
 
     def __repr__(self) -> str:
         return f"Decision(allowed={self.allowed}, remaining={self.remaining:.3f}, burst={self.burst})"
 
     @property
     def reset(self) -> int:
-        """Whole seconds until the bucket is full again."""
-        return math.ceil((self.burst - self.remaining) / self.per_second - _SLACK)
+        return reset_seconds(self.remaining, self.per_second, self.burst)
 
     @property
     def retry_after(self) -> int:
-        """Whole seconds (>= 1) until one token is back."""
-        return max(1, math.ceil((1.0 - self.remaining) / self.per_second - _SLACK))
+        return retry_seconds(self.remaining, self.per_second)
+
+
+def outcome(allowed: bool, fallback: str | None) -> str:
+    """For the access log: allowed | rejected, or local:allowed / local:rejected / allow / deny
+    when Redis was down and on_redis_error decided."""
+    if fallback is None:
+        return "allowed" if allowed else "rejected"
+    if fallback == "local":
+        return "local:allowed" if allowed else "local:rejected"
+    return fallback
+
+
+def reset_seconds(remaining: float, per_second: float, burst: int) -> int:
+    """Whole seconds until the bucket is full again."""
+    return math.ceil((burst - remaining) / per_second - _SLACK)
+
+
+def retry_seconds(remaining: float, per_second: float) -> int:
+    """Whole seconds (>= 1) until one token is back."""
+    return max(1, math.ceil((1.0 - remaining) / per_second - _SLACK))
 
 
 class PolicyHeaders:
-    """One policy's limit headers. The parts that never change (label, limit, policy) are made
-    once; the rest again only when the numbers change: a bucket that stays full or nearly so
-    gives the same numbers request after request."""
+    """One policy's limit headers, as the fields the transport sends in one piece (their wire
+    form made here, not by the transport per request). The parts that never change (label,
+    limit, policy) are made once; the rest again only when the numbers change: a bucket that
+    stays full or nearly so gives the same numbers request after request."""
 
-    __slots__ = ("label", "limit", "policy", "_remaining", "_reset", "_headers")
+    __slots__ = ("label", "limit", "policy", "_wire_head", "_remaining", "_reset", "_fields")
 
     def __init__(self, name: str, count: int, window: int) -> None:
         self.label = _sf_string(name)
         self.limit = (b"x-ratelimit-limit", b"%d" % count)
         self.policy = (b"ratelimit-policy", b'"%s";q=%d;w=%d' % (self.label, count, window))
+        self._wire_head = b"x-ratelimit-limit: %d\r\nx-ratelimit-remaining: " % count
         self._remaining = -1
         self._reset = -1
-        self._headers: tuple[tuple[bytes, bytes], ...] = ()
+        self._fields = PreparedFields(())
 
-    def headers(self, remaining: int, reset: int) -> tuple[tuple[bytes, bytes], ...]:
+    def fields(self, remaining: int, reset: int) -> PreparedFields:
         if remaining != self._remaining or reset != self._reset:
             # Numbers as str(int).encode() and pieces joined: a bytes %-format costs several times more.
             left = str(remaining).encode()
             seconds = str(reset).encode()
-            self._headers = (self.limit, (b"x-ratelimit-remaining", left), (b"x-ratelimit-reset", seconds), self.policy,
-                             (b"ratelimit", b"".join((b'"', self.label, b'";r=', left, b";t=", seconds))))
+            label, policy = self.label, self.policy
+            self._fields = PreparedFields(
+                (self.limit, (b"x-ratelimit-remaining", left), (b"x-ratelimit-reset", seconds), policy,
+                 (b"ratelimit", b"".join((b'"', label, b'";r=', left, b";t=", seconds)))),
+                b"".join((self._wire_head, left, b"\r\nx-ratelimit-reset: ", seconds, b"\r\nratelimit-policy: ",
+                          policy[1], b'\r\nratelimit: "', label, b'";r=', left, b";t=", seconds, b"\r\n")))
             self._remaining = remaining
             self._reset = reset
-        return self._headers
+        return self._fields
 
 
-# A limited request's state: its decision and its policy's headers.
-_Limited = tuple[Decision, PolicyHeaders]
-# What a route applies: bucket name, per_second, burst, the policy's headers, and its buckets'
-# keys by user id for `key: user` (made once per user: a key's string and its hash are kept).
-_Policy = tuple[str, float, int, PolicyHeaders, dict[str, str]]
+class Policy:
+    """What a route applies for one tier (or its own rate): its buckets' name, rate and burst,
+    its headers, and for `key: user` its buckets' keys by user id (made once per user: a key's
+    string and its hash are kept)."""
+
+    def __init__(self, name: str, per_second: float, burst: int, headers: PolicyHeaders) -> None:
+        self.name = name
+        self.per_second = per_second
+        self.burst = burst
+        self.headers = headers
+        self.user_keys: dict[str, str] = {}
+
+    def user_key(self, scope: str, user_id: str) -> str:
+        key = self.user_keys.get(user_id)
+        if key is None:
+            key = f"{scope}|{self.name}|user:{user_id}"
+            if len(self.user_keys) < _MAX_USER_KEYS:
+                self.user_keys[user_id] = key
+        return key
+
+
 _MAX_USER_KEYS: Final = 10_000      # per route and policy; beyond, keys are made per request
 
 
@@ -140,6 +175,20 @@ class RateLimitStore(Protocol):
     def stop(self) -> Any: ...
 
 
+class Bucket:
+    """One key's tokens, updated in place: native float fields, no boxed floats a request."""
+
+    def __init__(self, tokens: float, updated: float, per_second: float, burst: float) -> None:
+        self.tokens = tokens
+        self.updated = updated
+        self.per_second = per_second
+        self.burst = burst
+
+    def level(self, now: float) -> float:
+        """Tokens it would hold at `now` without the cap at burst."""
+        return self.tokens + (now - self.updated) * self.per_second
+
+
 class LocalStore:
     """In-process buckets with bounded memory: full buckets are forgotten (they equal a
     new one), and beyond `max_buckets` the least recently used are dropped. Those have
@@ -150,7 +199,11 @@ class LocalStore:
         self.clock = clock
         self._seconds: Callable[[], float] = clock.seconds    # called bound: a method call on Any is generic
         self.max_buckets = max_buckets
-        self.buckets: dict[str, list[float]] = {}   # key -> [tokens, updated, per_second, burst]
+        self.buckets: dict[str, Bucket] = {}
+        # The bucket used last, already last in the dict's order: the same key again (a client's
+        # next request) needs no move (a pop and an insert). Forgotten whenever buckets go.
+        self._recent_key = ""
+        self._recent: Bucket | None = None
         self._sweeper = Periodic(clock, sweep_every, self.sweep)
 
     def start(self) -> None:
@@ -160,31 +213,42 @@ class LocalStore:
         self._sweeper.stop()
 
     def take(self, key: str, per_second: float, burst: int) -> Decision:
-        now = self._seconds()
-        buckets = self.buckets
-        bucket = buckets.pop(key, None)
-        if bucket is None:
-            if len(buckets) >= self.max_buckets:
-                self._evict()
-            bucket = [float(burst), now, per_second, float(burst)]
-        buckets[key] = bucket      # last in the dict's order: the most recently used
-        allowed, left = take(bucket[0], bucket[1], now, per_second, burst)
-        bucket[0], bucket[1], bucket[2], bucket[3] = left, now, per_second, float(burst)
+        allowed, left = self.take_token(key, per_second, burst)
         return Decision(allowed, left, per_second, burst)
+
+    def take_token(self, key: str, per_second: float, burst: int) -> tuple[bool, float]:
+        """`take` as (allowed, tokens left), no Decision: the limit step's own call."""
+        now = self._seconds()
+        bucket = self._recent
+        if bucket is None or key != self._recent_key:
+            buckets = self.buckets
+            bucket = buckets.pop(key, None)
+            if bucket is None:
+                if len(buckets) >= self.max_buckets:
+                    self._evict()
+                bucket = Bucket(float(burst), now, per_second, float(burst))
+            buckets[key] = bucket      # last in the dict's order: the most recently used
+            self._recent_key, self._recent = key, bucket
+        allowed, left = take(bucket.tokens, bucket.updated, now, per_second, burst)
+        bucket.tokens = left
+        bucket.updated = now
+        bucket.per_second = per_second
+        bucket.burst = float(burst)
+        return allowed, left
 
     def peek(self, key: str) -> float | None:
         """Tokens a bucket holds now (for status pages and the Manhole), None if unknown."""
         bucket = self.buckets.get(key)
         if bucket is None:
             return None
-        return min(bucket[3], bucket[0] + (self.clock.seconds() - bucket[1]) * bucket[2])
+        return min(bucket.burst, bucket.level(self.clock.seconds()))
 
     def sweep(self) -> None:
         now = self.clock.seconds()
-        full = [k for k, (tokens, updated, rate, burst) in self.buckets.items()
-                if tokens + (now - updated) * rate >= burst - _SLACK]
+        full = [k for k, bucket in self.buckets.items() if bucket.level(now) >= bucket.burst - _SLACK]
         for key in full:
             del self.buckets[key]
+        self._recent = None
 
     def _evict(self) -> None:
         self.sweep()
@@ -228,60 +292,78 @@ class RateLimitFilter:
         # The in-process store called natively (a Protocol-typed call is a generic one).
         self.local_store = limiter.store if isinstance(limiter.store, LocalStore) else None
         headers = limiter.headers
-        self.tiers: dict[str, _Policy] = {tier: (name, per_second, burst, headers[name, count, window], {})
-                                          for tier, (name, per_second, burst, count, window) in limiter.tiers.items()}
+        self.tiers: dict[str, Policy] = {tier: Policy(name, per_second, burst, headers[name, count, window])
+                                         for tier, (name, per_second, burst, count, window) in limiter.tiers.items()}
         self.default_tier = limiter.config.default_tier if limiter.config is not None else ""
         self.key = limit.key
         self.header = limit.header
         self.scope = limit.scope or route_scope(route)
-        self.own: _Policy | None = None
+        self.own: Policy | None = None
         if limit.rate is not None:
             name = limit.scope or route.prefix
-            self.own = (name, limit.rate.per_second, limit.burst or limit.rate.count,
-                        headers[name, limit.rate.count, limit.rate.window], {})
+            self.own = Policy(name, limit.rate.per_second, limit.burst or limit.rate.count,
+                              headers[name, limit.rate.count, limit.rate.window])
+        # `key: user`: the last identity's policy and bucket key. A cached token's identity is
+        # the same object request after request: one identity check instead of the lookups.
+        # (An object here: typing it Identity would import PyJWT with this module, on routes
+        # without auth too.)
+        self.last_identity: object = None
+        self.last_policy: Policy | None = None
+        self.last_key = ""
 
     def on_request(self, ctx: RequestContext) -> LocalResponse | Deferred[LocalResponse | None] | None:
         identity = ctx.identity
-        policy = self.own
-        if policy is None:
-            tier = identity.tier if identity is not None and identity.tier in self.tiers else None
-            policy = self.tiers[tier or self.default_tier]
-        name, per_second, burst, headers, user_keys = policy
-        if self.key == "user" and identity is not None:
-            user_id = identity.user_id
-            key = user_keys.get(user_id)
-            if key is None:
-                key = f"{self.scope}|{name}|user:{user_id}"
-                if len(user_keys) < _MAX_USER_KEYS:
-                    user_keys[user_id] = key
+        policy = self.last_policy
+        if identity is None or identity is not self.last_identity or policy is None:
+            policy = self.own
+            if policy is None:
+                tier = identity.tier if identity is not None and identity.tier in self.tiers else None
+                policy = self.tiers[tier or self.default_tier]
+            if self.key == "user" and identity is not None:
+                key = policy.user_key(self.scope, identity.user_id)
+                self.last_identity, self.last_policy, self.last_key = identity, policy, key
+            else:
+                key = f"{self.scope}|{policy.name}|{self._key(ctx)}"
         else:
-            key = f"{self.scope}|{name}|{self._key(ctx)}"
+            key = self.last_key
+        per_second, burst = policy.per_second, policy.burst
         local_store = self.local_store
         if local_store is not None:
-            decision: Decision | Deferred[Decision] = local_store.take(key, per_second, burst)
-        else:
-            try:
-                decision = self.store.take(key, per_second, burst)
-            except RedisUnavailable:
-                decision = self._redis_error(key, per_second, burst)
+            allowed, left = local_store.take_token(key, per_second, burst)
+            return self._answer(ctx, policy.headers, allowed, left, per_second, burst, None)
+        try:
+            decision = self.store.take(key, per_second, burst)
+        except RedisUnavailable:
+            decision = self._redis_error(key, per_second, burst)
         if not isinstance(decision, Decision):     # a Deferred (Redis); a native type check, not Deferred's
             spans = ctx.get_state("tracing")
             if spans is not None:       # tracing: on (ops/tracing.py): the Redis call is a span of the request
                 spans.around(decision, "EVALSHA", _REDIS_SPAN)
             decision.addErrback(self._redis_failed, key, per_second, burst)
-            return decision.addCallback(self._decided, ctx, headers)
-        return self._decided(decision, ctx, headers)
+            return decision.addCallback(self._decided, ctx, policy.headers)
+        return self._decided(decision, ctx, policy.headers)
 
     def _decided(self, decision: Decision, ctx: RequestContext, headers: PolicyHeaders) -> LocalResponse | None:
-        ctx.set_state("rate_limit", (decision, headers))
-        ctx.note("rate_limit", decision.outcome)
-        if decision.allowed:
+        return self._answer(ctx, headers, decision.allowed, decision.remaining, decision.per_second, decision.burst,
+                            decision.fallback)
+
+    def _answer(self, ctx: RequestContext, headers: PolicyHeaders, allowed: bool, remaining: float,
+                per_second: float, burst: int, fallback: str | None) -> LocalResponse | None:
+        """A decision's effects: the limit headers for the response (none when on_redis_error
+        let the request through unlimited or refused it: no numbers to tell), the access log's
+        note, and a refusal's answer. The fields are the request's state: the head hook sends them."""
+        if fallback is None or fallback == "local":
+            # A shared bucket in debt shows 0 remaining.
+            ctx.set_state("rate_limit", headers.fields(max(0, int(remaining + _SLACK)),
+                                                       reset_seconds(remaining, per_second, burst)))
+        ctx.note("rate_limit", outcome(allowed, fallback))
+        if allowed:
             return None
-        if decision.fallback == "deny":
+        if fallback == "deny":
             return error_response(ctx, 503, "RATE_LIMITER_UNAVAILABLE",
                                   "the rate limiter's shared state is unreachable; retry later", [(b"retry-after", b"1")])
         return error_response(ctx, 429, "RATE_LIMITED", "rate limit exceeded; retry later",
-                              [(b"retry-after", b"%d" % decision.retry_after)])
+                              [(b"retry-after", b"%d" % retry_seconds(remaining, per_second))])
 
     def _redis_failed(self, failure: Failure, key: str, per_second: float, burst: int) -> Decision:
         failure.trap(RedisUnavailable)      # anything else (the client left: cancelled) goes on
@@ -317,16 +399,16 @@ class RateLimitFilter:
         limited = ctx.get_state("rate_limit")
         if limited is None:
             return
-        # Typed (checked once): compiled, the decision's attributes are then native reads.
-        decision, policy = cast(_Limited, limited)
-        if decision.fallback is not None and decision.fallback != "local":
-            return                          # unlimited (allow) or not decided (deny): no numbers to tell
-        ours = policy.headers(max(0, int(decision.remaining + _SLACK)), decision.reset)   # a shared bucket in debt shows 0
+        ours: PreparedFields = limited      # typed (checked once): compiled, then native reads
         headers = head.headers
         for name, _ in headers:
-            if name and (name[0] == 120 or name[0] == 114) and name in _OWN_HEADERS:    # 120: "x", 114: "r"
+            size = len(name)            # a native length first: few names have one of ours
+            if (size == 17 or size == 21 or size == 16 or size == 9) and name in _OWN_HEADERS:
                 # An upstream's own limit headers: ours replace them, never two conflicting values.
                 headers = head.headers = [h for h in headers if h[0] not in _OWN_HEADERS]
                 break
-        headers.extend(ours)
-
+        if head.prepared is None:
+            # No later head hook edits them (the edge's adds the correlation id): one piece of the head.
+            head.prepared = ours
+        else:
+            headers.extend(ours.pairs)
