@@ -10,12 +10,11 @@ and the security headers.
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 from collections.abc import Sequence
 from typing import Any, Final, cast
 
-from txgateway.core.ids import correlation_id, traceparent
+from txgateway.core.ids import RequestIds, correlation_id, traceparent
 from txgateway.core.pipeline import LocalResponse, RequestContext, ResponseHead, error_response
 from txgateway.filters.headerconfig import DEFAULT_SECURITY_HEADERS, HeaderRules, RouteHeaders
 from txgateway.ops.sampling import TraceGate
@@ -64,7 +63,11 @@ class TrustedProxies:
         return peer_ip
 
 
-_ENTROPY_BLOCK: Final = 40 * 512  # random bytes per getrandom call: 40 per request (ids and trace)
+# The X-Forwarded-For / -Proto headers of an untrusted peer's requests: the same for every
+# request from one address (a connection's is one string object, its hash kept), made once
+# per address (bounded; past it, per request) and per scheme.
+_FORWARDED_MAX: Final = 4096
+_PROTOS: Final[dict[bytes, tuple[bytes, bytes]]] = {s: (b"x-forwarded-proto", s) for s in (b"http", b"https")}
 
 
 class ForwardingHeaders:
@@ -87,18 +90,9 @@ class ForwardingHeaders:
         # decides from the traceparent made here, the ones it records go upstream as their
         # spans', and any other as not sampled.
         self.gate = gate
-        self.new_trace_flags = b"01" if gate is None else b"00"
-        self._entropy = b""
-        self._used = 0
+        self._ids = RequestIds(b"01" if gate is None else b"00")
         self._hosts: set[bytes] = set()     # Host values found valid (bounded)
-
-    def _random40(self) -> bytes:
-        used = self._used
-        if used >= len(self._entropy):
-            self._entropy = os.urandom(_ENTROPY_BLOCK)
-            used = 0
-        self._used = used + 40
-        return self._entropy[used:used + 40]
+        self._forwarded_for: dict[str, tuple[bytes, bytes]] = {}     # peer address -> its header (bounded)
 
     def on_request(self, ctx: RequestContext) -> LocalResponse | None:
         incoming_cid = incoming_trace = xff = xfp = xfh = None
@@ -127,22 +121,29 @@ class ForwardingHeaders:
                     xfh = value
                 continue
             kept.append(h)
-        random = self._random40()
-        ctx.correlation_id = cid = correlation_id(incoming_cid, random[24:])
+        ids = self._ids
+        ids.draw()
+        ctx.correlation_id = cid = correlation_id(incoming_cid, ids.uuid)
         peer = ctx.peer_ip
         trusted = peer in self.trusted
         if trusted:
             ctx.client_ip = self.trusted.client_ip(peer, xff)
-        peer_bytes = peer.encode()
-        kept.append((b"x-correlation-id", cid.encode()))
-        trace = traceparent(incoming_trace, random, self.new_trace_flags)
+        kept.append((b"x-correlation-id", ids.uuid_bytes if cid is ids.uuid else cid.encode()))
+        trace = ids.trace if incoming_trace is None else traceparent(incoming_trace, ids.trace)
         gate = self.gate
         if gate is not None:          # ctx.headers are still the client's: a sampled request's recorder reads them
             trace = gate.decide(ctx, trace, incoming_trace)
         kept.append((b"traceparent", trace))
         ctx.traceparent = trace
-        kept.append((b"x-forwarded-for", xff + b", " + peer_bytes if trusted and xff else peer_bytes))
-        kept.append((b"x-forwarded-proto", xfp if trusted and xfp else ctx.scheme))
+        if trusted and xff:
+            kept.append((b"x-forwarded-for", xff + b", " + peer.encode()))
+        else:
+            kept.append(self._forwarded_for.get(peer) or self._peer_header(peer))
+        if trusted and xfp:
+            kept.append((b"x-forwarded-proto", xfp))
+        else:
+            scheme = ctx.scheme
+            kept.append(_PROTOS.get(scheme) or (b"x-forwarded-proto", scheme))
         ctx.headers = kept
         if single > 1:
             return error_response(ctx, 400, "BAD_REQUEST", "more than one Authorization header")
@@ -153,6 +154,12 @@ class ForwardingHeaders:
         if host:
             kept.append((b"x-forwarded-host", host))
         return None
+
+    def _peer_header(self, peer: str) -> tuple[bytes, bytes]:
+        header = (b"x-forwarded-for", peer.encode())
+        if len(self._forwarded_for) < _FORWARDED_MAX:
+            self._forwarded_for[peer] = header
+        return header
 
     def _underscore_allowed(self, name: bytes) -> bool:
         if not self.underscores:
