@@ -6,8 +6,8 @@ two times and a few attributes. Here a span is a `SpanRecord` with exactly those
 with the SDK's semantics (parent-based sampling as decided by ops/sampling.py, the trace id
 of the `traceparent` the forwarding filter made, span ids from `random.getrandbits` and never
 zero, times from `time.time_ns`, a parent's `tracestate` kept),
-and an ended span waits in a `SpanQueue` until ops/tracing.py has a batch of them encoded into
-opentelemetry-proto's messages (ops/otlp.py), off the request. No part of the SDK is imported here, so the
+and an ended span is encoded at once (ops/otlp.py) into its batch's bytes in a `SpanQueue`,
+which ops/tracing.py posts. No part of the SDK is imported here, so the
 module compiles (setup.py) and a config without `tracing:` never loads this.
 """
 
@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txgateway.core.logtext import printable
@@ -30,6 +31,7 @@ SERVER = 2   # OTLP's Span.SpanKind (opentelemetry-proto's trace.proto)
 CLIENT = 3
 ERROR = 2    # OTLP's Status.StatusCode; 0 is unset
 
+_log = Logger(namespace="txgateway.ops.tracing")
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"})
 
 
@@ -63,33 +65,55 @@ class SpanRecord:
 
 
 class SpanQueue:
-    """Ended spans waiting for their export, at most `limit` of them (more are dropped and
-    counted). `ready` hears the count when the first span arrives in an empty queue (an export
-    is due in a while) and when `batch` are waiting (one is due now)."""
+    """Ended spans waiting for their export, encoded as they end (`encode` appends a span to its
+    batch's bytes: ops/otlp.py's Encoder.add) in batches of `batch`, at most `limit` of them
+    (more are dropped and counted). `ready` hears the count when the first span arrives in an
+    empty queue (an export is due in a while) and when `batch` are waiting (one is due now)."""
 
-    def __init__(self, limit: int, batch: int, ready: Callable[[int], None]) -> None:
+    def __init__(self, limit: int, batch: int, encode: Callable[[bytearray, SpanRecord], None],
+                 ready: Callable[[int], None]) -> None:
         self.limit = limit
         self.batch = batch
+        self.encode = encode
         self.ready = ready
-        self.records: list[SpanRecord] = []
+        self.batches = [bytearray()]    # oldest first; all but the last hold `batch` spans
+        self.filling = 0                # spans in the last one
+        self.waiting = 0                # spans in all
         self.dropped = 0
 
     def add(self, record: SpanRecord) -> None:
-        records = self.records
-        n = len(records)
-        if n >= self.limit:
+        waiting = self.waiting
+        if waiting >= self.limit:
             self.dropped += 1
             return
         record.end = time.time_ns()
-        records.append(record)
-        if n == 0 or n + 1 == self.batch:
-            self.ready(n + 1)
+        try:
+            self.encode(self.batches[-1], record)
+        except Exception:
+            _log.failure("tracing: a span could not be encoded; dropped")
+            self.dropped += 1
+            return
+        self.waiting = waiting + 1
+        self.filling += 1
+        if self.filling == self.batch:
+            self.batches.append(bytearray())
+            self.filling = 0
+        if waiting == 0 or waiting + 1 == self.batch:
+            self.ready(waiting + 1)
 
-    def take(self, n: int) -> list[SpanRecord]:
-        """The oldest `n` spans, out of the queue."""
-        taken = self.records[:n]
-        del self.records[:n]
-        return taken
+    def take(self) -> tuple[bytearray, int]:
+        """The oldest batch, out of the queue: its spans' encodings and their count."""
+        batches = self.batches
+        if len(batches) > 1:
+            count = self.batch
+            spans = batches.pop(0)
+        else:
+            count = self.filling
+            spans = batches[0]
+            batches[0] = bytearray()
+            self.filling = 0
+        self.waiting -= count
+        return spans, count
 
 
 class RequestSpans:
