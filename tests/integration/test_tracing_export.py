@@ -56,12 +56,12 @@ async def test_a_batch_waits_for_the_delay_held_as_its_spans_encodings(reactor, 
     tracing, clock = tracer(reactor, receiver.url)
     record(tracing, 200)
     queue = tracing.queue
-    assert queue.waiting == 200 and [type(b) for b in queue.batches] == [bytearray]   # encoded as they ended
+    assert queue.waiting == 200 and {type(s) for s in queue.batches[0]} == {bytes}   # encoded as they ended
     clock.advance(4.9)
     assert tracing.sending is None and receiver.headers == []          # not before the 5 s delay
     clock.advance(0.1)
     sending = tracing.sending
-    assert sending is not None and queue.waiting == 0 and queue.batches == [bytearray()]
+    assert sending is not None and queue.waiting == 0 and queue.batches == [[]]
     await sending
     assert len(receiver.spans) == 200 and tracing.counts == [200, 0]
     assert receiver.headers[0]["content-type"] == "application/x-protobuf"
@@ -223,11 +223,11 @@ def test_a_span_encoded_as_it_ends_is_the_span_protobuf_builds_field_by_field():
         if record.status:
             span.status.code, span.status.message = record.status, record.message
     for start_over in (False, True):             # the recurring parts kept, or made again for each span
-        encoder, batch = Encoder({}), bytearray()
+        encoder, batch = Encoder({}), []
         for record in (server, client, server):
             if start_over:
                 encoder.remembered = 4096       # the bound reached: what was kept is dropped
-            encoder.add(batch, record)
+            batch.append(encoder.span(record))
         decoded = ExportTraceServiceRequest.FromString(encoder.request(batch))
         got = decoded.resource_spans[0].scope_spans[0].spans
         assert [unordered(s) for s in got] == [unordered(s) for s in scope_spans.spans]

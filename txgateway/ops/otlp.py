@@ -1,8 +1,7 @@
 """Spans encoded for OTLP as they end, compiled (setup.py): each of ops/spans.py's records becomes
-its encoding at once, appended to its batch's bytes, and a batch becomes an
-ExportTraceServiceRequest only when ops/tracing.py posts it. A waiting batch is one bytearray
-(~0.5 kB a span), not records and a message of opentelemetry-proto's objects (~1 MB for 512
-spans, built and freed at each export).
+its encoding at once, and a batch of them becomes an ExportTraceServiceRequest only when
+ops/tracing.py posts it. A waiting batch is bytes (~0.4 kB a span), not records and then a
+message of opentelemetry-proto's objects (~1 MB for 512 spans, built and freed at each export).
 """
 
 from __future__ import annotations
@@ -27,18 +26,18 @@ _KNOWN_LIMIT: Final = 4096      # encodings of recurring parts kept at most
 _LOCAL_PARENT: Final = 0x100
 _REMOTE_PARENT: Final = 0x300
 
-_Field = Callable[[Callable[[bytes], Any], bytes, bool], Any]
+_Field = Callable[[Callable[[bytes], Any], Any, bool], Any]   # (write, the value(s), deterministic)
 
 
-def _field(message: Any, name: str) -> _Field:
+def _field(message: Any, name: str, repeated: bool = False) -> _Field:
     """protobuf's own encoder of a length-delimited field (its pure-Python implementation's): an
     embedded message and a bytes value are the same on the wire, so a message protobuf already
     encoded goes into its parent's field as it is, not parsed into a message again."""
-    encode: _Field = BytesEncoder(message.DESCRIPTOR.fields_by_name[name].number, False, False)
+    encode: _Field = BytesEncoder(message.DESCRIPTOR.fields_by_name[name].number, repeated, False)
     return encode
 
 
-_SPANS: Final = _field(ScopeSpans, "spans")
+_SPANS: Final = _field(ScopeSpans, "spans", repeated=True)
 _SCOPE_SPANS: Final = _field(ResourceSpans, "scope_spans")
 _RESOURCE_SPANS: Final = _field(ExportTraceServiceRequest, "resource_spans")
 
@@ -69,8 +68,8 @@ class Encoder:
         self.shapes: dict[tuple[str, int, int], bytes] = {}  # (name, kind, flags) -> a Span with those, encoded
         self.remembered = 0
 
-    def add(self, batch: bytearray, record: SpanRecord) -> None:
-        """Append ended `record` to `batch`, as one more element of a ScopeSpans' spans."""
+    def span(self, record: SpanRecord) -> bytes:
+        """Ended `record`, encoded as a Span."""
         span = Span(trace_id=record.trace_id.to_bytes(16, "big"), span_id=record.span_id.to_bytes(8, "big"),
                     parent_span_id=record.parent_id.to_bytes(8, "big") if record.parent_id else b"",
                     trace_state=record.trace_state,
@@ -97,13 +96,15 @@ class Encoder:
             shape = self._shape(record.name, record.kind, flags)
         parts[0] = span.SerializeToString()
         parts.append(shape)
-        _SPANS(batch.extend, b"".join(parts), False)
+        return b"".join(parts)
 
-    def request(self, spans: bytes | bytearray) -> bytes:
-        """The ExportTraceServiceRequest of a batch's spans (what `add` appended): this gateway's
+    def request(self, spans: list[bytes]) -> bytes:
+        """The ExportTraceServiceRequest of a batch of encoded spans (`span`'s): this gateway's
         resource and scope around them."""
+        scope_spans = [self.scope_part]
+        _SPANS(scope_spans.append, spans, False)
         resource_spans = [self.resource_part]
-        _SCOPE_SPANS(resource_spans.append, self.scope_part + spans, False)
+        _SCOPE_SPANS(resource_spans.append, b"".join(scope_spans), False)
         request: list[bytes] = []
         _RESOURCE_SPANS(request.append, b"".join(resource_spans), False)
         return b"".join(request)

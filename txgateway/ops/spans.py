@@ -65,20 +65,19 @@ class SpanRecord:
 
 
 class SpanQueue:
-    """Ended spans waiting for their export, encoded as they end (`encode` appends a span to its
-    batch's bytes: ops/otlp.py's Encoder.add) in batches of `batch`, at most `limit` of them
+    """Ended spans waiting for their export, encoded as they end (`encode`: ops/otlp.py's
+    Encoder.span), in batches of `batch`, at most `limit` of them
     (more are dropped and counted). `ready` hears the count when the first span arrives in an
     empty queue (an export is due in a while) and when `batch` are waiting (one is due now)."""
 
-    def __init__(self, limit: int, batch: int, encode: Callable[[bytearray, SpanRecord], None],
+    def __init__(self, limit: int, batch: int, encode: Callable[[SpanRecord], bytes],
                  ready: Callable[[int], None]) -> None:
         self.limit = limit
         self.batch = batch
         self.encode = encode
         self.ready = ready
-        self.batches = [bytearray()]    # oldest first; all but the last hold `batch` spans
-        self.filling = 0                # spans in the last one
-        self.waiting = 0                # spans in all
+        self.batches: list[list[bytes]] = [[]]   # oldest first; all but the last hold `batch` spans
+        self.waiting = 0                         # spans in all
         self.dropped = 0
 
     def add(self, record: SpanRecord) -> None:
@@ -88,32 +87,27 @@ class SpanQueue:
             return
         record.end = time.time_ns()
         try:
-            self.encode(self.batches[-1], record)
+            encoded = self.encode(record)
         except Exception:
             _log.failure("tracing: a span could not be encoded; dropped")
             self.dropped += 1
             return
+        filling = self.batches[-1]
+        filling.append(encoded)
+        if len(filling) == self.batch:
+            self.batches.append([])
         self.waiting = waiting + 1
-        self.filling += 1
-        if self.filling == self.batch:
-            self.batches.append(bytearray())
-            self.filling = 0
         if waiting == 0 or waiting + 1 == self.batch:
             self.ready(waiting + 1)
 
-    def take(self) -> tuple[bytearray, int]:
-        """The oldest batch, out of the queue: its spans' encodings and their count."""
+    def take(self) -> list[bytes]:
+        """The oldest batch's encoded spans, out of the queue."""
         batches = self.batches
-        if len(batches) > 1:
-            count = self.batch
-            spans = batches.pop(0)
-        else:
-            count = self.filling
-            spans = batches[0]
-            batches[0] = bytearray()
-            self.filling = 0
-        self.waiting -= count
-        return spans, count
+        spans = batches.pop(0)
+        if not batches:
+            batches.append([])
+        self.waiting -= len(spans)
+        return spans
 
 
 class RequestSpans:

@@ -7,7 +7,7 @@ are client spans of the same server span, one per attempt of each call. The `tra
 upstream carries the attempt's own span id, and `ctx.traceparent` (metrics' exemplars) its trace id.
 
 Recording is ops/spans.py's (compiled): plain records, each encoded as it ends (ops/otlp.py,
-compiled) into its batch's bytes in a bounded queue. Exporting is here, on the reactor and
+compiled) and kept as bytes in a bounded queue. Exporting is here, on the reactor and
 never in the way of a request: every `_SCHEDULE_DELAY` seconds (sooner when `_BATCH` spans wait)
 a batch's bytes become an OTLP request, posted with Twisted's Agent (the SDK exporter's headers,
 a timeout, its retries on 429/502/503/504 and connection errors). There is no export thread: the
@@ -188,7 +188,7 @@ class Tracing:
         self.reactor = reactor
         self.clock = clock if clock is not None else reactor
         self.encoder = Encoder(Resource.create({"service.name": config.service_name}).attributes)
-        self.queue = SpanQueue(_QUEUE_LIMIT, _BATCH, self.encoder.add, self._ready)
+        self.queue = SpanQueue(_QUEUE_LIMIT, _BATCH, self.encoder.span, self._ready)
         self.recorder = SpanRecorder(self.queue)
         # The edge's filter, finish hook and proxies' attempt hook (service/requestpath.py)
         self.gate = TraceGate(self.recorder, config.sample_ratio)
@@ -222,8 +222,8 @@ class Tracing:
 
     def _export(self) -> Deferred[None]:
         """Post the oldest batch; then schedule the next if spans wait."""
-        spans, count = self.queue.take()
-        self.sending = d = self.poster.post(self.encoder.request(spans)).addCallback(self._settled, count)
+        spans = self.queue.take()
+        self.sending = d = self.poster.post(self.encoder.request(spans)).addCallback(self._settled, len(spans))
         return d
 
     def _settled(self, taken: bool, count: int) -> None:
