@@ -35,7 +35,7 @@ def tracer(reactor: Any, url: str) -> tuple[Tracing, Clock]:
 
 def record(tracing: Tracing, n: int) -> None:
     for i in range(n):
-        tracing.queue.add(SpanRecord(f"span {i}", SERVER, i + 1, 0, False, "", {"i": i}))
+        tracing.queue.add(SpanRecord(f"span {i}", SERVER, (i + 1).to_bytes(16, "big"), b"", False, "", {"i": i}))
 
 
 async def exported(tracing: Tracing, clock: Clock) -> None:
@@ -206,15 +206,15 @@ def test_a_span_encoded_as_it_ends_is_the_span_protobuf_builds_field_by_field():
     often the kept parts start over."""
     attributes = {"http.request.method": "GET", "url.path": "/a", "http.response.status_code": 503,
                   "ok": True, "ratio": 0.5, "list": ("a", "b")}
-    server = SpanRecord("GET /a", SERVER, 7 << 100, 5, True, "k=v", dict(attributes))
-    client = SpanRecord("GET", CLIENT, 7 << 100, server.span_id, False, "", dict(attributes, **{"url.full": "http://u/a"}))
+    server = SpanRecord("GET /a", SERVER, b"\x07" * 16, b"\x05" * 8, True, "k=v", dict(attributes))
+    client = SpanRecord("GET", CLIENT, b"\x07" * 16, server.span_id, False, "", dict(attributes, **{"url.full": "http://u/a"}))
     client.fail("503", "refused")
     expected = ExportTraceServiceRequest()
     scope_spans = expected.resource_spans.add().scope_spans.add()
     for record in (server, client, server):
         record.end = record.start + 1
-        span = scope_spans.spans.add(trace_id=record.trace_id.to_bytes(16, "big"), span_id=record.span_id.to_bytes(8, "big"),
-                                     parent_span_id=record.parent_id.to_bytes(8, "big"), trace_state=record.trace_state,
+        span = scope_spans.spans.add(trace_id=record.trace_id, span_id=record.span_id,
+                                     parent_span_id=record.parent_id, trace_state=record.trace_state,
                                      name=record.name, kind=record.kind, flags=0x300 if record.remote_parent else 0x100,
                                      start_time_unix_nano=record.start, end_time_unix_nano=record.end)
         for key, value in record.attributes.items():

@@ -70,8 +70,7 @@ class Encoder:
 
     def span(self, record: SpanRecord) -> bytes:
         """Ended `record`, encoded as a Span."""
-        span = Span(trace_id=record.trace_id.to_bytes(16, "big"), span_id=record.span_id.to_bytes(8, "big"),
-                    parent_span_id=record.parent_id.to_bytes(8, "big") if record.parent_id else b"",
+        span = Span(trace_id=record.trace_id, span_id=record.span_id, parent_span_id=record.parent_id,
                     trace_state=record.trace_state,
                     start_time_unix_nano=record.start, end_time_unix_nano=record.end)
         known = self.known

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import random
 import time
+from binascii import hexlify, unhexlify
 from collections.abc import Callable
 from typing import Any
 
@@ -36,15 +37,16 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"
 
 
 class SpanRecord:
-    """One span as OTLP has it. `parent_id` 0: a root span; `remote_parent`: its parent is the
-    caller's (OTLP's span flags say so). `end` is 0 until the span ends."""
+    """One span as OTLP has it, its ids as OTLP's bytes (16 for the trace, 8 for a span).
+    `parent_id` empty: a root span; `remote_parent`: its parent is the caller's (OTLP's span
+    flags say so). `end` is 0 until the span ends."""
 
-    def __init__(self, name: str, kind: int, trace_id: int, parent_id: int, remote_parent: bool,
+    def __init__(self, name: str, kind: int, trace_id: bytes, parent_id: bytes, remote_parent: bool,
                  trace_state: str, attributes: dict[str, Any]) -> None:
         self.name = name
         self.kind = kind
         self.trace_id = trace_id
-        self.span_id = _new_id(64)
+        self.span_id = _new_id()
         self.parent_id = parent_id
         self.remote_parent = remote_parent
         self.trace_state = trace_state
@@ -61,7 +63,7 @@ class SpanRecord:
 
     def traceparent(self) -> bytes:
         """The W3C `traceparent` naming this span (always sampled: only sampled spans are recorded)."""
-        return b"00-%032x-%016x-01" % (self.trace_id, self.span_id)
+        return b"-".join((b"00", hexlify(self.trace_id), hexlify(self.span_id), b"01"))
 
 
 class SpanQueue:
@@ -206,10 +208,10 @@ class SpanRecorder:
         trace = ctx.traceparent or b""   # "00-<32 hex trace id>-<16 hex span id>-<flags>"
         if continued and parent is not None:
             trace_state = state.decode("latin-1") if state is not None else ""
-            span = SpanRecord(method, SERVER, int(trace[3:35], 16), int(parent.strip()[36:52], 16), True,
+            span = SpanRecord(method, SERVER, unhexlify(trace[3:35]), unhexlify(parent.strip()[36:52]), True,
                               trace_state, attributes)
         else:
-            span = SpanRecord(method, SERVER, int(trace[3:35], 16), 0, False, "", attributes)
+            span = SpanRecord(method, SERVER, unhexlify(trace[3:35]), b"", False, "", attributes)
         # The forwarding filter sends this: the server span is the upstream's parent (the
         # client's `tracestate` goes on as it came).
         ctx.traceparent = span.traceparent()
@@ -268,9 +270,9 @@ def _text(value: bytes) -> str:
     return printable(value)
 
 
-def _new_id(bits: int) -> int:
-    """A random trace (128 bits) or span (64 bits) id, never 0 (the SDK's RandomIdGenerator)."""
-    value = random.getrandbits(bits)
+def _new_id() -> bytes:
+    """A random span id, never 0 (the SDK's RandomIdGenerator)."""
+    value = random.getrandbits(64)
     while not value:
-        value = random.getrandbits(bits)
-    return value
+        value = random.getrandbits(64)
+    return value.to_bytes(8, "big")
