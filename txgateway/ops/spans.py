@@ -5,10 +5,10 @@ The SDK's `start_span`/`set_attribute`/`end` cost ~470k instructions per recorde
 two times and a few attributes. Here a span is a `SpanRecord` with exactly those fields, made
 with the SDK's semantics (parent-based sampling as decided by ops/sampling.py, the trace id
 of the `traceparent` the forwarding filter made, span ids from `random.getrandbits` and never
-zero, times from `time.time_ns`, a parent's `tracestate` kept),
-and an ended span is encoded at once (ops/otlp.py) into its batch's bytes in a `SpanQueue`,
-which ops/tracing.py posts. No part of the SDK is imported here, so the
-module compiles (setup.py) and a config without `tracing:` never loads this.
+zero, times from `time.time_ns`, a parent's `tracestate` kept), and an ended span is encoded
+at once (ops/otlp.py) and waits as bytes in a `SpanQueue` until ops/tracing.py posts its batch.
+No part of the SDK is imported here, so the module compiles (setup.py) and a config without
+`tracing:` never loads this.
 """
 
 from __future__ import annotations
@@ -68,9 +68,9 @@ class SpanRecord:
 
 class SpanQueue:
     """Ended spans waiting for their export, encoded as they end (`encode`: ops/otlp.py's
-    Encoder.span), in batches of `batch`, at most `limit` of them
-    (more are dropped and counted). `ready` hears the count when the first span arrives in an
-    empty queue (an export is due in a while) and when `batch` are waiting (one is due now)."""
+    Encoder.span) so that no record waits, in batches of `batch`, at most `limit` of them (more
+    are dropped and counted). `ready` hears the count when the first span arrives in an empty
+    queue (an export is due in a while) and when `batch` are waiting (one is due now)."""
 
     def __init__(self, limit: int, batch: int, encode: Callable[[SpanRecord], bytes],
                  ready: Callable[[int], None]) -> None:
