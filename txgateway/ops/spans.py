@@ -5,20 +5,22 @@ The SDK's `start_span`/`set_attribute`/`end` cost ~470k instructions per recorde
 two times and a few attributes. Here a span is a `SpanRecord` with exactly those fields, made
 with the SDK's semantics (parent-based sampling as decided by ops/sampling.py, the trace id
 of the `traceparent` the forwarding filter made, span ids from `random.getrandbits` and never
-zero, times from `time.time_ns`, a parent's `tracestate` kept),
-and an ended span waits in a `SpanQueue` until ops/tracing.py has a batch of them encoded into
-opentelemetry-proto's messages (ops/otlp.py), off the request. No part of the SDK is imported here, so the
-module compiles (setup.py) and a config without `tracing:` never loads this.
+zero, times from `time.time_ns`, a parent's `tracestate` kept), and an ended span is encoded
+at once (ops/otlp.py) and waits as bytes in a `SpanQueue` until ops/tracing.py posts its batch.
+No part of the SDK is imported here, so the module compiles (setup.py) and a config without
+`tracing:` never loads this.
 """
 
 from __future__ import annotations
 
 import random
 import time
+from binascii import hexlify, unhexlify
 from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txgateway.core.logtext import printable
@@ -30,19 +32,21 @@ SERVER = 2   # OTLP's Span.SpanKind (opentelemetry-proto's trace.proto)
 CLIENT = 3
 ERROR = 2    # OTLP's Status.StatusCode; 0 is unset
 
+_log = Logger(namespace="txgateway.ops.tracing")
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"})
 
 
 class SpanRecord:
-    """One span as OTLP has it. `parent_id` 0: a root span; `remote_parent`: its parent is the
-    caller's (OTLP's span flags say so). `end` is 0 until the span ends."""
+    """One span as OTLP has it, its ids as OTLP's bytes (16 for the trace, 8 for a span).
+    `parent_id` empty: a root span; `remote_parent`: its parent is the caller's (OTLP's span
+    flags say so). `end` is 0 until the span ends."""
 
-    def __init__(self, name: str, kind: int, trace_id: int, parent_id: int, remote_parent: bool,
+    def __init__(self, name: str, kind: int, trace_id: bytes, parent_id: bytes, remote_parent: bool,
                  trace_state: str, attributes: dict[str, Any]) -> None:
         self.name = name
         self.kind = kind
         self.trace_id = trace_id
-        self.span_id = _new_id(64)
+        self.span_id = _new_id()
         self.parent_id = parent_id
         self.remote_parent = remote_parent
         self.trace_state = trace_state
@@ -59,37 +63,53 @@ class SpanRecord:
 
     def traceparent(self) -> bytes:
         """The W3C `traceparent` naming this span (always sampled: only sampled spans are recorded)."""
-        return b"00-%032x-%016x-01" % (self.trace_id, self.span_id)
+        return b"-".join((b"00", hexlify(self.trace_id), hexlify(self.span_id), b"01"))
 
 
 class SpanQueue:
-    """Ended spans waiting for their export, at most `limit` of them (more are dropped and
-    counted). `ready` hears the count when the first span arrives in an empty queue (an export
-    is due in a while) and when `batch` are waiting (one is due now)."""
+    """Ended spans waiting for their export, encoded as they end (`encode`: ops/otlp.py's
+    Encoder.span) so that no record waits, in batches of `batch`, at most `limit` of them (more
+    are dropped and counted). `ready` hears the count when the first span arrives in an empty
+    queue (an export is due in a while) and when `batch` are waiting (one is due now)."""
 
-    def __init__(self, limit: int, batch: int, ready: Callable[[int], None]) -> None:
+    def __init__(self, limit: int, batch: int, encode: Callable[[SpanRecord], bytes],
+                 ready: Callable[[int], None]) -> None:
         self.limit = limit
         self.batch = batch
+        self.encode = encode
         self.ready = ready
-        self.records: list[SpanRecord] = []
+        self.batches: list[list[bytes]] = [[]]   # oldest first; all but the last hold `batch` spans
+        self.waiting = 0                         # spans in all
         self.dropped = 0
 
     def add(self, record: SpanRecord) -> None:
-        records = self.records
-        n = len(records)
-        if n >= self.limit:
+        waiting = self.waiting
+        if waiting >= self.limit:
             self.dropped += 1
             return
         record.end = time.time_ns()
-        records.append(record)
-        if n == 0 or n + 1 == self.batch:
-            self.ready(n + 1)
+        try:
+            encoded = self.encode(record)
+        except Exception:
+            _log.failure("tracing: a span could not be encoded; dropped")
+            self.dropped += 1
+            return
+        filling = self.batches[-1]
+        filling.append(encoded)
+        if len(filling) == self.batch:
+            self.batches.append([])
+        self.waiting = waiting + 1
+        if waiting == 0 or waiting + 1 == self.batch:
+            self.ready(waiting + 1)
 
-    def take(self, n: int) -> list[SpanRecord]:
-        """The oldest `n` spans, out of the queue."""
-        taken = self.records[:n]
-        del self.records[:n]
-        return taken
+    def take(self) -> list[bytes]:
+        """The oldest batch's encoded spans, out of the queue."""
+        batches = self.batches
+        spans = batches.pop(0)
+        if not batches:
+            batches.append([])
+        self.waiting -= len(spans)
+        return spans
 
 
 class RequestSpans:
@@ -188,10 +208,10 @@ class SpanRecorder:
         trace = ctx.traceparent or b""   # "00-<32 hex trace id>-<16 hex span id>-<flags>"
         if continued and parent is not None:
             trace_state = state.decode("latin-1") if state is not None else ""
-            span = SpanRecord(method, SERVER, int(trace[3:35], 16), int(parent.strip()[36:52], 16), True,
+            span = SpanRecord(method, SERVER, unhexlify(trace[3:35]), unhexlify(parent.strip()[36:52]), True,
                               trace_state, attributes)
         else:
-            span = SpanRecord(method, SERVER, int(trace[3:35], 16), 0, False, "", attributes)
+            span = SpanRecord(method, SERVER, unhexlify(trace[3:35]), b"", False, "", attributes)
         # The forwarding filter sends this: the server span is the upstream's parent (the
         # client's `tracestate` goes on as it came).
         ctx.traceparent = span.traceparent()
@@ -250,9 +270,9 @@ def _text(value: bytes) -> str:
     return printable(value)
 
 
-def _new_id(bits: int) -> int:
-    """A random trace (128 bits) or span (64 bits) id, never 0 (the SDK's RandomIdGenerator)."""
-    value = random.getrandbits(bits)
+def _new_id() -> bytes:
+    """A random span id, never 0 (the SDK's RandomIdGenerator)."""
+    value = random.getrandbits(64)
     while not value:
-        value = random.getrandbits(bits)
-    return value
+        value = random.getrandbits(64)
+    return value.to_bytes(8, "big")

@@ -6,18 +6,19 @@ client span per upstream attempt, so retries show; a composed route's calls (ter
 are client spans of the same server span, one per attempt of each call. The `traceparent` sent
 upstream carries the attempt's own span id, and `ctx.traceparent` (metrics' exemplars) its trace id.
 
-Recording is ops/spans.py's (compiled): plain records in a bounded queue. Exporting is here, on
-the reactor and never in the way of a request: every `_SCHEDULE_DELAY` seconds (sooner when
-`_BATCH` spans wait) a batch is encoded into opentelemetry-proto's messages (ops/otlp.py,
-compiled) `_SLICE` spans per reactor turn, then posted with Twisted's Agent (the SDK exporter's
-headers, a timeout, its retries on 429/502/503/504 and connection errors). There is no export
-thread: the SDK's BatchSpanProcessor held the GIL for whole batches while it encoded and posted,
-and the reactor waited. Spans a collector did not take, or that found the queue full, are
+Recording is ops/spans.py's (compiled): plain records, each encoded as it ends (ops/otlp.py,
+compiled) and kept as bytes in a bounded queue. Exporting is here, on the reactor and
+never in the way of a request: every `_SCHEDULE_DELAY` seconds (sooner when `_BATCH` spans wait)
+a batch's bytes become an OTLP request, posted with Twisted's Agent (the SDK exporter's headers,
+a timeout, its retries on 429/502/503/504 and connection errors). There is no export thread: the
+SDK's BatchSpanProcessor held the GIL for whole batches while it encoded and posted, and the
+reactor waited. Spans a collector did not take, or that found the queue full, are
 counted (`dropped`) for /metrics. Imported only when the config has `tracing:`.
 """
 
 from __future__ import annotations
 
+import codecs
 from typing import Any
 
 from opentelemetry.exporter.otlp.proto.http import _OTLP_HTTP_HEADERS
@@ -36,7 +37,7 @@ from zope.interface import implementer
 from txgateway.core.fetch import quiet_pool
 from txgateway.ops.otlp import Encoder
 from txgateway.ops.sampling import TraceGate
-from txgateway.ops.spans import SpanQueue, SpanRecord, SpanRecorder
+from txgateway.ops.spans import SpanQueue, SpanRecorder
 from txgateway.ops.tracingconfig import TracingConfig
 
 __all__ = ["Tracing"]
@@ -44,39 +45,10 @@ __all__ = ["Tracing"]
 _SCHEDULE_DELAY = 5.0    # seconds between exports (the SDK's BatchSpanProcessor's default)
 _BATCH = 512             # spans per export, and how many waiting make one due at once (the SDK's)
 _QUEUE_LIMIT = 2048      # spans waiting at most; more are dropped (the SDK's)
-_SLICE = 64              # spans encoded per reactor turn (~1 ms): requests interleave with the encoding
 _EXPORT_TIMEOUT = 10.0   # seconds one export may take, retries included (the SDK exporter's)
 _RETRYABLE = frozenset({429, 502, 503, 504})   # statuses the SDK exporter retries, as connection errors
 _STOP_WAIT = 3.0         # seconds a stopping gateway waits for the last export
 _log = Logger(namespace="txgateway.ops.tracing")
-
-
-class _Encoding:
-    """One batch encoded `size` spans per reactor turn into a request, whose serialization `done`
-    fires with. A method schedules the next slice, not a closure naming itself: that closure
-    was a reference cycle holding the batch's records and protobuf message, which the daemon's
-    GC (service/tap.py: frozen, thresholds raised) freed only every few hundred thousand requests."""
-
-    def __init__(self, encoder: Encoder, reactor: Any, records: list[SpanRecord], size: int) -> None:
-        self.encoder = encoder
-        self.reactor = reactor
-        self.records = records
-        self.size = size
-        self.request, self.spans = encoder.start()
-        self.done: Deferred[bytes] = Deferred()
-        self.part(0)
-
-    def part(self, start: int) -> None:
-        end = start + self.size
-        try:
-            self.encoder.add(self.spans, self.records[start:end])
-        except Exception:
-            self.done.errback()
-            return
-        if end < len(self.records):
-            self.reactor.callLater(0, self.part, end)      # the next turn: requests go first
-        else:
-            self.done.callback(self.request.SerializeToString())
 
 
 @implementer(IBodyProducer)
@@ -152,6 +124,9 @@ class Poster:
         pool.persistent = True               # one connection kept to the collector between exports
         pool.maxPersistentPerHost = 1
         self.uri = url.encode("ascii")
+        # Agent decodes a request's path with the `charmap` codec (URI.originForm): looked up at
+        # start, not imported at the first export in the middle of serving (~0.8M instructions).
+        codecs.lookup("charmap")
         self.agent = Agent.usingEndpointFactory(reactor, _Collector(reactor, self.uri), pool=pool)
         self.pool = pool
         self.clock = clock
@@ -205,18 +180,18 @@ class _Post:
 
 
 class Tracing:
-    """The tracer: its gate (ops/sampling.py) decides, its recorder (ops/spans.py) records, and
-    it exports the queued spans in batches (`clock` times the exports and the retries; the
-    encoding's slices go a reactor turn apart)."""
+    """The tracer: its gate (ops/sampling.py) decides, its recorder (ops/spans.py) records, its
+    encoder (ops/otlp.py) encodes each span as it ends, and it exports the queued spans in
+    batches (`clock` times the exports and the retries)."""
 
     def __init__(self, config: TracingConfig, reactor: Any, clock: Any = None) -> None:
         self.reactor = reactor
         self.clock = clock if clock is not None else reactor
-        self.queue = SpanQueue(_QUEUE_LIMIT, _BATCH, self._ready)
+        self.encoder = Encoder(Resource.create({"service.name": config.service_name}).attributes)
+        self.queue = SpanQueue(_QUEUE_LIMIT, _BATCH, self.encoder.span, self._ready)
         self.recorder = SpanRecorder(self.queue)
         # The edge's filter, finish hook and proxies' attempt hook (service/requestpath.py)
         self.gate = TraceGate(self.recorder, config.sample_ratio)
-        self.encoder = Encoder(Resource.create({"service.name": config.service_name}).attributes)
         self.poster = Poster(reactor, self.clock, config.otlp_endpoint, dict(config.headers))
         self.exported = 0
         self.failed = 0                          # spans of exports the collector did not take
@@ -242,36 +217,29 @@ class Tracing:
 
     def _due(self) -> None:
         self.timer = None
-        if self.sending is None and self.queue.records:
-            self._export(sliced=True)
+        if self.sending is None and self.queue.waiting:
+            self._export()
 
-    def _export(self, sliced: bool) -> Deferred[None]:
-        """Encode and post the oldest batch (`_SLICE` spans per reactor turn if `sliced`, else
-        in one go); then schedule the next if spans wait."""
-        records = self.queue.take(_BATCH)
-        encoded = self._encode(records, _SLICE if sliced else len(records))
-        self.sending = d = encoded.addCallback(self.poster.post).addBoth(self._settled, len(records))
+    def _export(self) -> Deferred[None]:
+        """Post the oldest batch; then schedule the next if spans wait."""
+        spans = self.queue.take()
+        self.sending = d = self.poster.post(self.encoder.request(spans)).addCallback(self._settled, len(spans))
         return d
 
-    def _encode(self, records: list[SpanRecord], size: int) -> Deferred[bytes]:
-        """`size` spans now, the next `size` at the next reactor turn, and so on."""
-        return _Encoding(self.encoder, self.reactor, records, size).done
-
-    def _settled(self, taken: bool | Failure, count: int) -> None:
-        if taken is True:
+    def _settled(self, taken: bool, count: int) -> None:
+        if taken:
             self.exported += count
         else:
-            if isinstance(taken, Failure):          # not encodable: a bug, said once per batch
-                _log.failure("tracing: a batch of spans could not be encoded; dropped", taken)
             self.failed += count
         self.sending = None
-        if self.queue.records and not self.stopped:
-            self._schedule(0.0 if len(self.queue.records) >= _BATCH else _SCHEDULE_DELAY)
+        waiting = self.queue.waiting
+        if waiting and not self.stopped:
+            self._schedule(0.0 if waiting >= _BATCH else _SCHEDULE_DELAY)
 
     # -- lifecycle and metrics -----------------------------------------------------------
 
     def flush(self) -> Deferred[None]:
-        """Export everything queued now, batch after batch, encoded in one go (tests, and `stop`)."""
+        """Export everything queued now, batch after batch (tests, and `stop`)."""
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
         self.timer = None
@@ -283,8 +251,8 @@ class Tracing:
     def _next_batch(self, _: Any) -> Any:
         """A method, not a closure naming itself: that would be a cycle left for the cyclic GC,
         which the daemon seldom runs (service/tap.py)."""
-        if self.queue.records:
-            return self._export(sliced=False).addCallback(self._next_batch)
+        if self.queue.waiting:
+            return self._export().addCallback(self._next_batch)
         return None
 
     def stop(self, reactor: Any) -> Deferred[None]:
