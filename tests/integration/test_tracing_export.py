@@ -211,7 +211,8 @@ def test_a_span_encoded_as_it_ends_is_the_span_protobuf_builds_field_by_field():
     client.fail("503", "refused")
     expected = ExportTraceServiceRequest()
     scope_spans = expected.resource_spans.add().scope_spans.add()
-    for record in (server, client, server):
+    records = (server, client) * 3     # each value seen once (encoded with its span), twice (kept), then reused
+    for record in records:
         record.end = record.start + 1
         span = scope_spans.spans.add(trace_id=record.trace_id, span_id=record.span_id,
                                      parent_span_id=record.parent_id, trace_state=record.trace_state,
@@ -224,7 +225,7 @@ def test_a_span_encoded_as_it_ends_is_the_span_protobuf_builds_field_by_field():
             span.status.code, span.status.message = record.status, record.message
     for start_over in (False, True):             # the recurring parts kept, or made again for each span
         encoder, batch = Encoder({}), []
-        for record in (server, client, server):
+        for record in records:
             if start_over:
                 encoder.remembered = 4096       # the bound reached: what was kept is dropped
             batch.append(encoder.span(record))

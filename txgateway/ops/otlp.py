@@ -20,8 +20,8 @@ from txgateway.ops.spans import SpanRecord
 
 __all__ = ["Encoder"]
 
-_VARIED: Final = frozenset({"url.path", "url.query", "url.full"})   # attributes whose values rarely recur
-_KNOWN_LIMIT: Final = 4096      # encodings of recurring parts kept at most
+_KNOWN_LIMIT: Final = 4096      # attribute values seen, and encodings of recurring parts kept, at most
+_SEEN: Final = b""              # an attribute value seen once: encoded with the span, kept if seen again
 # OTLP's span flags: "has is_remote" always, "is remote" when the parent is the caller's.
 _LOCAL_PARENT: Final = 0x100
 _REMOTE_PARENT: Final = 0x300
@@ -50,7 +50,8 @@ class Encoder:
     once and kept: its name, kind and flags, and each attribute whose value recurs (a method,
     a route, a status: most of them). The SDK's encoder built each span, attribute and value
     as messages that upb then copied (~300k instructions a span); building a span message of
-    those parts and merging the recurring ones in still cost ~38k."""
+    those parts and merging the recurring ones in still cost ~38k. A value is kept the second
+    time it is seen, whatever its attribute: a route's paths and URLs recur too."""
 
     def __init__(self, resource: Mapping[str, Any]) -> None:
         """`resource`: the SDK Resource's attributes (service.name, telemetry.sdk.*, ...)."""
@@ -64,25 +65,30 @@ class Encoder:
         self.resource_part = ResourceSpans(resource=message).SerializeToString()
         self.scope_part = ScopeSpans(
             scope=InstrumentationScope(name="txgateway", version=__version__)).SerializeToString()
-        self.known: dict[str, dict[Any, bytes]] = {}        # key -> value -> a Span with that attribute, encoded
+        self.known: dict[str, dict[Any, bytes]] = {}        # key -> value -> a Span with that attribute, encoded (or _SEEN)
         self.shapes: dict[tuple[str, int, int], bytes] = {}  # (name, kind, flags) -> a Span with those, encoded
         self.remembered = 0
 
     def span(self, record: SpanRecord) -> bytes:
         """Ended `record`, encoded as a Span."""
         span = Span(trace_id=record.trace_id, span_id=record.span_id, parent_span_id=record.parent_id,
-                    trace_state=record.trace_state,
                     start_time_unix_nano=record.start, end_time_unix_nano=record.end)
+        if record.trace_state:          # (a keyword less when empty, as it nearly always is)
+            span.trace_state = record.trace_state
         known = self.known
         parts = [b""]          # the span's own message, serialized once complete
         for key, value in record.attributes.items():
-            if key in _VARIED or (type(value) is not str and type(value) is not int):   # not True == 1
-                _set_value(span.attributes.add(key=key).value, value)
-            else:
+            part = None
+            if type(value) is str or type(value) is int:   # not True == 1
                 values = known.get(key)
                 part = values.get(value) if values is not None else None
-                if part is None:
+                if part is _SEEN:
                     part = self._remember(key, value)
+                elif part is None:
+                    self._seen(key, value)
+            if part is None:
+                _set_value(span.attributes.add(key=key).value, value)
+            else:
                 parts.append(part)
         if record.status:
             status: Any = span.status       # (its code an int, as the record's, not the stubs' enum type)
@@ -107,6 +113,12 @@ class Encoder:
         request: list[bytes] = []
         _RESOURCE_SPANS(request.append, b"".join(resource_spans), False)
         return b"".join(request)
+
+    def _seen(self, key: str, value: Any) -> None:
+        """A value not seen before: most never recur (a path, a URL), and keeping each one's
+        encoding would cost more than the span's own message does for it."""
+        self._bound()
+        self.known.setdefault(key, {})[value] = _SEEN
 
     def _remember(self, key: str, value: Any) -> bytes:
         self._bound()
