@@ -35,7 +35,6 @@ ERROR = 2    # OTLP's Status.StatusCode; 0 is unset
 
 _log = Logger(namespace="txgateway.ops.tracing")
 _NO_SPAN: Final = b"0" * 16      # an all-zero span id, invalid (W3C)
-_PLAIN: Final = bytes(i for i in range(0x20, 0x7f) if i != 0x5c)   # printable ASCII but the backslash
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"})
 
 
@@ -266,11 +265,12 @@ def _method(ctx: RequestContext) -> str:
 
 
 def _text(value: bytes) -> str:
-    """`printable(value)`, without its regex for the usual value: printable ASCII with no
-    backslash, which it would return unchanged (a third of `start`'s cost); one `translate`
-    finds it (four calls did: isascii, decode, isprintable, a search)."""
-    if not value.translate(None, _PLAIN):
-        return value.decode("ascii")
+    """`printable(value)`, without its regex for the usual value: ASCII with no control
+    character and no backslash, which it would return unchanged (a third of `start`'s cost)."""
+    if value.isascii():
+        text = value.decode("ascii")
+        if text.isprintable() and "\\" not in text:
+            return text
     return printable(value)
 
 
