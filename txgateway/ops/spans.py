@@ -35,7 +35,12 @@ ERROR = 2    # OTLP's Status.StatusCode; 0 is unset
 
 _log = Logger(namespace="txgateway.ops.tracing")
 _NO_SPAN: Final = b"0" * 16      # an all-zero span id, invalid (W3C)
-_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"})
+# Request-line words as the same str objects each time: a lookup of the bytes instead of a
+# decode, and the encoder (ops/otlp.py) finds their kept encodings by identity, hash cached.
+_METHODS: Final = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE",
+                                           "CONNECT")}
+_SCHEMES: Final = {b"http": "http", b"https": "https"}
+_VERSIONS: Final = {b"1.0": "1.0", b"1.1": "1.1", b"2": "2"}
 
 
 class SpanRecord:
@@ -195,8 +200,10 @@ class SpanRecorder:
                 agent = value
         method = _method(ctx)
         attributes: dict[str, Any] = {
-            "http.request.method": method, "url.path": _text(ctx.path), "url.scheme": ctx.scheme.decode(),
-            "network.protocol.version": ctx.version.decode("latin-1"), "network.peer.address": ctx.peer_ip,
+            "http.request.method": method, "url.path": _text(ctx.path),
+            "url.scheme": _SCHEMES.get(ctx.scheme) or ctx.scheme.decode(),
+            "network.protocol.version": _VERSIONS.get(ctx.version) or ctx.version.decode("latin-1"),
+            "network.peer.address": ctx.peer_ip,
         }
         if ctx.query:
             attributes["url.query"] = _text(ctx.query[1:] if ctx.query[:1] == b"?" else ctx.query)
@@ -260,8 +267,7 @@ class SpanRecorder:
 
 
 def _method(ctx: RequestContext) -> str:
-    method = ctx.method.decode("latin-1")
-    return method if method in _METHODS else "_OTHER"
+    return _METHODS.get(ctx.method, "_OTHER")
 
 
 def _text(value: bytes) -> str:
