@@ -14,10 +14,10 @@ No part of the SDK is imported here, so the module compiles (setup.py) and a con
 
 from __future__ import annotations
 
-import random
-import time
 from binascii import hexlify, unhexlify
 from collections.abc import Callable
+from random import getrandbits
+from time import time_ns
 from typing import Any, Final
 
 from twisted.internet.defer import Deferred
@@ -61,7 +61,7 @@ class SpanRecord:
         self.remote_parent = remote_parent
         self.trace_state = trace_state
         self.attributes = attributes
-        self.start = time.time_ns()
+        self.start = time_ns()
         self.end = 0
         self.status = 0
         self.message: str | None = None
@@ -93,7 +93,7 @@ class SpanQueue:
         if waiting >= self.limit:
             self.dropped += 1
             return
-        record.end = time.time_ns()
+        record.end = time_ns()
         try:
             encoded = self.encode(record)
         except Exception:
@@ -304,7 +304,7 @@ def _traceparent(prefix: bytes, span_id: bytes) -> bytes:
 
 def _new_id() -> bytes:
     """A random span id, never 0 (the SDK's RandomIdGenerator)."""
-    value = random.getrandbits(64)
+    value = getrandbits(64)
     while not value:
-        value = random.getrandbits(64)
+        value = getrandbits(64)
     return value.to_bytes(8, "big")
