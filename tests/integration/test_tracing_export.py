@@ -20,9 +20,10 @@ from tests.integration.test_admin import call
 from tests.integration.test_auth import now_clock, wait_for
 from tests.integration.test_tracing import Receiver, receiver  # noqa: F401
 from txgateway.core.logtext import printable
+from txgateway.core.pipeline import RequestContext
 from txgateway.ops import otlp
 from txgateway.ops.otlp import Encoder
-from txgateway.ops.spans import CLIENT, SERVER, SpanRecord, _text
+from txgateway.ops.spans import CLIENT, SERVER, SpanQueue, SpanRecord, SpanRecorder, _text
 from txgateway.ops.tracing import Tracing, _Post
 from txgateway.ops.tracingconfig import TracingConfig
 
@@ -193,6 +194,21 @@ def test_recorded_text_is_escaped_as_the_process_log_escapes_it():
         assert _text(value) == printable(value)
         assert _text(value) == printable(value)
     assert _text(b"/a\x1bb") == "/a\\x1bb"
+
+
+def test_a_server_span_takes_the_forwarded_span_id_unless_it_is_zero():
+    """ops/spans.py: the server span's id is the one the forwarding filter drew for the
+    `traceparent` it sends; an all-zero one (invalid, W3C) is replaced by a new id."""
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    recorder = SpanRecorder(SpanQueue(10, 10, lambda record: b"", lambda waiting: None))
+    for drawn in ("00f067aa0ba902b7", "0" * 16):
+        ctx = RequestContext(b"GET", b"/", b"/", b"", b"1.1", [], None, b"http", "127.0.0.1", object(), 0.0)  # type: ignore[arg-type]
+        ctx.traceparent = f"00-{trace}-{drawn}-00".encode()
+        recorder.start(ctx, False)
+        server = ctx.get_state("tracing").server
+        assert server.span_id != bytes(8) and server.trace_id.hex() == trace
+        assert ctx.traceparent == f"00-{trace}-{server.span_id.hex()}-01".encode()
+        assert drawn == "0" * 16 or server.span_id.hex() == drawn
 
 
 def unordered(span: Span) -> tuple[Span, list[bytes]]:
