@@ -9,7 +9,7 @@ def test_the_same_name_at_the_same_place_is_the_same_object():
     names = FieldNames()
     first = names.lower(b"Content-Type", 0)
     assert first == b"content-type"
-    assert names.lower(bytes(b"Content-Type"), 0) is first
+    assert names.lower(b"Content-Type-"[:-1], 0) is first     # another object, equal
 
 
 def test_another_name_at_a_place_replaces_the_one_kept_there():
