@@ -68,10 +68,14 @@ def turn_for(reactor: Any) -> _Turn:
 class BatchedWriter:
     """`write(data)` for one plain TCP transport: held until the end of the turn, then sent."""
 
-    __slots__ = ("transport", "send", "queued_write", "held", "turn")
+    __slots__ = ("state", "send", "queued_write", "held", "turn")
 
     def __init__(self, transport: Any) -> None:
-        self.transport = transport
+        # The transport's attributes, read from its live `__dict__`: a lookup there costs a
+        # third of a generic attribute read (~200 instructions; seven a request and side).
+        # The class's defaults (`dataBuffer`, `disconnecting`, `_writeDisconnected`) are
+        # falsy, so a name not set on the instance yet reads as None.
+        self.state: dict[str, Any] = transport.__dict__
         self.send = transport.socket.send
         self.queued_write = transport.write
         self.held: list[bytes] = []
@@ -81,7 +85,7 @@ class BatchedWriter:
         held = self.held
         if held:
             held.append(data)
-        elif self.transport._tempDataBuffer or self.transport.dataBuffer:
+        elif self.state["_tempDataBuffer"] or self.state.get("dataBuffer"):
             self.queued_write(data)    # Twisted holds older bytes: keep the order
         elif data:
             held.append(data)
@@ -94,11 +98,11 @@ class BatchedWriter:
             return
         data = held[0] if len(held) == 1 else b"".join(held)
         held.clear()
-        transport = self.transport
-        if (not transport._tempDataBuffer and not transport.dataBuffer and transport.connected
-                and not transport.disconnecting and not transport._writeDisconnected):
+        state = self.state
+        if (not state["_tempDataBuffer"] and not state.get("dataBuffer") and state.get("connected")
+                and not state.get("disconnecting") and not state.get("_writeDisconnected")):
             try:
-                sent = self.send(data)
+                sent: int = self.send(data)
             except BlockingIOError:
                 sent = 0
             except OSError:

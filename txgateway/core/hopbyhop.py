@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["HOP_BY_HOP", "REQUEST_CONSUMED", "RESPONSE_CONSUMED", "consumed_by_transport"]
+__all__ = ["HOP_BY_HOP", "REQUEST_CONSUMED", "RESPONSE_CONSUMED", "FieldNames", "consumed_by_transport"]
 
 HOP_BY_HOP: Final = frozenset({b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade",
                                b"proxy-connection", b"proxy-authenticate", b"proxy-authorization"})
@@ -23,3 +23,38 @@ RESPONSE_CONSUMED: Final = HOP_BY_HOP | {b"content-length"}
 def consumed_by_transport(name: bytes) -> bool:
     """Whether a request header (lower case) never reaches the filters."""
     return name in REQUEST_CONSUMED or name.startswith(b"proxy-")
+
+
+class FieldNames:
+    """One connection's field names lower-cased, the same objects as its last head's at the
+    same place. A parser hands a new bytes object per field: its `lower()` (a generic method
+    call) and the first hash of the result cost ~500 instructions, a dict keyed by the raw name
+    as much (its hash, then a compare); a peer sends the same names in the same order head after
+    head, and one compare with the last head's name at that place costs ~50, the lower-case
+    object's hash kept for every later set or dict lookup."""
+
+    __slots__ = ("raw", "low")
+
+    def __init__(self) -> None:
+        self.raw: list[bytes] = []
+        self.low: list[bytes] = []
+
+    def lower(self, name: bytes, place: int) -> bytes:
+        """`name.lower()`; `place`: the field's place in its head (any count that repeats with
+        the head)."""
+        raw = self.raw
+        if place < len(raw):
+            if raw[place] == name:
+                return self.low[place]
+            low = name.lower()
+            raw[place] = name
+            self.low[place] = low
+            return low
+        low = name.lower()
+        if place == len(raw) and place < _PLACES:
+            raw.append(name)
+            self.low.append(low)
+        return low
+
+
+_PLACES: Final = 64     # fields remembered per connection

@@ -30,6 +30,7 @@ _BACKSLASH: Final = 0x5C
 _SEMICOLON: Final = 0x3B
 _DOT: Final = 0x2E
 _HASH: Final = 0x23
+_SLASH: Final = 0x2F
 
 
 class BadPath(ValueError):
@@ -132,8 +133,7 @@ class RouteTable:
     def match(self, method: bytes, path: bytes, host: bytes | None) -> Match | None:
         """The route for this request, or None (404). Raises BadPath on a path that cannot be
         routed safely. A path with none of `%`, `\\`, `//`, `/.`, `;` is already canonical."""
-        if (_PERCENT in path or _BACKSLASH in path or _SEMICOLON in path or path.find(b"//") >= 0
-                or (_DOT in path and path.find(b"/.") >= 0)):
+        if not _plain(path):
             return self._match_canonical(method, path, host)
         route = self._lookup(method, path, host)
         return None if route is None else self._rewrite(route, path)
@@ -178,8 +178,24 @@ class RouteTable:
                         return route
             if candidate == b"/":
                 return None
-            cut = candidate.rfind(b"/")
+            cut = len(candidate) - 1        # the last "/": compiled, a loop costs less than `rfind`'s call
+            while cut > 0 and candidate[cut] != _SLASH:
+                cut -= 1
             candidate = candidate[:cut] if cut > 0 else b"/"
+
+
+def _plain(path: bytes) -> bool:
+    """Whether `path` has none of `%`, `\\`, `;`, `//`, `/.`: one pass, compiled to a loop over
+    its bytes (three memchr and two `find` calls, a generic method call each, cost ~1.5k)."""
+    previous = 0
+    for i in range(len(path)):
+        byte = path[i]
+        if byte == _PERCENT or byte == _BACKSLASH or byte == _SEMICOLON:
+            return False
+        if previous == _SLASH and (byte == _SLASH or byte == _DOT):
+            return False
+        previous = byte
+    return True
 
 
 def _constrained_first(by_prefix: dict[bytes, list[Route]]) -> dict[bytes, tuple[Route, ...]]:

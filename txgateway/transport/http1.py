@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 
 from txgateway.config.schema import Limits
 from txgateway.core.fastwrite import writer_for
-from txgateway.core.hopbyhop import REQUEST_CONSUMED
+from txgateway.core.hopbyhop import REQUEST_CONSUMED, FieldNames
 from txgateway.core.pipeline import Pipeline, RequestContext, ResponseHead, Switch
 from txgateway.core.timeouts import Deadlines
 from txgateway.transport.clientcert import ClientCerts
@@ -71,7 +71,7 @@ class HTTP1Connection(Protocol):
                  "tls", "parser", "deadline", "_queue", "_parsing", "_url", "_headers", "_header_bytes",
                  "_raw_header_bytes", "_framing", "_connection_tokens", "_tunnel", "_upgrading", "_upgrade_body", "_broken",
                  "_close_after", "_chunked_out", "_no_body_out", "_cork", "_paused", "_gone", "_peer_ip", "_write",
-                 "_flush_writes", "_client_certs", "_pipelined", "_header_limit")
+                 "_flush_writes", "_client_certs", "_pipelined", "_header_limit", "_names")
 
     transport: Any  # a TCP (or TLS) transport: producer/consumer, setTcpNoDelay, abortConnection
 
@@ -93,6 +93,7 @@ class HTTP1Connection(Protocol):
         self._header_bytes = 0
         self._raw_header_bytes = 0
         self._framing: dict[bytes, bytes] = {}
+        self._names = FieldNames()
         self._connection_tokens: list[bytes] = []
         self._tunnel: Tunnel | None = None     # joined to an upstream after a WebSocket 101
         self._upgrading = False                # a handshake is out: nothing more may come before the 101
@@ -280,7 +281,7 @@ class HTTP1Connection(Protocol):
         self._header_bytes += len(name) + len(value) + 4
         if self._header_bytes > self._header_limit:
             raise _Reject(431, "HEADERS_TOO_LARGE", "request headers are too large")
-        name = name.lower()
+        name = self._names.lower(name, len(self._headers) + len(self._framing))
         # 0x70: "p", so that most names skip the (generic) startswith call
         if name in REQUEST_CONSUMED or (name[0] == 0x70 and name.startswith(b"proxy-")):
             if name == b"connection":

@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 
 from txgateway.config.schema import Target, Upstream
 from txgateway.core.fastwrite import writer_for
-from txgateway.core.hopbyhop import RESPONSE_CONSUMED
+from txgateway.core.hopbyhop import RESPONSE_CONSUMED, FieldNames
 from txgateway.transport.tls import client_creator
 
 __all__ = ["TargetPool", "UpstreamConnection", "UpstreamUser"]
@@ -68,7 +68,7 @@ class UpstreamConnection(TwistedProtocol):
 
     __slots__ = ("pool", "user", "factory", "transport", "connected", "write", "flush_writes", "parser", "reused",
                  "open", "upgrade", "tunnel", "no_body", "_reason", "_headers", "_framing", "_tokens", "_interim",
-                 "_started", "_until_close", "_ended", "_extra", "_alive")  # attribute access on the hot path (see http1.HTTP1Connection)
+                 "_started", "_until_close", "_ended", "_extra", "_alive", "_names")  # attribute access on the hot path (see http1.HTTP1Connection)
 
     transport: Any
 
@@ -88,6 +88,7 @@ class UpstreamConnection(TwistedProtocol):
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._framing: dict[bytes, bytes] = {}
+        self._names = FieldNames()
         self._tokens: list[bytes] = []
         self._interim = False
         self._started = False      # response head delivered for the current exchange
@@ -182,7 +183,7 @@ class UpstreamConnection(TwistedProtocol):
         self._reason = self._reason + status if self._reason else status   # one piece mostly: no generic add
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        low = name.lower()
+        low = self._names.lower(name, len(self._headers) + len(self._framing))
         # 0x70: "p", so that most names skip the (generic) startswith call
         if low in RESPONSE_CONSUMED or (low[0] == 0x70 and low.startswith(b"proxy-")):
             if low == b"connection":
