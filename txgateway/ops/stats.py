@@ -90,16 +90,6 @@ class _Target:
         self.latency = _Histogram()
 
 
-class _Tally:
-    """One route's count of one rate-limit outcome, bumped natively: a dict's int replaced by
-    the next one cost three dict operations and an int made and freed a request."""
-
-    __slots__ = ("count",)
-
-    def __init__(self) -> None:
-        self.count = 0
-
-
 class Stats:
     """Counters the request path updates; read by /metrics, /status and the Manhole.
 
@@ -120,12 +110,7 @@ class Stats:
         self.targets: dict[str, dict[str, _Target]] = {}   # upstream -> target URL -> its counts
         self.retries: dict[str, int] = {}                  # attempts after the first, by upstream
         self.rejected: dict[str, int] = {}                 # rate limit 429s by route
-        self.tallies: dict[str, dict[str, _Tally]] = {}    # rate limit outcomes (access log's rate_limit) by route
-        # The last request's route and outcome and their tally: a limited route's requests
-        # mostly repeat one (allowed), so two identity checks find it.
-        self._tally_route = ""
-        self._tally_outcome = ""
-        self._tally: _Tally | None = None
+        self.decisions: dict[str, dict[str, int]] = {}     # rate limit outcomes (access log's rate_limit) by route
 
     @property
     def in_flight(self) -> int:
@@ -151,28 +136,12 @@ class Stats:
             self.observe_upstream(ctx)
         outcome = ctx.rate_limit
         if outcome is not None:
-            tally = self._tally
-            if tally is None or outcome is not self._tally_outcome or route is not self._tally_route:
-                tally = self._tally_of(route, outcome)
-            tally.count += 1
+            decisions = self.decisions.get(route)
+            if decisions is None:
+                decisions = self.decisions[route] = {}
+            decisions[outcome] = decisions.get(outcome, 0) + 1
         if status == 429 and ctx.error_code == "RATE_LIMITED":
             self.rejected[route] = self.rejected.get(route, 0) + 1
-
-    def _tally_of(self, route: str, outcome: str) -> _Tally:
-        outcomes = self.tallies.get(route)
-        if outcomes is None:
-            outcomes = self.tallies[route] = {}
-        tally = outcomes.get(outcome)
-        if tally is None:
-            tally = outcomes[outcome] = _Tally()
-        self._tally_route, self._tally_outcome, self._tally = route, outcome, tally
-        return tally
-
-    @property
-    def decisions(self) -> dict[str, dict[str, int]]:
-        """Rate-limit outcomes (the access log's rate_limit) by route: counts by outcome."""
-        return {route: {outcome: tally.count for outcome, tally in outcomes.items()}
-                for route, outcomes in self.tallies.items()}
 
     def observe_upstream(self, ctx: RequestContext) -> None:
         """An upstream exchange's counts by target: a proxied request's, a composed call's."""
@@ -245,8 +214,7 @@ class Stats:
         _add_counts(self.retries, snapshot["retries"])
         _add_counts(self.rejected, snapshot["rejected"])
         for route, outcomes in snapshot["decisions"].items():
-            for outcome, count in outcomes.items():
-                self._tally_of(route, outcome).count += count
+            _add_counts(self.decisions.setdefault(route, {}), outcomes)
 
     def by_status_class(self) -> dict[str, int]:
         out: dict[str, int] = {}
