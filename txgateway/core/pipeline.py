@@ -128,7 +128,7 @@ class RequestContext:
         "client_ip", "content_length", "chunked", "keep_alive", "expect_continue", "start",
         "correlation_id", "route", "upstream_path", "downstream", "pending", "status", "error_code",
         "upstream", "target_url", "upstream_start", "upstream_ms", "bytes_in", "bytes_out",
-        "response_started", "done", "identity", "notes", "log_field", "log_value", "forwarding", "state_name", "state_first", "state", "upgrade",
+        "response_started", "done", "identity", "rate_limit", "notes", "log_field", "log_value", "forwarding", "state_name", "state_first", "state", "upgrade",
         "chain", "end",
         "error_detail", "upstream_status", "upstream_addr", "retries", "traceparent", "held_head",
     )
@@ -174,6 +174,10 @@ class RequestContext:
         self.response_started = False
         self.done = False
         self.identity: Any = None
+        # The limit step's outcome (allowed, rejected, local:...): the access log's `rate_limit`
+        # field and stats' per-route counts read it. A slot, not a note: a limited route's
+        # every request would otherwise make a notes dict.
+        self.rate_limit: str | None = None
         self.notes: dict[str, Any] | None = None   # access-log fields added by filters (`note`)
         # A field for the log alone (`log_note`), when it came before any note: no dict for it.
         self.log_field = ""

@@ -127,7 +127,7 @@ _QUOTED = {
 }
 FIELDS: tuple[str, ...] = tuple(_QUOTED)
 # Notes with fields of their own above; any other note a filter adds follows the fields.
-_NOTED: Final = frozenset({"rate_limit", "breaker", "upstream_error"})
+_NOTED: Final = frozenset({"breaker", "upstream_error"})
 # Query parameters whose values the log shows as REDACTED unless `access_log_redact:` says otherwise.
 DEFAULT_REDACT: tuple[str, ...] = ("access_token", "api_key", "apikey", "password", "secret", "token")
 
@@ -218,6 +218,31 @@ def _repeated_json(value: Any) -> str:
     if isinstance(value, str):
         return _repeated_string(value)
     return _json(value)
+
+
+class _LastText:
+    """The JSON text of the last value given, kept while the same string object comes again:
+    a client's requests carry one identity, whose user id is the same object line after line,
+    and a limit outcome is one of a few constants. One identity check instead of the
+    repeated-strings lookup (a hash and a dict probe)."""
+
+    __slots__ = ("value", "text")
+
+    def __init__(self) -> None:
+        self.value: Any = None
+        self.text = ""
+
+    def of(self, value: Any) -> str:
+        if value is self.value:
+            return self.text
+        text = _repeated_json(value)
+        if isinstance(value, str):      # a string cannot change since
+            self.value, self.text = value, text
+        return text
+
+
+_USER_ID: Final = _LastText()
+_RATE_LIMIT: Final = _LastText()
 
 
 _THOUSANDTHS: Final[tuple[str, ...]] = tuple(".%03d" % i for i in range(1000))   # ".000" ... ".999"
@@ -324,10 +349,10 @@ class AccessRecord:
             _int_text(retries),
             _int_text(bytes_in),
             _int_text(bytes_out),
-            "null" if user_id is None else _repeated_json(user_id),
+            "null" if user_id is None else _USER_ID.of(user_id),
             "null" if user_agent is None else esc(user_agent),
             "null" if referer is None else esc(referer),
-            "null" if rate_limit is None else _repeated_json(rate_limit),
+            "null" if rate_limit is None else _RATE_LIMIT.of(rate_limit),
             "null" if breaker is None else _json(breaker),
             "null" if error is None else _json(error),
             "null" if detail is None else _json(detail),
@@ -445,7 +470,7 @@ class AccessLog:
             ctx.identity.user_id if ctx.identity is not None else None,
             None if user_agent is None else user_agent.decode("latin-1"),
             None if referer is None else referer.decode("latin-1"),
-            own.get("rate_limit") if own else None,
+            ctx.rate_limit,
             own.get("breaker") if own else None,
             ctx.error_code,
             detail if detail is not None else ctx.error_detail,

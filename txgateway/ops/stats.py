@@ -134,14 +134,12 @@ class Stats:
         transferred[1] += ctx.bytes_out
         if ctx.upstream is not None and ctx.target_url is not None:
             self.observe_upstream(ctx)
-        notes = ctx.notes
-        if notes is not None:
-            outcome = notes.get("rate_limit")
-            if outcome is not None:
-                decisions = self.decisions.get(route)
-                if decisions is None:
-                    decisions = self.decisions[route] = {}
-                decisions[outcome] = decisions.get(outcome, 0) + 1
+        outcome = ctx.rate_limit
+        if outcome is not None:
+            decisions = self.decisions.get(route)
+            if decisions is None:
+                decisions = self.decisions[route] = {}
+            decisions[outcome] = decisions.get(outcome, 0) + 1
         if status == 429 and ctx.error_code == "RATE_LIMITED":
             self.rejected[route] = self.rejected.get(route, 0) + 1
 

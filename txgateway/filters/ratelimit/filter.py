@@ -350,13 +350,13 @@ class RateLimitFilter:
     def _answer(self, ctx: RequestContext, headers: PolicyHeaders, allowed: bool, remaining: float,
                 per_second: float, burst: int, fallback: str | None) -> LocalResponse | None:
         """A decision's effects: the limit headers for the response (none when on_redis_error
-        let the request through unlimited or refused it: no numbers to tell), the access log's
-        note, and a refusal's answer. The fields are the request's state: the head hook sends them."""
+        let the request through unlimited or refused it: no numbers to tell), the outcome the
+        access log and stats read, and a refusal's answer. The fields are the request's state: the head hook sends them."""
         if fallback is None or fallback == "local":
             # A shared bucket in debt shows 0 remaining.
             ctx.set_state("rate_limit", headers.fields(max(0, int(remaining + _SLACK)),
                                                        reset_seconds(remaining, per_second, burst)))
-        ctx.note("rate_limit", outcome(allowed, fallback))
+        ctx.rate_limit = outcome(allowed, fallback)
         if allowed:
             return None
         if fallback == "deny":
