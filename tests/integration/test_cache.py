@@ -16,7 +16,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from tests.conftest import Upstream, assert_envelope, listen, parse_responses, quiet_site, raw, until
-from txgateway.filters.cache.store import cache_key
+from txgateway.filters.cache.store import cache_key, key_parts
 
 
 class Origin(Resource):
@@ -392,13 +392,23 @@ async def test_a_flood_of_unique_query_strings_stays_under_max_memory(gateway, o
     assert (await fetch(gw, "/q?n=299")).header("x-cache") == "HIT"
 
 
-def misses(port: int, first: int, count: int) -> None:
-    """`count` GETs of `/s?n=<a number of its own>` over one keep-alive connection (in a thread)."""
+def misses(port: int, first: int, count: int, path: str = "/s") -> None:
+    """`count` GETs of `<path>?n=<a number of its own>` over one keep-alive connection (in a thread)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     for n in range(first, first + count):
-        conn.request("GET", f"/s?n={n}", headers={"Host": "a.example"})
+        conn.request("GET", f"{path}?n={n}", headers={"Host": "a.example"})
         response = conn.getresponse()
         assert response.status == 200 and response.read() == b"{}" and response.getheader("x-cache") == "MISS"
+    conn.close()
+
+
+def hits(port: int, targets: list[str]) -> None:
+    """A GET of each target, every one answered from the store (in a thread)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    for target in targets:
+        conn.request("GET", target, headers={"Host": "a.example"})
+        response = conn.getresponse()
+        assert response.status == 200 and response.read() == b"{}" and response.getheader("x-cache") == "HIT"
     conn.close()
 
 
@@ -416,16 +426,26 @@ async def test_a_flood_of_small_unique_answers_keeps_the_memory_the_store_holds_
     res, url = origin
     res.answers[b"/s"] = (200, [(b"Cache-Control", b"max-age=600, public"), (b"Content-Type", b"application/json")],
                           b"{}")
+    res.answers[b"/nostore"] = (200, [(b"Cache-Control", b"no-store"), (b"Content-Type", b"application/json")], b"{}")
     bound = 256 * 1024
     gw = await gateway(config(url, top="cache: {max_memory: 256KiB}"), clock=Clock())
     store = gw.gateway.durable["cache"]
     await deferToThread(misses, gw.port, 0, 50)        # warm: pools, threads, the gateway's own caches
     tracemalloc.start()
     try:
+        # Answers not stored, more than a block of request ids (core/ids.py: 512 at a time): the
+        # blocks in use are then ones made under tracemalloc, so a new block in the counted window
+        # frees a traced one of its size. Else the first new block's ~64 KiB counts as held while
+        # the untraced one it replaced does not count as freed.
+        await deferToThread(misses, gw.port, 0, 600, "/nostore")
         res.seen.clear()
         gw.log.clear()
         before = held_bytes()
         await deferToThread(misses, gw.port, 50, 1500)
+        # One hit on each stored answer: its HTTP/1.1 head is made by its first hit, and counted
+        # in the store's bytes from the start (a hit never grows the store past max_memory).
+        stored = [parts[2] + parts[3] for parts in map(key_parts, store.keys())]
+        await deferToThread(hits, gw.port, [target.decode() for target in stored])
         res.seen.clear()
         gw.log.clear()
         grown = held_bytes() - before
@@ -434,8 +454,9 @@ async def test_a_flood_of_small_unique_answers_keeps_the_memory_the_store_holds_
     assert store.evictions > 200 and not store.inflight
     entries = store.counts("/").entries
     print(f"{entries} entries, {store.bytes} counted, {grown} held: {grown / entries:.0f} a stored answer")
-    # Within max_memory, and not far below it: the count is honest, not a guess on the safe side.
-    assert 0.7 * bound <= grown <= bound + 16 * 1024
+    # Within max_memory, and not far below it: the count is honest, not a guess on the safe side
+    # (measured: 0.88 of it compiled, 0.94 uncompiled).
+    assert 0.8 * bound <= grown <= bound + 16 * 1024
 
 
 @pytest_twisted.ensureDeferred
