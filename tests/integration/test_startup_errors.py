@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -108,8 +109,13 @@ def test_daemonised_the_start_fails_at_once_and_the_log_has_the_line(tmp_path, h
     assert result.returncode == 1, result.stderr
     assert result.stderr.startswith(f"An error has occurred: b'txgateway.transport.endpoints.ListenerError: listen[0] "
                                     f"({endpoint}) cannot"), result.stderr
+    # The line is logged before the parent is told, so it is there when the parent has exited.
     assert_one_line(subprocess.CompletedProcess([], 1, log.read_text(), ""),
                     f"listen[0] ({endpoint}) cannot listen on 127.0.0.1:{held}: {IN_USE}")
+    # twistd removes the pid file after telling the parent: wait (bounded) for the child to do it.
+    deadline = time.monotonic() + 10
+    while pid.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert not pid.exists()
 
 

@@ -70,10 +70,12 @@ class _Daemon(ProcessRoot):
             super().privilegedStartService()
         except (ListenerError, CannotListenError) as e:    # CannotListenError: a demo upstream's
             message = f"txgateway: {e if isinstance(e, ListenerError) else cannot_listen(e)}"
-            # twistd must see the exception: it removes the pid file and tells the parent of a
-            # daemonised process, which waits until told. The interpreter then prints this one
-            # line where it would print the traceback (stderr, which twistd logs).
-            sys.excepthook = lambda *exc_info: print(message, file=sys.stderr)
+            # Said now, on stderr (which twistd logs), so the line is in the log file before the
+            # parent of a daemonised process is told and exits. twistd must still see the
+            # exception: it tells that parent and removes the pid file. The interpreter then
+            # prints nothing where it would print the traceback.
+            print(message, file=sys.stderr)
+            sys.excepthook = lambda *exc_info: None
             raise ListenerError(message[len("txgateway: "):]) from None
 
 
