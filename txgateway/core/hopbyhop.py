@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["HOP_BY_HOP", "REQUEST_CONSUMED", "RESPONSE_CONSUMED", "FieldNames", "consumed_by_transport"]
+__all__ = ["HOP_BY_HOP", "NO_FIELDS", "NO_FRAMING", "NO_TOKENS", "REQUEST_CONSUMED", "RESPONSE_CONSUMED", "FieldNames",
+           "consumed_by_transport"]
 
 HOP_BY_HOP: Final = frozenset({b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade",
                                b"proxy-connection", b"proxy-authenticate", b"proxy-authorization"})
@@ -18,6 +19,14 @@ HOP_BY_HOP: Final = frozenset({b"connection", b"keep-alive", b"te", b"trailer", 
 REQUEST_CONSUMED: Final = HOP_BY_HOP | {b"content-length", b"host", b"expect"}
 # Taken out of an upstream's response before the response hooks.
 RESPONSE_CONSUMED: Final = HOP_BY_HOP | {b"content-length"}
+
+# What a connection's parser state points to between messages, so that a message's lists go
+# when it has been read (in the cache) rather than when the next one begins: after hundreds of
+# other requests at 256 connections (docs/performance.md). Each message begins with new ones;
+# nothing adds to these.
+NO_FIELDS: Final[list[tuple[bytes, bytes]]] = []
+NO_FRAMING: Final[dict[bytes, bytes]] = {}
+NO_TOKENS: Final[list[bytes]] = []
 
 
 def consumed_by_transport(name: bytes) -> bool:

@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 
 from txgateway.config.schema import Limits
 from txgateway.core.fastwrite import writer_for
-from txgateway.core.hopbyhop import REQUEST_CONSUMED, FieldNames
+from txgateway.core.hopbyhop import NO_FIELDS, NO_FRAMING, NO_TOKENS, REQUEST_CONSUMED, FieldNames
 from txgateway.core.pipeline import Pipeline, RequestContext, ResponseHead, Switch
 from txgateway.core.timeouts import Deadlines
 from txgateway.transport.clientcert import ClientCerts
@@ -367,6 +367,8 @@ class HTTP1Connection(Protocol):
             pipeline = self.pipeline = self.factory.switch.pipeline
             self.limits = pipeline.limits
             pipeline.handle(ctx)
+        # The head's parse is done with: what only it used goes now (see NO_FIELDS).
+        self._framing, self._connection_tokens, self._headers = NO_FRAMING, NO_TOKENS, NO_FIELDS
 
     def on_body(self, data: bytes) -> None:
         incoming = self._parsing

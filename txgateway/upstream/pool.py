@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 
 from txgateway.config.schema import Target, Upstream
 from txgateway.core.fastwrite import writer_for
-from txgateway.core.hopbyhop import RESPONSE_CONSUMED, FieldNames
+from txgateway.core.hopbyhop import NO_FIELDS, NO_FRAMING, NO_TOKENS, RESPONSE_CONSUMED, FieldNames
 from txgateway.transport.tls import client_creator
 
 __all__ = ["TargetPool", "UpstreamConnection", "UpstreamUser"]
@@ -260,6 +260,8 @@ class UpstreamConnection(TwistedProtocol):
         return self._alive or self.parser.get_http_version() == "1.1" or b"keep-alive" in self._tokens
 
     def _complete(self, reusable: bool) -> None:
+        # The response's parse is done with: what only it used goes now (see NO_FIELDS).
+        self._headers, self._framing, self._tokens, self._reason = NO_FIELDS, NO_FRAMING, NO_TOKENS, b""
         user, self.user = self.user, None
         self._started = False
         if user is not None:
