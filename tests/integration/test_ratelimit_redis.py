@@ -174,7 +174,7 @@ def no_tracebacks(events: list[dict[str, Any]]) -> None:
 async def test_headers_429_envelope_and_the_redis_key_expiring_when_full(reactor, echo, gateway, redis_server):
     gw = await gateway(config(echo.url, url(redis_server), """\
   - {prefix: /api/slow, upstream: u, rate_limit: {rate: 3/day}}
-  - {prefix: /api/fast, upstream: u, rate_limit: {rate: 5/second, burst: 2}}"""))
+  - {prefix: /api/fast, upstream: u, rate_limit: {rate: 5/second, burst: 2}}""", timeout=PATIENT))
     # 3/day: one token per 28800 s, so the few milliseconds between requests never show.
     for remaining in (2, 1, 0):
         r = await get(gw, "/api/slow")
@@ -271,7 +271,8 @@ class SkewedClock:
 async def test_refill_follows_redis_time_not_the_gateway_clock(reactor, echo, gateway, redis_server):
     clock = SkewedClock(reactor, -86400.0)               # a day behind, then jumping forward an hour
     gw = await gateway(config(echo.url, url(redis_server),
-                              "  - {prefix: /api, upstream: u, rate_limit: {rate: 2/second, burst: 1}}"), clock=clock)
+                              "  - {prefix: /api, upstream: u, rate_limit: {rate: 2/second, burst: 1}}",
+                              timeout=PATIENT), clock=clock)
     first_sent = time.monotonic()
     assert await statuses(gw, 2) == [200, 429]
     clock.skew += 3600                                   # a gateway clock jumping an hour refills nothing
@@ -292,7 +293,7 @@ async def test_refill_follows_redis_time_not_the_gateway_clock(reactor, echo, ga
 @pytest_twisted.ensureDeferred
 async def test_decisions_stay_right_after_script_flush(reactor, echo, gateway, redis_server, events):
     gw = await gateway(config(echo.url, url(redis_server) + ", pool_size: 1",
-                              "  - {prefix: /api, upstream: u, rate_limit: {rate: 3/hour}}"))
+                              "  - {prefix: /api, upstream: u, rate_limit: {rate: 3/hour}}", timeout=PATIENT))
     assert await statuses(gw, 2) == [200, 200]           # the script is loaded: EVALSHA from now on
 
     async def noscript_errors() -> int:
@@ -451,7 +452,8 @@ async def test_a_sleeping_redis_is_not_waited_for(reactor, echo, gateway, debug_
 @pytest_twisted.ensureDeferred
 async def test_a_huge_or_binary_header_key_is_hashed_into_a_bounded_redis_key(reactor, echo, gateway, redis_server, value):
     gw = await gateway(config(echo.url, url(redis_server),
-                              "  - {prefix: /api, upstream: u, rate_limit: {key: 'header:X-Tenant', rate: 2/hour}}"))
+                              "  - {prefix: /api, upstream: u, rate_limit: {key: 'header:X-Tenant', rate: 2/hour}}",
+                              timeout=PATIENT))
     rs = [await get(gw, tenant=value) for _ in range(3)]
     assert [r.status for r in rs] == [200, 200, 429]
     assert limits(rs[1]) == expected("/api", 2, 3600, 0, 3600)
@@ -478,7 +480,7 @@ async def test_a_password_protected_redis(reactor, echo, gateway, password_serve
     route = "  - {prefix: /api, upstream: u, rate_limit: {key: 'header:X-Tenant', rate: 2/hour}}"
     with pytest.raises(RedisReplyError):
         await redis(password_server, "PING", auth=False)          # it really wants the password
-    gw = await gateway(config(echo.url, url(password_server), route))
+    gw = await gateway(config(echo.url, url(password_server), route, timeout=PATIENT))
     assert await statuses(gw, 3, tenant="t") == [200, 200, 429]
     assert await redis(password_server, "EXISTS", tenant_key("t")) == 1
     assert gw.gateway.redis.state["state"] == "up"
