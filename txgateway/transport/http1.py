@@ -39,6 +39,9 @@ _MAX_QUEUED: Final = 16             # pipelined requests waiting behind the acti
 _MAX_BUFFERED: Final = 256 * 1024   # request body bytes held while waiting; reading pauses above
 _MAX_PIPELINED: Final = 64 * 1024   # bytes read behind a request waiting for its answer; reading pauses above
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Every client connection's field names in one table: one per connection was cold at 256 connections
+# (two list reads a field, ~17 simulated L2 misses a request; docs/performance.md, "foot").
+_NAMES: Final = FieldNames()
 _VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0", "0.9": b"0.9", "2.0": b"2.0"}   # all llhttp accepts, as bytes
 
 
@@ -71,7 +74,7 @@ class HTTP1Connection(Protocol):
                  "tls", "parser", "deadline", "_queue", "_parsing", "_url", "_headers", "_header_bytes",
                  "_raw_header_bytes", "_framing", "_connection_tokens", "_tunnel", "_upgrading", "_upgrade_body", "_broken",
                  "_close_after", "_chunked_out", "_no_body_out", "_cork", "_paused", "_gone", "_peer_ip", "_write",
-                 "_flush_writes", "_client_certs", "_pipelined", "_header_limit", "_names")
+                 "_flush_writes", "_client_certs", "_pipelined", "_header_limit")
 
     transport: Any  # a TCP (or TLS) transport: producer/consumer, setTcpNoDelay, abortConnection
 
@@ -93,7 +96,6 @@ class HTTP1Connection(Protocol):
         self._header_bytes = 0
         self._raw_header_bytes = 0
         self._framing: dict[bytes, bytes] = {}
-        self._names = FieldNames()
         self._connection_tokens: list[bytes] = []
         self._tunnel: Tunnel | None = None     # joined to an upstream after a WebSocket 101
         self._upgrading = False                # a handshake is out: nothing more may come before the 101
@@ -281,7 +283,7 @@ class HTTP1Connection(Protocol):
         self._header_bytes += len(name) + len(value) + 4
         if self._header_bytes > self._header_limit:
             raise _Reject(431, "HEADERS_TOO_LARGE", "request headers are too large")
-        name = self._names.lower(name, len(self._headers) + len(self._framing))
+        name = _NAMES.lower(name, len(self._headers) + len(self._framing))
         # 0x70: "p", so that most names skip the (generic) startswith call
         if name in REQUEST_CONSUMED or (name[0] == 0x70 and name.startswith(b"proxy-")):
             if name == b"connection":
