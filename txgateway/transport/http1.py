@@ -105,7 +105,9 @@ class HTTP1Connection(Protocol):
         self._close_after = False
         self._chunked_out = False
         self._no_body_out = False
-        self._cork = b""
+        # A response head's pieces, joined with the first body bytes (or alone at flush/finish):
+        # one join, no head bytes object made and then copied again with the body (docs/performance.md, "foot").
+        self._cork: list[bytes] | None = None
         self._paused = False
         self._gone = False
         self._peer_ip = ""
@@ -166,8 +168,9 @@ class HTTP1Connection(Protocol):
 
     def start_tunnel(self, ctx: RequestContext, upstream: Any) -> Tunnel:
         self.factory.deadlines.discard(self)
-        cork, self._cork = self._cork, b""
-        self._write(cork)                               # the 101 head
+        cork, self._cork = self._cork, None
+        if cork is not None:
+            self._write(b"".join(cork))                 # the 101 head
         self._flush_writes()        # out before the tunnel writes to the transport directly
         tunnel = self._tunnel = Tunnel(ctx, self.pipeline, self.transport, upstream, self.factory.deadlines,
                                        self.limits.idle_timeout)
@@ -452,7 +455,7 @@ class HTTP1Connection(Protocol):
         if status == 101 and ctx.upgrade is not None:
             # Switching protocols: no framing; start_tunnel sends it.
             parts.append(b"connection: upgrade\r\nupgrade: %s\r\n\r\n" % ctx.upgrade)
-            self._cork = b"".join(parts)
+            self._cork = parts
             return
         # An answer before the request body was read (401, 413, an early upstream reply)
         # leaves unread bytes behind: the connection cannot carry another request.
@@ -478,7 +481,7 @@ class HTTP1Connection(Protocol):
         parts.append(b"\r\n")
         self._close_after = close
         # Corked: the head leaves with the first body bytes, or at flush/finish.
-        self._cork = b"".join(parts)
+        self._cork = parts
 
     def send_body(self, ctx: RequestContext, data: bytes) -> None:
         if self._no_body_out or self._gone or self._queue[0].ctx is not ctx:
@@ -486,23 +489,32 @@ class HTTP1Connection(Protocol):
         ctx.bytes_out += len(data)
         if self._chunked_out:
             data = b"%x\r\n%s\r\n" % (len(data), data)
-        if self._cork:
-            data, self._cork = self._cork + data, b""
+        cork = self._cork
+        if cork is not None:
+            self._cork = None
+            cork.append(data)
+            data = b"".join(cork)
         self._write(data)
 
     def flush(self, ctx: RequestContext) -> None:
         """Send a corked response head now (the body may take a while)."""
-        if self._cork and not self._gone:
-            cork, self._cork = self._cork, b""
-            self._write(cork)
+        cork = self._cork
+        if cork is not None and not self._gone:
+            self._cork = None
+            self._write(b"".join(cork))
 
     def finish(self, ctx: RequestContext) -> None:
         if self._gone or not self._queue or self._queue[0].ctx is not ctx:
             return
         tail = b"0\r\n\r\n" if self._chunked_out and not self._no_body_out else b""
-        if self._cork or tail:
-            cork, self._cork = self._cork, b""
-            self._write(cork + tail)
+        cork = self._cork
+        if cork is not None:
+            self._cork = None
+            if tail:
+                cork.append(tail)
+            self._write(b"".join(cork))
+        elif tail:
+            self._write(tail)
         incoming = self._queue.popleft()
         self.pipeline.finished(ctx)
         if self._close_after or (not incoming.complete and ctx.has_body) or (self._broken and not self._queue):
