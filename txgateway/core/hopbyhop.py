@@ -35,12 +35,15 @@ def consumed_by_transport(name: bytes) -> bool:
 
 
 class FieldNames:
-    """One connection's field names lower-cased, the same objects as its last head's at the
-    same place. A parser hands a new bytes object per field: its `lower()` (a generic method
-    call) and the first hash of the result cost ~500 instructions, a dict keyed by the raw name
-    as much (its hash, then a compare); a peer sends the same names in the same order head after
-    head, and one compare with the last head's name at that place costs ~50, the lower-case
-    object's hash kept for every later set or dict lookup."""
+    """Field names lower-cased, the same objects as the last head's at the same place. A
+    parser hands a new bytes object per field: its `lower()` (a generic method call) and the
+    first hash of the result cost ~500 instructions, a dict keyed by the raw name as much (its
+    hash, then a compare); peers send the same names in the same order head after head, and one
+    compare with the last head's name at that place costs ~50, the lower-case object's hash kept
+    for every later set or dict lookup. One per side (every client connection's, every upstream
+    connection's), not one per connection: a connection's own was cold by its next head at 256
+    connections (docs/performance.md, "foot"). Peers sending other names at a place cost a
+    `lower()` each time they alternate, never a wrong name."""
 
     __slots__ = ("raw", "low")
 

@@ -71,7 +71,9 @@ class TrustedProxies:
 # request from one address (a connection's is one string object, its hash kept), made once
 # per address (bounded; past it, per request) and per scheme.
 _FORWARDED_MAX: Final = 4096
-_PROTOS: Final[dict[bytes, tuple[bytes, bytes]]] = {s: (b"x-forwarded-proto", s) for s in (b"http", b"https")}
+# Held as `Field` (an object), not `tuple[bytes, bytes]`: compiled, that one is unboxed and every
+# request boxed two new tuples of it, one for the `or` and one to append (docs/performance.md, "foot").
+_PROTOS: Final[dict[bytes, Field]] = {s: (b"x-forwarded-proto", s) for s in (b"http", b"https")}
 
 
 class ForwardingHeaders:
@@ -96,7 +98,7 @@ class ForwardingHeaders:
         self.gate = gate
         self._ids = RequestIds(b"01" if gate is None else b"00")
         self._hosts: set[bytes] = set()     # Host values found valid (bounded)
-        self._forwarded_for: dict[str, tuple[bytes, bytes]] = {}     # peer address -> its header (bounded)
+        self._forwarded_for: dict[str, Field] = {}     # peer address -> its header (bounded; `Field`: see _PROTOS)
 
     def on_request(self, ctx: RequestContext) -> LocalResponse | None:
         incoming_cid = incoming_trace = xff = xfp = xfh = None
@@ -142,12 +144,14 @@ class ForwardingHeaders:
         if trusted and xff:
             kept.append((b"x-forwarded-for", xff + b", " + peer.encode()))
         else:
-            kept.append(self._forwarded_for.get(peer) or self._peer_header(peer))
+            forwarded = self._forwarded_for.get(peer)
+            kept.append(forwarded if forwarded is not None else self._peer_header(peer))
         if trusted and xfp:
             kept.append((b"x-forwarded-proto", xfp))
         else:
             scheme = ctx.scheme
-            kept.append(_PROTOS.get(scheme) or (b"x-forwarded-proto", scheme))
+            proto = _PROTOS.get(scheme)
+            kept.append(proto if proto is not None else (b"x-forwarded-proto", scheme))
         ctx.headers = cast("list[tuple[bytes, bytes]]", kept)
         if single > 1:
             return error_response(ctx, 400, "BAD_REQUEST", "more than one Authorization header")
@@ -159,8 +163,8 @@ class ForwardingHeaders:
             kept.append((b"x-forwarded-host", host))
         return None
 
-    def _peer_header(self, peer: str) -> tuple[bytes, bytes]:
-        header = (b"x-forwarded-for", peer.encode())
+    def _peer_header(self, peer: str) -> Field:
+        header: Field = (b"x-forwarded-for", peer.encode())
         if len(self._forwarded_for) < _FORWARDED_MAX:
             self._forwarded_for[peer] = header
         return header
@@ -217,7 +221,9 @@ class _CompiledRules:
         self.regex = re.compile(b"^(?:" + b"|".join(patterns) + b")$") if patterns else None
         self.extra = [(n.lower(), v) for n, v in rules.set + rules.add]
         self.extra_names = frozenset(n for n, _ in self.extra)
-        self.defaults = tuple((n.lower(), v) for n, v in defaults)  # added only when absent
+        # added only when absent; `Field`s, appended as they are (see _PROTOS: a `tuple[bytes, bytes]`
+        # item was boxed anew per response, three new tuples a response for the security headers)
+        self.defaults: tuple[Field, ...] = tuple((n.lower(), v) for n, v in defaults)
         self.default_names = frozenset(n for n, _ in self.defaults)
         # One dict lookup a header instead of a set lookup for each kind (removal wins).
         self.marks = {**{n: _DEFAULT for n in self.default_names}, **{n: _DROP for n in self.drop}}
@@ -260,7 +266,7 @@ class _CompiledRules:
             for default in self.defaults:   # a loop, not a generator: one object fewer per response
                 name = default[0]
                 if (present is None or name not in present) and name not in extra_names:
-                    headers.append(default)
+                    cast("list[Field]", headers).append(default)
         return headers
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 from urllib.parse import unquote_to_bytes
 
 import orjson
@@ -433,11 +433,15 @@ class AccessLog:
         user_agent: bytes | None = None
         referer: bytes | None = None
         if layout.headers:
-            for name, value in ctx.headers:
+            # Each field as a tuple object, its value read only when it is one of these: a
+            # `tuple[bytes, bytes]` loop unpacks (touches) every value, cold at 256 connections
+            # (docs/performance.md, "foot").
+            for field in cast("list[tuple[bytes, ...]]", ctx.headers):
+                name = field[0]
                 if name[0] == 117 and name == b"user-agent":     # 117: "u"
-                    user_agent = value
+                    user_agent = field[1]
                 elif name[0] == 114 and name == b"referer":    # 114: "r"
-                    referer = value
+                    referer = field[1]
         extra = _extra(notes) if notes else None
         # Notes with fields of their own are looked for only when there are some: `_extra`
         # hands back the notes themselves when none has (a cached route's `cache` alone).

@@ -12,6 +12,7 @@ more than that while its upstream is slow.
 
 from __future__ import annotations
 
+import sys
 from collections import deque
 from typing import Any, Final, cast
 from weakref import WeakSet
@@ -39,6 +40,9 @@ _MAX_QUEUED: Final = 16             # pipelined requests waiting behind the acti
 _MAX_BUFFERED: Final = 256 * 1024   # request body bytes held while waiting; reading pauses above
 _MAX_PIPELINED: Final = 64 * 1024   # bytes read behind a request waiting for its answer; reading pauses above
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Every client connection's field names in one table: one per connection was cold at 256 connections
+# (two list reads a field, ~17 simulated L2 misses a request; docs/performance.md, "foot").
+_NAMES: Final = FieldNames()
 _VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0", "0.9": b"0.9", "2.0": b"2.0"}   # all llhttp accepts, as bytes
 
 
@@ -71,7 +75,7 @@ class HTTP1Connection(Protocol):
                  "tls", "parser", "deadline", "_queue", "_parsing", "_url", "_headers", "_header_bytes",
                  "_raw_header_bytes", "_framing", "_connection_tokens", "_tunnel", "_upgrading", "_upgrade_body", "_broken",
                  "_close_after", "_chunked_out", "_no_body_out", "_cork", "_paused", "_gone", "_peer_ip", "_write",
-                 "_flush_writes", "_client_certs", "_pipelined", "_header_limit", "_names")
+                 "_flush_writes", "_client_certs", "_pipelined", "_header_limit")
 
     transport: Any  # a TCP (or TLS) transport: producer/consumer, setTcpNoDelay, abortConnection
 
@@ -93,7 +97,6 @@ class HTTP1Connection(Protocol):
         self._header_bytes = 0
         self._raw_header_bytes = 0
         self._framing: dict[bytes, bytes] = {}
-        self._names = FieldNames()
         self._connection_tokens: list[bytes] = []
         self._tunnel: Tunnel | None = None     # joined to an upstream after a WebSocket 101
         self._upgrading = False                # a handshake is out: nothing more may come before the 101
@@ -102,7 +105,9 @@ class HTTP1Connection(Protocol):
         self._close_after = False
         self._chunked_out = False
         self._no_body_out = False
-        self._cork = b""
+        # A response head's pieces, joined with the first body bytes (or alone at flush/finish):
+        # one join, no head bytes object made and then copied again with the body (docs/performance.md, "foot").
+        self._cork: list[bytes] | None = None
         self._paused = False
         self._gone = False
         self._peer_ip = ""
@@ -115,7 +120,10 @@ class HTTP1Connection(Protocol):
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
-        self._peer_ip = getattr(peer, "host", "") or ""
+        # One string object per address, whichever connection: a connection's own was cold by
+        # its next request at 256 connections, and each lookup by it (trusted proxies, the
+        # X-Forwarded-For made per peer, the access log) read it (docs/performance.md, "foot").
+        self._peer_ip = sys.intern(getattr(peer, "host", "") or "")
         self._write, self._flush_writes = writer_for(self.transport)
         if hasattr(self.transport, "setTcpNoDelay"):
             self.transport.setTcpNoDelay(True)
@@ -160,8 +168,9 @@ class HTTP1Connection(Protocol):
 
     def start_tunnel(self, ctx: RequestContext, upstream: Any) -> Tunnel:
         self.factory.deadlines.discard(self)
-        cork, self._cork = self._cork, b""
-        self._write(cork)                               # the 101 head
+        cork, self._cork = self._cork, None
+        if cork is not None:
+            self._write(b"".join(cork))                 # the 101 head
         self._flush_writes()        # out before the tunnel writes to the transport directly
         tunnel = self._tunnel = Tunnel(ctx, self.pipeline, self.transport, upstream, self.factory.deadlines,
                                        self.limits.idle_timeout)
@@ -281,7 +290,7 @@ class HTTP1Connection(Protocol):
         self._header_bytes += len(name) + len(value) + 4
         if self._header_bytes > self._header_limit:
             raise _Reject(431, "HEADERS_TOO_LARGE", "request headers are too large")
-        name = self._names.lower(name, len(self._headers) + len(self._framing))
+        name = _NAMES.lower(name, len(self._headers) + len(self._framing))
         # 0x70: "p", so that most names skip the (generic) startswith call
         if name in REQUEST_CONSUMED or (name[0] == 0x70 and name.startswith(b"proxy-")):
             if name == b"connection":
@@ -406,7 +415,8 @@ class HTTP1Connection(Protocol):
         self._deadlines.discard(self)
         incoming = self._parsing
         if incoming is None or incoming is _placeholder or incoming not in self._queue:
-            ctx = RequestContext(b"GET", self._url, b"", b"", b"1.1", self._headers, None,
+            # A copy: between messages `_headers` is the shared NO_FIELDS, which nothing may add to.
+            ctx = RequestContext(b"GET", self._url, b"", b"", b"1.1", list(self._headers), None,
                                  self._scheme, self._peer_ip, self, self._seconds())
             incoming = _Incoming(ctx)
             self._queue.append(incoming)
@@ -446,7 +456,7 @@ class HTTP1Connection(Protocol):
         if status == 101 and ctx.upgrade is not None:
             # Switching protocols: no framing; start_tunnel sends it.
             parts.append(b"connection: upgrade\r\nupgrade: %s\r\n\r\n" % ctx.upgrade)
-            self._cork = b"".join(parts)
+            self._cork = parts
             return
         # An answer before the request body was read (401, 413, an early upstream reply)
         # leaves unread bytes behind: the connection cannot carry another request.
@@ -472,7 +482,7 @@ class HTTP1Connection(Protocol):
         parts.append(b"\r\n")
         self._close_after = close
         # Corked: the head leaves with the first body bytes, or at flush/finish.
-        self._cork = b"".join(parts)
+        self._cork = parts
 
     def send_body(self, ctx: RequestContext, data: bytes) -> None:
         if self._no_body_out or self._gone or self._queue[0].ctx is not ctx:
@@ -480,23 +490,32 @@ class HTTP1Connection(Protocol):
         ctx.bytes_out += len(data)
         if self._chunked_out:
             data = b"%x\r\n%s\r\n" % (len(data), data)
-        if self._cork:
-            data, self._cork = self._cork + data, b""
+        cork = self._cork
+        if cork is not None:
+            self._cork = None
+            cork.append(data)
+            data = b"".join(cork)
         self._write(data)
 
     def flush(self, ctx: RequestContext) -> None:
         """Send a corked response head now (the body may take a while)."""
-        if self._cork and not self._gone:
-            cork, self._cork = self._cork, b""
-            self._write(cork)
+        cork = self._cork
+        if cork is not None and not self._gone:
+            self._cork = None
+            self._write(b"".join(cork))
 
     def finish(self, ctx: RequestContext) -> None:
         if self._gone or not self._queue or self._queue[0].ctx is not ctx:
             return
         tail = b"0\r\n\r\n" if self._chunked_out and not self._no_body_out else b""
-        if self._cork or tail:
-            cork, self._cork = self._cork, b""
-            self._write(cork + tail)
+        cork = self._cork
+        if cork is not None:
+            self._cork = None
+            if tail:
+                cork.append(tail)
+            self._write(b"".join(cork))
+        elif tail:
+            self._write(tail)
         incoming = self._queue.popleft()
         self.pipeline.finished(ctx)
         if self._close_after or (not incoming.complete and ctx.has_body) or (self._broken and not self._queue):

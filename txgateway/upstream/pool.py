@@ -36,6 +36,9 @@ __all__ = ["TargetPool", "UpstreamConnection", "UpstreamUser"]
 
 _log: Final = Logger(namespace="txgateway.upstream.pool")
 _DONE: Final = Failure(ConnectionDone())
+# Every upstream connection's field names in one table: one per connection was cold at 256 connections
+# (docs/performance.md, "foot"); upstreams answer with the same names in the same order.
+_NAMES: Final = FieldNames()
 _CONTROL: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")   # no business in a reason phrase sent to a client
 
 
@@ -68,7 +71,7 @@ class UpstreamConnection(TwistedProtocol):
 
     __slots__ = ("pool", "user", "factory", "transport", "connected", "write", "flush_writes", "parser", "reused",
                  "open", "upgrade", "tunnel", "no_body", "_reason", "_headers", "_framing", "_tokens", "_interim",
-                 "_started", "_until_close", "_ended", "_extra", "_alive", "_names")  # attribute access on the hot path (see http1.HTTP1Connection)
+                 "_started", "_until_close", "_ended", "_extra", "_alive")  # attribute access on the hot path (see http1.HTTP1Connection)
 
     transport: Any
 
@@ -88,7 +91,6 @@ class UpstreamConnection(TwistedProtocol):
         self._reason = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._framing: dict[bytes, bytes] = {}
-        self._names = FieldNames()
         self._tokens: list[bytes] = []
         self._interim = False
         self._started = False      # response head delivered for the current exchange
@@ -183,7 +185,7 @@ class UpstreamConnection(TwistedProtocol):
         self._reason = self._reason + status if self._reason else status   # one piece mostly: no generic add
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        low = self._names.lower(name, len(self._headers) + len(self._framing))
+        low = _NAMES.lower(name, len(self._headers) + len(self._framing))
         # 0x70: "p", so that most names skip the (generic) startswith call
         if low in RESPONSE_CONSUMED or (low[0] == 0x70 and low.startswith(b"proxy-")):
             if low == b"connection":

@@ -181,7 +181,9 @@ class Exchange:
         self.ticket = ticket           # the breaker's, for the request's verdict (0: no breaker)
         self.judged = False            # this attempt's verdict is given (passive health)
         self.settled = False           # the request's verdict is given (breaker)
-        self.tried: list[Member] = []  # targets of earlier attempts (retries go elsewhere)
+        # targets of earlier attempts (retries go elsewhere); made at the first retry: a list a
+        # request, freed cold at 256 connections, for the few that retry (docs/performance.md, "foot")
+        self.tried: list[Member] | None = None
         self.conn: UpstreamConnection | None = None
         self.phase = _CONNECTING
         self.deadline = 0.0
@@ -456,14 +458,17 @@ class Exchange:
     def _retry(self, reason: str) -> bool:
         """Start another attempt on another target if this request may be retried."""
         ctx = self.ctx
-        if (len(self.tried) >= self.group.config.retries or self.body_read or ctx.method not in _IDEMPOTENT
-                or ctx.response_started or ctx.done):
+        tried = self.tried
+        if ((0 if tried is None else len(tried)) >= self.group.config.retries or self.body_read
+                or ctx.method not in _IDEMPOTENT or ctx.response_started or ctx.done):
             return False
         breaker = self.group.breaker
         if breaker is not None and breaker.state == OPEN:
             return False
-        self.tried.append(self.member)
-        member = self.group.balancer.pick(self.tried)
+        if tried is None:
+            tried = self.tried = []
+        tried.append(self.member)
+        member = self.group.balancer.pick(tried)
         if member is None:
             return False
         _log.info("retrying {method} {path} for {correlation_id} on {target} after: {reason}",
