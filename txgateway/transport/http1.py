@@ -43,6 +43,11 @@ _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Every client connection's field names in one table: one per connection was cold at 256 connections
 # (two list reads a field, ~17 simulated L2 misses a request; docs/performance.md, "foot").
 _NAMES: Final = FieldNames()
+# A closed connection's parser: llhttp's callbacks are the connection's bound methods, so the
+# pair is a reference cycle, and with the daemon's collector thresholds (service/tap.py) the
+# memory of every connection closed since the last collection stays taken. Swapping this one in
+# on close lets reference counting free the connection at once (docs/performance.md, "cycles").
+_CLOSED_PARSER: Final = HttpRequestParser(object())
 _VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0", "0.9": b"0.9", "2.0": b"2.0"}   # all llhttp accepts, as bytes
 
 
@@ -138,9 +143,8 @@ class HTTP1Connection(Protocol):
         self._deadlines.discard(self)
         if self._tunnel is not None:
             self._tunnel.client_lost()
-            self._queue.clear()
-            return
-        if self._queue:
+            self._tunnel = None       # its request context points back here
+        elif self._queue:
             active = self._queue[0]
             ctx = active.ctx
             if not ctx.done:
@@ -149,6 +153,7 @@ class HTTP1Connection(Protocol):
                 self.pipeline.cancel(ctx)
                 self.pipeline.finished(ctx)
         self._queue.clear()
+        self.parser = _CLOSED_PARSER
 
     @property
     def hsts(self) -> bytes | None:

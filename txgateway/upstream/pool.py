@@ -39,6 +39,9 @@ _DONE: Final = Failure(ConnectionDone())
 # Every upstream connection's field names in one table: one per connection was cold at 256 connections
 # (docs/performance.md, "foot"); upstreams answer with the same names in the same order.
 _NAMES: Final = FieldNames()
+# A closed connection's parser, swapped in so that the connection and its parser (whose
+# callbacks are its bound methods) are not a reference cycle (see http1._CLOSED_PARSER).
+_CLOSED_PARSER: Final = HttpResponseParser(object())
 _CONTROL: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")   # no business in a reason phrase sent to a client
 
 
@@ -277,9 +280,11 @@ class UpstreamConnection(TwistedProtocol):
 
     def connectionLost(self, reason: Failure = _DONE) -> None:
         self.open = False
+        self.parser = _CLOSED_PARSER
         self.pool.connection_lost(self)
         if self.tunnel is not None:
             self.tunnel.upstream_lost()
+            self.tunnel = None
             return
         if self.user is None:
             return
@@ -324,13 +329,30 @@ class _ConnectFactory(ClientFactory):
     def __init__(self, pool: TargetPool, user: UpstreamUser) -> None:
         self.pool = pool
         self.user: UpstreamUser | None = user
+        self._connecting: Any = None   # Twisted's transport until it connects or fails
+
+    def startedConnecting(self, connector: Any) -> None:
+        self._connecting = getattr(connector, "transport", None)   # None: a test reactor's connector
 
     def buildProtocol(self, addr: Any) -> UpstreamConnection:
         user, self.user = self.user, None
+        self._connecting = None
         return UpstreamConnection(self.pool, user, self)
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        # While connecting, Twisted's transport reads and writes through its own bound
+        # `doConnect`, set as instance attributes and left there when the attempt fails
+        # (refused, timed out, cancelled): a cycle of its own, undone here (see _CLOSED_PARSER).
+        transport, self._connecting = self._connecting, None
+        if transport is not None:
+            vars(transport).pop("doRead", None)
+            vars(transport).pop("doWrite", None)
         self.pool.connect_failed(self, reason)
+
+    def clientConnectionLost(self, connector: Any, reason: Failure) -> None:
+        # Twisted's connector and transport point at each other: a reference cycle that would
+        # keep the closed connection's memory until the cyclic collector runs (see _CLOSED_PARSER).
+        connector.transport = None
 
 
 class TargetPool:
