@@ -7,7 +7,7 @@ connections the RSS rose with every batch (docs/performance.md, "cycles"). Here 
 is off, and every object of a closed client or upstream connection must be gone anyway: client
 connections closed by the client and by the gateway, upstream connections closed by the
 upstream and aborted by the gateway (a client that left while its answer was pending),
-connection attempts the gateway gave up, and WebSocket tunnels.
+refused connection attempts and ones the gateway gave up, and WebSocket tunnels.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from httptools import HttpRequestParser, HttpResponseParser
 from twisted.internet import tcp
 from twisted.internet.threads import deferToThread
 
-from tests.conftest import parse_responses, raw, simple_config, until
+from tests.conftest import free_port, get_closing, parse_responses, raw, until
 from txgateway.transport.http1 import HTTP1Connection
 from txgateway.transport.tunnel import Tunnel
 from txgateway.upstream.pool import UpstreamConnection
@@ -106,7 +106,14 @@ async def test_closed_connections_are_freed_without_the_cyclic_collector(reactor
             server.transport.write(KEEP)
 
     up = await raw_upstream(upstream)
-    gw = await gateway(simple_config(f"http://127.0.0.1:{up.port}"))
+    gw = await gateway(f"""
+        upstreams:
+          users: {{targets: ["http://127.0.0.1:{up.port}"], connect_timeout: 1s, timeout: 2s}}
+          down: {{targets: ["http://127.0.0.1:{free_port()}"], connect_timeout: 1s}}
+        routes:
+          - {{prefix: /api/users, upstream: users, rewrite_prefix: /users}}
+          - {{prefix: /api/down, upstream: down}}
+        """)
     pool = gw.gateway.proxy.groups["users"].pools[0]
     assert await deferToThread(keep_alive_get, gw.port, b"/api/users/1", 1) == [200]   # one-time state made
     await until(reactor, lambda: not gw.gateway.factory.connections and len(pool.idle) == 1)
@@ -126,6 +133,9 @@ async def test_closed_connections_are_freed_without_the_cyclic_collector(reactor
             pending = await deferToThread(send_pending, gw.port)
             await until(reactor, lambda: len(hung) == i + 1)
             pending.close()
+        for _ in range(3):     # a refused connection attempt: 502
+            resp = await get_closing(gw.port, b"/api/down/1")
+            assert resp.status == 502, resp
         for _ in range(3):     # the client leaves at once: the upstream connection may still be being made
             (await deferToThread(send_pending, gw.port)).close()
         await until(reactor, lambda: all(not server.transport.connected for server in hung))

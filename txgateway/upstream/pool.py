@@ -323,6 +323,10 @@ def _tls_reason(error: Exception) -> str:
     return ", ".join(reasons) or str(error)
 
 
+def _inert() -> None:
+    """A failed connection attempt's `doRead`/`doWrite`."""
+
+
 class _ConnectFactory(ClientFactory):
     noisy = False
 
@@ -342,11 +346,12 @@ class _ConnectFactory(ClientFactory):
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
         # While connecting, Twisted's transport reads and writes through its own bound
         # `doConnect`, set as instance attributes and left there when the attempt fails
-        # (refused, timed out, cancelled): a cycle of its own, undone here (see _CLOSED_PARSER).
+        # (refused, timed out, cancelled): a cycle of its own (see _CLOSED_PARSER). Replaced
+        # with a function that does nothing, as Twisted's abortConnection does: the reactor
+        # may still deliver the same poll's other event to it.
         transport, self._connecting = self._connecting, None
         if transport is not None:
-            vars(transport).pop("doRead", None)
-            vars(transport).pop("doWrite", None)
+            transport.doRead = transport.doWrite = _inert
         self.pool.connect_failed(self, reason)
 
     def clientConnectionLost(self, connector: Any, reason: Failure) -> None:
